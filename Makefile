@@ -1,0 +1,39 @@
+# distattn front door. `make run` and `make test` install missing Debian packages first.
+BUILD ?= build
+JOBS ?= $(shell nproc)
+CMAKE_FLAGS ?=
+MPIRUN ?= $(shell command -v mpirun || command -v mpirun.openmpi || echo mpirun)
+export OMPI_ALLOW_RUN_AS_ROOT = 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
+export OMPI_MCA_rmaps_base_oversubscribe = 1
+
+.PHONY: all setup configure build run test bench clean
+
+all: build
+
+setup:
+	@scripts/setup-deps.sh
+
+$(BUILD)/CMakeCache.txt:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
+
+configure: $(BUILD)/CMakeCache.txt
+
+build: configure
+	cmake --build $(BUILD) -j $(JOBS)
+
+# The default distributed job on this CPU-only machine (see scripts/run-default.sh).
+run: setup
+	@$(MAKE) --no-print-directory build
+	MPIRUN="$(MPIRUN)" BUILD="$(BUILD)" scripts/run-default.sh
+
+test: setup
+	@$(MAKE) --no-print-directory build
+	cd $(BUILD) && ctest --output-on-failure --timeout 900 $(CTEST_ARGS)
+
+bench: setup
+	@$(MAKE) --no-print-directory build
+	BUILD="$(BUILD)" bench/run.sh
+
+clean:
+	rm -rf $(BUILD)
