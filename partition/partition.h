@@ -70,7 +70,7 @@ typedef struct da_schedule {
 } da_schedule_t;
 
 /* Ring schedule for layout L and mask m; KV blocks split into sub-blocks of `block` tokens
- * (block <= 0: whole segments). */
+ * (block == 0: whole segments; block < 0 is DA_ERR_INVALID_ARGUMENT). */
 da_status_t da_schedule_ring(const da_layout_t *L, const da_mask_t *m, int64_t block,
                              da_schedule_t *S);
 void da_schedule_free(da_schedule_t *S);
