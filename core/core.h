@@ -86,7 +86,7 @@ double da_time_now(void); /* seconds, monotonic */
 
 /* ---- memory accounting ----------------------------------------------------------------------
  * Every large buffer distattn allocates goes through da_malloc/da_free so the peak is known. */
-void *da_malloc(size_t bytes, size_t align);      /* NULL on failure (no error recorded) */
+void *da_malloc(size_t bytes, size_t align); /* align: power of two, 0 = 64; NULL on failure */
 void *da_calloc(size_t bytes, size_t align);
 void da_free(void *p);                            /* NULL is fine */
 size_t da_mem_current(void);                      /* bytes live through da_malloc */

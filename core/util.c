@@ -61,8 +61,8 @@ static size_t mem_cur, mem_peak;
 typedef struct { void *base; size_t bytes; } da_hdr_t;
 
 void *da_malloc(size_t bytes, size_t align) {
+  if (align & (align - 1)) return NULL; /* a power of two (0 = default) */
   if (align < 64) align = 64;
-  if (align & (align - 1)) return NULL;
   size_t hdr = align; /* >= sizeof(da_hdr_t), keeps the payload aligned */
   if (bytes > SIZE_MAX - hdr - align) return NULL;
   void *base = malloc(bytes + hdr + align);
@@ -149,7 +149,8 @@ int da_parse_size(const char *s, int64_t *out) {
   else if (*end == 'M' || *end == 'm') mul = 1LL << 20, end++;
   else if (*end == 'G' || *end == 'g') mul = 1LL << 30, end++;
   if (*end) return -1;
-  if (v > LLONG_MAX / mul) return -1;
+  /* Sizes stay below 2^53 so every one is exact as a JSON number (a double). */
+  if (v > ((1LL << 53) - 1) / mul) return -1;
   *out = v * mul;
   return 0;
 }

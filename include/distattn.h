@@ -141,6 +141,104 @@ da_status_t da_attention_decode(da_context_t *ctx, const da_problem_t *prob, con
 /* The library's version string, e.g. "0.1.0 (git abc1234)". */
 const char *da_version_string(void);
 
+/* ==== distributed attention over MPI ==================================================
+ * This section is declared only when <mpi.h> was included BEFORE this header (it tests
+ * MPI_VERSION, which every MPI defines in mpi.h), so single-rank users need no MPI headers:
+ *     #include <mpi.h>
+ *     #include <distattn.h>
+ * Every call below is collective over the communicator unless it says otherwise: all ranks call
+ * it, in the same order, with the same problem. A failure on any rank is returned on every rank
+ * (the failing rank's own status; DA_ERR_REMOTE naming it elsewhere), never a hang: blocking
+ * waits give up after the plan's timeout with DA_ERR_TIMEOUT naming the peer and the step.
+ * Detailed messages: da_last_error(ctx). */
+#ifdef MPI_VERSION
+
+/* A communicator: the context (backend, threads) plus a private duplicate of the caller's
+ * MPI_Comm, so distattn's messages never mix with the caller's. */
+typedef struct da_comm da_comm_t;
+da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out); /* collective */
+void da_comm_free(da_comm_t *comm);                                            /* collective */
+int da_comm_rank(const da_comm_t *comm); /* local */
+int da_comm_size(const da_comm_t *comm); /* local */
+
+/* The distributed algorithms: which global positions a rank owns (all three are exact and pass
+ * KV blocks around a ring; they differ in load balance under causal masks). */
+typedef enum da_algo {
+  DA_ALGO_RING = 0,    /* contiguous shards (Ring Attention) */
+  DA_ALGO_STRIPED = 1, /* token i on rank i mod P (Striped Attention) */
+  DA_ALGO_ZIGZAG = 2,  /* 2P chunks, rank r owns chunks r and 2P-1-r */
+} da_algo_t;
+
+typedef struct da_plan_config {
+  size_t size;           /* sizeof(da_plan_config_t), set by the initializer */
+  unsigned version;      /* DA_API_VERSION */
+  da_algo_t algo;
+  int64_t block;         /* KV sub-block in tokens: the unit of work between two progress calls
+                            on the transfers; 0 = automatic (about 1/8 of a shard, >= 128) */
+  const char *transport; /* "mpi" or "self" (one rank); NULL = DISTATTN_TRANSPORT or "mpi" */
+  double timeout;        /* seconds a rank waits for a peer; 0 = DISTATTN_TIMEOUT or 300 */
+} da_plan_config_t;
+
+#define DA_PLAN_CONFIG_INITIALIZER { sizeof(da_plan_config_t), DA_API_VERSION, DA_ALGO_RING, 0, NULL, 0.0 }
+
+/* A plan: the problem validated and agreed on by every rank, the layout, the block schedule and
+ * the buffers. Ranks that pass different problems (or configs) all get DA_ERR_MISMATCH. */
+typedef struct da_plan da_plan_t;
+da_status_t da_plan_create(da_comm_t *comm, const da_problem_t *prob, const da_plan_config_t *cfg,
+                           da_plan_t **out); /* collective */
+void da_plan_free(da_plan_t *plan);          /* collective (frees the plan's communicator) */
+
+/* This rank's share of the sequence (local): its number of rows n_local, and their global
+ * positions in local row order (pos has room for n_local values). */
+int64_t da_plan_local_rows(const da_plan_t *plan);
+da_status_t da_plan_local_positions(const da_plan_t *plan, int64_t *pos, int64_t n);
+
+/* Forward over this rank's LOCAL rows: q and out are [B][n_local][H][D], k and v are
+ * [B][n_local][G][D] (prob->dtype; ndim 3 [n_local][..][D] when B == 1; any row/head/batch
+ * stride, last axis contiguous), lse is [B][n_local][H] float32 (may be NULL; the backward needs
+ * it). Local row i sits at global position da_plan_local_positions()[i]. No rank ever holds more
+ * than its own shard plus two travelling KV blocks. stream: cudaStream_t for CUDA, else NULL. */
+da_status_t da_plan_fwd(da_plan_t *plan, const da_tensor_t *q, const da_tensor_t *k, const da_tensor_t *v,
+                        da_tensor_t *out, da_tensor_t *lse, void *stream); /* collective */
+
+/* Backward over the local rows: inputs as for the forward plus out and dout [B][n_local][H][D]
+ * and the forward's lse (required). Writes (overwrites) dq [B][n_local][H][D] and dk, dv
+ * [B][n_local][G][D] for this rank's own keys; fp32 accumulation across every ring step. */
+da_status_t da_plan_bwd(da_plan_t *plan, const da_tensor_t *q, const da_tensor_t *k, const da_tensor_t *v,
+                        const da_tensor_t *out, const da_tensor_t *dout, const da_tensor_t *lse,
+                        da_tensor_t *dq, da_tensor_t *dk, da_tensor_t *dv, void *stream); /* collective */
+
+/* Benchmark modes (for overlap measurement): COMPUTE_ONLY runs the kernels of every step on the
+ * local KV block without transfers, COMM_ONLY moves the blocks without computing. Both produce
+ * wrong results on purpose; RUN is the default. Local. */
+typedef enum da_plan_mode { DA_PLAN_RUN = 0, DA_PLAN_COMPUTE_ONLY = 1, DA_PLAN_COMM_ONLY = 2 } da_plan_mode_t;
+da_status_t da_plan_set_mode(da_plan_t *plan, da_plan_mode_t mode);
+
+/* Figures of this rank (local). Times and bytes are of the most recent da_plan_fwd / da_plan_bwd;
+ * the step arrays (nsteps entries each) belong to the plan and stay valid until its next call. */
+typedef struct da_plan_stats {
+  size_t size;
+  unsigned version;
+  int rank, nranks, nsteps;
+  int64_t local_rows;
+  int64_t pairs_total;      /* allowed (q, k) pairs of the whole problem, all batches */
+  int64_t pairs_rank;       /* those this rank computes */
+  double fwd_s, bwd_s;               /* wall time of the last call */
+  double fwd_compute_s, bwd_compute_s; /* in kernels */
+  double fwd_exposed_s, bwd_exposed_s; /* blocked waiting for transfers after compute */
+  uint64_t fwd_bytes_sent, bwd_bytes_sent;
+  size_t mem_fwd_bytes, mem_bwd_bytes; /* buffers the plan allocates per call, this rank */
+  size_t peak_bytes;                   /* high-water of distattn's allocations in this process */
+  const double *fwd_step_compute_s, *fwd_step_wait_s, *bwd_step_compute_s, *bwd_step_wait_s;
+  const uint64_t *fwd_step_bytes, *bwd_step_bytes;
+} da_plan_stats_t;
+
+#define DA_PLAN_STATS_INITIALIZER { .size = sizeof(da_plan_stats_t), .version = DA_API_VERSION }
+
+da_status_t da_plan_stats(const da_plan_t *plan, da_plan_stats_t *stats);
+
+#endif /* MPI_VERSION */
+
 #ifdef __cplusplus
 }
 #endif

@@ -326,3 +326,12 @@ cleanup:
   pack_free(tq, &vq, H, D), pack_free(tk, &vk, G, D), pack_free(tv, &vv, G, D);
   return finish(ctx, st);
 }
+
+/* ---- accessors for the distributed drivers (comm/) ---- */
+const da_kernels_t *da_context_kernels(const da_context_t *ctx) { return ctx ? ctx->kt : NULL; }
+da_device_t da_context_device(const da_context_t *ctx) { return ctx ? ctx->device : DA_DEVICE_CPU; }
+da_status_t da_context_params(const da_context_t *ctx, const da_problem_t *prob, da_kparams_t *p) {
+  if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "context is NULL");
+  return make_params(ctx, prob, p);
+}
+da_status_t da_context_finish(da_context_t *ctx, da_status_t st) { return finish(ctx, st); }

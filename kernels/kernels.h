@@ -103,6 +103,14 @@ void da_fwd_state_init_host(const da_kparams_t *p, da_fwd_state_t *st);
 da_status_t da_fwd_state_init(const da_kernels_t *kt, const da_kparams_t *p, da_fwd_state_t *st,
                               void *stream);
 
+/* Internal accessors for the drivers in comm/ (the context struct stays private to api.c):
+ * the backend table and thread count of a context, the problem -> kernel-params validation the
+ * single-rank API uses (same messages), and recording a failure as the context's last error. */
+const da_kernels_t *da_context_kernels(const da_context_t *ctx);
+da_device_t da_context_device(const da_context_t *ctx);
+da_status_t da_context_params(const da_context_t *ctx, const da_problem_t *prob, da_kparams_t *p);
+da_status_t da_context_finish(da_context_t *ctx, da_status_t st);
+
 #ifdef __cplusplus
 }
 #endif

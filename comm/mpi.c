@@ -1,0 +1,261 @@
+/* mpi.c: the `mpi` transport: host memory, MPI_Isend/MPI_Irecv on the communicator da_comm_create
+ * dup'ed (errors returned, never fatal), progress by MPI_Test from the caller's thread, every
+ * blocking call bounded by a deadline. GPU buffers would be staged through host memory by the
+ * caller; this file never sees device pointers. */
+#define _GNU_SOURCE
+#include <limits.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "transport.h"
+
+/* MPI counts are int: larger messages go as several chunks of at most 1 GiB with the same tag
+ * (MPI's non-overtaking rule keeps them in order). */
+#define CHUNK ((size_t)1 << 30)
+
+typedef struct {
+  MPI_Comm comm;
+} mpi_impl_t;
+
+struct da_xreq {
+  int nrecv, nsend; /* chunks; requests [0, nrecv) receive, [nrecv, nrecv + nsend) send */
+  int src, dst, step, tag;
+  size_t rbytes, sbytes;
+  MPI_Request r[]; /* MPI_REQUEST_NULL once complete */
+};
+
+static void mpi_abort(da_xport_t *xp, da_xreq_t *q);
+
+static MPI_Comm comm_of(const da_xport_t *xp) { return ((const mpi_impl_t *)xp->impl)->comm; }
+
+static da_status_t mpi_init(da_xport_t *xp, MPI_Comm comm) {
+  int inited = 0;
+  MPI_Initialized(&inited);
+  if (!inited) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "mpi transport: MPI_Init has not been called");
+  mpi_impl_t *m = malloc(sizeof *m);
+  if (!m) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "mpi transport");
+  m->comm = comm;
+  /* The communicator is ours (a dup): errors come back as codes we translate, never abort. */
+  int rc = MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
+  if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(comm, &xp->rank);
+  if (rc == MPI_SUCCESS) rc = MPI_Comm_size(comm, &xp->nranks);
+  if (rc != MPI_SUCCESS) {
+    free(m);
+    return da_mpi_error(rc, __FILE__, __LINE__, "mpi transport: communicator query");
+  }
+  xp->impl = m;
+  return DA_SUCCESS;
+}
+
+static void mpi_destroy(da_xport_t *xp) {
+  free(xp->impl);
+  xp->impl = NULL;
+}
+
+static int nchunks(size_t bytes) { return bytes ? (int)((bytes + CHUNK - 1) / CHUNK) : 0; }
+
+static da_status_t mpi_exchange_start(da_xport_t *xp, const void *sbuf, size_t sbytes, int dst, void *rbuf,
+                                      size_t rbytes, int src, int tag, int step, da_xreq_t **out) {
+  *out = NULL;
+  int nr = nchunks(rbytes), ns = nchunks(sbytes);
+  da_xreq_t *q = malloc(sizeof *q + (size_t)(nr + ns + 1) * sizeof(MPI_Request));
+  if (!q) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "mpi transport: request");
+  q->nrecv = nr, q->nsend = ns, q->src = src, q->dst = dst, q->step = step, q->tag = tag;
+  q->rbytes = rbytes, q->sbytes = sbytes;
+  for (int i = 0; i < nr + ns; i++) q->r[i] = MPI_REQUEST_NULL;
+  MPI_Comm comm = comm_of(xp);
+  /* Receives first, so an eager message from src finds its buffer posted. */
+  for (int i = 0; i < nr; i++) {
+    size_t off = (size_t)i * CHUNK, n = rbytes - off < CHUNK ? rbytes - off : CHUNK;
+    int rc = MPI_Irecv((char *)rbuf + off, (int)n, MPI_BYTE, src, tag, comm, &q->r[i]);
+    if (rc != MPI_SUCCESS) {
+      mpi_abort(xp, q);
+      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s step %d: posting the receive from rank %d",
+                          xp->rank, xp->phase, step, src);
+    }
+  }
+  for (int i = 0; i < ns; i++) {
+    size_t off = (size_t)i * CHUNK, n = sbytes - off < CHUNK ? sbytes - off : CHUNK;
+    int rc = MPI_Isend((const char *)sbuf + off, (int)n, MPI_BYTE, dst, tag, comm, &q->r[nr + i]);
+    if (rc != MPI_SUCCESS) {
+      mpi_abort(xp, q);
+      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s step %d: posting the send to rank %d",
+                          xp->rank, xp->phase, step, dst);
+    }
+  }
+  *out = q;
+  return DA_SUCCESS;
+}
+
+static da_status_t mpi_test(da_xport_t *xp, da_xreq_t *q, int *done) {
+  *done = 0;
+  if (!q) {
+    *done = 1;
+    return DA_SUCCESS;
+  }
+  int all = 1;
+  for (int i = 0; i < q->nrecv + q->nsend; i++) {
+    if (q->r[i] == MPI_REQUEST_NULL) continue;
+    int flag = 0;
+    MPI_Status s;
+    int rc = MPI_Test(&q->r[i], &flag, &s);
+    int recv = i < q->nrecv;
+    if (rc != MPI_SUCCESS)
+      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s step %d: %s rank %d", xp->rank, xp->phase, q->step,
+                          recv ? "receive from" : "send to", recv ? q->src : q->dst);
+    if (!flag) {
+      all = 0;
+      continue;
+    }
+    if (recv) {
+      /* A message of the wrong size means the ranks run different plans: say so rather than
+       * compute on a half-filled buffer. */
+      size_t want = q->rbytes - (size_t)i * CHUNK;
+      if (want > CHUNK) want = CHUNK;
+      int got = 0;
+      MPI_Get_count(&s, MPI_BYTE, &got);
+      if ((size_t)got != want)
+        return DA_ERR(DA_ERR_MISMATCH, "rank %d %s step %d: received %d bytes from rank %d, expected %zu "
+                      "(do all ranks run the same plan?)", xp->rank, xp->phase, q->step, got, q->src, want);
+    }
+  }
+  *done = all;
+  return DA_SUCCESS;
+}
+
+/* Busy-poll briefly (transfers between ranks of one node finish in microseconds), then yield
+ * the core: tests run more ranks than cores and the peer we wait for needs it. */
+static void backoff(long iter, double waited) {
+  if (iter < 32) return;
+  if (waited < 0.01) {
+    sched_yield();
+  } else {
+    struct timespec ts = {0, 50000};
+    nanosleep(&ts, NULL);
+  }
+}
+
+static void mpi_abort(da_xport_t *xp, da_xreq_t *q) {
+  if (!q) return;
+  for (int i = 0; i < q->nrecv + q->nsend; i++) {
+    if (q->r[i] == MPI_REQUEST_NULL) continue;
+    MPI_Cancel(&q->r[i]);
+    /* A cancelled request still has to complete; give it a moment, then let MPI reclaim it. */
+    int flag = 0;
+    double t0 = da_time_now();
+    for (long it = 0; !flag && da_time_now() - t0 < 0.1; it++) {
+      if (MPI_Test(&q->r[i], &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) break;
+      backoff(it, da_time_now() - t0);
+    }
+    if (!flag && q->r[i] != MPI_REQUEST_NULL) MPI_Request_free(&q->r[i]);
+  }
+  free(q);
+}
+
+static da_status_t mpi_wait(da_xport_t *xp, da_xreq_t *q) {
+  if (!q) return DA_SUCCESS;
+  double t0 = da_time_now();
+  for (long it = 0;; it++) {
+    int done = 0;
+    da_status_t st = mpi_test(xp, q, &done);
+    if (st != DA_SUCCESS) {
+      mpi_abort(xp, q);
+      return st;
+    }
+    if (done) break;
+    double waited = da_time_now() - t0;
+    if (waited > xp->timeout_s) {
+      int recv_pending = 0;
+      for (int i = 0; i < q->nrecv; i++) recv_pending |= q->r[i] != MPI_REQUEST_NULL;
+      st = recv_pending
+               ? DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: receive of %zu bytes from rank %d timed out after %g s",
+                        xp->rank, xp->phase, q->step, q->rbytes, q->src, xp->timeout_s)
+               : DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: send of %zu bytes to rank %d timed out after %g s",
+                        xp->rank, xp->phase, q->step, q->sbytes, q->dst, xp->timeout_s);
+      mpi_abort(xp, q);
+      return st;
+    }
+    backoff(it, waited);
+  }
+  free(q);
+  return DA_SUCCESS;
+}
+
+/* Wait for one collective request within the timeout. A collective cannot be cancelled: on
+ * timeout it is left to MPI (the caller's buffers were copies, see below). */
+static da_status_t coll_wait(da_xport_t *xp, MPI_Request *r, const char *what) {
+  double t0 = da_time_now();
+  for (long it = 0;; it++) {
+    int flag = 0;
+    int rc = MPI_Test(r, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS)
+      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: %s", xp->rank, xp->phase, what);
+    if (flag) return DA_SUCCESS;
+    double waited = da_time_now() - t0;
+    if (waited > xp->timeout_s)
+      return DA_ERR(DA_ERR_TIMEOUT, "rank %d %s: %s did not complete within %g s (a peer is missing or "
+                    "stuck)", xp->rank, xp->phase, what, xp->timeout_s);
+    backoff(it, waited);
+  }
+}
+
+static da_status_t mpi_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op) {
+  MPI_Datatype dt = type == DA_XT_INT64 ? MPI_INT64_T : MPI_DOUBLE;
+  MPI_Op mop = op == DA_XOP_SUM ? MPI_SUM : op == DA_XOP_MIN ? MPI_MIN : MPI_MAX;
+  size_t bytes = (size_t)count * 8;
+  /* Work on a heap copy: if the collective times out it may still write into it later. */
+  void *tmp = malloc(bytes ? bytes : 1);
+  if (!tmp) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "allreduce buffer");
+  memcpy(tmp, buf, bytes);
+  MPI_Request r;
+  int rc = MPI_Iallreduce(MPI_IN_PLACE, tmp, count, dt, mop, comm_of(xp), &r);
+  if (rc != MPI_SUCCESS) {
+    free(tmp);
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: allreduce", xp->rank, xp->phase);
+  }
+  da_status_t st = coll_wait(xp, &r, "allreduce");
+  if (st == DA_SUCCESS) {
+    memcpy(buf, tmp, bytes);
+    free(tmp);
+  }
+  return st;
+}
+
+static da_status_t mpi_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes) {
+  if (bytes > INT_MAX) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "allgather of %zu bytes per rank", bytes);
+  size_t total = bytes * (size_t)xp->nranks;
+  void *tmp = malloc(total ? total : 1);
+  if (!tmp) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "allgather buffer");
+  MPI_Request r;
+  int rc = MPI_Iallgather(sbuf, (int)bytes, MPI_BYTE, tmp, (int)bytes, MPI_BYTE, comm_of(xp), &r);
+  if (rc != MPI_SUCCESS) {
+    free(tmp);
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: allgather", xp->rank, xp->phase);
+  }
+  da_status_t st = coll_wait(xp, &r, "allgather");
+  if (st == DA_SUCCESS) {
+    memcpy(rbuf, tmp, total);
+    free(tmp);
+  }
+  return st;
+}
+
+static da_status_t mpi_barrier(da_xport_t *xp) {
+  MPI_Request r;
+  DA_MPICHECK(MPI_Ibarrier(comm_of(xp), &r), "rank %d %s: barrier", xp->rank, xp->phase);
+  return coll_wait(xp, &r, "barrier");
+}
+
+const da_transport_t da_transport_mpi = {
+    .name = "mpi",
+    .init = mpi_init,
+    .exchange_start = mpi_exchange_start,
+    .test = mpi_test,
+    .wait = mpi_wait,
+    .allreduce = mpi_allreduce,
+    .allgather = mpi_allgather,
+    .barrier = mpi_barrier,
+    .abort = mpi_abort,
+    .destroy = mpi_destroy,
+};

@@ -1,0 +1,526 @@
+/* plan.c: the distributed public API of include/distattn.h (da_comm_*, da_plan_*): validates the
+ * problem and the per-rank tensors with messages naming the rank and the field, makes every rank
+ * agree on the problem (a mismatch or a failure anywhere is an error everywhere, never a hang),
+ * builds the layout and schedule, and hands packed views to the ring driver (ring.c). */
+#include <mpi.h> /* before distattn.h: declares the distributed section */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "distattn.h"
+#include "ring.h"
+
+DA_PARAM(Timeout, "TIMEOUT", 300)
+
+struct da_comm {
+  da_context_t *ctx;
+  MPI_Comm comm; /* our duplicate of the caller's communicator */
+  int rank, nranks;
+  da_xport_t ctl; /* control collectives (agreement) over the duplicate */
+};
+
+struct da_plan {
+  da_comm_t *comm;
+  da_problem_t prob;
+  int64_t *cu;       /* copy of the document boundaries (prob.cu_seqlens points here) */
+  da_algo_t algo;
+  int64_t block;
+  char transport[16];
+  double timeout;
+  MPI_Comm mcomm;    /* the plan's own duplicate: a plan that timed out leaves unmatched
+                        messages behind, and they must never match another plan's receives */
+  da_xport_t xp;     /* the data transport */
+  da_ring_t ring;
+  int64_t *positions; /* [nloc] global position of every local row */
+  double *steps;      /* 4 x [P]: fwd compute, fwd wait, bwd compute, bwd wait */
+  uint64_t *step_bytes; /* 2 x [P] */
+  int64_t pairs_total, pairs_rank;
+};
+
+/* ---- communicator ------------------------------------------------------------------------- */
+
+da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
+  da_error_clear();
+  if (!out) return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: output pointer is NULL"));
+  *out = NULL;
+  if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: context is NULL");
+  int inited = 0, finalized = 0;
+  MPI_Initialized(&inited);
+  MPI_Finalized(&finalized);
+  if (!inited || finalized)
+    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: MPI is not initialized "
+                                         "(call MPI_Init first)"));
+  if (comm == MPI_COMM_NULL)
+    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: communicator is MPI_COMM_NULL"));
+  da_comm_t *c = calloc(1, sizeof *c);
+  if (!c) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "communicator"));
+  c->ctx = ctx;
+  /* A private duplicate: our tags can never match the caller's messages, and setting its error
+   * handler to "return" leaves the caller's communicator alone. */
+  int rc = MPI_Comm_dup(comm, &c->comm);
+  if (rc != MPI_SUCCESS) {
+    free(c);
+    return da_context_finish(ctx, da_mpi_error(rc, __FILE__, __LINE__, "da_comm_create: MPI_Comm_dup"));
+  }
+  da_status_t st = da_xport_open(&c->ctl, "mpi", c->comm, (double)da_param_Timeout());
+  if (st != DA_SUCCESS) {
+    MPI_Comm_free(&c->comm);
+    free(c);
+    return da_context_finish(ctx, st);
+  }
+  c->rank = c->ctl.rank;
+  c->nranks = c->ctl.nranks;
+  da_log_set_rank(c->rank);
+  DA_INFO(DA_SUB_INIT, "communicator: rank %d of %d", c->rank, c->nranks);
+  *out = c;
+  return da_context_finish(ctx, DA_SUCCESS);
+}
+
+void da_comm_free(da_comm_t *comm) {
+  if (!comm) return;
+  da_xport_close(&comm->ctl);
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) MPI_Comm_free(&comm->comm);
+  free(comm);
+}
+
+int da_comm_rank(const da_comm_t *comm) { return comm ? comm->rank : -1; }
+int da_comm_size(const da_comm_t *comm) { return comm ? comm->nranks : 0; }
+
+/* ---- agreement on the problem --------------------------------------------------------------- */
+
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+  const unsigned char *b = p;
+  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+enum { F_BATCH, F_SEQ, F_HEADS, F_KVHEADS, F_DIM, F_MASK, F_WINDOW, F_NDOCS, F_DTYPE, F_ALGO, F_BLOCK, F_SCALE,
+       F_HASH, F_NFIELDS };
+static const char *const field_names[F_NFIELDS] = {
+    "batch", "seq", "heads", "kv_heads", "dim", "mask", "window", "ndocs", "dtype", "algo", "block",
+    "scale", "documents/transport/tiles"};
+
+/* Every rank reduces max(f) and max(-f) of its fields: a field differs somewhere iff the two
+ * disagree, and every rank sees the same result, so every rank returns the same verdict. */
+static da_status_t agree_problem(da_comm_t *c, const da_plan_t *p, const da_kparams_t *kp) {
+  int64_t f[F_NFIELDS];
+  f[F_BATCH] = p->prob.batch, f[F_SEQ] = p->prob.seq, f[F_HEADS] = kp->H, f[F_KVHEADS] = kp->G;
+  f[F_DIM] = kp->D, f[F_MASK] = p->prob.mask, f[F_WINDOW] = (p->prob.mask & DA_MASK_WINDOW) ? p->prob.window : 0;
+  f[F_NDOCS] = (p->prob.mask & DA_MASK_DOC) ? p->prob.ndocs : 0;
+  f[F_DTYPE] = p->prob.dtype, f[F_ALGO] = p->algo, f[F_BLOCK] = p->block;
+  uint32_t sb;
+  memcpy(&sb, &kp->scale, 4);
+  f[F_SCALE] = sb;
+  uint64_t h = 14695981039346656037ull;
+  if (p->prob.mask & DA_MASK_DOC) h = fnv(h, p->cu, (size_t)(p->prob.ndocs + 1) * sizeof(int64_t));
+  h = fnv(h, p->transport, strlen(p->transport));
+  h = fnv(h, &kp->block_q, sizeof kp->block_q);
+  h = fnv(h, &kp->block_k, sizeof kp->block_k);
+  f[F_HASH] = (int64_t)(h >> 2); /* 62 bits: safe to negate */
+  int64_t red[2 * F_NFIELDS];
+  for (int i = 0; i < F_NFIELDS; i++) red[i] = f[i], red[F_NFIELDS + i] = -f[i];
+  DA_CHECK(c->ctl.t->allreduce(&c->ctl, red, 2 * F_NFIELDS, DA_XT_INT64, DA_XOP_MAX));
+  char msg[400];
+  int len = 0, bad = 0;
+  for (int i = 0; i < F_NFIELDS; i++) {
+    int64_t mx = red[i], mn = -red[F_NFIELDS + i];
+    if (mx == mn) continue;
+    bad = 1;
+    if (i == F_HASH) {
+      if (len < (int)sizeof msg - 64)
+        len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s differ", len ? ", " : "", field_names[i]);
+      continue;
+    }
+    if (len < (int)sizeof msg - 64)
+      len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s (here %lld, ranks range %lld..%lld)",
+                      len ? ", " : "", field_names[i], (long long)f[i], (long long)mn, (long long)mx);
+  }
+  if (bad)
+    return DA_ERR(DA_ERR_MISMATCH, "rank %d: ranks disagree on the problem: %s", c->rank, msg);
+  return DA_SUCCESS;
+}
+
+/* ---- plan ------------------------------------------------------------------------------------ */
+
+static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const char **tp) {
+  if (cfg->size < sizeof(size_t) + sizeof(unsigned) || cfg->version == 0 || cfg->version > DA_API_VERSION)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_config_t: size %zu / version %u not recognized (start from "
+                  "DA_PLAN_CONFIG_INITIALIZER)", cfg->size, cfg->version);
+  if ((unsigned)cfg->algo > DA_ALGO_ZIGZAG)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: unknown algo %d (ring, striped, zigzag)", (int)cfg->algo);
+  if (cfg->block < 0)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: block = %lld tokens must be >= 0 (0 = automatic)",
+                  (long long)cfg->block);
+  if (!(cfg->timeout >= 0) || !isfinite(cfg->timeout))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: timeout %g s must be >= 0 (0 = default)", cfg->timeout);
+  const char *name = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
+  if (!name) name = "mpi";
+  if (!da_transport_find(name)) return DA_ERR_INVALID_ARGUMENT;
+  if (!strcmp(name, "self") && nranks != 1)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: the self transport runs one rank, this job has %d", nranks);
+  *tp = name;
+  return DA_SUCCESS;
+}
+
+void da_plan_free(da_plan_t *p) {
+  if (!p) return;
+  da_schedule_free(&p->ring.sched);
+  da_layout_free(&p->ring.layout);
+  da_xport_close(&p->xp);
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (p->mcomm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&p->mcomm);
+  free(p->cu);
+  free(p->positions);
+  free(p->steps);
+  free(p->step_bytes);
+  free(p);
+}
+
+/* Local part of plan creation: everything that can fail without talking to other ranks. */
+static da_status_t plan_local(da_comm_t *c, const da_problem_t *prob, const da_plan_config_t *cfg, da_plan_t *p,
+                              da_kparams_t *kp) {
+  const char *tp = NULL;
+  DA_CHECK(check_config(cfg, c->nranks, &tp));
+  DA_CHECK(da_context_params(c->ctx, prob, kp));
+  p->prob = *prob;
+  p->prob.size = sizeof p->prob;
+  p->algo = cfg->algo;
+  p->block = cfg->block;
+  snprintf(p->transport, sizeof p->transport, "%s", tp);
+  p->timeout = cfg->timeout > 0 ? cfg->timeout : (double)da_param_Timeout();
+  if (!(p->timeout > 0)) p->timeout = 300;
+  if (prob->mask & DA_MASK_DOC) {
+    p->cu = malloc((size_t)(prob->ndocs + 1) * sizeof *p->cu);
+    if (!p->cu) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "document boundaries");
+    memcpy(p->cu, prob->cu_seqlens, (size_t)(prob->ndocs + 1) * sizeof *p->cu);
+    p->prob.cu_seqlens = p->cu;
+    kp->mask.cu_seqlens = p->cu;
+  } else {
+    p->prob.cu_seqlens = NULL;
+    kp->mask.cu_seqlens = NULL;
+  }
+  return DA_SUCCESS;
+}
+
+static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp) {
+  static const da_layout_kind_t kinds[] = {DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_STRIPED, DA_LAYOUT_ZIGZAG};
+  const int P = c->nranks, r = c->rank;
+  da_ring_t *R = &p->ring;
+  int rc = MPI_Comm_dup(c->comm, &p->mcomm);
+  if (rc != MPI_SUCCESS) {
+    p->mcomm = MPI_COMM_NULL;
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d plan: MPI_Comm_dup", r);
+  }
+  DA_CHECK(da_xport_open(&p->xp, p->transport, p->mcomm, p->timeout));
+  DA_CHECK(da_layout_init(&R->layout, kinds[p->algo], p->prob.seq, P, NULL));
+  R->nloc = da_layout_count(&R->layout, r);
+  R->nmax = da_layout_max_count(&R->layout);
+  /* Automatic sub-block: about 8 progress calls per step, yet long enough (>= 128 keys) that a
+   * kernel call amortizes its setup. */
+  int64_t block = p->block;
+  if (block == 0) {
+    block = (R->nmax + 7) / 8;
+    block = (block + 63) / 64 * 64;
+    if (block < 128) block = 128;
+  }
+  DA_CHECK(da_schedule_ring(&R->layout, &kp->mask, block, &R->sched));
+  R->kt = da_context_kernels(c->ctx);
+  R->kp = *kp;
+  R->xp = &p->xp;
+  R->rank = r;
+  R->P = P;
+  R->B = p->prob.batch;
+  p->positions = malloc((size_t)(R->nloc ? R->nloc : 1) * sizeof *p->positions);
+  p->steps = calloc((size_t)4 * P, sizeof *p->steps);
+  p->step_bytes = calloc((size_t)2 * P, sizeof *p->step_bytes);
+  if (!p->positions || !p->steps || !p->step_bytes) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "plan tables");
+  R->fwd.step_compute_s = p->steps, R->fwd.step_wait_s = p->steps + P;
+  R->bwd.step_compute_s = p->steps + 2 * P, R->bwd.step_wait_s = p->steps + 3 * P;
+  R->fwd.step_bytes = p->step_bytes, R->bwd.step_bytes = p->step_bytes + P;
+  da_span_t segs[DA_LAYOUT_MAX_SEGS];
+  int ns = da_layout_segments(&R->layout, r, segs);
+  int64_t i = 0;
+  for (int sg = 0; sg < ns; sg++)
+    for (int64_t j = 0; j < segs[sg].count; j++) p->positions[i++] = da_span_at(segs[sg], j);
+  if (i != R->nloc) return DA_ERR(DA_ERR_INTERNAL, "layout: %lld positions for %lld rows", (long long)i, (long long)R->nloc);
+  for (int q = 0; q < P; q++) p->pairs_total += da_schedule_rank_work(&R->sched, q);
+  p->pairs_rank = da_schedule_rank_work(&R->sched, r) * R->B;
+  p->pairs_total *= R->B;
+  DA_INFO(DA_SUB_PLAN, "plan: %s over %d ranks, %lld local rows (max %lld), block %lld, transport %s; per call "
+          "%zu / %zu bytes of buffers (fwd / bwd), sends %llu / %llu bytes", da_layout_name(kinds[p->algo]), P,
+          (long long)R->nloc, (long long)R->nmax, (long long)block, p->transport, da_ring_fwd_bytes(R),
+          da_ring_bwd_bytes(R), (unsigned long long)da_ring_fwd_comm_bytes(R),
+          (unsigned long long)da_ring_bwd_comm_bytes(R));
+  return DA_SUCCESS;
+}
+
+da_status_t da_plan_create(da_comm_t *c, const da_problem_t *prob, const da_plan_config_t *cfg, da_plan_t **out) {
+  da_error_clear();
+  if (!c) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_create: communicator is NULL");
+  if (!out) return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_create: output pointer is NULL"));
+  *out = NULL;
+  da_plan_config_t def = DA_PLAN_CONFIG_INITIALIZER;
+  if (!cfg) cfg = &def;
+  da_plan_t *p = calloc(1, sizeof *p);
+  da_kparams_t kp;
+  da_status_t st = p ? DA_SUCCESS : DA_ERR(DA_ERR_OUT_OF_MEMORY, "plan");
+  if (st == DA_SUCCESS && !prob) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_create: problem is NULL");
+  if (st == DA_SUCCESS) {
+    p->comm = c;
+    p->mcomm = MPI_COMM_NULL;
+    st = plan_local(c, prob, cfg, p, &kp);
+  }
+  c->ctl.phase = "plan";
+  /* 1: every rank learns whether any rank rejected its arguments (and why). */
+  st = da_xport_agree(&c->ctl, st, "plan");
+  /* 2: every rank checks that all passed the same problem. */
+  if (st == DA_SUCCESS) st = agree_problem(c, p, &kp);
+  /* 3: layout, schedule, transport: can fail locally (memory), so agree once more. */
+  if (st == DA_SUCCESS) st = da_xport_agree(&c->ctl, plan_build(c, p, &kp), "plan");
+  if (st != DA_SUCCESS) {
+    da_plan_free(p);
+    return da_context_finish(c->ctx, st);
+  }
+  *out = p;
+  return da_context_finish(c->ctx, DA_SUCCESS);
+}
+
+int64_t da_plan_local_rows(const da_plan_t *p) { return p ? p->ring.nloc : -1; }
+
+da_status_t da_plan_local_positions(const da_plan_t *p, int64_t *pos, int64_t n) {
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_local_positions: plan is NULL");
+  if (n < p->ring.nloc || (!pos && p->ring.nloc > 0))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_local_positions: room for %lld positions, rank %d has %lld rows",
+                  (long long)n, p->ring.rank, (long long)p->ring.nloc);
+  if (p->ring.nloc) memcpy(pos, p->positions, (size_t)p->ring.nloc * sizeof *pos);
+  return DA_SUCCESS;
+}
+
+da_status_t da_plan_set_mode(da_plan_t *p, da_plan_mode_t mode) {
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_set_mode: plan is NULL");
+  if ((unsigned)mode > DA_PLAN_COMM_ONLY) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_set_mode: mode %d", (int)mode);
+  p->ring.mode = (da_ring_mode_t)mode;
+  return DA_SUCCESS;
+}
+
+da_status_t da_plan_stats(const da_plan_t *p, da_plan_stats_t *s) {
+  if (!p || !s) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_stats: plan or stats is NULL");
+  if (s->size < sizeof(da_plan_stats_t) || s->version == 0 || s->version > DA_API_VERSION)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_stats_t: size %zu / version %u not recognized (start from "
+                  "DA_PLAN_STATS_INITIALIZER)", s->size, s->version);
+  const da_ring_t *R = &p->ring;
+  s->rank = R->rank, s->nranks = R->P, s->nsteps = R->P;
+  s->local_rows = R->nloc;
+  s->pairs_total = p->pairs_total, s->pairs_rank = p->pairs_rank;
+  s->fwd_s = R->fwd.wall_s, s->bwd_s = R->bwd.wall_s;
+  s->fwd_compute_s = R->fwd.compute_s, s->bwd_compute_s = R->bwd.compute_s;
+  s->fwd_exposed_s = R->fwd.exposed_s, s->bwd_exposed_s = R->bwd.exposed_s;
+  s->fwd_bytes_sent = R->fwd.bytes_sent, s->bwd_bytes_sent = R->bwd.bytes_sent;
+  s->mem_fwd_bytes = da_ring_fwd_bytes(R), s->mem_bwd_bytes = da_ring_bwd_bytes(R);
+  s->peak_bytes = da_mem_peak();
+  s->fwd_step_compute_s = R->fwd.step_compute_s, s->fwd_step_wait_s = R->fwd.step_wait_s;
+  s->bwd_step_compute_s = R->bwd.step_compute_s, s->bwd_step_wait_s = R->bwd.step_wait_s;
+  s->fwd_step_bytes = R->fwd.step_bytes, s->bwd_step_bytes = R->bwd.step_bytes;
+  return DA_SUCCESS;
+}
+
+/* ---- tensors -------------------------------------------------------------------------------- */
+
+/* A caller's tensor of local rows [B][n][heads][D] (or [B][n][heads] for lse, D == 0). */
+typedef struct {
+  char *base;
+  int64_t bs, ld, hs;
+  size_t esz;
+  int packed; /* heads adjacent (head stride D): usable in place by the kernels */
+} tview_t;
+
+static da_status_t check_tensor(const da_plan_t *p, const char *name, const da_tensor_t *t, da_dtype_t dt,
+                                int64_t heads, int64_t D, tview_t *v) {
+  const int r = p->ring.rank;
+  const int64_t B = p->prob.batch, n = p->ring.nloc;
+  memset(v, 0, sizeof *v);
+  if (!t) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: tensor is NULL", r, name);
+  if (!t->data && n > 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: data pointer is NULL", r, name);
+  if (t->dtype != dt)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: dtype %s, expected %s", r, name, da_dtype_name(t->dtype),
+                  da_dtype_name(dt));
+  if (t->device != da_context_device(p->comm->ctx))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: on device %d but the context runs on device %d", r, name,
+                  (int)t->device, (int)da_context_device(p->comm->ctx));
+  int nd = D ? 4 : 3;
+  if (t->ndim != nd && t->ndim != nd - 1)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: ndim = %d, expected %d or %d", r, name, t->ndim, nd - 1, nd);
+  int off = t->ndim == nd;
+  if (off && t->shape[0] != B)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: shape[0] = %lld but batch = %lld", r, name,
+                  (long long)t->shape[0], (long long)B);
+  if (!off && B != 1)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: no batch axis but batch = %lld", r, name, (long long)B);
+  const int64_t want[3] = {n, heads, D};
+  const char *axis[3] = {"local rows (da_plan_local_rows)", "heads", "dim"};
+  for (int i = 0; i < (D ? 3 : 2); i++)
+    if (t->shape[off + i] != want[i])
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: shape[%d] (%s) = %lld, expected %lld", r, name, off + i,
+                    axis[i], (long long)t->shape[off + i], (long long)want[i]);
+  if (t->strides[t->ndim - 1] != 1 && want[D ? 2 : 1] > 1)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: the last axis must be contiguous (stride %lld)", r, name,
+                  (long long)t->strides[t->ndim - 1]);
+  for (int i = 0; i < t->ndim; i++)
+    if (t->strides[i] < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: negative stride on axis %d", r, name, i);
+  v->esz = D ? da_dtype_size(dt) : sizeof(float);
+  v->base = t->data;
+  v->bs = off ? t->strides[0] : 0;
+  v->ld = t->strides[off];
+  v->hs = t->strides[off + 1];
+  if (heads > 1 && v->hs < (D ? D : 1))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: head stride %lld < %lld: heads overlap", r, name,
+                  (long long)v->hs, (long long)(D ? D : 1));
+  if (n > 1 && v->ld < (heads - 1) * v->hs + (D ? D : 1))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: row stride %lld: rows overlap", r, name, (long long)v->ld);
+  v->packed = heads == 1 || v->hs == (D ? D : 1);
+  return DA_SUCCESS;
+}
+
+/* Heads packed for the driver: the view itself, or a packed copy (inputs) / a packed scratch
+ * that unpack() scatters back (outputs). Unpacked views cost a copy; that is logged once. */
+static da_status_t as_rview(const da_plan_t *p, const tview_t *v, int64_t heads, int64_t D, int copy_in,
+                            void **tmp, da_rview_t *rv) {
+  *tmp = NULL;
+  if (v->packed) {
+    *rv = (da_rview_t){v->base, v->bs, v->ld};
+    return DA_SUCCESS;
+  }
+  const int64_t B = p->prob.batch, n = p->ring.nloc, w = D ? D : 1;
+  char *t = da_malloc((size_t)(B * n * heads * w) * v->esz + 1, 64);
+  if (!t) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: packing a strided tensor", p->ring.rank);
+  DA_TRACE(DA_SUB_ALLOC, "packing a tensor whose heads are not adjacent (head stride %lld)", (long long)v->hs);
+  if (copy_in)
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t i = 0; i < n; i++)
+        for (int64_t h = 0; h < heads; h++)
+          memcpy(t + (size_t)(((b * n + i) * heads + h) * w) * v->esz,
+                 v->base + (size_t)(b * v->bs + i * v->ld + h * v->hs) * v->esz, (size_t)w * v->esz);
+  *tmp = t;
+  *rv = (da_rview_t){t, n * heads * w, heads * w};
+  return DA_SUCCESS;
+}
+
+static void unpack(const da_plan_t *p, const tview_t *v, int64_t heads, int64_t D, const char *t) {
+  const int64_t B = p->prob.batch, n = p->ring.nloc, w = D ? D : 1;
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t i = 0; i < n; i++)
+      for (int64_t h = 0; h < heads; h++)
+        memcpy(v->base + (size_t)(b * v->bs + i * v->ld + h * v->hs) * v->esz,
+               t + (size_t)(((b * n + i) * heads + h) * w) * v->esz, (size_t)w * v->esz);
+}
+
+/* Common tail of fwd/bwd: a timeout leaves peers in unknown states, so no agreement is tried
+ * (it would only wait out a second deadline); anything else is agreed on by every rank. */
+static da_status_t outcome(da_plan_t *p, da_status_t st, const char *what) {
+  if (st == DA_ERR_TIMEOUT || p->ring.broken) {
+    p->ring.broken = 1;
+    return st;
+  }
+  return da_xport_agree(&p->xp, st, what);
+}
+
+#define NTMP 10
+
+da_status_t da_plan_fwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k, const da_tensor_t *v,
+                        da_tensor_t *out, da_tensor_t *lse, void *stream) {
+  da_error_clear();
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_fwd: plan is NULL");
+  da_context_t *ctx = p->comm->ctx;
+  if (p->ring.broken)
+    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this plan had a transfer time out; "
+                                         "free it and create a new one", p->ring.rank));
+  const int64_t H = p->ring.kp.H, G = p->ring.kp.G, D = p->ring.kp.D, B = p->prob.batch, n = p->ring.nloc;
+  const da_dtype_t dt = p->prob.dtype;
+  tview_t vq, vk, vv, vo, vl;
+  void *tmp[NTMP] = {0};
+  float *lsebuf = NULL;
+  da_rview_t rq, rk, rv, ro;
+  p->xp.phase = "forward";
+  da_status_t st;
+  if ((st = check_tensor(p, "q", q, dt, H, D, &vq)) || (st = check_tensor(p, "k", k, dt, G, D, &vk)) ||
+      (st = check_tensor(p, "v", v, dt, G, D, &vv)) || (st = check_tensor(p, "out", out, dt, H, D, &vo)) ||
+      (lse && (st = check_tensor(p, "lse", lse, DA_FLOAT32, H, 0, &vl))))
+    goto agreed;
+  if ((st = as_rview(p, &vq, H, D, 1, &tmp[0], &rq)) || (st = as_rview(p, &vk, G, D, 1, &tmp[1], &rk)) ||
+      (st = as_rview(p, &vv, G, D, 1, &tmp[2], &rv)) || (st = as_rview(p, &vo, H, D, 0, &tmp[3], &ro)))
+    goto agreed;
+  if (lse && !(lsebuf = da_malloc((size_t)(B * n * H) * sizeof(float) + 1, 64)))
+    st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: lse buffer", p->ring.rank);
+agreed:
+  /* Arguments first: a rank with a bad tensor must not leave its peers waiting in the ring. */
+  st = da_xport_agree(&p->xp, st, "forward");
+  if (st == DA_SUCCESS) {
+    st = outcome(p, da_ring_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream), "forward");
+    if (st == DA_SUCCESS && p->ring.mode == DA_RING_RUN) {
+      if (tmp[3]) unpack(p, &vo, H, D, tmp[3]);
+      if (lse)
+        for (int64_t b = 0; b < B; b++)
+          for (int64_t i = 0; i < n; i++)
+            for (int64_t h = 0; h < H; h++)
+              ((float *)vl.base)[b * vl.bs + i * vl.ld + h * vl.hs] = lsebuf[(b * n + i) * H + h];
+    }
+  }
+  for (int i = 0; i < NTMP; i++) da_free(tmp[i]);
+  da_free(lsebuf);
+  return da_context_finish(ctx, st);
+}
+
+da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k, const da_tensor_t *v,
+                        const da_tensor_t *out, const da_tensor_t *dout, const da_tensor_t *lse, da_tensor_t *dq,
+                        da_tensor_t *dk, da_tensor_t *dv, void *stream) {
+  da_error_clear();
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_bwd: plan is NULL");
+  da_context_t *ctx = p->comm->ctx;
+  if (p->ring.broken)
+    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this plan had a transfer time out; "
+                                         "free it and create a new one", p->ring.rank));
+  const int64_t H = p->ring.kp.H, G = p->ring.kp.G, D = p->ring.kp.D, B = p->prob.batch, n = p->ring.nloc;
+  const da_dtype_t dt = p->prob.dtype;
+  tview_t vq, vk, vv, vo, vdo, vl, vdq, vdk, vdv;
+  void *tmp[NTMP] = {0};
+  float *lsebuf = NULL;
+  da_rview_t rq, rk, rv, ro, rdo, rdq, rdk, rdv;
+  p->xp.phase = "backward";
+  da_status_t st;
+  if ((st = check_tensor(p, "q", q, dt, H, D, &vq)) || (st = check_tensor(p, "k", k, dt, G, D, &vk)) ||
+      (st = check_tensor(p, "v", v, dt, G, D, &vv)) || (st = check_tensor(p, "out", out, dt, H, D, &vo)) ||
+      (st = check_tensor(p, "dout", dout, dt, H, D, &vdo)) ||
+      (st = check_tensor(p, "lse", lse, DA_FLOAT32, H, 0, &vl)) ||
+      (st = check_tensor(p, "dq", dq, dt, H, D, &vdq)) || (st = check_tensor(p, "dk", dk, dt, G, D, &vdk)) ||
+      (st = check_tensor(p, "dv", dv, dt, G, D, &vdv)))
+    goto agreed;
+  if ((st = as_rview(p, &vq, H, D, 1, &tmp[0], &rq)) || (st = as_rview(p, &vk, G, D, 1, &tmp[1], &rk)) ||
+      (st = as_rview(p, &vv, G, D, 1, &tmp[2], &rv)) || (st = as_rview(p, &vo, H, D, 1, &tmp[3], &ro)) ||
+      (st = as_rview(p, &vdo, H, D, 1, &tmp[4], &rdo)) || (st = as_rview(p, &vdq, H, D, 0, &tmp[5], &rdq)) ||
+      (st = as_rview(p, &vdk, G, D, 0, &tmp[6], &rdk)) || (st = as_rview(p, &vdv, G, D, 0, &tmp[7], &rdv)))
+    goto agreed;
+  if (!(lsebuf = da_malloc((size_t)(B * n * H) * sizeof(float) + 1, 64))) {
+    st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: lse buffer", p->ring.rank);
+    goto agreed;
+  }
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t i = 0; i < n; i++)
+      for (int64_t h = 0; h < H; h++)
+        lsebuf[(b * n + i) * H + h] = ((const float *)vl.base)[b * vl.bs + i * vl.ld + h * vl.hs];
+agreed:
+  st = da_xport_agree(&p->xp, st, "backward");
+  if (st == DA_SUCCESS) {
+    st = outcome(p, da_ring_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream), "backward");
+    if (st == DA_SUCCESS && p->ring.mode == DA_RING_RUN) {
+      if (tmp[5]) unpack(p, &vdq, H, D, tmp[5]);
+      if (tmp[6]) unpack(p, &vdk, G, D, tmp[6]);
+      if (tmp[7]) unpack(p, &vdv, G, D, tmp[7]);
+    }
+  }
+  for (int i = 0; i < NTMP; i++) da_free(tmp[i]);
+  da_free(lsebuf);
+  return da_context_finish(ctx, st);
+}

@@ -1,0 +1,68 @@
+/* ring.h: the ring driver of comm/ (Ring, Striped and Zigzag attention, forward and backward) as
+ * the plan sees it: a struct holding the layout, schedule, kernel table, transport and buffers,
+ * and two calls over per-rank tensors whose heads are packed. Argument checking and tensor views
+ * live in plan.c; this layer trusts its inputs. Internal to comm/. */
+#ifndef DA_RING_H
+#define DA_RING_H
+
+#include "transport.h" /* first: mpi.h before distattn.h declares the distributed API */
+#include "kernels.h"
+#include "partition.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A per-rank tensor with packed heads: row i of batch element b starts at
+ * p + (b * bs + i * ld) * element size. */
+typedef struct da_rview {
+  char *p;
+  int64_t bs, ld;
+} da_rview_t;
+
+typedef enum { DA_RING_RUN = 0, DA_RING_COMPUTE_ONLY = 1, DA_RING_COMM_ONLY = 2 } da_ring_mode_t;
+
+/* What one call measured, per step and in total. */
+typedef struct da_ring_stats {
+  double wall_s, compute_s, exposed_s;
+  uint64_t bytes_sent;
+  double *step_compute_s, *step_wait_s; /* [nsteps] */
+  uint64_t *step_bytes;                 /* [nsteps] */
+} da_ring_stats_t;
+
+typedef struct da_ring {
+  const da_kernels_t *kt;
+  da_kparams_t kp;
+  da_layout_t layout;
+  da_schedule_t sched;
+  da_xport_t *xp;
+  int rank, P;
+  int64_t B, nloc, nmax; /* batch, this rank's rows, the largest shard */
+  da_ring_mode_t mode;
+  int broken;            /* a timeout left messages in flight: buffers must not be reused */
+  da_ring_stats_t fwd, bwd;
+} da_ring_t;
+
+/* Buffers per call, bytes on this rank (what docs/ring.md derives). */
+size_t da_ring_fwd_bytes(const da_ring_t *R);
+size_t da_ring_bwd_bytes(const da_ring_t *R);
+/* Bytes this rank sends per call. */
+uint64_t da_ring_fwd_comm_bytes(const da_ring_t *R);
+uint64_t da_ring_bwd_comm_bytes(const da_ring_t *R);
+
+/* Forward: q [B][nloc][H][D], k, v [B][nloc][G][D] (dtype), out [B][nloc][H][D] (dtype),
+ * lse [B][nloc][H] fp32 packed (may be NULL). Every rank must call it; returns this rank's local
+ * status (the plan agrees on the outcome across ranks afterwards). */
+da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out, float *lse,
+                        void *stream);
+
+/* Backward: as the forward plus out, dout (dtype, [B][nloc][H][D]) and lse [B][nloc][H] fp32
+ * packed (required); writes dq [B][nloc][H][D] and dk, dv [B][nloc][G][D] in dtype. */
+da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out,
+                        da_rview_t dout, const float *lse, da_rview_t dq, da_rview_t dk, da_rview_t dv,
+                        void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DA_RING_H */

@@ -1,0 +1,104 @@
+/* transport.h: the communicator table of design §4, one per backend (mpi: host memory over a
+ * dup'ed MPI communicator; self: one rank, copies), and what the drivers share about it. Progress
+ * is driven by test() calls from the caller's thread: no helper thread, so the same code runs
+ * under SimGrid SMPI (MPI_THREAD_SINGLE). Not public API: the drivers in comm/ use it. */
+#ifndef DA_TRANSPORT_H
+#define DA_TRANSPORT_H
+
+#include <mpi.h>
+#include <stddef.h>
+#include "core.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct da_xport da_xport_t;
+/* One nonblocking exchange (or collective) in flight; owned by the transport, released by wait
+ * or abort. */
+typedef struct da_xreq da_xreq_t;
+
+typedef enum { DA_XT_INT64 = 0, DA_XT_DOUBLE = 1 } da_xtype_t;
+typedef enum { DA_XOP_SUM = 0, DA_XOP_MIN = 1, DA_XOP_MAX = 2 } da_xop_t;
+
+/* Message tags of the drivers: one per kind of travelling buffer, so that a forward on one rank
+ * and a backward on another cannot match each other's messages (they time out instead). */
+enum { DA_TAG_FWD_KV = 11, DA_TAG_BWD_KV = 12, DA_TAG_BWD_DKV = 13 };
+
+typedef struct da_transport {
+  const char *name;
+
+  /* Bind xp to the ranks of comm (dup'ed by the caller, never freed by the transport): sets
+   * xp->rank, xp->nranks and xp->impl. Required. */
+  da_status_t (*init)(da_xport_t *xp, MPI_Comm comm);
+
+  /* Post: send sbytes of sbuf to rank dst and receive exactly rbytes into rbuf from rank src,
+   * nonblocking. step and tag label the messages (errors name the peer and the step). Either
+   * size may be 0. The buffers must stay untouched until wait or abort. Required. */
+  da_status_t (*exchange_start)(da_xport_t *xp, const void *sbuf, size_t sbytes, int dst, void *rbuf,
+                                size_t rbytes, int src, int tag, int step, da_xreq_t **req);
+
+  /* Drive progress; *done = 1 when both directions completed (the request stays valid until
+   * wait). Required. */
+  da_status_t (*test)(da_xport_t *xp, da_xreq_t *req, int *done);
+
+  /* Block until the request completes or xp->timeout_s passes (DA_ERR_TIMEOUT naming the peer
+   * that did not answer and the step; the request is then cancelled). Releases req either way.
+   * Required. */
+  da_status_t (*wait)(da_xport_t *xp, da_xreq_t *req);
+
+  /* In-place allreduce of count values; bounded by xp->timeout_s. Required. */
+  da_status_t (*allreduce)(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op);
+
+  /* rbuf [nranks][bytes] = every rank's sbuf [bytes], rank order; bounded by the timeout.
+   * Required. */
+  da_status_t (*allgather)(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes);
+
+  /* (optional) NULL: an allreduce of one value stands in. */
+  da_status_t (*barrier)(da_xport_t *xp);
+
+  /* Cancel and release a request after a failure (NULL req: nothing). Required. */
+  void (*abort)(da_xport_t *xp, da_xreq_t *req);
+
+  /* Release what init acquired (not the communicator). Required. */
+  void (*destroy)(da_xport_t *xp);
+} da_transport_t;
+
+struct da_xport {
+  const da_transport_t *t;
+  int rank, nranks;
+  double timeout_s;   /* every blocking call gives up after this long (> 0) */
+  const char *phase;  /* "forward", "backward", "plan": prefixes error messages */
+  void *impl;
+};
+
+extern const da_transport_t da_transport_mpi;
+extern const da_transport_t da_transport_self;
+
+/* The table named `name` ("mpi", "self"); NULL with an error listing the choices. */
+const da_transport_t *da_transport_find(const char *name);
+
+/* Open a transport on comm: find + init, with the timeout. */
+da_status_t da_xport_open(da_xport_t *xp, const char *name, MPI_Comm comm, double timeout_s);
+void da_xport_close(da_xport_t *xp);
+da_status_t da_xport_barrier(da_xport_t *xp);
+
+/* Agree on an outcome: every rank passes its local status and gets back DA_SUCCESS only when
+ * every rank succeeded. A rank that failed keeps its own status and message; the others get
+ * DA_ERR_REMOTE naming the lowest failing rank and its message ("rank 3 failed: ..."). One small
+ * allgather on success; bounded by the timeout, so a vanished peer gives DA_ERR_TIMEOUT. */
+da_status_t da_xport_agree(da_xport_t *xp, da_status_t local, const char *what);
+
+/* Translate an MPI error code once, at the boundary: DA_ERR_MPI with MPI's own string. */
+da_status_t da_mpi_error(int rc, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+#define DA_MPICHECK(call, ...)                                                   \
+  do {                                                                           \
+    int da_rc_ = (call);                                                         \
+    if (da_rc_ != MPI_SUCCESS) return da_mpi_error(da_rc_, __FILE__, __LINE__, __VA_ARGS__); \
+  } while (0)
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DA_TRANSPORT_H */

@@ -1,0 +1,547 @@
+/* cmd_run.c: `distattn run`, distributed exact attention over MPI (ring | striped | zigzag),
+ * forward and optionally backward, timed nccl-tests style and verified in float64 on sampled rows
+ * by the ranks that own them. Every rank generates only its own rows from the counter RNG: no
+ * rank ever holds the full sequence. Not a library layer: it may exit; the plan code never does. */
+#define _GNU_SOURCE
+#include <mpi.h>
+#include <fcntl.h>
+#include <math.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "distattn.h"
+#include "args.h"
+#include "core.h"
+#include "dtype.h"
+#include "kernels.h"
+#include "launcher.h"
+#include "report.h"
+#include "rng.h"
+#include "verify.h"
+
+static const char *const algo_names[] = {"ring", "striped", "zigzag", NULL};
+static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
+static const char *const device_names[] = {"cpu", "cuda", NULL};
+
+typedef struct run_opts {
+  int algo, dtype, device, backward, overlap;
+  int64_t seq, heads, kv_heads, dim, batch, block, verify, iters, warmup, seed, threads;
+  double timeout;
+  da_mask_spec_t mask;
+  const char *json;
+} run_opts_t;
+
+static int g_rank, g_size;
+
+/* Collective: the largest of every rank's value (exit codes, flags). */
+static int max_int(int v) {
+  int r = v;
+  MPI_Allreduce(&v, &r, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  return r;
+}
+
+/* A library failure: every rank got a status (agreed by the plan), the ranks that failed
+ * themselves say why, rank 0 always says something. Usage-like failures exit 2. */
+static int report_failure(const char *what, da_status_t st, da_context_t *ctx) {
+  if (g_rank == 0 || st != DA_ERR_REMOTE)
+    fprintf(stderr, "distattn run: rank %d: %s: %s: %s\n", g_rank, what, da_status_string(st), da_last_error(ctx));
+  int rc = (st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH || st == DA_ERR_UNSUPPORTED) ? 2 : 1;
+  return max_int(rc);
+}
+
+static int cmp_dbl(const void *a, const void *b) {
+  double x = *(const double *)a, y = *(const double *)b;
+  return (x > y) - (x < y);
+}
+static double median(double *t, int64_t n) {
+  if (n <= 0) return NAN;
+  qsort(t, (size_t)n, sizeof *t, cmp_dbl);
+  return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
+}
+
+/* Threads per rank: the cores this rank may use, shared with the ranks of this node that may
+ * use the same cores (mpirun --bind-to none gives every rank the whole machine). */
+static int default_threads(void) {
+  MPI_Comm node;
+  int local = 1;
+  if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+    MPI_Comm_size(node, &local);
+    MPI_Comm_free(&node);
+  }
+  int cores = da_default_nthreads(), online = (int)sysconf(_SC_NPROCESSORS_ONLN);
+  int t = cores >= online && local > 1 ? cores / local : cores;
+  return t > 0 ? t : 1;
+}
+
+/* "0-3,8" style list of the cores this process may run on. */
+static void cpu_list(char *buf, size_t n) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  buf[0] = '\0';
+  if (sched_getaffinity(0, sizeof set, &set)) return;
+  size_t off = 0;
+  for (int c = 0; c < CPU_SETSIZE && off + 16 < n; c++) {
+    if (!CPU_ISSET(c, &set)) continue;
+    int e = c;
+    while (e + 1 < CPU_SETSIZE && CPU_ISSET(e + 1, &set)) e++;
+    off += (size_t)snprintf(buf + off, n - off, "%s%d", off ? "," : "", c);
+    if (e > c) off += (size_t)snprintf(buf + off, n - off, "-%d", e);
+    c = e;
+  }
+}
+
+typedef struct rankinfo {
+  char host[64];
+  char cores[88];
+  int pid, threads;
+} rankinfo_t;
+
+/* The rank -> host/core map in the header, and the distinct hosts for the JSON record. */
+static void rank_map(int threads, char *hosts, size_t hn) {
+  rankinfo_t me, *all = g_rank == 0 ? calloc((size_t)g_size, sizeof *all) : NULL;
+  memset(&me, 0, sizeof me);
+  snprintf(me.host, sizeof me.host, "%s", da_report_hostname());
+  cpu_list(me.cores, sizeof me.cores);
+  me.pid = (int)getpid();
+  me.threads = threads;
+  MPI_Gather(&me, sizeof me, MPI_BYTE, all, sizeof me, MPI_BYTE, 0, MPI_COMM_WORLD);
+  hosts[0] = '\0';
+  if (g_rank != 0) return;
+  if (!all) return;
+  size_t off = 0;
+  for (int r = 0; r < g_size; r++) {
+    printf("#  rank %3d  host %-16s  pid %7d  threads %2d  cores %s\n", r, all[r].host, all[r].pid, all[r].threads,
+           all[r].cores);
+    int seen = 0;
+    for (int q = 0; q < r; q++) seen |= !strcmp(all[q].host, all[r].host);
+    if (!seen && off + strlen(all[r].host) + 2 < hn)
+      off += (size_t)snprintf(hosts + off, hn - off, "%s%s", off ? "," : "", all[r].host);
+  }
+  free(all);
+}
+
+typedef struct vresult {
+  int64_t rows, wrong;
+  double max_abs, max_rel;
+} vresult_t;
+
+static void vnote(vresult_t *v, double rel, double abs_err, double tol) {
+  if (!(rel <= tol)) v->wrong++;
+  if (!(rel <= v->max_rel)) v->max_rel = rel;
+  if (!(abs_err <= v->max_abs)) v->max_abs = abs_err;
+}
+
+/* One row (len values at offset off of x) against its float64 reference. */
+static void vrow(vresult_t *v, const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double tol) {
+  double ae = 0, rel = da_verify_rel(x, dt, off, ref, len, &ae);
+  vnote(v, rel, ae, tol);
+}
+
+/* Float64 check of R sampled local rows (and, with --backward, their dq and the dk/dv of the
+ * same local key rows) on this rank. Collective only for the backward's per-row statistics. */
+static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const int64_t *pos, const void *out,
+                  const float *lse, const void *dout, const void *dq, const void *dk, const void *dv, vresult_t *res) {
+  const int H = vp->kp.H, G = vp->kp.G, D = vp->kp.D;
+  const int64_t B = vp->B, S = vp->S, R = o->verify < n ? o->verify : n;
+  const da_dtype_t dt = vp->kp.dtype;
+  const double tol = dt == DA_FLOAT32 ? 1e-4 : 2e-2;
+  memset(res, 0, sizeof *res);
+  double *ro = malloc((size_t)H * D * 8), *rl = malloc((size_t)H * 8), *rq = malloc((size_t)H * D * 8);
+  double *rk = malloc((size_t)G * D * 8), *rv = malloc((size_t)G * D * 8);
+  float *lse_all = NULL, *delta_all = NULL;
+  int rc = 0;
+  if (!ro || !rl || !rq || !rk || !rv) rc = -1;
+  if (o->backward && o->verify > 0) {
+    /* The softmax statistics of every query row (B*S*H scalars, not rows of q/k/v): each rank
+     * contributes its own and the sum fills the table. */
+    size_t ns = (size_t)(B * S * H);
+    lse_all = calloc(ns, sizeof(float)), delta_all = calloc(ns, sizeof(float));
+    if (!lse_all || !delta_all) rc = -1;
+    if (!rc)
+      for (int64_t b = 0; b < B; b++)
+        for (int64_t i = 0; i < n; i++)
+          for (int h = 0; h < H; h++) {
+            size_t g = (size_t)((b * S + pos[i]) * H + h), l = (size_t)((b * n + i) * H + h);
+            double d = 0;
+            for (int e = 0; e < D; e++)
+              d += (double)da_load_f32(out, (int)dt, (int64_t)l * D + e) * da_load_f32(dout, (int)dt, (int64_t)l * D + e);
+            lse_all[g] = lse[l], delta_all[g] = (float)d;
+          }
+    int bad = max_int(rc);
+    if (bad) rc = -1;
+    else if (ns <= (size_t)INT32_MAX) {
+      MPI_Allreduce(MPI_IN_PLACE, lse_all, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+      MPI_Allreduce(MPI_IN_PLACE, delta_all, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+    } else {
+      rc = -1;
+    }
+  }
+  for (int64_t s = 0; s < R && rc == 0; s++) {
+    const int64_t i = R == 1 ? n / 2 : s * (n - 1) / (R - 1), b = s % B, l = b * n + i;
+    if (da_verify_fwd_row(vp, b, pos[i], ro, rl)) {
+      rc = -1;
+      break;
+    }
+    res->rows++;
+    for (int h = 0; h < H; h++) {
+      vrow(res, out, dt, (l * H + h) * D, ro + h * D, D, tol);
+      double le = rl[h] == -INFINITY ? (lse[l * H + h] == -INFINITY ? 0 : INFINITY) : fabs(lse[l * H + h] - rl[h]);
+      vnote(res, le / fmax(1.0, fabs(rl[h])), le, tol);
+    }
+    if (!o->backward) continue;
+    if (da_verify_dq_row(vp, b, pos[i], ro, rl, rq) || da_verify_dkv_row(vp, b, pos[i], lse_all + b * S * H,
+                                                                         delta_all + b * S * H, rk, rv)) {
+      rc = -1;
+      break;
+    }
+    for (int h = 0; h < H; h++) vrow(res, dq, dt, (l * H + h) * D, rq + h * D, D, tol);
+    for (int g = 0; g < G; g++) {
+      vrow(res, dk, dt, (l * G + g) * D, rk + g * D, D, tol);
+      vrow(res, dv, dt, (l * G + g) * D, rv + g * D, D, tol);
+    }
+  }
+  free(ro), free(rl), free(rq), free(rk), free(rv), free(lse_all), free(delta_all);
+  return rc;
+}
+
+int da_cmd_run(int argc, char **argv) {
+  int inited = 0;
+  MPI_Initialized(&inited);
+  if (!inited) MPI_Init(NULL, NULL);
+  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+
+  run_opts_t o;
+  memset(&o, 0, sizeof o);
+  o.algo = 2, o.dtype = DA_FLOAT32, o.device = 0, o.batch = 1, o.verify = 8, o.iters = 3, o.warmup = 1, o.seed = 1;
+  da_opt_t opts[] = {
+      {.name = "algo", .type = DA_OPT_ENUM, .dest = &o.algo, .help = "token layout / algorithm", .choices = algo_names},
+      {.name = "seq", .type = DA_OPT_SIZE, .dest = &o.seq, .help = "total sequence length S (required)", .min = 1,
+       .max = 1LL << 34},
+      {.name = "heads", .type = DA_OPT_INT, .dest = &o.heads, .help = "query heads H (required)", .min = 1, .max = 65536},
+      {.name = "kv-heads", .type = DA_OPT_INT, .dest = &o.kv_heads, .help = "KV heads G (H % G == 0; 0 = H)", .min = 0,
+       .max = 65536},
+      {.name = "dim", .type = DA_OPT_INT, .dest = &o.dim, .help = "head dim D (required)", .min = 1, .max = 4096},
+      {.name = "batch", .type = DA_OPT_INT, .dest = &o.batch, .help = "batch B", .min = 1, .max = 1 << 20},
+      {.name = "mask", .type = DA_OPT_MASK, .dest = &o.mask, .help = "none | causal | window:W | doc:L1,L2,.. (+ joins)"},
+      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o.dtype, .help = "storage dtype of q, k, v, out",
+       .choices = dtype_names},
+      {.name = "backward", .type = DA_OPT_FLAG, .dest = &o.backward, .help = "also run and verify the backward"},
+      {.name = "block", .type = DA_OPT_SIZE, .dest = &o.block,
+       .help = "KV sub-block tokens between progress calls (0 = automatic)", .min = 0, .max = 1LL << 34},
+      {.name = "verify", .type = DA_OPT_INT, .dest = &o.verify, .help = "rows per rank checked in float64 (0 = off)",
+       .min = 0, .max = 1 << 20},
+      {.name = "iters", .type = DA_OPT_INT, .dest = &o.iters, .help = "timed iterations (median reported)", .min = 1,
+       .max = 1000000},
+      {.name = "warmup", .type = DA_OPT_INT, .dest = &o.warmup, .help = "untimed iterations first", .min = 0,
+       .max = 1000000},
+      {.name = "seed", .type = DA_OPT_INT, .dest = &o.seed, .help = "seed of the counter-based inputs", .min = 0,
+       .max = INT64_MAX},
+      {.name = "device", .type = DA_OPT_ENUM, .dest = &o.device, .help = "kernel backend", .choices = device_names},
+      {.name = "threads", .type = DA_OPT_INT, .dest = &o.threads,
+       .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096},
+      {.name = "json", .type = DA_OPT_STRING, .dest = &o.json, .metavar = "FILE",
+       .help = "append one JSON object (JSON Lines) to FILE"},
+      {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o.overlap,
+       .help = "also time compute-only and transfer-only runs and report the overlap"},
+      {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &o.timeout,
+       .help = "seconds a rank waits for a peer before failing (0 = DISTATTN_TIMEOUT or 300)", .dmin = 0,
+       .dmax = 1e6},
+      {0},
+  };
+  da_cmdspec_t cmd = {.name = "run",
+                      .summary = "distributed exact attention over MPI (ring | striped | zigzag), forward and "
+                                 "backward, timed and verified in float64 on sampled rows",
+                      .opts = opts};
+
+  /* Every rank parses the same argv and reaches the same verdict; only rank 0 speaks. */
+  int saved_out = -1, saved_err = -1;
+  if (g_rank != 0) {
+    fflush(stdout), fflush(stderr);
+    int devnull = open("/dev/null", O_WRONLY);
+    saved_out = dup(1), saved_err = dup(2);
+    if (devnull >= 0) dup2(devnull, 1), dup2(devnull, 2), close(devnull);
+  }
+  int prc = da_args_parse(&cmd, argc, argv);
+  const char *missing = !da_args_find(opts, "seq")->given ? "--seq" : !da_args_find(opts, "heads")->given ? "--heads"
+                        : !da_args_find(opts, "dim")->given ? "--dim" : NULL;
+  int64_t G = o.kv_heads ? o.kv_heads : o.heads;
+  if (prc == DA_ARGS_OK && missing) prc = da_args_error(&cmd, "%s is required", missing);
+  else if (prc == DA_ARGS_OK && o.heads % G) prc = da_args_error(&cmd, "--heads %lld is not a multiple of --kv-heads %lld",
+                                                                  (long long)o.heads, (long long)G);
+  else if (prc == DA_ARGS_OK && da_mask_check(&o.mask.mask, o.seq) != DA_SUCCESS)
+    prc = da_args_error(&cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
+                                                                                    : da_error_message() + 6);
+  else if (prc == DA_ARGS_OK && o.device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
+    prc = da_args_error(&cmd, "--device cuda: not built: %s", da_error_message());
+  if (g_rank != 0) {
+    fflush(stdout), fflush(stderr);
+    if (saved_out >= 0) dup2(saved_out, 1), close(saved_out);
+    if (saved_err >= 0) dup2(saved_err, 2), close(saved_err);
+  }
+  prc = max_int(prc);
+  if (prc != DA_ARGS_OK) {
+    da_mask_spec_free(&o.mask);
+    MPI_Finalize();
+    return prc == DA_ARGS_HELP ? 0 : 2;
+  }
+
+  /* ---- context, communicator, plan ---- */
+  int rc = 0;
+  const int threads = o.threads ? (int)o.threads : default_threads();
+  da_context_t *ctx = NULL;
+  da_comm_t *comm = NULL;
+  da_plan_t *plan = NULL;
+  da_config_t ccfg = DA_CONFIG_INITIALIZER;
+  ccfg.device = (da_device_t)o.device;
+  ccfg.nthreads = threads;
+  da_status_t st = da_context_create(&ccfg, &ctx);
+  if (max_int(st != DA_SUCCESS)) {
+    rc = report_failure("context", st ? st : DA_ERR_REMOTE, ctx);
+    goto out;
+  }
+  if ((st = da_comm_create(ctx, MPI_COMM_WORLD, &comm)) != DA_SUCCESS) {
+    rc = report_failure("communicator", st, ctx);
+    goto out;
+  }
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.batch = o.batch, prob.seq = o.seq, prob.heads = o.heads, prob.kv_heads = G, prob.dim = o.dim;
+  prob.mask = o.mask.mask.flags, prob.window = o.mask.mask.window;
+  prob.ndocs = o.mask.mask.ndocs, prob.cu_seqlens = o.mask.mask.cu_seqlens;
+  prob.dtype = (da_dtype_t)o.dtype;
+  da_plan_config_t pcfg = DA_PLAN_CONFIG_INITIALIZER;
+  pcfg.algo = (da_algo_t)o.algo, pcfg.block = o.block, pcfg.timeout = o.timeout;
+  if ((st = da_plan_create(comm, &prob, &pcfg, &plan)) != DA_SUCCESS) {
+    rc = report_failure("plan", st, ctx);
+    goto out;
+  }
+
+  /* ---- this rank's inputs, generated where they live ---- */
+  const int H = (int)o.heads, D = (int)o.dim;
+  const int64_t B = o.batch, n = da_plan_local_rows(plan);
+  const da_dtype_t dt = (da_dtype_t)o.dtype;
+  const size_t es = da_dtype_size(dt), nq = (size_t)(B * n * H * D), nk = (size_t)(B * n * G * D);
+  int64_t *pos = malloc((size_t)(n + 1) * sizeof *pos);
+  char *q = malloc(nq * es + 1), *k = malloc(nk * es + 1), *v = malloc(nk * es + 1), *outb = malloc(nq * es + 1);
+  char *dout = o.backward ? malloc(nq * es + 1) : NULL, *dq = o.backward ? malloc(nq * es + 1) : NULL;
+  char *dk = o.backward ? malloc(nk * es + 1) : NULL, *dv = o.backward ? malloc(nk * es + 1) : NULL;
+  float *lse = malloc((size_t)(B * n * H) * sizeof(float) + 4);
+  int oom = !pos || !q || !k || !v || !outb || !lse || (o.backward && (!dout || !dq || !dk || !dv));
+  if (max_int(oom)) {
+    if (oom) fprintf(stderr, "distattn run: rank %d: out of memory for %lld local rows\n", g_rank, (long long)n);
+    rc = 1;
+    goto free_bufs;
+  }
+  da_plan_local_positions(plan, pos, n);
+  da_vprob_t vp = {.B = B, .S = o.seq, .seed = (uint64_t)o.seed};
+  vp.kp.H = H, vp.kp.G = (int)G, vp.kp.D = D, vp.kp.scale = (float)(1.0 / sqrt((double)D)), vp.kp.dtype = dt;
+  vp.kp.mask = o.mask.mask;
+  for (int64_t b = 0; b < B; b++) {
+    da_verify_gen(&vp, DA_RNG_Q, b, pos, n, H, q + (size_t)(b * n * H * D) * es, (int64_t)H * D);
+    da_verify_gen(&vp, DA_RNG_K, b, pos, n, (int)G, k + (size_t)(b * n * G * D) * es, G * D);
+    da_verify_gen(&vp, DA_RNG_V, b, pos, n, (int)G, v + (size_t)(b * n * G * D) * es, G * D);
+    if (o.backward) da_verify_gen(&vp, DA_RNG_DOUT, b, pos, n, H, dout + (size_t)(b * n * H * D) * es, (int64_t)H * D);
+  }
+  da_tensor_t tq, tk, tv, to, tl, tdo, tdq, tdk, tdv;
+  const int64_t shq[4] = {B, n, H, D}, shk[4] = {B, n, G, D}, shl[3] = {B, n, H};
+  da_tensor_make(&tq, q, dt, 4, shq), da_tensor_make(&tk, k, dt, 4, shk), da_tensor_make(&tv, v, dt, 4, shk);
+  da_tensor_make(&to, outb, dt, 4, shq), da_tensor_make(&tl, lse, DA_FLOAT32, 3, shl);
+  da_tensor_make(&tdo, dout, dt, 4, shq), da_tensor_make(&tdq, dq, dt, 4, shq);
+  da_tensor_make(&tdk, dk, dt, 4, shk), da_tensor_make(&tdv, dv, dt, 4, shk);
+
+  /* ---- header ---- */
+  char hosts[1024], maskdesc[256];
+  da_mask_describe(&o.mask.mask, maskdesc, sizeof maskdesc);
+  if (g_rank == 0) {
+    da_report_header(stdout, &cmd, threads);
+    char lib[MPI_MAX_LIBRARY_VERSION_STRING] = "";
+    int len = 0;
+    MPI_Get_library_version(lib, &len);
+    lib[strcspn(lib, ",\n")] = '\0'; /* first clause: "Open MPI v4.1.4" */
+    da_report_line(stdout, "ranks: %d  mpi: %s (MPI %d.%d)  backend: %s  transport: mpi (host memory)", g_size, lib,
+                   MPI_VERSION, MPI_SUBVERSION, device_names[o.device]);
+  }
+  fflush(stdout);
+  rank_map(threads, hosts, sizeof hosts);
+  da_plan_stats_t ps = DA_PLAN_STATS_INITIALIZER;
+  da_plan_stats(plan, &ps);
+  {
+    int64_t rows[2] = {n, -n};
+    MPI_Allreduce(MPI_IN_PLACE, rows, 2, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+    unsigned long long mem[2] = {(unsigned long long)ps.mem_fwd_bytes, (unsigned long long)ps.mem_bwd_bytes};
+    MPI_Allreduce(MPI_IN_PLACE, mem, 2, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
+    if (g_rank == 0) {
+      da_report_line(stdout, "layout: %s  local rows %lld..%lld  pairs %lld  ring buffers per rank: fwd %.1f MiB, "
+                             "bwd %.1f MiB", algo_names[o.algo], (long long)-rows[1], (long long)rows[0],
+                     (long long)ps.pairs_total, mem[0] / 1048576.0, mem[1] / 1048576.0);
+      da_report_line(stdout, "time: median of %lld iters, max over ranks; gflops: (4 fwd + 10 bwd) * H * D * pairs / "
+                             "time; comm: bytes sent per call, summed over ranks", (long long)o.iters);
+      if (o.verify)
+        da_report_line(stdout, "verify: %lld rows per rank in float64 from regenerated inputs (out, lse%s); "
+                               "tolerance %g%s", (long long)o.verify, o.backward ? ", dq, dk, dv" : "",
+                       dt == DA_FLOAT32 ? 1e-4 : 2e-2,
+                       o.backward ? "; dk/dv use the run's per-row lse and rowsum(dout*out) of the other rows" : "");
+    }
+  }
+
+  /* ---- timed runs ---- */
+  const int64_t total_it = o.warmup + o.iters;
+  double *tf = calloc((size_t)o.iters, sizeof *tf), *tb = calloc((size_t)o.iters, sizeof *tb);
+  double *tt = calloc((size_t)o.iters, sizeof *tt);
+  for (int64_t it = 0; it < total_it && st == DA_SUCCESS; it++) {
+    double t[2] = {0, 0};
+    MPI_Barrier(MPI_COMM_WORLD);
+    double t0 = MPI_Wtime();
+    st = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, NULL);
+    t[0] = MPI_Wtime() - t0;
+    if (st == DA_SUCCESS && o.backward) {
+      MPI_Barrier(MPI_COMM_WORLD);
+      t0 = MPI_Wtime();
+      st = da_plan_bwd(plan, &tq, &tk, &tv, &to, &tdo, &tl, &tdq, &tdk, &tdv, NULL);
+      t[1] = MPI_Wtime() - t0;
+    }
+    if (st != DA_SUCCESS) break; /* every rank has a failure status (the plan agreed on it) */
+    MPI_Allreduce(MPI_IN_PLACE, t, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    if (it >= o.warmup) tf[it - o.warmup] = t[0], tb[it - o.warmup] = t[1], tt[it - o.warmup] = t[0] + t[1];
+  }
+  if (st != DA_SUCCESS) {
+    rc = report_failure(o.backward ? "forward/backward" : "forward", st, ctx);
+    goto free_times;
+  }
+  da_plan_stats(plan, &ps);
+  /* Figures of the last iteration: bytes summed, exposed time max, compute imbalance max/mean. */
+  double comp = ps.fwd_compute_s + ps.bwd_compute_s, expo = ps.fwd_exposed_s + ps.bwd_exposed_s;
+  double sums[2] = {(double)(ps.fwd_bytes_sent + ps.bwd_bytes_sent), comp}, maxs[3] = {expo, comp, 0};
+  maxs[2] = (double)da_peak_rss_bytes();
+  MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, maxs, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  const double fwd_s = median(tf, o.iters), bwd_s = o.backward ? median(tb, o.iters) : NAN;
+  const double t_total = median(tt, o.iters);
+  const double flops = (double)ps.pairs_total * H * D * (4.0 + (o.backward ? 10.0 : 0.0));
+  const double gflops = flops / t_total * 1e-9;
+  const double imbalance = sums[1] > 0 ? maxs[1] / (sums[1] / g_size) : 1.0;
+
+  /* ---- verification (before the overlap runs, which overwrite the outputs) ---- */
+  vresult_t vr = {0};
+  int vfail = 0;
+  if (o.verify > 0) vfail = verify(&o, &vp, n, pos, outb, lse, dout, dq, dk, dv, &vr) != 0;
+  if (max_int(vfail)) {
+    if (vfail) fprintf(stderr, "distattn run: rank %d: verification ran out of memory\n", g_rank);
+    rc = 1;
+    goto free_times;
+  }
+  double vmax[2] = {vr.max_abs, vr.max_rel};
+  int64_t vsum[2] = {vr.rows, vr.wrong};
+  MPI_Allreduce(MPI_IN_PLACE, vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, vsum, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+
+  /* ---- overlap: compute without transfers, transfers without compute, both ---- */
+  double overlap = NAN, t_comp = NAN, t_comm = NAN;
+  if (o.overlap) {
+    double *tm = calloc((size_t)o.iters, sizeof *tm);
+    for (int mode = DA_PLAN_COMPUTE_ONLY; mode <= DA_PLAN_COMM_ONLY && st == DA_SUCCESS; mode++) {
+      da_plan_set_mode(plan, (da_plan_mode_t)mode);
+      for (int64_t it = 0; it < o.iters + (o.warmup > 0) && st == DA_SUCCESS; it++) {
+        MPI_Barrier(MPI_COMM_WORLD);
+        double t0 = MPI_Wtime();
+        st = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, NULL);
+        if (st == DA_SUCCESS && o.backward) st = da_plan_bwd(plan, &tq, &tk, &tv, &to, &tdo, &tl, &tdq, &tdk, &tdv, NULL);
+        double t = MPI_Wtime() - t0;
+        MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+        if (it >= (o.warmup > 0)) tm[it - (o.warmup > 0)] = t;
+      }
+      if (mode == DA_PLAN_COMPUTE_ONLY) t_comp = median(tm, o.iters);
+      else t_comm = median(tm, o.iters);
+    }
+    da_plan_set_mode(plan, DA_PLAN_RUN);
+    free(tm);
+    if (st != DA_SUCCESS) {
+      rc = report_failure("overlap measurement", st, ctx);
+      goto free_times;
+    }
+    double mn = fmin(t_comp, t_comm);
+    overlap = mn > 0 ? (t_comp + t_comm - t_total) / mn : 1.0;
+    overlap = overlap < 0 ? 0 : overlap > 1 ? 1 : overlap;
+  }
+
+  /* ---- report ---- */
+  int wrong_any = vsum[1] > 0;
+  if (g_rank == 0) {
+    static const char *const names[] = {"algo", "ranks", "seq", "batch", "heads", "kv", "dim", "mask", "dtype",
+                                        "fwd_ms", "bwd_ms", "gflops", "comm_MB", "exposed_ms", "overlap", "imbal",
+                                        "rows", "max_rel", "wrong"};
+    static const int widths[] = {7, 5, 9, 5, 5, 3, 4, 12, 5, 10, 10, 8, 9, 10, 7, 6, 6, 9, 6};
+    da_table_t t;
+    da_table_init(&t, stdout, 19, names, widths);
+    da_table_print_header(&t);
+    da_table_str(&t, algo_names[o.algo]);
+    da_table_int(&t, g_size), da_table_int(&t, o.seq), da_table_int(&t, B), da_table_int(&t, H);
+    da_table_int(&t, G), da_table_int(&t, D), da_table_str(&t, maskdesc), da_table_str(&t, dtype_names[o.dtype]);
+    da_table_dbl(&t, fwd_s * 1e3, 2, 0), da_table_dbl(&t, bwd_s * 1e3, 2, 0), da_table_dbl(&t, gflops, 2, 0);
+    da_table_dbl(&t, sums[0] / 1048576.0, 2, 0), da_table_dbl(&t, maxs[0] * 1e3, 2, 0);
+    da_table_dbl(&t, overlap, 2, 0), da_table_dbl(&t, imbalance, 2, 0);
+    da_table_int(&t, vsum[0]), da_table_dbl(&t, o.verify ? vmax[1] : NAN, 2, 1), da_table_int(&t, vsum[1]);
+    da_table_end_row(&t);
+    if (o.overlap)
+      da_report_line(stdout, "overlap: compute-only %.2f ms, transfers-only %.2f ms, both %.2f ms", t_comp * 1e3,
+                     t_comm * 1e3, t_total * 1e3);
+    if (o.json) {
+      da_json_t j;
+      da_json_begin(&j);
+      da_json_str(&j, "cmd", "run");
+      da_json_str(&j, "algo", algo_names[o.algo]);
+      da_json_int(&j, "ranks", g_size);
+      da_json_int(&j, "seq", o.seq);
+      da_json_int(&j, "batch", B);
+      da_json_int(&j, "heads", H);
+      da_json_int(&j, "kv_heads", G);
+      da_json_int(&j, "dim", D);
+      da_json_str(&j, "mask", maskdesc);
+      da_json_str(&j, "dtype", dtype_names[o.dtype]);
+      da_json_str(&j, "device", device_names[o.device]);
+      da_json_int(&j, "threads", threads);
+      da_json_int(&j, "block", o.block);
+      da_json_int(&j, "iters", o.iters);
+      da_json_dbl(&j, "fwd_s", fwd_s);
+      if (o.backward) da_json_dbl(&j, "bwd_s", bwd_s);
+      else da_json_null(&j, "bwd_s");
+      da_json_dbl(&j, "gflops", gflops);
+      da_json_int(&j, "pairs", ps.pairs_total);
+      da_json_int(&j, "verify_rows", vsum[0]);
+      da_json_dbl(&j, "max_abs_err", o.verify ? vmax[0] : NAN);
+      da_json_dbl(&j, "max_rel_err", o.verify ? vmax[1] : NAN);
+      da_json_int(&j, "wrong", vsum[1]);
+      da_json_dbl(&j, "comm_bytes", sums[0]);
+      da_json_dbl(&j, "comm_exposed_s", maxs[0]);
+      da_json_dbl(&j, "overlap", overlap);
+      da_json_dbl(&j, "t_compute_only_s", t_comp);
+      da_json_dbl(&j, "t_comm_only_s", t_comm);
+      da_json_dbl(&j, "imbalance", imbalance);
+      da_json_int(&j, "peak_rss_bytes", (int64_t)maxs[2]); /* max over ranks */
+      da_json_str(&j, "hosts", hosts);
+      da_json_str(&j, "git", da_git_version());
+      const char *job = getenv("SLURM_JOB_ID");
+      if (job && *job) da_json_str(&j, "SLURM_JOB_ID", job);
+      da_json_str(&j, "cpu", da_report_cpu_model());
+      if (da_json_append(&j, o.json)) rc = 1;
+      da_json_free(&j);
+    }
+    if (da_report_footer(stdout, vsum[1], rc == 0)) rc = rc ? rc : 1;
+    fflush(stdout);
+  }
+  if (wrong_any && !rc) rc = 1;
+  rc = max_int(rc);
+free_times:
+  free(tf), free(tb), free(tt);
+free_bufs:
+  free(pos), free(q), free(k), free(v), free(outb), free(dout), free(dq), free(dk), free(dv), free(lse);
+out:
+  da_plan_free(plan);
+  da_comm_free(comm);
+  da_context_free(ctx);
+  da_mask_spec_free(&o.mask);
+  MPI_Finalize();
+  return rc;
+}

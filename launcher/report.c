@@ -1,0 +1,294 @@
+/* report.c: headers, fixed-width tables, footers (stdout) and JSON Lines records (--json FILE)
+ * for every `distattn` subcommand. Results only; diagnostics go to stderr or the logger. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <sched.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "core.h"
+#include "report.h"
+
+/* ---- machine facts ---- */
+
+const char *da_report_hostname(void) {
+  static char host[256];
+  if (!host[0]) {
+    if (gethostname(host, sizeof host - 1)) snprintf(host, sizeof host, "unknown");
+    host[sizeof host - 1] = '\0';
+  }
+  return host;
+}
+
+const char *da_report_cpu_model(void) {
+  static char model[256];
+  if (model[0]) return model;
+  snprintf(model, sizeof model, "unknown");
+  FILE *f = fopen("/proc/cpuinfo", "r");
+  if (!f) return model;
+  char line[512];
+  while (fgets(line, sizeof line, f))
+    if (!strncmp(line, "model name", 10)) {
+      char *c = strchr(line, ':');
+      if (c) {
+        c++;
+        while (*c == ' ' || *c == '\t') c++;
+        size_t n = strcspn(c, "\n");
+        snprintf(model, sizeof model, "%.*s", (int)n, c);
+      }
+      break;
+    }
+  fclose(f);
+  return model;
+}
+
+int da_report_online_cores(void) {
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+}
+
+/* ---- header ---- */
+
+void da_report_line(FILE *f, const char *fmt, ...) {
+  va_list ap;
+  fputs("# ", f);
+  va_start(ap, fmt);
+  vfprintf(f, fmt, ap);
+  va_end(ap);
+  fputc('\n', f);
+}
+
+void da_report_header(FILE *f, const da_cmdspec_t *cmd, int threads) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  int allowed = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : da_report_online_cores();
+  da_report_line(f, "distattn %s %s", cmd->name, da_version_string());
+  da_report_line(f, "host: %s  pid: %d  threads: %d  cores: %d online, %d allowed", da_report_hostname(),
+                 (int)getpid(), threads, da_report_online_cores(), allowed);
+  da_report_line(f, "cpu: %s", da_report_cpu_model());
+  /* Every option with its value in effect, so a table read alone says how it was produced. */
+  char line[2048];
+  size_t off = 0;
+  line[0] = '\0';
+  for (const da_opt_t *o = cmd->opts; o->name; o++) {
+    char v[256];
+    if (o->type == DA_OPT_FLAG && !*(const int *)o->dest) continue;
+    if (o->type == DA_OPT_STRING && !*(const char *const *)o->dest) continue;
+    const char *val = o->type == DA_OPT_FLAG ? "" : da_args_format(o, v, sizeof v);
+    char item[320];
+    int w = snprintf(item, sizeof item, "--%s%s%s", o->name, *val ? " " : "", val);
+    if (w < 0) continue;
+    if (off && off + (size_t)w + 1 > 96) { /* wrap long settings over several lines */
+      da_report_line(f, "settings: %s", line);
+      off = 0;
+      line[0] = '\0';
+    }
+    off += (size_t)snprintf(line + off, sizeof line - off, "%s%s", off ? " " : "", item);
+    if (off >= sizeof line) off = sizeof line - 1;
+  }
+  if (off) da_report_line(f, "settings: %s", line);
+}
+
+/* ---- table ---- */
+
+void da_table_init(da_table_t *t, FILE *f, int ncols, const char *const *names, const int *widths) {
+  memset(t, 0, sizeof *t);
+  t->f = f;
+  t->ncols = ncols > DA_TABLE_MAX_COLS ? DA_TABLE_MAX_COLS : ncols;
+  for (int i = 0; i < t->ncols; i++) {
+    int len = (int)strlen(names[i]);
+    t->names[i] = names[i];
+    t->widths[i] = widths[i] > len ? widths[i] : len;
+  }
+}
+
+void da_table_print_header(da_table_t *t) {
+  fputc('#', t->f);
+  for (int i = 0; i < t->ncols; i++) fprintf(t->f, " %*s", t->widths[i], t->names[i]);
+  fputc('\n', t->f);
+}
+
+/* Rows start with one extra space where the header has '#', so every column lines up. */
+void da_table_str(da_table_t *t, const char *s) {
+  int w = t->col < t->ncols ? t->widths[t->col] : 10;
+  fprintf(t->f, t->col == 0 ? "  %*s" : " %*s", w, s);
+  t->col++;
+}
+
+void da_table_int(da_table_t *t, int64_t v) {
+  char b[32];
+  snprintf(b, sizeof b, "%lld", (long long)v);
+  da_table_str(t, b);
+}
+
+void da_table_dbl(da_table_t *t, double v, int prec, int sci) {
+  char b[48];
+  if (!isfinite(v)) snprintf(b, sizeof b, "-");
+  else if (sci) snprintf(b, sizeof b, "%.*e", prec, v);
+  else snprintf(b, sizeof b, "%.*f", prec, v);
+  da_table_str(t, b);
+}
+
+void da_table_end_row(da_table_t *t) {
+  fputc('\n', t->f);
+  fflush(t->f);
+  t->col = 0;
+}
+
+int da_report_footer(FILE *f, int64_t wrong, int ok) {
+  da_report_line(f, "wrong: %lld", (long long)wrong);
+  int pass = ok && wrong == 0;
+  da_report_line(f, "%s", pass ? "PASS" : "FAIL");
+  fflush(f);
+  return pass ? 0 : 1;
+}
+
+/* ---- JSON ---- */
+
+static void jreserve(da_json_t *j, size_t more) {
+  if (j->oom) return;
+  if (j->len + more + 1 <= j->cap) return;
+  size_t cap = j->cap ? j->cap : 512;
+  while (cap < j->len + more + 1) cap *= 2;
+  char *b = realloc(j->buf, cap);
+  if (!b) {
+    j->oom = 1;
+    return;
+  }
+  j->buf = b;
+  j->cap = cap;
+}
+
+static void jraw(da_json_t *j, const char *s, size_t n) {
+  jreserve(j, n);
+  if (j->oom) return;
+  memcpy(j->buf + j->len, s, n);
+  j->len += n;
+  j->buf[j->len] = '\0';
+}
+
+static void jstring(da_json_t *j, const char *s) {
+  jraw(j, "\"", 1);
+  for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+    char esc[8];
+    switch (*p) {
+      case '"': jraw(j, "\\\"", 2); break;
+      case '\\': jraw(j, "\\\\", 2); break;
+      case '\n': jraw(j, "\\n", 2); break;
+      case '\r': jraw(j, "\\r", 2); break;
+      case '\t': jraw(j, "\\t", 2); break;
+      case '\b': jraw(j, "\\b", 2); break;
+      case '\f': jraw(j, "\\f", 2); break;
+      default:
+        if (*p < 0x20 || *p == 0x7f) {
+          snprintf(esc, sizeof esc, "\\u%04x", *p);
+          jraw(j, esc, 6);
+        } else {
+          jraw(j, (const char *)p, 1); /* UTF-8 bytes pass through unchanged */
+        }
+    }
+  }
+  jraw(j, "\"", 1);
+}
+
+static void jkey(da_json_t *j, const char *key) {
+  if (j->nfields++) jraw(j, ",", 1);
+  jstring(j, key);
+  jraw(j, ":", 1);
+}
+
+void da_json_begin(da_json_t *j) {
+  memset(j, 0, sizeof *j);
+  jraw(j, "{", 1);
+}
+
+void da_json_str(da_json_t *j, const char *key, const char *val) {
+  jkey(j, key);
+  if (val) jstring(j, val);
+  else jraw(j, "null", 4);
+}
+
+void da_json_int(da_json_t *j, const char *key, int64_t val) {
+  char b[32];
+  int n = snprintf(b, sizeof b, "%lld", (long long)val);
+  jkey(j, key);
+  jraw(j, b, (size_t)n);
+}
+
+void da_json_dbl(da_json_t *j, const char *key, double val) {
+  jkey(j, key);
+  if (!isfinite(val)) {
+    jraw(j, "null", 4);
+    return;
+  }
+  char b[40];
+  int n = snprintf(b, sizeof b, "%.10g", val); /* 10 digits: exact enough, still readable */
+  jraw(j, b, (size_t)n);
+}
+
+void da_json_bool(da_json_t *j, const char *key, int val) {
+  jkey(j, key);
+  jraw(j, val ? "true" : "false", val ? 4 : 5);
+}
+
+void da_json_null(da_json_t *j, const char *key) {
+  jkey(j, key);
+  jraw(j, "null", 4);
+}
+
+void da_json_common(da_json_t *j, const char *hosts) {
+  da_json_str(j, "git", da_git_version());
+  da_json_str(j, "hosts", hosts ? hosts : da_report_hostname());
+  const char *job = getenv("SLURM_JOB_ID");
+  if (job && *job) da_json_str(j, "SLURM_JOB_ID", job);
+  da_json_str(j, "cpu", da_report_cpu_model());
+  da_json_int(j, "peak_rss_bytes", (int64_t)da_peak_rss_bytes());
+}
+
+int da_json_append(da_json_t *j, const char *path) {
+  jraw(j, "}\n", 2);
+  if (j->oom) {
+    fprintf(stderr, "distattn: out of memory building the JSON record for %s\n", path);
+    return -1;
+  }
+  int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    fprintf(stderr, "distattn: cannot open --json %s: %s\n", path, strerror(errno));
+    return -1;
+  }
+  /* One write() on O_APPEND: the kernel places the whole buffer at the end atomically with
+   * respect to other appenders on local file systems. A short write (disk full) is reported;
+   * the partial line is then the last thing in the file and readers skip unparsable lines. */
+  ssize_t w;
+  do w = write(fd, j->buf, j->len);
+  while (w < 0 && errno == EINTR);
+  int rc = 0;
+  if (w < 0 || (size_t)w != j->len) {
+    fprintf(stderr, "distattn: writing --json %s: %s\n", path,
+            w < 0 ? strerror(errno) : "short write (disk full?)");
+    rc = -1;
+  }
+  if (close(fd) && !rc) {
+    fprintf(stderr, "distattn: closing --json %s: %s\n", path, strerror(errno));
+    rc = -1;
+  }
+  return rc;
+}
+
+int da_json_check_path(const char *path) {
+  int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) {
+    fprintf(stderr, "distattn: cannot open --json %s for appending: %s\n", path, strerror(errno));
+    return -1;
+  }
+  close(fd);
+  return 0;
+}
+
+void da_json_free(da_json_t *j) {
+  free(j->buf);
+  memset(j, 0, sizeof *j);
+}

@@ -1,0 +1,165 @@
+/* verify.c: float64 recomputation of sampled rows of a distributed run (see verify.h). Plain loops
+ * that read like the math; speed comes only from streaming keys in chunks and skipping the keys
+ * (or queries) a row's mask interval excludes. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "dtype.h"
+#include "ref.h"
+#include "rng.h"
+#include "verify.h"
+
+#define CHUNK 256 /* keys (or queries) regenerated at a time */
+
+uint64_t da_verify_seed(uint64_t seed, int64_t b) { return seed + 0x9E3779B97F4A7C15ull * (uint64_t)b; }
+
+/* Row (pos) of a tensor as rounded doubles [heads][D]. */
+static void gen_row64(const da_vprob_t *vp, uint32_t tensor, int64_t b, int64_t pos, int heads, double *dst, float *tmp) {
+  const int D = vp->kp.D;
+  for (int h = 0; h < heads; h++) {
+    da_rng_row(da_verify_seed(vp->seed, b), tensor, pos, h, D, tmp);
+    for (int d = 0; d < D; d++) dst[h * D + d] = da_round_to((int)vp->kp.dtype, tmp[d]);
+  }
+}
+
+void da_verify_gen(const da_vprob_t *vp, uint32_t tensor, int64_t b, const int64_t *pos, int64_t n, int heads,
+                   void *buf, int64_t ld) {
+  const int D = vp->kp.D;
+  float *tmp = malloc((size_t)D * sizeof(float));
+  if (!tmp) return;
+  for (int64_t i = 0; i < n; i++)
+    for (int h = 0; h < heads; h++) {
+      da_rng_row(da_verify_seed(vp->seed, b), tensor, pos[i], h, D, tmp);
+      for (int d = 0; d < D; d++) da_store_f32(buf, (int)vp->kp.dtype, i * ld + (int64_t)h * D + d, tmp[d]);
+    }
+  free(tmp);
+}
+
+static double dot(const double *a, const double *b, int D) {
+  double s = 0;
+  for (int d = 0; d < D; d++) s += a[d] * b[d];
+  return s;
+}
+
+int da_verify_fwd_row(const da_vprob_t *vp, int64_t b, int64_t qpos, double *out, double *lse) {
+  const int H = vp->kp.H, G = vp->kp.G, D = vp->kp.D;
+  int64_t lo, hi;
+  da_mask_row_range(&vp->kp.mask, qpos, 0, vp->S - 1, &lo, &hi);
+  double *q = malloc((size_t)H * D * 8), *k = malloc((size_t)CHUNK * G * D * 8), *v = malloc((size_t)CHUNK * G * D * 8);
+  float *tmp = malloc((size_t)D * 4);
+  da_ref_state_t st = {0};
+  int rc = -1;
+  if (!q || !k || !v || !tmp || da_ref_state_alloc(&vp->kp, 1, &st) != DA_SUCCESS) goto out;
+  gen_row64(vp, DA_RNG_Q, b, qpos, H, q, tmp);
+  for (int64_t k0 = lo; k0 <= hi; k0 += CHUNK) {
+    int64_t n = hi - k0 + 1 < CHUNK ? hi - k0 + 1 : CHUNK;
+    for (int64_t j = 0; j < n; j++) {
+      gen_row64(vp, DA_RNG_K, b, k0 + j, G, k + j * G * D, tmp);
+      gen_row64(vp, DA_RNG_V, b, k0 + j, G, v + j * G * D, tmp);
+    }
+    da_ref_fwd_accum(&vp->kp, q, da_span(qpos, 1, 1), k, v, da_span(k0, 1, n), &st);
+  }
+  da_ref_fwd_finish(&vp->kp, &st, out, lse);
+  rc = 0;
+out:
+  da_ref_state_free(&st);
+  free(q), free(k), free(v), free(tmp);
+  return rc;
+}
+
+int da_verify_dq_row(const da_vprob_t *vp, int64_t b, int64_t qpos, const double *out, const double *lse,
+                     double *dq) {
+  const int H = vp->kp.H, G = vp->kp.G, D = vp->kp.D, rep = H / G;
+  const double scale = vp->kp.scale;
+  int64_t lo, hi;
+  da_mask_row_range(&vp->kp.mask, qpos, 0, vp->S - 1, &lo, &hi);
+  double *q = malloc((size_t)H * D * 8), *dout = malloc((size_t)H * D * 8), *delta = malloc((size_t)H * 8);
+  double *k = malloc((size_t)G * D * 8), *v = malloc((size_t)G * D * 8);
+  float *tmp = malloc((size_t)D * 4);
+  if (!q || !dout || !delta || !k || !v || !tmp) {
+    free(q), free(dout), free(delta), free(k), free(v), free(tmp);
+    return -1;
+  }
+  gen_row64(vp, DA_RNG_Q, b, qpos, H, q, tmp);
+  gen_row64(vp, DA_RNG_DOUT, b, qpos, H, dout, tmp);
+  for (int h = 0; h < H; h++) delta[h] = dot(dout + h * D, out + h * D, D);
+  memset(dq, 0, (size_t)H * D * 8);
+  for (int64_t kp = lo; kp <= hi; kp++) {
+    if (!da_mask_allows(&vp->kp.mask, qpos, kp)) continue;
+    gen_row64(vp, DA_RNG_K, b, kp, G, k, tmp);
+    gen_row64(vp, DA_RNG_V, b, kp, G, v, tmp);
+    for (int h = 0; h < H; h++) {
+      if (lse[h] == -INFINITY) continue;
+      const double *kg = k + (h / rep) * D, *vg = v + (h / rep) * D;
+      double p = exp(scale * dot(q + h * D, kg, D) - lse[h]);
+      double ds = p * (dot(dout + h * D, vg, D) - delta[h]);
+      for (int d = 0; d < D; d++) dq[h * D + d] += scale * ds * kg[d];
+    }
+  }
+  free(q), free(dout), free(delta), free(k), free(v), free(tmp);
+  return 0;
+}
+
+/* Queries that can see key kpos form an interval as well (the masks are intervals per row). */
+static void col_range(const da_mask_t *m, int64_t kpos, int64_t S, int64_t *lo, int64_t *hi) {
+  int64_t a = 0, z = S - 1;
+  if (m->flags & (DA_MASK_CAUSAL | DA_MASK_WINDOW)) a = kpos;
+  if ((m->flags & DA_MASK_WINDOW) && z > kpos + m->window - 1) z = kpos + m->window - 1;
+  if (m->flags & DA_MASK_DOC) {
+    int64_t d = da_mask_doc_of(m, kpos);
+    if (d < m->ndocs) {
+      if (a < m->cu_seqlens[d]) a = m->cu_seqlens[d];
+      if (z > m->cu_seqlens[d + 1] - 1) z = m->cu_seqlens[d + 1] - 1;
+    }
+  }
+  *lo = a, *hi = z;
+}
+
+int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float *lse_all, const float *delta_all,
+                      double *dk, double *dv) {
+  const int H = vp->kp.H, G = vp->kp.G, D = vp->kp.D, rep = H / G;
+  const double scale = vp->kp.scale;
+  int64_t lo, hi;
+  col_range(&vp->kp.mask, kpos, vp->S, &lo, &hi);
+  double *q = malloc((size_t)H * D * 8), *dout = malloc((size_t)H * D * 8);
+  double *k = malloc((size_t)G * D * 8), *v = malloc((size_t)G * D * 8);
+  float *tmp = malloc((size_t)D * 4);
+  if (!q || !dout || !k || !v || !tmp) {
+    free(q), free(dout), free(k), free(v), free(tmp);
+    return -1;
+  }
+  gen_row64(vp, DA_RNG_K, b, kpos, G, k, tmp);
+  gen_row64(vp, DA_RNG_V, b, kpos, G, v, tmp);
+  memset(dk, 0, (size_t)G * D * 8);
+  memset(dv, 0, (size_t)G * D * 8);
+  for (int64_t qp = lo; qp <= hi; qp++) {
+    if (!da_mask_allows(&vp->kp.mask, qp, kpos)) continue;
+    gen_row64(vp, DA_RNG_Q, b, qp, H, q, tmp);
+    gen_row64(vp, DA_RNG_DOUT, b, qp, H, dout, tmp);
+    for (int h = 0; h < H; h++) {
+      double L = lse_all[qp * H + h];
+      if (L == -INFINITY) continue;
+      const int g = h / rep;
+      const double *kg = k + g * D, *vg = v + g * D, *qh = q + h * D, *doh = dout + h * D;
+      double p = exp(scale * dot(qh, kg, D) - L);
+      double ds = p * (dot(doh, vg, D) - delta_all[qp * H + h]);
+      for (int d = 0; d < D; d++) {
+        dk[g * D + d] += scale * ds * qh[d];
+        dv[g * D + d] += p * doh[d];
+      }
+    }
+  }
+  free(q), free(dout), free(k), free(v), free(tmp);
+  return 0;
+}
+
+double da_verify_rel(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err) {
+  double e = 0, m = 0;
+  for (int64_t j = 0; j < len; j++) {
+    double a = da_load_f32(x, (int)dt, off + j), d = fabs(a - ref[j]);
+    if (!(d <= e)) e = isnan(d) ? INFINITY : d;
+    if (fabs(ref[j]) > m) m = fabs(ref[j]);
+  }
+  *abs_err = e;
+  return e / (m > 1e-6 ? m : 1e-6);
+}

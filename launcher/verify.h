@@ -1,0 +1,41 @@
+/* verify.h: float64 verification of sampled rows of a distributed run, on the rank that owns
+ * them: inputs are regenerated from the counter RNG (any rank can make any row), keys are
+ * streamed in chunks, and no q/k/v/out rows are gathered. Used by `distattn run`. */
+#ifndef DA_VERIFY_H
+#define DA_VERIFY_H
+
+#include <stdint.h>
+#include "kernels.h"
+
+typedef struct da_vprob {
+  int64_t B, S;
+  da_kparams_t kp; /* H, G, D, scale, dtype, mask */
+  uint64_t seed;
+} da_vprob_t;
+
+/* The RNG seed of batch element b (each element gets its own stream). */
+uint64_t da_verify_seed(uint64_t seed, int64_t b);
+
+/* Rows at global positions pos[0..n) of tensor (DA_RNG_Q/K/V/DOUT) of batch element b, rounded to
+ * the dtype, into buf [n][heads][D] (dtype, row stride ld elements). */
+void da_verify_gen(const da_vprob_t *vp, uint32_t tensor, int64_t b, const int64_t *pos, int64_t n, int heads,
+                   void *buf, int64_t ld);
+
+/* Query row (b, qpos) from scratch in float64: out [H][D], lse [H]. 0 on success, -1 on OOM. */
+int da_verify_fwd_row(const da_vprob_t *vp, int64_t b, int64_t qpos, double *out, double *lse);
+
+/* dq row [H][D] of query (b, qpos) in float64, given its float64 out and lse from fwd_row. */
+int da_verify_dq_row(const da_vprob_t *vp, int64_t b, int64_t qpos, const double *out, const double *lse,
+                     double *dq);
+
+/* dk, dv rows [G][D] of key (b, kpos) in float64 over every query that sees it. The per-query
+ * softmax statistics lse and delta = rowsum(dout * out) ([S][H] of batch b) come from the run:
+ * recomputing them exactly would cost a full float64 forward of every query. */
+int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float *lse_all, const float *delta_all,
+                      double *dk, double *dv);
+
+/* Error of len values of x (dtype dt, from offset off) against ref: returns max|x - ref| /
+ * max(max|ref|, 1e-6) (NaN -> +inf); *abs_err = max|x - ref|. */
+double da_verify_rel(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err);
+
+#endif /* DA_VERIFY_H */

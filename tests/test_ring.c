@@ -1,0 +1,468 @@
+/* test_ring.c: the distributed ring driver (ring, striped, zigzag; forward and backward) against
+ * the float64 reference, run under mpirun for P in {1,2,3,4,5,8}. Every rank generates its own
+ * rows from the counter RNG and checks its own outputs; the reference for a rank's rows is
+ * computed on that rank (dK/dV partials summed with MPI). Also: disagreeing ranks, bad arguments.
+ * Check in CK_NOFORK mode: every assertion below is on values reduced across ranks, so all ranks
+ * pass or fail it together and none is left waiting in a collective. */
+#include <mpi.h>
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "distattn.h"
+#include "core.h"
+#include "dtype.h"
+#include "ref.h"
+#include "rng.h"
+
+static int g_rank, g_size;
+static da_context_t *g_ctx;
+static da_comm_t *g_comm;
+
+typedef struct {
+  da_algo_t algo;
+  unsigned mask;
+  int64_t window;
+  int ndocs;
+  int64_t S;
+  int B, H, G, D;
+  da_dtype_t dt;
+  int bwd;
+  int64_t block;
+  int strided_q; /* q passed with a padded head stride (exercises the packing path) */
+} tcase_t;
+
+static const char *algo_name(da_algo_t a) { return a == DA_ALGO_RING ? "ring" : a == DA_ALGO_STRIPED ? "striped" : "zigzag"; }
+
+static void describe(const tcase_t *c, char *buf, size_t n) {
+  snprintf(buf, n, "%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s dtype=%s block=%lld%s%s", algo_name(c->algo),
+           (long long)c->S, c->B, c->H, c->G, c->D, c->mask & DA_MASK_CAUSAL ? "causal" : "",
+           c->mask & DA_MASK_WINDOW ? "window" : "", c->mask & DA_MASK_DOC ? "doc" : (c->mask ? "" : "none"),
+           da_dtype_name(c->dt), (long long)c->block, c->bwd ? " +bwd" : "", c->strided_q ? " strided-q" : "");
+}
+
+/* Documents of uneven lengths covering [0, S): a long one, a very short one, the rest split. */
+static int make_docs(int64_t S, int want, int64_t *cu) {
+  int n = 0;
+  cu[0] = 0;
+  int64_t cuts[3] = {S / 3, S / 3 + (S > 40 ? 5 : 1), (3 * S) / 4};
+  for (int i = 0; i < 3 && n < want - 1; i++)
+    if (cuts[i] > cu[n] && cuts[i] < S) cu[++n] = cuts[i];
+  cu[++n] = S;
+  return n;
+}
+
+static uint64_t bseed(uint64_t seed, int b) { return seed + 7919u * (uint64_t)b; }
+
+/* Rows at global positions pos[0..n) of tensor `tensor`: stored in dt into buf ([B][n][heads][hs]
+ * with head stride hs >= D) and, rounded identically, as double into ref ([B][n][heads][D]). */
+static void gen(uint64_t seed, uint32_t tensor, const int64_t *pos, int64_t n, int B, int heads, int D, int hs,
+                da_dtype_t dt, void *buf, double *ref) {
+  float row[512];
+  for (int b = 0; b < B; b++)
+    for (int64_t i = 0; i < n; i++)
+      for (int h = 0; h < heads; h++) {
+        da_rng_row(bseed(seed, b), tensor, pos[i], h, D, row);
+        for (int d = 0; d < D; d++) {
+          float x = da_round_to((int)dt, row[d]);
+          if (buf) da_store_f32(buf, (int)dt, ((b * n + i) * heads + h) * (int64_t)hs + d, x);
+          if (ref) ref[((b * n + i) * heads + h) * (int64_t)D + d] = x;
+        }
+      }
+}
+
+/* Split increasing positions into maximal arithmetic runs (the reference takes spans). */
+static int to_spans(const int64_t *pos, int64_t n, da_span_t *sp, int64_t *first, int max) {
+  int ns = 0;
+  for (int64_t i = 0; i < n;) {
+    int64_t j = i + 1, stride = 1;
+    if (j < n) {
+      stride = pos[j] - pos[i];
+      while (j < n && pos[j] - pos[j - 1] == stride) j++;
+    }
+    if (ns == max) return -1;
+    sp[ns] = da_span(pos[i], stride > 0 ? stride : 1, j - i);
+    first[ns++] = i;
+    i = j;
+  }
+  return ns;
+}
+
+/* max_d |x - ref| / max(max_d |ref|, 1e-6) over one row (decisions.md: per-row scale). */
+static double row_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len) {
+  double e = 0, m = 0;
+  for (int64_t j = 0; j < len; j++) {
+    double a = da_load_f32(x, (int)dt, off + j), d = fabs(a - ref[j]);
+    if (!(d <= e)) e = d; /* NaN propagates as a failure */
+    if (fabs(ref[j]) > m) m = fabs(ref[j]);
+  }
+  return e / (m > 1e-6 ? m : 1e-6);
+}
+
+/* Run one case on every rank; returns the max error over ranks (reduced), or +inf if any rank
+ * failed to run it (then *why holds this rank's message). Collective. */
+static double run_case(const tcase_t *c, int verbose) {
+  char name[200];
+  describe(c, name, sizeof name);
+  const int B = c->B, H = c->H, G = c->G, D = c->D;
+  const int64_t S = c->S;
+  const da_dtype_t dt = c->dt;
+  const size_t es = da_dtype_size(dt);
+  const uint64_t seed = 1000 + (uint64_t)S * 31 + (uint64_t)c->mask * 7 + (uint64_t)c->algo;
+  int64_t cu[8];
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.batch = B, prob.seq = S, prob.heads = H, prob.kv_heads = G, prob.dim = D, prob.dtype = dt;
+  prob.mask = c->mask, prob.window = c->window;
+  if (c->mask & DA_MASK_DOC) prob.ndocs = make_docs(S, c->ndocs, cu), prob.cu_seqlens = cu;
+  da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
+  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60;
+  da_plan_t *plan = NULL;
+  da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  if (st != DA_SUCCESS) {
+    if (g_rank == 0) fprintf(stderr, "FAIL %s: plan: %s: %s\n", name, da_status_string(st), da_last_error(g_ctx));
+    return INFINITY; /* agreed: every rank got a failure */
+  }
+  const int64_t n = da_plan_local_rows(plan);
+  int64_t *pos = malloc((size_t)(n + 1) * sizeof *pos), *allpos = malloc((size_t)S * sizeof *allpos);
+  da_plan_local_positions(plan, pos, n);
+  for (int64_t i = 0; i < S; i++) allpos[i] = i;
+  const int qhs = c->strided_q ? D + 8 : D;
+  size_t nq = (size_t)(B * n * H), nk = (size_t)(B * n * G);
+  char *q = calloc(nq * (size_t)qhs + 1, es), *k = malloc(nk * D * es + 1), *v = malloc(nk * D * es + 1);
+  char *out = malloc(nq * D * es + 1), *dout = malloc(nq * D * es + 1), *dq = malloc(nq * D * es + 1);
+  char *dk = malloc(nk * D * es + 1), *dv = malloc(nk * D * es + 1);
+  float *lse = malloc(nq * sizeof(float) + 4);
+  double *rq = malloc(nq * D * 8 + 8), *rdo = malloc(nq * D * 8 + 8);
+  double *rk = malloc((size_t)B * S * G * D * 8), *rv = malloc((size_t)B * S * G * D * 8);
+  gen(seed, DA_RNG_Q, pos, n, B, H, D, qhs, dt, q, rq);
+  gen(seed, DA_RNG_K, pos, n, B, G, D, D, dt, k, NULL);
+  gen(seed, DA_RNG_V, pos, n, B, G, D, D, dt, v, NULL);
+  gen(seed, DA_RNG_DOUT, pos, n, B, H, D, D, dt, dout, rdo);
+  /* Keys and values of the whole sequence, for the reference only (the driver never sees them). */
+  gen(seed, DA_RNG_K, allpos, S, B, G, D, D, dt, NULL, rk);
+  gen(seed, DA_RNG_V, allpos, S, B, G, D, D, dt, NULL, rv);
+
+  da_tensor_t tq, tk, tv, to, tl, tdo, tdq, tdk, tdv;
+  const int64_t shq[4] = {B, n, H, D}, shk[4] = {B, n, G, D}, shl[3] = {B, n, H};
+  da_tensor_make(&tq, q, dt, 4, shq);
+  if (c->strided_q) tq.strides[2] = qhs, tq.strides[1] = (int64_t)H * qhs, tq.strides[0] = n * H * qhs;
+  da_tensor_make(&tk, k, dt, 4, shk), da_tensor_make(&tv, v, dt, 4, shk);
+  da_tensor_make(&to, out, dt, 4, shq), da_tensor_make(&tl, lse, DA_FLOAT32, 3, shl);
+  da_tensor_make(&tdo, dout, dt, 4, shq), da_tensor_make(&tdq, dq, dt, 4, shq);
+  da_tensor_make(&tdk, dk, dt, 4, shk), da_tensor_make(&tdv, dv, dt, 4, shk);
+
+  double err = 0;
+  int failed = 0;
+  st = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, NULL);
+  if (st == DA_SUCCESS && c->bwd) st = da_plan_bwd(plan, &tq, &tk, &tv, &to, &tdo, &tl, &tdq, &tdk, &tdv, NULL);
+  if (st != DA_SUCCESS) {
+    failed = 1;
+    fprintf(stderr, "FAIL %s: rank %d: %s: %s\n", name, g_rank, da_status_string(st), da_last_error(g_ctx));
+  }
+
+  da_kparams_t kp = {.H = H, .G = G, .D = D, .scale = (float)(1.0 / sqrt((double)D)), .dtype = dt};
+  kp.mask.flags = prob.mask, kp.mask.window = prob.window, kp.mask.ndocs = prob.ndocs, kp.mask.cu_seqlens = prob.cu_seqlens;
+  da_span_t sp[64];
+  int64_t first[64];
+  int ns = to_spans(pos, n, sp, first, 64);
+  double *ro = malloc(nq * D * 8 + 8), *rl = malloc(nq * 8 + 8), *rdq = malloc(nq * D * 8 + 8);
+  double *pdk = calloc((size_t)B * S * G * D, 8), *pdv = calloc((size_t)B * S * G * D, 8);
+  double *tdk_ = malloc((size_t)S * G * D * 8), *tdv_ = malloc((size_t)S * G * D * 8);
+  ck_assert(ns >= 0);
+  for (int b = 0; b < B && !failed; b++)
+    for (int s = 0; s < ns; s++) {
+      const size_t qo = (size_t)(b * n + first[s]) * H;
+      const double *kb = rk + (size_t)b * S * G * D, *vb = rv + (size_t)b * S * G * D;
+      da_ref_fwd(&kp, rq + qo * D, sp[s], kb, vb, da_span(0, 1, S), ro + qo * D, rl + qo);
+      if (c->bwd) {
+        da_ref_bwd(&kp, rq + qo * D, sp[s], kb, vb, da_span(0, 1, S), rdo + qo * D, rdq + qo * D, tdk_, tdv_);
+        for (size_t j = 0; j < (size_t)S * G * D; j++)
+          pdk[(size_t)b * S * G * D + j] += tdk_[j], pdv[(size_t)b * S * G * D + j] += tdv_[j];
+      }
+    }
+  if (c->bwd) {
+    /* dK/dV of a key sum over every rank's queries: add the partials up (reference side only). */
+    MPI_Allreduce(MPI_IN_PLACE, pdk, B * (int)S * G * D, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, pdv, B * (int)S * G * D, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  }
+  double e_out = 0, e_lse = 0, e_dq = 0, e_dk = 0, e_dv = 0;
+  if (!failed)
+    for (int b = 0; b < B; b++)
+      for (int64_t i = 0; i < n; i++) {
+        const int64_t r = b * n + i;
+        double e = row_err(out, dt, r * H * D, ro + r * H * D, (int64_t)H * D);
+        if (!(e <= e_out)) e_out = e;
+        for (int h = 0; h < H; h++) {
+          double d = fabs(lse[r * H + h] - rl[r * H + h]) / fmax(1.0, fabs(rl[r * H + h]));
+          if (!(d <= e_lse)) e_lse = d;
+        }
+        if (!c->bwd) continue;
+        e = row_err(dq, dt, r * H * D, rdq + r * H * D, (int64_t)H * D);
+        if (!(e <= e_dq)) e_dq = e;
+        const size_t kr = ((size_t)b * S + (size_t)pos[i]) * G * D;
+        e = row_err(dk, dt, r * G * D, pdk + kr, (int64_t)G * D);
+        if (!(e <= e_dk)) e_dk = e;
+        e = row_err(dv, dt, r * G * D, pdv + kr, (int64_t)G * D);
+        if (!(e <= e_dv)) e_dv = e;
+      }
+  double errs[6] = {e_out, e_lse, e_dq, e_dk, e_dv, failed ? 1.0 : 0.0};
+  MPI_Allreduce(MPI_IN_PLACE, errs, 6, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  const double tol = dt == DA_FLOAT32 ? 1e-4 : 2e-2;
+  err = 0;
+  for (int i = 0; i < 5; i++) err = fmax(err, isnan(errs[i]) ? INFINITY : errs[i] / tol);
+  if (errs[5] > 0) err = INFINITY;
+  if (g_rank == 0 && (verbose || err > 1))
+    fprintf(stderr, "%s %s: err/tol %.3g (out %.2e lse %.2e dq %.2e dk %.2e dv %.2e)\n", err > 1 ? "FAIL" : "ok  ",
+            name, err, errs[0], errs[1], errs[2], errs[3], errs[4]);
+  da_plan_free(plan);
+  free(pos), free(allpos), free(q), free(k), free(v), free(out), free(dout), free(dq), free(dk), free(dv), free(lse);
+  free(rq), free(rdo), free(rk), free(rv), free(ro), free(rl), free(rdq), free(pdk), free(pdv), free(tdk_), free(tdv_);
+  return err; /* in units of the tolerance: <= 1 passes */
+}
+
+static const unsigned masks[4] = {DA_MASK_NONE, DA_MASK_CAUSAL, DA_MASK_WINDOW, DA_MASK_DOC};
+
+/* Every algo x mask x GQA x dtype, forward and backward, on a short odd sequence with tiny
+ * sub-blocks (many work items and progress calls per step). */
+START_TEST(matrix_small) {
+  int fails = 0, cases = 0;
+  for (int a = 0; a < 3; a++)
+    for (int mi = 0; mi < 4; mi++)
+      for (int g = 0; g < 2; g++)
+        for (int d = 0; d < 2; d++) {
+          tcase_t c = {.algo = (da_algo_t)a, .mask = masks[mi], .window = 7, .ndocs = 4, .S = 37,
+                       .B = (mi + d) % 3 == 0 ? 2 : 1, .H = 4, .G = g ? 1 : 2, .D = 16,
+                       .dt = d ? DA_BFLOAT16 : DA_FLOAT32, .bwd = 1, .block = 4};
+          cases++;
+          fails += run_case(&c, 0) > 1;
+        }
+  /* fp16 at least once per algo. */
+  for (int a = 0; a < 3; a++) {
+    tcase_t c = {.algo = (da_algo_t)a, .mask = DA_MASK_CAUSAL | DA_MASK_DOC, .ndocs = 3, .S = 37, .B = 1,
+                 .H = 4, .G = 2, .D = 16, .dt = DA_FLOAT16, .bwd = 1, .block = 0};
+    cases++;
+    fails += run_case(&c, 0) > 1;
+  }
+  ck_assert_msg(fails == 0, "%d of %d small cases failed (details on stderr)", fails, cases);
+}
+END_TEST
+
+/* Longer uneven sequences (1000 + P - 1): every algo x mask, alternating dtype and GQA, the
+ * automatic block size, forward and backward. */
+START_TEST(matrix_uneven) {
+  int fails = 0, cases = 0;
+  for (int a = 0; a < 3; a++)
+    for (int mi = 0; mi < 4; mi++) {
+      int idx = a * 4 + mi;
+      tcase_t c = {.algo = (da_algo_t)a, .mask = masks[mi] | (mi == 3 && a == 2 ? DA_MASK_CAUSAL : 0),
+                   .window = 100, .ndocs = 4, .S = 1000 + g_size - 1, .B = 1, .H = 4, .G = idx % 2 ? 1 : 2,
+                   .D = 16, .dt = idx % 2 ? DA_BFLOAT16 : DA_FLOAT32, .bwd = 1, .block = 0};
+      cases++;
+      fails += run_case(&c, 1) > 1;
+    }
+  ck_assert_msg(fails == 0, "%d of %d uneven cases failed (details on stderr)", fails, cases);
+}
+END_TEST
+
+/* Shapes at the edges: fewer tokens than ranks (some ranks own nothing), one-token sub-blocks,
+ * a batch of 3, a head-strided q view, MQA with D = 64. */
+START_TEST(edges) {
+  int fails = 0;
+  tcase_t cs[] = {
+      {.algo = DA_ALGO_RING, .mask = DA_MASK_CAUSAL, .S = 3, .B = 1, .H = 2, .G = 1, .D = 16, .dt = DA_FLOAT32, .bwd = 1},
+      {.algo = DA_ALGO_ZIGZAG, .mask = DA_MASK_NONE, .S = 5, .B = 2, .H = 2, .G = 2, .D = 16, .dt = DA_FLOAT32, .bwd = 1},
+      {.algo = DA_ALGO_STRIPED, .mask = DA_MASK_CAUSAL, .S = 29, .B = 3, .H = 4, .G = 2, .D = 16, .dt = DA_FLOAT32,
+       .bwd = 1, .block = 1},
+      {.algo = DA_ALGO_ZIGZAG, .mask = DA_MASK_WINDOW, .window = 5, .S = 61, .B = 2, .H = 4, .G = 4, .D = 16,
+       .dt = DA_BFLOAT16, .bwd = 1, .block = 3, .strided_q = 1},
+      {.algo = DA_ALGO_RING, .mask = DA_MASK_DOC, .ndocs = 4, .S = 90, .B = 1, .H = 8, .G = 1, .D = 64,
+       .dt = DA_FLOAT32, .bwd = 1},
+  };
+  for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) fails += run_case(&cs[i], 0) > 1;
+  ck_assert_msg(fails == 0, "%d edge cases failed (details on stderr)", fails);
+}
+END_TEST
+
+static int all_equal_status(da_status_t st, da_status_t want) {
+  int ok = st == want, all = 0;
+  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  return all;
+}
+
+/* Ranks that pass different problems all get DA_ERR_MISMATCH, promptly. */
+START_TEST(mismatch) {
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.seq = 64, prob.heads = 4, prob.kv_heads = 2, prob.dim = 16, prob.mask = DA_MASK_CAUSAL;
+  da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
+  cfg.timeout = 30;
+  da_plan_t *plan = NULL;
+  if (g_size == 1) return; /* one rank always agrees with itself */
+  if (g_rank == g_size - 1) prob.seq = 65;
+  double t0 = MPI_Wtime();
+  da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  if (st != DA_ERR_MISMATCH) fprintf(stderr, "rank %d: seq mismatch gave %s: %s\n", g_rank, da_status_string(st), da_last_error(g_ctx));
+  ck_assert_msg(all_equal_status(st, DA_ERR_MISMATCH), "a seq mismatch must be DA_ERR_MISMATCH on every rank");
+  ck_assert(plan == NULL);
+  ck_assert_msg(MPI_Wtime() - t0 < 20, "mismatch detection took %.1f s", MPI_Wtime() - t0);
+  /* A disagreement hidden in the document boundaries (same count, different cut). */
+  prob.seq = 64;
+  int64_t cu[3] = {0, g_rank == 0 ? 20 : 21, 64};
+  prob.mask = DA_MASK_DOC, prob.ndocs = 2, prob.cu_seqlens = cu;
+  st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert_msg(all_equal_status(st, DA_ERR_MISMATCH), "a document mismatch must be DA_ERR_MISMATCH everywhere");
+  /* Different algorithms. */
+  prob.mask = DA_MASK_NONE;
+  cfg.algo = g_rank % 2 ? DA_ALGO_ZIGZAG : DA_ALGO_RING;
+  st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert_msg(all_equal_status(st, DA_ERR_MISMATCH), "an algo mismatch must be DA_ERR_MISMATCH everywhere");
+}
+END_TEST
+
+/* Bad arguments: a clear status on the rank that passed them, DA_ERR_REMOTE naming it on the
+ * others, and the plan still usable after a rejected call. */
+START_TEST(bad_args) {
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.seq = 40, prob.heads = 4, prob.kv_heads = 3, prob.dim = 16;
+  da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
+  cfg.timeout = 30;
+  da_plan_t *plan = NULL;
+  da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert_msg(all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "heads %% kv_heads != 0 everywhere: invalid argument");
+  ck_assert_msg(strstr(da_last_error(g_ctx), "kv_heads") != NULL, "message names kv_heads: %s", da_last_error(g_ctx));
+
+  /* Only the last rank is wrong. */
+  prob.kv_heads = 2;
+  if (g_rank == g_size - 1) prob.dim = 0;
+  st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  da_status_t want = g_rank == g_size - 1 ? DA_ERR_INVALID_ARGUMENT : DA_ERR_REMOTE;
+  ck_assert_msg(all_equal_status(st, want), "one bad rank: invalid there, remote elsewhere (got %s: %s)",
+                da_status_string(st), da_last_error(g_ctx));
+  prob.dim = 16;
+
+  /* Unknown transport / algo / negative block. */
+  cfg.transport = "carrier-pigeon";
+  st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  cfg.transport = g_size == 1 ? "self" : NULL;
+  cfg.block = -1;
+  st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  cfg.block = 0;
+  if (g_size > 1) {
+    cfg.transport = "self";
+    st = da_plan_create(g_comm, &prob, &cfg, &plan);
+    ck_assert_msg(all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "self transport with P > 1 is invalid");
+    cfg.transport = NULL;
+  }
+  da_problem_t p2 = prob;
+  p2.size = 3;
+  st = da_plan_create(g_comm, &p2, &cfg, &plan);
+  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+
+  /* A good plan, then a forward where rank 0 passes a wrongly shaped q. */
+  st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert(all_equal_status(st, DA_SUCCESS));
+  const int64_t n = da_plan_local_rows(plan);
+  float *buf = calloc((size_t)(n + 2) * 4 * 16 * 6, sizeof(float)), *lse = calloc((size_t)(n + 2) * 4, sizeof(float));
+  da_tensor_t q, k, v, o, l;
+  const int64_t shq[3] = {g_rank == 0 ? n + 1 : n, 4, 16}, shk[3] = {n, 2, 16}, sho[3] = {n, 4, 16}, shl[2] = {n, 4};
+  da_tensor_make(&q, buf, DA_FLOAT32, 3, shq), da_tensor_make(&k, buf + (n + 2) * 64, DA_FLOAT32, 3, shk);
+  da_tensor_make(&v, buf + (n + 2) * 96, DA_FLOAT32, 3, shk), da_tensor_make(&o, buf + (n + 2) * 128, DA_FLOAT32, 3, sho);
+  da_tensor_make(&l, lse, DA_FLOAT32, 2, shl);
+  st = da_plan_fwd(plan, &q, &k, &v, &o, &l, NULL);
+  want = g_rank == 0 ? DA_ERR_INVALID_ARGUMENT : DA_ERR_REMOTE;
+  ck_assert_msg(all_equal_status(st, want), "bad q on rank 0 (got %s: %s)", da_status_string(st), da_last_error(g_ctx));
+  if (g_rank != 0) ck_assert_msg(strstr(da_last_error(g_ctx), "rank 0") != NULL, "names rank 0: %s", da_last_error(g_ctx));
+  /* Wrong dtype everywhere, then NULL lse in the backward. */
+  q.shape[0] = n;
+  k.dtype = DA_BFLOAT16;
+  st = da_plan_fwd(plan, &q, &k, &v, &o, &l, NULL);
+  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  k.dtype = DA_FLOAT32;
+  st = da_plan_bwd(plan, &q, &k, &v, &o, &o, NULL, &o, &k, &v, NULL);
+  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  /* The plan is still usable. */
+  st = da_plan_fwd(plan, &q, &k, &v, &o, &l, NULL);
+  ck_assert_msg(all_equal_status(st, DA_SUCCESS), "plan usable after rejected calls: %s", da_last_error(g_ctx));
+  da_plan_stats_t stats = DA_PLAN_STATS_INITIALIZER;
+  ck_assert(da_plan_stats(plan, &stats) == DA_SUCCESS);
+  ck_assert_int_eq(stats.nranks, g_size);
+  ck_assert_int_eq(stats.local_rows, n);
+  ck_assert_msg(g_size > 1 ? stats.fwd_bytes_sent > 0 : stats.fwd_bytes_sent == 0, "bytes sent %llu",
+                (unsigned long long)stats.fwd_bytes_sent);
+  free(buf), free(lse);
+  da_plan_free(plan);
+}
+END_TEST
+
+/* Ranks that call different operations (forward here, backward there) must not hang: every
+ * rank's receive times out and the error names the peer and the step. */
+START_TEST(timeout) {
+  if (g_size == 1) return;
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.seq = 64, prob.heads = 2, prob.kv_heads = 1, prob.dim = 16;
+  da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
+  cfg.timeout = 2;
+  da_plan_t *plan = NULL;
+  ck_assert(all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  const int64_t n = da_plan_local_rows(plan);
+  float *buf = calloc((size_t)(n + 1) * 32 * 8, sizeof(float)), *lse = calloc((size_t)(n + 1) * 2, sizeof(float));
+  for (int64_t i = 0; i < (n + 1) * 2; i++) lse[i] = 1.0f;
+  da_tensor_t q, k, o;
+  const int64_t shq[3] = {n, 2, 16}, shk[3] = {n, 1, 16}, shl[2] = {n, 2};
+  da_tensor_t l;
+  da_tensor_make(&q, buf, DA_FLOAT32, 3, shq), da_tensor_make(&k, buf + (n + 1) * 32, DA_FLOAT32, 3, shk);
+  da_tensor_make(&o, buf + (n + 1) * 64, DA_FLOAT32, 3, shq), da_tensor_make(&l, lse, DA_FLOAT32, 2, shl);
+  double t0 = MPI_Wtime();
+  da_status_t st = g_rank % 2 ? da_plan_bwd(plan, &q, &k, &k, &o, &o, &l, &o, &k, &k, NULL)
+                              : da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL);
+  double dt = MPI_Wtime() - t0;
+  const char *msg = da_last_error(g_ctx);
+  int ok = st == DA_ERR_TIMEOUT && strstr(msg, " step ") && strstr(msg, "from rank");
+  if (!ok) fprintf(stderr, "rank %d: %s: %s\n", g_rank, da_status_string(st), msg);
+  int all = 0;
+  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  ck_assert_msg(all, "mixed fwd/bwd calls must time out on every rank naming the peer and step");
+  ck_assert_msg(dt < 15, "timeout took %.1f s", dt);
+  /* The plan refuses further use; a new plan works (stale messages cannot reach it). */
+  ck_assert(da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL) == DA_ERR_INVALID_ARGUMENT);
+  da_plan_free(plan);
+  ck_assert(all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  ck_assert(all_equal_status(da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL), DA_SUCCESS));
+  da_plan_free(plan);
+  free(buf), free(lse);
+}
+END_TEST
+
+int main(int argc, char **argv) {
+  MPI_Init(&argc, &argv);
+  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+  da_config_t cfg = DA_CONFIG_INITIALIZER;
+  cfg.nthreads = 1; /* ranks are oversubscribed on the test machines */
+  if (da_context_create(&cfg, &g_ctx) != DA_SUCCESS || da_comm_create(g_ctx, MPI_COMM_WORLD, &g_comm) != DA_SUCCESS) {
+    fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(g_ctx));
+    MPI_Abort(MPI_COMM_WORLD, 1); /* the test program may; the library never does */
+  }
+  Suite *s = suite_create("ring");
+  TCase *tc = tcase_create("correctness");
+  tcase_set_timeout(tc, 0);
+  const char *only = getenv("DISTATTN_TEST_ONLY"); /* run one test by name when debugging */
+  struct { const char *name; const TTest *t; } tests[] = {
+      {"bad_args", bad_args}, {"mismatch", mismatch}, {"timeout", timeout}, {"edges", edges},
+      {"matrix_small", matrix_small}, {"matrix_uneven", matrix_uneven}};
+  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
+    if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
+  suite_add_tcase(s, tc);
+  SRunner *sr = srunner_create(s);
+  srunner_set_fork_status(sr, CK_NOFORK);
+  srunner_run_all(sr, g_rank == 0 ? CK_NORMAL : CK_SILENT);
+  int failed = srunner_ntests_failed(sr), total = 0;
+  srunner_free(sr);
+  MPI_Allreduce(&failed, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  da_comm_free(g_comm);
+  da_context_free(g_ctx);
+  MPI_Finalize();
+  return total ? 1 : 0;
+}
