@@ -524,3 +524,7 @@ agreed:
   da_free(lsebuf);
   return da_context_finish(ctx, st);
 }
+
+/* ---- accessors for the other drivers of comm/ (kvcache.c, tree.c; declared in kvcache.h) ---- */
+da_context_t *da_comm_context(const da_comm_t *c) { return c ? c->ctx : NULL; }
+MPI_Comm da_comm_mpi(const da_comm_t *c) { return c ? c->comm : MPI_COMM_NULL; }
