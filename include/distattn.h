@@ -231,11 +231,140 @@ typedef struct da_plan_stats {
   size_t peak_bytes;                   /* high-water of distattn's allocations in this process */
   const double *fwd_step_compute_s, *fwd_step_wait_s, *bwd_step_compute_s, *bwd_step_wait_s;
   const uint64_t *fwd_step_bytes, *bwd_step_bytes;
+  /* From the plan, valid before any call: bytes this rank sends per forward / backward, and the
+   * schedule's work imbalance (max over ranks of allowed pairs computed ÷ mean; 1 = balanced). */
+  uint64_t plan_fwd_bytes, plan_bwd_bytes;
+  double work_imbalance;
 } da_plan_stats_t;
 
 #define DA_PLAN_STATS_INITIALIZER { .size = sizeof(da_plan_stats_t), .version = DA_API_VERSION }
 
 da_status_t da_plan_stats(const da_plan_t *plan, da_plan_stats_t *stats);
+
+/* ==== decode over a distributed paged KV cache (tree | ring) ===========================
+ * The KV cache of B sequences is spread over the ranks in pages of `page` tokens (rows
+ * [page][G][D] in prob->dtype). A sequence starts from a prefill laid out like da_plan_fwd's
+ * local rows (contiguous, striped or zigzag; or weighted) and grows by appended tokens, page by
+ * page, each page to the rank that keeps the shards balanced: equal weights never let two ranks'
+ * shards differ by more than one page; weights keep every rank within a page of its share. A
+ * decode step runs the split-KV kernel on every rank's shard and combines the (o, lse) partials:
+ * tree = one fused MPI reduction whose operator is the merge (flat, or within nodes then across
+ * node leaders); ring = the partials travel around the ring in P-1 dependent steps (the
+ * baseline). See docs/decode.md. */
+typedef struct da_kvcache da_kvcache_t;
+
+typedef struct da_kvcache_config {
+  size_t size;            /* sizeof(da_kvcache_config_t), set by the initializer */
+  unsigned version;       /* DA_API_VERSION */
+  int64_t page;           /* tokens per page; 0 = 256 */
+  da_algo_t layout;       /* prefill layout: DA_ALGO_RING (contiguous), STRIPED or ZIGZAG */
+  const double *weights;  /* [P] capacity weights (copied), NULL = equal; when set, the prefill is one
+                             run per rank proportional to its weight and appended pages follow them */
+  double timeout;         /* seconds a rank waits for a peer; 0 = DISTATTN_TIMEOUT or 300 */
+} da_kvcache_config_t;
+
+#define DA_KVCACHE_CONFIG_INITIALIZER { sizeof(da_kvcache_config_t), DA_API_VERSION, 0, DA_ALGO_RING, NULL, 0.0 }
+
+/* An empty cache for prob->batch sequences of prob->kv_heads x prob->dim rows in prob->dtype
+ * (heads, seq and mask are not used). Ranks passing different shapes all get DA_ERR_MISMATCH. */
+da_status_t da_kvcache_create(da_comm_t *comm, const da_problem_t *prob, const da_kvcache_config_t *cfg,
+                              da_kvcache_t **out); /* collective */
+void da_kvcache_free(da_kvcache_t *cache);        /* collective */
+
+/* Fill the empty sequence b with len tokens (positions 0 .. len-1) laid out by cfg->layout (or the
+ * weights). k and v hold this rank's rows [n_local][G][D] (ndim 3, any row stride, G and D packed)
+ * in local order (da_kvcache_local_positions): what da_plan_fwd with the same algo and seq = len
+ * holds. k = v = NULL: the pages are only allocated; write them through da_kvcache_get_page.
+ * Collective: every rank passes the same b and len. */
+da_status_t da_kvcache_prefill(da_kvcache_t *cache, int64_t b, int64_t len, const da_tensor_t *k,
+                               const da_tensor_t *v);
+
+/* Append ntok[b] >= 0 tokens to every sequence b, at positions len_b .. len_b + ntok[b] - 1. k and v
+ * are [B][T][G][D] (or [B][G][D] when T = 1), T >= max ntok, row t of sequence b = token len_b + t,
+ * and hold the same values on every rank (the step's new tokens); each rank copies only the rows
+ * its pages own. k = v = NULL: allocate only. Every rank must pass the same ntok; no messages. */
+da_status_t da_kvcache_append(da_kvcache_t *cache, const int64_t *ntok, const da_tensor_t *k,
+                              const da_tensor_t *v);
+
+/* Local queries: the length of sequence b, the rows of it this rank holds, and their global
+ * positions in local order (pos has room for n >= da_kvcache_local_rows values). */
+int64_t da_kvcache_length(const da_kvcache_t *cache, int64_t b);
+int64_t da_kvcache_local_rows(const da_kvcache_t *cache, int64_t b);
+da_status_t da_kvcache_local_positions(const da_kvcache_t *cache, int64_t b, int64_t *pos, int64_t n);
+
+/* Direct access to this rank's pages of sequence b (local), e.g. to fill a prefill in place. */
+typedef struct da_kvcache_page {
+  void *k, *v;                  /* rows [count][G][D] in the cache dtype, row strides ldk, ldv (elements) */
+  int64_t ldk, ldv;
+  int64_t start, stride, count; /* their global positions: start + i * stride, i < count */
+} da_kvcache_page_t;
+int64_t da_kvcache_num_pages(const da_kvcache_t *cache, int64_t b);
+da_status_t da_kvcache_get_page(da_kvcache_t *cache, int64_t b, int64_t i, da_kvcache_page_t *page);
+
+/* This rank's page memory in bytes (allocated capacity); *rows_bytes (may be NULL) receives the
+ * bytes of the rows it actually holds (its shard: rows * 2 * G * D * element size). Local. */
+size_t da_kvcache_bytes(const da_kvcache_t *cache, size_t *rows_bytes);
+
+typedef enum da_decode_algo {
+  DA_DECODE_TREE = 0, /* one fused reduction (MPI_Allreduce / MPI_Reduce with the merge as MPI_Op) */
+  DA_DECODE_RING = 1, /* baseline: partials go around the ring, P-1 dependent steps */
+} da_decode_algo_t;
+
+typedef enum da_decode_topo {
+  DA_TOPO_FLAT = 0,      /* one reduction over all ranks */
+  DA_TOPO_TWO_LEVEL = 1, /* reduce within each node, then across node leaders, then broadcast */
+} da_decode_topo_t;
+
+typedef struct da_decode_config {
+  size_t size;           /* sizeof(da_decode_config_t), set by the initializer */
+  unsigned version;      /* DA_API_VERSION */
+  da_decode_algo_t algo;
+  da_decode_topo_t topo; /* tree only */
+  int root;              /* -1: every rank gets the output (allreduce); r >= 0: only rank r (reduce);
+                            the ring always delivers to every rank */
+  int node_size;         /* two-level: ranks per node group; 0 = ranks that share memory
+                            (MPI_Comm_split_type); a smaller value emulates several nodes */
+  const char *transport; /* ring: "mpi" or "self" (one rank); NULL = DISTATTN_TRANSPORT or "mpi" */
+  double timeout;        /* seconds a rank waits for a peer; 0 = DISTATTN_TIMEOUT or 300 */
+} da_decode_config_t;
+
+#define DA_DECODE_CONFIG_INITIALIZER \
+  { sizeof(da_decode_config_t), DA_API_VERSION, DA_DECODE_TREE, DA_TOPO_FLAT, -1, 0, NULL, 0.0 }
+
+/* A decode plan: the problem (batch, heads, kv_heads, dim, dtype, scale) agreed on by every rank,
+ * the reduction's MPI datatype, operator and communicators (two-level), and the buffers. */
+typedef struct da_decode_plan da_decode_plan_t;
+da_status_t da_decode_plan_create(da_comm_t *comm, const da_problem_t *prob, const da_decode_config_t *cfg,
+                                  da_decode_plan_t **out); /* collective */
+void da_decode_plan_free(da_decode_plan_t *plan);          /* collective */
+
+/* One decode step: q is [B][T][H][D] (or [B][H][D] when T = 1), the same on every rank: the T
+ * newest tokens of every sequence, at positions len_b - T .. len_b - 1 of the cache (their k/v
+ * already appended), causal among themselves. Writes out (like q, prob->dtype) and lse ([B][T][H]
+ * or [B][H] float32, may be NULL) on every rank, or only on the root when cfg->root >= 0. Partials
+ * and their merge are fp32 whatever P. Collective. */
+da_status_t da_decode_step(da_decode_plan_t *plan, da_kvcache_t *cache, const da_tensor_t *q, da_tensor_t *out,
+                           da_tensor_t *lse, void *stream);
+
+/* Figures of this rank's most recent da_decode_step (local). */
+typedef struct da_decode_stats {
+  size_t size;
+  unsigned version;
+  int rank, nranks;
+  int levels, nodes;     /* reduction levels (1 flat, 2 two-level) and node groups */
+  double step_s;         /* wall time of the step */
+  double compute_s;      /* in the decode kernel */
+  double reduce_s;       /* combining partials: the tree reduction or the ring steps */
+  uint64_t bytes_sent;   /* by this rank: exact for the ring; for the tree, what a binomial-tree
+                            reduce (+ broadcast) sends, since MPI picks its own algorithm */
+  uint64_t kv_bytes;     /* KV bytes the kernel read on this rank */
+  size_t partial_bytes;  /* one rank's partials: B * T * H * (D + 1) * 4 */
+  size_t peak_bytes;     /* high-water of distattn's allocations in this process */
+} da_decode_stats_t;
+
+#define DA_DECODE_STATS_INITIALIZER { .size = sizeof(da_decode_stats_t), .version = DA_API_VERSION }
+
+da_status_t da_decode_plan_stats(const da_decode_plan_t *plan, da_decode_stats_t *stats);
 
 #endif /* MPI_VERSION */
 

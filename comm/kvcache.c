@@ -1,0 +1,438 @@
+/* kvcache.c: the distributed paged KV cache (da_kvcache_* of include/distattn.h). Pages of `page`
+ * rows hold k then v; a prefill is cut into pages along its layout segments, appended tokens fill
+ * pages of consecutive positions on the rank partition/kvmap.c picks. Every rank replays the shard
+ * map from the token counts, so appends need no messages; creation and prefill are agreed on by
+ * every rank. Decode itself lives in tree.c. */
+#include <mpi.h> /* before distattn.h: declares the distributed section */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "distattn.h"
+#include "kvcache.h"
+
+DA_PARAM(Timeout, "TIMEOUT", 300)
+
+double da_comm_default_timeout(void) {
+  int64_t t = da_param_Timeout();
+  return t > 0 ? (double)t : 300.0;
+}
+
+uint64_t da_fnv1a(uint64_t h, const void *p, size_t n) {
+  const unsigned char *b = p;
+  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
+da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char *const *names, const char *what) {
+  int64_t stack[64], *red = 2 * n <= 64 ? stack : malloc((size_t)(2 * n) * sizeof *red);
+  if (!red) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "%s: agreement buffer", what);
+  for (int i = 0; i < n; i++) red[i] = f[i], red[n + i] = -f[i];
+  da_status_t st = xp->t->allreduce(xp, red, 2 * n, DA_XT_INT64, DA_XOP_MAX);
+  if (st != DA_SUCCESS) {
+    if (red != stack) free(red);
+    return st;
+  }
+  char msg[400];
+  int len = 0, bad = 0;
+  for (int i = 0; i < n; i++) {
+    int64_t mx = red[i], mn = -red[n + i];
+    if (mx == mn) continue;
+    bad = 1;
+    if (len >= (int)sizeof msg - 80) continue;
+    if (names[i][0] == '#')
+      len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s differ", len ? ", " : "", names[i] + 1);
+    else
+      len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s (here %lld, ranks range %lld..%lld)", len ? ", " : "",
+                      names[i], (long long)f[i], (long long)mn, (long long)mx);
+  }
+  if (red != stack) free(red);
+  if (bad) return DA_ERR(DA_ERR_MISMATCH, "rank %d: %s: ranks disagree: %s", xp->rank, what, msg);
+  return DA_SUCCESS;
+}
+
+/* ---- sequences and pages -------------------------------------------------------------------- */
+
+static void seq_clear(da_kvseq_t *s) {
+  for (int64_t i = 0; i < s->npages; i++) da_free(s->mem[i]);
+  free(s->pages);
+  free(s->mem);
+  free(s->pcap);
+  s->pages = NULL, s->mem = NULL, s->pcap = NULL;
+  s->npages = s->cap = 0;
+  s->rows = 0;
+  s->cur = -1;
+  s->owner = -1;
+  s->len = s->prefill = 0;
+}
+
+/* A new local page of capacity `cap` rows at positions pos (pos.count rows already in use). */
+static da_status_t page_add(da_kvcache_t *c, da_kvseq_t *s, int64_t cap, da_span_t pos) {
+  if (s->npages == s->cap) {
+    int64_t nc = s->cap ? 2 * s->cap : 16;
+    da_kvpage_t *p = realloc(s->pages, (size_t)nc * sizeof *p);
+    if (p) s->pages = p;
+    char **m = realloc(s->mem, (size_t)nc * sizeof *m);
+    if (m) s->mem = m;
+    int64_t *pc = realloc(s->pcap, (size_t)nc * sizeof *pc);
+    if (pc) s->pcap = pc;
+    if (!p || !m || !pc) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: kv cache page table", c->rank);
+    s->cap = nc;
+  }
+  size_t half = (size_t)cap * c->row_bytes;
+  char *mem = da_malloc(2 * half, 64);
+  if (!mem)
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: kv cache page of %lld rows (%zu bytes; %zu already allocated)",
+                  c->rank, (long long)cap, 2 * half, c->alloc_bytes);
+  c->alloc_bytes += 2 * half;
+  const int64_t ld = (int64_t)c->G * c->D;
+  s->pages[s->npages] = (da_kvpage_t){.k = mem, .v = mem + half, .ldk = ld, .ldv = ld, .pos = pos};
+  s->mem[s->npages] = mem;
+  s->pcap[s->npages] = cap;
+  s->npages++;
+  return DA_SUCCESS;
+}
+
+/* ---- tensors ---------------------------------------------------------------------------------- */
+
+/* Rows of [outer...][G][D] with the last axis contiguous: row (i, j) of head g starts at
+ * base + (i * s0 + j * s1 + g * sg) elements. */
+typedef struct {
+  const char *base;
+  int64_t s0, s1, sg;
+} kview_t;
+
+static da_status_t check_rows(const da_kvcache_t *c, const char *name, const da_tensor_t *t, int nouter,
+                              const int64_t *outer, const char *const *axis, kview_t *v) {
+  const int r = c->rank;
+  if (!t) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: tensor is NULL", r, name);
+  if (t->dtype != c->dtype)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: dtype %s, the cache holds %s", r, name,
+                  da_dtype_name(t->dtype), da_dtype_name(c->dtype));
+  if (t->device != DA_DEVICE_CPU)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: the kv cache lives in host memory (device %d given)", r, name,
+                  (int)t->device);
+  if (t->ndim != nouter + 2)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: ndim = %d, expected %d", r, name, t->ndim, nouter + 2);
+  for (int i = 0; i < nouter; i++)
+    if (t->shape[i] < outer[i] || (outer[i] >= 0 && i == 0 && t->shape[0] != outer[0]))
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: shape[%d] (%s) = %lld, expected %s%lld", r, name, i,
+                    axis[i], (long long)t->shape[i], i ? ">= " : "", (long long)outer[i]);
+  if (t->shape[nouter] != c->G || t->shape[nouter + 1] != c->D)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: rows are [%lld][%lld], the cache holds [%d][%d] (kv_heads, "
+                  "dim)", r, name, (long long)t->shape[nouter], (long long)t->shape[nouter + 1], c->G, c->D);
+  if (t->strides[nouter + 1] != 1 && c->D > 1)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: the last axis must be contiguous", r, name);
+  for (int i = 0; i < t->ndim; i++)
+    if (t->strides[i] < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: negative stride on axis %d", r, name, i);
+  int64_t n = 1;
+  for (int i = 0; i < nouter; i++) n *= t->shape[i];
+  if (!t->data && n > 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: data pointer is NULL", r, name);
+  v->base = t->data;
+  v->s0 = t->strides[0];
+  v->s1 = nouter > 1 ? t->strides[1] : 0;
+  v->sg = t->strides[nouter];
+  return DA_SUCCESS;
+}
+
+static void copy_row(const da_kvcache_t *c, char *dst, const kview_t *v, int64_t i, int64_t j) {
+  const size_t dbytes = (size_t)c->D * c->esz;
+  for (int g = 0; g < c->G; g++)
+    memcpy(dst + (size_t)g * dbytes, v->base + (size_t)(i * v->s0 + j * v->s1 + g * v->sg) * c->esz, dbytes);
+}
+
+/* ---- create / free ---------------------------------------------------------------------------- */
+
+static da_status_t cache_local(da_comm_t *comm, const da_problem_t *prob, const da_kvcache_config_t *cfg,
+                               da_kvcache_t *c) {
+  if (cfg->size < sizeof(size_t) + sizeof(unsigned) || cfg->version == 0 || cfg->version > DA_API_VERSION)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_config_t: size %zu / version %u not recognized (start from "
+                  "DA_KVCACHE_CONFIG_INITIALIZER)", cfg->size, cfg->version);
+  if (cfg->page < 0)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "kv cache config: page = %lld tokens must be >= 0 (0 = 256)",
+                  (long long)cfg->page);
+  if ((unsigned)cfg->layout > DA_ALGO_ZIGZAG)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "kv cache config: unknown prefill layout %d (ring, striped, zigzag)",
+                  (int)cfg->layout);
+  if (!(cfg->timeout >= 0) || !isfinite(cfg->timeout))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "kv cache config: timeout %g s must be >= 0", cfg->timeout);
+  da_kparams_t kp;
+  DA_CHECK(da_context_params(c->ctx, prob, &kp));
+  c->B = prob->batch, c->G = kp.G, c->D = kp.D, c->dtype = prob->dtype;
+  c->esz = da_dtype_size(c->dtype);
+  c->row_bytes = (size_t)c->G * c->D * c->esz;
+  c->page = cfg->page ? cfg->page : 256;
+  c->layout = cfg->layout;
+  static const da_layout_kind_t kinds[] = {DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_STRIPED, DA_LAYOUT_ZIGZAG};
+  DA_CHECK(da_kvmap_init(&c->map, c->P, c->page, kinds[cfg->layout], cfg->weights));
+  c->seq = calloc((size_t)c->B, sizeof *c->seq);
+  if (!c->seq) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "kv cache: %lld sequences", (long long)c->B);
+  for (int64_t b = 0; b < c->B; b++) {
+    c->seq[b].tokens = calloc((size_t)c->P, sizeof(int64_t));
+    if (!c->seq[b].tokens) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "kv cache: token counts");
+    c->seq[b].cur = -1, c->seq[b].owner = -1;
+  }
+  return DA_SUCCESS;
+}
+
+void da_kvcache_free(da_kvcache_t *c) {
+  if (!c) return;
+  if (c->seq)
+    for (int64_t b = 0; b < c->B; b++) {
+      seq_clear(&c->seq[b]);
+      free(c->seq[b].tokens);
+    }
+  free(c->seq);
+  da_kvmap_free(&c->map);
+  da_xport_close(&c->xp);
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (c->mcomm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&c->mcomm);
+  free(c);
+}
+
+da_status_t da_kvcache_create(da_comm_t *comm, const da_problem_t *prob, const da_kvcache_config_t *cfg,
+                              da_kvcache_t **out) {
+  da_error_clear();
+  if (!comm) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_create: communicator is NULL");
+  da_context_t *ctx = da_comm_context(comm);
+  if (!out) return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_create: output pointer is NULL"));
+  *out = NULL;
+  da_kvcache_config_t def = DA_KVCACHE_CONFIG_INITIALIZER;
+  if (!cfg) cfg = &def;
+  da_kvcache_t *c = calloc(1, sizeof *c);
+  if (!c) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "kv cache"));
+  c->ctx = ctx;
+  c->mcomm = MPI_COMM_NULL;
+  /* The control transport comes first: every later failure must reach the other ranks. */
+  int rc = MPI_Comm_dup(da_comm_mpi(comm), &c->mcomm);
+  if (rc != MPI_SUCCESS) {
+    c->mcomm = MPI_COMM_NULL;
+    da_kvcache_free(c);
+    return da_context_finish(ctx, da_mpi_error(rc, __FILE__, __LINE__, "da_kvcache_create: MPI_Comm_dup"));
+  }
+  double timeout = cfg && cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
+  da_status_t st = da_xport_open(&c->xp, "mpi", c->mcomm, timeout);
+  if (st != DA_SUCCESS) {
+    da_kvcache_free(c);
+    return da_context_finish(ctx, st);
+  }
+  c->rank = c->xp.rank, c->P = c->xp.nranks;
+  c->xp.phase = "kv cache";
+  if (!prob) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_create: problem is NULL");
+  else st = cache_local(comm, prob, cfg, c);
+  st = da_xport_agree(&c->xp, st, "kv cache");
+  if (st == DA_SUCCESS) {
+    uint64_t h = DA_FNV_INIT;
+    if (c->map.weights) h = da_fnv1a(h, c->map.weights, (size_t)c->P * sizeof(double));
+    const int64_t f[] = {c->B, c->G, c->D, c->dtype, c->page, c->layout, c->map.weighted, (int64_t)(h >> 2)};
+    static const char *const names[] = {"batch", "kv_heads", "dim", "dtype", "page", "layout", "weighted", "#weights"};
+    st = da_agree_fields(&c->xp, f, 8, names, "kv cache");
+  }
+  if (st != DA_SUCCESS) {
+    da_kvcache_free(c);
+    return da_context_finish(ctx, st);
+  }
+  DA_INFO(DA_SUB_PLAN, "kv cache: %lld sequences of [%d][%d] %s rows, pages of %lld tokens, prefill %s%s", (long long)c->B,
+          c->G, c->D, da_dtype_name(c->dtype), (long long)c->page, da_layout_name(c->map.kind),
+          c->map.weighted ? " (weighted appends)" : "");
+  *out = c;
+  return da_context_finish(ctx, DA_SUCCESS);
+}
+
+/* ---- prefill ---------------------------------------------------------------------------------- */
+
+static da_status_t prefill_local(da_kvcache_t *c, int64_t b, int64_t len, const da_tensor_t *k, const da_tensor_t *v,
+                                 kview_t *vk, kview_t *vv, int64_t *nloc) {
+  if (c->broken) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this kv cache had a failed append; free it", c->rank);
+  if (b < 0 || b >= c->B)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_prefill: sequence %lld of %lld", c->rank, (long long)b,
+                  (long long)c->B);
+  if (len < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_prefill: len = %lld", c->rank, (long long)len);
+  if (c->seq[b].len)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_prefill: sequence %lld already holds %lld tokens",
+                  c->rank, (long long)b, (long long)c->seq[b].len);
+  if (!k != !v)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_prefill: give both k and v, or neither", c->rank);
+  *nloc = 0;
+  if (len > 0) {
+    da_layout_t L;
+    DA_CHECK(da_kvmap_prefill_layout(&c->map, len, &L));
+    *nloc = da_layout_count(&L, c->rank);
+    da_layout_free(&L);
+  }
+  if (k) {
+    static const char *const axis[] = {"local rows (da_kvcache_local_rows)"};
+    const int64_t outer[1] = {*nloc};
+    DA_CHECK(check_rows(c, "k", k, 1, outer, axis, vk));
+    DA_CHECK(check_rows(c, "v", v, 1, outer, axis, vv));
+  }
+  return DA_SUCCESS;
+}
+
+static da_status_t prefill_build(da_kvcache_t *c, int64_t b, int64_t len, const kview_t *vk, const kview_t *vv) {
+  da_kvseq_t *s = &c->seq[b];
+  if (len == 0) return DA_SUCCESS;
+  da_layout_t L;
+  DA_CHECK(da_kvmap_prefill_layout(&c->map, len, &L));
+  for (int r = 0; r < c->P; r++) s->tokens[r] = da_layout_count(&L, r);
+  da_span_t segs[DA_LAYOUT_MAX_SEGS];
+  int ns = da_layout_segments(&L, c->rank, segs);
+  da_layout_free(&L);
+  int64_t row = 0;
+  for (int sg = 0; sg < ns; sg++)
+    for (int64_t i0 = 0; i0 < segs[sg].count; i0 += c->page) {
+      int64_t n = segs[sg].count - i0 < c->page ? segs[sg].count - i0 : c->page;
+      DA_CHECK(page_add(c, s, n, da_span_sub(segs[sg], i0, n)));
+      da_kvpage_t *pg = &s->pages[s->npages - 1];
+      if (vk)
+        for (int64_t i = 0; i < n; i++) {
+          copy_row(c, (char *)pg->k + (size_t)i * c->row_bytes, vk, row + i, 0);
+          copy_row(c, (char *)pg->v + (size_t)i * c->row_bytes, vv, row + i, 0);
+        }
+      row += n;
+    }
+  s->rows = row;
+  s->len = s->prefill = len;
+  return DA_SUCCESS;
+}
+
+da_status_t da_kvcache_prefill(da_kvcache_t *c, int64_t b, int64_t len, const da_tensor_t *k, const da_tensor_t *v) {
+  da_error_clear();
+  if (!c) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_prefill: cache is NULL");
+  kview_t vk, vv;
+  int64_t nloc = 0;
+  c->xp.phase = "kv cache prefill";
+  da_status_t st = prefill_local(c, b, len, k, v, &vk, &vv, &nloc);
+  st = da_xport_agree(&c->xp, st, "kv cache prefill");
+  if (st == DA_SUCCESS) {
+    static const char *const names[] = {"sequence", "length", "with data"};
+    const int64_t f[] = {b, len, k != NULL};
+    st = da_agree_fields(&c->xp, f, 3, names, "kv cache prefill");
+  }
+  if (st == DA_SUCCESS) {
+    st = da_xport_agree(&c->xp, prefill_build(c, b, len, k ? &vk : NULL, k ? &vv : NULL), "kv cache prefill");
+    if (st != DA_SUCCESS) { /* every rank undoes it: the sequence stays empty everywhere */
+      seq_clear(&c->seq[b]);
+      memset(c->seq[b].tokens, 0, (size_t)c->P * sizeof(int64_t));
+    }
+  }
+  return da_context_finish(c->ctx, st);
+}
+
+/* ---- append ------------------------------------------------------------------------------------- */
+
+/* One token at position s->len of sequence b; row t of the caller's tensors (when given). */
+static da_status_t append_one(da_kvcache_t *c, int64_t b, const kview_t *vk, const kview_t *vv, int64_t t) {
+  da_kvseq_t *s = &c->seq[b];
+  const int64_t pos = s->len;
+  if ((pos - s->prefill) % c->page == 0) { /* a new append page starts here */
+    s->owner = da_kvmap_next_owner(&c->map, s->tokens, pos);
+    s->cur = -1;
+    if (s->owner == c->rank) {
+      DA_CHECK(page_add(c, s, c->page, da_span(pos, 1, 0)));
+      s->cur = s->npages - 1;
+    }
+  }
+  if (s->owner == c->rank) {
+    da_kvpage_t *pg = &s->pages[s->cur];
+    if (vk) {
+      copy_row(c, (char *)pg->k + (size_t)pg->pos.count * c->row_bytes, vk, b, t);
+      copy_row(c, (char *)pg->v + (size_t)pg->pos.count * c->row_bytes, vv, b, t);
+    }
+    pg->pos.count++;
+    s->rows++;
+  }
+  s->tokens[s->owner]++;
+  s->len++;
+  return DA_SUCCESS;
+}
+
+da_status_t da_kvcache_append(da_kvcache_t *c, const int64_t *ntok, const da_tensor_t *k, const da_tensor_t *v) {
+  da_error_clear();
+  if (!c) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_append: cache is NULL");
+  if (c->broken)
+    return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this kv cache had a failed append; "
+                                            "free it", c->rank));
+  if (!ntok) return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_append: ntok is NULL"));
+  if (!k != !v)
+    return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_append: give both k and v, "
+                                            "or neither", c->rank));
+  int64_t T = 0;
+  for (int64_t b = 0; b < c->B; b++) {
+    if (ntok[b] < 0)
+      return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_append: ntok[%lld] = %lld < 0",
+                                              (long long)b, (long long)ntok[b]));
+    if (ntok[b] > T) T = ntok[b];
+  }
+  kview_t vk, vv;
+  if (k) {
+    const int ndim = k->ndim == 3 ? 1 : 2; /* [B][G][D] means T = 1 */
+    static const char *const axis[] = {"batch", "new tokens"};
+    const int64_t outer[2] = {c->B, T};
+    if (ndim == 1 && T > 1)
+      return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_append: k is [B][G][D] "
+                                              "but up to %lld tokens are appended (use [B][T][G][D])", c->rank,
+                                              (long long)T));
+    da_status_t st = check_rows(c, "k", k, ndim, outer, axis, &vk);
+    if (st == DA_SUCCESS) st = check_rows(c, "v", v, ndim, outer, axis, &vv);
+    if (st != DA_SUCCESS) return da_context_finish(c->ctx, st);
+  }
+  for (int64_t b = 0; b < c->B; b++)
+    for (int64_t t = 0; t < ntok[b]; t++) {
+      da_status_t st = append_one(c, b, k ? &vk : NULL, k ? &vv : NULL, t);
+      if (st != DA_SUCCESS) {
+        c->broken = 1; /* other ranks went on: the shard map no longer matches theirs */
+        return da_context_finish(c->ctx, st);
+      }
+    }
+  return da_context_finish(c->ctx, DA_SUCCESS);
+}
+
+/* ---- queries ------------------------------------------------------------------------------------ */
+
+int64_t da_kvcache_length(const da_kvcache_t *c, int64_t b) {
+  return c && b >= 0 && b < c->B ? c->seq[b].len : -1;
+}
+
+int64_t da_kvcache_local_rows(const da_kvcache_t *c, int64_t b) {
+  return c && b >= 0 && b < c->B ? c->seq[b].rows : -1;
+}
+
+da_status_t da_kvcache_local_positions(const da_kvcache_t *c, int64_t b, int64_t *pos, int64_t n) {
+  if (!c || b < 0 || b >= c->B)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_local_positions: no sequence %lld", (long long)b);
+  const da_kvseq_t *s = &c->seq[b];
+  if (n < s->rows || (!pos && s->rows))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_local_positions: room for %lld positions, rank %d holds %lld",
+                  (long long)n, c->rank, (long long)s->rows);
+  int64_t i = 0;
+  for (int64_t p = 0; p < s->npages; p++)
+    for (int64_t j = 0; j < s->pages[p].pos.count; j++) pos[i++] = da_span_at(s->pages[p].pos, j);
+  return DA_SUCCESS;
+}
+
+int64_t da_kvcache_num_pages(const da_kvcache_t *c, int64_t b) {
+  return c && b >= 0 && b < c->B ? c->seq[b].npages : -1;
+}
+
+da_status_t da_kvcache_get_page(da_kvcache_t *c, int64_t b, int64_t i, da_kvcache_page_t *pg) {
+  if (!c || !pg || b < 0 || b >= c->B || i < 0 || i >= c->seq[b].npages)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_get_page: no page %lld of sequence %lld here", (long long)i,
+                  (long long)b);
+  const da_kvpage_t *p = &c->seq[b].pages[i];
+  pg->k = (void *)p->k, pg->v = (void *)p->v;
+  pg->ldk = p->ldk, pg->ldv = p->ldv;
+  pg->start = p->pos.start, pg->stride = p->pos.stride, pg->count = p->pos.count;
+  return DA_SUCCESS;
+}
+
+size_t da_kvcache_bytes(const da_kvcache_t *c, size_t *rows_bytes) {
+  if (!c) return 0;
+  if (rows_bytes) {
+    int64_t rows = 0;
+    for (int64_t b = 0; b < c->B; b++) rows += c->seq[b].rows;
+    *rows_bytes = (size_t)rows * 2 * c->row_bytes;
+  }
+  return c->alloc_bytes;
+}

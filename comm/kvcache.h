@@ -1,0 +1,70 @@
+/* kvcache.h: the distributed paged KV cache as the decode drivers of comm/ (tree.c) see it: the
+ * sequences, their page lists on this rank (in the kernel's da_kvpage_t form) and the shard map
+ * every rank replays identically. Also the small helpers the cache and the decode plan share
+ * (agreement on a problem, the da_comm_t accessors). Internal to comm/; the public calls are the
+ * da_kvcache_* functions of include/distattn.h. */
+#ifndef DA_KVCACHE_H
+#define DA_KVCACHE_H
+
+#include "transport.h" /* first: mpi.h before distattn.h declares the distributed API */
+#include "kernels.h"
+#include "kvmap.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* One sequence. Every rank tracks the length and the per-rank token counts (the shard map needs
+ * them); only the owner of a page holds its rows. */
+typedef struct da_kvseq {
+  int64_t len;        /* tokens in the sequence */
+  int64_t prefill;    /* L0: tokens placed by the prefill layout */
+  int64_t *tokens;    /* [P] tokens held by each rank */
+  int owner;          /* rank filling the current append page; -1 before the first one */
+  /* this rank's pages, in local row order: */
+  int64_t npages, cap;
+  da_kvpage_t *pages; /* positions and row pointers, as the kernel's decode takes them */
+  char **mem;         /* [npages] allocation of each page: cap rows of k, then cap rows of v */
+  int64_t *pcap;      /* [npages] rows each page can hold */
+  int64_t cur;        /* local page receiving this rank's appended rows, -1 when none */
+  int64_t rows;       /* rows held here */
+} da_kvseq_t;
+
+struct da_kvcache {
+  da_context_t *ctx;
+  MPI_Comm mcomm; /* the cache's own duplicate of the caller's communicator */
+  da_xport_t xp;  /* control collectives (agreement) */
+  int rank, P;
+  int64_t B;
+  int G, D;
+  da_dtype_t dtype;
+  size_t esz;        /* bytes per element */
+  size_t row_bytes;  /* one k (or v) row: G * D * esz */
+  int64_t page;
+  da_algo_t layout;
+  da_kvmap_t map;
+  da_kvseq_t *seq;   /* [B] */
+  size_t alloc_bytes; /* page memory allocated on this rank */
+  int broken;        /* an append failed half-way: the shards no longer agree across ranks */
+};
+
+/* Accessors of da_comm_t (defined in plan.c, which owns the struct). */
+da_context_t *da_comm_context(const da_comm_t *c);
+MPI_Comm da_comm_mpi(const da_comm_t *c);
+
+/* Every rank passes n int64 fields; DA_ERR_MISMATCH on every rank (naming the fields, their value
+ * here and the range over ranks) when any differs. One allreduce of 2n values. names[i] labels
+ * field i; a name starting with '#' is a hash (printed as "differ"). */
+da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char *const *names, const char *what);
+
+/* FNV-1a, for hashing arrays into one agreed field. */
+uint64_t da_fnv1a(uint64_t h, const void *p, size_t n);
+#define DA_FNV_INIT 14695981039346656037ull
+
+/* The timeout every comm/ object uses when its config says 0: DISTATTN_TIMEOUT or 300 s. */
+double da_comm_default_timeout(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DA_KVCACHE_H */

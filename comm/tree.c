@@ -1,0 +1,573 @@
+/* tree.c: decode against the distributed paged KV cache (da_decode_* of include/distattn.h). Each
+ * rank runs the kernel's split-KV decode on its own pages, producing fp32 partials (o, lse) per
+ * query row; the partials are then combined either by ONE fused MPI reduction whose operator is
+ * the (o, lse) merge (tree: MPI_Iallreduce or MPI_Ireduce to the owner, flat or two-level), or by
+ * passing them around the ring in P-1 dependent steps (the baseline). No rank ever moves KV rows.
+ * The cache itself is kvcache.c; the shard map partition/kvmap.c. */
+#include <mpi.h> /* before distattn.h: declares the distributed section */
+#include <math.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "distattn.h"
+#include "dtype.h"
+#include "kvcache.h"
+
+/* The ring's messages travel on the plan's own communicator, so this tag cannot meet the ring
+ * attention driver's (transport.h) even if both ran at once. */
+enum { DA_TAG_DECODE = 21 };
+
+struct da_decode_plan {
+  da_context_t *ctx;
+  const da_kernels_t *kt;
+  da_kparams_t kp;       /* H, G, D, scale, dtype, mask (causal), threads */
+  int64_t B;
+  da_decode_config_t cfg;
+  char transport[16];
+  MPI_Comm mcomm;        /* the plan's own duplicate */
+  da_xport_t xp;         /* agreement and the ring's exchanges */
+  int rank, P;
+  /* tree: one partial row is D + 1 floats (o then lse); the operator merges rows */
+  MPI_Datatype rowtype;
+  MPI_Op op;
+  int have_type, have_op;
+  MPI_Comm node, leaders; /* two-level: this rank's node group, and the node leaders (MPI_COMM_NULL
+                             on non-leaders) */
+  int node_rank, node_size, nnodes, leader_rank, root_leader;
+  /* buffers, grown with B * T * H */
+  int64_t cap_rows;
+  float *part, *ring_a, *ring_b; /* [rows][D + 1] */
+  float *o, *lse;                /* kernel outputs of one sequence: [T][H][D], [T][H] */
+  char *qpack;                   /* q of one sequence with its heads packed, when the caller's are not */
+  int64_t cap_t;
+  int64_t last_t; /* T of the previous step (1 at first) */
+  int broken; /* a reduction timed out: MPI may still write into part (leaked on free) */
+  da_decode_stats_t st;
+};
+
+/* ---- the merge operator ---------------------------------------------------------------------------
+ * A rank that failed before the reduction still takes part in it (so nobody waits for it), with
+ * every lse set to this NaN payload; the operator keeps it sticky, so every rank that receives the
+ * result knows a partial was missing and can agree on the error without another collective on
+ * the success path. An ordinary NaN (from NaN inputs) is data, not failure. */
+static const uint32_t POISON_BITS = 0x7fc0d1e5u;
+static inline int is_poison(float x) { return da_f32_to_bits(x) == POISON_BITS; }
+
+/* inout[i] = merge(in[i], inout[i]) for n rows of D + 1 floats, through the CPU backend's merge
+ * (the partials are in host memory here whatever the backend). */
+static void merge_rows(const float *in, float *inout, int64_t n, int D) {
+  static const da_kernels_t *cpu;
+  if (!cpu) cpu = da_kernels_get(DA_DEVICE_CPU);
+  da_kparams_t kp1;
+  memset(&kp1, 0, sizeof kp1);
+  kp1.H = 1, kp1.G = 1, kp1.D = D, kp1.scale = 1.0f, kp1.dtype = DA_FLOAT32, kp1.nthreads = 1;
+  const int64_t w = D + 1;
+  for (int64_t i = 0; i < n; i++) {
+    const float *b = in + i * w;
+    float *a = inout + i * w;
+    if (is_poison(a[D])) continue;
+    if (is_poison(b[D])) {
+      a[D] = b[D];
+      continue;
+    }
+    cpu->merge(&kp1, 1, a, a + D, b, b + D, NULL);
+  }
+}
+
+static void merge_op(void *in, void *inout, int *len, MPI_Datatype *dt) {
+  int bytes = 0;
+  MPI_Type_size(*dt, &bytes);
+  merge_rows(in, inout, *len, bytes / (int)sizeof(float) - 1);
+}
+
+/* ---- waiting with a deadline ----------------------------------------------------------------------- */
+
+static void backoff(long iter, double waited) {
+  if (iter < 64) return;
+  if (waited < 0.01) {
+    sched_yield();
+  } else {
+    struct timespec ts = {0, 20000};
+    nanosleep(&ts, NULL);
+  }
+}
+
+/* A collective request cannot be cancelled: on timeout the plan is marked broken and its buffers
+ * are never reused or freed. */
+static da_status_t coll_wait(da_decode_plan_t *p, MPI_Request *r, const char *what) {
+  double t0 = da_time_now();
+  for (long it = 0;; it++) {
+    int flag = 0;
+    int rc = MPI_Test(r, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) {
+      p->broken = 1;
+      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d decode: %s", p->rank, what);
+    }
+    if (flag) return DA_SUCCESS;
+    double waited = da_time_now() - t0;
+    if (waited > p->xp.timeout_s) {
+      p->broken = 1;
+      return DA_ERR(DA_ERR_TIMEOUT, "rank %d decode: %s did not complete within %g s (a peer is missing or stuck)",
+                    p->rank, what, p->xp.timeout_s);
+    }
+    backoff(it, waited);
+  }
+}
+
+#define MPITRY(call, what)                                                                       \
+  do {                                                                                           \
+    int rc_ = (call);                                                                            \
+    if (rc_ != MPI_SUCCESS) return da_mpi_error(rc_, __FILE__, __LINE__, "rank %d decode: %s", p->rank, what); \
+  } while (0)
+
+/* ---- bytes of a binomial tree (the model for what the tree sends; MPI picks its own algorithm) -- */
+
+/* Children of relative rank v in a binomial broadcast tree of n ranks rooted at 0. */
+static int binomial_children(int v, int n) {
+  int c = 0;
+  for (int m = 1; m < n; m <<= 1) {
+    if (v & m) break; /* m reached v's lowest set bit: above it lies the parent */
+    if (v + m < n) c++;
+  }
+  return c;
+}
+
+static uint64_t tree_bytes(const da_decode_plan_t *p, uint64_t m) {
+  const int root = p->cfg.root, all = root < 0;
+  if (p->P == 1) return 0;
+  if (p->cfg.topo == DA_TOPO_FLAT) {
+    int r0 = all ? 0 : root, v = (p->rank - r0 + p->P) % p->P;
+    return m * (uint64_t)((v != 0) + (all ? binomial_children(v, p->P) : 0));
+  }
+  uint64_t msgs = p->node_rank != 0; /* reduce within the node */
+  if (p->node_rank == 0 && p->nnodes > 1) {
+    int v = (p->leader_rank - (all ? 0 : p->root_leader) + p->nnodes) % p->nnodes;
+    msgs += (v != 0) + (all ? binomial_children(v, p->nnodes) : 0);
+  }
+  if (all) msgs += binomial_children(p->node_rank, p->node_size); /* broadcast within the node */
+  return m * msgs;
+}
+
+/* ---- plan ------------------------------------------------------------------------------------------ */
+
+void da_decode_plan_free(da_decode_plan_t *p) {
+  if (!p) return;
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) {
+    if (p->have_op) MPI_Op_free(&p->op);
+    if (p->have_type) MPI_Type_free(&p->rowtype);
+    if (p->node != MPI_COMM_NULL) MPI_Comm_free(&p->node);
+    if (p->leaders != MPI_COMM_NULL) MPI_Comm_free(&p->leaders);
+  }
+  da_xport_close(&p->xp);
+  if (p->mcomm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&p->mcomm);
+  if (!p->broken) da_free(p->part); /* else MPI may still write into it */
+  da_free(p->ring_a), da_free(p->ring_b);
+  da_free(p->o), da_free(p->lse), da_free(p->qpack);
+  free(p);
+}
+
+static da_status_t plan_local(da_decode_plan_t *p, const da_problem_t *prob, const da_decode_config_t *cfg) {
+  if (cfg->size < sizeof(size_t) + sizeof(unsigned) || cfg->version == 0 || cfg->version > DA_API_VERSION)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_config_t: size %zu / version %u not recognized (start from "
+                  "DA_DECODE_CONFIG_INITIALIZER)", cfg->size, cfg->version);
+  if ((unsigned)cfg->algo > DA_DECODE_RING)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: unknown algo %d (tree, ring)", (int)cfg->algo);
+  if ((unsigned)cfg->topo > DA_TOPO_TWO_LEVEL)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: unknown topo %d (flat, two-level)", (int)cfg->topo);
+  if (cfg->root < -1 || cfg->root >= p->P)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: root %d is not -1 (every rank) or a rank of 0..%d", cfg->root,
+                  p->P - 1);
+  if (cfg->node_size < 0)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: node_size %d must be >= 0 (0 = shared memory)",
+                  cfg->node_size);
+  if (!(cfg->timeout >= 0) || !isfinite(cfg->timeout))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: timeout %g s must be >= 0", cfg->timeout);
+  const char *tp = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
+  if (!tp) tp = "mpi";
+  if (!da_transport_find(tp)) return DA_ERR_INVALID_ARGUMENT;
+  if (!strcmp(tp, "self") && p->P != 1)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: the self transport runs one rank, this job has %d", p->P);
+  snprintf(p->transport, sizeof p->transport, "%s", tp);
+  p->cfg = *cfg;
+  p->cfg.transport = NULL;
+  if (!prob) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_create: problem is NULL");
+  if (prob->mask & DA_MASK_DOC)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "decode: document masks are not supported (one sequence per batch element)");
+  da_problem_t pr = *prob;
+  if (pr.seq < 1) pr.seq = 1; /* the cache decides the lengths */
+  pr.mask = (prob->mask & DA_MASK_WINDOW) ? (DA_MASK_CAUSAL | DA_MASK_WINDOW) : DA_MASK_CAUSAL;
+  pr.ndocs = 0, pr.cu_seqlens = NULL;
+  DA_CHECK(da_context_params(p->ctx, &pr, &p->kp));
+  p->kt = da_context_kernels(p->ctx);
+  p->B = prob->batch;
+  return DA_SUCCESS;
+}
+
+/* Datatype, operator and (two-level) communicators. Collective over the plan's communicator. */
+static da_status_t plan_build(da_decode_plan_t *p) {
+  MPITRY(MPI_Type_contiguous(p->kp.D + 1, MPI_FLOAT, &p->rowtype), "MPI_Type_contiguous");
+  p->have_type = 1;
+  MPITRY(MPI_Type_commit(&p->rowtype), "MPI_Type_commit");
+  /* commute = 1: merge(a, b) == merge(b, a) bit for bit, and MPI may then pick any tree. */
+  MPITRY(MPI_Op_create(merge_op, 1, &p->op), "MPI_Op_create");
+  p->have_op = 1;
+  p->node_rank = 0, p->node_size = 1, p->nnodes = p->P, p->leader_rank = p->rank, p->root_leader = 0;
+  if (p->cfg.algo != DA_DECODE_TREE || p->cfg.topo != DA_TOPO_TWO_LEVEL) return DA_SUCCESS;
+  /* The root (reduce mode) leads its node, so the leaders' reduction ends on it. */
+  const int root = p->cfg.root, key = root >= 0 ? (p->rank == root ? 0 : p->rank + 1) : p->rank;
+  if (p->cfg.node_size > 0)
+    MPITRY(MPI_Comm_split(p->mcomm, p->rank / p->cfg.node_size, key, &p->node), "MPI_Comm_split (nodes)");
+  else
+    MPITRY(MPI_Comm_split_type(p->mcomm, MPI_COMM_TYPE_SHARED, key, MPI_INFO_NULL, &p->node),
+           "MPI_Comm_split_type (shared memory)");
+  MPITRY(MPI_Comm_set_errhandler(p->node, MPI_ERRORS_RETURN), "errhandler");
+  MPITRY(MPI_Comm_rank(p->node, &p->node_rank), "node rank");
+  MPITRY(MPI_Comm_size(p->node, &p->node_size), "node size");
+  MPITRY(MPI_Comm_split(p->mcomm, p->node_rank == 0 ? 0 : MPI_UNDEFINED, p->rank, &p->leaders),
+         "MPI_Comm_split (leaders)");
+  int64_t f[2] = {p->node_rank == 0, 0}; /* node groups; the root's index among the leaders */
+  p->leader_rank = -1;
+  if (p->leaders != MPI_COMM_NULL) {
+    MPITRY(MPI_Comm_set_errhandler(p->leaders, MPI_ERRORS_RETURN), "errhandler");
+    MPITRY(MPI_Comm_rank(p->leaders, &p->leader_rank), "leader rank");
+    if (p->rank == root) f[1] = p->leader_rank;
+  }
+  DA_CHECK(p->xp.t->allreduce(&p->xp, f, 2, DA_XT_INT64, DA_XOP_SUM));
+  p->nnodes = (int)f[0];
+  p->root_leader = (int)f[1];
+  return DA_SUCCESS;
+}
+
+da_status_t da_decode_plan_create(da_comm_t *comm, const da_problem_t *prob, const da_decode_config_t *cfg,
+                                  da_decode_plan_t **out) {
+  da_error_clear();
+  if (!comm) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_create: communicator is NULL");
+  da_context_t *ctx = da_comm_context(comm);
+  if (!out) return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_create: output is NULL"));
+  *out = NULL;
+  da_decode_config_t def = DA_DECODE_CONFIG_INITIALIZER;
+  if (!cfg) cfg = &def;
+  da_decode_plan_t *p = calloc(1, sizeof *p);
+  if (!p) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "decode plan"));
+  p->ctx = ctx;
+  p->mcomm = p->node = p->leaders = MPI_COMM_NULL;
+  int rc = MPI_Comm_dup(da_comm_mpi(comm), &p->mcomm);
+  if (rc != MPI_SUCCESS) {
+    p->mcomm = MPI_COMM_NULL;
+    da_decode_plan_free(p);
+    return da_context_finish(ctx, da_mpi_error(rc, __FILE__, __LINE__, "da_decode_plan_create: MPI_Comm_dup"));
+  }
+  MPI_Comm_set_errhandler(p->mcomm, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(p->mcomm, &p->rank);
+  MPI_Comm_size(p->mcomm, &p->P);
+  /* One transport for both agreement and the ring: the self transport only exists at P = 1. */
+  double timeout = cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
+  const char *tp = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
+  da_status_t st = da_xport_open(&p->xp, tp && !strcmp(tp, "self") && p->P == 1 ? "self" : "mpi", p->mcomm, timeout);
+  if (st != DA_SUCCESS) {
+    da_decode_plan_free(p);
+    return da_context_finish(ctx, st);
+  }
+  p->xp.phase = "decode plan";
+  st = da_xport_agree(&p->xp, plan_local(p, prob, cfg), "decode plan");
+  if (st == DA_SUCCESS) {
+    uint32_t sb;
+    memcpy(&sb, &p->kp.scale, 4);
+    const int64_t f[] = {p->B, p->kp.H, p->kp.G, p->kp.D, p->kp.dtype, sb, p->kp.mask.flags,
+                         (p->kp.mask.flags & DA_MASK_WINDOW) ? p->kp.mask.window : 0, p->cfg.algo, p->cfg.topo,
+                         p->cfg.root, p->cfg.node_size, (int64_t)(da_fnv1a(DA_FNV_INIT, p->transport,
+                                                                              strlen(p->transport)) >> 2)};
+    static const char *const names[] = {"batch", "heads", "kv_heads", "dim", "dtype", "scale", "mask", "window",
+                                        "algo", "topo", "root", "node_size", "#transport"};
+    st = da_agree_fields(&p->xp, f, 13, names, "decode plan");
+  }
+  if (st == DA_SUCCESS) st = da_xport_agree(&p->xp, plan_build(p), "decode plan");
+  if (st != DA_SUCCESS) {
+    da_decode_plan_free(p);
+    return da_context_finish(ctx, st);
+  }
+  p->last_t = 1;
+  p->st.size = sizeof p->st, p->st.version = DA_API_VERSION;
+  p->st.rank = p->rank, p->st.nranks = p->P;
+  p->st.levels = p->cfg.algo == DA_DECODE_TREE && p->cfg.topo == DA_TOPO_TWO_LEVEL ? 2 : 1;
+  p->st.nodes = p->st.levels == 2 ? p->nnodes : 1;
+  DA_INFO(DA_SUB_PLAN, "decode plan: %s%s over %d ranks (%d node groups), %s, B %lld H %d G %d D %d",
+          p->cfg.algo == DA_DECODE_TREE ? "tree" : "ring",
+          p->cfg.algo == DA_DECODE_TREE ? (p->cfg.topo == DA_TOPO_TWO_LEVEL ? " two-level" : " flat") : "", p->P,
+          p->st.nodes, p->cfg.root < 0 ? "output on every rank" : "output on the root", (long long)p->B, p->kp.H,
+          p->kp.G, p->kp.D);
+  *out = p;
+  return da_context_finish(ctx, DA_SUCCESS);
+}
+
+da_status_t da_decode_plan_stats(const da_decode_plan_t *p, da_decode_stats_t *s) {
+  if (!p || !s) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_stats: plan or stats is NULL");
+  if (s->size < sizeof(da_decode_stats_t) || s->version == 0 || s->version > DA_API_VERSION)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_stats_t: size %zu / version %u not recognized (start from "
+                  "DA_DECODE_STATS_INITIALIZER)", s->size, s->version);
+  *s = p->st;
+  s->peak_bytes = da_mem_peak();
+  return DA_SUCCESS;
+}
+
+/* ---- one step ---------------------------------------------------------------------------------------- */
+
+/* A caller's q / out ([B][T][H][D] or [B][H][D]) or lse ([B][T][H] or [B][H]) view. */
+typedef struct {
+  char *base;
+  int64_t sb, st, sh; /* strides of batch, token, head (elements) */
+  size_t esz;
+} qview_t;
+
+static da_status_t check_q(const da_decode_plan_t *p, const char *name, const da_tensor_t *t, da_dtype_t dt, int64_t T,
+                           int has_d, qview_t *v) {
+  const int r = p->rank;
+  const int64_t H = p->kp.H, D = p->kp.D;
+  if (!t) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: tensor is NULL", r, name);
+  if (!t->data) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: data pointer is NULL", r, name);
+  if (t->dtype != dt)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: dtype %s, expected %s", r, name, da_dtype_name(t->dtype),
+                  da_dtype_name(dt));
+  if (t->device != DA_DEVICE_CPU)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: decode reads host memory (device %d given)", r, name, (int)t->device);
+  const int full = has_d ? 4 : 3;
+  if (t->ndim != full && t->ndim != full - 1)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: ndim = %d, expected %d ([B][T]%s) or %d ([B]%s)", r, name,
+                  t->ndim, full, has_d ? "[H][D]" : "[H]", full - 1, has_d ? "[H][D]" : "[H]");
+  const int tok = t->ndim == full;
+  int64_t want[4], n = 0;
+  want[n++] = p->B;
+  if (tok) want[n++] = T;
+  want[n++] = H;
+  if (has_d) want[n++] = D;
+  for (int i = 0; i < t->ndim; i++)
+    if (t->shape[i] != want[i])
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: shape[%d] = %lld, expected %lld", r, name, i,
+                    (long long)t->shape[i], (long long)want[i]);
+  if (has_d && t->strides[t->ndim - 1] != 1 && D > 1)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: the last axis must be contiguous", r, name);
+  for (int i = 0; i < t->ndim; i++)
+    if (t->strides[i] < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: negative stride on axis %d", r, name, i);
+  v->base = t->data;
+  v->sb = t->strides[0];
+  v->st = tok ? t->strides[1] : 0;
+  v->sh = t->strides[tok + 1];
+  v->esz = has_d ? da_dtype_size(dt) : sizeof(float);
+  return DA_SUCCESS;
+}
+
+static da_status_t grow(da_decode_plan_t *p, int64_t T) {
+  const int64_t H = p->kp.H, D = p->kp.D, rows = p->B * T * H;
+  if (rows > p->cap_rows) {
+    da_free(p->part), da_free(p->ring_a), da_free(p->ring_b);
+    const size_t bytes = (size_t)rows * (size_t)(D + 1) * sizeof(float);
+    p->part = da_malloc(bytes, 64);
+    p->ring_a = p->cfg.algo == DA_DECODE_RING ? da_malloc(bytes, 64) : NULL;
+    p->ring_b = p->cfg.algo == DA_DECODE_RING ? da_malloc(bytes, 64) : NULL;
+    p->cap_rows = 0;
+    if (!p->part || (p->cfg.algo == DA_DECODE_RING && (!p->ring_a || !p->ring_b)))
+      return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: decode partials for %lld rows", p->rank, (long long)rows);
+    p->cap_rows = rows;
+  }
+  if (T > p->cap_t) {
+    da_free(p->o), da_free(p->lse), da_free(p->qpack);
+    p->o = da_malloc((size_t)(T * H * D) * sizeof(float), 64);
+    p->lse = da_malloc((size_t)(T * H) * sizeof(float), 64);
+    p->qpack = da_malloc((size_t)(T * H * D) * da_dtype_size(p->kp.dtype), 64);
+    p->cap_t = 0;
+    if (!p->o || !p->lse || !p->qpack) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: decode buffers", p->rank);
+    p->cap_t = T;
+  }
+  return DA_SUCCESS;
+}
+
+/* This rank's partials of every query row into p->part ([B][T][H] rows of D + 1 floats). */
+static da_status_t local_partials(da_decode_plan_t *p, const da_kvcache_t *c, const qview_t *vq, int64_t T,
+                                  uint64_t *kv_bytes) {
+  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  const size_t es = da_dtype_size(p->kp.dtype);
+  *kv_bytes = 0;
+  for (int64_t b = 0; b < p->B; b++) {
+    const da_kvseq_t *s = &c->seq[b];
+    float *rows = p->part + (size_t)(b * T * H) * (size_t)w;
+    if (s->npages == 0 || s->rows == 0) { /* nothing here: the merge's identity */
+      for (int64_t i = 0; i < T * H; i++) {
+        memset(rows + i * w, 0, (size_t)D * sizeof(float));
+        rows[i * w + D] = -INFINITY;
+      }
+      continue;
+    }
+    /* q rows of sequence b with heads packed (head stride D), as the kernel contract wants. */
+    const char *qb = vq->base + (size_t)(b * vq->sb) * es;
+    int64_t ldq = vq->st;
+    if (vq->sh != D || (T > 1 && vq->st < (int64_t)H * D)) {
+      for (int64_t t = 0; t < T; t++)
+        for (int h = 0; h < H; h++)
+          memcpy(p->qpack + (size_t)((t * H + h) * D) * es, qb + (size_t)(t * vq->st + h * vq->sh) * es, (size_t)D * es);
+      qb = p->qpack;
+      ldq = (int64_t)H * D;
+    }
+    if (T == 1) ldq = (int64_t)H * D; /* one row: its stride is never used to step */
+    DA_CHECK(p->kt->decode(&p->kp, qb, ldq, da_span(s->len - T, 1, T), s->pages, (int)s->npages, p->o, p->lse, NULL));
+    for (int64_t i = 0; i < T * H; i++) {
+      memcpy(rows + i * w, p->o + i * D, (size_t)D * sizeof(float));
+      rows[i * w + D] = p->lse[i];
+    }
+    *kv_bytes += (uint64_t)s->rows * 2 * c->row_bytes;
+  }
+  return DA_SUCCESS;
+}
+
+/* Tree: one fused reduction with the merge operator (flat), or node / leaders / node (two-level). */
+static da_status_t tree_reduce(da_decode_plan_t *p, int64_t rows) {
+  if (p->P == 1) return DA_SUCCESS;
+  if (rows > INT32_MAX) return DA_ERR(DA_ERR_UNSUPPORTED, "decode: %lld partial rows exceed an MPI count", (long long)rows);
+  const int n = (int)rows, root = p->cfg.root;
+  MPI_Request r;
+  if (p->cfg.topo == DA_TOPO_FLAT) {
+    if (root < 0) {
+      MPITRY(MPI_Iallreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->mcomm, &r), "MPI_Iallreduce");
+      return coll_wait(p, &r, "the merge allreduce");
+    }
+    MPITRY(MPI_Ireduce(p->rank == root ? MPI_IN_PLACE : p->part, p->rank == root ? p->part : NULL, n, p->rowtype,
+                       p->op, root, p->mcomm, &r), "MPI_Ireduce");
+    return coll_wait(p, &r, "the merge reduce");
+  }
+  /* Within the node first (shared memory), then across node leaders, then back within the node. */
+  if (p->node_size > 1) {
+    MPITRY(MPI_Ireduce(p->node_rank == 0 ? MPI_IN_PLACE : p->part, p->node_rank == 0 ? p->part : NULL, n, p->rowtype,
+                       p->op, 0, p->node, &r), "MPI_Ireduce (node)");
+    DA_CHECK(coll_wait(p, &r, "the merge reduce within the node"));
+  }
+  if (p->leaders != MPI_COMM_NULL && p->nnodes > 1) {
+    if (root < 0) {
+      MPITRY(MPI_Iallreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->leaders, &r), "MPI_Iallreduce (leaders)");
+      DA_CHECK(coll_wait(p, &r, "the merge allreduce across node leaders"));
+    } else {
+      const int me = p->leader_rank == p->root_leader;
+      MPITRY(MPI_Ireduce(me ? MPI_IN_PLACE : p->part, me ? p->part : NULL, n, p->rowtype, p->op, p->root_leader,
+                         p->leaders, &r), "MPI_Ireduce (leaders)");
+      DA_CHECK(coll_wait(p, &r, "the merge reduce across node leaders"));
+    }
+  }
+  if (root < 0 && p->node_size > 1) {
+    MPITRY(MPI_Ibcast(p->part, n, p->rowtype, 0, p->node, &r), "MPI_Ibcast (node)");
+    DA_CHECK(coll_wait(p, &r, "the broadcast within the node"));
+  }
+  return DA_SUCCESS;
+}
+
+/* Ring (the baseline): P-1 dependent steps; at each, every rank passes on the partial it received
+ * last (its own first) and merges the one it receives, so all ranks end with every partial. */
+static da_status_t ring_reduce(da_decode_plan_t *p, int64_t rows, uint64_t *sent) {
+  const size_t bytes = (size_t)rows * (size_t)(p->kp.D + 1) * sizeof(float);
+  const int next = (p->rank + 1) % p->P, prev = (p->rank + p->P - 1) % p->P;
+  float *snd = p->ring_a, *rcv = p->ring_b;
+  *sent = 0;
+  if (p->P == 1) return DA_SUCCESS;
+  memcpy(snd, p->part, bytes);
+  for (int s = 1; s < p->P; s++) {
+    da_xreq_t *req = NULL;
+    DA_CHECK(p->xp.t->exchange_start(&p->xp, snd, bytes, next, rcv, bytes, prev, DA_TAG_DECODE, s, &req));
+    DA_CHECK(p->xp.t->wait(&p->xp, req));
+    *sent += bytes;
+    merge_rows(rcv, p->part, rows, p->kp.D);
+    float *t = snd;
+    snd = rcv, rcv = t;
+  }
+  return DA_SUCCESS;
+}
+
+da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor_t *q, da_tensor_t *out,
+                           da_tensor_t *lse, void *stream) {
+  da_error_clear();
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_step: plan is NULL");
+  if (p->broken)
+    return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this decode plan had a reduction time "
+                                            "out; free it and create a new one", p->rank));
+  const double t0 = da_time_now();
+  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  const int gets_output = p->cfg.algo == DA_DECODE_RING || p->cfg.root < 0 || p->cfg.root == p->rank;
+  p->xp.phase = "decode";
+  /* ---- local checks: a failure here still joins the reduction, with poisoned partials ---- */
+  da_status_t st = DA_SUCCESS;
+  int64_t T = 1;
+  qview_t vq = {0}, vo = {0}, vl = {0};
+  if (!c) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_decode_step: cache is NULL", p->rank);
+  else if (c->broken) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: the kv cache had a failed append", p->rank);
+  else if (c->B != p->B || c->G != p->kp.G || c->D != D || c->dtype != p->kp.dtype)
+    st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: the cache holds %lld sequences of [%d][%d] %s rows, the plan "
+                "expects %lld of [%d][%d] %s", p->rank, (long long)c->B, c->G, c->D, da_dtype_name(c->dtype),
+                (long long)p->B, p->kp.G, D, da_dtype_name(p->kp.dtype));
+  /* A rank whose q is unusable still needs the row count its peers use: it assumes the previous
+   * step's T (decode loops keep T fixed); a different T makes the reduction fail, not hang. */
+  T = q && q->ndim == 4 && q->shape[1] >= 1 ? q->shape[1] : q && q->ndim == 3 ? 1 : p->last_t;
+  if (st == DA_SUCCESS) st = check_q(p, "q", q, p->kp.dtype, T, 1, &vq);
+  if (st == DA_SUCCESS && gets_output) st = check_q(p, "out", out, p->kp.dtype, T, 1, &vo);
+  if (st == DA_SUCCESS && gets_output && lse) st = check_q(p, "lse", lse, DA_FLOAT32, T, 0, &vl);
+  for (int64_t b = 0; st == DA_SUCCESS && b < p->B; b++)
+    if (c->seq[b].len < T)
+      st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: sequence %lld holds %lld tokens, fewer than the %lld queries "
+                  "(append their k, v first)", p->rank, (long long)b, (long long)c->seq[b].len, (long long)T);
+  const int64_t rows = p->B * T * H;
+  /* The buffers must exist even on a failing rank: it still takes part in the reduction. */
+  da_status_t gst = grow(p, T);
+  if (gst != DA_SUCCESS) /* without a buffer this rank cannot take part: its peers time out */
+    return da_context_finish(p->ctx, gst);
+  p->last_t = T;
+  /* ---- local partials ---- */
+  uint64_t kvb = 0;
+  const double t1 = da_time_now();
+  if (st == DA_SUCCESS) st = local_partials(p, c, &vq, T, &kvb);
+  const double t2 = da_time_now();
+  if (st != DA_SUCCESS)
+    for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(POISON_BITS);
+  /* ---- combine ---- */
+  uint64_t sent = 0;
+  da_status_t cst;
+  if (p->cfg.algo == DA_DECODE_TREE) {
+    cst = tree_reduce(p, rows);
+    sent = tree_bytes(p, (uint64_t)rows * (uint64_t)w * sizeof(float));
+  } else {
+    cst = ring_reduce(p, rows, &sent);
+    if (cst == DA_ERR_TIMEOUT) p->broken = 1;
+  }
+  const double t3 = da_time_now();
+  if (cst != DA_SUCCESS) /* a transfer failed: peers are in unknown states, no agreement is tried */
+    return da_context_finish(p->ctx, st != DA_SUCCESS ? st : cst);
+  /* ---- outcome: a poisoned row means some rank failed; every rank holding the result knows ---- */
+  int poisoned = 0;
+  if (gets_output)
+    for (int64_t i = 0; i < rows && !poisoned; i++) poisoned = is_poison(p->part[i * w + D]);
+  if (st != DA_SUCCESS || poisoned) {
+    if (p->cfg.root < 0 || p->cfg.algo == DA_DECODE_RING) /* every rank saw it: agree on who and why */
+      return da_context_finish(p->ctx, da_xport_agree(&p->xp, st, "decode"));
+    if (st == DA_SUCCESS)
+      st = DA_ERR(DA_ERR_REMOTE, "rank %d decode: another rank failed (its partials arrived poisoned)", p->rank);
+    return da_context_finish(p->ctx, st);
+  }
+  /* ---- outputs ---- */
+  if (gets_output) {
+    const da_dtype_t dt = p->kp.dtype;
+    for (int64_t b = 0; b < p->B; b++)
+      for (int64_t t = 0; t < T; t++)
+        for (int h = 0; h < H; h++) {
+          const float *row = p->part + (size_t)((b * T + t) * H + h) * (size_t)w;
+          char *dst = vo.base + (size_t)(b * vo.sb + t * vo.st + h * vo.sh) * vo.esz;
+          for (int d = 0; d < D; d++) da_store_f32(dst, (int)dt, d, row[d]);
+          if (lse) ((float *)vl.base)[b * vl.sb + t * vl.st + h * vl.sh] = row[D];
+        }
+  }
+  p->st.step_s = da_time_now() - t0;
+  p->st.compute_s = t2 - t1;
+  p->st.reduce_s = t3 - t2;
+  p->st.bytes_sent = sent;
+  p->st.kv_bytes = kvb;
+  p->st.partial_bytes = (size_t)rows * (size_t)w * sizeof(float);
+  (void)stream;
+  return da_context_finish(p->ctx, DA_SUCCESS);
+}
