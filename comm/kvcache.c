@@ -156,8 +156,12 @@ static da_status_t cache_local(da_comm_t *comm, const da_problem_t *prob, const 
                   (int)cfg->layout);
   if (!(cfg->timeout >= 0) || !isfinite(cfg->timeout))
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "kv cache config: timeout %g s must be >= 0", cfg->timeout);
+  /* Only the row shape matters here: lengths come from prefill and appends, masks from decode. */
+  da_problem_t pr = *prob;
+  if (pr.seq < 1) pr.seq = 1;
+  pr.mask = DA_MASK_NONE, pr.ndocs = 0, pr.cu_seqlens = NULL;
   da_kparams_t kp;
-  DA_CHECK(da_context_params(c->ctx, prob, &kp));
+  DA_CHECK(da_context_params(c->ctx, &pr, &kp));
   c->B = prob->batch, c->G = kp.G, c->D = kp.D, c->dtype = prob->dtype;
   c->esz = da_dtype_size(c->dtype);
   c->row_bytes = (size_t)c->G * c->D * c->esz;

@@ -17,3 +17,14 @@ foreach(P 1 2 3 4 5 8)
            COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 300 -np ${P} $<TARGET_FILE:test_ring>)
   set_tests_properties(test_ring_np${P} PROPERTIES LABELS mpi TIMEOUT 330 ENVIRONMENT "${DA_MPI_TEST_ENV}")
 endforeach()
+
+# Decode over the distributed paged KV cache (tree | ring), tests/test_tree.c.
+if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_tree.c)
+  add_executable(test_tree test_tree.c)
+  target_link_libraries(test_tree PRIVATE da_comm da_ref da_core Check::check MPI::MPI_C m)
+  foreach(P 1 2 3 4 5 8)
+    add_test(NAME test_tree_np${P}
+             COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np ${P} $<TARGET_FILE:test_tree>)
+    set_tests_properties(test_tree_np${P} PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+  endforeach()
+endif()
