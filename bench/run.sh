@@ -35,4 +35,43 @@ for c in "${configs[@]}"; do
   echo
 done
 echo "# results appended to $OUT"
+
+# ---- tree vs ring decode (docs/decode.md) ------------------------------------------------------
+# `distattn decode` at P = 2, 4, 8 with the tree (one fused MPI reduction of the (o, lse)
+# partials) and the ring baseline (the query and the partials travel P-1 dependent hops, each rank
+# decoding its shard on arrival); latency = median step, max over ranks. Two contexts: 256K
+# (the shard decodes dominate, so the ring pays P of them in a row) and 4K (the combine dominates:
+# log P reduction rounds against P-1 hops). One run each; the ratio ring / tree is printed and
+# every run appended to bench/results/decode-<host>.jsonl. Ranks are oversubscribed on small
+# machines (P > cores): the tree's parallel decodes then share the cores, which caps its gain.
+MPIRUN=${MPIRUN:-$(command -v mpirun || command -v mpirun.openmpi || echo mpirun)}
+DOUT=${BENCH_DECODE_JSON:-$HERE/results/decode-$HOST.jsonl}
+DSTEPS=${DECODE_STEPS:-20}
+export OMPI_ALLOW_RUN_AS_ROOT=${OMPI_ALLOW_RUN_AS_ROOT:-1} OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=${OMPI_ALLOW_RUN_AS_ROOT_CONFIRM:-1}
+dshape="--heads 8 --kv-heads 1 --dim 128 --batch 1 --steps $DSTEPS --warmup 2"
+summary=()
+for ctx in 256K 4K; do
+  for P in 2 4 8; do
+    med=()
+    for algo in tree ring; do
+      # shellcheck disable=SC2086
+      line=$("$MPIRUN" --oversubscribe --bind-to none -np "$P" "$EXE" decode --algo "$algo" --context "$ctx" \
+               $dshape --verify 1 --json "$DOUT" 2>&1)
+      rc=$?
+      echo "$line"
+      if [ $rc -ne 0 ]; then
+        echo "bench/run.sh: distattn decode --algo $algo --context $ctx (P = $P) exited $rc" >&2
+        status=1
+      fi
+      # the table row: med_ms is column 10
+      med+=("$(echo "$line" | grep -v '^#' | awk 'NF >= 20 {print $10; exit}')")
+    done
+    ratio=$(awk -v t="${med[0]}" -v r="${med[1]}" 'BEGIN { if (t > 0) printf "%.2f", r / t; else print "-" }')
+    summary+=("$(printf '%8s %5s %10s %10s %8s' "$ctx" "$P" "${med[0]:--}" "${med[1]:--}" "$ratio")")
+  done
+done
+echo "# tree vs ring decode: median step latency (ms), ratio = ring / tree"
+printf '# %8s %5s %10s %10s %8s\n' context ranks tree_ms ring_ms ratio
+printf '  %s\n' "${summary[@]}"
+echo "# decode results appended to $DOUT"
 exit $status

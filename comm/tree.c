@@ -19,6 +19,10 @@
  * attention driver's (transport.h) even if both ran at once. */
 enum { DA_TAG_DECODE = 21 };
 
+/* DISTATTN_DECODE_BLOCKING=1: the flat tree uses the blocking MPI_Allreduce (no deadline: a
+ * missing peer hangs it), to measure what the nonblocking call with polling costs. */
+DA_PARAM(Blocking, "DECODE_BLOCKING", 0)
+
 struct da_decode_plan {
   da_context_t *ctx;
   const da_kernels_t *kt;
@@ -38,7 +42,8 @@ struct da_decode_plan {
   int node_rank, node_size, nnodes, leader_rank, root_leader;
   /* buffers, grown with B * T * H */
   int64_t cap_rows;
-  float *part, *ring_a, *ring_b; /* [rows][D + 1] */
+  float *part;                   /* [rows][D + 1] */
+  char *msg;                     /* ring: the travelling message, partials [rows][D + 1] then q */
   float *o, *lse;                /* kernel outputs of one sequence: [T][H][D], [T][H] */
   char *qpack;                   /* q of one sequence with its heads packed, when the caller's are not */
   int64_t cap_t;
@@ -165,7 +170,7 @@ void da_decode_plan_free(da_decode_plan_t *p) {
   da_xport_close(&p->xp);
   if (p->mcomm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&p->mcomm);
   if (!p->broken) da_free(p->part); /* else MPI may still write into it */
-  da_free(p->ring_a), da_free(p->ring_b);
+  da_free(p->msg);
   da_free(p->o), da_free(p->lse), da_free(p->qpack);
   free(p);
 }
@@ -363,13 +368,13 @@ static da_status_t check_q(const da_decode_plan_t *p, const char *name, const da
 static da_status_t grow(da_decode_plan_t *p, int64_t T) {
   const int64_t H = p->kp.H, D = p->kp.D, rows = p->B * T * H;
   if (rows > p->cap_rows) {
-    da_free(p->part), da_free(p->ring_a), da_free(p->ring_b);
+    da_free(p->part), da_free(p->msg);
     const size_t bytes = (size_t)rows * (size_t)(D + 1) * sizeof(float);
+    const size_t qbytes = (size_t)rows * (size_t)D * da_dtype_size(p->kp.dtype);
     p->part = da_malloc(bytes, 64);
-    p->ring_a = p->cfg.algo == DA_DECODE_RING ? da_malloc(bytes, 64) : NULL;
-    p->ring_b = p->cfg.algo == DA_DECODE_RING ? da_malloc(bytes, 64) : NULL;
+    p->msg = p->cfg.algo == DA_DECODE_RING ? da_malloc(bytes + qbytes, 64) : NULL;
     p->cap_rows = 0;
-    if (!p->part || (p->cfg.algo == DA_DECODE_RING && (!p->ring_a || !p->ring_b)))
+    if (!p->part || (p->cfg.algo == DA_DECODE_RING && !p->msg))
       return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: decode partials for %lld rows", p->rank, (long long)rows);
     p->cap_rows = rows;
   }
@@ -429,6 +434,10 @@ static da_status_t tree_reduce(da_decode_plan_t *p, int64_t rows) {
   const int n = (int)rows, root = p->cfg.root;
   MPI_Request r;
   if (p->cfg.topo == DA_TOPO_FLAT) {
+    if (da_param_Blocking() && root < 0) { /* measurement aid: no deadline */
+      MPITRY(MPI_Allreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->mcomm), "MPI_Allreduce");
+      return DA_SUCCESS;
+    }
     if (root < 0) {
       MPITRY(MPI_Iallreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->mcomm, &r), "MPI_Iallreduce");
       return coll_wait(p, &r, "the merge allreduce");
@@ -461,23 +470,57 @@ static da_status_t tree_reduce(da_decode_plan_t *p, int64_t rows) {
   return DA_SUCCESS;
 }
 
-/* Ring (the baseline): P-1 dependent steps; at each, every rank passes on the partial it received
- * last (its own first) and merges the one it receives, so all ranks end with every partial. */
-static da_status_t ring_reduce(da_decode_plan_t *p, int64_t rows, uint64_t *sent) {
-  const size_t bytes = (size_t)rows * (size_t)(p->kp.D + 1) * sizeof(float);
-  const int next = (p->rank + 1) % p->P, prev = (p->rank + p->P - 1) % p->P;
-  float *snd = p->ring_a, *rcv = p->ring_b;
-  *sent = 0;
-  if (p->P == 1) return DA_SUCCESS;
-  memcpy(snd, p->part, bytes);
-  for (int s = 1; s < p->P; s++) {
-    da_xreq_t *req = NULL;
-    DA_CHECK(p->xp.t->exchange_start(&p->xp, snd, bytes, next, rcv, bytes, prev, DA_TAG_DECODE, s, &req));
+/* Ring (the baseline of the paper): the query and the running partials travel along the ring.
+ * The chain starts on the rank after the owner (root; rank P-1 when every rank wants the output)
+ * and ends on the owner: rank k of the chain waits for the message of rank k-1, decodes ITS shard
+ * with the query it carries, merges, and passes it on: P-1 dependent steps, each holding one
+ * shard's decode on the critical path. With root = -1 the owner then broadcasts the result (one
+ * MPI_Ibcast, as the tree's allreduce ends with a broadcast too). */
+static da_status_t ring_step(da_decode_plan_t *p, const da_kvcache_t *c, const qview_t *vq, int64_t T, int ok,
+                             uint64_t *kv_bytes, double *compute_s, uint64_t *sent, da_status_t *local) {
+  const int P = p->P, H = p->kp.H, D = p->kp.D, w = D + 1;
+  const int64_t rows = p->B * T * H;
+  const size_t es = da_dtype_size(p->kp.dtype), pbytes = (size_t)rows * (size_t)w * sizeof(float);
+  const size_t bytes = pbytes + (size_t)rows * (size_t)D * es;
+  const int owner = p->cfg.root >= 0 ? p->cfg.root : P - 1, first = (owner + 1) % P;
+  const int k = (p->rank - first + P) % P, next = (p->rank + 1) % P, prev = (p->rank + P - 1) % P;
+  float *mrows = (float *)p->msg;
+  char *mq = p->msg + pbytes;
+  /* the query as it travels: packed [B][T][H][D] behind the partials */
+  const qview_t vm = {mq, T * H * D, (int64_t)H * D, D, es};
+  da_xreq_t *req = NULL;
+  *sent = 0, *kv_bytes = 0, *compute_s = 0;
+  if (k > 0) { /* wait for the query and the partials so far */
+    DA_CHECK(p->xp.t->exchange_start(&p->xp, NULL, 0, next, p->msg, bytes, prev, DA_TAG_DECODE, k, &req));
+    DA_CHECK(p->xp.t->wait(&p->xp, req));
+  } else if (ok) { /* the chain's first rank sends its own query along */
+    for (int64_t b = 0; b < p->B; b++)
+      for (int64_t t = 0; t < T; t++)
+        for (int h = 0; h < H; h++)
+          memcpy(mq + (size_t)(((b * T + t) * H + h) * D) * es,
+                 vq->base + (size_t)(b * vq->sb + t * vq->st + h * vq->sh) * es, (size_t)D * es);
+  }
+  const double t0 = da_time_now();
+  if (ok) {
+    *local = local_partials(p, c, k > 0 ? &vm : vq, T, kv_bytes);
+    ok = *local == DA_SUCCESS;
+  }
+  *compute_s = da_time_now() - t0;
+  if (!ok)
+    for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(POISON_BITS);
+  if (k > 0) merge_rows(mrows, p->part, rows, D);
+  if (k < P - 1) {
+    memcpy(mrows, p->part, pbytes);
+    DA_CHECK(p->xp.t->exchange_start(&p->xp, p->msg, bytes, next, NULL, 0, prev, DA_TAG_DECODE, k + 1, &req));
     DA_CHECK(p->xp.t->wait(&p->xp, req));
     *sent += bytes;
-    merge_rows(rcv, p->part, rows, p->kp.D);
-    float *t = snd;
-    snd = rcv, rcv = t;
+  }
+  if (p->cfg.root < 0 && P > 1) {
+    if (rows > INT32_MAX) return DA_ERR(DA_ERR_UNSUPPORTED, "decode: %lld rows exceed an MPI count", (long long)rows);
+    MPI_Request r;
+    MPITRY(MPI_Ibcast(p->part, (int)rows, p->rowtype, owner, p->mcomm, &r), "MPI_Ibcast (ring result)");
+    DA_CHECK(coll_wait(p, &r, "the broadcast of the ring's result"));
+    *sent += pbytes * (uint64_t)binomial_children((p->rank - owner + P) % P, P);
   }
   return DA_SUCCESS;
 }
@@ -491,7 +534,7 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
                                             "out; free it and create a new one", p->rank));
   const double t0 = da_time_now();
   const int H = p->kp.H, D = p->kp.D, w = D + 1;
-  const int gets_output = p->cfg.algo == DA_DECODE_RING || p->cfg.root < 0 || p->cfg.root == p->rank;
+  const int gets_output = p->cfg.root < 0 || p->cfg.root == p->rank;
   p->xp.phase = "decode";
   /* ---- local checks: a failure here still joins the reduction, with poisoned partials ---- */
   da_status_t st = DA_SUCCESS;
@@ -519,24 +562,24 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
   if (gst != DA_SUCCESS) /* without a buffer this rank cannot take part: its peers time out */
     return da_context_finish(p->ctx, gst);
   p->last_t = T;
-  /* ---- local partials ---- */
-  uint64_t kvb = 0;
-  const double t1 = da_time_now();
-  if (st == DA_SUCCESS) st = local_partials(p, c, &vq, T, &kvb);
-  const double t2 = da_time_now();
-  if (st != DA_SUCCESS)
-    for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(POISON_BITS);
-  /* ---- combine ---- */
-  uint64_t sent = 0;
+  uint64_t kvb = 0, sent = 0;
+  double compute_s = 0;
   da_status_t cst;
   if (p->cfg.algo == DA_DECODE_TREE) {
+    /* ---- local partials, all ranks at once ---- */
+    const double t1 = da_time_now();
+    if (st == DA_SUCCESS) st = local_partials(p, c, &vq, T, &kvb);
+    compute_s = da_time_now() - t1;
+    if (st != DA_SUCCESS)
+      for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(POISON_BITS);
+    /* ---- one fused reduction ---- */
     cst = tree_reduce(p, rows);
     sent = tree_bytes(p, (uint64_t)rows * (uint64_t)w * sizeof(float));
   } else {
-    cst = ring_reduce(p, rows, &sent);
+    /* ---- the ring: compute and combine interleave along the chain ---- */
+    cst = ring_step(p, c, &vq, T, st == DA_SUCCESS, &kvb, &compute_s, &sent, &st);
     if (cst == DA_ERR_TIMEOUT) p->broken = 1;
   }
-  const double t3 = da_time_now();
   if (cst != DA_SUCCESS) /* a transfer failed: peers are in unknown states, no agreement is tried */
     return da_context_finish(p->ctx, st != DA_SUCCESS ? st : cst);
   /* ---- outcome: a poisoned row means some rank failed; every rank holding the result knows ---- */
@@ -544,7 +587,7 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
   if (gets_output)
     for (int64_t i = 0; i < rows && !poisoned; i++) poisoned = is_poison(p->part[i * w + D]);
   if (st != DA_SUCCESS || poisoned) {
-    if (p->cfg.root < 0 || p->cfg.algo == DA_DECODE_RING) /* every rank saw it: agree on who and why */
+    if (p->cfg.root < 0) /* every rank saw it: agree on who and why */
       return da_context_finish(p->ctx, da_xport_agree(&p->xp, st, "decode"));
     if (st == DA_SUCCESS)
       st = DA_ERR(DA_ERR_REMOTE, "rank %d decode: another rank failed (its partials arrived poisoned)", p->rank);
@@ -563,8 +606,8 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
         }
   }
   p->st.step_s = da_time_now() - t0;
-  p->st.compute_s = t2 - t1;
-  p->st.reduce_s = t3 - t2;
+  p->st.compute_s = compute_s;
+  p->st.reduce_s = p->st.step_s - compute_s;
   p->st.bytes_sent = sent;
   p->st.kv_bytes = kvb;
   p->st.partial_bytes = (size_t)rows * (size_t)w * sizeof(float);

@@ -249,8 +249,8 @@ da_status_t da_plan_stats(const da_plan_t *plan, da_plan_stats_t *stats);
  * shards differ by more than one page; weights keep every rank within a page of its share. A
  * decode step runs the split-KV kernel on every rank's shard and combines the (o, lse) partials:
  * tree = one fused MPI reduction whose operator is the merge (flat, or within nodes then across
- * node leaders); ring = the partials travel around the ring in P-1 dependent steps (the
- * baseline). See docs/decode.md. */
+ * node leaders); ring = the query and the running partials travel around the ring in P-1
+ * dependent steps (the baseline). See docs/decode.md. */
 typedef struct da_kvcache da_kvcache_t;
 
 typedef struct da_kvcache_config {
@@ -307,7 +307,8 @@ size_t da_kvcache_bytes(const da_kvcache_t *cache, size_t *rows_bytes);
 
 typedef enum da_decode_algo {
   DA_DECODE_TREE = 0, /* one fused reduction (MPI_Allreduce / MPI_Reduce with the merge as MPI_Op) */
-  DA_DECODE_RING = 1, /* baseline: partials go around the ring, P-1 dependent steps */
+  DA_DECODE_RING = 1, /* baseline: the query and the running partials go around the ring, P-1
+                         dependent steps, each decoding one shard */
 } da_decode_algo_t;
 
 typedef enum da_decode_topo {
@@ -320,8 +321,8 @@ typedef struct da_decode_config {
   unsigned version;      /* DA_API_VERSION */
   da_decode_algo_t algo;
   da_decode_topo_t topo; /* tree only */
-  int root;              /* -1: every rank gets the output (allreduce); r >= 0: only rank r (reduce);
-                            the ring always delivers to every rank */
+  int root;              /* -1: every rank gets the output (tree: allreduce; ring: ends on rank P-1,
+                            which broadcasts it); r >= 0: only rank r (tree: reduce; ring: ends there) */
   int node_size;         /* two-level: ranks per node group; 0 = ranks that share memory
                             (MPI_Comm_split_type); a smaller value emulates several nodes */
   const char *transport; /* ring: "mpi" or "self" (one rank); NULL = DISTATTN_TRANSPORT or "mpi" */

@@ -230,7 +230,8 @@ int da_cmd_decode(int argc, char **argv) {
       {.name = "node-size", .type = DA_OPT_INT, .dest = &o.node_size,
        .help = "two-level: ranks per node group (0 = ranks sharing memory)", .min = 0, .max = 1 << 20},
       {.name = "root", .type = DA_OPT_INT, .dest = &o.root,
-       .help = "tree: reduce to this rank only (-1 = allreduce, every rank)", .min = -1, .max = 1 << 20},
+       .help = "only this rank gets the output (tree: MPI_Reduce; ring: the chain ends there); -1 = every rank",
+       .min = -1, .max = 1 << 20},
       {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o.dtype, .help = "storage dtype of q, k, v, out",
        .choices = dtype_names},
       {.name = "seed", .type = DA_OPT_INT, .dest = &o.seed, .help = "seed of the counter-based inputs", .min = 0,
@@ -382,7 +383,7 @@ int da_cmd_decode(int argc, char **argv) {
     rc = 1;
     goto out;
   }
-  const int verifier_root = o.algo == 0 && o.root >= 0;
+  const int verifier_root = o.root >= 0;
 
   /* ---- header ---- */
   char hosts[1024];
@@ -409,13 +410,17 @@ int da_cmd_decode(int argc, char **argv) {
       da_report_line(stdout, "cache: %s prefill, pages of %lld tokens, shards %.1f..%.1f MiB per rank (k + v), "
                              "filled from the RNG in %.2f s", o.weights ? "weighted" : layout_names[o.layout],
                      (long long)o.page, (double)~sh[1] / 1048576.0, (double)sh[0] / 1048576.0, fill);
-      if (o.algo == 0)
-        da_report_line(stdout, "combine: tree, %s, %s; one fused reduction with the (o, lse) merge as MPI_Op "
-                               "(%d node group%s)", topo_names[o.topo],
-                       o.root < 0 ? "MPI_Iallreduce (output on every rank)" : "MPI_Ireduce (output on the root)",
-                       ds.nodes, ds.nodes == 1 ? "" : "s");
-      else
-        da_report_line(stdout, "combine: ring, %d dependent steps passing the partials (output on every rank)", P - 1);
+      if (o.algo == 0) {
+        char groups[64] = "";
+        if (o.topo) snprintf(groups, sizeof groups, " (%d node group%s)", ds.nodes, ds.nodes == 1 ? "" : "s");
+        da_report_line(stdout, "combine: tree, %s%s, %s; one fused reduction with the (o, lse) merge as MPI_Op",
+                       topo_names[o.topo], groups,
+                       o.root < 0 ? "MPI_Iallreduce (output on every rank)" : "MPI_Ireduce (output on the root)");
+      } else {
+        da_report_line(stdout, "combine: ring, the query and the running partials travel %d dependent hops, each "
+                               "rank decoding its shard on arrival (output on %s)", P - 1,
+                       o.root < 0 ? "every rank: broadcast from the last" : "the root");
+      }
       da_report_line(stdout, "step: append the token's k, v then decode it; latency = max over ranks, median and "
                              "p99 over %lld steps (after %lld warmup)", (long long)T, (long long)W);
       da_report_line(stdout, "comm: bytes sent per step summed over ranks (ring: exact; tree: binomial-tree model); "
