@@ -153,7 +153,8 @@ int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float
   return 0;
 }
 
-double da_verify_rel(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err) {
+void da_verify_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err,
+                   double *ref_max) {
   double e = 0, m = 0;
   for (int64_t j = 0; j < len; j++) {
     double a = da_load_f32(x, (int)dt, off + j), d = fabs(a - ref[j]);
@@ -161,5 +162,11 @@ double da_verify_rel(const void *x, da_dtype_t dt, int64_t off, const double *re
     if (fabs(ref[j]) > m) m = fabs(ref[j]);
   }
   *abs_err = e;
-  return e / (m > 1e-6 ? m : 1e-6);
+  *ref_max = m;
+}
+
+double da_verify_rel(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err) {
+  double m;
+  da_verify_err(x, dt, off, ref, len, abs_err, &m);
+  return *abs_err / (m > 1e-6 ? m : 1e-6);
 }

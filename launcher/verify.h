@@ -34,8 +34,21 @@ int da_verify_dq_row(const da_vprob_t *vp, int64_t b, int64_t qpos, const double
 int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float *lse_all, const float *delta_all,
                       double *dk, double *dv);
 
-/* Error of len values of x (dtype dt, from offset off) against ref: returns max|x - ref| /
- * max(max|ref|, 1e-6) (NaN -> +inf); *abs_err = max|x - ref|. */
+/* Error of len values of x (dtype dt, from offset off) against ref: *abs_err = max|x - ref|
+ * (NaN -> +inf) and *ref_max = max|ref|. The relative error of the row is then
+ * abs_err / max(ref_max, floor): see da_verify_floor. */
+void da_verify_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err,
+                   double *ref_max);
+
+/* max|x - ref| / max(max|ref|, 1e-6) of one row, for outputs (never exactly 0 in practice). */
 double da_verify_rel(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err);
+
+/* The floor of the per-row scale: 10% of the largest |ref| over the verified rows of the same
+ * tensor (at least 1e-6). A row whose exact value is 0 (dq of a query that sees one key, say)
+ * is then measured against the tensor's scale instead of against rounding noise. */
+static inline double da_verify_floor(double tensor_ref_max) {
+  double f = 0.1 * tensor_ref_max;
+  return f > 1e-6 ? f : 1e-6;
+}
 
 #endif /* DA_VERIFY_H */

@@ -1,143 +1,112 @@
-/* cpu.c: interim scalar CPU backend (plain loops, fp32 state), correct for every mask, dtype and
- * GQA ratio; replaced by the blocked, vectorized kernels. Not fast. */
-#include <math.h>
-#include <stdlib.h>
+/* cpu.c: the CPU backend table: capability checks and the choice, once per process, of the ISA
+ * level the kernels run at (AVX-512, AVX2+FMA, or portable C), from what the CPU reports, never
+ * from the build machine. DISTATTN_CPU_ISA=avx512|avx2|generic forces a level (tests and
+ * benchmarks compare them); asking for one the CPU lacks is an error, not a silent fallback. */
 #include <string.h>
-#include "dtype.h"
-#include "kernels.h"
+#include "cpu_impl.h"
 
-static da_status_t sup(const da_kparams_t *p) {
+static const da_kernels_t *impl;
+
+static const da_kernels_t *pick(void) {
+  const char *want = da_param_string("DISTATTN_CPU_ISA");
+  int has512 = 0, has2 = 0;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+#ifdef DA_CPU_HAVE_X86
+  if (want && !strcmp(want, "avx512")) {
+    if (!has512) return DA_ERR(DA_ERR_UNSUPPORTED, "DISTATTN_CPU_ISA=avx512 but this CPU lacks AVX-512"), NULL;
+    return &da_cpu_impl_avx512;
+  }
+  if (want && !strcmp(want, "avx2")) {
+    if (!has2) return DA_ERR(DA_ERR_UNSUPPORTED, "DISTATTN_CPU_ISA=avx2 but this CPU lacks AVX2/FMA"), NULL;
+    return &da_cpu_impl_avx2;
+  }
+#endif
+  if (want && strcmp(want, "generic") && strcmp(want, "auto"))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "DISTATTN_CPU_ISA=%s: expected avx512, avx2, generic or auto", want), NULL;
+  if (want && !strcmp(want, "generic")) return &da_cpu_impl_generic;
+#ifdef DA_CPU_HAVE_X86
+  if (has512) return &da_cpu_impl_avx512;
+  if (has2) return &da_cpu_impl_avx2;
+#endif
+  (void)has512, (void)has2;
+  return &da_cpu_impl_generic;
+}
+
+static da_status_t get(const da_kernels_t **out) {
+  const da_kernels_t *k = __atomic_load_n(&impl, __ATOMIC_ACQUIRE);
+  if (!k) {
+    k = pick();
+    if (!k) return DA_ERR_UNSUPPORTED; /* message recorded by pick() */
+    DA_INFO(DA_SUB_KERNEL, "cpu kernels: %s", k->name);
+    __atomic_store_n(&impl, k, __ATOMIC_RELEASE);
+  }
+  *out = k;
+  return DA_SUCCESS;
+}
+
+/* The name of the ISA level in use ("cpu-avx512", ...), for reports. */
+const char *da_cpu_isa_name(void) {
+  const da_kernels_t *k;
+  return get(&k) == DA_SUCCESS ? k->name : "cpu-unavailable";
+}
+
+static da_status_t supports(const da_kparams_t *p) {
   DA_CHECK(da_kparams_check(p));
-  if (p->D > 256) return DA_ERR(DA_ERR_UNSUPPORTED, "cpu backend: head dim %d > 256", p->D);
-  return DA_SUCCESS;
+  if (p->D > DA_CPU_MAX_DIM)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "cpu backend: head dim %d > %d is not supported", p->D, DA_CPU_MAX_DIM);
+  const da_kernels_t *k;
+  return get(&k);
 }
 
-static float dotx(const void *a, const void *b, int dt, int D) {
-  float s = 0;
-  for (int d = 0; d < D; d++) s += da_load_f32(a, dt, d) * da_load_f32(b, dt, d);
-  return s;
+/* Forwarders: the table below is what callers hold; each call goes to the chosen level. */
+static da_status_t fwd_block(const da_kparams_t *p, const void *q, int64_t ldq, da_span_t qpos, const void *k,
+                             int64_t ldk, const void *v, int64_t ldv, da_span_t kpos, da_fwd_state_t *st,
+                             void *stream) {
+  const da_kernels_t *t;
+  DA_CHECK(get(&t));
+  return t->fwd_block(p, q, ldq, qpos, k, ldk, v, ldv, kpos, st, stream);
 }
-
-static da_status_t fwd_block(const da_kparams_t *p, const void *q, int64_t ldq, da_span_t qpos,
-                             const void *k, int64_t ldk, const void *v, int64_t ldv, da_span_t kpos,
-                             da_fwd_state_t *st, void *stream) {
-  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype;
-  const size_t es = da_dtype_size(p->dtype);
-#pragma omp parallel for collapse(2) schedule(dynamic, 4) num_threads(p->nthreads > 0 ? p->nthreads : 1)
-  for (int64_t i = 0; i < qpos.count; i++)
-    for (int h = 0; h < H; h++) {
-      const char *qi = (const char *)q + (size_t)(i * ldq + h * D) * es;
-      int64_t qp = da_span_at(qpos, i);
-      float *o = st->o + (i * H + h) * D, *m = st->m + i * H + h, *l = st->l + i * H + h;
-      int g = h / rep;
-      for (int64_t j = 0; j < kpos.count; j++) {
-        if (!da_mask_allows(&p->mask, qp, da_span_at(kpos, j))) continue;
-        const char *kj = (const char *)k + (size_t)(j * ldk + g * D) * es;
-        const char *vj = (const char *)v + (size_t)(j * ldv + g * D) * es;
-        float s = p->scale * dotx(qi, kj, dt, D);
-        float mn = s > *m ? s : *m;
-        float a = expf(*m - mn), e = expf(s - mn);
-        *l = *l * a + e;
-        for (int d = 0; d < D; d++) o[d] = o[d] * a + e * da_load_f32(vj, dt, d);
-        *m = mn;
-      }
-    }
-  return DA_SUCCESS;
-}
-
 static da_status_t fwd_finish(const da_kparams_t *p, const da_fwd_state_t *st, void *out, da_dtype_t odt,
                               int64_t ldo, float *lse, void *stream) {
-  const int H = p->H, D = p->D;
-  const size_t es = da_dtype_size(odt);
-  for (int64_t i = 0; i < st->nq; i++)
-    for (int h = 0; h < H; h++) {
-      float l = st->l[i * H + h];
-      char *dst = (char *)out + (size_t)(i * ldo + h * D) * es;
-      for (int d = 0; d < D; d++) da_store_f32(dst, (int)odt, d, l > 0 ? st->o[(i * H + h) * D + d] / l : 0.0f);
-      if (lse) lse[i * H + h] = l > 0 ? st->m[i * H + h] + logf(l) : -INFINITY;
-    }
-  return DA_SUCCESS;
+  const da_kernels_t *t;
+  DA_CHECK(get(&t));
+  return t->fwd_finish(p, st, out, odt, ldo, lse, stream);
 }
-
 static da_status_t merge(const da_kparams_t *p, int64_t n, float *oa, float *la, const float *ob, const float *lb,
                          void *stream) {
-  const int H = p->H, D = p->D;
-  for (int64_t r = 0; r < n * H; r++) {
-    float a = la[r], b = lb[r];
-    if (b == -INFINITY) continue;
-    if (a == -INFINITY) {
-      memcpy(oa + r * D, ob + r * D, (size_t)D * 4);
-      la[r] = b;
-      continue;
-    }
-    float mx = a > b ? a : b, wa = expf(a - mx), wb = expf(b - mx), s = wa + wb;
-    for (int d = 0; d < D; d++) oa[r * D + d] = (wa * oa[r * D + d] + wb * ob[r * D + d]) / s;
-    la[r] = mx + logf(s);
-  }
-  return DA_SUCCESS;
+  const da_kernels_t *t;
+  DA_CHECK(get(&t));
+  return t->merge(p, n, oa, la, ob, lb, stream);
 }
-
 static da_status_t bwd_prep(const da_kparams_t *p, int64_t nq, const void *out, int64_t ldo, const void *dout,
                             int64_t lddo, float *delta, void *stream) {
-  const int H = p->H, D = p->D, dt = (int)p->dtype;
-  const size_t es = da_dtype_size(p->dtype);
-  for (int64_t i = 0; i < nq; i++)
-    for (int h = 0; h < H; h++)
-      delta[i * H + h] = dotx((const char *)out + (size_t)(i * ldo + h * D) * es,
-                              (const char *)dout + (size_t)(i * lddo + h * D) * es, dt, D);
-  return DA_SUCCESS;
+  const da_kernels_t *t;
+  DA_CHECK(get(&t));
+  return t->bwd_prep(p, nq, out, ldo, dout, lddo, delta, stream);
 }
-
 static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, const void *dout, int64_t lddo,
                              const float *lse, const float *delta, da_span_t qpos, const void *k, int64_t ldk,
                              const void *v, int64_t ldv, da_span_t kpos, float *dq, float *dk, float *dv,
                              void *stream) {
-  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype;
-  const size_t es = da_dtype_size(p->dtype);
-  for (int64_t i = 0; i < qpos.count; i++)
-    for (int h = 0; h < H; h++) {
-      float L = lse[i * H + h];
-      if (L == -INFINITY) continue;
-      const char *qi = (const char *)q + (size_t)(i * ldq + h * D) * es;
-      const char *doi = (const char *)dout + (size_t)(i * lddo + h * D) * es;
-      int64_t qp = da_span_at(qpos, i);
-      int g = h / rep;
-      for (int64_t j = 0; j < kpos.count; j++) {
-        if (!da_mask_allows(&p->mask, qp, da_span_at(kpos, j))) continue;
-        const char *kj = (const char *)k + (size_t)(j * ldk + g * D) * es;
-        const char *vj = (const char *)v + (size_t)(j * ldv + g * D) * es;
-        float pij = expf(p->scale * dotx(qi, kj, dt, D) - L);
-        float ds = pij * (dotx(doi, vj, dt, D) - delta[i * H + h]);
-        for (int d = 0; d < D; d++) {
-          dq[(i * H + h) * D + d] += p->scale * ds * da_load_f32(kj, dt, d);
-          dk[(j * G + g) * D + d] += p->scale * ds * da_load_f32(qi, dt, d);
-          dv[(j * G + g) * D + d] += pij * da_load_f32(doi, dt, d);
-        }
-      }
-    }
-  return DA_SUCCESS;
+  const da_kernels_t *t;
+  DA_CHECK(get(&t));
+  return t->bwd_block(p, q, ldq, dout, lddo, lse, delta, qpos, k, ldk, v, ldv, kpos, dq, dk, dv, stream);
 }
-
 static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_span_t qpos,
                           const da_kvpage_t *pages, int npages, float *o, float *lse, void *stream) {
-  const int H = p->H, D = p->D;
-  float *m = malloc((size_t)(qpos.count * H) * 4), *l = malloc((size_t)(qpos.count * H) * 4);
-  if (!m || !l) {
-    free(m), free(l);
-    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "decode state");
-  }
-  da_fwd_state_t st = {o, m, l, qpos.count};
-  da_fwd_state_init_host(p, &st);
-  for (int pg = 0; pg < npages; pg++)
-    fwd_block(p, q, ldq, qpos, pages[pg].k, pages[pg].ldk, pages[pg].v, pages[pg].ldv, pages[pg].pos, &st, stream);
-  fwd_finish(p, &st, o, DA_FLOAT32, (int64_t)H * D, lse, stream);
-  free(m), free(l);
-  return DA_SUCCESS;
+  const da_kernels_t *t;
+  DA_CHECK(get(&t));
+  return t->decode(p, q, ldq, qpos, pages, npages, o, lse, stream);
 }
 
 const da_kernels_t da_kernels_cpu = {
     .name = "cpu",
-    .supports = sup,
+    .supports = supports,
     .fwd_block = fwd_block,
     .fwd_finish = fwd_finish,
     .merge = merge,

@@ -1,0 +1,845 @@
+/* cpu_impl.c: blockwise flash attention on the CPU, forward, backward and split-KV decode, with
+ * fp32 state and accumulation whatever the storage dtype. Compiled once per ISA level (simd.h);
+ * DA_ISA names the table it exports. Not the capability checks or the dispatch (cpu.c).
+ *
+ * The layout trick that makes every softmax step vertical: a micro-tile of QT = NV*W queries
+ * keeps its queries in vector lanes. Scores are computed transposed, S^T[key][query] = K Q^T,
+ * by broadcasting one element of a key row against a row of the packed Q^T [D][QT]; the row
+ * max, exp and sum over keys are then lane-wise operations between rows (no horizontal
+ * reductions), and the output is accumulated transposed as O^T[D][QT] += V^T P^T by
+ * broadcasting V elements against rows of P^T. Q^T is packed once per call and query tile,
+ * K and V rows are used as stored (converted to fp32 per tile), so no transpose sits on the
+ * O(S^2) path. The backward uses the same two products plus a third (rows of dK/dV += P^T dO). */
+#include <math.h>
+#include <omp.h>
+#include <string.h>
+#include "cpu_impl.h"
+#include "simd.h"
+
+#ifndef DA_ISA
+#error "DA_ISA must name the ISA level (avx512, avx2, generic)"
+#endif
+#define DA_CAT2(a, b) a##b
+#define DA_CAT(a, b) DA_CAT2(a, b)
+#define DA_STR2(a) #a
+#define DA_STR(a) DA_STR2(a)
+
+/* Register tile: R rows (keys or head dims) by NV vectors of W lanes. */
+#if defined(DA_SIMD_AVX512)
+#define NV 2
+#define R 8
+#elif defined(DA_SIMD_AVX2)
+#define NV 1
+#define R 8
+#else
+#define NV 2
+#define R 4
+#endif
+#define QT (NV * W)  /* queries per micro-tile */
+#define NU 2         /* vectors along D in the row-major product (gemm_c) */
+#define BK_FWD 64    /* keys per KV tile, forward */
+#define BK_BWD 64    /* keys per KV tile, backward */
+#define LOG2E 1.4426950408889634f
+#define LN2 0.6931471805599453f
+
+static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
+/* Padded head dim: a multiple of both R (gemm_b rows) and NU*W (gemm_c columns). */
+static inline int pad_dim(int D) {
+  int a = NU * W > R ? NU * W : R;
+  return (D + a - 1) / a * a;
+}
+
+/* ---- the three register-tiled products ------------------------------------------------------ */
+
+/* C[r][.] = sum_{d<nd} A[r*lda + d] * B[d][.]   (r < R; B is [nd][QT]; C is [R][QT]).
+ * S^T = K Q^T and dP^T = V dO^T: A rows are keys, B the packed transposed queries. */
+static __attribute__((noinline)) void gemm_a(int nd, const float *restrict A, int lda, const float *restrict B, float *restrict C) {
+  vf c[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) c[r][v] = vzero();
+  for (int d = 0; d < nd; d++) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) b[v] = vload(B + d * QT + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      vf a = vset1(A[r * lda + d]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) c[r][v] = vfma(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, c[r][v]);
+}
+
+/* Ct[r][.] = Ct[r][.] * alpha + sum_{j<nk} A[j*lda + r] * P[j][.]   (r < R; P is [nk][QT]).
+ * O^T = O^T * alpha + V^T P^T and dQ^T += K^T dS^T: A rows are keys, r walks the head dim. */
+static __attribute__((noinline)) void gemm_b(int nk, const float *restrict A, int lda, const float *restrict P, float *restrict Ct,
+                          const vf *alpha) {
+  vf c[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) c[r][v] = alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);
+  for (int j = 0; j < nk; j++) {
+    vf b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) b[v] = vload(P + j * QT + v * W);
+    const float *a = A + (size_t)j * lda;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      vf x = vset1(a[r]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) c[r][v] = vfma(x, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);
+}
+
+/* C[r*ldc + u*W ..] += sum_{i<QT} A[r*QT + i] * X[i*ldx + u*W ..]   (r < R, u < NU).
+ * dV += P^T dO and dK += dS^T Q: A rows are keys (lanes = queries), X rows are queries. */
+static __attribute__((noinline)) void gemm_c(const float *restrict A, const float *restrict X, int ldx, float *restrict C, int ldc) {
+  vf c[R][NU];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);
+  for (int i = 0; i < QT; i++) {
+    vf x[NU];
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) x[u] = vload(X + i * ldx + u * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      vf a = vset1(A[r * QT + i]);
+#pragma GCC unroll 4
+      for (int u = 0; u < NU; u++) c[r][u] = vfma(a, x[u], c[r][u]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);
+}
+
+/* ---- packing -------------------------------------------------------------------------------- */
+
+/* n rows of D elements (dtype dt, row stride ld elements) -> fp32 rows of Dp, times c; rows
+ * n..nrows-1 and columns D..Dp-1 are zero. */
+static void pack_rows(float *restrict dst, int Dp, int nrows, const void *src, int64_t ld, int dt, int n, int D,
+                      float c) {
+  const size_t es = dt == 0 ? 4 : 2;
+  const vf vc = vset1(c);
+  for (int i = 0; i < nrows; i++) {
+    float *d = dst + (size_t)i * Dp;
+    if (i >= n) {
+      memset(d, 0, (size_t)Dp * sizeof(float));
+      continue;
+    }
+    const char *s = (const char *)src + (size_t)i * (size_t)ld * es;
+    for (int x = 0; x < Dp; x += W) vstore(d + x, vmul(vload_dt(s + (size_t)x * es, dt, D - x), vc));
+  }
+}
+
+/* Transposed: Qt[d][i] = c * q[i][d] for i < n (rows of stride ld), zero for i >= n, d >= D. */
+static void pack_cols(float *restrict Qt, int Dp, const void *src, int64_t ld, int dt, int n, int D, float c) {
+  const size_t es = dt == 0 ? 4 : 2;
+  float row[DA_CPU_MAX_DIM + 64];
+  memset(Qt, 0, (size_t)Dp * QT * sizeof(float));
+  for (int i = 0; i < n; i++) {
+    const char *s = (const char *)src + (size_t)i * (size_t)ld * es;
+    for (int x = 0; x < D; x += W) vstore(row + x, vload_dt(s + (size_t)x * es, dt, D - x));
+    for (int d = 0; d < D; d++) Qt[d * QT + i] = c * row[d];
+  }
+}
+
+/* Per-lane visible key index range [lo, hi] of a query micro-tile against a key span (floats,
+ * exact: tile indices are small). Lanes >= n get an empty range. */
+static void lane_ranges(const da_mask_t *m, da_span_t qs, int n, da_span_t ks, float *lo, float *hi) {
+  const int64_t k0 = ks.start, k1 = da_span_last(ks);
+  for (int i = 0; i < QT; i++) {
+    if (i >= n) {
+      lo[i] = 1.0f, hi[i] = 0.0f;
+      continue;
+    }
+    int64_t a, b;
+    da_mask_row_range(m, da_span_at(qs, i), k0, k1, &a, &b);
+    if (a > b || b < k0 || a > k1) {
+      lo[i] = 1.0f, hi[i] = 0.0f;
+      continue;
+    }
+    int64_t ja = a <= k0 ? 0 : (a - k0 + ks.stride - 1) / ks.stride;
+    int64_t jb = b >= k1 ? ks.count - 1 : (b - k0) / ks.stride;
+    lo[i] = (float)ja, hi[i] = (float)jb;
+  }
+}
+
+/* ---- forward -------------------------------------------------------------------------------- */
+
+/* Online softmax over one tile of nk keys: S [nk][QT] (log2 units) becomes P = exp2(S - m_new)
+ * in place; M, L (per lane) are updated; alpha = exp2(m_old - m_new) rescales the output. */
+static void softmax_tile(float *restrict S, int nk, const float *lo, const float *hi, float *restrict M,
+                         float *restrict L, vf *alpha) {
+  vf mt[NV], use[NV], ls[NV];
+  for (int v = 0; v < NV; v++) mt[v] = vset1(-INFINITY);
+  if (lo) {
+    vf vlo[NV], vhi[NV];
+    for (int v = 0; v < NV; v++) vlo[v] = vload(lo + v * W), vhi[v] = vload(hi + v * W);
+    for (int j = 0; j < nk; j++) {
+      vf jf = vset1((float)j);
+      for (int v = 0; v < NV; v++) {
+        vf s = vkeep_range(vload(S + j * QT + v * W), jf, vlo[v], vhi[v]);
+        vstore(S + j * QT + v * W, s);
+        mt[v] = vmax(mt[v], s);
+      }
+    }
+  } else {
+    for (int j = 0; j < nk; j++)
+      for (int v = 0; v < NV; v++) mt[v] = vmax(mt[v], vload(S + j * QT + v * W));
+  }
+  for (int v = 0; v < NV; v++) {
+    vf mo = vload(M + v * W), mn = vmax(mt[v], mo);
+    use[v] = vreplace_eq(mn, -INFINITY, 0.0f); /* a row that has seen nothing yet: exp2(-inf) = 0 */
+    alpha[v] = vexp2(vsub(mo, use[v]));
+    vstore(M + v * W, mn);
+    ls[v] = vzero();
+  }
+  for (int j = 0; j < nk; j++)
+    for (int v = 0; v < NV; v++) {
+      vf pj = vexp2(vsub(vload(S + j * QT + v * W), use[v]));
+      vstore(S + j * QT + v * W, pj);
+      ls[v] = vadd(ls[v], pj);
+    }
+  for (int v = 0; v < NV; v++) vstore(L + v * W, vfma(vload(L + v * W), alpha[v], ls[v]));
+}
+
+typedef struct {
+  float *Qt, *Ot, *M, *L; /* [nmt][Dp][QT], [nmt][Dp][QT], [nmt][QT], [nmt][QT] */
+  float *Kc, *Vc;         /* [BK][Dp] */
+  float *S;               /* [BK][QT] */
+  float lo[QT], hi[QT];
+} fwd_scratch_t;
+
+static size_t fwd_scratch_floats(int nmt, int Dp) {
+  return (size_t)nmt * (2 * (size_t)Dp * QT + 2 * QT) + 2 * (size_t)BK_FWD * Dp + (size_t)BK_FWD * QT;
+}
+
+static void fwd_scratch_carve(fwd_scratch_t *w, float *base, int nmt, int Dp) {
+  w->Qt = base;
+  w->Ot = w->Qt + (size_t)nmt * Dp * QT;
+  w->M = w->Ot + (size_t)nmt * Dp * QT;
+  w->L = w->M + (size_t)nmt * QT;
+  w->Kc = w->L + (size_t)nmt * QT;
+  w->Vc = w->Kc + (size_t)BK_FWD * Dp;
+  w->S = w->Vc + (size_t)BK_FWD * Dp;
+}
+
+/* One task: KV head g, query rows [r0, r0 + nrows) of the block, every query head of the group,
+ * against all keys of the call. The state is read at the start and written at the end. */
+static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows, int ntl, const void *q,
+                     int64_t ldq, da_span_t qpos, const void *k, int64_t ldk, const void *v, int64_t ldv,
+                     da_span_t kpos, da_fwd_state_t *st, fwd_scratch_t *w) {
+  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype;
+  const size_t es = da_dtype_size(p->dtype);
+  const float c2 = p->scale * LOG2E;
+  int tn[64];           /* valid lanes of each query tile */
+  da_span_t tspan[64];  /* positions of each query tile */
+  int cls[64];
+  (void)G;
+  for (int t = 0; t < ntl; t++) {
+    tn[t] = (int)lmin(QT, nrows - (int64_t)t * QT);
+    if (tn[t] < 0) tn[t] = 0;
+    tspan[t] = da_span_sub(qpos, r0 + (int64_t)t * QT, tn[t] > 0 ? tn[t] : 1);
+  }
+  for (int hi_ = 0; hi_ < rep; hi_++) {
+    const int h = g * rep + hi_;
+    for (int t = 0; t < ntl; t++) {
+      const int mt = hi_ * ntl + t, n = tn[t];
+      float *Qt = w->Qt + (size_t)mt * Dp * QT, *Ot = w->Ot + (size_t)mt * Dp * QT;
+      float *M = w->M + mt * QT, *L = w->L + mt * QT;
+      if (n == 0) continue;
+      const int64_t row = r0 + (int64_t)t * QT;
+      pack_cols(Qt, Dp, (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es, ldq, dt, n, D, c2);
+      memset(Ot, 0, (size_t)Dp * QT * sizeof(float));
+      for (int i = 0; i < QT; i++) {
+        if (i < n) {
+          const int64_t sr = (row + i) * H + h;
+          const float *o = st->o + sr * D;
+          for (int d = 0; d < D; d++) Ot[d * QT + i] = o[d];
+          M[i] = st->m[sr], L[i] = st->l[sr];
+        } else {
+          M[i] = -INFINITY, L[i] = 0.0f;
+        }
+      }
+    }
+  }
+  for (int64_t j0 = 0; j0 < kpos.count; j0 += BK_FWD) {
+    const int nk = (int)lmin(BK_FWD, kpos.count - j0), nkr = (nk + R - 1) / R * R;
+    const da_span_t ks = da_span_sub(kpos, j0, nk);
+    int any = 0;
+    for (int t = 0; t < ntl; t++) {
+      cls[t] = tn[t] ? (int)da_mask_classify(&p->mask, tspan[t].start, da_span_last(tspan[t]), ks.start,
+                                             da_span_last(ks))
+                     : DA_TILE_EMPTY;
+      any |= cls[t] != DA_TILE_EMPTY;
+    }
+    if (!any) continue;
+    pack_rows(w->Kc, Dp, nkr, (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es, ldk, dt, nk, D, 1.0f);
+    pack_rows(w->Vc, Dp, nk, (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es, ldv, dt, nk, D, 1.0f);
+    for (int t = 0; t < ntl; t++) {
+      if (cls[t] == DA_TILE_EMPTY) continue;
+      const int partial = cls[t] == DA_TILE_PARTIAL; /* lanes past tn[t] are ignored */
+      if (partial) lane_ranges(&p->mask, tspan[t], tn[t], ks, w->lo, w->hi);
+      for (int hi_ = 0; hi_ < rep; hi_++) {
+        const int mt = hi_ * ntl + t;
+        float *Qt = w->Qt + (size_t)mt * Dp * QT, *Ot = w->Ot + (size_t)mt * Dp * QT;
+        vf alpha[NV];
+        for (int jr = 0; jr < nk; jr += R) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT);
+        softmax_tile(w->S, nk, partial ? w->lo : NULL, partial ? w->hi : NULL, w->M + mt * QT, w->L + mt * QT,
+                     alpha);
+        for (int dr = 0; dr < D; dr += R) gemm_b(nk, w->Vc + dr, Dp, w->S, Ot + (size_t)dr * QT, alpha);
+      }
+    }
+  }
+  for (int hi_ = 0; hi_ < rep; hi_++) {
+    const int h = g * rep + hi_;
+    for (int t = 0; t < ntl; t++) {
+      const int mt = hi_ * ntl + t, n = tn[t];
+      const float *Ot = w->Ot + (size_t)mt * Dp * QT;
+      const int64_t row = r0 + (int64_t)t * QT;
+      for (int i = 0; i < n; i++) {
+        const int64_t sr = (row + i) * H + h;
+        float *o = st->o + sr * D;
+        for (int d = 0; d < D; d++) o[d] = Ot[d * QT + i];
+        st->m[sr] = w->M[mt * QT + i], st->l[sr] = w->L[mt * QT + i];
+      }
+    }
+  }
+}
+
+static int nthreads_of(const da_kparams_t *p) {
+  int n = p->nthreads > 0 ? p->nthreads : da_default_nthreads();
+  return n > 0 ? n : 1;
+}
+
+static da_status_t fwd_block(const da_kparams_t *p, const void *q, int64_t ldq, da_span_t qpos, const void *k,
+                             int64_t ldk, const void *v, int64_t ldv, da_span_t kpos, da_fwd_state_t *st,
+                             void *stream) {
+  (void)stream;
+  if (qpos.count <= 0 || kpos.count <= 0) return DA_SUCCESS;
+  if (da_mask_classify(&p->mask, qpos.start, da_span_last(qpos), kpos.start, da_span_last(kpos)) == DA_TILE_EMPTY)
+    return DA_SUCCESS;
+  const int G = p->G, rep = p->H / p->G, Dp = pad_dim(p->D);
+  const int nthr = nthreads_of(p);
+  /* Query tiles per task: enough to reuse each converted KV tile a few times, few enough that
+   * every thread gets several tasks. */
+  int ntl = rep >= 4 ? 1 : 4 / rep;
+  while (ntl > 1 && (int64_t)G * ((qpos.count + (int64_t)ntl * QT - 1) / ((int64_t)ntl * QT)) < 4 * nthr) ntl /= 2;
+  const int64_t qb = (int64_t)ntl * QT, nqb = (qpos.count + qb - 1) / qb, ntasks = (int64_t)G * nqb;
+  const int nmt = rep * ntl;
+  const int nt = (int)lmin(nthr, ntasks);
+  const size_t per = fwd_scratch_floats(nmt, Dp) + 64;
+  float *scratch = da_malloc(per * (size_t)nt * sizeof(float), 64);
+  if (!scratch) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu forward: %zu bytes of scratch", per * nt * sizeof(float));
+#pragma omp parallel num_threads(nt)
+  {
+    fwd_scratch_t w;
+    fwd_scratch_carve(&w, scratch + per * (size_t)omp_get_thread_num(), nmt, Dp);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < ntasks; t++) {
+      /* Later query blocks first: under a causal mask they hold the most work. */
+      const int64_t b = nqb - 1 - t / G;
+      const int g = (int)(t % G);
+      const int64_t r0 = b * qb;
+      fwd_task(p, Dp, g, r0, (int)lmin(qb, qpos.count - r0), ntl, q, ldq, qpos, k, ldk, v, ldv, kpos, st, &w);
+    }
+  }
+  da_free(scratch);
+  return DA_SUCCESS;
+}
+
+/* out = o / l (dtype odt), lse = (m + log2 l) ln 2; rows that saw nothing: out = 0, lse = -inf. */
+static da_status_t fwd_finish(const da_kparams_t *p, const da_fwd_state_t *st, void *out, da_dtype_t odt,
+                              int64_t ldo, float *lse, void *stream) {
+  (void)stream;
+  const int H = p->H, D = p->D, dt = (int)odt;
+  const size_t es = da_dtype_size(odt);
+  const int64_t n = st->nq * H;
+#pragma omp parallel for schedule(static) num_threads(nthreads_of(p)) if (n * D > (1 << 16))
+  for (int64_t r = 0; r < n; r++) {
+    const int64_t i = r / H, h = r % H;
+    /* l == 0 exactly when the row saw no allowed key; a NaN l (NaN input) stays NaN */
+    const float l = st->l[r];
+    const int empty = l == 0.0f;
+    const float inv = 1.0f / l;
+    const float *o = st->o + r * D;
+    char *dst = (char *)out + (size_t)(i * ldo + h * D) * es;
+    const vf vi = vset1(inv);
+    for (int x = 0; x < D; x += W) {
+      int c = imin(W, D - x);
+      vf y = empty ? vzero() : vmul(vload_dt(o + x, 0, c), vi);
+      vstore_dt(dst + (size_t)x * es, dt, y, c);
+    }
+    if (lse) lse[r] = empty ? -INFINITY : (st->m[r] + log2f(l)) * LN2;
+  }
+  return DA_SUCCESS;
+}
+
+/* a <- merge(a, b) of normalized partials (natural-log lse). */
+static da_status_t merge(const da_kparams_t *p, int64_t n, float *oa, float *la, const float *ob, const float *lb,
+                         void *stream) {
+  (void)stream;
+  const int D = p->D;
+  const int64_t rows = n * p->H;
+#pragma omp parallel for schedule(static) num_threads(nthreads_of(p)) if (rows * D > (1 << 16))
+  for (int64_t r = 0; r < rows; r++) {
+    const float a = la[r], b = lb[r];
+    float *x = oa + r * D;
+    const float *y = ob + r * D;
+    if (b == -INFINITY) continue;
+    if (a == -INFINITY) {
+      memcpy(x, y, (size_t)D * sizeof(float));
+      la[r] = b;
+      continue;
+    }
+    const float mx = a > b ? a : b, wa = expf(a - mx), wb = expf(b - mx), s = wa + wb;
+    const vf va = vset1(wa / s), vb = vset1(wb / s);
+    int d = 0;
+    for (; d + W <= D; d += W) vstore(x + d, vfma(va, vload(x + d), vmul(vb, vload(y + d))));
+    for (; d < D; d++) x[d] = (wa / s) * x[d] + (wb / s) * y[d];
+    la[r] = mx + logf(s);
+  }
+  return DA_SUCCESS;
+}
+
+/* ---- backward ------------------------------------------------------------------------------- */
+
+static da_status_t bwd_prep(const da_kparams_t *p, int64_t nq, const void *out, int64_t ldo, const void *dout,
+                            int64_t lddo, float *delta, void *stream) {
+  (void)stream;
+  const int H = p->H, D = p->D, dt = (int)p->dtype;
+  const size_t es = da_dtype_size(p->dtype);
+  const int64_t n = nq * H;
+#pragma omp parallel for schedule(static) num_threads(nthreads_of(p)) if (n * D > (1 << 16))
+  for (int64_t r = 0; r < n; r++) {
+    const int64_t i = r / H, h = r % H;
+    const char *o = (const char *)out + (size_t)(i * ldo + h * D) * es;
+    const char *g = (const char *)dout + (size_t)(i * lddo + h * D) * es;
+    vf acc = vzero();
+    for (int x = 0; x < D; x += W) {
+      int c = imin(W, D - x);
+      acc = vfma(vload_dt(o + (size_t)x * es, dt, c), vload_dt(g + (size_t)x * es, dt, c), acc);
+    }
+    delta[r] = vhsum(acc);
+  }
+  return DA_SUCCESS;
+}
+
+/* Per-chunk packed query side of the backward, shared read-only by every task of a chunk. For
+ * query head h and tile t (index ht = h * ntc + t):
+ *   Qt  [Dp][QT] q * scale * log2 e, transposed (for S^T = K Q^T in log2 units)
+ *   dOt [Dp][QT] dout, transposed (for dP^T = V dO^T)
+ *   Qr  [QT][Dp] q * scale, rows (for dK += dS^T Q)
+ *   dOr [QT][Dp] dout, rows (for dV += P^T dO)
+ *   LS  [QT] lse * log2 e, +inf for rows without keys and padding lanes (so P = 0 there)
+ *   DL  [QT] delta */
+typedef struct {
+  float *Qt, *dOt, *Qr, *dOr, *LS, *DL;
+} bwd_q_t;
+
+typedef struct {
+  float *dQt;      /* [H * ntc][Dp][QT] this thread's dQ^T partial for the chunk */
+  float *Kc, *Vc;  /* [BK][Dp] */
+  float *dKt, *dVt; /* [BK][Dp] */
+  float *S, *dP;   /* [BK][QT] */
+  float lo[QT], hi[QT];
+} bwd_scratch_t;
+
+static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, const void *dout, int64_t lddo,
+                             const float *lse, const float *delta, da_span_t qpos, const void *k, int64_t ldk,
+                             const void *v, int64_t ldv, da_span_t kpos, float *dq, float *dk, float *dv,
+                             void *stream) {
+  (void)stream;
+  if (qpos.count <= 0 || kpos.count <= 0) return DA_SUCCESS;
+  if (da_mask_classify(&p->mask, qpos.start, da_span_last(qpos), kpos.start, da_span_last(kpos)) == DA_TILE_EMPTY)
+    return DA_SUCCESS;
+  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype, Dp = pad_dim(D);
+  const size_t es = da_dtype_size(p->dtype);
+  const int nthr = nthreads_of(p);
+  /* Query rows per chunk: each thread's dQ^T partial for a chunk stays within about 2 MB. */
+  int64_t qc = ((int64_t)1 << 19) / ((int64_t)H * Dp) / QT * QT;
+  if (qc < QT) qc = QT;
+  const int64_t nqr = (qpos.count + QT - 1) / QT * QT;
+  if (qc > nqr) qc = nqr;
+  const int ntc = (int)(qc / QT);
+  const int64_t nkt = (kpos.count + BK_BWD - 1) / BK_BWD, ntasks = (int64_t)G * nkt;
+  const int nt = (int)lmin(nthr, ntasks > 1 ? ntasks : 1);
+  const size_t qtile = (size_t)Dp * QT, nht = (size_t)H * ntc;
+  const size_t qbytes = nht * (4 * qtile + 2 * QT) * sizeof(float);
+  const size_t per = nht * qtile + 4 * (size_t)BK_BWD * Dp + 2 * (size_t)BK_BWD * QT + 64;
+  float *qbuf = da_malloc(qbytes, 64), *scratch = da_malloc(per * (size_t)nt * sizeof(float), 64);
+  if (!qbuf || !scratch) {
+    da_free(qbuf), da_free(scratch);
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu backward: %zu bytes of scratch", qbytes + per * nt * sizeof(float));
+  }
+  bwd_q_t Q;
+  Q.Qt = qbuf;
+  Q.dOt = Q.Qt + nht * qtile;
+  Q.Qr = Q.dOt + nht * qtile;
+  Q.dOr = Q.Qr + nht * qtile;
+  Q.LS = Q.dOr + nht * qtile;
+  Q.DL = Q.LS + nht * QT;
+  const float c2 = p->scale * LOG2E;
+
+#pragma omp parallel num_threads(nt)
+  {
+    const int me = omp_get_thread_num();
+    bwd_scratch_t w;
+    w.dQt = scratch + per * (size_t)me;
+    w.Kc = w.dQt + nht * qtile;
+    w.Vc = w.Kc + (size_t)BK_BWD * Dp;
+    w.dKt = w.Vc + (size_t)BK_BWD * Dp;
+    w.dVt = w.dKt + (size_t)BK_BWD * Dp;
+    w.S = w.dVt + (size_t)BK_BWD * Dp;
+    w.dP = w.S + (size_t)BK_BWD * QT;
+    for (int64_t c0 = 0; c0 < qpos.count; c0 += qc) {
+      const int64_t crows = lmin(qc, qpos.count - c0);
+      const int nct = (int)((crows + QT - 1) / QT);
+      const da_span_t cspan = da_span_sub(qpos, c0, crows);
+      /* Pack the chunk's query side (every head, every tile). */
+#pragma omp for schedule(static)
+      for (int64_t ht = 0; ht < (int64_t)H * nct; ht++) {
+        const int h = (int)(ht / nct), t = (int)(ht % nct);
+        const size_t x = (size_t)h * ntc + t;
+        const int64_t row = c0 + (int64_t)t * QT;
+        const int n = (int)lmin(QT, crows - (int64_t)t * QT);
+        const char *qs = (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es;
+        const char *gs = (const char *)dout + (size_t)(row * lddo + (int64_t)h * D) * es;
+        pack_cols(Q.Qt + x * qtile, Dp, qs, ldq, dt, n, D, c2);
+        pack_cols(Q.dOt + x * qtile, Dp, gs, lddo, dt, n, D, 1.0f);
+        pack_rows(Q.Qr + x * qtile, Dp, QT, qs, ldq, dt, n, D, p->scale);
+        pack_rows(Q.dOr + x * qtile, Dp, QT, gs, lddo, dt, n, D, 1.0f);
+        for (int i = 0; i < QT; i++) {
+          const float L = i < n ? lse[(row + i) * H + h] : -INFINITY;
+          Q.LS[x * QT + i] = L == -INFINITY ? INFINITY : L * LOG2E;
+          Q.DL[x * QT + i] = i < n ? delta[(row + i) * H + h] : 0.0f;
+        }
+      }
+      memset(w.dQt, 0, nht * qtile * sizeof(float));
+      /* Tasks: (KV head, KV tile); each owns its rows of dk, dv for this chunk. */
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t task = 0; task < ntasks; task++) {
+        const int g = (int)(task % G);
+        const int64_t j0 = (task / G) * BK_BWD;
+        const int nk = (int)lmin(BK_BWD, kpos.count - j0), nkr = (nk + R - 1) / R * R;
+        const da_span_t ks = da_span_sub(kpos, j0, nk);
+        if (da_mask_classify(&p->mask, cspan.start, da_span_last(cspan), ks.start, da_span_last(ks)) ==
+            DA_TILE_EMPTY)
+          continue;
+        pack_rows(w.Kc, Dp, nkr, (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es, ldk, dt, nk, D, 1.0f);
+        pack_rows(w.Vc, Dp, nkr, (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es, ldv, dt, nk, D, 1.0f);
+        memset(w.dKt, 0, (size_t)2 * BK_BWD * Dp * sizeof(float)); /* dKt and dVt */
+        int touched = 0;
+        for (int t = 0; t < nct; t++) {
+          const int n = (int)lmin(QT, crows - (int64_t)t * QT);
+          const da_span_t ts = da_span_sub(cspan, (int64_t)t * QT, n);
+          const int cl = (int)da_mask_classify(&p->mask, ts.start, da_span_last(ts), ks.start, da_span_last(ks));
+          if (cl == DA_TILE_EMPTY) continue;
+          touched = 1;
+          const int partial = cl == DA_TILE_PARTIAL;
+          if (partial) lane_ranges(&p->mask, ts, n, ks, w.lo, w.hi);
+          for (int hi_ = 0; hi_ < rep; hi_++) {
+            const size_t x = (size_t)(g * rep + hi_) * ntc + t;
+            const float *LS = Q.LS + x * QT, *DL = Q.DL + x * QT;
+            for (int jr = 0; jr < nk; jr += R) {
+              gemm_a(D, w.Kc + (size_t)jr * Dp, Dp, Q.Qt + x * qtile, w.S + jr * QT);
+              gemm_a(D, w.Vc + (size_t)jr * Dp, Dp, Q.dOt + x * qtile, w.dP + jr * QT);
+            }
+            /* P = exp2(S - lse2) (0 where masked), dS = P (dP - delta); rows nk..nkr-1 zero. */
+            vf vl[NV], vd[NV], vlo[NV], vhi[NV];
+            for (int u = 0; u < NV; u++) {
+              vl[u] = vload(LS + u * W), vd[u] = vload(DL + u * W);
+              vlo[u] = vload(w.lo + u * W), vhi[u] = vload(w.hi + u * W); /* used when partial */
+            }
+            for (int j = 0; j < nkr; j++) {
+              const vf jf = vset1((float)j);
+              for (int u = 0; u < NV; u++) {
+                vf s = vload(w.S + j * QT + u * W);
+                if (partial) s = vkeep_range(s, jf, vlo[u], vhi[u]);
+                vf pj = j < nk ? vexp2(vsub(s, vl[u])) : vzero();
+                vf ds = vmul(pj, vsub(vload(w.dP + j * QT + u * W), vd[u]));
+                vstore(w.S + j * QT + u * W, pj);
+                vstore(w.dP + j * QT + u * W, j < nk ? ds : vzero());
+              }
+            }
+            for (int jr = 0; jr < nk; jr += R)
+              for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+                gemm_c(w.S + jr * QT, Q.dOr + x * qtile + d0, Dp, w.dVt + (size_t)jr * Dp + d0, Dp);
+                gemm_c(w.dP + jr * QT, Q.Qr + x * qtile + d0, Dp, w.dKt + (size_t)jr * Dp + d0, Dp);
+              }
+            for (int dr = 0; dr < D; dr += R) gemm_b(nk, w.Kc + dr, Dp, w.dP, w.dQt + x * qtile + (size_t)dr * QT, NULL);
+          }
+        }
+        if (!touched) continue;
+        for (int j = 0; j < nk; j++) {
+          float *dkr = dk + ((j0 + j) * G + g) * (int64_t)D, *dvr = dv + ((j0 + j) * G + g) * (int64_t)D;
+          const float *a = w.dKt + (size_t)j * Dp, *b = w.dVt + (size_t)j * Dp;
+          for (int d = 0; d < D; d++) dkr[d] += a[d], dvr[d] += b[d];
+        }
+      }
+      /* dq rows of the chunk += scale * sum over threads of dQ^T (transposed back). */
+#pragma omp for schedule(static)
+      for (int64_t ht = 0; ht < (int64_t)H * nct; ht++) {
+        const int h = (int)(ht / nct), t = (int)(ht % nct);
+        const size_t x = (size_t)h * ntc + t;
+        const int64_t row = c0 + (int64_t)t * QT;
+        const int n = (int)lmin(QT, crows - (int64_t)t * QT);
+        for (int d = 0; d < D; d++) {
+          float sum[QT];
+          memset(sum, 0, sizeof sum);
+          for (int th = 0; th < nt; th++) {
+            const float *src = scratch + per * (size_t)th + x * qtile + (size_t)d * QT;
+            for (int i = 0; i < QT; i++) sum[i] += src[i];
+          }
+          for (int i = 0; i < n; i++) dq[((row + i) * H + h) * (int64_t)D + d] += p->scale * sum[i];
+        }
+      }
+    }
+  }
+  da_free(qbuf);
+  da_free(scratch);
+  return DA_SUCCESS;
+}
+
+/* ---- decode --------------------------------------------------------------------------------- */
+
+#define DEC_BK 64 /* keys per block inside a split */
+
+/* Specialized on NVEC = head dim / W (a compile-time constant, so accumulators stay in
+ * registers): s[j] = q . K[j] for j in [lo, hi], and o = o * alpha + sum_j w[j] V[j]. K and V
+ * are fp32 rows of stride ld (converted and zero-padded to whole vectors beforehand). */
+#define DEC_KERNELS(NVEC)                                                                          \
+  static void dec_qk_##NVEC(const float *qv, const float *k, int64_t ld, int64_t lo, int64_t hi,  \
+                            float *s) {                                                            \
+    vf q[NVEC];                                                                                    \
+    _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) q[x] = vload(qv + x * W);             \
+    for (int64_t j = lo; j <= hi; j++) {                                                           \
+      const float *kr = k + j * ld;                                                                \
+      vf a0 = vmul(q[0], vload(kr)), a1 = vzero();                                                 \
+      _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                    \
+        if (x & 1) a1 = vfma(q[x], vload(kr + x * W), a1);                                         \
+        else a0 = vfma(q[x], vload(kr + x * W), a0);                                               \
+      }                                                                                            \
+      s[j] = vhsum(vadd(a0, a1));                                                                  \
+    }                                                                                              \
+  }                                                                                                \
+  static void dec_pv_##NVEC(float *o, float alpha, const float *w, int64_t lo, int64_t hi,        \
+                            const float *v, int64_t ld) {                                          \
+    vf acc[NVEC];                                                                                  \
+    const vf va = vset1(alpha);                                                                    \
+    _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vmul(vload(o + x * W), va);  \
+    for (int64_t j = lo; j <= hi; j++) {                                                           \
+      const float *vr = v + j * ld;                                                                \
+      const vf pj = vset1(w[j]);                                                                   \
+      _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vfma(pj, vload(vr + x * W), acc[x]); \
+    }                                                                                              \
+    _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) vstore(o + x * W, acc[x]);             \
+  }
+DEC_KERNELS(1)
+DEC_KERNELS(2)
+DEC_KERNELS(3)
+DEC_KERNELS(4)
+DEC_KERNELS(5)
+DEC_KERNELS(6)
+DEC_KERNELS(8)
+DEC_KERNELS(16)
+DEC_KERNELS(32)
+DEC_KERNELS(64)
+
+typedef void (*dec_qk_fn)(const float *, const float *, int64_t, int64_t, int64_t, float *);
+typedef void (*dec_pv_fn)(float *, float, const float *, int64_t, int64_t, const float *, int64_t);
+/* The smallest specialization covering nvec vectors (rows are zero-padded up to it). */
+static int dec_pick(int nvec, dec_qk_fn *qk, dec_pv_fn *pv) {
+  static const int sizes[] = {1, 2, 3, 4, 5, 6, 8, 16, 32, 64};
+  static const dec_qk_fn qks[] = {dec_qk_1, dec_qk_2, dec_qk_3, dec_qk_4, dec_qk_5,
+                                  dec_qk_6, dec_qk_8, dec_qk_16, dec_qk_32, dec_qk_64};
+  static const dec_pv_fn pvs[] = {dec_pv_1, dec_pv_2, dec_pv_3, dec_pv_4, dec_pv_5,
+                                  dec_pv_6, dec_pv_8, dec_pv_16, dec_pv_32, dec_pv_64};
+  _Static_assert(DA_CPU_MAX_DIM <= 64 * W, "decode specializations must cover the largest head dim");
+  int i = 0;
+  while (sizes[i] < nvec) i++;
+  *qk = qks[i], *pv = pvs[i];
+  return sizes[i];
+}
+
+#define DEC_BK 64 /* keys per block inside a split */
+
+/* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
+ * o [nq][H][Dv] unnormalized (rows padded to Dv = nvec * W), m, l [nq][H]; kf, vf_ are
+ * [DEC_BK][Dv] scratch for converted rows. Per block of keys and KV head, every query head of
+ * the group reads the same K and V rows while they are in L1. */
+static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span_t qpos, const da_kvpage_t *pg,
+                         int64_t a, int64_t b, float *o, float *m, float *l, float *kf, float *vf_) {
+  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype;
+  const size_t es = da_dtype_size(p->dtype);
+  dec_qk_fn qk;
+  dec_pv_fn pv;
+  dec_pick(Dv / W, &qk, &pv);
+  /* fp32 rows whose head dim is whole vectors are read in place; others are converted. */
+  const int direct = dt == 0 && D == Dv;
+  const int64_t nq = qpos.count;
+  float s[DEC_BK] __attribute__((aligned(64)));
+  int64_t rlo[16], rhi[16];
+  memset(s, 0, sizeof s);
+  for (int64_t j0 = a; j0 < b; j0 += DEC_BK) {
+    const int nb = (int)lmin(DEC_BK, b - j0);
+    const da_span_t ks = da_span_sub(pg->pos, j0, nb);
+    int64_t ulo = nb, uhi = -1; /* union of the query rows' visible ranges */
+    for (int64_t i0 = 0; i0 < nq; i0 += 16) {
+      const int ni = (int)lmin(16, nq - i0);
+      ulo = nb, uhi = -1;
+      for (int ii = 0; ii < ni; ii++) {
+        const int64_t qp = da_span_at(qpos, i0 + ii);
+        const da_tile_class_t cl = da_mask_classify(&p->mask, qp, qp, ks.start, da_span_last(ks));
+        int64_t lo = 0, hi = nb - 1;
+        if (cl == DA_TILE_EMPTY) lo = 1, hi = 0;
+        else if (cl == DA_TILE_PARTIAL) {
+          int64_t x, y;
+          da_mask_row_range(&p->mask, qp, ks.start, da_span_last(ks), &x, &y);
+          lo = x <= ks.start ? 0 : (x - ks.start + ks.stride - 1) / ks.stride;
+          hi = y >= da_span_last(ks) ? nb - 1 : (y - ks.start) / ks.stride;
+        }
+        rlo[ii] = lo, rhi[ii] = hi;
+        if (lo <= hi) ulo = lo < ulo ? lo : ulo, uhi = hi > uhi ? hi : uhi;
+      }
+      if (ulo > uhi) continue;
+      for (int g = 0; g < G; g++) {
+        const char *k0 = (const char *)pg->k + (size_t)(j0 * pg->ldk + (int64_t)g * D) * es;
+        const char *v0 = (const char *)pg->v + (size_t)(j0 * pg->ldv + (int64_t)g * D) * es;
+        const float *kb = (const float *)k0, *vb = (const float *)v0;
+        int64_t ldk = pg->ldk, ldv = pg->ldv;
+        if (!direct) {
+          for (int64_t j = ulo; j <= uhi; j++)
+            for (int x = 0; x < Dv; x += W) {
+              vstore(kf + j * Dv + x, vload_dt(k0 + (size_t)(j * pg->ldk + x) * es, dt, D - x));
+              vstore(vf_ + j * Dv + x, vload_dt(v0 + (size_t)(j * pg->ldv + x) * es, dt, D - x));
+            }
+          kb = kf, vb = vf_, ldk = ldv = Dv;
+        }
+        for (int ii = 0; ii < ni; ii++) {
+          const int64_t i = i0 + ii, lo = rlo[ii], hi = rhi[ii];
+          if (lo > hi) continue;
+          for (int h = g * rep; h < (g + 1) * rep; h++) {
+            qk(qs + (i * H + h) * (int64_t)Dv, kb, ldk, lo, hi, s);
+            float mx = -INFINITY; /* a NaN score (NaN input) makes the max NaN and stays */
+            for (int64_t j = lo; j <= hi; j++) mx = s[j] > mx || s[j] != s[j] ? s[j] : mx;
+            float *mo = m + i * H + h, *lr = l + i * H + h;
+            const float mn = mx > *mo || mx != mx ? mx : *mo;
+            if (mn == -INFINITY) continue;
+            const float alpha = exp2f(*mo - mn);
+            const vf vm = vset1(mn);
+            /* p = exp2(s - m), W lanes at a time (lanes outside [lo, hi] are not used) */
+            for (int64_t j = lo & ~(int64_t)(W - 1); j <= hi; j += W) vstore(s + j, vexp2(vsub(vload(s + j), vm)));
+            float sum = 0.0f;
+            for (int64_t j = lo; j <= hi; j++) sum += s[j];
+            *lr = *lr * alpha + sum;
+            *mo = mn;
+            pv(o + (i * H + h) * (int64_t)Dv, alpha, s, lo, hi, vb, ldv);
+          }
+        }
+      }
+    }
+  }
+}
+
+static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_span_t qpos,
+                          const da_kvpage_t *pages, int npages, float *o, float *lse, void *stream) {
+  (void)stream;
+  const int H = p->H, D = p->D, dt = (int)p->dtype;
+  dec_qk_fn qk_;
+  dec_pv_fn pv_;
+  const int Dp = dec_pick((D + W - 1) / W, &qk_, &pv_) * W; /* row length of the decode buffers */
+  const int64_t nq = qpos.count, rows = nq * H;
+  const size_t es = da_dtype_size(p->dtype);
+  int64_t total = 0;
+  for (int i = 0; i < npages; i++) total += pages[i].pos.count > 0 ? pages[i].pos.count : 0;
+  const int nthr = nthreads_of(p);
+  int64_t nsplit = (total + 255) / 256;
+  if (nsplit > 4 * (int64_t)nthr) nsplit = 4 * (int64_t)nthr;
+  if (nsplit < 1) nsplit = 1;
+  /* Per split: o [nq][H][D] + m, l [nq][H]; plus the queries scaled into log2 units. */
+  const size_t per = (size_t)rows * (Dp + 2);
+  const size_t scr = 2 * (size_t)DEC_BK * Dp; /* converted K and V rows, per split */
+  float *buf = da_malloc((per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)nsplit) * sizeof(float), 64);
+  if (!buf) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu decode: %lld splits", (long long)nsplit);
+  float *qs = buf + per * (size_t)nsplit;
+  const float c2 = p->scale * LOG2E;
+  for (int64_t i = 0; i < nq; i++)
+    for (int h = 0; h < H; h++)
+      for (int d = 0; d < Dp; d++)
+        qs[(i * H + h) * (int64_t)Dp + d] =
+            d < D ? c2 * da_load_f32((const char *)q + (size_t)(i * ldq + (int64_t)h * D) * es, dt, d) : 0.0f;
+#pragma omp parallel for schedule(static) num_threads((int)lmin(nthr, nsplit))
+  for (int64_t sp = 0; sp < nsplit; sp++) {
+    float *so = buf + per * (size_t)sp, *sm = so + rows * Dp, *sl = sm + rows;
+    float *kf = buf + per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)sp;
+    memset(so, 0, (size_t)rows * Dp * sizeof(float));
+    for (int64_t r = 0; r < rows; r++) sm[r] = -INFINITY, sl[r] = 0.0f;
+    /* This split's keys: [total * sp / nsplit, total * (sp + 1) / nsplit) of the concatenation. */
+    const int64_t a = total * sp / nsplit, b = total * (sp + 1) / nsplit;
+    int64_t base = 0;
+    for (int pi = 0; pi < npages && base < b; pi++) {
+      const int64_t n = pages[pi].pos.count > 0 ? pages[pi].pos.count : 0;
+      const int64_t x = a > base ? a - base : 0, y = b - base < n ? b - base : n;
+      if (x < y) decode_range(p, qs, Dp, qpos, &pages[pi], x, y, so, sm, sl, kf, kf + (size_t)DEC_BK * Dp);
+      base += n;
+    }
+  }
+  /* Combine the splits: o = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s. */
+  for (int64_t r = 0; r < rows; r++) {
+    float M = -INFINITY; /* NaN-propagating max over the splits */
+    for (int64_t sp = 0; sp < nsplit; sp++) {
+      const float ms = buf[per * (size_t)sp + (size_t)rows * Dp + r];
+      M = ms > M || ms != ms ? ms : M;
+    }
+    float *dst = o + r * D;
+    if (M == -INFINITY) {
+      memset(dst, 0, (size_t)D * sizeof(float));
+      if (lse) lse[r] = -INFINITY;
+      continue;
+    }
+    float L = 0.0f;
+    memset(dst, 0, (size_t)D * sizeof(float));
+    for (int64_t sp = 0; sp < nsplit; sp++) {
+      const float *so = buf + per * (size_t)sp;
+      const float ms = so[rows * Dp + r], ls = so[rows * Dp + rows + r];
+      if (ms == -INFINITY) continue;
+      const float wgt = M != M ? M : exp2f(ms - M);
+      L += wgt * ls;
+      for (int d = 0; d < D; d++) dst[d] += wgt * so[r * Dp + d];
+    }
+    const float inv = 1.0f / L; /* L > 0 here unless an input holds NaN, which then propagates */
+    for (int d = 0; d < D; d++) dst[d] *= inv;
+    if (lse) lse[r] = (M + log2f(L)) * LN2;
+  }
+  da_free(buf);
+  return DA_SUCCESS;
+}
+
+const da_kernels_t DA_CAT(da_cpu_impl_, DA_ISA) = {
+    .name = "cpu-" DA_STR(DA_ISA),
+    .supports = NULL,
+    .fwd_block = fwd_block,
+    .fwd_finish = fwd_finish,
+    .merge = merge,
+    .bwd_prep = bwd_prep,
+    .bwd_block = bwd_block,
+    .decode = decode,
+};

@@ -1,0 +1,17 @@
+/* cpu_impl.h: the CPU kernels compiled once per ISA level (cpu_impl.c built three times with
+ * different flags) and the table each build exports. cpu.c picks one at run time from what the
+ * CPU supports; nothing else includes this. */
+#ifndef DA_CPU_IMPL_H
+#define DA_CPU_IMPL_H
+
+#include "kernels.h"
+
+/* Each level exports a full kernel table (supports = NULL: cpu.c owns the capability checks). */
+extern const da_kernels_t da_cpu_impl_avx512;
+extern const da_kernels_t da_cpu_impl_avx2;
+extern const da_kernels_t da_cpu_impl_generic;
+
+/* Largest head dim the CPU kernels take (scratch tiles are sized by it). */
+#define DA_CPU_MAX_DIM 256
+
+#endif

@@ -1,0 +1,185 @@
+/* simd.h: the few vector operations the CPU kernels are written in, for one ISA level chosen by
+ * the compiler flags of the file that includes it (AVX-512, AVX2+FMA, or portable C with GCC
+ * vector extensions). Lanes are W floats. Only cpu_impl.c includes this; it is compiled once
+ * per level and the level is picked at run time (cpu.c). */
+#ifndef DA_CPU_SIMD_H
+#define DA_CPU_SIMD_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include "dtype.h"
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#include <immintrin.h>
+#define DA_SIMD_AVX512 1
+#define W 16
+typedef __m512 vf;
+static inline vf vzero(void) { return _mm512_setzero_ps(); }
+static inline vf vset1(float x) { return _mm512_set1_ps(x); }
+static inline vf vload(const float *p) { return _mm512_loadu_ps(p); }
+static inline void vstore(float *p, vf x) { _mm512_storeu_ps(p, x); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline float vhsum(vf a) { return _mm512_reduce_add_ps(a); }
+static inline float vhmax(vf a) { return _mm512_reduce_max_ps(a); }
+/* x where lo <= j <= hi (lane-wise), -inf elsewhere. */
+static inline vf vkeep_range(vf x, vf j, vf lo, vf hi) {
+  __mmask16 k = _mm512_cmp_ps_mask(lo, j, _CMP_LE_OQ) & _mm512_cmp_ps_mask(j, hi, _CMP_LE_OQ);
+  return _mm512_mask_blend_ps(k, _mm512_set1_ps(-INFINITY), x);
+}
+/* x, with lanes equal to `bad` replaced by `repl`. */
+static inline vf vreplace_eq(vf x, float bad, float repl) {
+  __mmask16 k = _mm512_cmp_ps_mask(x, _mm512_set1_ps(bad), _CMP_EQ_OQ);
+  return _mm512_mask_blend_ps(k, x, _mm512_set1_ps(repl));
+}
+/* 2^x; exactly 0 for x <= -150 (and -inf); NaN stays NaN. */
+static inline vf vexp2(vf x) {
+  /* max/min return their second operand when one is NaN: x second keeps a NaN a NaN */
+  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
+  x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
+  vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf f = _mm512_sub_ps(x, n);
+  vf p = _mm512_set1_ps(1.5252733804e-5f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530394e-4f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(p, n);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define DA_SIMD_AVX2 1
+#define W 8
+typedef __m256 vf;
+static inline vf vzero(void) { return _mm256_setzero_ps(); }
+static inline vf vset1(float x) { return _mm256_set1_ps(x); }
+static inline vf vload(const float *p) { return _mm256_loadu_ps(p); }
+static inline void vstore(float *p, vf x) { _mm256_storeu_ps(p, x); }
+static inline vf vfma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf vadd(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf vsub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf vmul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf vmax(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline float vhsum(vf a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline float vhmax(vf a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+static inline vf vkeep_range(vf x, vf j, vf lo, vf hi) {
+  vf k = _mm256_and_ps(_mm256_cmp_ps(lo, j, _CMP_LE_OQ), _mm256_cmp_ps(j, hi, _CMP_LE_OQ));
+  return _mm256_blendv_ps(_mm256_set1_ps(-INFINITY), x, k);
+}
+static inline vf vreplace_eq(vf x, float bad, float repl) {
+  vf k = _mm256_cmp_ps(x, _mm256_set1_ps(bad), _CMP_EQ_OQ);
+  return _mm256_blendv_ps(x, _mm256_set1_ps(repl), k);
+}
+static inline vf vexp2(vf x) {
+  vf tiny = _mm256_cmp_ps(x, _mm256_set1_ps(-126.0f), _CMP_LT_OQ);
+  x = _mm256_max_ps(_mm256_set1_ps(-126.0f), x); /* NaN stays NaN (second operand) */
+  x = _mm256_min_ps(_mm256_set1_ps(127.0f), x);
+  vf n = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  vf f = _mm256_sub_ps(x, n);
+  vf p = _mm256_set1_ps(1.5252733804e-5f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.5403530394e-4f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108665e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650696e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718056e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  vf r = _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  return _mm256_andnot_ps(tiny, r); /* x < -126 (or -inf): 0; NaN compares false and stays */
+}
+#else
+/* Portable C: GCC/Clang vector extensions; the compiler lowers them to whatever the target has. */
+#define DA_SIMD_GENERIC 1
+#define W 4
+typedef float vf __attribute__((vector_size(16)));
+typedef float vfu __attribute__((vector_size(16), aligned(4)));
+static inline vf vzero(void) { return (vf){0, 0, 0, 0}; }
+static inline vf vset1(float x) { return (vf){x, x, x, x}; }
+static inline vf vload(const float *p) { return *(const vfu *)p; }
+static inline void vstore(float *p, vf x) { *(vfu *)p = x; }
+static inline vf vfma(vf a, vf b, vf c) { return a * b + c; }
+static inline vf vadd(vf a, vf b) { return a + b; }
+static inline vf vsub(vf a, vf b) { return a - b; }
+static inline vf vmul(vf a, vf b) { return a * b; }
+static inline vf vmax(vf a, vf b) {
+  vf r;
+  for (int i = 0; i < W; i++) r[i] = a[i] > b[i] || b[i] != b[i] ? a[i] : b[i];
+  return r;
+}
+static inline float vhsum(vf a) { return (a[0] + a[1]) + (a[2] + a[3]); }
+static inline float vhmax(vf a) {
+  float m = a[0];
+  for (int i = 1; i < W; i++) m = a[i] > m ? a[i] : m;
+  return m;
+}
+static inline vf vkeep_range(vf x, vf j, vf lo, vf hi) {
+  vf r;
+  for (int i = 0; i < W; i++) r[i] = lo[i] <= j[i] && j[i] <= hi[i] ? x[i] : -INFINITY;
+  return r;
+}
+static inline vf vreplace_eq(vf x, float bad, float repl) {
+  vf r;
+  for (int i = 0; i < W; i++) r[i] = x[i] == bad ? repl : x[i];
+  return r;
+}
+static inline vf vexp2(vf x) {
+  vf r;
+  for (int i = 0; i < W; i++) r[i] = x[i] < -150.0f ? 0.0f : exp2f(x[i]);
+  return r;
+}
+#endif
+
+/* W elements of dtype dt at p (n <= W valid; the rest read as 0) as fp32 lanes. */
+static inline vf vload_dt(const void *p, int dt, int n) {
+  if (n <= 0) return vzero();
+#if defined(DA_SIMD_AVX512)
+  __mmask16 k = n >= W ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+  if (dt == 0) return _mm512_maskz_loadu_ps(k, p);
+  __m256i h = _mm256_maskz_loadu_epi16(k, p);
+  if (dt == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  return _mm512_cvtph_ps(h);
+#else
+  float t[W];
+  for (int i = 0; i < W; i++) t[i] = i < n ? da_load_f32(p, dt, i) : 0.0f;
+  return vload(t);
+#endif
+}
+
+/* Store n <= W lanes of x as dtype dt at p. */
+static inline void vstore_dt(void *p, int dt, vf x, int n) {
+  if (n <= 0) return;
+#if defined(DA_SIMD_AVX512)
+  __mmask16 k = n >= W ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+  if (dt == 0) {
+    _mm512_mask_storeu_ps(p, k, x);
+    return;
+  }
+  if (dt == 2) {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
+#endif
+  float t[W];
+  vstore(t, x);
+  for (int i = 0; i < n && i < W; i++) da_store_f32(p, dt, i, t[i]);
+}
+
+#endif /* DA_CPU_SIMD_H */
