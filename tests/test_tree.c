@@ -46,6 +46,7 @@ typedef struct {
   int in_place;       /* prefill through da_kvcache_get_page instead of local tensors */
   int nvar;
   variant_t var[NPLANS];
+  int64_t window;     /* > 0: sliding window (with causal) */
 } tcase_t;
 
 static uint64_t bseed(int b) { return 1000u + 7919u * (uint64_t)b; }
@@ -174,6 +175,7 @@ static int run_case(const tcase_t *c) {
   int fails = 0;
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
   prob.batch = B, prob.heads = H, prob.kv_heads = G, prob.dim = D, prob.dtype = dt, prob.mask = DA_MASK_CAUSAL;
+  if (c->window > 0) prob.mask |= DA_MASK_WINDOW, prob.window = c->window;
   double w[16];
   for (int r = 0; r < 16; r++) w[r] = r + 1;
   da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
@@ -223,7 +225,7 @@ static int run_case(const tcase_t *c) {
     da_kparams_t kp;
     memset(&kp, 0, sizeof kp);
     kp.H = H, kp.G = G, kp.D = D, kp.scale = (float)(1.0 / sqrt((double)D)), kp.dtype = dt;
-    kp.mask.flags = DA_MASK_CAUSAL;
+    kp.mask.flags = prob.mask, kp.mask.window = prob.window;
     for (int s = 0; s < c->steps && !fails; s++) {
       for (int b = 0; b < B; b++)
         for (int t = 0; t < T; t++) {
@@ -339,19 +341,21 @@ done:
 START_TEST(matrix) {
   static const tcase_t cases[] = {
       {"mha contiguous", 1, 4, 4, 32, DA_FLOAT32, {100}, DA_ALGO_RING, 0, 16, 3, 1, 0, 3,
-       {V_TREE, V_RING, V_TREE2(2)}},
+       {V_TREE, V_RING, V_TREE2(2)}, 0},
       {"gqa zigzag batch", 3, 8, 2, 64, DA_FLOAT32, {77, 5, 203}, DA_ALGO_ZIGZAG, 0, 8, 4, 1, 0, 4,
-       {V_TREE, V_RING, V_TREE2(2), V_ROOT(1)}},
+       {V_TREE, V_RING, V_TREE2(2), V_ROOT(1)}, 0},
       {"mqa striped empty seq", 2, 4, 1, 64, DA_FLOAT32, {150, 0}, DA_ALGO_STRIPED, 0, 4, 3, 1, 1, 4,
-       {V_TREE, V_RING, V_ROOT(7), V_RING_ROOT(2)}},
+       {V_TREE, V_RING, V_ROOT(7), V_RING_ROOT(2)}, 0},
       {"weighted", 2, 4, 2, 32, DA_FLOAT32, {120, 33}, DA_ALGO_RING, 1, 5, 3, 1, 1, 4,
-       {V_TREE, V_RING, V_TREE2(3), V_ROOT2(2, 2)}},
+       {V_TREE, V_RING, V_TREE2(3), V_ROOT2(2, 2)}, 0},
       {"bf16 two tokens per step", 2, 4, 2, 32, DA_BFLOAT16, {64, 100}, DA_ALGO_RING, 0, 16, 2, 2, 0, 4,
-       {V_TREE, V_RING, V_TREE2(0), V_RING_ROOT(0)}},
+       {V_TREE, V_RING, V_TREE2(0), V_RING_ROOT(0)}, 0},
       {"uneven 1000+P-1", 1, 4, 1, 64, DA_FLOAT32, {0}, DA_ALGO_RING, 0, 32, 2, 1, 1, 3,
-       {V_TREE, V_RING, V_ROOT2(3, 3)}},
+       {V_TREE, V_RING, V_ROOT2(3, 3)}, 0},
       {"tiny: fewer tokens than ranks", 2, 2, 1, 16, DA_FLOAT32, {1, 3}, DA_ALGO_ZIGZAG, 0, 1, 3, 1, 0, 2,
-       {V_TREE, V_RING}},
+       {V_TREE, V_RING}, 0},
+      {"sliding window 50, two tokens per step", 2, 4, 2, 32, DA_FLOAT32, {300, 40}, DA_ALGO_STRIPED, 0, 8, 2, 2, 0,
+       2, {V_TREE, V_RING}, 50},
   };
   int fails = 0, n = (int)(sizeof cases / sizeof cases[0]);
   for (int i = 0; i < n; i++) {
