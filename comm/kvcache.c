@@ -53,8 +53,11 @@ da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char 
 
 /* ---- sequences and pages -------------------------------------------------------------------- */
 
-static void seq_clear(da_kvseq_t *s) {
-  for (int64_t i = 0; i < s->npages; i++) da_free(s->mem[i]);
+static void seq_clear(da_kvcache_t *c, da_kvseq_t *s) {
+  for (int64_t i = 0; i < s->npages; i++) {
+    da_free(s->mem[i]);
+    c->alloc_bytes -= 2 * (size_t)s->pcap[i] * c->row_bytes;
+  }
   free(s->pages);
   free(s->mem);
   free(s->pcap);
@@ -156,6 +159,9 @@ static da_status_t cache_local(da_comm_t *comm, const da_problem_t *prob, const 
                   (int)cfg->layout);
   if (!(cfg->timeout >= 0) || !isfinite(cfg->timeout))
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "kv cache config: timeout %g s must be >= 0", cfg->timeout);
+  if (da_context_device(c->ctx) != DA_DEVICE_CPU)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "kv cache: pages live in host memory; use a CPU context (device %d given)",
+                  (int)da_context_device(c->ctx));
   /* Only the row shape matters here: lengths come from prefill and appends, masks from decode. */
   da_problem_t pr = *prob;
   if (pr.seq < 1) pr.seq = 1;
@@ -183,7 +189,7 @@ void da_kvcache_free(da_kvcache_t *c) {
   if (!c) return;
   if (c->seq)
     for (int64_t b = 0; b < c->B; b++) {
-      seq_clear(&c->seq[b]);
+      seq_clear(c, &c->seq[b]);
       free(c->seq[b].tokens);
     }
   free(c->seq);
@@ -317,7 +323,7 @@ da_status_t da_kvcache_prefill(da_kvcache_t *c, int64_t b, int64_t len, const da
   if (st == DA_SUCCESS) {
     st = da_xport_agree(&c->xp, prefill_build(c, b, len, k ? &vk : NULL, k ? &vv : NULL), "kv cache prefill");
     if (st != DA_SUCCESS) { /* every rank undoes it: the sequence stays empty everywhere */
-      seq_clear(&c->seq[b]);
+      seq_clear(c, &c->seq[b]);
       memset(c->seq[b].tokens, 0, (size_t)c->P * sizeof(int64_t));
     }
   }

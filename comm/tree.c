@@ -200,6 +200,9 @@ static da_status_t plan_local(da_decode_plan_t *p, const da_problem_t *prob, con
   p->cfg = *cfg;
   p->cfg.transport = NULL;
   if (!prob) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_create: problem is NULL");
+  if (da_context_device(p->ctx) != DA_DEVICE_CPU)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "decode: the kv cache lives in host memory; use a CPU context (device %d given)",
+                  (int)da_context_device(p->ctx));
   if (prob->mask & DA_MASK_DOC)
     return DA_ERR(DA_ERR_UNSUPPORTED, "decode: document masks are not supported (one sequence per batch element)");
   da_problem_t pr = *prob;
