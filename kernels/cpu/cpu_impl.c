@@ -630,7 +630,19 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
                             float *s) {                                                            \
     vf q[NVEC];                                                                                    \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) q[x] = vload(qv + x * W);             \
-    for (int64_t j = lo; j <= hi; j++) {                                                           \
+    int64_t j = lo;                                                                                \
+    if (NVEC <= 16)                                                                                \
+      for (; j + 3 <= hi; j += 4) { /* four keys, four independent chains, one reduction */        \
+        const float *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;                 \
+        vf a0 = vmul(q[0], vload(k0)), a1 = vmul(q[0], vload(k1));                                 \
+        vf a2 = vmul(q[0], vload(k2)), a3 = vmul(q[0], vload(k3));                                 \
+        _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                  \
+          a0 = vfma(q[x], vload(k0 + x * W), a0), a1 = vfma(q[x], vload(k1 + x * W), a1);          \
+          a2 = vfma(q[x], vload(k2 + x * W), a2), a3 = vfma(q[x], vload(k3 + x * W), a3);          \
+        }                                                                                          \
+        vhsum4(a0, a1, a2, a3, s + j);                                                             \
+      }                                                                                            \
+    for (; j <= hi; j++) {                                                                         \
       const float *kr = k + j * ld;                                                                \
       vf a0 = vmul(q[0], vload(kr)), a1 = vzero();                                                 \
       _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                    \

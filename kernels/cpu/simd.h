@@ -147,6 +147,20 @@ static inline vf vexp2(vf x) {
 }
 #endif
 
+/* The horizontal sums of four vectors, into out[0..3]. */
+static inline void vhsum4(vf a0, vf a1, vf a2, vf a3, float *out) {
+#if defined(DA_SIMD_AVX512)
+  /* pairwise within 128-bit blocks, then across the four blocks: 12 instructions, not 4 x 9 */
+  __m512 x = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  __m512 y = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  __m512 z = _mm512_add_ps(_mm512_shuffle_ps(x, y, _MM_SHUFFLE(1, 0, 1, 0)), _mm512_shuffle_ps(x, y, _MM_SHUFFLE(3, 2, 3, 2)));
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(z), _mm512_extractf32x8_ps(z, 1));
+  _mm_storeu_ps(out, _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
+#else
+  out[0] = vhsum(a0), out[1] = vhsum(a1), out[2] = vhsum(a2), out[3] = vhsum(a3);
+#endif
+}
+
 /* W elements of dtype dt at p (n <= W valid; the rest read as 0) as fp32 lanes. */
 static inline vf vload_dt(const void *p, int dt, int n) {
   if (n <= 0) return vzero();
