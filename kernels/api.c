@@ -67,7 +67,7 @@ static da_status_t make_params(const da_context_t *ctx, const da_problem_t *prob
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "kv_heads = %lld must be in 1..heads (%lld)", (long long)G,
                   (long long)prob->heads);
   if (prob->dim < 1 || prob->dim > 1 << 16)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "dim = %lld must be >= 1", (long long)prob->dim);
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "dim = %lld must be in 1..65536", (long long)prob->dim);
   memset(p, 0, sizeof *p);
   p->H = (int)prob->heads;
   p->G = (int)G;
@@ -132,9 +132,9 @@ static da_status_t check_tensor(const char *name, const da_tensor_t *t, da_dtype
   if (D && v->hs < D && H > 1)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: head stride %lld < dim %lld: heads overlap", name,
                   (long long)v->hs, (long long)D);
-  if (D && v->ld < H * v->hs && S > 1 && v->hs == D)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: row stride %lld < heads*dim %lld: rows overlap", name,
-                  (long long)v->ld, (long long)(H * D));
+  if (D && S > 1 && v->ld < (H - 1) * v->hs + D) /* a row spans (H - 1) head strides + D */
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: row stride %lld < (heads-1)*head stride + dim = %lld: rows overlap",
+                  name, (long long)v->ld, (long long)((H - 1) * v->hs + D));
   return DA_SUCCESS;
 }
 
@@ -292,7 +292,8 @@ da_status_t da_attention_decode(da_context_t *ctx, const da_problem_t *prob, con
   if (st) return finish(ctx, st);
   const int64_t B = prob->batch, S = prob->seq, H = p.H, G = p.G, D = p.D;
   if (!q) return finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "q: tensor is NULL"));
-  const int64_t T = q->ndim >= 3 ? q->shape[q->ndim - 3] : 0;
+  /* T read only from a well-formed q; a bad ndim is reported by check_tensor below */
+  const int64_t T = q->ndim == 3 || q->ndim == 4 ? q->shape[q->ndim - 3] : 1;
   if (T < 1 || T > S)
     return finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "q: %lld new tokens, must be in 1..seq (%lld)",
                               (long long)T, (long long)S));

@@ -161,4 +161,82 @@ static inline int64_t tu_docs(uint64_t *rs, int64_t S, int64_t ndocs, int64_t *c
   return ndocs;
 }
 
+/* ---- added for test_ref / test_kernels / test_api ------------------------------------------ */
+
+/* The six mask kinds every suite sweeps (design §2: none, causal, window, doc and combinations). */
+enum { TU_MASK_NONE, TU_MASK_CAUSAL, TU_MASK_WINDOW, TU_MASK_DOC, TU_MASK_CAUSAL_DOC, TU_MASK_WINDOW_DOC, TU_NMASKS };
+
+/* A mask of kind `kind` over positions [0, S): window W drawn in [1, S] (small windows favoured,
+ * so query blocks that see nothing of a KV block occur), documents from tu_docs with at most
+ * ndocs_max documents (cu needs ndocs_max + 1 entries and must outlive the mask). */
+static inline da_mask_t tu_mask(int kind, int64_t S, uint64_t *rs, int64_t *cu, int64_t ndocs_max) {
+  da_mask_t m;
+  memset(&m, 0, sizeof m);
+  if (kind == TU_MASK_CAUSAL || kind == TU_MASK_CAUSAL_DOC) m.flags |= DA_MASK_CAUSAL;
+  if (kind == TU_MASK_WINDOW || kind == TU_MASK_WINDOW_DOC) {
+    m.flags |= DA_MASK_WINDOW;
+    m.window = tu_rand(rs, 0, 3) == 0 ? tu_rand(rs, 1, S) : tu_rand(rs, 1, S / 8 + 1);
+  }
+  if (kind >= TU_MASK_DOC) {
+    m.flags |= DA_MASK_DOC;
+    m.ndocs = tu_docs(rs, S, tu_rand(rs, 1, ndocs_max), cu);
+    m.cu_seqlens = cu;
+  }
+  return m;
+}
+
+static inline const char *tu_dtype_name(da_dtype_t dt) {
+  return dt == DA_FLOAT32 ? "fp32" : dt == DA_BFLOAT16 ? "bf16" : "fp16";
+}
+
+/* Base seed of the seeded inputs: DISTATTN_TEST_SEED when set (to try other inputs), else a
+ * fixed value, so a failure reproduces; every failure message prints the seed in use. */
+static inline uint64_t tu_seed(uint64_t salt) {
+  const char *e = getenv("DISTATTN_TEST_SEED");
+  uint64_t base = e && *e ? strtoull(e, NULL, 0) : 20261123ull;
+  return base * 1000003ull + salt;
+}
+
+/* Number of NaN entries in n doubles. */
+static inline int64_t tu_count_nan(const double *x, int64_t n) {
+  int64_t c = 0;
+  for (int64_t i = 0; i < n; i++) c += isnan(x[i]) != 0;
+  return c;
+}
+
+/* tu_err with the scale floored at `floor` rather than 1e-6: for gradients that vanish in exact
+ * arithmetic by cancellation (a row that sees one key has dS = P (dP - delta) = 0), where the
+ * kernel's honest rounding error is relative to the terms that cancel, not to the result. */
+static inline double tu_err_floor(const double *ref, const double *got, int64_t n, int64_t row_len, double floor,
+                                  int64_t *where) {
+  double worst = 0;
+  *where = -1;
+  for (int64_t r0 = 0; r0 < n; r0 += row_len) {
+    int64_t r1 = r0 + row_len < n ? r0 + row_len : n;
+    double scale = floor > 1e-6 ? floor : 1e-6;
+    for (int64_t i = r0; i < r1; i++)
+      if (fabs(ref[i]) > scale) scale = fabs(ref[i]);
+    for (int64_t i = r0; i < r1; i++) {
+      double e = isfinite(got[i]) ? fabs(got[i] - ref[i]) / scale : INFINITY;
+      if (isnan(ref[i]) && isnan(got[i])) e = 0;
+      if (*where < 0 || e > worst) {
+        worst = e;
+        *where = i;
+      }
+    }
+  }
+  return worst;
+}
+
+#define TU_CHECK_CLOSE_FLOOR(what, ref, got, n, H, D, row_len, floor, tol, desc)                            \
+  do {                                                                                                     \
+    int64_t w_;                                                                                            \
+    double e_ = tu_err_floor((ref), (got), (n), (row_len), (floor), &w_);                                  \
+    ck_assert_msg(e_ <= (tol),                                                                             \
+                  "%s: %s error %.3g > %.3g (scale floor %.3g) at row %lld head %lld d %lld: got %.9g, "  \
+                  "reference %.9g",                                                                        \
+                  (desc), (what), e_, (double)(tol), (double)(floor), (long long)(w_ / ((int64_t)(H) * (D))), \
+                  (long long)((w_ / (D)) % (H)), (long long)(w_ % (D)), (got)[w_], (ref)[w_]);             \
+  } while (0)
+
 #endif /* DA_TEST_UTIL_H */

@@ -44,15 +44,17 @@ void da_ref_fwd_accum(const da_kparams_t *p, const double *q, da_span_t qpos, co
       const double *qi = q + (i * H + h) * D;
       int g = h / rep;
       double bmax = -INFINITY;
+      int seen = 0;
       for (int64_t j = 0; j < kpos.count; j++) {
         if (!da_mask_allows(&p->mask, qp, da_span_at(kpos, j))) {
           s[j] = -INFINITY;
           continue;
         }
         s[j] = (double)p->scale * dot(qi, k + (j * G + g) * D, D);
-        if (s[j] > bmax) bmax = s[j];
+        seen = 1;
+        if (s[j] > bmax || isnan(s[j])) bmax = s[j]; /* a NaN score poisons the row, as dense */
       }
-      if (bmax == -INFINITY) continue; /* nothing visible in this block */
+      if (!seen) continue; /* nothing visible in this block */
       double *o = st->o + (i * H + h) * D, *m = st->m + i * H + h, *l = st->l + i * H + h;
       double mnew = *m > bmax ? *m : bmax;
       double alpha = exp(*m - mnew); /* exp(-inf) = 0 on the first visible block */
@@ -75,8 +77,9 @@ void da_ref_fwd_finish(const da_kparams_t *p, const da_ref_state_t *st, double *
   const int H = p->H, D = p->D;
   for (int64_t r = 0; r < st->nq * H; r++) {
     double l = st->l[r];
-    for (int d = 0; d < D; d++) out[r * D + d] = l > 0 ? st->o[r * D + d] / l : 0.0;
-    if (lse) lse[r] = l > 0 ? st->m[r] + log(l) : -INFINITY;
+    /* l == 0 only for a row that saw no key (l >= 1 after any visible one, or NaN) */
+    for (int d = 0; d < D; d++) out[r * D + d] = l != 0 ? st->o[r * D + d] / l : 0.0;
+    if (lse) lse[r] = l != 0 ? st->m[r] + log(l) : -INFINITY;
   }
 }
 
