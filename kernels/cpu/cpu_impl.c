@@ -620,20 +620,25 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
 
 /* ---- decode --------------------------------------------------------------------------------- */
 
-#define DEC_BK 64 /* keys per block inside a split */
+#define DEC_BK 32 /* keys per block inside a split: K and V rows of a block stay in L1 across the heads of a group */
 
 /* Specialized on NVEC = head dim / W (a compile-time constant, so accumulators stay in
  * registers): s[j] = q . K[j] for j in [lo, hi], and o = o * alpha + sum_j w[j] V[j]. K and V
  * are fp32 rows of stride ld (converted and zero-padded to whole vectors beforehand). */
 #define DEC_KERNELS(NVEC)                                                                          \
   static void dec_qk_##NVEC(const float *qv, const float *k, int64_t ld, int64_t lo, int64_t hi,  \
-                            float *s) {                                                            \
+                            float *s, int pf) {                                                    \
     vf q[NVEC];                                                                                    \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) q[x] = vload(qv + x * W);             \
     int64_t j = lo;                                                                                \
     if (NVEC <= 16)                                                                                \
       for (; j + 3 <= hi; j += 4) { /* four keys, four independent chains, one reduction */        \
         const float *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;                 \
+        if (pf) /* the rows of the next block, while this one computes */                          \
+          _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) {                                \
+            __builtin_prefetch(k0 + DEC_BK * ld + x * W), __builtin_prefetch(k1 + DEC_BK * ld + x * W); \
+            __builtin_prefetch(k2 + DEC_BK * ld + x * W), __builtin_prefetch(k3 + DEC_BK * ld + x * W); \
+          }                                                                                        \
         vf a0 = vmul(q[0], vload(k0)), a1 = vmul(q[0], vload(k1));                                 \
         vf a2 = vmul(q[0], vload(k2)), a3 = vmul(q[0], vload(k3));                                 \
         _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                  \
@@ -653,13 +658,14 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
     }                                                                                              \
   }                                                                                                \
   static void dec_pv_##NVEC(float *o, float alpha, const float *w, int64_t lo, int64_t hi,        \
-                            const float *v, int64_t ld) {                                          \
+                            const float *v, int64_t ld, int pf) {                                  \
     vf acc[NVEC];                                                                                  \
     const vf va = vset1(alpha);                                                                    \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vmul(vload(o + x * W), va);  \
     for (int64_t j = lo; j <= hi; j++) {                                                           \
       const float *vr = v + j * ld;                                                                \
       const vf pj = vset1(w[j]);                                                                   \
+      if (pf) _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) __builtin_prefetch(vr + DEC_BK * ld + x * W); \
       _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vfma(pj, vload(vr + x * W), acc[x]); \
     }                                                                                              \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) vstore(o + x * W, acc[x]);             \
@@ -675,8 +681,8 @@ DEC_KERNELS(16)
 DEC_KERNELS(32)
 DEC_KERNELS(64)
 
-typedef void (*dec_qk_fn)(const float *, const float *, int64_t, int64_t, int64_t, float *);
-typedef void (*dec_pv_fn)(float *, float, const float *, int64_t, int64_t, const float *, int64_t);
+typedef void (*dec_qk_fn)(const float *, const float *, int64_t, int64_t, int64_t, float *, int);
+typedef void (*dec_pv_fn)(float *, float, const float *, int64_t, int64_t, const float *, int64_t, int);
 /* The smallest specialization covering nvec vectors (rows are zero-padded up to it). */
 static int dec_pick(int nvec, dec_qk_fn *qk, dec_pv_fn *pv) {
   static const int sizes[] = {1, 2, 3, 4, 5, 6, 8, 16, 32, 64};
@@ -691,7 +697,6 @@ static int dec_pick(int nvec, dec_qk_fn *qk, dec_pv_fn *pv) {
   return sizes[i];
 }
 
-#define DEC_BK 64 /* keys per block inside a split */
 
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
  * o [nq][H][Dv] unnormalized (rows padded to Dv = nvec * W), m, l [nq][H]; kf, vf_ are
@@ -749,21 +754,33 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
           const int64_t i = i0 + ii, lo = rlo[ii], hi = rhi[ii];
           if (lo > hi) continue;
           for (int h = g * rep; h < (g + 1) * rep; h++) {
-            qk(qs + (i * H + h) * (int64_t)Dv, kb, ldk, lo, hi, s);
-            float mx = -INFINITY; /* a NaN score (NaN input) makes the max NaN and stays */
-            for (int64_t j = lo; j <= hi; j++) mx = s[j] > mx || s[j] != s[j] ? s[j] : mx;
+            /* prefetch the next block once per KV head (first query head), in-place rows only */
+            const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
+            qk(qs + (i * H + h) * (int64_t)Dv, kb, ldk, lo, hi, s, pf);
+            /* Whole vectors over [lo, hi]: lanes outside it read -inf, so they drop out of the
+             * max and give exp2 = 0 in the sum. */
+            const int64_t v0 = lo & ~(int64_t)(W - 1), v1 = (hi + W) & ~(int64_t)(W - 1);
+            for (int64_t j = v0; j < lo; j++) s[j] = -INFINITY;
+            for (int64_t j = hi + 1; j < v1; j++) s[j] = -INFINITY;
+            vf vmx = vset1(-INFINITY), chk = vzero();
+            for (int64_t j = v0; j < v1; j += W) vmx = vmax(vmx, vload(s + j)), chk = vadd(chk, vload(s + j));
+            const float ck = vhsum(chk);
+            float mx = ck != ck ? ck : vhmax(vmx); /* a NaN score (NaN input) makes the max NaN */
             float *mo = m + i * H + h, *lr = l + i * H + h;
             const float mn = mx > *mo || mx != mx ? mx : *mo;
             if (mn == -INFINITY) continue;
             const float alpha = exp2f(*mo - mn);
             const vf vm = vset1(mn);
-            /* p = exp2(s - m), W lanes at a time (lanes outside [lo, hi] are not used) */
-            for (int64_t j = lo & ~(int64_t)(W - 1); j <= hi; j += W) vstore(s + j, vexp2(vsub(vload(s + j), vm)));
-            float sum = 0.0f;
-            for (int64_t j = lo; j <= hi; j++) sum += s[j];
+            vf vs = vzero();
+            for (int64_t j = v0; j < v1; j += W) {
+              const vf e = vexp2(vsub(vload(s + j), vm));
+              vstore(s + j, e);
+              vs = vadd(vs, e);
+            }
+            const float sum = vhsum(vs);
             *lr = *lr * alpha + sum;
             *mo = mn;
-            pv(o + (i * H + h) * (int64_t)Dv, alpha, s, lo, hi, vb, ldv);
+            pv(o + (i * H + h) * (int64_t)Dv, alpha, s, lo, hi, vb, ldv, pf);
           }
         }
       }
