@@ -74,4 +74,12 @@ echo "# tree vs ring decode: median step latency (ms), ratio = ring / tree"
 printf '# %8s %5s %10s %10s %8s\n' context ranks tree_ms ring_ms ratio
 printf '  %s\n' "${summary[@]}"
 echo "# decode results appended to $DOUT"
+
+# The distributed figures of issue 3 (ring / zigzag at P = 2: efficiency vs the single-rank
+# kernel, overlap under the test link hook, zigzag over ring), all from one run of bench/ring.sh:
+# JSON Lines + a markdown summary in bench/results/ring-<host>.{jsonl,md}. RING_SKIP=1 skips them.
+if [ -z "${RING_SKIP:-}" ]; then
+  echo
+  BUILD="$BUILD" DISTATTN="$EXE" "$HERE/ring.sh" || status=1
+fi
 exit $status

@@ -16,13 +16,18 @@
 
 typedef struct {
   MPI_Comm comm;
+  /* The test-only slow link (transport.h, da_test_link): bytes per second (0 = unlimited),
+   * latency in seconds, and when the link is next free. Unused when link_on == 0. */
+  int link_on;
+  double link_bps, link_lat_s, link_free_at;
 } mpi_impl_t;
 
 struct da_xreq {
   int nrecv, nsend; /* chunks; requests [0, nrecv) receive, [nrecv, nrecv + nsend) send */
   int src, dst, step, tag;
   size_t rbytes, sbytes;
-  MPI_Request r[]; /* MPI_REQUEST_NULL once complete */
+  double ready_at;  /* the slow link's completion time; 0 without the hook */
+  MPI_Request r[];  /* MPI_REQUEST_NULL once complete */
 };
 
 static void mpi_abort(da_xport_t *xp, da_xreq_t *q);
@@ -33,9 +38,15 @@ static da_status_t mpi_init(da_xport_t *xp, MPI_Comm comm) {
   int inited = 0;
   MPI_Initialized(&inited);
   if (!inited) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "mpi transport: MPI_Init has not been called");
-  mpi_impl_t *m = malloc(sizeof *m);
+  double gbps = 0, us = 0;
+  int link = da_test_link(&gbps, &us);
+  if (link < 0) return DA_ERR_INVALID_ARGUMENT;
+  mpi_impl_t *m = calloc(1, sizeof *m);
   if (!m) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "mpi transport");
   m->comm = comm;
+  m->link_on = link;
+  m->link_bps = gbps * 1e9;
+  m->link_lat_s = us * 1e-6;
   /* The communicator is ours (a dup): errors come back as codes we translate, never abort. */
   int rc = MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
   if (rc == MPI_SUCCESS) rc = MPI_Comm_rank(comm, &xp->rank);
@@ -45,6 +56,9 @@ static da_status_t mpi_init(da_xport_t *xp, MPI_Comm comm) {
     return da_mpi_error(rc, __FILE__, __LINE__, "mpi transport: communicator query");
   }
   xp->impl = m;
+  if (link)
+    DA_INFO(DA_SUB_COMM, "mpi transport: test link hook on: %g GB/s%s, %g us per exchange", gbps,
+            gbps > 0 ? "" : " (unlimited)", us);
   return DA_SUCCESS;
 }
 
@@ -63,6 +77,17 @@ static da_status_t mpi_exchange_start(da_xport_t *xp, const void *sbuf, size_t s
   if (!q) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "mpi transport: request");
   q->nrecv = nr, q->nsend = ns, q->src = src, q->dst = dst, q->step = step, q->tag = tag;
   q->rbytes = rbytes, q->sbytes = sbytes;
+  q->ready_at = 0;
+  mpi_impl_t *m = xp->impl;
+  if (m->link_on) {
+    /* The modelled link: this exchange leaves when the previous one has, occupies the link for
+     * its larger direction, and lands a latency later. */
+    double now = da_time_now(), start = now > m->link_free_at ? now : m->link_free_at;
+    size_t big = sbytes > rbytes ? sbytes : rbytes;
+    double busy = m->link_bps > 0 ? (double)big / m->link_bps : 0;
+    m->link_free_at = start + busy;
+    q->ready_at = start + busy + m->link_lat_s;
+  }
   for (int i = 0; i < nr + ns; i++) q->r[i] = MPI_REQUEST_NULL;
   MPI_Comm comm = comm_of(xp);
   /* Receives first, so an eager message from src finds its buffer posted. */
@@ -120,6 +145,8 @@ static da_status_t mpi_test(da_xport_t *xp, da_xreq_t *q, int *done) {
                       "(do all ranks run the same plan?)", xp->rank, xp->phase, q->step, got, q->src, want);
     }
   }
+  /* The slow link hides a completed transfer until its modelled arrival. */
+  if (all && q->ready_at > 0 && da_time_now() < q->ready_at) all = 0;
   *done = all;
   return DA_SUCCESS;
 }

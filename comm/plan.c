@@ -25,6 +25,7 @@ struct da_plan {
   int64_t *cu;       /* copy of the document boundaries (prob.cu_seqlens points here) */
   da_algo_t algo;
   int64_t block;
+  int64_t block_used; /* block, or the automatic choice */
   char transport[16];
   double timeout;
   MPI_Comm mcomm;    /* the plan's own duplicate: a plan that timed out leaves unmatched
@@ -166,6 +167,7 @@ static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const c
 
 void da_plan_free(da_plan_t *p) {
   if (!p) return;
+  da_ring_release(&p->ring);
   da_schedule_free(&p->ring.sched);
   da_layout_free(&p->ring.layout);
   da_xport_close(&p->xp);
@@ -218,14 +220,17 @@ static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp
   DA_CHECK(da_layout_init(&R->layout, kinds[p->algo], p->prob.seq, P, NULL));
   R->nloc = da_layout_count(&R->layout, r);
   R->nmax = da_layout_max_count(&R->layout);
-  /* Automatic sub-block: about 8 progress calls per step, yet long enough (>= 128 keys) that a
-   * kernel call amortizes its setup. */
+  /* Automatic sub-block: a quarter of the largest shard, so a step makes at least four progress
+   * calls per KV segment, but never under 1024 keys: shorter calls cost the CPU kernel its K/V
+   * packing and state passes again and again (measured in docs/ring.md: 512-key sub-blocks ran
+   * 15% slower than 2048-key ones on 2048-row Q segments). */
   int64_t block = p->block;
   if (block == 0) {
-    block = (R->nmax + 7) / 8;
+    block = (R->nmax + 3) / 4;
     block = (block + 63) / 64 * 64;
-    if (block < 128) block = 128;
+    if (block < 1024) block = 1024;
   }
+  p->block_used = block;
   DA_CHECK(da_schedule_ring(&R->layout, &kp->mask, block, &R->sched));
   R->kt = da_context_kernels(c->ctx);
   R->kp = *kp;
@@ -324,6 +329,9 @@ da_status_t da_plan_stats(const da_plan_t *p, da_plan_stats_t *s) {
   s->fwd_step_compute_s = R->fwd.step_compute_s, s->fwd_step_wait_s = R->fwd.step_wait_s;
   s->bwd_step_compute_s = R->bwd.step_compute_s, s->bwd_step_wait_s = R->bwd.step_wait_s;
   s->fwd_step_bytes = R->fwd.step_bytes, s->bwd_step_bytes = R->bwd.step_bytes;
+  s->plan_fwd_bytes = da_ring_fwd_comm_bytes(R), s->plan_bwd_bytes = da_ring_bwd_comm_bytes(R);
+  s->work_imbalance = da_schedule_imbalance(&R->sched);
+  s->block = p->block_used;
   return DA_SUCCESS;
 }
 

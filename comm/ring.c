@@ -2,8 +2,10 @@
  * backward, on any transport. Each rank keeps its queries; the KV blocks (G heads, storage dtype)
  * travel around the ring with double buffering, the transfer for step s+1 posted before the
  * compute of step s and driven by test() between work items (no helper thread). The backward
- * sends the fp32 dK/dV accumulators along with the blocks so they arrive home after P steps.
- * Validation, tensor views and the cross-rank outcome are plan.c's; this file trusts its inputs. */
+ * sends the fp32 dK/dV sums one hop behind the blocks, so they arrive home after P-1 hops, the
+ * last one hidden behind part of the rank's own block (docs/ring.md). Buffers are allocated at
+ * the first call and kept by the plan. Validation, tensor views and the cross-rank outcome are
+ * plan.c's; this file trusts its inputs. */
 #include <math.h>
 #include <string.h>
 #include "dtype.h"
@@ -19,17 +21,59 @@ static int prev_rank(const da_ring_t *R) { return (R->rank + R->P - 1) % R->P; }
  * rows that exist are sent. */
 static size_t kv_block_elems(const da_ring_t *R, int64_t n) { return (size_t)(2 * R->B * n * kvrow(R)); }
 
+/* Buffer sizes in bytes: the two KV slots (largest shard), the per-query fp32 state (forward:
+ * o [B][nloc][H][D], m and l [B][nloc][H]; the backward reuses them for dq and delta), and the
+ * backward's dK/dV sums: three travelling blocks (largest shard) and this rank's own. */
+static size_t slots_bytes(const da_ring_t *R) { return 2 * kv_block_elems(R, R->nmax) * esize(R); }
+static size_t big_elems(const da_ring_t *R) { return (size_t)(R->B * R->nloc * R->kp.H) * (size_t)R->kp.D; }
+static size_t small_elems(const da_ring_t *R) { return (size_t)(R->B * R->nloc * R->kp.H); }
+static size_t acc_elems(const da_ring_t *R) { return kv_block_elems(R, R->nmax); }
+static size_t own_elems(const da_ring_t *R) { return kv_block_elems(R, R->nloc); }
+
 size_t da_ring_fwd_bytes(const da_ring_t *R) {
-  size_t slots = 2 * kv_block_elems(R, R->nmax) * esize(R);
-  size_t state = (size_t)(R->B * R->nloc * R->kp.H) * (size_t)(R->kp.D + 2) * sizeof(float);
-  return slots + state;
+  return slots_bytes(R) + (big_elems(R) + 2 * small_elems(R)) * sizeof(float);
 }
 
 size_t da_ring_bwd_bytes(const da_ring_t *R) {
-  size_t slots = 2 * kv_block_elems(R, R->nmax) * esize(R);
-  size_t acc = 3 * kv_block_elems(R, R->nmax) * sizeof(float);
-  size_t dq = (size_t)(R->B * R->nloc * R->kp.H) * (size_t)(R->kp.D + 1) * sizeof(float);
-  return slots + acc + dq;
+  return da_ring_fwd_bytes(R) + (3 * acc_elems(R) + own_elems(R)) * sizeof(float);
+}
+
+/* Allocate what a pass needs, once (zeroed: compute-only mode reads a slot's rows past the local
+ * shard as if they were a larger block, and they must be numbers). */
+static da_status_t ring_buffers(da_ring_t *R, int bwd) {
+  da_ring_bufs_t *b = &R->buf;
+  const size_t sb = slots_bytes(R), big = big_elems(R), small = small_elems(R);
+  for (int i = 0; i < 2; i++) {
+    if (!b->slot[i]) b->slot[i] = da_calloc(sb / 2 ? sb / 2 : 1, 64);
+    if (!b->small[i]) b->small[i] = da_calloc((small ? small : 1) * sizeof(float), 64);
+  }
+  if (!b->big) b->big = da_calloc((big ? big : 1) * sizeof(float), 64);
+  int ok = b->slot[0] && b->slot[1] && b->small[0] && b->small[1] && b->big;
+  if (bwd) {
+    for (int i = 0; i < 3; i++)
+      if (!b->acc[i]) b->acc[i] = da_calloc((acc_elems(R) ? acc_elems(R) : 1) * sizeof(float), 64);
+    if (!b->own) b->own = da_calloc((own_elems(R) ? own_elems(R) : 1) * sizeof(float), 64);
+    ok = ok && b->acc[0] && b->acc[1] && b->acc[2] && b->own;
+  }
+  if (!ok)
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d %s: %zu bytes of ring buffers", R->rank, bwd ? "backward" : "forward",
+                  bwd ? da_ring_bwd_bytes(R) : da_ring_fwd_bytes(R));
+  return DA_SUCCESS;
+}
+
+void da_ring_release(da_ring_t *R) {
+  da_ring_bufs_t *b = &R->buf;
+  if (R->broken) {
+    /* A transfer timed out: messages may still land in the slots and sums. Leak them rather
+     * than hand them back to malloc. */
+    DA_WARN(DA_SUB_COMM, "a transfer timed out; %zu bytes of ring buffers are kept out of use", da_ring_bwd_bytes(R));
+  } else {
+    da_free(b->slot[0]), da_free(b->slot[1]);
+    for (int i = 0; i < 3; i++) da_free(b->acc[i]);
+    da_free(b->own);
+  }
+  da_free(b->big), da_free(b->small[0]), da_free(b->small[1]);
+  memset(b, 0, sizeof *b);
 }
 
 uint64_t da_ring_fwd_comm_bytes(const da_ring_t *R) {
@@ -40,8 +84,9 @@ uint64_t da_ring_fwd_comm_bytes(const da_ring_t *R) {
 
 uint64_t da_ring_bwd_comm_bytes(const da_ring_t *R) {
   uint64_t b = da_ring_fwd_comm_bytes(R);
+  /* dK/dV sums start at the first rank that sees a block: P - 1 hops, the last one home. */
   if (R->P > 1)
-    for (int s = 0; s < R->P; s++)
+    for (int s = 1; s < R->P; s++)
       b += kv_block_elems(R, count_of(R, da_ring_src(R->rank, s, R->P))) * sizeof(float);
   return b;
 }
@@ -107,39 +152,28 @@ static void stats_sum(const da_ring_t *R, da_ring_stats_t *S, double t_start) {
   S->wall_s = da_time_now() - t_start;
 }
 
-/* Compute-only mode keeps reading the local block while pretending it is the travelling one;
- * offsets of a larger block stay inside the slot's capacity (sized for the largest shard), and
- * the slot is zeroed so the extra rows are harmless numbers rather than garbage. */
-static void *alloc_slot(const da_ring_t *R, size_t bytes) {
-  return R->mode == DA_RING_COMPUTE_ONLY ? da_calloc(bytes, 64) : da_malloc(bytes, 64);
-}
-
 da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out, float *lse,
                         void *stream) {
   const int P = R->P, r = R->rank, H = R->kp.H, D = R->kp.D;
   const int64_t B = R->B, nloc = R->nloc, row = kvrow(R);
-  const size_t es = esize(R), slot_bytes = kv_block_elems(R, R->nmax) * es;
+  const size_t es = esize(R);
   const double t_start = da_time_now();
   da_ring_stats_t *S = &R->fwd;
   stats_reset(R, S);
   R->xp->phase = "forward";
 
   da_status_t st = DA_SUCCESS, st_comm = DA_SUCCESS;
-  char *slot[2] = {alloc_slot(R, slot_bytes ? slot_bytes : 1), alloc_slot(R, slot_bytes ? slot_bytes : 1)};
-  size_t nst = (size_t)(B * nloc * H);
-  float *o = da_malloc((nst ? nst : 1) * (size_t)D * sizeof(float), 64);
-  float *m = da_malloc((nst ? nst : 1) * sizeof(float), 64), *l = da_malloc((nst ? nst : 1) * sizeof(float), 64);
-  if (!slot[0] || !slot[1] || !o || !m || !l) {
-    /* Keep walking the ring without buffers would need them: report it, the plan makes every
-     * rank agree, and peers stop at their own deadline if they already posted. */
-    st_comm = DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d forward: %zu bytes of ring buffers", r, da_ring_fwd_bytes(R));
-    goto done;
-  }
+  da_xreq_t *req = NULL;
+  /* Without buffers this rank cannot take part: report it; the plan makes every rank agree, and
+   * peers that already posted stop at their own deadline. */
+  if ((st_comm = ring_buffers(R, 0))) goto done;
+  char *const slot[2] = {R->buf.slot[0], R->buf.slot[1]};
+  const size_t nst = small_elems(R);
+  float *const o = R->buf.big, *const m = R->buf.small[0], *const l = R->buf.small[1];
   da_fwd_state_t all = {o, m, l, B * nloc};
   if (nst) st = da_fwd_state_init(R->kt, &R->kp, &all, stream);
   pack_kv(R, k, v, slot[0]);
 
-  da_xreq_t *req = NULL;
   for (int s = 0; s < P; s++) {
     const int src = da_ring_src(r, s, P);
     const int64_t nsrc = count_of(R, src);
@@ -187,14 +221,24 @@ da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
 done:
   if (st_comm && req) R->xp->t->abort(R->xp, req);
   stats_sum(R, S, t_start);
-  if (R->broken) {
-    /* Messages may still land in these buffers: leak them rather than hand them to malloc. */
-    DA_WARN(DA_SUB_COMM, "forward: a transfer timed out; %zu bytes of ring buffers are kept out of use", 2 * slot_bytes);
-  } else {
-    da_free(slot[0]), da_free(slot[1]);
-  }
-  da_free(o), da_free(m), da_free(l);
   return st_comm ? st_comm : st;
+}
+
+/* Where the backward splits this rank's own-block items (step 0): items [0, split) run at
+ * step 0, while the first KV block travels; items [split, n) run after the last step, while this
+ * rank's own dK/dV sum makes its final hop home. The work is divided in proportion to the bytes
+ * each part has to hide (KV block in the storage dtype vs dK/dV block in fp32), by pairs. */
+static int64_t own_split(const da_ring_t *R) {
+  int64_t n;
+  const da_work_item_t *it = da_schedule_items(&R->sched, R->rank, 0, &n);
+  if (R->P == 1 || n < 2) return n;
+  const double kv = (double)esize(R), dkv = (double)sizeof(float);
+  int64_t total = 0, acc = 0, i = 0;
+  for (int64_t j = 0; j < n; j++) total += it[j].pairs;
+  const double pre = (double)total * kv / (kv + dkv);
+  while (i < n - 1 && (double)(acc + it[i].pairs) <= pre) acc += it[i++].pairs;
+  /* At least one item at step 0 (it hides the first transfer) and one deferred. */
+  return i < 1 ? 1 : i;
 }
 
 da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out,
@@ -202,35 +246,55 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
                         void *stream) {
   const int P = R->P, r = R->rank, H = R->kp.H, D = R->kp.D;
   const int64_t B = R->B, nloc = R->nloc, row = kvrow(R);
-  const size_t es = esize(R), slot_bytes = kv_block_elems(R, R->nmax) * es;
-  const size_t acc_bytes = kv_block_elems(R, R->nmax) * sizeof(float);
+  const size_t es = esize(R);
   const double t_start = da_time_now();
   const int comm = R->mode != DA_RING_COMPUTE_ONLY, compute = R->mode != DA_RING_COMM_ONLY;
+  const int travel = P > 1 && comm; /* dK/dV sums move between ranks */
   da_ring_stats_t *S = &R->bwd;
   stats_reset(R, S);
   R->xp->phase = "backward";
 
   da_status_t st = DA_SUCCESS, st_comm = DA_SUCCESS;
-  /* Three fp32 accumulators rotate: `sd` is on its way to rank r+1, `rv` receives the running
-   * dK/dV of the next block from rank r-1, `c` takes this step's contribution, computed while
-   * both transfers move and added to the incoming sum only afterwards, so the accumulators'
-   * travel overlaps the next step's compute instead of delaying it. */
-  char *slot[2] = {alloc_slot(R, slot_bytes ? slot_bytes : 1), alloc_slot(R, slot_bytes ? slot_bytes : 1)};
-  float *sd = da_calloc(acc_bytes ? acc_bytes : 1, 64), *rv = da_calloc(acc_bytes ? acc_bytes : 1, 64);
-  float *c = da_calloc(acc_bytes ? acc_bytes : 1, 64);
-  size_t nrow = (size_t)(B * nloc * H);
-  float *dqa = da_calloc((nrow ? nrow : 1) * (size_t)D * sizeof(float), 64);
-  float *delta = da_malloc((nrow ? nrow : 1) * sizeof(float), 64);
+  /* fp32 dK/dV accumulators. `own` holds this rank's contribution to its own block and never
+   * travels. The sum of every other block starts at the first rank that sees it (step 1) and
+   * moves one hop per step: `c` takes this step's contribution, computed while the transfers
+   * move; `rv` receives the running sum of the next block from rank r-1; `sd` is on its way to
+   * rank r+1. After step P-1 the sum `sd` is complete and belongs to rank r+1, and `rv` receives
+   * this rank's own block's sum from rank r-1, which meets `own` at home. */
   da_xreq_t *rkv = NULL, *rd = NULL;
-  if (!slot[0] || !slot[1] || !sd || !rv || !c || !dqa || !delta) {
-    st_comm = DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d backward: %zu bytes of ring buffers", r, da_ring_bwd_bytes(R));
-    goto done;
-  }
+  if ((st_comm = ring_buffers(R, 1))) goto done;
+  char *const slot[2] = {R->buf.slot[0], R->buf.slot[1]};
+  float *sd = R->buf.acc[0], *rv = R->buf.acc[1], *c = R->buf.acc[2], *const own = R->buf.own;
+  float *const dqa = R->buf.big, *const delta = R->buf.small[0]; /* the forward's state, reused */
+  memset(dqa, 0, big_elems(R) * sizeof(float));
+  memset(own, 0, own_elems(R) * sizeof(float));
   if (compute && nloc > 0)
     for (int64_t b = 0; b < B && st == DA_SUCCESS; b++)
       st = R->kt->bwd_prep(&R->kp, nloc, out.p + (size_t)(b * out.bs) * es, out.ld,
                            dout.p + (size_t)(b * dout.bs) * es, dout.ld, delta + b * nloc * H, stream);
   pack_kv(R, k, v, slot[0]);
+  const int64_t split = own_split(R);
+
+  /* Items [i0, i1) of step s into the dK/dV accumulator acc ([2][B][nsrc][G][D]: k part, then v),
+   * reading keys and values of the KV block through the views kv_k, kv_v, poking the transfers
+   * in flight after each item. A kernel failure is left in st: this rank keeps passing blocks
+   * so its peers finish, and the plan agrees on the outcome afterwards. */
+#define BWD_ITEMS(s, i0, i1, kv_k, kv_v, nsrc, acc)                                                             \
+  do {                                                                                                          \
+    int64_t n_;                                                                                                 \
+    const da_work_item_t *it_ = da_schedule_items(&R->sched, r, (s), &n_);                                      \
+    for (int64_t i_ = (i0); i_ < (i1) && i_ < n_ && st == DA_SUCCESS; i_++)                                     \
+      for (int64_t b = 0; b < B && st == DA_SUCCESS; b++) {                                                     \
+        const da_work_item_t *w = it_ + i_;                                                                     \
+        const int64_t qr = b * nloc + w->q_off, kr = b * (nsrc) + w->k_off, vr = (B + b) * (nsrc) + w->k_off;   \
+        st = R->kt->bwd_block(&R->kp, q.p + (size_t)(b * q.bs + w->q_off * q.ld) * es, q.ld,                    \
+                              dout.p + (size_t)(b * dout.bs + w->q_off * dout.ld) * es, dout.ld, lse + qr * H,  \
+                              delta + qr * H, w->q, (kv_k).p + (size_t)(b * (kv_k).bs + w->k_off * (kv_k).ld) * es, \
+                              (kv_k).ld, (kv_v).p + (size_t)(b * (kv_v).bs + w->k_off * (kv_v).ld) * es,        \
+                              (kv_v).ld, w->k, dqa + qr * H * D, (acc) + kr * row, (acc) + vr * row, stream);   \
+        if ((st_comm = poke(R, rkv, rd))) goto done;                                                            \
+      }                                                                                                         \
+  } while (0)
 
   for (int s = 0; s < P; s++) {
     const int src = da_ring_src(r, s, P);
@@ -244,30 +308,21 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
       S->step_bytes[s] += sb;
     }
     const double t0 = da_time_now();
-    float *acc = s == 0 ? sd : c; /* step 0 starts the block's own sum: no incoming part yet */
     if (compute) {
-      memset(acc, 0, blk * sizeof(float));
-      if (st == DA_SUCCESS) {
-        const char *kb = comm ? cur : slot[0];
-        int64_t n;
-        const da_work_item_t *it = da_schedule_items(&R->sched, r, s, &n);
-        for (int64_t i = 0; i < n && st == DA_SUCCESS; i++, it++)
-          for (int64_t b = 0; b < B && st == DA_SUCCESS; b++) {
-            const int64_t qr = b * nloc + it->q_off;
-            const int64_t kr = b * nsrc + it->k_off, vr = (B + b) * nsrc + it->k_off;
-            st = R->kt->bwd_block(&R->kp, q.p + (size_t)(b * q.bs + it->q_off * q.ld) * es, q.ld,
-                                  dout.p + (size_t)(b * dout.bs + it->q_off * dout.ld) * es, dout.ld, lse + qr * H,
-                                  delta + qr * H, it->q, kb + (size_t)(kr * row) * es, row,
-                                  kb + (size_t)(vr * row) * es, row, it->k, dqa + qr * H * D, acc + kr * row,
-                                  acc + vr * row, stream);
-            if ((st_comm = poke(R, rkv, rd))) goto done;
-          }
+      /* A travelling block: k [B][nsrc][G][D] then v; its rows are packed. */
+      char *kb = comm ? cur : slot[0];
+      const da_rview_t bk = {kb, nsrc * row, row}, bv = {kb + (size_t)(B * nsrc * row) * es, nsrc * row, row};
+      if (s == 0) {
+        BWD_ITEMS(0, 0, split, k, v, nsrc, own);
+      } else {
+        memset(c, 0, blk * sizeof(float));
+        BWD_ITEMS(s, 0, INT64_MAX, bk, bv, nsrc, c);
       }
     } else if ((st_comm = poke(R, rkv, rd))) {
       goto done;
     }
     S->step_compute_s[s] = da_time_now() - t0;
-    if (s > 0) {
+    if (s >= 2 && travel) {
       /* The running sum of this block from the ranks before us: add ours, pass it on. */
       if ((st_comm = wait_req(R, &rd, &S->step_wait_s[s]))) goto done;
       if (compute) {
@@ -277,10 +332,12 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
       }
       float *t = sd;
       sd = rv, rv = t;
+    } else if (s == 1) {
+      float *t = sd; /* we are the first to see this block: our part is the whole sum so far */
+      sd = c, c = t;
     }
-    if (P > 1 && comm) {
-      /* After the last step the sum we pass on is complete and belongs to rank r+1; what we
-       * receive is our own block's, home after its full round. */
+    if (s >= 1 && travel) {
+      /* Receive the sum of the block of step s+1 (after the last step: our own block's). */
       size_t sb = blk * sizeof(float), rb = kv_block_elems(R, nnext) * sizeof(float);
       st_comm = R->xp->t->exchange_start(R->xp, sd, sb, next_rank(R), rv, rb, prev_rank(R), DA_TAG_BWD_DKV, s, &rd);
       if (st_comm) goto done;
@@ -290,9 +347,21 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
     DA_TRACE(DA_SUB_COMM, "backward step %d: kv of rank %d, compute %.3g s, wait %.3g s", s, src,
              S->step_compute_s[s], S->step_wait_s[s]);
   }
-  const float *home = sd; /* P == 1 (or no transfers): the step-0 sum is the whole gradient */
-  if (P > 1 && comm) {
+  if (compute) {
+    /* The deferred part of our own block, while our own sum travels its last hop. */
+    const double t0 = da_time_now();
+    BWD_ITEMS(0, split, INT64_MAX, k, v, nloc, own);
+    S->step_compute_s[0] += da_time_now() - t0;
+  }
+#undef BWD_ITEMS
+  const float *home = own;
+  if (travel) {
     if ((st_comm = wait_req(R, &rd, &S->step_wait_s[P - 1]))) goto done;
+    if (compute) {
+      double ta = da_time_now();
+      for (size_t i = 0; i < kv_block_elems(R, nloc); i++) rv[i] += own[i];
+      S->step_compute_s[0] += da_time_now() - ta;
+    }
     home = rv;
   }
   if (st == DA_SUCCESS && compute && nloc > 0)
@@ -307,11 +376,5 @@ done:
     if (rd) R->xp->t->abort(R->xp, rd);
   }
   stats_sum(R, S, t_start);
-  if (R->broken) {
-    DA_WARN(DA_SUB_COMM, "backward: a transfer timed out; ring buffers are kept out of use");
-  } else {
-    da_free(slot[0]), da_free(slot[1]), da_free(sd), da_free(rv), da_free(c);
-  }
-  da_free(dqa), da_free(delta);
   return st_comm ? st_comm : st;
 }

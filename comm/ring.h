@@ -30,6 +30,15 @@ typedef struct da_ring_stats {
   uint64_t *step_bytes;                 /* [nsteps] */
 } da_ring_stats_t;
 
+/* Buffers the driver keeps between calls (allocated at the first call that needs them, zeroed):
+ * the two KV slots, the forward state (big = o, small = m, l; the backward's dq and delta reuse
+ * big and small[0]), and the backward's dK/dV sums (three travelling, one own). */
+typedef struct da_ring_bufs {
+  char *slot[2];
+  float *big, *small[2];
+  float *acc[3], *own;
+} da_ring_bufs_t;
+
 typedef struct da_ring {
   const da_kernels_t *kt;
   da_kparams_t kp;
@@ -41,9 +50,14 @@ typedef struct da_ring {
   da_ring_mode_t mode;
   int broken;            /* a timeout left messages in flight: buffers must not be reused */
   da_ring_stats_t fwd, bwd;
+  da_ring_bufs_t buf;
 } da_ring_t;
 
-/* Buffers per call, bytes on this rank (what docs/ring.md derives). */
+/* Release the buffers (kept out of use, i.e. leaked, when a transfer timed out). */
+void da_ring_release(da_ring_t *R);
+
+/* Buffers of a forward / a forward and backward, bytes on this rank (docs/ring.md derives them):
+ * what the plan holds after its first forward / backward call. */
 size_t da_ring_fwd_bytes(const da_ring_t *R);
 size_t da_ring_bwd_bytes(const da_ring_t *R);
 /* Bytes this rank sends per call. */

@@ -1,6 +1,7 @@
 /* transport.c: the transport registry and the helpers every driver uses on top of the table:
  * opening by name, the outcome agreement that turns a failure on one rank into an error on every
  * rank, and the one place MPI error codes become messages. No data movement of its own. */
+#include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <stdio.h>
@@ -14,6 +15,26 @@ const da_transport_t *da_transport_find(const char *name) {
     if (!strcmp(transports[i]->name, name)) return transports[i];
   DA_ERR(DA_ERR_INVALID_ARGUMENT, "unknown transport '%s' (built: mpi, self)", name ? name : "(null)");
   return NULL;
+}
+
+static int parse_nonneg(const char *env, double *out) {
+  const char *s = da_param_string(env);
+  *out = 0;
+  if (!s) return 0;
+  char *end = NULL;
+  double x = strtod(s, &end);
+  if (!end || end == s || *end || !(x >= 0) || !isfinite(x)) {
+    DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s=%s: expected a finite number >= 0", env, s);
+    return -1;
+  }
+  *out = x;
+  return 1;
+}
+
+int da_test_link(double *gbps, double *us) {
+  int a = parse_nonneg("DISTATTN_TEST_LINK_GBPS", gbps), b = parse_nonneg("DISTATTN_TEST_LINK_US", us);
+  if (a < 0 || b < 0) return -1;
+  return a || b;
 }
 
 da_status_t da_xport_open(da_xport_t *xp, const char *name, MPI_Comm comm, double timeout_s) {

@@ -78,6 +78,17 @@ extern const da_transport_t da_transport_self;
 /* The table named `name` ("mpi", "self"); NULL with an error listing the choices. */
 const da_transport_t *da_transport_find(const char *name);
 
+/* The test-only link hook: DISTATTN_TEST_LINK_GBPS (GB/s = 1e9 bytes/s, > 0) and
+ * DISTATTN_TEST_LINK_US (microseconds, >= 0) make every exchange of the mpi transport complete
+ * no earlier than a link of that bandwidth and latency would allow, so overlap and exposed
+ * communication can be measured on a machine whose real links are fast (docs/ring.md). Each
+ * rank's link is full duplex and serial per direction: an exchange posted at t starts when the
+ * previous one has left the link, occupies it for max(sent, received bytes) / bandwidth and
+ * completes a latency later. Only exchanges are slowed, not the control collectives.
+ * Returns 1 and fills *gbps (0 = unlimited) and *us when either variable is set, 0 when none is,
+ * -1 with an error (DA_ERR_INVALID_ARGUMENT) when a value is malformed. */
+int da_test_link(double *gbps, double *us);
+
 /* Open a transport on comm: find + init, with the timeout. */
 da_status_t da_xport_open(da_xport_t *xp, const char *name, MPI_Comm comm, double timeout_s);
 void da_xport_close(da_xport_t *xp);

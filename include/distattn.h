@@ -174,7 +174,8 @@ typedef struct da_plan_config {
   unsigned version;      /* DA_API_VERSION */
   da_algo_t algo;
   int64_t block;         /* KV sub-block in tokens: the unit of work between two progress calls
-                            on the transfers; 0 = automatic (about 1/8 of a shard, >= 128) */
+                            on the transfers; 0 = automatic (a quarter of the largest shard, at
+                            least 1024, docs/ring.md) */
   const char *transport; /* "mpi" or "self" (one rank); NULL = DISTATTN_TRANSPORT or "mpi" */
   double timeout;        /* seconds a rank waits for a peer; 0 = DISTATTN_TIMEOUT or 300 */
 } da_plan_config_t;
@@ -227,7 +228,9 @@ typedef struct da_plan_stats {
   double fwd_compute_s, bwd_compute_s; /* in kernels */
   double fwd_exposed_s, bwd_exposed_s; /* blocked waiting for transfers after compute */
   uint64_t fwd_bytes_sent, bwd_bytes_sent;
-  size_t mem_fwd_bytes, mem_bwd_bytes; /* buffers the plan allocates per call, this rank */
+  size_t mem_fwd_bytes, mem_bwd_bytes; /* buffers the plan holds on this rank once it has run a
+                                          forward / a backward (allocated at the first call, kept
+                                          until da_plan_free; the backward's include the forward's) */
   size_t peak_bytes;                   /* high-water of distattn's allocations in this process */
   const double *fwd_step_compute_s, *fwd_step_wait_s, *bwd_step_compute_s, *bwd_step_wait_s;
   const uint64_t *fwd_step_bytes, *bwd_step_bytes;
@@ -235,6 +238,7 @@ typedef struct da_plan_stats {
    * schedule's work imbalance (max over ranks of allowed pairs computed ÷ mean; 1 = balanced). */
   uint64_t plan_fwd_bytes, plan_bwd_bytes;
   double work_imbalance;
+  int64_t block; /* the KV sub-block in use (tokens): the configured one or the automatic choice */
 } da_plan_stats_t;
 
 #define DA_PLAN_STATS_INITIALIZER { .size = sizeof(da_plan_stats_t), .version = DA_API_VERSION }

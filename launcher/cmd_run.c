@@ -17,8 +17,10 @@
 #include "dtype.h"
 #include "kernels.h"
 #include "launcher.h"
+#include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
 #include "report.h"
 #include "rng.h"
+#include "transport.h" /* da_test_link: the test-only slow link, echoed in the header and record */
 #include "verify.h"
 
 static const char *const algo_names[] = {"ring", "striped", "zigzag", NULL};
@@ -26,7 +28,7 @@ static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
 static const char *const device_names[] = {"cpu", "cuda", NULL};
 
 typedef struct run_opts {
-  int algo, dtype, device, backward, overlap;
+  int algo, dtype, device, backward, overlap, bind;
   int64_t seq, heads, kv_heads, dim, batch, block, verify, iters, warmup, seed, threads;
   double timeout;
   da_mask_spec_t mask;
@@ -99,7 +101,7 @@ typedef struct rankinfo {
 } rankinfo_t;
 
 /* The rank -> host/core map in the header, and the distinct hosts for the JSON record. */
-static void rank_map(int threads, char *hosts, size_t hn) {
+__attribute__((unused)) static void rank_map(int threads, char *hosts, size_t hn) {
   rankinfo_t me, *all = g_rank == 0 ? calloc((size_t)g_size, sizeof *all) : NULL;
   memset(&me, 0, sizeof me);
   snprintf(me.host, sizeof me.host, "%s", da_report_hostname());
@@ -133,10 +135,48 @@ static void vnote(vresult_t *v, double rel, double abs_err, double tol) {
   if (!(abs_err <= v->max_abs)) v->max_abs = abs_err;
 }
 
-/* One row (len values at offset off of x) against its float64 reference. */
-static void vrow(vresult_t *v, const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double tol) {
-  double ae = 0, rel = da_verify_rel(x, dt, off, ref, len, &ae);
-  vnote(v, rel, ae, tol);
+/* Rows checked so far, per tensor (out, dq, dk, dv): their max|x - ref| and max|ref|. The
+ * relative error of each is taken once all are in, against max(its max|ref|, floor) with the
+ * floor from the largest |ref| of the tensor over every rank's rows (da_verify_floor). */
+enum { VT_OUT, VT_DQ, VT_DK, VT_DV, VT_N };
+typedef struct vrows {
+  double *abs, *ref;
+  int *kind;
+  int64_t n, cap;
+} vrows_t;
+
+static int vrow(vrows_t *v, int kind, const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len) {
+  if (v->n == v->cap) {
+    int64_t cap = v->cap ? 2 * v->cap : 256;
+    double *a = realloc(v->abs, (size_t)cap * sizeof(double)), *r = a ? realloc(v->ref, (size_t)cap * sizeof(double)) : NULL;
+    int *k = r ? realloc(v->kind, (size_t)cap * sizeof(int)) : NULL;
+    if (a) v->abs = a;
+    if (r) v->ref = r;
+    if (k) v->kind = k;
+    if (!k) return -1;
+    v->cap = cap;
+  }
+  da_verify_err(x, dt, off, ref, len, &v->abs[v->n], &v->ref[v->n]);
+  v->kind[v->n++] = kind;
+  return 0;
+}
+
+/* Collective: the floors need every rank's largest |ref| per tensor. */
+static void vrows_finish(vrows_t *v, vresult_t *res, double tol) {
+  double mx[VT_N] = {0};
+  for (int64_t i = 0; i < v->n; i++)
+    if (v->ref[i] > mx[v->kind[i]]) mx[v->kind[i]] = v->ref[i];
+  MPI_Allreduce(MPI_IN_PLACE, mx, VT_N, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  static const char *const names[VT_N] = {"out", "dq", "dk", "dv"};
+  double worst[VT_N] = {0};
+  for (int64_t i = 0; i < v->n; i++) {
+    double f = da_verify_floor(mx[v->kind[i]]), den = v->ref[i] > f ? v->ref[i] : f;
+    vnote(res, v->abs[i] / den, v->abs[i], tol);
+    if (!(v->abs[i] / den <= worst[v->kind[i]])) worst[v->kind[i]] = v->abs[i] / den;
+  }
+  for (int t = 0; t < VT_N; t++)
+    DA_INFO(DA_SUB_IO, "verify %s: worst row rel err %.3g (tensor max |ref| %.3g)", names[t], worst[t], mx[t]);
+  free(v->abs), free(v->ref), free(v->kind);
 }
 
 /* Float64 check of R sampled local rows (and, with --backward, their dq and the dk/dv of the
@@ -151,6 +191,7 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
   double *ro = malloc((size_t)H * D * 8), *rl = malloc((size_t)H * 8), *rq = malloc((size_t)H * D * 8);
   double *rk = malloc((size_t)G * D * 8), *rv = malloc((size_t)G * D * 8);
   float *lse_all = NULL, *delta_all = NULL;
+  vrows_t vr = {0};
   int rc = 0;
   if (!ro || !rl || !rq || !rk || !rv) rc = -1;
   if (o->backward && o->verify > 0) {
@@ -186,7 +227,7 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
     }
     res->rows++;
     for (int h = 0; h < H; h++) {
-      vrow(res, out, dt, (l * H + h) * D, ro + h * D, D, tol);
+      if (vrow(&vr, VT_OUT, out, dt, (l * H + h) * D, ro + h * D, D)) rc = -1;
       double le = rl[h] == -INFINITY ? (lse[l * H + h] == -INFINITY ? 0 : INFINITY) : fabs(lse[l * H + h] - rl[h]);
       vnote(res, le / fmax(1.0, fabs(rl[h])), le, tol);
     }
@@ -196,14 +237,36 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
       rc = -1;
       break;
     }
-    for (int h = 0; h < H; h++) vrow(res, dq, dt, (l * H + h) * D, rq + h * D, D, tol);
-    for (int g = 0; g < G; g++) {
-      vrow(res, dk, dt, (l * G + g) * D, rk + g * D, D, tol);
-      vrow(res, dv, dt, (l * G + g) * D, rv + g * D, D, tol);
-    }
+    for (int h = 0; h < H; h++)
+      if (vrow(&vr, VT_DQ, dq, dt, (l * H + h) * D, rq + h * D, D)) rc = -1;
+    for (int g = 0; g < G; g++)
+      if (vrow(&vr, VT_DK, dk, dt, (l * G + g) * D, rk + g * D, D) || vrow(&vr, VT_DV, dv, dt, (l * G + g) * D, rv + g * D, D))
+        rc = -1;
   }
+  vrows_finish(&vr, res, tol);
   free(ro), free(rl), free(rq), free(rk), free(rv), free(lse_all), free(delta_all);
   return rc;
+}
+
+/* Parse and check the options (usage errors print their message to stderr and give
+ * DA_ARGS_USAGE): sizes, GQA, the mask against the length, the backend, the --json path (rank 0
+ * writes the record: it checks the path before anything long runs). */
+static int parse_run(da_cmdspec_t *cmd, da_opt_t *opts, int argc, char **argv, run_opts_t *o, int64_t *G) {
+  int prc = da_args_parse(cmd, argc, argv);
+  if (prc != DA_ARGS_OK) return prc;
+  const char *missing = !da_args_find(opts, "seq")->given ? "--seq" : !da_args_find(opts, "heads")->given ? "--heads"
+                        : !da_args_find(opts, "dim")->given ? "--dim" : NULL;
+  *G = o->kv_heads ? o->kv_heads : o->heads;
+  if (missing) return da_args_error(cmd, "%s is required", missing);
+  if (*G > o->heads || o->heads % *G)
+    return da_args_error(cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->heads, (long long)*G);
+  if (da_mask_check(&o->mask.mask, o->seq) != DA_SUCCESS)
+    return da_args_error(cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
+                                                                                   : da_error_message() + 6);
+  if (o->device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
+    return da_args_error(cmd, "--device cuda: not built: %s", da_error_message());
+  if (o->json && g_rank == 0 && da_json_check_path(o->json)) return DA_ARGS_USAGE;
+  return DA_ARGS_OK;
 }
 
 int da_cmd_run(int argc, char **argv) {
@@ -242,6 +305,8 @@ int da_cmd_run(int argc, char **argv) {
       {.name = "device", .type = DA_OPT_ENUM, .dest = &o.device, .help = "kernel backend", .choices = device_names},
       {.name = "threads", .type = DA_OPT_INT, .dest = &o.threads,
        .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096},
+      {.name = "bind", .type = DA_OPT_ENUM, .dest = &o.bind, .choices = da_bind_names,
+       .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
       {.name = "json", .type = DA_OPT_STRING, .dest = &o.json, .metavar = "FILE",
        .help = "append one JSON object (JSON Lines) to FILE"},
       {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o.overlap,
@@ -256,7 +321,9 @@ int da_cmd_run(int argc, char **argv) {
                                  "backward, timed and verified in float64 on sampled rows",
                       .opts = opts};
 
-  /* Every rank parses the same argv and reaches the same verdict; only rank 0 speaks. */
+  /* Every rank parses its own argv (mpirun gives all the same one, an MPMD launch may not) and
+   * all exit with the worst verdict. Rank 0 speaks; when rank 0 was fine but another rank was
+   * not, the lowest such rank says why, so a usage error always prints exactly one message. */
   int saved_out = -1, saved_err = -1;
   if (g_rank != 0) {
     fflush(stdout), fflush(stderr);
@@ -264,24 +331,24 @@ int da_cmd_run(int argc, char **argv) {
     saved_out = dup(1), saved_err = dup(2);
     if (devnull >= 0) dup2(devnull, 1), dup2(devnull, 2), close(devnull);
   }
-  int prc = da_args_parse(&cmd, argc, argv);
-  const char *missing = !da_args_find(opts, "seq")->given ? "--seq" : !da_args_find(opts, "heads")->given ? "--heads"
-                        : !da_args_find(opts, "dim")->given ? "--dim" : NULL;
-  int64_t G = o.kv_heads ? o.kv_heads : o.heads;
-  if (prc == DA_ARGS_OK && missing) prc = da_args_error(&cmd, "%s is required", missing);
-  else if (prc == DA_ARGS_OK && o.heads % G) prc = da_args_error(&cmd, "--heads %lld is not a multiple of --kv-heads %lld",
-                                                                  (long long)o.heads, (long long)G);
-  else if (prc == DA_ARGS_OK && da_mask_check(&o.mask.mask, o.seq) != DA_SUCCESS)
-    prc = da_args_error(&cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
-                                                                                    : da_error_message() + 6);
-  else if (prc == DA_ARGS_OK && o.device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
-    prc = da_args_error(&cmd, "--device cuda: not built: %s", da_error_message());
+  int64_t G = 0;
+  int prc = parse_run(&cmd, opts, argc, argv, &o, &G);
   if (g_rank != 0) {
     fflush(stdout), fflush(stderr);
     if (saved_out >= 0) dup2(saved_out, 1), close(saved_out);
     if (saved_err >= 0) dup2(saved_err, 2), close(saved_err);
   }
-  prc = max_int(prc);
+  {
+    int v[2] = {prc, prc != DA_ARGS_OK ? g_rank : g_size}, rank0 = prc;
+    MPI_Bcast(&rank0, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, &v[1], 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+    if (rank0 == DA_ARGS_OK && v[1] == g_rank && g_rank != 0) {
+      fprintf(stderr, "distattn run: rank %d was given other arguments than rank 0, and they are wrong:\n", g_rank);
+      da_mask_spec_free(&o.mask);
+      parse_run(&cmd, opts, argc, argv, &o, &G); /* again, to print its message */
+    }
+    prc = max_int(prc);
+  }
   if (prc != DA_ARGS_OK) {
     da_mask_spec_free(&o.mask);
     MPI_Finalize();
@@ -290,7 +357,12 @@ int da_cmd_run(int argc, char **argv) {
 
   /* ---- context, communicator, plan ---- */
   int rc = 0;
-  const int threads = o.threads ? (int)o.threads : default_threads();
+  da_placement_t place;
+  char place_env[64], place_err[256];
+  if (da_place_world((da_bind_t)o.bind, &place, place_env, sizeof place_env, place_err, sizeof place_err))
+    fprintf(stderr, "distattn run: rank %d: %s\n", g_rank, place_err);
+  const int threads = o.threads ? (int)o.threads : place.threads;
+  (void)default_threads;
   da_context_t *ctx = NULL;
   da_comm_t *comm = NULL;
   da_plan_t *plan = NULL;
@@ -353,6 +425,8 @@ int da_cmd_run(int argc, char **argv) {
 
   /* ---- header ---- */
   char hosts[1024], maskdesc[256];
+  double link_gbps = 0, link_us = 0;
+  const int link_on = da_test_link(&link_gbps, &link_us) > 0; /* malformed: the plan already failed */
   da_mask_describe(&o.mask.mask, maskdesc, sizeof maskdesc);
   if (g_rank == 0) {
     da_report_header(stdout, &cmd, threads);
@@ -362,20 +436,29 @@ int da_cmd_run(int argc, char **argv) {
     lib[strcspn(lib, ",\n")] = '\0'; /* first clause: "Open MPI v4.1.4" */
     da_report_line(stdout, "ranks: %d  mpi: %s (MPI %d.%d)  backend: %s  transport: mpi (host memory)", g_size, lib,
                    MPI_VERSION, MPI_SUBVERSION, device_names[o.device]);
+    if (link_on)
+      da_report_line(stdout, "test link hook: DISTATTN_TEST_LINK_GBPS=%g DISTATTN_TEST_LINK_US=%g (transfers slowed "
+                             "to this link; not a real network)", link_gbps, link_us);
   }
   fflush(stdout);
-  rank_map(threads, hosts, sizeof hosts);
+  da_place_print(stdout, (da_bind_t)o.bind, &place, place_env, hosts, sizeof hosts);
   da_plan_stats_t ps = DA_PLAN_STATS_INITIALIZER;
   da_plan_stats(plan, &ps);
   {
     int64_t rows[2] = {n, -n};
     MPI_Allreduce(MPI_IN_PLACE, rows, 2, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
     unsigned long long mem[2] = {(unsigned long long)ps.mem_fwd_bytes, (unsigned long long)ps.mem_bwd_bytes};
+    unsigned long long vol[2] = {(unsigned long long)ps.plan_fwd_bytes, (unsigned long long)ps.plan_bwd_bytes};
     MPI_Allreduce(MPI_IN_PLACE, mem, 2, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
+    MPI_Allreduce(MPI_IN_PLACE, vol, 2, MPI_UNSIGNED_LONG_LONG, MPI_SUM, MPI_COMM_WORLD);
     if (g_rank == 0) {
-      da_report_line(stdout, "layout: %s  local rows %lld..%lld  pairs %lld  ring buffers per rank: fwd %.1f MiB, "
-                             "bwd %.1f MiB", algo_names[o.algo], (long long)-rows[1], (long long)rows[0],
-                     (long long)ps.pairs_total, mem[0] / 1048576.0, mem[1] / 1048576.0);
+      da_report_line(stdout, "layout: %s  local rows %lld..%lld  pairs %lld  work imbalance (schedule) %.4f  KV "
+                             "sub-block %lld%s", algo_names[o.algo], (long long)-rows[1], (long long)rows[0],
+                     (long long)ps.pairs_total, ps.work_imbalance, (long long)ps.block, o.block ? "" : " (auto)");
+      da_report_line(stdout, "plan: buffers per rank %.2f MiB (fwd) / %.2f MiB (fwd+bwd); sent per call, all ranks: "
+                             "fwd %.2f MiB, bwd %.2f MiB (KV in %s, dK/dV in fp32)", mem[0] / 1048576.0,
+                     mem[1] / 1048576.0, vol[0] / 1048576.0, o.backward ? vol[1] / 1048576.0 : 0.0,
+                     dtype_names[o.dtype]);
       da_report_line(stdout, "time: median of %lld iters, max over ranks; gflops: (4 fwd + 10 bwd) * H * D * pairs / "
                              "time; comm: bytes sent per call, summed over ranks", (long long)o.iters);
       if (o.verify)
@@ -471,17 +554,17 @@ int da_cmd_run(int argc, char **argv) {
   if (g_rank == 0) {
     static const char *const names[] = {"algo", "ranks", "seq", "batch", "heads", "kv", "dim", "mask", "dtype",
                                         "fwd_ms", "bwd_ms", "gflops", "comm_MB", "exposed_ms", "overlap", "imbal",
-                                        "rows", "max_rel", "wrong"};
-    static const int widths[] = {7, 5, 9, 5, 5, 3, 4, 12, 5, 10, 10, 8, 9, 10, 7, 6, 6, 9, 6};
+                                        "imb_work", "rows", "max_rel", "wrong"};
+    static const int widths[] = {7, 5, 9, 5, 5, 3, 4, 12, 5, 10, 10, 8, 9, 10, 7, 6, 8, 6, 9, 6};
     da_table_t t;
-    da_table_init(&t, stdout, 19, names, widths);
+    da_table_init(&t, stdout, 20, names, widths);
     da_table_print_header(&t);
     da_table_str(&t, algo_names[o.algo]);
     da_table_int(&t, g_size), da_table_int(&t, o.seq), da_table_int(&t, B), da_table_int(&t, H);
     da_table_int(&t, G), da_table_int(&t, D), da_table_str(&t, maskdesc), da_table_str(&t, dtype_names[o.dtype]);
     da_table_dbl(&t, fwd_s * 1e3, 2, 0), da_table_dbl(&t, bwd_s * 1e3, 2, 0), da_table_dbl(&t, gflops, 2, 0);
     da_table_dbl(&t, sums[0] / 1048576.0, 2, 0), da_table_dbl(&t, maxs[0] * 1e3, 2, 0);
-    da_table_dbl(&t, overlap, 2, 0), da_table_dbl(&t, imbalance, 2, 0);
+    da_table_dbl(&t, overlap, 2, 0), da_table_dbl(&t, imbalance, 2, 0), da_table_dbl(&t, ps.work_imbalance, 3, 0);
     da_table_int(&t, vsum[0]), da_table_dbl(&t, o.verify ? vmax[1] : NAN, 2, 1), da_table_int(&t, vsum[1]);
     da_table_end_row(&t);
     if (o.overlap)
@@ -502,7 +585,7 @@ int da_cmd_run(int argc, char **argv) {
       da_json_str(&j, "dtype", dtype_names[o.dtype]);
       da_json_str(&j, "device", device_names[o.device]);
       da_json_int(&j, "threads", threads);
-      da_json_int(&j, "block", o.block);
+      da_json_int(&j, "block", ps.block); /* in use: --block or the automatic choice */
       da_json_int(&j, "iters", o.iters);
       da_json_dbl(&j, "fwd_s", fwd_s);
       if (o.backward) da_json_dbl(&j, "bwd_s", bwd_s);
@@ -519,6 +602,10 @@ int da_cmd_run(int argc, char **argv) {
       da_json_dbl(&j, "t_compute_only_s", t_comp);
       da_json_dbl(&j, "t_comm_only_s", t_comm);
       da_json_dbl(&j, "imbalance", imbalance);
+      da_json_dbl(&j, "imbalance_work", ps.work_imbalance);
+      da_json_dbl(&j, "compute_s", maxs[1]); /* max over ranks, fwd + bwd, last iteration */
+      if (link_on) da_json_dbl(&j, "link_gbps", link_gbps), da_json_dbl(&j, "link_us", link_us);
+      else da_json_null(&j, "link_gbps"), da_json_null(&j, "link_us");
       da_json_int(&j, "peak_rss_bytes", (int64_t)maxs[2]); /* max over ranks */
       da_json_str(&j, "hosts", hosts);
       da_json_str(&j, "git", da_git_version());

@@ -61,3 +61,75 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
                 ARGS --context 100 --heads 4 --dim 64 --root 5)
   da_decode_cli(cli_decode_missing 1 2 ERR_RE "--context is required" ARGS --heads 4 --dim 64)
 endif()
+
+# `distattn run` from the command line under mpirun (issue 3): verified runs of every algorithm
+# on lengths P does not divide, the JSON record with every field of design §5, --measure-overlap
+# under the test-only slow link; bad input exits 2 on every rank with one message, ranks given
+# different problems (an MPMD launch) all exit 2 naming the disagreement, never hang.
+if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
+  # da_run_cli(<name> <np> <rc> [ENV k=v;..] [OUT_RE re] [ERR_RE re] [JSON file JSON_RE re] ARGS ..)
+  # ARGS follow `distattn run`; RAW_ARGS replace the whole mpirun tail (MPMD launches).
+  function(da_run_cli name np rc)
+    cmake_parse_arguments(T "" "OUT_RE;ERR_RE;JSON;JSON_RE" "ARGS;RAW_ARGS;ENV" ${ARGN})
+    set(mpi_args --oversubscribe --bind-to none --timeout 100)
+    foreach(kv IN LISTS T_ENV)
+      list(APPEND mpi_args -x ${kv})
+    endforeach()
+    if(T_RAW_ARGS)
+      list(APPEND mpi_args ${T_RAW_ARGS})
+    else()
+      list(APPEND mpi_args -np ${np} $<TARGET_FILE:distattn> run ${T_ARGS})
+    endif()
+    add_test(NAME ${name}
+             COMMAND ${CMAKE_COMMAND} -DEXE=${DA_MPIRUN} "-DARGS=${mpi_args}" -DRC=${rc}
+                     "-DOUT_RE=${T_OUT_RE}" "-DERR_RE=${T_ERR_RE}" "-DJSON=${T_JSON}" "-DJSON_RE=${T_JSON_RE}"
+                     -P ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
+    set_tests_properties(${name} PROPERTIES LABELS mpi TIMEOUT 130 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+  endfunction()
+
+  set(run_json ${CMAKE_CURRENT_BINARY_DIR}/cli_run.jsonl)
+  set(num "-?[0-9][0-9.e+-]*")
+  # Every field of design §5 in one record, in order (SLURM_JOB_ID passed in to see it recorded).
+  set(run_json_re "\"cmd\":\"run\",\"algo\":\"zigzag\",\"ranks\":4,\"seq\":1003,\"batch\":2,\"heads\":4,\"kv_heads\":1,\"dim\":64,\"mask\":\"causal\",\"dtype\":\"bf16\",\"device\":\"cpu\",")
+  string(APPEND run_json_re ".*\"fwd_s\":${num},\"bwd_s\":${num},\"gflops\":${num},.*\"verify_rows\":16,\"max_abs_err\":${num},\"max_rel_err\":${num},\"wrong\":0,")
+  string(APPEND run_json_re "\"comm_bytes\":${num},\"comm_exposed_s\":${num},\"overlap\":${num},.*\"imbalance\":${num},\"imbalance_work\":${num},")
+  string(APPEND run_json_re ".*\"link_gbps\":0.05,\"link_us\":200,\"peak_rss_bytes\":[0-9]+,\"hosts\":\"[^\"]+\",\"git\":\"[^\"]+\",\"SLURM_JOB_ID\":\"4242\"")
+  da_run_cli(cli_run_zigzag_np4 4 0 ENV DISTATTN_TEST_LINK_GBPS=0.05 DISTATTN_TEST_LINK_US=200 SLURM_JOB_ID=4242
+             OUT_RE "test link hook: DISTATTN_TEST_LINK_GBPS=0.05.*imb_work.*# wrong: 0.# PASS"
+             JSON ${run_json} JSON_RE "${run_json_re}"
+             ARGS --algo zigzag --seq 1003 --batch 2 --heads 4 --kv-heads 1 --dim 64 --mask causal --dtype bf16
+                  --backward --verify 4 --iters 1 --warmup 0 --measure-overlap --json ${run_json})
+  da_run_cli(cli_run_ring_np3 3 0 OUT_RE "ring +3 +1001 .*window:100.*# wrong: 0.# PASS"
+             ARGS --algo ring --seq 1001 --heads 4 --kv-heads 2 --dim 32 --mask window:100 --backward
+                  --verify 6 --iters 1 --warmup 0 --block 64)
+  da_run_cli(cli_run_striped_np5 5 0 OUT_RE "striped +5 +1004 .*# wrong: 0.# PASS"
+             ARGS --algo striped --seq 1004 --heads 2 --dim 128 --mask causal+doc:300,400,304 --dtype fp16
+                  --backward --verify 4 --iters 1 --warmup 0)
+  da_run_cli(cli_run_np1 1 0 OUT_RE "zigzag +1 +777 .*# wrong: 0.# PASS"
+             ARGS --seq 777 --heads 3 --dim 64 --verify 5 --iters 1 --warmup 0)
+
+  # Usage errors: exit 2 on every rank, one message, nothing run.
+  da_run_cli(cli_run_bad_flag 3 2 ERR_RE "unknown option '--bogus'" ARGS --seq 64 --heads 2 --dim 16 --bogus 1)
+  da_run_cli(cli_run_bad_seq 3 2 ERR_RE "--seq: 0 is out of range" ARGS --seq 0 --heads 2 --dim 16)
+  da_run_cli(cli_run_bad_size 3 2 ERR_RE "--seq: '4X' is not a size" ARGS --seq 4X --heads 2 --dim 16)
+  da_run_cli(cli_run_missing 3 2 ERR_RE "--dim is required" ARGS --seq 64 --heads 2)
+  da_run_cli(cli_run_bad_gqa 3 2 ERR_RE "--heads 6 is not a multiple of --kv-heads 4"
+             ARGS --seq 64 --heads 6 --kv-heads 4 --dim 16)
+  da_run_cli(cli_run_bad_algo 3 2 ERR_RE "--algo: 'spiral' is not one of ring.striped.zigzag"
+             ARGS --algo spiral --seq 64 --heads 2 --dim 16)
+  da_run_cli(cli_run_bad_mask 3 2 ERR_RE "documents cover 200 tokens but seq = 300"
+             ARGS --seq 300 --heads 2 --dim 16 --mask doc:100,100)
+  da_run_cli(cli_run_bad_dim 3 2 ERR_RE "head dim 1000"
+             ARGS --seq 64 --heads 2 --dim 1000)
+  da_run_cli(cli_run_bad_json 3 2 ERR_RE "cannot open --json /nonexistent-dir/x.jsonl"
+             ARGS --seq 64 --heads 2 --dim 16 --json /nonexistent-dir/x.jsonl)
+  da_run_cli(cli_run_bad_link 2 2 ENV DISTATTN_TEST_LINK_GBPS=fast ERR_RE "DISTATTN_TEST_LINK_GBPS=fast"
+             ARGS --seq 64 --heads 2 --dim 16)
+  # Ranks given different arguments (MPMD): a different problem is a mismatch on every rank; a
+  # bad flag on rank 1 only is still one message (from rank 1) and exit 2 everywhere.
+  set(exe $<TARGET_FILE:distattn>)
+  da_run_cli(cli_run_mismatch 3 2 ERR_RE "ranks disagree on the problem: seq"
+             RAW_ARGS -np 1 ${exe} run --seq 100 --heads 2 --dim 16 : -np 2 ${exe} run --seq 101 --heads 2 --dim 16)
+  da_run_cli(cli_run_mismatch_flag 2 2 ERR_RE "rank 1 was given other arguments than rank 0.*unknown option '--sq'"
+             RAW_ARGS -np 1 ${exe} run --seq 100 --heads 2 --dim 16 : -np 1 ${exe} run --sq 100 --heads 2 --dim 16)
+endif()

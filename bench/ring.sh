@@ -1,0 +1,157 @@
+#!/usr/bin/env bash
+# bench/ring.sh: the distributed figures of issue 3, all measured in one run of this script, on
+# one causal GQA shape at P = 2 (one rank per core, one kernel thread each):
+#   efficiency  forward+backward GFLOP/s per rank (zigzag) / GFLOP/s of the single-rank kernel on
+#               the whole problem with one thread (`distattn kernel`, two copies run side by side
+#               so the baseline sees the same two-busy-cores machine the ranks see)   target >= 0.9
+#   overlap     `--measure-overlap` with the test-only link hook set so that the transfers alone
+#               take about half the compute-only time (calibrated from the first run)  target >= 0.9
+#   speedup     causal wall time (fwd + bwd) of ring (contiguous) / zigzag, same run   target >= 1.3
+# Appends every raw record plus one summary record to bench/results/ring-<host>.jsonl and writes
+# bench/results/ring-<host>.md (the machine described, the table, the verdicts). Speed is
+# reported, never asserted: the exit code is non-zero only when a run fails or a result is wrong.
+# Called by bench/run.sh (`make bench`); alone: BUILD=build bench/ring.sh. Settings (env):
+# RING_SEQ (8K), RING_HEADS (4), RING_KV (2), RING_DIM (128), RING_ITERS (3), RING_LINK_US (20),
+# RING_JSON, RING_MD (output paths), MPIRUN.
+set -uo pipefail
+BUILD=${BUILD:-build}
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+EXE=${DISTATTN:-$BUILD/distattn}
+MPIRUN=${MPIRUN:-$(command -v mpirun.openmpi || command -v mpirun)}
+HOST=$(hostname -s 2>/dev/null || hostname)
+OUT=${RING_JSON:-$HERE/results/ring-$HOST.jsonl}
+MD=${RING_MD:-$HERE/results/ring-$HOST.md}
+SEQ=${RING_SEQ:-8K} HEADS=${RING_HEADS:-4} KV=${RING_KV:-2} DIM=${RING_DIM:-128}
+ITERS=${RING_ITERS:-3} LINK_US=${RING_LINK_US:-20}
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+[ -x "$EXE" ] || { echo "bench/ring.sh: $EXE not found (build first, or set BUILD)" >&2; exit 2; }
+[ -n "$MPIRUN" ] || { echo "bench/ring.sh: no mpirun" >&2; exit 2; }
+mkdir -p "$(dirname "$OUT")" "$(dirname "$MD")"
+TMP=$(mktemp -d)
+trap 'rm -rf "$TMP"' EXIT
+RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$HOST-$$
+SHAPE=(--seq "$SEQ" --heads "$HEADS" --kv-heads "$KV" --dim "$DIM" --mask causal --dtype fp32)
+MPI=("$MPIRUN" --oversubscribe --bind-to none --timeout 900 -np 2)
+RUN=(run "${SHAPE[@]}" --backward --threads 1 --iters "$ITERS" --warmup 1 --verify 8)
+status=0
+LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# jget FILE KEY [LINE]: the value of "KEY" in JSON Lines record LINE (default 1) of FILE.
+jget() {
+  awk -v key="\"$2\":" -v want="${3:-1}" 'NR == want {
+    i = index($0, key); if (!i) { print "null"; exit }
+    s = substr($0, i + length(key))
+    if (substr(s, 1, 1) == "\"") { s = substr(s, 2); print substr(s, 1, index(s, "\"") - 1) }
+    else { match(s, /^[^,}]*/); print substr(s, 1, RLENGTH) }
+  }' "$1"
+}
+calc() { awk "BEGIN { x = $1; if (x != x) print \"null\"; else printf \"%.4g\n\", x }"; }
+step() {
+  local name=$1; shift
+  echo "# ---- $name: $*"
+  "$@"
+  local rc=$?
+  if [ $rc -ne 0 ]; then
+    echo "bench/ring.sh: $name exited $rc" >&2
+    status=1
+  fi
+  echo
+  return $rc
+}
+
+# 1. The single-rank kernel, two copies side by side (one per core), one thread each.
+echo "# ---- kernel: 2 x distattn kernel ${SHAPE[*]} --ops fwd,bwd --threads 1"
+for c in 0 1; do
+  "$EXE" kernel "${SHAPE[@]}" --ops fwd,bwd --threads 1 --iters "$ITERS" --warmup 1 --verify 4 \
+    --json "$TMP/kernel$c.jsonl" > "$TMP/kernel$c.txt" 2>&1 &
+done
+wait -n || status=1
+wait -n || status=1
+cat "$TMP/kernel0.txt"
+echo
+# 2. zigzag at P = 2, with the overlap passes (no link hook: the real shared-memory transfers).
+step zigzag "${MPI[@]}" "$EXE" "${RUN[@]}" --algo zigzag --measure-overlap --json "$TMP/zigzag.jsonl"
+# 3. The link hook calibrated so the transfers alone take half the compute-only time.
+bytes=$(jget "$TMP/zigzag.jsonl" comm_bytes) tcomp=$(jget "$TMP/zigzag.jsonl" t_compute_only_s)
+GBPS=$(calc "($bytes / 2) / (0.5 * $tcomp) / 1e9")
+step link "${MPI[@]}" -x DISTATTN_TEST_LINK_GBPS="$GBPS" -x DISTATTN_TEST_LINK_US="$LINK_US" "$EXE" "${RUN[@]}" \
+  --algo zigzag --measure-overlap --json "$TMP/link.jsonl"
+# 4. ring (contiguous) at P = 2, same shape.
+step ring "${MPI[@]}" "$EXE" "${RUN[@]}" --algo ring --json "$TMP/ring.jsonl"
+LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
+
+# ---- figures ----
+for c in 0 1; do
+  tf[$c]=$(jget "$TMP/kernel$c.jsonl" time_s 1) tb[$c]=$(jget "$TMP/kernel$c.jsonl" time_s 2)
+done
+pairs=$(jget "$TMP/kernel0.jsonl" pairs 1)
+flop=$(calc "14 * $HEADS * $DIM * $pairs")
+k_rate=$(calc "0.5 * ($flop / (${tf[0]} + ${tb[0]}) + $flop / (${tf[1]} + ${tb[1]})) / 1e9")
+z_gflops=$(jget "$TMP/zigzag.jsonl" gflops)
+per_rank=$(calc "$z_gflops / 2")
+eff=$(calc "$per_rank / $k_rate")
+overlap=$(jget "$TMP/link.jsonl" overlap)
+l_comp=$(jget "$TMP/link.jsonl" t_compute_only_s) l_comm=$(jget "$TMP/link.jsonl" t_comm_only_s)
+l_ratio=$(calc "$l_comm / $l_comp")
+z_t=$(calc "$(jget "$TMP/zigzag.jsonl" fwd_s) + $(jget "$TMP/zigzag.jsonl" bwd_s)")
+r_t=$(calc "$(jget "$TMP/ring.jsonl" fwd_s) + $(jget "$TMP/ring.jsonl" bwd_s)")
+speedup=$(calc "$r_t / $z_t")
+wrong=0
+for f in zigzag link ring; do
+  w=$(jget "$TMP/$f.jsonl" wrong)
+  [ "$w" = 0 ] || { wrong=1; status=1; }
+done
+verdict() { awk -v x="$1" -v t="$2" 'BEGIN { if (x == "null" || x == "") print "n/a"; else print (x + 0 >= t ? "met" : "missed") }'; }
+
+# ---- machine ----
+cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
+ncpu=$(nproc 2>/dev/null)
+topo=$(lscpu 2>/dev/null | awk -F: '/^Socket\(s\)|^Core\(s\) per socket|^Thread\(s\) per core/ { gsub(/^ +/, "", $2); printf "%s%s %s", sep, $2, $1; sep = ", " }')
+isa=$(grep -o -w -E 'avx512f|avx512_bf16|avx2|fma' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')
+mpiv=$("$MPIRUN" --version 2>/dev/null | head -1)
+git=$(git -C "$ROOT" describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)
+date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+
+# ---- records: every raw one tagged with the run, then the summary ----
+for f in kernel0 kernel1 zigzag link ring; do
+  while IFS= read -r line; do
+    printf '{"bench":"ring","bench_run":"%s","part":"%s",%s\n' "$RUN_ID" "$f" "${line#\{}" >> "$OUT"
+  done < "$TMP/$f.jsonl"
+done
+printf '{"bench":"ring","bench_run":"%s","part":"summary","date":"%s","git":"%s","host":"%s","cpu":"%s","cores":%s,"mpi":"%s","seq":"%s","heads":%s,"kv_heads":%s,"dim":%s,"mask":"causal","dtype":"fp32","ranks":2,"threads_per_rank":1,"iters":%s,"kernel_fwdbwd_gflops":%s,"zigzag_gflops_per_rank":%s,"efficiency":%s,"link_gbps":%s,"link_us":%s,"link_comm_over_compute":%s,"overlap":%s,"ring_s":%s,"zigzag_s":%s,"zigzag_speedup":%s,"wrong":%s,"load_before":"%s","load_after":"%s"}\n' \
+  "$RUN_ID" "$date" "$git" "$HOST" "$cpu" "$ncpu" "$mpiv" "$SEQ" "$HEADS" "$KV" "$DIM" "$ITERS" "$k_rate" \
+  "$per_rank" "$eff" "$GBPS" "$LINK_US" "$l_ratio" "$overlap" "$r_t" "$z_t" "$speedup" "$wrong" "$LOAD0" "$LOAD1" >> "$OUT"
+
+cat > "$MD" <<EOF
+# Ring / zigzag figures at P = 2 ($date)
+
+Produced by \`bench/ring.sh\` (part of \`make bench\`); every number below comes from one run of it
+(\`bench_run\` = \`$RUN_ID\` in \`$(basename "$OUT")\`). Definitions: docs/ring.md.
+
+| machine | |
+|---|---|
+| CPU | $cpu, $ncpu online CPUs ($topo) |
+| ISA flags | $isa|
+| MPI | $mpiv, 2 ranks on one host (\`--bind-to none\`), shared-memory transport (vader, CMA) |
+| git | $git |
+| load average (1/5/15 min) | before: $LOAD0; after: $LOAD1 (the machine is shared; timings swing with it) |
+
+Shape: \`--seq $SEQ --heads $HEADS --kv-heads $KV --dim $DIM --mask causal --dtype fp32 --backward\`,
+one kernel thread per rank, median of $ITERS iterations after one warm-up.
+
+| figure | value | target | |
+|---|---|---|---|
+| single-rank kernel, fwd+bwd GFLOP/s (1 thread, 2 copies side by side) | $k_rate | | |
+| zigzag fwd+bwd GFLOP/s per rank at P = 2 | $per_rank | | |
+| efficiency = per rank / kernel | $eff | >= 0.9 | $(verdict "$eff" 0.9) |
+| link hook: $GBPS GB/s, $LINK_US us; transfers-only / compute-only time | $l_ratio | ~0.5 | |
+| overlap (--measure-overlap under that link) | $overlap | >= 0.9 | $(verdict "$overlap" 0.9) |
+| causal fwd+bwd wall time: ring (contiguous) / zigzag (s) | $r_t / $z_t | | |
+| zigzag speedup over ring | $speedup | >= 1.3 (ideal 1.5) | $(verdict "$speedup" 1.3) |
+| wrong results in the verified runs | $wrong | 0 | |
+EOF
+echo "# ring figures: efficiency $eff (kernel $k_rate, per rank $per_rank GFLOP/s), overlap $overlap" \
+     "(link $GBPS GB/s, comm/compute $l_ratio), zigzag speedup $speedup (ring $r_t s, zigzag $z_t s)"
+echo "# appended to $OUT; summary in $MD"
+exit $status
