@@ -37,12 +37,19 @@
 #endif
 #define QT (NV * W)  /* queries per micro-tile */
 #define NU 2         /* vectors along D in the row-major product (gemm_c) */
-#define BK_FWD 64    /* keys per KV tile, forward */
-#define BK_BWD 64    /* keys per KV tile, backward */
+#define BK_DEF 64    /* keys per KV tile unless block_k asks otherwise */
+#define BK_MAX 256   /* largest KV tile (block_k is rounded to R and clamped to [R, BK_MAX]) */
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
+static inline int imax(int a, int b) { return a > b ? a : b; }
+/* KV tile of a call: block_k rounded up to R rows, in [R, BK_MAX]; 0 = BK_DEF. */
+static inline int kv_tile(const da_kparams_t *p) {
+  if (p->block_k <= 0) return BK_DEF;
+  int b = (p->block_k + R - 1) / R * R;
+  return b < R ? R : b > BK_MAX ? BK_MAX : b;
+}
 static inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 /* Padded head dim: a multiple of both R (gemm_b rows) and NU*W (gemm_c columns). */
 static inline int pad_dim(int D) {
@@ -228,7 +235,7 @@ typedef struct {
 } fwd_scratch_t;
 
 static size_t fwd_scratch_floats(int nmt, int Dp) {
-  return (size_t)nmt * (2 * (size_t)Dp * QT + 2 * QT) + 2 * (size_t)BK_FWD * Dp + (size_t)BK_FWD * QT;
+  return (size_t)nmt * (2 * (size_t)Dp * QT + 2 * QT) + 2 * (size_t)BK_MAX * Dp + (size_t)BK_MAX * QT;
 }
 
 static void fwd_scratch_carve(fwd_scratch_t *w, float *base, int nmt, int Dp) {
@@ -237,8 +244,8 @@ static void fwd_scratch_carve(fwd_scratch_t *w, float *base, int nmt, int Dp) {
   w->M = w->Ot + (size_t)nmt * Dp * QT;
   w->L = w->M + (size_t)nmt * QT;
   w->Kc = w->L + (size_t)nmt * QT;
-  w->Vc = w->Kc + (size_t)BK_FWD * Dp;
-  w->S = w->Vc + (size_t)BK_FWD * Dp;
+  w->Vc = w->Kc + (size_t)BK_MAX * Dp;
+  w->S = w->Vc + (size_t)BK_MAX * Dp;
 }
 
 /* One task: KV head g, query rows [r0, r0 + nrows) of the block, every query head of the group,
@@ -280,8 +287,9 @@ static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows
       }
     }
   }
-  for (int64_t j0 = 0; j0 < kpos.count; j0 += BK_FWD) {
-    const int nk = (int)lmin(BK_FWD, kpos.count - j0), nkr = (nk + R - 1) / R * R;
+  const int bk = kv_tile(p);
+  for (int64_t j0 = 0; j0 < kpos.count; j0 += bk) {
+    const int nk = (int)lmin(bk, kpos.count - j0), nkr = (nk + R - 1) / R * R;
     const da_span_t ks = da_span_sub(kpos, j0, nk);
     int any = 0;
     for (int t = 0; t < ntl; t++) {
@@ -342,6 +350,7 @@ static da_status_t fwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
    * every thread gets several tasks. */
   int ntl = rep >= 4 ? 1 : 4 / rep;
   while (ntl > 1 && (int64_t)G * ((qpos.count + (int64_t)ntl * QT - 1) / ((int64_t)ntl * QT)) < 4 * nthr) ntl /= 2;
+  if (p->block_q > 0) ntl = imin(8, imax(1, (p->block_q + QT - 1) / QT)); /* query rows per task, in micro-tiles */
   const int64_t qb = (int64_t)ntl * QT, nqb = (qpos.count + qb - 1) / qb, ntasks = (int64_t)G * nqb;
   const int nmt = rep * ntl;
   const int nt = (int)lmin(nthr, ntasks);
@@ -479,11 +488,12 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
   const int64_t nqr = (qpos.count + QT - 1) / QT * QT;
   if (qc > nqr) qc = nqr;
   const int ntc = (int)(qc / QT);
-  const int64_t nkt = (kpos.count + BK_BWD - 1) / BK_BWD, ntasks = (int64_t)G * nkt;
+  const int bk = kv_tile(p);
+  const int64_t nkt = (kpos.count + bk - 1) / bk, ntasks = (int64_t)G * nkt;
   const int nt = (int)lmin(nthr, ntasks > 1 ? ntasks : 1);
   const size_t qtile = (size_t)Dp * QT, nht = (size_t)H * ntc;
   const size_t qbytes = nht * (4 * qtile + 2 * QT) * sizeof(float);
-  const size_t per = nht * qtile + 4 * (size_t)BK_BWD * Dp + 2 * (size_t)BK_BWD * QT + 64;
+  const size_t per = nht * qtile + 4 * (size_t)bk * Dp + 2 * (size_t)bk * QT + 64;
   float *qbuf = da_malloc(qbytes, 64), *scratch = da_malloc(per * (size_t)nt * sizeof(float), 64);
   if (!qbuf || !scratch) {
     da_free(qbuf), da_free(scratch);
@@ -504,11 +514,11 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
     bwd_scratch_t w;
     w.dQt = scratch + per * (size_t)me;
     w.Kc = w.dQt + nht * qtile;
-    w.Vc = w.Kc + (size_t)BK_BWD * Dp;
-    w.dKt = w.Vc + (size_t)BK_BWD * Dp;
-    w.dVt = w.dKt + (size_t)BK_BWD * Dp;
-    w.S = w.dVt + (size_t)BK_BWD * Dp;
-    w.dP = w.S + (size_t)BK_BWD * QT;
+    w.Vc = w.Kc + (size_t)bk * Dp;
+    w.dKt = w.Vc + (size_t)bk * Dp;
+    w.dVt = w.dKt + (size_t)bk * Dp;
+    w.S = w.dVt + (size_t)bk * Dp;
+    w.dP = w.S + (size_t)bk * QT;
     for (int64_t c0 = 0; c0 < qpos.count; c0 += qc) {
       const int64_t crows = lmin(qc, qpos.count - c0);
       const int nct = (int)((crows + QT - 1) / QT);
@@ -537,15 +547,15 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < ntasks; task++) {
         const int g = (int)(task % G);
-        const int64_t j0 = (task / G) * BK_BWD;
-        const int nk = (int)lmin(BK_BWD, kpos.count - j0), nkr = (nk + R - 1) / R * R;
+        const int64_t j0 = (task / G) * bk;
+        const int nk = (int)lmin(bk, kpos.count - j0), nkr = (nk + R - 1) / R * R;
         const da_span_t ks = da_span_sub(kpos, j0, nk);
         if (da_mask_classify(&p->mask, cspan.start, da_span_last(cspan), ks.start, da_span_last(ks)) ==
             DA_TILE_EMPTY)
           continue;
         pack_rows(w.Kc, Dp, nkr, (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es, ldk, dt, nk, D, 1.0f);
         pack_rows(w.Vc, Dp, nkr, (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es, ldv, dt, nk, D, 1.0f);
-        memset(w.dKt, 0, (size_t)2 * BK_BWD * Dp * sizeof(float)); /* dKt and dVt */
+        memset(w.dKt, 0, (size_t)2 * bk * Dp * sizeof(float)); /* dKt and dVt */
         int touched = 0;
         for (int t = 0; t < nct; t++) {
           const int n = (int)lmin(QT, crows - (int64_t)t * QT);
