@@ -1,0 +1,12 @@
+# launch.cmake: the launcher milestone's tests (issue 8), included by tests/CMakeLists.txt.
+#  - test_place (unit): placement decisions on the DGX-like XML of tests/topo and synthetic nodes.
+#  - slurm_* (slurm): the sbatch scripts of slurm/ on a real local Slurm (slurm/local-cluster.sh).
+#  - netns_* (netns): distattn run across network-namespace hosts; exit 77 = skipped.
+if(HWLOC_FOUND AND EXISTS ${PROJECT_SOURCE_DIR}/launcher/place.c)
+  add_executable(test_place test_place.c ${PROJECT_SOURCE_DIR}/launcher/place.c)
+  target_include_directories(test_place PRIVATE ${PROJECT_SOURCE_DIR}/launcher)
+  target_compile_definitions(test_place PRIVATE DA_TOPO_DIR="${CMAKE_CURRENT_SOURCE_DIR}/topo")
+  target_link_libraries(test_place PRIVATE PkgConfig::HWLOC Check::check da_options)
+  add_test(NAME test_place COMMAND test_place)
+  set_tests_properties(test_place PROPERTIES LABELS unit TIMEOUT 120)
+endif()
