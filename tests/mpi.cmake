@@ -133,3 +133,15 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
   da_run_cli(cli_run_mismatch_flag 2 2 ERR_RE "rank 1 was given other arguments than rank 0.*unknown option '--sq'"
              RAW_ARGS -np 1 ${exe} run --seq 100 --heads 2 --dim 16 : -np 1 ${exe} run --sq 100 --heads 2 --dim 16)
 endif()
+
+# Attention offloading to memory ranks (issue 5), tests/test_offload.c: role splits 1 compute +
+# 1..4 memory and 2 + 3 on sub-communicators of the job, role errors and the budget refusal.
+if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_offload.c)
+  add_executable(test_offload test_offload.c)
+  target_link_libraries(test_offload PRIVATE da_comm da_ref da_core Check::check MPI::MPI_C m)
+  foreach(P 2 3 5)
+    add_test(NAME test_offload_np${P}
+             COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np ${P} $<TARGET_FILE:test_offload>)
+    set_tests_properties(test_offload_np${P} PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+  endforeach()
+endif()

@@ -1,0 +1,656 @@
+/* offload.c: attention offloading to memory ranks (offload.h, docs/offload.md). The world is split
+ * by role; each compute rank and its memory ranks share a group communicator (compute = rank 0).
+ * A request is two nonblocking collectives on it, posted in the same order everywhere: an
+ * MPI_Ibcast of [header | q | k | v] from the compute rank, then an MPI_Ireduce to it of the
+ * (o, lse) rows with the merge operator (the compute rank contributes the identity). The KV cache
+ * is the ordinary distributed paged cache (kvcache.c) over the group's memory ranks, weighted by
+ * their budgets. Not here: the decode of tree.c (its helpers are static; the few lines it takes
+ * are repeated below). */
+#define _GNU_SOURCE
+#include "offload.h"
+#include <math.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/sysinfo.h>
+#include <time.h>
+#include "dtype.h"
+#include "kvcache.h"
+
+enum { HDR = 8 };                     /* int64 words before the payload */
+enum { CMD_ATTEND = 1, CMD_STOP = 2 };
+enum { TAG_CLOCK = 31 };
+
+/* lse payloads: a failed memory rank's rows (sticky), and the trailer row of timings. */
+static const uint32_t POISON_BITS = 0x7fc0d1e5u, TRAILER_BITS = 0x7fc07a11u;
+static inline int has_bits(float x, uint32_t b) { return da_f32_to_bits(x) == b; }
+
+typedef struct slot {
+  int busy;
+  char *msg;          /* [HDR int64][n][H][D] q, [n][G][D] k, [n][G][D] v */
+  float *part;        /* [n * H + 1][D + 1]: partial rows then the trailer */
+  MPI_Request bc, rd;
+  int64_t n, rows;
+  double t_post;
+} slot_t;
+
+struct da_offload {
+  da_context_t *ctx;
+  const da_kernels_t *kt;
+  da_kparams_t kp;
+  da_offload_config_t cfg;
+  da_offload_info_t info;
+  int64_t B, nmax;        /* sequences per compute rank, largest micro-batch */
+  int L;
+  MPI_Comm world, group, mem; /* world dup; compute + its memory ranks; the memory ranks only */
+  int wrank, grank, gsize;
+  double timeout;
+  double clock_off;       /* memory ranks: add to MPI_Wtime to get the compute rank's clock */
+  MPI_Datatype rowtype;
+  MPI_Op op;
+  int have_type, have_op, broken;
+  size_t msg_bytes;
+  slot_t *slots;
+  int nslots;
+  da_comm_t *dcomm;       /* memory ranks */
+  da_kvcache_t *cache;
+  char *kstage, *vstage;  /* memory: [L * B][G][D] staging of appended rows */
+  int64_t *ntok;          /* [L * B] */
+  float *o, *lse;         /* kernel outputs of one sequence [H][D], [H] */
+  da_offload_stats_t st;
+};
+
+/* ---- the merge operator: partial rows merged by lse; the trailer row: max of times, sum of bytes */
+static void merge_rows(const float *in, float *inout, int64_t n, int D) {
+  static const da_kernels_t *cpu;
+  if (!cpu) cpu = da_kernels_get(DA_DEVICE_CPU);
+  da_kparams_t kp1;
+  memset(&kp1, 0, sizeof kp1);
+  kp1.H = 1, kp1.G = 1, kp1.D = D, kp1.scale = 1.0f, kp1.dtype = DA_FLOAT32, kp1.nthreads = 1;
+  const int64_t w = D + 1;
+  for (int64_t i = 0; i < n; i++) {
+    const float *b = in + i * w;
+    float *a = inout + i * w;
+    if (has_bits(a[D], TRAILER_BITS)) {
+      for (int d = 0; d < D; d++) a[d] = d == 2 ? a[d] + b[d] : fmaxf(a[d], b[d]);
+      continue;
+    }
+    if (has_bits(a[D], POISON_BITS)) continue;
+    if (has_bits(b[D], POISON_BITS)) {
+      a[D] = b[D];
+      continue;
+    }
+    cpu->merge(&kp1, 1, a, a + D, b, b + D, NULL);
+  }
+}
+
+static void merge_op(void *in, void *inout, int *len, MPI_Datatype *dt) {
+  int bytes = 0;
+  MPI_Type_size(*dt, &bytes);
+  merge_rows(in, inout, *len, bytes / (int)sizeof(float) - 1);
+}
+
+/* ---- waiting with a deadline (spin, then yield, then 20 us sleeps) ------------------------------ */
+static void backoff(long iter, double waited) {
+  if (iter < 64) return;
+  if (waited < 0.01) {
+    sched_yield();
+  } else {
+    struct timespec ts = {0, 20000};
+    nanosleep(&ts, NULL);
+  }
+}
+
+static da_status_t wait_req(da_offload_t *p, MPI_Request *r, const char *what) {
+  const double t0 = da_time_now();
+  for (long it = 0;; it++) {
+    int flag = 0, rc = MPI_Test(r, &flag, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) {
+      p->broken = 1;
+      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
+    }
+    if (flag) return DA_SUCCESS;
+    const double waited = da_time_now() - t0;
+    if (waited > p->timeout) {
+      p->broken = 1;
+      return DA_ERR(DA_ERR_TIMEOUT, "rank %d offload (group %d, %s rank): %s did not complete within %g s (a %s rank "
+                    "of the group is missing or stuck)", p->wrank, p->info.group,
+                    p->info.role == DA_ROLE_COMPUTE ? "compute" : "memory", what, p->timeout,
+                    p->info.role == DA_ROLE_COMPUTE ? "memory" : "peer");
+    }
+    backoff(it, waited);
+  }
+}
+
+#define MPITRY(call, what)                                                                                   \
+  do {                                                                                                       \
+    int rc_ = (call);                                                                                        \
+    if (rc_ != MPI_SUCCESS) return da_mpi_error(rc_, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what); \
+  } while (0)
+
+/* ---- create ------------------------------------------------------------------------------------- */
+
+/* Bytes of memory this rank may use when none is configured: free + buffer memory of the node
+ * (sysinfo) divided among the ranks that share it. */
+static double discover_budget(MPI_Comm world) {
+  struct sysinfo si;
+  if (sysinfo(&si)) return 0;
+  double bytes = ((double)si.freeram + (double)si.bufferram) * (double)si.mem_unit;
+  MPI_Comm node;
+  int local = 1;
+  if (MPI_Comm_split_type(world, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+    MPI_Comm_size(node, &local);
+    MPI_Comm_free(&node);
+  }
+  return bytes / (local > 0 ? local : 1);
+}
+
+/* What every rank publishes at create: role, budget and the problem, to check them everywhere. */
+typedef struct pub {
+  int64_t role, B, H, G, D, dtype, page, layers, mb;
+  double budget;
+  int64_t local_err; /* this rank's problem is invalid (its message stays local) */
+} pub_t;
+
+void da_offload_free(da_offload_t *p) {
+  if (!p) return;
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (p->cache) da_kvcache_free(p->cache);
+  if (p->dcomm) da_comm_free(p->dcomm);
+  if (!finalized) {
+    if (p->have_op) MPI_Op_free(&p->op);
+    if (p->have_type) MPI_Type_free(&p->rowtype);
+    if (p->mem != MPI_COMM_NULL) MPI_Comm_free(&p->mem);
+    if (p->group != MPI_COMM_NULL) MPI_Comm_free(&p->group);
+    if (p->world != MPI_COMM_NULL) MPI_Comm_free(&p->world);
+  }
+  for (int i = 0; p->slots && i < p->nslots; i++) {
+    da_free(p->slots[i].msg);
+    if (!p->broken) da_free(p->slots[i].part); /* else MPI may still write into it */
+  }
+  free(p->slots);
+  da_free(p->kstage), da_free(p->vstage), free(p->ntok);
+  da_free(p->o), da_free(p->lse);
+  free(p);
+}
+
+static const char *role_name(int64_t r) { return r == DA_ROLE_COMPUTE ? "compute" : r == DA_ROLE_MEMORY ? "memory" : "none"; }
+
+/* Check what every rank published; the same verdict on every rank. */
+static da_status_t check_roles(da_offload_t *p, const pub_t *all, int P) {
+  int nc = 0, nm = 0;
+  for (int r = 0; r < P; r++) {
+    if (all[r].role == DA_ROLE_NONE)
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: rank %d has no role: give every rank --role compute or --role "
+                    "memory on its command line (one per mpirun/srun component)", r);
+    if (all[r].role != DA_ROLE_COMPUTE && all[r].role != DA_ROLE_MEMORY)
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: rank %d has an unknown role %lld", r, (long long)all[r].role);
+    nc += all[r].role == DA_ROLE_COMPUTE, nm += all[r].role == DA_ROLE_MEMORY;
+  }
+  if (nc == 0)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: the job's %d ranks are all memory ranks; at least one needs --role "
+                  "compute", P);
+  if (nm < nc)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: %d compute rank%s and %d memory rank%s: every compute rank needs at "
+                  "least one memory rank (--role memory)", nc, nc == 1 ? "" : "s", nm, nm == 1 ? "" : "s");
+  for (int r = 0; r < P; r++)
+    if (all[r].local_err)
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: rank %d was given an invalid problem or config (see its message)", r);
+  static const char *const names[] = {"batch", "heads", "kv_heads", "dim", "dtype", "page", "layers", "microbatches"};
+  for (int f = 0; f < 8; f++) {
+    const int64_t *v0 = &all[0].B + f;
+    for (int r = 1; r < P; r++) {
+      const int64_t *v = &all[r].B + f;
+      if (*v != *v0)
+        return DA_ERR(DA_ERR_MISMATCH, "offload: ranks disagree on %s: rank 0 (%s) has %lld, rank %d (%s) has %lld",
+                      names[f], role_name(all[0].role), (long long)*v0, r, role_name(all[r].role), (long long)*v);
+    }
+  }
+  for (int r = 0; r < P; r++)
+    if (all[r].role == DA_ROLE_MEMORY && !(all[r].budget > 0))
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: memory rank %d has no memory budget (--mem-budget, or sysinfo "
+                    "failed)", r);
+  p->info.ncompute = nc, p->info.nmemory = nm;
+  return DA_SUCCESS;
+}
+
+static da_status_t local_check(da_offload_t *p, const da_problem_t *prob, const da_offload_config_t *cfg) {
+  if (cfg->size < sizeof(size_t) + sizeof(unsigned) || cfg->version == 0 || cfg->version > DA_API_VERSION)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_config_t: size %zu / version %u not recognized",
+                  cfg->size, cfg->version);
+  if (!prob) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_create: problem is NULL");
+  if (prob->batch < 1) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: batch %lld < 1", (long long)prob->batch);
+  if (cfg->layers < 1) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: layers %d < 1", cfg->layers);
+  if (cfg->microbatches < 1 || cfg->microbatches > prob->batch)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: microbatches %d is not in 1 .. batch (%lld)", cfg->microbatches,
+                  (long long)prob->batch);
+  if (cfg->page < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: page %lld < 0", (long long)cfg->page);
+  if (!(cfg->mem_budget >= 0) || !(cfg->timeout >= 0))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: mem_budget and timeout must be >= 0");
+  if (da_context_device(p->ctx) != DA_DEVICE_CPU)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "offload: the kv cache lives in host memory; use a CPU context");
+  da_problem_t pr = *prob;
+  pr.seq = 1, pr.mask = DA_MASK_CAUSAL, pr.ndocs = 0, pr.cu_seqlens = NULL;
+  DA_CHECK(da_context_params(p->ctx, &pr, &p->kp));
+  p->kt = da_context_kernels(p->ctx);
+  return DA_SUCCESS;
+}
+
+/* Memory rank i of the group measures the offset of its clock to the compute rank's: 8 ping-pongs,
+ * the one with the shortest round trip counts (NTP-style midpoint). */
+static da_status_t clock_sync(da_offload_t *p) {
+  const int rounds = 8;
+  if (p->grank == 0) {
+    for (int i = 1; i < p->gsize; i++)
+      for (int k = 0; k < rounds; k++) {
+        double x;
+        MPITRY(MPI_Recv(&x, 1, MPI_DOUBLE, i, TAG_CLOCK, p->group, MPI_STATUS_IGNORE), "clock ping");
+        x = MPI_Wtime();
+        MPITRY(MPI_Send(&x, 1, MPI_DOUBLE, i, TAG_CLOCK, p->group), "clock pong");
+      }
+    return DA_SUCCESS;
+  }
+  double best = INFINITY;
+  for (int k = 0; k < rounds; k++) {
+    double t0 = MPI_Wtime(), tc;
+    MPITRY(MPI_Send(&t0, 1, MPI_DOUBLE, 0, TAG_CLOCK, p->group), "clock ping");
+    MPITRY(MPI_Recv(&tc, 1, MPI_DOUBLE, 0, TAG_CLOCK, p->group, MPI_STATUS_IGNORE), "clock pong");
+    double t1 = MPI_Wtime();
+    if (t1 - t0 < best) best = t1 - t0, p->clock_off = tc - 0.5 * (t0 + t1);
+  }
+  return DA_SUCCESS;
+}
+
+static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
+  const int nc = p->info.ncompute, nm = p->info.nmemory;
+  int ci = 0, mi = 0, mygroup = -1, myindex = -1;
+  double gsum = 0;
+  for (int r = 0; r < P; r++) { /* groups: compute rank c gets memory ranks m with m * nc / nm == c */
+    int g = all[r].role == DA_ROLE_COMPUTE ? ci++ : (int)((int64_t)mi++ * nc / nm);
+    if (r == p->wrank) mygroup = g;
+  }
+  ci = 0, mi = 0;
+  double *w = calloc((size_t)P, sizeof *w);
+  if (!w) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: weights");
+  int nw = 0;
+  for (int r = 0; r < P; r++) {
+    int g = all[r].role == DA_ROLE_COMPUTE ? ci++ : (int)((int64_t)mi++ * nc / nm);
+    if (g != mygroup) continue;
+    if (all[r].role == DA_ROLE_COMPUTE) p->info.compute_world_rank = r;
+    else {
+      if (r == p->wrank) myindex = nw;
+      w[nw++] = all[r].budget;
+      gsum += all[r].budget;
+    }
+  }
+  p->info.group = mygroup, p->info.ngroups = nc, p->info.group_memory = nw, p->info.index = myindex;
+  p->info.share = myindex >= 0 ? all[p->wrank].budget / gsum : 0;
+  const int mem = p->info.role == DA_ROLE_MEMORY;
+  int rc = MPI_Comm_split(p->world, mygroup, mem ? 1 + p->wrank : 0, &p->group);
+  if (rc == MPI_SUCCESS) rc = MPI_Comm_split(p->world, mem ? mygroup : MPI_UNDEFINED, p->wrank, &p->mem);
+  if (rc != MPI_SUCCESS) {
+    free(w);
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: MPI_Comm_split", p->wrank);
+  }
+  MPI_Comm_set_errhandler(p->group, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(p->group, &p->grank);
+  MPI_Comm_size(p->group, &p->gsize);
+  da_status_t st = DA_SUCCESS;
+  const int D = p->kp.D, H = p->kp.H, G = p->kp.G;
+  const size_t es = da_dtype_size(p->kp.dtype);
+  p->nmax = (p->B + p->cfg.microbatches - 1) / p->cfg.microbatches;
+  p->msg_bytes = HDR * sizeof(int64_t) + (size_t)p->nmax * (size_t)(H + 2 * G) * (size_t)D * es;
+  p->nslots = p->cfg.microbatches;
+  p->slots = calloc((size_t)p->nslots, sizeof *p->slots);
+  if (!p->slots) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: slots");
+  for (int i = 0; st == DA_SUCCESS && i < p->nslots; i++) {
+    p->slots[i].msg = da_malloc(p->msg_bytes, 64);
+    p->slots[i].part = da_malloc((size_t)(p->nmax * H + 1) * (size_t)(D + 1) * sizeof(float), 64);
+    if (!p->slots[i].msg || !p->slots[i].part) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: slot buffers");
+  }
+  if (st == DA_SUCCESS && mem) {
+    const int64_t NB = (int64_t)p->L * p->B;
+    p->kstage = da_malloc((size_t)(NB * G * D) * es, 64), p->vstage = da_malloc((size_t)(NB * G * D) * es, 64);
+    p->ntok = calloc((size_t)NB, sizeof *p->ntok);
+    p->o = da_malloc((size_t)(H * D) * sizeof(float), 64), p->lse = da_malloc((size_t)H * sizeof(float), 64);
+    if (!p->kstage || !p->vstage || !p->ntok || !p->o || !p->lse)
+      st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: memory rank buffers");
+  }
+  /* agree within the world before the collectives that follow */
+  int bad = st != DA_SUCCESS, any = 0;
+  MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, p->world);
+  if (any) {
+    free(w);
+    return st != DA_SUCCESS ? st : DA_ERR(DA_ERR_REMOTE, "rank %d offload: another rank failed to set up", p->wrank);
+  }
+  if (mem) {
+    st = da_comm_create(p->ctx, p->mem, &p->dcomm);
+    if (st == DA_SUCCESS) {
+      da_problem_t pr = DA_PROBLEM_INITIALIZER;
+      pr.batch = (int64_t)p->L * p->B, pr.seq = 1, pr.heads = H, pr.kv_heads = G, pr.dim = D, pr.dtype = p->kp.dtype;
+      pr.mask = DA_MASK_CAUSAL;
+      da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
+      kc.page = p->cfg.page, kc.weights = w, kc.timeout = p->timeout;
+      st = da_kvcache_create(p->dcomm, &pr, &kc, &p->cache);
+    }
+  }
+  free(w);
+  bad = st != DA_SUCCESS;
+  MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, p->world);
+  if (any) return st != DA_SUCCESS ? st : DA_ERR(DA_ERR_REMOTE, "rank %d offload: another rank failed to set up", p->wrank);
+  MPITRY(MPI_Type_contiguous(D + 1, MPI_FLOAT, &p->rowtype), "MPI_Type_contiguous");
+  p->have_type = 1;
+  MPITRY(MPI_Type_commit(&p->rowtype), "MPI_Type_commit");
+  MPITRY(MPI_Op_create(merge_op, 1, &p->op), "MPI_Op_create");
+  p->have_op = 1;
+  return clock_sync(p);
+}
+
+da_status_t da_offload_create(da_context_t *ctx, MPI_Comm world, da_role_t role, const da_problem_t *prob,
+                              const da_offload_config_t *cfg, da_offload_t **out) {
+  da_error_clear();
+  if (!ctx || !out) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_create: context or output is NULL");
+  *out = NULL;
+  da_offload_config_t def = DA_OFFLOAD_CONFIG_INITIALIZER;
+  if (!cfg) cfg = &def;
+  da_offload_t *p = calloc(1, sizeof *p);
+  if (!p) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload"));
+  p->ctx = ctx;
+  p->world = p->group = p->mem = MPI_COMM_NULL;
+  int rc = MPI_Comm_dup(world, &p->world);
+  if (rc != MPI_SUCCESS) {
+    p->world = MPI_COMM_NULL;
+    da_offload_free(p);
+    return da_context_finish(ctx, da_mpi_error(rc, __FILE__, __LINE__, "da_offload_create: MPI_Comm_dup"));
+  }
+  MPI_Comm_set_errhandler(p->world, MPI_ERRORS_RETURN);
+  MPI_Comm_rank(p->world, &p->wrank);
+  int P = 0;
+  MPI_Comm_size(p->world, &P);
+  p->cfg = *cfg;
+  p->timeout = cfg->timeout > 0 ? cfg->timeout : da_comm_default_timeout();
+  da_status_t lst = local_check(p, prob, cfg);
+  p->B = prob ? prob->batch : 0;
+  p->L = cfg->layers;
+  p->info.role = role;
+  p->info.index = -1;
+  p->info.budget = cfg->mem_budget;
+  const double found = discover_budget(p->world); /* collective: every rank calls it */
+  if (!(p->info.budget > 0)) p->info.budget = found, p->info.discovered = 1;
+  pub_t me = {role, p->B, p->kp.H, p->kp.G, p->kp.D, p->kp.dtype, cfg->page ? cfg->page : 256, cfg->layers,
+              cfg->microbatches, p->info.budget, lst != DA_SUCCESS};
+  pub_t *all = calloc((size_t)P, sizeof *all);
+  da_status_t st = all ? DA_SUCCESS : DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: roles");
+  if (st == DA_SUCCESS) {
+    rc = MPI_Allgather(&me, sizeof me, MPI_BYTE, all, sizeof me, MPI_BYTE, p->world);
+    if (rc != MPI_SUCCESS) st = da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: MPI_Allgather", p->wrank);
+  }
+  if (st == DA_SUCCESS && lst != DA_SUCCESS) st = lst; /* keep this rank's own message */
+  else if (st == DA_SUCCESS) st = check_roles(p, all, P);
+  if (st == DA_SUCCESS) st = build(p, all, P);
+  free(all);
+  if (st != DA_SUCCESS) {
+    da_offload_free(p);
+    return da_context_finish(ctx, st);
+  }
+  DA_INFO(DA_SUB_PLAN, "offload: rank %d %s, group %d of %d (%d memory ranks), budget %.1f MiB%s, share %.3f",
+          p->wrank, role_name(role), p->info.group, p->info.ngroups, p->info.group_memory,
+          p->info.budget / 1048576.0, p->info.discovered ? " (sysinfo)" : "", p->info.share);
+  *out = p;
+  return da_context_finish(ctx, DA_SUCCESS);
+}
+
+da_status_t da_offload_get_info(const da_offload_t *p, da_offload_info_t *info) {
+  if (!p || !info) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_get_info: NULL argument");
+  *info = p->info;
+  return DA_SUCCESS;
+}
+
+da_kvcache_t *da_offload_cache(da_offload_t *p) { return p ? p->cache : NULL; }
+
+double da_offload_kv_bytes(const da_problem_t *prob, int layers, const int64_t *final_len) {
+  const int64_t G = prob->kv_heads ? prob->kv_heads : prob->heads;
+  double rows = 0;
+  for (int64_t b = 0; b < prob->batch; b++) rows += (double)final_len[b];
+  return rows * layers * 2.0 * (double)(G * prob->dim) * (double)da_dtype_size(prob->dtype);
+}
+
+da_status_t da_offload_check_fit(da_offload_t *p, const int64_t *final_len, double *max_shard) {
+  da_error_clear();
+  const int64_t page = p->cfg.page ? p->cfg.page : 256;
+  double rows = 0;
+  for (int64_t b = 0; b < p->B; b++) rows += (double)final_len[b];
+  const double row2 = 2.0 * p->kp.G * p->kp.D * (double)da_dtype_size(p->kp.dtype);
+  /* within a page (+1 token) of the quota per cache sequence: the weighted shard map's bound */
+  double mine = p->info.role == DA_ROLE_MEMORY ? (p->info.share * rows * p->L + (double)p->L * p->B * (page + 1)) * row2 : 0;
+  struct { double v; int r; } in = {p->info.role == DA_ROLE_MEMORY ? mine - p->info.budget : -INFINITY, p->wrank}, worst;
+  double mx = mine;
+  MPI_Allreduce(MPI_IN_PLACE, &mx, 1, MPI_DOUBLE, MPI_MAX, p->world);
+  MPI_Allreduce(&in, &worst, 1, MPI_DOUBLE_INT, MPI_MAXLOC, p->world);
+  if (max_shard) *max_shard = mx;
+  if (worst.v > 0) {
+    double vals[2] = {mine, p->info.budget};
+    MPI_Bcast(vals, 2, MPI_DOUBLE, worst.r, p->world);
+    return da_context_finish(p->ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: memory rank %d would hold %.1f MiB of KV "
+                                            "cache, over its budget of %.1f MiB: add memory ranks or budget",
+                                            worst.r, vals[0] / 1048576.0, vals[1] / 1048576.0));
+  }
+  return DA_SUCCESS;
+}
+
+/* ---- compute side ------------------------------------------------------------------------------- */
+
+da_status_t da_offload_start(da_offload_t *p, int layer, int64_t first, int64_t n, const void *q, const void *k,
+                             const void *v, int *slot) {
+  da_error_clear();
+  if (p->info.role != DA_ROLE_COMPUTE)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_start on a memory rank", p->wrank);
+  if (p->broken) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this offload had a failure; free it", p->wrank);
+  if (layer < 0 || layer >= p->L || first < 0 || n < 1 || n > p->nmax || first + n > p->B || !q || !k || !v || !slot)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_start: layer %d, sequences %lld + %lld (layers %d, "
+                  "batch %lld, micro-batch <= %lld) or a NULL pointer", p->wrank, layer, (long long)first, (long long)n,
+                  p->L, (long long)p->B, (long long)p->nmax);
+  int s = -1;
+  for (int i = 0; i < p->nslots && s < 0; i++)
+    if (!p->slots[i].busy) s = i;
+  if (s < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_start: all %d slots in flight", p->wrank, p->nslots);
+  slot_t *sl = &p->slots[s];
+  const int H = p->kp.H, G = p->kp.G, D = p->kp.D, w = D + 1;
+  const size_t es = da_dtype_size(p->kp.dtype), qb = (size_t)(n * H * D) * es, kb = (size_t)(n * G * D) * es;
+  int64_t *h = (int64_t *)sl->msg;
+  sl->t_post = MPI_Wtime();
+  h[0] = CMD_ATTEND, h[1] = layer, h[2] = first, h[3] = n;
+  memcpy(&h[4], &sl->t_post, sizeof(double));
+  char *pl = sl->msg + HDR * sizeof(int64_t), *pq = pl, *pk = pq + (size_t)(p->nmax * H * D) * es,
+       *pv = pk + (size_t)(p->nmax * G * D) * es;
+  memcpy(pq, q, qb), memcpy(pk, k, kb), memcpy(pv, v, kb);
+  sl->n = n, sl->rows = n * H + 1;
+  for (int64_t i = 0; i < sl->rows; i++) { /* the identity: o = 0, lse = -inf; trailer: -inf times, 0 bytes */
+    float *r = sl->part + i * w;
+    for (int d = 0; d < D; d++) r[d] = i == sl->rows - 1 && d != 2 ? -INFINITY : 0.0f;
+    r[D] = i == sl->rows - 1 ? da_bits_to_f32(TRAILER_BITS) : -INFINITY;
+  }
+  MPITRY(MPI_Ibcast(sl->msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &sl->bc), "MPI_Ibcast (request)");
+  MPITRY(MPI_Ireduce(MPI_IN_PLACE, sl->part, (int)sl->rows, p->rowtype, p->op, 0, p->group, &sl->rd),
+         "MPI_Ireduce (partials)");
+  sl->busy = 1;
+  *slot = s;
+  return DA_SUCCESS;
+}
+
+void da_offload_progress(da_offload_t *p) {
+  int flag;
+  for (int i = 0; i < p->nslots; i++)
+    if (p->slots[i].busy) {
+      MPI_Test(&p->slots[i].bc, &flag, MPI_STATUS_IGNORE);
+      MPI_Test(&p->slots[i].rd, &flag, MPI_STATUS_IGNORE);
+    }
+}
+
+da_status_t da_offload_wait(da_offload_t *p, int s, void *out, float *lse) {
+  da_error_clear();
+  if (s < 0 || s >= p->nslots || !p->slots[s].busy || !out)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_wait: slot %d is not in flight (or out is NULL)",
+                  p->wrank, s);
+  slot_t *sl = &p->slots[s];
+  DA_CHECK(wait_req(p, &sl->bc, "the request broadcast"));
+  DA_CHECK(wait_req(p, &sl->rd, "the reduction of the partials"));
+  const double t_done = MPI_Wtime();
+  sl->busy = 0;
+  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  const float *tr = sl->part + (sl->rows - 1) * w;
+  for (int64_t i = 0; i < sl->n * H; i++)
+    if (has_bits(sl->part[i * w + D], POISON_BITS))
+      return DA_ERR(DA_ERR_REMOTE, "rank %d offload (group %d): a memory rank failed on this request (its partials "
+                    "arrived poisoned; its own message says why)", p->wrank, p->info.group);
+  for (int64_t i = 0; i < sl->n * H; i++) {
+    const float *r = sl->part + i * w;
+    for (int d = 0; d < D; d++) da_store_f32(out, (int)p->kp.dtype, i * D + d, r[d]);
+    if (lse) lse[i] = r[D];
+  }
+  const double t_end = MPI_Wtime();
+  /* trailer: [0] latest arrival, [1] latest partials ready (after t_post, compute clock); [2] KV bytes */
+  const double a = D > 0 ? tr[0] : 0, b = D > 1 ? tr[1] : a;
+  p->st.send_s = a > 0 ? a : 0;
+  p->st.attn_s = b > a ? b - a : 0;
+  p->st.reduce_s = t_done - sl->t_post - (b > 0 ? b : 0);
+  if (p->st.reduce_s < 0) p->st.reduce_s = 0;
+  p->st.recv_s = t_end - t_done;
+  p->st.total_s = t_end - sl->t_post;
+  p->st.kv_bytes = D > 2 ? (uint64_t)tr[2] : 0;
+  p->st.net_bytes = (uint64_t)p->info.group_memory * (p->msg_bytes + (uint64_t)sl->rows * (uint64_t)w * sizeof(float));
+  return DA_SUCCESS;
+}
+
+da_status_t da_offload_stop(da_offload_t *p) {
+  if (p->info.role != DA_ROLE_COMPUTE) return DA_SUCCESS;
+  for (int i = 0; i < p->nslots; i++)
+    if (p->slots[i].busy) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_stop with slot %d in flight", p->wrank, i);
+  int64_t *h = (int64_t *)p->slots[0].msg;
+  memset(h, 0, HDR * sizeof(int64_t));
+  h[0] = CMD_STOP;
+  MPI_Request r;
+  MPITRY(MPI_Ibcast(p->slots[0].msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &r), "MPI_Ibcast (stop)");
+  return wait_req(p, &r, "the stop broadcast");
+}
+
+/* ---- memory side -------------------------------------------------------------------------------- */
+
+/* Append the request's k, v to cache sequences layer * B + first .. and decode them into part. */
+static da_status_t attend(da_offload_t *p, slot_t *sl, int layer, int64_t first, int64_t n, uint64_t *kvb) {
+  const int H = p->kp.H, G = p->kp.G, D = p->kp.D, w = D + 1;
+  const size_t es = da_dtype_size(p->kp.dtype), rowb = (size_t)(G * D) * es;
+  const int64_t NB = (int64_t)p->L * p->B, base = (int64_t)layer * p->B + first;
+  if (layer < 0 || layer >= p->L || first < 0 || n < 1 || n > p->nmax || first + n > p->B)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d offload: malformed request (layer %d, sequences %lld + %lld)",
+                  p->wrank, layer, (long long)first, (long long)n);
+  const char *pl = sl->msg + HDR * sizeof(int64_t), *pq = pl, *pk = pq + (size_t)(p->nmax * H * D) * es,
+             *pv = pk + (size_t)(p->nmax * G * D) * es;
+  memset(p->ntok, 0, (size_t)NB * sizeof *p->ntok);
+  for (int64_t i = 0; i < n; i++) {
+    p->ntok[base + i] = 1;
+    memcpy(p->kstage + (size_t)(base + i) * rowb, pk + (size_t)i * rowb, rowb);
+    memcpy(p->vstage + (size_t)(base + i) * rowb, pv + (size_t)i * rowb, rowb);
+  }
+  da_tensor_t tk, tv;
+  const int64_t sh[3] = {NB, G, D};
+  da_tensor_make(&tk, p->kstage, p->kp.dtype, 3, sh), da_tensor_make(&tv, p->vstage, p->kp.dtype, 3, sh);
+  DA_CHECK(da_kvcache_append(p->cache, p->ntok, &tk, &tv));
+  const da_kvcache_t *c = p->cache;
+  for (int64_t i = 0; i < n; i++) {
+    const da_kvseq_t *s = &c->seq[base + i];
+    float *rows = sl->part + (size_t)(i * H) * (size_t)w;
+    if (s->npages == 0 || s->rows == 0) {
+      for (int h = 0; h < H; h++) {
+        memset(rows + h * w, 0, (size_t)D * sizeof(float));
+        rows[h * w + D] = -INFINITY;
+      }
+      continue;
+    }
+    DA_CHECK(p->kt->decode(&p->kp, pq + (size_t)(i * H * D) * es, (int64_t)H * D, da_span(s->len - 1, 1, 1), s->pages,
+                           (int)s->npages, p->o, p->lse, NULL));
+    for (int h = 0; h < H; h++) {
+      memcpy(rows + h * w, p->o + h * D, (size_t)D * sizeof(float));
+      rows[h * w + D] = p->lse[h];
+    }
+    *kvb += (uint64_t)s->rows * 2 * c->row_bytes;
+  }
+  return DA_SUCCESS;
+}
+
+da_status_t da_offload_serve(da_offload_t *p) {
+  da_error_clear();
+  if (p->info.role != DA_ROLE_MEMORY)
+    return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_serve on a compute rank", p->wrank));
+  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  da_status_t failed = DA_SUCCESS; /* the first local failure: later requests are answered poisoned */
+  for (int64_t k = 0;; k++) {
+    slot_t *sl = &p->slots[k % p->nslots];
+    if (sl->busy) {
+      DA_CHECK(wait_req(p, &sl->rd, "the reduction of the partials"));
+      sl->busy = 0;
+    }
+    MPI_Request bc;
+    MPITRY(MPI_Ibcast(sl->msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &bc), "MPI_Ibcast (request)");
+    /* wait for the next request while the reductions of the previous ones progress */
+    const double t0 = da_time_now();
+    for (long it = 0;; it++) {
+      int flag = 0;
+      MPITRY(MPI_Test(&bc, &flag, MPI_STATUS_IGNORE), "MPI_Test (request)");
+      if (flag) break;
+      for (int i = 0; i < p->nslots; i++)
+        if (p->slots[i].busy) MPI_Test(&p->slots[i].rd, &flag, MPI_STATUS_IGNORE);
+      const double waited = da_time_now() - t0;
+      if (waited > p->timeout) {
+        p->broken = 1;
+        return da_context_finish(p->ctx, DA_ERR(DA_ERR_TIMEOUT, "rank %d offload (memory rank %d of group %d): no request "
+                                                "from compute rank %d within %g s (it is missing or stuck)", p->wrank,
+                                                p->info.index, p->info.group, p->info.compute_world_rank, p->timeout));
+      }
+      backoff(it, waited);
+    }
+    const double t_recv = MPI_Wtime() + p->clock_off;
+    const int64_t *h = (const int64_t *)sl->msg;
+    if (h[0] == CMD_STOP) {
+      for (int i = 0; i < p->nslots; i++)
+        if (p->slots[i].busy) {
+          DA_CHECK(wait_req(p, &p->slots[i].rd, "the reduction of the partials"));
+          p->slots[i].busy = 0;
+        }
+      return da_context_finish(p->ctx, failed);
+    }
+    double t_post;
+    memcpy(&t_post, &h[4], sizeof t_post);
+    const int layer = (int)h[1];
+    const int64_t first = h[2], n = h[3] >= 1 && h[3] <= p->nmax ? h[3] : 1;
+    uint64_t kvb = 0;
+    const double tk0 = da_time_now();
+    da_status_t st = failed == DA_SUCCESS ? attend(p, sl, layer, first, n, &kvb) : failed;
+    p->st.kernel_s += da_time_now() - tk0;
+    p->st.requests++;
+    p->st.kv_bytes += kvb;
+    sl->rows = n * H + 1;
+    if (st != DA_SUCCESS) {
+      if (failed == DA_SUCCESS) {
+        failed = st;
+        DA_WARN(DA_SUB_COMM, "rank %d offload: %s (answering with poisoned partials)", p->wrank, da_error_message());
+      }
+      for (int64_t i = 0; i < n * H; i++) sl->part[i * w + D] = da_bits_to_f32(POISON_BITS);
+    }
+    float *tr = sl->part + (sl->rows - 1) * w;
+    const double t_ready = MPI_Wtime() + p->clock_off;
+    for (int d = 0; d < D; d++) tr[d] = d == 0 ? (float)(t_recv - t_post) : d == 1 ? (float)(t_ready - t_post)
+                                       : d == 2 ? (float)kvb : -INFINITY;
+    tr[D] = da_bits_to_f32(TRAILER_BITS);
+    MPITRY(MPI_Ireduce(sl->part, NULL, (int)sl->rows, p->rowtype, p->op, 0, p->group, &sl->rd), "MPI_Ireduce (partials)");
+    sl->busy = 1;
+  }
+}
+
+da_status_t da_offload_get_stats(const da_offload_t *p, da_offload_stats_t *st) {
+  if (!p || !st) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_get_stats: NULL argument");
+  *st = p->st;
+  return DA_SUCCESS;
+}
