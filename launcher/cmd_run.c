@@ -17,6 +17,7 @@
 #include "dtype.h"
 #include "kernels.h"
 #include "launcher.h"
+#include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
 #include "report.h"
 #include "rng.h"
 #include "transport.h" /* da_test_link: the test-only slow link, echoed in the header and record */
@@ -27,7 +28,7 @@ static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
 static const char *const device_names[] = {"cpu", "cuda", NULL};
 
 typedef struct run_opts {
-  int algo, dtype, device, backward, overlap;
+  int algo, dtype, device, backward, overlap, bind;
   int64_t seq, heads, kv_heads, dim, batch, block, verify, iters, warmup, seed, threads;
   double timeout;
   da_mask_spec_t mask;
@@ -100,7 +101,7 @@ typedef struct rankinfo {
 } rankinfo_t;
 
 /* The rank -> host/core map in the header, and the distinct hosts for the JSON record. */
-static void rank_map(int threads, char *hosts, size_t hn) {
+__attribute__((unused)) static void rank_map(int threads, char *hosts, size_t hn) {
   rankinfo_t me, *all = g_rank == 0 ? calloc((size_t)g_size, sizeof *all) : NULL;
   memset(&me, 0, sizeof me);
   snprintf(me.host, sizeof me.host, "%s", da_report_hostname());
@@ -304,6 +305,8 @@ int da_cmd_run(int argc, char **argv) {
       {.name = "device", .type = DA_OPT_ENUM, .dest = &o.device, .help = "kernel backend", .choices = device_names},
       {.name = "threads", .type = DA_OPT_INT, .dest = &o.threads,
        .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096},
+      {.name = "bind", .type = DA_OPT_ENUM, .dest = &o.bind, .choices = da_bind_names,
+       .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
       {.name = "json", .type = DA_OPT_STRING, .dest = &o.json, .metavar = "FILE",
        .help = "append one JSON object (JSON Lines) to FILE"},
       {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o.overlap,
@@ -354,7 +357,12 @@ int da_cmd_run(int argc, char **argv) {
 
   /* ---- context, communicator, plan ---- */
   int rc = 0;
-  const int threads = o.threads ? (int)o.threads : default_threads();
+  da_placement_t place;
+  char place_env[64], place_err[256];
+  if (da_place_world((da_bind_t)o.bind, &place, place_env, sizeof place_env, place_err, sizeof place_err))
+    fprintf(stderr, "distattn run: rank %d: %s\n", g_rank, place_err);
+  const int threads = o.threads ? (int)o.threads : place.threads;
+  (void)default_threads;
   da_context_t *ctx = NULL;
   da_comm_t *comm = NULL;
   da_plan_t *plan = NULL;
@@ -433,7 +441,7 @@ int da_cmd_run(int argc, char **argv) {
                              "to this link; not a real network)", link_gbps, link_us);
   }
   fflush(stdout);
-  rank_map(threads, hosts, sizeof hosts);
+  da_place_print(stdout, (da_bind_t)o.bind, &place, place_env, hosts, sizeof hosts);
   da_plan_stats_t ps = DA_PLAN_STATS_INITIALIZER;
   da_plan_stats(plan, &ps);
   {
