@@ -34,6 +34,7 @@ typedef struct dec_opts {
   int64_t context, heads, kv_heads, dim, batch, steps, warmup, verify, page, node_size, root, seed, threads;
   double timeout;
   const char *lengths, *weights, *json;
+  int64_t mem_budget; /* bytes of KV cache a rank may hold (0 = no limit) */
 } dec_opts_t;
 
 static int g_rank, g_size;
@@ -192,7 +193,12 @@ typedef struct sample {
   float *lse; /* [H] */
 } sample_t;
 
+/* `--offload` or `--role` on the command line: attention offloaded to memory ranks (cmd_offload.c). */
+int da_cmd_offload(int argc, char **argv) __attribute__((weak));
+
 int da_cmd_decode(int argc, char **argv) {
+  for (int i = 1; i < argc && da_cmd_offload; i++)
+    if (!strcmp(argv[i], "--offload") || !strncmp(argv[i], "--role", 6)) return da_cmd_offload(argc, argv);
   int inited = 0;
   MPI_Initialized(&inited);
   if (!inited) MPI_Init(NULL, NULL);
@@ -243,6 +249,9 @@ int da_cmd_decode(int argc, char **argv) {
        .help = "append one JSON object (JSON Lines) to FILE"},
       {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &o.timeout,
        .help = "seconds a rank waits for a peer before failing (0 = DISTATTN_TIMEOUT or 300)", .dmin = 0, .dmax = 1e6},
+      {.name = "mem-budget", .type = DA_OPT_SIZE, .dest = &o.mem_budget,
+       .help = "bytes of KV cache a rank may hold; a larger shard is refused (0 = no limit; see --offload)", .min = 0,
+       .max = 1LL << 50},
       {0},
   };
   da_cmdspec_t cmd = {.name = "decode",
@@ -286,6 +295,15 @@ int da_cmd_decode(int argc, char **argv) {
     if (prc == DA_ARGS_OK && !o.lengths)
       for (int64_t b = 0; b < o.batch; b++) lens[b] = o.context;
     if (prc == DA_ARGS_OK && o.lengths) o.context = lens[0];
+    if (prc == DA_ARGS_OK && o.mem_budget > 0) { /* the largest shard this run would put on a rank */
+      double rows = 0;
+      for (int64_t b = 0; b < o.batch; b++) rows += (double)(lens[b] + o.steps + o.warmup) / g_size + (double)o.page;
+      const double need = rows * 2.0 * (double)(G * o.dim) * (double)da_dtype_size((da_dtype_t)o.dtype);
+      if (need > (double)o.mem_budget)
+        prc = da_args_error(&cmd, "the KV cache needs %.1f MiB per rank (%d rank%s), over --mem-budget %.1f MiB: offload "
+                            "it to memory ranks (--offload, --role compute / --role memory)", need / 1048576.0, g_size,
+                            g_size == 1 ? "" : "s", (double)o.mem_budget / 1048576.0);
+    }
   }
   if (g_rank != 0) {
     fflush(stdout), fflush(stderr);
