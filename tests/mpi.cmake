@@ -145,3 +145,29 @@ if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_offload.c)
     set_tests_properties(test_offload_np${P} PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
   endforeach()
 endif()
+
+# `distattn decode --offload` (issue 5): an MPMD launch, one component per role; role errors and
+# the budget refusal exit 2 with a clear message.
+if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_offload.c)
+  function(da_offload_cli name rc)
+    cmake_parse_arguments(T "" "OUT_RE;ERR_RE" "RAW_ARGS" ${ARGN})
+    set(mpi_args --oversubscribe --bind-to none --timeout 100 ${T_RAW_ARGS})
+    add_test(NAME ${name}
+             COMMAND ${CMAKE_COMMAND} -DEXE=${DA_MPIRUN} "-DARGS=${mpi_args}" -DRC=${rc}
+                     "-DOUT_RE=${T_OUT_RE}" "-DERR_RE=${T_ERR_RE}" -DJSON= -DJSON_RE= -P ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
+    set_tests_properties(${name} PROPERTIES LABELS mpi TIMEOUT 130 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+  endfunction()
+  set(exe $<TARGET_FILE:distattn>)
+  set(oa --context 3000 --heads 4 --kv-heads 2 --dim 64 --batch 3 --layers 2 --microbatches 2 --layer-compute 0.2
+         --steps 3 --verify 6 --page 64 --baseline)
+  da_offload_cli(cli_offload_1c3m 0 OUT_RE "1\\+3 .*# wrong: 0.# PASS"
+                 RAW_ARGS -np 1 ${exe} decode --offload --role compute ${oa} : -np 3 ${exe} decode --offload --role memory --mem-budget 64M ${oa})
+  da_offload_cli(cli_offload_missing_role 2 ERR_RE "rank 1 has no role"
+                 RAW_ARGS -np 1 ${exe} decode --offload --role compute ${oa} : -np 1 ${exe} decode --offload ${oa})
+  da_offload_cli(cli_offload_no_memory 2 ERR_RE "needs at least one memory rank"
+                 RAW_ARGS -np 2 ${exe} decode --offload --role compute ${oa} : -np 1 ${exe} decode --offload --role memory ${oa})
+  da_offload_cli(cli_offload_over_budget 2 ERR_RE "memory rank 1 would hold .* over its budget of 0.1 MiB"
+                 RAW_ARGS -np 1 ${exe} decode --offload --role compute ${oa} : -np 1 ${exe} decode --offload --role memory --mem-budget 100K ${oa})
+  da_offload_cli(cli_decode_over_budget 2 ERR_RE "over --mem-budget 1.0 MiB: offload it to memory ranks"
+                 RAW_ARGS -np 2 ${exe} decode --context 64K --heads 4 --dim 64 --mem-budget 1M)
+endif()
