@@ -611,6 +611,9 @@ int da_cmd_run(int argc, char **argv) {
       da_json_str(&j, "git", da_git_version());
       const char *job = getenv("SLURM_JOB_ID");
       if (job && *job) da_json_str(&j, "SLURM_JOB_ID", job);
+      const char *nodes = getenv("SLURM_JOB_NODELIST"), *step_nodes = getenv("SLURM_STEP_NODELIST");
+      if (nodes && *nodes) da_json_str(&j, "SLURM_JOB_NODELIST", nodes);
+      if (step_nodes && *step_nodes) da_json_str(&j, "SLURM_STEP_NODELIST", step_nodes);
       da_json_str(&j, "cpu", da_report_cpu_model());
       if (da_json_append(&j, o.json)) rc = 1;
       da_json_free(&j);

@@ -103,7 +103,12 @@ void da_place_print(FILE *f, da_bind_t bind, const da_placement_t *me, const cha
   line_msg_t m;
   memset(&m, 0, sizeof m);
   m.p = *me;
-  snprintf(m.host, sizeof m.host, "%s", da_report_hostname());
+  /* Slurm's node name when it differs from the host name (emulated nodes on one machine) */
+  const char *sn = getenv("SLURMD_NODENAME");
+  if (sn && *sn && strcmp(sn, da_report_hostname()))
+    snprintf(m.host, sizeof m.host, "%s/%s", da_report_hostname(), sn);
+  else
+    snprintf(m.host, sizeof m.host, "%s", da_report_hostname());
   snprintf(m.env, sizeof m.env, "%s", env_check ? env_check : "");
   m.pid = (int)getpid();
   line_msg_t *all = rank == 0 ? calloc((size_t)size, sizeof *all) : NULL;

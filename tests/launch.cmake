@@ -10,3 +10,15 @@ if(HWLOC_FOUND AND EXISTS ${PROJECT_SOURCE_DIR}/launcher/place.c)
   add_test(NAME test_place COMMAND test_place)
   set_tests_properties(test_place PROPERTIES LABELS unit TIMEOUT 120)
 endif()
+
+# ---- slurm: the job scripts on a real local Slurm (root, slurm-wlm, munge; else skipped) ----
+if(TARGET distattn AND EXISTS ${PROJECT_SOURCE_DIR}/slurm/local-cluster.sh)
+  foreach(case one_node multi_node mpirun sweep hetjob)
+    add_test(NAME slurm_${case}
+             COMMAND timeout -k 5 110 ${CMAKE_CURRENT_SOURCE_DIR}/slurm_test.sh ${case} ${PROJECT_BINARY_DIR}
+                     ${PROJECT_SOURCE_DIR})
+    # one cluster at a time (fixed ports); 77 = skipped
+    set_tests_properties(slurm_${case} PROPERTIES LABELS slurm TIMEOUT 120 SKIP_RETURN_CODE 77
+                         RESOURCE_LOCK distattn_slurm)
+  endforeach()
+endif()
