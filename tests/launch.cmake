@@ -22,3 +22,11 @@ if(TARGET distattn AND EXISTS ${PROJECT_SOURCE_DIR}/slurm/local-cluster.sh)
                          RESOURCE_LOCK distattn_slurm)
   endforeach()
 endif()
+
+# ---- netns: distattn run across 3 emulated hosts (network namespaces, tbf-shaped 1 Gbit/s
+# links, mpirun through plm_rsh_agent); 77 = skipped where namespaces are not permitted ----
+if(TARGET distattn AND TARGET da_comm)
+  add_test(NAME netns_run_3hosts COMMAND timeout -k 5 120 ${CMAKE_CURRENT_SOURCE_DIR}/netns_test.sh
+                                         ${PROJECT_BINARY_DIR} 3 1gbit)
+  set_tests_properties(netns_run_3hosts PROPERTIES LABELS netns TIMEOUT 130 SKIP_RETURN_CODE 77)
+endif()
