@@ -2,12 +2,13 @@
 BUILD ?= build
 JOBS ?= $(shell nproc)
 CMAKE_FLAGS ?=
+PREFIX ?= /usr/local
 MPIRUN ?= $(shell command -v mpirun || command -v mpirun.openmpi || echo mpirun)
 export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
-.PHONY: all setup configure build run test bench clean
+.PHONY: all setup configure build run test bench clean install
 
 all: build
 
@@ -34,6 +35,10 @@ test: setup
 bench: setup
 	@$(MAKE) --no-print-directory build
 	BUILD="$(BUILD)" bench/run.sh
+
+# Library, header, program, pkg-config file and CMake package under $(PREFIX) (docs/library.md).
+install: build
+	cmake --install $(BUILD) --prefix $(PREFIX)
 
 clean:
 	rm -rf $(BUILD)

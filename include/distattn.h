@@ -2,6 +2,40 @@
  * long sequences split across the ranks of an MPI job. Opaque handles, status codes, a
  * versioned problem struct. Everything here is plain C11; MPI types appear only in the
  * distributed part, guarded so single-rank users need no MPI headers. */
+/* ---- using the library (docs/library.md) -------------------------------------------------
+ * Linking: `pkg-config --cflags --libs distattn`, or find_package(distattn) and the target
+ * distattn::distattn (distattn::distattn_static for libdistattn.a); libdistattn exports exactly
+ * the functions declared here. Python: the `distattn` package in python/ (ctypes over the .so).
+ *
+ * Errors: every call that can fail returns a da_status_t (DA_SUCCESS = 0) and never exits or
+ * aborts; da_status_string() names the code and da_last_error(ctx) gives the detailed message of
+ * the context's last failure (da_last_error(NULL): the calling thread's last failure, e.g. from
+ * da_context_create). A handle output (da_context_t **, da_plan_t **, ...) is NULL after a
+ * failure; tensor outputs may be partly written.
+ *
+ * Ownership: handles are created and freed in pairs (da_X_create / da_X_free); every free accepts
+ * NULL. A handle keeps a pointer to the one it was made from, so free in reverse order: plans and
+ * caches, then their da_comm_t, then the context. Tensors are borrowed only for the duration of a
+ * call: the library never keeps a caller pointer (the KV cache copies rows into its own pages;
+ * a page returned by da_kvcache_get_page belongs to the cache). Problems and configs are copied.
+ *
+ * Tensors: da_tensor_t describes the caller's memory (data, dtype, device, shape, strides in
+ * elements); the last axis must be contiguous, other strides are free (views into a packed QKV
+ * buffer work), outputs must not overlap inputs. Attention tensors are [B][S][H][D] or
+ * [S][H][D]; lse is float32 [B][S][H] whatever the dtype.
+ *
+ * Threads: a context, and everything made from it, is used by one thread at a time; separate
+ * contexts may be used from several threads at once (the process-wide state -- logging, memory
+ * counters, the CPU ISA choice -- is thread-safe). Each call runs its kernels on the context's
+ * own threads (da_config_t.nthreads; OpenMP) and returns when its outputs are written.
+ *
+ * Streams: the last argument of the compute calls is a cudaStream_t for a CUDA context (the work
+ * is ordered on it); on the CPU pass NULL: the call is synchronous.
+ *
+ * MPI: the distributed calls need MPI initialized by the caller (any thread level; calls from
+ * several threads at once need MPI_THREAD_MULTIPLE and distinct da_comm_t) and must be made by
+ * every rank of the communicator in the same order. Handles may be freed after MPI_Finalize
+ * (they then release only memory). */
 #ifndef DISTATTN_H
 #define DISTATTN_H
 
@@ -67,7 +101,9 @@ typedef struct da_tensor {
   int64_t strides[4];
 } da_tensor_t;
 
-/* Fill a contiguous descriptor: da_tensor_make(&t, ptr, DA_BFLOAT16, 3, (int64_t[]){S, H, D}). */
+/* Fill a contiguous (row-major) CPU descriptor: da_tensor_make(&t, ptr, DA_BFLOAT16, 3,
+ * (int64_t[]){S, H, D}) sets strides {H*D, D, 1}. For a view, set t.strides (elements) afterwards;
+ * for device memory, set t.device and t.device_id. Cannot fail; ndim is clamped to 0..4. */
 void da_tensor_make(da_tensor_t *t, void *data, da_dtype_t dtype, int ndim, const int64_t *shape);
 
 /* The attention problem. Always start from DA_PROBLEM_INITIALIZER and set what you need; the
@@ -108,7 +144,10 @@ typedef struct da_config {
 
 #define DA_CONFIG_INITIALIZER { sizeof(da_config_t), DA_API_VERSION, DA_DEVICE_CPU, 0 }
 
+/* cfg NULL = DA_CONFIG_INITIALIZER. *ctx is NULL on failure (message: da_last_error(NULL));
+ * DA_ERR_UNSUPPORTED for a backend that is not built in. */
 da_status_t da_context_create(const da_config_t *cfg, da_context_t **ctx);
+/* After every handle made from ctx is freed. NULL is a no-op. */
 void da_context_free(da_context_t *ctx);
 /* The detailed message of the last failure on ctx ("q: shape[2] = 7 but heads = 8"), or of the
  * calling thread's last failure when ctx is NULL. Empty string when none. */

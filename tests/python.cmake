@@ -1,0 +1,56 @@
+# python.cmake: the Python binding and the examples (included by tests/CMakeLists.txt when the
+# shared library exists). Label python: tests/test_python.py under mpirun with Debian's
+# python3-numpy and python3-mpi4py on /usr/bin/python3 (DISTATTN_PYTHON overrides), against the
+# library of this build (DISTATTN_LIBRARY). The examples run as tests too: C ones label mpi.
+find_program(DA_MPIRUN NAMES mpirun.openmpi mpirun)
+if(NOT DA_MPIRUN OR NOT TARGET da_comm)
+  return()
+endif()
+set(DISTATTN_PYTHON /usr/bin/python3 CACHE FILEPATH "Python interpreter for the python tests")
+set(DA_PY_ENV "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1"
+              "OMPI_MCA_mpi_yield_when_idle=1;DISTATTN_LIBRARY=$<TARGET_FILE:distattn_shared>"
+              "PYTHONPATH=${PROJECT_SOURCE_DIR}/python;PYTHONDONTWRITEBYTECODE=1")
+set(DA_MPIRUN_ARGS --oversubscribe --bind-to none --timeout 120)
+
+# The ctypes mirrors of the public structs are checked against this program's sizes and offsets.
+add_executable(python_abi python_abi.c)
+target_link_libraries(python_abi PRIVATE distattn_shared MPI::MPI_C)
+
+execute_process(COMMAND ${DISTATTN_PYTHON} -c "import numpy, mpi4py" RESULT_VARIABLE DA_PY_RC
+                OUTPUT_QUIET ERROR_QUIET)
+foreach(P 1 3)
+  if(DA_PY_RC EQUAL 0)
+    add_test(NAME test_python_np${P}
+             COMMAND ${DA_MPIRUN} ${DA_MPIRUN_ARGS} -np ${P} ${DISTATTN_PYTHON}
+                     ${CMAKE_CURRENT_SOURCE_DIR}/test_python.py --abi $<TARGET_FILE:python_abi>)
+  else()
+    # Skipped (77), not failed, on a machine without them; scripts/setup-deps.sh installs them.
+    add_test(NAME test_python_np${P}
+             COMMAND sh -c "echo '${DISTATTN_PYTHON} lacks numpy or mpi4py (apt install python3-numpy python3-mpi4py)'; exit 77")
+  endif()
+  set_tests_properties(test_python_np${P} PROPERTIES LABELS python TIMEOUT 150 SKIP_RETURN_CODE 77
+                       ENVIRONMENT "${DA_PY_ENV}")
+endforeach()
+
+if(DA_PY_RC EQUAL 0)
+  add_test(NAME example_train_step_py_np3
+           COMMAND ${DA_MPIRUN} ${DA_MPIRUN_ARGS} -np 3 ${DISTATTN_PYTHON} ${PROJECT_SOURCE_DIR}/examples/train_step.py)
+  set_tests_properties(example_train_step_py_np3 PROPERTIES LABELS python TIMEOUT 150 ENVIRONMENT "${DA_PY_ENV}"
+                       PASS_REGULAR_EXPRESSION "# PASS" FAIL_REGULAR_EXPRESSION "FAIL")
+endif()
+
+# The C examples (built in examples/ against libdistattn.so): verified results, exit code 0.
+if(TARGET example_train_step)
+  add_test(NAME example_train_step_np3 COMMAND ${DA_MPIRUN} ${DA_MPIRUN_ARGS} -np 3 $<TARGET_FILE:example_train_step>)
+  add_test(NAME example_train_step_np1 COMMAND ${DA_MPIRUN} ${DA_MPIRUN_ARGS} -np 1 $<TARGET_FILE:example_train_step>)
+  set_tests_properties(example_train_step_np3 example_train_step_np1 PROPERTIES LABELS mpi TIMEOUT 150
+                       ENVIRONMENT "${DA_PY_ENV}")
+endif()
+if(TARGET example_decode_loop)
+  add_test(NAME example_decode_loop_tree_np3
+           COMMAND ${DA_MPIRUN} ${DA_MPIRUN_ARGS} -np 3 $<TARGET_FILE:example_decode_loop> tree 6)
+  add_test(NAME example_decode_loop_ring_np4
+           COMMAND ${DA_MPIRUN} ${DA_MPIRUN_ARGS} -np 4 $<TARGET_FILE:example_decode_loop> ring 6)
+  set_tests_properties(example_decode_loop_tree_np3 example_decode_loop_ring_np4 PROPERTIES LABELS mpi TIMEOUT 150
+                       ENVIRONMENT "${DA_PY_ENV}")
+endif()
