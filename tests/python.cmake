@@ -35,8 +35,10 @@ endforeach()
 if(DA_PY_RC EQUAL 0)
   add_test(NAME example_train_step_py_np3
            COMMAND ${DA_MPIRUN} ${DA_MPIRUN_ARGS} -np 3 ${DISTATTN_PYTHON} ${PROJECT_SOURCE_DIR}/examples/train_step.py)
-  set_tests_properties(example_train_step_py_np3 PROPERTIES LABELS python TIMEOUT 150 ENVIRONMENT "${DA_PY_ENV}"
-                       PASS_REGULAR_EXPRESSION "# PASS" FAIL_REGULAR_EXPRESSION "FAIL")
+  add_test(NAME example_decode_loop_py_np3
+           COMMAND ${DA_MPIRUN} ${DA_MPIRUN_ARGS} -np 3 ${DISTATTN_PYTHON} ${PROJECT_SOURCE_DIR}/examples/decode_loop.py tree 4)
+  set_tests_properties(example_train_step_py_np3 example_decode_loop_py_np3 PROPERTIES LABELS python TIMEOUT 150
+                       ENVIRONMENT "${DA_PY_ENV}" PASS_REGULAR_EXPRESSION "# PASS" FAIL_REGULAR_EXPRESSION "FAIL")
 endif()
 
 # The C examples (built in examples/ against libdistattn.so): verified results, exit code 0.
