@@ -55,7 +55,7 @@ run ./build/consumer_shared
 run ./build/consumer_static
 echo "== pip install of python/ into a venv, the library found through pkg-config"
 PY=${DISTATTN_PYTHON:-/usr/bin/python3}
-if "$PY" -c "import numpy, mpi4py, venv, ensurepip" > /dev/null 2>&1; then
+if "$PY" -c "import numpy, mpi4py, venv, ensurepip, setuptools" > /dev/null 2>&1; then
   cp -r "$SRC/python" "$TMP/pysrc" # pip writes build/ and *.egg-info beside the sources
   "$PY" -m venv --system-site-packages "$TMP/venv" > /dev/null
   "$TMP/venv/bin/python" -m pip install -q --no-build-isolation --no-deps "$TMP/pysrc" > pip.log 2>&1 ||
@@ -73,6 +73,6 @@ PYEOF
   (unset DISTATTN_LIBRARY PYTHONPATH; cd "$TMP" && run "$TMP/venv/bin/python" src/forward.py) | tee py.log
   grep -q "library $PREFIX/lib/libdistattn.so ok" py.log || fail "the installed package did not use the installed library"
 else
-  echo "skipped: $PY lacks numpy, mpi4py or venv"
+  echo "skipped: $PY lacks numpy, mpi4py, venv or setuptools (python3-venv, python3-setuptools)"
 fi
 echo "install check: PASS"
