@@ -74,7 +74,7 @@ sweep)
   echo "sweep stopped after \$((n - 1)) of 6 steps"
   ;;
 hetjob)
-  "$BUILD/distattn" decode --help 2>&1 | grep -q -- '--role' || { echo "skipped: distattn decode has no --role"; exit 77; }
+  "$BUILD/distattn" decode --offload --help 2>&1 | grep -q -- '--role' || { echo "skipped: distattn decode has no --role"; exit 77; }
   id=\$(DA_ARGS="--context 4K --heads 2 --kv-heads 1 --dim 32 --steps 2 --verify 2" \
         sbatch --parsable --wait "$SRC/slurm/offload-hetjob.sbatch") || fail "hetjob failed"
   grep -q "# PASS" distattn-out/\$id/offload.txt || fail "no PASS"
