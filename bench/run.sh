@@ -12,8 +12,13 @@ OUT=${BENCH_JSON:-$HERE/results/kernel-$HOST.jsonl}
 ITERS=${ITERS:-5}
 mkdir -p "$(dirname "$OUT")"
 [ -x "$EXE" ] || { echo "bench/run.sh: $EXE not found (build first, or set BUILD)" >&2; exit 2; }
-# distattn re-executes itself with OPENBLAS_CORETYPE=SkylakeX on AVX-512 machines where OpenBLAS
-# would pick a slower path; set OPENBLAS_CORETYPE here only to override that choice.
+# The sgemm baseline must be OpenBLAS's fastest path: on AVX-512 CPUs that is its SkylakeX core,
+# which OpenBLAS does not pick by itself on AMD. distattn re-executes itself with it when
+# OPENBLAS_CORETYPE is unset; an inherited OPENBLAS_CORETYPE (some environments export Haswell)
+# would win, so the benchmark sets it here. BENCH_KEEP_CORETYPE=1 keeps the caller's choice.
+if [ -z "${BENCH_KEEP_CORETYPE:-}" ] && grep -q avx512f /proc/cpuinfo 2>/dev/null; then
+  export OPENBLAS_CORETYPE=SkylakeX
+fi
 
 configs=(
   "--seq 4K --heads 4 --dim 128 --mask causal --dtype fp32"               # acceptance shape

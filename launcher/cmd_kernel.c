@@ -869,6 +869,7 @@ static int json_record(const kbench_t *b, int op, const op_result_t *r) {
   da_json_str(&j, "cmd", "kernel");
   da_json_str(&j, "op", op_names[op]);
   da_json_str(&j, "backend", b->kt->name);
+  if (b->kt == &da_kernels_cpu) da_json_str(&j, "isa", da_cpu_isa_name());
   da_json_int(&j, "seq", b->S);
   da_json_int(&j, "batch", 1);
   da_json_int(&j, "heads", b->H);
@@ -1048,7 +1049,8 @@ int da_cmd_kernel(int argc, char **argv) {
   b.blas_core = "none";
 #endif
   da_report_header(stdout, &cmd, b.T);
-  da_report_line(stdout, "backend: %s  scale: 1/sqrt(%d)  pairs/row mask: %s", b.kt->name, b.D, b.maskdesc);
+  da_report_line(stdout, "backend: %s (%s)  scale: 1/sqrt(%d)  pairs/row mask: %s", b.kt->name,
+                 b.kt == &da_kernels_cpu ? da_cpu_isa_name() : b.kt->name, b.D, b.maskdesc);
 #ifdef DISTATTN_HAVE_OPENBLAS
   da_report_line(stdout, "openblas: %s  core: %s (%s)", openblas_get_config(), b.blas_core, blas_core_note);
 #else
