@@ -7,12 +7,15 @@
 #   overlap     `--measure-overlap` with the test-only link hook set so that the transfers alone
 #               take about half the compute-only time (calibrated from the first run)  target >= 0.9
 #   speedup     causal wall time (fwd + bwd) of ring (contiguous) / zigzag, same run   target >= 1.3
+# The machine is shared and its load drifts within a minute, so the kernel, zigzag and ring
+# runs are repeated RING_REPEAT times back to back and each ratio is taken within a repetition;
+# the figure is the median over repetitions (each repetition's values are in the summary too).
 # Appends every raw record plus one summary record to bench/results/ring-<host>.jsonl and writes
 # bench/results/ring-<host>.md (the machine described, the table, the verdicts). Speed is
 # reported, never asserted: the exit code is non-zero only when a run fails or a result is wrong.
 # Called by bench/run.sh (`make bench`); alone: BUILD=build bench/ring.sh. Settings (env):
-# RING_SEQ (8K), RING_HEADS (4), RING_KV (2), RING_DIM (128), RING_ITERS (3), RING_LINK_US (20),
-# RING_JSON, RING_MD (output paths), MPIRUN.
+# RING_SEQ (8K), RING_HEADS (4), RING_KV (2), RING_DIM (128), RING_ITERS (3), RING_REPEAT (3),
+# RING_LINK_US (20), RING_JSON, RING_MD (output paths), MPIRUN.
 set -uo pipefail
 BUILD=${BUILD:-build}
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -23,7 +26,7 @@ HOST=$(hostname -s 2>/dev/null || hostname)
 OUT=${RING_JSON:-$HERE/results/ring-$HOST.jsonl}
 MD=${RING_MD:-$HERE/results/ring-$HOST.md}
 SEQ=${RING_SEQ:-8K} HEADS=${RING_HEADS:-4} KV=${RING_KV:-2} DIM=${RING_DIM:-128}
-ITERS=${RING_ITERS:-3} LINK_US=${RING_LINK_US:-20}
+ITERS=${RING_ITERS:-3} REPEAT=${RING_REPEAT:-3} LINK_US=${RING_LINK_US:-20}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 [ -x "$EXE" ] || { echo "bench/ring.sh: $EXE not found (build first, or set BUILD)" >&2; exit 2; }
 [ -n "$MPIRUN" ] || { echo "bench/ring.sh: no mpirun" >&2; exit 2; }
@@ -60,49 +63,59 @@ step() {
   return $rc
 }
 
-# 1. The single-rank kernel, two copies side by side (one per core), one thread each.
-echo "# ---- kernel: 2 x distattn kernel ${SHAPE[*]} --ops fwd,bwd --threads 1"
-for c in 0 1; do
-  "$EXE" kernel "${SHAPE[@]}" --ops fwd,bwd --threads 1 --iters "$ITERS" --warmup 1 --verify 4 \
-    --json "$TMP/kernel$c.jsonl" > "$TMP/kernel$c.txt" 2>&1 &
+# median of numbers (one per argument; "null" ignored).
+median() { printf '%s\n' "$@" | grep -v null | sort -g | awk '{ x[NR] = $1 } END { if (!NR) print "null"; else if (NR % 2) print x[(NR + 1) / 2]; else print (x[NR / 2] + x[NR / 2 + 1]) / 2 }'; }
+
+flop=""
+effs=() speeds=() krates=() prates=() zts=() rts=()
+for rep in $(seq 1 "$REPEAT"); do
+  # 1. The single-rank kernel, two copies side by side (one per core), one thread each.
+  echo "# ---- [$rep/$REPEAT] kernel: 2 x distattn kernel ${SHAPE[*]} --ops fwd,bwd --threads 1"
+  for c in 0 1; do
+    "$EXE" kernel "${SHAPE[@]}" --ops fwd,bwd --threads 1 --iters "$ITERS" --warmup 1 --verify 4 \
+      --json "$TMP/kernel$rep-$c.jsonl" > "$TMP/kernel$rep-$c.txt" 2>&1 &
+  done
+  wait -n || status=1
+  wait -n || status=1
+  grep -v '^#  ' "$TMP/kernel$rep-0.txt"
+  echo
+  # 2. zigzag and ring (contiguous) at P = 2.
+  step "[$rep/$REPEAT] zigzag" "${MPI[@]}" "$EXE" "${RUN[@]}" --algo zigzag --json "$TMP/zigzag$rep.jsonl"
+  step "[$rep/$REPEAT] ring" "${MPI[@]}" "$EXE" "${RUN[@]}" --algo ring --json "$TMP/ring$rep.jsonl"
+  pairs=$(jget "$TMP/kernel$rep-0.jsonl" pairs 1)
+  flop=$(calc "14 * $HEADS * $DIM * $pairs")
+  # fwd + bwd time of each copy; the rate is the mean of the two copies' rates
+  t0=$(calc "$(jget "$TMP/kernel$rep-0.jsonl" time_s 1) + $(jget "$TMP/kernel$rep-0.jsonl" time_s 2)")
+  t1=$(calc "$(jget "$TMP/kernel$rep-1.jsonl" time_s 1) + $(jget "$TMP/kernel$rep-1.jsonl" time_s 2)")
+  k=$(calc "0.5 * ($flop / $t0 + $flop / $t1) / 1e9")
+  per_rank=$(calc "$(jget "$TMP/zigzag$rep.jsonl" gflops) / 2")
+  z_t=$(calc "$(jget "$TMP/zigzag$rep.jsonl" fwd_s) + $(jget "$TMP/zigzag$rep.jsonl" bwd_s)")
+  r_t=$(calc "$(jget "$TMP/ring$rep.jsonl" fwd_s) + $(jget "$TMP/ring$rep.jsonl" bwd_s)")
+  krates+=("$k") prates+=("$per_rank") zts+=("$z_t") rts+=("$r_t")
+  effs+=("$(calc "$per_rank / $k")") speeds+=("$(calc "$r_t / $z_t")")
 done
-wait -n || status=1
-wait -n || status=1
-cat "$TMP/kernel0.txt"
-echo
-# 2. zigzag at P = 2, with the overlap passes (no link hook: the real shared-memory transfers).
-step zigzag "${MPI[@]}" "$EXE" "${RUN[@]}" --algo zigzag --measure-overlap --json "$TMP/zigzag.jsonl"
-# 3. The link hook calibrated so the transfers alone take half the compute-only time.
-bytes=$(jget "$TMP/zigzag.jsonl" comm_bytes) tcomp=$(jget "$TMP/zigzag.jsonl" t_compute_only_s)
+# 3. Overlap: compute-only time without the hook, then the link set so that the transfers alone
+#    take half of it, and --measure-overlap under that link.
+step "overlap calibration" "${MPI[@]}" "$EXE" "${RUN[@]}" --algo zigzag --measure-overlap --json "$TMP/calib.jsonl"
+bytes=$(jget "$TMP/calib.jsonl" comm_bytes) tcomp=$(jget "$TMP/calib.jsonl" t_compute_only_s)
 GBPS=$(calc "($bytes / 2) / (0.5 * $tcomp) / 1e9")
 step link "${MPI[@]}" -x DISTATTN_TEST_LINK_GBPS="$GBPS" -x DISTATTN_TEST_LINK_US="$LINK_US" "$EXE" "${RUN[@]}" \
   --algo zigzag --measure-overlap --json "$TMP/link.jsonl"
-# 4. ring (contiguous) at P = 2, same shape.
-step ring "${MPI[@]}" "$EXE" "${RUN[@]}" --algo ring --json "$TMP/ring.jsonl"
 LOAD1=$(cut -d' ' -f1-3 /proc/loadavg)
 
 # ---- figures ----
-for c in 0 1; do
-  tf[$c]=$(jget "$TMP/kernel$c.jsonl" time_s 1) tb[$c]=$(jget "$TMP/kernel$c.jsonl" time_s 2)
-done
-pairs=$(jget "$TMP/kernel0.jsonl" pairs 1)
-flop=$(calc "14 * $HEADS * $DIM * $pairs")
-k_rate=$(calc "0.5 * ($flop / (${tf[0]} + ${tb[0]}) + $flop / (${tf[1]} + ${tb[1]})) / 1e9")
-z_gflops=$(jget "$TMP/zigzag.jsonl" gflops)
-per_rank=$(calc "$z_gflops / 2")
-eff=$(calc "$per_rank / $k_rate")
+k_rate=$(median "${krates[@]}") per_rank=$(median "${prates[@]}") eff=$(median "${effs[@]}")
+z_t=$(median "${zts[@]}") r_t=$(median "${rts[@]}") speedup=$(median "${speeds[@]}")
 overlap=$(jget "$TMP/link.jsonl" overlap)
 l_comp=$(jget "$TMP/link.jsonl" t_compute_only_s) l_comm=$(jget "$TMP/link.jsonl" t_comm_only_s)
 l_ratio=$(calc "$l_comm / $l_comp")
-z_t=$(calc "$(jget "$TMP/zigzag.jsonl" fwd_s) + $(jget "$TMP/zigzag.jsonl" bwd_s)")
-r_t=$(calc "$(jget "$TMP/ring.jsonl" fwd_s) + $(jget "$TMP/ring.jsonl" bwd_s)")
-speedup=$(calc "$r_t / $z_t")
 wrong=0
-for f in zigzag link ring; do
-  w=$(jget "$TMP/$f.jsonl" wrong)
+for f in "$TMP"/zigzag*.jsonl "$TMP"/ring*.jsonl "$TMP/calib.jsonl" "$TMP/link.jsonl"; do
+  w=$(jget "$f" wrong)
   [ "$w" = 0 ] || { wrong=1; status=1; }
 done
 verdict() { awk -v x="$1" -v t="$2" 'BEGIN { if (x == "null" || x == "") print "n/a"; else print (x + 0 >= t ? "met" : "missed") }'; }
+list() { local IFS=,; echo "[$*]"; }
 
 # ---- machine ----
 cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
@@ -114,14 +127,16 @@ git=$(git -C "$ROOT" describe --always --dirty --abbrev=7 2>/dev/null || echo un
 date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 # ---- records: every raw one tagged with the run, then the summary ----
-for f in kernel0 kernel1 zigzag link ring; do
+for f in "$TMP"/kernel*.jsonl "$TMP"/zigzag*.jsonl "$TMP"/ring*.jsonl "$TMP/calib.jsonl" "$TMP/link.jsonl"; do
+  part=$(basename "$f" .jsonl)
   while IFS= read -r line; do
-    printf '{"bench":"ring","bench_run":"%s","part":"%s",%s\n' "$RUN_ID" "$f" "${line#\{}" >> "$OUT"
-  done < "$TMP/$f.jsonl"
+    printf '{"bench":"ring","bench_run":"%s","part":"%s",%s\n' "$RUN_ID" "$part" "${line#\{}" >> "$OUT"
+  done < "$f"
 done
-printf '{"bench":"ring","bench_run":"%s","part":"summary","date":"%s","git":"%s","host":"%s","cpu":"%s","cores":%s,"mpi":"%s","seq":"%s","heads":%s,"kv_heads":%s,"dim":%s,"mask":"causal","dtype":"fp32","ranks":2,"threads_per_rank":1,"iters":%s,"kernel_fwdbwd_gflops":%s,"zigzag_gflops_per_rank":%s,"efficiency":%s,"link_gbps":%s,"link_us":%s,"link_comm_over_compute":%s,"overlap":%s,"ring_s":%s,"zigzag_s":%s,"zigzag_speedup":%s,"wrong":%s,"load_before":"%s","load_after":"%s"}\n' \
-  "$RUN_ID" "$date" "$git" "$HOST" "$cpu" "$ncpu" "$mpiv" "$SEQ" "$HEADS" "$KV" "$DIM" "$ITERS" "$k_rate" \
-  "$per_rank" "$eff" "$GBPS" "$LINK_US" "$l_ratio" "$overlap" "$r_t" "$z_t" "$speedup" "$wrong" "$LOAD0" "$LOAD1" >> "$OUT"
+printf '{"bench":"ring","bench_run":"%s","part":"summary","date":"%s","git":"%s","host":"%s","cpu":"%s","cores":%s,"mpi":"%s","seq":"%s","heads":%s,"kv_heads":%s,"dim":%s,"mask":"causal","dtype":"fp32","ranks":2,"threads_per_rank":1,"iters":%s,"repeat":%s,"kernel_fwdbwd_gflops":%s,"zigzag_gflops_per_rank":%s,"efficiency":%s,"efficiency_each":%s,"link_gbps":%s,"link_us":%s,"link_comm_over_compute":%s,"overlap":%s,"ring_s":%s,"zigzag_s":%s,"zigzag_speedup":%s,"zigzag_speedup_each":%s,"wrong":%s,"load_before":"%s","load_after":"%s"}\n' \
+  "$RUN_ID" "$date" "$git" "$HOST" "$cpu" "$ncpu" "$mpiv" "$SEQ" "$HEADS" "$KV" "$DIM" "$ITERS" "$REPEAT" "$k_rate" \
+  "$per_rank" "$eff" "$(list "${effs[@]}")" "$GBPS" "$LINK_US" "$l_ratio" "$overlap" "$r_t" "$z_t" "$speedup" \
+  "$(list "${speeds[@]}")" "$wrong" "$LOAD0" "$LOAD1" >> "$OUT"
 
 cat > "$MD" <<EOF
 # Ring / zigzag figures at P = 2 ($date)
@@ -138,7 +153,9 @@ Produced by \`bench/ring.sh\` (part of \`make bench\`); every number below comes
 | load average (1/5/15 min) | before: $LOAD0; after: $LOAD1 (the machine is shared; timings swing with it) |
 
 Shape: \`--seq $SEQ --heads $HEADS --kv-heads $KV --dim $DIM --mask causal --dtype fp32 --backward\`,
-one kernel thread per rank, median of $ITERS iterations after one warm-up.
+one kernel thread per rank, median of $ITERS iterations after one warm-up. Kernel, zigzag and ring
+ran $REPEAT times back to back; each ratio is taken within a repetition and the table shows the
+median (per repetition: efficiency $(list "${effs[@]}"), speedup $(list "${speeds[@]}")).
 
 | figure | value | target | |
 |---|---|---|---|
@@ -147,7 +164,7 @@ one kernel thread per rank, median of $ITERS iterations after one warm-up.
 | efficiency = per rank / kernel | $eff | >= 0.9 | $(verdict "$eff" 0.9) |
 | link hook: $GBPS GB/s, $LINK_US us; transfers-only / compute-only time | $l_ratio | ~0.5 | |
 | overlap (--measure-overlap under that link) | $overlap | >= 0.9 | $(verdict "$overlap" 0.9) |
-| causal fwd+bwd wall time: ring (contiguous) / zigzag (s) | $r_t / $z_t | | |
+| causal fwd+bwd wall time: ring (contiguous) / zigzag (s, medians) | $r_t / $z_t | | |
 | zigzag speedup over ring | $speedup | >= 1.3 (ideal 1.5) | $(verdict "$speedup" 1.3) |
 | wrong results in the verified runs | $wrong | 0 | |
 EOF
