@@ -8,7 +8,7 @@ export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
-.PHONY: all setup configure build run test bench clean install
+.PHONY: all setup configure build run test bench sim clean install
 
 all: build
 
@@ -35,6 +35,11 @@ test: setup
 bench: setup
 	@$(MAKE) --no-print-directory build
 	BUILD="$(BUILD)" bench/run.sh
+
+# Scaling studies under SimGrid SMPI: JSON Lines and plots into sim/results/ (docs/scaling.md).
+sim: setup
+	@$(MAKE) --no-print-directory build
+	python3 sim/sweep.py --build $(BUILD) --out sim/results $(SIM_ARGS)
 
 # Library, header, program, pkg-config file and CMake package under $(PREFIX) (docs/library.md).
 install: build

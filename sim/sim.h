@@ -1,0 +1,25 @@
+/* sim.h: the SimGrid SMPI build of the drivers (sim/Makefile). The kernel table is replaced by
+ * the `sim` backend, whose calls only advance the simulated clock (smpi_execute) by the time the
+ * work would take at calibrated rates; payload buffers alias shared pages. Nothing here is
+ * compiled into the normal build. */
+#ifndef DA_SIM_H
+#define DA_SIM_H
+
+#include <stdint.h>
+
+/* Rates of the simulated device (one per rank). Times: fwd_block = call_s + 4*H*D*pairs / fwd_flops,
+ * bwd_block = call_s + 10*H*D*pairs / bwd_flops, memory-bound calls (finish, bwd_prep, decode's
+ * KV read) = call_s + bytes / mem_bps. */
+typedef struct da_sim_calib {
+  const char *name;
+  double fwd_flops, bwd_flops; /* FLOP/s of the attention kernels (useful work, FA convention) */
+  double mem_bps;              /* bytes/s for memory-bound calls */
+  double call_s;               /* fixed cost per kernel call (launch, packing) */
+} da_sim_calib_t;
+
+/* Set once by the program before any plan is made (ranks share it: privatization is off). */
+extern da_sim_calib_t da_sim_calib;
+/* Simulated seconds the sim kernels have injected on this process (all ranks together). */
+extern double da_sim_kernel_s;
+
+#endif

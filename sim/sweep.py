@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+"""sweep.py: scaling studies of distattn's real drivers under SimGrid SMPI (docs/scaling.md).
+
+Runs distattn-sim (sim/Makefile) under smpirun on generated platforms (sim/mkplatform.py), puts
+`distattn plan` (the closed-form model) beside every simulated point, writes JSON Lines and PNG
+plots.
+
+  sweep.py --build BUILD --out DIR [--quick]     the study (make sim)
+  sweep.py --build BUILD --check                 the label-sim test: a few small runs vs the model
+
+Exit 77 when smpicc/smpirun are missing (ctest: skipped).
+"""
+import argparse, json, math, os, shutil, subprocess, sys, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+SMPI_CFG = ["--cfg=smpi/simulate-computation:no", "--cfg=smpi/privatization:no",
+            "--cfg=smpi/shared-malloc-blocksize:67108864", "--cfg=smpi/test:1e-8",
+            "--cfg=smpi/display-timing:no", "--log=root.thres:critical",
+            # Plain links: no TCP window, no piecewise factors fitted to an Ethernet cluster.
+            "--cfg=smpi/bw-factor:0:1", "--cfg=smpi/lat-factor:0:1", "--cfg=network/TCP-gamma:0",
+            "--cfg=network/crosstraffic:0",
+            # Collective algorithms as Open MPI picks them (recursive doubling for small allreduce).
+            "--cfg=smpi/coll-selector:ompi"]
+# Kernel rates of the simulated devices (sim/sim.h) and `distattn plan --machine` presets.
+CALIB = {
+    "h100": dict(fwd=600, bwd=450, mem=3000, call=10),
+    "a100": dict(fwd=190, bwd=150, mem=1800, call=10),
+}
+
+
+def need_tools():
+    if not shutil.which("smpicc") or not shutil.which("smpirun"):
+        print("smpicc/smpirun not found (Debian: libsimgrid-dev): skipped")
+        sys.exit(77)
+
+
+def build_sim(build):
+    out = os.path.join(build, "sim")
+    subprocess.run(["make", "-s", "-C", HERE, "O=" + out], check=True)
+    return os.path.join(out, "distattn-sim")
+
+
+def platform(kind, ranks, work):
+    nodes = max(1, math.ceil(ranks / 8))
+    xml = os.path.join(work, f"{kind}-{nodes}.xml")
+    hosts = os.path.join(work, f"{kind}-{nodes}.hosts")
+    if not os.path.exists(xml):
+        with open(xml, "w") as f:
+            subprocess.run([sys.executable, os.path.join(HERE, "mkplatform.py"), kind, str(nodes), "--hostfile", hosts],
+                           stdout=f, check=True)
+    return xml, hosts
+
+
+def simulate(exe, work, kind, ranks, args, timeout=900):
+    xml, hosts = platform(kind, ranks, work)
+    c = CALIB[kind]
+    cmd = (["smpirun", "-np", str(ranks), "-platform", xml, "-hostfile", hosts] + SMPI_CFG +
+           [exe] + args + ["--calib", kind, "--fwd-tflops", str(c["fwd"]), "--bwd-tflops", str(c["bwd"]),
+                           "--mem-gbps", str(c["mem"]), "--call-us", str(c["call"])])
+    t0 = time.time()
+    # SMPI's nonblocking collectives are linear algorithms (latency grows with P, unlike Open MPI's
+    # libnbc): tree decode uses its blocking-allreduce variant here, which SMPI runs like Open MPI.
+    env = dict(os.environ, DISTATTN_DECODE_BLOCKING="1")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    rec = json.loads(lines[-1])
+    rec["host_wall_s"] = round(time.time() - t0, 2)
+    rec["machine"] = kind
+    return rec
+
+
+def model(build, kind, ranks, args):
+    """`distattn plan` for the same problem: the JSON record of the one algorithm asked for."""
+    exe = os.path.join(build, "distattn")
+    tmp = os.path.join(build, "sim", f"plan.{os.getpid()}.jsonl")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    subprocess.run([exe, "plan", "--machine", kind, "--ranks", str(ranks), "--json", tmp] + args,
+                   check=True, capture_output=True)
+    recs = [json.loads(l) for l in open(tmp)]
+    os.remove(tmp)
+    return recs
+
+
+def ring_point(build, exe, work, kind, ranks, algo, seq, heads=32, kv=32, dim=128, bwd=False, block=0):
+    a = ["--seq", str(seq), "--heads", str(heads), "--kv-heads", str(kv), "--dim", str(dim), "--mask", "causal"]
+    sa = a + ["--algo", algo] + (["--backward"] if bwd else []) + (["--block", str(block)] if block else [])
+    rec = simulate(exe, work, kind, ranks, sa)
+    m = model(build, kind, ranks, a + ["--algo", algo, "--block", str(rec["block"])] + (["--backward"] if bwd else []))[0]
+    rec["model_total_s"] = m["total_s"]
+    rec["model_err"] = rec["total_s"] / m["total_s"] - 1
+    rec["model_exposed_s"] = m["comm_exposed_s"]
+    return rec
+
+
+def decode_point(build, exe, work, kind, ranks, algo, context, heads=32, kv=8, dim=128):
+    a = ["--heads", str(heads), "--kv-heads", str(kv), "--dim", str(dim)]
+    rec = simulate(exe, work, kind, ranks, a + ["--decode", algo, "--context", str(context), "--steps", "3"])
+    m = [r for r in model(build, kind, ranks, a + ["--seq", str(context), "--decode", "--algo", "ring"])
+         if r["cmd"] == "plan-decode"][0]
+    rec["model_step_s"] = m["tree_s" if algo == "tree" else "ring_s"]
+    rec["model_err"] = rec["step_median_s"] / rec["model_step_s"] - 1
+    return rec
+
+
+def check(build):
+    """Label-sim test: the real ring / zigzag drivers at 8 (one node) and 16 ranks (two nodes,
+    transfer-bound) against the closed-form model, within 15%."""
+    exe = build_sim(build)
+    work = os.path.join(build, "sim", "check")
+    os.makedirs(work, exist_ok=True)
+    worst, bad = 0.0, 0
+    cases = [("h100", 8, "ring", 64 * 1024, False), ("h100", 8, "zigzag", 64 * 1024, True),
+             ("h100", 16, "striped", 64 * 1024, False), ("h100", 16, "ring", 32 * 1024, True)]
+    for kind, P, algo, seq, bwd in cases:
+        r = ring_point(build, exe, work, kind, P, algo, seq, heads=8, kv=8, dim=128, bwd=bwd)
+        ok = abs(r["model_err"]) <= 0.15
+        worst = max(worst, abs(r["model_err"]))
+        bad += not ok
+        print(f"{algo:8s} P={P:3d} S={seq:7d} {'fwd+bwd' if bwd else 'fwd':7s} sim {r['total_s']:.4e} s  "
+              f"model {r['model_total_s']:.4e} s  err {100 * r['model_err']:+.1f}%  {'ok' if ok else 'FAIL'}")
+    for algo in ("tree", "ring"):
+        r = decode_point(build, exe, work, "h100", 16, algo, 256 * 1024)
+        ok = abs(r["model_err"]) <= 0.15
+        worst = max(worst, abs(r["model_err"]))
+        bad += not ok
+        print(f"decode {algo:4s} P= 16 ctx 256K sim {r['step_median_s']:.4e} s  model {r['model_step_s']:.4e} s  "
+              f"err {100 * r['model_err']:+.1f}%  {'ok' if ok else 'FAIL'}")
+    print(f"# worst |sim/model - 1| = {100 * worst:.1f}% (limit 15%)")
+    print("# FAIL" if bad else "# PASS")
+    return 1 if bad else 0
+
+
+def plots(recs, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fw = [r for r in recs if r.get("study") in ("weak", "strong")]
+    for study in ("weak", "strong"):
+        pts = [r for r in fw if r["study"] == study]
+        if not pts:
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for algo, mk in (("ring", "o"), ("striped", "s"), ("zigzag", "^")):
+            p = sorted((r["ranks"], r["total_s"], r["model_total_s"]) for r in pts if r["algo"] == algo)
+            if not p:
+                continue
+            l, = ax.plot([x[0] for x in p], [x[1] for x in p], marker=mk, label=f"{algo} (simulated)")
+            ax.plot([x[0] for x in p], [x[2] for x in p], ls=":", color=l.get_color(), label=f"{algo} (model)")
+        ax.set_xscale("log", base=2), ax.set_yscale("log")
+        ax.set_xlabel("ranks (H100 GPUs, 8 per node)")
+        ax.set_ylabel("causal forward time (s)")
+        per = pts[0]["seq"] // pts[0]["ranks"]
+        ax.set_title("weak scaling: %dK tokens per rank" % (per // 1024) if study == "weak"
+                     else "strong scaling: %dK tokens" % (pts[0]["seq"] // 1024))
+        ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=8)
+        fig.tight_layout(), fig.savefig(os.path.join(out, f"{study}.png"), dpi=110), plt.close(fig)
+    dec = [r for r in recs if r.get("cmd") == "sim-decode"]
+    if dec:
+        fig, ax = plt.subplots(figsize=(6.4, 4.4))
+        for algo, mk in (("tree", "o"), ("ring", "s")):
+            p = sorted((r["ranks"], r["step_median_s"], r["model_step_s"]) for r in dec if r["algo"] == algo)
+            l, = ax.plot([x[0] for x in p], [1e3 * x[1] for x in p], marker=mk, label=f"{algo} decode (simulated)")
+            ax.plot([x[0] for x in p], [1e3 * x[2] for x in p], ls=":", color=l.get_color(), label=f"{algo} (model)")
+        ax.set_xscale("log", base=2), ax.set_yscale("log")
+        ax.set_xlabel("ranks (H100 GPUs)"), ax.set_ylabel("decode step latency (ms)")
+        ax.set_title("one token, %dK-token context" % (dec[0]["context"] // 1024))
+        ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=8)
+        fig.tight_layout(), fig.savefig(os.path.join(out, "decode.png"), dpi=110), plt.close(fig)
+
+
+def study(build, out, quick):
+    exe = build_sim(build)
+    work = os.path.join(build, "sim", "work")
+    os.makedirs(work, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "sweep.jsonl")
+    recs = []
+
+    def keep(r, **kw):
+        r.update(kw)
+        recs.append(r)
+        with open(path, "a") as f:
+            f.write(json.dumps(r) + "\n")
+        print(json.dumps({k: r[k] for k in r if k in ("study", "algo", "ranks", "seq", "context", "total_s",
+                                                       "step_median_s", "model_err", "host_wall_s")}), flush=True)
+
+    open(path, "w").close()
+    maxp = 64 if quick else 1024
+    ranks = [p for p in (8, 16, 32, 64, 128, 256, 512, 1024) if p <= maxp]
+    # Striped vs Ring, causal, 256K tokens on 8 A100s (Striped Attention: 1.45x end to end).
+    for algo in ("ring", "striped", "zigzag"):
+        keep(ring_point(build, exe, work, "a100", 8, algo, 256 * 1024, bwd=True), study="a100-256k")
+    # Weak scaling: 16K tokens per rank (128K at 8 ranks .. 16M at 1024). Strong: 1M tokens.
+    for P in ranks:
+        for algo in ("ring", "striped", "zigzag"):
+            keep(ring_point(build, exe, work, "h100", P, algo, 16 * 1024 * P), study="weak")
+    for P in ranks:
+        for algo in ("ring", "striped", "zigzag"):
+            keep(ring_point(build, exe, work, "h100", P, algo, 1024 * 1024), study="strong")
+    # Decode: one token against a 1M-token context, GQA 32/8.
+    for P in ranks:
+        for algo in ("tree", "ring"):
+            keep(decode_point(build, exe, work, "h100", P, algo, 1024 * 1024), study="decode")
+    plots(recs, out)
+    errs = [abs(r["model_err"]) for r in recs]
+    print(f"# {len(recs)} points, worst |sim/model - 1| = {100 * max(errs):.1f}%")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--build", default=os.path.join(ROOT, "build"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "sim", "results"))
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--plots-only", action="store_true")
+    a = ap.parse_args()
+    need_tools()
+    if a.plots_only:
+        plots([json.loads(l) for l in open(os.path.join(a.out, "sweep.jsonl"))], a.out)
+        return 0
+    if a.check:
+        return check(os.path.abspath(a.build))
+    study(os.path.abspath(a.build), os.path.abspath(a.out), a.quick)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
