@@ -19,6 +19,7 @@
 #include "dtype.h"
 #include "kernels.h"
 #include "launcher.h"
+#include "common.h"
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
@@ -39,92 +40,11 @@ typedef struct dec_opts {
 
 static int g_rank, g_size;
 
-/* The helpers below mirror cmd_run.c's (static there). */
-static int max_int(int v) {
-  int r = v;
-  MPI_Allreduce(&v, &r, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  return r;
-}
 
-static int report_failure(const char *what, da_status_t st, da_context_t *ctx) {
-  if (g_rank == 0 || st != DA_ERR_REMOTE)
-    fprintf(stderr, "distattn decode: rank %d: %s: %s: %s\n", g_rank, what, da_status_string(st), da_last_error(ctx));
-  int rc = (st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH || st == DA_ERR_UNSUPPORTED) ? 2 : 1;
-  return max_int(rc);
-}
 
-static int cmp_dbl(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-/* Median and p99 (nearest rank) of n values; sorts t. */
-static double median(double *t, int64_t n) {
-  if (n <= 0) return NAN;
-  qsort(t, (size_t)n, sizeof *t, cmp_dbl);
-  return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-}
-static double p99(double *t, int64_t n) {
-  if (n <= 0) return NAN;
-  qsort(t, (size_t)n, sizeof *t, cmp_dbl);
-  int64_t k = (int64_t)ceil(0.99 * (double)n) - 1;
-  return t[k < 0 ? 0 : k];
-}
 
-static int default_threads(void) {
-  MPI_Comm node;
-  int local = 1;
-  if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
-    MPI_Comm_size(node, &local);
-    MPI_Comm_free(&node);
-  }
-  int cores = da_default_nthreads(), online = (int)sysconf(_SC_NPROCESSORS_ONLN);
-  int t = cores >= online && local > 1 ? cores / local : cores;
-  return t > 0 ? t : 1;
-}
 
-static void cpu_list(char *buf, size_t n) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  buf[0] = '\0';
-  if (sched_getaffinity(0, sizeof set, &set)) return;
-  size_t off = 0;
-  for (int c = 0; c < CPU_SETSIZE && off + 16 < n; c++) {
-    if (!CPU_ISSET(c, &set)) continue;
-    int e = c;
-    while (e + 1 < CPU_SETSIZE && CPU_ISSET(e + 1, &set)) e++;
-    off += (size_t)snprintf(buf + off, n - off, "%s%d", off ? "," : "", c);
-    if (e > c) off += (size_t)snprintf(buf + off, n - off, "-%d", e);
-    c = e;
-  }
-}
 
-typedef struct rankinfo {
-  char host[64];
-  char cores[88];
-  int pid, threads;
-} rankinfo_t;
-
-static void rank_map(int threads, char *hosts, size_t hn) {
-  rankinfo_t me, *all = g_rank == 0 ? calloc((size_t)g_size, sizeof *all) : NULL;
-  memset(&me, 0, sizeof me);
-  snprintf(me.host, sizeof me.host, "%s", da_report_hostname());
-  cpu_list(me.cores, sizeof me.cores);
-  me.pid = (int)getpid();
-  me.threads = threads;
-  MPI_Gather(&me, sizeof me, MPI_BYTE, all, sizeof me, MPI_BYTE, 0, MPI_COMM_WORLD);
-  hosts[0] = '\0';
-  if (g_rank != 0 || !all) return;
-  size_t off = 0;
-  for (int r = 0; r < g_size; r++) {
-    printf("#  rank %3d  host %-16s  pid %7d  threads %2d  cores %s\n", r, all[r].host, all[r].pid, all[r].threads,
-           all[r].cores);
-    int seen = 0;
-    for (int q = 0; q < r; q++) seen |= !strcmp(all[q].host, all[r].host);
-    if (!seen && off + strlen(all[r].host) + 2 < hn)
-      off += (size_t)snprintf(hosts + off, hn - off, "%s%s", off ? "," : "", all[r].host);
-  }
-  free(all);
-}
 
 /* "a,b,c" into n values (sizes with K/M/G, or doubles). 0 on success. */
 static int parse_list_sizes(const char *s, int64_t *out, int64_t n) {
@@ -310,7 +230,7 @@ int da_cmd_decode(int argc, char **argv) {
     if (saved_out >= 0) dup2(saved_out, 1), close(saved_out);
     if (saved_err >= 0) dup2(saved_err, 2), close(saved_err);
   }
-  prc = max_int(prc);
+  prc = da_mpi_max_int(prc);
   if (prc != DA_ARGS_OK) {
     free(lens), free(weights);
     MPI_Finalize();
@@ -319,7 +239,7 @@ int da_cmd_decode(int argc, char **argv) {
 
   /* ---- context, communicator, cache, plan ---- */
   int rc = 0;
-  const int threads = o.threads ? (int)o.threads : default_threads();
+  const int threads = o.threads ? (int)o.threads : da_mpi_default_threads();
   const int H = (int)o.heads, D = (int)o.dim, P = g_size;
   const int64_t B = o.batch, T = o.steps, W = o.warmup, NS = T + W;
   const da_dtype_t dt = (da_dtype_t)o.dtype;
@@ -337,12 +257,12 @@ int da_cmd_decode(int argc, char **argv) {
   ccfg.device = (da_device_t)o.device;
   ccfg.nthreads = threads;
   da_status_t st = da_context_create(&ccfg, &ctx);
-  if (max_int(st != DA_SUCCESS)) {
-    rc = report_failure("context", st ? st : DA_ERR_REMOTE, ctx);
+  if (da_mpi_max_int(st != DA_SUCCESS)) {
+    rc = da_report_failure("decode", g_rank, "context", st ? st : DA_ERR_REMOTE, ctx);
     goto out;
   }
   if ((st = da_comm_create(ctx, MPI_COMM_WORLD, &comm)) != DA_SUCCESS) {
-    rc = report_failure("communicator", st, ctx);
+    rc = da_report_failure("decode", g_rank, "communicator", st, ctx);
     goto out;
   }
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
@@ -351,14 +271,14 @@ int da_cmd_decode(int argc, char **argv) {
   da_kvcache_config_t kcfg = DA_KVCACHE_CONFIG_INITIALIZER;
   kcfg.page = o.page, kcfg.layout = (da_algo_t)o.layout, kcfg.weights = weights, kcfg.timeout = o.timeout;
   if ((st = da_kvcache_create(comm, &prob, &kcfg, &cache)) != DA_SUCCESS) {
-    rc = report_failure("kv cache", st, ctx);
+    rc = da_report_failure("decode", g_rank, "kv cache", st, ctx);
     goto out;
   }
   da_decode_config_t dcfg = DA_DECODE_CONFIG_INITIALIZER;
   dcfg.algo = (da_decode_algo_t)o.algo, dcfg.topo = (da_decode_topo_t)o.topo, dcfg.root = (int)o.root;
   dcfg.node_size = (int)o.node_size, dcfg.timeout = o.timeout;
   if ((st = da_decode_plan_create(comm, &prob, &dcfg, &plan)) != DA_SUCCESS) {
-    rc = report_failure("decode plan", st, ctx);
+    rc = da_report_failure("decode", g_rank, "decode plan", st, ctx);
     goto out;
   }
 
@@ -373,7 +293,7 @@ int da_cmd_decode(int argc, char **argv) {
     fill_pages(cache, &vp, b);
   }
   if (st != DA_SUCCESS) {
-    rc = report_failure("prefill", st, ctx);
+    rc = da_report_failure("decode", g_rank, "prefill", st, ctx);
     goto out;
   }
   t_fill = MPI_Wtime() - t_fill;
@@ -396,7 +316,7 @@ int da_cmd_decode(int argc, char **argv) {
     oom |= !samples[i].out || !samples[i].lse;
     nsamp = i + 1;
   }
-  if (max_int(oom)) {
+  if (da_mpi_max_int(oom)) {
     if (oom) fprintf(stderr, "distattn decode: rank %d: out of memory for the step buffers\n", g_rank);
     rc = 1;
     goto out;
@@ -416,7 +336,7 @@ int da_cmd_decode(int argc, char **argv) {
                    device_names[o.device]);
   }
   fflush(stdout);
-  rank_map(threads, hosts, sizeof hosts);
+  da_rank_map(threads, hosts, sizeof hosts);
   da_decode_stats_t ds = DA_DECODE_STATS_INITIALIZER;
   da_decode_plan_stats(plan, &ds);
   {
@@ -490,7 +410,7 @@ int da_cmd_decode(int argc, char **argv) {
     double red[2] = {t, st != DA_SUCCESS};
     MPI_Allreduce(MPI_IN_PLACE, red, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
     if (red[1] > 0) {
-      rc = report_failure("decode step", st != DA_SUCCESS ? st : DA_ERR_REMOTE, ctx);
+      rc = da_report_failure("decode", g_rank, "decode step", st != DA_SUCCESS ? st : DA_ERR_REMOTE, ctx);
       break;
     }
     if (it < W) continue;
@@ -542,7 +462,7 @@ int da_cmd_decode(int argc, char **argv) {
     }
     free(ro), free(rl);
   }
-  if (max_int(vfail)) {
+  if (da_mpi_max_int(vfail)) {
     if (vfail) fprintf(stderr, "distattn decode: rank %d: verification ran out of memory\n", g_rank);
     rc = 1;
     goto out;
@@ -566,8 +486,8 @@ int da_cmd_decode(int argc, char **argv) {
   /* compute and reduction time per step: max over ranks, then median over steps */
   MPI_Allreduce(MPI_IN_PLACE, t_comp, (int)T, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, t_red, (int)T, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  const double step_p99 = p99(t_step, T), step_med = median(t_step, T);
-  const double comp_med = median(t_comp, T), red_med = median(t_red, T);
+  const double step_p99 = da_p99(t_step, T), step_med = da_median(t_step, T);
+  const double comp_med = da_median(t_comp, T), red_med = da_median(t_red, T);
   const double comm_per_step = bsum / (double)T;
   const double kv_gbps = sm6[0] / P * 1e-9, kv_gbps_min = mn1 * 1e-9;
   const double imbalance = sm6[5] > 0 ? mx[5] / (sm6[5] / P) : 1.0;
@@ -654,7 +574,7 @@ int da_cmd_decode(int argc, char **argv) {
     fflush(stdout);
   }
   if (vsum[1] > 0 && !rc) rc = 1;
-  rc = max_int(rc);
+  rc = da_mpi_max_int(rc);
 out:
   for (int64_t i = 0; samples && i < nsamp; i++) free(samples[i].out), free(samples[i].lse);
   free(samples);

@@ -21,6 +21,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "offload.h"
+#include "common.h"
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
@@ -30,26 +31,6 @@ static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
 
 static int g_rank, g_size;
 
-static int max_int(int v) {
-  int r = v;
-  MPI_Allreduce(&v, &r, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  return r;
-}
-static int cmp_dbl(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-static double median(double *t, int64_t n) {
-  if (n <= 0) return NAN;
-  qsort(t, (size_t)n, sizeof *t, cmp_dbl);
-  return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-}
-static double p99(double *t, int64_t n) {
-  if (n <= 0) return NAN;
-  qsort(t, (size_t)n, sizeof *t, cmp_dbl);
-  int64_t k = (int64_t)ceil(0.99 * (double)n) - 1;
-  return t[k < 0 ? 0 : k];
-}
 static int parse_list_sizes(const char *s, int64_t *out, int64_t n) {
   int64_t i = 0;
   const char *p = s;
@@ -201,7 +182,7 @@ int da_cmd_offload(int argc, char **argv) {
       for (int64_t b = 0; b < batch; b++) lens[b] = context;
     if (lengths) context = lens[0];
   }
-  prc = max_int(prc);
+  prc = da_mpi_max_int(prc);
   if (prc != DA_ARGS_OK) {
     free(lens);
     MPI_Finalize();
@@ -226,7 +207,7 @@ int da_cmd_offload(int argc, char **argv) {
   ocfg.page = page, ocfg.layers = L, ocfg.microbatches = (int)micro, ocfg.mem_budget = (double)budget;
   ocfg.timeout = timeout;
   if (st == DA_SUCCESS) st = da_offload_create(ctx, MPI_COMM_WORLD, role < 0 ? DA_ROLE_NONE : (da_role_t)role, &prob, &ocfg, &off);
-  if (max_int(st != DA_SUCCESS)) { /* role errors reach every rank: each says it */
+  if (da_mpi_max_int(st != DA_SUCCESS)) { /* role errors reach every rank: each says it */
     fprintf(stderr, "distattn decode: rank %d: offload: %s: %s\n", g_rank, da_status_string(st), da_last_error(ctx));
     rc = st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH ? 2 : 1;
     goto out_early;
@@ -260,7 +241,7 @@ int da_cmd_offload(int argc, char **argv) {
       }
   }
   t_fill = MPI_Wtime() - t_fill;
-  if (max_int(st != DA_SUCCESS)) {
+  if (da_mpi_max_int(st != DA_SUCCESS)) {
     if (st != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: prefill: %s\n", g_rank, da_last_error(ctx));
     rc = 1;
     goto out;
@@ -356,7 +337,7 @@ int da_cmd_offload(int argc, char **argv) {
     if (st == DA_SUCCESS) st = s2;
     free(q), free(k), free(v), free(out), free(lse), free(tmp), free(slot);
   }
-  if (max_int(st != DA_SUCCESS)) {
+  if (da_mpi_max_int(st != DA_SUCCESS)) {
     rc = 1;
     goto out;
   }
@@ -458,18 +439,18 @@ int da_cmd_offload(int argc, char **argv) {
   if (!is_mem && nr > 0) {
     double tt = 0;
     for (int64_t s = 0; s < T; s++) tt += t_step[s];
-    med[0] = median(r_send, nr), med[1] = median(r_attn, nr), med[2] = median(r_red, nr), med[3] = median(r_recv, nr);
-    med[4] = median(r_tot, nr);
+    med[0] = da_median(r_send, nr), med[1] = da_median(r_attn, nr), med[2] = da_median(r_red, nr), med[3] = da_median(r_recv, nr);
+    med[4] = da_median(r_tot, nr);
     sum[0] = net_bytes / (double)T, sum[1] = kv_bytes / (double)T, sum[2] = (double)(B * T) / tt;
     sum[3] = isnan(base_tps) ? 0 : base_tps;
   }
   double step_med = 0, step_p99 = 0;
-  if (!is_mem) step_med = median(t_step, T), step_p99 = p99(t_step, T);
+  if (!is_mem) step_med = da_median(t_step, T), step_p99 = da_p99(t_step, T);
   med[5] = step_p99;
   MPI_Allreduce(MPI_IN_PLACE, med, 6, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, sum, 4, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, &step_med, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  int refused_any = max_int(base_refused);
+  int refused_any = da_mpi_max_int(base_refused);
   const double ratio = sum[1] > 0 ? sum[0] / sum[1] : NAN;
   const double lamina = 2.0 / (double)context;
   if (g_rank == 0) {
@@ -548,7 +529,7 @@ int da_cmd_offload(int argc, char **argv) {
     fflush(stdout);
   }
   if (vs[1] > 0 && !rc) rc = 1;
-  rc = max_int(rc);
+  rc = da_mpi_max_int(rc);
   for (int64_t i = 0; i < R; i++) free(samples[i].out), free(samples[i].lse);
   free(samples), free(t_step), free(r_send), free(r_attn), free(r_red), free(r_recv), free(r_tot);
 out:

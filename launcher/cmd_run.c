@@ -18,6 +18,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
+#include "common.h"
 #include "report.h"
 #include "rng.h"
 #include "transport.h" /* da_test_link: the test-only slow link, echoed in the header and record */
@@ -37,92 +38,11 @@ typedef struct run_opts {
 
 static int g_rank, g_size;
 
-/* Collective: the largest of every rank's value (exit codes, flags). */
-static int max_int(int v) {
-  int r = v;
-  MPI_Allreduce(&v, &r, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  return r;
-}
 
-/* A library failure: every rank got a status (agreed by the plan), the ranks that failed
- * themselves say why, rank 0 always says something. Usage-like failures exit 2. */
-static int report_failure(const char *what, da_status_t st, da_context_t *ctx) {
-  if (g_rank == 0 || st != DA_ERR_REMOTE)
-    fprintf(stderr, "distattn run: rank %d: %s: %s: %s\n", g_rank, what, da_status_string(st), da_last_error(ctx));
-  int rc = (st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH || st == DA_ERR_UNSUPPORTED) ? 2 : 1;
-  return max_int(rc);
-}
 
-static int cmp_dbl(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-static double median(double *t, int64_t n) {
-  if (n <= 0) return NAN;
-  qsort(t, (size_t)n, sizeof *t, cmp_dbl);
-  return n % 2 ? t[n / 2] : 0.5 * (t[n / 2 - 1] + t[n / 2]);
-}
 
-/* Threads per rank: the cores this rank may use, shared with the ranks of this node that may
- * use the same cores (mpirun --bind-to none gives every rank the whole machine). */
-static int default_threads(void) {
-  MPI_Comm node;
-  int local = 1;
-  if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
-    MPI_Comm_size(node, &local);
-    MPI_Comm_free(&node);
-  }
-  int cores = da_default_nthreads(), online = (int)sysconf(_SC_NPROCESSORS_ONLN);
-  int t = cores >= online && local > 1 ? cores / local : cores;
-  return t > 0 ? t : 1;
-}
 
-/* "0-3,8" style list of the cores this process may run on. */
-static void cpu_list(char *buf, size_t n) {
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  buf[0] = '\0';
-  if (sched_getaffinity(0, sizeof set, &set)) return;
-  size_t off = 0;
-  for (int c = 0; c < CPU_SETSIZE && off + 16 < n; c++) {
-    if (!CPU_ISSET(c, &set)) continue;
-    int e = c;
-    while (e + 1 < CPU_SETSIZE && CPU_ISSET(e + 1, &set)) e++;
-    off += (size_t)snprintf(buf + off, n - off, "%s%d", off ? "," : "", c);
-    if (e > c) off += (size_t)snprintf(buf + off, n - off, "-%d", e);
-    c = e;
-  }
-}
 
-typedef struct rankinfo {
-  char host[64];
-  char cores[88];
-  int pid, threads;
-} rankinfo_t;
-
-/* The rank -> host/core map in the header, and the distinct hosts for the JSON record. */
-__attribute__((unused)) static void rank_map(int threads, char *hosts, size_t hn) {
-  rankinfo_t me, *all = g_rank == 0 ? calloc((size_t)g_size, sizeof *all) : NULL;
-  memset(&me, 0, sizeof me);
-  snprintf(me.host, sizeof me.host, "%s", da_report_hostname());
-  cpu_list(me.cores, sizeof me.cores);
-  me.pid = (int)getpid();
-  me.threads = threads;
-  MPI_Gather(&me, sizeof me, MPI_BYTE, all, sizeof me, MPI_BYTE, 0, MPI_COMM_WORLD);
-  hosts[0] = '\0';
-  if (g_rank != 0) return;
-  if (!all) return;
-  size_t off = 0;
-  for (int r = 0; r < g_size; r++) {
-    printf("#  rank %3d  host %-16s  pid %7d  threads %2d  cores %s\n", r, all[r].host, all[r].pid, all[r].threads,
-           all[r].cores);
-    int seen = 0;
-    for (int q = 0; q < r; q++) seen |= !strcmp(all[q].host, all[r].host);
-    if (!seen && off + strlen(all[r].host) + 2 < hn)
-      off += (size_t)snprintf(hosts + off, hn - off, "%s%s", off ? "," : "", all[r].host);
-  }
-  free(all);
-}
 
 typedef struct vresult {
   int64_t rows, wrong;
@@ -210,7 +130,7 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
               d += (double)da_load_f32(out, (int)dt, (int64_t)l * D + e) * da_load_f32(dout, (int)dt, (int64_t)l * D + e);
             lse_all[g] = lse[l], delta_all[g] = (float)d;
           }
-    int bad = max_int(rc);
+    int bad = da_mpi_max_int(rc);
     if (bad) rc = -1;
     else if (ns <= (size_t)INT32_MAX) {
       MPI_Allreduce(MPI_IN_PLACE, lse_all, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
@@ -347,7 +267,7 @@ int da_cmd_run(int argc, char **argv) {
       da_mask_spec_free(&o.mask);
       parse_run(&cmd, opts, argc, argv, &o, &G); /* again, to print its message */
     }
-    prc = max_int(prc);
+    prc = da_mpi_max_int(prc);
   }
   if (prc != DA_ARGS_OK) {
     da_mask_spec_free(&o.mask);
@@ -362,7 +282,6 @@ int da_cmd_run(int argc, char **argv) {
   if (da_place_world((da_bind_t)o.bind, &place, place_env, sizeof place_env, place_err, sizeof place_err))
     fprintf(stderr, "distattn run: rank %d: %s\n", g_rank, place_err);
   const int threads = o.threads ? (int)o.threads : place.threads;
-  (void)default_threads;
   da_context_t *ctx = NULL;
   da_comm_t *comm = NULL;
   da_plan_t *plan = NULL;
@@ -370,12 +289,12 @@ int da_cmd_run(int argc, char **argv) {
   ccfg.device = (da_device_t)o.device;
   ccfg.nthreads = threads;
   da_status_t st = da_context_create(&ccfg, &ctx);
-  if (max_int(st != DA_SUCCESS)) {
-    rc = report_failure("context", st ? st : DA_ERR_REMOTE, ctx);
+  if (da_mpi_max_int(st != DA_SUCCESS)) {
+    rc = da_report_failure("run", g_rank, "context", st ? st : DA_ERR_REMOTE, ctx);
     goto out;
   }
   if ((st = da_comm_create(ctx, MPI_COMM_WORLD, &comm)) != DA_SUCCESS) {
-    rc = report_failure("communicator", st, ctx);
+    rc = da_report_failure("run", g_rank, "communicator", st, ctx);
     goto out;
   }
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
@@ -386,7 +305,7 @@ int da_cmd_run(int argc, char **argv) {
   da_plan_config_t pcfg = DA_PLAN_CONFIG_INITIALIZER;
   pcfg.algo = (da_algo_t)o.algo, pcfg.block = o.block, pcfg.timeout = o.timeout;
   if ((st = da_plan_create(comm, &prob, &pcfg, &plan)) != DA_SUCCESS) {
-    rc = report_failure("plan", st, ctx);
+    rc = da_report_failure("run", g_rank, "plan", st, ctx);
     goto out;
   }
 
@@ -401,7 +320,7 @@ int da_cmd_run(int argc, char **argv) {
   char *dk = o.backward ? malloc(nk * es + 1) : NULL, *dv = o.backward ? malloc(nk * es + 1) : NULL;
   float *lse = malloc((size_t)(B * n * H) * sizeof(float) + 4);
   int oom = !pos || !q || !k || !v || !outb || !lse || (o.backward && (!dout || !dq || !dk || !dv));
-  if (max_int(oom)) {
+  if (da_mpi_max_int(oom)) {
     if (oom) fprintf(stderr, "distattn run: rank %d: out of memory for %lld local rows\n", g_rank, (long long)n);
     rc = 1;
     goto free_bufs;
@@ -490,7 +409,7 @@ int da_cmd_run(int argc, char **argv) {
     if (it >= o.warmup) tf[it - o.warmup] = t[0], tb[it - o.warmup] = t[1], tt[it - o.warmup] = t[0] + t[1];
   }
   if (st != DA_SUCCESS) {
-    rc = report_failure(o.backward ? "forward/backward" : "forward", st, ctx);
+    rc = da_report_failure("run", g_rank, o.backward ? "forward/backward" : "forward", st, ctx);
     goto free_times;
   }
   da_plan_stats(plan, &ps);
@@ -500,8 +419,8 @@ int da_cmd_run(int argc, char **argv) {
   maxs[2] = (double)da_peak_rss_bytes();
   MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, maxs, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  const double fwd_s = median(tf, o.iters), bwd_s = o.backward ? median(tb, o.iters) : NAN;
-  const double t_total = median(tt, o.iters);
+  const double fwd_s = da_median(tf, o.iters), bwd_s = o.backward ? da_median(tb, o.iters) : NAN;
+  const double t_total = da_median(tt, o.iters);
   const double flops = (double)ps.pairs_total * H * D * (4.0 + (o.backward ? 10.0 : 0.0));
   const double gflops = flops / t_total * 1e-9;
   const double imbalance = sums[1] > 0 ? maxs[1] / (sums[1] / g_size) : 1.0;
@@ -510,7 +429,7 @@ int da_cmd_run(int argc, char **argv) {
   vresult_t vr = {0};
   int vfail = 0;
   if (o.verify > 0) vfail = verify(&o, &vp, n, pos, outb, lse, dout, dq, dk, dv, &vr) != 0;
-  if (max_int(vfail)) {
+  if (da_mpi_max_int(vfail)) {
     if (vfail) fprintf(stderr, "distattn run: rank %d: verification ran out of memory\n", g_rank);
     rc = 1;
     goto free_times;
@@ -535,13 +454,13 @@ int da_cmd_run(int argc, char **argv) {
         MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
         if (it >= (o.warmup > 0)) tm[it - (o.warmup > 0)] = t;
       }
-      if (mode == DA_PLAN_COMPUTE_ONLY) t_comp = median(tm, o.iters);
-      else t_comm = median(tm, o.iters);
+      if (mode == DA_PLAN_COMPUTE_ONLY) t_comp = da_median(tm, o.iters);
+      else t_comm = da_median(tm, o.iters);
     }
     da_plan_set_mode(plan, DA_PLAN_RUN);
     free(tm);
     if (st != DA_SUCCESS) {
-      rc = report_failure("overlap measurement", st, ctx);
+      rc = da_report_failure("run", g_rank, "overlap measurement", st, ctx);
       goto free_times;
     }
     double mn = fmin(t_comp, t_comm);
@@ -622,7 +541,7 @@ int da_cmd_run(int argc, char **argv) {
     fflush(stdout);
   }
   if (wrong_any && !rc) rc = 1;
-  rc = max_int(rc);
+  rc = da_mpi_max_int(rc);
 free_times:
   free(tf), free(tb), free(tt);
 free_bufs:
