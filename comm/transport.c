@@ -37,12 +37,17 @@ int da_test_link(double *gbps, double *us) {
   return a || b;
 }
 
+static _Atomic double last_deadline; /* da_xport_deadline: 0 until a transport is opened */
+
+double da_xport_deadline(void) { return last_deadline; }
+
 da_status_t da_xport_open(da_xport_t *xp, const char *name, MPI_Comm comm, double timeout_s) {
   memset(xp, 0, sizeof *xp);
   const da_transport_t *t = da_transport_find(name);
   if (!t) return DA_ERR_INVALID_ARGUMENT;
   xp->t = t;
   xp->timeout_s = timeout_s > 0 ? timeout_s : 300.0;
+  last_deadline = xp->timeout_s;
   xp->phase = "plan";
   da_status_t st = t->init(xp, comm);
   if (st != DA_SUCCESS) xp->t = NULL;

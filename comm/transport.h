@@ -92,6 +92,9 @@ int da_test_link(double *gbps, double *us);
 /* Open a transport on comm: find + init, with the timeout. */
 da_status_t da_xport_open(da_xport_t *xp, const char *name, MPI_Comm comm, double timeout_s);
 void da_xport_close(da_xport_t *xp);
+/* The timeout of the transport opened last in this process (0 before any): the deadline the
+ * `distattn` program also applies to its own collectives (launcher/fault.c). */
+double da_xport_deadline(void);
 da_status_t da_xport_barrier(da_xport_t *xp);
 
 /* Agree on an outcome: every rank passes its local status and gets back DA_SUCCESS only when

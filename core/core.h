@@ -23,6 +23,9 @@ da_status_t da_error(da_status_t st, const char *file, int line, const char *fmt
 #define DA_ERR(st, ...) da_error((st), __FILE__, __LINE__, __VA_ARGS__)
 const char *da_error_message(void); /* thread-local last message */
 void da_error_clear(void);
+/* How many DA_ERR_TIMEOUT errors (expired deadlines) this process has raised: once a peer has
+ * gone silent the job is broken, and the `distattn` program ends it at its next collective. */
+long da_error_timeouts(void);
 
 /* Propagate a failing status (NCCL's NCCLCHECK). */
 #define DA_CHECK(call)                                     \

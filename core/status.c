@@ -26,6 +26,9 @@ const char *da_status_string(da_status_t st) {
 }
 
 static _Thread_local char errmsg[DA_ERRMSG_MAX];
+static _Atomic long ntimeouts; /* DA_ERR_TIMEOUT raised in this process, any thread */
+
+long da_error_timeouts(void) { return ntimeouts; }
 
 da_status_t da_error(da_status_t st, const char *file, int line, const char *fmt, ...) {
   va_list ap;
@@ -33,6 +36,7 @@ da_status_t da_error(da_status_t st, const char *file, int line, const char *fmt
   vsnprintf(errmsg, sizeof errmsg, fmt, ap);
   va_end(ap);
   DA_WARN(DA_SUB_ALL, "%s:%d %s: %s", file, line, da_status_string(st), errmsg);
+  if (st == DA_ERR_TIMEOUT) ntimeouts++;
   return st;
 }
 

@@ -1,0 +1,27 @@
+/* fault.h: how the `distattn` program ends a job whose peer stopped answering. The library only
+ * returns DA_ERR_TIMEOUT; the program turns silence into a message and an exit (fault.c):
+ *  - its blocking collectives on MPI_COMM_WORLD (MPI_Allreduce, MPI_Barrier, MPI_Bcast,
+ *    MPI_Gather, MPI_Allgather, MPI_Reduce, wherever the launcher calls them) are replaced through
+ *    MPI's profiling interface by nonblocking ones polled against the deadline (the --timeout of
+ *    the plan created last, else DISTATTN_TIMEOUT or 300 s);
+ *  - once a deadline has expired in this process (the library raised DA_ERR_TIMEOUT), the next
+ *    such collective does not wait at all: the peers are in unknown states;
+ *  - either way the rank joins a roll call and the job is aborted (da_fault_abort).
+ * Collectives on other communicators (the library's own, dup'ed) pass straight through. */
+#ifndef DA_FAULT_H
+#define DA_FAULT_H
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A rank gave up waiting (what: where). Roll call on MPI_COMM_WORLD: every rank that reaches
+ * here tells every other one; after a grace period (min(deadline, 5 s)) the lowest surviving
+ * rank prints which ranks never answered ("stopped, killed or hung"); MPI_Abort then ends the
+ * job with exit code 1. */
+_Noreturn void da_fault_abort(const char *what);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* DA_FAULT_H */

@@ -1,0 +1,16 @@
+# fault.cmake: fault injection at P = 4 (label fault, issue 10): one rank of `distattn run` and of
+# `distattn decode` is killed (SIGKILL) or stopped (SIGSTOP) mid-loop; the job must end non-zero
+# within --timeout (5 s) + 10 s with stderr naming that rank (tests/fault_test.sh). Part of the
+# default `make test`; about 50 s in all.
+find_program(DA_FAULT_MPIRUN NAMES mpirun.openmpi mpirun)
+if(NOT TARGET distattn OR NOT TARGET da_comm OR NOT DA_FAULT_MPIRUN)
+  return()
+endif()
+foreach(cmd run decode)
+  foreach(sig kill stop)
+    add_test(NAME fault_${cmd}_${sig}_np4
+             COMMAND timeout -k 5 50 ${CMAKE_CURRENT_SOURCE_DIR}/fault_test.sh $<TARGET_FILE:distattn>
+                     ${DA_FAULT_MPIRUN} ${cmd} ${sig} 2)
+    set_tests_properties(fault_${cmd}_${sig}_np4 PROPERTIES LABELS fault TIMEOUT 60)
+  endforeach()
+endforeach()

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# fault_test.sh: kill (SIGKILL) or stop (SIGSTOP) one rank of a P = 4 `distattn run` or
+# `distattn decode` mid-run and check that the job ends non-zero within --timeout + 10 s with
+# stderr naming the failed rank (label fault, tests/fault.cmake).
+#   fault_test.sh <distattn> <mpirun> <run|decode> <kill|stop> [victim rank, default 2]
+set -u
+EXE=$1 MPIRUN=$2 CMD=$3 SIG=$4 VICTIM=${5:-2}
+NP=4 T=5 LIMIT=$((T + 10))
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
+dir=$(mktemp -d /tmp/distattn-fault.XXXXXX)
+trap 'rm -rf "$dir"' EXIT
+case $CMD in
+  # long enough (tens of seconds undisturbed) that the fault lands mid-run
+  run) args=(run --seq 8K --heads 4 --dim 64 --iters 200 --warmup 0 --verify 0 --timeout $T) ;;
+  decode) args=(decode --algo tree --context 256K --heads 8 --kv-heads 2 --dim 64 --steps 100000 --verify 0 --timeout $T) ;;
+  *) echo "fault_test: unknown command $CMD" >&2; exit 1 ;;
+esac
+# mpirun's own --timeout is the hang guard behind ours (it would exit 110 after 60 s).
+"$MPIRUN" --oversubscribe --bind-to none --timeout 60 -np $NP "$EXE" "${args[@]}" >"$dir/out" 2>"$dir/err" &
+mp=$!
+# The victim: the child of mpirun whose environment says OMPI_COMM_WORLD_RANK=$VICTIM. Strike once
+# the job has printed the line before its loop ("# time:" / "# step:"), then a little later.
+victim=""
+for _ in $(seq 1 300); do
+  if grep -Eq "^# (time|step):" "$dir/out" 2>/dev/null; then
+    for p in $(pgrep -P $mp); do
+      r=$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | sed -n 's/^OMPI_COMM_WORLD_RANK=//p')
+      [ "$r" = "$VICTIM" ] && victim=$p
+    done
+    [ -n "$victim" ] && break
+  fi
+  kill -0 $mp 2>/dev/null || break
+  sleep 0.1
+done
+if [ -z "$victim" ]; then
+  echo "fault_test: the job never started its loop (or rank $VICTIM not found)"; cat "$dir/out" "$dir/err"
+  kill -- $mp 2>/dev/null; wait $mp; exit 1
+fi
+sleep 1
+if ! kill -0 $mp 2>/dev/null; then
+  echo "fault_test: the job ended before the fault was injected: make it longer"; cat "$dir/out" "$dir/err"; exit 1
+fi
+case $SIG in kill) kill -KILL "$victim" ;; stop) kill -STOP "$victim" ;; esac
+t0=$(date +%s.%N)
+# wait at most LIMIT + 5 s, then clean up whatever is left (a stopped rank must be continued to die)
+ended=0
+for _ in $(seq 1 $(( (LIMIT + 5) * 10 ))); do
+  kill -0 $mp 2>/dev/null || { ended=1; break; }
+  sleep 0.1
+done
+el=$(awk -v a="$(date +%s.%N)" -v b="$t0" 'BEGIN { printf "%.1f", a - b }')
+if [ $ended = 0 ]; then
+  kill -CONT "$victim" 2>/dev/null; kill -TERM $mp 2>/dev/null; sleep 2; kill -KILL $mp 2>/dev/null
+fi
+wait $mp; rc=$?
+kill -CONT "$victim" 2>/dev/null; kill -KILL "$victim" 2>/dev/null
+echo "fault_test: distattn $CMD, SIG$SIG to rank $VICTIM (pid $victim): exit $rc after ${el} s (limit $LIMIT s)"
+echo "---- stderr ----"; cat "$dir/err"
+fail=0
+[ $ended = 1 ] || { echo "FAIL: the job did not end within $((LIMIT + 5)) s"; fail=1; }
+[ "$rc" != 0 ] || { echo "FAIL: exit code 0"; fail=1; }
+[ "$rc" != 110 ] || { echo "FAIL: ended by mpirun's hang guard (exit 110), not by distattn"; fail=1; }
+if awk -v e="$el" -v l="$LIMIT" 'BEGIN { exit !(e > l) }'; then echo "FAIL: took ${el} s > $LIMIT s"; fail=1; fi
+if ! grep -Eq "rank $VICTIM( |,|$)|ranks ([0-9]+, )*$VICTIM\b" "$dir/err"; then
+  echo "FAIL: stderr does not name rank $VICTIM"; fail=1
+fi
+[ $fail = 0 ] && echo "PASS"
+exit $fail
