@@ -37,9 +37,11 @@ bench: setup
 	BUILD="$(BUILD)" bench/run.sh
 
 # Scaling studies under SimGrid SMPI: JSON Lines and plots into sim/results/ (docs/scaling.md).
+# Debian's python3 has python3-matplotlib (the plots); another python3 first on PATH may not.
+SIMPY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
 sim: setup
 	@$(MAKE) --no-print-directory build
-	python3 sim/sweep.py --build $(BUILD) --out sim/results $(SIM_ARGS)
+	$(SIMPY) sim/sweep.py --build $(BUILD) --out sim/results $(SIM_ARGS)
 
 # Library, header, program, pkg-config file and CMake package under $(PREFIX) (docs/library.md).
 install: build
