@@ -80,6 +80,13 @@ printf '# %8s %5s %10s %10s %8s\n' context ranks tree_ms ring_ms ratio
 printf '  %s\n' "${summary[@]}"
 echo "# decode results appended to $DOUT"
 
+# Offloaded decode against local decode at 4K..256K (docs/offload.md): bench/offload.sh, JSON Lines
+# into bench/results/offload-<host>.jsonl. OFFLOAD_SKIP=1 skips it.
+if [ -z "${OFFLOAD_SKIP:-}" ]; then
+  echo
+  BUILD="$BUILD" DISTATTN="$EXE" "$HERE/offload.sh" || status=1
+fi
+
 # The distributed figures of issue 3 (ring / zigzag at P = 2: efficiency vs the single-rank
 # kernel, overlap under the test link hook, zigzag over ring), all from one run of bench/ring.sh:
 # JSON Lines + a markdown summary in bench/results/ring-<host>.{jsonl,md}. RING_SKIP=1 skips them.
