@@ -28,9 +28,20 @@ run: setup
 	@$(MAKE) --no-print-directory build
 	MPIRUN="$(MPIRUN)" BUILD="$(BUILD)" scripts/run-default.sh
 
+# Label sanitize (the ASan + UBSan build and valgrind, about 15 min on 2 cores) is opt-in:
+# `make check-sanitize`, or CTEST_ARGS="-L sanitize".
+CTEST_ARGS ?= -LE sanitize
 test: setup
 	@$(MAKE) --no-print-directory build
 	cd $(BUILD) && ctest --output-on-failure --timeout 900 $(CTEST_ARGS)
+
+# docs/reliability.md: ASan + UBSan build (clang) of the unit and MPI tests, the bounded
+# libFuzzer runs, valgrind memcheck on the unit suites; `make fuzz` runs the fuzzers only.
+check-sanitize: setup
+	scripts/check-sanitize.sh all
+
+fuzz: setup
+	scripts/check-sanitize.sh fuzz
 
 bench: setup
 	@$(MAKE) --no-print-directory build
