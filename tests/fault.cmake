@@ -14,3 +14,10 @@ foreach(cmd run decode)
     set_tests_properties(fault_${cmd}_${sig}_np4 PROPERTIES LABELS fault TIMEOUT 60)
   endforeach()
 endforeach()
+
+# A problem that does not fit is refused before anything large is allocated, naming the bytes
+# per rank and the budget (MemAvailable / ranks on the node): exit 2 on every rank.
+if(COMMAND da_run_cli)
+  da_run_cli(cli_run_does_not_fit 2 2 ERR_RE "needs [0-9.]+ GiB on this rank .inputs and outputs .* plan buffers .*over its budget of [0-9.]+ GiB .MemAvailable"
+             ARGS --seq 64M --heads 64 --dim 128 --verify 0)
+endif()
