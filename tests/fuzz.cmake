@@ -7,7 +7,7 @@
 option(DISTATTN_FUZZ "Build the libFuzzer targets (clang only)" OFF)
 if(NOT DISTATTN_FUZZ)
   # The normal (gcc) build drives the clang one: label fuzz (part of the default `make test`,
-  # about 2 min with the build) and label sanitize (opt-in: `make check-sanitize`, excluded from
+  # about 50 s with the build) and label sanitize (opt-in: `make check-sanitize`, excluded from
   # the default `make test`; ASan + UBSan unit and MPI tests, then valgrind memcheck). Both
   # configure ${PROJECT_BINARY_DIR}/asan with scripts/check-sanitize.sh.
   find_program(DA_CLANG NAMES clang)
