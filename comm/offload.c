@@ -91,36 +91,15 @@ static void merge_op(void *in, void *inout, int *len, MPI_Datatype *dt) {
   merge_rows(in, inout, *len, bytes / (int)sizeof(float) - 1);
 }
 
-/* ---- waiting with a deadline (spin, then yield, then 20 us sleeps) ------------------------------ */
-static void backoff(long iter, double waited) {
-  if (iter < 64) return;
-  if (waited < 0.01) {
-    sched_yield();
-  } else {
-    struct timespec ts = {0, 20000};
-    nanosleep(&ts, NULL);
-  }
-}
-
 static da_status_t wait_req(da_offload_t *p, MPI_Request *r, const char *what) {
-  const double t0 = da_time_now();
-  for (long it = 0;; it++) {
-    int flag = 0, rc = MPI_Test(r, &flag, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) {
-      p->broken = 1;
-      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
-    }
-    if (flag) return DA_SUCCESS;
-    const double waited = da_time_now() - t0;
-    if (waited > p->timeout) {
-      p->broken = 1;
-      return DA_ERR(DA_ERR_TIMEOUT, "rank %d offload (group %d, %s rank): %s did not complete within %g s (a %s rank "
-                    "of the group is missing or stuck)", p->wrank, p->info.group,
-                    p->info.role == DA_ROLE_COMPUTE ? "compute" : "memory", what, p->timeout,
-                    p->info.role == DA_ROLE_COMPUTE ? "memory" : "peer");
-    }
-    backoff(it, waited);
-  }
+  int done = 0, rc = da_mpi_poll(r, p->timeout, &done);
+  if (rc == MPI_SUCCESS && done) return DA_SUCCESS;
+  p->broken = 1;
+  if (rc != MPI_SUCCESS) return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
+  return DA_ERR(DA_ERR_TIMEOUT, "rank %d offload (group %d, %s rank): %s did not complete within %g s (a %s rank "
+                "of the group is missing or stuck)", p->wrank, p->info.group,
+                p->info.role == DA_ROLE_COMPUTE ? "compute" : "memory", what, p->timeout,
+                p->info.role == DA_ROLE_COMPUTE ? "memory" : "peer");
 }
 
 #define MPITRY(call, what)                                                                                   \
@@ -609,7 +588,7 @@ da_status_t da_offload_serve(da_offload_t *p) {
                                                 "from compute rank %d within %g s (it is missing or stuck)", p->wrank,
                                                 p->info.index, p->info.group, p->info.compute_world_rank, p->timeout));
       }
-      backoff(it, waited);
+      da_mpi_backoff(it, waited);
     }
     const double t_recv = MPI_Wtime() + p->clock_off;
     const int64_t *h = (const int64_t *)sl->msg;

@@ -2,10 +2,12 @@
  * opening by name, the outcome agreement that turns a failure on one rank into an error on every
  * rank, and the one place MPI error codes become messages. No data movement of its own. */
 #include <math.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <stdio.h>
 #include <string.h>
+#include <time.h>
 #include "transport.h"
 
 static const da_transport_t *const transports[] = {&da_transport_mpi, &da_transport_self, NULL};
@@ -118,4 +120,26 @@ da_status_t da_mpi_error(int rc, const char *file, int line, const char *fmt, ..
   va_end(ap);
   if (MPI_Error_string(rc, mpimsg, &len) != MPI_SUCCESS) snprintf(mpimsg, sizeof mpimsg, "MPI error %d", rc);
   return da_error(DA_ERR_MPI, file, line, "%s: %s", what, mpimsg);
+}
+
+int da_mpi_poll(MPI_Request *r, double timeout_s, int *done) {
+  const double t0 = da_time_now();
+  *done = 0;
+  for (long it = 0;; it++) {
+    int rc = MPI_Test(r, done, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS || *done) return rc;
+    const double waited = da_time_now() - t0;
+    if (waited > timeout_s) return MPI_SUCCESS;
+    da_mpi_backoff(it, waited);
+  }
+}
+
+void da_mpi_backoff(long iter, double waited) {
+  if (iter < 64) return;
+  if (waited < 0.01) {
+    sched_yield();
+  } else {
+    struct timespec ts = {0, 20000};
+    nanosleep(&ts, NULL);
+  }
 }

@@ -103,6 +103,15 @@ da_status_t da_xport_barrier(da_xport_t *xp);
  * allgather on success; bounded by the timeout, so a vanished peer gives DA_ERR_TIMEOUT. */
 da_status_t da_xport_agree(da_xport_t *xp, da_status_t local, const char *what);
 
+/* Poll a nonblocking MPI request until it completes or timeout_s seconds pass: spin, then yield,
+ * then 20 us sleeps, so progress needs no helper thread and an idle rank leaves its core to the
+ * others. Returns MPI_SUCCESS with *done = 1 (complete) or *done = 0 (timed out), or the MPI
+ * error code. The caller words the failure (it knows the rank, the step and the peer). */
+int da_mpi_poll(MPI_Request *r, double timeout_s, int *done);
+/* The pause of iteration `iter` of such a polling loop, `waited` seconds in (for loops that poll
+ * several requests themselves). */
+void da_mpi_backoff(long iter, double waited);
+
 /* Translate an MPI error code once, at the boundary: DA_ERR_MPI with MPI's own string. */
 da_status_t da_mpi_error(int rc, const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

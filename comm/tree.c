@@ -89,36 +89,15 @@ static void merge_op(void *in, void *inout, int *len, MPI_Datatype *dt) {
 
 /* ---- waiting with a deadline ----------------------------------------------------------------------- */
 
-static void backoff(long iter, double waited) {
-  if (iter < 64) return;
-  if (waited < 0.01) {
-    sched_yield();
-  } else {
-    struct timespec ts = {0, 20000};
-    nanosleep(&ts, NULL);
-  }
-}
-
 /* A collective request cannot be cancelled: on timeout the plan is marked broken and its buffers
  * are never reused or freed. */
 static da_status_t coll_wait(da_decode_plan_t *p, MPI_Request *r, const char *what) {
-  double t0 = da_time_now();
-  for (long it = 0;; it++) {
-    int flag = 0;
-    int rc = MPI_Test(r, &flag, MPI_STATUS_IGNORE);
-    if (rc != MPI_SUCCESS) {
-      p->broken = 1;
-      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d decode: %s", p->rank, what);
-    }
-    if (flag) return DA_SUCCESS;
-    double waited = da_time_now() - t0;
-    if (waited > p->xp.timeout_s) {
-      p->broken = 1;
-      return DA_ERR(DA_ERR_TIMEOUT, "rank %d decode: %s did not complete within %g s (a peer is missing or stuck)",
-                    p->rank, what, p->xp.timeout_s);
-    }
-    backoff(it, waited);
-  }
+  int done = 0, rc = da_mpi_poll(r, p->xp.timeout_s, &done);
+  if (rc == MPI_SUCCESS && done) return DA_SUCCESS;
+  p->broken = 1;
+  if (rc != MPI_SUCCESS) return da_mpi_error(rc, __FILE__, __LINE__, "rank %d decode: %s", p->rank, what);
+  return DA_ERR(DA_ERR_TIMEOUT, "rank %d decode: %s did not complete within %g s (a peer is missing or stuck)",
+                p->rank, what, p->xp.timeout_s);
 }
 
 #define MPITRY(call, what)                                                                       \

@@ -40,29 +40,6 @@ typedef struct dec_opts {
 
 static int g_rank, g_size;
 
-
-
-
-
-
-
-/* "a,b,c" into n values (sizes with K/M/G, or doubles). 0 on success. */
-static int parse_list_sizes(const char *s, int64_t *out, int64_t n) {
-  int64_t i = 0;
-  const char *p = s;
-  while (*p && i < n) {
-    char buf[64];
-    size_t len = strcspn(p, ",");
-    if (len == 0 || len >= sizeof buf) return -1;
-    memcpy(buf, p, len);
-    buf[len] = '\0';
-    if (da_parse_size(buf, &out[i])) return -1;
-    i++;
-    p += len;
-    if (*p == ',') p++;
-  }
-  return i == n && !*p ? 0 : -1;
-}
 static int parse_list_doubles(const char *s, double *out, int64_t n) {
   int64_t i = 0;
   const char *p = s;
@@ -201,7 +178,7 @@ int da_cmd_decode(int argc, char **argv) {
     else if (missing) prc = da_args_error(&cmd, "%s is required", missing);
     else if (o.heads % G)
       prc = da_args_error(&cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o.heads, (long long)G);
-    else if (o.lengths && parse_list_sizes(o.lengths, lens, o.batch))
+    else if (o.lengths && da_parse_size_list(o.lengths, lens, o.batch))
       prc = da_args_error(&cmd, "--lengths '%s': expected %lld sizes (one per sequence, --batch)", o.lengths,
                           (long long)o.batch);
     else if (o.weights && parse_list_doubles(o.weights, weights, g_size))

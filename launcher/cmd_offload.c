@@ -31,23 +31,6 @@ static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
 
 static int g_rank, g_size;
 
-static int parse_list_sizes(const char *s, int64_t *out, int64_t n) {
-  int64_t i = 0;
-  const char *p = s;
-  while (*p && i < n) {
-    char buf[64];
-    size_t len = strcspn(p, ",");
-    if (len == 0 || len >= sizeof buf) return -1;
-    memcpy(buf, p, len);
-    buf[len] = '\0';
-    if (da_parse_size(buf, &out[i])) return -1;
-    i++;
-    p += len;
-    if (*p == ',') p++;
-  }
-  return i == n && !*p ? 0 : -1;
-}
-
 /* The other layers of the model: busy for `s` seconds, driving the offload's progress meanwhile
  * (no helper thread: MPI progresses in our calls). */
 static void emulate_compute(da_offload_t *off, double s) {
@@ -175,7 +158,7 @@ int da_cmd_offload(int argc, char **argv) {
     if (!da_args_find(opts, "context")->given && !lengths) prc = da_args_error(&cmd, "--context is required");
     else if (!heads || !dim) prc = da_args_error(&cmd, "--heads and --dim are required");
     else if (heads % G) prc = da_args_error(&cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)heads, (long long)G);
-    else if (lengths && parse_list_sizes(lengths, lens, batch))
+    else if (lengths && da_parse_size_list(lengths, lens, batch))
       prc = da_args_error(&cmd, "--lengths '%s': expected %lld sizes", lengths, (long long)batch);
     else if (json && da_json_check_path(json)) prc = DA_ARGS_USAGE;
     if (prc == DA_ARGS_OK && !lengths)

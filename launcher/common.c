@@ -29,6 +29,23 @@ double da_p99(double *t, int64_t n) {
   return t[k < 0 ? 0 : k];
 }
 
+int da_parse_size_list(const char *s, int64_t *out, int64_t n) {
+  int64_t i = 0;
+  const char *p = s;
+  while (*p && i < n) {
+    char buf[64];
+    size_t len = strcspn(p, ",");
+    if (len == 0 || len >= sizeof buf) return -1;
+    memcpy(buf, p, len);
+    buf[len] = '\0';
+    if (da_parse_size(buf, &out[i])) return -1;
+    i++;
+    p += len;
+    if (*p == ',') p++;
+  }
+  return i == n && !*p ? 0 : -1;
+}
+
 void da_cpu_list(char *buf, size_t n) {
   cpu_set_t set;
   CPU_ZERO(&set);

@@ -11,6 +11,10 @@
 double da_median(double *t, int64_t n);
 double da_p99(double *t, int64_t n);
 
+/* "a,b,c" (sizes with K/M/G suffixes) into exactly n values. 0 on success, -1 if malformed or
+ * not n items. */
+int da_parse_size_list(const char *s, int64_t *out, int64_t n);
+
 /* The cores this process may run on, as "0-3,8" into buf. */
 void da_cpu_list(char *buf, size_t n);
 
