@@ -215,14 +215,14 @@ da_status_t da_kvcache_create(da_comm_t *comm, const da_problem_t *prob, const d
   c->ctx = ctx;
   c->mcomm = MPI_COMM_NULL;
   /* The control transport comes first: every later failure must reach the other ranks. */
-  int rc = MPI_Comm_dup(da_comm_mpi(comm), &c->mcomm);
-  if (rc != MPI_SUCCESS) {
-    c->mcomm = MPI_COMM_NULL;
-    da_kvcache_free(c);
-    return da_context_finish(ctx, da_mpi_error(rc, __FILE__, __LINE__, "da_kvcache_create: MPI_Comm_dup"));
-  }
   double timeout = cfg && cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
-  da_status_t st = da_xport_open(&c->xp, "mpi", c->mcomm, timeout);
+  da_status_t st = da_mpi_comm_dup(da_comm_mpi(comm), timeout, "da_kvcache_create", &c->mcomm);
+  if (st == DA_ERR_TIMEOUT) st = da_mpi_rollcall(da_comm_mpi(comm), fmin(timeout, 5.0), "da_kvcache_create");
+  if (st != DA_SUCCESS) {
+    da_kvcache_free(c);
+    return da_context_finish(ctx, st);
+  }
+  st = da_xport_open(&c->xp, "mpi", c->mcomm, timeout);
   if (st != DA_SUCCESS) {
     da_kvcache_free(c);
     return da_context_finish(ctx, st);

@@ -4,9 +4,11 @@
  * builds the layout and schedule, and hands packed views to the ring driver (ring.c). */
 #include <mpi.h> /* before distattn.h: declares the distributed section */
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 #include "distattn.h"
 #include "ring.h"
 
@@ -17,6 +19,7 @@ struct da_comm {
   MPI_Comm comm; /* our duplicate of the caller's communicator */
   int rank, nranks;
   da_xport_t ctl; /* control collectives (agreement) over the duplicate */
+  int node_procs; /* ranks of this communicator on this machine (same kernel): share MemAvailable */
 };
 
 struct da_plan {
@@ -28,6 +31,8 @@ struct da_plan {
   int64_t block_used; /* block, or the automatic choice */
   char transport[16];
   double timeout;
+  int64_t mem_budget; /* config (API v2): bytes, 0 = default, < 0 = no check */
+  unsigned mem_count;
   MPI_Comm mcomm;    /* the plan's own duplicate: a plan that timed out leaves unmatched
                         messages behind, and they must never match another plan's receives */
   da_xport_t xp;     /* the data transport */
@@ -38,7 +43,24 @@ struct da_plan {
   int64_t pairs_total, pairs_rank;
 };
 
+static uint64_t fnv(uint64_t h, const void *p, size_t n) {
+  const unsigned char *b = p;
+  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
+  return h;
+}
+
 /* ---- communicator ------------------------------------------------------------------------- */
+
+/* Which machine this process runs on, as a hash: the kernel's boot id (network namespaces and
+ * containers on one kernel share its memory, whatever their host names), else the host name. */
+static int64_t machine_id(void) {
+  char id[256] = "";
+  FILE *f = fopen("/proc/sys/kernel/random/boot_id", "r");
+  if (!f || !fgets(id, sizeof id, f)) gethostname(id, sizeof id - 1);
+  if (f) fclose(f);
+  id[sizeof id - 1] = '\0';
+  return (int64_t)(fnv(14695981039346656037ull, id, strlen(id)) >> 2);
+}
 
 da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
   da_error_clear();
@@ -57,13 +79,16 @@ da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
   if (!c) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "communicator"));
   c->ctx = ctx;
   /* A private duplicate: our tags can never match the caller's messages, and setting its error
-   * handler to "return" leaves the caller's communicator alone. */
-  int rc = MPI_Comm_dup(comm, &c->comm);
-  if (rc != MPI_SUCCESS) {
+   * handler to "return" leaves the caller's communicator alone. Bounded: a rank that never calls
+   * da_comm_create must not hang the others (no roll call here: it would send on the caller's
+   * communicator). */
+  const double timeout = da_param_Timeout() > 0 ? (double)da_param_Timeout() : 300.0;
+  da_status_t st = da_mpi_comm_dup(comm, timeout, "da_comm_create", &c->comm);
+  if (st != DA_SUCCESS) {
     free(c);
-    return da_context_finish(ctx, da_mpi_error(rc, __FILE__, __LINE__, "da_comm_create: MPI_Comm_dup"));
+    return da_context_finish(ctx, st);
   }
-  da_status_t st = da_xport_open(&c->ctl, "mpi", c->comm, (double)da_param_Timeout());
+  st = da_xport_open(&c->ctl, "mpi", c->comm, timeout);
   if (st != DA_SUCCESS) {
     MPI_Comm_free(&c->comm);
     free(c);
@@ -71,6 +96,17 @@ da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
   }
   c->rank = c->ctl.rank;
   c->nranks = c->ctl.nranks;
+  /* Processes per machine, for the default memory budget of plans (one small allgather). */
+  int64_t me = machine_id(), *ids = malloc((size_t)c->nranks * sizeof *ids);
+  st = ids ? c->ctl.t->allgather(&c->ctl, &me, ids, sizeof me) : DA_ERR(DA_ERR_OUT_OF_MEMORY, "communicator");
+  for (int q = 0; st == DA_SUCCESS && q < c->nranks; q++) c->node_procs += ids[q] == me;
+  free(ids);
+  if (st != DA_SUCCESS) {
+    da_xport_close(&c->ctl);
+    MPI_Comm_free(&c->comm);
+    free(c);
+    return da_context_finish(ctx, st);
+  }
   da_log_set_rank(c->rank);
   DA_INFO(DA_SUB_INIT, "communicator: rank %d of %d", c->rank, c->nranks);
   *out = c;
@@ -90,12 +126,6 @@ int da_comm_rank(const da_comm_t *comm) { return comm ? comm->rank : -1; }
 int da_comm_size(const da_comm_t *comm) { return comm ? comm->nranks : 0; }
 
 /* ---- agreement on the problem --------------------------------------------------------------- */
-
-static uint64_t fnv(uint64_t h, const void *p, size_t n) {
-  const unsigned char *b = p;
-  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
-  return h;
-}
 
 enum { F_BATCH, F_SEQ, F_HEADS, F_KVHEADS, F_DIM, F_MASK, F_WINDOW, F_NDOCS, F_DTYPE, F_ALGO, F_BLOCK, F_SCALE,
        F_HASH, F_NFIELDS };
@@ -156,6 +186,10 @@ static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const c
                   (long long)cfg->block);
   if (!(cfg->timeout >= 0) || !isfinite(cfg->timeout))
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: timeout %g s must be >= 0 (0 = default)", cfg->timeout);
+  if (cfg->size >= offsetof(da_plan_config_t, mem_count) + sizeof cfg->mem_count && cfg->version >= 2 &&
+      (cfg->mem_count & ~(unsigned)(DA_MEM_BACKWARD | DA_MEM_TENSORS)))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: mem_count 0x%x has unknown bits (DA_MEM_BACKWARD, "
+                  "DA_MEM_TENSORS)", cfg->mem_count);
   const char *name = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
   if (!name) name = "mpi";
   if (!da_transport_find(name)) return DA_ERR_INVALID_ARGUMENT;
@@ -194,6 +228,9 @@ static da_status_t plan_local(da_comm_t *c, const da_problem_t *prob, const da_p
   snprintf(p->transport, sizeof p->transport, "%s", tp);
   p->timeout = cfg->timeout > 0 ? cfg->timeout : (double)da_param_Timeout();
   if (!(p->timeout > 0)) p->timeout = 300;
+  /* Fields of API version 2 are read only from a struct that has them. */
+  if (cfg->size >= offsetof(da_plan_config_t, mem_count) + sizeof cfg->mem_count && cfg->version >= 2)
+    p->mem_budget = cfg->mem_budget, p->mem_count = cfg->mem_count;
   if (prob->mask & DA_MASK_DOC) {
     p->cu = malloc((size_t)(prob->ndocs + 1) * sizeof *p->cu);
     if (!p->cu) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "document boundaries");
@@ -207,15 +244,78 @@ static da_status_t plan_local(da_comm_t *c, const da_problem_t *prob, const da_p
   return DA_SUCCESS;
 }
 
+/* MemAvailable of /proc/meminfo in bytes, or 0 when unknown. */
+static double mem_available(void) {
+  FILE *f = fopen("/proc/meminfo", "r");
+  char line[256];
+  double kb = 0;
+  while (f && fgets(line, sizeof line, f))
+    if (sscanf(line, "MemAvailable: %lf kB", &kb) == 1) break;
+  if (f) fclose(f);
+  return kb * 1024.0;
+}
+
+/* "9248.25 GiB", "12.50 MiB", "812 bytes" into b[32]. */
+static const char *human(double bytes, char *b) {
+  if (bytes >= 1073741824.0) snprintf(b, 32, "%.2f GiB", bytes / 1073741824.0);
+  else if (bytes >= 1048576.0) snprintf(b, 32, "%.2f MiB", bytes / 1048576.0);
+  else snprintf(b, 32, "%.0f bytes", bytes);
+  return b;
+}
+
+/* The memory check (da_plan_config_t.mem_budget): what this rank will hold for the plan, against
+ * its budget, before any of it is allocated. Local; the caller agrees on the outcome. */
+static da_status_t plan_memory(const da_comm_t *c, const da_plan_t *p) {
+  const da_ring_t *R = &p->ring;
+  double budget = (double)p->mem_budget;
+  char from[160];
+  snprintf(from, sizeof from, "da_plan_config_t.mem_budget");
+  if (p->mem_budget == 0) {
+    const char *env = da_param_string("DISTATTN_MEM_BUDGET");
+    int64_t b = 0;
+    if (env && (!strcmp(env, "off") || !strcmp(env, "-1"))) {
+      budget = -1;
+    } else if (env) {
+      if (da_parse_size(env, &b) || b <= 0)
+        return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: DISTATTN_MEM_BUDGET=%s: expected a size > 0 (K/M/G "
+                      "suffixes) or off", c->rank, env);
+      budget = (double)b;
+      snprintf(from, sizeof from, "DISTATTN_MEM_BUDGET=%s", env);
+    } else {
+      const double avail = mem_available();
+      const int local = c->node_procs > 0 ? c->node_procs : 1;
+      budget = avail > 0 ? avail / local : -1; /* unknown: nothing to check against */
+      snprintf(from, sizeof from, "MemAvailable %.2f GiB / %d rank%s on this machine", avail / 1073741824.0, local,
+               local == 1 ? "" : "s");
+    }
+  }
+  if (budget < 0) return DA_SUCCESS;
+  const int bwd = (p->mem_count & DA_MEM_BACKWARD) != 0;
+  const double B = (double)p->prob.batch, n = (double)R->nloc, es = (double)da_dtype_size(p->prob.dtype);
+  const double HD = (double)R->kp.H * R->kp.D, GD = (double)R->kp.G * R->kp.D;
+  /* the ring buffers, the per-call lse scratch and the position table */
+  const double plan = (double)(bwd ? da_ring_bwd_bytes(R) : da_ring_fwd_bytes(R)) + B * n * R->kp.H * 4.0 + n * 8.0;
+  double tensors = 0;
+  if (p->mem_count & DA_MEM_TENSORS) {
+    tensors = B * n * ((2 * HD + 2 * GD) * es + 4.0 * R->kp.H); /* q k v out, lse */
+    if (bwd) tensors += B * n * (2 * HD + 2 * GD) * es;          /* dout dq dk dv */
+  }
+  if (plan + tensors <= budget) return DA_SUCCESS;
+  char need[32], have[32], pb[32], tb[32], parts[160];
+  if (p->mem_count & DA_MEM_TENSORS)
+    snprintf(parts, sizeof parts, "plan buffers %s + inputs and outputs %s", human(plan, pb), human(tensors, tb));
+  else
+    snprintf(parts, sizeof parts, "plan buffers%s", bwd ? ", forward and backward" : "");
+  return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: the problem needs %s on this rank (%s), over its budget of %s (%s): "
+                "use more ranks or nodes, or a shorter sequence", c->rank, human(plan + tensors, need), parts,
+                human(budget, have), from);
+}
+
 static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp) {
   static const da_layout_kind_t kinds[] = {DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_STRIPED, DA_LAYOUT_ZIGZAG};
   const int P = c->nranks, r = c->rank;
   da_ring_t *R = &p->ring;
-  int rc = MPI_Comm_dup(c->comm, &p->mcomm);
-  if (rc != MPI_SUCCESS) {
-    p->mcomm = MPI_COMM_NULL;
-    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d plan: MPI_Comm_dup", r);
-  }
+  DA_CHECK(da_mpi_comm_dup(c->comm, p->timeout, "da_plan_create", &p->mcomm));
   DA_CHECK(da_xport_open(&p->xp, p->transport, p->mcomm, p->timeout));
   DA_CHECK(da_layout_init(&R->layout, kinds[p->algo], p->prob.seq, P, NULL));
   R->nloc = da_layout_count(&R->layout, r);
@@ -238,6 +338,7 @@ static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp
   R->rank = r;
   R->P = P;
   R->B = p->prob.batch;
+  DA_CHECK(plan_memory(c, p)); /* before the first allocation that grows with the problem */
   p->positions = malloc((size_t)(R->nloc ? R->nloc : 1) * sizeof *p->positions);
   p->steps = calloc((size_t)4 * P, sizeof *p->steps);
   p->step_bytes = calloc((size_t)2 * P, sizeof *p->step_bytes);
@@ -279,12 +380,20 @@ da_status_t da_plan_create(da_comm_t *c, const da_problem_t *prob, const da_plan
     st = plan_local(c, prob, cfg, p, &kp);
   }
   c->ctl.phase = "plan";
+  /* The setup collectives wait as long as the plan's own transfers would (the config's timeout,
+   * when it is a valid one, else the communicator's). */
+  const double ctl_timeout = c->ctl.timeout_s;
+  if (cfg->size >= sizeof(size_t) + sizeof(unsigned) && cfg->timeout > 0 && isfinite(cfg->timeout))
+    c->ctl.timeout_s = cfg->timeout;
   /* 1: every rank learns whether any rank rejected its arguments (and why). */
   st = da_xport_agree(&c->ctl, st, "plan");
   /* 2: every rank checks that all passed the same problem. */
   if (st == DA_SUCCESS) st = agree_problem(c, p, &kp);
-  /* 3: layout, schedule, transport: can fail locally (memory), so agree once more. */
+  /* 3: layout, schedule, memory check, transport: can fail locally, so agree once more. */
   if (st == DA_SUCCESS) st = da_xport_agree(&c->ctl, plan_build(c, p, &kp), "plan");
+  /* A setup collective timed out: a rank never got here (or is stuck). Name it. */
+  if (st == DA_ERR_TIMEOUT) st = da_mpi_rollcall(c->comm, fmin(c->ctl.timeout_s, 5.0), "da_plan_create");
+  c->ctl.timeout_s = ctl_timeout;
   if (st != DA_SUCCESS) {
     da_plan_free(p);
     return da_context_finish(c->ctx, st);

@@ -143,3 +143,74 @@ void da_mpi_backoff(long iter, double waited) {
     nanosleep(&ts, NULL);
   }
 }
+
+da_status_t da_mpi_comm_dup(MPI_Comm parent, double timeout_s, const char *what, MPI_Comm *out) {
+  *out = MPI_COMM_NULL;
+  int rank = -1;
+  MPI_Comm_rank(parent, &rank);
+  /* The handle MPI writes at completion lives on the heap: on a timeout it may still be written. */
+  MPI_Comm *h = malloc(sizeof *h);
+  if (!h) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d %s: communicator handle", rank, what);
+  *h = MPI_COMM_NULL;
+  MPI_Request r;
+  int rc = MPI_Comm_idup(parent, h, &r), done = 0;
+  if (rc == MPI_SUCCESS) rc = da_mpi_poll(&r, timeout_s, &done);
+  if (rc != MPI_SUCCESS) {
+    free(h);
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: MPI_Comm_idup", rank, what);
+  }
+  if (!done) /* h is MPI's now (a collective request cannot be cancelled or freed) */
+    return DA_ERR(DA_ERR_TIMEOUT, "rank %d %s: MPI_Comm_idup did not complete within %g s (a peer is missing or "
+                  "stuck)", rank, what, timeout_s);
+  *out = *h;
+  free(h);
+  return DA_SUCCESS;
+}
+
+/* Roll-call words: their values are never read, so every receive may land in the same place. */
+static int rollcall_token = 1, rollcall_sink;
+
+da_status_t da_mpi_rollcall(MPI_Comm comm, double grace_s, const char *what) {
+  char msg[DA_ERRMSG_MAX];
+  snprintf(msg, sizeof msg, "%s", da_error_message());
+  int rank = 0, P = 1;
+  MPI_Comm_rank(comm, &rank);
+  MPI_Comm_size(comm, &P);
+  MPI_Request *rq = malloc((size_t)2 * P * sizeof *rq);
+  if (!rq) return DA_ERR(DA_ERR_TIMEOUT, "%s", msg);
+  for (int i = 0; i < 2 * P; i++) rq[i] = MPI_REQUEST_NULL;
+  for (int q = 0; q < P; q++) {
+    if (q == rank) continue;
+    MPI_Irecv(&rollcall_sink, 1, MPI_INT, q, DA_TAG_ROLLCALL, comm, &rq[q]);
+    MPI_Isend(&rollcall_token, 1, MPI_INT, q, DA_TAG_ROLLCALL, comm, &rq[P + q]);
+  }
+  const double t0 = da_time_now();
+  int pending = P - 1;
+  for (long it = 0; pending > 0 && da_time_now() - t0 <= grace_s; it++) {
+    pending = 0;
+    for (int q = 0; q < P; q++) {
+      int flag = 1;
+      if (rq[q] != MPI_REQUEST_NULL && MPI_Test(&rq[q], &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) flag = 0;
+      pending += !flag;
+    }
+    if (pending) da_mpi_backoff(it, da_time_now() - t0);
+  }
+  char list[200];
+  int len = 0, n = 0;
+  list[0] = '\0';
+  for (int q = 0; q < P; q++) {
+    if (rq[q] != MPI_REQUEST_NULL) {
+      if (n < 16 && len < (int)sizeof list - 16) len += snprintf(list + len, sizeof list - (size_t)len, "%s%d", n ? ", " : "", q);
+      n++;
+      MPI_Cancel(&rq[q]);
+      MPI_Request_free(&rq[q]); /* a late word lands in rollcall_sink, harmlessly */
+    }
+    if (rq[P + q] != MPI_REQUEST_NULL) MPI_Request_free(&rq[P + q]); /* one int: buffered, never blocks */
+  }
+  free(rq);
+  if (n > 16) snprintf(list + len, sizeof list - (size_t)len, " and %d more", n - 16);
+  if (n == 0)
+    return DA_ERR(DA_ERR_TIMEOUT, "%s; every rank reached %s (a peer is stuck inside it)", msg, what);
+  return DA_ERR(DA_ERR_TIMEOUT, "%s; rank%s %s never reached %s (no word from %s within %g s after the deadline: "
+                "stopped, hung, or not calling it)", msg, n == 1 ? "" : "s", list, what, n == 1 ? "it" : "them", grace_s);
+}

@@ -23,7 +23,7 @@ typedef enum { DA_XOP_SUM = 0, DA_XOP_MIN = 1, DA_XOP_MAX = 2 } da_xop_t;
 
 /* Message tags of the drivers: one per kind of travelling buffer, so that a forward on one rank
  * and a backward on another cannot match each other's messages (they time out instead). */
-enum { DA_TAG_FWD_KV = 11, DA_TAG_BWD_KV = 12, DA_TAG_BWD_DKV = 13 };
+enum { DA_TAG_FWD_KV = 11, DA_TAG_BWD_KV = 12, DA_TAG_BWD_DKV = 13, DA_TAG_ROLLCALL = 14 };
 
 typedef struct da_transport {
   const char *name;
@@ -111,6 +111,21 @@ int da_mpi_poll(MPI_Request *r, double timeout_s, int *done);
 /* The pause of iteration `iter` of such a polling loop, `waited` seconds in (for loops that poll
  * several requests themselves). */
 void da_mpi_backoff(long iter, double waited);
+
+/* MPI_Comm_dup with a deadline: MPI_Comm_idup polled for timeout_s (MPI-3 has no nonblocking
+ * split, so communicators are only ever split after a bounded agreement has seen every rank).
+ * DA_ERR_TIMEOUT when a rank of parent never joins, "rank R <what>: MPI_Comm_idup did not
+ * complete within T s"; the pending handle is then left to MPI (a few bytes kept out of use:
+ * MPI may complete the duplicate later and write it). */
+da_status_t da_mpi_comm_dup(MPI_Comm parent, double timeout_s, const char *what, MPI_Comm *out);
+
+/* After a setup collective on comm (one of distattn's own duplicates) timed out: a roll call.
+ * This rank sends a word to every other rank (tag DA_TAG_ROLLCALL) and listens for theirs for
+ * grace_s; the ranks not heard from are the ones that never reached this call. Appends
+ * "; rank(s) 2, 5 never reached <what> (no word within G s after the deadline: stopped, hung,
+ * or not calling it)" to the current error message and returns DA_ERR_TIMEOUT. Ranks that also
+ * timed out are heard from, whenever within grace_s they got there. */
+da_status_t da_mpi_rollcall(MPI_Comm comm, double grace_s, const char *what);
 
 /* Translate an MPI error code once, at the boundary: DA_ERR_MPI with MPI's own string. */
 da_status_t da_mpi_error(int rc, const char *file, int line, const char *fmt, ...)

@@ -242,19 +242,21 @@ da_status_t da_decode_plan_create(da_comm_t *comm, const da_problem_t *prob, con
   if (!p) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "decode plan"));
   p->ctx = ctx;
   p->mcomm = p->node = p->leaders = MPI_COMM_NULL;
-  int rc = MPI_Comm_dup(da_comm_mpi(comm), &p->mcomm);
-  if (rc != MPI_SUCCESS) {
-    p->mcomm = MPI_COMM_NULL;
+  /* The plan's duplicate, bounded: a rank that never calls this must not hang the others. The
+   * two-level split below comes only after an agreement that has seen every rank. */
+  double timeout = cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
+  da_status_t st = da_mpi_comm_dup(da_comm_mpi(comm), timeout, "da_decode_plan_create", &p->mcomm);
+  if (st == DA_ERR_TIMEOUT) st = da_mpi_rollcall(da_comm_mpi(comm), fmin(timeout, 5.0), "da_decode_plan_create");
+  if (st != DA_SUCCESS) {
     da_decode_plan_free(p);
-    return da_context_finish(ctx, da_mpi_error(rc, __FILE__, __LINE__, "da_decode_plan_create: MPI_Comm_dup"));
+    return da_context_finish(ctx, st);
   }
   MPI_Comm_set_errhandler(p->mcomm, MPI_ERRORS_RETURN);
   MPI_Comm_rank(p->mcomm, &p->rank);
   MPI_Comm_size(p->mcomm, &p->P);
   /* One transport for both agreement and the ring: the self transport only exists at P = 1. */
-  double timeout = cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
   const char *tp = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
-  da_status_t st = da_xport_open(&p->xp, tp && !strcmp(tp, "self") && p->P == 1 ? "self" : "mpi", p->mcomm, timeout);
+  st = da_xport_open(&p->xp, tp && !strcmp(tp, "self") && p->P == 1 ? "self" : "mpi", p->mcomm, timeout);
   if (st != DA_SUCCESS) {
     da_decode_plan_free(p);
     return da_context_finish(ctx, st);

@@ -51,7 +51,7 @@ extern "C" {
 #define DISTATTN_VERSION_PATCH 0
 #define DISTATTN_VERSION_CODE (DISTATTN_VERSION_MAJOR * 10000 + DISTATTN_VERSION_MINOR * 100 + DISTATTN_VERSION_PATCH)
 /* Version of the structs below. Bumped whenever a field is added (at the end). */
-#define DA_API_VERSION 1
+#define DA_API_VERSION 2
 
 /* ---- status codes ------------------------------------------------------------------------ */
 typedef enum da_status {
@@ -193,7 +193,10 @@ const char *da_version_string(void);
 #ifdef MPI_VERSION
 
 /* A communicator: the context (backend, threads) plus a private duplicate of the caller's
- * MPI_Comm, so distattn's messages never mix with the caller's. */
+ * MPI_Comm, so distattn's messages never mix with the caller's. The duplicate is made with
+ * MPI_Comm_idup bounded by DISTATTN_TIMEOUT (or 300 s): a rank that never calls it gives the
+ * others DA_ERR_TIMEOUT (which ranks is not named: finding out would mean sending on the
+ * caller's communicator). */
 typedef struct da_comm da_comm_t;
 da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out); /* collective */
 void da_comm_free(da_comm_t *comm);                                            /* collective */
@@ -217,12 +220,29 @@ typedef struct da_plan_config {
                             least 1024, docs/ring.md) */
   const char *transport; /* "mpi" or "self" (one rank); NULL = DISTATTN_TRANSPORT or "mpi" */
   double timeout;        /* seconds a rank waits for a peer; 0 = DISTATTN_TIMEOUT or 300 */
+  /* API version 2: the memory check. da_plan_create adds up, per rank, the bytes the plan will
+   * allocate (the forward's ring buffers and per-call scratch) plus what mem_count asks for, and
+   * refuses with DA_ERR_OUT_OF_MEMORY, before allocating any of it, when the sum exceeds the
+   * budget; the message names both. */
+  int64_t mem_budget;    /* bytes per rank; 0 = DISTATTN_MEM_BUDGET (a size: 512M, 8G; "off" or -1 =
+                            no check), else MemAvailable / processes of the job on this machine;
+                            < 0 = no check */
+  unsigned mem_count;    /* DA_MEM_* bits: what else to count against the budget (0 = plan only) */
 } da_plan_config_t;
 
-#define DA_PLAN_CONFIG_INITIALIZER { sizeof(da_plan_config_t), DA_API_VERSION, DA_ALGO_RING, 0, NULL, 0.0 }
+enum {
+  DA_MEM_BACKWARD = 1u << 0, /* the backward's buffers too (allocated by the first da_plan_bwd) */
+  DA_MEM_TENSORS = 1u << 1,  /* the caller's tensors of this rank's rows: q, k, v, out, lse, and with
+                                DA_MEM_BACKWARD dout, dq, dk, dv (what a caller holds to run the plan) */
+};
+
+#define DA_PLAN_CONFIG_INITIALIZER { sizeof(da_plan_config_t), DA_API_VERSION, DA_ALGO_RING, 0, NULL, 0.0, 0, 0 }
 
 /* A plan: the problem validated and agreed on by every rank, the layout, the block schedule and
- * the buffers. Ranks that pass different problems (or configs) all get DA_ERR_MISMATCH. */
+ * the buffers. Ranks that pass different problems (or configs) all get DA_ERR_MISMATCH; a problem
+ * over a rank's memory budget gets DA_ERR_OUT_OF_MEMORY there (DA_ERR_REMOTE elsewhere). A rank
+ * that never calls it makes the others return DA_ERR_TIMEOUT after cfg->timeout plus a roll call
+ * of at most min(timeout, 5 s) that names the missing ranks; free the da_comm_t after that. */
 typedef struct da_plan da_plan_t;
 da_status_t da_plan_create(da_comm_t *comm, const da_problem_t *prob, const da_plan_config_t *cfg,
                            da_plan_t **out); /* collective */

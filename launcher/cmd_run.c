@@ -168,47 +168,6 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
   return rc;
 }
 
-/* MemAvailable of /proc/meminfo in bytes, or 0 when unknown. */
-static double mem_available(void) {
-  FILE *f = fopen("/proc/meminfo", "r");
-  char line[256];
-  double kb = 0;
-  while (f && fgets(line, sizeof line, f))
-    if (sscanf(line, "MemAvailable: %lf kB", &kb) == 1) break;
-  if (f) fclose(f);
-  return kb * 1024.0;
-}
-
-/* Collective: refuse, before anything large is allocated, a problem whose inputs, outputs and
- * plan buffers do not fit in this rank's share of the node's available memory (MemAvailable /
- * ranks on the node). The rank that needs the most names the bytes and the budget; exit 2 on
- * every rank, like any other problem the job cannot run. */
-static int check_fits(const run_opts_t *o, int64_t G, const da_plan_t *plan) {
-  da_plan_stats_t ps = DA_PLAN_STATS_INITIALIZER;
-  da_plan_stats((da_plan_t *)plan, &ps);
-  const double n = (double)da_plan_local_rows(plan), es = (double)da_dtype_size((da_dtype_t)o->dtype);
-  const double B = (double)o->batch, HD = (double)(o->heads * o->dim), GD = (double)(G * o->dim);
-  double in = B * n * ((2 * HD + 2 * GD) * es + 4.0 * (double)o->heads) + (n + 1) * 8; /* q k v out lse pos */
-  if (o->backward) in += B * n * (2 * HD + 2 * GD) * es;                              /* dout dq dk dv */
-  const double bufs = (double)(o->backward ? ps.mem_bwd_bytes : ps.mem_fwd_bytes);
-  int local = 1;
-  MPI_Comm node;
-  if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
-    MPI_Comm_size(node, &local);
-    MPI_Comm_free(&node);
-  }
-  const double avail = mem_available(), budget = avail / local;
-  struct { double ratio; int rank; } mine = {budget > 0 ? (in + bufs) / budget : 0, g_rank}, worst;
-  MPI_Allreduce(&mine, &worst, 1, MPI_DOUBLE_INT, MPI_MAXLOC, MPI_COMM_WORLD);
-  if (!(worst.ratio > 1)) return 0;
-  if (g_rank == worst.rank)
-    fprintf(stderr, "distattn run: rank %d: the problem needs %.2f GiB on this rank (inputs and outputs %.2f GiB + "
-            "plan buffers %.2f GiB), over its budget of %.2f GiB (MemAvailable %.2f GiB / %d rank%s on the node): "
-            "use more ranks or nodes, or a shorter --seq\n", g_rank, (in + bufs) / 1073741824.0, in / 1073741824.0,
-            bufs / 1073741824.0, budget / 1073741824.0, avail / 1073741824.0, local, local == 1 ? "" : "s");
-  return 2;
-}
-
 /* Parse and check the options (usage errors print their message to stderr and give
  * DA_ARGS_USAGE): sizes, GQA, the mask against the length, the backend, the --json path (rank 0
  * writes the record: it checks the path before anything long runs). */
@@ -345,11 +304,13 @@ int da_cmd_run(int argc, char **argv) {
   prob.dtype = (da_dtype_t)o.dtype;
   da_plan_config_t pcfg = DA_PLAN_CONFIG_INITIALIZER;
   pcfg.algo = (da_algo_t)o.algo, pcfg.block = o.block, pcfg.timeout = o.timeout;
+  /* The plan refuses, before anything large is allocated, a problem whose buffers and tensors
+   * exceed this rank's share of the machine's memory (or DISTATTN_MEM_BUDGET): exit 2. */
+  pcfg.mem_count = DA_MEM_TENSORS | (o.backward ? DA_MEM_BACKWARD : 0);
   if ((st = da_plan_create(comm, &prob, &pcfg, &plan)) != DA_SUCCESS) {
     rc = da_report_failure("run", g_rank, "plan", st, ctx);
     goto out;
   }
-  if ((rc = check_fits(&o, G, plan)) != 0) goto out;
 
   /* ---- this rank's inputs, generated where they live ---- */
   const int H = (int)o.heads, D = (int)o.dim;

@@ -71,7 +71,10 @@ int da_mpi_max_int(int v) {
 int da_report_failure(const char *cmd, int rank, const char *what, da_status_t st, da_context_t *ctx) {
   if (rank == 0 || st != DA_ERR_REMOTE)
     fprintf(stderr, "distattn %s: rank %d: %s: %s: %s\n", cmd, rank, what, da_status_string(st), da_last_error(ctx));
-  int rc = (st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH || st == DA_ERR_UNSUPPORTED) ? 2 : 1;
+  /* Out of memory counts with the usage errors: the plan refuses a problem over its budget before
+   * anything runs, like any other problem this job cannot run. */
+  int rc = (st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH || st == DA_ERR_UNSUPPORTED ||
+            st == DA_ERR_OUT_OF_MEMORY) ? 2 : 1;
   return da_mpi_max_int(rc);
 }
 

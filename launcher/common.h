@@ -25,8 +25,8 @@ int da_mpi_max_int(int v);
 
 /* Collective: a library failure of subcommand cmd. Every rank got a status (agreed by the plan);
  * the ranks that failed themselves say why and rank 0 always says something. Returns the exit
- * code all ranks agree on: 2 for usage-like failures (invalid argument, mismatch, unsupported),
- * else 1. */
+ * code all ranks agree on: 2 for usage-like failures (invalid argument, mismatch, unsupported,
+ * out of memory: a problem over the budget is refused before it runs), else 1. */
 int da_report_failure(const char *cmd, int rank, const char *what, da_status_t st, da_context_t *ctx);
 
 /* Collective: kernel threads per rank, the cores this rank may use shared with the ranks of its

@@ -15,9 +15,16 @@ foreach(cmd run decode)
   endforeach()
 endforeach()
 
-# A problem that does not fit is refused before anything large is allocated, naming the bytes
-# per rank and the budget (MemAvailable / ranks on the node): exit 2 on every rank.
+# A problem that does not fit is refused by da_plan_create before anything large is allocated,
+# naming the bytes per rank and the budget (MemAvailable / ranks on the machine, or
+# DISTATTN_MEM_BUDGET): exit 2 on every rank.
 if(COMMAND da_run_cli)
-  da_run_cli(cli_run_does_not_fit 2 2 ERR_RE "needs [0-9.]+ GiB on this rank .inputs and outputs .* plan buffers .*over its budget of [0-9.]+ GiB .MemAvailable"
+  da_run_cli(cli_run_does_not_fit 2 2 ERR_RE "needs [0-9.]+ GiB on this rank .plan buffers [0-9.]+ GiB . inputs and outputs [0-9.]+ GiB., over its budget of [0-9.]+ GiB .MemAvailable [0-9.]+ GiB / 2 ranks on this machine"
              ARGS --seq 64M --heads 64 --dim 128 --verify 0)
+  # The same check with the budget from the environment, at P = 3 with the backward counted.
+  da_run_cli(cli_run_over_env_budget 3 2 ENV DISTATTN_MEM_BUDGET=1M
+             ERR_RE "rank [0-9]: the problem needs [0-9.]+ MiB on this rank .plan buffers [0-9.]+ MiB . inputs and outputs [0-9.]+ MiB., over its budget of 1.00 MiB .DISTATTN_MEM_BUDGET=1M."
+             ARGS --seq 4K --heads 4 --dim 64 --verify 0 --backward)
+  da_run_cli(cli_run_bad_env_budget 2 2 ENV DISTATTN_MEM_BUDGET=lots ERR_RE "DISTATTN_MEM_BUDGET=lots: expected a size"
+             ARGS --seq 4K --heads 4 --dim 64 --verify 0)
 endif()

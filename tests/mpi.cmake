@@ -134,6 +134,23 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
              RAW_ARGS -np 1 ${exe} run --seq 100 --heads 2 --dim 16 : -np 1 ${exe} run --sq 100 --heads 2 --dim 16)
 endif()
 
+# Plan creation when something is wrong (issue 10), tests/test_setup.c: the memory check of
+# da_plan_create (label mpi); a rank that never calls a setup function (label fault, with the
+# kill / stop tests of tests/fault.cmake; each case waits out a 2 s deadline and a 2 s roll call).
+if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_setup.c)
+  add_executable(test_setup test_setup.c)
+  target_link_libraries(test_setup PRIVATE da_comm da_core Check::check MPI::MPI_C m)
+  foreach(P 2 3)
+    add_test(NAME test_setup_mem_np${P}
+             COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np ${P} $<TARGET_FILE:test_setup> mem)
+    set_tests_properties(test_setup_mem_np${P} PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+  endforeach()
+  add_test(NAME test_setup_deadline_np3
+           COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 90 -np 3 $<TARGET_FILE:test_setup> deadline)
+  set_tests_properties(test_setup_deadline_np3 PROPERTIES LABELS fault TIMEOUT 100 SKIP_RETURN_CODE 77
+                       ENVIRONMENT "${DA_MPI_TEST_ENV}")
+endif()
+
 # Attention offloading to memory ranks (issue 5), tests/test_offload.c: role splits 1 compute +
 # 1..4 memory and 2 + 3 on sub-communicators of the job, role errors and the budget refusal.
 if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_offload.c)

@@ -18,7 +18,8 @@ int main(void) {
       F(da_problem_t, scale), F(da_problem_t, block_q), F(da_problem_t, block_k);
   S(da_config_t), F(da_config_t, size), F(da_config_t, version), F(da_config_t, device), F(da_config_t, nthreads);
   S(da_plan_config_t), F(da_plan_config_t, size), F(da_plan_config_t, version), F(da_plan_config_t, algo),
-      F(da_plan_config_t, block), F(da_plan_config_t, transport), F(da_plan_config_t, timeout);
+      F(da_plan_config_t, block), F(da_plan_config_t, transport), F(da_plan_config_t, timeout),
+      F(da_plan_config_t, mem_budget), F(da_plan_config_t, mem_count);
   S(da_plan_stats_t), F(da_plan_stats_t, size), F(da_plan_stats_t, version), F(da_plan_stats_t, rank),
       F(da_plan_stats_t, nranks), F(da_plan_stats_t, nsteps), F(da_plan_stats_t, local_rows),
       F(da_plan_stats_t, pairs_total), F(da_plan_stats_t, pairs_rank), F(da_plan_stats_t, fwd_s),
