@@ -72,8 +72,10 @@ static void fill_pages(da_kvcache_t *cache, const da_vprob_t *vp, int64_t b) {
         const int64_t pos = pg.start + j * pg.stride;
         for (int g = 0; g < G; g++) {
           da_rng_row(seed, DA_RNG_K, pos, g, D, tmp);
+          da_verify_poison(DA_RNG_K, pos, g, tmp);
           for (int d = 0; d < D; d++) da_store_f32(pg.k, dt, j * pg.ldk + (int64_t)g * D + d, tmp[d]);
           da_rng_row(seed, DA_RNG_V, pos, g, D, tmp);
+          da_verify_poison(DA_RNG_V, pos, g, tmp);
           for (int d = 0; d < D; d++) da_store_f32(pg.v, dt, j * pg.ldv + (int64_t)g * D + d, tmp[d]);
         }
       }
@@ -189,6 +191,8 @@ int da_cmd_decode(int argc, char **argv) {
       prc = da_args_error(&cmd, "--device cuda: not built: %s", da_error_message());
     else if (o.json && da_json_check_path(o.json))
       prc = DA_ARGS_USAGE;
+    char perr[256];
+    if (prc == DA_ARGS_OK && da_verify_poison_init(perr, sizeof perr)) prc = da_args_error(&cmd, "%s", perr);
     if (prc == DA_ARGS_OK && !o.lengths)
       for (int64_t b = 0; b < o.batch; b++) lens[b] = o.context;
     if (prc == DA_ARGS_OK && o.lengths) o.context = lens[0];
@@ -356,6 +360,7 @@ int da_cmd_decode(int argc, char **argv) {
   }
   for (int64_t b = 0; b < B; b++) ntok[b] = 1;
   int64_t si = 0; /* next sample */
+  int64_t nf[4] = {0, 0, 0, 0}; /* NaN / Inf in q, k, v (the cache), out */
   for (int64_t it = 0; it < NS; it++) {
     /* The new token of every sequence: k, v, q at its position, regenerated identically by every
      * rank (in a model, the last layer's output is replicated). */
@@ -364,12 +369,15 @@ int da_cmd_decode(int argc, char **argv) {
       const uint64_t seed = da_verify_seed((uint64_t)o.seed, b);
       for (int g = 0; g < G; g++) {
         da_rng_row(seed, DA_RNG_K, pos, g, D, tmp);
+        da_verify_poison(DA_RNG_K, pos, g, tmp);
         for (int d = 0; d < D; d++) da_store_f32(kb, (int)dt, (b * G + g) * D + d, tmp[d]);
         da_rng_row(seed, DA_RNG_V, pos, g, D, tmp);
+        da_verify_poison(DA_RNG_V, pos, g, tmp);
         for (int d = 0; d < D; d++) da_store_f32(vb, (int)dt, (b * G + g) * D + d, tmp[d]);
       }
       for (int h = 0; h < H; h++) {
         da_rng_row(seed, DA_RNG_Q, pos, h, D, tmp);
+        da_verify_poison(DA_RNG_Q, pos, h, tmp);
         for (int d = 0; d < D; d++) da_store_f32(qb, (int)dt, ((int64_t)b * H + h) * D + d, tmp[d]);
       }
     }
@@ -392,6 +400,9 @@ int da_cmd_decode(int argc, char **argv) {
     }
     if (it < W) continue;
     const int64_t s = it - W;
+    /* non-finite values: q is the same on every rank, out on every rank that holds it: count once */
+    if (g_rank == 0) nf[0] += da_count_nonfinite(qb, dt, B * H * D);
+    if (g_rank == (o.root >= 0 ? (int)o.root : 0)) nf[3] += da_count_nonfinite(ob, dt, B * H * D);
     da_decode_plan_stats(plan, &ds);
     t_step[s] = red[0];
     t_comp[s] = ds.compute_s;
@@ -411,7 +422,7 @@ int da_cmd_decode(int argc, char **argv) {
   if (rc) goto out;
 
   /* ---- verification: every sampled row from scratch in float64 over its whole context ---- */
-  int64_t vrows = 0, vwrong = 0;
+  int64_t vrows = 0, vwrong = 0, vnonfinite = 0, vnfwrong = 0;
   double vmax[2] = {0, 0}; /* abs, rel */
   int vfail = 0;
   {
@@ -430,8 +441,12 @@ int da_cmd_decode(int argc, char **argv) {
       vrows++;
       for (int h = 0; h < H; h++) {
         double ae = 0, rel = da_verify_rel(sm->out, dt, (int64_t)h * D, ro + h * D, D, &ae);
+        if (isnan(rel)) { /* a poisoned input reaches the reference: counted apart, not measured */
+          vnonfinite++;
+          continue;
+        }
         double le = fabs((double)sm->lse[h] - rl[h]), lrel = le / fmax(1.0, fabs(rl[h]));
-        if (!(rel <= tol) || !(lrel <= tol)) vwrong++;
+        if (!(rel <= tol) || !(lrel <= tol)) vwrong++, vnfwrong += ae == INFINITY;
         if (!(rel <= vmax[1])) vmax[1] = rel;
         if (!(ae <= vmax[0])) vmax[0] = ae;
         if (!(lrel <= vmax[1])) vmax[1] = lrel;
@@ -444,9 +459,20 @@ int da_cmd_decode(int argc, char **argv) {
     rc = 1;
     goto out;
   }
-  int64_t vsum[2] = {vrows, vwrong};
+  /* the cache's k and v on this rank (every token, appended ones included) */
+  for (int64_t b = 0; b < B; b++)
+    for (int64_t i = 0; i < da_kvcache_num_pages(cache, b); i++) {
+      da_kvcache_page_t pg;
+      if (da_kvcache_get_page(cache, b, i, &pg) != DA_SUCCESS) continue;
+      for (int64_t j = 0; j < pg.count; j++) {
+        nf[1] += da_count_nonfinite((const char *)pg.k + (size_t)(j * pg.ldk) * es, dt, G * D);
+        nf[2] += da_count_nonfinite((const char *)pg.v + (size_t)(j * pg.ldv) * es, dt, G * D);
+      }
+    }
+  int64_t vsum[8] = {vrows, vwrong, vnonfinite, vnfwrong, nf[0], nf[1], nf[2], nf[3]};
   MPI_Allreduce(MPI_IN_PLACE, vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, vsum, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, vsum, 8, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  static const char *const nf_names[] = {"q", "k", "v", "out"};
 
   /* ---- figures ---- */
   da_kvcache_bytes(cache, &shard_rows_bytes);
@@ -493,6 +519,7 @@ int da_cmd_decode(int argc, char **argv) {
     da_report_line(stdout, "memory: peak RSS / shard, max over ranks = %.3f (limit 1.3: %s); distattn allocations "
                            "peak %.1f MiB, pages allocated %.1f MiB on rank 0", mx[1], mem_ok ? "ok" : "EXCEEDED",
                    mx[4] / 1048576.0, (double)shard_alloc / 1048576.0);
+    da_report_nonfinite(stdout, 4, nf_names, vsum + 4, vsum[2], vsum[3], vsum[4] + vsum[5] + vsum[6] > 0);
     if (o.json) {
       da_json_t j;
       da_json_begin(&j);
@@ -539,6 +566,10 @@ int da_cmd_decode(int argc, char **argv) {
       da_json_dbl(&j, "peak_alloc_bytes_max", mx[4]);
       da_json_int(&j, "peak_rss_bytes", (int64_t)mx[2]);
       da_json_dbl(&j, "fill_s", t_fill);
+      da_json_int(&j, "nonfinite_rows", vsum[2]);
+      da_json_int(&j, "nonfinite_inputs", vsum[4] + vsum[5] + vsum[6]);
+      da_json_int(&j, "nonfinite_outputs", vsum[7]);
+      da_json_int(&j, "nonfinite_wrong", vsum[3]);
       da_json_str(&j, "hosts", hosts);
       da_json_str(&j, "git", da_git_version());
       const char *job = getenv("SLURM_JOB_ID");

@@ -45,7 +45,8 @@ static int g_rank, g_size;
 
 
 typedef struct vresult {
-  int64_t rows, wrong;
+  int64_t rows, wrong, nonfinite; /* nonfinite: rows whose reference is NaN / Inf (not wrong) */
+  int64_t nonfinite_wrong;        /* wrong rows that are NaN / Inf where the reference is finite */
   double max_abs, max_rel;
 } vresult_t;
 
@@ -90,8 +91,13 @@ static void vrows_finish(vrows_t *v, vresult_t *res, double tol) {
   static const char *const names[VT_N] = {"out", "dq", "dk", "dv"};
   double worst[VT_N] = {0};
   for (int64_t i = 0; i < v->n; i++) {
+    if (isnan(v->ref[i])) { /* a poisoned input reaches this row's reference: nothing to measure */
+      res->nonfinite++;
+      continue;
+    }
     double f = da_verify_floor(mx[v->kind[i]]), den = v->ref[i] > f ? v->ref[i] : f;
     vnote(res, v->abs[i] / den, v->abs[i], tol);
+    res->nonfinite_wrong += v->abs[i] == INFINITY;
     if (!(v->abs[i] / den <= worst[v->kind[i]])) worst[v->kind[i]] = v->abs[i] / den;
   }
   for (int t = 0; t < VT_N; t++)
@@ -148,6 +154,7 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
     res->rows++;
     for (int h = 0; h < H; h++) {
       if (vrow(&vr, VT_OUT, out, dt, (l * H + h) * D, ro + h * D, D)) rc = -1;
+      if (isnan(rl[h]) || rl[h] == INFINITY) continue; /* poisoned: the out row above is counted apart */
       double le = rl[h] == -INFINITY ? (lse[l * H + h] == -INFINITY ? 0 : INFINITY) : fabs(lse[l * H + h] - rl[h]);
       vnote(res, le / fmax(1.0, fabs(rl[h])), le, tol);
     }
@@ -186,6 +193,8 @@ static int parse_run(da_cmdspec_t *cmd, da_opt_t *opts, int argc, char **argv, r
   if (o->device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
     return da_args_error(cmd, "--device cuda: not built: %s", da_error_message());
   if (o->json && g_rank == 0 && da_json_check_path(o->json)) return DA_ARGS_USAGE;
+  char err[256];
+  if (da_verify_poison_init(err, sizeof err)) return da_args_error(cmd, "%s", err);
   return DA_ARGS_OK;
 }
 
@@ -438,9 +447,18 @@ int da_cmd_run(int argc, char **argv) {
     goto free_times;
   }
   double vmax[2] = {vr.max_abs, vr.max_rel};
-  int64_t vsum[2] = {vr.rows, vr.wrong};
+  /* rows, wrong, rows with a non-finite reference, then NaN / Inf values per tensor (this rank's
+   * inputs and the outputs of the last iteration: one pass over memory the run just touched) */
+  static const char *const nf_names[] = {"q", "k", "v", "dout", "out", "dq", "dk", "dv"};
+  int64_t vsum[12] = {vr.rows, vr.wrong, vr.nonfinite, da_count_nonfinite(q, dt, (int64_t)nq),
+                      da_count_nonfinite(k, dt, (int64_t)nk), da_count_nonfinite(v, dt, (int64_t)nk),
+                      o.backward ? da_count_nonfinite(dout, dt, (int64_t)nq) : 0,
+                      da_count_nonfinite(outb, dt, (int64_t)nq), o.backward ? da_count_nonfinite(dq, dt, (int64_t)nq) : 0,
+                      o.backward ? da_count_nonfinite(dk, dt, (int64_t)nk) : 0,
+                      o.backward ? da_count_nonfinite(dv, dt, (int64_t)nk) : 0, vr.nonfinite_wrong};
   MPI_Allreduce(MPI_IN_PLACE, vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, vsum, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, vsum, 12, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  const int64_t *nf = vsum + 3, nf_in = nf[0] + nf[1] + nf[2] + nf[3], nf_out = nf[4] + nf[5] + nf[6] + nf[7];
 
   /* ---- overlap: compute without transfers, transfers without compute, both ---- */
   double overlap = NAN, t_comp = NAN, t_comm = NAN;
@@ -492,6 +510,7 @@ int da_cmd_run(int argc, char **argv) {
     if (o.overlap)
       da_report_line(stdout, "overlap: compute-only %.2f ms, transfers-only %.2f ms, both %.2f ms", t_comp * 1e3,
                      t_comm * 1e3, t_total * 1e3);
+    da_report_nonfinite(stdout, 8, nf_names, nf, vsum[2], vsum[11], nf_in > 0);
     if (o.json) {
       da_json_t j;
       da_json_begin(&j);
@@ -526,6 +545,10 @@ int da_cmd_run(int argc, char **argv) {
       da_json_dbl(&j, "imbalance", imbalance);
       da_json_dbl(&j, "imbalance_work", ps.work_imbalance);
       da_json_dbl(&j, "compute_s", maxs[1]); /* max over ranks, fwd + bwd, last iteration */
+      da_json_int(&j, "nonfinite_rows", vsum[2]);
+      da_json_int(&j, "nonfinite_inputs", nf_in);
+      da_json_int(&j, "nonfinite_outputs", nf_out);
+      da_json_int(&j, "nonfinite_wrong", vsum[11]);
       if (link_on) da_json_dbl(&j, "link_gbps", link_gbps), da_json_dbl(&j, "link_us", link_us);
       else da_json_null(&j, "link_gbps"), da_json_null(&j, "link_us");
       da_json_int(&j, "peak_rss_bytes", (int64_t)maxs[2]); /* max over ranks */

@@ -138,6 +138,28 @@ void da_table_end_row(da_table_t *t) {
   t->col = 0;
 }
 
+void da_report_nonfinite(FILE *f, int n, const char *const *names, const int64_t *counts, int64_t rows,
+                         int64_t wrong_rows, int inputs_poisoned) {
+  char line[512];
+  size_t off = 0;
+  line[0] = '\0';
+  for (int i = 0; i < n; i++)
+    if (counts[i] > 0 && off < sizeof line - 64)
+      off += (size_t)snprintf(line + off, sizeof line - off, "%s%s %lld", off ? ", " : "", names[i],
+                              (long long)counts[i]);
+  if (off)
+    da_report_line(f, "warning: non-finite values (NaN or Inf, all ranks): %s; they propagate as in a dense "
+                   "softmax(QK^T)V (docs/decisions.md)", line);
+  if (rows > 0)
+    da_report_line(f, "warning: %lld verified (row, head) vectors have a non-finite float64 reference "
+                   "(poisoned inputs): not counted as wrong, not measured", (long long)rows);
+  if (wrong_rows > 0)
+    da_report_line(f, "warning: %lld of the wrong (row, head) vectors are non-finite where the float64 reference "
+                   "is finite%s",
+                   (long long)wrong_rows, inputs_poisoned ? ": a non-finite input reaches rows the mask hides from it "
+                   "through 0 x NaN in a shared kernel tile, as in FlashAttention (docs/decisions.md)" : "");
+}
+
 int da_report_footer(FILE *f, int64_t wrong, int ok) {
   da_report_line(f, "wrong: %lld", (long long)wrong);
   int pass = ok && wrong == 0;

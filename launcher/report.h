@@ -46,6 +46,14 @@ void da_table_int(da_table_t *t, int64_t v);
 void da_table_dbl(da_table_t *t, double v, int prec, int sci);
 void da_table_end_row(da_table_t *t);
 
+/* Non-finite values (counts summed over ranks): one "# warning:" line naming every tensor with a
+ * NaN or an infinity and how many; the verified rows whose float64 reference is itself
+ * non-finite (counted apart from the wrong ones); and the wrong rows that are non-finite where the
+ * reference is finite, explained when the inputs held non-finite values (poisoned). Nothing when
+ * all counts are 0. */
+void da_report_nonfinite(FILE *f, int n, const char *const *names, const int64_t *counts, int64_t rows,
+                         int64_t wrong_rows, int inputs_poisoned);
+
 /* "# wrong: N" then "# PASS" (wrong == 0 and ok) or "# FAIL". Returns 0 on PASS, 1 on FAIL. */
 int da_report_footer(FILE *f, int64_t wrong, int ok);
 

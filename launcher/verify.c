@@ -2,9 +2,11 @@
  * that read like the math; speed comes only from streaming keys in chunks and skipping the keys
  * (or queries) a row's mask interval excludes. */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "dtype.h"
+#include "core.h"
 #include "ref.h"
 #include "rng.h"
 #include "verify.h"
@@ -13,11 +15,72 @@
 
 uint64_t da_verify_seed(uint64_t seed, int64_t b) { return seed + 0x9E3779B97F4A7C15ull * (uint64_t)b; }
 
+/* ---- DISTATTN_TEST_NONFINITE ---- */
+#define MAX_POISON 16
+static struct { uint32_t tensor; int64_t pos; float value; } poison[MAX_POISON];
+static int npoison = -1; /* -1: not parsed yet */
+
+int da_verify_poison_init(char *err, size_t n) {
+  static const char *const names[] = {"q", "k", "v", "dout"};
+  static const uint32_t tensors[] = {DA_RNG_Q, DA_RNG_K, DA_RNG_V, DA_RNG_DOUT};
+  const char *env = da_param_string("DISTATTN_TEST_NONFINITE");
+  npoison = 0;
+  if (!env) return 0;
+  char buf[512];
+  snprintf(buf, sizeof buf, "%s", env);
+  for (char *save = NULL, *item = strtok_r(buf, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+    char *c1 = strchr(item, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+    int t = -1;
+    if (c1) *c1 = '\0';
+    if (c2) *c2 = '\0';
+    for (int i = 0; i < 4; i++)
+      if (!strcmp(item, names[i])) t = i;
+    int64_t pos = -1;
+    float value = NAN;
+    int ok = t >= 0 && c1 && !da_parse_size(c1 + 1, &pos) && pos >= 0 && npoison < MAX_POISON;
+    if (ok && c2) {
+      if (!strcmp(c2 + 1, "inf")) value = INFINITY;
+      else if (!strcmp(c2 + 1, "-inf")) value = -INFINITY;
+      else ok = !strcmp(c2 + 1, "nan");
+    }
+    if (!ok) {
+      snprintf(err, n, "DISTATTN_TEST_NONFINITE=%s: expected up to %d items TENSOR:POS[:nan|inf|-inf] with TENSOR "
+               "one of q, k, v, dout", env, MAX_POISON);
+      npoison = 0;
+      return -1;
+    }
+    poison[npoison].tensor = tensors[t], poison[npoison].pos = pos, poison[npoison].value = value;
+    npoison++;
+  }
+  return 0;
+}
+
+void da_verify_poison(uint32_t tensor, int64_t pos, int h, float *row) {
+  if (npoison < 0) {
+    char err[8];
+    da_verify_poison_init(err, sizeof err);
+  }
+  for (int i = 0; i < npoison; i++)
+    if (h == 0 && poison[i].tensor == tensor && poison[i].pos == pos) row[0] = poison[i].value;
+}
+
+int64_t da_count_nonfinite(const void *x, da_dtype_t dt, int64_t n) {
+  int64_t c = 0;
+  if (dt == DA_FLOAT32) {
+    const float *f = x;
+    for (int64_t i = 0; i < n; i++) c += !isfinite(f[i]);
+  } else {
+    for (int64_t i = 0; i < n; i++) c += !isfinite(da_load_f32(x, (int)dt, i));
+  }
+  return c;
+}
+
 /* Row (pos) of a tensor as rounded doubles [heads][D]. */
 static void gen_row64(const da_vprob_t *vp, uint32_t tensor, int64_t b, int64_t pos, int heads, double *dst, float *tmp) {
   const int D = vp->kp.D;
   for (int h = 0; h < heads; h++) {
     da_rng_row(da_verify_seed(vp->seed, b), tensor, pos, h, D, tmp);
+    da_verify_poison(tensor, pos, h, tmp);
     for (int d = 0; d < D; d++) dst[h * D + d] = da_round_to((int)vp->kp.dtype, tmp[d]);
   }
 }
@@ -30,6 +93,7 @@ void da_verify_gen(const da_vprob_t *vp, uint32_t tensor, int64_t b, const int64
   for (int64_t i = 0; i < n; i++)
     for (int h = 0; h < heads; h++) {
       da_rng_row(da_verify_seed(vp->seed, b), tensor, pos[i], h, D, tmp);
+      da_verify_poison(tensor, pos[i], h, tmp);
       for (int d = 0; d < D; d++) da_store_f32(buf, (int)vp->kp.dtype, i * ld + (int64_t)h * D + d, tmp[d]);
     }
   free(tmp);
@@ -160,6 +224,7 @@ void da_verify_err(const void *x, da_dtype_t dt, int64_t off, const double *ref,
     double a = da_load_f32(x, (int)dt, off + j), d = fabs(a - ref[j]);
     if (!(d <= e)) e = isnan(d) ? INFINITY : d;
     if (fabs(ref[j]) > m) m = fabs(ref[j]);
+    if (!isfinite(ref[j])) m = NAN; /* and stays NaN: fabs(ref) > NaN is false */
   }
   *abs_err = e;
   *ref_max = m;
@@ -168,5 +233,6 @@ void da_verify_err(const void *x, da_dtype_t dt, int64_t off, const double *ref,
 double da_verify_rel(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err) {
   double m;
   da_verify_err(x, dt, off, ref, len, abs_err, &m);
+  if (isnan(m)) return NAN; /* a non-finite reference: no error to measure */
   return *abs_err / (m > 1e-6 ? m : 1e-6);
 }

@@ -35,12 +35,14 @@ int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float
                       double *dk, double *dv);
 
 /* Error of len values of x (dtype dt, from offset off) against ref: *abs_err = max|x - ref|
- * (NaN -> +inf) and *ref_max = max|ref|. The relative error of the row is then
+ * (NaN -> +inf) and *ref_max = max|ref|, or NaN when ref itself holds a NaN or an infinity
+ * (poisoned inputs: the row is counted apart, never as wrong). The relative error of the row is then
  * abs_err / max(ref_max, floor): see da_verify_floor. */
 void da_verify_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err,
                    double *ref_max);
 
-/* max|x - ref| / max(max|ref|, 1e-6) of one row, for outputs (never exactly 0 in practice). */
+/* max|x - ref| / max(max|ref|, 1e-6) of one row, for outputs (never exactly 0 in practice); NaN
+ * when ref holds a non-finite value. */
 double da_verify_rel(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err);
 
 /* The floor of the per-row scale: 10% of the largest |ref| over the verified rows of the same
@@ -50,5 +52,20 @@ static inline double da_verify_floor(double tensor_ref_max) {
   double f = 0.1 * tensor_ref_max;
   return f > 1e-6 ? f : 1e-6;
 }
+
+/* ---- non-finite values: a testing aid and the counts the reports show ----
+ * DISTATTN_TEST_NONFINITE="TENSOR:POS[:nan|inf|-inf][,...]" (testing aid, docs/reliability.md)
+ * poisons the seeded inputs: element 0 of head 0 of the row at global position POS of TENSOR
+ * (q, k, v, dout), in every batch element, becomes NaN (default), +Inf or -Inf, both in what the
+ * ranks compute on (da_verify_gen, and the decode's own generation through da_verify_poison) and
+ * in the float64 reference, so verification knows which rows must come out non-finite.
+ * da_verify_poison_init parses it; call it once before any generation: 0 when unset or valid,
+ * -1 with a message in err when malformed. */
+int da_verify_poison_init(char *err, size_t n);
+/* Apply the poison to a generated row [D] of tensor (DA_RNG_*) at global position pos, head h. */
+void da_verify_poison(uint32_t tensor, int64_t pos, int h, float *row);
+
+/* Number of values among x[0..n) (dtype dt) that are NaN or infinite. */
+int64_t da_count_nonfinite(const void *x, da_dtype_t dt, int64_t n);
 
 #endif /* DA_VERIFY_H */

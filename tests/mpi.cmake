@@ -33,8 +33,12 @@ endif()
 # lengths with the JSON record, the two-level tree and the ring; usage errors exit 2.
 if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
   function(da_decode_cli name np rc)
-    cmake_parse_arguments(T "" "OUT_RE;ERR_RE;JSON;JSON_RE" "ARGS" ${ARGN})
-    set(mpi_args --oversubscribe --bind-to none --timeout 100 -np ${np} $<TARGET_FILE:distattn> decode)
+    cmake_parse_arguments(T "" "OUT_RE;ERR_RE;JSON;JSON_RE" "ARGS;ENV" ${ARGN})
+    set(mpi_args --oversubscribe --bind-to none --timeout 100)
+    foreach(kv IN LISTS T_ENV)
+      list(APPEND mpi_args -x ${kv})
+    endforeach()
+    list(APPEND mpi_args -np ${np} $<TARGET_FILE:distattn> decode)
     add_test(NAME ${name}
              COMMAND ${CMAKE_COMMAND} -DEXE=${DA_MPIRUN} "-DARGS=${mpi_args};${T_ARGS}" -DRC=${rc}
                      "-DOUT_RE=${T_OUT_RE}" "-DERR_RE=${T_ERR_RE}" "-DJSON=${T_JSON}" "-DJSON_RE=${T_JSON_RE}"
@@ -51,6 +55,12 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
                      --steps 2 --verify 2 --dtype bf16 --weights 1,2,1,2,1)
   da_decode_cli(cli_decode_ring_np3 3 0 OUT_RE "ring.*# wrong: 0.# PASS"
                 ARGS --algo ring --context 1500 --heads 4 --dim 64 --steps 3 --verify 3 --layout striped)
+  # A NaN key in the cache and an infinite value of a new token: flagged, verified rows counted apart.
+  da_decode_cli(cli_decode_nonfinite_tree 3 0 ENV DISTATTN_TEST_NONFINITE=k:100,v:1502:inf OUT_RE "non-finite values .NaN or Inf, all ranks.: k 1, v 1, out [0-9]+;.*warning: [0-9]+ verified .row, head. vectors have a non-finite.*# wrong: 0.# PASS"
+                JSON ${CMAKE_CURRENT_BINARY_DIR}/cli_decode_nonfinite.jsonl
+                JSON_RE "\"verify_rows\":3,.*\"wrong\":0,.*\"nonfinite_rows\":[1-9][0-9]*,\"nonfinite_inputs\":2,\"nonfinite_outputs\":[1-9][0-9]*,\"nonfinite_wrong\":0"
+                ARGS --algo tree --context 1500 --heads 4 --kv-heads 2 --dim 64 --steps 3 --verify 3
+                     --json ${CMAKE_CURRENT_BINARY_DIR}/cli_decode_nonfinite.jsonl)
   da_decode_cli(cli_decode_bad_gqa 2 2 ERR_RE "--heads 6 is not a multiple of --kv-heads 4"
                 ARGS --context 100 --heads 6 --kv-heads 4 --dim 64)
   da_decode_cli(cli_decode_bad_lengths 2 2 ERR_RE "--lengths '1,2': expected 3 sizes"
@@ -107,6 +117,27 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
                   --backward --verify 4 --iters 1 --warmup 0)
   da_run_cli(cli_run_np1 1 0 OUT_RE "zigzag +1 +777 .*# wrong: 0.# PASS"
              ARGS --seq 777 --heads 3 --dim 64 --verify 5 --iters 1 --warmup 0)
+
+  # NaN / Inf inputs (DISTATTN_TEST_NONFINITE, a testing aid): flagged in the report and the
+  # record, never a crash; rows whose float64 reference is non-finite are counted apart, the
+  # finite rows are still verified (every local row here: --verify 100 at 100 rows per rank).
+  set(nf_json ${CMAKE_CURRENT_BINARY_DIR}/cli_run_nonfinite.jsonl)
+  da_run_cli(cli_run_nonfinite_q 3 0 ENV DISTATTN_TEST_NONFINITE=q:17
+             OUT_RE "warning: non-finite values .NaN or Inf, all ranks.: q 1, out 32;.*warning: 1 verified .row, head. vectors have a non-finite float64 reference.*# wrong: 0.# PASS"
+             JSON ${nf_json} JSON_RE "\"verify_rows\":300,.*\"wrong\":0,.*\"nonfinite_rows\":1,\"nonfinite_inputs\":1,\"nonfinite_outputs\":32,\"nonfinite_wrong\":0"
+             ARGS --algo zigzag --seq 300 --heads 4 --kv-heads 2 --dim 32 --mask causal --verify 100 --iters 1 --warmup 0
+                  --json ${nf_json})
+  da_run_cli(cli_run_nonfinite_kv 3 0 ENV DISTATTN_TEST_NONFINITE=k:250:inf,v:10
+             OUT_RE "non-finite values .NaN or Inf, all ranks.: k 1, v 1, out [0-9]+, dq [0-9]+, dk [0-9]+, dv [0-9]+;.*warning: 1800 verified .row, head. vectors.*# wrong: 0.# PASS"
+             ARGS --algo ring --seq 300 --heads 4 --kv-heads 2 --dim 32 --verify 100 --iters 1 --warmup 0 --backward)
+  # Under a causal mask the backward spreads a NaN query to keys the mask hides from it (0 x NaN
+  # in a shared tile, docs/decisions.md): those vectors are wrong, and the report says why.
+  da_run_cli(cli_run_nonfinite_masked 3 1 ENV DISTATTN_TEST_NONFINITE=q:17
+             OUT_RE "warning: [0-9]+ of the wrong .row, head. vectors are non-finite where the float64 reference is finite: a non-finite input reaches rows the mask hides.*# FAIL"
+             ARGS --algo zigzag --seq 300 --heads 4 --kv-heads 2 --dim 32 --mask causal --verify 100 --iters 1 --warmup 0
+                  --backward)
+  da_run_cli(cli_run_bad_nonfinite 2 2 ENV DISTATTN_TEST_NONFINITE=x:1 ERR_RE "DISTATTN_TEST_NONFINITE=x:1: expected"
+             ARGS --seq 64 --heads 2 --dim 16)
 
   # Usage errors: exit 2 on every rank, one message, nothing run.
   da_run_cli(cli_run_bad_flag 3 2 ERR_RE "unknown option '--bogus'" ARGS --seq 64 --heads 2 --dim 16 --bogus 1)
