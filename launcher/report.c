@@ -6,6 +6,8 @@
 #include <math.h>
 #include <sched.h>
 #include <stdarg.h>
+#include <sys/file.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -271,28 +273,53 @@ void da_json_common(da_json_t *j, const char *hosts) {
 }
 
 int da_json_append(da_json_t *j, const char *path) {
+  /* DISTATTN_JSON_KEY: the caller's name for this configuration (a sweep's), recorded last so a
+   * script can tell with one grep whether a whole record of it is already in the file. */
+  const char *key = getenv("DISTATTN_JSON_KEY");
+  if (key && *key) da_json_str(j, "key", key);
   jraw(j, "}\n", 2);
   if (j->oom) {
     fprintf(stderr, "distattn: out of memory building the JSON record for %s\n", path);
     return -1;
   }
-  int fd = open(path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  int fd = open(path, O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) {
     fprintf(stderr, "distattn: cannot open --json %s: %s\n", path, strerror(errno));
     return -1;
   }
-  /* One write() on O_APPEND: the kernel places the whole buffer at the end atomically with
-   * respect to other appenders on local file systems. A short write (disk full) is reported;
-   * the partial line is then the last thing in the file and readers skip unparsable lines. */
+  /* Whole records or none. Appenders take the file's lock (jobs of a sweep may share a file),
+   * look at the end of the file -- a record cut short by a full disk or a killed writer of another
+   * program is closed with a newline first, so it never swallows ours -- and write the record
+   * with one write() on O_APPEND. A short write is undone (truncated back) and reported. */
+  int locked = flock(fd, LOCK_EX) == 0, rc = 0;
+  struct stat sb;
+  off_t size = fstat(fd, &sb) == 0 ? sb.st_size : -1;
+  char last = '\n';
+  if (size > 0 && pread(fd, &last, 1, size - 1) != 1) last = '\n';
+  const char *buf = j->buf;
+  size_t len = j->len;
+  if (last != '\n') { /* an unterminated line ends the file: end it first, in the same write */
+    char *b = malloc(len + 1);
+    if (b) {
+      b[0] = '\n';
+      memcpy(b + 1, j->buf, len);
+      buf = b, len++;
+    }
+  }
   ssize_t w;
-  do w = write(fd, j->buf, j->len);
+  do w = write(fd, buf, len);
   while (w < 0 && errno == EINTR);
-  int rc = 0;
-  if (w < 0 || (size_t)w != j->len) {
-    fprintf(stderr, "distattn: writing --json %s: %s\n", path,
-            w < 0 ? strerror(errno) : "short write (disk full?)");
+  if (w < 0 || (size_t)w != len) {
+    int e = w < 0 ? errno : ENOSPC;
+    if (w > 0 && size >= 0 && locked && ftruncate(fd, size) == 0)
+      fprintf(stderr, "distattn: writing --json %s: %s after %zd of %zu bytes; the partial record was removed\n",
+              path, strerror(e), w, len);
+    else
+      fprintf(stderr, "distattn: writing --json %s: %s (%zd of %zu bytes written)\n", path, strerror(e), w, len);
     rc = -1;
   }
+  if (buf != j->buf) free((void *)buf);
+  if (locked) flock(fd, LOCK_UN);
   if (close(fd) && !rc) {
     fprintf(stderr, "distattn: closing --json %s: %s\n", path, strerror(errno));
     rc = -1;

@@ -77,8 +77,11 @@ void da_json_null(da_json_t *j, const char *key);
 /* The fields every record carries: git, hosts (NULL: this host), SLURM_JOB_ID when set, cpu,
  * peak_rss_bytes (read now, so call it last). */
 void da_json_common(da_json_t *j, const char *hosts);
-/* Close the object and append it as one line to path. 0 on success; -1 with a message on stderr
- * (the record is then absent from the file, never truncated inside it). */
+/* Close the object (adding "key": $DISTATTN_JSON_KEY last when that is set: a sweep's name for the
+ * configuration, so a resumed sweep can skip what is recorded) and append it as one line to path,
+ * under the file's flock, with one write() on O_APPEND; a line left unterminated by an earlier
+ * writer is closed first. 0 on success; -1 with a message on stderr (a short write is truncated
+ * back: the record is then absent from the file, never cut inside it). */
 int da_json_append(da_json_t *j, const char *path);
 void da_json_free(da_json_t *j);
 /* Check before a long run that path can be opened for appending (creates it empty if absent).

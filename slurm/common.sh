@@ -31,7 +31,9 @@ da_launch() {
     srun) srun --mpi=pmix -n "$np" ${DA_SRUN_ARGS:-} "${extra[@]}" "$@" & ;;
     mpirun)
       local mpirun; mpirun=$(command -v mpirun || command -v mpirun.openmpi)
-      "$mpirun" -np "$np" ${DA_MPIRUN_ARGS:-} "$@" & ;;
+      # ranks on other nodes get only the variables named with -x
+      local xs=(); [ -n "${DISTATTN_JSON_KEY:-}" ] && xs=(-x DISTATTN_JSON_KEY)
+      "$mpirun" -np "$np" ${DA_MPIRUN_ARGS:-} "${xs[@]}" "$@" & ;;
     *) echo "distattn job: LAUNCHER=$LAUNCHER is not srun or mpirun" >&2; return 2 ;;
   esac
   DA_STEP_PID=$!
@@ -63,4 +65,17 @@ da_event() {
   local s="{\"event\":\"$ev\",\"SLURM_JOB_ID\":\"$SLURM_JOB_ID\",\"SLURM_JOB_NODELIST\":\"$SLURM_JOB_NODELIST\""
   for kv in "$@"; do s="$s,\"${kv%%=*}\":\"${kv#*=}\""; done
   printf '%s}\n' "$s" >> "$f"
+}
+
+# da_recorded FILE KEY: true when FILE already holds a whole record of the configuration KEY
+# (`distattn ... --json FILE` run with DISTATTN_JSON_KEY=KEY writes "key":"KEY" as the last field
+# of its record, launcher/report.c). A record cut short has no closing brace and does not count.
+da_recorded() {
+  local f=$1 k=$2
+  [ -f "$f" ] || return 1
+  k=${k//\\/\\\\}; k=${k//\"/\\\"}
+  # through the environment: awk -v would undo the JSON escapes
+  DA_KEY_TAIL="\"key\":\"$k\"}" awk 'BEGIN { s = ENVIRON["DA_KEY_TAIL"] }
+    length($0) >= length(s) && substr($0, length($0) - length(s) + 1) == s { found = 1; exit }
+    END { exit !found }' "$f"
 }

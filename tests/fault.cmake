@@ -28,3 +28,11 @@ if(COMMAND da_run_cli)
   da_run_cli(cli_run_bad_env_budget 2 2 ENV DISTATTN_MEM_BUDGET=lots ERR_RE "DISTATTN_MEM_BUDGET=lots: expected a size"
              ARGS --seq 4K --heads 4 --dim 64 --verify 0)
 endif()
+
+# An interrupted sweep (slurm/sweep.sbatch under bash with mpirun: SIGTERM, then SIGKILL of the job
+# and its step) resumes without duplicates; JSON records are appended whole or not at all
+# (tests/sweep_resume_test.sh, about 15 s).
+add_test(NAME sweep_resume
+         COMMAND timeout -k 5 170 ${CMAKE_CURRENT_SOURCE_DIR}/sweep_resume_test.sh $<TARGET_FILE:distattn>
+                 ${PROJECT_SOURCE_DIR})
+set_tests_properties(sweep_resume PROPERTIES LABELS fault TIMEOUT 180 SKIP_RETURN_CODE 77)
