@@ -42,8 +42,18 @@ case $what in
     # program: test_core, test_kernels, test_partition, test_ring at P = 1..8 (run them by hand
     # with `ctest -R` in the same build when those modules change). Check runs in the process
     # (CK_FORK=no): LeakSanitizer cannot trace a child forked from a multithreaded parent.
-    (cd "$B" && CK_FORK=no ctest --output-on-failure --timeout 600 -L 'unit|mpi' \
-        -E '^(test_core|test_kernels|test_partition|test_ring_np[0-9]+|example_.*)$') || rc=1 ;;&
+    # Reports go to files (one per process, by pid) as well as failing the test: a rank that aborts
+    # at exit can lose its last stderr lines when mpirun tears the job down (docs/reliability.md,
+    # the cli_decode_ring_np3 abort), and the file keeps them.
+    LOGS=$ROOT/$B/sanitizer-logs
+    rm -rf "$LOGS" && mkdir -p "$LOGS"
+    (cd "$B" && ASAN_OPTIONS="$ASAN_OPTIONS:log_path=$LOGS/asan" UBSAN_OPTIONS="$UBSAN_OPTIONS:log_path=$LOGS/ubsan" \
+        LSAN_OPTIONS="$LSAN_OPTIONS:log_path=$LOGS/lsan" CK_FORK=no ctest --output-on-failure --timeout 600 \
+        -L 'unit|mpi' -E '^(test_core|test_kernels|test_partition|test_ring_np[0-9]+|example_.*)$') || rc=1
+    for f in "$LOGS"/*; do
+      [ -s "$f" ] || continue
+      echo "== sanitizer report $f"; head -60 "$f"; rc=1
+    done ;;&
   fuzz | all)
     (cd "$B" && ctest --output-on-failure -L fuzz) || rc=1 ;;&
   valgrind | all)
