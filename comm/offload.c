@@ -1,4 +1,5 @@
-/* offload.c: attention offloading to memory ranks (offload.h, docs/offload.md). The world is split
+/* offload.c: attention offloading to memory ranks (the da_offload_* calls of include/distattn.h,
+ * docs/offload.md). The world is split
  * by role; each compute rank and its memory ranks share a group communicator (compute = rank 0).
  * A request is two nonblocking collectives on it, posted in the same order everywhere: an
  * MPI_Ibcast of [header | q | k | v] from the compute rank, then an MPI_Ireduce to it of the
@@ -7,7 +8,6 @@
  * their budgets. Not here: the decode of tree.c (its helpers are static; the few lines it takes
  * are repeated below). */
 #define _GNU_SOURCE
-#include "offload.h"
 #include <math.h>
 #include <sched.h>
 #include <stdio.h>
@@ -15,12 +15,12 @@
 #include <string.h>
 #include <sys/sysinfo.h>
 #include <time.h>
+#include "kvcache.h" /* first: mpi.h before distattn.h declares the distributed API */
 #include "dtype.h"
-#include "kvcache.h"
 
 enum { HDR = 8 };                     /* int64 words before the payload */
-enum { CMD_ATTEND = 1, CMD_STOP = 2 };
-enum { TAG_CLOCK = 31 };
+enum { CMD_ATTEND = 1, CMD_STOP = 2, CMD_CANCEL = 3 };
+enum { TAG_CLOCK = 31, TAG_ROLL = 32 }; /* point-to-point tags on the group communicator */
 
 /* lse payloads: a failed memory rank's rows (sticky), and the trailer row of timings. */
 static const uint32_t POISON_BITS = 0x7fc0d1e5u, TRAILER_BITS = 0x7fc07a11u;
@@ -32,6 +32,8 @@ typedef struct slot {
   float *part;        /* [n * H + 1][D + 1]: partial rows then the trailer */
   MPI_Request bc, rd;
   int64_t n, rows;
+  int64_t req, first; /* request number (from 1, counted on both sides) and its first sequence */
+  int layer;
   double t_post;
 } slot_t;
 
@@ -45,6 +47,8 @@ struct da_offload {
   int L;
   MPI_Comm world, group, mem; /* world dup; compute + its memory ranks; the memory ranks only */
   int wrank, grank, gsize;
+  int *gworld;            /* [gsize] rank in world of each group rank (group rank 0 = compute) */
+  int64_t nreq;           /* requests started (compute) / received (memory) */
   double timeout;
   double clock_off;       /* memory ranks: add to MPI_Wtime to get the compute rank's clock */
   MPI_Datatype rowtype;
@@ -91,15 +95,98 @@ static void merge_op(void *in, void *inout, int *len, MPI_Datatype *dt) {
   merge_rows(in, inout, *len, bytes / (int)sizeof(float) - 1);
 }
 
-static da_status_t wait_req(da_offload_t *p, MPI_Request *r, const char *what) {
+static const char *role_name(int64_t r) { return r == DA_ROLE_COMPUTE ? "compute" : r == DA_ROLE_MEMORY ? "memory" : "none"; }
+
+/* "rank 3 offload (memory rank 1 of group 0)": who is speaking, for every message of the protocol. */
+static int who(const da_offload_t *p, char *buf, size_t n) {
+  if (p->info.role == DA_ROLE_COMPUTE)
+    return snprintf(buf, n, "rank %d offload (compute rank of group %d)", p->wrank, p->info.group);
+  return snprintf(buf, n, "rank %d offload (memory rank %d of group %d)", p->wrank, p->info.index, p->info.group);
+}
+
+/* After a timeout on the group's collectives: which members are silent? A collective cannot say
+ * which member is missing, so every member that gives up tells every other one (a small eager
+ * message, tag TAG_ROLL, never waited for: MPI_Request_free) and listens for the same from them
+ * for a grace period, min(timeout, 1 s). The members stuck on the same request give up within
+ * about the same time (each waits on the silent rank, or on a member that waits on it), so the
+ * ones never heard from are the stopped, killed or hung ones. The message carries nothing: the
+ * source is the news. Writes "rank 3 (memory)" (or a list) into buf; returns how many. */
+static int roll_call(da_offload_t *p, char *buf, size_t n) {
+  static const int token = 1;
+  const int G = p->gsize;
+  int *in = calloc((size_t)G, sizeof *in), *heard = calloc((size_t)G, sizeof *heard);
+  MPI_Request *rr = malloc((size_t)G * sizeof *rr);
+  buf[0] = '\0';
+  if (!in || !heard || !rr || !p->gworld) {
+    free(in), free(heard), free(rr);
+    snprintf(buf, n, "(roll call impossible: out of memory)");
+    return 0;
+  }
+  for (int i = 0; i < G; i++) {
+    rr[i] = MPI_REQUEST_NULL;
+    if (i == p->grank) continue;
+    MPI_Request sr;
+    if (MPI_Isend(&token, 1, MPI_INT, i, TAG_ROLL, p->group, &sr) == MPI_SUCCESS) MPI_Request_free(&sr);
+    MPI_Irecv(&in[i], 1, MPI_INT, i, TAG_ROLL, p->group, &rr[i]);
+  }
+  heard[p->grank] = 1;
+  int nheard = 1;
+  const double grace = p->timeout < 1 ? p->timeout : 1, t0 = da_time_now();
+  for (long it = 0; nheard < G; it++) {
+    for (int i = 0; i < G; i++) {
+      int flag = 0;
+      if (heard[i] || rr[i] == MPI_REQUEST_NULL) continue;
+      if (MPI_Test(&rr[i], &flag, MPI_STATUS_IGNORE) == MPI_SUCCESS && flag) heard[i] = 1, nheard++;
+    }
+    const double waited = da_time_now() - t0;
+    if (waited > grace) break;
+    da_mpi_backoff(it, waited);
+  }
+  int silent = 0;
+  size_t len = 0;
+  for (int i = 0; i < G; i++) {
+    if (heard[i]) continue;
+    if (rr[i] != MPI_REQUEST_NULL) { /* a receive that never matched: cancel it (allowed for receives) */
+      MPI_Cancel(&rr[i]);
+      MPI_Wait(&rr[i], MPI_STATUS_IGNORE);
+    }
+    if (len < n)
+      len += (size_t)snprintf(buf + len, n - len, "%s%d (%s)", silent ? ", " : "", p->gworld[i],
+                              i == 0 ? "compute" : "memory");
+    silent++;
+  }
+  free(in), free(heard), free(rr);
+  return silent;
+}
+
+/* A wait of the protocol gave up: the message names this rank, the request, the seconds waited,
+ * and the group members that did not answer the roll call. The offload is broken from now on. */
+static da_status_t timed_out(da_offload_t *p, const char *what, double waited, const slot_t *sl) {
+  p->broken = 1;
+  char me[96], req[128] = "", silent[256];
+  who(p, me, sizeof me);
+  if (sl) snprintf(req, sizeof req, " request %lld (layer %d, sequences %lld..%lld):", (long long)sl->req, sl->layer,
+                   (long long)sl->first, (long long)(sl->first + sl->n - 1));
+  else snprintf(req, sizeof req, " after request %lld:", (long long)p->nreq);
+  const int ns = roll_call(p, silent, sizeof silent);
+  const double grace = p->timeout < 1 ? p->timeout : 1;
+  if (ns > 0)
+    return DA_ERR(DA_ERR_TIMEOUT, "%s%s waited %.1f s for %s; not answering the group's roll call within %g s: "
+                  "rank%s %s (stopped, killed or hung)", me, req, waited, what, grace, ns > 1 ? "s" : "", silent);
+  return DA_ERR(DA_ERR_TIMEOUT, "%s%s waited %.1f s for %s; every member of the group answered the roll call (a "
+                "rank is too slow for the timeout, or the ranks called different operations)", me, req, waited, what);
+}
+
+/* Poll r against the deadline; what = what we wait for ("the reduction of the partials"). */
+static da_status_t wait_req(da_offload_t *p, MPI_Request *r, const char *what, const slot_t *sl) {
+  const double t0 = da_time_now();
   int done = 0, rc = da_mpi_poll(r, p->timeout, &done);
   if (rc == MPI_SUCCESS && done) return DA_SUCCESS;
-  p->broken = 1;
-  if (rc != MPI_SUCCESS) return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
-  return DA_ERR(DA_ERR_TIMEOUT, "rank %d offload (group %d, %s rank): %s did not complete within %g s (a %s rank "
-                "of the group is missing or stuck)", p->wrank, p->info.group,
-                p->info.role == DA_ROLE_COMPUTE ? "compute" : "memory", what, p->timeout,
-                p->info.role == DA_ROLE_COMPUTE ? "memory" : "peer");
+  if (rc != MPI_SUCCESS) {
+    p->broken = 1;
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
+  }
+  return timed_out(p, what, da_time_now() - t0, sl);
 }
 
 #define MPITRY(call, what)                                                                                   \
@@ -107,6 +194,20 @@ static da_status_t wait_req(da_offload_t *p, MPI_Request *r, const char *what) {
     int rc_ = (call);                                                                                        \
     if (rc_ != MPI_SUCCESS) return da_mpi_error(rc_, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what); \
   } while (0)
+
+/* A setup transfer or collective posted as r, polled against the deadline. */
+static da_status_t wait_setup(da_offload_t *p, int rc, MPI_Request *r, const char *what) {
+  if (rc != MPI_SUCCESS) return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
+  int done = 0;
+  rc = da_mpi_poll(r, p->timeout, &done);
+  if (rc != MPI_SUCCESS) return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
+  if (!done) {
+    p->broken = 1;
+    return DA_ERR(DA_ERR_TIMEOUT, "rank %d offload: %s did not complete within %g s (a peer is missing or stuck)",
+                  p->wrank, what, p->timeout);
+  }
+  return DA_SUCCESS;
+}
 
 /* ---- create ------------------------------------------------------------------------------------- */
 
@@ -146,16 +247,16 @@ void da_offload_free(da_offload_t *p) {
     if (p->world != MPI_COMM_NULL) MPI_Comm_free(&p->world);
   }
   for (int i = 0; p->slots && i < p->nslots; i++) {
+    if (p->broken) continue; /* MPI may still read or write them */
     da_free(p->slots[i].msg);
-    if (!p->broken) da_free(p->slots[i].part); /* else MPI may still write into it */
+    da_free(p->slots[i].part);
   }
   free(p->slots);
+  free(p->gworld);
   da_free(p->kstage), da_free(p->vstage), free(p->ntok);
   da_free(p->o), da_free(p->lse);
   free(p);
 }
-
-static const char *role_name(int64_t r) { return r == DA_ROLE_COMPUTE ? "compute" : r == DA_ROLE_MEMORY ? "memory" : "none"; }
 
 /* Check what every rank published; the same verdict on every rank. */
 static da_status_t check_roles(da_offload_t *p, const pub_t *all, int P) {
@@ -221,26 +322,32 @@ static da_status_t local_check(da_offload_t *p, const da_problem_t *prob, const 
  * the one with the shortest round trip counts (NTP-style midpoint). */
 static da_status_t clock_sync(da_offload_t *p) {
   const int rounds = 8;
+  MPI_Request r;
   if (p->grank == 0) {
     for (int i = 1; i < p->gsize; i++)
       for (int k = 0; k < rounds; k++) {
         double x;
-        MPITRY(MPI_Recv(&x, 1, MPI_DOUBLE, i, TAG_CLOCK, p->group, MPI_STATUS_IGNORE), "clock ping");
+        DA_CHECK(wait_setup(p, MPI_Irecv(&x, 1, MPI_DOUBLE, i, TAG_CLOCK, p->group, &r), &r, "clock ping"));
         x = MPI_Wtime();
-        MPITRY(MPI_Send(&x, 1, MPI_DOUBLE, i, TAG_CLOCK, p->group), "clock pong");
+        DA_CHECK(wait_setup(p, MPI_Isend(&x, 1, MPI_DOUBLE, i, TAG_CLOCK, p->group, &r), &r, "clock pong"));
       }
     return DA_SUCCESS;
   }
   double best = INFINITY;
   for (int k = 0; k < rounds; k++) {
     double t0 = MPI_Wtime(), tc;
-    MPITRY(MPI_Send(&t0, 1, MPI_DOUBLE, 0, TAG_CLOCK, p->group), "clock ping");
-    MPITRY(MPI_Recv(&tc, 1, MPI_DOUBLE, 0, TAG_CLOCK, p->group, MPI_STATUS_IGNORE), "clock pong");
+    DA_CHECK(wait_setup(p, MPI_Isend(&t0, 1, MPI_DOUBLE, 0, TAG_CLOCK, p->group, &r), &r, "clock ping"));
+    DA_CHECK(wait_setup(p, MPI_Irecv(&tc, 1, MPI_DOUBLE, 0, TAG_CLOCK, p->group, &r), &r, "clock pong"));
     double t1 = MPI_Wtime();
     if (t1 - t0 < best) best = t1 - t0, p->clock_off = tc - 0.5 * (t0 + t1);
   }
   return DA_SUCCESS;
 }
+
+/* A slot's request message or partial rows. Named so the sanitizer suppression
+ * (tests/sanitize/lsan.supp) can find it: after a timeout MPI may still read or write them (a
+ * pending broadcast or reduction), so a broken offload never frees them. */
+static __attribute__((noinline)) void *alloc_slot_buffer(size_t bytes) { return da_malloc(bytes, 64); }
 
 static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
   const int nc = p->info.ncompute, nm = p->info.nmemory;
@@ -277,6 +384,18 @@ static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
   MPI_Comm_rank(p->group, &p->grank);
   MPI_Comm_size(p->group, &p->gsize);
   da_status_t st = DA_SUCCESS;
+  p->gworld = malloc((size_t)p->gsize * sizeof *p->gworld);
+  if (!p->gworld) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: group ranks");
+  else { /* the group's ranks in world numbering, for messages */
+    MPI_Group gg, gw;
+    int *idx = malloc((size_t)p->gsize * sizeof *idx);
+    MPI_Comm_group(p->group, &gg), MPI_Comm_group(p->world, &gw);
+    for (int i = 0; idx && i < p->gsize; i++) idx[i] = i;
+    if (idx) MPI_Group_translate_ranks(gg, p->gsize, idx, gw, p->gworld);
+    else st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: group ranks");
+    free(idx);
+    MPI_Group_free(&gg), MPI_Group_free(&gw);
+  }
   const int D = p->kp.D, H = p->kp.H, G = p->kp.G;
   const size_t es = da_dtype_size(p->kp.dtype);
   p->nmax = (p->B + p->cfg.microbatches - 1) / p->cfg.microbatches;
@@ -285,8 +404,8 @@ static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
   p->slots = calloc((size_t)p->nslots, sizeof *p->slots);
   if (!p->slots) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: slots");
   for (int i = 0; st == DA_SUCCESS && i < p->nslots; i++) {
-    p->slots[i].msg = da_malloc(p->msg_bytes, 64);
-    p->slots[i].part = da_malloc((size_t)(p->nmax * H + 1) * (size_t)(D + 1) * sizeof(float), 64);
+    p->slots[i].msg = alloc_slot_buffer(p->msg_bytes);
+    p->slots[i].part = alloc_slot_buffer((size_t)(p->nmax * H + 1) * (size_t)(D + 1) * sizeof(float));
     if (!p->slots[i].msg || !p->slots[i].part) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: slot buffers");
   }
   if (st == DA_SUCCESS && mem) {
@@ -327,11 +446,13 @@ static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
   return clock_sync(p);
 }
 
-da_status_t da_offload_create(da_context_t *ctx, MPI_Comm world, da_role_t role, const da_problem_t *prob,
+da_status_t da_offload_create(da_comm_t *comm, da_role_t role, const da_problem_t *prob,
                               const da_offload_config_t *cfg, da_offload_t **out) {
   da_error_clear();
-  if (!ctx || !out) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_create: context or output is NULL");
+  if (!comm || !out) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_create: communicator or output is NULL");
   *out = NULL;
+  da_context_t *ctx = da_comm_context(comm);
+  MPI_Comm world = da_comm_mpi(comm);
   da_offload_config_t def = DA_OFFLOAD_CONFIG_INITIALIZER;
   if (!cfg) cfg = &def;
   da_offload_t *p = calloc(1, sizeof *p);
@@ -384,6 +505,7 @@ da_status_t da_offload_create(da_context_t *ctx, MPI_Comm world, da_role_t role,
 da_status_t da_offload_get_info(const da_offload_t *p, da_offload_info_t *info) {
   if (!p || !info) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_get_info: NULL argument");
   *info = p->info;
+  info->size = sizeof *info, info->version = DA_API_VERSION;
   return DA_SUCCESS;
 }
 
@@ -406,12 +528,18 @@ da_status_t da_offload_check_fit(da_offload_t *p, const int64_t *final_len, doub
   double mine = p->info.role == DA_ROLE_MEMORY ? (p->info.share * rows * p->L + (double)p->L * p->B * (page + 1)) * row2 : 0;
   struct { double v; int r; } in = {p->info.role == DA_ROLE_MEMORY ? mine - p->info.budget : -INFINITY, p->wrank}, worst;
   double mx = mine;
-  MPI_Allreduce(MPI_IN_PLACE, &mx, 1, MPI_DOUBLE, MPI_MAX, p->world);
-  MPI_Allreduce(&in, &worst, 1, MPI_DOUBLE_INT, MPI_MAXLOC, p->world);
+  MPI_Request r;
+  da_status_t st = wait_setup(p, MPI_Iallreduce(MPI_IN_PLACE, &mx, 1, MPI_DOUBLE, MPI_MAX, p->world, &r), &r,
+                              "the fit check (allreduce)");
+  if (st == DA_SUCCESS)
+    st = wait_setup(p, MPI_Iallreduce(&in, &worst, 1, MPI_DOUBLE_INT, MPI_MAXLOC, p->world, &r), &r,
+                    "the fit check (allreduce)");
+  if (st != DA_SUCCESS) return da_context_finish(p->ctx, st);
   if (max_shard) *max_shard = mx;
   if (worst.v > 0) {
     double vals[2] = {mine, p->info.budget};
-    MPI_Bcast(vals, 2, MPI_DOUBLE, worst.r, p->world);
+    st = wait_setup(p, MPI_Ibcast(vals, 2, MPI_DOUBLE, worst.r, p->world, &r), &r, "the fit check (broadcast)");
+    if (st != DA_SUCCESS) return da_context_finish(p->ctx, st);
     return da_context_finish(p->ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: memory rank %d would hold %.1f MiB of KV "
                                             "cache, over its budget of %.1f MiB: add memory ranks or budget",
                                             worst.r, vals[0] / 1048576.0, vals[1] / 1048576.0));
@@ -421,31 +549,64 @@ da_status_t da_offload_check_fit(da_offload_t *p, const int64_t *final_len, doub
 
 /* ---- compute side ------------------------------------------------------------------------------- */
 
-da_status_t da_offload_start(da_offload_t *p, int layer, int64_t first, int64_t n, const void *q, const void *k,
-                             const void *v, int *slot) {
-  da_error_clear();
+/* t must be [n][heads][D] (ndim 3; n = want, or any n in 1..nmax when want is 0) in dtype dt on the
+ * CPU with the last two axes packed; *ld = its row stride in elements. */
+static da_status_t check_rows(const da_offload_t *p, const char *fn, const char *name, const da_tensor_t *t, int64_t want,
+                              int64_t heads, int64_t D, da_dtype_t dt, int ndim, int64_t *ld) {
+  if (!t || !t->data) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: %s is NULL", p->wrank, fn, name);
+  if (t->device != DA_DEVICE_CPU)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: %s is not in host memory", p->wrank, fn, name);
+  if (t->dtype != dt)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: %s has dtype %d, expected %d", p->wrank, fn, name,
+                  (int)t->dtype, (int)dt);
+  const int64_t n = t->ndim == ndim ? t->shape[0] : -1;
+  const int64_t lim = want ? want : p->nmax;
+  int ok = t->ndim == ndim && n >= (want ? want : 1) && n <= lim && t->shape[1] == heads && t->strides[0] >= heads * D;
+  if (ok && ndim == 3) ok = t->shape[2] == D && t->strides[2] == 1 && t->strides[1] == D;
+  if (ok && ndim == 2) ok = t->strides[1] == 1;
+  if (!ok)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: %s must be [n][%lld]%s with n in %lld..%lld, the last axes "
+                  "packed (ndim %d, shape[0] %lld)", p->wrank, fn, name, (long long)heads, ndim == 3 ? "[D]" : "",
+                  (long long)(want ? want : 1), (long long)lim, t->ndim, (long long)(t->ndim > 0 ? t->shape[0] : 0));
+  *ld = t->strides[0];
+  return DA_SUCCESS;
+}
+
+static da_status_t start(da_offload_t *p, int layer, int64_t first, const da_tensor_t *q, const da_tensor_t *k,
+                         const da_tensor_t *v, int *slot) {
+  static const char fn[] = "da_offload_start";
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: offload is NULL", fn);
   if (p->info.role != DA_ROLE_COMPUTE)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_start on a memory rank", p->wrank);
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s on a memory rank", p->wrank, fn);
   if (p->broken) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this offload had a failure; free it", p->wrank);
-  if (layer < 0 || layer >= p->L || first < 0 || n < 1 || n > p->nmax || first + n > p->B || !q || !k || !v || !slot)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_start: layer %d, sequences %lld + %lld (layers %d, "
-                  "batch %lld, micro-batch <= %lld) or a NULL pointer", p->wrank, layer, (long long)first, (long long)n,
-                  p->L, (long long)p->B, (long long)p->nmax);
+  const int H = p->kp.H, G = p->kp.G, D = p->kp.D, w = D + 1;
+  int64_t ldq = 0, ldk = 0, ldv = 0;
+  DA_CHECK(check_rows(p, fn, "q", q, 0, H, D, p->kp.dtype, 3, &ldq));
+  const int64_t n = q->shape[0];
+  DA_CHECK(check_rows(p, fn, "k", k, n, G, D, p->kp.dtype, 3, &ldk));
+  DA_CHECK(check_rows(p, fn, "v", v, n, G, D, p->kp.dtype, 3, &ldv));
+  if (layer < 0 || layer >= p->L || first < 0 || first + n > p->B || !slot)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: layer %d, sequences %lld + %lld (layers %d, batch %lld) or "
+                  "slot is NULL", p->wrank, fn, layer, (long long)first, (long long)n, p->L, (long long)p->B);
   int s = -1;
   for (int i = 0; i < p->nslots && s < 0; i++)
     if (!p->slots[i].busy) s = i;
-  if (s < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_start: all %d slots in flight", p->wrank, p->nslots);
+  if (s < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: all %d slots in flight", p->wrank, fn, p->nslots);
   slot_t *sl = &p->slots[s];
-  const int H = p->kp.H, G = p->kp.G, D = p->kp.D, w = D + 1;
-  const size_t es = da_dtype_size(p->kp.dtype), qb = (size_t)(n * H * D) * es, kb = (size_t)(n * G * D) * es;
+  const size_t es = da_dtype_size(p->kp.dtype), qr = (size_t)(H * D) * es, kr = (size_t)(G * D) * es;
   int64_t *h = (int64_t *)sl->msg;
   sl->t_post = MPI_Wtime();
   h[0] = CMD_ATTEND, h[1] = layer, h[2] = first, h[3] = n;
   memcpy(&h[4], &sl->t_post, sizeof(double));
   char *pl = sl->msg + HDR * sizeof(int64_t), *pq = pl, *pk = pq + (size_t)(p->nmax * H * D) * es,
        *pv = pk + (size_t)(p->nmax * G * D) * es;
-  memcpy(pq, q, qb), memcpy(pk, k, kb), memcpy(pv, v, kb);
-  sl->n = n, sl->rows = n * H + 1;
+  for (int64_t i = 0; i < n; i++) {
+    memcpy(pq + (size_t)i * qr, (const char *)q->data + (size_t)(i * ldq) * es, qr);
+    memcpy(pk + (size_t)i * kr, (const char *)k->data + (size_t)(i * ldk) * es, kr);
+    memcpy(pv + (size_t)i * kr, (const char *)v->data + (size_t)(i * ldv) * es, kr);
+  }
+  sl->n = n, sl->rows = n * H + 1, sl->layer = layer, sl->first = first, sl->req = ++p->nreq;
+  p->st.requests = (uint64_t)p->nreq;
   for (int64_t i = 0; i < sl->rows; i++) { /* the identity: o = 0, lse = -inf; trailer: -inf times, 0 bytes */
     float *r = sl->part + i * w;
     for (int d = 0; d < D; d++) r[d] = i == sl->rows - 1 && d != 2 ? -INFINITY : 0.0f;
@@ -459,36 +620,48 @@ da_status_t da_offload_start(da_offload_t *p, int layer, int64_t first, int64_t 
   return DA_SUCCESS;
 }
 
+da_status_t da_offload_start(da_offload_t *p, int layer, int64_t first, const da_tensor_t *q, const da_tensor_t *k,
+                             const da_tensor_t *v, int *slot) {
+  da_error_clear();
+  da_status_t st = start(p, layer, first, q, k, v, slot);
+  return p ? da_context_finish(p->ctx, st) : st;
+}
+
 void da_offload_progress(da_offload_t *p) {
   int flag;
-  for (int i = 0; i < p->nslots; i++)
+  for (int i = 0; p && i < p->nslots; i++)
     if (p->slots[i].busy) {
       MPI_Test(&p->slots[i].bc, &flag, MPI_STATUS_IGNORE);
       MPI_Test(&p->slots[i].rd, &flag, MPI_STATUS_IGNORE);
     }
 }
 
-da_status_t da_offload_wait(da_offload_t *p, int s, void *out, float *lse) {
-  da_error_clear();
-  if (s < 0 || s >= p->nslots || !p->slots[s].busy || !out)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_wait: slot %d is not in flight (or out is NULL)",
-                  p->wrank, s);
+/* Wait for slot s to complete (out / lse NULL: drop the result). */
+static da_status_t finish(da_offload_t *p, int s, da_tensor_t *out, da_tensor_t *lse) {
+  static const char fn[] = "da_offload_wait";
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: offload is NULL", fn);
+  if (p->info.role != DA_ROLE_COMPUTE || s < 0 || s >= p->nslots || !p->slots[s].busy)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: slot %d is not in flight", p->wrank, fn, s);
   slot_t *sl = &p->slots[s];
-  DA_CHECK(wait_req(p, &sl->bc, "the request broadcast"));
-  DA_CHECK(wait_req(p, &sl->rd, "the reduction of the partials"));
+  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  int64_t ldo = 0, ldl = 0;
+  if (out) DA_CHECK(check_rows(p, fn, "out", out, sl->n, H, D, p->kp.dtype, 3, &ldo));
+  if (lse) DA_CHECK(check_rows(p, fn, "lse", lse, sl->n, H, 1, DA_FLOAT32, 2, &ldl));
+  DA_CHECK(wait_req(p, &sl->bc, "the request broadcast to reach the memory ranks", sl));
+  DA_CHECK(wait_req(p, &sl->rd, "the reduction of the partials", sl));
   const double t_done = MPI_Wtime();
   sl->busy = 0;
-  const int H = p->kp.H, D = p->kp.D, w = D + 1;
   const float *tr = sl->part + (sl->rows - 1) * w;
   for (int64_t i = 0; i < sl->n * H; i++)
     if (has_bits(sl->part[i * w + D], POISON_BITS))
-      return DA_ERR(DA_ERR_REMOTE, "rank %d offload (group %d): a memory rank failed on this request (its partials "
-                    "arrived poisoned; its own message says why)", p->wrank, p->info.group);
-  for (int64_t i = 0; i < sl->n * H; i++) {
-    const float *r = sl->part + i * w;
-    for (int d = 0; d < D; d++) da_store_f32(out, (int)p->kp.dtype, i * D + d, r[d]);
-    if (lse) lse[i] = r[D];
-  }
+      return DA_ERR(DA_ERR_REMOTE, "rank %d offload (group %d) request %lld: a memory rank failed on this request (its "
+                    "partials arrived poisoned; its own message says why)", p->wrank, p->info.group, (long long)sl->req);
+  for (int64_t i = 0; out && i < sl->n; i++)
+    for (int h = 0; h < H; h++) {
+      const float *r = sl->part + (i * H + h) * w;
+      for (int d = 0; d < D; d++) da_store_f32(out->data, (int)p->kp.dtype, i * ldo + (int64_t)h * D + d, r[d]);
+      if (lse) ((float *)lse->data)[i * ldl + h] = r[D];
+    }
   const double t_end = MPI_Wtime();
   /* trailer: [0] latest arrival, [1] latest partials ready (after t_post, compute clock); [2] KV bytes */
   const double a = D > 0 ? tr[0] : 0, b = D > 1 ? tr[1] : a;
@@ -503,16 +676,93 @@ da_status_t da_offload_wait(da_offload_t *p, int s, void *out, float *lse) {
   return DA_SUCCESS;
 }
 
-da_status_t da_offload_stop(da_offload_t *p) {
-  if (p->info.role != DA_ROLE_COMPUTE) return DA_SUCCESS;
-  for (int i = 0; i < p->nslots; i++)
-    if (p->slots[i].busy) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_stop with slot %d in flight", p->wrank, i);
+da_status_t da_offload_wait(da_offload_t *p, int s, da_tensor_t *out, da_tensor_t *lse) {
+  da_error_clear();
+  da_status_t st = out ? finish(p, s, out, lse) : DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_wait: out is NULL");
+  return p ? da_context_finish(p->ctx, st) : st;
+}
+
+/* A row view [first .. first + n) of a [B][heads][D] (or [B][heads]) tensor. */
+static da_tensor_t rows_of(const da_tensor_t *t, int64_t first, int64_t n) {
+  da_tensor_t r = *t;
+  r.data = (char *)t->data + (size_t)(first * t->strides[0]) * da_dtype_size(t->dtype);
+  r.shape[0] = n;
+  return r;
+}
+
+da_status_t da_offload_step(da_offload_t *p, int layer, const da_tensor_t *q, const da_tensor_t *k,
+                            const da_tensor_t *v, da_tensor_t *out, da_tensor_t *lse) {
+  da_error_clear();
+  static const char fn[] = "da_offload_step";
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: offload is NULL", fn);
+  da_status_t st = DA_SUCCESS;
+  for (int i = 0; i < p->nslots && st == DA_SUCCESS; i++)
+    if (p->slots && p->slots[i].busy) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s with slot %d in flight", p->wrank, fn, i);
+  /* the shapes of the whole batch: [B][..]; the per-micro-batch calls check the rest */
+  const da_tensor_t *all[5] = {q, k, v, out, lse};
+  static const char *const names[5] = {"q", "k", "v", "out", "lse"};
+  for (int i = 0; i < 5 && st == DA_SUCCESS; i++)
+    if ((i < 4 && (!all[i] || !all[i]->data)) || (all[i] && (all[i]->ndim < 2 || all[i]->shape[0] != p->B)))
+      st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: %s must be [B = %lld][...]", p->wrank, fn, names[i],
+                  (long long)p->B);
+  const int64_t nmb = (p->B + p->nmax - 1) / p->nmax; /* <= microbatches = slots */
+  int *slots = malloc((size_t)nmb * sizeof *slots), started = 0;
+  if (st == DA_SUCCESS && !slots) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "%s: slots", fn);
+  for (int64_t m = 0; m < nmb && st == DA_SUCCESS; m++) {
+    const int64_t f = m * p->nmax, n = f + p->nmax <= p->B ? p->nmax : p->B - f;
+    const da_tensor_t tq = rows_of(q, f, n), tk = rows_of(k, f, n), tv = rows_of(v, f, n);
+    st = start(p, layer, f, &tq, &tk, &tv, &slots[m]);
+    started += st == DA_SUCCESS;
+  }
+  for (int64_t m = 0; m < started; m++) {
+    const int64_t f = m * p->nmax, n = f + p->nmax <= p->B ? p->nmax : p->B - f;
+    da_tensor_t to = rows_of(out, f, n), tl = lse ? rows_of(lse, f, n) : to;
+    da_status_t s2 = st == DA_SUCCESS ? finish(p, slots[m], &to, lse ? &tl : NULL) : finish(p, slots[m], NULL, NULL);
+    if (st == DA_SUCCESS) st = s2;
+  }
+  free(slots);
+  return da_context_finish(p->ctx, st);
+}
+
+/* The header-only broadcast of STOP or CANCEL (with the reason in the payload). */
+static da_status_t send_cmd(da_offload_t *p, int cmd, const char *reason) {
   int64_t *h = (int64_t *)p->slots[0].msg;
   memset(h, 0, HDR * sizeof(int64_t));
-  h[0] = CMD_STOP;
+  h[0] = cmd, h[1] = p->nreq;
+  char *text = p->slots[0].msg + HDR * sizeof(int64_t);
+  const size_t room = p->msg_bytes - HDR * sizeof(int64_t);
+  if (room > 0) snprintf(text, room, "%s", reason ? reason : "");
   MPI_Request r;
   MPITRY(MPI_Ibcast(p->slots[0].msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &r), "MPI_Ibcast (stop)");
-  return wait_req(p, &r, "the stop broadcast");
+  return wait_req(p, &r, cmd == CMD_STOP ? "the stop broadcast" : "the cancel broadcast", NULL);
+}
+
+da_status_t da_offload_stop(da_offload_t *p) {
+  da_error_clear();
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_stop: offload is NULL");
+  if (p->info.role != DA_ROLE_COMPUTE) return DA_SUCCESS;
+  if (p->broken) return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_stop: this "
+                                                         "offload had a failure; free it", p->wrank));
+  for (int i = 0; i < p->nslots; i++)
+    if (p->slots[i].busy)
+      return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_stop with slot %d in flight",
+                                              p->wrank, i));
+  return da_context_finish(p->ctx, send_cmd(p, CMD_STOP, NULL));
+}
+
+da_status_t da_offload_cancel(da_offload_t *p, const char *reason) {
+  da_error_clear();
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_cancel: offload is NULL");
+  if (p->info.role != DA_ROLE_COMPUTE)
+    return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_cancel on a memory rank", p->wrank));
+  if (p->broken) return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_cancel: this "
+                                                         "offload had a failure; free it", p->wrank));
+  for (int i = 0; i < p->nslots; i++)
+    if (p->slots[i].busy) {
+      da_status_t st = finish(p, i, NULL, NULL);
+      if (st == DA_ERR_TIMEOUT || p->broken) return da_context_finish(p->ctx, st);
+    }
+  return da_context_finish(p->ctx, send_cmd(p, CMD_CANCEL, reason));
 }
 
 /* ---- memory side -------------------------------------------------------------------------------- */
@@ -559,16 +809,19 @@ static da_status_t attend(da_offload_t *p, slot_t *sl, int layer, int64_t first,
   return DA_SUCCESS;
 }
 
-da_status_t da_offload_serve(da_offload_t *p) {
-  da_error_clear();
+static da_status_t serve(da_offload_t *p) {
   if (p->info.role != DA_ROLE_MEMORY)
     return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_serve on a compute rank", p->wrank));
+  if (p->broken) return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_serve: this "
+                                                         "offload had a failure; free it", p->wrank));
   const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  char what[128];
+  snprintf(what, sizeof what, "the next request from compute rank %d", p->info.compute_world_rank);
   da_status_t failed = DA_SUCCESS; /* the first local failure: later requests are answered poisoned */
   for (int64_t k = 0;; k++) {
     slot_t *sl = &p->slots[k % p->nslots];
     if (sl->busy) {
-      DA_CHECK(wait_req(p, &sl->rd, "the reduction of the partials"));
+      DA_CHECK(da_context_finish(p->ctx, wait_req(p, &sl->rd, "the reduction of the partials", sl)));
       sl->busy = 0;
     }
     MPI_Request bc;
@@ -582,28 +835,33 @@ da_status_t da_offload_serve(da_offload_t *p) {
       for (int i = 0; i < p->nslots; i++)
         if (p->slots[i].busy) MPI_Test(&p->slots[i].rd, &flag, MPI_STATUS_IGNORE);
       const double waited = da_time_now() - t0;
-      if (waited > p->timeout) {
-        p->broken = 1;
-        return da_context_finish(p->ctx, DA_ERR(DA_ERR_TIMEOUT, "rank %d offload (memory rank %d of group %d): no request "
-                                                "from compute rank %d within %g s (it is missing or stuck)", p->wrank,
-                                                p->info.index, p->info.group, p->info.compute_world_rank, p->timeout));
-      }
+      if (waited > p->timeout) return da_context_finish(p->ctx, timed_out(p, what, waited, NULL));
       da_mpi_backoff(it, waited);
     }
     const double t_recv = MPI_Wtime() + p->clock_off;
     const int64_t *h = (const int64_t *)sl->msg;
-    if (h[0] == CMD_STOP) {
+    if (h[0] == CMD_STOP || h[0] == CMD_CANCEL) {
       for (int i = 0; i < p->nslots; i++)
         if (p->slots[i].busy) {
-          DA_CHECK(wait_req(p, &p->slots[i].rd, "the reduction of the partials"));
+          DA_CHECK(da_context_finish(p->ctx, wait_req(p, &p->slots[i].rd, "the reduction of the partials", &p->slots[i])));
           p->slots[i].busy = 0;
         }
+      if (h[0] == CMD_CANCEL) {
+        char me[96];
+        who(p, me, sizeof me);
+        const char *why = sl->msg + HDR * sizeof(int64_t);
+        sl->msg[p->msg_bytes - 1] = '\0';
+        return da_context_finish(p->ctx, DA_ERR(DA_ERR_REMOTE, "%s: compute rank %d cancelled the offload after request "
+                                                "%lld%s%s", me, p->info.compute_world_rank, (long long)p->nreq,
+                                                *why ? ": " : "", why));
+      }
       return da_context_finish(p->ctx, failed);
     }
     double t_post;
     memcpy(&t_post, &h[4], sizeof t_post);
     const int layer = (int)h[1];
     const int64_t first = h[2], n = h[3] >= 1 && h[3] <= p->nmax ? h[3] : 1;
+    sl->req = ++p->nreq, sl->layer = layer, sl->first = first, sl->n = n;
     uint64_t kvb = 0;
     const double tk0 = da_time_now();
     da_status_t st = failed == DA_SUCCESS ? attend(p, sl, layer, first, n, &kvb) : failed;
@@ -628,8 +886,15 @@ da_status_t da_offload_serve(da_offload_t *p) {
   }
 }
 
+da_status_t da_offload_serve(da_offload_t *p) {
+  da_error_clear();
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_serve: offload is NULL");
+  return da_context_finish(p->ctx, serve(p));
+}
+
 da_status_t da_offload_get_stats(const da_offload_t *p, da_offload_stats_t *st) {
   if (!p || !st) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_get_stats: NULL argument");
   *st = p->st;
+  st->size = sizeof *st, st->version = DA_API_VERSION;
   return DA_SUCCESS;
 }

@@ -134,14 +134,21 @@ int da_mpi_poll(MPI_Request *r, double timeout_s, int *done) {
   }
 }
 
+/* Spin, yield for the first millisecond, then sleep for 2 % of the time already waited (20 us ..
+ * 1 ms): a short wait stays responsive, a long one (a memory rank decoding 256K keys, a slow peer)
+ * stops costing a core. A fixed 20 us sleep cost the offload's compute rank about a third of a
+ * core in nanosleep calls while it waited (docs/offload.md, "Bench"); the proportional sleep adds
+ * at most 2 % (+ timer slack) to a wait's latency. */
 void da_mpi_backoff(long iter, double waited) {
   if (iter < 64) return;
-  if (waited < 0.01) {
+  if (waited < 0.001) {
     sched_yield();
-  } else {
-    struct timespec ts = {0, 20000};
-    nanosleep(&ts, NULL);
+    return;
   }
+  double s = waited * 0.02;
+  s = s < 20e-6 ? 20e-6 : s > 1e-3 ? 1e-3 : s;
+  struct timespec ts = {0, (long)(s * 1e9)};
+  nanosleep(&ts, NULL);
 }
 
 da_status_t da_mpi_comm_dup(MPI_Comm parent, double timeout_s, const char *what, MPI_Comm *out) {

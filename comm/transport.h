@@ -103,8 +103,8 @@ da_status_t da_xport_barrier(da_xport_t *xp);
  * allgather on success; bounded by the timeout, so a vanished peer gives DA_ERR_TIMEOUT. */
 da_status_t da_xport_agree(da_xport_t *xp, da_status_t local, const char *what);
 
-/* Poll a nonblocking MPI request until it completes or timeout_s seconds pass: spin, then yield,
- * then 20 us sleeps, so progress needs no helper thread and an idle rank leaves its core to the
+/* Poll a nonblocking MPI request until it completes or timeout_s seconds pass: spin, then yield
+ * (1 ms), then sleeps of 2 % of the time waited (20 us .. 1 ms), so progress needs no helper thread and an idle rank leaves its core to the
  * others. Returns MPI_SUCCESS with *done = 1 (complete) or *done = 0 (timed out), or the MPI
  * error code. The caller words the failure (it knows the rank, the step and the peer). */
 int da_mpi_poll(MPI_Request *r, double timeout_s, int *done);

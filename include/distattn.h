@@ -430,6 +430,147 @@ typedef struct da_decode_stats {
 
 da_status_t da_decode_plan_stats(const da_decode_plan_t *plan, da_decode_stats_t *stats);
 
+/* ==== attention offload to memory ranks (Lamina) =======================================
+ * Every rank of the communicator is a COMPUTE or a MEMORY rank (its own choice, e.g. from its
+ * command line: an MPMD mpirun or a Slurm heterogeneous job gives all ranks one communicator).
+ * Each compute rank c = 0..nc-1 (in rank order) is paired with the memory ranks m (in rank order)
+ * with floor(m * nc / nm) == c (groups differ by at most one rank; nm >= nc >= 1). The memory
+ * ranks of a group hold the KV cache of their compute rank's B sequences, for every layer, sharded
+ * in proportion to their memory budgets (the weighted shard map of da_kvcache_config_t), and run
+ * the memory-bound decode attention for it. Per request (one layer of a micro-batch of sequences)
+ * the compute rank broadcasts q and the new token's k, v to its group; the memory ranks append
+ * the token, decode their shards and tree-reduce the fp32 (o, lse) partials back to it with the
+ * merge as the reduction operator. Up to `microbatches` requests may be in flight, so the compute
+ * rank's other work overlaps the offloaded attention. CPU contexts only. See docs/offload.md.
+ *
+ * Errors, as everywhere in this section, reach every rank that takes part: a rank without a
+ * role, no compute rank, fewer memory than compute ranks (DA_ERR_INVALID_ARGUMENT), ranks that
+ * disagree on the problem or config (DA_ERR_MISMATCH naming the field), a cache over a memory
+ * rank's budget (DA_ERR_OUT_OF_MEMORY, da_offload_check_fit). A memory rank that fails (append
+ * out of memory, a malformed request) keeps its own status and answers this and every later
+ * request with poisoned partials: its compute rank gets DA_ERR_REMOTE, never wrong numbers. A
+ * rank that stops answering: every wait of the request protocol (the broadcast, the reduction,
+ * a memory rank's wait for the next request, stop and cancel) gives up after cfg.timeout with
+ * DA_ERR_TIMEOUT; the message names the rank, the request and layer, the seconds waited, and the
+ * group members that did not answer a short roll call of the group (min(timeout, 1 s)) -- the
+ * stopped, killed or hung ones. The offload is then broken: free it (its buffers MPI may still
+ * write into are never handed back). Not bounded (as for every create): the setup collectives
+ * of da_offload_create. */
+typedef enum da_role { DA_ROLE_NONE = -1, DA_ROLE_COMPUTE = 0, DA_ROLE_MEMORY = 1 } da_role_t;
+
+typedef struct da_offload_config {
+  size_t size;        /* sizeof(da_offload_config_t), set by the initializer */
+  unsigned version;   /* DA_API_VERSION */
+  int64_t page;       /* tokens per KV page; 0 = 256 */
+  int layers;         /* KV caches per sequence (one per model layer); >= 1 */
+  int microbatches;   /* requests a compute rank may have in flight (1 .. batch); the batch is cut
+                         into micro-batches of at most ceil(batch / microbatches) sequences */
+  double mem_budget;  /* bytes of KV cache this rank may hold; 0 = discovered (sysinfo: free +
+                         buffer memory, shared by the ranks of the node); memory ranks get shards
+                         in proportion to it */
+  double timeout;     /* seconds a rank waits for a peer; 0 = DISTATTN_TIMEOUT or 300 */
+} da_offload_config_t;
+
+#define DA_OFFLOAD_CONFIG_INITIALIZER { sizeof(da_offload_config_t), DA_API_VERSION, 0, 1, 1, 0.0, 0.0 }
+
+typedef struct da_offload da_offload_t;
+
+/* Split comm's ranks by role into groups (above) and create each group's distributed KV cache on
+ * its memory ranks. prob: batch = sequences PER COMPUTE RANK, heads, kv_heads, dim, dtype, scale
+ * (the same on every rank; seq and mask are not used: decode is causal over the cache). Every
+ * rank also publishes its cfg->mem_budget. Collective over comm. */
+da_status_t da_offload_create(da_comm_t *comm, da_role_t role, const da_problem_t *prob,
+                              const da_offload_config_t *cfg, da_offload_t **out);
+/* Collective over comm (a compute rank calls da_offload_stop or da_offload_cancel first, its
+ * memory ranks return from da_offload_serve). NULL is a no-op. */
+void da_offload_free(da_offload_t *off);
+
+typedef struct da_offload_info {
+  size_t size;                 /* filled by da_offload_get_info */
+  unsigned version;
+  da_role_t role;
+  int group, ngroups;          /* this rank's group = index of its compute rank */
+  int ncompute, nmemory;       /* in the job */
+  int group_memory;            /* memory ranks in this group */
+  int index;                   /* memory ranks: index within the group's memory ranks; compute: -1 */
+  int compute_world_rank;      /* the rank (in comm) of this group's compute rank */
+  double budget;               /* this rank's memory budget in bytes */
+  double share;                /* memory ranks: budget / sum of the group's budgets */
+  int discovered;              /* the budget came from sysinfo, not the config */
+} da_offload_info_t;
+da_status_t da_offload_get_info(const da_offload_t *off, da_offload_info_t *info); /* local */
+
+/* Memory ranks: the group's cache (batch = layers * B; cache sequence l * B + b holds layer l of
+ * the compute rank's sequence b), to fill before serving: da_kvcache_prefill (collective over the
+ * group's memory ranks: every one calls it for the same sequences) and da_kvcache_get_page, or
+ * prefill rows. NULL on compute ranks. The offload owns it. */
+da_kvcache_t *da_offload_cache(da_offload_t *off);
+
+/* Will the cache fit? final_len[B] (the same on every rank) = the longest each sequence will
+ * get. Every memory rank's projected shard (its share of layers * sum(final_len) rows, plus a
+ * page per cache sequence) must fit its budget: otherwise DA_ERR_OUT_OF_MEMORY on every rank,
+ * naming the rank, the MiB and the budget. *max_shard (may be NULL) = the largest projection in
+ * bytes. Collective over comm; bounded by the timeout. */
+da_status_t da_offload_check_fit(da_offload_t *off, const int64_t *final_len, double *max_shard);
+
+/* KV bytes of prob->batch sequences of final_len tokens over `layers` layers: what one rank
+ * would hold without offload. Local; no handle needed. */
+double da_offload_kv_bytes(const da_problem_t *prob, int layers, const int64_t *final_len);
+
+/* ---- compute ranks (local calls: only the group's memory ranks take part) ----
+ * Start the attention of layer `layer` for the n sequences first .. first + n - 1: q is
+ * [n][H][D], k and v are [n][G][D] (prob->dtype, ndim 3, any row stride, the last two axes
+ * packed): the new token of each sequence, appended at position len before the decode (so the
+ * query attends to the whole cache, itself included). 1 <= n <= ceil(B / microbatches). The rows
+ * are copied: the tensors may be reused on return. *slot (< microbatches) is what to wait on;
+ * DA_ERR_INVALID_ARGUMENT when every slot is in flight. */
+da_status_t da_offload_start(da_offload_t *off, int layer, int64_t first, const da_tensor_t *q,
+                             const da_tensor_t *k, const da_tensor_t *v, int *slot);
+/* Drive the progress of the requests in flight (call it between chunks of other work: no helper
+ * thread moves the messages). */
+void da_offload_progress(da_offload_t *off);
+/* Wait for a slot: out [n][H][D] (prob->dtype, ndim 3, last two axes packed) and lse [n][H]
+ * (float32, ndim 2, may be NULL). A memory rank that failed: DA_ERR_REMOTE; one that does not
+ * answer: DA_ERR_TIMEOUT (above). */
+da_status_t da_offload_wait(da_offload_t *off, int slot, da_tensor_t *out, da_tensor_t *lse);
+/* One layer of the whole batch: q [B][H][D], k, v [B][G][D] -> out [B][H][D], lse [B][H] (may be
+ * NULL): every micro-batch started, then all waited (nothing may be in flight before). */
+da_status_t da_offload_step(da_offload_t *off, int layer, const da_tensor_t *q, const da_tensor_t *k,
+                            const da_tensor_t *v, da_tensor_t *out, da_tensor_t *lse);
+/* Tell the group's memory ranks to leave da_offload_serve with DA_SUCCESS (nothing may be in
+ * flight). */
+da_status_t da_offload_stop(da_offload_t *off);
+/* End the group's offload because of a failure elsewhere (e.g. another part of the job gave up):
+ * waits for the requests in flight (results dropped), then the memory ranks leave
+ * da_offload_serve with DA_ERR_REMOTE, their message naming this rank and `reason` (may be NULL;
+ * truncated to what one request message holds). Returns DA_SUCCESS when the group got it. */
+da_status_t da_offload_cancel(da_offload_t *off, const char *reason);
+
+/* ---- memory ranks ----
+ * Serve the group's compute rank until it stops (DA_SUCCESS) or cancels (DA_ERR_REMOTE): receive,
+ * append, decode, reduce. A local failure is kept and returned at the end (the compute rank got
+ * poisoned partials meanwhile); DA_ERR_TIMEOUT when no request comes within the timeout. */
+da_status_t da_offload_serve(da_offload_t *off);
+
+/* Figures (local). Compute ranks: of the last da_offload_wait; memory ranks: totals over serve.
+ * Times on the compute rank's clock (memory clocks are offset by a ping-pong at create). */
+typedef struct da_offload_stats {
+  size_t size;        /* filled by da_offload_get_stats */
+  unsigned version;
+  double send_s;      /* compute: post of the broadcast until the last memory rank holds it */
+  double attn_s;      /* compute: from then until the slowest memory rank's partials are ready
+                         (append + decode on that rank, plus its wait for the message) */
+  double reduce_s;    /* compute: from then until the merged partials are on the compute rank */
+  double recv_s;      /* compute: unpacking the merged partials into out and lse */
+  double total_s;     /* compute: post .. wait returned */
+  uint64_t net_bytes; /* bytes on the network for the request: broadcast (group_memory copies of
+                         the message) + the binomial reduction (group_memory partial messages) */
+  uint64_t kv_bytes;  /* KV bytes the memory ranks' kernels read for it (summed over the group) */
+  uint64_t requests;  /* requests started (compute) or served (memory) so far */
+  double kernel_s;    /* memory: time in append + decode, summed */
+} da_offload_stats_t;
+da_status_t da_offload_get_stats(const da_offload_t *off, da_offload_stats_t *st); /* local */
+
 #endif /* MPI_VERSION */
 
 #ifdef __cplusplus

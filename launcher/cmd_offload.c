@@ -5,8 +5,10 @@
  * layer, per micro-batch, a configurable amount of busy compute, then the offloaded attention of
  * that micro-batch, pipelined so the next micro-batch's compute overlaps it. Reports the latency
  * split (send, remote attention, reduce, receive), network bytes against KV bytes read, tokens/s
- * with offload and (--baseline) without, and verifies sampled rows in float64. Not a library
- * layer: it may exit. */
+ * with offload and (--baseline) without, and verifies sampled rows in float64. A rank that gives
+ * up on a peer ends the job through launcher/fault.c; a compute rank whose own group is healthy
+ * notices that (da_fault_notice) and cancels its group, so every surviving rank says why it
+ * stops. Not a library layer: it may exit. */
 #define _GNU_SOURCE
 #include <mpi.h>
 #include <math.h>
@@ -20,8 +22,8 @@
 #include "dtype.h"
 #include "kernels.h"
 #include "launcher.h"
-#include "offload.h"
 #include "common.h"
+#include "fault.h"
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
@@ -179,6 +181,7 @@ int da_cmd_offload(int argc, char **argv) {
   const int nth = threads ? (int)threads : 1;
   int rc = 0;
   da_context_t *ctx = NULL;
+  da_comm_t *wcomm = NULL;
   da_offload_t *off = NULL;
   da_config_t ccfg = DA_CONFIG_INITIALIZER;
   ccfg.nthreads = nth;
@@ -189,7 +192,8 @@ int da_cmd_offload(int argc, char **argv) {
   da_offload_config_t ocfg = DA_OFFLOAD_CONFIG_INITIALIZER;
   ocfg.page = page, ocfg.layers = L, ocfg.microbatches = (int)micro, ocfg.mem_budget = (double)budget;
   ocfg.timeout = timeout;
-  if (st == DA_SUCCESS) st = da_offload_create(ctx, MPI_COMM_WORLD, role < 0 ? DA_ROLE_NONE : (da_role_t)role, &prob, &ocfg, &off);
+  if (st == DA_SUCCESS) st = da_comm_create(ctx, MPI_COMM_WORLD, &wcomm);
+  if (st == DA_SUCCESS) st = da_offload_create(wcomm, role < 0 ? DA_ROLE_NONE : (da_role_t)role, &prob, &ocfg, &off);
   if (da_mpi_max_int(st != DA_SUCCESS)) { /* role errors reach every rank: each says it */
     fprintf(stderr, "distattn decode: rank %d: offload: %s: %s\n", g_rank, da_status_string(st), da_last_error(ctx));
     rc = st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH ? 2 : 1;
@@ -270,21 +274,33 @@ int da_cmd_offload(int argc, char **argv) {
   MPI_Barrier(MPI_COMM_WORLD);
   if (is_mem) {
     st = da_offload_serve(off);
-    if (st != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: serve: %s\n", g_rank, da_last_error(ctx));
+    if (st != DA_SUCCESS) {
+      da_offload_stats_t os;
+      da_offload_get_stats(off, &os);
+      const int64_t per_step = (int64_t)L * nmb, done = (int64_t)os.requests;
+      fprintf(stderr, "distattn decode: rank %d: step %lld: serve: %s\n", g_rank,
+              (long long)(done / per_step), da_last_error(ctx));
+      /* the compute rank cancelled because the job is ending: join the roll call now */
+      if (st == DA_ERR_REMOTE) da_fault_abort("offload");
+    }
   } else {
     char *q = malloc((size_t)(B * H * D) * es), *k = malloc((size_t)(B * G * D) * es), *v = malloc((size_t)(B * G * D) * es);
     char *out = malloc((size_t)(L * B * H * D) * es);
     float *lse = malloc((size_t)(L * B * H) * sizeof(float)), *tmp = malloc((size_t)D * sizeof(float));
     int *slot = malloc((size_t)(L * nmb) * sizeof *slot);
     const double per_mb = layer_ms * 1e-3 / (double)nmb;
-    for (int64_t it = 0; it < NS && st == DA_SUCCESS; it++) {
+    int gave_up = -1; /* a rank of the job that gave up waiting (another group's failure) */
+    for (int64_t it = 0; it < NS && st == DA_SUCCESS && gave_up < 0; it++) {
       const double t0 = MPI_Wtime();
-      for (int l = 0; l <= L && st == DA_SUCCESS; l++)
-        for (int64_t m = 0; m < nmb && st == DA_SUCCESS; m++) {
+      for (int l = 0; l <= L && st == DA_SUCCESS && gave_up < 0; l++)
+        for (int64_t m = 0; m < nmb && st == DA_SUCCESS && gave_up < 0; m++) {
           const int64_t f = m * nmax, n = f + nmax <= B ? nmax : B - f;
           if (l > 0) { /* layer l of micro-batch m needs its attention of layer l - 1 */
-            const int64_t o = (int64_t)(l - 1) * B + f;
-            st = da_offload_wait(off, slot[(l - 1) * nmb + m], out + (size_t)(o * H * D) * es, lse + o * H);
+            const int64_t o = (int64_t)(l - 1) * B + f, sho[3] = {n, H, D}, shl[2] = {n, H};
+            da_tensor_t to, tl;
+            da_tensor_make(&to, out + (size_t)(o * H * D) * es, (da_dtype_t)dt, 3, sho);
+            da_tensor_make(&tl, lse + o * H, DA_FLOAT32, 2, shl);
+            st = da_offload_wait(off, slot[(l - 1) * nmb + m], &to, &tl);
             if (st != DA_SUCCESS) break;
             da_offload_stats_t os;
             da_offload_get_stats(off, &os);
@@ -295,16 +311,30 @@ int da_cmd_offload(int argc, char **argv) {
             }
           }
           if (l == L) continue;
+          if ((gave_up = da_fault_notice()) >= 0) break;
           emulate_compute(off, per_mb);
           for (int64_t i = 0; i < n; i++) {
             const int64_t b = f + i, idx = ((int64_t)info.group * L + l) * B + b;
             gen_token(da_verify_seed((uint64_t)seed, idx), lens[b] + it, H, (int)G, D, dt, q, k, v, i, tmp);
           }
-          st = da_offload_start(off, l, f, n, q, k, v, &slot[l * nmb + m]);
+          const int64_t shq[3] = {n, H, D}, shk[3] = {n, G, D};
+          da_tensor_t tq, tk, tv;
+          da_tensor_make(&tq, q, (da_dtype_t)dt, 3, shq);
+          da_tensor_make(&tk, k, (da_dtype_t)dt, 3, shk), da_tensor_make(&tv, v, (da_dtype_t)dt, 3, shk);
+          st = da_offload_start(off, l, f, &tq, &tk, &tv, &slot[l * nmb + m]);
         }
       if (st != DA_SUCCESS) {
         fprintf(stderr, "distattn decode: rank %d: step %lld: %s\n", g_rank, (long long)it, da_last_error(ctx));
         break;
+      }
+      if (gave_up >= 0) {
+        char why[160];
+        snprintf(why, sizeof why, "rank %d of the job gave up waiting for a peer (its message says which)", gave_up);
+        fprintf(stderr, "distattn decode: rank %d: step %lld: %s: cancelling the offload of group %d\n", g_rank,
+                (long long)it, why, info.group);
+        da_status_t cs = da_offload_cancel(off, why);
+        if (cs != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: cancel: %s\n", g_rank, da_last_error(ctx));
+        da_fault_abort("offload");
       }
       if (it < W) continue;
       t_step[it - W] = MPI_Wtime() - t0;
@@ -316,7 +346,8 @@ int da_cmd_offload(int argc, char **argv) {
           memcpy(samples[i].lse, lse + o * H, (size_t)H * sizeof(float));
         }
     }
-    da_status_t s2 = da_offload_stop(off);
+    /* after a timeout the group is broken: nothing more can be said to it */
+    da_status_t s2 = st == DA_ERR_TIMEOUT ? DA_SUCCESS : da_offload_stop(off);
     if (st == DA_SUCCESS) st = s2;
     free(q), free(k), free(v), free(out), free(lse), free(tmp), free(slot);
   }
@@ -520,6 +551,7 @@ out:
   off = NULL;
 out_early:
   da_offload_free(off);
+  da_comm_free(wcomm);
   da_context_free(ctx);
   free(lens);
   MPI_Finalize();

@@ -1,7 +1,9 @@
 /* cmd_run.c: `distattn run`, distributed exact attention over MPI (ring | striped | zigzag),
  * forward and optionally backward, timed nccl-tests style and verified in float64 on sampled rows
- * by the ranks that own them. Every rank generates only its own rows from the counter RNG: no
- * rank ever holds the full sequence. Not a library layer: it may exit; the plan code never does. */
+ * by the ranks that own them. Every rank generates only its own rows from the counter RNG, or
+ * reads only its own rows of q/k/v/dout .npy files with MPI-IO (--input, launcher/npyio.c), and
+ * writes only its own rows of the outputs (--output): no rank ever holds the full sequence. Not a
+ * library layer: it may exit; the plan code never does. */
 #define _GNU_SOURCE
 #include <mpi.h>
 #include <fcntl.h>
@@ -17,6 +19,7 @@
 #include "dtype.h"
 #include "kernels.h"
 #include "launcher.h"
+#include "npyio.h"
 #include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
 #include "common.h"
 #include "report.h"
@@ -33,7 +36,7 @@ typedef struct run_opts {
   int64_t seq, heads, kv_heads, dim, batch, block, verify, iters, warmup, seed, threads;
   double timeout;
   da_mask_spec_t mask;
-  const char *json;
+  const char *json, *input, *output;
 } run_opts_t;
 
 static int g_rank, g_size;
@@ -181,13 +184,15 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
 static int parse_run(da_cmdspec_t *cmd, da_opt_t *opts, int argc, char **argv, run_opts_t *o, int64_t *G) {
   int prc = da_args_parse(cmd, argc, argv);
   if (prc != DA_ARGS_OK) return prc;
-  const char *missing = !da_args_find(opts, "seq")->given ? "--seq" : !da_args_find(opts, "heads")->given ? "--heads"
-                        : !da_args_find(opts, "dim")->given ? "--dim" : NULL;
+  /* with --input the sizes come from the files (given ones must agree: da_npyio_inspect) */
+  const char *missing = o->input ? NULL : !da_args_find(opts, "seq")->given ? "--seq"
+                        : !da_args_find(opts, "heads")->given ? "--heads" : !da_args_find(opts, "dim")->given ? "--dim"
+                                                                                                              : NULL;
   *G = o->kv_heads ? o->kv_heads : o->heads;
-  if (missing) return da_args_error(cmd, "%s is required", missing);
-  if (*G > o->heads || o->heads % *G)
+  if (missing) return da_args_error(cmd, "%s is required (or --input DIR)", missing);
+  if ((!o->input || (da_args_find(opts, "heads")->given && o->kv_heads)) && (*G > o->heads || o->heads % *G))
     return da_args_error(cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->heads, (long long)*G);
-  if (da_mask_check(&o->mask.mask, o->seq) != DA_SUCCESS)
+  if ((!o->input || da_args_find(opts, "seq")->given) && da_mask_check(&o->mask.mask, o->seq) != DA_SUCCESS)
     return da_args_error(cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
                                                                                    : da_error_message() + 6);
   if (o->device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
@@ -238,6 +243,10 @@ int da_cmd_run(int argc, char **argv) {
        .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
       {.name = "json", .type = DA_OPT_STRING, .dest = &o.json, .metavar = "FILE",
        .help = "append one JSON object (JSON Lines) to FILE"},
+      {.name = "input", .type = DA_OPT_STRING, .dest = &o.input, .metavar = "DIR",
+       .help = "read q.npy k.npy v.npy (dout.npy) [S,H,D] or [B,S,H,D] with MPI-IO instead of seeded inputs"},
+      {.name = "output", .type = DA_OPT_STRING, .dest = &o.output, .metavar = "DIR",
+       .help = "write out.npy lse.npy (dq.npy dk.npy dv.npy) with MPI-IO"},
       {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o.overlap,
        .help = "also time compute-only and transfer-only runs and report the overlap"},
       {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &o.timeout,
@@ -284,8 +293,41 @@ int da_cmd_run(int argc, char **argv) {
     return prc == DA_ARGS_HELP ? 0 : 2;
   }
 
-  /* ---- context, communicator, plan ---- */
+  /* ---- .npy inputs: the files give the sizes; every rank prints the same verdict ---- */
   int rc = 0;
+  da_npy_inputs_t npin;
+  memset(&npin, 0, sizeof npin);
+  if (o.input || o.output) {
+    char ierr[1536] = "";
+    if (o.input) {
+      da_npy_expect_t want = {-1, -1, -1, -1, -1, -1};
+      if (da_args_find(opts, "batch")->given) want.B = o.batch;
+      if (da_args_find(opts, "seq")->given) want.S = o.seq;
+      if (da_args_find(opts, "heads")->given) want.H = o.heads;
+      if (da_args_find(opts, "kv-heads")->given && o.kv_heads) want.G = o.kv_heads;
+      if (da_args_find(opts, "dim")->given) want.D = o.dim;
+      if (da_args_find(opts, "dtype")->given) want.dtype = o.dtype;
+      rc = da_npyio_inspect(o.input, o.backward, &want, &npin, ierr, sizeof ierr);
+      if (!rc && (npin.H > 65536 || npin.D > 4096 || npin.B > (1 << 20) || npin.S > (1LL << 34)))
+        rc = 2, snprintf(ierr, sizeof ierr, "q.npy: shape: sizes over the limits of --heads / --dim / --batch / --seq");
+      if (!rc) {
+        o.batch = npin.B, o.seq = npin.S, o.heads = npin.H, o.kv_heads = npin.G, o.dim = npin.D, o.dtype = npin.dtype;
+        G = npin.G;
+        if (da_mask_check(&o.mask.mask, o.seq) != DA_SUCCESS)
+          rc = 2, snprintf(ierr, sizeof ierr, "--mask with q.npy's sequence %lld: %s", (long long)o.seq, da_error_message());
+      }
+      if (rc) fprintf(stderr, "distattn run: rank %d: --input %s: %s\n", g_rank, o.input, ierr);
+    }
+    if (!rc && o.output && (rc = da_npyio_check_dir(o.output, ierr, sizeof ierr)) != 0)
+      fprintf(stderr, "distattn run: rank %d: %s\n", g_rank, ierr);
+    if (rc) {
+      da_mask_spec_free(&o.mask);
+      MPI_Finalize();
+      return rc;
+    }
+  }
+
+  /* ---- context, communicator, plan ---- */
   da_placement_t place;
   char place_env[64], place_err[256];
   if (da_place_world((da_bind_t)o.bind, &place, place_env, sizeof place_env, place_err, sizeof place_err))
@@ -341,7 +383,21 @@ int da_cmd_run(int argc, char **argv) {
   da_vprob_t vp = {.B = B, .S = o.seq, .seed = (uint64_t)o.seed};
   vp.kp.H = H, vp.kp.G = (int)G, vp.kp.D = D, vp.kp.scale = (float)(1.0 / sqrt((double)D)), vp.kp.dtype = dt;
   vp.kp.mask = o.mask.mask;
-  for (int64_t b = 0; b < B; b++) {
+  if (o.input) {
+    /* each rank's rows straight into its shard buffers, one collective read per file */
+    char *dst[DA_NPYIO_NIN] = {q, k, v, dout};
+    char ierr[1536] = "";
+    for (int f = 0; f < npin.nfiles && !rc; f++) {
+      const int64_t heads = (f == DA_NPYIO_K || f == DA_NPYIO_V) ? G : H;
+      rc = da_npyio_read(npin.path[f], npin.data_offset[f], B, o.seq, heads * D * (int64_t)es, pos, n, dst[f], ierr,
+                         sizeof ierr);
+    }
+    if (rc) {
+      fprintf(stderr, "distattn run: rank %d: --input %s: %s\n", g_rank, o.input, ierr);
+      goto free_bufs;
+    }
+  }
+  for (int64_t b = 0; b < B && !o.input; b++) {
     da_verify_gen(&vp, DA_RNG_Q, b, pos, n, H, q + (size_t)(b * n * H * D) * es, (int64_t)H * D);
     da_verify_gen(&vp, DA_RNG_K, b, pos, n, (int)G, k + (size_t)(b * n * G * D) * es, G * D);
     da_verify_gen(&vp, DA_RNG_V, b, pos, n, (int)G, v + (size_t)(b * n * G * D) * es, G * D);
@@ -392,9 +448,19 @@ int da_cmd_run(int argc, char **argv) {
                      dtype_names[o.dtype]);
       da_report_line(stdout, "time: median of %lld iters, max over ranks; gflops: (4 fwd + 10 bwd) * H * D * pairs / "
                              "time; comm: bytes sent per call, summed over ranks", (long long)o.iters);
+      if (o.input)
+        da_report_line(stdout, "input: %s: q.npy k.npy v.npy%s, %s, %s [%s%lld, %lld, %lld] (MPI-IO, each rank its "
+                               "rows)", o.input, o.backward ? " dout.npy" : "", da_npyio_descr(o.dtype),
+                       npin.batched ? "[B, S, H, D]" : "[S, H, D]", npin.batched ? "B, " : "", (long long)o.seq,
+                       (long long)H, (long long)D);
+      if (o.output)
+        da_report_line(stdout, "output: %s: out.npy lse.npy%s (written to temporary names, renamed when every rank "
+                               "has finished)", o.output, o.backward ? " dq.npy dk.npy dv.npy" : "");
       if (o.verify)
-        da_report_line(stdout, "verify: %lld rows per rank in float64 from regenerated inputs (out, lse%s); "
-                               "tolerance %g%s", (long long)o.verify, o.backward ? ", dq, dk, dv" : "",
+        da_report_line(stdout, "verify: %lld rows per rank in float64 from %s (out, lse%s); "
+                               "tolerance %g%s", (long long)o.verify,
+                       o.input ? "the input files, streamed in chunks" : "regenerated inputs",
+                       o.backward ? ", dq, dk, dv" : "",
                        dt == DA_FLOAT32 ? 1e-4 : 2e-2,
                        o.backward ? "; dk/dv use the run's per-row lse and rowsum(dout*out) of the other rows" : "");
     }
@@ -440,9 +506,25 @@ int da_cmd_run(int argc, char **argv) {
   /* ---- verification (before the overlap runs, which overwrite the outputs) ---- */
   vresult_t vr = {0};
   int vfail = 0;
-  if (o.verify > 0) vfail = verify(&o, &vp, n, pos, outb, lse, dout, dq, dk, dv, &vr) != 0;
+  da_npyio_source_t *src = NULL;
+  if (o.verify > 0 && o.input) {
+    char ierr[1536] = "";
+    src = da_npyio_source_open(&npin, ierr, sizeof ierr);
+    if (!src) fprintf(stderr, "distattn run: rank %d: --verify: %s\n", g_rank, ierr);
+    vp.rows = da_npyio_source_row, vp.rows_ctx = src;
+    vfail = !src;
+  }
   if (da_mpi_max_int(vfail)) {
-    if (vfail) fprintf(stderr, "distattn run: rank %d: verification ran out of memory\n", g_rank);
+    da_npyio_source_close(src);
+    rc = 1;
+    goto free_times;
+  }
+  if (o.verify > 0) vfail = verify(&o, &vp, n, pos, outb, lse, dout, dq, dk, dv, &vr) != 0;
+  da_npyio_source_close(src);
+  if (da_mpi_max_int(vfail)) {
+    if (vfail)
+      fprintf(stderr, "distattn run: rank %d: verification ran out of memory%s\n", g_rank,
+              o.input ? " or could not read the input files" : "");
     rc = 1;
     goto free_times;
   }
@@ -459,6 +541,38 @@ int da_cmd_run(int argc, char **argv) {
   MPI_Allreduce(MPI_IN_PLACE, vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, vsum, 12, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
   const int64_t *nf = vsum + 3, nf_in = nf[0] + nf[1] + nf[2] + nf[3], nf_out = nf[4] + nf[5] + nf[6] + nf[7];
+
+  /* ---- .npy outputs (before the overlap runs, which overwrite them): only from a run whose
+   * verified rows were right, so the final names never hold a failed run's results ---- */
+  if (o.output && vsum[1] > 0 && g_rank == 0)
+    fprintf(stderr, "distattn run: --output %s: not written: verification found %lld wrong values\n", o.output,
+            (long long)vsum[1]);
+  if (o.output && vsum[1] == 0) {
+    const int nb = npin.batched || B > 1; /* seeded runs: [S, ...] when B = 1 */
+    const int nw = o.backward ? 5 : 2;
+    da_npy_out_t w[5];
+    const void *bufs[5] = {outb, lse, dq, dk, dv};
+    static const char *const wn[5] = {"out.npy", "lse.npy", "dq.npy", "dk.npy", "dv.npy"};
+    for (int f = 0; f < nw; f++) {
+      const int64_t heads = (f == 3 || f == 4) ? G : H;
+      w[f].name = wn[f], w[f].buf = bufs[f];
+      w[f].descr = f == 1 ? "<f4" : da_npyio_descr(o.dtype);
+      w[f].ndim = 0;
+      if (nb) w[f].shape[w[f].ndim++] = B;
+      w[f].shape[w[f].ndim++] = o.seq;
+      w[f].shape[w[f].ndim++] = heads;
+      if (f != 1) w[f].shape[w[f].ndim++] = D;
+      w[f].rowbytes = f == 1 ? (int64_t)H * 4 : heads * D * (int64_t)es;
+    }
+    char werr[1536] = "";
+    int wrc = da_npyio_write(o.output, nw, w, B, o.seq, pos, n, werr, sizeof werr);
+    if (wrc) {
+      fprintf(stderr, "distattn run: rank %d: --output %s: %s (nothing written under the final names)\n", g_rank,
+              o.output, werr);
+      rc = wrc;
+      goto free_times;
+    }
+  }
 
   /* ---- overlap: compute without transfers, transfers without compute, both ---- */
   double overlap = NAN, t_comp = NAN, t_comm = NAN;
@@ -560,6 +674,8 @@ int da_cmd_run(int argc, char **argv) {
       if (nodes && *nodes) da_json_str(&j, "SLURM_JOB_NODELIST", nodes);
       if (step_nodes && *step_nodes) da_json_str(&j, "SLURM_STEP_NODELIST", step_nodes);
       da_json_str(&j, "cpu", da_report_cpu_model());
+      if (o.input) da_json_str(&j, "input", o.input);
+      if (o.output) da_json_str(&j, "output", o.output);
       if (da_json_append(&j, o.json)) rc = 1;
       da_json_free(&j);
     }

@@ -95,6 +95,13 @@ int MPI_Allgather(const void *sbuf, int scount, MPI_Datatype sdt, void *rbuf, in
   return rc != MPI_SUCCESS ? rc : wait_bounded(&r, "allgather");
 }
 
+int da_fault_notice(void) {
+  int flag = 0;
+  MPI_Status s;
+  if (PMPI_Iprobe(MPI_ANY_SOURCE, DA_FAULT_TAG, MPI_COMM_WORLD, &flag, &s) != MPI_SUCCESS || !flag) return -1;
+  return s.MPI_SOURCE;
+}
+
 /* Roll call: tell every rank "I gave up", listen for the same from every rank for the grace
  * period. Survivors all get here within about one deadline of the stall (each waits on the
  * silent rank directly or on a rank that waits on it), so the ones never heard from are the

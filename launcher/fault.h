@@ -21,6 +21,12 @@ extern "C" {
  * job with exit code 1. */
 _Noreturn void da_fault_abort(const char *what);
 
+/* Has some rank already given up (entered da_fault_abort)? Its world rank, or -1. A probe only:
+ * the notice stays queued for this rank's own roll call. For loops that wait on nobody (e.g. the
+ * compute rank of an offload group that is still healthy) and would otherwise only learn of the
+ * failure when MPI_Abort ends them. */
+int da_fault_notice(void);
+
 #ifdef __cplusplus
 }
 #endif

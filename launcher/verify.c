@@ -75,14 +75,16 @@ int64_t da_count_nonfinite(const void *x, da_dtype_t dt, int64_t n) {
   return c;
 }
 
-/* Row (pos) of a tensor as rounded doubles [heads][D]. */
-static void gen_row64(const da_vprob_t *vp, uint32_t tensor, int64_t b, int64_t pos, int heads, double *dst, float *tmp) {
+/* Row (pos) of a tensor as rounded doubles [heads][D], from the row source or the RNG. */
+static int gen_row64(const da_vprob_t *vp, uint32_t tensor, int64_t b, int64_t pos, int heads, double *dst, float *tmp) {
   const int D = vp->kp.D;
+  if (vp->rows) return vp->rows(vp->rows_ctx, tensor, b, pos, heads, dst);
   for (int h = 0; h < heads; h++) {
     da_rng_row(da_verify_seed(vp->seed, b), tensor, pos, h, D, tmp);
     da_verify_poison(tensor, pos, h, tmp);
     for (int d = 0; d < D; d++) dst[h * D + d] = da_round_to((int)vp->kp.dtype, tmp[d]);
   }
+  return 0;
 }
 
 void da_verify_gen(const da_vprob_t *vp, uint32_t tensor, int64_t b, const int64_t *pos, int64_t n, int heads,
@@ -114,13 +116,13 @@ int da_verify_fwd_row(const da_vprob_t *vp, int64_t b, int64_t qpos, double *out
   da_ref_state_t st = {0};
   int rc = -1;
   if (!q || !k || !v || !tmp || da_ref_state_alloc(&vp->kp, 1, &st) != DA_SUCCESS) goto out;
-  gen_row64(vp, DA_RNG_Q, b, qpos, H, q, tmp);
+  if (gen_row64(vp, DA_RNG_Q, b, qpos, H, q, tmp)) goto out;
   for (int64_t k0 = lo; k0 <= hi; k0 += CHUNK) {
     int64_t n = hi - k0 + 1 < CHUNK ? hi - k0 + 1 : CHUNK;
-    for (int64_t j = 0; j < n; j++) {
-      gen_row64(vp, DA_RNG_K, b, k0 + j, G, k + j * G * D, tmp);
-      gen_row64(vp, DA_RNG_V, b, k0 + j, G, v + j * G * D, tmp);
-    }
+    for (int64_t j = 0; j < n; j++)
+      if (gen_row64(vp, DA_RNG_K, b, k0 + j, G, k + j * G * D, tmp) ||
+          gen_row64(vp, DA_RNG_V, b, k0 + j, G, v + j * G * D, tmp))
+        goto out;
     da_ref_fwd_accum(&vp->kp, q, da_span(qpos, 1, 1), k, v, da_span(k0, 1, n), &st);
   }
   da_ref_fwd_finish(&vp->kp, &st, out, lse);
@@ -144,14 +146,15 @@ int da_verify_dq_row(const da_vprob_t *vp, int64_t b, int64_t qpos, const double
     free(q), free(dout), free(delta), free(k), free(v), free(tmp);
     return -1;
   }
-  gen_row64(vp, DA_RNG_Q, b, qpos, H, q, tmp);
-  gen_row64(vp, DA_RNG_DOUT, b, qpos, H, dout, tmp);
+  int rc = gen_row64(vp, DA_RNG_Q, b, qpos, H, q, tmp) || gen_row64(vp, DA_RNG_DOUT, b, qpos, H, dout, tmp) ? -1 : 0;
   for (int h = 0; h < H; h++) delta[h] = dot(dout + h * D, out + h * D, D);
   memset(dq, 0, (size_t)H * D * 8);
-  for (int64_t kp = lo; kp <= hi; kp++) {
+  for (int64_t kp = lo; kp <= hi && !rc; kp++) {
     if (!da_mask_allows(&vp->kp.mask, qpos, kp)) continue;
-    gen_row64(vp, DA_RNG_K, b, kp, G, k, tmp);
-    gen_row64(vp, DA_RNG_V, b, kp, G, v, tmp);
+    if (gen_row64(vp, DA_RNG_K, b, kp, G, k, tmp) || gen_row64(vp, DA_RNG_V, b, kp, G, v, tmp)) {
+      rc = -1;
+      break;
+    }
     for (int h = 0; h < H; h++) {
       if (lse[h] == -INFINITY) continue;
       const double *kg = k + (h / rep) * D, *vg = v + (h / rep) * D;
@@ -161,7 +164,7 @@ int da_verify_dq_row(const da_vprob_t *vp, int64_t b, int64_t qpos, const double
     }
   }
   free(q), free(dout), free(delta), free(k), free(v), free(tmp);
-  return 0;
+  return rc;
 }
 
 /* Queries that can see key kpos form an interval as well (the masks are intervals per row). */
@@ -192,14 +195,15 @@ int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float
     free(q), free(dout), free(k), free(v), free(tmp);
     return -1;
   }
-  gen_row64(vp, DA_RNG_K, b, kpos, G, k, tmp);
-  gen_row64(vp, DA_RNG_V, b, kpos, G, v, tmp);
+  int rc = gen_row64(vp, DA_RNG_K, b, kpos, G, k, tmp) || gen_row64(vp, DA_RNG_V, b, kpos, G, v, tmp) ? -1 : 0;
   memset(dk, 0, (size_t)G * D * 8);
   memset(dv, 0, (size_t)G * D * 8);
-  for (int64_t qp = lo; qp <= hi; qp++) {
+  for (int64_t qp = lo; qp <= hi && !rc; qp++) {
     if (!da_mask_allows(&vp->kp.mask, qp, kpos)) continue;
-    gen_row64(vp, DA_RNG_Q, b, qp, H, q, tmp);
-    gen_row64(vp, DA_RNG_DOUT, b, qp, H, dout, tmp);
+    if (gen_row64(vp, DA_RNG_Q, b, qp, H, q, tmp) || gen_row64(vp, DA_RNG_DOUT, b, qp, H, dout, tmp)) {
+      rc = -1;
+      break;
+    }
     for (int h = 0; h < H; h++) {
       double L = lse_all[qp * H + h];
       if (L == -INFINITY) continue;
@@ -214,7 +218,7 @@ int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float
     }
   }
   free(q), free(dout), free(k), free(v), free(tmp);
-  return 0;
+  return rc;
 }
 
 void da_verify_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double *abs_err,

@@ -11,6 +11,12 @@ typedef struct da_vprob {
   int64_t B, S;
   da_kparams_t kp; /* H, G, D, scale, dtype, mask */
   uint64_t seed;
+  /* Where the reference reads input rows: NULL = regenerated from the counter RNG (seed);
+   * otherwise rows(rows_ctx, tensor, b, pos, heads, dst) puts row pos of tensor (DA_RNG_Q/K/V/
+   * DOUT) of batch element b, as stored, into dst [heads][D] and returns 0, or -1 when it cannot
+   * (a read error). Rows are asked for in increasing position, so a source can read ahead. */
+  int (*rows)(void *rows_ctx, uint32_t tensor, int64_t b, int64_t pos, int heads, double *dst);
+  void *rows_ctx;
 } da_vprob_t;
 
 /* The RNG seed of batch element b (each element gets its own stream). */
@@ -21,7 +27,8 @@ uint64_t da_verify_seed(uint64_t seed, int64_t b);
 void da_verify_gen(const da_vprob_t *vp, uint32_t tensor, int64_t b, const int64_t *pos, int64_t n, int heads,
                    void *buf, int64_t ld);
 
-/* Query row (b, qpos) from scratch in float64: out [H][D], lse [H]. 0 on success, -1 on OOM. */
+/* Query row (b, qpos) from scratch in float64: out [H][D], lse [H]. 0 on success, -1 on OOM or
+ * when the row source fails (likewise below). */
 int da_verify_fwd_row(const da_vprob_t *vp, int64_t b, int64_t qpos, double *out, double *lse);
 
 /* dq row [H][D] of query (b, qpos) in float64, given its float64 out and lse from fwd_row. */

@@ -1,7 +1,9 @@
 # fault.cmake: fault injection at P = 4 (label fault, issue 10): one rank of `distattn run` and of
 # `distattn decode` is killed (SIGKILL) or stopped (SIGSTOP) mid-loop; the job must end non-zero
-# within --timeout (5 s) + 10 s with stderr naming that rank (tests/fault_test.sh). Part of the
-# default `make test`; about 50 s in all.
+# within --timeout (5 s) + 10 s with stderr naming that rank (tests/fault_test.sh). The same for a
+# memory rank of an offloaded decode (issue 5: 2 compute + 3 memory ranks, MPMD; the victim is
+# rank 3, a memory rank of group 0 beside another one), where the stop test also checks what
+# every surviving rank says. Part of the default `make test`; about 75 s in all.
 find_program(DA_FAULT_MPIRUN NAMES mpirun.openmpi mpirun)
 if(NOT TARGET distattn OR NOT TARGET da_comm OR NOT DA_FAULT_MPIRUN)
   return()
@@ -13,6 +15,12 @@ foreach(cmd run decode)
                      ${DA_FAULT_MPIRUN} ${cmd} ${sig} 2)
     set_tests_properties(fault_${cmd}_${sig}_np4 PROPERTIES LABELS fault TIMEOUT 60)
   endforeach()
+endforeach()
+foreach(sig kill stop)
+  add_test(NAME fault_offload_${sig}_2c3m
+           COMMAND timeout -k 5 50 ${CMAKE_CURRENT_SOURCE_DIR}/fault_test.sh $<TARGET_FILE:distattn>
+                   ${DA_FAULT_MPIRUN} offload ${sig} 3)
+  set_tests_properties(fault_offload_${sig}_2c3m PROPERTIES LABELS fault TIMEOUT 60)
 endforeach()
 
 # A problem that does not fit is refused by da_plan_create before anything large is allocated,

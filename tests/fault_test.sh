@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # fault_test.sh: kill (SIGKILL) or stop (SIGSTOP) one rank of a P = 4 `distattn run` or
-# `distattn decode` mid-run and check that the job ends non-zero within --timeout + 10 s with
-# stderr naming the failed rank (label fault, tests/fault.cmake).
-#   fault_test.sh <distattn> <mpirun> <run|decode> <kill|stop> [victim rank, default 2]
+# `distattn decode`, or a memory rank of an offloaded decode (2 compute + 3 memory ranks, MPMD),
+# mid-run and check that the job ends non-zero within --timeout + 10 s with stderr naming the
+# failed rank (label fault, tests/fault.cmake). For `offload stop` also: every surviving rank says
+# why it stopped, and the ranks of the victim's group name it, the step and the seconds waited.
+#   fault_test.sh <distattn> <mpirun> <run|decode|offload> <kill|stop> [victim rank, default 2]
 set -u
 EXE=$1 MPIRUN=$2 CMD=$3 SIG=$4 VICTIM=${5:-2}
 NP=4 T=5 LIMIT=$((T + 10))
@@ -13,16 +15,23 @@ case $CMD in
   # long enough (tens of seconds undisturbed) that the fault lands mid-run
   run) args=(run --seq 8K --heads 4 --dim 64 --iters 200 --warmup 0 --verify 0 --timeout $T) ;;
   decode) args=(decode --algo tree --context 256K --heads 8 --kv-heads 2 --dim 64 --steps 100000 --verify 0 --timeout $T) ;;
+  offload)
+    # ranks 0, 1 compute; 2, 3 memory ranks of group 0 (compute rank 0), 4 of group 1 (compute rank 1)
+    NP=5
+    oa=(--context 64K --heads 8 --kv-heads 2 --dim 64 --batch 2 --layers 2 --microbatches 2 --layer-compute 1
+        --steps 100000 --verify 0 --timeout $T)
+    args=(decode --offload --role compute "${oa[@]}" : -np 3 "$EXE" decode --offload --role memory "${oa[@]}") ;;
   *) echo "fault_test: unknown command $CMD" >&2; exit 1 ;;
 esac
 # mpirun's own --timeout is the hang guard behind ours (it would exit 110 after 60 s).
-"$MPIRUN" --oversubscribe --bind-to none --timeout 60 -np $NP "$EXE" "${args[@]}" >"$dir/out" 2>"$dir/err" &
+np1=$NP; [ "$CMD" = offload ] && np1=2
+"$MPIRUN" --oversubscribe --bind-to none --timeout 60 -np $np1 "$EXE" "${args[@]}" >"$dir/out" 2>"$dir/err" &
 mp=$!
 # The victim: the child of mpirun whose environment says OMPI_COMM_WORLD_RANK=$VICTIM. Strike once
 # the job has printed the line before its loop ("# time:" / "# step:"), then a little later.
 victim=""
 for _ in $(seq 1 300); do
-  if grep -Eq "^# (time|step):" "$dir/out" 2>/dev/null; then
+  if grep -Eq "^# (time|step|kv cache):" "$dir/out" 2>/dev/null; then
     for p in $(pgrep -P $mp); do
       r=$(tr '\0' '\n' <"/proc/$p/environ" 2>/dev/null | sed -n 's/^OMPI_COMM_WORLD_RANK=//p')
       [ "$r" = "$VICTIM" ] && victim=$p
@@ -63,6 +72,21 @@ fail=0
 if awk -v e="$el" -v l="$LIMIT" 'BEGIN { exit !(e > l) }'; then echo "FAIL: took ${el} s > $LIMIT s"; fail=1; fi
 if ! grep -Eq "rank $VICTIM( |,|$)|ranks ([0-9]+, )*$VICTIM\b" "$dir/err"; then
   echo "FAIL: stderr does not name rank $VICTIM"; fail=1
+fi
+if [ "$CMD" = offload ] && [ "$SIG" = stop ]; then
+  # every surviving rank says why it stops, with the step; the ranks of the victim's group (0, 2)
+  # name it and the seconds they waited; the other group's (1, 4) say who gave up and cancel
+  for r in 0 1 2 4; do
+    grep -Eq "^distattn decode: rank $r: step [0-9]+: " "$dir/err" || { echo "FAIL: rank $r printed no step message"; fail=1; }
+  done
+  for r in 0 2; do
+    grep -Eq "^distattn decode: rank $r: step [0-9]+: .*waited [0-9.]+ s for .*: rank $VICTIM \\(memory\\)" "$dir/err" ||
+      { echo "FAIL: rank $r does not name rank $VICTIM with the seconds it waited"; fail=1; }
+  done
+  grep -Eq "^distattn decode: rank 1: step [0-9]+: rank [0-9]+ of the job gave up.*cancelling" "$dir/err" ||
+    { echo "FAIL: rank 1 (compute, healthy group) did not cancel its group"; fail=1; }
+  grep -Eq "^distattn decode: rank 4: step [0-9]+: serve: .*compute rank 1 cancelled" "$dir/err" ||
+    { echo "FAIL: rank 4 (memory, healthy group) did not report the cancel"; fail=1; }
 fi
 [ $fail = 0 ] && echo "PASS"
 exit $fail

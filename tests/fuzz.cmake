@@ -1,9 +1,9 @@
 # fuzz.cmake: libFuzzer targets (label fuzz, issue 10) for the option / size parser
-# (fuzz_args.c, launcher/args.c + da_parse_size) and the --mask spec parser with the mask
-# functions behind it (fuzz_mask.c, core/mask.c). Configure a clang build with
+# (fuzz_args.c, launcher/args.c + da_parse_size), the --mask spec parser with the mask
+# functions behind it (fuzz_mask.c, core/mask.c) and the .npy header parser (fuzz_npy.c, core/npy.c). Configure a clang build with
 # -DDISTATTN_FUZZ=ON (scripts/check-sanitize.sh does, with DISTATTN_SANITIZE=ON); each test is a
 # bounded run of DISTATTN_FUZZ_SECONDS (20) from the seed corpora in tests/fuzz/corpus.
-# There is no .npy parser to fuzz: MPI-IO .npy input was not built (docs/reliability.md).
+# fuzz_npy.c: the .npy header parser of core/npy.c (what --input reads before anything else).
 option(DISTATTN_FUZZ "Build the libFuzzer targets (clang only)" OFF)
 if(NOT DISTATTN_FUZZ)
   # The normal (gcc) build drives the clang one: label fuzz (part of the default `make test`,
@@ -33,7 +33,8 @@ set(fz ${CMAKE_CURRENT_SOURCE_DIR}/fuzz)
 # The parsers are compiled into each target so that they carry the coverage instrumentation.
 set(fuzz_args_src ${fz}/fuzz_args.c ${PROJECT_SOURCE_DIR}/launcher/args.c ${PROJECT_SOURCE_DIR}/core/mask.c)
 set(fuzz_mask_src ${fz}/fuzz_mask.c ${PROJECT_SOURCE_DIR}/launcher/args.c ${PROJECT_SOURCE_DIR}/core/mask.c)
-foreach(t fuzz_args fuzz_mask)
+set(fuzz_npy_src ${fz}/fuzz_npy.c ${PROJECT_SOURCE_DIR}/core/npy.c)
+foreach(t fuzz_args fuzz_mask fuzz_npy)
   add_executable(${t} ${${t}_src})
   target_include_directories(${t} PRIVATE ${PROJECT_SOURCE_DIR}/launcher)
   target_compile_options(${t} PRIVATE -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined

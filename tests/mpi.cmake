@@ -194,6 +194,18 @@ if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_offload.c)
   endforeach()
 endif()
 
+# The offload API through the public header and the shared library only (tests/test_offload_api.c):
+# role splits against a local tree decode and float64, cancel, a bad tensor, the deadline.
+if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_offload_api.c AND TARGET distattn_shared)
+  add_executable(test_offload_api test_offload_api.c)
+  target_link_libraries(test_offload_api PRIVATE distattn_shared Check::check MPI::MPI_C m)
+  foreach(P 2 5)
+    add_test(NAME test_offload_api_np${P}
+             COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np ${P} $<TARGET_FILE:test_offload_api>)
+    set_tests_properties(test_offload_api_np${P} PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+  endforeach()
+endif()
+
 # `distattn decode --offload` (issue 5): an MPMD launch, one component per role; role errors and
 # the budget refusal exit 2 with a clear message.
 if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_offload.c)

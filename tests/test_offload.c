@@ -14,7 +14,6 @@
 #include "distattn.h"
 #include "core.h"
 #include "dtype.h"
-#include "offload.h"
 #include "ref.h"
 #include "rng.h"
 
@@ -94,6 +93,7 @@ static int run_case(const ocase_t *c, char *why, size_t wn, double *max_err) {
   MPI_Comm sub;
   MPI_Comm_split(MPI_COMM_WORLD, in ? 0 : MPI_UNDEFINED, g_rank, &sub);
   da_offload_t *off = NULL;
+  da_comm_t *comm = NULL;
   da_status_t st = DA_SUCCESS;
   const da_role_t role = (c->cmask >> g_rank) & 1u ? DA_ROLE_COMPUTE : DA_ROLE_MEMORY;
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
@@ -101,7 +101,8 @@ static int run_case(const ocase_t *c, char *why, size_t wn, double *max_err) {
   da_offload_config_t cfg = DA_OFFLOAD_CONFIG_INITIALIZER;
   cfg.page = c->page, cfg.layers = L, cfg.microbatches = c->M, cfg.timeout = 60;
   cfg.mem_budget = (double)(1 + g_rank % 3) * 64.0 * 1048576.0; /* unequal budgets: weighted shards */
-  if (in) st = da_offload_create(g_ctx, sub, role, &prob, &cfg, &off);
+  if (in) st = da_comm_create(g_ctx, sub, &comm);
+  if (in && st == DA_SUCCESS) st = da_offload_create(comm, role, &prob, &cfg, &off);
   if (any_rank(st != DA_SUCCESS)) {
     snprintf(why, wn, "%s: create: %s", c->name, st ? da_last_error(g_ctx) : "another rank failed");
     fails++;
@@ -157,11 +158,20 @@ static int run_case(const ocase_t *c, char *why, size_t wn, double *max_err) {
         int slots[MAXB];
         for (int64_t f = 0, m = 0; f < B && st == DA_SUCCESS; f += nmax, m++) {
           const int64_t cnt = f + nmax <= B ? nmax : B - f;
-          st = da_offload_start(off, l, f, cnt, q + (size_t)(f * H * D) * es, k + (size_t)(f * G * D) * es,
-                                v + (size_t)(f * G * D) * es, &slots[m]);
+          const int64_t shq[3] = {cnt, H, D}, shk[3] = {cnt, G, D};
+          da_tensor_t tq, tk, tv;
+          da_tensor_make(&tq, q + (size_t)(f * H * D) * es, dt, 3, shq);
+          da_tensor_make(&tk, k + (size_t)(f * G * D) * es, dt, 3, shk);
+          da_tensor_make(&tv, v + (size_t)(f * G * D) * es, dt, 3, shk);
+          st = da_offload_start(off, l, f, &tq, &tk, &tv, &slots[m]);
         }
-        for (int64_t f = 0, m = 0; f < B && st == DA_SUCCESS; f += nmax, m++)
-          st = da_offload_wait(off, slots[m], out + (size_t)(f * H * D) * es, lse + f * H);
+        for (int64_t f = 0, m = 0; f < B && st == DA_SUCCESS; f += nmax, m++) {
+          const int64_t cnt = f + nmax <= B ? nmax : B - f, sho[3] = {cnt, H, D}, shl[2] = {cnt, H};
+          da_tensor_t to, tl;
+          da_tensor_make(&to, out + (size_t)(f * H * D) * es, dt, 3, sho);
+          da_tensor_make(&tl, lse + f * H, DA_FLOAT32, 2, shl);
+          st = da_offload_wait(off, slots[m], &to, &tl);
+        }
         if (st != DA_SUCCESS) {
           snprintf(why, wn, "%s: compute rank %d step %d layer %d: %s", c->name, g_rank, s, l, da_last_error(g_ctx));
           break;
@@ -196,6 +206,7 @@ static int run_case(const ocase_t *c, char *why, size_t wn, double *max_err) {
   }
 done:
   da_offload_free(off);
+  da_comm_free(comm);
   if (sub != MPI_COMM_NULL) MPI_Comm_free(&sub);
   return fails;
 }
@@ -247,38 +258,43 @@ START_TEST(errors) {
   da_offload_config_t cfg = DA_OFFLOAD_CONFIG_INITIALIZER;
   cfg.layers = 2, cfg.timeout = 30, cfg.mem_budget = 1e9;
   da_offload_t *off = NULL;
+  da_comm_t *comm = NULL;
+  ck_assert_msg(da_comm_create(g_ctx, MPI_COMM_WORLD, &comm) == DA_SUCCESS, "comm: %s", da_last_error(g_ctx));
   /* a rank without a role */
-  da_status_t st = da_offload_create(g_ctx, MPI_COMM_WORLD, g_rank == g_size - 1 ? DA_ROLE_NONE : (g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE),
+  da_status_t st = da_offload_create(comm, g_rank == g_size - 1 ? DA_ROLE_NONE : (g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE),
                                      &prob, &cfg, &off);
   expect_all(st, DA_ERR_INVALID_ARGUMENT, g_size == 1 ? "rank 0 has no role" : "has no role", "missing role");
   da_offload_free(off), off = NULL;
   /* every rank a memory rank */
-  st = da_offload_create(g_ctx, MPI_COMM_WORLD, DA_ROLE_MEMORY, &prob, &cfg, &off);
+  st = da_offload_create(comm, DA_ROLE_MEMORY, &prob, &cfg, &off);
   expect_all(st, DA_ERR_INVALID_ARGUMENT, "at least one needs --role compute", "no compute rank");
   da_offload_free(off), off = NULL;
   /* more compute than memory ranks */
-  st = da_offload_create(g_ctx, MPI_COMM_WORLD, g_rank == 0 && g_size > 2 ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob,
+  st = da_offload_create(comm, g_rank == 0 && g_size > 2 ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob,
                          &cfg, &off);
   expect_all(st, DA_ERR_INVALID_ARGUMENT, "needs at least one memory rank", "too few memory ranks");
   da_offload_free(off), off = NULL;
-  if (g_size < 2) return;
+  if (g_size < 2) {
+    da_comm_free(comm);
+    return;
+  }
   /* ranks that disagree on the problem */
   da_offload_config_t c2 = cfg;
   if (g_rank == 1) c2.layers = 3;
-  st = da_offload_create(g_ctx, MPI_COMM_WORLD, g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob, &c2, &off);
+  st = da_offload_create(comm, g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob, &c2, &off);
   expect_all(st, DA_ERR_MISMATCH, "ranks disagree on layers", "mismatch");
   da_offload_free(off), off = NULL;
   /* an invalid config on one rank: its own message there, naming it elsewhere */
   c2 = cfg;
   if (g_rank == 1) c2.microbatches = 5;
-  st = da_offload_create(g_ctx, MPI_COMM_WORLD, g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob, &c2, &off);
+  st = da_offload_create(comm, g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob, &c2, &off);
   expect_all(st, DA_ERR_INVALID_ARGUMENT, g_rank == 1 ? "microbatches 5 is not in 1 .. batch" : "rank 1 was given an invalid",
              "bad config on one rank");
   da_offload_free(off), off = NULL;
   /* the budget: 2 x 2 x 100K tokens x 2 x 2 x 32 x 4 bytes = 200 MiB over a 64 MiB memory rank budget */
   c2 = cfg;
   c2.mem_budget = 64.0 * 1048576.0;
-  st = da_offload_create(g_ctx, MPI_COMM_WORLD, g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob, &c2, &off);
+  st = da_offload_create(comm, g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob, &c2, &off);
   ck_assert_msg(!any_rank(st != DA_SUCCESS), "create for the budget check failed");
   const int64_t fin[2] = {100 * 1024, 100 * 1024};
   double need = 0;
@@ -297,6 +313,7 @@ START_TEST(errors) {
   st = g_rank ? da_offload_serve(off) : da_offload_stop(off);
   ck_assert_msg(!any_rank(st != DA_SUCCESS), "stop without requests: %s", da_last_error(g_ctx));
   da_offload_free(off);
+  da_comm_free(comm);
 }
 END_TEST
 
