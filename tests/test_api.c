@@ -52,8 +52,6 @@ static void view_make(view_t *v, da_dtype_t dt, int flat, int64_t B, int64_t S, 
   v->t.ndim = i;
 }
 
-static void view_free(view_t *v) { free(v->t.data); }
-
 static int64_t view_index(const view_t *v, int64_t b, int64_t s, int64_t h, int64_t d) {
   return b * v->bs + s * v->ld + h * v->hs + d;
 }
