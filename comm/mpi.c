@@ -113,6 +113,27 @@ static da_status_t mpi_exchange_start(da_xport_t *xp, const void *sbuf, size_t s
   return DA_SUCCESS;
 }
 
+/* Request i of q returned rc (and status s, when it completed): the error, or for a completed
+ * receive, a size check. */
+static da_status_t finished(const da_xport_t *xp, const da_xreq_t *q, int i, int rc, MPI_Status *s) {
+  int recv = i < q->nrecv;
+  if (rc != MPI_SUCCESS)
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s step %d: %s rank %d", xp->rank, xp->phase, q->step,
+                        recv ? "receive from" : "send to", recv ? q->src : q->dst);
+  if (recv && q->r[i] == MPI_REQUEST_NULL) {
+    /* A message of the wrong size means the ranks run different plans: say so rather than
+     * compute on a half-filled buffer. */
+    size_t want = q->rbytes - (size_t)i * CHUNK;
+    if (want > CHUNK) want = CHUNK;
+    int got = 0;
+    MPI_Get_count(s, MPI_BYTE, &got);
+    if ((size_t)got != want)
+      return DA_ERR(DA_ERR_MISMATCH, "rank %d %s step %d: received %d bytes from rank %d, expected %zu "
+                    "(do all ranks run the same plan?)", xp->rank, xp->phase, q->step, got, q->src, want);
+  }
+  return DA_SUCCESS;
+}
+
 static da_status_t mpi_test(da_xport_t *xp, da_xreq_t *q, int *done) {
   *done = 0;
   if (!q) {
@@ -124,26 +145,8 @@ static da_status_t mpi_test(da_xport_t *xp, da_xreq_t *q, int *done) {
     if (q->r[i] == MPI_REQUEST_NULL) continue;
     int flag = 0;
     MPI_Status s;
-    int rc = MPI_Test(&q->r[i], &flag, &s);
-    int recv = i < q->nrecv;
-    if (rc != MPI_SUCCESS)
-      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s step %d: %s rank %d", xp->rank, xp->phase, q->step,
-                          recv ? "receive from" : "send to", recv ? q->src : q->dst);
-    if (!flag) {
-      all = 0;
-      continue;
-    }
-    if (recv) {
-      /* A message of the wrong size means the ranks run different plans: say so rather than
-       * compute on a half-filled buffer. */
-      size_t want = q->rbytes - (size_t)i * CHUNK;
-      if (want > CHUNK) want = CHUNK;
-      int got = 0;
-      MPI_Get_count(&s, MPI_BYTE, &got);
-      if ((size_t)got != want)
-        return DA_ERR(DA_ERR_MISMATCH, "rank %d %s step %d: received %d bytes from rank %d, expected %zu "
-                      "(do all ranks run the same plan?)", xp->rank, xp->phase, q->step, got, q->src, want);
-    }
+    DA_CHECK(finished(xp, q, i, MPI_Test(&q->r[i], &flag, &s), &s));
+    all &= flag;
   }
   /* The slow link hides a completed transfer until its modelled arrival. */
   if (all && q->ready_at > 0 && da_time_now() < q->ready_at) all = 0;
@@ -180,8 +183,27 @@ static void mpi_abort(da_xport_t *xp, da_xreq_t *q) {
   free(q);
 }
 
+/* DISTATTN_WAIT_BLOCKING=1: wait() blocks in MPI_Wait, without a deadline (a missing peer hangs
+ * it). For the SimGrid build (sim/, docs/scaling.md), where peers never die and every MPI_Test
+ * of a polling wait is a simulator context switch: 1024 simulated ranks would poll hundreds of
+ * millions of times. */
+DA_PARAM(WaitBlocking, "WAIT_BLOCKING", 0)
+
 static da_status_t mpi_wait(da_xport_t *xp, da_xreq_t *q) {
   if (!q) return DA_SUCCESS;
+  if (da_param_WaitBlocking() && q->ready_at == 0) {
+    for (int i = 0; i < q->nrecv + q->nsend; i++) {
+      if (q->r[i] == MPI_REQUEST_NULL) continue;
+      MPI_Status s;
+      da_status_t st = finished(xp, q, i, MPI_Wait(&q->r[i], &s), &s);
+      if (st != DA_SUCCESS) {
+        mpi_abort(xp, q);
+        return st;
+      }
+    }
+    free(q);
+    return DA_SUCCESS;
+  }
   double t0 = da_time_now();
   for (long it = 0;; it++) {
     int done = 0;

@@ -92,8 +92,14 @@ static estimate_t model(int algo, const machine_t *m, const problem_t *p, int64_
   const double F = m->fwd_tflops * 1e12, Fb = m->bwd_tflops * 1e12, t0 = m->call_us * 1e-6, M = m->mem_gbps * 1e9;
   const double kv = 2.0 * B * n * p->G * p->D * p->e, dkv = 2.0 * B * n * p->G * p->D * 4;
   const double state = (double)B * n * p->H * (p->D + 2) * 4;
-  E.fwd_s = t0 + state / M + t0 * B + (double)B * n * p->H * p->D * (4 + p->e) / M; /* init, finish */
-  if (p->bwd) E.bwd_s = t0 * B + (double)B * n * p->H * p->D * 2 * p->e / M;        /* delta */
+  /* init, packing the own KV block (read + write), finish */
+  E.fwd_s = t0 + state / M + 2 * kv / M + t0 * B + (double)B * n * p->H * p->D * (4 + p->e) / M;
+  /* The driver's host passes (comm/ring.c, da_payload): clearing dq and the own dK/dV sum, packing,
+   * then delta; at the end the own sum's last add and storing dq, dk, dv in the input dtype. */
+  const double big = (double)B * n * p->H * p->D * 4, own = dkv;
+  if (p->bwd)
+    E.bwd_s = (big + own) / M + 2 * kv / M + t0 * B + (double)B * n * p->H * p->D * 2 * p->e / M +
+              (p->P > 1 ? 3 * own / M : 0) + (big + own) * (4 + p->e) / 4 / M;
   for (int s = 0; s < p->P; s++) {
     double pairs;
     int64_t calls;
@@ -107,7 +113,10 @@ static estimate_t model(int algo, const machine_t *m, const problem_t *p, int64_
     if (s == (p->P > 1 ? 1 : 0)) E.step_compute_s = cf, E.step_xfer_s = xf;
     if (p->bwd) {
       /* The KV block and, one hop behind, the fp32 dK/dV sum share the link to r+1. */
-      const double cb = B * (calls * t0 + 10.0 * p->H * p->D * pairs / Fb);
+      /* Kernels, then clearing this step's dK/dV part (s >= 1) and adding it to the sum that came
+       * from r-1 (s >= 2): memory passes of the driver on the same device. */
+      const double cb = B * (calls * t0 + 10.0 * p->H * p->D * pairs / Fb) + (s >= 1 ? dkv / M : 0) +
+                        (s >= 2 ? 3 * dkv / M : 0);
       const double xb = (s + 1 < p->P ? link_time(m, p, kv) : 0) + (s >= 1 && p->P > 1 ? link_time(m, p, dkv) : 0);
       E.bwd_s += cb > xb ? cb : xb;
       E.exposed_s += xb > cb ? xb - cb : 0;

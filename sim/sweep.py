@@ -15,7 +15,7 @@ import argparse, json, math, os, shutil, subprocess, sys, time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SMPI_CFG = ["--cfg=smpi/simulate-computation:no", "--cfg=smpi/privatization:no",
-            "--cfg=smpi/shared-malloc-blocksize:67108864", "--cfg=smpi/test:1e-8",
+            "--cfg=smpi/test:1e-8",
             "--cfg=smpi/display-timing:no", "--log=root.thres:critical",
             # Plain links: no TCP window, no piecewise factors fitted to an Ethernet cluster.
             "--cfg=smpi/bw-factor:0:1", "--cfg=smpi/lat-factor:0:1", "--cfg=network/TCP-gamma:0",
@@ -61,7 +61,10 @@ def simulate(exe, work, kind, ranks, args, timeout=900):
     t0 = time.time()
     # SMPI's nonblocking collectives are linear algorithms (latency grows with P, unlike Open MPI's
     # libnbc): tree decode uses its blocking-allreduce variant here, which SMPI runs like Open MPI.
-    env = dict(os.environ, DISTATTN_DECODE_BLOCKING="1")
+    # The transport's waits block in MPI_Wait instead of polling MPI_Test (each poll is a context
+    # switch of the simulator, and the polls' injected time would blur the finish). Simulated
+    # ranks own no real memory (sim_alloc.c): no memory budget applies.
+    env = dict(os.environ, DISTATTN_DECODE_BLOCKING="1", DISTATTN_WAIT_BLOCKING="1", DISTATTN_MEM_BUDGET="off")
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines:
