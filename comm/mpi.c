@@ -113,6 +113,14 @@ static da_status_t mpi_exchange_start(da_xport_t *xp, const void *sbuf, size_t s
   return DA_SUCCESS;
 }
 
+/* DISTATTN_WAIT_BLOCKING=1: no deadlines, progress left to MPI: test() reports "not yet" without
+ * polling, wait() blocks in MPI_Wait, the collectives are the blocking ones (a missing peer hangs
+ * them all). For the SimGrid build (sim/, docs/scaling.md), where peers never die, transfers
+ * advance in simulated time without MPI calls, every MPI_Test is a simulator context switch, and
+ * SMPI's nonblocking collectives are linear: P^2 small detached messages per call, each of whose
+ * completions scans a list of all those in flight (SimGrid 3.32), minutes at 128 ranks. */
+DA_PARAM(WaitBlocking, "WAIT_BLOCKING", 0)
+
 /* Request i of q returned rc (and status s, when it completed): the error, or for a completed
  * receive, a size check. */
 static da_status_t finished(const da_xport_t *xp, const da_xreq_t *q, int i, int rc, MPI_Status *s) {
@@ -140,6 +148,7 @@ static da_status_t mpi_test(da_xport_t *xp, da_xreq_t *q, int *done) {
     *done = 1;
     return DA_SUCCESS;
   }
+  if (da_param_WaitBlocking()) return DA_SUCCESS; /* MPI moves the bytes; wait() collects them */
   int all = 1;
   for (int i = 0; i < q->nrecv + q->nsend; i++) {
     if (q->r[i] == MPI_REQUEST_NULL) continue;
@@ -182,12 +191,6 @@ static void mpi_abort(da_xport_t *xp, da_xreq_t *q) {
   }
   free(q);
 }
-
-/* DISTATTN_WAIT_BLOCKING=1: wait() blocks in MPI_Wait, without a deadline (a missing peer hangs
- * it). For the SimGrid build (sim/, docs/scaling.md), where peers never die and every MPI_Test
- * of a polling wait is a simulator context switch: 1024 simulated ranks would poll hundreds of
- * millions of times. */
-DA_PARAM(WaitBlocking, "WAIT_BLOCKING", 0)
 
 static da_status_t mpi_wait(da_xport_t *xp, da_xreq_t *q) {
   if (!q) return DA_SUCCESS;
@@ -253,6 +256,11 @@ static da_status_t mpi_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_
   MPI_Datatype dt = type == DA_XT_INT64 ? MPI_INT64_T : MPI_DOUBLE;
   MPI_Op mop = op == DA_XOP_SUM ? MPI_SUM : op == DA_XOP_MIN ? MPI_MIN : MPI_MAX;
   size_t bytes = (size_t)count * 8;
+  if (da_param_WaitBlocking()) {
+    DA_MPICHECK(MPI_Allreduce(MPI_IN_PLACE, buf, count, dt, mop, comm_of(xp)), "rank %d %s: allreduce", xp->rank,
+                xp->phase);
+    return DA_SUCCESS;
+  }
   /* Work on a heap copy: if the collective times out it may still write into it later. */
   void *tmp = malloc(bytes ? bytes : 1);
   if (!tmp) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "allreduce buffer");
@@ -274,6 +282,11 @@ static da_status_t mpi_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_
 static da_status_t mpi_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes) {
   if (bytes > INT_MAX) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "allgather of %zu bytes per rank", bytes);
   size_t total = bytes * (size_t)xp->nranks;
+  if (da_param_WaitBlocking()) {
+    DA_MPICHECK(MPI_Allgather(sbuf, (int)bytes, MPI_BYTE, rbuf, (int)bytes, MPI_BYTE, comm_of(xp)),
+                "rank %d %s: allgather", xp->rank, xp->phase);
+    return DA_SUCCESS;
+  }
   void *tmp = malloc(total ? total : 1);
   if (!tmp) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "allgather buffer");
   MPI_Request r;
@@ -291,6 +304,10 @@ static da_status_t mpi_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, s
 }
 
 static da_status_t mpi_barrier(da_xport_t *xp) {
+  if (da_param_WaitBlocking()) {
+    DA_MPICHECK(MPI_Barrier(comm_of(xp)), "rank %d %s: barrier", xp->rank, xp->phase);
+    return DA_SUCCESS;
+  }
   MPI_Request r;
   DA_MPICHECK(MPI_Ibarrier(comm_of(xp), &r), "rank %d %s: barrier", xp->rank, xp->phase);
   return coll_wait(xp, &r, "barrier");

@@ -3,6 +3,7 @@
  * touches no payload: the buffers alias one untouched arena (sim_alloc.c) and hold no data.
  * The mask decides the work exactly (da_mask_count_pairs on the block's global positions), so
  * the drivers' schedules, skips and imbalance are the real ones. Not a numerical backend. */
+#include <simgrid/engine.h>
 #include <simgrid/host.h>
 #include <smpi/smpi.h>
 #include "dtype.h"
@@ -19,6 +20,8 @@ static void spend(double s) {
    * (smpi_execute would convert with smpi/host-speed instead). */
   smpi_execute_flops(s * sg_host_get_speed(sg_host_self()));
 }
+
+double da_sim_time_now(void) { return simgrid_get_clock(); }
 
 int da_sim_payload(double bytes) {
   spend(bytes / da_sim_calib.mem_bps);
