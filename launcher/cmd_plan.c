@@ -150,9 +150,12 @@ static int64_t hide_threshold(int algo, const machine_t *m0, const problem_t *p0
   return lo;
 }
 
-/* Decode: the tree is one shard decode and an allreduce of B*H*(D+1) fp32 rows (reduce + bcast
- * over a binomial tree: 2 log2 P hops, those inside a node at NVLink cost); the ring is P dependent
- * shard decodes and P - 1 hops carrying the partials and the query, then a broadcast. */
+/* Decode: the tree is one shard decode and an allreduce of B*H*(D+1) fp32 rows by recursive
+ * doubling (Open MPI's choice for small allreduces; sim/sweep.py pins it in SMPI): log2 P exchange
+ * rounds, those inside a node at NVLink cost; in a round across nodes every rank of a node crosses
+ * at once, sharing the node's network rate (one NIC per node, as sim/mkplatform.py). The ring is P
+ * dependent shard decodes and P - 1 hops carrying the partials and the query, then a broadcast
+ * (binomial: log2 P hops). */
 static void decode_model(const machine_t *m, const problem_t *p, double *tree_s, double *ring_s) {
   const double shard = 2.0 * p->B * cdiv(p->S, p->P) * p->G * p->D * p->e;
   const double k = m->call_us * 1e-6 + shard / (m->mem_gbps * 1e9);
@@ -162,10 +165,11 @@ static void decode_model(const machine_t *m, const problem_t *p, double *tree_s,
   while ((1LL << lgn) < m->node && (1LL << lgn) < p->P) lgn++;
   const double hop_in = m->link_us * 1e-6 + part / (m->link_gbps * 1e9);
   const double hop_out = m->net_us * 1e-6 + part / (m->net_gbps * 1e9);
-  const double tree_hops = 2 * (lgn * hop_in + (lg - lgn) * hop_out);
-  *tree_s = k + tree_hops;
+  const double per_node = (double)(p->P < m->node ? p->P : m->node);
+  const double hop_x = m->net_us * 1e-6 + per_node * part / (m->net_gbps * 1e9);
+  *tree_s = k + lgn * hop_in + (lg - lgn) * hop_x;
   const double ring_hop = link_time(m, p, part + q);
-  *ring_s = p->P * k + (p->P - 1) * ring_hop + tree_hops / 2;
+  *ring_s = p->P * k + (p->P - 1) * ring_hop + lgn * hop_in + (lg - lgn) * hop_out;
 }
 
 int da_cmd_plan(int argc, char **argv) {
