@@ -24,10 +24,11 @@ typedef struct machine {
  * measured; NVLink4 450 GB/s; NDR 50 GB/s per GPU), A100 SXM (FA2-class 190 / 150 TF, HBM
  * 1.8 TB/s; NVLink3 300 GB/s; HDR 25 GB/s) and this 2-core VM's CPU ranks (docs/scaling.md:
  * calibrated from `distattn kernel`, Open MPI shared memory ~4 GB/s per rank). The link latencies
- * match sim/mkplatform.py (a crossing pays both uplinks). */
+ * match sim/mkplatform.py's routes: inside a node two GPU links; across nodes two GPU links, both
+ * uplinks and the core (h100: 2 x 1.0 + 2 x 2.5 + 1.0 = 8 us). */
 static const machine_t machines[] = {
-    {"h100", 600, 450, 3000, 10, 450, 2.0, 50, 5.0, 8},
-    {"a100", 190, 150, 1800, 10, 300, 3.0, 25, 6.0, 8},
+    {"h100", 600, 450, 3000, 10, 450, 2.0, 50, 8.0, 8},
+    {"a100", 190, 150, 1800, 10, 300, 3.0, 25, 9.0, 8},
     {"cpu", 0.10, 0.08, 10, 20, 4, 5.0, 4, 5.0, 2},
 };
 static const char *const machine_names[] = {"h100", "a100", "cpu", NULL};
@@ -168,8 +169,11 @@ static void decode_model(const machine_t *m, const problem_t *p, double *tree_s,
   const double per_node = (double)(p->P < m->node ? p->P : m->node);
   const double hop_x = m->net_us * 1e-6 + per_node * part / (m->net_gbps * 1e9);
   *tree_s = k + lgn * hop_in + (lg - lgn) * hop_x;
-  const double ring_hop = link_time(m, p, part + q);
-  *ring_s = p->P * k + (p->P - 1) * ring_hop + lgn * hop_in + (lg - lgn) * hop_out;
+  /* The ring's P - 1 dependent hops: all but nodes - 1 of them inside a node. */
+  const double msg = part + q, nodes = (double)cdiv(p->P, m->node);
+  const double ring_hops = (p->P - nodes) * (m->link_us * 1e-6 + msg / (m->link_gbps * 1e9)) +
+                           (nodes - 1) * (m->net_us * 1e-6 + msg / (m->net_gbps * 1e9));
+  *ring_s = p->P * k + ring_hops + lgn * hop_in + (lg - lgn) * hop_out;
 }
 
 int da_cmd_plan(int argc, char **argv) {
