@@ -133,14 +133,15 @@ def decode_point(build, exe, work, kind, ranks, algo, context, heads=32, kv=8, d
 
 
 def check(build):
-    """Label-sim test: the real ring / zigzag drivers at 8 (one node) and 16 ranks (two nodes,
-    transfer-bound) against the closed-form model, within 15%."""
+    """Label-sim test: the real ring / zigzag drivers at 8 (one node), 16 (two nodes, transfer-bound)
+    and 128 ranks against the closed-form model, within 15%."""
     exe = build_sim(build)
     work = os.path.join(build, "sim", "check")
     os.makedirs(work, exist_ok=True)
     worst, bad = 0.0, 0
     cases = [("h100", 8, "ring", 64 * 1024, False), ("h100", 8, "zigzag", 64 * 1024, True),
-             ("h100", 16, "striped", 64 * 1024, False), ("h100", 16, "ring", 32 * 1024, True)]
+             ("h100", 16, "striped", 64 * 1024, False), ("h100", 16, "ring", 32 * 1024, True),
+             ("h100", 128, "zigzag", 1024 * 1024, False)]  # 16 nodes, under a second of host time
     for kind, P, algo, seq, bwd in cases:
         r = ring_point(build, exe, work, kind, P, algo, seq, heads=8, kv=8, dim=128, bwd=bwd)
         ok = abs(r["model_err"]) <= 0.15
