@@ -8,7 +8,7 @@ export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
-.PHONY: all setup configure build run test bench sim clean install
+.PHONY: all setup configure build run test bench sim sim-calibrate clean install
 
 all: build
 
@@ -53,6 +53,11 @@ SIMPY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo pytho
 sim: setup
 	@$(MAKE) --no-print-directory build
 	$(SIMPY) sim/sweep.py --build $(BUILD) --out sim/results $(SIM_ARGS)
+
+# The simulator against real MPI runs on this machine at 2 and 4 ranks (sim/calibrate.py).
+sim-calibrate: setup
+	@$(MAKE) --no-print-directory build
+	$(SIMPY) sim/calibrate.py --build $(BUILD) --out sim/results $(SIM_ARGS)
 
 # Library, header, program, pkg-config file and CMake package under $(PREFIX) (docs/library.md).
 install: build

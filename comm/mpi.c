@@ -113,37 +113,49 @@ static da_status_t mpi_exchange_start(da_xport_t *xp, const void *sbuf, size_t s
   return DA_SUCCESS;
 }
 
+/* DISTATTN_WAIT_BLOCKING=1: no deadlines, progress left to MPI: test() reports "not yet" without
+ * polling, wait() blocks in MPI_Wait, the collectives are the blocking ones (a missing peer hangs
+ * them all). For the SimGrid build (sim/, docs/scaling.md), where peers never die, transfers
+ * advance in simulated time without MPI calls, every MPI_Test is a simulator context switch, and
+ * SMPI's nonblocking collectives are linear: P^2 small detached messages per call, each of whose
+ * completions scans a list of all those in flight (SimGrid 3.32), minutes at 128 ranks. */
+DA_PARAM(WaitBlocking, "WAIT_BLOCKING", 0)
+
+/* Request i of q returned rc (and status s, when it completed): the error, or for a completed
+ * receive, a size check. */
+static da_status_t finished(const da_xport_t *xp, const da_xreq_t *q, int i, int rc, MPI_Status *s) {
+  int recv = i < q->nrecv;
+  if (rc != MPI_SUCCESS)
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s step %d: %s rank %d", xp->rank, xp->phase, q->step,
+                        recv ? "receive from" : "send to", recv ? q->src : q->dst);
+  if (recv && q->r[i] == MPI_REQUEST_NULL) {
+    /* A message of the wrong size means the ranks run different plans: say so rather than
+     * compute on a half-filled buffer. */
+    size_t want = q->rbytes - (size_t)i * CHUNK;
+    if (want > CHUNK) want = CHUNK;
+    int got = 0;
+    MPI_Get_count(s, MPI_BYTE, &got);
+    if ((size_t)got != want)
+      return DA_ERR(DA_ERR_MISMATCH, "rank %d %s step %d: received %d bytes from rank %d, expected %zu "
+                    "(do all ranks run the same plan?)", xp->rank, xp->phase, q->step, got, q->src, want);
+  }
+  return DA_SUCCESS;
+}
+
 static da_status_t mpi_test(da_xport_t *xp, da_xreq_t *q, int *done) {
   *done = 0;
   if (!q) {
     *done = 1;
     return DA_SUCCESS;
   }
+  if (da_param_WaitBlocking()) return DA_SUCCESS; /* MPI moves the bytes; wait() collects them */
   int all = 1;
   for (int i = 0; i < q->nrecv + q->nsend; i++) {
     if (q->r[i] == MPI_REQUEST_NULL) continue;
     int flag = 0;
     MPI_Status s;
-    int rc = MPI_Test(&q->r[i], &flag, &s);
-    int recv = i < q->nrecv;
-    if (rc != MPI_SUCCESS)
-      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s step %d: %s rank %d", xp->rank, xp->phase, q->step,
-                          recv ? "receive from" : "send to", recv ? q->src : q->dst);
-    if (!flag) {
-      all = 0;
-      continue;
-    }
-    if (recv) {
-      /* A message of the wrong size means the ranks run different plans: say so rather than
-       * compute on a half-filled buffer. */
-      size_t want = q->rbytes - (size_t)i * CHUNK;
-      if (want > CHUNK) want = CHUNK;
-      int got = 0;
-      MPI_Get_count(&s, MPI_BYTE, &got);
-      if ((size_t)got != want)
-        return DA_ERR(DA_ERR_MISMATCH, "rank %d %s step %d: received %d bytes from rank %d, expected %zu "
-                      "(do all ranks run the same plan?)", xp->rank, xp->phase, q->step, got, q->src, want);
-    }
+    DA_CHECK(finished(xp, q, i, MPI_Test(&q->r[i], &flag, &s), &s));
+    all &= flag;
   }
   /* The slow link hides a completed transfer until its modelled arrival. */
   if (all && q->ready_at > 0 && da_time_now() < q->ready_at) all = 0;
@@ -182,6 +194,19 @@ static void mpi_abort(da_xport_t *xp, da_xreq_t *q) {
 
 static da_status_t mpi_wait(da_xport_t *xp, da_xreq_t *q) {
   if (!q) return DA_SUCCESS;
+  if (da_param_WaitBlocking() && q->ready_at == 0) {
+    for (int i = 0; i < q->nrecv + q->nsend; i++) {
+      if (q->r[i] == MPI_REQUEST_NULL) continue;
+      MPI_Status s;
+      da_status_t st = finished(xp, q, i, MPI_Wait(&q->r[i], &s), &s);
+      if (st != DA_SUCCESS) {
+        mpi_abort(xp, q);
+        return st;
+      }
+    }
+    free(q);
+    return DA_SUCCESS;
+  }
   double t0 = da_time_now();
   for (long it = 0;; it++) {
     int done = 0;
@@ -231,6 +256,11 @@ static da_status_t mpi_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_
   MPI_Datatype dt = type == DA_XT_INT64 ? MPI_INT64_T : MPI_DOUBLE;
   MPI_Op mop = op == DA_XOP_SUM ? MPI_SUM : op == DA_XOP_MIN ? MPI_MIN : MPI_MAX;
   size_t bytes = (size_t)count * 8;
+  if (da_param_WaitBlocking()) {
+    DA_MPICHECK(MPI_Allreduce(MPI_IN_PLACE, buf, count, dt, mop, comm_of(xp)), "rank %d %s: allreduce", xp->rank,
+                xp->phase);
+    return DA_SUCCESS;
+  }
   /* Work on a heap copy: if the collective times out it may still write into it later. */
   void *tmp = malloc(bytes ? bytes : 1);
   if (!tmp) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "allreduce buffer");
@@ -252,6 +282,11 @@ static da_status_t mpi_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_
 static da_status_t mpi_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes) {
   if (bytes > INT_MAX) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "allgather of %zu bytes per rank", bytes);
   size_t total = bytes * (size_t)xp->nranks;
+  if (da_param_WaitBlocking()) {
+    DA_MPICHECK(MPI_Allgather(sbuf, (int)bytes, MPI_BYTE, rbuf, (int)bytes, MPI_BYTE, comm_of(xp)),
+                "rank %d %s: allgather", xp->rank, xp->phase);
+    return DA_SUCCESS;
+  }
   void *tmp = malloc(total ? total : 1);
   if (!tmp) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "allgather buffer");
   MPI_Request r;
@@ -269,6 +304,10 @@ static da_status_t mpi_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, s
 }
 
 static da_status_t mpi_barrier(da_xport_t *xp) {
+  if (da_param_WaitBlocking()) {
+    DA_MPICHECK(MPI_Barrier(comm_of(xp)), "rank %d %s: barrier", xp->rank, xp->phase);
+    return DA_SUCCESS;
+  }
   MPI_Request r;
   DA_MPICHECK(MPI_Ibarrier(comm_of(xp), &r), "rank %d %s: barrier", xp->rank, xp->phase);
   return coll_wait(xp, &r, "barrier");

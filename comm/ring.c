@@ -11,6 +11,14 @@
 #include "dtype.h"
 #include "ring.h"
 
+/* Host payload work outside the kernel table (packing the KV block, clearing and summing the fp32
+ * dK/dV accumulators, storing gradients) runs only when da_payload(bytes moved) says so. Here it
+ * always does; the SimGrid build (sim/sim.h, included first there) charges the bytes to the
+ * simulated clock at the device's memory rate instead, since its buffers hold no data. */
+#ifndef da_payload
+#define da_payload(bytes) 1
+#endif
+
 static size_t esize(const da_ring_t *R) { return da_dtype_size(R->kp.dtype); }
 static int64_t kvrow(const da_ring_t *R) { return (int64_t)R->kp.G * R->kp.D; }
 static int64_t count_of(const da_ring_t *R, int r) { return R->layout.counts[r]; }
@@ -172,7 +180,7 @@ da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
   float *const o = R->buf.big, *const m = R->buf.small[0], *const l = R->buf.small[1];
   da_fwd_state_t all = {o, m, l, B * nloc};
   if (nst) st = da_fwd_state_init(R->kt, &R->kp, &all, stream);
-  pack_kv(R, k, v, slot[0]);
+  if (da_payload(2.0 * kv_block_elems(R, nloc) * es)) pack_kv(R, k, v, slot[0]);
 
   for (int s = 0; s < P; s++) {
     const int src = da_ring_src(r, s, P);
@@ -266,13 +274,15 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
   char *const slot[2] = {R->buf.slot[0], R->buf.slot[1]};
   float *sd = R->buf.acc[0], *rv = R->buf.acc[1], *c = R->buf.acc[2], *const own = R->buf.own;
   float *const dqa = R->buf.big, *const delta = R->buf.small[0]; /* the forward's state, reused */
-  memset(dqa, 0, big_elems(R) * sizeof(float));
-  memset(own, 0, own_elems(R) * sizeof(float));
+  if (da_payload((double)(big_elems(R) + own_elems(R)) * sizeof(float))) {
+    memset(dqa, 0, big_elems(R) * sizeof(float));
+    memset(own, 0, own_elems(R) * sizeof(float));
+  }
   if (compute && nloc > 0)
     for (int64_t b = 0; b < B && st == DA_SUCCESS; b++)
       st = R->kt->bwd_prep(&R->kp, nloc, out.p + (size_t)(b * out.bs) * es, out.ld,
                            dout.p + (size_t)(b * dout.bs) * es, dout.ld, delta + b * nloc * H, stream);
-  pack_kv(R, k, v, slot[0]);
+  if (da_payload(2.0 * kv_block_elems(R, nloc) * es)) pack_kv(R, k, v, slot[0]);
   const int64_t split = own_split(R);
 
   /* Items [i0, i1) of step s into the dK/dV accumulator acc ([2][B][nsrc][G][D]: k part, then v),
@@ -315,7 +325,7 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
       if (s == 0) {
         BWD_ITEMS(0, 0, split, k, v, nsrc, own);
       } else {
-        memset(c, 0, blk * sizeof(float));
+        if (da_payload((double)blk * sizeof(float))) memset(c, 0, blk * sizeof(float));
         BWD_ITEMS(s, 0, INT64_MAX, bk, bv, nsrc, c);
       }
     } else if ((st_comm = poke(R, rkv, rd))) {
@@ -327,7 +337,8 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
       if ((st_comm = wait_req(R, &rd, &S->step_wait_s[s]))) goto done;
       if (compute) {
         double ta = da_time_now();
-        for (size_t i = 0; i < blk; i++) rv[i] += c[i];
+        if (da_payload(3.0 * blk * sizeof(float)))
+          for (size_t i = 0; i < blk; i++) rv[i] += c[i];
         S->step_compute_s[s] += da_time_now() - ta;
       }
       float *t = sd;
@@ -359,12 +370,14 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
     if ((st_comm = wait_req(R, &rd, &S->step_wait_s[P - 1]))) goto done;
     if (compute) {
       double ta = da_time_now();
-      for (size_t i = 0; i < kv_block_elems(R, nloc); i++) rv[i] += own[i];
+      if (da_payload(3.0 * kv_block_elems(R, nloc) * sizeof(float)))
+        for (size_t i = 0; i < kv_block_elems(R, nloc); i++) rv[i] += own[i];
       S->step_compute_s[0] += da_time_now() - ta;
     }
     home = rv;
   }
-  if (st == DA_SUCCESS && compute && nloc > 0)
+  if (st == DA_SUCCESS && compute && nloc > 0 &&
+      da_payload((double)(big_elems(R) + own_elems(R)) * (sizeof(float) + es)))
     for (int64_t b = 0; b < B; b++) {
       store_rows(R, dq, b, nloc, (int64_t)H * D, dqa + b * nloc * H * D);
       store_rows(R, dk, b, nloc, row, home + b * nloc * row);

@@ -24,10 +24,11 @@ typedef struct machine {
  * measured; NVLink4 450 GB/s; NDR 50 GB/s per GPU), A100 SXM (FA2-class 190 / 150 TF, HBM
  * 1.8 TB/s; NVLink3 300 GB/s; HDR 25 GB/s) and this 2-core VM's CPU ranks (docs/scaling.md:
  * calibrated from `distattn kernel`, Open MPI shared memory ~4 GB/s per rank). The link latencies
- * match sim/mkplatform.py (a crossing pays both uplinks). */
+ * match sim/mkplatform.py's routes: inside a node two GPU links; across nodes two GPU links, both
+ * uplinks and the core (h100: 2 x 1.0 + 2 x 2.5 + 1.0 = 8 us). */
 static const machine_t machines[] = {
-    {"h100", 600, 450, 3000, 10, 450, 2.0, 50, 5.0, 8},
-    {"a100", 190, 150, 1800, 10, 300, 3.0, 25, 6.0, 8},
+    {"h100", 600, 450, 3000, 10, 450, 2.0, 50, 8.0, 8},
+    {"a100", 190, 150, 1800, 10, 300, 3.0, 25, 9.0, 8},
     {"cpu", 0.10, 0.08, 10, 20, 4, 5.0, 4, 5.0, 2},
 };
 static const char *const machine_names[] = {"h100", "a100", "cpu", NULL};
@@ -92,8 +93,14 @@ static estimate_t model(int algo, const machine_t *m, const problem_t *p, int64_
   const double F = m->fwd_tflops * 1e12, Fb = m->bwd_tflops * 1e12, t0 = m->call_us * 1e-6, M = m->mem_gbps * 1e9;
   const double kv = 2.0 * B * n * p->G * p->D * p->e, dkv = 2.0 * B * n * p->G * p->D * 4;
   const double state = (double)B * n * p->H * (p->D + 2) * 4;
-  E.fwd_s = t0 + state / M + t0 * B + (double)B * n * p->H * p->D * (4 + p->e) / M; /* init, finish */
-  if (p->bwd) E.bwd_s = t0 * B + (double)B * n * p->H * p->D * 2 * p->e / M;        /* delta */
+  /* init, packing the own KV block (read + write), finish */
+  E.fwd_s = t0 + state / M + 2 * kv / M + t0 * B + (double)B * n * p->H * p->D * (4 + p->e) / M;
+  /* The driver's host passes (comm/ring.c, da_payload): clearing dq and the own dK/dV sum, packing,
+   * then delta; at the end the own sum's last add and storing dq, dk, dv in the input dtype. */
+  const double big = (double)B * n * p->H * p->D * 4, own = dkv;
+  if (p->bwd)
+    E.bwd_s = (big + own) / M + 2 * kv / M + t0 * B + (double)B * n * p->H * p->D * 2 * p->e / M +
+              (p->P > 1 ? 3 * own / M : 0) + (big + own) * (4 + p->e) / 4 / M;
   for (int s = 0; s < p->P; s++) {
     double pairs;
     int64_t calls;
@@ -107,7 +114,10 @@ static estimate_t model(int algo, const machine_t *m, const problem_t *p, int64_
     if (s == (p->P > 1 ? 1 : 0)) E.step_compute_s = cf, E.step_xfer_s = xf;
     if (p->bwd) {
       /* The KV block and, one hop behind, the fp32 dK/dV sum share the link to r+1. */
-      const double cb = B * (calls * t0 + 10.0 * p->H * p->D * pairs / Fb);
+      /* Kernels, then clearing this step's dK/dV part (s >= 1) and adding it to the sum that came
+       * from r-1 (s >= 2): memory passes of the driver on the same device. */
+      const double cb = B * (calls * t0 + 10.0 * p->H * p->D * pairs / Fb) + (s >= 1 ? dkv / M : 0) +
+                        (s >= 2 ? 3 * dkv / M : 0);
       const double xb = (s + 1 < p->P ? link_time(m, p, kv) : 0) + (s >= 1 && p->P > 1 ? link_time(m, p, dkv) : 0);
       E.bwd_s += cb > xb ? cb : xb;
       E.exposed_s += xb > cb ? xb - cb : 0;
@@ -141,9 +151,12 @@ static int64_t hide_threshold(int algo, const machine_t *m0, const problem_t *p0
   return lo;
 }
 
-/* Decode: the tree is one shard decode and an allreduce of B*H*(D+1) fp32 rows (reduce + bcast
- * over a binomial tree: 2 log2 P hops, those inside a node at NVLink cost); the ring is P dependent
- * shard decodes and P - 1 hops carrying the partials and the query, then a broadcast. */
+/* Decode: the tree is one shard decode and an allreduce of B*H*(D+1) fp32 rows by recursive
+ * doubling (Open MPI's choice for small allreduces; sim/sweep.py pins it in SMPI): log2 P exchange
+ * rounds, those inside a node at NVLink cost; in a round across nodes every rank of a node crosses
+ * at once, sharing the node's network rate (one NIC per node, as sim/mkplatform.py). The ring is P
+ * dependent shard decodes and P - 1 hops carrying the partials and the query, then a broadcast
+ * (binomial: log2 P hops). */
 static void decode_model(const machine_t *m, const problem_t *p, double *tree_s, double *ring_s) {
   const double shard = 2.0 * p->B * cdiv(p->S, p->P) * p->G * p->D * p->e;
   const double k = m->call_us * 1e-6 + shard / (m->mem_gbps * 1e9);
@@ -153,10 +166,14 @@ static void decode_model(const machine_t *m, const problem_t *p, double *tree_s,
   while ((1LL << lgn) < m->node && (1LL << lgn) < p->P) lgn++;
   const double hop_in = m->link_us * 1e-6 + part / (m->link_gbps * 1e9);
   const double hop_out = m->net_us * 1e-6 + part / (m->net_gbps * 1e9);
-  const double tree_hops = 2 * (lgn * hop_in + (lg - lgn) * hop_out);
-  *tree_s = k + tree_hops;
-  const double ring_hop = link_time(m, p, part + q);
-  *ring_s = p->P * k + (p->P - 1) * ring_hop + tree_hops / 2;
+  const double per_node = (double)(p->P < m->node ? p->P : m->node);
+  const double hop_x = m->net_us * 1e-6 + per_node * part / (m->net_gbps * 1e9);
+  *tree_s = k + lgn * hop_in + (lg - lgn) * hop_x;
+  /* The ring's P - 1 dependent hops: all but nodes - 1 of them inside a node. */
+  const double msg = part + q, nodes = (double)cdiv(p->P, m->node);
+  const double ring_hops = (p->P - nodes) * (m->link_us * 1e-6 + msg / (m->link_gbps * 1e9)) +
+                           (nodes - 1) * (m->net_us * 1e-6 + msg / (m->net_gbps * 1e9));
+  *ring_s = p->P * k + ring_hops + lgn * hop_in + (lg - lgn) * hop_out;
 }
 
 int da_cmd_plan(int argc, char **argv) {

@@ -17,9 +17,22 @@
  * each half is EMPTY or FULL as a range (O(1) each) or small, so only rows near a mask boundary
  * are counted one by one: O(rows on the boundary * log) instead of O(q.count) per item. This
  * keeps a 1M-token striped schedule (every item PARTIAL) cheap. */
+static int64_t tri_clamp(int64_t X, int64_t m) { /* sum of clamp(x, 0, m) for x = 0 .. X-1, X >= 0 */
+  return X <= m + 1 ? X * (X - 1) / 2 : m * (m + 1) / 2 + (X - m - 1) * m;
+}
+
+static int64_t floor_div(int64_t a, int64_t b) { return a >= 0 ? a / b : -((-a + b - 1) / b); }
+
 static int64_t count_pairs_fast(const da_mask_t *m, da_span_t q, da_span_t k, da_tile_class_t c) {
   if (c == DA_TILE_EMPTY) return 0;
   if (c == DA_TILE_FULL) return q.count * k.count;
+  if (m->flags == DA_MASK_CAUSAL && q.stride == k.stride && q.stride > 0) {
+    /* Plain causal, equal strides (contiguous and striped shards): row i of q sees
+     * clamp(c0 + i, 0, k.count) keys, c0 = floor((q.start - k.start) / stride) + 1. A striped
+     * item is PARTIAL on every row, so halving would reach the leaves: O(1) instead of O(rows). */
+    int64_t c0 = floor_div(q.start - k.start, k.stride) + 1, hi = c0 + q.count;
+    return tri_clamp(hi > 0 ? hi : 0, k.count) - tri_clamp(c0 > 0 ? c0 : 0, k.count);
+  }
   if (q.count <= DA_COUNT_LEAF) return da_mask_count_pairs(m, q, k);
   int64_t h = q.count / 2;
   da_span_t a = da_span_sub(q, 0, h), b = da_span_sub(q, h, q.count - h);

@@ -2,7 +2,10 @@
 """mkplatform.py: SimGrid platform XML for clusters of GPU nodes (docs/scaling.md).
 
 Each node is a SimGrid <cluster> of G GPUs: a private split-duplex link per GPU (NVLink-class,
-per direction) into the node's switch (NVSwitch backbone). Nodes hang off one non-blocking
+per direction) into the node's switch. The NVSwitch is non-blocking (G links' worth of
+bisection), so the cluster has no backbone link: one would never bind, and a shared constraint
+would tie every flow of the node into one max-min system that SimGrid re-solves at each event
+(with the uplinks, all flows of the platform: cubic host time in the rank count). Nodes hang off one non-blocking
 InfiniBand core (a full-bisection fat tree) through a split-duplex uplink at ONE GPU NIC's rate,
 shared by the flows that leave (enter) the node. That is exact for the drivers simulated here:
 in a ring one GPU per node sends across (its KV block and, in the backward, the dK/dV sum share
@@ -33,7 +36,7 @@ def platform(kind, nodes):
     for n in range(nodes):
         out.append(f'  <cluster id="n{n}" prefix="{kind}-{n}-" suffix="" radical="0-{g - 1}" speed="1Gf" '
                    f'bw="{k["nvl_gbps"]}GBps" lat="{k["nvl_us"]}us" sharing_policy="SPLITDUPLEX" '
-                   f'bb_bw="{k["nvl_gbps"] * g}GBps" bb_lat="0us" router_id="n{n}-sw"/>')
+                   f'router_id="n{n}-sw"/>')
     if nodes > 1:
         # The IB core is a zone holding one router; each node's uplink carries half the core
         # latency, so a crossing pays both uplinks.

@@ -1,6 +1,6 @@
 /* sim.h: the SimGrid SMPI build of the drivers (sim/Makefile). The kernel table is replaced by
  * the `sim` backend, whose calls only advance the simulated clock (smpi_execute) by the time the
- * work would take at calibrated rates; payload buffers alias shared pages. Nothing here is
+ * work would take at calibrated rates; payload buffers alias one untouched arena (sim_alloc.c). Nothing here is
  * compiled into the normal build. */
 #ifndef DA_SIM_H
 #define DA_SIM_H
@@ -21,5 +21,22 @@ typedef struct da_sim_calib {
 extern da_sim_calib_t da_sim_calib;
 /* Simulated seconds the sim kernels have injected on this process (all ranks together). */
 extern double da_sim_kernel_s;
+
+/* The drivers' host payload work outside the kernel table (comm/ring.c: packing the KV block,
+ * clearing and summing fp32 dK/dV, storing gradients): charged to the simulated clock as `bytes`
+ * of memory traffic at mem_bps, never done (the buffers hold no data). The comm/ objects are
+ * compiled with this header forced in (sim/Makefile). */
+int da_sim_payload(double bytes);
+
+/* The drivers' clock (core.h's da_time_now) in the comm/ objects: the simulated time, read
+ * directly. SMPI's clock_gettime would stop and restart its compute-burst timer (two CPU-clock
+ * system calls) at each of the ring's five reads per step, a fifth of the host time of a point,
+ * for nothing: simulate-computation is off. */
+double da_sim_time_now(void);
+#define da_time_now da_sim_time_now
+
+/* Drop the bytes of messages sent from payload buffers (sim_alloc.c); call after MPI_Init. */
+void da_sim_copy_hook_install(void);
+#define da_payload(bytes) da_sim_payload(bytes)
 
 #endif

@@ -1,8 +1,9 @@
 /* sim_kernels.c: the `sim` backend of kernels/kernels.h for the SMPI build. Every call advances
  * the simulated clock by the time the same work takes on the calibrated device (sim.h) and
- * touches no payload: the buffers alias shared pages (sim_alloc.c) and hold no meaningful data.
+ * touches no payload: the buffers alias one untouched arena (sim_alloc.c) and hold no data.
  * The mask decides the work exactly (da_mask_count_pairs on the block's global positions), so
  * the drivers' schedules, skips and imbalance are the real ones. Not a numerical backend. */
+#include <simgrid/engine.h>
 #include <simgrid/host.h>
 #include <smpi/smpi.h>
 #include "dtype.h"
@@ -18,6 +19,13 @@ static void spend(double s) {
   /* In flops of this host, so the time is right whatever speed the platform gives it
    * (smpi_execute would convert with smpi/host-speed instead). */
   smpi_execute_flops(s * sg_host_get_speed(sg_host_self()));
+}
+
+double da_sim_time_now(void) { return simgrid_get_clock(); }
+
+int da_sim_payload(double bytes) {
+  spend(bytes / da_sim_calib.mem_bps);
+  return 0;
 }
 
 /* Allowed pairs of a block pair. The schedules of 1024 ranks call this millions of times with

@@ -1,7 +1,7 @@
 /* sim_main.c: distattn-sim, the driver program of the SMPI build. It runs the library's real
  * ring / striped / zigzag plans (da_plan_fwd, da_plan_bwd) or tree / ring decode
  * (da_decode_step) under smpirun, with the sim kernel backend injecting calibrated compute time,
- * and prints one JSON line (rank 0) with the simulated times. Inputs are shared garbage: this
+ * and prints one JSON line (rank 0) with the simulated times. Inputs are never written: this
  * program measures time, never values (correctness is tests/test_ring.c's and test_tree.c's). */
 #include <stdio.h>
 #include <stdlib.h>
@@ -24,6 +24,7 @@ static int parse_i(const char *s, int64_t *v) { return da_parse_size(s, v) == 0 
 
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
+  da_sim_copy_hook_install();
   int P, rank;
   MPI_Comm_size(MPI_COMM_WORLD, &P);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
@@ -91,7 +92,7 @@ int main(int argc, char **argv) {
     st = da_plan_create(comm, &prob, &cfg, &plan);
     if (!st) {
       int64_t n = da_plan_local_rows(plan), nn = n ? n : 1;
-      /* Shared payload (sim_alloc.c): q, k, v, out, dout and the gradients alias one block. */
+      /* Payload (sim_alloc.c): q, k, v, out, dout and the gradients alias one untouched arena. */
       char *big = da_malloc((size_t)(B * nn * H * D) * es + (256u << 10), 64);
       char *kv = da_malloc((size_t)(B * nn * prob.kv_heads * D) * es + (256u << 10), 64);
       float *lsebuf = da_malloc((size_t)(B * nn * H) * 4 + (256u << 10), 64);
@@ -102,7 +103,8 @@ int main(int argc, char **argv) {
       da_tensor_make(&lse, lsebuf, DA_FLOAT32, 3, (int64_t[]){B, n, H});
       MPI_Barrier(MPI_COMM_WORLD);
       double t0 = MPI_Wtime();
-      st = da_plan_fwd(plan, &q, &k, &k, &o, &lse, NULL);
+      /* No lse unless the backward needs it: the plan copies it row by row on the host. */
+      st = da_plan_fwd(plan, &q, &k, &k, &o, bwd ? &lse : NULL, NULL);
       double t1 = MPI_Wtime();
       if (!st && bwd) {
         MPI_Barrier(MPI_COMM_WORLD);

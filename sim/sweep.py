@@ -5,18 +5,26 @@ Runs distattn-sim (sim/Makefile) under smpirun on generated platforms (sim/mkpla
 `distattn plan` (the closed-form model) beside every simulated point, writes JSON Lines and PNG
 plots.
 
-  sweep.py --build BUILD --out DIR [--quick]     the study (make sim)
+  sweep.py --build BUILD --out DIR [--quick] [--jobs N]   the study (make sim), N points at once
   sweep.py --build BUILD --check                 the label-sim test: a few small runs vs the model
 
 Exit 77 when smpicc/smpirun are missing (ctest: skipped).
 """
-import argparse, json, math, os, shutil, subprocess, sys, time
+import argparse, json, math, os, shutil, subprocess, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 SMPI_CFG = ["--cfg=smpi/simulate-computation:no", "--cfg=smpi/privatization:no",
-            "--cfg=smpi/shared-malloc-blocksize:67108864", "--cfg=smpi/test:1e-8",
+            "--cfg=smpi/test:1e-8", "--cfg=smpi/wtime:0",
             "--cfg=smpi/display-timing:no", "--log=root.thres:critical",
+            # SMPI's communicator constructor broadcasts an id; the selector's SMP-aware bcast would
+            # first allgather every rank's host over a ring (P^2 messages per MPI_Comm_dup).
+            "--cfg=smpi/bcast:binomial_tree",
+            # Recursive doubling for every allreduce (tree decode's, the plans' agreement), as the
+            # model assumes: SMPI's "ompi" selector falls to reduce + bcast for 16 KB over more ranks
+            # than elements (4.7x slower at 128 ranks).
+            "--cfg=smpi/allreduce:rdb",
             # Plain links: no TCP window, no piecewise factors fitted to an Ethernet cluster.
             "--cfg=smpi/bw-factor:0:1", "--cfg=smpi/lat-factor:0:1", "--cfg=network/TCP-gamma:0",
             "--cfg=network/crosstraffic:0",
@@ -41,33 +49,51 @@ def build_sim(build):
     return os.path.join(out, "distattn-sim")
 
 
+PLATFORM_LOCK = threading.Lock()
+PLATFORMS = set()
+
+
 def platform(kind, ranks, work):
+    """Platform XML and hostfile for `ranks` GPUs (whole nodes), written once per run (so an
+    edited mkplatform.py is never shadowed by an old file), shared by concurrent points."""
     nodes = max(1, math.ceil(ranks / 8))
     xml = os.path.join(work, f"{kind}-{nodes}.xml")
     hosts = os.path.join(work, f"{kind}-{nodes}.hosts")
-    if not os.path.exists(xml):
-        with open(xml, "w") as f:
-            subprocess.run([sys.executable, os.path.join(HERE, "mkplatform.py"), kind, str(nodes), "--hostfile", hosts],
-                           stdout=f, check=True)
+    with PLATFORM_LOCK:
+        if xml not in PLATFORMS:
+            with open(xml, "w") as f:
+                subprocess.run([sys.executable, os.path.join(HERE, "mkplatform.py"), kind, str(nodes), "--hostfile",
+                                hosts], stdout=f, check=True)
+            PLATFORMS.add(xml)
     return xml, hosts
 
 
 def simulate(exe, work, kind, ranks, args, timeout=900):
+    """One smpirun: the JSON record of rank 0, with the host's wall and CPU seconds for it."""
     xml, hosts = platform(kind, ranks, work)
     c = CALIB[kind]
     cmd = (["smpirun", "-np", str(ranks), "-platform", xml, "-hostfile", hosts] + SMPI_CFG +
            [exe] + args + ["--calib", kind, "--fwd-tflops", str(c["fwd"]), "--bwd-tflops", str(c["bwd"]),
                            "--mem-gbps", str(c["mem"]), "--call-us", str(c["call"])])
-    t0 = time.time()
     # SMPI's nonblocking collectives are linear algorithms (latency grows with P, unlike Open MPI's
     # libnbc): tree decode uses its blocking-allreduce variant here, which SMPI runs like Open MPI.
-    env = dict(os.environ, DISTATTN_DECODE_BLOCKING="1")
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    # DISTATTN_WAIT_BLOCKING: the transport waits in MPI_Wait and uses blocking collectives instead
+    # of polling MPI_Test (each poll is a context switch of the simulator, its injected time would
+    # blur the finish, and SMPI's nonblocking collectives cost P^2 host work). Simulated ranks own
+    # no real memory (sim_alloc.c): no memory budget applies.
+    env = dict(os.environ, DISTATTN_DECODE_BLOCKING="1", DISTATTN_WAIT_BLOCKING="1", DISTATTN_MEM_BUDGET="off")
+    # The point's own host seconds (wall, CPU): points run concurrently, so not os.times().
+    tfile = os.path.join(work, f"time.{os.getpid()}.{threading.get_ident()}")
+    timed = ["/usr/bin/time", "-f", "%e %U %S", "-o", tfile] if os.path.exists("/usr/bin/time") else []
+    r = subprocess.run(timed + cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     rec = json.loads(lines[-1])
-    rec["host_wall_s"] = round(time.time() - t0, 2)
+    if timed:
+        wall, user, system = (float(x) for x in open(tfile).read().split()[-3:])
+        os.remove(tfile)
+        rec["host_wall_s"], rec["host_cpu_s"] = wall, round(user + system, 2)
     rec["machine"] = kind
     return rec
 
@@ -75,7 +101,7 @@ def simulate(exe, work, kind, ranks, args, timeout=900):
 def model(build, kind, ranks, args):
     """`distattn plan` for the same problem: the JSON record of the one algorithm asked for."""
     exe = os.path.join(build, "distattn")
-    tmp = os.path.join(build, "sim", f"plan.{os.getpid()}.jsonl")
+    tmp = os.path.join(build, "sim", f"plan.{os.getpid()}.{threading.get_ident()}.jsonl")
     if os.path.exists(tmp):
         os.remove(tmp)
     subprocess.run([exe, "plan", "--machine", kind, "--ranks", str(ranks), "--json", tmp] + args,
@@ -107,14 +133,15 @@ def decode_point(build, exe, work, kind, ranks, algo, context, heads=32, kv=8, d
 
 
 def check(build):
-    """Label-sim test: the real ring / zigzag drivers at 8 (one node) and 16 ranks (two nodes,
-    transfer-bound) against the closed-form model, within 15%."""
+    """Label-sim test: the real ring / zigzag drivers at 8 (one node), 16 (two nodes, transfer-bound)
+    and 128 ranks against the closed-form model, within 15%."""
     exe = build_sim(build)
     work = os.path.join(build, "sim", "check")
     os.makedirs(work, exist_ok=True)
     worst, bad = 0.0, 0
     cases = [("h100", 8, "ring", 64 * 1024, False), ("h100", 8, "zigzag", 64 * 1024, True),
-             ("h100", 16, "striped", 64 * 1024, False), ("h100", 16, "ring", 32 * 1024, True)]
+             ("h100", 16, "striped", 64 * 1024, False), ("h100", 16, "ring", 32 * 1024, True),
+             ("h100", 128, "zigzag", 1024 * 1024, False)]  # 16 nodes, under a second of host time
     for kind, P, algo, seq, bwd in cases:
         r = ring_point(build, exe, work, kind, P, algo, seq, heads=8, kv=8, dim=128, bwd=bwd)
         ok = abs(r["model_err"]) <= 0.15
@@ -172,44 +199,57 @@ def plots(recs, out):
         fig.tight_layout(), fig.savefig(os.path.join(out, "decode.png"), dpi=110), plt.close(fig)
 
 
-def study(build, out, quick):
+def study(build, out, quick, jobs):
     exe = build_sim(build)
     work = os.path.join(build, "sim", "work")
     os.makedirs(work, exist_ok=True)
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "sweep.jsonl")
-    recs = []
-
-    def keep(r, **kw):
-        r.update(kw)
-        recs.append(r)
-        with open(path, "a") as f:
-            f.write(json.dumps(r) + "\n")
-        print(json.dumps({k: r[k] for k in r if k in ("study", "algo", "ranks", "seq", "context", "total_s",
-                                                       "step_median_s", "model_err", "host_wall_s")}), flush=True)
-
-    open(path, "w").close()
     maxp = 64 if quick else 1024
     ranks = [p for p in (8, 16, 32, 64, 128, 256, 512, 1024) if p <= maxp]
-    # Striped vs Ring, causal, 256K tokens on 8 A100s (Striped Attention: 1.45x end to end).
+    # (host cost estimate, study, function, args): the estimate orders the queue, largest first, so
+    # the two workers finish together. A ring costs the host about P^2 rank-steps.
+    tasks = []
+    # Striped vs Ring, causal, 256K tokens on 8 A100s, H = G = 32 (Striped Attention: 1.45x end to end).
     for algo in ("ring", "striped", "zigzag"):
-        # H = G = 8: the ratio does not depend on H (compute and bytes both scale with it), and the
-        # driver's host-side dK/dV adds over 1 GB blocks at H = 32 would cost minutes of host time.
-        keep(ring_point(build, exe, work, "a100", 8, algo, 256 * 1024, heads=8, kv=8, bwd=True), study="a100-256k")
-    # Weak scaling: 16K tokens per rank (128K at 8 ranks .. 16M at 1024). Strong: 1M tokens.
+        tasks.append((64, "a100-256k", ring_point, ("a100", 8, algo, 256 * 1024), dict(bwd=True)))
+    # Weak scaling: 16K tokens per rank (128K at 8 ranks .. 16M at 1024), one KV sub-block per shard
+    # (--block 16K: the automatic quarter-shard sub-blocks would quadruple the zigzag's kernel calls,
+    # each a simulator event, for the same simulated time within 0.5%: docs/scaling.md).
+    # Strong: 1M tokens, automatic sub-blocks.
     for P in ranks:
         for algo in ("ring", "striped", "zigzag"):
-            keep(ring_point(build, exe, work, "h100", P, algo, 16 * 1024 * P), study="weak")
-    for P in ranks:
-        for algo in ("ring", "striped", "zigzag"):
-            keep(ring_point(build, exe, work, "h100", P, algo, 1024 * 1024), study="strong")
+            tasks.append((P * P, "weak", ring_point, ("h100", P, algo, 16 * 1024 * P), dict(block=16 * 1024)))
+            tasks.append((P * P, "strong", ring_point, ("h100", P, algo, 1024 * 1024), {}))
     # Decode: one token against a 1M-token context, GQA 32/8.
     for P in ranks:
         for algo in ("tree", "ring"):
-            keep(decode_point(build, exe, work, "h100", P, algo, 1024 * 1024), study="decode")
+            tasks.append((P, "decode", decode_point, ("h100", P, algo, 1024 * 1024), {}))
+    tasks.sort(key=lambda t: -t[0])
+
+    def run(t):
+        _, study_name, fn, args, kw = t
+        r = fn(build, exe, work, *args, **kw)
+        r["study"] = study_name
+        print(json.dumps({k: r[k] for k in r if k in ("study", "algo", "ranks", "seq", "context", "total_s",
+                                                       "step_median_s", "model_err", "host_wall_s", "host_cpu_s")}),
+              flush=True)
+        return r
+
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        recs = list(pool.map(run, tasks))
+    wall = time.time() - t0
+    order = {"a100-256k": 0, "weak": 1, "strong": 2, "decode": 3}
+    recs.sort(key=lambda r: (order[r["study"]], r["ranks"], r["algo"]))
+    with open(path, "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
     plots(recs, out)
     errs = [abs(r["model_err"]) for r in recs]
-    print(f"# {len(recs)} points, worst |sim/model - 1| = {100 * max(errs):.1f}%")
+    cpu = sum(r.get("host_cpu_s", 0) for r in recs)
+    print(f"# {len(recs)} points, worst |sim/model - 1| = {100 * max(errs):.1f}%; "
+          f"{wall:.0f} s wall for the points ({jobs} at a time), {cpu:.0f} s of host CPU in smpirun")
 
 
 def main():
@@ -219,6 +259,7 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--jobs", type=int, default=2, help="points simulated at once (default 2: the cores)")
     a = ap.parse_args()
     need_tools()
     if a.plots_only:
@@ -226,7 +267,7 @@ def main():
         return 0
     if a.check:
         return check(os.path.abspath(a.build))
-    study(os.path.abspath(a.build), os.path.abspath(a.out), a.quick)
+    study(os.path.abspath(a.build), os.path.abspath(a.out), a.quick, a.jobs)
     return 0
 
 
