@@ -52,7 +52,12 @@ set_target_properties(distattn_shared PROPERTIES
   VERSION ${PROJECT_VERSION} SOVERSION ${PROJECT_VERSION_MAJOR}
   LIBRARY_OUTPUT_DIRECTORY ${PROJECT_BINARY_DIR}/lib
   LINK_DEPENDS ${DA_LIB_MAP})
-target_link_options(distattn_shared PRIVATE "LINKER:--version-script=${DA_LIB_MAP}" "LINKER:--no-undefined")
+target_link_options(distattn_shared PRIVATE "LINKER:--version-script=${DA_LIB_MAP}")
+# clang links the sanitizer runtimes into executables only: an instrumented shared library leaves
+# the __asan_* / __ubsan_* symbols for the program to provide, so --no-undefined cannot hold there.
+if(NOT DISTATTN_SANITIZE)
+  target_link_options(distattn_shared PRIVATE "LINKER:--no-undefined")
+endif()
 target_link_libraries(distattn_shared PRIVATE da_options ${DA_LIB_DEPS})
 target_include_directories(distattn_shared INTERFACE
   $<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}/include> $<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}>)

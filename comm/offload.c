@@ -347,7 +347,11 @@ static da_status_t clock_sync(da_offload_t *p) {
 /* A slot's request message or partial rows. Named so the sanitizer suppression
  * (tests/sanitize/lsan.supp) can find it: after a timeout MPI may still read or write them (a
  * pending broadcast or reduction), so a broken offload never frees them. */
-static __attribute__((noinline)) void *alloc_slot_buffer(size_t bytes) { return da_malloc(bytes, 64); }
+static __attribute__((noinline)) void *alloc_slot_buffer(size_t bytes) {
+  void *b = da_malloc(bytes, 64);
+  __asm__ volatile("" ::: "memory"); /* no tail call: this frame must stay in the allocation stack */
+  return b;
+}
 
 static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
   const int nc = p->info.ncompute, nm = p->info.nmemory;

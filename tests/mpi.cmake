@@ -198,7 +198,7 @@ endif()
 # role splits against a local tree decode and float64, cancel, a bad tensor, the deadline.
 if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_offload_api.c AND TARGET distattn_shared)
   add_executable(test_offload_api test_offload_api.c)
-  target_link_libraries(test_offload_api PRIVATE distattn_shared Check::check MPI::MPI_C m)
+  target_link_libraries(test_offload_api PRIVATE distattn_shared da_options Check::check MPI::MPI_C m)
   foreach(P 2 5)
     add_test(NAME test_offload_api_np${P}
              COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np ${P} $<TARGET_FILE:test_offload_api>)
