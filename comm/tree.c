@@ -19,8 +19,9 @@
  * attention driver's (transport.h) even if both ran at once. */
 enum { DA_TAG_DECODE = 21 };
 
-/* DISTATTN_DECODE_BLOCKING=1: the flat tree uses the blocking MPI_Allreduce (no deadline: a
- * missing peer hangs it), to measure what the nonblocking call with polling costs. */
+/* DISTATTN_DECODE_BLOCKING=1: the flat tree uses the blocking MPI_Allreduce and the ring the blocking
+ * MPI_Bcast of its result (no deadline: a missing peer hangs them), to measure what the nonblocking
+ * calls with polling cost, and for the simulator (SMPI's nonblocking collectives are linear in P). */
 DA_PARAM(Blocking, "DECODE_BLOCKING", 0)
 
 struct da_decode_plan {
@@ -501,9 +502,13 @@ static da_status_t ring_step(da_decode_plan_t *p, const da_kvcache_t *c, const q
   }
   if (p->cfg.root < 0 && P > 1) {
     if (rows > INT32_MAX) return DA_ERR(DA_ERR_UNSUPPORTED, "decode: %lld rows exceed an MPI count", (long long)rows);
-    MPI_Request r;
-    MPITRY(MPI_Ibcast(p->part, (int)rows, p->rowtype, owner, p->mcomm, &r), "MPI_Ibcast (ring result)");
-    DA_CHECK(coll_wait(p, &r, "the broadcast of the ring's result"));
+    if (da_param_Blocking()) { /* measurement aid, as the tree's: no deadline */
+      MPITRY(MPI_Bcast(p->part, (int)rows, p->rowtype, owner, p->mcomm), "MPI_Bcast (ring result)");
+    } else {
+      MPI_Request r;
+      MPITRY(MPI_Ibcast(p->part, (int)rows, p->rowtype, owner, p->mcomm, &r), "MPI_Ibcast (ring result)");
+      DA_CHECK(coll_wait(p, &r, "the broadcast of the ring's result"));
+    }
     *sent += pbytes * (uint64_t)binomial_children((p->rank - owner + P) % P, P);
   }
   return DA_SUCCESS;

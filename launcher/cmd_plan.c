@@ -25,9 +25,10 @@ typedef struct machine {
  * 1.8 TB/s; NVLink3 300 GB/s; HDR 25 GB/s) and this 2-core VM's CPU ranks (docs/scaling.md:
  * calibrated from `distattn kernel`, Open MPI shared memory ~4 GB/s per rank). The link latencies
  * match sim/mkplatform.py's routes: inside a node two GPU links; across nodes two GPU links, both
- * uplinks and the core (h100: 2 x 1.0 + 2 x 2.5 + 1.0 = 8 us). */
+ * NICs and the core switch (h100: 2 x 1.0 + 2 x 2.0 + 1.0 = 7 us; a100: 2 x 1.5 + 2 x 2.5 + 1.0 = 9 us;
+ * the platform folds half the core's latency into each uplink). */
 static const machine_t machines[] = {
-    {"h100", 600, 450, 3000, 10, 450, 2.0, 50, 8.0, 8},
+    {"h100", 600, 450, 3000, 10, 450, 2.0, 50, 7.0, 8},
     {"a100", 190, 150, 1800, 10, 300, 3.0, 25, 9.0, 8},
     {"cpu", 0.10, 0.08, 10, 20, 4, 5.0, 4, 5.0, 2},
 };

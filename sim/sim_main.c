@@ -22,6 +22,34 @@ static void usage(void) {
 
 static int parse_i(const char *s, int64_t *v) { return da_parse_size(s, v) == 0 ? 0 : -1; }
 
+/* The start line of a timed section: every rank leaves it at the same simulated instant, so a
+ * rank's own elapsed time is the section's time. MPI_Barrier does not give that: the algorithms
+ * SMPI's ompi selector picks (bruck at 64 and 512 ranks, the fan-in / fan-out tree at 256 and 1024)
+ * release ranks 15 to 55 us apart on the h100 platform, and the first rank out then counts the
+ * skew as its own step time (tree decode +16% to +52% over the model, docs/scaling.md). Recursive
+ * doubling over XOR partners (power-of-two P) is symmetric: every rank's last message arrives
+ * after the same rounds, all inside a node or all across, so all leave together. Other P: the
+ * library's barrier, and its skew (the sweep uses powers of two). */
+static void start_line(MPI_Comm comm) {
+  int P, r;
+  MPI_Comm_size(comm, &P);
+  MPI_Comm_rank(comm, &r);
+  if (P & (P - 1)) {
+    MPI_Barrier(comm);
+    return;
+  }
+  char x = 0, y;
+  for (int m = 1; m < P; m <<= 1)
+    MPI_Sendrecv(&x, 0, MPI_BYTE, r ^ m, 77, &y, 0, MPI_BYTE, r ^ m, 77, comm, MPI_STATUS_IGNORE);
+}
+
+/* Spread of the ranks' start times (the simulated clock is global): max - min, for the record. */
+static double start_skew(double t0) {
+  double a[2] = {t0, -t0}, b[2];
+  MPI_Allreduce(a, b, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return b[0] + b[1];
+}
+
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
   da_sim_copy_hook_install();
@@ -80,7 +108,7 @@ int main(int argc, char **argv) {
   da_comm_t *comm = NULL;
   da_status_t st = da_context_create(NULL, &ctx);
   if (!st) st = da_comm_create(ctx, MPI_COMM_WORLD, &comm);
-  double t_fwd = 0, t_bwd = 0, compute = 0, exposed = 0, t_med = 0, t_p99 = 0;
+  double t_fwd = 0, t_bwd = 0, compute = 0, exposed = 0, t_med = 0, t_p99 = 0, skew = 0;
   uint64_t bytes = 0;
   size_t mem = 0;
   int64_t used_block = 0;
@@ -101,18 +129,19 @@ int main(int argc, char **argv) {
       da_tensor_make(&o, big, prob.dtype, 4, (int64_t[]){B, n, H, D});
       da_tensor_make(&k, kv, prob.dtype, 4, (int64_t[]){B, n, prob.kv_heads, D});
       da_tensor_make(&lse, lsebuf, DA_FLOAT32, 3, (int64_t[]){B, n, H});
-      MPI_Barrier(MPI_COMM_WORLD);
+      start_line(MPI_COMM_WORLD);
       double t0 = MPI_Wtime();
       /* No lse unless the backward needs it: the plan copies it row by row on the host. */
       st = da_plan_fwd(plan, &q, &k, &k, &o, bwd ? &lse : NULL, NULL);
       double t1 = MPI_Wtime();
       if (!st && bwd) {
-        MPI_Barrier(MPI_COMM_WORLD);
+        start_line(MPI_COMM_WORLD);
         t1 = MPI_Wtime();
         da_tensor_t dq = q, dk = k, dv = k;
         st = da_plan_bwd(plan, &q, &k, &k, &o, &o, &lse, &dq, &dk, &dv, NULL);
       }
       double t2 = MPI_Wtime();
+      skew = start_skew(t0);
       da_plan_stats_t s = DA_PLAN_STATS_INITIALIZER;
       da_plan_stats(plan, &s);
       t_fwd = t1 - t0, t_bwd = bwd ? t2 - t1 : 0;
@@ -142,12 +171,14 @@ int main(int argc, char **argv) {
     da_tensor_make(&q, qb, prob.dtype, 3, (int64_t[]){B, H, D});
     da_tensor_make(&o, ob, prob.dtype, 3, (int64_t[]){B, H, D});
     for (int64_t i = 0; i < steps && !st; i++) {
-      MPI_Barrier(MPI_COMM_WORLD);
+      start_line(MPI_COMM_WORLD);
       double t0 = MPI_Wtime();
       st = da_kvcache_append(cache, ntok, NULL, NULL);
       if (!st) st = da_decode_step(dp, cache, &q, &o, NULL, NULL);
       ts[i] = MPI_Wtime() - t0;
       MPI_Allreduce(MPI_IN_PLACE, &ts[i], 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+      const double sk = start_skew(t0);
+      if (sk > skew) skew = sk;
     }
     if (!st) {
       for (int64_t i = 1; i < steps; i++) /* insertion sort: a handful of steps */
@@ -187,6 +218,7 @@ int main(int argc, char **argv) {
              "\"step_max_s\":%.6e,\"compute_s\":%.6e,\"reduce_s\":%.6e,\"comm_bytes\":%llu,\"mem_bytes\":%.0f,",
              label, dec, P, (long long)seq, (long long)B, (long long)H, (long long)prob.kv_heads, (long long)D, dts,
              (long long)steps, t_med, t_p99, smx[2], smx[3], sb, smx[4]);
+    printf("\"start_skew_s\":%.3e,", skew);
     printf("\"calib\":\"%s\",\"fwd_tflops\":%g,\"bwd_tflops\":%g,\"mem_gbps\":%g,\"call_us\":%g}\n", c->name,
            c->fwd_flops / 1e12, c->bwd_flops / 1e12, c->mem_bps / 1e9, c->call_s * 1e6);
     fflush(stdout);
