@@ -16,6 +16,7 @@
 #include "dtype.h"
 #include "ref.h"
 #include "rng.h"
+#include "test_mpi.h"
 
 static int g_rank, g_size;
 static da_context_t *g_ctx;
@@ -335,12 +336,7 @@ int main(int argc, char **argv) {
   for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
     if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_set_fork_status(sr, CK_NOFORK);
-  srunner_run_all(sr, g_rank == 0 ? CK_NORMAL : CK_SILENT);
-  int failed = srunner_ntests_failed(sr), total = 0;
-  srunner_free(sr);
-  MPI_Allreduce(&failed, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  int total = tu_mpi_run(s, g_rank);
   da_context_free(g_ctx);
   MPI_Finalize();
   return total ? 1 : 0;

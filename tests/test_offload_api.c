@@ -15,6 +15,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include "test_mpi.h"
 
 static int g_rank, g_size;
 static da_context_t *g_ctx;
@@ -371,12 +372,7 @@ int main(int argc, char **argv) {
   tcase_add_test(tc, splits);
   tcase_add_test(tc, deadline); /* last: it leaves an unmatched broadcast behind on rank 1 */
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_set_fork_status(sr, CK_NOFORK);
-  srunner_run_all(sr, g_rank == 0 ? CK_NORMAL : CK_SILENT);
-  int failed = srunner_ntests_failed(sr), total = 0;
-  srunner_free(sr);
-  MPI_Allreduce(&failed, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  int total = tu_mpi_run(s, g_rank);
   da_context_free(g_ctx);
   MPI_Finalize();
   return total ? 1 : 0;

@@ -19,6 +19,7 @@
 #include <string.h>
 #include "distattn.h"
 #include "core.h"
+#include "test_mpi.h"
 
 static int g_rank, g_size;
 static da_context_t *g_ctx;
@@ -328,12 +329,7 @@ int main(int argc, char **argv) {
     tcase_add_test(tc, mem_default_and_env);
   }
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_set_fork_status(sr, CK_NOFORK);
-  srunner_run_all(sr, g_rank == 0 ? CK_NORMAL : CK_SILENT);
-  int failed = srunner_ntests_failed(sr), total = 0;
-  srunner_free(sr);
-  MPI_Allreduce(&failed, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+  int total = tu_mpi_run(s, g_rank);
   if (g_rank == 0 && total) printf("%d failures summed over ranks\n", total);
   da_context_free(g_ctx);
   MPI_Finalize();
