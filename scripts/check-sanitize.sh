@@ -25,7 +25,11 @@ case $what in fuzz | all) targets+=(fuzz_args fuzz_mask fuzz_npy) ;; esac
 
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1:halt_on_error=1:detect_stack_use_after_return=0"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
-export LSAN_OPTIONS="suppressions=$ROOT/tests/sanitize/lsan.supp:fast_unwind_on_malloc=0:print_suppressions=0"
+# use_tls=0: LeakSanitizer's tracer crashed at exit ("Tracer caught signal 11", "LeakSanitizer has
+# encountered a fatal error") walking a bogus dynamic-TLS entry (DTLS at 0x7ad6, from the
+# components Open MPI dlopens), in 4 of 6 runs of test_tree_np5 (docs/reliability.md). Not
+# scanning TLS costs nothing here: distattn's only thread-local is the error message text.
+export LSAN_OPTIONS="suppressions=$ROOT/tests/sanitize/lsan.supp:fast_unwind_on_malloc=0:print_suppressions=0:use_tls=0"
 export OMPI_MCA_mca_base_component_disable_dlclose=1 PMIX_MCA_mca_base_component_disable_dlclose=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 # CPU kernels: one thread per process keeps the oversubscribed MPI runs inside their timeouts.
