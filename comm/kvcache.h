@@ -9,6 +9,7 @@
 #include "transport.h" /* first: mpi.h before distattn.h declares the distributed API */
 #include "kernels.h"
 #include "kvmap.h"
+#include "dtype.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -63,6 +64,18 @@ uint64_t da_fnv1a(uint64_t h, const void *p, size_t n);
 
 /* The timeout every comm/ object uses when its config says 0: DISTATTN_TIMEOUT or 300 s. */
 double da_comm_default_timeout(void);
+
+/* ---- the (o, lse) merge as an MPI operator (tree.c; used by the tree decode and the offload) -----
+ * A row is D values of o and its lse: D + 1 floats; the datatype's size gives D. Two lse payloads
+ * carry meaning: DA_LSE_POISON marks the rows of a rank that failed before the reduction (it still
+ * takes part, so nobody waits for it; the operator keeps it sticky, so every rank that receives
+ * the result knows a partial was missing; an ordinary NaN from NaN inputs is data, not failure);
+ * DA_LSE_TRAILER marks a trailer row of counters (offload timings), merged by max, except
+ * element 2 which is summed. */
+#define DA_LSE_POISON 0x7fc0d1e5u
+#define DA_LSE_TRAILER 0x7fc07a11u
+static inline int da_lse_is(float x, uint32_t bits) { return da_f32_to_bits(x) == bits; }
+void da_partial_merge_op(void *in, void *inout, int *len, MPI_Datatype *dt);
 
 #ifdef __cplusplus
 }

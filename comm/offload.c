@@ -22,9 +22,6 @@ enum { HDR = 8 };                     /* int64 words before the payload */
 enum { CMD_ATTEND = 1, CMD_STOP = 2, CMD_CANCEL = 3 };
 enum { TAG_CLOCK = 31, TAG_ROLL = 32 }; /* point-to-point tags on the group communicator */
 
-/* lse payloads: a failed memory rank's rows (sticky), and the trailer row of timings. */
-static const uint32_t POISON_BITS = 0x7fc0d1e5u, TRAILER_BITS = 0x7fc07a11u;
-static inline int has_bits(float x, uint32_t b) { return da_f32_to_bits(x) == b; }
 
 typedef struct slot {
   int busy;
@@ -64,36 +61,6 @@ struct da_offload {
   float *o, *lse;         /* kernel outputs of one sequence [H][D], [H] */
   da_offload_stats_t st;
 };
-
-/* ---- the merge operator: partial rows merged by lse; the trailer row: max of times, sum of bytes */
-static void merge_rows(const float *in, float *inout, int64_t n, int D) {
-  static const da_kernels_t *cpu;
-  if (!cpu) cpu = da_kernels_get(DA_DEVICE_CPU);
-  da_kparams_t kp1;
-  memset(&kp1, 0, sizeof kp1);
-  kp1.H = 1, kp1.G = 1, kp1.D = D, kp1.scale = 1.0f, kp1.dtype = DA_FLOAT32, kp1.nthreads = 1;
-  const int64_t w = D + 1;
-  for (int64_t i = 0; i < n; i++) {
-    const float *b = in + i * w;
-    float *a = inout + i * w;
-    if (has_bits(a[D], TRAILER_BITS)) {
-      for (int d = 0; d < D; d++) a[d] = d == 2 ? a[d] + b[d] : fmaxf(a[d], b[d]);
-      continue;
-    }
-    if (has_bits(a[D], POISON_BITS)) continue;
-    if (has_bits(b[D], POISON_BITS)) {
-      a[D] = b[D];
-      continue;
-    }
-    cpu->merge(&kp1, 1, a, a + D, b, b + D, NULL);
-  }
-}
-
-static void merge_op(void *in, void *inout, int *len, MPI_Datatype *dt) {
-  int bytes = 0;
-  MPI_Type_size(*dt, &bytes);
-  merge_rows(in, inout, *len, bytes / (int)sizeof(float) - 1);
-}
 
 static const char *role_name(int64_t r) { return r == DA_ROLE_COMPUTE ? "compute" : r == DA_ROLE_MEMORY ? "memory" : "none"; }
 
@@ -445,7 +412,7 @@ static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
   MPITRY(MPI_Type_contiguous(D + 1, MPI_FLOAT, &p->rowtype), "MPI_Type_contiguous");
   p->have_type = 1;
   MPITRY(MPI_Type_commit(&p->rowtype), "MPI_Type_commit");
-  MPITRY(MPI_Op_create(merge_op, 1, &p->op), "MPI_Op_create");
+  MPITRY(MPI_Op_create(da_partial_merge_op, 1, &p->op), "MPI_Op_create");
   p->have_op = 1;
   return clock_sync(p);
 }
@@ -614,7 +581,7 @@ static da_status_t start(da_offload_t *p, int layer, int64_t first, const da_ten
   for (int64_t i = 0; i < sl->rows; i++) { /* the identity: o = 0, lse = -inf; trailer: -inf times, 0 bytes */
     float *r = sl->part + i * w;
     for (int d = 0; d < D; d++) r[d] = i == sl->rows - 1 && d != 2 ? -INFINITY : 0.0f;
-    r[D] = i == sl->rows - 1 ? da_bits_to_f32(TRAILER_BITS) : -INFINITY;
+    r[D] = i == sl->rows - 1 ? da_bits_to_f32(DA_LSE_TRAILER) : -INFINITY;
   }
   MPITRY(MPI_Ibcast(sl->msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &sl->bc), "MPI_Ibcast (request)");
   MPITRY(MPI_Ireduce(MPI_IN_PLACE, sl->part, (int)sl->rows, p->rowtype, p->op, 0, p->group, &sl->rd),
@@ -657,7 +624,7 @@ static da_status_t finish(da_offload_t *p, int s, da_tensor_t *out, da_tensor_t 
   sl->busy = 0;
   const float *tr = sl->part + (sl->rows - 1) * w;
   for (int64_t i = 0; i < sl->n * H; i++)
-    if (has_bits(sl->part[i * w + D], POISON_BITS))
+    if (da_lse_is(sl->part[i * w + D], DA_LSE_POISON))
       return DA_ERR(DA_ERR_REMOTE, "rank %d offload (group %d) request %lld: a memory rank failed on this request (its "
                     "partials arrived poisoned; its own message says why)", p->wrank, p->info.group, (long long)sl->req);
   for (int64_t i = 0; out && i < sl->n; i++)
@@ -878,13 +845,13 @@ static da_status_t serve(da_offload_t *p) {
         failed = st;
         DA_WARN(DA_SUB_COMM, "rank %d offload: %s (answering with poisoned partials)", p->wrank, da_error_message());
       }
-      for (int64_t i = 0; i < n * H; i++) sl->part[i * w + D] = da_bits_to_f32(POISON_BITS);
+      for (int64_t i = 0; i < n * H; i++) sl->part[i * w + D] = da_bits_to_f32(DA_LSE_POISON);
     }
     float *tr = sl->part + (sl->rows - 1) * w;
     const double t_ready = MPI_Wtime() + p->clock_off;
     for (int d = 0; d < D; d++) tr[d] = d == 0 ? (float)(t_recv - t_post) : d == 1 ? (float)(t_ready - t_post)
                                        : d == 2 ? (float)kvb : -INFINITY;
-    tr[D] = da_bits_to_f32(TRAILER_BITS);
+    tr[D] = da_bits_to_f32(DA_LSE_TRAILER);
     MPITRY(MPI_Ireduce(sl->part, NULL, (int)sl->rows, p->rowtype, p->op, 0, p->group, &sl->rd), "MPI_Ireduce (partials)");
     sl->busy = 1;
   }

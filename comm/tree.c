@@ -53,13 +53,7 @@ struct da_decode_plan {
   da_decode_stats_t st;
 };
 
-/* ---- the merge operator ---------------------------------------------------------------------------
- * A rank that failed before the reduction still takes part in it (so nobody waits for it), with
- * every lse set to this NaN payload; the operator keeps it sticky, so every rank that receives the
- * result knows a partial was missing and can agree on the error without another collective on
- * the success path. An ordinary NaN (from NaN inputs) is data, not failure. */
-static const uint32_t POISON_BITS = 0x7fc0d1e5u;
-static inline int is_poison(float x) { return da_f32_to_bits(x) == POISON_BITS; }
+/* ---- the merge operator (kvcache.h) ---------------------------------------------------------------- */
 
 /* inout[i] = merge(in[i], inout[i]) for n rows of D + 1 floats, through the CPU backend's merge
  * (the partials are in host memory here whatever the backend). */
@@ -73,8 +67,12 @@ static void merge_rows(const float *in, float *inout, int64_t n, int D) {
   for (int64_t i = 0; i < n; i++) {
     const float *b = in + i * w;
     float *a = inout + i * w;
-    if (is_poison(a[D])) continue;
-    if (is_poison(b[D])) {
+    if (da_lse_is(a[D], DA_LSE_TRAILER)) {
+      for (int d = 0; d < D; d++) a[d] = d == 2 ? a[d] + b[d] : fmaxf(a[d], b[d]);
+      continue;
+    }
+    if (da_lse_is(a[D], DA_LSE_POISON)) continue;
+    if (da_lse_is(b[D], DA_LSE_POISON)) {
       a[D] = b[D];
       continue;
     }
@@ -82,7 +80,7 @@ static void merge_rows(const float *in, float *inout, int64_t n, int D) {
   }
 }
 
-static void merge_op(void *in, void *inout, int *len, MPI_Datatype *dt) {
+void da_partial_merge_op(void *in, void *inout, int *len, MPI_Datatype *dt) {
   int bytes = 0;
   MPI_Type_size(*dt, &bytes);
   merge_rows(in, inout, *len, bytes / (int)sizeof(float) - 1);
@@ -201,7 +199,7 @@ static da_status_t plan_build(da_decode_plan_t *p) {
   p->have_type = 1;
   MPITRY(MPI_Type_commit(&p->rowtype), "MPI_Type_commit");
   /* commute = 1: merge(a, b) == merge(b, a) bit for bit, and MPI may then pick any tree. */
-  MPITRY(MPI_Op_create(merge_op, 1, &p->op), "MPI_Op_create");
+  MPITRY(MPI_Op_create(da_partial_merge_op, 1, &p->op), "MPI_Op_create");
   p->have_op = 1;
   p->node_rank = 0, p->node_size = 1, p->nnodes = p->P, p->leader_rank = p->rank, p->root_leader = 0;
   if (p->cfg.algo != DA_DECODE_TREE || p->cfg.topo != DA_TOPO_TWO_LEVEL) return DA_SUCCESS;
@@ -492,7 +490,7 @@ static da_status_t ring_step(da_decode_plan_t *p, const da_kvcache_t *c, const q
   }
   *compute_s = da_time_now() - t0;
   if (!ok)
-    for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(POISON_BITS);
+    for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(DA_LSE_POISON);
   if (k > 0) merge_rows(mrows, p->part, rows, D);
   if (k < P - 1) {
     memcpy(mrows, p->part, pbytes);
@@ -560,7 +558,7 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
     if (st == DA_SUCCESS) st = local_partials(p, c, &vq, T, &kvb);
     compute_s = da_time_now() - t1;
     if (st != DA_SUCCESS)
-      for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(POISON_BITS);
+      for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(DA_LSE_POISON);
     /* ---- one fused reduction ---- */
     cst = tree_reduce(p, rows);
     sent = tree_bytes(p, (uint64_t)rows * (uint64_t)w * sizeof(float));
@@ -574,7 +572,7 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
   /* ---- outcome: a poisoned row means some rank failed; every rank holding the result knows ---- */
   int poisoned = 0;
   if (gets_output)
-    for (int64_t i = 0; i < rows && !poisoned; i++) poisoned = is_poison(p->part[i * w + D]);
+    for (int64_t i = 0; i < rows && !poisoned; i++) poisoned = da_lse_is(p->part[i * w + D], DA_LSE_POISON);
   if (st != DA_SUCCESS || poisoned) {
     if (p->cfg.root < 0) /* every rank saw it: agree on who and why */
       return da_context_finish(p->ctx, da_xport_agree(&p->xp, st, "decode"));
