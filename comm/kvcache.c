@@ -171,7 +171,7 @@ static da_status_t cache_local(da_comm_t *comm, const da_problem_t *prob, const 
   c->B = prob->batch, c->G = kp.G, c->D = kp.D, c->dtype = prob->dtype;
   c->esz = da_dtype_size(c->dtype);
   c->row_bytes = (size_t)c->G * c->D * c->esz;
-  c->page = cfg->page ? cfg->page : 256;
+  c->page = cfg->page ? cfg->page : DA_KVCACHE_DEFAULT_PAGE;
   c->layout = cfg->layout;
   static const da_layout_kind_t kinds[] = {DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_STRIPED, DA_LAYOUT_ZIGZAG};
   DA_CHECK(da_kvmap_init(&c->map, c->P, c->page, kinds[cfg->layout], cfg->weights));
@@ -217,7 +217,8 @@ da_status_t da_kvcache_create(da_comm_t *comm, const da_problem_t *prob, const d
   /* The control transport comes first: every later failure must reach the other ranks. */
   double timeout = cfg && cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
   da_status_t st = da_mpi_comm_dup(da_comm_mpi(comm), timeout, "da_kvcache_create", &c->mcomm);
-  if (st == DA_ERR_TIMEOUT) st = da_mpi_rollcall(da_comm_mpi(comm), fmin(timeout, 5.0), "da_kvcache_create");
+  if (st == DA_ERR_TIMEOUT)
+    st = da_mpi_rollcall(da_comm_mpi(comm), fmin(timeout, DA_ROLLCALL_GRACE_S), "da_kvcache_create");
   if (st != DA_SUCCESS) {
     da_kvcache_free(c);
     return da_context_finish(ctx, st);

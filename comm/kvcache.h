@@ -62,6 +62,9 @@ da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char 
 uint64_t da_fnv1a(uint64_t h, const void *p, size_t n);
 #define DA_FNV_INIT 14695981039346656037ull
 
+/* Tokens per KV page when a config says 0. */
+#define DA_KVCACHE_DEFAULT_PAGE 256
+
 /* The timeout every comm/ object uses when its config says 0: DISTATTN_TIMEOUT or 300 s. */
 double da_comm_default_timeout(void);
 
@@ -70,10 +73,14 @@ double da_comm_default_timeout(void);
  * carry meaning: DA_LSE_POISON marks the rows of a rank that failed before the reduction (it still
  * takes part, so nobody waits for it; the operator keeps it sticky, so every rank that receives
  * the result knows a partial was missing; an ordinary NaN from NaN inputs is data, not failure);
- * DA_LSE_TRAILER marks a trailer row of counters (offload timings), merged by max, except
- * element 2 which is summed. */
+ * DA_LSE_TRAILER marks a trailer row of counters (offload timings, DA_TRAILER_*), merged by max,
+ * except DA_TRAILER_KV_BYTES, which is summed. */
 #define DA_LSE_POISON 0x7fc0d1e5u
 #define DA_LSE_TRAILER 0x7fc07a11u
+/* The trailer row's o values: seconds after the request was posted (compute rank's clock) at which
+ * the request reached a memory rank and its partials were ready (the latest over memory ranks), and
+ * the KV bytes the memory ranks read (their sum). Values past these are -inf. */
+enum { DA_TRAILER_ARRIVED = 0, DA_TRAILER_READY = 1, DA_TRAILER_KV_BYTES = 2 };
 static inline int da_lse_is(float x, uint32_t bits) { return da_f32_to_bits(x) == bits; }
 void da_partial_merge_op(void *in, void *inout, int *len, MPI_Datatype *dt);
 

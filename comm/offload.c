@@ -19,9 +19,13 @@
 #include "dtype.h"
 
 enum { HDR = 8 };                     /* int64 words before the payload */
+/* The header's words: the command; ATTEND: the layer, the first sequence, how many, and the post
+ * time (a double, compute rank's clock); STOP / CANCEL: the requests so far (the reason follows). */
+enum { HDR_CMD = 0, HDR_LAYER = 1, HDR_NREQ = 1, HDR_FIRST = 2, HDR_N = 3, HDR_TPOST = 4 };
 enum { CMD_ATTEND = 1, CMD_STOP = 2, CMD_CANCEL = 3 };
 enum { TAG_CLOCK = 31, TAG_ROLL = 32 }; /* point-to-point tags on the group communicator */
-
+#define ROLL_GRACE_S 1.0                /* the roll call listens min(timeout, this) seconds */
+#define CLOCK_ROUNDS 8                  /* ping-pongs of the clock offset measurement */
 
 typedef struct slot {
   int busy;
@@ -98,7 +102,7 @@ static int roll_call(da_offload_t *p, char *buf, size_t n) {
   }
   heard[p->grank] = 1;
   int nheard = 1;
-  const double grace = p->timeout < 1 ? p->timeout : 1, t0 = da_time_now();
+  const double grace = fmin(p->timeout, ROLL_GRACE_S), t0 = da_time_now();
   for (long it = 0; nheard < G; it++) {
     for (int i = 0; i < G; i++) {
       int flag = 0;
@@ -136,7 +140,7 @@ static da_status_t timed_out(da_offload_t *p, const char *what, double waited, c
                    (long long)sl->first, (long long)(sl->first + sl->n - 1));
   else snprintf(req, sizeof req, " after request %lld:", (long long)p->nreq);
   const int ns = roll_call(p, silent, sizeof silent);
-  const double grace = p->timeout < 1 ? p->timeout : 1;
+  const double grace = fmin(p->timeout, ROLL_GRACE_S);
   if (ns > 0)
     return DA_ERR(DA_ERR_TIMEOUT, "%s%s waited %.1f s for %s; not answering the group's roll call within %g s: "
                   "rank%s %s (stopped, killed or hung)", me, req, waited, what, grace, ns > 1 ? "s" : "", silent);
@@ -155,12 +159,6 @@ static da_status_t wait_req(da_offload_t *p, MPI_Request *r, const char *what, c
   }
   return timed_out(p, what, da_time_now() - t0, sl);
 }
-
-#define MPITRY(call, what)                                                                                   \
-  do {                                                                                                       \
-    int rc_ = (call);                                                                                        \
-    if (rc_ != MPI_SUCCESS) return da_mpi_error(rc_, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what); \
-  } while (0)
 
 /* A setup transfer or collective posted as r, polled against the deadline. */
 static da_status_t wait_setup(da_offload_t *p, int rc, MPI_Request *r, const char *what) {
@@ -194,8 +192,12 @@ static double discover_budget(MPI_Comm world) {
 }
 
 /* What every rank publishes at create: role, budget and the problem, to check them everywhere. */
+enum { PUB_BATCH, PUB_HEADS, PUB_KV_HEADS, PUB_DIM, PUB_DTYPE, PUB_PAGE, PUB_LAYERS, PUB_MICROBATCHES, PUB_NFIELDS };
+static const char *const pub_names[PUB_NFIELDS] = {"batch", "heads", "kv_heads", "dim",
+                                                   "dtype", "page",  "layers",   "microbatches"};
 typedef struct pub {
-  int64_t role, B, H, G, D, dtype, page, layers, mb;
+  int64_t role;
+  int64_t f[PUB_NFIELDS]; /* the problem, the same on every rank (pub_names) */
   double budget;
   int64_t local_err; /* this rank's problem is invalid (its message stays local) */
 } pub_t;
@@ -245,16 +247,12 @@ static da_status_t check_roles(da_offload_t *p, const pub_t *all, int P) {
   for (int r = 0; r < P; r++)
     if (all[r].local_err)
       return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: rank %d was given an invalid problem or config (see its message)", r);
-  static const char *const names[] = {"batch", "heads", "kv_heads", "dim", "dtype", "page", "layers", "microbatches"};
-  for (int f = 0; f < 8; f++) {
-    const int64_t *v0 = &all[0].B + f;
-    for (int r = 1; r < P; r++) {
-      const int64_t *v = &all[r].B + f;
-      if (*v != *v0)
+  for (int f = 0; f < PUB_NFIELDS; f++)
+    for (int r = 1; r < P; r++)
+      if (all[r].f[f] != all[0].f[f])
         return DA_ERR(DA_ERR_MISMATCH, "offload: ranks disagree on %s: rank 0 (%s) has %lld, rank %d (%s) has %lld",
-                      names[f], role_name(all[0].role), (long long)*v0, r, role_name(all[r].role), (long long)*v);
-    }
-  }
+                      pub_names[f], role_name(all[0].role), (long long)all[0].f[f], r, role_name(all[r].role),
+                      (long long)all[r].f[f]);
   for (int r = 0; r < P; r++)
     if (all[r].role == DA_ROLE_MEMORY && !(all[r].budget > 0))
       return DA_ERR(DA_ERR_INVALID_ARGUMENT, "offload: memory rank %d has no memory budget (--mem-budget, or sysinfo "
@@ -285,10 +283,10 @@ static da_status_t local_check(da_offload_t *p, const da_problem_t *prob, const 
   return DA_SUCCESS;
 }
 
-/* Memory rank i of the group measures the offset of its clock to the compute rank's: 8 ping-pongs,
- * the one with the shortest round trip counts (NTP-style midpoint). */
+/* Memory rank i of the group measures the offset of its clock to the compute rank's: CLOCK_ROUNDS
+ * ping-pongs, the one with the shortest round trip counts (NTP-style midpoint). */
 static da_status_t clock_sync(da_offload_t *p) {
-  const int rounds = 8;
+  const int rounds = CLOCK_ROUNDS;
   MPI_Request r;
   if (p->grank == 0) {
     for (int i = 1; i < p->gsize; i++)
@@ -320,18 +318,18 @@ static __attribute__((noinline)) void *alloc_slot_buffer(size_t bytes) {
   return b;
 }
 
-static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
+/* The groups: compute rank c gets the memory ranks m with m * nc / nm == c. Fills this rank's group,
+ * its index among the group's memory ranks and its share of the group's cache, and the budgets of
+ * the group's memory ranks in w (the cache's weights); returns how many there are. */
+static int assign_group(da_offload_t *p, const pub_t *all, int P, double *w) {
   const int nc = p->info.ncompute, nm = p->info.nmemory;
-  int ci = 0, mi = 0, mygroup = -1, myindex = -1;
+  int ci = 0, mi = 0, mygroup = -1, myindex = -1, nw = 0;
   double gsum = 0;
-  for (int r = 0; r < P; r++) { /* groups: compute rank c gets memory ranks m with m * nc / nm == c */
+  for (int r = 0; r < P; r++) {
     int g = all[r].role == DA_ROLE_COMPUTE ? ci++ : (int)((int64_t)mi++ * nc / nm);
     if (r == p->wrank) mygroup = g;
   }
   ci = 0, mi = 0;
-  double *w = calloc((size_t)P, sizeof *w);
-  if (!w) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: weights");
-  int nw = 0;
   for (int r = 0; r < P; r++) {
     int g = all[r].role == DA_ROLE_COMPUTE ? ci++ : (int)((int64_t)mi++ * nc / nm);
     if (g != mygroup) continue;
@@ -344,76 +342,111 @@ static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
   }
   p->info.group = mygroup, p->info.ngroups = nc, p->info.group_memory = nw, p->info.index = myindex;
   p->info.share = myindex >= 0 ? all[p->wrank].budget / gsum : 0;
-  const int mem = p->info.role == DA_ROLE_MEMORY;
+  return nw;
+}
+
+/* The group's communicator (compute rank first) and the memory ranks' own one. */
+static da_status_t split_group(da_offload_t *p) {
+  const int mem = p->info.role == DA_ROLE_MEMORY, mygroup = p->info.group;
   int rc = MPI_Comm_split(p->world, mygroup, mem ? 1 + p->wrank : 0, &p->group);
   if (rc == MPI_SUCCESS) rc = MPI_Comm_split(p->world, mem ? mygroup : MPI_UNDEFINED, p->wrank, &p->mem);
-  if (rc != MPI_SUCCESS) {
-    free(w);
-    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: MPI_Comm_split", p->wrank);
-  }
+  if (rc != MPI_SUCCESS) return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: MPI_Comm_split", p->wrank);
   MPI_Comm_set_errhandler(p->group, MPI_ERRORS_RETURN);
   MPI_Comm_rank(p->group, &p->grank);
   MPI_Comm_size(p->group, &p->gsize);
-  da_status_t st = DA_SUCCESS;
+  return DA_SUCCESS;
+}
+
+/* The group's ranks in world numbering, for messages. */
+static da_status_t group_world_ranks(da_offload_t *p) {
   p->gworld = malloc((size_t)p->gsize * sizeof *p->gworld);
-  if (!p->gworld) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: group ranks");
-  else { /* the group's ranks in world numbering, for messages */
-    MPI_Group gg, gw;
-    int *idx = malloc((size_t)p->gsize * sizeof *idx);
-    MPI_Comm_group(p->group, &gg), MPI_Comm_group(p->world, &gw);
-    for (int i = 0; idx && i < p->gsize; i++) idx[i] = i;
-    if (idx) MPI_Group_translate_ranks(gg, p->gsize, idx, gw, p->gworld);
-    else st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: group ranks");
+  int *idx = malloc((size_t)p->gsize * sizeof *idx);
+  if (!p->gworld || !idx) {
     free(idx);
-    MPI_Group_free(&gg), MPI_Group_free(&gw);
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: group ranks");
   }
+  MPI_Group gg, gw;
+  MPI_Comm_group(p->group, &gg), MPI_Comm_group(p->world, &gw);
+  for (int i = 0; i < p->gsize; i++) idx[i] = i;
+  MPI_Group_translate_ranks(gg, p->gsize, idx, gw, p->gworld);
+  free(idx);
+  MPI_Group_free(&gg), MPI_Group_free(&gw);
+  return DA_SUCCESS;
+}
+
+/* The request slots (one per micro-batch) and, on memory ranks, the staging and kernel buffers. */
+static da_status_t alloc_buffers(da_offload_t *p) {
   const int D = p->kp.D, H = p->kp.H, G = p->kp.G;
   const size_t es = da_dtype_size(p->kp.dtype);
   p->nmax = (p->B + p->cfg.microbatches - 1) / p->cfg.microbatches;
   p->msg_bytes = HDR * sizeof(int64_t) + (size_t)p->nmax * (size_t)(H + 2 * G) * (size_t)D * es;
   p->nslots = p->cfg.microbatches;
   p->slots = calloc((size_t)p->nslots, sizeof *p->slots);
-  if (!p->slots) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: slots");
-  for (int i = 0; st == DA_SUCCESS && i < p->nslots; i++) {
+  if (!p->slots) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: slots");
+  for (int i = 0; i < p->nslots; i++) {
     p->slots[i].msg = alloc_slot_buffer(p->msg_bytes);
     p->slots[i].part = alloc_slot_buffer((size_t)(p->nmax * H + 1) * (size_t)(D + 1) * sizeof(float));
-    if (!p->slots[i].msg || !p->slots[i].part) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: slot buffers");
+    if (!p->slots[i].msg || !p->slots[i].part) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: slot buffers");
   }
-  if (st == DA_SUCCESS && mem) {
-    const int64_t NB = (int64_t)p->L * p->B;
-    p->kstage = da_malloc((size_t)(NB * G * D) * es, 64), p->vstage = da_malloc((size_t)(NB * G * D) * es, 64);
-    p->ntok = calloc((size_t)NB, sizeof *p->ntok);
-    p->o = da_malloc((size_t)(H * D) * sizeof(float), 64), p->lse = da_malloc((size_t)H * sizeof(float), 64);
-    if (!p->kstage || !p->vstage || !p->ntok || !p->o || !p->lse)
-      st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: memory rank buffers");
-  }
-  /* agree within the world before the collectives that follow */
+  if (p->info.role != DA_ROLE_MEMORY) return DA_SUCCESS;
+  const int64_t NB = (int64_t)p->L * p->B;
+  p->kstage = da_malloc((size_t)(NB * G * D) * es, 64), p->vstage = da_malloc((size_t)(NB * G * D) * es, 64);
+  p->ntok = calloc((size_t)NB, sizeof *p->ntok);
+  p->o = da_malloc((size_t)(H * D) * sizeof(float), 64), p->lse = da_malloc((size_t)H * sizeof(float), 64);
+  if (!p->kstage || !p->vstage || !p->ntok || !p->o || !p->lse)
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: memory rank buffers");
+  return DA_SUCCESS;
+}
+
+/* Memory ranks: the group's paged KV cache over the memory ranks, weighted by their budgets w. */
+static da_status_t create_cache(da_offload_t *p, const double *w) {
+  DA_CHECK(da_comm_create(p->ctx, p->mem, &p->dcomm));
+  da_problem_t pr = DA_PROBLEM_INITIALIZER;
+  pr.batch = (int64_t)p->L * p->B, pr.seq = 1, pr.heads = p->kp.H, pr.kv_heads = p->kp.G, pr.dim = p->kp.D;
+  pr.dtype = p->kp.dtype, pr.mask = DA_MASK_CAUSAL;
+  da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
+  kc.page = p->cfg.page, kc.weights = w, kc.timeout = p->timeout;
+  return da_kvcache_create(p->dcomm, &pr, &kc, &p->cache);
+}
+
+/* Agree within the world before the collectives that follow: this rank's own failure, or
+ * DA_ERR_REMOTE when only another rank failed. */
+static da_status_t agree_setup(da_offload_t *p, da_status_t st) {
   int bad = st != DA_SUCCESS, any = 0;
   MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, p->world);
-  if (any) {
-    free(w);
-    return st != DA_SUCCESS ? st : DA_ERR(DA_ERR_REMOTE, "rank %d offload: another rank failed to set up", p->wrank);
-  }
-  if (mem) {
-    st = da_comm_create(p->ctx, p->mem, &p->dcomm);
-    if (st == DA_SUCCESS) {
-      da_problem_t pr = DA_PROBLEM_INITIALIZER;
-      pr.batch = (int64_t)p->L * p->B, pr.seq = 1, pr.heads = H, pr.kv_heads = G, pr.dim = D, pr.dtype = p->kp.dtype;
-      pr.mask = DA_MASK_CAUSAL;
-      da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
-      kc.page = p->cfg.page, kc.weights = w, kc.timeout = p->timeout;
-      st = da_kvcache_create(p->dcomm, &pr, &kc, &p->cache);
-    }
-  }
-  free(w);
-  bad = st != DA_SUCCESS;
-  MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, p->world);
-  if (any) return st != DA_SUCCESS ? st : DA_ERR(DA_ERR_REMOTE, "rank %d offload: another rank failed to set up", p->wrank);
-  MPITRY(MPI_Type_contiguous(D + 1, MPI_FLOAT, &p->rowtype), "MPI_Type_contiguous");
+  if (!any) return DA_SUCCESS;
+  return st != DA_SUCCESS ? st : DA_ERR(DA_ERR_REMOTE, "rank %d offload: another rank failed to set up", p->wrank);
+}
+
+/* The partial row's datatype (D + 1 floats) and the merge operator of the reduction. */
+static da_status_t create_merge_op(da_offload_t *p) {
+  DA_MPICHECK(MPI_Type_contiguous(p->kp.D + 1, MPI_FLOAT, &p->rowtype), "rank %d offload: MPI_Type_contiguous",
+              p->wrank);
   p->have_type = 1;
-  MPITRY(MPI_Type_commit(&p->rowtype), "MPI_Type_commit");
-  MPITRY(MPI_Op_create(da_partial_merge_op, 1, &p->op), "MPI_Op_create");
+  DA_MPICHECK(MPI_Type_commit(&p->rowtype), "rank %d offload: MPI_Type_commit", p->wrank);
+  DA_MPICHECK(MPI_Op_create(da_partial_merge_op, 1, &p->op), "rank %d offload: MPI_Op_create", p->wrank);
   p->have_op = 1;
+  return DA_SUCCESS;
+}
+
+/* Everything after the roles are checked: groups, communicators, buffers, the cache, the operator
+ * and the clocks. Collective over the world; a failure anywhere fails every rank. */
+static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
+  double *w = calloc((size_t)P, sizeof *w);
+  if (!w) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: weights");
+  assign_group(p, all, P, w);
+  da_status_t st = split_group(p);
+  if (st != DA_SUCCESS) {
+    free(w);
+    return st;
+  }
+  st = group_world_ranks(p);
+  if (st == DA_SUCCESS) st = alloc_buffers(p);
+  st = agree_setup(p, st);
+  if (st == DA_SUCCESS) st = agree_setup(p, p->info.role == DA_ROLE_MEMORY ? create_cache(p, w) : DA_SUCCESS);
+  free(w);
+  DA_CHECK(st);
+  DA_CHECK(create_merge_op(p));
   return clock_sync(p);
 }
 
@@ -450,8 +483,10 @@ da_status_t da_offload_create(da_comm_t *comm, da_role_t role, const da_problem_
   p->info.budget = cfg->mem_budget;
   const double found = discover_budget(p->world); /* collective: every rank calls it */
   if (!(p->info.budget > 0)) p->info.budget = found, p->info.discovered = 1;
-  pub_t me = {role, p->B, p->kp.H, p->kp.G, p->kp.D, p->kp.dtype, cfg->page ? cfg->page : 256, cfg->layers,
-              cfg->microbatches, p->info.budget, lst != DA_SUCCESS};
+  pub_t me = {.role = role, .budget = p->info.budget, .local_err = lst != DA_SUCCESS};
+  me.f[PUB_BATCH] = p->B, me.f[PUB_HEADS] = p->kp.H, me.f[PUB_KV_HEADS] = p->kp.G, me.f[PUB_DIM] = p->kp.D;
+  me.f[PUB_DTYPE] = p->kp.dtype, me.f[PUB_PAGE] = cfg->page ? cfg->page : DA_KVCACHE_DEFAULT_PAGE;
+  me.f[PUB_LAYERS] = cfg->layers, me.f[PUB_MICROBATCHES] = cfg->microbatches;
   pub_t *all = calloc((size_t)P, sizeof *all);
   da_status_t st = all ? DA_SUCCESS : DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload: roles");
   if (st == DA_SUCCESS) {
@@ -491,7 +526,7 @@ double da_offload_kv_bytes(const da_problem_t *prob, int layers, const int64_t *
 
 da_status_t da_offload_check_fit(da_offload_t *p, const int64_t *final_len, double *max_shard) {
   da_error_clear();
-  const int64_t page = p->cfg.page ? p->cfg.page : 256;
+  const int64_t page = p->cfg.page ? p->cfg.page : DA_KVCACHE_DEFAULT_PAGE;
   double rows = 0;
   for (int64_t b = 0; b < p->B; b++) rows += (double)final_len[b];
   const double row2 = 2.0 * p->kp.G * p->kp.D * (double)da_dtype_size(p->kp.dtype);
@@ -567,8 +602,8 @@ static da_status_t start(da_offload_t *p, int layer, int64_t first, const da_ten
   const size_t es = da_dtype_size(p->kp.dtype), qr = (size_t)(H * D) * es, kr = (size_t)(G * D) * es;
   int64_t *h = (int64_t *)sl->msg;
   sl->t_post = MPI_Wtime();
-  h[0] = CMD_ATTEND, h[1] = layer, h[2] = first, h[3] = n;
-  memcpy(&h[4], &sl->t_post, sizeof(double));
+  h[HDR_CMD] = CMD_ATTEND, h[HDR_LAYER] = layer, h[HDR_FIRST] = first, h[HDR_N] = n;
+  memcpy(&h[HDR_TPOST], &sl->t_post, sizeof(double));
   char *pl = sl->msg + HDR * sizeof(int64_t), *pq = pl, *pk = pq + (size_t)(p->nmax * H * D) * es,
        *pv = pk + (size_t)(p->nmax * G * D) * es;
   for (int64_t i = 0; i < n; i++) {
@@ -580,12 +615,13 @@ static da_status_t start(da_offload_t *p, int layer, int64_t first, const da_ten
   p->st.requests = (uint64_t)p->nreq;
   for (int64_t i = 0; i < sl->rows; i++) { /* the identity: o = 0, lse = -inf; trailer: -inf times, 0 bytes */
     float *r = sl->part + i * w;
-    for (int d = 0; d < D; d++) r[d] = i == sl->rows - 1 && d != 2 ? -INFINITY : 0.0f;
+    for (int d = 0; d < D; d++) r[d] = i == sl->rows - 1 && d != DA_TRAILER_KV_BYTES ? -INFINITY : 0.0f;
     r[D] = i == sl->rows - 1 ? da_bits_to_f32(DA_LSE_TRAILER) : -INFINITY;
   }
-  MPITRY(MPI_Ibcast(sl->msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &sl->bc), "MPI_Ibcast (request)");
-  MPITRY(MPI_Ireduce(MPI_IN_PLACE, sl->part, (int)sl->rows, p->rowtype, p->op, 0, p->group, &sl->rd),
-         "MPI_Ireduce (partials)");
+  DA_MPICHECK(MPI_Ibcast(sl->msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &sl->bc),
+              "rank %d offload: MPI_Ibcast (request)", p->wrank);
+  DA_MPICHECK(MPI_Ireduce(MPI_IN_PLACE, sl->part, (int)sl->rows, p->rowtype, p->op, 0, p->group, &sl->rd),
+              "rank %d offload: MPI_Ireduce (partials)", p->wrank);
   sl->busy = 1;
   *slot = s;
   return DA_SUCCESS;
@@ -634,15 +670,16 @@ static da_status_t finish(da_offload_t *p, int s, da_tensor_t *out, da_tensor_t 
       if (lse) ((float *)lse->data)[i * ldl + h] = r[D];
     }
   const double t_end = MPI_Wtime();
-  /* trailer: [0] latest arrival, [1] latest partials ready (after t_post, compute clock); [2] KV bytes */
-  const double a = D > 0 ? tr[0] : 0, b = D > 1 ? tr[1] : a;
+  /* the trailer (kvcache.h): latest arrival, latest partials ready (after t_post), KV bytes */
+  const double a = D > DA_TRAILER_ARRIVED ? tr[DA_TRAILER_ARRIVED] : 0,
+               b = D > DA_TRAILER_READY ? tr[DA_TRAILER_READY] : a;
   p->st.send_s = a > 0 ? a : 0;
   p->st.attn_s = b > a ? b - a : 0;
   p->st.reduce_s = t_done - sl->t_post - (b > 0 ? b : 0);
   if (p->st.reduce_s < 0) p->st.reduce_s = 0;
   p->st.recv_s = t_end - t_done;
   p->st.total_s = t_end - sl->t_post;
-  p->st.kv_bytes = D > 2 ? (uint64_t)tr[2] : 0;
+  p->st.kv_bytes = D > DA_TRAILER_KV_BYTES ? (uint64_t)tr[DA_TRAILER_KV_BYTES] : 0;
   p->st.net_bytes = (uint64_t)p->info.group_memory * (p->msg_bytes + (uint64_t)sl->rows * (uint64_t)w * sizeof(float));
   return DA_SUCCESS;
 }
@@ -699,12 +736,13 @@ da_status_t da_offload_step(da_offload_t *p, int layer, const da_tensor_t *q, co
 static da_status_t send_cmd(da_offload_t *p, int cmd, const char *reason) {
   int64_t *h = (int64_t *)p->slots[0].msg;
   memset(h, 0, HDR * sizeof(int64_t));
-  h[0] = cmd, h[1] = p->nreq;
+  h[HDR_CMD] = cmd, h[HDR_NREQ] = p->nreq;
   char *text = p->slots[0].msg + HDR * sizeof(int64_t);
   const size_t room = p->msg_bytes - HDR * sizeof(int64_t);
   if (room > 0) snprintf(text, room, "%s", reason ? reason : "");
   MPI_Request r;
-  MPITRY(MPI_Ibcast(p->slots[0].msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &r), "MPI_Ibcast (stop)");
+  DA_MPICHECK(MPI_Ibcast(p->slots[0].msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &r),
+              "rank %d offload: MPI_Ibcast (stop)", p->wrank);
   return wait_req(p, &r, cmd == CMD_STOP ? "the stop broadcast" : "the cancel broadcast", NULL);
 }
 
@@ -780,80 +818,100 @@ static da_status_t attend(da_offload_t *p, slot_t *sl, int layer, int64_t first,
   return DA_SUCCESS;
 }
 
+/* Post the receive of the next request into sl and wait for it (what: for the timeout's message),
+ * progressing the reductions of the previous requests meanwhile. */
+static da_status_t next_request(da_offload_t *p, slot_t *sl, const char *what) {
+  MPI_Request bc;
+  DA_MPICHECK(MPI_Ibcast(sl->msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &bc),
+              "rank %d offload: MPI_Ibcast (request)", p->wrank);
+  const double t0 = da_time_now();
+  for (long it = 0;; it++) {
+    int flag = 0;
+    DA_MPICHECK(MPI_Test(&bc, &flag, MPI_STATUS_IGNORE), "rank %d offload: MPI_Test (request)", p->wrank);
+    if (flag) return DA_SUCCESS;
+    for (int i = 0; i < p->nslots; i++)
+      if (p->slots[i].busy) MPI_Test(&p->slots[i].rd, &flag, MPI_STATUS_IGNORE);
+    const double waited = da_time_now() - t0;
+    if (waited > p->timeout) return timed_out(p, what, waited, NULL);
+    da_mpi_backoff(it, waited);
+  }
+}
+
+/* STOP or CANCEL in sl: finish the reductions in flight, then return `failed` (the first local
+ * failure, or success) or, on a cancel, the compute rank's reason. */
+static da_status_t stop_serving(da_offload_t *p, slot_t *sl, da_status_t failed) {
+  for (int i = 0; i < p->nslots; i++)
+    if (p->slots[i].busy) {
+      DA_CHECK(wait_req(p, &p->slots[i].rd, "the reduction of the partials", &p->slots[i]));
+      p->slots[i].busy = 0;
+    }
+  if (((const int64_t *)sl->msg)[HDR_CMD] != CMD_CANCEL) return failed;
+  char me[96];
+  who(p, me, sizeof me);
+  const char *why = sl->msg + HDR * sizeof(int64_t);
+  sl->msg[p->msg_bytes - 1] = '\0';
+  return DA_ERR(DA_ERR_REMOTE, "%s: compute rank %d cancelled the offload after request %lld%s%s", me,
+                p->info.compute_world_rank, (long long)p->nreq, *why ? ": " : "", why);
+}
+
+/* Answer the ATTEND request in sl (received at t_recv, compute rank's clock): its partials, poisoned
+ * once this rank has failed (*failed keeps the first failure), the trailer, and the reduction. */
+static da_status_t answer(da_offload_t *p, slot_t *sl, double t_recv, da_status_t *failed) {
+  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  const int64_t *h = (const int64_t *)sl->msg;
+  double t_post;
+  memcpy(&t_post, &h[HDR_TPOST], sizeof t_post);
+  const int layer = (int)h[HDR_LAYER];
+  const int64_t first = h[HDR_FIRST], n = h[HDR_N] >= 1 && h[HDR_N] <= p->nmax ? h[HDR_N] : 1;
+  sl->req = ++p->nreq, sl->layer = layer, sl->first = first, sl->n = n;
+  uint64_t kvb = 0;
+  const double tk0 = da_time_now();
+  da_status_t st = *failed == DA_SUCCESS ? attend(p, sl, layer, first, n, &kvb) : *failed;
+  p->st.kernel_s += da_time_now() - tk0;
+  p->st.requests++;
+  p->st.kv_bytes += kvb;
+  sl->rows = n * H + 1;
+  if (st != DA_SUCCESS) {
+    if (*failed == DA_SUCCESS) {
+      *failed = st;
+      DA_WARN(DA_SUB_COMM, "rank %d offload: %s (answering with poisoned partials)", p->wrank, da_error_message());
+    }
+    for (int64_t i = 0; i < n * H; i++) sl->part[i * w + D] = da_bits_to_f32(DA_LSE_POISON);
+  }
+  float *tr = sl->part + (sl->rows - 1) * w;
+  const double t_ready = MPI_Wtime() + p->clock_off;
+  for (int d = 0; d < D; d++)
+    tr[d] = d == DA_TRAILER_ARRIVED    ? (float)(t_recv - t_post)
+            : d == DA_TRAILER_READY    ? (float)(t_ready - t_post)
+            : d == DA_TRAILER_KV_BYTES ? (float)kvb
+                                       : -INFINITY;
+  tr[D] = da_bits_to_f32(DA_LSE_TRAILER);
+  DA_MPICHECK(MPI_Ireduce(sl->part, NULL, (int)sl->rows, p->rowtype, p->op, 0, p->group, &sl->rd),
+              "rank %d offload: MPI_Ireduce (partials)", p->wrank);
+  sl->busy = 1;
+  return DA_SUCCESS;
+}
+
+/* The memory rank's loop: requests round-robin over the slots until STOP or CANCEL. */
 static da_status_t serve(da_offload_t *p) {
   if (p->info.role != DA_ROLE_MEMORY)
-    return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_serve on a compute rank", p->wrank));
-  if (p->broken) return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_serve: this "
-                                                         "offload had a failure; free it", p->wrank));
-  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_serve on a compute rank", p->wrank);
+  if (p->broken)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_serve: this offload had a failure; free it", p->wrank);
   char what[128];
   snprintf(what, sizeof what, "the next request from compute rank %d", p->info.compute_world_rank);
   da_status_t failed = DA_SUCCESS; /* the first local failure: later requests are answered poisoned */
   for (int64_t k = 0;; k++) {
     slot_t *sl = &p->slots[k % p->nslots];
     if (sl->busy) {
-      DA_CHECK(da_context_finish(p->ctx, wait_req(p, &sl->rd, "the reduction of the partials", sl)));
+      DA_CHECK(wait_req(p, &sl->rd, "the reduction of the partials", sl));
       sl->busy = 0;
     }
-    MPI_Request bc;
-    MPITRY(MPI_Ibcast(sl->msg, (int)p->msg_bytes, MPI_BYTE, 0, p->group, &bc), "MPI_Ibcast (request)");
-    /* wait for the next request while the reductions of the previous ones progress */
-    const double t0 = da_time_now();
-    for (long it = 0;; it++) {
-      int flag = 0;
-      MPITRY(MPI_Test(&bc, &flag, MPI_STATUS_IGNORE), "MPI_Test (request)");
-      if (flag) break;
-      for (int i = 0; i < p->nslots; i++)
-        if (p->slots[i].busy) MPI_Test(&p->slots[i].rd, &flag, MPI_STATUS_IGNORE);
-      const double waited = da_time_now() - t0;
-      if (waited > p->timeout) return da_context_finish(p->ctx, timed_out(p, what, waited, NULL));
-      da_mpi_backoff(it, waited);
-    }
+    DA_CHECK(next_request(p, sl, what));
     const double t_recv = MPI_Wtime() + p->clock_off;
-    const int64_t *h = (const int64_t *)sl->msg;
-    if (h[0] == CMD_STOP || h[0] == CMD_CANCEL) {
-      for (int i = 0; i < p->nslots; i++)
-        if (p->slots[i].busy) {
-          DA_CHECK(da_context_finish(p->ctx, wait_req(p, &p->slots[i].rd, "the reduction of the partials", &p->slots[i])));
-          p->slots[i].busy = 0;
-        }
-      if (h[0] == CMD_CANCEL) {
-        char me[96];
-        who(p, me, sizeof me);
-        const char *why = sl->msg + HDR * sizeof(int64_t);
-        sl->msg[p->msg_bytes - 1] = '\0';
-        return da_context_finish(p->ctx, DA_ERR(DA_ERR_REMOTE, "%s: compute rank %d cancelled the offload after request "
-                                                "%lld%s%s", me, p->info.compute_world_rank, (long long)p->nreq,
-                                                *why ? ": " : "", why));
-      }
-      return da_context_finish(p->ctx, failed);
-    }
-    double t_post;
-    memcpy(&t_post, &h[4], sizeof t_post);
-    const int layer = (int)h[1];
-    const int64_t first = h[2], n = h[3] >= 1 && h[3] <= p->nmax ? h[3] : 1;
-    sl->req = ++p->nreq, sl->layer = layer, sl->first = first, sl->n = n;
-    uint64_t kvb = 0;
-    const double tk0 = da_time_now();
-    da_status_t st = failed == DA_SUCCESS ? attend(p, sl, layer, first, n, &kvb) : failed;
-    p->st.kernel_s += da_time_now() - tk0;
-    p->st.requests++;
-    p->st.kv_bytes += kvb;
-    sl->rows = n * H + 1;
-    if (st != DA_SUCCESS) {
-      if (failed == DA_SUCCESS) {
-        failed = st;
-        DA_WARN(DA_SUB_COMM, "rank %d offload: %s (answering with poisoned partials)", p->wrank, da_error_message());
-      }
-      for (int64_t i = 0; i < n * H; i++) sl->part[i * w + D] = da_bits_to_f32(DA_LSE_POISON);
-    }
-    float *tr = sl->part + (sl->rows - 1) * w;
-    const double t_ready = MPI_Wtime() + p->clock_off;
-    for (int d = 0; d < D; d++) tr[d] = d == 0 ? (float)(t_recv - t_post) : d == 1 ? (float)(t_ready - t_post)
-                                       : d == 2 ? (float)kvb : -INFINITY;
-    tr[D] = da_bits_to_f32(DA_LSE_TRAILER);
-    MPITRY(MPI_Ireduce(sl->part, NULL, (int)sl->rows, p->rowtype, p->op, 0, p->group, &sl->rd), "MPI_Ireduce (partials)");
-    sl->busy = 1;
+    const int64_t cmd = ((const int64_t *)sl->msg)[HDR_CMD];
+    if (cmd == CMD_STOP || cmd == CMD_CANCEL) return stop_serving(p, sl, failed);
+    DA_CHECK(answer(p, sl, t_recv, &failed));
   }
 }
 

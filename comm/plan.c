@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include "distattn.h"
 #include "ring.h"
+#include "kvcache.h" /* da_fnv1a, the da_comm_t accessors defined here */
 
 DA_PARAM(Timeout, "TIMEOUT", 300)
 
@@ -43,12 +44,6 @@ struct da_plan {
   int64_t pairs_total, pairs_rank;
 };
 
-static uint64_t fnv(uint64_t h, const void *p, size_t n) {
-  const unsigned char *b = p;
-  for (size_t i = 0; i < n; i++) h = (h ^ b[i]) * 1099511628211ull;
-  return h;
-}
-
 /* ---- communicator ------------------------------------------------------------------------- */
 
 /* Which machine this process runs on, as a hash: the kernel's boot id (network namespaces and
@@ -59,7 +54,7 @@ static int64_t machine_id(void) {
   if (!f || !fgets(id, sizeof id, f)) gethostname(id, sizeof id - 1);
   if (f) fclose(f);
   id[sizeof id - 1] = '\0';
-  return (int64_t)(fnv(14695981039346656037ull, id, strlen(id)) >> 2);
+  return (int64_t)(da_fnv1a(DA_FNV_INIT, id, strlen(id)) >> 2);
 }
 
 da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
@@ -144,11 +139,11 @@ static da_status_t agree_problem(da_comm_t *c, const da_plan_t *p, const da_kpar
   uint32_t sb;
   memcpy(&sb, &kp->scale, 4);
   f[F_SCALE] = sb;
-  uint64_t h = 14695981039346656037ull;
-  if (p->prob.mask & DA_MASK_DOC) h = fnv(h, p->cu, (size_t)(p->prob.ndocs + 1) * sizeof(int64_t));
-  h = fnv(h, p->transport, strlen(p->transport));
-  h = fnv(h, &kp->block_q, sizeof kp->block_q);
-  h = fnv(h, &kp->block_k, sizeof kp->block_k);
+  uint64_t h = DA_FNV_INIT;
+  if (p->prob.mask & DA_MASK_DOC) h = da_fnv1a(h, p->cu, (size_t)(p->prob.ndocs + 1) * sizeof(int64_t));
+  h = da_fnv1a(h, p->transport, strlen(p->transport));
+  h = da_fnv1a(h, &kp->block_q, sizeof kp->block_q);
+  h = da_fnv1a(h, &kp->block_k, sizeof kp->block_k);
   f[F_HASH] = (int64_t)(h >> 2); /* 62 bits: safe to negate */
   int64_t red[2 * F_NFIELDS];
   for (int i = 0; i < F_NFIELDS; i++) red[i] = f[i], red[F_NFIELDS + i] = -f[i];
@@ -392,7 +387,8 @@ da_status_t da_plan_create(da_comm_t *c, const da_problem_t *prob, const da_plan
   /* 3: layout, schedule, memory check, transport: can fail locally, so agree once more. */
   if (st == DA_SUCCESS) st = da_xport_agree(&c->ctl, plan_build(c, p, &kp), "plan");
   /* A setup collective timed out: a rank never got here (or is stuck). Name it. */
-  if (st == DA_ERR_TIMEOUT) st = da_mpi_rollcall(c->comm, fmin(c->ctl.timeout_s, 5.0), "da_plan_create");
+  if (st == DA_ERR_TIMEOUT)
+    st = da_mpi_rollcall(c->comm, fmin(c->ctl.timeout_s, DA_ROLLCALL_GRACE_S), "da_plan_create");
   c->ctl.timeout_s = ctl_timeout;
   if (st != DA_SUCCESS) {
     da_plan_free(p);

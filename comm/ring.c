@@ -249,145 +249,192 @@ static int64_t own_split(const da_ring_t *R) {
   return i < 1 ? 1 : i;
 }
 
-da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out,
-                        da_rview_t dout, const float *lse, da_rview_t dq, da_rview_t dk, da_rview_t dv,
-                        void *stream) {
-  const int P = R->P, r = R->rank, H = R->kp.H, D = R->kp.D;
+/* One backward pass: its inputs, the transfers in flight and the fp32 dK/dV accumulators.
+ * `own` holds this rank's contribution to its own block and never travels. The sum of every other
+ * block starts at the first rank that sees it (step 1) and moves one hop per step: `c` takes this
+ * step's contribution, computed while the transfers move; `rv` receives the running sum of the
+ * next block from rank r-1; `sd` is on its way to rank r+1. After step P-1 the sum `sd` is complete
+ * and belongs to rank r+1, and `rv` receives this rank's own block's sum from rank r-1, which meets
+ * `own` at home. */
+typedef struct bwd_pass {
+  da_ring_t *R;
+  da_rview_t q, k, v, dout; /* this rank's inputs */
+  const float *lse;
+  void *stream;
+  int comm, compute, travel; /* blocks move; kernels run; dK/dV sums move between ranks */
+  int64_t split;             /* own_split: the own block's items run before / after the ring */
+  char *slot[2];             /* the two KV block slots */
+  float *dqa, *delta;        /* the forward's state buffers, reused: dq fp32, delta */
+  float *sd, *rv, *c, *own;  /* the dK/dV accumulators (above) */
+  da_xreq_t *rkv, *rd;       /* the KV block's and the dK/dV sum's transfers in flight */
+  da_status_t st;            /* the first kernel failure: the ring goes on regardless */
+} bwd_pass_t;
+
+/* Items [i0, i1) of step s into the dK/dV accumulator acc ([2][B][nsrc][G][D]: k part, then v),
+ * reading keys and values of the KV block through the views kk, vv, poking the transfers in flight
+ * after each item. A kernel failure is left in w->st: this rank keeps passing blocks so its peers
+ * finish, and the plan agrees on the outcome afterwards. Returns a transfer failure. */
+static da_status_t bwd_items(bwd_pass_t *w, int s, int64_t i0, int64_t i1, da_rview_t kk, da_rview_t vv, int64_t nsrc,
+                             float *acc) {
+  da_ring_t *R = w->R;
+  const int H = R->kp.H, D = R->kp.D;
   const int64_t B = R->B, nloc = R->nloc, row = kvrow(R);
   const size_t es = esize(R);
-  const double t_start = da_time_now();
-  const int comm = R->mode != DA_RING_COMPUTE_ONLY, compute = R->mode != DA_RING_COMM_ONLY;
-  const int travel = P > 1 && comm; /* dK/dV sums move between ranks */
-  da_ring_stats_t *S = &R->bwd;
-  stats_reset(R, S);
-  R->xp->phase = "backward";
+  const da_rview_t q = w->q, dout = w->dout;
+  int64_t n;
+  const da_work_item_t *items = da_schedule_items(&R->sched, R->rank, s, &n);
+  for (int64_t i = i0; i < i1 && i < n && w->st == DA_SUCCESS; i++)
+    for (int64_t b = 0; b < B && w->st == DA_SUCCESS; b++) {
+      const da_work_item_t *x = items + i;
+      const int64_t qr = b * nloc + x->q_off, kr = b * nsrc + x->k_off, vr = (B + b) * nsrc + x->k_off;
+      w->st = R->kt->bwd_block(&R->kp, q.p + (size_t)(b * q.bs + x->q_off * q.ld) * es, q.ld,
+                               dout.p + (size_t)(b * dout.bs + x->q_off * dout.ld) * es, dout.ld, w->lse + qr * H,
+                               w->delta + qr * H, x->q, kk.p + (size_t)(b * kk.bs + x->k_off * kk.ld) * es, kk.ld,
+                               vv.p + (size_t)(b * vv.bs + x->k_off * vv.ld) * es, vv.ld, x->k, w->dqa + qr * H * D,
+                               acc + kr * row, acc + vr * row, w->stream);
+      DA_CHECK(poke(R, w->rkv, w->rd));
+    }
+  return DA_SUCCESS;
+}
 
-  da_status_t st = DA_SUCCESS, st_comm = DA_SUCCESS;
-  /* fp32 dK/dV accumulators. `own` holds this rank's contribution to its own block and never
-   * travels. The sum of every other block starts at the first rank that sees it (step 1) and
-   * moves one hop per step: `c` takes this step's contribution, computed while the transfers
-   * move; `rv` receives the running sum of the next block from rank r-1; `sd` is on its way to
-   * rank r+1. After step P-1 the sum `sd` is complete and belongs to rank r+1, and `rv` receives
-   * this rank's own block's sum from rank r-1, which meets `own` at home. */
-  da_xreq_t *rkv = NULL, *rd = NULL;
-  if ((st_comm = ring_buffers(R, 1))) goto done;
-  char *const slot[2] = {R->buf.slot[0], R->buf.slot[1]};
-  float *sd = R->buf.acc[0], *rv = R->buf.acc[1], *c = R->buf.acc[2], *const own = R->buf.own;
-  float *const dqa = R->buf.big, *const delta = R->buf.small[0]; /* the forward's state, reused */
+/* Buffers, delta of every local row, and this rank's KV block packed into slot 0. */
+static da_status_t bwd_begin(bwd_pass_t *w, da_rview_t out) {
+  da_ring_t *R = w->R;
+  const int64_t B = R->B, nloc = R->nloc;
+  const size_t es = esize(R);
+  DA_CHECK(ring_buffers(R, 1));
+  w->slot[0] = R->buf.slot[0], w->slot[1] = R->buf.slot[1];
+  w->sd = R->buf.acc[0], w->rv = R->buf.acc[1], w->c = R->buf.acc[2], w->own = R->buf.own;
+  w->dqa = R->buf.big, w->delta = R->buf.small[0];
   if (da_payload((double)(big_elems(R) + own_elems(R)) * sizeof(float))) {
-    memset(dqa, 0, big_elems(R) * sizeof(float));
-    memset(own, 0, own_elems(R) * sizeof(float));
+    memset(w->dqa, 0, big_elems(R) * sizeof(float));
+    memset(w->own, 0, own_elems(R) * sizeof(float));
   }
-  if (compute && nloc > 0)
-    for (int64_t b = 0; b < B && st == DA_SUCCESS; b++)
-      st = R->kt->bwd_prep(&R->kp, nloc, out.p + (size_t)(b * out.bs) * es, out.ld,
-                           dout.p + (size_t)(b * dout.bs) * es, dout.ld, delta + b * nloc * H, stream);
-  if (da_payload(2.0 * kv_block_elems(R, nloc) * es)) pack_kv(R, k, v, slot[0]);
-  const int64_t split = own_split(R);
+  if (w->compute && nloc > 0)
+    for (int64_t b = 0; b < B && w->st == DA_SUCCESS; b++)
+      w->st = R->kt->bwd_prep(&R->kp, nloc, out.p + (size_t)(b * out.bs) * es, out.ld,
+                              w->dout.p + (size_t)(b * w->dout.bs) * es, w->dout.ld, w->delta + b * nloc * R->kp.H,
+                              w->stream);
+  if (da_payload(2.0 * kv_block_elems(R, nloc) * es)) pack_kv(R, w->k, w->v, w->slot[0]);
+  w->split = own_split(R);
+  return DA_SUCCESS;
+}
 
-  /* Items [i0, i1) of step s into the dK/dV accumulator acc ([2][B][nsrc][G][D]: k part, then v),
-   * reading keys and values of the KV block through the views kv_k, kv_v, poking the transfers
-   * in flight after each item. A kernel failure is left in st: this rank keeps passing blocks
-   * so its peers finish, and the plan agrees on the outcome afterwards. */
-#define BWD_ITEMS(s, i0, i1, kv_k, kv_v, nsrc, acc)                                                             \
-  do {                                                                                                          \
-    int64_t n_;                                                                                                 \
-    const da_work_item_t *it_ = da_schedule_items(&R->sched, r, (s), &n_);                                      \
-    for (int64_t i_ = (i0); i_ < (i1) && i_ < n_ && st == DA_SUCCESS; i_++)                                     \
-      for (int64_t b = 0; b < B && st == DA_SUCCESS; b++) {                                                     \
-        const da_work_item_t *w = it_ + i_;                                                                     \
-        const int64_t qr = b * nloc + w->q_off, kr = b * (nsrc) + w->k_off, vr = (B + b) * (nsrc) + w->k_off;   \
-        st = R->kt->bwd_block(&R->kp, q.p + (size_t)(b * q.bs + w->q_off * q.ld) * es, q.ld,                    \
-                              dout.p + (size_t)(b * dout.bs + w->q_off * dout.ld) * es, dout.ld, lse + qr * H,  \
-                              delta + qr * H, w->q, (kv_k).p + (size_t)(b * (kv_k).bs + w->k_off * (kv_k).ld) * es, \
-                              (kv_k).ld, (kv_v).p + (size_t)(b * (kv_v).bs + w->k_off * (kv_v).ld) * es,        \
-                              (kv_v).ld, w->k, dqa + qr * H * D, (acc) + kr * row, (acc) + vr * row, stream);   \
-        if ((st_comm = poke(R, rkv, rd))) goto done;                                                            \
-      }                                                                                                         \
-  } while (0)
+/* The kernels of step s on the block in slot cur: at step 0 the first part of the own block
+ * (straight from k, v) into `own`; later, the travelling block into a cleared `c`. */
+static da_status_t bwd_compute(bwd_pass_t *w, int s, char *cur, int64_t nsrc) {
+  da_ring_t *R = w->R;
+  const int64_t B = R->B, row = kvrow(R);
+  const size_t blk = kv_block_elems(R, nsrc);
+  if (s == 0) return bwd_items(w, 0, 0, w->split, w->k, w->v, nsrc, w->own);
+  /* A travelling block: k [B][nsrc][G][D] then v; its rows are packed. */
+  char *kb = w->comm ? cur : w->slot[0];
+  const da_rview_t bk = {kb, nsrc * row, row}, bv = {kb + (size_t)(B * nsrc * row) * esize(R), nsrc * row, row};
+  if (da_payload((double)blk * sizeof(float))) memset(w->c, 0, blk * sizeof(float));
+  return bwd_items(w, s, 0, INT64_MAX, bk, bv, nsrc, w->c);
+}
 
-  for (int s = 0; s < P; s++) {
-    const int src = da_ring_src(r, s, P);
-    const int64_t nsrc = count_of(R, src), nnext = count_of(R, da_ring_src(r, s + 1, P));
-    const size_t blk = kv_block_elems(R, nsrc);
-    char *cur = slot[s & 1], *nxt = slot[(s + 1) & 1];
-    if (s + 1 < P && comm) {
-      size_t sb = blk * es, rb = kv_block_elems(R, nnext) * es;
-      st_comm = R->xp->t->exchange_start(R->xp, cur, sb, next_rank(R), nxt, rb, prev_rank(R), DA_TAG_BWD_KV, s, &rkv);
-      if (st_comm) goto done;
-      S->step_bytes[s] += sb;
+/* After the kernels of step s: fold this step's dK/dV part into the running sum and send it on,
+ * posting the receive of the next one (after the last step: this rank's own block's). */
+static da_status_t bwd_pass_sums(bwd_pass_t *w, int s, size_t blk, int64_t nnext) {
+  da_ring_t *R = w->R;
+  da_ring_stats_t *S = &R->bwd;
+  if (s >= 2 && w->travel) {
+    /* The running sum of this block from the ranks before us: add ours, pass it on. */
+    DA_CHECK(wait_req(R, &w->rd, &S->step_wait_s[s]));
+    if (w->compute) {
+      double ta = da_time_now();
+      if (da_payload(3.0 * blk * sizeof(float)))
+        for (size_t i = 0; i < blk; i++) w->rv[i] += w->c[i];
+      S->step_compute_s[s] += da_time_now() - ta;
     }
-    const double t0 = da_time_now();
-    if (compute) {
-      /* A travelling block: k [B][nsrc][G][D] then v; its rows are packed. */
-      char *kb = comm ? cur : slot[0];
-      const da_rview_t bk = {kb, nsrc * row, row}, bv = {kb + (size_t)(B * nsrc * row) * es, nsrc * row, row};
-      if (s == 0) {
-        BWD_ITEMS(0, 0, split, k, v, nsrc, own);
-      } else {
-        if (da_payload((double)blk * sizeof(float))) memset(c, 0, blk * sizeof(float));
-        BWD_ITEMS(s, 0, INT64_MAX, bk, bv, nsrc, c);
-      }
-    } else if ((st_comm = poke(R, rkv, rd))) {
-      goto done;
-    }
-    S->step_compute_s[s] = da_time_now() - t0;
-    if (s >= 2 && travel) {
-      /* The running sum of this block from the ranks before us: add ours, pass it on. */
-      if ((st_comm = wait_req(R, &rd, &S->step_wait_s[s]))) goto done;
-      if (compute) {
-        double ta = da_time_now();
-        if (da_payload(3.0 * blk * sizeof(float)))
-          for (size_t i = 0; i < blk; i++) rv[i] += c[i];
-        S->step_compute_s[s] += da_time_now() - ta;
-      }
-      float *t = sd;
-      sd = rv, rv = t;
-    } else if (s == 1) {
-      float *t = sd; /* we are the first to see this block: our part is the whole sum so far */
-      sd = c, c = t;
-    }
-    if (s >= 1 && travel) {
-      /* Receive the sum of the block of step s+1 (after the last step: our own block's). */
-      size_t sb = blk * sizeof(float), rb = kv_block_elems(R, nnext) * sizeof(float);
-      st_comm = R->xp->t->exchange_start(R->xp, sd, sb, next_rank(R), rv, rb, prev_rank(R), DA_TAG_BWD_DKV, s, &rd);
-      if (st_comm) goto done;
-      S->step_bytes[s] += sb;
-    }
-    if ((st_comm = wait_req(R, &rkv, &S->step_wait_s[s]))) goto done;
-    DA_TRACE(DA_SUB_COMM, "backward step %d: kv of rank %d, compute %.3g s, wait %.3g s", s, src,
-             S->step_compute_s[s], S->step_wait_s[s]);
+    float *t = w->sd;
+    w->sd = w->rv, w->rv = t;
+  } else if (s == 1) {
+    float *t = w->sd; /* we are the first to see this block: our part is the whole sum so far */
+    w->sd = w->c, w->c = t;
   }
-  if (compute) {
-    /* The deferred part of our own block, while our own sum travels its last hop. */
+  if (s >= 1 && w->travel) {
+    size_t sb = blk * sizeof(float), rb = kv_block_elems(R, nnext) * sizeof(float);
+    DA_CHECK(
+        R->xp->t->exchange_start(R->xp, w->sd, sb, next_rank(R), w->rv, rb, prev_rank(R), DA_TAG_BWD_DKV, s, &w->rd));
+    S->step_bytes[s] += sb;
+  }
+  return DA_SUCCESS;
+}
+
+/* Step s of the ring: post the next KV block, compute on this one, pass the dK/dV sums. */
+static da_status_t bwd_step(bwd_pass_t *w, int s) {
+  da_ring_t *R = w->R;
+  da_ring_stats_t *S = &R->bwd;
+  const int P = R->P, r = R->rank, src = da_ring_src(r, s, P);
+  const int64_t nsrc = count_of(R, src), nnext = count_of(R, da_ring_src(r, s + 1, P));
+  const size_t blk = kv_block_elems(R, nsrc), es = esize(R);
+  char *cur = w->slot[s & 1], *nxt = w->slot[(s + 1) & 1];
+  if (s + 1 < P && w->comm) {
+    size_t sb = blk * es, rb = kv_block_elems(R, nnext) * es;
+    DA_CHECK(R->xp->t->exchange_start(R->xp, cur, sb, next_rank(R), nxt, rb, prev_rank(R), DA_TAG_BWD_KV, s, &w->rkv));
+    S->step_bytes[s] += sb;
+  }
+  const double t0 = da_time_now();
+  DA_CHECK(w->compute ? bwd_compute(w, s, cur, nsrc) : poke(R, w->rkv, w->rd));
+  S->step_compute_s[s] = da_time_now() - t0;
+  DA_CHECK(bwd_pass_sums(w, s, blk, nnext));
+  DA_CHECK(wait_req(R, &w->rkv, &S->step_wait_s[s]));
+  DA_TRACE(DA_SUB_COMM, "backward step %d: kv of rank %d, compute %.3g s, wait %.3g s", s, src, S->step_compute_s[s],
+           S->step_wait_s[s]);
+  return DA_SUCCESS;
+}
+
+/* After the ring: the deferred part of the own block (while the own sum makes its last hop), the
+ * sum that came home added to it, and dq, dk, dv stored in the input dtype. */
+static da_status_t bwd_finish(bwd_pass_t *w, da_rview_t dq, da_rview_t dk, da_rview_t dv) {
+  da_ring_t *R = w->R;
+  da_ring_stats_t *S = &R->bwd;
+  const int H = R->kp.H, D = R->kp.D;
+  const int64_t B = R->B, nloc = R->nloc, row = kvrow(R);
+  if (w->compute) {
     const double t0 = da_time_now();
-    BWD_ITEMS(0, split, INT64_MAX, k, v, nloc, own);
+    DA_CHECK(bwd_items(w, 0, w->split, INT64_MAX, w->k, w->v, nloc, w->own));
     S->step_compute_s[0] += da_time_now() - t0;
   }
-#undef BWD_ITEMS
-  const float *home = own;
-  if (travel) {
-    if ((st_comm = wait_req(R, &rd, &S->step_wait_s[P - 1]))) goto done;
-    if (compute) {
+  const float *home = w->own;
+  if (w->travel) {
+    DA_CHECK(wait_req(R, &w->rd, &S->step_wait_s[R->P - 1]));
+    if (w->compute) {
       double ta = da_time_now();
       if (da_payload(3.0 * kv_block_elems(R, nloc) * sizeof(float)))
-        for (size_t i = 0; i < kv_block_elems(R, nloc); i++) rv[i] += own[i];
+        for (size_t i = 0; i < kv_block_elems(R, nloc); i++) w->rv[i] += w->own[i];
       S->step_compute_s[0] += da_time_now() - ta;
     }
-    home = rv;
+    home = w->rv;
   }
-  if (st == DA_SUCCESS && compute && nloc > 0 &&
-      da_payload((double)(big_elems(R) + own_elems(R)) * (sizeof(float) + es)))
+  if (w->st == DA_SUCCESS && w->compute && nloc > 0 &&
+      da_payload((double)(big_elems(R) + own_elems(R)) * (sizeof(float) + esize(R))))
     for (int64_t b = 0; b < B; b++) {
-      store_rows(R, dq, b, nloc, (int64_t)H * D, dqa + b * nloc * H * D);
+      store_rows(R, dq, b, nloc, (int64_t)H * D, w->dqa + b * nloc * H * D);
       store_rows(R, dk, b, nloc, row, home + b * nloc * row);
       store_rows(R, dv, b, nloc, row, home + (B + b) * nloc * row);
     }
-done:
+  return DA_SUCCESS;
+}
+
+da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out, da_rview_t dout,
+                        const float *lse, da_rview_t dq, da_rview_t dk, da_rview_t dv, void *stream) {
+  const double t_start = da_time_now();
+  stats_reset(R, &R->bwd);
+  R->xp->phase = "backward";
+  bwd_pass_t w = {.R = R, .q = q, .k = k, .v = v, .dout = dout, .lse = lse, .stream = stream, .st = DA_SUCCESS};
+  w.comm = R->mode != DA_RING_COMPUTE_ONLY, w.compute = R->mode != DA_RING_COMM_ONLY;
+  w.travel = R->P > 1 && w.comm;
+  /* Without buffers this rank cannot take part: report it; the plan makes every rank agree. */
+  da_status_t st_comm = bwd_begin(&w, out);
+  for (int s = 0; s < R->P && st_comm == DA_SUCCESS; s++) st_comm = bwd_step(&w, s);
+  if (st_comm == DA_SUCCESS) st_comm = bwd_finish(&w, dq, dk, dv);
   if (st_comm) {
-    if (rkv) R->xp->t->abort(R->xp, rkv);
-    if (rd) R->xp->t->abort(R->xp, rd);
+    if (w.rkv) R->xp->t->abort(R->xp, w.rkv);
+    if (w.rd) R->xp->t->abort(R->xp, w.rd);
   }
-  stats_sum(R, S, t_start);
-  return st_comm ? st_comm : st;
+  stats_sum(R, &R->bwd, t_start);
+  return st_comm ? st_comm : w.st;
 }

@@ -126,6 +126,8 @@ da_status_t da_mpi_comm_dup(MPI_Comm parent, double timeout_s, const char *what,
  * or not calling it)" to the current error message and returns DA_ERR_TIMEOUT. Ranks that also
  * timed out are heard from, whenever within grace_s they got there. */
 da_status_t da_mpi_rollcall(MPI_Comm comm, double grace_s, const char *what);
+/* The grace the setup calls give their roll call (at most their own timeout). */
+#define DA_ROLLCALL_GRACE_S 5.0
 
 /* Translate an MPI error code once, at the boundary: DA_ERR_MPI with MPI's own string. */
 da_status_t da_mpi_error(int rc, const char *file, int line, const char *fmt, ...)

@@ -68,7 +68,7 @@ static void merge_rows(const float *in, float *inout, int64_t n, int D) {
     const float *b = in + i * w;
     float *a = inout + i * w;
     if (da_lse_is(a[D], DA_LSE_TRAILER)) {
-      for (int d = 0; d < D; d++) a[d] = d == 2 ? a[d] + b[d] : fmaxf(a[d], b[d]);
+      for (int d = 0; d < D; d++) a[d] = d == DA_TRAILER_KV_BYTES ? a[d] + b[d] : fmaxf(a[d], b[d]);
       continue;
     }
     if (da_lse_is(a[D], DA_LSE_POISON)) continue;
@@ -98,12 +98,6 @@ static da_status_t coll_wait(da_decode_plan_t *p, MPI_Request *r, const char *wh
   return DA_ERR(DA_ERR_TIMEOUT, "rank %d decode: %s did not complete within %g s (a peer is missing or stuck)",
                 p->rank, what, p->xp.timeout_s);
 }
-
-#define MPITRY(call, what)                                                                       \
-  do {                                                                                           \
-    int rc_ = (call);                                                                            \
-    if (rc_ != MPI_SUCCESS) return da_mpi_error(rc_, __FILE__, __LINE__, "rank %d decode: %s", p->rank, what); \
-  } while (0)
 
 /* ---- bytes of a binomial tree (the model for what the tree sends; MPI picks its own algorithm) -- */
 
@@ -195,31 +189,32 @@ static da_status_t plan_local(da_decode_plan_t *p, const da_problem_t *prob, con
 
 /* Datatype, operator and (two-level) communicators. Collective over the plan's communicator. */
 static da_status_t plan_build(da_decode_plan_t *p) {
-  MPITRY(MPI_Type_contiguous(p->kp.D + 1, MPI_FLOAT, &p->rowtype), "MPI_Type_contiguous");
+  DA_MPICHECK(MPI_Type_contiguous(p->kp.D + 1, MPI_FLOAT, &p->rowtype), "rank %d decode: MPI_Type_contiguous", p->rank);
   p->have_type = 1;
-  MPITRY(MPI_Type_commit(&p->rowtype), "MPI_Type_commit");
+  DA_MPICHECK(MPI_Type_commit(&p->rowtype), "rank %d decode: MPI_Type_commit", p->rank);
   /* commute = 1: merge(a, b) == merge(b, a) bit for bit, and MPI may then pick any tree. */
-  MPITRY(MPI_Op_create(da_partial_merge_op, 1, &p->op), "MPI_Op_create");
+  DA_MPICHECK(MPI_Op_create(da_partial_merge_op, 1, &p->op), "rank %d decode: MPI_Op_create", p->rank);
   p->have_op = 1;
   p->node_rank = 0, p->node_size = 1, p->nnodes = p->P, p->leader_rank = p->rank, p->root_leader = 0;
   if (p->cfg.algo != DA_DECODE_TREE || p->cfg.topo != DA_TOPO_TWO_LEVEL) return DA_SUCCESS;
   /* The root (reduce mode) leads its node, so the leaders' reduction ends on it. */
   const int root = p->cfg.root, key = root >= 0 ? (p->rank == root ? 0 : p->rank + 1) : p->rank;
   if (p->cfg.node_size > 0)
-    MPITRY(MPI_Comm_split(p->mcomm, p->rank / p->cfg.node_size, key, &p->node), "MPI_Comm_split (nodes)");
+    DA_MPICHECK(MPI_Comm_split(p->mcomm, p->rank / p->cfg.node_size, key, &p->node),
+                "rank %d decode: MPI_Comm_split (nodes)", p->rank);
   else
-    MPITRY(MPI_Comm_split_type(p->mcomm, MPI_COMM_TYPE_SHARED, key, MPI_INFO_NULL, &p->node),
-           "MPI_Comm_split_type (shared memory)");
-  MPITRY(MPI_Comm_set_errhandler(p->node, MPI_ERRORS_RETURN), "errhandler");
-  MPITRY(MPI_Comm_rank(p->node, &p->node_rank), "node rank");
-  MPITRY(MPI_Comm_size(p->node, &p->node_size), "node size");
-  MPITRY(MPI_Comm_split(p->mcomm, p->node_rank == 0 ? 0 : MPI_UNDEFINED, p->rank, &p->leaders),
-         "MPI_Comm_split (leaders)");
+    DA_MPICHECK(MPI_Comm_split_type(p->mcomm, MPI_COMM_TYPE_SHARED, key, MPI_INFO_NULL, &p->node),
+                "rank %d decode: MPI_Comm_split_type (shared memory)", p->rank);
+  DA_MPICHECK(MPI_Comm_set_errhandler(p->node, MPI_ERRORS_RETURN), "rank %d decode: errhandler", p->rank);
+  DA_MPICHECK(MPI_Comm_rank(p->node, &p->node_rank), "rank %d decode: node rank", p->rank);
+  DA_MPICHECK(MPI_Comm_size(p->node, &p->node_size), "rank %d decode: node size", p->rank);
+  DA_MPICHECK(MPI_Comm_split(p->mcomm, p->node_rank == 0 ? 0 : MPI_UNDEFINED, p->rank, &p->leaders),
+              "rank %d decode: MPI_Comm_split (leaders)", p->rank);
   int64_t f[2] = {p->node_rank == 0, 0}; /* node groups; the root's index among the leaders */
   p->leader_rank = -1;
   if (p->leaders != MPI_COMM_NULL) {
-    MPITRY(MPI_Comm_set_errhandler(p->leaders, MPI_ERRORS_RETURN), "errhandler");
-    MPITRY(MPI_Comm_rank(p->leaders, &p->leader_rank), "leader rank");
+    DA_MPICHECK(MPI_Comm_set_errhandler(p->leaders, MPI_ERRORS_RETURN), "rank %d decode: errhandler", p->rank);
+    DA_MPICHECK(MPI_Comm_rank(p->leaders, &p->leader_rank), "rank %d decode: leader rank", p->rank);
     if (p->rank == root) f[1] = p->leader_rank;
   }
   DA_CHECK(p->xp.t->allreduce(&p->xp, f, 2, DA_XT_INT64, DA_XOP_SUM));
@@ -245,7 +240,8 @@ da_status_t da_decode_plan_create(da_comm_t *comm, const da_problem_t *prob, con
    * two-level split below comes only after an agreement that has seen every rank. */
   double timeout = cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
   da_status_t st = da_mpi_comm_dup(da_comm_mpi(comm), timeout, "da_decode_plan_create", &p->mcomm);
-  if (st == DA_ERR_TIMEOUT) st = da_mpi_rollcall(da_comm_mpi(comm), fmin(timeout, 5.0), "da_decode_plan_create");
+  if (st == DA_ERR_TIMEOUT)
+    st = da_mpi_rollcall(da_comm_mpi(comm), fmin(timeout, DA_ROLLCALL_GRACE_S), "da_decode_plan_create");
   if (st != DA_SUCCESS) {
     da_decode_plan_free(p);
     return da_context_finish(ctx, st);
@@ -418,36 +414,42 @@ static da_status_t tree_reduce(da_decode_plan_t *p, int64_t rows) {
   MPI_Request r;
   if (p->cfg.topo == DA_TOPO_FLAT) {
     if (da_param_Blocking() && root < 0) { /* measurement aid: no deadline */
-      MPITRY(MPI_Allreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->mcomm), "MPI_Allreduce");
+      DA_MPICHECK(MPI_Allreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->mcomm), "rank %d decode: MPI_Allreduce",
+                  p->rank);
       return DA_SUCCESS;
     }
     if (root < 0) {
-      MPITRY(MPI_Iallreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->mcomm, &r), "MPI_Iallreduce");
+      DA_MPICHECK(MPI_Iallreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->mcomm, &r),
+                  "rank %d decode: MPI_Iallreduce", p->rank);
       return coll_wait(p, &r, "the merge allreduce");
     }
-    MPITRY(MPI_Ireduce(p->rank == root ? MPI_IN_PLACE : p->part, p->rank == root ? p->part : NULL, n, p->rowtype,
-                       p->op, root, p->mcomm, &r), "MPI_Ireduce");
+    DA_MPICHECK(MPI_Ireduce(p->rank == root ? MPI_IN_PLACE : p->part, p->rank == root ? p->part : NULL, n, p->rowtype,
+                            p->op, root, p->mcomm, &r),
+                "rank %d decode: MPI_Ireduce", p->rank);
     return coll_wait(p, &r, "the merge reduce");
   }
   /* Within the node first (shared memory), then across node leaders, then back within the node. */
   if (p->node_size > 1) {
-    MPITRY(MPI_Ireduce(p->node_rank == 0 ? MPI_IN_PLACE : p->part, p->node_rank == 0 ? p->part : NULL, n, p->rowtype,
-                       p->op, 0, p->node, &r), "MPI_Ireduce (node)");
+    DA_MPICHECK(MPI_Ireduce(p->node_rank == 0 ? MPI_IN_PLACE : p->part, p->node_rank == 0 ? p->part : NULL, n,
+                            p->rowtype, p->op, 0, p->node, &r),
+                "rank %d decode: MPI_Ireduce (node)", p->rank);
     DA_CHECK(coll_wait(p, &r, "the merge reduce within the node"));
   }
   if (p->leaders != MPI_COMM_NULL && p->nnodes > 1) {
     if (root < 0) {
-      MPITRY(MPI_Iallreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->leaders, &r), "MPI_Iallreduce (leaders)");
+      DA_MPICHECK(MPI_Iallreduce(MPI_IN_PLACE, p->part, n, p->rowtype, p->op, p->leaders, &r),
+                  "rank %d decode: MPI_Iallreduce (leaders)", p->rank);
       DA_CHECK(coll_wait(p, &r, "the merge allreduce across node leaders"));
     } else {
       const int me = p->leader_rank == p->root_leader;
-      MPITRY(MPI_Ireduce(me ? MPI_IN_PLACE : p->part, me ? p->part : NULL, n, p->rowtype, p->op, p->root_leader,
-                         p->leaders, &r), "MPI_Ireduce (leaders)");
+      DA_MPICHECK(MPI_Ireduce(me ? MPI_IN_PLACE : p->part, me ? p->part : NULL, n, p->rowtype, p->op, p->root_leader,
+                              p->leaders, &r),
+                  "rank %d decode: MPI_Ireduce (leaders)", p->rank);
       DA_CHECK(coll_wait(p, &r, "the merge reduce across node leaders"));
     }
   }
   if (root < 0 && p->node_size > 1) {
-    MPITRY(MPI_Ibcast(p->part, n, p->rowtype, 0, p->node, &r), "MPI_Ibcast (node)");
+    DA_MPICHECK(MPI_Ibcast(p->part, n, p->rowtype, 0, p->node, &r), "rank %d decode: MPI_Ibcast (node)", p->rank);
     DA_CHECK(coll_wait(p, &r, "the broadcast within the node"));
   }
   return DA_SUCCESS;
@@ -501,15 +503,80 @@ static da_status_t ring_step(da_decode_plan_t *p, const da_kvcache_t *c, const q
   if (p->cfg.root < 0 && P > 1) {
     if (rows > INT32_MAX) return DA_ERR(DA_ERR_UNSUPPORTED, "decode: %lld rows exceed an MPI count", (long long)rows);
     if (da_param_Blocking()) { /* measurement aid, as the tree's: no deadline */
-      MPITRY(MPI_Bcast(p->part, (int)rows, p->rowtype, owner, p->mcomm), "MPI_Bcast (ring result)");
+      DA_MPICHECK(MPI_Bcast(p->part, (int)rows, p->rowtype, owner, p->mcomm), "rank %d decode: MPI_Bcast (ring result)",
+                  p->rank);
     } else {
       MPI_Request r;
-      MPITRY(MPI_Ibcast(p->part, (int)rows, p->rowtype, owner, p->mcomm, &r), "MPI_Ibcast (ring result)");
+      DA_MPICHECK(MPI_Ibcast(p->part, (int)rows, p->rowtype, owner, p->mcomm, &r),
+                  "rank %d decode: MPI_Ibcast (ring result)", p->rank);
       DA_CHECK(coll_wait(p, &r, "the broadcast of the ring's result"));
     }
     *sent += pbytes * (uint64_t)binomial_children((p->rank - owner + P) % P, P);
   }
   return DA_SUCCESS;
+}
+
+/* The step's local checks of the cache and the caller's tensors. T (queries per sequence) comes
+ * from q; a rank whose q is unusable still needs the row count its peers use: it assumes the
+ * previous step's T (decode loops keep T fixed); a different T makes the reduction fail, not hang. */
+static da_status_t check_step(da_decode_plan_t *p, const da_kvcache_t *c, const da_tensor_t *q, const da_tensor_t *out,
+                              const da_tensor_t *lse, int gets_output, int64_t *T, qview_t *vq, qview_t *vo,
+                              qview_t *vl) {
+  const int D = p->kp.D;
+  *T = q && q->ndim == 4 && q->shape[1] >= 1 ? q->shape[1] : q && q->ndim == 3 ? 1 : p->last_t;
+  if (!c) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_decode_step: cache is NULL", p->rank);
+  if (c->broken) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: the kv cache had a failed append", p->rank);
+  if (c->B != p->B || c->G != p->kp.G || c->D != D || c->dtype != p->kp.dtype)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT,
+                  "rank %d: the cache holds %lld sequences of [%d][%d] %s rows, the plan "
+                  "expects %lld of [%d][%d] %s",
+                  p->rank, (long long)c->B, c->G, c->D, da_dtype_name(c->dtype), (long long)p->B, p->kp.G, D,
+                  da_dtype_name(p->kp.dtype));
+  DA_CHECK(check_q(p, "q", q, p->kp.dtype, *T, 1, vq));
+  if (gets_output) DA_CHECK(check_q(p, "out", out, p->kp.dtype, *T, 1, vo));
+  if (gets_output && lse) DA_CHECK(check_q(p, "lse", lse, DA_FLOAT32, *T, 0, vl));
+  for (int64_t b = 0; b < p->B; b++)
+    if (c->seq[b].len < *T)
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT,
+                    "rank %d: sequence %lld holds %lld tokens, fewer than the %lld queries "
+                    "(append their k, v first)",
+                    p->rank, (long long)b, (long long)c->seq[b].len, (long long)*T);
+  return DA_SUCCESS;
+}
+
+/* The merged rows into the caller's out (dtype) and lse (fp32, may be absent). */
+static void write_outputs(const da_decode_plan_t *p, int64_t T, const qview_t *vo, const qview_t *vl, int has_lse) {
+  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  const da_dtype_t dt = p->kp.dtype;
+  for (int64_t b = 0; b < p->B; b++)
+    for (int64_t t = 0; t < T; t++)
+      for (int h = 0; h < H; h++) {
+        const float *row = p->part + (size_t)((b * T + t) * H + h) * (size_t)w;
+        char *dst = vo->base + (size_t)(b * vo->sb + t * vo->st + h * vo->sh) * vo->esz;
+        for (int d = 0; d < D; d++) da_store_f32(dst, (int)dt, d, row[d]);
+        if (has_lse) ((float *)vl->base)[b * vl->sb + t * vl->st + h * vl->sh] = row[D];
+      }
+}
+
+/* The partials of every rank combined into p->part: the tree (local partials, then one fused
+ * reduction) or the ring (compute and combine interleave along the chain). *st holds this rank's
+ * local failure (its partials go out poisoned); the return value is a transfer failure. */
+static da_status_t combine(da_decode_plan_t *p, const da_kvcache_t *c, const qview_t *vq, int64_t T, da_status_t *st,
+                           uint64_t *kvb, double *compute_s, uint64_t *sent) {
+  const int D = p->kp.D, w = D + 1;
+  const int64_t rows = p->B * T * p->kp.H;
+  if (p->cfg.algo != DA_DECODE_TREE) {
+    da_status_t cst = ring_step(p, c, vq, T, *st == DA_SUCCESS, kvb, compute_s, sent, st);
+    if (cst == DA_ERR_TIMEOUT) p->broken = 1;
+    return cst;
+  }
+  const double t1 = da_time_now();
+  if (*st == DA_SUCCESS) *st = local_partials(p, c, vq, T, kvb);
+  *compute_s = da_time_now() - t1;
+  if (*st != DA_SUCCESS)
+    for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(DA_LSE_POISON);
+  *sent = tree_bytes(p, (uint64_t)rows * (uint64_t)w * sizeof(float));
+  return tree_reduce(p, rows);
 }
 
 da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor_t *q, da_tensor_t *out,
@@ -520,30 +587,14 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
     return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this decode plan had a reduction time "
                                             "out; free it and create a new one", p->rank));
   const double t0 = da_time_now();
-  const int H = p->kp.H, D = p->kp.D, w = D + 1;
+  const int D = p->kp.D, w = D + 1;
   const int gets_output = p->cfg.root < 0 || p->cfg.root == p->rank;
   p->xp.phase = "decode";
   /* ---- local checks: a failure here still joins the reduction, with poisoned partials ---- */
-  da_status_t st = DA_SUCCESS;
   int64_t T = 1;
   qview_t vq = {0}, vo = {0}, vl = {0};
-  if (!c) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_decode_step: cache is NULL", p->rank);
-  else if (c->broken) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: the kv cache had a failed append", p->rank);
-  else if (c->B != p->B || c->G != p->kp.G || c->D != D || c->dtype != p->kp.dtype)
-    st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: the cache holds %lld sequences of [%d][%d] %s rows, the plan "
-                "expects %lld of [%d][%d] %s", p->rank, (long long)c->B, c->G, c->D, da_dtype_name(c->dtype),
-                (long long)p->B, p->kp.G, D, da_dtype_name(p->kp.dtype));
-  /* A rank whose q is unusable still needs the row count its peers use: it assumes the previous
-   * step's T (decode loops keep T fixed); a different T makes the reduction fail, not hang. */
-  T = q && q->ndim == 4 && q->shape[1] >= 1 ? q->shape[1] : q && q->ndim == 3 ? 1 : p->last_t;
-  if (st == DA_SUCCESS) st = check_q(p, "q", q, p->kp.dtype, T, 1, &vq);
-  if (st == DA_SUCCESS && gets_output) st = check_q(p, "out", out, p->kp.dtype, T, 1, &vo);
-  if (st == DA_SUCCESS && gets_output && lse) st = check_q(p, "lse", lse, DA_FLOAT32, T, 0, &vl);
-  for (int64_t b = 0; st == DA_SUCCESS && b < p->B; b++)
-    if (c->seq[b].len < T)
-      st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: sequence %lld holds %lld tokens, fewer than the %lld queries "
-                  "(append their k, v first)", p->rank, (long long)b, (long long)c->seq[b].len, (long long)T);
-  const int64_t rows = p->B * T * H;
+  da_status_t st = check_step(p, c, q, out, lse, gets_output, &T, &vq, &vo, &vl);
+  const int64_t rows = p->B * T * p->kp.H;
   /* The buffers must exist even on a failing rank: it still takes part in the reduction. */
   da_status_t gst = grow(p, T);
   if (gst != DA_SUCCESS) /* without a buffer this rank cannot take part: its peers time out */
@@ -551,22 +602,7 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
   p->last_t = T;
   uint64_t kvb = 0, sent = 0;
   double compute_s = 0;
-  da_status_t cst;
-  if (p->cfg.algo == DA_DECODE_TREE) {
-    /* ---- local partials, all ranks at once ---- */
-    const double t1 = da_time_now();
-    if (st == DA_SUCCESS) st = local_partials(p, c, &vq, T, &kvb);
-    compute_s = da_time_now() - t1;
-    if (st != DA_SUCCESS)
-      for (int64_t i = 0; i < rows; i++) p->part[i * w + D] = da_bits_to_f32(DA_LSE_POISON);
-    /* ---- one fused reduction ---- */
-    cst = tree_reduce(p, rows);
-    sent = tree_bytes(p, (uint64_t)rows * (uint64_t)w * sizeof(float));
-  } else {
-    /* ---- the ring: compute and combine interleave along the chain ---- */
-    cst = ring_step(p, c, &vq, T, st == DA_SUCCESS, &kvb, &compute_s, &sent, &st);
-    if (cst == DA_ERR_TIMEOUT) p->broken = 1;
-  }
+  da_status_t cst = combine(p, c, &vq, T, &st, &kvb, &compute_s, &sent);
   if (cst != DA_SUCCESS) /* a transfer failed: peers are in unknown states, no agreement is tried */
     return da_context_finish(p->ctx, st != DA_SUCCESS ? st : cst);
   /* ---- outcome: a poisoned row means some rank failed; every rank holding the result knows ---- */
@@ -580,18 +616,7 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
       st = DA_ERR(DA_ERR_REMOTE, "rank %d decode: another rank failed (its partials arrived poisoned)", p->rank);
     return da_context_finish(p->ctx, st);
   }
-  /* ---- outputs ---- */
-  if (gets_output) {
-    const da_dtype_t dt = p->kp.dtype;
-    for (int64_t b = 0; b < p->B; b++)
-      for (int64_t t = 0; t < T; t++)
-        for (int h = 0; h < H; h++) {
-          const float *row = p->part + (size_t)((b * T + t) * H + h) * (size_t)w;
-          char *dst = vo.base + (size_t)(b * vo.sb + t * vo.st + h * vo.sh) * vo.esz;
-          for (int d = 0; d < D; d++) da_store_f32(dst, (int)dt, d, row[d]);
-          if (lse) ((float *)vl.base)[b * vl.sb + t * vl.st + h * vl.sh] = row[D];
-        }
-  }
+  if (gets_output) write_outputs(p, T, &vo, &vl, lse != NULL);
   p->st.step_s = da_time_now() - t0;
   p->st.compute_s = compute_s;
   p->st.reduce_s = p->st.step_s - compute_s;
