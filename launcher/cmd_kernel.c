@@ -47,6 +47,8 @@ typedef struct op_result {
   int64_t wrong;
 } op_result_t;
 
+enum { KBENCH_NOPTS = 18 }; /* options of `distattn kernel`, with the table's end mark */
+
 typedef struct kbench {
   /* options */
   int64_t seq, heads, kv_heads, dim, threads, block_q, block_k, iters, warmup, seed, verify;
@@ -70,6 +72,8 @@ typedef struct kbench {
   const char *blas_core;
   int dkdv_fallback;
   op_result_t res[NOPS];
+  da_opt_t opts[KBENCH_NOPTS]; /* the command line's table, and the command for the header */
+  da_cmdspec_t cmd;
   /* float64 reference of the sampled rows (shared by fwd and bwd checks) */
   int64_t nrows, *rows; /* sampled query positions (sorted) */
   double *out64, *lse64;
@@ -394,87 +398,115 @@ static void verify_fwd(kbench_t *b, op_result_t *r) {
   r->wrong = a.wrong;
 }
 
-/* Backward check. dq of the sampled query rows against float64 dq built from lse64/delta64 of
- * those rows; dk and dv of sampled key rows against float64 sums over every query row that sees
- * them, with lse/delta of those rows in float64 too (or the kernel's, past REF_BUDGET_FLOPS). */
-static int verify_bwd(kbench_t *b, op_result_t *r) {
-  const int H = b->H, G = b->G, D = b->D, rep = H / G;
-  const double scale = (double)b->p.scale;
-  const int64_t S = b->S, n = b->nrows;
-  err_acc_t a = {0};
-  int rc = -1;
-  double *delta64 = malloc((size_t)n * H * sizeof(double));
-  int64_t *krows = malloc((size_t)n * sizeof(int64_t));
-  int64_t *need = NULL, nneed = 0;
-  double *nout = NULL, *nlse = NULL, *ndelta = NULL;
-  double *K = NULL, *V = NULL;
-  if (!delta64 || !krows) goto done;
-  for (int64_t i = 0; i < n; i++)
+/* delta = rowsum(dout * out) in float64 of the sampled query rows (out from the float64 forward). */
+static void delta_rows64(const kbench_t *b, double *delta64) {
+  const int H = b->H, D = b->D;
+  for (int64_t i = 0; i < b->nrows; i++)
     for (int h = 0; h < H; h++) {
       double s = 0;
       for (int d = 0; d < D; d++)
         s += (double)da_load_f32(b->dout, b->dtype, (b->rows[i] * H + h) * D + d) * b->out64[(i * H + h) * D + d];
       delta64[i * H + h] = s;
     }
+}
 
-  /* dq rows */
+/* The checks run on at most this many threads, each with its own accumulator, folded after. */
+enum { MAX_CHECK_THREADS = 64 };
+
+static void acc_merge(err_acc_t *a, const err_acc_t *part, int nt) {
+  for (int t = 0; t < nt; t++) {
+    a->checked += part[t].checked;
+    a->wrong += part[t].wrong;
+    if (part[t].max_abs > a->max_abs) a->max_abs = part[t].max_abs;
+    if (part[t].max_rel > a->max_rel) a->max_rel = part[t].max_rel;
+  }
+}
+
+/* Per-thread scratch rows of D doubles (and x, D floats: the kernel's row under check). */
+typedef struct ref_scratch {
+  double *kd, *vd, *qd, *dod, *rk, *rv;
+  float *x;
+} ref_scratch_t;
+
+static void scratch_alloc(ref_scratch_t *s, int D) {
+  const size_t n = (size_t)D * sizeof(double);
+  s->kd = malloc(n), s->vd = malloc(n), s->qd = malloc(n), s->dod = malloc(n), s->rk = malloc(n), s->rv = malloc(n);
+  s->x = malloc((size_t)D * sizeof(float));
+}
+
+static void scratch_free(ref_scratch_t *s) {
+  free(s->kd), free(s->vd), free(s->qd), free(s->dod), free(s->rk), free(s->rv), free(s->x);
+}
+
+/* float64 dq of query row qp, head h, into s->rk: the sum over its visible keys j of
+ * scale * p_ij * (dp_ij - delta) * k_j, with K, V the KV head's rows in float64, L its lse and dl its delta. */
+static void dq_ref_row(const kbench_t *b, const double *K, const double *V, int64_t qp, int h, double L, double dl,
+                       ref_scratch_t *s) {
+  const int H = b->H, D = b->D;
+  const double scale = (double)b->p.scale;
+  for (int d = 0; d < D; d++) {
+    s->qd[d] = da_load_f32(b->q, b->dtype, (qp * H + h) * D + d);
+    s->dod[d] = da_load_f32(b->dout, b->dtype, (qp * H + h) * D + d);
+    s->rk[d] = 0;
+  }
+  int64_t lo, hi;
+  da_mask_row_range(&b->p.mask, qp, 0, b->S - 1, &lo, &hi);
+  for (int64_t j = lo; L > -INFINITY && j <= hi; j++) {
+    const double *kj = K + j * D, *vj = V + j * D;
+    double sc = 0, dp = 0;
+    for (int d = 0; d < D; d++) sc += s->qd[d] * kj[d], dp += s->dod[d] * vj[d];
+    double ds = exp(scale * sc - L) * (dp - dl);
+    for (int d = 0; d < D; d++) s->rk[d] += scale * ds * kj[d];
+  }
+}
+
+/* dq of the sampled query rows against float64 built from lse64 / delta64 of those rows, into a.
+ * -1 when out of memory. */
+static int verify_dq(const kbench_t *b, const double *delta64, err_acc_t *a) {
+  const int H = b->H, G = b->G, D = b->D, rep = H / G;
+  const int64_t n = b->nrows;
   for (int g = 0; g < G; g++) {
-    K = kv_head_f64(b, b->k, g);
-    V = kv_head_f64(b, b->v, g);
-    if (!K || !V) goto done;
-    err_acc_t part[64] = {{0}};
-    int nt = b->T < 64 ? b->T : 64;
+    double *K = kv_head_f64(b, b->k, g), *V = kv_head_f64(b, b->v, g);
+    if (!K || !V) {
+      free(K), free(V);
+      return -1;
+    }
+    err_acc_t part[MAX_CHECK_THREADS] = {{0}};
+    int nt = b->T < MAX_CHECK_THREADS ? b->T : MAX_CHECK_THREADS;
 #pragma omp parallel num_threads(nt)
     {
-      int tid = omp_get_thread_num();
-      double *qd = malloc((size_t)D * sizeof(double)), *dod = malloc((size_t)D * sizeof(double));
-      double *ref = malloc((size_t)D * sizeof(double));
-      float *x = malloc((size_t)D * sizeof(float));
+      ref_scratch_t s;
+      scratch_alloc(&s, D);
 #pragma omp for schedule(dynamic, 1) collapse(2)
       for (int64_t i = 0; i < n; i++)
         for (int hh = 0; hh < rep; hh++) {
-          int h = g * rep + hh;
-          int64_t qp = b->rows[i];
-          for (int d = 0; d < D; d++) {
-            qd[d] = da_load_f32(b->q, b->dtype, (qp * H + h) * D + d);
-            dod[d] = da_load_f32(b->dout, b->dtype, (qp * H + h) * D + d);
-            ref[d] = 0;
-          }
-          double L = b->lse64[i * H + h], dl = delta64[i * H + h];
-          int64_t lo, hi;
-          da_mask_row_range(&b->p.mask, qp, 0, S - 1, &lo, &hi);
-          for (int64_t j = lo; L > -INFINITY && j <= hi; j++) {
-            const double *kj = K + j * D, *vj = V + j * D;
-            double s = 0, dp = 0;
-            for (int d = 0; d < D; d++) s += qd[d] * kj[d], dp += dod[d] * vj[d];
-            double ds = exp(scale * s - L) * (dp - dl);
-            for (int d = 0; d < D; d++) ref[d] += scale * ds * kj[d];
-          }
-          for (int d = 0; d < D; d++) x[d] = b->dq[(qp * H + h) * D + d];
-          double ae, re = vec_err(ref, x, D, &ae);
-          acc_add(&part[tid], ae, re, b->tol);
+          const int h = g * rep + hh;
+          const int64_t qp = b->rows[i];
+          dq_ref_row(b, K, V, qp, h, b->lse64[i * H + h], delta64[i * H + h], &s);
+          for (int d = 0; d < D; d++) s.x[d] = b->dq[(qp * H + h) * D + d];
+          double ae, re = vec_err(s.rk, s.x, D, &ae);
+          acc_add(&part[omp_get_thread_num()], ae, re, b->tol);
         }
-      free(qd);
-      free(dod);
-      free(ref);
-      free(x);
+      scratch_free(&s);
     }
-    for (int t = 0; t < nt; t++) {
-      a.checked += part[t].checked;
-      a.wrong += part[t].wrong;
-      if (part[t].max_abs > a.max_abs) a.max_abs = part[t].max_abs;
-      if (part[t].max_rel > a.max_rel) a.max_rel = part[t].max_rel;
-    }
-    free(K);
-    free(V);
-    K = V = NULL;
+    acc_merge(a, part, nt);
+    free(K), free(V);
   }
+  return 0;
+}
 
-  /* dk / dv rows: which query rows see any sampled key, and their lse/delta */
-  sample_rows(S, n, (uint64_t)b->seed, 7, krows);
-  need = malloc((size_t)S * sizeof(int64_t));
-  if (!need) goto done;
+/* The query rows whose dk / dv contributions the check sums: those that see any sampled key. */
+typedef struct qrows {
+  int64_t *need, n;    /* query positions, ascending */
+  double *lse, *delta; /* [n][H]: their lse and delta */
+} qrows_t;
+
+/* The query rows that see at least one sampled key (krows, sorted) into q->need; returns the
+ * float64 multiply-adds of their forward. */
+static double dkdv_query_rows(const kbench_t *b, const int64_t *krows, qrows_t *q) {
+  const int64_t S = b->S, n = b->nrows;
   double work = 0;
+  q->n = 0;
   for (int64_t i = 0; i < S; i++) {
     int64_t lo, hi;
     da_mask_row_range(&b->p.mask, i, 0, S - 1, &lo, &hi);
@@ -487,113 +519,148 @@ static int verify_bwd(kbench_t *b, op_result_t *r) {
       else u = m;
     }
     if (l < n && krows[l] <= hi) {
-      need[nneed++] = i;
-      work += 4.0 * (double)(hi - lo + 1) * H * D;
+      q->need[q->n++] = i;
+      work += 4.0 * (double)(hi - lo + 1) * b->H * b->D;
     }
   }
-  nlse = malloc((size_t)(nneed ? nneed : 1) * H * sizeof(double));
-  ndelta = malloc((size_t)(nneed ? nneed : 1) * H * sizeof(double));
-  if (!nlse || !ndelta) goto done;
+  return work;
+}
+
+/* lse and delta of the query rows q in float64 (their float64 forward), or past REF_BUDGET_FLOPS
+ * of work the kernel's lse and a delta from the kernel's out (b->dkdv_fallback). -1 out of memory. */
+static int dkdv_lse_delta(kbench_t *b, qrows_t *q, double work) {
+  const int H = b->H, D = b->D;
+  double *nout = NULL;
   b->dkdv_fallback = work > REF_BUDGET_FLOPS;
-  double t0 = da_time_now();
+  const double t0 = da_time_now();
   if (!b->dkdv_fallback) {
-    nout = malloc((size_t)(nneed ? nneed : 1) * H * D * sizeof(double));
-    if (!nout || ref_rows_fwd(b, need, nneed, nout, nlse)) goto done;
+    nout = malloc((size_t)(q->n ? q->n : 1) * H * D * sizeof(double));
+    if (!nout || ref_rows_fwd(b, q->need, q->n, nout, q->lse)) {
+      free(nout);
+      return -1;
+    }
   }
-  DA_INFO(DA_SUB_KERNEL, "verify bwd: float64 forward of %lld rows (%.2g flops) took %.2f s", (long long)nneed,
-          work, da_time_now() - t0);
-  t0 = da_time_now();
-  for (int64_t t = 0; t < nneed; t++)
+  DA_INFO(DA_SUB_KERNEL, "verify bwd: float64 forward of %lld rows (%.2g flops) took %.2f s", (long long)q->n, work,
+          da_time_now() - t0);
+  for (int64_t t = 0; t < q->n; t++)
     for (int h = 0; h < H; h++) {
-      int64_t i = need[t];
+      int64_t i = q->need[t];
       double s = 0;
       for (int d = 0; d < D; d++) {
         double o = b->dkdv_fallback ? da_load_f32(b->out, b->dtype, (i * H + h) * D + d) : nout[(t * H + h) * D + d];
         s += (double)da_load_f32(b->dout, b->dtype, (i * H + h) * D + d) * o;
       }
-      ndelta[t * H + h] = s;
-      if (b->dkdv_fallback) nlse[t * H + h] = b->lse[i * H + h];
+      q->delta[t * H + h] = s;
+      if (b->dkdv_fallback) q->lse[t * H + h] = b->lse[i * H + h];
     }
-  {
-    err_acc_t part[64] = {{0}};
-    int nt = b->T < 64 ? b->T : 64;
-#pragma omp parallel num_threads(nt)
-    {
-      int tid = omp_get_thread_num();
-      double *kd = malloc((size_t)D * sizeof(double)), *vd = malloc((size_t)D * sizeof(double));
-      double *qd = malloc((size_t)D * sizeof(double)), *dod = malloc((size_t)D * sizeof(double));
-      double *rk = malloc((size_t)D * sizeof(double)), *rv = malloc((size_t)D * sizeof(double));
-      float *x = malloc((size_t)D * sizeof(float));
-#pragma omp for schedule(dynamic, 1) collapse(2)
-      for (int64_t jj = 0; jj < n; jj++)
-        for (int g = 0; g < G; g++) {
-          int64_t kp = krows[jj];
-          for (int d = 0; d < D; d++) {
-            kd[d] = da_load_f32(b->k, b->dtype, (kp * G + g) * D + d);
-            vd[d] = da_load_f32(b->v, b->dtype, (kp * G + g) * D + d);
-            rk[d] = rv[d] = 0;
-          }
-          for (int64_t t = 0; t < nneed; t++) {
-            int64_t i = need[t], lo, hi;
-            da_mask_row_range(&b->p.mask, i, 0, S - 1, &lo, &hi);
-            if (kp < lo || kp > hi) continue;
-            for (int hh = 0; hh < rep; hh++) {
-              int h = g * rep + hh;
-              double L = nlse[t * H + h];
-              if (!(L > -INFINITY)) continue;
-              double s = 0, dp = 0;
-              for (int d = 0; d < D; d++) {
-                qd[d] = da_load_f32(b->q, b->dtype, (i * H + h) * D + d);
-                dod[d] = da_load_f32(b->dout, b->dtype, (i * H + h) * D + d);
-                s += qd[d] * kd[d];
-                dp += dod[d] * vd[d];
-              }
-              double pij = exp(scale * s - L), ds = pij * (dp - ndelta[t * H + h]);
-              for (int d = 0; d < D; d++) {
-                rk[d] += scale * ds * qd[d];
-                rv[d] += pij * dod[d];
-              }
-            }
-          }
-          double ae, re;
-          for (int d = 0; d < D; d++) x[d] = b->dk[(kp * G + g) * D + d];
-          re = vec_err(rk, x, D, &ae);
-          acc_add(&part[tid], ae, re, b->tol);
-          for (int d = 0; d < D; d++) x[d] = b->dv[(kp * G + g) * D + d];
-          re = vec_err(rv, x, D, &ae);
-          acc_add(&part[tid], ae, re, b->tol);
-        }
-      free(kd);
-      free(vd);
-      free(qd);
-      free(dod);
-      free(rk);
-      free(rv);
-      free(x);
-    }
-    for (int t = 0; t < nt; t++) {
-      a.checked += part[t].checked;
-      a.wrong += part[t].wrong;
-      if (part[t].max_abs > a.max_abs) a.max_abs = part[t].max_abs;
-      if (part[t].max_rel > a.max_rel) a.max_rel = part[t].max_rel;
+  free(nout);
+  return 0;
+}
+
+/* float64 dk, dv of key row kp of KV head g into s->rk, s->rv: sums over the query rows q that
+ * see it, every query head of the group. */
+static void dkdv_ref_row(const kbench_t *b, const qrows_t *q, int64_t kp, int g, ref_scratch_t *s) {
+  const int H = b->H, G = b->G, D = b->D, rep = H / G;
+  const double scale = (double)b->p.scale;
+  for (int d = 0; d < D; d++) {
+    s->kd[d] = da_load_f32(b->k, b->dtype, (kp * G + g) * D + d);
+    s->vd[d] = da_load_f32(b->v, b->dtype, (kp * G + g) * D + d);
+    s->rk[d] = s->rv[d] = 0;
+  }
+  for (int64_t t = 0; t < q->n; t++) {
+    int64_t i = q->need[t], lo, hi;
+    da_mask_row_range(&b->p.mask, i, 0, b->S - 1, &lo, &hi);
+    if (kp < lo || kp > hi) continue;
+    for (int hh = 0; hh < rep; hh++) {
+      int h = g * rep + hh;
+      double L = q->lse[t * H + h];
+      if (!(L > -INFINITY)) continue;
+      double sc = 0, dp = 0;
+      for (int d = 0; d < D; d++) {
+        s->qd[d] = da_load_f32(b->q, b->dtype, (i * H + h) * D + d);
+        s->dod[d] = da_load_f32(b->dout, b->dtype, (i * H + h) * D + d);
+        sc += s->qd[d] * s->kd[d];
+        dp += s->dod[d] * s->vd[d];
+      }
+      double pij = exp(scale * sc - L), ds = pij * (dp - q->delta[t * H + h]);
+      for (int d = 0; d < D; d++) {
+        s->rk[d] += scale * ds * s->qd[d];
+        s->rv[d] += pij * s->dod[d];
+      }
     }
   }
-  DA_INFO(DA_SUB_KERNEL, "verify bwd: dk/dv of %lld key rows took %.2f s", (long long)n, da_time_now() - t0);
-  r->verify_rows = n;
-  r->max_abs = a.max_abs;
-  r->max_rel = a.max_rel;
-  r->wrong = a.wrong;
-  rc = 0;
-done:
+}
+
+/* dk and dv of the sampled key rows krows, every KV head, against their float64 sums, into a. */
+static void dkdv_check(const kbench_t *b, const qrows_t *q, const int64_t *krows, err_acc_t *a) {
+  const int G = b->G, D = b->D;
+  const int64_t n = b->nrows;
+  err_acc_t part[MAX_CHECK_THREADS] = {{0}};
+  const int nt = b->T < MAX_CHECK_THREADS ? b->T : MAX_CHECK_THREADS;
+#pragma omp parallel num_threads(nt)
+  {
+    ref_scratch_t s;
+    scratch_alloc(&s, D);
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t jj = 0; jj < n; jj++)
+      for (int g = 0; g < G; g++) {
+        const int64_t kp = krows[jj];
+        dkdv_ref_row(b, q, kp, g, &s);
+        double ae, re;
+        for (int d = 0; d < D; d++) s.x[d] = b->dk[(kp * G + g) * D + d];
+        re = vec_err(s.rk, s.x, D, &ae);
+        acc_add(&part[omp_get_thread_num()], ae, re, b->tol);
+        for (int d = 0; d < D; d++) s.x[d] = b->dv[(kp * G + g) * D + d];
+        re = vec_err(s.rv, s.x, D, &ae);
+        acc_add(&part[omp_get_thread_num()], ae, re, b->tol);
+      }
+    scratch_free(&s);
+  }
+  acc_merge(a, part, nt);
+}
+
+/* dk and dv of the sampled key rows krows against float64 sums over every query row that sees
+ * them, with those rows' lse and delta in float64 too (or the kernel's, past REF_BUDGET_FLOPS),
+ * into a. -1 when out of memory. */
+static int verify_dkdv(kbench_t *b, const int64_t *krows, err_acc_t *a) {
+  qrows_t q = {.need = malloc((size_t)b->S * sizeof(int64_t))};
+  if (!q.need) return -1;
+  const double work = dkdv_query_rows(b, krows, &q);
+  q.lse = malloc((size_t)(q.n ? q.n : 1) * b->H * sizeof(double));
+  q.delta = malloc((size_t)(q.n ? q.n : 1) * b->H * sizeof(double));
+  int rc = q.lse && q.delta ? dkdv_lse_delta(b, &q, work) : -1;
+  if (rc == 0) {
+    const double t0 = da_time_now();
+    dkdv_check(b, &q, krows, a);
+    DA_INFO(DA_SUB_KERNEL, "verify bwd: dk/dv of %lld key rows took %.2f s", (long long)b->nrows, da_time_now() - t0);
+  }
+  free(q.need), free(q.lse), free(q.delta);
+  return rc;
+}
+
+/* Backward check. dq of the sampled query rows against float64 dq built from lse64/delta64 of
+ * those rows; dk and dv of sampled key rows against float64 sums over every query row that sees
+ * them, with lse/delta of those rows in float64 too (or the kernel's, past REF_BUDGET_FLOPS). */
+static int verify_bwd(kbench_t *b, op_result_t *r) {
+  const int64_t n = b->nrows;
+  err_acc_t a = {0};
+  int rc = -1;
+  double *delta64 = malloc((size_t)n * b->H * sizeof(double));
+  int64_t *krows = malloc((size_t)n * sizeof(int64_t));
+  if (delta64 && krows) {
+    delta_rows64(b, delta64);
+    sample_rows(b->S, n, (uint64_t)b->seed, 7, krows);
+    if (verify_dq(b, delta64, &a) == 0 && verify_dkdv(b, krows, &a) == 0) rc = 0;
+  }
   if (rc) fprintf(stderr, "distattn kernel: out of memory in the backward verification\n");
+  else {
+    r->verify_rows = n;
+    r->max_abs = a.max_abs;
+    r->max_rel = a.max_rel;
+    r->wrong = a.wrong;
+  }
   free(delta64);
   free(krows);
-  free(need);
-  free(nout);
-  free(nlse);
-  free(ndelta);
-  free(K);
-  free(V);
   return rc;
 }
 
@@ -912,317 +979,304 @@ static int json_record(const kbench_t *b, int op, const op_result_t *r) {
   return rc;
 }
 
-int da_cmd_kernel(int argc, char **argv) {
-  blas_coretype_reexec(argc, argv);
-
-  kbench_t b;
-  memset(&b, 0, sizeof b);
-  b.seq = 4096;
-  b.heads = 4;
-  b.kv_heads = 0;
-  b.dim = 128;
-  b.threads = da_default_nthreads();
-  b.iters = 5;
-  b.warmup = 1;
-  b.seed = 1;
-  b.verify = 16;
-  b.decode_q = 1;
-  b.page = 256;
-  b.dtype = DA_FLOAT32;
-  b.ops = (1u << OP_FWD) | (1u << OP_BWD) | (1u << OP_DECODE);
-  da_opt_t opts[] = {
-      {.name = "seq", .type = DA_OPT_SIZE, .dest = &b.seq, .help = "sequence length S", .min = 1, .max = 1LL << 30},
-      {.name = "heads", .type = DA_OPT_INT, .dest = &b.heads, .help = "query heads H", .min = 1, .max = 4096},
-      {.name = "kv-heads", .type = DA_OPT_INT, .dest = &b.kv_heads, .help = "KV heads G (H % G == 0; 0 = H)",
-       .min = 0, .max = 4096},
-      {.name = "dim", .type = DA_OPT_INT, .dest = &b.dim, .help = "head dim D", .min = 1, .max = 4096},
-      {.name = "mask", .type = DA_OPT_MASK, .dest = &b.mask, .help = "attention mask"},
-      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &b.dtype, .help = "storage dtype of q, k, v, out, dout",
+/* Defaults and the option table (kept in b: the header prints every option's value). */
+static void kbench_init(kbench_t *b) {
+  memset(b, 0, sizeof *b);
+  b->seq = 4096, b->heads = 4, b->kv_heads = 0, b->dim = 128, b->threads = da_default_nthreads();
+  b->iters = 5, b->warmup = 1, b->seed = 1, b->verify = 16, b->decode_q = 1, b->page = 256;
+  b->dtype = DA_FLOAT32;
+  b->ops = (1u << OP_FWD) | (1u << OP_BWD) | (1u << OP_DECODE);
+  const da_opt_t opts[KBENCH_NOPTS] = {
+      {.name = "seq", .type = DA_OPT_SIZE, .dest = &b->seq, .help = "sequence length S", .min = 1, .max = 1LL << 30},
+      {.name = "heads", .type = DA_OPT_INT, .dest = &b->heads, .help = "query heads H", .min = 1, .max = 4096},
+      {.name = "kv-heads", .type = DA_OPT_INT, .dest = &b->kv_heads, .help = "KV heads G (H % G == 0; 0 = H)", .min = 0,
+       .max = 4096},
+      {.name = "dim", .type = DA_OPT_INT, .dest = &b->dim, .help = "head dim D", .min = 1, .max = 4096},
+      {.name = "mask", .type = DA_OPT_MASK, .dest = &b->mask, .help = "attention mask"},
+      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &b->dtype, .help = "storage dtype of q, k, v, out, dout",
        .choices = dtype_names},
-      {.name = "ops", .type = DA_OPT_SET, .dest = &b.ops, .help = "operations to time", .choices = op_names},
-      {.name = "threads", .type = DA_OPT_INT, .dest = &b.threads,
+      {.name = "ops", .type = DA_OPT_SET, .dest = &b->ops, .help = "operations to time", .choices = op_names},
+      {.name = "threads", .type = DA_OPT_INT, .dest = &b->threads,
        .help = "threads for the kernels and the baselines (default: the cores this process may use)", .min = 1,
        .max = 4096},
-      {.name = "block-q", .type = DA_OPT_INT, .dest = &b.block_q, .help = "q tile rows (0 = backend default)",
+      {.name = "block-q", .type = DA_OPT_INT, .dest = &b->block_q, .help = "q tile rows (0 = backend default)",
        .min = 0, .max = 1 << 20},
-      {.name = "block-k", .type = DA_OPT_INT, .dest = &b.block_k, .help = "k/v tile rows (0 = backend default)",
+      {.name = "block-k", .type = DA_OPT_INT, .dest = &b->block_k, .help = "k/v tile rows (0 = backend default)",
        .min = 0, .max = 1 << 20},
-      {.name = "iters", .type = DA_OPT_INT, .dest = &b.iters, .help = "timed iterations (the median is reported)",
+      {.name = "iters", .type = DA_OPT_INT, .dest = &b->iters, .help = "timed iterations (the median is reported)",
        .min = 1, .max = 1000000},
-      {.name = "warmup", .type = DA_OPT_INT, .dest = &b.warmup, .help = "untimed iterations first", .min = 0,
+      {.name = "warmup", .type = DA_OPT_INT, .dest = &b->warmup, .help = "untimed iterations first", .min = 0,
        .max = 1000000},
-      {.name = "seed", .type = DA_OPT_INT, .dest = &b.seed, .help = "seed of the counter-based inputs", .min = 0,
+      {.name = "seed", .type = DA_OPT_INT, .dest = &b->seed, .help = "seed of the counter-based inputs", .min = 0,
        .max = INT64_MAX},
-      {.name = "verify", .type = DA_OPT_INT, .dest = &b.verify,
+      {.name = "verify", .type = DA_OPT_INT, .dest = &b->verify,
        .help = "rows checked against float64 per op (0 = off)", .min = 0, .max = 1 << 20},
-      {.name = "decode-q", .type = DA_OPT_INT, .dest = &b.decode_q,
+      {.name = "decode-q", .type = DA_OPT_INT, .dest = &b->decode_q,
        .help = "query rows of the decode (the last positions)", .min = 1, .max = 4096, .alias = "decode-batch"},
-      {.name = "page", .type = DA_OPT_INT, .dest = &b.page, .help = "KV cache page size in tokens (decode)",
-       .min = 1, .max = 1 << 30},
-      {.name = "json", .type = DA_OPT_STRING, .dest = &b.json, .metavar = "FILE",
+      {.name = "page", .type = DA_OPT_INT, .dest = &b->page, .help = "KV cache page size in tokens (decode)", .min = 1,
+       .max = 1 << 30},
+      {.name = "json", .type = DA_OPT_STRING, .dest = &b->json, .metavar = "FILE",
        .help = "append one JSON object per op to FILE (JSON Lines)"},
       {0},
   };
-  da_cmdspec_t cmd = {
-      .name = "kernel",
-      .summary = "single-rank benchmark of the CPU kernels (fwd, bwd, decode) against same-run sgemm and "
-                 "memory bandwidth, with float64 verification of sampled rows",
-      .opts = opts};
-  int prc = da_args_parse(&cmd, argc, argv);
+  memcpy(b->opts, opts, sizeof opts);
+  b->cmd = (da_cmdspec_t){.name = "kernel",
+                          .summary =
+                              "single-rank benchmark of the CPU kernels (fwd, bwd, decode) against same-run sgemm and "
+                              "memory bandwidth, with float64 verification of sampled rows",
+                          .opts = b->opts};
+}
+
+/* The problem after parsing: derived sizes and the usage errors the parser cannot see. 0 or 2. */
+static int check_args(kbench_t *b) {
+  const da_cmdspec_t *cmd = &b->cmd;
+  b->S = b->seq;
+  b->H = (int)b->heads;
+  b->G = b->kv_heads ? (int)b->kv_heads : b->H;
+  b->D = (int)b->dim;
+  b->T = (int)b->threads;
+  b->esz = da_dtype_size((da_dtype_t)b->dtype);
+  b->tol = b->dtype == DA_FLOAT32 ? 1e-4 : 2e-2;
+  if (b->H % b->G) return da_args_error(cmd, "--heads %d is not a multiple of --kv-heads %d", b->H, b->G);
+  if (b->G > b->H) return da_args_error(cmd, "--kv-heads %d exceeds --heads %d", b->G, b->H);
+  if (da_mask_check(&b->mask.mask, b->S) != DA_SUCCESS) {
+    const char *msg = da_error_message();
+    return da_args_error(cmd, "--mask: %s", strncmp(msg, "mask: ", 6) ? msg : msg + 6);
+  }
+  if ((b->ops & (1u << OP_DECODE)) && b->decode_q > b->S)
+    return da_args_error(cmd, "--decode-q %lld exceeds --seq %lld", (long long)b->decode_q, (long long)b->S);
+  if (b->json && da_json_check_path(b->json)) return 2;
+  da_mask_describe(&b->mask.mask, b->maskdesc, sizeof b->maskdesc);
+  return 0;
+}
+
+/* The kernel parameters and the CPU backend, which must support the problem and every op asked
+ * for: "not supported" (exit 2) otherwise. 0 or 2. */
+static int pick_backend(kbench_t *b) {
+  b->p.H = b->H, b->p.G = b->G, b->p.D = b->D;
+  b->p.scale = 1.0f / sqrtf((float)b->D);
+  b->p.dtype = (da_dtype_t)b->dtype;
+  b->p.mask = b->mask.mask;
+  b->p.nthreads = b->T;
+  b->p.block_q = (int)b->block_q, b->p.block_k = (int)b->block_k;
+  b->kt = da_kernels_get(DA_DEVICE_CPU);
+  if (!b->kt) {
+    fprintf(stderr, "distattn kernel: not supported: %s\n", da_error_message());
+    return 2;
+  }
+  da_status_t sst = b->kt->supports(&b->p);
+  if (sst != DA_SUCCESS) {
+    if (sst == DA_ERR_UNSUPPORTED)
+      fprintf(stderr, "distattn kernel: not supported by the %s backend: %s\n", b->kt->name, da_error_message());
+    else
+      fprintf(stderr, "distattn kernel: invalid problem: %s\n", da_error_message());
+    return 2;
+  }
+  const char *missing = NULL;
+  if (!b->kt->fwd_block || !b->kt->fwd_finish)
+    missing = "fwd_block/fwd_finish";
+  else if ((b->ops & (1u << OP_BWD)) && (!b->kt->bwd_prep || !b->kt->bwd_block))
+    missing = "bwd_prep/bwd_block";
+  else if ((b->ops & (1u << OP_DECODE)) && !b->kt->decode)
+    missing = "decode";
+  if (missing) {
+    fprintf(stderr, "distattn kernel: not supported: the %s backend has no %s\n", b->kt->name, missing);
+    return 2;
+  }
+  return 0;
+}
+
+static void print_header(kbench_t *b) {
+#ifdef DISTATTN_HAVE_OPENBLAS
+  b->blas_core = openblas_get_corename();
+#else
+  b->blas_core = "none";
+#endif
+  da_report_header(stdout, &b->cmd, b->T);
+  da_report_line(stdout, "backend: %s (%s)  scale: 1/sqrt(%d)  pairs/row mask: %s", b->kt->name,
+                 b->kt == &da_kernels_cpu ? da_cpu_isa_name() : b->kt->name, b->D, b->maskdesc);
+#ifdef DISTATTN_HAVE_OPENBLAS
+  da_report_line(stdout, "openblas: %s  core: %s (%s)", openblas_get_config(), b->blas_core, blas_core_note);
+#else
+  da_report_line(stdout, "openblas: not built in (no pkg-config openblas): ratio_sgemm not measured");
+#endif
+  da_report_line(stdout,
+                 "rate: GFLOP/s (fwd 4*H*D*pairs, bwd 10*H*D*pairs) or GB/s of KV read (decode), "
+                 "median of %lld",
+                 (long long)b->iters);
+  da_report_line(stdout,
+                 "base: same-run OpenBLAS sgemm GFLOP/s of the same shape, %d threads (fwd, bwd), or "
+                 "streaming-read GB/s of the same bytes (decode; both from DRAM)",
+                 b->T);
+  if (b->verify)
+    da_report_line(stdout,
+                   "verify: %lld sampled rows per op vs float64 on the same rounded inputs; "
+                   "rel err = max|x - ref| / max(max|ref|, 1e-6) per (row, head); tolerance %g",
+                   (long long)b->verify, b->tol);
+  else
+    da_report_line(stdout, "verify: off");
+  fflush(stdout);
+}
+
+/* Inputs q, k, v (and dout for the backward) filled from the seed, and every output buffer. 0 or 1. */
+static int alloc_inputs(kbench_t *b) {
+  const int64_t S = b->S;
+  size_t nq = (size_t)(S * b->H * b->D), nk = (size_t)(S * b->G * b->D);
+  int need_bwd = !!(b->ops & (1u << OP_BWD));
+  b->q = da_malloc(nq * b->esz, 64);
+  b->k = da_malloc(nk * b->esz, 64);
+  b->v = da_malloc(nk * b->esz, 64);
+  b->out = da_malloc(nq * b->esz, 64);
+  b->lse = da_malloc((size_t)(S * b->H) * 4, 64);
+  if (need_bwd) {
+    b->dout = da_malloc(nq * b->esz, 64);
+    b->delta = da_malloc((size_t)(S * b->H) * 4, 64);
+    b->dq = da_malloc(nq * 4, 64);
+    b->dk = da_malloc(nk * 4, 64);
+    b->dv = da_malloc(nk * 4, 64);
+  }
+  b->dec_o = da_malloc((size_t)(b->decode_q * b->H * b->D) * 4, 64);
+  b->dec_lse = da_malloc((size_t)(b->decode_q * b->H) * 4, 64);
+  if (!b->q || !b->k || !b->v || !b->out || !b->lse || !b->dec_o || !b->dec_lse ||
+      (need_bwd && (!b->dout || !b->delta || !b->dq || !b->dk || !b->dv))) {
+    fprintf(stderr, "distattn kernel: out of memory for S = %lld, H = %d, G = %d, D = %d\n", (long long)S, b->H, b->G,
+            b->D);
+    return 1;
+  }
+  fill(b, b->q, DA_RNG_Q, b->H);
+  fill(b, b->k, DA_RNG_K, b->G);
+  fill(b, b->v, DA_RNG_V, b->G);
+  if (need_bwd) fill(b, b->dout, DA_RNG_DOUT, b->H);
+  return 0;
+}
+
+/* The timed operations, all before the baselines: OpenBLAS's threads keep spinning for a while
+ * after a call and would slow the attention kernels down. The backward needs the forward's out
+ * and lse, so the forward runs (untimed) for it alone too. 0 or the exit code. */
+static int run_ops(kbench_t *b) {
+  int rc = 0;
+  if (b->ops & ((1u << OP_FWD) | (1u << OP_BWD))) rc = run_fwd(b, !!(b->ops & (1u << OP_FWD)), &b->res[OP_FWD]);
+  if (rc == 0 && (b->ops & (1u << OP_BWD))) rc = run_bwd(b, &b->res[OP_BWD]);
+  if (rc == 0 && (b->ops & (1u << OP_DECODE))) rc = run_decode(b, &b->res[OP_DECODE]);
+  return rc;
+}
+
+/* Same-run baselines: sgemm of the attention's shapes (fwd, bwd), a streaming read (decode). */
+static void measure_baselines(kbench_t *b) {
+  usleep(50000); /* let the kernels' worker threads go idle */
+  if (b->ops & ((1u << OP_FWD) | (1u << OP_BWD))) {
+    double t1, t2;
+    if (sgemm_times(b, &t1, &t2) == 0) {
+      double sd = (double)b->S * (double)b->S * b->D;
+      if (b->res[OP_FWD].ran) b->res[OP_FWD].base = 4.0 * sd / (t1 + t2) * 1e-9;
+      if (b->res[OP_BWD].ran) b->res[OP_BWD].base = 10.0 * sd / (2 * t1 + 3 * t2) * 1e-9;
+    } else {
+      b->res[OP_FWD].base = b->res[OP_BWD].base = NAN;
+    }
+  }
+  if (b->res[OP_DECODE].ran) {
+    usleep(50000);
+    b->res[OP_DECODE].base = membw_gbps(b, b->res[OP_DECODE].bytes);
+  }
+  for (int op = 0; op < NOPS; op++) b->res[op].ratio = b->res[op].rate / b->res[op].base;
+}
+
+static int verify_oom(void) {
+  fprintf(stderr, "distattn kernel: out of memory for verification\n");
+  return 1;
+}
+
+/* Every op that ran, checked on sampled rows against float64 (--verify rows). 0 or 1. */
+static int verify_ops(kbench_t *b) {
+  if (!b->verify) return 0;
+  b->nrows = b->verify < b->S ? b->verify : b->S;
+  b->rows = malloc((size_t)b->nrows * sizeof(int64_t));
+  b->out64 = malloc((size_t)(b->nrows * b->H * b->D) * sizeof(double));
+  b->lse64 = malloc((size_t)(b->nrows * b->H) * sizeof(double));
+  if (!b->rows || !b->out64 || !b->lse64) return verify_oom();
+  sample_rows(b->S, b->nrows, (uint64_t)b->seed, 3, b->rows);
+  double t0 = da_time_now();
+  if (b->ops & ((1u << OP_FWD) | (1u << OP_BWD))) {
+    if (ref_rows_fwd(b, b->rows, b->nrows, b->out64, b->lse64)) return verify_oom();
+    if (b->res[OP_FWD].ran) verify_fwd(b, &b->res[OP_FWD]);
+    if (b->res[OP_BWD].ran && verify_bwd(b, &b->res[OP_BWD])) return 1;
+  }
+  if (b->res[OP_DECODE].ran && verify_decode(b, &b->res[OP_DECODE])) return verify_oom();
+  DA_INFO(DA_SUB_KERNEL, "verification took %.2f s", da_time_now() - t0);
+  if (b->dkdv_fallback)
+    da_report_line(stdout,
+                   "verify: bwd dk/dv rows use the kernel's lse and delta (a float64 forward of "
+                   "every query row would exceed %.0e flops)",
+                   REF_BUDGET_FLOPS);
+  return 0;
+}
+
+/* The table (one row per op), the JSON records and the footer. The exit code: 0 on PASS. */
+static int print_table(const kbench_t *b) {
+  static const char *const names[] = {"op",      "seq",      "heads", "kv",   "dim",   "mask",        "dtype",
+                                      "threads", "time(ms)", "rate",  "base", "ratio", "max_rel_err", "#wrong"};
+  static const int widths[] = {6, 8, 5, 4, 4, 10, 5, 7, 10, 9, 9, 6, 11, 6};
+  da_table_t t;
+  da_table_init(&t, stdout, 14, names, widths);
+  da_table_print_header(&t);
+  int64_t wrong = 0;
+  int json_ok = 1;
+  for (int op = 0; op < NOPS; op++) {
+    const op_result_t *r = &b->res[op];
+    if (!r->ran) continue;
+    da_table_str(&t, op_names[op]);
+    da_table_int(&t, b->S), da_table_int(&t, b->H), da_table_int(&t, b->G), da_table_int(&t, b->D);
+    da_table_str(&t, b->maskdesc), da_table_str(&t, dtype_names[b->dtype]);
+    da_table_int(&t, b->T);
+    da_table_dbl(&t, r->time_s * 1e3, 3, 0), da_table_dbl(&t, r->rate, 2, 0), da_table_dbl(&t, r->base, 2, 0);
+    da_table_dbl(&t, r->ratio, 3, 0);
+    if (b->verify) {
+      da_table_dbl(&t, r->max_rel, 2, 1);
+      da_table_int(&t, r->wrong);
+    } else {
+      da_table_str(&t, "-");
+      da_table_str(&t, "-");
+    }
+    da_table_end_row(&t);
+    wrong += r->wrong;
+    if (b->json && json_record(b, op, r)) json_ok = 0; /* said on stderr; the run is not recorded */
+  }
+  return da_report_footer(stdout, wrong, json_ok);
+}
+
+static void kbench_free(kbench_t *b) {
+  void *dev[] = {b->q, b->k, b->v, b->out, b->lse, b->dout, b->delta, b->dq, b->dk, b->dv, b->dec_o, b->dec_lse};
+  for (size_t i = 0; i < sizeof dev / sizeof *dev; i++) da_free(dev[i]);
+  free(b->rows);
+  free(b->out64);
+  free(b->lse64);
+  free(flush_buf);
+  flush_buf = NULL;
+  da_mask_spec_free(&b->mask);
+}
+
+int da_cmd_kernel(int argc, char **argv) {
+  blas_coretype_reexec(argc, argv);
+  kbench_t b;
+  kbench_init(&b);
+  int prc = da_args_parse(&b.cmd, argc, argv);
   if (prc == DA_ARGS_HELP) return 0;
   if (prc != DA_ARGS_OK) {
     da_mask_spec_free(&b.mask);
     return 2;
   }
-
-  /* ---- problem ---- */
-  int rc = 0;
-  b.S = b.seq;
-  b.H = (int)b.heads;
-  b.G = b.kv_heads ? (int)b.kv_heads : b.H;
-  b.D = (int)b.dim;
-  b.T = (int)b.threads;
-  b.esz = da_dtype_size((da_dtype_t)b.dtype);
-  b.tol = b.dtype == DA_FLOAT32 ? 1e-4 : 2e-2;
-  if (b.H % b.G) {
-    rc = da_args_error(&cmd, "--heads %d is not a multiple of --kv-heads %d", b.H, b.G);
-    goto out;
+  int rc = check_args(&b);
+  if (rc == 0) rc = pick_backend(&b);
+  if (rc == 0) {
+    print_header(&b);
+    rc = alloc_inputs(&b);
   }
-  if (b.G > b.H) {
-    rc = da_args_error(&cmd, "--kv-heads %d exceeds --heads %d", b.G, b.H);
-    goto out;
+  if (rc == 0) rc = run_ops(&b);
+  if (rc == 0) {
+    measure_baselines(&b);
+    rc = verify_ops(&b);
   }
-  if (da_mask_check(&b.mask.mask, b.S) != DA_SUCCESS) {
-    const char *msg = da_error_message();
-    rc = da_args_error(&cmd, "--mask: %s", strncmp(msg, "mask: ", 6) ? msg : msg + 6);
-    goto out;
-  }
-  if ((b.ops & (1u << OP_DECODE)) && b.decode_q > b.S) {
-    rc = da_args_error(&cmd, "--decode-q %lld exceeds --seq %lld", (long long)b.decode_q, (long long)b.S);
-    goto out;
-  }
-  if (b.json && da_json_check_path(b.json)) {
-    rc = 2;
-    goto out;
-  }
-  da_mask_describe(&b.mask.mask, b.maskdesc, sizeof b.maskdesc);
-  b.p.H = b.H;
-  b.p.G = b.G;
-  b.p.D = b.D;
-  b.p.scale = 1.0f / sqrtf((float)b.D);
-  b.p.dtype = (da_dtype_t)b.dtype;
-  b.p.mask = b.mask.mask;
-  b.p.nthreads = b.T;
-  b.p.block_q = (int)b.block_q;
-  b.p.block_k = (int)b.block_k;
-  b.kt = da_kernels_get(DA_DEVICE_CPU);
-  if (!b.kt) {
-    fprintf(stderr, "distattn kernel: not supported: %s\n", da_error_message());
-    rc = 2;
-    goto out;
-  }
-  da_status_t sst = b.kt->supports(&b.p);
-  if (sst != DA_SUCCESS) {
-    if (sst == DA_ERR_UNSUPPORTED)
-      fprintf(stderr, "distattn kernel: not supported by the %s backend: %s\n", b.kt->name, da_error_message());
-    else
-      fprintf(stderr, "distattn kernel: invalid problem: %s\n", da_error_message());
-    rc = 2;
-    goto out;
-  }
-  {
-    const char *missing = NULL;
-    if (!b.kt->fwd_block || !b.kt->fwd_finish) missing = "fwd_block/fwd_finish";
-    else if ((b.ops & (1u << OP_BWD)) && (!b.kt->bwd_prep || !b.kt->bwd_block)) missing = "bwd_prep/bwd_block";
-    else if ((b.ops & (1u << OP_DECODE)) && !b.kt->decode) missing = "decode";
-    if (missing) {
-      fprintf(stderr, "distattn kernel: not supported: the %s backend has no %s\n", b.kt->name, missing);
-      rc = 2;
-      goto out;
-    }
-  }
-
-  /* ---- header ---- */
-#ifdef DISTATTN_HAVE_OPENBLAS
-  b.blas_core = openblas_get_corename();
-#else
-  b.blas_core = "none";
-#endif
-  da_report_header(stdout, &cmd, b.T);
-  da_report_line(stdout, "backend: %s (%s)  scale: 1/sqrt(%d)  pairs/row mask: %s", b.kt->name,
-                 b.kt == &da_kernels_cpu ? da_cpu_isa_name() : b.kt->name, b.D, b.maskdesc);
-#ifdef DISTATTN_HAVE_OPENBLAS
-  da_report_line(stdout, "openblas: %s  core: %s (%s)", openblas_get_config(), b.blas_core, blas_core_note);
-#else
-  da_report_line(stdout, "openblas: not built in (no pkg-config openblas): ratio_sgemm not measured");
-#endif
-  da_report_line(stdout, "rate: GFLOP/s (fwd 4*H*D*pairs, bwd 10*H*D*pairs) or GB/s of KV read (decode), "
-                         "median of %lld", (long long)b.iters);
-  da_report_line(stdout, "base: same-run OpenBLAS sgemm GFLOP/s of the same shape, %d threads (fwd, bwd), or "
-                         "streaming-read GB/s of the same bytes (decode; both from DRAM)", b.T);
-  if (b.verify)
-    da_report_line(stdout, "verify: %lld sampled rows per op vs float64 on the same rounded inputs; "
-                           "rel err = max|x - ref| / max(max|ref|, 1e-6) per (row, head); tolerance %g",
-                   (long long)b.verify, b.tol);
-  else
-    da_report_line(stdout, "verify: off");
-  fflush(stdout);
-
-  /* ---- inputs ---- */
-  {
-    const int64_t S = b.S;
-    size_t nq = (size_t)(S * b.H * b.D), nk = (size_t)(S * b.G * b.D);
-    int need_bwd = !!(b.ops & (1u << OP_BWD));
-    b.q = da_malloc(nq * b.esz, 64);
-    b.k = da_malloc(nk * b.esz, 64);
-    b.v = da_malloc(nk * b.esz, 64);
-    b.out = da_malloc(nq * b.esz, 64);
-    b.lse = da_malloc((size_t)(S * b.H) * 4, 64);
-    if (need_bwd) {
-      b.dout = da_malloc(nq * b.esz, 64);
-      b.delta = da_malloc((size_t)(S * b.H) * 4, 64);
-      b.dq = da_malloc(nq * 4, 64);
-      b.dk = da_malloc(nk * 4, 64);
-      b.dv = da_malloc(nk * 4, 64);
-    }
-    b.dec_o = da_malloc((size_t)(b.decode_q * b.H * b.D) * 4, 64);
-    b.dec_lse = da_malloc((size_t)(b.decode_q * b.H) * 4, 64);
-    if (!b.q || !b.k || !b.v || !b.out || !b.lse || !b.dec_o || !b.dec_lse ||
-        (need_bwd && (!b.dout || !b.delta || !b.dq || !b.dk || !b.dv))) {
-      fprintf(stderr, "distattn kernel: out of memory for S = %lld, H = %d, G = %d, D = %d\n", (long long)S,
-              b.H, b.G, b.D);
-      rc = 1;
-      goto out;
-    }
-    fill(&b, b.q, DA_RNG_Q, b.H);
-    fill(&b, b.k, DA_RNG_K, b.G);
-    fill(&b, b.v, DA_RNG_V, b.G);
-    if (need_bwd) fill(&b, b.dout, DA_RNG_DOUT, b.H);
-  }
-
-  /* ---- timed operations (all before the baselines: OpenBLAS's threads keep spinning for a
-   * while after a call and would slow the attention kernels down) ---- */
-  if (b.ops & ((1u << OP_FWD) | (1u << OP_BWD))) {
-    rc = run_fwd(&b, !!(b.ops & (1u << OP_FWD)), &b.res[OP_FWD]);
-    if (rc) goto out;
-  }
-  if (b.ops & (1u << OP_BWD)) {
-    rc = run_bwd(&b, &b.res[OP_BWD]);
-    if (rc) goto out;
-  }
-  if (b.ops & (1u << OP_DECODE)) {
-    rc = run_decode(&b, &b.res[OP_DECODE]);
-    if (rc) goto out;
-  }
-
-  /* ---- baselines ---- */
-  usleep(50000); /* let the kernels' worker threads go idle */
-  if (b.ops & ((1u << OP_FWD) | (1u << OP_BWD))) {
-    double t1, t2;
-    if (sgemm_times(&b, &t1, &t2) == 0) {
-      double sd = (double)b.S * (double)b.S * b.D;
-      if (b.res[OP_FWD].ran) b.res[OP_FWD].base = 4.0 * sd / (t1 + t2) * 1e-9;
-      if (b.res[OP_BWD].ran) b.res[OP_BWD].base = 10.0 * sd / (2 * t1 + 3 * t2) * 1e-9;
-    } else {
-      b.res[OP_FWD].base = b.res[OP_BWD].base = NAN;
-    }
-  }
-  if (b.res[OP_DECODE].ran) {
-    usleep(50000);
-    b.res[OP_DECODE].base = membw_gbps(&b, b.res[OP_DECODE].bytes);
-  }
-  for (int op = 0; op < NOPS; op++) b.res[op].ratio = b.res[op].rate / b.res[op].base;
-
-  /* ---- verification ---- */
-  if (b.verify) {
-    b.nrows = b.verify < b.S ? b.verify : b.S;
-    b.rows = malloc((size_t)b.nrows * sizeof(int64_t));
-    b.out64 = malloc((size_t)(b.nrows * b.H * b.D) * sizeof(double));
-    b.lse64 = malloc((size_t)(b.nrows * b.H) * sizeof(double));
-    if (!b.rows || !b.out64 || !b.lse64) {
-      fprintf(stderr, "distattn kernel: out of memory for verification\n");
-      rc = 1;
-      goto out;
-    }
-    sample_rows(b.S, b.nrows, (uint64_t)b.seed, 3, b.rows);
-    double t0 = da_time_now();
-    if (b.ops & ((1u << OP_FWD) | (1u << OP_BWD))) {
-      if (ref_rows_fwd(&b, b.rows, b.nrows, b.out64, b.lse64)) {
-        fprintf(stderr, "distattn kernel: out of memory for verification\n");
-        rc = 1;
-        goto out;
-      }
-      if (b.res[OP_FWD].ran) verify_fwd(&b, &b.res[OP_FWD]);
-      if (b.res[OP_BWD].ran && verify_bwd(&b, &b.res[OP_BWD])) {
-        rc = 1;
-        goto out;
-      }
-    }
-    if (b.res[OP_DECODE].ran && verify_decode(&b, &b.res[OP_DECODE])) {
-      fprintf(stderr, "distattn kernel: out of memory for verification\n");
-      rc = 1;
-      goto out;
-    }
-    DA_INFO(DA_SUB_KERNEL, "verification took %.2f s", da_time_now() - t0);
-    if (b.dkdv_fallback)
-      da_report_line(stdout, "verify: bwd dk/dv rows use the kernel's lse and delta (a float64 forward of "
-                             "every query row would exceed %.0e flops)", REF_BUDGET_FLOPS);
-  }
-
-  /* ---- table ---- */
-  {
-    static const char *const names[] = {"op", "seq", "heads", "kv", "dim", "mask", "dtype", "threads",
-                                        "time(ms)", "rate", "base", "ratio", "max_rel_err", "#wrong"};
-    static const int widths[] = {6, 8, 5, 4, 4, 10, 5, 7, 10, 9, 9, 6, 11, 6};
-    da_table_t t;
-    da_table_init(&t, stdout, 14, names, widths);
-    da_table_print_header(&t);
-    int64_t wrong = 0;
-    int json_ok = 1;
-    for (int op = 0; op < NOPS; op++) {
-      const op_result_t *r = &b.res[op];
-      if (!r->ran) continue;
-      da_table_str(&t, op_names[op]);
-      da_table_int(&t, b.S);
-      da_table_int(&t, b.H);
-      da_table_int(&t, b.G);
-      da_table_int(&t, b.D);
-      da_table_str(&t, b.maskdesc);
-      da_table_str(&t, dtype_names[b.dtype]);
-      da_table_int(&t, b.T);
-      da_table_dbl(&t, r->time_s * 1e3, 3, 0);
-      da_table_dbl(&t, r->rate, 2, 0);
-      da_table_dbl(&t, r->base, 2, 0);
-      da_table_dbl(&t, r->ratio, 3, 0);
-      if (b.verify) da_table_dbl(&t, r->max_rel, 2, 1);
-      else da_table_str(&t, "-");
-      if (b.verify) da_table_int(&t, r->wrong);
-      else da_table_str(&t, "-");
-      da_table_end_row(&t);
-      wrong += r->wrong;
-      if (b.json && json_record(&b, op, r)) json_ok = 0; /* said on stderr; the run is not recorded */
-    }
-    rc = da_report_footer(stdout, wrong, json_ok);
-  }
-
-out:
-  da_free(b.q);
-  da_free(b.k);
-  da_free(b.v);
-  da_free(b.out);
-  da_free(b.lse);
-  da_free(b.dout);
-  da_free(b.delta);
-  da_free(b.dq);
-  da_free(b.dk);
-  da_free(b.dv);
-  da_free(b.dec_o);
-  da_free(b.dec_lse);
-  free(b.rows);
-  free(b.out64);
-  free(b.lse64);
-  free(flush_buf);
-  flush_buf = NULL;
-  da_mask_spec_free(&b.mask);
+  if (rc == 0) rc = print_table(&b);
+  kbench_free(&b);
   return rc;
 }

@@ -177,39 +177,88 @@ static void decode_model(const machine_t *m, const problem_t *p, double *tree_s,
   *ring_s = p->P * k + ring_hops + lgn * hop_in + (lg - lgn) * hop_out;
 }
 
-int da_cmd_plan(int argc, char **argv) {
-  int64_t P = 8, S = 256 * 1024, B = 1, H = 32, G = 0, D = 128, block = 0;
-  int algo = 3, mach = 0, dtype = 1, bwd = 0, decode = 0;
-  da_mask_spec_t mask = {{DA_MASK_CAUSAL, 0, 0, NULL}, NULL};
-  double fwd_tf = -1, bwd_tf = -1, mem = -1, call = -1, lgb = -1, lus = -1, ngb = -1, nus = -1;
-  int64_t node = 0;
-  const char *json = NULL;
+/* The command line: the problem, the algorithms to model, and the machine's rates and links
+ * (presets, each overridable; a negative value keeps the preset). */
+typedef struct plan_opts {
+  int64_t P, S, B, H, G, D, block, node;
+  int algo, mach, dtype, bwd, decode;
+  da_mask_spec_t mask;
+  double fwd_tf, bwd_tf, mem, call, lgb, lus, ngb, nus;
+  const char *json;
+} plan_opts_t;
+
+enum { ALGO_ALL = 3 }; /* --algo all: index of "all" in algo_names */
+
+static void override(double *field, double v) {
+  if (v >= 0) *field = v;
+}
+
+/* The preset machine with the command line's overrides. -1 when a rate or bandwidth is not > 0. */
+static int machine_of(const plan_opts_t *o, machine_t *m) {
+  *m = machines[o->mach];
+  override(&m->fwd_tflops, o->fwd_tf), override(&m->bwd_tflops, o->bwd_tf), override(&m->mem_gbps, o->mem);
+  override(&m->call_us, o->call), override(&m->link_gbps, o->lgb), override(&m->link_us, o->lus);
+  override(&m->net_gbps, o->ngb), override(&m->net_us, o->nus);
+  if (o->node > 0) m->node = o->node;
+  return m->fwd_tflops > 0 && m->bwd_tflops > 0 && m->mem_gbps > 0 && m->link_gbps > 0 && m->net_gbps > 0 ? 0 : -1;
+}
+
+/* Parse and check the command line into o, the machine m and the problem p. Returns -1 to go on,
+ * else the exit code (0 after --help, 2 on a usage error). */
+static int plan_parse(int argc, char **argv, plan_opts_t *o, machine_t *m, problem_t *p) {
+  *o = (plan_opts_t){.P = 8,
+                     .S = 256 * 1024,
+                     .B = 1,
+                     .H = 32,
+                     .G = 0,
+                     .D = 128,
+                     .algo = ALGO_ALL,
+                     .dtype = 1,
+                     .mask = {{DA_MASK_CAUSAL, 0, 0, NULL}, NULL},
+                     .fwd_tf = -1,
+                     .bwd_tf = -1,
+                     .mem = -1,
+                     .call = -1,
+                     .lgb = -1,
+                     .lus = -1,
+                     .ngb = -1,
+                     .nus = -1};
   da_opt_t opts[] = {
-      {.name = "ranks", .type = DA_OPT_INT, .dest = &P, .help = "ranks P", .min = 1, .max = 1 << 20, .alias = "np"},
-      {.name = "seq", .type = DA_OPT_SIZE, .dest = &S, .help = "sequence length S (decode: context)", .min = 1,
+      {.name = "ranks", .type = DA_OPT_INT, .dest = &o->P, .help = "ranks P", .min = 1, .max = 1 << 20, .alias = "np"},
+      {.name = "seq", .type = DA_OPT_SIZE, .dest = &o->S, .help = "sequence length S (decode: context)", .min = 1,
        .max = 1LL << 40, .alias = "context"},
-      {.name = "batch", .type = DA_OPT_INT, .dest = &B, .help = "batch B", .min = 1, .max = 1 << 20},
-      {.name = "heads", .type = DA_OPT_INT, .dest = &H, .help = "query heads H", .min = 1, .max = 65536},
-      {.name = "kv-heads", .type = DA_OPT_INT, .dest = &G, .help = "KV heads G (0 = H)", .min = 0, .max = 65536},
-      {.name = "dim", .type = DA_OPT_INT, .dest = &D, .help = "head dim D", .min = 1, .max = 65536},
-      {.name = "mask", .type = DA_OPT_MASK, .dest = &mask, .help = "none or causal"},
-      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &dtype, .help = "storage dtype", .choices = dtype_names},
-      {.name = "algo", .type = DA_OPT_ENUM, .dest = &algo, .help = "algorithm(s) to model", .choices = algo_names},
-      {.name = "block", .type = DA_OPT_SIZE, .dest = &block, .help = "KV sub-block (0 = search 256.. and auto)",
+      {.name = "batch", .type = DA_OPT_INT, .dest = &o->B, .help = "batch B", .min = 1, .max = 1 << 20},
+      {.name = "heads", .type = DA_OPT_INT, .dest = &o->H, .help = "query heads H", .min = 1, .max = 65536},
+      {.name = "kv-heads", .type = DA_OPT_INT, .dest = &o->G, .help = "KV heads G (0 = H)", .min = 0, .max = 65536},
+      {.name = "dim", .type = DA_OPT_INT, .dest = &o->D, .help = "head dim D", .min = 1, .max = 65536},
+      {.name = "mask", .type = DA_OPT_MASK, .dest = &o->mask, .help = "none or causal"},
+      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o->dtype, .help = "storage dtype", .choices = dtype_names},
+      {.name = "algo", .type = DA_OPT_ENUM, .dest = &o->algo, .help = "algorithm(s) to model", .choices = algo_names},
+      {.name = "block", .type = DA_OPT_SIZE, .dest = &o->block, .help = "KV sub-block (0 = search 256.. and auto)",
        .min = 0, .max = 1LL << 40},
-      {.name = "backward", .type = DA_OPT_FLAG, .dest = &bwd, .help = "forward + backward"},
-      {.name = "decode", .type = DA_OPT_FLAG, .dest = &decode, .help = "also model one decode step (tree vs ring)"},
-      {.name = "machine", .type = DA_OPT_ENUM, .dest = &mach, .help = "preset rates and links", .choices = machine_names},
-      {.name = "fwd-tflops", .type = DA_OPT_DOUBLE, .dest = &fwd_tf, .help = "forward kernel TFLOP/s (<0: preset)", .dmin = -1, .dmax = 1e6},
-      {.name = "bwd-tflops", .type = DA_OPT_DOUBLE, .dest = &bwd_tf, .help = "backward kernel TFLOP/s", .dmin = -1, .dmax = 1e6},
-      {.name = "mem-gbps", .type = DA_OPT_DOUBLE, .dest = &mem, .help = "memory GB/s", .dmin = -1, .dmax = 1e6},
-      {.name = "call-us", .type = DA_OPT_DOUBLE, .dest = &call, .help = "fixed cost per kernel call, us", .dmin = -1, .dmax = 1e6},
-      {.name = "link-gbps", .type = DA_OPT_DOUBLE, .dest = &lgb, .help = "link GB/s inside a node", .dmin = -1, .dmax = 1e6},
-      {.name = "link-us", .type = DA_OPT_DOUBLE, .dest = &lus, .help = "link latency inside a node, us", .dmin = -1, .dmax = 1e6},
-      {.name = "net-gbps", .type = DA_OPT_DOUBLE, .dest = &ngb, .help = "network GB/s per rank", .dmin = -1, .dmax = 1e6},
-      {.name = "net-us", .type = DA_OPT_DOUBLE, .dest = &nus, .help = "network latency, us", .dmin = -1, .dmax = 1e6},
-      {.name = "node", .type = DA_OPT_INT, .dest = &node, .help = "ranks per node (0: preset)", .min = 0, .max = 1 << 20},
-      {.name = "json", .type = DA_OPT_STRING, .dest = &json, .metavar = "FILE", .help = "append one JSON object per algorithm"},
+      {.name = "backward", .type = DA_OPT_FLAG, .dest = &o->bwd, .help = "forward + backward"},
+      {.name = "decode", .type = DA_OPT_FLAG, .dest = &o->decode, .help = "also model one decode step (tree vs ring)"},
+      {.name = "machine", .type = DA_OPT_ENUM, .dest = &o->mach, .help = "preset rates and links",
+       .choices = machine_names},
+      {.name = "fwd-tflops", .type = DA_OPT_DOUBLE, .dest = &o->fwd_tf, .help = "forward kernel TFLOP/s (<0: preset)",
+       .dmin = -1, .dmax = 1e6},
+      {.name = "bwd-tflops", .type = DA_OPT_DOUBLE, .dest = &o->bwd_tf, .help = "backward kernel TFLOP/s", .dmin = -1,
+       .dmax = 1e6},
+      {.name = "mem-gbps", .type = DA_OPT_DOUBLE, .dest = &o->mem, .help = "memory GB/s", .dmin = -1, .dmax = 1e6},
+      {.name = "call-us", .type = DA_OPT_DOUBLE, .dest = &o->call, .help = "fixed cost per kernel call, us", .dmin = -1,
+       .dmax = 1e6},
+      {.name = "link-gbps", .type = DA_OPT_DOUBLE, .dest = &o->lgb, .help = "link GB/s inside a node", .dmin = -1,
+       .dmax = 1e6},
+      {.name = "link-us", .type = DA_OPT_DOUBLE, .dest = &o->lus, .help = "link latency inside a node, us", .dmin = -1,
+       .dmax = 1e6},
+      {.name = "net-gbps", .type = DA_OPT_DOUBLE, .dest = &o->ngb, .help = "network GB/s per rank", .dmin = -1,
+       .dmax = 1e6},
+      {.name = "net-us", .type = DA_OPT_DOUBLE, .dest = &o->nus, .help = "network latency, us", .dmin = -1,
+       .dmax = 1e6},
+      {.name = "node", .type = DA_OPT_INT, .dest = &o->node, .help = "ranks per node (0: preset)", .min = 0,
+       .max = 1 << 20},
+      {.name = "json", .type = DA_OPT_STRING, .dest = &o->json, .metavar = "FILE",
+       .help = "append one JSON object per algorithm"},
       {0},
   };
   da_cmdspec_t cmd = {.name = "plan",
@@ -219,107 +268,133 @@ int da_cmd_plan(int argc, char **argv) {
   int prc = da_args_parse(&cmd, argc, argv);
   if (prc == DA_ARGS_HELP) return 0;
   if (prc != DA_ARGS_OK) return 2;
-  const unsigned mf = mask.mask.flags;
-  da_mask_spec_free(&mask);
+  const unsigned mf = o->mask.mask.flags;
+  da_mask_spec_free(&o->mask);
   if (mf != DA_MASK_NONE && mf != DA_MASK_CAUSAL) return da_args_error(&cmd, "the model covers --mask none and causal only");
-  if (G == 0) G = H;
-  if (H % G) return da_args_error(&cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)H, (long long)G);
-  if (json && da_json_check_path(json)) return 2;
-  machine_t m = machines[mach];
-#define OVR(field, v) if ((v) >= 0) m.field = (v)
-  OVR(fwd_tflops, fwd_tf); OVR(bwd_tflops, bwd_tf); OVR(mem_gbps, mem); OVR(call_us, call);
-  OVR(link_gbps, lgb); OVR(link_us, lus); OVR(net_gbps, ngb); OVR(net_us, nus);
-#undef OVR
-  if (node > 0) m.node = node;
-  if (!(m.fwd_tflops > 0 && m.bwd_tflops > 0 && m.mem_gbps > 0 && m.link_gbps > 0 && m.net_gbps > 0))
-    return da_args_error(&cmd, "rates and bandwidths must be > 0");
-  problem_t p = {P, S, B, H, G, D, block, mf == DA_MASK_CAUSAL, bwd, dtype == 0 ? 4.0 : 2.0};
+  if (o->G == 0) o->G = o->H;
+  if (o->H % o->G)
+    return da_args_error(&cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->H, (long long)o->G);
+  if (o->json && da_json_check_path(o->json)) return 2;
+  if (machine_of(o, m)) return da_args_error(&cmd, "rates and bandwidths must be > 0");
+  *p = (problem_t){
+      o->P, o->S, o->B, o->H, o->G, o->D, o->block, mf == DA_MASK_CAUSAL, o->bwd, o->dtype == 0 ? 4.0 : 2.0};
+  return -1;
+}
 
-  printf("# distattn plan: P = %lld, S = %lld, B = %lld, H = %lld, G = %lld, D = %lld, %s, %s, %s\n", (long long)P,
-         (long long)S, (long long)B, (long long)H, (long long)G, (long long)D, p.causal ? "causal" : "none",
-         dtype_names[dtype], bwd ? "forward + backward" : "forward");
-  printf("# machine %s: kernels %.4g / %.4g TFLOP/s (fwd / bwd), %.4g GB/s memory, %.3g us per call; links %.4g GB/s "
-         "%.3g us inside nodes of %lld, %.4g GB/s %.3g us between\n",
-         m.name, m.fwd_tflops, m.bwd_tflops, m.mem_gbps, m.call_us, m.link_gbps, m.link_us, (long long)m.node,
-         m.net_gbps, m.net_us);
+static void print_header(const plan_opts_t *o, const machine_t *m, const problem_t *p) {
+  printf("# distattn plan: P = %lld, S = %lld, B = %lld, H = %lld, G = %lld, D = %lld, %s, %s, %s\n", (long long)p->P,
+         (long long)p->S, (long long)p->B, (long long)p->H, (long long)p->G, (long long)p->D,
+         p->causal ? "causal" : "none", dtype_names[o->dtype], p->bwd ? "forward + backward" : "forward");
+  printf(
+      "# machine %s: kernels %.4g / %.4g TFLOP/s (fwd / bwd), %.4g GB/s memory, %.3g us per call; links %.4g GB/s "
+      "%.3g us inside nodes of %lld, %.4g GB/s %.3g us between\n",
+      m->name, m->fwd_tflops, m->bwd_tflops, m->mem_gbps, m->call_us, m->link_gbps, m->link_us, (long long)m->node,
+      m->net_gbps, m->net_us);
   printf("# %-8s %8s %9s %12s %12s %12s %12s %12s %10s\n", "algo", "block", "calls", "step_comp_s", "step_xfer_s",
          "fwd_s", "bwd_s", "exposed_s", "mem_GB");
+}
+
+/* The fastest block for algorithm a: the given one, else the automatic choice and powers of two
+ * from 256 up to the shard (segment for zigzag) -- at least two calls per segment so the transfer
+ * is polled. Ties go to the larger block. */
+static estimate_t best_block(int a, const machine_t *m, const problem_t *p) {
+  const int64_t n = (p->S + p->P - 1) / p->P;
+  int64_t cands[40];
+  int nc = 0;
+  if (p->block > 0)
+    cands[nc++] = p->block;
+  else {
+    int64_t seg = a == 2 ? (n + 1) / 2 : n;
+    cands[nc++] = 0;
+    for (int64_t b = 256; b <= seg / 2 && nc < 40; b *= 2) cands[nc++] = b;
+  }
+  estimate_t best_e;
+  memset(&best_e, 0, sizeof best_e);
+  double bt = INFINITY;
+  for (int i = 0; i < nc; i++) {
+    estimate_t E = model(a, m, p, cands[i]);
+    double t = E.fwd_s + E.bwd_s;
+    if (t < bt * (1 - 1e-9) || (fabs(t - bt) <= 1e-9 * bt && E.block > best_e.block)) bt = t, best_e = E;
+  }
+  return best_e;
+}
+
+/* One JSON record for algorithm a's estimate E. 0 on success. */
+static int json_algo(const plan_opts_t *o, const machine_t *m, const problem_t *p, int a, const estimate_t *E) {
+  da_json_t j;
+  da_json_begin(&j);
+  da_json_str(&j, "cmd", "plan");
+  da_json_str(&j, "algo", algo_names[a]);
+  da_json_int(&j, "ranks", p->P), da_json_int(&j, "seq", p->S), da_json_int(&j, "batch", p->B);
+  da_json_int(&j, "heads", p->H), da_json_int(&j, "kv_heads", p->G), da_json_int(&j, "dim", p->D);
+  da_json_str(&j, "mask", p->causal ? "causal" : "none"), da_json_str(&j, "dtype", dtype_names[o->dtype]);
+  da_json_bool(&j, "backward", p->bwd), da_json_str(&j, "machine", m->name);
+  da_json_int(&j, "block", E->block), da_json_int(&j, "calls", E->calls);
+  da_json_dbl(&j, "step_compute_s", E->step_compute_s), da_json_dbl(&j, "step_xfer_s", E->step_xfer_s);
+  da_json_dbl(&j, "fwd_s", E->fwd_s), da_json_dbl(&j, "bwd_s", E->bwd_s);
+  da_json_dbl(&j, "total_s", E->fwd_s + E->bwd_s), da_json_dbl(&j, "comm_exposed_s", E->exposed_s);
+  da_json_dbl(&j, "compute_s", E->compute_s), da_json_dbl(&j, "mem_bytes", E->mem_bytes);
+  da_json_int(&j, "hide_min_tokens_per_rank", hide_threshold(a, m, p));
+  int rc = da_json_append(&j, o->json);
+  da_json_free(&j);
+  return rc;
+}
+
+/* Where the transfers hide: the model's threshold per algorithm, Liu et al.'s condition, and this
+ * problem's verdict for the best algorithm. */
+static void print_hiding(const machine_t *m, const problem_t *p, int best_a) {
+  const int64_t n = (p->S + p->P - 1) / p->P;
+  const int inter = p->P > m->node;
+  const double F = m->fwd_tflops * 1e12, bw = (inter ? m->net_gbps : m->link_gbps) * 1e9;
+  const double liu = F * p->G * p->e / (2.0 * p->H * bw);
+  printf(
+      "# ring hides its transfers from %lld tokens per rank (model, contiguous ring); "
+      "striped %lld, zigzag %lld; Liu et al. full-block condition n >= F*G*e/(2*H*BW) = %.0f (%s link)\n",
+      (long long)hide_threshold(0, m, p), (long long)hide_threshold(1, m, p), (long long)hide_threshold(2, m, p), liu,
+      inter ? "network" : "in-node");
+  printf("# this problem: %lld tokens per rank: %s\n", (long long)n,
+         n >= hide_threshold(best_a, m, p) ? "transfers hidden" : "transfer-bound (exposed communication)");
+}
+
+/* One decode step, tree against ring: the line and (--json) its record. 0 on success. */
+static int decode_report(const plan_opts_t *o, const machine_t *m, const problem_t *p) {
+  double tt, tr;
+  decode_model(m, p, &tt, &tr);
+  printf("# decode step, context %lld: tree %.4e s, ring %.4e s (ring / tree %.2fx)\n", (long long)p->S, tt, tr,
+         tr / tt);
+  if (!o->json) return 0;
+  da_json_t j;
+  da_json_begin(&j);
+  da_json_str(&j, "cmd", "plan-decode");
+  da_json_int(&j, "ranks", p->P), da_json_int(&j, "context", p->S), da_json_int(&j, "batch", p->B);
+  da_json_int(&j, "heads", p->H), da_json_int(&j, "kv_heads", p->G), da_json_int(&j, "dim", p->D);
+  da_json_str(&j, "machine", m->name), da_json_dbl(&j, "tree_s", tt), da_json_dbl(&j, "ring_s", tr);
+  int rc = da_json_append(&j, o->json);
+  da_json_free(&j);
+  return rc;
+}
+
+int da_cmd_plan(int argc, char **argv) {
+  plan_opts_t o;
+  machine_t m = machines[0];
+  problem_t p = {0};
+  int rc = plan_parse(argc, argv, &o, &m, &p);
+  if (rc >= 0) return rc;
+  print_header(&o, &m, &p);
   double best_t = INFINITY;
   int best_a = -1;
   int64_t best_b = 0;
-  const int64_t n = (S + P - 1) / P;
-  for (int a = 0; a < 3; a++) {
-    if (algo != 3 && algo != a) continue;
-    /* Blocks: the given one, else the automatic choice and powers of two from 256 up to the
-     * shard (segment for zigzag) — at least two calls per segment so the transfer is polled. */
-    int64_t cands[40];
-    int nc = 0;
-    if (block > 0) cands[nc++] = block;
-    else {
-      int64_t seg = a == 2 ? (n + 1) / 2 : n;
-      cands[nc++] = 0;
-      for (int64_t b = 256; b <= seg / 2 && nc < 40; b *= 2) cands[nc++] = b;
-    }
-    estimate_t best_e;
-    double bt = INFINITY;
-    for (int i = 0; i < nc; i++) {
-      estimate_t E = model(a, &m, &p, cands[i]);
-      double t = E.fwd_s + E.bwd_s;
-      if (t < bt * (1 - 1e-9) || (fabs(t - bt) <= 1e-9 * bt && E.block > best_e.block)) bt = t, best_e = E;
-    }
-    estimate_t E = best_e;
+  for (int a = 0; a < ALGO_ALL; a++) {
+    if (o.algo != ALGO_ALL && o.algo != a) continue;
+    const estimate_t E = best_block(a, &m, &p);
+    const double bt = E.fwd_s + E.bwd_s;
     printf("  %-8s %8lld %9lld %12.4e %12.4e %12.4e %12.4e %12.4e %10.3f\n", algo_names[a], (long long)E.block,
            (long long)E.calls, E.step_compute_s, E.step_xfer_s, E.fwd_s, E.bwd_s, E.exposed_s, E.mem_bytes / 1e9);
     if (bt < best_t) best_t = bt, best_a = a, best_b = E.block;
-    if (json) {
-      da_json_t j;
-      da_json_begin(&j);
-      da_json_str(&j, "cmd", "plan");
-      da_json_str(&j, "algo", algo_names[a]);
-      da_json_int(&j, "ranks", P), da_json_int(&j, "seq", S), da_json_int(&j, "batch", B);
-      da_json_int(&j, "heads", H), da_json_int(&j, "kv_heads", G), da_json_int(&j, "dim", D);
-      da_json_str(&j, "mask", p.causal ? "causal" : "none"), da_json_str(&j, "dtype", dtype_names[dtype]);
-      da_json_bool(&j, "backward", bwd), da_json_str(&j, "machine", m.name);
-      da_json_int(&j, "block", E.block), da_json_int(&j, "calls", E.calls);
-      da_json_dbl(&j, "step_compute_s", E.step_compute_s), da_json_dbl(&j, "step_xfer_s", E.step_xfer_s);
-      da_json_dbl(&j, "fwd_s", E.fwd_s), da_json_dbl(&j, "bwd_s", E.bwd_s);
-      da_json_dbl(&j, "total_s", E.fwd_s + E.bwd_s), da_json_dbl(&j, "comm_exposed_s", E.exposed_s);
-      da_json_dbl(&j, "compute_s", E.compute_s), da_json_dbl(&j, "mem_bytes", E.mem_bytes);
-      da_json_int(&j, "hide_min_tokens_per_rank", hide_threshold(a, &m, &p));
-      if (da_json_append(&j, json)) {
-        da_json_free(&j);
-        return 1;
-      }
-      da_json_free(&j);
-    }
+    if (o.json && json_algo(&o, &m, &p, a, &E)) return 1;
   }
   printf("# best: %s, block %lld (%.4g s)\n", algo_names[best_a], (long long)best_b, best_t);
-  if (P > 1) {
-    const int inter = P > m.node;
-    const double F = m.fwd_tflops * 1e12, bw = (inter ? m.net_gbps : m.link_gbps) * 1e9;
-    const double liu = F * G * p.e / (2.0 * H * bw);
-    printf("# ring hides its transfers from %lld tokens per rank (model, contiguous ring); "
-           "striped %lld, zigzag %lld; Liu et al. full-block condition n >= F*G*e/(2*H*BW) = %.0f (%s link)\n",
-           (long long)hide_threshold(0, &m, &p), (long long)hide_threshold(1, &m, &p),
-           (long long)hide_threshold(2, &m, &p), liu, inter ? "network" : "in-node");
-    printf("# this problem: %lld tokens per rank: %s\n", (long long)n,
-           n >= hide_threshold(best_a, &m, &p) ? "transfers hidden" : "transfer-bound (exposed communication)");
-  }
-  if (decode) {
-    double tt, tr;
-    decode_model(&m, &p, &tt, &tr);
-    printf("# decode step, context %lld: tree %.4e s, ring %.4e s (ring / tree %.2fx)\n", (long long)S, tt, tr, tr / tt);
-    if (json) {
-      da_json_t j;
-      da_json_begin(&j);
-      da_json_str(&j, "cmd", "plan-decode");
-      da_json_int(&j, "ranks", P), da_json_int(&j, "context", S), da_json_int(&j, "batch", B);
-      da_json_int(&j, "heads", H), da_json_int(&j, "kv_heads", G), da_json_int(&j, "dim", D);
-      da_json_str(&j, "machine", m.name), da_json_dbl(&j, "tree_s", tt), da_json_dbl(&j, "ring_s", tr);
-      int rc = da_json_append(&j, json);
-      da_json_free(&j);
-      if (rc) return 1;
-    }
-  }
+  if (p.P > 1) print_hiding(&m, &p, best_a);
+  if (o.decode && decode_report(&o, &m, &p)) return 1;
   return 0;
 }
