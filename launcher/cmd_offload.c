@@ -100,460 +100,648 @@ typedef struct sample {
   float *lse;
 } sample_t;
 
+/* ---- the run's state, shared by its phases ---- */
+
+typedef struct offload_opts { /* the command line */
+  int offload, role, dtype, baseline;
+  int64_t context, heads, kv_heads, dim, batch, steps, warmup, verify, page, seed, threads, layers, micro, budget;
+  double layer_ms, timeout;
+  const char *lengths, *json;
+} offload_opts_t;
+
+enum { OFFLOAD_NOPTS = 23 }; /* options of `distattn decode --offload`, with the table's end mark */
+
+/* Latency split of every timed request (layer x micro-batch) of a compute rank, and its bytes. */
+typedef struct latencies {
+  double *send, *attn, *red, *recv, *tot; /* [n] */
+  int64_t n;
+  double net_bytes, kv_bytes;
+} latencies_t;
+
+typedef struct orun {
+  offload_opts_t o;
+  da_opt_t opts[OFFLOAD_NOPTS];
+  da_cmdspec_t cmd;
+  /* the problem: H, G, D, L layers, dt dtype; B sequences per compute rank, T timed steps after
+   * W warm-up steps (NS in all); nmb micro-batches of at most nmax sequences */
+  int H, D, L, dt, nth;
+  int64_t G, B, T, W, NS, nmax, nmb;
+  size_t es;
+  int64_t *lens; /* [B] context length of each sequence */
+  da_context_t *ctx;
+  da_comm_t *wcomm;
+  da_offload_t *off;
+  da_problem_t prob;
+  da_offload_info_t info;
+  int is_mem;
+  double kv_local, max_shard, t_fill; /* one compute rank's KV without offload; largest shard */
+  /* what the phases measure */
+  sample_t *samples; /* [R] sampled outputs, verified at the end */
+  int64_t R;
+  double *t_step; /* [T] */
+  latencies_t lat;
+  double base_tps;  /* tokens/s without offload (NAN: not measured) */
+  int base_refused; /* the baseline's cache would exceed --mem-budget */
+  int64_t vs[2];    /* verified rows, wrong (summed over ranks) */
+  double vmax[2];   /* max abs, max rel error */
+} orun_t;
+
+/* The figures of the table and the JSON record, reduced over ranks: times the max over compute
+ * ranks, bytes and tokens their sum. */
+typedef struct figures {
+  double med[6]; /* medians: send, attention, reduce, receive, request; [5] the step p99 */
+  double sum[4]; /* net bytes per step, KV bytes per step, tokens/s, tokens/s without offload */
+  double step_med, ratio, lamina;
+  int refused_any;
+} figures_t;
+
+/* ---- parse and agree ---- */
+
+static void offload_options(orun_t *x) {
+  offload_opts_t *o = &x->o;
+  *o = (offload_opts_t){
+      .role = -1, .batch = 1, .steps = 8, .warmup = 1, .verify = 4, .page = 256, .seed = 1, .layers = 1, .micro = 1};
+  const da_opt_t opts[OFFLOAD_NOPTS] = {
+      {.name = "offload", .type = DA_OPT_FLAG, .dest = &o->offload, .help = "offload attention to memory ranks"},
+      {.name = "role", .type = DA_OPT_ENUM, .dest = &o->role, .help = "this rank's role (required with --offload)",
+       .choices = role_names},
+      {.name = "mem-budget", .type = DA_OPT_SIZE, .dest = &o->budget,
+       .help = "bytes of KV cache this rank may hold (0 = free memory from sysinfo)", .min = 0, .max = 1LL << 50},
+      {.name = "context", .type = DA_OPT_SIZE, .dest = &o->context, .help = "tokens per sequence before the first step",
+       .min = 1, .max = 1LL << 34},
+      {.name = "lengths", .type = DA_OPT_STRING, .dest = &o->lengths, .metavar = "L1,L2,..",
+       .help = "per-sequence context lengths (B values)"},
+      {.name = "heads", .type = DA_OPT_INT, .dest = &o->heads, .help = "query heads H (required)", .min = 1,
+       .max = 65536},
+      {.name = "kv-heads", .type = DA_OPT_INT, .dest = &o->kv_heads, .help = "KV heads G (0 = H)", .min = 0,
+       .max = 65536},
+      {.name = "dim", .type = DA_OPT_INT, .dest = &o->dim, .help = "head dim D (required)", .min = 1, .max = 4096},
+      {.name = "batch", .type = DA_OPT_INT, .dest = &o->batch, .help = "sequences per compute rank", .min = 1,
+       .max = 1 << 20},
+      {.name = "layers", .type = DA_OPT_INT, .dest = &o->layers, .help = "model layers (one KV cache each)", .min = 1,
+       .max = 1024},
+      {.name = "microbatches", .type = DA_OPT_INT, .dest = &o->micro,
+       .help = "micro-batches per step (pipelining: 1 = none)", .min = 1, .max = 1 << 20},
+      {.name = "layer-compute", .type = DA_OPT_DOUBLE, .dest = &o->layer_ms,
+       .help = "emulated compute per layer per step for the whole batch (ms)", .dmin = 0, .dmax = 1e6},
+      {.name = "baseline", .type = DA_OPT_FLAG, .dest = &o->baseline,
+       .help = "also decode locally on the compute ranks (tokens/s without offload), when it fits --mem-budget"},
+      {.name = "steps", .type = DA_OPT_INT, .dest = &o->steps, .help = "timed steps", .min = 1, .max = 1 << 20},
+      {.name = "warmup", .type = DA_OPT_INT, .dest = &o->warmup, .help = "untimed steps first", .min = 0,
+       .max = 1 << 20},
+      {.name = "verify", .type = DA_OPT_INT, .dest = &o->verify, .help = "sampled rows checked in float64", .min = 0,
+       .max = 1 << 20},
+      {.name = "page", .type = DA_OPT_SIZE, .dest = &o->page, .help = "tokens per KV page", .min = 1, .max = 1LL << 30},
+      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o->dtype, .help = "storage dtype", .choices = dtype_names},
+      {.name = "seed", .type = DA_OPT_INT, .dest = &o->seed, .help = "seed of the inputs", .min = 0, .max = INT64_MAX},
+      {.name = "threads", .type = DA_OPT_INT, .dest = &o->threads, .help = "kernel threads per rank (0 = 1)", .min = 0,
+       .max = 4096},
+      {.name = "json", .type = DA_OPT_STRING, .dest = &o->json, .metavar = "FILE", .help = "append one JSON object"},
+      {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &o->timeout, .help = "seconds to wait for a peer", .dmin = 0,
+       .dmax = 1e6},
+      {0},
+  };
+  memcpy(x->opts, opts, sizeof opts);
+  x->cmd = (da_cmdspec_t){.name = "decode --offload",
+                          .summary = "decode with attention offloaded to memory ranks (Lamina): give each rank --role",
+                          .opts = x->opts};
+}
+
+/* Ranks of different roles have different command lines: each parses its own and speaks for
+ * itself; then every rank learns the worst outcome. Returns -1 to go on, else the exit code. */
+static int parse_and_agree(orun_t *x, int argc, char **argv) {
+  offload_opts_t *o = &x->o;
+  offload_options(x);
+  int prc = da_args_parse(&x->cmd, argc, argv);
+  x->G = o->kv_heads ? o->kv_heads : o->heads;
+  x->lens = calloc((size_t)o->batch, sizeof *x->lens);
+  if (prc == DA_ARGS_OK) {
+    if (!da_args_find(x->opts, "context")->given && !o->lengths)
+      prc = da_args_error(&x->cmd, "--context is required");
+    else if (!o->heads || !o->dim)
+      prc = da_args_error(&x->cmd, "--heads and --dim are required");
+    else if (o->heads % x->G)
+      prc = da_args_error(&x->cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->heads,
+                          (long long)x->G);
+    else if (o->lengths && da_parse_size_list(o->lengths, x->lens, o->batch))
+      prc = da_args_error(&x->cmd, "--lengths '%s': expected %lld sizes", o->lengths, (long long)o->batch);
+    else if (o->json && da_json_check_path(o->json))
+      prc = DA_ARGS_USAGE;
+    if (prc == DA_ARGS_OK && !o->lengths)
+      for (int64_t b = 0; b < o->batch; b++) x->lens[b] = o->context;
+    if (o->lengths) o->context = x->lens[0];
+  }
+  prc = da_mpi_max_int(prc);
+  if (prc != DA_ARGS_OK) return prc == DA_ARGS_HELP ? 0 : 2;
+  if (!o->offload && g_rank == 0) fprintf(stderr, "distattn decode: --role given: running with --offload\n");
+  x->H = (int)o->heads, x->D = (int)o->dim, x->L = (int)o->layers, x->dt = o->dtype;
+  x->B = o->batch, x->T = o->steps, x->W = o->warmup, x->NS = x->T + x->W;
+  x->es = da_dtype_size((da_dtype_t)x->dt);
+  x->nth = o->threads ? (int)o->threads : 1;
+  x->nmax = (x->B + o->micro - 1) / o->micro, x->nmb = (x->B + x->nmax - 1) / x->nmax;
+  x->base_tps = NAN;
+  return -1;
+}
+
+/* ---- plan: the offload object, its groups, and whether the cache fits ---- */
+
+/* Collective. 0, or the exit code every rank agrees on. */
+static int setup(orun_t *x) {
+  const offload_opts_t *o = &x->o;
+  da_config_t ccfg = DA_CONFIG_INITIALIZER;
+  ccfg.nthreads = x->nth;
+  da_status_t st = da_context_create(&ccfg, &x->ctx);
+  da_problem_t *prob = &x->prob;
+  *prob = (da_problem_t)DA_PROBLEM_INITIALIZER;
+  prob->batch = x->B, prob->seq = o->context, prob->heads = x->H, prob->kv_heads = x->G, prob->dim = x->D;
+  prob->dtype = (da_dtype_t)x->dt, prob->mask = DA_MASK_CAUSAL;
+  da_offload_config_t ocfg = DA_OFFLOAD_CONFIG_INITIALIZER;
+  ocfg.page = o->page, ocfg.layers = x->L, ocfg.microbatches = (int)o->micro, ocfg.mem_budget = (double)o->budget;
+  ocfg.timeout = o->timeout;
+  if (st == DA_SUCCESS) st = da_comm_create(x->ctx, MPI_COMM_WORLD, &x->wcomm);
+  if (st == DA_SUCCESS)
+    st = da_offload_create(x->wcomm, o->role < 0 ? DA_ROLE_NONE : (da_role_t)o->role, prob, &ocfg, &x->off);
+  if (da_mpi_max_int(st != DA_SUCCESS)) { /* role errors reach every rank: each says it */
+    fprintf(stderr, "distattn decode: rank %d: offload: %s: %s\n", g_rank, da_status_string(st), da_last_error(x->ctx));
+    return st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH ? 2 : 1;
+  }
+  da_offload_get_info(x->off, &x->info);
+  x->is_mem = x->info.role == DA_ROLE_MEMORY;
+  int64_t *fin = malloc((size_t)x->B * sizeof *fin);
+  for (int64_t b = 0; b < x->B; b++) fin[b] = x->lens[b] + x->NS;
+  st = da_offload_check_fit(x->off, fin, &x->max_shard);
+  if (st == DA_SUCCESS) x->kv_local = da_offload_kv_bytes(prob, x->L, fin); /* one compute rank's KV, not offloaded */
+  free(fin);
+  if (st != DA_SUCCESS) {
+    if (g_rank == 0) fprintf(stderr, "distattn decode: %s\n", da_last_error(x->ctx));
+    return 2;
+  }
+  return 0;
+}
+
+/* ---- inputs: memory ranks fill their pages of every layer's cache ---- */
+
+/* Cache sequence s = l * B + b holds stream ((group * L + l) * B + b) of the RNG. */
+static int64_t stream_of(const orun_t *x, int l, int64_t b) { return ((int64_t)x->info.group * x->L + l) * x->B + b; }
+
+/* Prefill every sequence of every layer of cache and fill this rank's pages from the RNG. */
+static da_status_t fill_cache(const orun_t *x, da_kvcache_t *cache) {
+  da_status_t st = DA_SUCCESS;
+  for (int l = 0; l < x->L && st == DA_SUCCESS; l++)
+    for (int64_t b = 0; b < x->B && st == DA_SUCCESS; b++) {
+      const int64_t s = (int64_t)l * x->B + b;
+      st = da_kvcache_prefill(cache, s, x->lens[b], NULL, NULL);
+      if (st == DA_SUCCESS)
+        fill_pages(cache, s, da_verify_seed((uint64_t)x->o.seed, stream_of(x, l, b)), (int)x->G, x->D, x->dt, x->nth);
+    }
+  return st;
+}
+
+/* Collective. 0, or 1 when a memory rank failed. */
+static int fill_memory(orun_t *x) {
+  da_status_t st = DA_SUCCESS;
+  x->t_fill = MPI_Wtime();
+  if (x->is_mem) st = fill_cache(x, da_offload_cache(x->off));
+  x->t_fill = MPI_Wtime() - x->t_fill;
+  if (da_mpi_max_int(st != DA_SUCCESS)) {
+    if (st != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: prefill: %s\n", g_rank, da_last_error(x->ctx));
+    return 1;
+  }
+  return 0;
+}
+
+/* Collective: rank 0 prints the header, every rank's role, group and budget, and the cache. */
+static void print_layout(const orun_t *x) {
+  const da_offload_info_t *in = &x->info;
+  const int64_t micro = x->o.micro;
+  if (g_rank == 0) {
+    da_report_header(stdout, &x->cmd, x->nth);
+    da_report_line(stdout,
+                   "offload: %d compute + %d memory ranks, %d group%s; batch %lld per compute rank, %d layer%s, "
+                   "%lld micro-batch%s, emulated compute %.3f ms per layer",
+                   in->ncompute, in->nmemory, in->ngroups, in->ngroups == 1 ? "" : "s", (long long)x->B, x->L,
+                   x->L == 1 ? "" : "s", (long long)micro, micro == 1 ? "" : "es", x->o.layer_ms);
+  }
+  double mine[4] = {(double)in->role, (double)in->group, in->budget, in->share}, *all = NULL;
+  if (g_rank == 0) all = malloc((size_t)g_size * sizeof mine);
+  MPI_Gather(mine, 4, MPI_DOUBLE, all, 4, MPI_DOUBLE, 0, MPI_COMM_WORLD);
+  for (int r = 0; g_rank == 0 && all && r < g_size; r++)
+    da_report_line(stdout, " rank %3d  %-7s  group %d  budget %10.1f MiB%s", r, role_names[(int)all[4 * r]],
+                   (int)all[4 * r + 1], all[4 * r + 2] / 1048576.0,
+                   all[4 * r] == DA_ROLE_MEMORY ? "  shard share" : "");
+  if (g_rank == 0 && all)
+    da_report_line(stdout,
+                   "kv cache: %.1f MiB per compute rank's sequences (all layers), largest memory shard %.1f MiB; "
+                   "filled in %.2f s",
+                   x->kv_local / 1048576.0, x->max_shard / 1048576.0, x->t_fill);
+  free(all);
+  fflush(stdout);
+}
+
+/* The sampled (step, layer, sequence) outputs, spread evenly over the timed run, and the
+ * per-step and per-request measurements. */
+static void alloc_results(orun_t *x) {
+  const int64_t T = x->T, L = x->L, B = x->B, total = T * L * B, nreq = T * L * x->nmb;
+  x->R = x->o.verify < total ? x->o.verify : total;
+  x->samples = calloc((size_t)(x->R ? x->R : 1), sizeof *x->samples);
+  for (int64_t i = 0; i < x->R; i++) {
+    int64_t idx = x->R == 1 ? total - 1 : i * (total - 1) / (x->R - 1);
+    sample_t *sm = &x->samples[i];
+    sm->step = idx / (L * B), sm->layer = (idx / B) % L, sm->b = idx % B;
+    sm->out = malloc((size_t)(x->H * x->D) * x->es), sm->lse = malloc((size_t)x->H * sizeof(float));
+  }
+  x->t_step = calloc((size_t)T, sizeof *x->t_step);
+  latencies_t *lt = &x->lat;
+  lt->send = calloc((size_t)nreq + 1, 8), lt->attn = calloc((size_t)nreq + 1, 8), lt->red = calloc((size_t)nreq + 1, 8);
+  lt->recv = calloc((size_t)nreq + 1, 8), lt->tot = calloc((size_t)nreq + 1, 8);
+}
+
+/* ---- execute: memory ranks serve, compute ranks run the pipelined model loop ---- */
+
+static da_status_t serve_memory(orun_t *x) {
+  da_status_t st = da_offload_serve(x->off);
+  if (st == DA_SUCCESS) return st;
+  da_offload_stats_t os;
+  da_offload_get_stats(x->off, &os);
+  const int64_t per_step = (int64_t)x->L * x->nmb, done = (int64_t)os.requests;
+  fprintf(stderr, "distattn decode: rank %d: step %lld: serve: %s\n", g_rank, (long long)(done / per_step),
+          da_last_error(x->ctx));
+  /* the compute rank cancelled because the job is ending: join the roll call now */
+  if (st == DA_ERR_REMOTE) da_fault_abort("offload");
+  return st;
+}
+
+/* A compute rank's buffers: the new tokens of one micro-batch, every layer's outputs of a step,
+ * and the slot of every request in flight. */
+typedef struct cbufs {
+  char *q, *k, *v, *out;
+  float *lse, *tmp;
+  int *slot;     /* [L][nmb] */
+  double per_mb; /* emulated compute per micro-batch, seconds */
+} cbufs_t;
+
+/* Layer l of micro-batch m is done: wait for its attention and, in a timed step, keep its
+ * latencies and bytes. */
+static da_status_t collect(orun_t *x, cbufs_t *c, int64_t it, int l, int64_t m) {
+  const int64_t f = m * x->nmax, n = f + x->nmax <= x->B ? x->nmax : x->B - f, o = (int64_t)l * x->B + f;
+  const int64_t sho[3] = {n, x->H, x->D}, shl[2] = {n, x->H};
+  da_tensor_t to, tl;
+  da_tensor_make(&to, c->out + (size_t)(o * x->H * x->D) * x->es, (da_dtype_t)x->dt, 3, sho);
+  da_tensor_make(&tl, c->lse + o * x->H, DA_FLOAT32, 2, shl);
+  DA_CHECK(da_offload_wait(x->off, c->slot[l * x->nmb + m], &to, &tl));
+  da_offload_stats_t os;
+  da_offload_get_stats(x->off, &os);
+  if (it < x->W) return DA_SUCCESS;
+  latencies_t *lt = &x->lat;
+  lt->send[lt->n] = os.send_s, lt->attn[lt->n] = os.attn_s, lt->red[lt->n] = os.reduce_s, lt->recv[lt->n] = os.recv_s;
+  lt->tot[lt->n++] = os.total_s;
+  lt->net_bytes += (double)os.net_bytes, lt->kv_bytes += (double)os.kv_bytes;
+  return DA_SUCCESS;
+}
+
+/* Layer l of micro-batch m: the emulated compute, then the new token's q, k, v sent off. */
+static da_status_t post(orun_t *x, cbufs_t *c, int64_t it, int l, int64_t m) {
+  const int64_t f = m * x->nmax, n = f + x->nmax <= x->B ? x->nmax : x->B - f;
+  emulate_compute(x->off, c->per_mb);
+  for (int64_t i = 0; i < n; i++)
+    gen_token(da_verify_seed((uint64_t)x->o.seed, stream_of(x, l, f + i)), x->lens[f + i] + it, x->H, (int)x->G, x->D,
+              x->dt, c->q, c->k, c->v, i, c->tmp);
+  const int64_t shq[3] = {n, x->H, x->D}, shk[3] = {n, x->G, x->D};
+  da_tensor_t tq, tk, tv;
+  da_tensor_make(&tq, c->q, (da_dtype_t)x->dt, 3, shq);
+  da_tensor_make(&tk, c->k, (da_dtype_t)x->dt, 3, shk), da_tensor_make(&tv, c->v, (da_dtype_t)x->dt, 3, shk);
+  return da_offload_start(x->off, l, f, &tq, &tk, &tv, &c->slot[l * x->nmb + m]);
+}
+
+/* One step: every layer of every micro-batch, layer l + 1 of a micro-batch posted once its layer l
+ * is back, so the next micro-batch's compute overlaps it. Stops early when another rank of the
+ * job gave up (*gave_up: its rank). */
+static da_status_t step_layers(orun_t *x, cbufs_t *c, int64_t it, int *gave_up) {
+  for (int l = 0; l <= x->L; l++)
+    for (int64_t m = 0; m < x->nmb; m++) {
+      if (l > 0) DA_CHECK(collect(x, c, it, l - 1, m));
+      if (l == x->L) continue;
+      if ((*gave_up = da_fault_notice()) >= 0) return DA_SUCCESS;
+      DA_CHECK(post(x, c, it, l, m));
+    }
+  return DA_SUCCESS;
+}
+
+/* Another group's failure ends the job: cancel this group's offload, so its memory ranks say why
+ * they stop, and join the roll call. */
+static _Noreturn void cancel_group(orun_t *x, int64_t it, int gave_up) {
+  char why[160];
+  snprintf(why, sizeof why, "rank %d of the job gave up waiting for a peer (its message says which)", gave_up);
+  fprintf(stderr, "distattn decode: rank %d: step %lld: %s: cancelling the offload of group %d\n", g_rank,
+          (long long)it, why, x->info.group);
+  da_status_t cs = da_offload_cancel(x->off, why);
+  if (cs != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: cancel: %s\n", g_rank, da_last_error(x->ctx));
+  da_fault_abort("offload");
+}
+
+/* Keep the outputs of timed step it that were sampled for verification. */
+static void keep_samples(orun_t *x, const cbufs_t *c, int64_t it) {
+  for (int64_t i = 0; i < x->R; i++) {
+    sample_t *sm = &x->samples[i];
+    if (sm->step != it - x->W) continue;
+    const int64_t o = sm->layer * x->B + sm->b;
+    sm->qpos = x->lens[sm->b] + it;
+    memcpy(sm->out, c->out + (size_t)(o * x->H * x->D) * x->es, (size_t)(x->H * x->D) * x->es);
+    memcpy(sm->lse, c->lse + o * x->H, (size_t)x->H * sizeof(float));
+  }
+}
+
+static da_status_t compute_loop(orun_t *x) {
+  const int H = x->H, D = x->D, L = x->L;
+  const int64_t B = x->B, G = x->G;
+  const size_t es = x->es;
+  cbufs_t c = {.q = malloc((size_t)(B * H * D) * es),
+               .k = malloc((size_t)(B * G * D) * es),
+               .v = malloc((size_t)(B * G * D) * es),
+               .out = malloc((size_t)(L * B * H * D) * es),
+               .lse = malloc((size_t)(L * B * H) * sizeof(float)),
+               .tmp = malloc((size_t)D * sizeof(float)),
+               .slot = malloc((size_t)(L * x->nmb) * sizeof(int)),
+               .per_mb = x->o.layer_ms * 1e-3 / (double)x->nmb};
+  da_status_t st = DA_SUCCESS;
+  for (int64_t it = 0; it < x->NS; it++) {
+    const double t0 = MPI_Wtime();
+    int gave_up = -1; /* a rank of the job that gave up waiting (another group's failure) */
+    st = step_layers(x, &c, it, &gave_up);
+    if (st != DA_SUCCESS) {
+      fprintf(stderr, "distattn decode: rank %d: step %lld: %s\n", g_rank, (long long)it, da_last_error(x->ctx));
+      break;
+    }
+    if (gave_up >= 0) cancel_group(x, it, gave_up);
+    if (it < x->W) continue;
+    x->t_step[it - x->W] = MPI_Wtime() - t0;
+    keep_samples(x, &c, it);
+  }
+  /* after a timeout the group is broken: nothing more can be said to it */
+  da_status_t s2 = st == DA_ERR_TIMEOUT ? DA_SUCCESS : da_offload_stop(x->off);
+  if (st == DA_SUCCESS) st = s2;
+  free(c.q), free(c.k), free(c.v), free(c.out), free(c.lse), free(c.tmp), free(c.slot);
+  return st;
+}
+
+/* ---- baseline: the same loop with the cache on the compute rank (no offload) ---- */
+
+typedef struct local_decode {
+  da_comm_t *self;
+  da_kvcache_t *cache;
+  da_decode_plan_t *plan;
+  char *q, *k, *v, *o; /* [L * B] rows: every layer's sequences */
+  float *tmp;
+  int64_t *ntok;
+} local_decode_t;
+
+/* One step of the local loop: per layer the emulated compute and the new token appended; then one
+ * decode over all L * B streams (a plan over them decodes every layer at once, so the q of the
+ * other layers' streams is that of their current last token: cost counted). */
+static da_status_t baseline_step(const orun_t *x, local_decode_t *ld, int64_t it) {
+  const int L = x->L;
+  const int64_t B = x->B, LB = (int64_t)L * B;
+  da_status_t bs = DA_SUCCESS;
+  for (int l = 0; l < L && bs == DA_SUCCESS; l++) {
+    emulate_compute(NULL, x->o.layer_ms * 1e-3);
+    for (int64_t s = 0; s < LB; s++) ld->ntok[s] = s / B == l;
+    for (int64_t b = 0; b < B; b++)
+      gen_token(da_verify_seed((uint64_t)x->o.seed, stream_of(x, l, b)), x->lens[b] + it, x->H, (int)x->G, x->D, x->dt,
+                ld->q, ld->k, ld->v, (int64_t)l * B + b, ld->tmp);
+    da_tensor_t tk, tv;
+    const int64_t shk[3] = {LB, x->G, x->D};
+    da_tensor_make(&tk, ld->k, (da_dtype_t)x->dt, 3, shk), da_tensor_make(&tv, ld->v, (da_dtype_t)x->dt, 3, shk);
+    bs = da_kvcache_append(ld->cache, ld->ntok, &tk, &tv);
+    if (bs == DA_SUCCESS && l == L - 1) {
+      da_tensor_t tq, to;
+      const int64_t shq[3] = {LB, x->H, x->D};
+      da_tensor_make(&tq, ld->q, (da_dtype_t)x->dt, 3, shq), da_tensor_make(&to, ld->o, (da_dtype_t)x->dt, 3, shq);
+      bs = da_decode_step(ld->plan, ld->cache, &tq, &to, NULL, NULL);
+    }
+  }
+  return bs;
+}
+
+/* A compute rank's tokens/s without offload: its cache, filled as the memory ranks fill theirs. */
+static void run_baseline(orun_t *x) {
+  const int64_t LB = (int64_t)x->L * x->B, rowq = (int64_t)x->H * x->D, rowk = x->G * x->D;
+  local_decode_t ld = {0};
+  da_problem_t pl = x->prob;
+  pl.batch = LB;
+  da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
+  kc.page = x->o.page;
+  da_decode_config_t dc = DA_DECODE_CONFIG_INITIALIZER;
+  da_status_t bs = da_comm_create(x->ctx, MPI_COMM_SELF, &ld.self);
+  if (bs == DA_SUCCESS) bs = da_kvcache_create(ld.self, &pl, &kc, &ld.cache);
+  if (bs == DA_SUCCESS) bs = da_decode_plan_create(ld.self, &pl, &dc, &ld.plan);
+  if (bs == DA_SUCCESS) bs = fill_cache(x, ld.cache);
+  ld.q = malloc((size_t)(LB * rowq) * x->es), ld.k = malloc((size_t)(LB * rowk) * x->es);
+  ld.v = malloc((size_t)(LB * rowk) * x->es), ld.o = malloc((size_t)(LB * rowq) * x->es);
+  ld.tmp = malloc((size_t)x->D * sizeof(float));
+  ld.ntok = calloc((size_t)LB, sizeof *ld.ntok);
+  double t_all = 0;
+  for (int64_t it = 0; it < x->NS && bs == DA_SUCCESS; it++) {
+    const double t0 = MPI_Wtime();
+    bs = baseline_step(x, &ld, it);
+    if (it >= x->W) t_all += MPI_Wtime() - t0;
+  }
+  if (bs != DA_SUCCESS)
+    fprintf(stderr, "distattn decode: rank %d: baseline: %s\n", g_rank, da_last_error(x->ctx));
+  else
+    x->base_tps = (double)(x->B * x->T) / t_all;
+  free(ld.q), free(ld.k), free(ld.v), free(ld.o), free(ld.tmp), free(ld.ntok);
+  da_decode_plan_free(ld.plan), da_kvcache_free(ld.cache), da_comm_free(ld.self);
+}
+
+/* Collective (--baseline): the compute ranks whose cache fits --mem-budget run it; memory ranks
+ * wait without spinning. */
+static void baseline(orun_t *x) {
+  if (!x->o.baseline) return;
+  if (!x->is_mem) {
+    if (x->o.budget > 0 && x->kv_local > (double)x->o.budget)
+      x->base_refused = 1;
+    else
+      run_baseline(x);
+  }
+  quiet_barrier();
+}
+
+/* ---- verify: the sampled rows of the compute ranks against float64 ---- */
+
+/* Collective: x->vs (rows, wrong) summed and x->vmax (abs, rel error) maxed over ranks. */
+static void verify_samples(orun_t *x) {
+  x->vs[0] = x->vs[1] = 0;
+  x->vmax[0] = x->vmax[1] = 0;
+  if (!x->is_mem) {
+    const int H = x->H, D = x->D;
+    const double tol = x->dt == DA_FLOAT32 ? 1e-4 : 2e-2;
+    da_vprob_t vp = {.B = (int64_t)x->info.ngroups * x->L * x->B, .S = x->o.context, .seed = (uint64_t)x->o.seed};
+    vp.kp.H = H, vp.kp.G = (int)x->G, vp.kp.D = D, vp.kp.scale = (float)(1.0 / sqrt((double)D));
+    vp.kp.dtype = (da_dtype_t)x->dt, vp.kp.mask.flags = DA_MASK_NONE, vp.kp.nthreads = x->nth;
+    double *ro = malloc((size_t)(H * D) * sizeof(double)), *rl = malloc((size_t)H * sizeof(double));
+    for (int64_t i = 0; i < x->R; i++) {
+      const sample_t *sm = &x->samples[i];
+      da_vprob_t v1 = vp;
+      v1.S = sm->qpos + 1;
+      if (da_verify_fwd_row(&v1, stream_of(x, (int)sm->layer, sm->b), sm->qpos, ro, rl)) break;
+      x->vs[0]++;
+      for (int h = 0; h < H; h++) {
+        double ae = 0, rel = da_verify_rel(sm->out, (da_dtype_t)x->dt, (int64_t)h * D, ro + h * D, D, &ae);
+        double lrel = fabs((double)sm->lse[h] - rl[h]) / fmax(1.0, fabs(rl[h]));
+        if (!(rel <= tol) || !(lrel <= tol)) x->vs[1]++;
+        x->vmax[0] = fmax(x->vmax[0], ae), x->vmax[1] = fmax(x->vmax[1], fmax(rel, lrel));
+      }
+    }
+    free(ro), free(rl);
+  }
+  MPI_Allreduce(MPI_IN_PLACE, x->vs, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, x->vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+}
+
+/* ---- report ---- */
+
+/* Collective: per compute rank, then max (times) / sum (bytes, tokens) over compute ranks. */
+static figures_t reduce_figures(orun_t *x) {
+  figures_t fg = {{0}, {0}, 0, 0, 0, 0};
+  const latencies_t *lt = &x->lat;
+  const int64_t T = x->T;
+  if (!x->is_mem && lt->n > 0) {
+    double tt = 0;
+    for (int64_t s = 0; s < T; s++) tt += x->t_step[s];
+    fg.med[0] = da_median(lt->send, lt->n), fg.med[1] = da_median(lt->attn, lt->n);
+    fg.med[2] = da_median(lt->red, lt->n), fg.med[3] = da_median(lt->recv, lt->n),
+    fg.med[4] = da_median(lt->tot, lt->n);
+    fg.sum[0] = lt->net_bytes / (double)T, fg.sum[1] = lt->kv_bytes / (double)T, fg.sum[2] = (double)(x->B * T) / tt;
+    fg.sum[3] = isnan(x->base_tps) ? 0 : x->base_tps;
+  }
+  double step_p99 = 0;
+  if (!x->is_mem) fg.step_med = da_median(x->t_step, T), step_p99 = da_p99(x->t_step, T);
+  fg.med[5] = step_p99;
+  MPI_Allreduce(MPI_IN_PLACE, fg.med, 6, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, fg.sum, 4, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, &fg.step_med, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  fg.refused_any = da_mpi_max_int(x->base_refused);
+  fg.ratio = fg.sum[1] > 0 ? fg.sum[0] / fg.sum[1] : NAN;
+  fg.lamina = 2.0 / (double)x->o.context;
+  return fg;
+}
+
+static void print_table(const orun_t *x, const figures_t *fg) {
+  static const char *const names[] = {"ranks",   "context",   "batch",   "heads",   "kv",     "dim",
+                                      "layers",  "mb",        "steps",   "med_ms",  "p99_ms", "send_ms",
+                                      "attn_ms", "red_ms",    "recv_ms", "net_KB",  "kv_MB",  "net/kv",
+                                      "tok/s",   "tok/s_loc", "rows",    "max_rel", "wrong"};
+  static const int widths[] = {6, 9, 5, 5, 3, 4, 6, 3, 5, 9, 9, 8, 8, 8, 8, 9, 9, 9, 9, 9, 5, 9, 6};
+  char ranks[32];
+  snprintf(ranks, sizeof ranks, "%d+%d", x->info.ncompute, x->info.nmemory);
+  da_table_t tb;
+  da_table_init(&tb, stdout, 23, names, widths);
+  da_table_print_header(&tb);
+  da_table_str(&tb, ranks), da_table_int(&tb, x->o.context), da_table_int(&tb, x->B), da_table_int(&tb, x->H);
+  da_table_int(&tb, x->G), da_table_int(&tb, x->D), da_table_int(&tb, x->L), da_table_int(&tb, x->nmb);
+  da_table_int(&tb, x->T);
+  da_table_dbl(&tb, fg->step_med * 1e3, 3, 0), da_table_dbl(&tb, fg->med[5] * 1e3, 3, 0);
+  for (int i = 0; i < 4; i++) da_table_dbl(&tb, fg->med[i] * 1e3, 3, 0);
+  da_table_dbl(&tb, fg->sum[0] / 1024.0, 2, 0), da_table_dbl(&tb, fg->sum[1] / 1048576.0, 2, 0);
+  da_table_dbl(&tb, fg->ratio, 2, 1), da_table_dbl(&tb, fg->sum[2], 1, 0);
+  if (x->o.baseline && !fg->refused_any)
+    da_table_dbl(&tb, fg->sum[3], 1, 0);
+  else
+    da_table_str(&tb, fg->refused_any ? "no-fit" : "-");
+  da_table_int(&tb, x->vs[0]), da_table_dbl(&tb, x->R ? x->vmax[1] : NAN, 2, 1), da_table_int(&tb, x->vs[1]);
+  da_table_end_row(&tb);
+  da_report_line(stdout,
+                 "per request (layer x micro-batch), median: send %.3f, remote attention %.3f, reduce %.3f, "
+                 "receive %.3f ms (total %.3f ms)",
+                 fg->med[0] * 1e3, fg->med[1] * 1e3, fg->med[2] * 1e3, fg->med[3] * 1e3, fg->med[4] * 1e3);
+  da_report_line(stdout, "network bytes / KV bytes read = %.3g (Lamina's estimate 2/L = %.3g at L = %lld)", fg->ratio,
+                 fg->lamina, (long long)x->o.context);
+  if (x->o.baseline)
+    da_report_line(stdout, "without offload: %s",
+                   fg->refused_any ? "refused on a compute rank: its KV cache exceeds --mem-budget"
+                                   : "tok/s_loc = the same loop with the cache on the compute rank");
+}
+
+/* The JSON record (--json), appended by rank 0. 0 on success. */
+static int json_record(const orun_t *x, const figures_t *fg) {
+  da_json_t j;
+  da_json_begin(&j);
+  da_json_str(&j, "cmd", "decode"), da_json_str(&j, "algo", "offload");
+  da_json_int(&j, "ranks", g_size), da_json_int(&j, "compute_ranks", x->info.ncompute);
+  da_json_int(&j, "memory_ranks", x->info.nmemory);
+  da_json_int(&j, "context", x->o.context), da_json_int(&j, "batch", x->B), da_json_int(&j, "heads", x->H);
+  da_json_int(&j, "kv_heads", x->G), da_json_int(&j, "dim", x->D), da_json_str(&j, "mask", "causal");
+  da_json_str(&j, "dtype", dtype_names[x->dt]), da_json_str(&j, "device", "cpu");
+  da_json_int(&j, "layers", x->L), da_json_int(&j, "microbatches", x->nmb);
+  da_json_dbl(&j, "layer_compute_ms", x->o.layer_ms), da_json_int(&j, "steps", x->T);
+  da_json_dbl(&j, "step_median_s", fg->step_med), da_json_dbl(&j, "step_p99_s", fg->med[5]);
+  da_json_dbl(&j, "send_median_s", fg->med[0]), da_json_dbl(&j, "remote_attention_median_s", fg->med[1]);
+  da_json_dbl(&j, "reduce_median_s", fg->med[2]), da_json_dbl(&j, "receive_median_s", fg->med[3]);
+  da_json_dbl(&j, "request_median_s", fg->med[4]);
+  da_json_dbl(&j, "net_bytes_per_step", fg->sum[0]), da_json_dbl(&j, "kv_bytes_per_step", fg->sum[1]);
+  da_json_dbl(&j, "net_over_kv", fg->ratio), da_json_dbl(&j, "lamina_2_over_L", fg->lamina);
+  da_json_dbl(&j, "tokens_per_s", fg->sum[2]);
+  if (x->o.baseline && !fg->refused_any)
+    da_json_dbl(&j, "tokens_per_s_local", fg->sum[3]);
+  else
+    da_json_str(&j, "tokens_per_s_local", NULL);
+  da_json_int(&j, "verify_rows", x->vs[0]);
+  da_json_dbl(&j, "max_abs_err", x->R ? x->vmax[0] : NAN), da_json_dbl(&j, "max_rel_err", x->R ? x->vmax[1] : NAN);
+  da_json_int(&j, "wrong", x->vs[1]);
+  da_json_common(&j, NULL);
+  int rc = da_json_append(&j, x->o.json);
+  da_json_free(&j);
+  return rc;
+}
+
+/* Collective: the figures, rank 0's table, record and footer; the exit code every rank agrees on. */
+static int report(orun_t *x) {
+  const figures_t fg = reduce_figures(x);
+  int rc = 0;
+  if (g_rank == 0) {
+    print_table(x, &fg);
+    if (x->o.json && json_record(x, &fg)) rc = 1;
+    if (da_report_footer(stdout, x->vs[1], rc == 0)) rc = rc ? rc : 1;
+    fflush(stdout);
+  }
+  if (x->vs[1] > 0 && !rc) rc = 1;
+  return da_mpi_max_int(rc);
+}
+
+static void orun_free(orun_t *x) {
+  for (int64_t i = 0; x->samples && i < x->R; i++) free(x->samples[i].out), free(x->samples[i].lse);
+  free(x->samples), free(x->t_step);
+  free(x->lat.send), free(x->lat.attn), free(x->lat.red), free(x->lat.recv), free(x->lat.tot);
+  da_offload_free(x->off);
+  da_comm_free(x->wcomm);
+  da_context_free(x->ctx);
+  free(x->lens);
+}
+
 int da_cmd_offload(int argc, char **argv) {
   int inited = 0;
   MPI_Initialized(&inited);
   if (!inited) MPI_Init(NULL, NULL);
   MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
   MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-
-  int offload = 0, role = -1, dtype = 0, baseline = 0;
-  int64_t context = 0, heads = 0, kv_heads = 0, dim = 0, batch = 1, steps = 8, warmup = 1, verify = 4, page = 256;
-  int64_t seed = 1, threads = 0, layers = 1, micro = 1, budget = 0;
-  double layer_ms = 0, timeout = 0;
-  const char *lengths = NULL, *json = NULL;
-  da_opt_t opts[] = {
-      {.name = "offload", .type = DA_OPT_FLAG, .dest = &offload, .help = "offload attention to memory ranks"},
-      {.name = "role", .type = DA_OPT_ENUM, .dest = &role, .help = "this rank's role (required with --offload)",
-       .choices = role_names},
-      {.name = "mem-budget", .type = DA_OPT_SIZE, .dest = &budget,
-       .help = "bytes of KV cache this rank may hold (0 = free memory from sysinfo)", .min = 0, .max = 1LL << 50},
-      {.name = "context", .type = DA_OPT_SIZE, .dest = &context, .help = "tokens per sequence before the first step",
-       .min = 1, .max = 1LL << 34},
-      {.name = "lengths", .type = DA_OPT_STRING, .dest = &lengths, .metavar = "L1,L2,..",
-       .help = "per-sequence context lengths (B values)"},
-      {.name = "heads", .type = DA_OPT_INT, .dest = &heads, .help = "query heads H (required)", .min = 1, .max = 65536},
-      {.name = "kv-heads", .type = DA_OPT_INT, .dest = &kv_heads, .help = "KV heads G (0 = H)", .min = 0, .max = 65536},
-      {.name = "dim", .type = DA_OPT_INT, .dest = &dim, .help = "head dim D (required)", .min = 1, .max = 4096},
-      {.name = "batch", .type = DA_OPT_INT, .dest = &batch, .help = "sequences per compute rank", .min = 1, .max = 1 << 20},
-      {.name = "layers", .type = DA_OPT_INT, .dest = &layers, .help = "model layers (one KV cache each)", .min = 1,
-       .max = 1024},
-      {.name = "microbatches", .type = DA_OPT_INT, .dest = &micro,
-       .help = "micro-batches per step (pipelining: 1 = none)", .min = 1, .max = 1 << 20},
-      {.name = "layer-compute", .type = DA_OPT_DOUBLE, .dest = &layer_ms,
-       .help = "emulated compute per layer per step for the whole batch (ms)", .dmin = 0, .dmax = 1e6},
-      {.name = "baseline", .type = DA_OPT_FLAG, .dest = &baseline,
-       .help = "also decode locally on the compute ranks (tokens/s without offload), when it fits --mem-budget"},
-      {.name = "steps", .type = DA_OPT_INT, .dest = &steps, .help = "timed steps", .min = 1, .max = 1 << 20},
-      {.name = "warmup", .type = DA_OPT_INT, .dest = &warmup, .help = "untimed steps first", .min = 0, .max = 1 << 20},
-      {.name = "verify", .type = DA_OPT_INT, .dest = &verify, .help = "sampled rows checked in float64", .min = 0,
-       .max = 1 << 20},
-      {.name = "page", .type = DA_OPT_SIZE, .dest = &page, .help = "tokens per KV page", .min = 1, .max = 1LL << 30},
-      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &dtype, .help = "storage dtype", .choices = dtype_names},
-      {.name = "seed", .type = DA_OPT_INT, .dest = &seed, .help = "seed of the inputs", .min = 0, .max = INT64_MAX},
-      {.name = "threads", .type = DA_OPT_INT, .dest = &threads, .help = "kernel threads per rank (0 = 1)", .min = 0,
-       .max = 4096},
-      {.name = "json", .type = DA_OPT_STRING, .dest = &json, .metavar = "FILE", .help = "append one JSON object"},
-      {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &timeout, .help = "seconds to wait for a peer", .dmin = 0,
-       .dmax = 1e6},
-      {0},
-  };
-  da_cmdspec_t cmd = {.name = "decode --offload",
-                      .summary = "decode with attention offloaded to memory ranks (Lamina): give each rank --role",
-                      .opts = opts};
-  /* Ranks of different roles have different command lines: each parses its own and speaks for
-   * itself. */
-  int prc = da_args_parse(&cmd, argc, argv);
-  int64_t G = kv_heads ? kv_heads : heads;
-  int64_t *lens = calloc((size_t)batch, sizeof *lens);
-  if (prc == DA_ARGS_OK) {
-    if (!da_args_find(opts, "context")->given && !lengths) prc = da_args_error(&cmd, "--context is required");
-    else if (!heads || !dim) prc = da_args_error(&cmd, "--heads and --dim are required");
-    else if (heads % G) prc = da_args_error(&cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)heads, (long long)G);
-    else if (lengths && da_parse_size_list(lengths, lens, batch))
-      prc = da_args_error(&cmd, "--lengths '%s': expected %lld sizes", lengths, (long long)batch);
-    else if (json && da_json_check_path(json)) prc = DA_ARGS_USAGE;
-    if (prc == DA_ARGS_OK && !lengths)
-      for (int64_t b = 0; b < batch; b++) lens[b] = context;
-    if (lengths) context = lens[0];
+  orun_t x;
+  memset(&x, 0, sizeof x);
+  int rc = parse_and_agree(&x, argc, argv);
+  if (rc < 0) rc = setup(&x);
+  if (rc == 0) rc = fill_memory(&x);
+  if (rc == 0) {
+    print_layout(&x);
+    alloc_results(&x);
+    MPI_Barrier(MPI_COMM_WORLD);
+    const da_status_t st = x.is_mem ? serve_memory(&x) : compute_loop(&x);
+    if (da_mpi_max_int(st != DA_SUCCESS)) rc = 1;
   }
-  prc = da_mpi_max_int(prc);
-  if (prc != DA_ARGS_OK) {
-    free(lens);
-    MPI_Finalize();
-    return prc == DA_ARGS_HELP ? 0 : 2;
+  if (rc == 0) {
+    baseline(&x);
+    verify_samples(&x);
+    rc = report(&x);
   }
-  if (!offload && g_rank == 0) fprintf(stderr, "distattn decode: --role given: running with --offload\n");
-
-  const int H = (int)heads, D = (int)dim, L = (int)layers, dt = dtype;
-  const int64_t B = batch, T = steps, W = warmup, NS = T + W;
-  const size_t es = da_dtype_size((da_dtype_t)dt);
-  const int nth = threads ? (int)threads : 1;
-  int rc = 0;
-  da_context_t *ctx = NULL;
-  da_comm_t *wcomm = NULL;
-  da_offload_t *off = NULL;
-  da_config_t ccfg = DA_CONFIG_INITIALIZER;
-  ccfg.nthreads = nth;
-  da_status_t st = da_context_create(&ccfg, &ctx);
-  da_problem_t prob = DA_PROBLEM_INITIALIZER;
-  prob.batch = B, prob.seq = context, prob.heads = H, prob.kv_heads = G, prob.dim = D, prob.dtype = (da_dtype_t)dt;
-  prob.mask = DA_MASK_CAUSAL;
-  da_offload_config_t ocfg = DA_OFFLOAD_CONFIG_INITIALIZER;
-  ocfg.page = page, ocfg.layers = L, ocfg.microbatches = (int)micro, ocfg.mem_budget = (double)budget;
-  ocfg.timeout = timeout;
-  if (st == DA_SUCCESS) st = da_comm_create(ctx, MPI_COMM_WORLD, &wcomm);
-  if (st == DA_SUCCESS) st = da_offload_create(wcomm, role < 0 ? DA_ROLE_NONE : (da_role_t)role, &prob, &ocfg, &off);
-  if (da_mpi_max_int(st != DA_SUCCESS)) { /* role errors reach every rank: each says it */
-    fprintf(stderr, "distattn decode: rank %d: offload: %s: %s\n", g_rank, da_status_string(st), da_last_error(ctx));
-    rc = st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH ? 2 : 1;
-    goto out_early;
-  }
-  da_offload_info_t info;
-  da_offload_get_info(off, &info);
-  const int is_mem = info.role == DA_ROLE_MEMORY;
-  int64_t *fin = malloc((size_t)B * sizeof *fin);
-  for (int64_t b = 0; b < B; b++) fin[b] = lens[b] + NS;
-  double max_shard = 0;
-  st = da_offload_check_fit(off, fin, &max_shard);
-  if (st != DA_SUCCESS) {
-    if (g_rank == 0) fprintf(stderr, "distattn decode: %s\n", da_last_error(ctx));
-    rc = 2;
-    free(fin);
-    goto out;
-  }
-  const double kv_local = da_offload_kv_bytes(&prob, L, fin); /* one compute rank's KV without offload */
-  const uint64_t nstreams = (uint64_t)info.ngroups * (uint64_t)L * (uint64_t)B;
-  free(fin);
-
-  /* ---- memory ranks: fill and serve ---- */
-  double t_fill = MPI_Wtime();
-  if (is_mem) {
-    da_kvcache_t *cache = da_offload_cache(off);
-    for (int l = 0; l < L && st == DA_SUCCESS; l++)
-      for (int64_t b = 0; b < B && st == DA_SUCCESS; b++) {
-        const int64_t s = (int64_t)l * B + b, idx = ((int64_t)info.group * L + l) * B + b;
-        st = da_kvcache_prefill(cache, s, lens[b], NULL, NULL);
-        if (st == DA_SUCCESS) fill_pages(cache, s, da_verify_seed((uint64_t)seed, idx), (int)G, D, dt, nth);
-      }
-  }
-  t_fill = MPI_Wtime() - t_fill;
-  if (da_mpi_max_int(st != DA_SUCCESS)) {
-    if (st != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: prefill: %s\n", g_rank, da_last_error(ctx));
-    rc = 1;
-    goto out;
-  }
-  if (g_rank == 0) {
-    da_report_header(stdout, &cmd, nth);
-    da_report_line(stdout, "offload: %d compute + %d memory ranks, %d group%s; batch %lld per compute rank, %d layer%s, "
-                           "%lld micro-batch%s, emulated compute %.3f ms per layer", info.ncompute, info.nmemory,
-                   info.ngroups, info.ngroups == 1 ? "" : "s", (long long)B, L, L == 1 ? "" : "s", (long long)micro,
-                   micro == 1 ? "" : "es", layer_ms);
-  }
-  {
-    double mine[4] = {(double)info.role, (double)info.group, info.budget, info.share}, *all = NULL;
-    if (g_rank == 0) all = malloc((size_t)g_size * sizeof mine);
-    MPI_Gather(mine, 4, MPI_DOUBLE, all, 4, MPI_DOUBLE, 0, MPI_COMM_WORLD);
-    for (int r = 0; g_rank == 0 && all && r < g_size; r++)
-      da_report_line(stdout, " rank %3d  %-7s  group %d  budget %10.1f MiB%s", r, role_names[(int)all[4 * r]],
-                     (int)all[4 * r + 1], all[4 * r + 2] / 1048576.0,
-                     all[4 * r] == DA_ROLE_MEMORY ? "  shard share" : "");
-    if (g_rank == 0 && all) {
-      da_report_line(stdout, "kv cache: %.1f MiB per compute rank's sequences (all layers), largest memory shard %.1f MiB; "
-                             "filled in %.2f s", kv_local / 1048576.0, max_shard / 1048576.0, t_fill);
-    }
-    free(all);
-    fflush(stdout);
-  }
-
-  /* ---- compute ranks: the pipelined model loop ---- */
-  const int64_t nmax = (B + micro - 1) / micro, nmb = (B + nmax - 1) / nmax;
-  const int64_t R = verify < T * L * B ? verify : T * L * B;
-  sample_t *samples = calloc((size_t)(R ? R : 1), sizeof *samples);
-  double *t_step = calloc((size_t)T, sizeof *t_step);
-  const int64_t nreq = T * L * nmb;
-  double *r_send = calloc((size_t)nreq + 1, 8), *r_attn = calloc((size_t)nreq + 1, 8), *r_red = calloc((size_t)nreq + 1, 8),
-         *r_recv = calloc((size_t)nreq + 1, 8), *r_tot = calloc((size_t)nreq + 1, 8);
-  double net_bytes = 0, kv_bytes = 0;
-  int64_t nr = 0;
-  for (int64_t i = 0; i < R; i++) {
-    int64_t idx = R == 1 ? T * L * B - 1 : i * (T * L * B - 1) / (R - 1);
-    samples[i].step = idx / (L * B), samples[i].layer = (idx / B) % L, samples[i].b = idx % B;
-    samples[i].out = malloc((size_t)(H * D) * es), samples[i].lse = malloc((size_t)H * sizeof(float));
-  }
-  MPI_Barrier(MPI_COMM_WORLD);
-  if (is_mem) {
-    st = da_offload_serve(off);
-    if (st != DA_SUCCESS) {
-      da_offload_stats_t os;
-      da_offload_get_stats(off, &os);
-      const int64_t per_step = (int64_t)L * nmb, done = (int64_t)os.requests;
-      fprintf(stderr, "distattn decode: rank %d: step %lld: serve: %s\n", g_rank,
-              (long long)(done / per_step), da_last_error(ctx));
-      /* the compute rank cancelled because the job is ending: join the roll call now */
-      if (st == DA_ERR_REMOTE) da_fault_abort("offload");
-    }
-  } else {
-    char *q = malloc((size_t)(B * H * D) * es), *k = malloc((size_t)(B * G * D) * es), *v = malloc((size_t)(B * G * D) * es);
-    char *out = malloc((size_t)(L * B * H * D) * es);
-    float *lse = malloc((size_t)(L * B * H) * sizeof(float)), *tmp = malloc((size_t)D * sizeof(float));
-    int *slot = malloc((size_t)(L * nmb) * sizeof *slot);
-    const double per_mb = layer_ms * 1e-3 / (double)nmb;
-    int gave_up = -1; /* a rank of the job that gave up waiting (another group's failure) */
-    for (int64_t it = 0; it < NS && st == DA_SUCCESS && gave_up < 0; it++) {
-      const double t0 = MPI_Wtime();
-      for (int l = 0; l <= L && st == DA_SUCCESS && gave_up < 0; l++)
-        for (int64_t m = 0; m < nmb && st == DA_SUCCESS && gave_up < 0; m++) {
-          const int64_t f = m * nmax, n = f + nmax <= B ? nmax : B - f;
-          if (l > 0) { /* layer l of micro-batch m needs its attention of layer l - 1 */
-            const int64_t o = (int64_t)(l - 1) * B + f, sho[3] = {n, H, D}, shl[2] = {n, H};
-            da_tensor_t to, tl;
-            da_tensor_make(&to, out + (size_t)(o * H * D) * es, (da_dtype_t)dt, 3, sho);
-            da_tensor_make(&tl, lse + o * H, DA_FLOAT32, 2, shl);
-            st = da_offload_wait(off, slot[(l - 1) * nmb + m], &to, &tl);
-            if (st != DA_SUCCESS) break;
-            da_offload_stats_t os;
-            da_offload_get_stats(off, &os);
-            if (it >= W) {
-              r_send[nr] = os.send_s, r_attn[nr] = os.attn_s, r_red[nr] = os.reduce_s, r_recv[nr] = os.recv_s;
-              r_tot[nr++] = os.total_s;
-              net_bytes += (double)os.net_bytes, kv_bytes += (double)os.kv_bytes;
-            }
-          }
-          if (l == L) continue;
-          if ((gave_up = da_fault_notice()) >= 0) break;
-          emulate_compute(off, per_mb);
-          for (int64_t i = 0; i < n; i++) {
-            const int64_t b = f + i, idx = ((int64_t)info.group * L + l) * B + b;
-            gen_token(da_verify_seed((uint64_t)seed, idx), lens[b] + it, H, (int)G, D, dt, q, k, v, i, tmp);
-          }
-          const int64_t shq[3] = {n, H, D}, shk[3] = {n, G, D};
-          da_tensor_t tq, tk, tv;
-          da_tensor_make(&tq, q, (da_dtype_t)dt, 3, shq);
-          da_tensor_make(&tk, k, (da_dtype_t)dt, 3, shk), da_tensor_make(&tv, v, (da_dtype_t)dt, 3, shk);
-          st = da_offload_start(off, l, f, &tq, &tk, &tv, &slot[l * nmb + m]);
-        }
-      if (st != DA_SUCCESS) {
-        fprintf(stderr, "distattn decode: rank %d: step %lld: %s\n", g_rank, (long long)it, da_last_error(ctx));
-        break;
-      }
-      if (gave_up >= 0) {
-        char why[160];
-        snprintf(why, sizeof why, "rank %d of the job gave up waiting for a peer (its message says which)", gave_up);
-        fprintf(stderr, "distattn decode: rank %d: step %lld: %s: cancelling the offload of group %d\n", g_rank,
-                (long long)it, why, info.group);
-        da_status_t cs = da_offload_cancel(off, why);
-        if (cs != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: cancel: %s\n", g_rank, da_last_error(ctx));
-        da_fault_abort("offload");
-      }
-      if (it < W) continue;
-      t_step[it - W] = MPI_Wtime() - t0;
-      for (int64_t i = 0; i < R; i++)
-        if (samples[i].step == it - W) {
-          const int64_t o = samples[i].layer * B + samples[i].b;
-          samples[i].qpos = lens[samples[i].b] + it;
-          memcpy(samples[i].out, out + (size_t)(o * H * D) * es, (size_t)(H * D) * es);
-          memcpy(samples[i].lse, lse + o * H, (size_t)H * sizeof(float));
-        }
-    }
-    /* after a timeout the group is broken: nothing more can be said to it */
-    da_status_t s2 = st == DA_ERR_TIMEOUT ? DA_SUCCESS : da_offload_stop(off);
-    if (st == DA_SUCCESS) st = s2;
-    free(q), free(k), free(v), free(out), free(lse), free(tmp), free(slot);
-  }
-  if (da_mpi_max_int(st != DA_SUCCESS)) {
-    rc = 1;
-    goto out;
-  }
-
-  /* ---- baseline: the same loop with the cache on the compute rank (no offload) ---- */
-  double base_tps = NAN;
-  int base_refused = 0;
-  if (baseline) {
-    if (!is_mem) {
-      if (budget > 0 && kv_local > (double)budget) {
-        base_refused = 1;
-      } else {
-        da_comm_t *self = NULL;
-        da_kvcache_t *cache = NULL;
-        da_decode_plan_t *plan = NULL;
-        da_problem_t pl = prob;
-        pl.batch = (int64_t)L * B;
-        da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
-        kc.page = page;
-        da_status_t bs = da_comm_create(ctx, MPI_COMM_SELF, &self);
-        if (bs == DA_SUCCESS) bs = da_kvcache_create(self, &pl, &kc, &cache);
-        da_decode_config_t dc = DA_DECODE_CONFIG_INITIALIZER;
-        if (bs == DA_SUCCESS) bs = da_decode_plan_create(self, &pl, &dc, &plan);
-        for (int l = 0; l < L && bs == DA_SUCCESS; l++)
-          for (int64_t b = 0; b < B && bs == DA_SUCCESS; b++) {
-            const int64_t s = (int64_t)l * B + b, idx = ((int64_t)info.group * L + l) * B + b;
-            bs = da_kvcache_prefill(cache, s, lens[b], NULL, NULL);
-            if (bs == DA_SUCCESS) fill_pages(cache, s, da_verify_seed((uint64_t)seed, idx), (int)G, D, dt, nth);
-          }
-        char *q = malloc((size_t)(L * B * H * D) * es), *k = malloc((size_t)(L * B * G * D) * es);
-        char *v = malloc((size_t)(L * B * G * D) * es), *o = malloc((size_t)(L * B * H * D) * es);
-        float *tmp = malloc((size_t)D * sizeof(float));
-        int64_t *ntok = calloc((size_t)(L * B), sizeof *ntok);
-        double t_all = 0;
-        for (int64_t it = 0; it < NS && bs == DA_SUCCESS; it++) {
-          const double t0 = MPI_Wtime();
-          for (int l = 0; l < L && bs == DA_SUCCESS; l++) {
-            emulate_compute(NULL, layer_ms * 1e-3);
-            for (int64_t s = 0; s < L * B; s++) ntok[s] = s / B == l;
-            for (int64_t b = 0; b < B; b++) {
-              const int64_t s = (int64_t)l * B + b, idx = ((int64_t)info.group * L + l) * B + b;
-              gen_token(da_verify_seed((uint64_t)seed, idx), lens[b] + it, H, (int)G, D, dt, q, k, v, s, tmp);
-            }
-            da_tensor_t tk, tv;
-            const int64_t shk[3] = {L * B, G, D};
-            da_tensor_make(&tk, k, (da_dtype_t)dt, 3, shk), da_tensor_make(&tv, v, (da_dtype_t)dt, 3, shk);
-            bs = da_kvcache_append(cache, ntok, &tk, &tv);
-            /* decode this layer's sequences: a plan over all L * B streams would decode every layer, so
-             * the q of the other layers' streams is that of their current last token (cost counted) */
-            if (bs == DA_SUCCESS && l == L - 1) {
-              da_tensor_t tq, to;
-              const int64_t shq[3] = {L * B, H, D};
-              da_tensor_make(&tq, q, (da_dtype_t)dt, 3, shq), da_tensor_make(&to, o, (da_dtype_t)dt, 3, shq);
-              bs = da_decode_step(plan, cache, &tq, &to, NULL, NULL);
-            }
-          }
-          if (it >= W) t_all += MPI_Wtime() - t0;
-        }
-        if (bs != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: baseline: %s\n", g_rank, da_last_error(ctx));
-        else base_tps = (double)(B * T) / t_all;
-        free(q), free(k), free(v), free(o), free(tmp), free(ntok);
-        da_decode_plan_free(plan), da_kvcache_free(cache), da_comm_free(self);
-      }
-    }
-    quiet_barrier();
-  }
-
-  /* ---- verification on the compute ranks ---- */
-  int64_t vrows = 0, vwrong = 0;
-  double vmax[2] = {0, 0};
-  if (!is_mem) {
-    const double tol = dt == DA_FLOAT32 ? 1e-4 : 2e-2;
-    da_vprob_t vp = {.B = (int64_t)nstreams, .S = context, .seed = (uint64_t)seed};
-    vp.kp.H = H, vp.kp.G = (int)G, vp.kp.D = D, vp.kp.scale = (float)(1.0 / sqrt((double)D));
-    vp.kp.dtype = (da_dtype_t)dt, vp.kp.mask.flags = DA_MASK_NONE, vp.kp.nthreads = nth;
-    double *ro = malloc((size_t)(H * D) * sizeof(double)), *rl = malloc((size_t)H * sizeof(double));
-    for (int64_t i = 0; i < R; i++) {
-      sample_t *sm = &samples[i];
-      const int64_t idx = ((int64_t)info.group * L + sm->layer) * B + sm->b;
-      da_vprob_t v1 = vp;
-      v1.S = sm->qpos + 1;
-      if (da_verify_fwd_row(&v1, idx, sm->qpos, ro, rl)) break;
-      vrows++;
-      for (int h = 0; h < H; h++) {
-        double ae = 0, rel = da_verify_rel(sm->out, (da_dtype_t)dt, (int64_t)h * D, ro + h * D, D, &ae);
-        double lrel = fabs((double)sm->lse[h] - rl[h]) / fmax(1.0, fabs(rl[h]));
-        if (!(rel <= tol) || !(lrel <= tol)) vwrong++;
-        vmax[0] = fmax(vmax[0], ae), vmax[1] = fmax(vmax[1], fmax(rel, lrel));
-      }
-    }
-    free(ro), free(rl);
-  }
-  int64_t vs[2] = {vrows, vwrong};
-  MPI_Allreduce(MPI_IN_PLACE, vs, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-
-  /* ---- figures: per compute rank, then max (times) / sum (bytes, tokens) over compute ranks ---- */
-  double med[6] = {0}, sum[4] = {0};
-  if (!is_mem && nr > 0) {
-    double tt = 0;
-    for (int64_t s = 0; s < T; s++) tt += t_step[s];
-    med[0] = da_median(r_send, nr), med[1] = da_median(r_attn, nr), med[2] = da_median(r_red, nr), med[3] = da_median(r_recv, nr);
-    med[4] = da_median(r_tot, nr);
-    sum[0] = net_bytes / (double)T, sum[1] = kv_bytes / (double)T, sum[2] = (double)(B * T) / tt;
-    sum[3] = isnan(base_tps) ? 0 : base_tps;
-  }
-  double step_med = 0, step_p99 = 0;
-  if (!is_mem) step_med = da_median(t_step, T), step_p99 = da_p99(t_step, T);
-  med[5] = step_p99;
-  MPI_Allreduce(MPI_IN_PLACE, med, 6, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, sum, 4, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, &step_med, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  int refused_any = da_mpi_max_int(base_refused);
-  const double ratio = sum[1] > 0 ? sum[0] / sum[1] : NAN;
-  const double lamina = 2.0 / (double)context;
-  if (g_rank == 0) {
-    static const char *const names[] = {"ranks", "context", "batch", "heads", "kv", "dim", "layers", "mb", "steps",
-                                        "med_ms", "p99_ms", "send_ms", "attn_ms", "red_ms", "recv_ms", "net_KB",
-                                        "kv_MB", "net/kv", "tok/s", "tok/s_loc", "rows", "max_rel", "wrong"};
-    static const int widths[] = {6, 9, 5, 5, 3, 4, 6, 3, 5, 9, 9, 8, 8, 8, 8, 9, 9, 9, 9, 9, 5, 9, 6};
-    char ranks[32];
-    snprintf(ranks, sizeof ranks, "%d+%d", info.ncompute, info.nmemory);
-    da_table_t tb;
-    da_table_init(&tb, stdout, 23, names, widths);
-    da_table_print_header(&tb);
-    da_table_str(&tb, ranks), da_table_int(&tb, context), da_table_int(&tb, B), da_table_int(&tb, H);
-    da_table_int(&tb, G), da_table_int(&tb, D), da_table_int(&tb, L), da_table_int(&tb, nmb), da_table_int(&tb, T);
-    da_table_dbl(&tb, step_med * 1e3, 3, 0), da_table_dbl(&tb, med[5] * 1e3, 3, 0);
-    for (int i = 0; i < 4; i++) da_table_dbl(&tb, med[i] * 1e3, 3, 0);
-    da_table_dbl(&tb, sum[0] / 1024.0, 2, 0), da_table_dbl(&tb, sum[1] / 1048576.0, 2, 0);
-    da_table_dbl(&tb, ratio, 2, 1), da_table_dbl(&tb, sum[2], 1, 0);
-    if (baseline && !refused_any) da_table_dbl(&tb, sum[3], 1, 0);
-    else da_table_str(&tb, refused_any ? "no-fit" : "-");
-    da_table_int(&tb, vs[0]), da_table_dbl(&tb, R ? vmax[1] : NAN, 2, 1), da_table_int(&tb, vs[1]);
-    da_table_end_row(&tb);
-    da_report_line(stdout, "per request (layer x micro-batch), median: send %.3f, remote attention %.3f, reduce %.3f, "
-                           "receive %.3f ms (total %.3f ms)", med[0] * 1e3, med[1] * 1e3, med[2] * 1e3, med[3] * 1e3,
-                   med[4] * 1e3);
-    da_report_line(stdout, "network bytes / KV bytes read = %.3g (Lamina's estimate 2/L = %.3g at L = %lld)", ratio,
-                   lamina, (long long)context);
-    if (baseline)
-      da_report_line(stdout, "without offload: %s", refused_any ? "refused on a compute rank: its KV cache exceeds --mem-budget"
-                                                                : "tok/s_loc = the same loop with the cache on the compute rank");
-    if (json) {
-      da_json_t j;
-      da_json_begin(&j);
-      da_json_str(&j, "cmd", "decode");
-      da_json_str(&j, "algo", "offload");
-      da_json_int(&j, "ranks", g_size);
-      da_json_int(&j, "compute_ranks", info.ncompute);
-      da_json_int(&j, "memory_ranks", info.nmemory);
-      da_json_int(&j, "context", context);
-      da_json_int(&j, "batch", B);
-      da_json_int(&j, "heads", H);
-      da_json_int(&j, "kv_heads", G);
-      da_json_int(&j, "dim", D);
-      da_json_str(&j, "mask", "causal");
-      da_json_str(&j, "dtype", dtype_names[dt]);
-      da_json_str(&j, "device", "cpu");
-      da_json_int(&j, "layers", L);
-      da_json_int(&j, "microbatches", nmb);
-      da_json_dbl(&j, "layer_compute_ms", layer_ms);
-      da_json_int(&j, "steps", T);
-      da_json_dbl(&j, "step_median_s", step_med);
-      da_json_dbl(&j, "step_p99_s", med[5]);
-      da_json_dbl(&j, "send_median_s", med[0]);
-      da_json_dbl(&j, "remote_attention_median_s", med[1]);
-      da_json_dbl(&j, "reduce_median_s", med[2]);
-      da_json_dbl(&j, "receive_median_s", med[3]);
-      da_json_dbl(&j, "request_median_s", med[4]);
-      da_json_dbl(&j, "net_bytes_per_step", sum[0]);
-      da_json_dbl(&j, "kv_bytes_per_step", sum[1]);
-      da_json_dbl(&j, "net_over_kv", ratio);
-      da_json_dbl(&j, "lamina_2_over_L", lamina);
-      da_json_dbl(&j, "tokens_per_s", sum[2]);
-      if (baseline && !refused_any) da_json_dbl(&j, "tokens_per_s_local", sum[3]);
-      else da_json_str(&j, "tokens_per_s_local", NULL);
-      da_json_int(&j, "verify_rows", vs[0]);
-      da_json_dbl(&j, "max_abs_err", R ? vmax[0] : NAN);
-      da_json_dbl(&j, "max_rel_err", R ? vmax[1] : NAN);
-      da_json_int(&j, "wrong", vs[1]);
-      da_json_int(&j, "peak_rss_bytes", (int64_t)da_peak_rss_bytes());
-      da_json_str(&j, "hosts", da_report_hostname());
-      da_json_str(&j, "git", da_git_version());
-      if (da_json_append(&j, json)) rc = 1;
-      da_json_free(&j);
-    }
-    if (da_report_footer(stdout, vs[1], rc == 0)) rc = rc ? rc : 1;
-    fflush(stdout);
-  }
-  if (vs[1] > 0 && !rc) rc = 1;
-  rc = da_mpi_max_int(rc);
-  for (int64_t i = 0; i < R; i++) free(samples[i].out), free(samples[i].lse);
-  free(samples), free(t_step), free(r_send), free(r_attn), free(r_red), free(r_recv), free(r_tot);
-out:
-  da_offload_free(off);
-  off = NULL;
-out_early:
-  da_offload_free(off);
-  da_comm_free(wcomm);
-  da_context_free(ctx);
-  free(lens);
+  orun_free(&x);
   MPI_Finalize();
   return rc;
 }
