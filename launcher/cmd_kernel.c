@@ -171,7 +171,9 @@ static void fill(const kbench_t *b, void *x, uint32_t id, int heads) {
   }
 }
 
-/* Stratified sample of n distinct rows of [0, S): one per stratum, seeded. */
+enum { SALT_QUERY_ROWS = 3, SALT_KEY_ROWS = 7 }; /* the two samples: query rows, key rows */
+
+/* Stratified sample of n distinct rows of [0, S): one per stratum, seeded (salt: which sample). */
 static void sample_rows(int64_t S, int64_t n, uint64_t seed, uint32_t salt, int64_t *rows) {
   for (int64_t i = 0; i < n; i++) {
     int64_t lo = i * S / n, hi = (i + 1) * S / n;
@@ -649,7 +651,7 @@ static int verify_bwd(kbench_t *b, op_result_t *r) {
   int64_t *krows = malloc((size_t)n * sizeof(int64_t));
   if (delta64 && krows) {
     delta_rows64(b, delta64);
-    sample_rows(b->S, n, (uint64_t)b->seed, 7, krows);
+    sample_rows(b->S, n, (uint64_t)b->seed, SALT_KEY_ROWS, krows);
     if (verify_dq(b, delta64, &a) == 0 && verify_dkdv(b, krows, &a) == 0) rc = 0;
   }
   if (rc) fprintf(stderr, "distattn kernel: out of memory in the backward verification\n");
@@ -666,6 +668,8 @@ static int verify_bwd(kbench_t *b, op_result_t *r) {
 
 /* ------------------------------------------------------------------------------------------------
  * baselines */
+
+#define IDLE_US 50000 /* a pause before each baseline: the kernels' worker threads go idle */
 
 /* Sum of a buffer as 64-bit words, T threads, each a contiguous part: the fastest plain read the
  * machine does, to which the decode kernel's KV read rate is compared. Integer adds vectorize
@@ -1163,7 +1167,7 @@ static int run_ops(kbench_t *b) {
 
 /* Same-run baselines: sgemm of the attention's shapes (fwd, bwd), a streaming read (decode). */
 static void measure_baselines(kbench_t *b) {
-  usleep(50000); /* let the kernels' worker threads go idle */
+  usleep(IDLE_US); /* let the kernels' worker threads go idle */
   if (b->ops & ((1u << OP_FWD) | (1u << OP_BWD))) {
     double t1, t2;
     if (sgemm_times(b, &t1, &t2) == 0) {
@@ -1175,7 +1179,7 @@ static void measure_baselines(kbench_t *b) {
     }
   }
   if (b->res[OP_DECODE].ran) {
-    usleep(50000);
+    usleep(IDLE_US);
     b->res[OP_DECODE].base = membw_gbps(b, b->res[OP_DECODE].bytes);
   }
   for (int op = 0; op < NOPS; op++) b->res[op].ratio = b->res[op].rate / b->res[op].base;
@@ -1194,7 +1198,7 @@ static int verify_ops(kbench_t *b) {
   b->out64 = malloc((size_t)(b->nrows * b->H * b->D) * sizeof(double));
   b->lse64 = malloc((size_t)(b->nrows * b->H) * sizeof(double));
   if (!b->rows || !b->out64 || !b->lse64) return verify_oom();
-  sample_rows(b->S, b->nrows, (uint64_t)b->seed, 3, b->rows);
+  sample_rows(b->S, b->nrows, (uint64_t)b->seed, SALT_QUERY_ROWS, b->rows);
   double t0 = da_time_now();
   if (b->ops & ((1u << OP_FWD) | (1u << OP_BWD))) {
     if (ref_rows_fwd(b, b->rows, b->nrows, b->out64, b->lse64)) return verify_oom();

@@ -33,13 +33,16 @@ static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
 
 static int g_rank, g_size;
 
+enum { SPIN_BETWEEN_POLLS = 200 };    /* emulated compute: multiply-adds between progress calls */
+enum { QUIET_POLL_NS = 1000 * 1000 }; /* quiet_barrier: 1 ms between tests */
+
 /* The other layers of the model: busy for `s` seconds, driving the offload's progress meanwhile
  * (no helper thread: MPI progresses in our calls). */
 static void emulate_compute(da_offload_t *off, double s) {
   const double end = da_time_now() + s;
   volatile double x = 1.0;
   while (da_time_now() < end) {
-    for (int i = 0; i < 200; i++) x = x * 1.0000001 + 1e-9;
+    for (int i = 0; i < SPIN_BETWEEN_POLLS; i++) x = x * 1.0000001 + 1e-9;
     if (off) da_offload_progress(off);
   }
 }
@@ -51,7 +54,7 @@ static void quiet_barrier(void) {
   for (int flag = 0;;) {
     MPI_Test(&r, &flag, MPI_STATUS_IGNORE);
     if (flag) break;
-    struct timespec ts = {0, 1000000};
+    struct timespec ts = {0, QUIET_POLL_NS};
     nanosleep(&ts, NULL);
   }
 }

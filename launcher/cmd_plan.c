@@ -34,7 +34,9 @@ static const machine_t machines[] = {
 };
 static const char *const machine_names[] = {"h100", "a100", "cpu", NULL};
 static const char *const algo_names[] = {"ring", "striped", "zigzag", "all", NULL};
+enum { ALGO_RING, ALGO_STRIPED, ALGO_ZIGZAG, ALGO_ALL }; /* indices of algo_names */
 static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
+enum { DTYPE_FP32, DTYPE_BF16 }; /* indices of dtype_names: fp32 has 4 bytes per element, the others 2 */
 
 typedef struct problem {
   int64_t P, S, B, H, G, D, block;
@@ -58,13 +60,13 @@ static int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static void step_work(int algo, const problem_t *p, int64_t n, int64_t blk, int s, double *pairs, int64_t *calls) {
   if (!p->causal) {
     *pairs = (double)n * n;
-    *calls = algo == 2 ? 4 * cdiv(cdiv(n, 2), blk) : cdiv(n, blk);
+    *calls = algo == ALGO_ZIGZAG ? 4 * cdiv(cdiv(n, 2), blk) : cdiv(n, blk);
     return;
   }
-  if (algo == 0) {
+  if (algo == ALGO_RING) {
     *pairs = s == 0 ? (double)n * (n + 1) / 2 : (double)n * n;
     *calls = cdiv(n, blk);
-  } else if (algo == 1) {
+  } else if (algo == ALGO_STRIPED) {
     *pairs = (double)n * (n + 1) / 2;
     *calls = cdiv(n, blk);
   } else {
@@ -187,8 +189,6 @@ typedef struct plan_opts {
   const char *json;
 } plan_opts_t;
 
-enum { ALGO_ALL = 3 }; /* --algo all: index of "all" in algo_names */
-
 static void override(double *field, double v) {
   if (v >= 0) *field = v;
 }
@@ -206,23 +206,9 @@ static int machine_of(const plan_opts_t *o, machine_t *m) {
 /* Parse and check the command line into o, the machine m and the problem p. Returns -1 to go on,
  * else the exit code (0 after --help, 2 on a usage error). */
 static int plan_parse(int argc, char **argv, plan_opts_t *o, machine_t *m, problem_t *p) {
-  *o = (plan_opts_t){.P = 8,
-                     .S = 256 * 1024,
-                     .B = 1,
-                     .H = 32,
-                     .G = 0,
-                     .D = 128,
-                     .algo = ALGO_ALL,
-                     .dtype = 1,
-                     .mask = {{DA_MASK_CAUSAL, 0, 0, NULL}, NULL},
-                     .fwd_tf = -1,
-                     .bwd_tf = -1,
-                     .mem = -1,
-                     .call = -1,
-                     .lgb = -1,
-                     .lus = -1,
-                     .ngb = -1,
-                     .nus = -1};
+  *o = (plan_opts_t){.P = 8, .S = 256 * 1024, .B = 1, .H = 32, .G = 0, .D = 128, .algo = ALGO_ALL,
+                     .dtype = DTYPE_BF16, .mask = {{DA_MASK_CAUSAL, 0, 0, NULL}, NULL}, .fwd_tf = -1,
+                     .bwd_tf = -1, .mem = -1, .call = -1, .lgb = -1, .lus = -1, .ngb = -1, .nus = -1};
   da_opt_t opts[] = {
       {.name = "ranks", .type = DA_OPT_INT, .dest = &o->P, .help = "ranks P", .min = 1, .max = 1 << 20, .alias = "np"},
       {.name = "seq", .type = DA_OPT_SIZE, .dest = &o->S, .help = "sequence length S (decode: context)", .min = 1,
@@ -277,7 +263,7 @@ static int plan_parse(int argc, char **argv, plan_opts_t *o, machine_t *m, probl
   if (o->json && da_json_check_path(o->json)) return 2;
   if (machine_of(o, m)) return da_args_error(&cmd, "rates and bandwidths must be > 0");
   *p = (problem_t){
-      o->P, o->S, o->B, o->H, o->G, o->D, o->block, mf == DA_MASK_CAUSAL, o->bwd, o->dtype == 0 ? 4.0 : 2.0};
+      o->P, o->S, o->B, o->H, o->G, o->D, o->block, mf == DA_MASK_CAUSAL, o->bwd, o->dtype == DTYPE_FP32 ? 4.0 : 2.0};
   return -1;
 }
 
@@ -304,7 +290,7 @@ static estimate_t best_block(int a, const machine_t *m, const problem_t *p) {
   if (p->block > 0)
     cands[nc++] = p->block;
   else {
-    int64_t seg = a == 2 ? (n + 1) / 2 : n;
+    int64_t seg = a == ALGO_ZIGZAG ? (n + 1) / 2 : n;
     cands[nc++] = 0;
     for (int64_t b = 256; b <= seg / 2 && nc < 40; b *= 2) cands[nc++] = b;
   }
@@ -347,11 +333,10 @@ static void print_hiding(const machine_t *m, const problem_t *p, int best_a) {
   const int inter = p->P > m->node;
   const double F = m->fwd_tflops * 1e12, bw = (inter ? m->net_gbps : m->link_gbps) * 1e9;
   const double liu = F * p->G * p->e / (2.0 * p->H * bw);
-  printf(
-      "# ring hides its transfers from %lld tokens per rank (model, contiguous ring); "
-      "striped %lld, zigzag %lld; Liu et al. full-block condition n >= F*G*e/(2*H*BW) = %.0f (%s link)\n",
-      (long long)hide_threshold(0, m, p), (long long)hide_threshold(1, m, p), (long long)hide_threshold(2, m, p), liu,
-      inter ? "network" : "in-node");
+  printf("# ring hides its transfers from %lld tokens per rank (model, contiguous ring); "
+         "striped %lld, zigzag %lld; Liu et al. full-block condition n >= F*G*e/(2*H*BW) = %.0f (%s link)\n",
+         (long long)hide_threshold(ALGO_RING, m, p), (long long)hide_threshold(ALGO_STRIPED, m, p),
+         (long long)hide_threshold(ALGO_ZIGZAG, m, p), liu, inter ? "network" : "in-node");
   printf("# this problem: %lld tokens per rank: %s\n", (long long)n,
          n >= hide_threshold(best_a, m, p) ? "transfers hidden" : "transfer-bound (exposed communication)");
 }
