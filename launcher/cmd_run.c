@@ -2,17 +2,15 @@
  * forward and optionally backward, timed nccl-tests style and verified in float64 on sampled rows
  * by the ranks that own them. Every rank generates only its own rows from the counter RNG, or
  * reads only its own rows of q/k/v/dout .npy files with MPI-IO (--input, launcher/npyio.c), and
- * writes only its own rows of the outputs (--output): no rank ever holds the full sequence. Not a
- * library layer: it may exit; the plan code never does. */
+ * writes only its own rows of the outputs (--output): no rank ever holds the full sequence. The
+ * work is the phases of run_phases, run in order by da_mpi_cmd_main (common.h) over one run_t. Not
+ * a library layer: it may exit; the plan code never does. */
 #define _GNU_SOURCE
 #include <mpi.h>
-#include <fcntl.h>
 #include <math.h>
-#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 #include "distattn.h"
 #include "args.h"
 #include "core.h"
@@ -28,8 +26,8 @@
 #include "verify.h"
 
 static const char *const algo_names[] = {"ring", "striped", "zigzag", NULL};
-static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
-static const char *const device_names[] = {"cpu", "cuda", NULL};
+static const char run_summary[] = "distributed exact attention over MPI (ring | striped | zigzag), forward and "
+                                  "backward, timed and verified in float64 on sampled rows";
 
 typedef struct run_opts {
   int algo, dtype, device, backward, overlap, bind;
@@ -38,14 +36,6 @@ typedef struct run_opts {
   da_mask_spec_t mask;
   const char *json, *input, *output;
 } run_opts_t;
-
-static int g_rank, g_size;
-
-
-
-
-
-
 
 typedef struct vresult {
   int64_t rows, wrong, nonfinite; /* nonfinite: rows whose reference is NaN / Inf (not wrong) */
@@ -178,521 +168,624 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
   return rc;
 }
 
+/* ---- the command's state, carried through its phases ---- */
+
+/* What the check sums over ranks, by index into run_t.ck. */
+enum {
+  CK_ROWS,                 /* verified rows */
+  CK_WRONG,                /* wrong values */
+  CK_NF_ROWS,              /* verified rows whose float64 reference is non-finite (not wrong) */
+  CK_NF,                   /* + 0..7: NaN / Inf values in q k v dout out dq dk dv (nf_names) */
+  CK_NF_WRONG = CK_NF + 8, /* wrong rows non-finite where the reference is finite */
+  CK_N
+};
+static const char *const nf_names[] = {"q", "k", "v", "dout", "out", "dq", "dk", "dv"};
+
+typedef struct run {
+  da_mpi_job_t job;
+  run_opts_t o;
+  da_opt_t opts[32];
+  da_cmdspec_t cmd;
+  int64_t G;            /* KV heads in effect */
+  da_npy_inputs_t npin; /* --input: what the files hold */
+  da_placement_t place; /* --bind: this rank's cores (and GPU) */
+  char place_env[64];
+  int threads;
+  da_plan_t *plan;
+  da_plan_stats_t ps;
+  /* this rank's n rows of every sequence: positions, inputs, outputs, gradients (--backward) */
+  int64_t n, *pos;
+  size_t nq, nk; /* elements of the q-shaped and of the k-shaped buffers */
+  char *q, *k, *v, *outb, *dout, *dq, *dk, *dv;
+  float *lse;
+  da_vprob_t vp; /* the problem as the RNG and the float64 verifier see it */
+  da_tensor_t tq, tk, tv, to, tl, tdo, tdq, tdk, tdv;
+  char hosts[1024], maskdesc[256];
+  double link_gbps, link_us; /* DISTATTN_TEST_LINK_*: the test-only slow link, when on */
+  int link_on;
+  /* figures: the timed runs (medians, max or sum over ranks), the overlap runs, the check */
+  double fwd_s, bwd_s, total_s, gflops, imbalance, comm_bytes, exposed_s, compute_s, peak_rss;
+  double overlap, comp_only_s, comm_only_s;
+  double max_abs, max_rel;
+  int64_t ck[CK_N];
+} run_t;
+
+/* The options table, pointing into r->o, with the defaults. */
+static void run_options(run_t *r) {
+  run_opts_t *o = &r->o;
+  o->algo = 2, o->dtype = DA_FLOAT32, o->device = 0, o->batch = 1, o->verify = 8, o->iters = 3, o->warmup = 1;
+  o->seed = 1;
+  const da_opt_t opts[] = {
+      {.name = "algo", .type = DA_OPT_ENUM, .dest = &o->algo, .help = "token layout / algorithm", .choices = algo_names},
+      {.name = "seq", .type = DA_OPT_SIZE, .dest = &o->seq, .help = "total sequence length S (required)", .min = 1,
+       .max = 1LL << 34},
+      da_opt_heads(&o->heads),
+      da_opt_kv_heads(&o->kv_heads),
+      da_opt_dim(&o->dim),
+      {.name = "batch", .type = DA_OPT_INT, .dest = &o->batch, .help = "batch B", .min = 1, .max = 1 << 20},
+      {.name = "mask", .type = DA_OPT_MASK, .dest = &o->mask, .help = "none | causal | window:W | doc:L1,L2,.. (+ joins)"},
+      da_opt_dtype(&o->dtype),
+      {.name = "backward", .type = DA_OPT_FLAG, .dest = &o->backward, .help = "also run and verify the backward"},
+      {.name = "block", .type = DA_OPT_SIZE, .dest = &o->block,
+       .help = "KV sub-block tokens between progress calls (0 = automatic)", .min = 0, .max = 1LL << 34},
+      {.name = "verify", .type = DA_OPT_INT, .dest = &o->verify, .help = "rows per rank checked in float64 (0 = off)",
+       .min = 0, .max = 1 << 20},
+      {.name = "iters", .type = DA_OPT_INT, .dest = &o->iters, .help = "timed iterations (median reported)", .min = 1,
+       .max = 1000000},
+      {.name = "warmup", .type = DA_OPT_INT, .dest = &o->warmup, .help = "untimed iterations first", .min = 0,
+       .max = 1000000},
+      da_opt_seed(&o->seed),
+      da_opt_device(&o->device),
+      da_opt_threads(&o->threads),
+      {.name = "bind", .type = DA_OPT_ENUM, .dest = &o->bind, .choices = da_bind_names,
+       .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
+      da_opt_json(&o->json),
+      {.name = "input", .type = DA_OPT_STRING, .dest = &o->input, .metavar = "DIR",
+       .help = "read q.npy k.npy v.npy (dout.npy) [S,H,D] or [B,S,H,D] with MPI-IO instead of seeded inputs"},
+      {.name = "output", .type = DA_OPT_STRING, .dest = &o->output, .metavar = "DIR",
+       .help = "write out.npy lse.npy (dq.npy dk.npy dv.npy) with MPI-IO"},
+      {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o->overlap,
+       .help = "also time compute-only and transfer-only runs and report the overlap"},
+      da_opt_timeout(&o->timeout),
+      {0},
+  };
+  _Static_assert(sizeof opts <= sizeof r->opts, "run_t.opts holds every option and the terminator");
+  da_cmd_options(&r->cmd, "run", run_summary, r->opts, opts, sizeof opts / sizeof *opts);
+}
+
+/* ---- parse and agree ---- */
+
 /* Parse and check the options (usage errors print their message to stderr and give
  * DA_ARGS_USAGE): sizes, GQA, the mask against the length, the backend, the --json path (rank 0
  * writes the record: it checks the path before anything long runs). */
-static int parse_run(da_cmdspec_t *cmd, da_opt_t *opts, int argc, char **argv, run_opts_t *o, int64_t *G) {
-  int prc = da_args_parse(cmd, argc, argv);
+static int run_parse(void *c, int argc, char **argv) {
+  run_t *r = c;
+  run_opts_t *o = &r->o;
+  da_opt_t *opts = r->opts;
+  da_mask_spec_free(&o->mask); /* a second parse (da_mpi_parse_agree) starts clean */
+  int prc = da_args_parse(&r->cmd, argc, argv);
   if (prc != DA_ARGS_OK) return prc;
   /* with --input the sizes come from the files (given ones must agree: da_npyio_inspect) */
   const char *missing = o->input ? NULL : !da_args_find(opts, "seq")->given ? "--seq"
                         : !da_args_find(opts, "heads")->given ? "--heads" : !da_args_find(opts, "dim")->given ? "--dim"
                                                                                                               : NULL;
-  *G = o->kv_heads ? o->kv_heads : o->heads;
-  if (missing) return da_args_error(cmd, "%s is required (or --input DIR)", missing);
-  if ((!o->input || (da_args_find(opts, "heads")->given && o->kv_heads)) && (*G > o->heads || o->heads % *G))
-    return da_args_error(cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->heads, (long long)*G);
+  const int64_t G = r->G = o->kv_heads ? o->kv_heads : o->heads;
+  if (missing) return da_args_error(&r->cmd, "%s is required (or --input DIR)", missing);
+  if ((!o->input || (da_args_find(opts, "heads")->given && o->kv_heads)) && (G > o->heads || o->heads % G))
+    return da_args_error(&r->cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->heads,
+                         (long long)G);
   if ((!o->input || da_args_find(opts, "seq")->given) && da_mask_check(&o->mask.mask, o->seq) != DA_SUCCESS)
-    return da_args_error(cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
-                                                                                   : da_error_message() + 6);
+    return da_args_error(&r->cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
+                                                                                       : da_error_message() + 6);
   if (o->device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
-    return da_args_error(cmd, "--device cuda: not built: %s", da_error_message());
-  if (o->json && g_rank == 0 && da_json_check_path(o->json)) return DA_ARGS_USAGE;
+    return da_args_error(&r->cmd, "--device cuda: not built: %s", da_error_message());
+  if (o->json && r->job.rank == 0 && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   char err[256];
-  if (da_verify_poison_init(err, sizeof err)) return da_args_error(cmd, "%s", err);
+  if (da_verify_poison_init(err, sizeof err)) return da_args_error(&r->cmd, "%s", err);
   return DA_ARGS_OK;
 }
 
-int da_cmd_run(int argc, char **argv) {
-  int inited = 0;
-  MPI_Initialized(&inited);
-  if (!inited) MPI_Init(NULL, NULL);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+/* ---- inputs, first half: the .npy files ---- */
 
-  run_opts_t o;
-  memset(&o, 0, sizeof o);
-  o.algo = 2, o.dtype = DA_FLOAT32, o.device = 0, o.batch = 1, o.verify = 8, o.iters = 3, o.warmup = 1, o.seed = 1;
-  da_opt_t opts[] = {
-      {.name = "algo", .type = DA_OPT_ENUM, .dest = &o.algo, .help = "token layout / algorithm", .choices = algo_names},
-      {.name = "seq", .type = DA_OPT_SIZE, .dest = &o.seq, .help = "total sequence length S (required)", .min = 1,
-       .max = 1LL << 34},
-      {.name = "heads", .type = DA_OPT_INT, .dest = &o.heads, .help = "query heads H (required)", .min = 1, .max = 65536},
-      {.name = "kv-heads", .type = DA_OPT_INT, .dest = &o.kv_heads, .help = "KV heads G (H % G == 0; 0 = H)", .min = 0,
-       .max = 65536},
-      {.name = "dim", .type = DA_OPT_INT, .dest = &o.dim, .help = "head dim D (required)", .min = 1, .max = 4096},
-      {.name = "batch", .type = DA_OPT_INT, .dest = &o.batch, .help = "batch B", .min = 1, .max = 1 << 20},
-      {.name = "mask", .type = DA_OPT_MASK, .dest = &o.mask, .help = "none | causal | window:W | doc:L1,L2,.. (+ joins)"},
-      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o.dtype, .help = "storage dtype of q, k, v, out",
-       .choices = dtype_names},
-      {.name = "backward", .type = DA_OPT_FLAG, .dest = &o.backward, .help = "also run and verify the backward"},
-      {.name = "block", .type = DA_OPT_SIZE, .dest = &o.block,
-       .help = "KV sub-block tokens between progress calls (0 = automatic)", .min = 0, .max = 1LL << 34},
-      {.name = "verify", .type = DA_OPT_INT, .dest = &o.verify, .help = "rows per rank checked in float64 (0 = off)",
-       .min = 0, .max = 1 << 20},
-      {.name = "iters", .type = DA_OPT_INT, .dest = &o.iters, .help = "timed iterations (median reported)", .min = 1,
-       .max = 1000000},
-      {.name = "warmup", .type = DA_OPT_INT, .dest = &o.warmup, .help = "untimed iterations first", .min = 0,
-       .max = 1000000},
-      {.name = "seed", .type = DA_OPT_INT, .dest = &o.seed, .help = "seed of the counter-based inputs", .min = 0,
-       .max = INT64_MAX},
-      {.name = "device", .type = DA_OPT_ENUM, .dest = &o.device, .help = "kernel backend", .choices = device_names},
-      {.name = "threads", .type = DA_OPT_INT, .dest = &o.threads,
-       .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096},
-      {.name = "bind", .type = DA_OPT_ENUM, .dest = &o.bind, .choices = da_bind_names,
-       .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
-      {.name = "json", .type = DA_OPT_STRING, .dest = &o.json, .metavar = "FILE",
-       .help = "append one JSON object (JSON Lines) to FILE"},
-      {.name = "input", .type = DA_OPT_STRING, .dest = &o.input, .metavar = "DIR",
-       .help = "read q.npy k.npy v.npy (dout.npy) [S,H,D] or [B,S,H,D] with MPI-IO instead of seeded inputs"},
-      {.name = "output", .type = DA_OPT_STRING, .dest = &o.output, .metavar = "DIR",
-       .help = "write out.npy lse.npy (dq.npy dk.npy dv.npy) with MPI-IO"},
-      {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o.overlap,
-       .help = "also time compute-only and transfer-only runs and report the overlap"},
-      {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &o.timeout,
-       .help = "seconds a rank waits for a peer before failing (0 = DISTATTN_TIMEOUT or 300)", .dmin = 0,
-       .dmax = 1e6},
-      {0},
-  };
-  da_cmdspec_t cmd = {.name = "run",
-                      .summary = "distributed exact attention over MPI (ring | striped | zigzag), forward and "
-                                 "backward, timed and verified in float64 on sampled rows",
-                      .opts = opts};
+/* --input: the files' shapes and dtype become the problem (options given must agree). 0, or the
+ * exit code with the reason in err. */
+static int run_inspect_inputs(run_t *r, char *err, size_t en) {
+  run_opts_t *o = &r->o;
+  da_npy_expect_t want = {-1, -1, -1, -1, -1, -1};
+  if (da_args_find(r->opts, "batch")->given) want.B = o->batch;
+  if (da_args_find(r->opts, "seq")->given) want.S = o->seq;
+  if (da_args_find(r->opts, "heads")->given) want.H = o->heads;
+  if (da_args_find(r->opts, "kv-heads")->given && o->kv_heads) want.G = o->kv_heads;
+  if (da_args_find(r->opts, "dim")->given) want.D = o->dim;
+  if (da_args_find(r->opts, "dtype")->given) want.dtype = o->dtype;
+  const da_npy_inputs_t *in = &r->npin;
+  int rc = da_npyio_inspect(o->input, o->backward, &want, &r->npin, err, en);
+  if (!rc && (in->H > 65536 || in->D > 4096 || in->B > (1 << 20) || in->S > (1LL << 34)))
+    rc = 2, snprintf(err, en, "q.npy: shape: sizes over the limits of --heads / --dim / --batch / --seq");
+  if (rc) return rc;
+  o->batch = in->B, o->seq = in->S, o->heads = in->H, o->kv_heads = in->G, o->dim = in->D, o->dtype = in->dtype;
+  r->G = in->G;
+  if (da_mask_check(&o->mask.mask, o->seq) != DA_SUCCESS)
+    rc = 2, snprintf(err, en, "--mask with q.npy's sequence %lld: %s", (long long)o->seq, da_error_message());
+  return rc;
+}
 
-  /* Every rank parses its own argv (mpirun gives all the same one, an MPMD launch may not) and
-   * all exit with the worst verdict. Rank 0 speaks; when rank 0 was fine but another rank was
-   * not, the lowest such rank says why, so a usage error always prints exactly one message. */
-  int saved_out = -1, saved_err = -1;
-  if (g_rank != 0) {
-    fflush(stdout), fflush(stderr);
-    int devnull = open("/dev/null", O_WRONLY);
-    saved_out = dup(1), saved_err = dup(2);
-    if (devnull >= 0) dup2(devnull, 1), dup2(devnull, 2), close(devnull);
-  }
-  int64_t G = 0;
-  int prc = parse_run(&cmd, opts, argc, argv, &o, &G);
-  if (g_rank != 0) {
-    fflush(stdout), fflush(stderr);
-    if (saved_out >= 0) dup2(saved_out, 1), close(saved_out);
-    if (saved_err >= 0) dup2(saved_err, 2), close(saved_err);
-  }
-  {
-    int v[2] = {prc, prc != DA_ARGS_OK ? g_rank : g_size}, rank0 = prc;
-    MPI_Bcast(&rank0, 1, MPI_INT, 0, MPI_COMM_WORLD);
-    MPI_Allreduce(MPI_IN_PLACE, &v[1], 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-    if (rank0 == DA_ARGS_OK && v[1] == g_rank && g_rank != 0) {
-      fprintf(stderr, "distattn run: rank %d was given other arguments than rank 0, and they are wrong:\n", g_rank);
-      da_mask_spec_free(&o.mask);
-      parse_run(&cmd, opts, argc, argv, &o, &G); /* again, to print its message */
-    }
-    prc = da_mpi_max_int(prc);
-  }
-  if (prc != DA_ARGS_OK) {
-    da_mask_spec_free(&o.mask);
-    MPI_Finalize();
-    return prc == DA_ARGS_HELP ? 0 : 2;
-  }
+/* The files of --input and the directory of --output, checked before anything is built. Every
+ * rank checks the same files and prints the same verdict, so each exits with its own code. */
+static int run_check_files(void *c) {
+  run_t *r = c;
+  const run_opts_t *o = &r->o;
+  char err[1536] = "";
+  int rc = o->input ? run_inspect_inputs(r, err, sizeof err) : 0;
+  if (rc) fprintf(stderr, "distattn run: rank %d: --input %s: %s\n", r->job.rank, o->input, err);
+  if (!rc && o->output && (rc = da_npyio_check_dir(o->output, err, sizeof err)) != 0)
+    fprintf(stderr, "distattn run: rank %d: %s\n", r->job.rank, err);
+  return rc;
+}
 
-  /* ---- .npy inputs: the files give the sizes; every rank prints the same verdict ---- */
-  int rc = 0;
-  da_npy_inputs_t npin;
-  memset(&npin, 0, sizeof npin);
-  if (o.input || o.output) {
-    char ierr[1536] = "";
-    if (o.input) {
-      da_npy_expect_t want = {-1, -1, -1, -1, -1, -1};
-      if (da_args_find(opts, "batch")->given) want.B = o.batch;
-      if (da_args_find(opts, "seq")->given) want.S = o.seq;
-      if (da_args_find(opts, "heads")->given) want.H = o.heads;
-      if (da_args_find(opts, "kv-heads")->given && o.kv_heads) want.G = o.kv_heads;
-      if (da_args_find(opts, "dim")->given) want.D = o.dim;
-      if (da_args_find(opts, "dtype")->given) want.dtype = o.dtype;
-      rc = da_npyio_inspect(o.input, o.backward, &want, &npin, ierr, sizeof ierr);
-      if (!rc && (npin.H > 65536 || npin.D > 4096 || npin.B > (1 << 20) || npin.S > (1LL << 34)))
-        rc = 2, snprintf(ierr, sizeof ierr, "q.npy: shape: sizes over the limits of --heads / --dim / --batch / --seq");
-      if (!rc) {
-        o.batch = npin.B, o.seq = npin.S, o.heads = npin.H, o.kv_heads = npin.G, o.dim = npin.D, o.dtype = npin.dtype;
-        G = npin.G;
-        if (da_mask_check(&o.mask.mask, o.seq) != DA_SUCCESS)
-          rc = 2, snprintf(ierr, sizeof ierr, "--mask with q.npy's sequence %lld: %s", (long long)o.seq, da_error_message());
-      }
-      if (rc) fprintf(stderr, "distattn run: rank %d: --input %s: %s\n", g_rank, o.input, ierr);
-    }
-    if (!rc && o.output && (rc = da_npyio_check_dir(o.output, ierr, sizeof ierr)) != 0)
-      fprintf(stderr, "distattn run: rank %d: %s\n", g_rank, ierr);
-    if (rc) {
-      da_mask_spec_free(&o.mask);
-      MPI_Finalize();
-      return rc;
-    }
-  }
+/* ---- plan ---- */
 
-  /* ---- context, communicator, plan ---- */
-  da_placement_t place;
-  char place_env[64], place_err[256];
-  if (da_place_world((da_bind_t)o.bind, &place, place_env, sizeof place_env, place_err, sizeof place_err))
-    fprintf(stderr, "distattn run: rank %d: %s\n", g_rank, place_err);
-  const int threads = o.threads ? (int)o.threads : place.threads;
-  da_context_t *ctx = NULL;
-  da_comm_t *comm = NULL;
-  da_plan_t *plan = NULL;
-  da_config_t ccfg = DA_CONFIG_INITIALIZER;
-  ccfg.device = (da_device_t)o.device;
-  ccfg.nthreads = threads;
-  da_status_t st = da_context_create(&ccfg, &ctx);
-  if (da_mpi_max_int(st != DA_SUCCESS)) {
-    rc = da_report_failure("run", g_rank, "context", st ? st : DA_ERR_REMOTE, ctx);
-    goto out;
-  }
-  if ((st = da_comm_create(ctx, MPI_COMM_WORLD, &comm)) != DA_SUCCESS) {
-    rc = da_report_failure("run", g_rank, "communicator", st, ctx);
-    goto out;
-  }
+/* This rank's cores (--bind), the context and communicator, then the plan. */
+static int run_plan(void *c) {
+  run_t *r = c;
+  const run_opts_t *o = &r->o;
+  char err[256];
+  if (da_place_world((da_bind_t)o->bind, &r->place, r->place_env, sizeof r->place_env, err, sizeof err))
+    fprintf(stderr, "distattn run: rank %d: %s\n", r->job.rank, err);
+  r->threads = o->threads ? (int)o->threads : r->place.threads;
+  int rc = da_mpi_job_open(&r->job, "run", (da_device_t)o->device, r->threads);
+  if (rc) return rc;
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
-  prob.batch = o.batch, prob.seq = o.seq, prob.heads = o.heads, prob.kv_heads = G, prob.dim = o.dim;
-  prob.mask = o.mask.mask.flags, prob.window = o.mask.mask.window;
-  prob.ndocs = o.mask.mask.ndocs, prob.cu_seqlens = o.mask.mask.cu_seqlens;
-  prob.dtype = (da_dtype_t)o.dtype;
+  prob.batch = o->batch, prob.seq = o->seq, prob.heads = o->heads, prob.kv_heads = r->G, prob.dim = o->dim;
+  prob.mask = o->mask.mask.flags, prob.window = o->mask.mask.window;
+  prob.ndocs = o->mask.mask.ndocs, prob.cu_seqlens = o->mask.mask.cu_seqlens;
+  prob.dtype = (da_dtype_t)o->dtype;
   da_plan_config_t pcfg = DA_PLAN_CONFIG_INITIALIZER;
-  pcfg.algo = (da_algo_t)o.algo, pcfg.block = o.block, pcfg.timeout = o.timeout;
+  pcfg.algo = (da_algo_t)o->algo, pcfg.block = o->block, pcfg.timeout = o->timeout;
   /* The plan refuses, before anything large is allocated, a problem whose buffers and tensors
    * exceed this rank's share of the machine's memory (or DISTATTN_MEM_BUDGET): exit 2. */
-  pcfg.mem_count = DA_MEM_TENSORS | (o.backward ? DA_MEM_BACKWARD : 0);
-  if ((st = da_plan_create(comm, &prob, &pcfg, &plan)) != DA_SUCCESS) {
-    rc = da_report_failure("run", g_rank, "plan", st, ctx);
-    goto out;
-  }
+  pcfg.mem_count = DA_MEM_TENSORS | (o->backward ? DA_MEM_BACKWARD : 0);
+  da_status_t st = da_plan_create(r->job.comm, &prob, &pcfg, &r->plan);
+  return st == DA_SUCCESS ? 0 : da_report_failure("run", r->job.rank, "plan", st, r->job.ctx);
+}
 
-  /* ---- this rank's inputs, generated where they live ---- */
-  const int H = (int)o.heads, D = (int)o.dim;
-  const int64_t B = o.batch, n = da_plan_local_rows(plan);
-  const da_dtype_t dt = (da_dtype_t)o.dtype;
-  const size_t es = da_dtype_size(dt), nq = (size_t)(B * n * H * D), nk = (size_t)(B * n * G * D);
-  int64_t *pos = malloc((size_t)(n + 1) * sizeof *pos);
-  char *q = malloc(nq * es + 1), *k = malloc(nk * es + 1), *v = malloc(nk * es + 1), *outb = malloc(nq * es + 1);
-  char *dout = o.backward ? malloc(nq * es + 1) : NULL, *dq = o.backward ? malloc(nq * es + 1) : NULL;
-  char *dk = o.backward ? malloc(nk * es + 1) : NULL, *dv = o.backward ? malloc(nk * es + 1) : NULL;
-  float *lse = malloc((size_t)(B * n * H) * sizeof(float) + 4);
-  int oom = !pos || !q || !k || !v || !outb || !lse || (o.backward && (!dout || !dq || !dk || !dv));
-  if (da_mpi_max_int(oom)) {
-    if (oom) fprintf(stderr, "distattn run: rank %d: out of memory for %lld local rows\n", g_rank, (long long)n);
-    rc = 1;
-    goto free_bufs;
-  }
-  da_plan_local_positions(plan, pos, n);
-  da_vprob_t vp = {.B = B, .S = o.seq, .seed = (uint64_t)o.seed};
-  vp.kp.H = H, vp.kp.G = (int)G, vp.kp.D = D, vp.kp.scale = (float)(1.0 / sqrt((double)D)), vp.kp.dtype = dt;
-  vp.kp.mask = o.mask.mask;
-  if (o.input) {
-    /* each rank's rows straight into its shard buffers, one collective read per file */
-    char *dst[DA_NPYIO_NIN] = {q, k, v, dout};
-    char ierr[1536] = "";
-    for (int f = 0; f < npin.nfiles && !rc; f++) {
+/* ---- inputs, second half: this rank's rows ---- */
+
+/* The buffers of this rank's rows (one spare byte each: a zero-row rank still gets pointers). 0,
+ * or 1 on every rank when one of them ran out of memory. */
+static int run_alloc(run_t *r) {
+  const int64_t B = r->o.batch, H = r->o.heads, D = r->o.dim, n = r->n = da_plan_local_rows(r->plan);
+  const size_t es = da_dtype_size((da_dtype_t)r->o.dtype), nq = r->nq = (size_t)(B * n * H * D);
+  const size_t nk = r->nk = (size_t)(B * n * r->G * D);
+  const int bw = r->o.backward;
+  r->pos = malloc((size_t)(n + 1) * sizeof *r->pos);
+  r->q = malloc(nq * es + 1), r->k = malloc(nk * es + 1), r->v = malloc(nk * es + 1), r->outb = malloc(nq * es + 1);
+  r->dout = bw ? malloc(nq * es + 1) : NULL, r->dq = bw ? malloc(nq * es + 1) : NULL;
+  r->dk = bw ? malloc(nk * es + 1) : NULL, r->dv = bw ? malloc(nk * es + 1) : NULL;
+  r->lse = malloc((size_t)(B * n * H) * sizeof(float) + 4);
+  int oom = !r->pos || !r->q || !r->k || !r->v || !r->outb || !r->lse;
+  oom |= bw && (!r->dout || !r->dq || !r->dk || !r->dv);
+  if (!da_mpi_max_int(oom)) return 0;
+  if (oom) fprintf(stderr, "distattn run: rank %d: out of memory for %lld local rows\n", r->job.rank, (long long)n);
+  return 1;
+}
+
+/* q, k, v (and dout) of this rank's rows: read from the files, each rank's rows straight into its
+ * shard buffers with one collective read per file, or generated where they live from the RNG. */
+static int run_fill(run_t *r) {
+  const run_opts_t *o = &r->o;
+  const int H = (int)o->heads, D = (int)o->dim, G = (int)r->G;
+  const int64_t B = o->batch, n = r->n;
+  const da_dtype_t dt = (da_dtype_t)o->dtype;
+  const size_t es = da_dtype_size(dt);
+  if (o->input) {
+    char *dst[DA_NPYIO_NIN] = {r->q, r->k, r->v, r->dout};
+    char err[1536] = "";
+    int rc = 0;
+    for (int f = 0; f < r->npin.nfiles && !rc; f++) {
       const int64_t heads = (f == DA_NPYIO_K || f == DA_NPYIO_V) ? G : H;
-      rc = da_npyio_read(npin.path[f], npin.data_offset[f], B, o.seq, heads * D * (int64_t)es, pos, n, dst[f], ierr,
-                         sizeof ierr);
+      rc = da_npyio_read(r->npin.path[f], r->npin.data_offset[f], B, o->seq, heads * D * (int64_t)es, r->pos, n,
+                         dst[f], err, sizeof err);
     }
-    if (rc) {
-      fprintf(stderr, "distattn run: rank %d: --input %s: %s\n", g_rank, o.input, ierr);
-      goto free_bufs;
-    }
+    if (rc) fprintf(stderr, "distattn run: rank %d: --input %s: %s\n", r->job.rank, o->input, err);
+    return rc;
   }
-  for (int64_t b = 0; b < B && !o.input; b++) {
-    da_verify_gen(&vp, DA_RNG_Q, b, pos, n, H, q + (size_t)(b * n * H * D) * es, (int64_t)H * D);
-    da_verify_gen(&vp, DA_RNG_K, b, pos, n, (int)G, k + (size_t)(b * n * G * D) * es, G * D);
-    da_verify_gen(&vp, DA_RNG_V, b, pos, n, (int)G, v + (size_t)(b * n * G * D) * es, G * D);
-    if (o.backward) da_verify_gen(&vp, DA_RNG_DOUT, b, pos, n, H, dout + (size_t)(b * n * H * D) * es, (int64_t)H * D);
+  for (int64_t b = 0; b < B; b++) {
+    da_verify_gen(&r->vp, DA_RNG_Q, b, r->pos, n, H, r->q + (size_t)(b * n * H * D) * es, (int64_t)H * D);
+    da_verify_gen(&r->vp, DA_RNG_K, b, r->pos, n, G, r->k + (size_t)(b * n * G * D) * es, (int64_t)G * D);
+    da_verify_gen(&r->vp, DA_RNG_V, b, r->pos, n, G, r->v + (size_t)(b * n * G * D) * es, (int64_t)G * D);
+    if (o->backward)
+      da_verify_gen(&r->vp, DA_RNG_DOUT, b, r->pos, n, H, r->dout + (size_t)(b * n * H * D) * es, (int64_t)H * D);
   }
-  da_tensor_t tq, tk, tv, to, tl, tdo, tdq, tdk, tdv;
-  const int64_t shq[4] = {B, n, H, D}, shk[4] = {B, n, G, D}, shl[3] = {B, n, H};
-  da_tensor_make(&tq, q, dt, 4, shq), da_tensor_make(&tk, k, dt, 4, shk), da_tensor_make(&tv, v, dt, 4, shk);
-  da_tensor_make(&to, outb, dt, 4, shq), da_tensor_make(&tl, lse, DA_FLOAT32, 3, shl);
-  da_tensor_make(&tdo, dout, dt, 4, shq), da_tensor_make(&tdq, dq, dt, 4, shq);
-  da_tensor_make(&tdk, dk, dt, 4, shk), da_tensor_make(&tdv, dv, dt, 4, shk);
+  return 0;
+}
 
-  /* ---- header ---- */
-  char hosts[1024], maskdesc[256];
-  double link_gbps = 0, link_us = 0;
-  const int link_on = da_test_link(&link_gbps, &link_us) > 0; /* malformed: the plan already failed */
-  da_mask_describe(&o.mask.mask, maskdesc, sizeof maskdesc);
-  if (g_rank == 0) {
-    da_report_header(stdout, &cmd, threads);
-    char lib[MPI_MAX_LIBRARY_VERSION_STRING] = "";
-    int len = 0;
-    MPI_Get_library_version(lib, &len);
-    lib[strcspn(lib, ",\n")] = '\0'; /* first clause: "Open MPI v4.1.4" */
-    da_report_line(stdout, "ranks: %d  mpi: %s (MPI %d.%d)  backend: %s  transport: mpi (host memory)", g_size, lib,
-                   MPI_VERSION, MPI_SUBVERSION, device_names[o.device]);
-    if (link_on)
+/* The buffers, the problem as the verifier sees it, the inputs, and the tensors over them. */
+static int run_inputs(void *c) {
+  run_t *r = c;
+  const run_opts_t *o = &r->o;
+  int rc = run_alloc(r);
+  if (rc) return rc;
+  da_plan_local_positions(r->plan, r->pos, r->n);
+  const int64_t B = o->batch, n = r->n, H = o->heads, G = r->G, D = o->dim;
+  const da_dtype_t dt = (da_dtype_t)o->dtype;
+  r->vp = (da_vprob_t){.B = B, .S = o->seq, .seed = (uint64_t)o->seed};
+  r->vp.kp.H = (int)H, r->vp.kp.G = (int)G, r->vp.kp.D = (int)D, r->vp.kp.dtype = dt;
+  r->vp.kp.scale = (float)(1.0 / sqrt((double)D)), r->vp.kp.mask = o->mask.mask;
+  if ((rc = run_fill(r)) != 0) return rc;
+  const int64_t shq[4] = {B, n, H, D}, shk[4] = {B, n, G, D}, shl[3] = {B, n, H};
+  da_tensor_make(&r->tq, r->q, dt, 4, shq), da_tensor_make(&r->tk, r->k, dt, 4, shk);
+  da_tensor_make(&r->tv, r->v, dt, 4, shk), da_tensor_make(&r->to, r->outb, dt, 4, shq);
+  da_tensor_make(&r->tl, r->lse, DA_FLOAT32, 3, shl), da_tensor_make(&r->tdo, r->dout, dt, 4, shq);
+  da_tensor_make(&r->tdq, r->dq, dt, 4, shq), da_tensor_make(&r->tdk, r->dk, dt, 4, shk);
+  da_tensor_make(&r->tdv, r->dv, dt, 4, shk);
+  return 0;
+}
+
+/* ---- the header: what runs where ---- */
+
+/* Rank 0: the plan's layout, buffers and volumes (max or sum over ranks: collective), how the
+ * figures are taken, and the inputs, outputs and check in use. */
+static void run_print_plan(run_t *r) {
+  const run_opts_t *o = &r->o;
+  const da_plan_stats_t *ps = &r->ps;
+  int64_t rows[2] = {r->n, -r->n};
+  MPI_Allreduce(MPI_IN_PLACE, rows, 2, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+  unsigned long long mem[2] = {(unsigned long long)ps->mem_fwd_bytes, (unsigned long long)ps->mem_bwd_bytes};
+  unsigned long long vol[2] = {(unsigned long long)ps->plan_fwd_bytes, (unsigned long long)ps->plan_bwd_bytes};
+  MPI_Allreduce(MPI_IN_PLACE, mem, 2, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, vol, 2, MPI_UNSIGNED_LONG_LONG, MPI_SUM, MPI_COMM_WORLD);
+  if (r->job.rank != 0) return;
+  da_report_line(stdout, "layout: %s  local rows %lld..%lld  pairs %lld  work imbalance (schedule) %.4f  KV "
+                         "sub-block %lld%s", algo_names[o->algo], (long long)-rows[1], (long long)rows[0],
+                 (long long)ps->pairs_total, ps->work_imbalance, (long long)ps->block, o->block ? "" : " (auto)");
+  da_report_line(stdout, "plan: buffers per rank %.2f MiB (fwd) / %.2f MiB (fwd+bwd); sent per call, all ranks: "
+                         "fwd %.2f MiB, bwd %.2f MiB (KV in %s, dK/dV in fp32)", mem[0] / 1048576.0,
+                 mem[1] / 1048576.0, vol[0] / 1048576.0, o->backward ? vol[1] / 1048576.0 : 0.0,
+                 da_dtype_names[o->dtype]);
+  da_report_line(stdout, "time: median of %lld iters, max over ranks; gflops: (4 fwd + 10 bwd) * H * D * pairs / "
+                         "time; comm: bytes sent per call, summed over ranks", (long long)o->iters);
+  if (o->input)
+    da_report_line(stdout, "input: %s: q.npy k.npy v.npy%s, %s, %s [%s%lld, %lld, %lld] (MPI-IO, each rank its "
+                           "rows)", o->input, o->backward ? " dout.npy" : "", da_npyio_descr(o->dtype),
+                   r->npin.batched ? "[B, S, H, D]" : "[S, H, D]", r->npin.batched ? "B, " : "", (long long)o->seq,
+                   (long long)o->heads, (long long)o->dim);
+  if (o->output)
+    da_report_line(stdout, "output: %s: out.npy lse.npy%s (written to temporary names, renamed when every rank "
+                           "has finished)", o->output, o->backward ? " dq.npy dk.npy dv.npy" : "");
+  if (o->verify)
+    da_report_line(stdout, "verify: %lld rows per rank in float64 from %s (out, lse%s); "
+                           "tolerance %g%s", (long long)o->verify,
+                   o->input ? "the input files, streamed in chunks" : "regenerated inputs",
+                   o->backward ? ", dq, dk, dv" : "",
+                   o->dtype == DA_FLOAT32 ? 1e-4 : 2e-2,
+                   o->backward ? "; dk/dv use the run's per-row lse and rowsum(dout*out) of the other rows" : "");
+}
+
+/* The header: command, machine, MPI, the test link when on, every rank's placement, the plan. */
+static int run_print_setup(void *c) {
+  run_t *r = c;
+  const run_opts_t *o = &r->o;
+  r->link_on = da_test_link(&r->link_gbps, &r->link_us) > 0; /* malformed: the plan already failed */
+  da_mask_describe(&o->mask.mask, r->maskdesc, sizeof r->maskdesc);
+  if (r->job.rank == 0) {
+    da_report_mpi_header(&r->cmd, r->threads, r->job.size, da_device_names[o->device],
+                         "  transport: mpi (host memory)");
+    if (r->link_on)
       da_report_line(stdout, "test link hook: DISTATTN_TEST_LINK_GBPS=%g DISTATTN_TEST_LINK_US=%g (transfers slowed "
-                             "to this link; not a real network)", link_gbps, link_us);
+                             "to this link; not a real network)", r->link_gbps, r->link_us);
   }
   fflush(stdout);
-  da_place_print(stdout, (da_bind_t)o.bind, &place, place_env, hosts, sizeof hosts);
-  da_plan_stats_t ps = DA_PLAN_STATS_INITIALIZER;
-  da_plan_stats(plan, &ps);
-  {
-    int64_t rows[2] = {n, -n};
-    MPI_Allreduce(MPI_IN_PLACE, rows, 2, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
-    unsigned long long mem[2] = {(unsigned long long)ps.mem_fwd_bytes, (unsigned long long)ps.mem_bwd_bytes};
-    unsigned long long vol[2] = {(unsigned long long)ps.plan_fwd_bytes, (unsigned long long)ps.plan_bwd_bytes};
-    MPI_Allreduce(MPI_IN_PLACE, mem, 2, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
-    MPI_Allreduce(MPI_IN_PLACE, vol, 2, MPI_UNSIGNED_LONG_LONG, MPI_SUM, MPI_COMM_WORLD);
-    if (g_rank == 0) {
-      da_report_line(stdout, "layout: %s  local rows %lld..%lld  pairs %lld  work imbalance (schedule) %.4f  KV "
-                             "sub-block %lld%s", algo_names[o.algo], (long long)-rows[1], (long long)rows[0],
-                     (long long)ps.pairs_total, ps.work_imbalance, (long long)ps.block, o.block ? "" : " (auto)");
-      da_report_line(stdout, "plan: buffers per rank %.2f MiB (fwd) / %.2f MiB (fwd+bwd); sent per call, all ranks: "
-                             "fwd %.2f MiB, bwd %.2f MiB (KV in %s, dK/dV in fp32)", mem[0] / 1048576.0,
-                     mem[1] / 1048576.0, vol[0] / 1048576.0, o.backward ? vol[1] / 1048576.0 : 0.0,
-                     dtype_names[o.dtype]);
-      da_report_line(stdout, "time: median of %lld iters, max over ranks; gflops: (4 fwd + 10 bwd) * H * D * pairs / "
-                             "time; comm: bytes sent per call, summed over ranks", (long long)o.iters);
-      if (o.input)
-        da_report_line(stdout, "input: %s: q.npy k.npy v.npy%s, %s, %s [%s%lld, %lld, %lld] (MPI-IO, each rank its "
-                               "rows)", o.input, o.backward ? " dout.npy" : "", da_npyio_descr(o.dtype),
-                       npin.batched ? "[B, S, H, D]" : "[S, H, D]", npin.batched ? "B, " : "", (long long)o.seq,
-                       (long long)H, (long long)D);
-      if (o.output)
-        da_report_line(stdout, "output: %s: out.npy lse.npy%s (written to temporary names, renamed when every rank "
-                               "has finished)", o.output, o.backward ? " dq.npy dk.npy dv.npy" : "");
-      if (o.verify)
-        da_report_line(stdout, "verify: %lld rows per rank in float64 from %s (out, lse%s); "
-                               "tolerance %g%s", (long long)o.verify,
-                       o.input ? "the input files, streamed in chunks" : "regenerated inputs",
-                       o.backward ? ", dq, dk, dv" : "",
-                       dt == DA_FLOAT32 ? 1e-4 : 2e-2,
-                       o.backward ? "; dk/dv use the run's per-row lse and rowsum(dout*out) of the other rows" : "");
-    }
-  }
+  da_place_print(stdout, (da_bind_t)o->bind, &r->place, r->place_env, r->hosts, sizeof r->hosts);
+  da_plan_stats(r->plan, &r->ps);
+  run_print_plan(r);
+  return 0;
+}
 
-  /* ---- timed runs ---- */
-  const int64_t total_it = o.warmup + o.iters;
-  double *tf = calloc((size_t)o.iters, sizeof *tf), *tb = calloc((size_t)o.iters, sizeof *tb);
-  double *tt = calloc((size_t)o.iters, sizeof *tt);
-  for (int64_t it = 0; it < total_it && st == DA_SUCCESS; it++) {
-    double t[2] = {0, 0};
-    MPI_Barrier(MPI_COMM_WORLD);
-    double t0 = MPI_Wtime();
-    st = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, NULL);
-    t[0] = MPI_Wtime() - t0;
-    if (st == DA_SUCCESS && o.backward) {
-      MPI_Barrier(MPI_COMM_WORLD);
-      t0 = MPI_Wtime();
-      st = da_plan_bwd(plan, &tq, &tk, &tv, &to, &tdo, &tl, &tdq, &tdk, &tdv, NULL);
-      t[1] = MPI_Wtime() - t0;
-    }
-    if (st != DA_SUCCESS) break; /* every rank has a failure status (the plan agreed on it) */
-    MPI_Allreduce(MPI_IN_PLACE, t, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-    if (it >= o.warmup) tf[it - o.warmup] = t[0], tb[it - o.warmup] = t[1], tt[it - o.warmup] = t[0] + t[1];
-  }
-  if (st != DA_SUCCESS) {
-    rc = da_report_failure("run", g_rank, o.backward ? "forward/backward" : "forward", st, ctx);
-    goto free_times;
-  }
-  da_plan_stats(plan, &ps);
-  /* Figures of the last iteration: bytes summed, exposed time max, compute imbalance max/mean. */
-  double comp = ps.fwd_compute_s + ps.bwd_compute_s, expo = ps.fwd_exposed_s + ps.bwd_exposed_s;
-  double sums[2] = {(double)(ps.fwd_bytes_sent + ps.bwd_bytes_sent), comp}, maxs[3] = {expo, comp, 0};
-  maxs[2] = (double)da_peak_rss_bytes();
+/* ---- execute ---- */
+
+/* One iteration: the forward, then with --backward the backward, each between a barrier and its
+ * own clock readings; t gets this rank's seconds of each. */
+static da_status_t run_once(run_t *r, double t[2]) {
+  t[0] = t[1] = 0;
+  MPI_Barrier(MPI_COMM_WORLD);
+  double t0 = MPI_Wtime();
+  da_status_t st = da_plan_fwd(r->plan, &r->tq, &r->tk, &r->tv, &r->to, &r->tl, NULL);
+  t[0] = MPI_Wtime() - t0;
+  if (st != DA_SUCCESS || !r->o.backward) return st;
+  MPI_Barrier(MPI_COMM_WORLD);
+  t0 = MPI_Wtime();
+  st = da_plan_bwd(r->plan, &r->tq, &r->tk, &r->tv, &r->to, &r->tdo, &r->tl, &r->tdq, &r->tdk, &r->tdv, NULL);
+  t[1] = MPI_Wtime() - t0;
+  return st;
+}
+
+/* Figures of the last iteration: bytes summed over ranks, exposed time max, compute imbalance
+ * max / mean, peak memory max; the rate from the median time. */
+static void run_figures(run_t *r) {
+  da_plan_stats(r->plan, &r->ps);
+  const da_plan_stats_t *ps = &r->ps;
+  double comp = ps->fwd_compute_s + ps->bwd_compute_s, expo = ps->fwd_exposed_s + ps->bwd_exposed_s;
+  double sums[2] = {(double)(ps->fwd_bytes_sent + ps->bwd_bytes_sent), comp};
+  double maxs[3] = {expo, comp, (double)da_peak_rss_bytes()};
   MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, maxs, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  const double fwd_s = da_median(tf, o.iters), bwd_s = o.backward ? da_median(tb, o.iters) : NAN;
-  const double t_total = da_median(tt, o.iters);
-  const double flops = (double)ps.pairs_total * H * D * (4.0 + (o.backward ? 10.0 : 0.0));
-  const double gflops = flops / t_total * 1e-9;
-  const double imbalance = sums[1] > 0 ? maxs[1] / (sums[1] / g_size) : 1.0;
+  r->comm_bytes = sums[0], r->exposed_s = maxs[0], r->compute_s = maxs[1], r->peak_rss = maxs[2];
+  const double flops = (double)ps->pairs_total * r->o.heads * r->o.dim * (4.0 + (r->o.backward ? 10.0 : 0.0));
+  r->gflops = flops / r->total_s * 1e-9;
+  r->imbalance = sums[1] > 0 ? maxs[1] / (sums[1] / r->job.size) : 1.0;
+}
 
-  /* ---- verification (before the overlap runs, which overwrite the outputs) ---- */
+/* Warmup then timed iterations, each iteration's times the max over ranks; the medians. */
+static int run_execute(void *c) {
+  run_t *r = c;
+  const run_opts_t *o = &r->o;
+  double *tf = calloc((size_t)o->iters, sizeof *tf), *tb = calloc((size_t)o->iters, sizeof *tb);
+  double *tt = calloc((size_t)o->iters, sizeof *tt);
+  da_status_t st = DA_SUCCESS;
+  for (int64_t it = 0; it < o->warmup + o->iters; it++) {
+    double t[2];
+    if ((st = run_once(r, t)) != DA_SUCCESS) break; /* every rank has a failure status (the plan agreed on it) */
+    MPI_Allreduce(MPI_IN_PLACE, t, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    if (it >= o->warmup) tf[it - o->warmup] = t[0], tb[it - o->warmup] = t[1], tt[it - o->warmup] = t[0] + t[1];
+  }
+  r->fwd_s = da_median(tf, o->iters), r->bwd_s = o->backward ? da_median(tb, o->iters) : NAN;
+  r->total_s = da_median(tt, o->iters);
+  free(tf), free(tb), free(tt);
+  if (st != DA_SUCCESS)
+    return da_report_failure("run", r->job.rank, o->backward ? "forward/backward" : "forward", st, r->job.ctx);
+  run_figures(r);
+  return 0;
+}
+
+/* ---- verify ---- */
+
+/* Sums over ranks into r->ck: the check's rows, wrong values, rows with a non-finite reference,
+ * then NaN / Inf values per tensor (this rank's inputs and the outputs of the last iteration: one
+ * pass over memory the run just touched); the largest errors, max over ranks. */
+static void run_count(run_t *r, const vresult_t *vr) {
+  const da_dtype_t dt = (da_dtype_t)r->o.dtype;
+  int64_t *ck = r->ck;
+  ck[CK_ROWS] = vr->rows, ck[CK_WRONG] = vr->wrong, ck[CK_NF_ROWS] = vr->nonfinite;
+  ck[CK_NF_WRONG] = vr->nonfinite_wrong;
+  /* the gradients and dout exist (non-NULL) with --backward only */
+  const char *const bufs[8] = {r->q, r->k, r->v, r->dout, r->outb, r->dq, r->dk, r->dv};
+  const size_t len[8] = {r->nq, r->nk, r->nk, r->nq, r->nq, r->nq, r->nk, r->nk};
+  for (int t = 0; t < 8; t++) ck[CK_NF + t] = bufs[t] ? da_count_nonfinite(bufs[t], dt, (int64_t)len[t]) : 0;
+  double vmax[2] = {vr->max_abs, vr->max_rel};
+  MPI_Allreduce(MPI_IN_PLACE, vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, ck, CK_N, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
+  r->max_abs = vmax[0], r->max_rel = vmax[1];
+}
+
+/* The float64 check of sampled rows (before the overlap runs, which overwrite the outputs), from
+ * the input files streamed in chunks with --input, else from inputs regenerated from the RNG. */
+static int run_verify(void *c) {
+  run_t *r = c;
+  const run_opts_t *o = &r->o;
   vresult_t vr = {0};
   int vfail = 0;
   da_npyio_source_t *src = NULL;
-  if (o.verify > 0 && o.input) {
-    char ierr[1536] = "";
-    src = da_npyio_source_open(&npin, ierr, sizeof ierr);
-    if (!src) fprintf(stderr, "distattn run: rank %d: --verify: %s\n", g_rank, ierr);
-    vp.rows = da_npyio_source_row, vp.rows_ctx = src;
+  if (o->verify > 0 && o->input) {
+    char err[1536] = "";
+    src = da_npyio_source_open(&r->npin, err, sizeof err);
+    if (!src) fprintf(stderr, "distattn run: rank %d: --verify: %s\n", r->job.rank, err);
+    r->vp.rows = da_npyio_source_row, r->vp.rows_ctx = src;
     vfail = !src;
   }
   if (da_mpi_max_int(vfail)) {
     da_npyio_source_close(src);
-    rc = 1;
-    goto free_times;
+    return 1;
   }
-  if (o.verify > 0) vfail = verify(&o, &vp, n, pos, outb, lse, dout, dq, dk, dv, &vr) != 0;
+  if (o->verify > 0)
+    vfail = verify(o, &r->vp, r->n, r->pos, r->outb, r->lse, r->dout, r->dq, r->dk, r->dv, &vr) != 0;
   da_npyio_source_close(src);
+  r->vp.rows = NULL, r->vp.rows_ctx = NULL;
   if (da_mpi_max_int(vfail)) {
     if (vfail)
-      fprintf(stderr, "distattn run: rank %d: verification ran out of memory%s\n", g_rank,
-              o.input ? " or could not read the input files" : "");
-    rc = 1;
-    goto free_times;
+      fprintf(stderr, "distattn run: rank %d: verification ran out of memory%s\n", r->job.rank,
+              o->input ? " or could not read the input files" : "");
+    return 1;
   }
-  double vmax[2] = {vr.max_abs, vr.max_rel};
-  /* rows, wrong, rows with a non-finite reference, then NaN / Inf values per tensor (this rank's
-   * inputs and the outputs of the last iteration: one pass over memory the run just touched) */
-  static const char *const nf_names[] = {"q", "k", "v", "dout", "out", "dq", "dk", "dv"};
-  int64_t vsum[12] = {vr.rows, vr.wrong, vr.nonfinite, da_count_nonfinite(q, dt, (int64_t)nq),
-                      da_count_nonfinite(k, dt, (int64_t)nk), da_count_nonfinite(v, dt, (int64_t)nk),
-                      o.backward ? da_count_nonfinite(dout, dt, (int64_t)nq) : 0,
-                      da_count_nonfinite(outb, dt, (int64_t)nq), o.backward ? da_count_nonfinite(dq, dt, (int64_t)nq) : 0,
-                      o.backward ? da_count_nonfinite(dk, dt, (int64_t)nk) : 0,
-                      o.backward ? da_count_nonfinite(dv, dt, (int64_t)nk) : 0, vr.nonfinite_wrong};
-  MPI_Allreduce(MPI_IN_PLACE, vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, vsum, 12, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
-  const int64_t *nf = vsum + 3, nf_in = nf[0] + nf[1] + nf[2] + nf[3], nf_out = nf[4] + nf[5] + nf[6] + nf[7];
+  run_count(r, &vr);
+  return 0;
+}
 
-  /* ---- .npy outputs (before the overlap runs, which overwrite them): only from a run whose
-   * verified rows were right, so the final names never hold a failed run's results ---- */
-  if (o.output && vsum[1] > 0 && g_rank == 0)
-    fprintf(stderr, "distattn run: --output %s: not written: verification found %lld wrong values\n", o.output,
-            (long long)vsum[1]);
-  if (o.output && vsum[1] == 0) {
-    const int nb = npin.batched || B > 1; /* seeded runs: [S, ...] when B = 1 */
-    const int nw = o.backward ? 5 : 2;
-    da_npy_out_t w[5];
-    const void *bufs[5] = {outb, lse, dq, dk, dv};
-    static const char *const wn[5] = {"out.npy", "lse.npy", "dq.npy", "dk.npy", "dv.npy"};
-    for (int f = 0; f < nw; f++) {
-      const int64_t heads = (f == 3 || f == 4) ? G : H;
-      w[f].name = wn[f], w[f].buf = bufs[f];
-      w[f].descr = f == 1 ? "<f4" : da_npyio_descr(o.dtype);
-      w[f].ndim = 0;
-      if (nb) w[f].shape[w[f].ndim++] = B;
-      w[f].shape[w[f].ndim++] = o.seq;
-      w[f].shape[w[f].ndim++] = heads;
-      if (f != 1) w[f].shape[w[f].ndim++] = D;
-      w[f].rowbytes = f == 1 ? (int64_t)H * 4 : heads * D * (int64_t)es;
-    }
-    char werr[1536] = "";
-    int wrc = da_npyio_write(o.output, nw, w, B, o.seq, pos, n, werr, sizeof werr);
-    if (wrc) {
-      fprintf(stderr, "distattn run: rank %d: --output %s: %s (nothing written under the final names)\n", g_rank,
-              o.output, werr);
-      rc = wrc;
-      goto free_times;
-    }
-  }
+/* ---- outputs ---- */
 
-  /* ---- overlap: compute without transfers, transfers without compute, both ---- */
-  double overlap = NAN, t_comp = NAN, t_comm = NAN;
-  if (o.overlap) {
-    double *tm = calloc((size_t)o.iters, sizeof *tm);
-    for (int mode = DA_PLAN_COMPUTE_ONLY; mode <= DA_PLAN_COMM_ONLY && st == DA_SUCCESS; mode++) {
-      da_plan_set_mode(plan, (da_plan_mode_t)mode);
-      for (int64_t it = 0; it < o.iters + (o.warmup > 0) && st == DA_SUCCESS; it++) {
-        MPI_Barrier(MPI_COMM_WORLD);
-        double t0 = MPI_Wtime();
-        st = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, NULL);
-        if (st == DA_SUCCESS && o.backward) st = da_plan_bwd(plan, &tq, &tk, &tv, &to, &tdo, &tl, &tdq, &tdk, &tdv, NULL);
-        double t = MPI_Wtime() - t0;
-        MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-        if (it >= (o.warmup > 0)) tm[it - (o.warmup > 0)] = t;
-      }
-      if (mode == DA_PLAN_COMPUTE_ONLY) t_comp = da_median(tm, o.iters);
-      else t_comm = da_median(tm, o.iters);
-    }
-    da_plan_set_mode(plan, DA_PLAN_RUN);
-    free(tm);
-    if (st != DA_SUCCESS) {
-      rc = da_report_failure("run", g_rank, "overlap measurement", st, ctx);
-      goto free_times;
-    }
-    double mn = fmin(t_comp, t_comm);
-    overlap = mn > 0 ? (t_comp + t_comm - t_total) / mn : 1.0;
-    overlap = overlap < 0 ? 0 : overlap > 1 ? 1 : overlap;
+/* The files --output writes (out, lse, and the gradients with --backward) over this rank's rows;
+ * returns how many. Seeded runs write [S, ...] when B = 1, like unbatched input files. */
+static int run_output_files(const run_t *r, da_npy_out_t w[5]) {
+  static const char *const names[5] = {"out.npy", "lse.npy", "dq.npy", "dk.npy", "dv.npy"};
+  const void *bufs[5] = {r->outb, r->lse, r->dq, r->dk, r->dv};
+  const int batched = r->npin.batched || r->o.batch > 1, nw = r->o.backward ? 5 : 2;
+  const int64_t H = r->o.heads, D = r->o.dim;
+  const size_t es = da_dtype_size((da_dtype_t)r->o.dtype);
+  for (int f = 0; f < nw; f++) {
+    const int64_t heads = (f == 3 || f == 4) ? r->G : H;
+    w[f].name = names[f], w[f].buf = bufs[f];
+    w[f].descr = f == 1 ? "<f4" : da_npyio_descr(r->o.dtype);
+    w[f].ndim = 0;
+    if (batched) w[f].shape[w[f].ndim++] = r->o.batch;
+    w[f].shape[w[f].ndim++] = r->o.seq;
+    w[f].shape[w[f].ndim++] = heads;
+    if (f != 1) w[f].shape[w[f].ndim++] = D;
+    w[f].rowbytes = f == 1 ? H * 4 : heads * D * (int64_t)es;
   }
+  return nw;
+}
 
-  /* ---- report ---- */
-  int wrong_any = vsum[1] > 0;
-  if (g_rank == 0) {
-    static const char *const names[] = {"algo", "ranks", "seq", "batch", "heads", "kv", "dim", "mask", "dtype",
-                                        "fwd_ms", "bwd_ms", "gflops", "comm_MB", "exposed_ms", "overlap", "imbal",
-                                        "imb_work", "rows", "max_rel", "wrong"};
-    static const int widths[] = {7, 5, 9, 5, 5, 3, 4, 12, 5, 10, 10, 8, 9, 10, 7, 6, 8, 6, 9, 6};
-    da_table_t t;
-    da_table_init(&t, stdout, 20, names, widths);
-    da_table_print_header(&t);
-    da_table_str(&t, algo_names[o.algo]);
-    da_table_int(&t, g_size), da_table_int(&t, o.seq), da_table_int(&t, B), da_table_int(&t, H);
-    da_table_int(&t, G), da_table_int(&t, D), da_table_str(&t, maskdesc), da_table_str(&t, dtype_names[o.dtype]);
-    da_table_dbl(&t, fwd_s * 1e3, 2, 0), da_table_dbl(&t, bwd_s * 1e3, 2, 0), da_table_dbl(&t, gflops, 2, 0);
-    da_table_dbl(&t, sums[0] / 1048576.0, 2, 0), da_table_dbl(&t, maxs[0] * 1e3, 2, 0);
-    da_table_dbl(&t, overlap, 2, 0), da_table_dbl(&t, imbalance, 2, 0), da_table_dbl(&t, ps.work_imbalance, 3, 0);
-    da_table_int(&t, vsum[0]), da_table_dbl(&t, o.verify ? vmax[1] : NAN, 2, 1), da_table_int(&t, vsum[1]);
-    da_table_end_row(&t);
-    if (o.overlap)
-      da_report_line(stdout, "overlap: compute-only %.2f ms, transfers-only %.2f ms, both %.2f ms", t_comp * 1e3,
-                     t_comm * 1e3, t_total * 1e3);
-    da_report_nonfinite(stdout, 8, nf_names, nf, vsum[2], vsum[11], nf_in > 0);
-    if (o.json) {
-      da_json_t j;
-      da_json_begin(&j);
-      da_json_str(&j, "cmd", "run");
-      da_json_str(&j, "algo", algo_names[o.algo]);
-      da_json_int(&j, "ranks", g_size);
-      da_json_int(&j, "seq", o.seq);
-      da_json_int(&j, "batch", B);
-      da_json_int(&j, "heads", H);
-      da_json_int(&j, "kv_heads", G);
-      da_json_int(&j, "dim", D);
-      da_json_str(&j, "mask", maskdesc);
-      da_json_str(&j, "dtype", dtype_names[o.dtype]);
-      da_json_str(&j, "device", device_names[o.device]);
-      da_json_int(&j, "threads", threads);
-      da_json_int(&j, "block", ps.block); /* in use: --block or the automatic choice */
-      da_json_int(&j, "iters", o.iters);
-      da_json_dbl(&j, "fwd_s", fwd_s);
-      if (o.backward) da_json_dbl(&j, "bwd_s", bwd_s);
-      else da_json_null(&j, "bwd_s");
-      da_json_dbl(&j, "gflops", gflops);
-      da_json_int(&j, "pairs", ps.pairs_total);
-      da_json_int(&j, "verify_rows", vsum[0]);
-      da_json_dbl(&j, "max_abs_err", o.verify ? vmax[0] : NAN);
-      da_json_dbl(&j, "max_rel_err", o.verify ? vmax[1] : NAN);
-      da_json_int(&j, "wrong", vsum[1]);
-      da_json_dbl(&j, "comm_bytes", sums[0]);
-      da_json_dbl(&j, "comm_exposed_s", maxs[0]);
-      da_json_dbl(&j, "overlap", overlap);
-      da_json_dbl(&j, "t_compute_only_s", t_comp);
-      da_json_dbl(&j, "t_comm_only_s", t_comm);
-      da_json_dbl(&j, "imbalance", imbalance);
-      da_json_dbl(&j, "imbalance_work", ps.work_imbalance);
-      da_json_dbl(&j, "compute_s", maxs[1]); /* max over ranks, fwd + bwd, last iteration */
-      da_json_int(&j, "nonfinite_rows", vsum[2]);
-      da_json_int(&j, "nonfinite_inputs", nf_in);
-      da_json_int(&j, "nonfinite_outputs", nf_out);
-      da_json_int(&j, "nonfinite_wrong", vsum[11]);
-      if (link_on) da_json_dbl(&j, "link_gbps", link_gbps), da_json_dbl(&j, "link_us", link_us);
-      else da_json_null(&j, "link_gbps"), da_json_null(&j, "link_us");
-      da_json_int(&j, "peak_rss_bytes", (int64_t)maxs[2]); /* max over ranks */
-      da_json_str(&j, "hosts", hosts);
-      da_json_str(&j, "git", da_git_version());
-      const char *job = getenv("SLURM_JOB_ID");
-      if (job && *job) da_json_str(&j, "SLURM_JOB_ID", job);
-      const char *nodes = getenv("SLURM_JOB_NODELIST"), *step_nodes = getenv("SLURM_STEP_NODELIST");
-      if (nodes && *nodes) da_json_str(&j, "SLURM_JOB_NODELIST", nodes);
-      if (step_nodes && *step_nodes) da_json_str(&j, "SLURM_STEP_NODELIST", step_nodes);
-      da_json_str(&j, "cpu", da_report_cpu_model());
-      if (o.input) da_json_str(&j, "input", o.input);
-      if (o.output) da_json_str(&j, "output", o.output);
-      if (da_json_append(&j, o.json)) rc = 1;
-      da_json_free(&j);
-    }
-    if (da_report_footer(stdout, vsum[1], rc == 0)) rc = rc ? rc : 1;
-    fflush(stdout);
+/* The .npy outputs (before the overlap runs, which overwrite them): only from a run whose verified
+ * rows were right, so the final names never hold a failed run's results. */
+static int run_write_outputs(void *c) {
+  run_t *r = c;
+  const run_opts_t *o = &r->o;
+  if (!o->output) return 0;
+  if (r->ck[CK_WRONG] > 0) {
+    if (r->job.rank == 0)
+      fprintf(stderr, "distattn run: --output %s: not written: verification found %lld wrong values\n", o->output,
+              (long long)r->ck[CK_WRONG]);
+    return 0;
   }
-  if (wrong_any && !rc) rc = 1;
-  rc = da_mpi_max_int(rc);
-free_times:
-  free(tf), free(tb), free(tt);
-free_bufs:
-  free(pos), free(q), free(k), free(v), free(outb), free(dout), free(dq), free(dk), free(dv), free(lse);
-out:
-  da_plan_free(plan);
-  da_comm_free(comm);
-  da_context_free(ctx);
-  da_mask_spec_free(&o.mask);
-  MPI_Finalize();
+  da_npy_out_t w[5];
+  const int nw = run_output_files(r, w);
+  char err[1536] = "";
+  const int rc = da_npyio_write(o->output, nw, w, o->batch, o->seq, r->pos, r->n, err, sizeof err);
+  if (rc)
+    fprintf(stderr, "distattn run: rank %d: --output %s: %s (nothing written under the final names)\n", r->job.rank,
+            o->output, err);
   return rc;
+}
+
+/* ---- overlap: compute without transfers, transfers without compute, both ---- */
+
+/* The median over --iters (after one warmup when there is warmup) of one plan mode's iteration,
+ * max over ranks, into *median. */
+static da_status_t run_time_mode(run_t *r, da_plan_mode_t mode, double *tm, double *median) {
+  const run_opts_t *o = &r->o;
+  const int64_t skip = o->warmup > 0;
+  da_status_t st = DA_SUCCESS;
+  da_plan_set_mode(r->plan, mode);
+  for (int64_t it = 0; it < o->iters + skip && st == DA_SUCCESS; it++) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    double t0 = MPI_Wtime();
+    st = da_plan_fwd(r->plan, &r->tq, &r->tk, &r->tv, &r->to, &r->tl, NULL);
+    if (st == DA_SUCCESS && o->backward)
+      st = da_plan_bwd(r->plan, &r->tq, &r->tk, &r->tv, &r->to, &r->tdo, &r->tl, &r->tdq, &r->tdk, &r->tdv, NULL);
+    double t = MPI_Wtime() - t0;
+    MPI_Allreduce(MPI_IN_PLACE, &t, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+    if (it >= skip) tm[it - skip] = t;
+  }
+  *median = da_median(tm, o->iters);
+  return st;
+}
+
+/* --measure-overlap: the share of the shorter of compute-only and transfers-only that the real
+ * run hides, clamped to [0, 1] (NaN when not measured). */
+static int run_overlap(void *c) {
+  run_t *r = c;
+  r->overlap = r->comp_only_s = r->comm_only_s = NAN;
+  if (!r->o.overlap) return 0;
+  double *tm = calloc((size_t)r->o.iters, sizeof *tm);
+  da_status_t st = run_time_mode(r, DA_PLAN_COMPUTE_ONLY, tm, &r->comp_only_s);
+  if (st == DA_SUCCESS) st = run_time_mode(r, DA_PLAN_COMM_ONLY, tm, &r->comm_only_s);
+  da_plan_set_mode(r->plan, DA_PLAN_RUN);
+  free(tm);
+  if (st != DA_SUCCESS) return da_report_failure("run", r->job.rank, "overlap measurement", st, r->job.ctx);
+  double mn = fmin(r->comp_only_s, r->comm_only_s);
+  double overlap = mn > 0 ? (r->comp_only_s + r->comm_only_s - r->total_s) / mn : 1.0;
+  r->overlap = overlap < 0 ? 0 : overlap > 1 ? 1 : overlap;
+  return 0;
+}
+
+/* ---- report ---- */
+
+/* Rank 0: the table's one row. */
+static void run_print_row(const run_t *r) {
+  static const char *const names[] = {"algo", "ranks", "seq", "batch", "heads", "kv", "dim", "mask", "dtype",
+                                      "fwd_ms", "bwd_ms", "gflops", "comm_MB", "exposed_ms", "overlap", "imbal",
+                                      "imb_work", "rows", "max_rel", "wrong"};
+  static const int widths[] = {7, 5, 9, 5, 5, 3, 4, 12, 5, 10, 10, 8, 9, 10, 7, 6, 8, 6, 9, 6};
+  const run_opts_t *o = &r->o;
+  da_table_t t;
+  da_table_init(&t, stdout, 20, names, widths);
+  da_table_print_header(&t);
+  da_table_str(&t, algo_names[o->algo]);
+  da_table_int(&t, r->job.size), da_table_int(&t, o->seq), da_table_int(&t, o->batch), da_table_int(&t, o->heads);
+  da_table_int(&t, r->G), da_table_int(&t, o->dim), da_table_str(&t, r->maskdesc);
+  da_table_str(&t, da_dtype_names[o->dtype]);
+  da_table_dbl(&t, r->fwd_s * 1e3, 2, 0), da_table_dbl(&t, r->bwd_s * 1e3, 2, 0), da_table_dbl(&t, r->gflops, 2, 0);
+  da_table_dbl(&t, r->comm_bytes / 1048576.0, 2, 0), da_table_dbl(&t, r->exposed_s * 1e3, 2, 0);
+  da_table_dbl(&t, r->overlap, 2, 0), da_table_dbl(&t, r->imbalance, 2, 0);
+  da_table_dbl(&t, r->ps.work_imbalance, 3, 0);
+  da_table_int(&t, r->ck[CK_ROWS]), da_table_dbl(&t, o->verify ? r->max_rel : NAN, 2, 1);
+  da_table_int(&t, r->ck[CK_WRONG]);
+  da_table_end_row(&t);
+}
+
+/* Rank 0: the JSON Lines record appended to --json, every field in this order (tests/mpi.cmake
+ * checks it). 0, or -1 when it could not be written (said on stderr). */
+static int run_json(const run_t *r) {
+  const run_opts_t *o = &r->o;
+  const int64_t *nf = r->ck + CK_NF;
+  da_json_t j;
+  da_json_begin(&j);
+  da_json_str(&j, "cmd", "run");
+  da_json_str(&j, "algo", algo_names[o->algo]);
+  da_json_int(&j, "ranks", r->job.size);
+  da_json_int(&j, "seq", o->seq);
+  da_json_problem(&j, o->batch, o->heads, r->G, o->dim, r->maskdesc, da_dtype_names[o->dtype],
+                  da_device_names[o->device], r->threads);
+  da_json_int(&j, "block", r->ps.block); /* in use: --block or the automatic choice */
+  da_json_int(&j, "iters", o->iters);
+  da_json_dbl(&j, "fwd_s", r->fwd_s);
+  if (o->backward) da_json_dbl(&j, "bwd_s", r->bwd_s);
+  else da_json_null(&j, "bwd_s");
+  da_json_dbl(&j, "gflops", r->gflops);
+  da_json_int(&j, "pairs", r->ps.pairs_total);
+  da_json_check(&j, r->ck[CK_ROWS], r->max_abs, r->max_rel, r->ck[CK_WRONG], o->verify > 0);
+  da_json_dbl(&j, "comm_bytes", r->comm_bytes);
+  da_json_dbl(&j, "comm_exposed_s", r->exposed_s);
+  da_json_dbl(&j, "overlap", r->overlap);
+  da_json_dbl(&j, "t_compute_only_s", r->comp_only_s);
+  da_json_dbl(&j, "t_comm_only_s", r->comm_only_s);
+  da_json_dbl(&j, "imbalance", r->imbalance);
+  da_json_dbl(&j, "imbalance_work", r->ps.work_imbalance);
+  da_json_dbl(&j, "compute_s", r->compute_s); /* max over ranks, fwd + bwd, last iteration */
+  da_json_nonfinite(&j, r->ck[CK_NF_ROWS], nf[0] + nf[1] + nf[2] + nf[3], nf[4] + nf[5] + nf[6] + nf[7],
+                    r->ck[CK_NF_WRONG]);
+  if (r->link_on) da_json_dbl(&j, "link_gbps", r->link_gbps), da_json_dbl(&j, "link_us", r->link_us);
+  else da_json_null(&j, "link_gbps"), da_json_null(&j, "link_us");
+  da_json_int(&j, "peak_rss_bytes", (int64_t)r->peak_rss); /* max over ranks */
+  da_json_job(&j, r->hosts, 1);
+  if (o->input) da_json_str(&j, "input", o->input);
+  if (o->output) da_json_str(&j, "output", o->output);
+  return da_json_finish(&j, o->json);
+}
+
+/* The table, the overlap and non-finite notes, the record, then the verdict all ranks agree on. */
+static int run_report(void *c) {
+  run_t *r = c;
+  const int64_t *nf = r->ck + CK_NF;
+  int rc = 0;
+  if (r->job.rank == 0) {
+    run_print_row(r);
+    if (r->o.overlap)
+      da_report_line(stdout, "overlap: compute-only %.2f ms, transfers-only %.2f ms, both %.2f ms",
+                     r->comp_only_s * 1e3, r->comm_only_s * 1e3, r->total_s * 1e3);
+    const int inputs_poisoned = nf[0] + nf[1] + nf[2] + nf[3] > 0;
+    da_report_nonfinite(stdout, 8, nf_names, nf, r->ck[CK_NF_ROWS], r->ck[CK_NF_WRONG], inputs_poisoned);
+    if (r->o.json && run_json(r)) rc = 1;
+  }
+  return da_mpi_verdict(r->job.rank, r->ck[CK_WRONG], rc);
+}
+
+static void run_release(void *c) {
+  run_t *r = c;
+  free(r->pos), free(r->q), free(r->k), free(r->v), free(r->outb), free(r->dout), free(r->dq), free(r->dk);
+  free(r->dv), free(r->lse);
+  da_plan_free(r->plan);
+  da_mask_spec_free(&r->o.mask);
+}
+
+/* The phases in order (common.h: parse and agree comes first, release last). */
+static const da_phase_fn run_phases[] = {
+    run_check_files,   /* inputs: the .npy files give the sizes */
+    run_plan,          /* placement, context, communicator, plan */
+    run_inputs,        /* this rank's rows: read or generated */
+    run_print_setup,   /* the header */
+    run_execute,       /* the timed iterations */
+    run_verify,        /* float64 check of sampled rows, non-finite counts */
+    run_write_outputs, /* --output */
+    run_overlap,       /* --measure-overlap */
+    run_report,        /* table, JSON record, verdict */
+    NULL};
+
+int da_cmd_run(int argc, char **argv) {
+  static const da_mpi_cmd_t spec = {.name = "run", .parse = run_parse, .phases = run_phases, .release = run_release};
+  run_t r;
+  memset(&r, 0, sizeof r);
+  r.ps = (da_plan_stats_t)DA_PLAN_STATS_INITIALIZER; /* versioned: size and version set */
+  run_options(&r);
+  return da_mpi_cmd_main(&spec, &r.job, &r, argc, argv);
 }

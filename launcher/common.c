@@ -1,5 +1,6 @@
 /* common.c: helpers shared by the MPI subcommands of `distattn` (see common.h). */
 #define _GNU_SOURCE
+#include <fcntl.h>
 #include <math.h>
 #include <mpi.h>
 #include <sched.h>
@@ -62,6 +63,61 @@ void da_cpu_list(char *buf, size_t n) {
   }
 }
 
+const char *const da_dtype_names[] = {"fp32", "bf16", "fp16", NULL};
+const char *const da_device_names[] = {"cpu", "cuda", NULL};
+
+da_opt_t da_opt_heads(int64_t *dest) {
+  return (da_opt_t){.name = "heads", .type = DA_OPT_INT, .dest = dest, .help = "query heads H (required)", .min = 1,
+                    .max = 65536};
+}
+
+da_opt_t da_opt_kv_heads(int64_t *dest) {
+  return (da_opt_t){.name = "kv-heads", .type = DA_OPT_INT, .dest = dest, .help = "KV heads G (H % G == 0; 0 = H)",
+                    .min = 0, .max = 65536};
+}
+
+da_opt_t da_opt_dim(int64_t *dest) {
+  return (da_opt_t){.name = "dim", .type = DA_OPT_INT, .dest = dest, .help = "head dim D (required)", .min = 1,
+                    .max = 4096};
+}
+
+da_opt_t da_opt_dtype(int *dest) {
+  return (da_opt_t){.name = "dtype", .type = DA_OPT_ENUM, .dest = dest, .help = "storage dtype of q, k, v, out",
+                    .choices = da_dtype_names};
+}
+
+da_opt_t da_opt_seed(int64_t *dest) {
+  return (da_opt_t){.name = "seed", .type = DA_OPT_INT, .dest = dest, .help = "seed of the counter-based inputs",
+                    .min = 0, .max = INT64_MAX};
+}
+
+da_opt_t da_opt_device(int *dest) {
+  return (da_opt_t){.name = "device", .type = DA_OPT_ENUM, .dest = dest, .help = "kernel backend",
+                    .choices = da_device_names};
+}
+
+da_opt_t da_opt_threads(int64_t *dest) {
+  return (da_opt_t){.name = "threads", .type = DA_OPT_INT, .dest = dest,
+                    .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096};
+}
+
+da_opt_t da_opt_json(const char **dest) {
+  return (da_opt_t){.name = "json", .type = DA_OPT_STRING, .dest = dest, .metavar = "FILE",
+                    .help = "append one JSON object (JSON Lines) to FILE"};
+}
+
+da_opt_t da_opt_timeout(double *dest) {
+  return (da_opt_t){.name = "timeout", .type = DA_OPT_DOUBLE, .dest = dest,
+                    .help = "seconds a rank waits for a peer before failing (0 = DISTATTN_TIMEOUT or 300)", .dmin = 0,
+                    .dmax = 1e6};
+}
+
+void da_cmd_options(da_cmdspec_t *cmd, const char *name, const char *summary, da_opt_t *room, const da_opt_t *opts,
+                    size_t n) {
+  memcpy(room, opts, n * sizeof *opts);
+  *cmd = (da_cmdspec_t){.name = name, .summary = summary, .opts = room};
+}
+
 int da_mpi_max_int(int v) {
   int r = v;
   MPI_Allreduce(&v, &r, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
@@ -119,4 +175,138 @@ void da_rank_map(int threads, char *hosts, size_t hn) {
       off += (size_t)snprintf(hosts + off, hn - off, "%s%s", off ? "," : "", all[r].host);
   }
   free(all);
+}
+
+/* ---- the phases of an MPI subcommand ---- */
+
+/* Output of a rank silenced while it parses: stdout and stderr onto /dev/null, and back. */
+typedef struct quiet {
+  int out, err;
+} quiet_t;
+
+static void quiet_begin(quiet_t *q, int on) {
+  q->out = q->err = -1;
+  if (!on) return;
+  fflush(stdout), fflush(stderr);
+  int devnull = open("/dev/null", O_WRONLY);
+  q->out = dup(1), q->err = dup(2);
+  if (devnull >= 0) dup2(devnull, 1), dup2(devnull, 2), close(devnull);
+}
+
+static void quiet_end(quiet_t *q) {
+  if (q->out < 0 && q->err < 0) return;
+  fflush(stdout), fflush(stderr);
+  if (q->out >= 0) dup2(q->out, 1), close(q->out);
+  if (q->err >= 0) dup2(q->err, 2), close(q->err);
+}
+
+int da_mpi_parse_agree(const char *cmd, int (*parse)(void *c, int argc, char **argv), void *c, int argc,
+                       char **argv) {
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  quiet_t q;
+  quiet_begin(&q, rank != 0);
+  int prc = parse(c, argc, argv);
+  quiet_end(&q);
+  int first_bad = prc != DA_ARGS_OK ? rank : size, rank0 = prc;
+  MPI_Bcast(&rank0, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, &first_bad, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (rank0 == DA_ARGS_OK && first_bad == rank && rank != 0) {
+    fprintf(stderr, "distattn %s: rank %d was given other arguments than rank 0, and they are wrong:\n", cmd, rank);
+    parse(c, argc, argv); /* again, to print its message */
+  }
+  return da_mpi_max_int(prc);
+}
+
+int da_mpi_cmd_main(const da_mpi_cmd_t *cmd, da_mpi_job_t *job, void *c, int argc, char **argv) {
+  int inited = 0;
+  MPI_Initialized(&inited);
+  if (!inited) MPI_Init(NULL, NULL);
+  MPI_Comm_rank(MPI_COMM_WORLD, &job->rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &job->size);
+  const int prc = da_mpi_parse_agree(cmd->name, cmd->parse, c, argc, argv);
+  int rc = prc == DA_ARGS_OK || prc == DA_ARGS_HELP ? 0 : 2;
+  for (const da_phase_fn *phase = cmd->phases; prc == DA_ARGS_OK && !rc && *phase; phase++) rc = (*phase)(c);
+  cmd->release(c);
+  da_comm_free(job->comm);
+  da_context_free(job->ctx);
+  job->comm = NULL, job->ctx = NULL;
+  MPI_Finalize();
+  return rc;
+}
+
+int da_mpi_job_open(da_mpi_job_t *job, const char *cmd, da_device_t device, int threads) {
+  da_config_t ccfg = DA_CONFIG_INITIALIZER;
+  ccfg.device = device;
+  ccfg.nthreads = threads;
+  da_status_t st = da_context_create(&ccfg, &job->ctx);
+  if (da_mpi_max_int(st != DA_SUCCESS)) /* a rank that succeeded reports the others' failure */
+    return da_report_failure(cmd, job->rank, "context", st ? st : DA_ERR_REMOTE, job->ctx);
+  if ((st = da_comm_create(job->ctx, MPI_COMM_WORLD, &job->comm)) != DA_SUCCESS)
+    return da_report_failure(cmd, job->rank, "communicator", st, job->ctx);
+  return 0;
+}
+
+void da_report_mpi_header(const da_cmdspec_t *cmd, int threads, int ranks, const char *backend, const char *tail) {
+  da_report_header(stdout, cmd, threads);
+  char lib[MPI_MAX_LIBRARY_VERSION_STRING] = "";
+  int len = 0;
+  MPI_Get_library_version(lib, &len);
+  lib[strcspn(lib, ",\n")] = '\0'; /* first clause: "Open MPI v4.1.4" */
+  da_report_line(stdout, "ranks: %d  mpi: %s (MPI %d.%d)  backend: %s%s", ranks, lib, MPI_VERSION, MPI_SUBVERSION,
+                 backend, tail);
+}
+
+void da_json_job(da_json_t *j, const char *hosts, int node_lists) {
+  da_json_str(j, "hosts", hosts);
+  da_json_str(j, "git", da_git_version());
+  const char *job = getenv("SLURM_JOB_ID");
+  if (job && *job) da_json_str(j, "SLURM_JOB_ID", job);
+  const char *nodes = node_lists ? getenv("SLURM_JOB_NODELIST") : NULL;
+  const char *step_nodes = node_lists ? getenv("SLURM_STEP_NODELIST") : NULL;
+  if (nodes && *nodes) da_json_str(j, "SLURM_JOB_NODELIST", nodes);
+  if (step_nodes && *step_nodes) da_json_str(j, "SLURM_STEP_NODELIST", step_nodes);
+  da_json_str(j, "cpu", da_report_cpu_model());
+}
+
+void da_json_problem(da_json_t *j, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, const char *mask,
+                     const char *dtype, const char *device, int threads) {
+  da_json_int(j, "batch", batch);
+  da_json_int(j, "heads", heads);
+  da_json_int(j, "kv_heads", kv_heads);
+  da_json_int(j, "dim", dim);
+  da_json_str(j, "mask", mask);
+  da_json_str(j, "dtype", dtype);
+  da_json_str(j, "device", device);
+  da_json_int(j, "threads", threads);
+}
+
+void da_json_check(da_json_t *j, int64_t rows, double max_abs, double max_rel, int64_t wrong, int verified) {
+  da_json_int(j, "verify_rows", rows);
+  da_json_dbl(j, "max_abs_err", verified ? max_abs : NAN);
+  da_json_dbl(j, "max_rel_err", verified ? max_rel : NAN);
+  da_json_int(j, "wrong", wrong);
+}
+
+void da_json_nonfinite(da_json_t *j, int64_t rows, int64_t inputs, int64_t outputs, int64_t wrong) {
+  da_json_int(j, "nonfinite_rows", rows);
+  da_json_int(j, "nonfinite_inputs", inputs);
+  da_json_int(j, "nonfinite_outputs", outputs);
+  da_json_int(j, "nonfinite_wrong", wrong);
+}
+
+int da_json_finish(da_json_t *j, const char *path) {
+  int rc = da_json_append(j, path);
+  da_json_free(j);
+  return rc;
+}
+
+int da_mpi_verdict(int rank, int64_t wrong, int rc) {
+  if (rank == 0) {
+    if (da_report_footer(stdout, wrong, rc == 0)) rc = rc ? rc : 1;
+    fflush(stdout);
+  }
+  if (wrong > 0 && !rc) rc = 1;
+  return da_mpi_max_int(rc);
 }
