@@ -8,7 +8,8 @@
  * with offload and (--baseline) without, and verifies sampled rows in float64. A rank that gives
  * up on a peer ends the job through launcher/fault.c; a compute rank whose own group is healthy
  * notices that (da_fault_notice) and cancels its group, so every surviving rank says why it
- * stops. Not a library layer: it may exit. */
+ * stops. The command is the phases of offload_phases, run in order by da_mpi_cmd_main (common.h)
+ * over one orun_t. Not a library layer: it may exit. */
 #define _GNU_SOURCE
 #include <mpi.h>
 #include <math.h>
@@ -29,9 +30,6 @@
 #include "verify.h"
 
 static const char *const role_names[] = {"compute", "memory", NULL};
-static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
-
-static int g_rank, g_size;
 
 enum { SPIN_BETWEEN_POLLS = 200 };    /* emulated compute: multiply-adds between progress calls */
 enum { QUIET_POLL_NS = 1000 * 1000 }; /* quiet_barrier: 1 ms between tests */
@@ -122,6 +120,7 @@ typedef struct latencies {
 } latencies_t;
 
 typedef struct orun {
+  da_mpi_job_t job; /* rank, size, the library context and the communicator over the world */
   offload_opts_t o;
   da_opt_t opts[OFFLOAD_NOPTS];
   da_cmdspec_t cmd;
@@ -131,8 +130,6 @@ typedef struct orun {
   int64_t G, B, T, W, NS, nmax, nmb;
   size_t es;
   int64_t *lens; /* [B] context length of each sequence */
-  da_context_t *ctx;
-  da_comm_t *wcomm;
   da_offload_t *off;
   da_problem_t prob;
   da_offload_info_t info;
@@ -195,7 +192,7 @@ static void offload_options(orun_t *x) {
       {.name = "verify", .type = DA_OPT_INT, .dest = &o->verify, .help = "sampled rows checked in float64", .min = 0,
        .max = 1 << 20},
       {.name = "page", .type = DA_OPT_SIZE, .dest = &o->page, .help = "tokens per KV page", .min = 1, .max = 1LL << 30},
-      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o->dtype, .help = "storage dtype", .choices = dtype_names},
+      {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o->dtype, .help = "storage dtype", .choices = da_dtype_names},
       {.name = "seed", .type = DA_OPT_INT, .dest = &o->seed, .help = "seed of the inputs", .min = 0, .max = INT64_MAX},
       {.name = "threads", .type = DA_OPT_INT, .dest = &o->threads, .help = "kernel threads per rank (0 = 1)", .min = 0,
        .max = 4096},
@@ -210,50 +207,47 @@ static void offload_options(orun_t *x) {
                           .opts = x->opts};
 }
 
-/* Ranks of different roles have different command lines: each parses its own and speaks for
- * itself; then every rank learns the worst outcome. Returns -1 to go on, else the exit code. */
-static int parse_and_agree(orun_t *x, int argc, char **argv) {
+/* Ranks of different roles have different command lines: each parses its own (da_mpi_parse_agree
+ * runs this on every rank, perhaps twice, and agrees on the worst verdict). DA_ARGS_*. */
+static int offload_parse(void *c, int argc, char **argv) {
+  orun_t *x = c;
   offload_opts_t *o = &x->o;
+  free(x->lens);
   offload_options(x);
   int prc = da_args_parse(&x->cmd, argc, argv);
   x->G = o->kv_heads ? o->kv_heads : o->heads;
   x->lens = calloc((size_t)o->batch, sizeof *x->lens);
-  if (prc == DA_ARGS_OK) {
-    if (!da_args_find(x->opts, "context")->given && !o->lengths)
-      prc = da_args_error(&x->cmd, "--context is required");
-    else if (!o->heads || !o->dim)
-      prc = da_args_error(&x->cmd, "--heads and --dim are required");
-    else if (o->heads % x->G)
-      prc = da_args_error(&x->cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->heads,
-                          (long long)x->G);
-    else if (o->lengths && da_parse_size_list(o->lengths, x->lens, o->batch))
-      prc = da_args_error(&x->cmd, "--lengths '%s': expected %lld sizes", o->lengths, (long long)o->batch);
-    else if (o->json && da_json_check_path(o->json))
-      prc = DA_ARGS_USAGE;
-    if (prc == DA_ARGS_OK && !o->lengths)
-      for (int64_t b = 0; b < o->batch; b++) x->lens[b] = o->context;
-    if (o->lengths) o->context = x->lens[0];
-  }
-  prc = da_mpi_max_int(prc);
-  if (prc != DA_ARGS_OK) return prc == DA_ARGS_HELP ? 0 : 2;
-  if (!o->offload && g_rank == 0) fprintf(stderr, "distattn decode: --role given: running with --offload\n");
+  if (prc != DA_ARGS_OK) return prc;
+  if (!da_args_find(x->opts, "context")->given && !o->lengths) return da_args_error(&x->cmd, "--context is required");
+  if (!o->heads || !o->dim) return da_args_error(&x->cmd, "--heads and --dim are required");
+  if (o->heads % x->G)
+    return da_args_error(&x->cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->heads,
+                         (long long)x->G);
+  if (o->lengths && da_parse_size_list(o->lengths, x->lens, o->batch))
+    return da_args_error(&x->cmd, "--lengths '%s': expected %lld sizes", o->lengths, (long long)o->batch);
+  if (o->json && da_json_check_path(o->json)) return DA_ARGS_USAGE;
+  if (o->lengths) o->context = x->lens[0];
+  else
+    for (int64_t b = 0; b < o->batch; b++) x->lens[b] = o->context;
   x->H = (int)o->heads, x->D = (int)o->dim, x->L = (int)o->layers, x->dt = o->dtype;
   x->B = o->batch, x->T = o->steps, x->W = o->warmup, x->NS = x->T + x->W;
   x->es = da_dtype_size((da_dtype_t)x->dt);
   x->nth = o->threads ? (int)o->threads : 1;
   x->nmax = (x->B + o->micro - 1) / o->micro, x->nmb = (x->B + x->nmax - 1) / x->nmax;
   x->base_tps = NAN;
-  return -1;
+  return DA_ARGS_OK;
 }
 
 /* ---- plan: the offload object, its groups, and whether the cache fits ---- */
 
-/* Collective. 0, or the exit code every rank agrees on. */
-static int setup(orun_t *x) {
+/* Phase, collective: the context and communicator, the offload object with every rank's role, and
+ * whether the cache fits the memory ranks' budgets. 0, or the exit code every rank agrees on. */
+static int offload_setup(void *c) {
+  orun_t *x = c;
   const offload_opts_t *o = &x->o;
-  da_config_t ccfg = DA_CONFIG_INITIALIZER;
-  ccfg.nthreads = x->nth;
-  da_status_t st = da_context_create(&ccfg, &x->ctx);
+  if (!o->offload && x->job.rank == 0) fprintf(stderr, "distattn decode: --role given: running with --offload\n");
+  int rc = da_mpi_job_open(&x->job, "decode", DA_DEVICE_CPU, x->nth);
+  if (rc) return rc;
   da_problem_t *prob = &x->prob;
   *prob = (da_problem_t)DA_PROBLEM_INITIALIZER;
   prob->batch = x->B, prob->seq = o->context, prob->heads = x->H, prob->kv_heads = x->G, prob->dim = x->D;
@@ -261,11 +255,10 @@ static int setup(orun_t *x) {
   da_offload_config_t ocfg = DA_OFFLOAD_CONFIG_INITIALIZER;
   ocfg.page = o->page, ocfg.layers = x->L, ocfg.microbatches = (int)o->micro, ocfg.mem_budget = (double)o->budget;
   ocfg.timeout = o->timeout;
-  if (st == DA_SUCCESS) st = da_comm_create(x->ctx, MPI_COMM_WORLD, &x->wcomm);
-  if (st == DA_SUCCESS)
-    st = da_offload_create(x->wcomm, o->role < 0 ? DA_ROLE_NONE : (da_role_t)o->role, prob, &ocfg, &x->off);
+  da_status_t st =
+      da_offload_create(x->job.comm, o->role < 0 ? DA_ROLE_NONE : (da_role_t)o->role, prob, &ocfg, &x->off);
   if (da_mpi_max_int(st != DA_SUCCESS)) { /* role errors reach every rank: each says it */
-    fprintf(stderr, "distattn decode: rank %d: offload: %s: %s\n", g_rank, da_status_string(st), da_last_error(x->ctx));
+    fprintf(stderr, "distattn decode: rank %d: offload: %s: %s\n", x->job.rank, da_status_string(st), da_last_error(x->job.ctx));
     return st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH ? 2 : 1;
   }
   da_offload_get_info(x->off, &x->info);
@@ -276,7 +269,7 @@ static int setup(orun_t *x) {
   if (st == DA_SUCCESS) x->kv_local = da_offload_kv_bytes(prob, x->L, fin); /* one compute rank's KV, not offloaded */
   free(fin);
   if (st != DA_SUCCESS) {
-    if (g_rank == 0) fprintf(stderr, "distattn decode: %s\n", da_last_error(x->ctx));
+    if (x->job.rank == 0) fprintf(stderr, "distattn decode: %s\n", da_last_error(x->job.ctx));
     return 2;
   }
   return 0;
@@ -300,14 +293,15 @@ static da_status_t fill_cache(const orun_t *x, da_kvcache_t *cache) {
   return st;
 }
 
-/* Collective. 0, or 1 when a memory rank failed. */
-static int fill_memory(orun_t *x) {
+/* Phase, collective: memory ranks fill their pages. 0, or 1 when a memory rank failed. */
+static int offload_fill(void *c) {
+  orun_t *x = c;
   da_status_t st = DA_SUCCESS;
   x->t_fill = MPI_Wtime();
   if (x->is_mem) st = fill_cache(x, da_offload_cache(x->off));
   x->t_fill = MPI_Wtime() - x->t_fill;
   if (da_mpi_max_int(st != DA_SUCCESS)) {
-    if (st != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: prefill: %s\n", g_rank, da_last_error(x->ctx));
+    if (st != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: prefill: %s\n", x->job.rank, da_last_error(x->job.ctx));
     return 1;
   }
   return 0;
@@ -317,7 +311,7 @@ static int fill_memory(orun_t *x) {
 static void print_layout(const orun_t *x) {
   const da_offload_info_t *in = &x->info;
   const int64_t micro = x->o.micro;
-  if (g_rank == 0) {
+  if (x->job.rank == 0) {
     da_report_header(stdout, &x->cmd, x->nth);
     da_report_line(stdout,
                    "offload: %d compute + %d memory ranks, %d group%s; batch %lld per compute rank, %d layer%s, "
@@ -326,13 +320,13 @@ static void print_layout(const orun_t *x) {
                    x->L == 1 ? "" : "s", (long long)micro, micro == 1 ? "" : "es", x->o.layer_ms);
   }
   double mine[4] = {(double)in->role, (double)in->group, in->budget, in->share}, *all = NULL;
-  if (g_rank == 0) all = malloc((size_t)g_size * sizeof mine);
+  if (x->job.rank == 0) all = malloc((size_t)x->job.size * sizeof mine);
   MPI_Gather(mine, 4, MPI_DOUBLE, all, 4, MPI_DOUBLE, 0, MPI_COMM_WORLD);
-  for (int r = 0; g_rank == 0 && all && r < g_size; r++)
+  for (int r = 0; x->job.rank == 0 && all && r < x->job.size; r++)
     da_report_line(stdout, " rank %3d  %-7s  group %d  budget %10.1f MiB%s", r, role_names[(int)all[4 * r]],
                    (int)all[4 * r + 1], all[4 * r + 2] / 1048576.0,
                    all[4 * r] == DA_ROLE_MEMORY ? "  shard share" : "");
-  if (g_rank == 0 && all)
+  if (x->job.rank == 0 && all)
     da_report_line(stdout,
                    "kv cache: %.1f MiB per compute rank's sequences (all layers), largest memory shard %.1f MiB; "
                    "filled in %.2f s",
@@ -367,8 +361,8 @@ static da_status_t serve_memory(orun_t *x) {
   da_offload_stats_t os;
   da_offload_get_stats(x->off, &os);
   const int64_t per_step = (int64_t)x->L * x->nmb, done = (int64_t)os.requests;
-  fprintf(stderr, "distattn decode: rank %d: step %lld: serve: %s\n", g_rank, (long long)(done / per_step),
-          da_last_error(x->ctx));
+  fprintf(stderr, "distattn decode: rank %d: step %lld: serve: %s\n", x->job.rank, (long long)(done / per_step),
+          da_last_error(x->job.ctx));
   /* the compute rank cancelled because the job is ending: join the roll call now */
   if (st == DA_ERR_REMOTE) da_fault_abort("offload");
   return st;
@@ -435,10 +429,10 @@ static da_status_t step_layers(orun_t *x, cbufs_t *c, int64_t it, int *gave_up) 
 static _Noreturn void cancel_group(orun_t *x, int64_t it, int gave_up) {
   char why[160];
   snprintf(why, sizeof why, "rank %d of the job gave up waiting for a peer (its message says which)", gave_up);
-  fprintf(stderr, "distattn decode: rank %d: step %lld: %s: cancelling the offload of group %d\n", g_rank,
+  fprintf(stderr, "distattn decode: rank %d: step %lld: %s: cancelling the offload of group %d\n", x->job.rank,
           (long long)it, why, x->info.group);
   da_status_t cs = da_offload_cancel(x->off, why);
-  if (cs != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: cancel: %s\n", g_rank, da_last_error(x->ctx));
+  if (cs != DA_SUCCESS) fprintf(stderr, "distattn decode: rank %d: cancel: %s\n", x->job.rank, da_last_error(x->job.ctx));
   da_fault_abort("offload");
 }
 
@@ -472,7 +466,7 @@ static da_status_t compute_loop(orun_t *x) {
     int gave_up = -1; /* a rank of the job that gave up waiting (another group's failure) */
     st = step_layers(x, &c, it, &gave_up);
     if (st != DA_SUCCESS) {
-      fprintf(stderr, "distattn decode: rank %d: step %lld: %s\n", g_rank, (long long)it, da_last_error(x->ctx));
+      fprintf(stderr, "distattn decode: rank %d: step %lld: %s\n", x->job.rank, (long long)it, da_last_error(x->job.ctx));
       break;
     }
     if (gave_up >= 0) cancel_group(x, it, gave_up);
@@ -534,7 +528,7 @@ static void run_baseline(orun_t *x) {
   da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
   kc.page = x->o.page;
   da_decode_config_t dc = DA_DECODE_CONFIG_INITIALIZER;
-  da_status_t bs = da_comm_create(x->ctx, MPI_COMM_SELF, &ld.self);
+  da_status_t bs = da_comm_create(x->job.ctx, MPI_COMM_SELF, &ld.self);
   if (bs == DA_SUCCESS) bs = da_kvcache_create(ld.self, &pl, &kc, &ld.cache);
   if (bs == DA_SUCCESS) bs = da_decode_plan_create(ld.self, &pl, &dc, &ld.plan);
   if (bs == DA_SUCCESS) bs = fill_cache(x, ld.cache);
@@ -549,17 +543,18 @@ static void run_baseline(orun_t *x) {
     if (it >= x->W) t_all += MPI_Wtime() - t0;
   }
   if (bs != DA_SUCCESS)
-    fprintf(stderr, "distattn decode: rank %d: baseline: %s\n", g_rank, da_last_error(x->ctx));
+    fprintf(stderr, "distattn decode: rank %d: baseline: %s\n", x->job.rank, da_last_error(x->job.ctx));
   else
     x->base_tps = (double)(x->B * x->T) / t_all;
   free(ld.q), free(ld.k), free(ld.v), free(ld.o), free(ld.tmp), free(ld.ntok);
   da_decode_plan_free(ld.plan), da_kvcache_free(ld.cache), da_comm_free(ld.self);
 }
 
-/* Collective (--baseline): the compute ranks whose cache fits --mem-budget run it; memory ranks
- * wait without spinning. */
-static void baseline(orun_t *x) {
-  if (!x->o.baseline) return;
+/* Phase, collective (--baseline): the compute ranks whose cache fits --mem-budget run it; memory
+ * ranks wait without spinning. */
+static int offload_baseline(void *c) {
+  orun_t *x = c;
+  if (!x->o.baseline) return 0;
   if (!x->is_mem) {
     if (x->o.budget > 0 && x->kv_local > (double)x->o.budget)
       x->base_refused = 1;
@@ -567,12 +562,14 @@ static void baseline(orun_t *x) {
       run_baseline(x);
   }
   quiet_barrier();
+  return 0;
 }
 
 /* ---- verify: the sampled rows of the compute ranks against float64 ---- */
 
-/* Collective: x->vs (rows, wrong) summed and x->vmax (abs, rel error) maxed over ranks. */
-static void verify_samples(orun_t *x) {
+/* Phase, collective: x->vs (rows, wrong) summed and x->vmax (abs, rel error) maxed over ranks. */
+static int offload_verify(void *c) {
+  orun_t *x = c;
   x->vs[0] = x->vs[1] = 0;
   x->vmax[0] = x->vmax[1] = 0;
   if (!x->is_mem) {
@@ -599,6 +596,7 @@ static void verify_samples(orun_t *x) {
   }
   MPI_Allreduce(MPI_IN_PLACE, x->vs, 2, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, x->vmax, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return 0;
 }
 
 /* ---- report ---- */
@@ -670,11 +668,11 @@ static int json_record(const orun_t *x, const figures_t *fg) {
   da_json_t j;
   da_json_begin(&j);
   da_json_str(&j, "cmd", "decode"), da_json_str(&j, "algo", "offload");
-  da_json_int(&j, "ranks", g_size), da_json_int(&j, "compute_ranks", x->info.ncompute);
+  da_json_int(&j, "ranks", x->job.size), da_json_int(&j, "compute_ranks", x->info.ncompute);
   da_json_int(&j, "memory_ranks", x->info.nmemory);
   da_json_int(&j, "context", x->o.context), da_json_int(&j, "batch", x->B), da_json_int(&j, "heads", x->H);
   da_json_int(&j, "kv_heads", x->G), da_json_int(&j, "dim", x->D), da_json_str(&j, "mask", "causal");
-  da_json_str(&j, "dtype", dtype_names[x->dt]), da_json_str(&j, "device", "cpu");
+  da_json_str(&j, "dtype", da_dtype_names[x->dt]), da_json_str(&j, "device", "cpu");
   da_json_int(&j, "layers", x->L), da_json_int(&j, "microbatches", x->nmb);
   da_json_dbl(&j, "layer_compute_ms", x->o.layer_ms), da_json_int(&j, "steps", x->T);
   da_json_dbl(&j, "step_median_s", fg->step_med), da_json_dbl(&j, "step_p99_s", fg->med[5]);
@@ -697,11 +695,13 @@ static int json_record(const orun_t *x, const figures_t *fg) {
   return rc;
 }
 
-/* Collective: the figures, rank 0's table, record and footer; the exit code every rank agrees on. */
-static int report(orun_t *x) {
+/* Phase, collective: the figures, rank 0's table, record and footer; the exit code every rank
+ * agrees on. */
+static int offload_report(void *c) {
+  orun_t *x = c;
   const figures_t fg = reduce_figures(x);
   int rc = 0;
-  if (g_rank == 0) {
+  if (x->job.rank == 0) {
     print_table(x, &fg);
     if (x->o.json && json_record(x, &fg)) rc = 1;
     if (da_report_footer(stdout, x->vs[1], rc == 0)) rc = rc ? rc : 1;
@@ -711,40 +711,34 @@ static int report(orun_t *x) {
   return da_mpi_max_int(rc);
 }
 
-static void orun_free(orun_t *x) {
+/* Phase, collective: memory ranks serve while compute ranks run the model loop; every rank learns
+ * whether any failed. */
+static int offload_execute(void *c) {
+  orun_t *x = c;
+  print_layout(x);
+  alloc_results(x);
+  MPI_Barrier(MPI_COMM_WORLD);
+  const da_status_t st = x->is_mem ? serve_memory(x) : compute_loop(x);
+  return da_mpi_max_int(st != DA_SUCCESS) ? 1 : 0;
+}
+
+/* What parse and the phases made; the job's context and communicator are da_mpi_cmd_main's. */
+static void offload_release(void *c) {
+  orun_t *x = c;
   for (int64_t i = 0; x->samples && i < x->R; i++) free(x->samples[i].out), free(x->samples[i].lse);
   free(x->samples), free(x->t_step);
   free(x->lat.send), free(x->lat.attn), free(x->lat.red), free(x->lat.recv), free(x->lat.tot);
   da_offload_free(x->off);
-  da_comm_free(x->wcomm);
-  da_context_free(x->ctx);
   free(x->lens);
 }
 
+static const da_phase_fn offload_phases[] = {offload_setup,  offload_fill,   offload_execute, offload_baseline,
+                                             offload_verify, offload_report, NULL};
+
 int da_cmd_offload(int argc, char **argv) {
-  int inited = 0;
-  MPI_Initialized(&inited);
-  if (!inited) MPI_Init(NULL, NULL);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
+  static const da_mpi_cmd_t spec = {
+      .name = "decode", .parse = offload_parse, .phases = offload_phases, .release = offload_release};
   orun_t x;
   memset(&x, 0, sizeof x);
-  int rc = parse_and_agree(&x, argc, argv);
-  if (rc < 0) rc = setup(&x);
-  if (rc == 0) rc = fill_memory(&x);
-  if (rc == 0) {
-    print_layout(&x);
-    alloc_results(&x);
-    MPI_Barrier(MPI_COMM_WORLD);
-    const da_status_t st = x.is_mem ? serve_memory(&x) : compute_loop(&x);
-    if (da_mpi_max_int(st != DA_SUCCESS)) rc = 1;
-  }
-  if (rc == 0) {
-    baseline(&x);
-    verify_samples(&x);
-    rc = report(&x);
-  }
-  orun_free(&x);
-  MPI_Finalize();
-  return rc;
+  return da_mpi_cmd_main(&spec, &x.job, &x, argc, argv);
 }
