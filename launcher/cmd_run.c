@@ -98,6 +98,33 @@ static void vrows_finish(vrows_t *v, vresult_t *res, double tol) {
   free(v->abs), free(v->ref), free(v->kind);
 }
 
+/* --backward: the softmax statistics of every query row, lse and rowsum(dout * out) (B*S*H scalars
+ * each, not rows of q/k/v), into *lse_all and *delta_all: each rank contributes its own rows and the
+ * sum over ranks fills the tables. Collective; rc is this rank's state so far. 0, or -1. */
+static int row_stats(const da_vprob_t *vp, int64_t n, const int64_t *pos, const void *out, const float *lse,
+                     const void *dout, int rc, float **lse_all, float **delta_all) {
+  const int H = vp->kp.H, D = vp->kp.D, dt = (int)vp->kp.dtype;
+  const int64_t B = vp->B, S = vp->S;
+  const size_t ns = (size_t)(B * S * H);
+  float *ls = *lse_all = calloc(ns, sizeof(float)), *dl = *delta_all = calloc(ns, sizeof(float));
+  if (!ls || !dl) rc = -1;
+  if (!rc)
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t i = 0; i < n; i++)
+        for (int h = 0; h < H; h++) {
+          size_t g = (size_t)((b * S + pos[i]) * H + h), l = (size_t)((b * n + i) * H + h);
+          double d = 0;
+          for (int e = 0; e < D; e++)
+            d += (double)da_load_f32(out, dt, (int64_t)l * D + e) * da_load_f32(dout, dt, (int64_t)l * D + e);
+          ls[g] = lse[l], dl[g] = (float)d;
+        }
+  if (da_mpi_max_int(rc)) return -1;
+  if (ns > (size_t)INT32_MAX) return -1;
+  MPI_Allreduce(MPI_IN_PLACE, ls, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, dl, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
+  return rc;
+}
+
 /* Float64 check of R sampled local rows (and, with --backward, their dq and the dk/dv of the
  * same local key rows) on this rank. Collective only for the backward's per-row statistics. */
 static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const int64_t *pos, const void *out,
@@ -113,31 +140,7 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
   vrows_t vr = {0};
   int rc = 0;
   if (!ro || !rl || !rq || !rk || !rv) rc = -1;
-  if (o->backward && o->verify > 0) {
-    /* The softmax statistics of every query row (B*S*H scalars, not rows of q/k/v): each rank
-     * contributes its own and the sum fills the table. */
-    size_t ns = (size_t)(B * S * H);
-    lse_all = calloc(ns, sizeof(float)), delta_all = calloc(ns, sizeof(float));
-    if (!lse_all || !delta_all) rc = -1;
-    if (!rc)
-      for (int64_t b = 0; b < B; b++)
-        for (int64_t i = 0; i < n; i++)
-          for (int h = 0; h < H; h++) {
-            size_t g = (size_t)((b * S + pos[i]) * H + h), l = (size_t)((b * n + i) * H + h);
-            double d = 0;
-            for (int e = 0; e < D; e++)
-              d += (double)da_load_f32(out, (int)dt, (int64_t)l * D + e) * da_load_f32(dout, (int)dt, (int64_t)l * D + e);
-            lse_all[g] = lse[l], delta_all[g] = (float)d;
-          }
-    int bad = da_mpi_max_int(rc);
-    if (bad) rc = -1;
-    else if (ns <= (size_t)INT32_MAX) {
-      MPI_Allreduce(MPI_IN_PLACE, lse_all, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-      MPI_Allreduce(MPI_IN_PLACE, delta_all, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
-    } else {
-      rc = -1;
-    }
-  }
+  if (o->backward && o->verify > 0) rc = row_stats(vp, n, pos, out, lse, dout, rc, &lse_all, &delta_all);
   for (int64_t s = 0; s < R && rc == 0; s++) {
     const int64_t i = R == 1 ? n / 2 : s * (n - 1) / (R - 1), b = s % B, l = b * n + i;
     if (da_verify_fwd_row(vp, b, pos[i], ro, rl)) {
