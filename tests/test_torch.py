@@ -93,6 +93,18 @@ def run_case(B, S, H, G, D, dtype, layout="zigzag", causal=False, window=0, scal
 
 
 # ---- tests ---------------------------------------------------------------------------------------
+def installed_package():
+    """Under tests/wheel_test.sh: distattn is the installed wheel, with its own library."""
+    if os.environ.get("DISTATTN_TEST_INSTALLED") != "1":
+        raise Skip("the wheel test runs it (tests/wheel_test.sh)")
+    src = os.path.realpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    pkg = os.path.dirname(os.path.realpath(distattn.__file__))
+    check(not pkg.startswith(src + os.sep) or "site-packages" in pkg, f"distattn from {pkg}")
+    check(os.path.realpath(distattn.library_path) == os.path.join(pkg, "libdistattn.so"),
+          f"library {distattn.library_path} is not the package's")
+    check("DISTATTN_LIBRARY" not in os.environ, "DISTATTN_LIBRARY is set")
+
+
 def shard_roundtrip():
     """shard / unshard invert each other, and the shards cover the sequence once."""
     x = torch.arange(2 * (4 * P + 3) * 3).reshape(2, 4 * P + 3, 3).float()
@@ -322,7 +334,7 @@ class Skip(Exception):
     pass
 
 
-TESTS = [shard_roundtrip, fwd_bwd_layouts_masks, fwd_bwd_mqa_scale, fwd_bwd_bf16, varlen_documents,
+TESTS = [installed_package, shard_roundtrip, fwd_bwd_layouts_masks, fwd_bwd_mqa_scale, fwd_bwd_bf16, varlen_documents,
          transposed_views, compiled_model, process_group, bad_inputs, unmapped_group]
 
 
