@@ -48,5 +48,5 @@ EOF
 
 echo "== under mpirun -np 2: tests/test_torch.py (core cases) against the installed package"
 DISTATTN_TEST_INSTALLED=1 "$MPIRUN" --oversubscribe --bind-to none --timeout 300 -np 2 "$WORK/venv/bin/python" \
-  test_torch.py installed_package fwd_bwd_layouts_masks varlen_documents bad_inputs
+  test_torch.py installed_package fwd_bwd_layouts_masks varlen_documents transposed_views bad_inputs
 echo "== wheel test: $(( $(date +%s) - t0 )) s"

@@ -19,7 +19,8 @@ group: None (MPI.COMM_WORLD), an mpi4py communicator, or a torch.distributed Pro
 processes are ranks of one MPI job (started by mpirun or srun): its ranks are mapped onto MPI
 ranks once, at first use, and a group that does not map is refused on every member.
 Every call is collective over the group: all its ranks call with the same shapes and options,
-checked at every call (a mismatch is a ValueError on every rank, never a hang).
+checked at every call (a mismatch is a ValueError on every rank, never a hang). Under
+torch.compile the group is resolved once, while tracing, and becomes a constant of the graph.
 """
 import hashlib
 import math
@@ -267,7 +268,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu = ctx.saved_tensors
-    dq, dk, dv = _bwd(q, k, v, out, dout.to(out.dtype), lse, cu, *ctx.opts)
+    # The incoming gradient is often a broadcast (out.sum(...) gives stride-0 axes), which the
+    # library refuses as overlapping: it is materialized (a no-op when already dense).
+    dout = dout.to(out.dtype).contiguous()
+    dq, dk, dv = _bwd(q, k, v, out, dout, lse, cu, *ctx.opts)
     return dq, dk, dv, None, None, None, None, None, None
 
 
