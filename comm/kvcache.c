@@ -130,7 +130,7 @@ static da_status_t check_rows(const da_kvcache_t *c, const char *name, const da_
   names[nouter] = "kv heads", names[nouter + 1] = "dim";
   char who[32];
   snprintf(who, sizeof who, "rank %d: ", r);
-  DA_CHECK(da_tensor_check_strides(t, c->esz, who, name, names));
+  DA_CHECK(da_tensor_check_strides(t, c->esz, 1, who, name, names));
   int64_t n = 1;
   for (int i = 0; i < nouter; i++) n *= t->shape[i];
   if (!t->data && n > 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: data pointer is NULL", r, name);

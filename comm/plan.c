@@ -486,7 +486,7 @@ static da_status_t check_tensor(const da_plan_t *p, const char *name, const da_t
   char who[32];
   snprintf(who, sizeof who, "rank %d: ", r);
   static const char *const names[4] = {"batch", "local rows", "heads", "dim"};
-  DA_CHECK(da_tensor_check_strides(t, D ? da_dtype_size(dt) : sizeof(float), who, name, names + 1 - off));
+  DA_CHECK(da_tensor_check_strides(t, D ? da_dtype_size(dt) : sizeof(float), 1, who, name, names + 1 - off));
   v->esz = D ? da_dtype_size(dt) : sizeof(float);
   v->base = t->data;
   v->bs = off ? t->strides[0] : 0;

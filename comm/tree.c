@@ -345,7 +345,7 @@ static da_status_t check_q(const da_decode_plan_t *p, const char *name, const da
   if (has_d) names[na++] = "dim";
   char who[32];
   snprintf(who, sizeof who, "rank %d: ", r);
-  DA_CHECK(da_tensor_check_strides(t, has_d ? da_dtype_size(dt) : sizeof(float), who, name, names));
+  DA_CHECK(da_tensor_check_strides(t, has_d ? da_dtype_size(dt) : sizeof(float), has_d, who, name, names));
   v->base = t->data;
   v->sb = t->strides[0];
   v->st = tok ? t->strides[1] : 0;

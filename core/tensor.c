@@ -20,8 +20,8 @@ static int64_t extent_elems(const da_tensor_t *t) {
   return ext;
 }
 
-da_status_t da_tensor_check_strides(const da_tensor_t *t, size_t esz, const char *who, const char *name,
-                                    const char *const *axes) {
+da_status_t da_tensor_check_strides(const da_tensor_t *t, size_t esz, int last_contiguous, const char *who,
+                                    const char *name, const char *const *axes) {
   if (!who) who = "";
   if (!t || t->ndim < 1 || t->ndim > 4)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s%s: ndim %d (1 to 4)", who, name, t ? t->ndim : 0);
@@ -32,7 +32,7 @@ da_status_t da_tensor_check_strides(const da_tensor_t *t, size_t esz, const char
   for (int i = 0; i < t->ndim; i++)
     if (t->shape[i] == 0) return DA_SUCCESS; /* no element: nothing is addressed */
   const int last = t->ndim - 1;
-  if (t->shape[last] > 1 && t->strides[last] != 1)
+  if (last_contiguous && t->shape[last] > 1 && t->strides[last] != 1)
     return DA_ERR(DA_ERR_UNSUPPORTED, "%s%s: axis %d (%s): stride %lld; the last axis must be contiguous (stride 1)",
                   who, name, last, axis_name(axes, last), (long long)t->strides[last]);
   for (int i = 0; i < t->ndim; i++) {

@@ -22,8 +22,9 @@ extern "C" {
 #define DA_TENSOR_MAX_ADDRESS ((uint64_t)1 << 56)
 
 /* Check the strides of t (shape already validated by the caller), elements of esz bytes:
- *  - the last axis is contiguous (stride 1) unless it has a single element
- *    (DA_ERR_UNSUPPORTED: the kernels read rows as vectors);
+ *  - with last_contiguous, the last axis has stride 1 unless it has a single element
+ *    (DA_ERR_UNSUPPORTED: the kernels read rows as vectors; an lse [B][S][H] written element by
+ *    element, as decode does, needs no such rule);
  *  - no axis of more than one element has a negative or zero stride;
  *  - the span data .. data + extent * esz stays below DA_TENSOR_MAX_ADDRESS, computed without
  *    overflow (a stride of 2^62 is refused here, not wrapped around);
@@ -37,8 +38,8 @@ extern "C" {
  * who: prefix of the message ("" or "rank 3: "); name: the tensor ("q", "lse", ...); axes: a
  * name per axis ("batch", "tokens", "heads", "dim"), or NULL. On failure the message names the
  * tensor, the axis and the numbers. */
-da_status_t da_tensor_check_strides(const da_tensor_t *t, size_t esz, const char *who, const char *name,
-                                    const char *const *axes);
+da_status_t da_tensor_check_strides(const da_tensor_t *t, size_t esz, int last_contiguous, const char *who,
+                                    const char *name, const char *const *axes);
 
 #ifdef __cplusplus
 }

@@ -120,7 +120,7 @@ static da_status_t check_tensor(const char *name, const da_tensor_t *t, da_dtype
                     axis[i], (long long)t->shape[off + i], (long long)want[i]);
   /* Axis names for the message: [batch] tokens heads [dim]. */
   static const char *const names[4] = {"batch", "tokens", "heads", "dim"};
-  DA_CHECK(da_tensor_check_strides(t, D ? da_dtype_size(dt) : sizeof(float), "", name, names + 1 - off));
+  DA_CHECK(da_tensor_check_strides(t, D ? da_dtype_size(dt) : sizeof(float), 1, "", name, names + 1 - off));
   v->esz = D ? da_dtype_size(dt) : sizeof(float);
   v->base = t->data;
   v->batch_stride = off ? t->strides[0] : 0;

@@ -30,7 +30,7 @@ static da_tensor_t make(void *data, int ndim, const int64_t *shape, const int64_
 
 static da_status_t check4(const int64_t *shape, const int64_t *strides) {
   da_tensor_t t = make(ADDR, 4, shape, strides);
-  return da_tensor_check_strides(&t, 4, "", "q", AX4);
+  return da_tensor_check_strides(&t, 4, 1, "", "q", AX4);
 }
 
 /* The oracle: enumerate every element's offset (small tensors only) and look for a repeat. */
@@ -188,12 +188,21 @@ START_TEST(test_refused_messages) {
   const int64_t il_shape[3] = {3, 3, 1}, il_str[3] = {3, 4, 1};
   ck_assert(!brute_overlap(3, il_shape, il_str));
   da_tensor_t t = make(ADDR, 3, il_shape, il_str);
-  ck_assert_int_eq(da_tensor_check_strides(&t, 4, "rank 2: ", "k", NULL), DA_ERR_INVALID_ARGUMENT);
+  ck_assert_int_eq(da_tensor_check_strides(&t, 4, 1, "rank 2: ", "k", NULL), DA_ERR_INVALID_ARGUMENT);
   ck_assert_msg(strstr(da_error_message(), "rank 2: k: axis 1 (?)"), "%s", da_error_message());
+  /* Without last_contiguous (decode's lse [B][T][H], written element by element), a strided last
+   * axis is fine as long as nothing overlaps: [2][3][4] over [2][4][3] storage. */
+  const int64_t l_shape[3] = {2, 3, 4}, l_str[3] = {12, 1, 3}, l_bad[3] = {12, 1, 2};
+  da_tensor_t l = make(ADDR, 3, l_shape, l_str);
+  ck_assert_int_eq(da_tensor_check_strides(&l, 4, 0, "", "lse", NULL), DA_SUCCESS);
+  ck_assert_int_eq(da_tensor_check_strides(&l, 4, 1, "", "lse", NULL), DA_ERR_UNSUPPORTED);
+  l = make(ADDR, 3, l_shape, l_bad); /* heads stride 2 over tokens stride 1 x 3: overlap */
+  ck_assert(brute_overlap(3, l_shape, l_bad));
+  ck_assert_int_eq(da_tensor_check_strides(&l, 4, 0, "", "lse", NULL), DA_ERR_INVALID_ARGUMENT);
   /* The end of the address space: a valid shape at an address whose span would wrap. */
   const int64_t sh[4] = {1, S, H, D}, st4[4] = {S * H * D, H * D, D, 1};
   da_tensor_t hi = make((void *)(uintptr_t)(DA_TENSOR_MAX_ADDRESS - 64), 4, sh, st4);
-  ck_assert_int_eq(da_tensor_check_strides(&hi, 4, "", "out", AX4), DA_ERR_INVALID_ARGUMENT);
+  ck_assert_int_eq(da_tensor_check_strides(&hi, 4, 1, "", "out", AX4), DA_ERR_INVALID_ARGUMENT);
   ck_assert_msg(strstr(da_error_message(), "out: axis"), "%s", da_error_message());
 }
 END_TEST
