@@ -313,6 +313,22 @@ def bad_inputs():
     check(relerr(out, dt.shard(ro)) < 1e-4, "a good call after the refusals")
 
 
+def plan_cache():
+    """More problems than dt.MAX_PLANS: the oldest plans are freed on every rank alike and made
+    again when needed, results unchanged."""
+    keep = dt.MAX_PLANS
+    dt.MAX_PLANS = 2
+    try:
+        for S in (3 * P + 1, 3 * P + 2, 3 * P + 3, 3 * P + 1):
+            q, k, v, _ = inputs(1, S, 2, 1, 8, torch.float32, 60 + S)
+            out = dt.attention(*(dt.shard(t) for t in (q, k, v)), causal=True)
+            ro, _, _, _ = reference(q, k, v, torch.zeros_like(q), allowed(S, True))
+            check(relerr(out, dt.shard(ro)) < 1e-4, f"S = {S}")
+            check(len(dt._plans) <= 2, f"{len(dt._plans)} plans kept")
+    finally:
+        dt.MAX_PLANS = keep
+
+
 def unmapped_group():
     """Two processes started without mpirun (each its own MPI job of one rank) joined in a torch
     gloo group: the group does not map onto MPI ranks, and both refuse it with a message."""
@@ -349,7 +365,7 @@ class Skip(Exception):
 
 
 TESTS = [installed_package, shard_roundtrip, fwd_bwd_layouts_masks, fwd_bwd_mqa_scale, fwd_bwd_bf16, varlen_documents,
-         transposed_views, compiled_model, process_group, bad_inputs, unmapped_group]
+         transposed_views, compiled_model, process_group, bad_inputs, plan_cache, unmapped_group]
 
 
 def main():

@@ -141,7 +141,11 @@ def register_group(group):
 
 
 # ---- plans -------------------------------------------------------------------------------------
-_plans = {}  # (group key, problem tuple) -> Plan
+_plans = {}  # (group key, problem tuple) -> Plan, oldest first
+# Plans hold buffers sized for their problem; a run whose sequence length varies would keep one
+# per length. The oldest goes past this many. Every rank makes the same calls in the same order,
+# so every rank frees the same plan at the same call (a free is collective).
+MAX_PLANS = 16
 
 
 def _check_same(g, row, names):
@@ -198,6 +202,8 @@ def _plan(gkey, q, k, v, causal, window, scale, layout, cu):
                              f"are not the {layout} split of {S} tokens over {g.size} ranks "
                              f"({counts.tolist()}): build the local tensors with distattn.torch.shard")
         _plans[key] = p
+        while len(_plans) > MAX_PLANS:
+            _plans.pop(next(iter(_plans))).free()
     return p
 
 
