@@ -105,6 +105,14 @@ def installed_package():
     check("DISTATTN_LIBRARY" not in os.environ, "DISTATTN_LIBRARY is set")
 
 
+def lazy_attributes():
+    """distattn.torch and distattn.attention through the package's lazy __getattr__ (it recursed
+    forever once)."""
+    check(distattn.torch is dt, "distattn.torch is not the module")
+    check(callable(distattn.attention) and distattn.attention.__module__ == "distattn.autograd",
+          "distattn.attention")
+
+
 def shard_roundtrip():
     """shard / unshard invert each other, and the shards cover the sequence once."""
     x = torch.arange(2 * (4 * P + 3) * 3).reshape(2, 4 * P + 3, 3).float()
@@ -364,7 +372,7 @@ class Skip(Exception):
     pass
 
 
-TESTS = [installed_package, shard_roundtrip, fwd_bwd_layouts_masks, fwd_bwd_mqa_scale, fwd_bwd_bf16, varlen_documents,
+TESTS = [installed_package, lazy_attributes, shard_roundtrip, fwd_bwd_layouts_masks, fwd_bwd_mqa_scale, fwd_bwd_bf16, varlen_documents,
          transposed_views, compiled_model, process_group, bad_inputs, plan_cache, unmapped_group]
 
 
