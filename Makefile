@@ -8,12 +8,17 @@ export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
-.PHONY: all setup configure build run test bench sim sim-calibrate clean install
+.PHONY: all setup setup-torch configure build run test bench sim sim-calibrate clean install
 
 all: build
 
 setup:
 	@scripts/setup-deps.sh
+
+# The torch tests' venv (~/.cache/distattn/venv-torch, outside the tree; torch from PyPI, about
+# 2.8 GB the first time). Only `make test` needs it.
+setup-torch: setup
+	@scripts/setup-torch.sh
 
 $(BUILD)/CMakeCache.txt:
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)
@@ -31,7 +36,7 @@ run: setup
 # Label sanitize (the ASan + UBSan build and valgrind, about 15 min on 2 cores) is opt-in:
 # `make check-sanitize`, or CTEST_ARGS="-L sanitize".
 CTEST_ARGS ?= -LE sanitize
-test: setup
+test: setup setup-torch
 	@$(MAKE) --no-print-directory build
 	cd $(BUILD) && ctest --output-on-failure --timeout 900 $(CTEST_ARGS)
 

@@ -126,3 +126,10 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/distattnConfigVersion.cma
                                  VERSION ${PROJECT_VERSION} COMPATIBILITY SameMinorVersion)
 install(FILES ${PROJECT_BINARY_DIR}/distattnConfig.cmake ${PROJECT_BINARY_DIR}/distattnConfigVersion.cmake
         DESTINATION ${DA_CMAKE_DIR})
+
+# The Python wheel (scikit-build-core sets SKBUILD; python/pyproject.toml asks for component
+# python only): one copy of the library inside the package, next to _lib.py, which loads it
+# first. By path, so the soname links a wheel cannot hold are not needed.
+if(SKBUILD)
+  install(FILES $<TARGET_FILE:distattn_shared> DESTINATION distattn RENAME libdistattn.so COMPONENT python)
+endif()

@@ -10,6 +10,7 @@
 #include <string.h>
 #include "distattn.h"
 #include "kvcache.h"
+#include "tensor.h"
 
 DA_PARAM(Timeout, "TIMEOUT", 300)
 
@@ -124,10 +125,12 @@ static da_status_t check_rows(const da_kvcache_t *c, const char *name, const da_
   if (t->shape[nouter] != c->G || t->shape[nouter + 1] != c->D)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: rows are [%lld][%lld], the cache holds [%d][%d] (kv_heads, "
                   "dim)", r, name, (long long)t->shape[nouter], (long long)t->shape[nouter + 1], c->G, c->D);
-  if (t->strides[nouter + 1] != 1 && c->D > 1)
-    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: the last axis must be contiguous", r, name);
-  for (int i = 0; i < t->ndim; i++)
-    if (t->strides[i] < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: negative stride on axis %d", r, name, i);
+  const char *names[4] = {0};
+  for (int i = 0; i < nouter; i++) names[i] = axis[i];
+  names[nouter] = "kv heads", names[nouter + 1] = "dim";
+  char who[32];
+  snprintf(who, sizeof who, "rank %d: ", r);
+  DA_CHECK(da_tensor_check_strides(t, c->esz, 1, who, name, names));
   int64_t n = 1;
   for (int i = 0; i < nouter; i++) n *= t->shape[i];
   if (!t->data && n > 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: data pointer is NULL", r, name);

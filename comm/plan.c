@@ -12,6 +12,7 @@
 #include "distattn.h"
 #include "ring.h"
 #include "kvcache.h" /* da_fnv1a, the da_comm_t accessors defined here */
+#include "tensor.h"
 
 DA_PARAM(Timeout, "TIMEOUT", 300)
 
@@ -478,21 +479,15 @@ static da_status_t check_tensor(const da_plan_t *p, const char *name, const da_t
     if (t->shape[off + i] != want[i])
       return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: shape[%d] (%s) = %lld, expected %lld", r, name, off + i,
                     axis[i], (long long)t->shape[off + i], (long long)want[i]);
-  if (t->strides[t->ndim - 1] != 1 && want[D ? 2 : 1] > 1)
-    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: the last axis must be contiguous (stride %lld)", r, name,
-                  (long long)t->strides[t->ndim - 1]);
-  for (int i = 0; i < t->ndim; i++)
-    if (t->strides[i] < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: negative stride on axis %d", r, name, i);
+  char who[32];
+  snprintf(who, sizeof who, "rank %d: ", r);
+  static const char *const names[4] = {"batch", "local rows", "heads", "dim"};
+  DA_CHECK(da_tensor_check_strides(t, D ? da_dtype_size(dt) : sizeof(float), 1, who, name, names + 1 - off));
   v->esz = D ? da_dtype_size(dt) : sizeof(float);
   v->base = t->data;
   v->bs = off ? t->strides[0] : 0;
   v->ld = t->strides[off];
   v->hs = t->strides[off + 1];
-  if (heads > 1 && v->hs < (D ? D : 1))
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: head stride %lld < %lld: heads overlap", r, name,
-                  (long long)v->hs, (long long)(D ? D : 1));
-  if (n > 1 && v->ld < (heads - 1) * v->hs + (D ? D : 1))
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: row stride %lld: rows overlap", r, name, (long long)v->ld);
   v->packed = heads == 1 || v->hs == (D ? D : 1);
   return DA_SUCCESS;
 }

@@ -14,6 +14,7 @@
 #include "distattn.h"
 #include "dtype.h"
 #include "kvcache.h"
+#include "tensor.h"
 
 /* The ring's messages travel on the plan's own communicator, so this tag cannot meet the ring
  * attention driver's (transport.h) even if both ran at once. */
@@ -332,10 +333,15 @@ static da_status_t check_q(const da_decode_plan_t *p, const char *name, const da
     if (t->shape[i] != want[i])
       return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: shape[%d] = %lld, expected %lld", r, name, i,
                     (long long)t->shape[i], (long long)want[i]);
-  if (has_d && t->strides[t->ndim - 1] != 1 && D > 1)
-    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: the last axis must be contiguous", r, name);
-  for (int i = 0; i < t->ndim; i++)
-    if (t->strides[i] < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: negative stride on axis %d", r, name, i);
+  const char *names[4];
+  int na = 0;
+  names[na++] = "batch";
+  if (tok) names[na++] = "tokens";
+  names[na++] = "heads";
+  if (has_d) names[na++] = "dim";
+  char who[32];
+  snprintf(who, sizeof who, "rank %d: ", r);
+  DA_CHECK(da_tensor_check_strides(t, has_d ? da_dtype_size(dt) : sizeof(float), has_d, who, name, names));
   v->base = t->data;
   v->sb = t->strides[0];
   v->st = tok ? t->strides[1] : 0;

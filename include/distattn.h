@@ -20,8 +20,10 @@
  * a page returned by da_kvcache_get_page belongs to the cache). Problems and configs are copied.
  *
  * Tensors: da_tensor_t describes the caller's memory (data, dtype, device, shape, strides in
- * elements); the last axis must be contiguous, other strides are free (views into a packed QKV
- * buffer work), outputs must not overlap inputs. Attention tensors are [B][S][H][D] or
+ * elements); the last axis must be contiguous, other strides are free as long as no two elements
+ * share an address: transposed views ([B][S][H][D] over [B][H][S][D] storage), slices of a packed
+ * QKV buffer, padded rows all work; overlapping, zero or negative strides are refused naming the
+ * tensor and the axis (DA_ERR_INVALID_ARGUMENT). Outputs must not overlap inputs. Attention tensors are [B][S][H][D] or
  * [S][H][D]; lse is float32 [B][S][H] whatever the dtype.
  *
  * Threads: a context, and everything made from it, is used by one thread at a time; separate

@@ -7,6 +7,7 @@
 #include "core.h"
 #include "dtype.h"
 #include "kernels.h"
+#include "tensor.h"
 
 struct da_context {
   da_device_t device;
@@ -117,24 +118,14 @@ static da_status_t check_tensor(const char *name, const da_tensor_t *t, da_dtype
     if (t->shape[off + i] != want[i])
       return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: shape[%d] (%s) = %lld, expected %lld", name, off + i,
                     axis[i], (long long)t->shape[off + i], (long long)want[i]);
-  int last = t->ndim - 1;
-  if (t->strides[last] != 1)
-    return DA_ERR(DA_ERR_UNSUPPORTED, "%s: the last axis must be contiguous (stride %lld)", name,
-                  (long long)t->strides[last]);
-  for (int i = 0; i < t->ndim; i++)
-    if (t->strides[i] < 0)
-      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: negative stride on axis %d", name, i);
+  /* Axis names for the message: [batch] tokens heads [dim]. */
+  static const char *const names[4] = {"batch", "tokens", "heads", "dim"};
+  DA_CHECK(da_tensor_check_strides(t, D ? da_dtype_size(dt) : sizeof(float), 1, "", name, names + 1 - off));
   v->esz = D ? da_dtype_size(dt) : sizeof(float);
   v->base = t->data;
   v->batch_stride = off ? t->strides[0] : 0;
   v->ld = t->strides[off];
   v->hs = D ? t->strides[off + 1] : 1;
-  if (D && v->hs < D && H > 1)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: head stride %lld < dim %lld: heads overlap", name,
-                  (long long)v->hs, (long long)D);
-  if (D && S > 1 && v->ld < (H - 1) * v->hs + D) /* a row spans (H - 1) head strides + D */
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: row stride %lld < (heads-1)*head stride + dim = %lld: rows overlap",
-                  name, (long long)v->ld, (long long)((H - 1) * v->hs + D));
   return DA_SUCCESS;
 }
 

@@ -56,3 +56,40 @@ if(TARGET example_decode_loop)
   set_tests_properties(example_decode_loop_tree_np3 example_decode_loop_ring_np4 PROPERTIES LABELS mpi TIMEOUT 150
                        ENVIRONMENT "${DA_PY_ENV}")
 endif()
+
+# ---- PyTorch (issue 21): distattn.torch with real torch, from the venv scripts/setup-torch.sh
+# makes outside the tree (`make test` runs it). tests/torch_env.sh turns a venv missing because
+# the package index was unreachable into a loud skip (77), any other absence into a failure.
+if(DEFINED ENV{DISTATTN_TORCH_VENV})
+  set(DA_TORCH_VENV_DEFAULT "$ENV{DISTATTN_TORCH_VENV}")
+else()
+  set(DA_TORCH_VENV_DEFAULT "$ENV{HOME}/.cache/distattn/venv-torch")
+endif()
+set(DISTATTN_TORCH_PYTHON "${DA_TORCH_VENV_DEFAULT}/bin/python" CACHE FILEPATH
+    "Python of the torch venv (scripts/setup-torch.sh) for the torch tests")
+set(DA_TORCH_RUN sh ${CMAKE_CURRENT_SOURCE_DIR}/torch_env.sh ${DISTATTN_TORCH_PYTHON})
+# mpirun's own limit below ctest's: importing torch alone takes seconds per rank on a loaded machine.
+set(DA_TORCH_MPIRUN_ARGS --oversubscribe --bind-to none --timeout 540)
+# One kernel thread per rank: up to 4 ranks share 2 cores, and spinning OpenMP teams of 2 threads
+# per rank slowed each ring step 20-fold.
+set(DA_TORCH_ENV ${DA_PY_ENV} "DISTATTN_NTHREADS=1")
+# Forward and backward against float64 SDPA at P = 1..4 (the unmapped-group case runs at P = 1).
+foreach(P 1 2 3 4)
+  add_test(NAME test_torch_np${P}
+           COMMAND ${DA_TORCH_RUN} ${DA_MPIRUN} ${DA_TORCH_MPIRUN_ARGS} -np ${P} ${DISTATTN_TORCH_PYTHON}
+                   ${CMAKE_CURRENT_SOURCE_DIR}/test_torch.py)
+  set_tests_properties(test_torch_np${P} PROPERTIES LABELS python TIMEOUT 600 SKIP_RETURN_CODE 77
+                       ENVIRONMENT "${DA_TORCH_ENV}")
+endforeach()
+# The acceptance run: 20 AdamW steps of a Llama-style block, zigzag over 4 ranks, vs float64.
+add_test(NAME example_train_llama_block_np4
+         COMMAND ${DA_TORCH_RUN} ${DA_MPIRUN} ${DA_TORCH_MPIRUN_ARGS} -np 4 ${DISTATTN_TORCH_PYTHON}
+                 ${PROJECT_SOURCE_DIR}/examples/train_llama_block.py)
+set_tests_properties(example_train_llama_block_np4 PROPERTIES LABELS python TIMEOUT 600 SKIP_RETURN_CODE 77
+                     ENVIRONMENT "${DA_TORCH_ENV}" PASS_REGULAR_EXPRESSION "# PASS" FAIL_REGULAR_EXPRESSION "FAIL")
+# The wheel: built by its backend, installed into a fresh venv, used from elsewhere under mpirun.
+add_test(NAME test_python_wheel
+         COMMAND ${DA_TORCH_RUN} sh ${CMAKE_CURRENT_SOURCE_DIR}/wheel_test.sh ${DISTATTN_TORCH_PYTHON}
+                 ${PROJECT_SOURCE_DIR} ${PROJECT_BINARY_DIR} ${DA_MPIRUN})
+set_tests_properties(test_python_wheel PROPERTIES LABELS python TIMEOUT 900 SKIP_RETURN_CODE 77
+                     ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMPI_MCA_rmaps_base_oversubscribe=1;OMPI_MCA_mpi_yield_when_idle=1;DISTATTN_NTHREADS=1")

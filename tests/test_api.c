@@ -391,9 +391,9 @@ static const bad_t bad_cases[] = {
     {"decode T = 0", CALL_DECODE, DA_ERR_INVALID_ARGUMENT, "new tokens"},
     {"last axis not contiguous", CALL_FWD, DA_ERR_UNSUPPORTED, "contiguous"},
     {"negative stride", CALL_FWD, DA_ERR_INVALID_ARGUMENT, "negative stride"},
-    {"heads overlap", CALL_FWD, DA_ERR_INVALID_ARGUMENT, "overlap"},
-    {"rows overlap (packed heads)", CALL_FWD, DA_ERR_INVALID_ARGUMENT, "rows overlap"},
-    {"rows overlap (padded heads)", CALL_FWD, DA_ERR_INVALID_ARGUMENT, "rows overlap"},
+    {"heads overlap", CALL_FWD, DA_ERR_INVALID_ARGUMENT, "axis 2 (heads)"},
+    {"rows overlap (packed heads)", CALL_FWD, DA_ERR_INVALID_ARGUMENT, "axis 1 (tokens)"},
+    {"rows overlap (padded heads)", CALL_FWD, DA_ERR_INVALID_ARGUMENT, "axis 1 (tokens)"},
     {"tensor on another device", CALL_FWD, DA_ERR_INVALID_ARGUMENT, "device"},
 };
 #define NBAD ((int)(sizeof bad_cases / sizeof bad_cases[0]))

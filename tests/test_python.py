@@ -383,6 +383,26 @@ def errors():
 
 
 @test
+def lazy_torch_attributes():
+    """distattn.attention / distattn.torch resolve lazily: with torch they are the wrapper and the
+    module; without it an AttributeError that names torch (the module __getattr__ once imported
+    itself forever: RecursionError)."""
+    try:
+        import torch  # noqa: F401
+        have = True
+    except ImportError:
+        have = False
+    for name in ("attention", "torch", "autograd"):
+        try:
+            val = getattr(distattn, name)
+        except AttributeError as e:
+            check(not have and "needs torch" in str(e), f"distattn.{name}: {e}")
+            continue
+        check(have and val is not None, f"distattn.{name} resolved without torch")
+    check(not hasattr(distattn, "no_such_name"), "distattn.no_such_name exists")
+
+
+@test
 def torch_autograd():
     """distattn.attention (torch.autograd.Function) against the oracle, when torch imports."""
     try:

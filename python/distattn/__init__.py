@@ -12,8 +12,9 @@ docs/library.md.
     dq, dk, dv = plan.backward(q, k, v, out, dout, lse)
 
 Single rank: distattn.attention_fwd / attention_bwd / attention_decode. Decode over a distributed
-cache: distattn.KVCache, distattn.DecodePlan. With torch importable: distattn.attention (a
-torch.autograd.Function underneath, distattn.autograd).
+cache: distattn.KVCache, distattn.DecodePlan. With torch importable: distattn.torch (the
+PyTorch op: attention / attention_varlen on sharded sequences, shard / unshard, torch.compile
+ready) and distattn.attention (a torch.autograd.Function over a Plan, distattn.autograd).
 """
 from ._arrays import bf16_to_float32, float32_to_bf16
 from ._lib import DistattnError, version
@@ -29,12 +30,15 @@ __all__ = ["Context", "Problem", "Comm", "Plan", "KVCache", "DecodePlan", "Dista
 
 
 def __getattr__(name):
-    # The torch wrapper exists only when torch imports; importing it lazily keeps `import
-    # distattn` fast for NumPy users.
-    if name in ("attention", "AttentionFunction", "autograd"):
+    # The torch parts exist only when torch imports; importing them lazily keeps `import distattn`
+    # fast for NumPy users. importlib, not `from . import x`: that form asks this very function
+    # for the attribute first and recursed forever (RecursionError).
+    import importlib
+    if name in ("attention", "AttentionFunction", "autograd", "torch"):
+        sub = "torch" if name == "torch" else "autograd"
         try:
-            from . import autograd
+            mod = importlib.import_module(f"{__name__}.{sub}")
         except ImportError as e:
             raise AttributeError(f"distattn.{name} needs torch ({e})") from None
-        return autograd if name == "autograd" else getattr(autograd, name)
+        return mod if name in ("autograd", "torch") else getattr(mod, name)
     raise AttributeError(f"module 'distattn' has no attribute {name!r}")
