@@ -14,6 +14,7 @@ all: build
 
 setup:
 	@scripts/setup-deps.sh
+	@scripts/setup-cuda-tools.sh
 
 $(BUILD)/CMakeCache.txt:
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release $(CMAKE_FLAGS)

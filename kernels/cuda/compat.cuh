@@ -35,10 +35,12 @@
 #define DA_GLOBAL(bounds) /* a plain host function, run once per CUDA thread by the runner */
 #define DA_DYN_SMEM(type, name) type *const name = reinterpret_cast<type *>(da_simt_dyn_smem())
 /* Synchronous: the whole grid has run when DA_LAUNCH returns; errors as cudaGetLastError reports
- * them on a device (bad configuration, dynamic shared memory over the configured maximum). */
-#define DA_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                   \
-  ((void)(stream), da_simt_launch(reinterpret_cast<const void *>(&kernel), dim3(grid), dim3(block), \
-                                  (size_t)(smem_bytes), [=] { kernel(__VA_ARGS__); }))
+ * them on a device (bad configuration, dynamic shared memory over the configured maximum). The
+ * arguments are evaluated once and converted to the kernel's parameter types, as a launch does. */
+#define DA_LAUNCH(kernel, grid, block, smem_bytes, stream, ...)                                      \
+  ((void)(stream), da_simt_launch_kernel(reinterpret_cast<const void *>(&kernel), dim3(grid),        \
+                                         dim3(block), (size_t)(smem_bytes),                          \
+                                         kernel __VA_OPT__(, ) __VA_ARGS__))
 
 #else
 #error "kernels/cuda/compat.cuh: compile with nvcc, or as host C++ with -DDA_SIMT (tests/simt)"

@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <tuple>
+#include <type_traits>
 
 #include <cuda_runtime_api.h> /* dim3, uint3, cudaError_t, cudaStream_t, the API declarations */
 
@@ -102,6 +104,21 @@ void da_simt_cp_async_wait(int n);
  * dynamic shared memory) return and set the last error (cudaGetLastError) without running. */
 cudaError_t da_simt_launch(const void *func, dim3 grid, dim3 block, size_t smem_bytes,
                            std::function<void()> body);
+
+/* DA_LAUNCH's host form: the arguments become a tuple of the kernel's parameter types (evaluated
+ * once, by value, like a launch), and every CUDA thread calls the kernel with its own copies. */
+template <typename... P, typename... A>
+inline cudaError_t da_simt_launch_kernel(const void *func, dim3 grid, dim3 block, size_t smem_bytes,
+                                         void (*kernel)(P...), A &&...args) {
+  static_assert(sizeof...(P) == sizeof...(A), "DA_LAUNCH: argument count differs from the kernel's");
+  std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+  return da_simt_launch(func, grid, block, smem_bytes, [&params, kernel] { std::apply(kernel, params); });
+}
+
+/* cuda_runtime.h's C++ overload (kernel pointer instead of const void *), as nvcc offers it. */
+template <typename T> inline cudaError_t cudaFuncSetAttribute(T *entry, cudaFuncAttribute attr, int value) {
+  return ::cudaFuncSetAttribute(reinterpret_cast<const void *>(entry), attr, value);
+}
 
 /* The device the runner reports: sm_80 (A100) limits, so kernels are held to the smaller part. */
 enum {
