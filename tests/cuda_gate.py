@@ -10,7 +10,9 @@ A budget line, next to the kernel in a .cu or .cuh file:
   // budget: <kernel> sm_80 REG<=N SHARED<=N
 <kernel> is the kernel's name without template arguments or parameters (it covers every
 instantiation) or its exact mangled name. SHARED is static shared memory (dynamic shared memory is
-sized at launch). Every kernel needs a line for sm_80; lines for other archs are checked when present.
+sized at launch). Every kernel needs a line for sm_80; lines for other archs are checked when present
+(on sm_90a cuobjdump's SHARED includes the 1 KiB per block the system reserves there: a kernel with
+no static shared memory shows SHARED:1024).
 STACK and LOCAL must be 0 on every arch (no spills, no local memory).
 
 cuobjdump comes from PyPI's nvidia-cuda-cuobjdump / nvidia-cuda-nvdisasm in a venv outside the tree
@@ -128,6 +130,20 @@ def parse_budgets(srcdir):
     return budgets, errors
 
 
+def shown_name(demangled):
+    """`void da_fwd_kernel<64, __nv_bfloat16>(da_fwd_args)` -> `da_fwd_kernel<64, __nv_bfloat16>`."""
+    s = re.sub(r"^void\s+", "", demangled)
+    depth = 0
+    for i, ch in enumerate(s):
+        if ch == "<":
+            depth += 1
+        elif ch == ">":
+            depth -= 1
+        elif ch == "(" and depth == 0:
+            return s[:i]
+    return s
+
+
 def check_resources(res, budgets):
     """Returns (table rows, violations)."""
     names = demangle(sorted({fn for _, fn, _ in res}))
@@ -143,15 +159,15 @@ def check_resources(res, budgets):
         if b is None:
             if arch == "sm_80":
                 bad.append("%s: no `// budget: %s sm_80 REG<=N SHARED<=N` line" % (label, base))
-            rows.append("%-6s %-60s REG %3d SHARED %6d STACK %d LOCAL %d" %
-                        (arch, base, r["REG"], r["SHARED"], r["STACK"], r["LOCAL"]))
+            rows.append("%-6s %-44s REG %3d     SHARED %6d        STACK %d LOCAL %d" %
+                        (arch, shown_name(names.get(fn, fn)), r["REG"], r["SHARED"], r["STACK"], r["LOCAL"]))
             continue
         if r["REG"] > b[0]:
             bad.append("%s: REG %d over its budget %d (%s)" % (label, r["REG"], b[0], b[2]))
         if r["SHARED"] > b[1]:
             bad.append("%s: SHARED %d over its budget %d (%s)" % (label, r["SHARED"], b[1], b[2]))
-        rows.append("%-6s %-60s REG %3d/%-3d SHARED %6d/%-6d STACK %d LOCAL %d" %
-                    (arch, base, r["REG"], b[0], r["SHARED"], b[1], r["STACK"], r["LOCAL"]))
+        rows.append("%-6s %-44s REG %3d/%-3d SHARED %6d/%-6d STACK %d LOCAL %d" %
+                    (arch, shown_name(names.get(fn, fn)), r["REG"], b[0], r["SHARED"], b[1], r["STACK"], r["LOCAL"]))
     return rows, bad
 
 

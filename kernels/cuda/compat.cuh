@@ -14,7 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#define DA_HD __host__ __device__
+#define DA_HD __host__ __device__ inline /* inline: defined in headers included by several .cu */
 #define DA_DEV __device__ __forceinline__
 #define DA_GLOBAL(bounds) __global__ __launch_bounds__(bounds)
 /* Dynamic shared memory of the launch; 128-byte aligned so 16-byte cp.async / ldmatrix rows and
