@@ -64,39 +64,54 @@ inline double half_to_double(uint16_t bits, da_tag_f16) {
   return (double)__half2float(__half(raw));
 }
 
-/* mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: the warp's A, B and C fragments
- * are gathered through the frag.cuh maps, each lane computes its own 4 outputs. Products of 16-bit
+/* Where each element of A (16 x 16) and B (16 x 8) lives in the warp's fragments: the inverse of
+ * the frag.cuh maps, built once from them (so the emulation gathers with exactly those maps). */
+struct frag_where {
+  unsigned char a[16][16][2], b[16][8][2]; /* (lane, element) */
+  frag_where() {
+    for (int l = 0; l < 32; l++) {
+      for (int e = 0; e < 8; e++) {
+        da_rc p = da_frag_a(l, e);
+        a[p.row & 15][p.col & 15][0] = (unsigned char)l, a[p.row & 15][p.col & 15][1] = (unsigned char)e;
+      }
+      for (int e = 0; e < 4; e++) {
+        da_rc p = da_frag_b(l, e);
+        b[p.row & 15][p.col & 7][0] = (unsigned char)l, b[p.row & 15][p.col & 7][1] = (unsigned char)e;
+      }
+    }
+  }
+};
+
+/* mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32: the warp's A and B fragments are
+ * exchanged; each lane computes its own 4 outputs (frag.cuh da_frag_c) from the rows of A and the
+ * columns of B they need, found through the inverse of the frag.cuh maps. Products of 16-bit
  * values are exact in float64; the sum is rounded once to fp32 (the hardware adds in fp32 in an
  * order it does not document, so results agree to fp32 rounding, not bit for bit). */
 template <typename Tag> inline void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
+  static const frag_where where;
   struct frag {
     uint32_t a[4], b[2];
-    float c[4];
   } mine, all[32];
   std::memcpy(mine.a, a, sizeof mine.a);
   std::memcpy(mine.b, b, sizeof mine.b);
-  std::memcpy(mine.c, d, sizeof mine.c);
   da_simt_warp_exchange(&mine, all, sizeof mine);
-  double A[16][16], B[16][8], C[16][8];
-  for (int l = 0; l < 32; l++) {
-    for (int e = 0; e < 8; e++) {
-      da_rc p = da_frag_a(l, e);
-      A[p.row][p.col] = half_to_double((uint16_t)(all[l].a[e / 2] >> (16 * (e % 2))), Tag());
-    }
-    for (int e = 0; e < 4; e++) {
-      da_rc p = da_frag_b(l, e);
-      B[p.row][p.col] = half_to_double((uint16_t)(all[l].b[e / 2] >> (16 * (e % 2))), Tag());
-      da_rc q = da_frag_c(l, e);
-      C[q.row][q.col] = all[l].c[e];
-    }
-  }
+  auto elem_a = [&](int r, int k) {
+    int l = where.a[r][k][0], e = where.a[r][k][1];
+    return half_to_double((uint16_t)(all[l].a[e / 2] >> (16 * (e % 2))), Tag());
+  };
+  auto elem_b = [&](int k, int n) {
+    int l = where.b[k][n][0], e = where.b[k][n][1];
+    return half_to_double((uint16_t)(all[l].b[e / 2] >> (16 * (e % 2))), Tag());
+  };
   int lane = da_simt_self()->lane;
-  for (int e = 0; e < 4; e++) {
+  float out[4];
+  for (int e = 0; e < 4; e++) { /* c is this lane's own accumulator: d[e] is element (row, col) */
     da_rc p = da_frag_c(lane, e);
-    double s = C[p.row][p.col];
-    for (int k = 0; k < 16; k++) s += A[p.row][k] * B[k][p.col];
-    d[e] = (float)s;
+    double s = d[e];
+    for (int k = 0; k < 16; k++) s += elem_a(p.row, k) * elem_b(k, p.col);
+    out[e] = (float)s;
   }
+  for (int e = 0; e < 4; e++) d[e] = out[e];
 }
 
 } /* namespace da_emu */

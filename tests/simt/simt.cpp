@@ -56,6 +56,8 @@ struct Thread : da_simt_thread {
 #ifndef DA_SIMT_THREADS
   bool done = false;
   ucontext_t ctx;
+  const struct Barrier *wait_on = nullptr; /* the barrier this fiber waits at, and its generation */
+  uint64_t wait_gen = 0;
 #endif
 };
 
@@ -124,7 +126,10 @@ void barrier_wait(Barrier &b, const char *) {
     b.gen++;
     return;
   }
+  tl_self->wait_on = &b;
+  tl_self->wait_gen = g;
   while (b.gen == g) yield();
+  tl_self->wait_on = nullptr;
 }
 
 void barrier_drop(Barrier &b) {
@@ -251,6 +256,10 @@ void run_block(Block &b) {
     for (int i = 0; i < b.n; i++) {
       Thread &t = b.th[i];
       if (t.done) continue;
+      if (t.wait_on && t.wait_on->gen == t.wait_gen) { /* still blocked: no need to switch in */
+        alive++;
+        continue;
+      }
       tl_self = &t;
       swapcontext(&g_sched, &t.ctx);
       tl_self = nullptr;
@@ -388,6 +397,7 @@ cudaError_t da_simt_launch(const void *func, dim3 grid, dim3 block, size_t smem_
           t.exchanges = 0;
 #ifndef DA_SIMT_THREADS
           t.done = false;
+          t.wait_on = nullptr;
 #endif
         }
         run_block(b);
