@@ -135,3 +135,58 @@ if(TARGET da_cuda)
 endif()
 
 # helper B
+# The kernel table (kernels/cuda/backend.cu) through tests/test_kernels.c's cases, compiled with a
+# backend hook (tests/kernels_hook_*.h): on the SIMT runner here (label cuda), and built by nvcc
+# for a real GPU (label gpu; exit 77, reported as skipped, without one). The SIMT program links
+# registry.c itself (without DISTATTN_HAVE_CUDA) and never da_kernels: the nvcc library defines
+# the same entry and kernel names, and one program must not hold both.
+if(TARGET da_cuda_simt AND EXISTS ${DA_KCUDA_DIR}/backend.cu)
+  add_executable(test_kernels_simt ${CMAKE_CURRENT_SOURCE_DIR}/test_kernels.c ${PROJECT_SOURCE_DIR}/kernels/registry.c)
+  target_compile_definitions(test_kernels_simt PRIVATE DA_TEST_KERNELS_HOOK="kernels_hook_simt.h")
+  target_include_directories(test_kernels_simt PRIVATE ${CMAKE_CURRENT_SOURCE_DIR} ${PROJECT_SOURCE_DIR}/kernels)
+  target_link_libraries(test_kernels_simt PRIVATE da_cuda_simt da_kernels_cpu da_ref Check::check da_core)
+  set_target_properties(test_kernels_simt PROPERTIES LINKER_LANGUAGE CXX)
+  add_test(NAME test_kernels_simt COMMAND test_kernels_simt)
+  set_tests_properties(test_kernels_simt PROPERTIES LABELS cuda TIMEOUT 900)
+endif()
+if(TARGET da_cuda AND EXISTS ${DA_KCUDA_DIR}/backend.cu)
+  add_executable(test_kernels_gpu ${CMAKE_CURRENT_SOURCE_DIR}/test_kernels.c)
+  target_compile_definitions(test_kernels_gpu PRIVATE DA_TEST_KERNELS_HOOK="kernels_hook_gpu.h")
+  target_include_directories(test_kernels_gpu PRIVATE ${CMAKE_CURRENT_SOURCE_DIR})
+  target_link_libraries(test_kernels_gpu PRIVATE da_kernels da_ref Check::check da_core CUDA::cudart_static)
+  set_target_properties(test_kernels_gpu PROPERTIES LINKER_LANGUAGE CXX)
+  add_test(NAME test_kernels_gpu COMMAND test_kernels_gpu)
+  set_tests_properties(test_kernels_gpu PROPERTIES LABELS gpu TIMEOUT 900 SKIP_RETURN_CODE 77)
+  # the benchmark driver of bench/gpu-check.sh (fwd, bwd, decode on device memory; JSON lines)
+  add_executable(da_gpu_bench ${PROJECT_SOURCE_DIR}/bench/gpu_bench.c)
+  target_link_libraries(da_gpu_bench PRIVATE da_kernels da_core CUDA::cudart_static)
+  set_target_properties(da_gpu_bench PROPERTIES LINKER_LANGUAGE CXX)
+endif()
+# tile.cuh's rules (device mask, row key ranges, tile schedule, softmax fold) against core/mask.h
+# and float64.
+add_executable(test_cuda_rules ${CMAKE_CURRENT_SOURCE_DIR}/test_cuda_rules.cpp)
+target_link_libraries(test_cuda_rules PRIVATE da_simt da_core)
+target_include_directories(test_cuda_rules PRIVATE ${PROJECT_SOURCE_DIR}/kernels)
+add_test(NAME test_cuda_rules COMMAND test_cuda_rules)
+set_tests_properties(test_cuda_rules PROPERTIES LABELS cuda TIMEOUT 300)
+
+# helper C
+# The backward block kernel (kernels/cuda/bwd.cu) on the SIMT runner against the float64
+# reference: head dims 64/128, bf16/fp16, every mask, GQA, lengths 1..300, strided spans, aligned
+# (cp.async) and odd row strides, accumulation on nonzero dq/dk/dv with NaN guards; fresh inputs
+# each run (seed printed). Then two multi-step cases threaded under ThreadSanitizer (the barriers
+# between the cp.async stages, the dS^T exchange and the dQ reads must leave no race).
+if(TARGET da_cuda_simt AND EXISTS ${DA_KCUDA_DIR}/backend.cu)
+  add_executable(test_cuda_bwd ${CMAKE_CURRENT_SOURCE_DIR}/test_cuda_bwd.cpp)
+  target_link_libraries(test_cuda_bwd PRIVATE da_cuda_simt da_ref da_core)
+  target_include_directories(test_cuda_bwd PRIVATE ${PROJECT_SOURCE_DIR}/kernels)
+  target_compile_options(test_cuda_bwd PRIVATE -Wall -Wextra)
+  add_test(NAME test_cuda_bwd COMMAND test_cuda_bwd)
+  set_tests_properties(test_cuda_bwd PROPERTIES LABELS cuda TIMEOUT 600)
+  add_executable(test_cuda_bwd_tsan ${CMAKE_CURRENT_SOURCE_DIR}/test_cuda_bwd.cpp)
+  target_link_libraries(test_cuda_bwd_tsan PRIVATE da_cuda_simt_tsan da_ref da_core)
+  target_include_directories(test_cuda_bwd_tsan PRIVATE ${PROJECT_SOURCE_DIR}/kernels)
+  add_test(NAME test_cuda_bwd_tsan COMMAND test_cuda_bwd_tsan tsan)
+  set_tests_properties(test_cuda_bwd_tsan PROPERTIES LABELS cuda TIMEOUT 600
+    ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1:exitcode=66")
+endif()

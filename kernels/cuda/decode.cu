@@ -197,7 +197,7 @@ DA_GLOBAL(DA_DEC_THREADS) void da_decode_combine_kernel(int64_t rows, int D, int
 }
 
 template <int D, typename T> static da_status_t dec_launch(const da_dec_args &a, int64_t nrows, cudaStream_t stream) {
-  void (*kern)(const da_dec_args) = da_decode_kernel<D, T>; /* (a template-id would split DA_LAUNCH's arguments) */
+  void (&kern)(const da_dec_args) = da_decode_kernel<D, T>; /* a reference: see fwd.cu */
   dim3 grid((unsigned)nrows, (unsigned)a.nsplit);
   DA_LAUNCH(kern, grid, DA_DEC_THREADS, 0, stream, a);
   return da_cuda_status(cudaGetLastError(), "decode launch");

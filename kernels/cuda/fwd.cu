@@ -10,7 +10,9 @@
 template <int D, typename T>
 static da_status_t fwd_launch(const da_fwd_args &a, int64_t nrows, cudaStream_t stream) {
   const int smem = da_fwd_smem_bytes(D);
-  void (*kern)(const da_fwd_args) = da_fwd_kernel<D, T>; /* (a template-id would split DA_LAUNCH's arguments) */
+  /* a reference, not a pointer: the SIMT launch identifies the kernel by &kern (template-ids would
+   * split DA_LAUNCH's arguments) */
+  void (&kern)(const da_fwd_args) = da_fwd_kernel<D, T>;
   cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return da_cuda_status(e, "fwd_block: setting the shared-memory size");
   dim3 grid((unsigned)((nrows + DA_FWD_BQ - 1) / DA_FWD_BQ), (unsigned)a.H), block(DA_FWD_THREADS);

@@ -41,7 +41,7 @@ __host__ __device__ constexpr int da_fwd_smem_bytes(int D) { return (DA_FWD_BQ +
 /* Rows of a tile in shared memory hold D 16-bit elements as D/8 chunks of 16 bytes; chunk c of
  * row r sits at chunk c ^ (r % 8), so the 8 rows an ldmatrix phase reads hit 8 different bank
  * groups. Returns the element offset of (row, chunk). */
-DA_HDI int da_fwd_smem_at(int D, int row, int chunk) { return row * D + ((chunk ^ (row & 7)) << 3); }
+DA_HD int da_fwd_smem_at(int D, int row, int chunk) { return row * D + ((chunk ^ (row & 7)) << 3); }
 
 /* Copy rows [0, n) of a [64][D] tile from global (row stride ld elements) into shared memory;
  * rows n..63 become zeros (tails: their scores are masked, their V rows multiply zeros). */
@@ -69,7 +69,8 @@ DA_DEV void da_fwd_load_tile(uint16_t *tile, const uint16_t *g, int64_t ld, int 
   }
 }
 
-// budget: da_fwd_kernel sm_80 REG<=255 SHARED<=0
+// budget: da_fwd_kernel sm_80 REG<=192 SHARED<=0
+// budget: da_fwd_kernel sm_90a REG<=232 SHARED<=1024
 template <int D, typename T>
 DA_GLOBAL(DA_FWD_THREADS) void da_fwd_kernel(const da_fwd_args a) {
   typedef typename da_tag_of<T>::type Tag;

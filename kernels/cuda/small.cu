@@ -59,7 +59,7 @@ extern "C" da_status_t da_cuda_state_init(const da_kparams_t *p, da_fwd_state_t 
 
 /* out row (i, h) = o / l in dtype odt (row stride ldo), lse = (m + log2 l) ln 2; l == 0 exactly
  * when the row saw no allowed key: out = 0, lse = -inf (a NaN l stays NaN). */
-// budget: da_fwd_finish_kernel sm_80 REG<=40 SHARED<=0
+// budget: da_fwd_finish_kernel sm_80 REG<=48 SHARED<=0
 DA_GLOBAL(DA_ROW_THREADS) void da_fwd_finish_kernel(const float *o, const float *m, const float *l, int64_t rows,
                                                      int H, int D, void *out, int odt, int64_t ldo, float *lse) {
   for (int64_t r = da_warp_id(); r < rows; r += da_warp_count()) {
@@ -83,7 +83,7 @@ extern "C" da_status_t da_cuda_fwd_finish(const da_kparams_t *p, const da_fwd_st
 }
 
 /* a <- merge(a, b): lse-weighted average; an -inf partial counts as empty (natural log). */
-// budget: da_merge_kernel sm_80 REG<=40 SHARED<=0
+// budget: da_merge_kernel sm_80 REG<=48 SHARED<=0
 DA_GLOBAL(DA_ROW_THREADS) void da_merge_kernel(int64_t rows, int D, float *oa, float *la, const float *ob,
                                                 const float *lb) {
   for (int64_t r = da_warp_id(); r < rows; r += da_warp_count()) {
@@ -114,7 +114,7 @@ extern "C" da_status_t da_cuda_merge(const da_kparams_t *p, int64_t n, float *o_
 }
 
 /* delta [nq][H] = sum_d out * dout in fp32 (a warp per row, xor-shuffle reduction). */
-// budget: da_bwd_prep_kernel sm_80 REG<=40 SHARED<=0
+// budget: da_bwd_prep_kernel sm_80 REG<=48 SHARED<=0
 DA_GLOBAL(DA_ROW_THREADS) void da_bwd_prep_kernel(int64_t rows, int H, int D, int dt, const void *out, int64_t ldo,
                                                    const void *dout, int64_t lddo, float *delta) {
   for (int64_t r = da_warp_id(); r < rows; r += da_warp_count()) {

@@ -8,14 +8,6 @@
 
 #include "compat.cuh"
 #include "ptx.cuh"
-
-/* DA_HD functions defined in a header: inline in both builds (several .cu files include them and
- * end up in one library). */
-#if defined(__CUDACC__)
-#define DA_HDI __host__ __device__ inline
-#else
-#define DA_HDI DA_HD
-#endif
 #include <stdint.h>
 #include "mask.h"
 
@@ -37,7 +29,7 @@ struct da_dmask {
 };
 
 /* Position of row i of a span (da_span_at of mask.h is host-only C). */
-DA_HDI int64_t da_pos(da_span_t s, int64_t i) { return s.start + i * s.stride; }
+DA_HD int64_t da_pos(da_span_t s, int64_t i) { return s.start + i * s.stride; }
 
 #define DA_POS_MIN ((int64_t)INT64_MIN / 4)
 #define DA_POS_MAX ((int64_t)INT64_MAX / 4)
@@ -46,7 +38,7 @@ DA_HDI int64_t da_pos(da_span_t s, int64_t i) { return s.start + i * s.stride; }
  * one interval per row: causal caps it at q, a window starts it at q - W + 1, a document clips it
  * to the document of q). Same semantics as da_mask_allows. Non-decreasing in q, which is what
  * makes the tile tests below exact at the tile's first and last rows. */
-DA_HDI void da_row_range(const da_dmask &m, int64_t q, int64_t *lo, int64_t *hi) {
+DA_HD void da_row_range(const da_dmask &m, int64_t q, int64_t *lo, int64_t *hi) {
   int64_t a = DA_POS_MIN, b = DA_POS_MAX;
   if (m.flags & (DA_MASK_CAUSAL | DA_MASK_WINDOW)) b = q;
   if (m.flags & DA_MASK_WINDOW) a = q - m.window + 1;
@@ -59,7 +51,7 @@ DA_HDI void da_row_range(const da_dmask &m, int64_t q, int64_t *lo, int64_t *hi)
   *lo = a, *hi = b;
 }
 
-DA_HDI bool da_dmask_allows(const da_dmask &m, int64_t q, int64_t k) {
+DA_HD bool da_dmask_allows(const da_dmask &m, int64_t q, int64_t k) {
   int64_t lo, hi;
   da_row_range(m, q, &lo, &hi);
   return lo <= k && k <= hi;
@@ -69,14 +61,14 @@ DA_HDI bool da_dmask_allows(const da_dmask &m, int64_t q, int64_t k) {
  * interval [lo, hi]: [*jlo, *jhi], empty when *jlo > *jhi. Both ends are clamped to [0, count]
  * and [-1, count - 1] instead of being reset when empty, so they stay non-decreasing in lo and
  * hi: the tile rules below rely on that. */
-DA_HDI void da_index_range(int64_t lo, int64_t hi, da_span_t kpos, int64_t *jlo, int64_t *jhi) {
+DA_HD void da_index_range(int64_t lo, int64_t hi, da_span_t kpos, int64_t *jlo, int64_t *jhi) {
   const int64_t k0 = kpos.start, k1 = kpos.start + (kpos.count - 1) * kpos.stride;
   *jlo = lo <= k0 ? 0 : lo > k1 ? kpos.count : (lo - k0 + kpos.stride - 1) / kpos.stride;
   *jhi = hi >= k1 ? kpos.count - 1 : hi < k0 ? -1 : (hi - k0) / kpos.stride;
 }
 
 /* Allowed key indices of query position q: [*jlo, *jhi] (empty: *jlo > *jhi). */
-DA_HDI void da_row_keys(const da_dmask &m, int64_t q, da_span_t kpos, int64_t *jlo, int64_t *jhi) {
+DA_HD void da_row_keys(const da_dmask &m, int64_t q, da_span_t kpos, int64_t *jlo, int64_t *jhi) {
   int64_t lo, hi;
   da_row_range(m, q, &lo, &hi);
   da_index_range(lo, hi, kpos, jlo, jhi);
@@ -95,20 +87,20 @@ struct da_qtile_keys {
   int64_t last_lo, last_hi;   /* ... and for the last row */
 };
 
-DA_HDI da_qtile_keys da_qtile_keys_of(const da_dmask &m, int64_t qa, int64_t qb, da_span_t kpos) {
+DA_HD da_qtile_keys da_qtile_keys_of(const da_dmask &m, int64_t qa, int64_t qb, da_span_t kpos) {
   da_qtile_keys t;
   da_row_keys(m, qa, kpos, &t.first_lo, &t.first_hi);
   da_row_keys(m, qb, kpos, &t.last_lo, &t.last_hi);
   return t;
 }
 
-DA_HDI bool da_ktile_full(const da_qtile_keys &t, int64_t j0, int64_t j1) {
+DA_HD bool da_ktile_full(const da_qtile_keys &t, int64_t j0, int64_t j1) {
   return t.last_lo <= j0 && t.first_hi >= j1;
 }
 
 /* Tile class on positions, the same meaning as da_mask_classify for contiguous spans: EMPTY when
  * no (q, k) in [q0, q1] x [k0, k1] is allowed, FULL when all are, else PARTIAL. */
-DA_HDI int da_dmask_classify(const da_dmask &m, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
+DA_HD int da_dmask_classify(const da_dmask &m, int64_t q0, int64_t q1, int64_t k0, int64_t k1) {
   int64_t alo, ahi, blo, bhi;
   da_row_range(m, q0, &alo, &ahi);
   da_row_range(m, q1, &blo, &bhi);
@@ -118,13 +110,13 @@ DA_HDI int da_dmask_classify(const da_dmask &m, int64_t q0, int64_t q1, int64_t 
 }
 
 /* NaN-propagating max (a NaN score must poison its row, docs/decisions.md). */
-DA_HDI float da_fmax_nan(float a, float b) { return (b > a || b != b) ? b : a; }
+DA_HD float da_fmax_nan(float a, float b) { return (b > a || b != b) ? b : a; }
 
 /* One step of the online softmax in log2 units: a row with running max m_old sees scores whose
  * max is x. Returns the new max; *use is the value scores are shifted by (0 while the row has
  * seen nothing, so exp2(-inf - 0) = 0 instead of NaN) and *alpha the factor that rescales the
  * old sum and output. */
-DA_HDI float da_softmax_fold(float m_old, float x, float *use, float *alpha) {
+DA_HD float da_softmax_fold(float m_old, float x, float *use, float *alpha) {
   const float m_new = da_fmax_nan(m_old, x);
   *use = m_new == -INFINITY ? 0.0f : m_new;
 #if defined(__CUDA_ARCH__) || defined(DA_SIMT)
