@@ -1,5 +1,6 @@
 /* simt.cpp: the SIMT runner behind simt.h. A launch runs its blocks one after another; inside a
- * block every CUDA thread is a fiber (ucontext, scheduled round-robin on the calling thread) or,
+ * block every CUDA thread is a fiber (scheduled round-robin on the calling thread; switched by a
+ * small register swap on x86-64, by ucontext elsewhere) or,
  * with DA_SIMT_THREADS, a std::thread (so ThreadSanitizer sees the kernel's shared-memory accesses
  * as the concurrent accesses they are). Barriers count the threads that have not exited, as the
  * device does. Also the subset of the CUDA runtime API the backend uses, on host memory. */
@@ -19,7 +20,9 @@
 #include <thread>
 #else
 #include <sys/mman.h>
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 #endif
 
 namespace {
@@ -55,7 +58,11 @@ struct Thread : da_simt_thread {
   uint64_t exchanges = 0;    /* warp exchanges this lane has made (lockstep within the warp) */
 #ifndef DA_SIMT_THREADS
   bool done = false;
+#if defined(__x86_64__)
+  void *sp = nullptr; /* saved stack pointer while switched out */
+#else
   ucontext_t ctx;
+#endif
   const struct Barrier *wait_on = nullptr; /* the barrier this fiber waits at, and its generation */
   uint64_t wait_gen = 0;
 #endif
@@ -113,10 +120,50 @@ void barrier_drop(Barrier &b) {
   }
 }
 #else
-ucontext_t g_sched;       /* the scheduler's context */
-uint64_t g_progress;      /* bumped by every arrival, release and exit */
+uint64_t g_progress; /* bumped by every arrival, release and exit */
 
+#if defined(__x86_64__)
+/* Fiber switch without the signal-mask system call swapcontext makes at every switch (a third of
+ * the SIMT tests' time went there): save the callee-saved registers, MXCSR and the x87 control
+ * word on the current stack, store its pointer in *save, load `to`, restore, return there.
+ * void da_fiber_switch(void **save, void *to) (System V AMD64). */
+extern "C" void da_fiber_switch(void **save, void *to);
+asm(R"(
+  .text
+  .p2align 4
+  .type da_fiber_switch, @function
+da_fiber_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size da_fiber_switch, .-da_fiber_switch
+  .section .note.GNU-stack,"",@progbits
+  .text
+)");
+void *g_sched_sp; /* the scheduler's stack pointer while a fiber runs */
+void yield() { da_fiber_switch(&tl_self->sp, g_sched_sp); }
+#else
+ucontext_t g_sched; /* the scheduler's context */
 void yield() { swapcontext(&tl_self->ctx, &g_sched); }
+#endif
 
 void barrier_wait(Barrier &b, const char *) {
   uint64_t g = b.gen;
@@ -239,17 +286,37 @@ void fiber_main() {
   (*g_block->body)();
   thread_exit(tl_self);
   tl_self->done = true;
-} /* returns to g_sched through uc_link */
+#if defined(__x86_64__)
+  yield(); /* never resumed: the scheduler skips finished fibers */
+  abort();
+#endif
+} /* ucontext: returns to g_sched through uc_link */
+
+/* Prepares fiber i to start in fiber_main on its own stack. */
+void fiber_init(Thread &t, int i) {
+  void *base = stack_for(i);
+#if defined(__x86_64__)
+  /* the frame da_fiber_switch pops: MXCSR + x87 CW, r15..r12, rbx, rbp, then the return address
+   * fiber_main; above it a null return address for fiber_main itself (entry rsp = 8 mod 16) */
+  uintptr_t top = ((uintptr_t)base + g_stacks[i].size) & ~(uintptr_t)15;
+  uint64_t *f = (uint64_t *)top - 9;
+  uint32_t ctl[2] = {0x1f80u, 0x037fu}; /* default MXCSR, x87 control word */
+  std::memcpy(&f[0], ctl, 8);
+  for (int r = 1; r <= 6; r++) f[r] = 0;
+  f[7] = (uint64_t)(uintptr_t)&fiber_main;
+  f[8] = 0;
+  t.sp = f;
+#else
+  getcontext(&t.ctx);
+  t.ctx.uc_stack.ss_sp = base;
+  t.ctx.uc_stack.ss_size = g_stacks[i].size;
+  t.ctx.uc_link = &g_sched;
+  makecontext(&t.ctx, fiber_main, 0);
+#endif
+}
 
 void run_block(Block &b) {
-  for (int i = 0; i < b.n; i++) {
-    Thread &t = b.th[i];
-    getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = stack_for(i);
-    t.ctx.uc_stack.ss_size = g_stacks[i].size;
-    t.ctx.uc_link = &g_sched;
-    makecontext(&t.ctx, fiber_main, 0);
-  }
+  for (int i = 0; i < b.n; i++) fiber_init(b.th[i], i);
   for (;;) {
     uint64_t p0 = g_progress;
     int alive = 0;
@@ -261,7 +328,11 @@ void run_block(Block &b) {
         continue;
       }
       tl_self = &t;
+#if defined(__x86_64__)
+      da_fiber_switch(&g_sched_sp, t.sp);
+#else
       swapcontext(&g_sched, &t.ctx);
+#endif
       tl_self = nullptr;
       alive += !t.done;
     }
