@@ -177,14 +177,16 @@ set_tests_properties(test_cuda_rules PROPERTIES LABELS cuda TIMEOUT 300)
 # each run (seed printed). Then two multi-step cases threaded under ThreadSanitizer (the barriers
 # between the cp.async stages, the dS^T exchange and the dQ reads must leave no race).
 if(TARGET da_cuda_simt AND EXISTS ${DA_KCUDA_DIR}/backend.cu)
-  add_executable(test_cuda_bwd ${CMAKE_CURRENT_SOURCE_DIR}/test_cuda_bwd.cpp)
-  target_link_libraries(test_cuda_bwd PRIVATE da_cuda_simt da_ref da_core)
+  # registry.c (da_kparams_check, which the SIMT table's supports() calls) as helper B's program
+  # takes it: never da_kernels, which holds the nvcc-built table under the same names.
+  add_executable(test_cuda_bwd ${CMAKE_CURRENT_SOURCE_DIR}/test_cuda_bwd.cpp ${PROJECT_SOURCE_DIR}/kernels/registry.c)
+  target_link_libraries(test_cuda_bwd PRIVATE da_cuda_simt da_kernels_cpu da_ref da_core)
   target_include_directories(test_cuda_bwd PRIVATE ${PROJECT_SOURCE_DIR}/kernels)
   target_compile_options(test_cuda_bwd PRIVATE -Wall -Wextra)
   add_test(NAME test_cuda_bwd COMMAND test_cuda_bwd)
   set_tests_properties(test_cuda_bwd PROPERTIES LABELS cuda TIMEOUT 600)
-  add_executable(test_cuda_bwd_tsan ${CMAKE_CURRENT_SOURCE_DIR}/test_cuda_bwd.cpp)
-  target_link_libraries(test_cuda_bwd_tsan PRIVATE da_cuda_simt_tsan da_ref da_core)
+  add_executable(test_cuda_bwd_tsan ${CMAKE_CURRENT_SOURCE_DIR}/test_cuda_bwd.cpp ${PROJECT_SOURCE_DIR}/kernels/registry.c)
+  target_link_libraries(test_cuda_bwd_tsan PRIVATE da_cuda_simt_tsan da_kernels_cpu da_ref da_core)
   target_include_directories(test_cuda_bwd_tsan PRIVATE ${PROJECT_SOURCE_DIR}/kernels)
   add_test(NAME test_cuda_bwd_tsan COMMAND test_cuda_bwd_tsan tsan)
   set_tests_properties(test_cuda_bwd_tsan PROPERTIES LABELS cuda TIMEOUT 600
