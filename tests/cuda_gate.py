@@ -241,7 +241,8 @@ def cmd_selftest(lib, srcdir):
     problems = []
     # 1. a budget one register below the kernel's use
     tight = dict(budgets)
-    tight[(base, "sm_80")] = (r["REG"] - 1, 1 << 30, "planted")
+    for name in (base, fn):  # whichever form the kernel's budget line uses
+        tight[(name, "sm_80")] = (r["REG"] - 1, 1 << 30, "planted")
     if not any("over its budget" in b for b in check_resources(res, tight)[1]):
         problems.append("a REG budget below use was accepted")
     # 2. the kernel's budget line removed
@@ -259,10 +260,50 @@ def cmd_selftest(lib, srcdir):
         problems.append("SASS without LDGSTS was accepted")
     if not any("HGMMA" in b for b in check_sass({a: re.sub(r"\bHGMMA\b", "X", t) for a, t in sections.items()}, True)[1]):
         problems.append("wgmma sources without HGMMA were accepted")
+    # 5. the build gate itself: da_cuda's compiler and flags (written by kernels/cuda/CMakeLists.txt)
+    #    accept a clean kernel and refuse one that spills / uses local memory
+    problems += check_ptxas_gate(os.path.join(os.path.dirname(os.path.abspath(lib)), "gate-flags.txt"))
     if problems:
         fail("selftest: " + "; ".join(problems))
-    print("selftest: planted over-budget, missing budget, LOCAL>0, missing LDGSTS and missing HGMMA "
-          "are all refused (probe kernel %s)" % base)
+    print("selftest: planted over-budget, missing budget, LOCAL>0, missing LDGSTS, missing HGMMA and a "
+          "spilling kernel are all refused (probe kernel %s)" % base)
+
+
+PLANT_CLEAN = "__global__ void probe(float *o) { o[threadIdx.x] *= 2.0f; }\n"
+# 64 live floats per thread under a 64-register cap (launch bounds 1024 x 1): spills for sure, and
+# the dynamically indexed array lives in local memory.
+PLANT_SPILL = r"""
+__global__ void __launch_bounds__(1024, 1) probe(float *o, int n, int j) {
+  float a[64];
+  for (int i = 0; i < 64; i++) a[i] = o[i * n];
+  float s = 0;
+  for (int i = 0; i < 64; i++)
+    for (int k = 0; k < 64; k++) s += a[i] * a[k] * o[i + k];
+  o[threadIdx.x] = s + a[j & 63];
+}
+"""
+
+
+def check_ptxas_gate(flags_file):
+    import tempfile
+    if not os.path.exists(flags_file):
+        return ["%s missing (da_cuda's gate flags)" % flags_file]
+    with open(flags_file) as f:
+        lines = [x for x in f.read().splitlines() if x]
+    nvcc, flags = lines[0], lines[1:]
+    out = []
+    with tempfile.TemporaryDirectory() as d:
+        for name, src, want_ok in (("clean", PLANT_CLEAN, True), ("spill", PLANT_SPILL, False)):
+            cu = os.path.join(d, name + ".cu")
+            with open(cu, "w") as f:
+                f.write(src)
+            r = subprocess.run([nvcc, "-c", cu, "-o", os.path.join(d, name + ".o")] + flags,
+                               capture_output=True, text=True)
+            if want_ok and r.returncode != 0:
+                out.append("the gate flags refuse a clean kernel: %s" % r.stderr[-500:])
+            if not want_ok and (r.returncode == 0 or not re.search(r"spill|Local memory", r.stderr)):
+                out.append("the gate flags accepted a spilling kernel (exit %d)" % r.returncode)
+    return out
 
 
 def main():
