@@ -50,5 +50,9 @@ static int tb_init(void) {
 #define TB_N_BLOCK_SIZES 4
 #define TB_N_THREADS 3
 #define TB_N_BLOCK_SPLITS (2 * TU_NMASKS)
+#define TB_N_MASKED_ROWS 3
+#define TB_N_NAN 6
+#define TB_SPLIT_S_LO 150
+#define TB_SPLIT_S_HI 420
 
 #endif /* DA_KERNELS_HOOK_GPU_H */

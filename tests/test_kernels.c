@@ -32,8 +32,10 @@
  *   TB_DTYPES, TB_DS        the dtypes and head dims the sweeps draw from (the backend's own)
  *   TB_SWEEP_SCALE          factor on the sweeps' size budgets (an emulator is slower)
  *   TB_SELF_1000_FROM, _TO  the loop range of the self-attention cases of 1000 tokens
- *   TB_N_BLOCK_SIZES, TB_N_THREADS, TB_N_BLOCK_SPLITS  loop counts of the invariance tests (a
- *                           backend that ignores block_q / block_k / nthreads needs fewer)
+ *   TB_N_BLOCK_SIZES, TB_N_THREADS, TB_N_BLOCK_SPLITS, TB_N_MASKED_ROWS, TB_N_NAN  loop counts
+ *                           (a backend that ignores block_q / block_k / nthreads needs fewer; an
+ *                           emulator runs fewer dtypes there)
+ *   TB_SPLIT_S_LO, _HI      the sequence lengths of the block-split cases
  * Without it the CPU backend runs, with exactly the cases and assertions it always had. */
 #ifdef DA_TEST_KERNELS_HOOK
 #include DA_TEST_KERNELS_HOOK
@@ -53,6 +55,10 @@ static int tb_init(void) { return 0; }
 #define TB_N_BLOCK_SIZES 4
 #define TB_N_THREADS 3
 #define TB_N_BLOCK_SPLITS (2 * TU_NMASKS)
+#define TB_N_MASKED_ROWS 3
+#define TB_N_NAN 6
+#define TB_SPLIT_S_LO 150
+#define TB_SPLIT_S_HI 420
 #endif
 
 static const int ratios[3] = {1, 4, 8};
@@ -767,7 +773,7 @@ START_TEST(test_block_splits) {
   for (int rep = 0; rep < 3; rep++) {
     const int ratio = ratios[(rep + _i) % 3], G = ratio == 8 ? 1 : 2, H = G * ratio;
     const int D = rep == 1 ? 128 : 64;
-    const int64_t S = tu_rand(&rs, 150, 420);
+    const int64_t S = tu_rand(&rs, TB_SPLIT_S_LO, TB_SPLIT_S_HI);
     da_span_t qs = da_span(0, 1, S), ks = qs;
     if (rep == 2) { /* a zigzag-like pair: late queries, early keys */
       qs = da_span(S / 2, 1, S - S / 2);
@@ -1133,8 +1139,8 @@ static Suite *kernels_suite(void) {
   tcase_add_test(tc, test_supports);
   tcase_add_loop_test(tc, test_merge_empty, 0, 1);
   tcase_add_loop_test(tc, test_merge_orders, 0, TU_NMASKS);
-  tcase_add_loop_test(tc, test_masked_rows, 0, 3);
-  tcase_add_loop_test(tc, test_nan_propagation, 0, 6);
+  tcase_add_loop_test(tc, test_masked_rows, 0, TB_N_MASKED_ROWS);
+  tcase_add_loop_test(tc, test_nan_propagation, 0, TB_N_NAN);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("sweep");
