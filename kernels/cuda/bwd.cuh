@@ -126,13 +126,32 @@ DA_DEV int da_bwd_class(const da_bwd_args_t &a, int t, int64_t k0, int64_t k1) {
   return da_dmask_classify(a.mask, da_pos(a.qpos, i0), da_pos(a.qpos, i1), k0, k1);
 }
 
-/* Step s of a block = (query head hh of the group, Q tile t), s = hh * nqt + t. The first step
- * >= s whose Q tile sees some key of the block (nsteps if none): hidden tiles are never loaded. */
+/* The Q tiles [*ta, *tb] that see some key position in [k0, k1] (none: *ta > *tb). Both ends of a
+ * row's visible interval are non-decreasing in the query position (tile.cuh da_row_range), so the
+ * rows whose interval reaches up to k0 form a suffix and the rows whose interval starts by k1 a
+ * prefix: two binary searches instead of a walk over every Q tile (a narrow window over a long
+ * block would otherwise spend more time skipping tiles than computing). No tile in the range is
+ * EMPTY (da_dmask_classify of its first and last rows), so every step does work. */
 template <int D>
-DA_DEV int da_bwd_next_step(const da_bwd_args_t &a, int s, int nsteps, int nqt, int64_t k0, int64_t k1) {
-  for (; s < nsteps; s++)
-    if (da_bwd_class<D>(a, s % nqt, k0, k1) != DA_TILE_EMPTY) return s;
-  return nsteps;
+DA_DEV void da_bwd_qtile_range(const da_bwd_args_t &a, int64_t k0, int64_t k1, int *ta, int *tb) {
+  constexpr int BR = da_bwd_cfg<D>::BR;
+  int64_t lo, hi, l = 0, r = a.qpos.count;
+  while (l < r) { /* first row with hi >= k0 */
+    const int64_t m = l + (r - l) / 2;
+    da_row_range(a.mask, da_pos(a.qpos, m), &lo, &hi);
+    if (hi >= k0) r = m;
+    else l = m + 1;
+  }
+  const int64_t ra = l;
+  l = ra, r = a.qpos.count;
+  while (l < r) { /* first row with lo > k1 */
+    const int64_t m = l + (r - l) / 2;
+    da_row_range(a.mask, da_pos(a.qpos, m), &lo, &hi);
+    if (lo > k1) r = m;
+    else l = m + 1;
+  }
+  const int64_t rb = l - 1;
+  *ta = (int)(ra / BR), *tb = rb >= ra ? (int)(rb / BR) : *ta - 1;
 }
 
 /* Per-row side information of a stage: lse in log2 units, delta, the visible key indices. */
@@ -146,12 +165,12 @@ struct da_bwd_rows {
  * per-row side information (plain stores; published by the caller's barrier). ktile: the key
  * positions of the block's nk rows. */
 template <int D>
-DA_DEV void da_bwd_load_step(const da_bwd_args_t &a, int s, int nqt, int g, uint16_t *sq, uint16_t *sdo,
+DA_DEV void da_bwd_load_step(const da_bwd_args_t &a, int s, int ta, int nt, int g, uint16_t *sq, uint16_t *sdo,
                              da_bwd_rows<D> *rows, da_span_t ktile) {
   using C = da_bwd_cfg<D>;
-  const int rep = a.H / a.G, h = g * rep + s / nqt;
+  const int rep = a.H / a.G, h = g * rep + s / nt;
   int64_t i0, i1;
-  da_bwd_qtile_rows<D>(a, s % nqt, &i0, &i1);
+  da_bwd_qtile_rows<D>(a, ta + s % nt, &i0, &i1);
   const int n = (int)(i1 - i0 + 1);
   da_bwd_load_tile<D, C::BR>(sq, (const uint16_t *)a.q + i0 * a.ldq + (int64_t)h * D, a.ldq, n, a.vec);
   da_bwd_load_tile<D, C::BR>(sdo, (const uint16_t *)a.dout + i0 * a.lddo + (int64_t)h * D, a.lddo, n, a.vec);
@@ -192,15 +211,16 @@ DA_GLOBAL(da_bwd_cfg<D>::THREADS) void da_bwd_kernel(da_bwd_args_t a) {
   const int nk = (int)(a.kpos.count - j0 < BC ? a.kpos.count - j0 : BC);
   const da_span_t ktile = da_bwd_sub(a.kpos, j0, nk);
   const int64_t k0 = ktile.start, k1 = da_pos(ktile, nk - 1);
-  const int nqt = (int)((a.qpos.count + BR - 1) / BR), nsteps = rep * nqt;
-
-  int s = da_bwd_next_step<D>(a, 0, nsteps, nqt, k0, k1);
-  if (s >= nsteps) return; /* the mask hides this KV tile from every query: nothing to add */
+  /* Steps s = hh * nt + (t - ta): every (query head hh of the group, Q tile t in [ta, tb]). */
+  int ta, tb;
+  da_bwd_qtile_range<D>(a, k0, k1, &ta, &tb);
+  const int nt = tb - ta + 1, nsteps = rep * nt;
+  if (nt <= 0) return; /* the mask hides this KV tile from every query: nothing to add */
 
   /* Prologue: K, V of the tile and the first step's Q, dO in one cp.async group. */
   da_bwd_load_tile<D, BC>(sK, (const uint16_t *)a.k + j0 * a.ldk + (int64_t)g * D, a.ldk, nk, a.vec);
   da_bwd_load_tile<D, BC>(sV, (const uint16_t *)a.v + j0 * a.ldv + (int64_t)g * D, a.ldv, nk, a.vec);
-  da_bwd_load_step<D>(a, s, nqt, g, sQ, sdO, sRows, ktile);
+  da_bwd_load_step<D>(a, 0, ta, nt, g, sQ, sdO, sRows, ktile);
   da_cp_async_commit();
 
   float dk[ND][4], dv[ND][4];
@@ -213,14 +233,13 @@ DA_GLOBAL(da_bwd_cfg<D>::THREADS) void da_bwd_kernel(da_bwd_args_t a) {
   const int kr0 = warp * 16 + da_frag_c(lane, 0).row, kr1 = kr0 + 8;
   const bool kv0 = kr0 < nk, kv1 = kr1 < nk;
   int stage = 0;
-  while (s < nsteps) {
-    const int h = g * rep + s / nqt, t = s % nqt;
+  for (int s = 0; s < nsteps; s++) {
+    const int h = g * rep + s / nt, t = ta + s % nt;
     const bool partial = da_bwd_class<D>(a, t, k0, k1) != DA_TILE_FULL;
     /* Prefetch the next step into the other stage while this one computes. That stage was last
      * read before the middle barrier of the previous step, which every thread has passed. */
-    const int sn = da_bwd_next_step<D>(a, s + 1, nsteps, nqt, k0, k1);
-    if (sn < nsteps) {
-      da_bwd_load_step<D>(a, sn, nqt, g, sQ + (stage ^ 1) * BR * LD, sdO + (stage ^ 1) * BR * LD,
+    if (s + 1 < nsteps) {
+      da_bwd_load_step<D>(a, s + 1, ta, nt, g, sQ + (stage ^ 1) * BR * LD, sdO + (stage ^ 1) * BR * LD,
                           sRows + (stage ^ 1), ktile);
       da_cp_async_commit();
       da_cp_async_wait<1>();
@@ -324,7 +343,6 @@ DA_GLOBAL(da_bwd_cfg<D>::THREADS) void da_bwd_kernel(da_bwd_args_t a) {
         for (int n = 0; n < NQ; n++) atomicAdd(row + n * 8, a.scale * qacc[n][e]);
       }
     }
-    s = sn;
     stage ^= 1;
   }
 
