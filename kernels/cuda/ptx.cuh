@@ -32,9 +32,24 @@ inline void check_row(const void *p, const char *what) {
 
 /* ldmatrix.sync.aligned.m8n8.{x1,x2,x4}{,.trans}.shared.b16, written from the ISA text (not from
  * frag.cuh, so the tests that chain it with mma check the two against each other). */
+/* The warp's published slots; the .sync.aligned instructions need every lane of the warp. */
+inline const unsigned char *publish_all(const void *mine, size_t bytes, const char *what) {
+  unsigned took;
+  const unsigned char *slots = da_simt_warp_publish(mine, bytes, &took);
+  if (took != 0xffffffffu) {
+    fprintf(stderr, "simt: %s with lanes 0x%08x only: the whole warp must execute it\n", what, took);
+    abort();
+  }
+  return slots;
+}
+
 inline void ldmatrix(uint32_t *r, int nmat, bool trans, const void *row) {
-  const void *addr[32];
-  da_simt_warp_exchange(&row, addr, sizeof row);
+  const unsigned char *slots = publish_all(&row, sizeof row, "ldmatrix");
+  auto addr = [&](int l) {
+    const void *p;
+    std::memcpy(&p, slots + l * DA_SIMT_SLOT, sizeof p);
+    return p;
+  };
   int lane = da_simt_self()->lane;
   for (int i = 0; i < nmat; i++) {
     uint32_t v = 0;
@@ -42,7 +57,7 @@ inline void ldmatrix(uint32_t *r, int nmat, bool trans, const void *row) {
       /* without .trans lane t holds row t/4, columns 2(t%4)+h; with .trans the transpose */
       int mrow = trans ? 2 * (lane % 4) + h : lane / 4;
       int mcol = trans ? lane / 4 : 2 * (lane % 4) + h;
-      const void *src = addr[i * 8 + mrow];
+      const void *src = addr(i * 8 + mrow);
       check_row(src, trans ? "ldmatrix.trans" : "ldmatrix");
       uint16_t e;
       std::memcpy(&e, (const char *)src + 2 * mcol, 2);
@@ -89,19 +104,20 @@ struct frag_where {
  * order it does not document, so results agree to fp32 rounding, not bit for bit). */
 template <typename Tag> inline void mma_16816(float d[4], const uint32_t a[4], const uint32_t b[2]) {
   static const frag_where where;
-  struct frag {
-    uint32_t a[4], b[2];
-  } mine, all[32];
-  std::memcpy(mine.a, a, sizeof mine.a);
-  std::memcpy(mine.b, b, sizeof mine.b);
-  da_simt_warp_exchange(&mine, all, sizeof mine);
+  uint32_t mine[6] = {a[0], a[1], a[2], a[3], b[0], b[1]}; /* a[0..3], then b[0..1] */
+  const unsigned char *slots = publish_all(mine, sizeof mine, "mma.sync");
+  auto half = [&](int l, int reg, int e) { /* element e of register reg of lane l */
+    uint32_t v;
+    std::memcpy(&v, slots + l * DA_SIMT_SLOT + 4 * reg, 4);
+    return half_to_double((uint16_t)(v >> (16 * (e % 2))), Tag());
+  };
   auto elem_a = [&](int r, int k) {
     int l = where.a[r][k][0], e = where.a[r][k][1];
-    return half_to_double((uint16_t)(all[l].a[e / 2] >> (16 * (e % 2))), Tag());
+    return half(l, e / 2, e);
   };
   auto elem_b = [&](int k, int n) {
     int l = where.b[k][n][0], e = where.b[k][n][1];
-    return half_to_double((uint16_t)(all[l].b[e / 2] >> (16 * (e % 2))), Tag());
+    return half(l, 4 + e / 2, e);
   };
   int lane = da_simt_self()->lane;
   float out[4];

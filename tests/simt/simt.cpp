@@ -68,28 +68,26 @@ struct Thread : da_simt_thread {
 #endif
 };
 
-enum { SLOT = 64 };
+enum { SLOT = DA_SIMT_SLOT };
 
 struct Block {
   int n = 0, nwarps = 0;
   std::vector<Thread> th;
   Barrier bar;
   std::unique_ptr<Barrier[]> warp_bar;
-  std::vector<unsigned char> slots;  /* [nwarps][32][SLOT] */
-  std::vector<uint64_t> stamps;      /* [nwarps][32]: the exchange number of the slot's data */
+  std::vector<unsigned char> slots;  /* [nwarps][2 banks][32][SLOT] */
+  std::vector<uint64_t> stamps;      /* [nwarps][2][32]: the exchange number of the slot's data */
   std::function<void()> *body = nullptr;
 };
 
 Block *g_block;                        /* the block running now (blocks are sequential) */
-thread_local Thread *tl_self;          /* this host thread's (fiber's) CUDA thread */
+/* this host thread's (fiber's) CUDA thread: da_simt_current (simt.h) */
+Thread *cur() { return static_cast<Thread *>(da_simt_current); }
 void *g_dyn_smem;
 cudaError_t g_last_error = cudaSuccess;
 std::map<const void *, int> g_max_dyn_smem; /* cudaFuncAttributeMaxDynamicSharedMemorySize */
 
-Thread *self() {
-  if (!tl_self) die("a CUDA built-in was called outside a kernel launch%s", "");
-  return tl_self;
-}
+Thread *self() { return static_cast<Thread *>(da_simt_self()); }
 
 #ifdef DA_SIMT_THREADS
 /* A barrier that cannot complete (threads waiting at different barriers) is reported after this
@@ -107,7 +105,7 @@ void barrier_wait(Barrier &b, const char *what) {
   }
   if (!b.cv.wait_for(lk, kDeadlock, [&] { return b.gen != g; }))
     die("deadlock: %s waited 120 s (block %ld); threads wait at different barriers?", what,
-        (long)tl_self->block_idx.x);
+        (long)cur()->block_idx.x);
 }
 
 void barrier_drop(Barrier &b) {
@@ -159,10 +157,10 @@ da_fiber_switch:
   .text
 )");
 void *g_sched_sp; /* the scheduler's stack pointer while a fiber runs */
-void yield() { da_fiber_switch(&tl_self->sp, g_sched_sp); }
+void yield() { da_fiber_switch(&cur()->sp, g_sched_sp); }
 #else
 ucontext_t g_sched; /* the scheduler's context */
-void yield() { swapcontext(&tl_self->ctx, &g_sched); }
+void yield() { swapcontext(&cur()->ctx, &g_sched); }
 #endif
 
 void barrier_wait(Barrier &b, const char *) {
@@ -173,10 +171,10 @@ void barrier_wait(Barrier &b, const char *) {
     b.gen++;
     return;
   }
-  tl_self->wait_on = &b;
-  tl_self->wait_gen = g;
+  cur()->wait_on = &b;
+  cur()->wait_gen = g;
   while (b.gen == g) yield();
-  tl_self->wait_on = nullptr;
+  cur()->wait_on = nullptr;
 }
 
 void barrier_drop(Barrier &b) {
@@ -189,43 +187,43 @@ void barrier_drop(Barrier &b) {
 }
 #endif
 
-/* Every lane of the warp deposits `bytes`; returns the mask of lanes that took part. */
-unsigned exchange(const void *mine, void *all, size_t bytes) {
+/* Every lane of the warp deposits `bytes` and waits for the others; returns the warp's slots
+ * (lane i's bytes at + i * SLOT) and, in *took, the lanes that took part. The slots alternate
+ * between two banks by exchange number, so one barrier suffices: a lane can write a bank again
+ * only two exchanges later, after every lane has arrived at the exchange in between, that is,
+ * after every lane has finished reading this one. */
+const unsigned char *publish(const void *mine, size_t bytes, unsigned *took) {
   Thread *t = self();
   Block *b = g_block;
   if (bytes > SLOT) die("warp exchange of %ld bytes (at most 64)", "", (long)bytes);
   uint64_t n = ++t->exchanges;
-  unsigned char *ws = &b->slots[(size_t)t->warp * 32 * SLOT];
-  uint64_t *st = &b->stamps[(size_t)t->warp * 32];
+  size_t bank = (size_t)t->warp * 2 + (n & 1);
+  unsigned char *ws = &b->slots[bank * 32 * SLOT];
+  uint64_t *st = &b->stamps[bank * 32];
   std::memcpy(ws + t->lane * SLOT, mine, bytes);
   st[t->lane] = n;
   barrier_wait(b->warp_bar[t->warp], "a warp exchange (shuffle, ldmatrix, mma)");
   unsigned mask = 0;
-  for (int i = 0; i < 32; i++) {
-    if (st[i] == n) {
-      mask |= 1u << i;
-      std::memcpy((unsigned char *)all + i * bytes, ws + i * SLOT, bytes);
-    } else {
-      std::memset((unsigned char *)all + i * bytes, 0, bytes);
-    }
-  }
-  /* nobody overwrites a slot before every lane has read it */
-  barrier_wait(b->warp_bar[t->warp], "a warp exchange (shuffle, ldmatrix, mma)");
-  return mask;
+  for (int i = 0; i < 32; i++)
+    if (st[i] == n) mask |= 1u << i;
+  *took = mask;
+  return ws;
 }
 
 template <typename T> T shfl(unsigned mask, T v, int src_of_lane(int, int, int), int arg, int width) {
-  T all[32];
-  unsigned took = exchange(&v, all, sizeof v);
+  unsigned took;
+  const unsigned char *ws = publish(&v, sizeof v, &took);
   if ((mask & took) != took)
     die("partial-warp shuffle (mask 0x%lx, lanes taking part 0x%lx) is not emulated", "", (long)mask,
         (long)took);
   if (width < 1 || width > 32 || (width & (width - 1)))
     die("shuffle width %ld is not a power of 2 in [1, 32]", "", width);
-  int lane = tl_self->lane;
+  int lane = cur()->lane;
   int src = src_of_lane(lane, arg, width);
   if (!(took >> src & 1)) die("shuffle reads lane %ld, which has exited or does not exist", "", src);
-  return all[src];
+  T r;
+  std::memcpy(&r, ws + src * SLOT, sizeof r);
+  return r;
 }
 
 int src_idx(int lane, int src, int width) { return (lane & ~(width - 1)) + (src & (width - 1)); }
@@ -250,10 +248,10 @@ void run_block(Block &b) {
   pool.reserve(b.n);
   for (int i = 0; i < b.n; i++)
     pool.emplace_back([&b, i] {
-      tl_self = &b.th[i];
+      da_simt_current = &b.th[i];
       (*b.body)();
-      thread_exit(tl_self);
-      tl_self = nullptr;
+      thread_exit(cur());
+      da_simt_current = nullptr;
     });
   for (auto &p : pool) p.join();
 }
@@ -284,8 +282,8 @@ void *stack_for(int i) {
 
 void fiber_main() {
   (*g_block->body)();
-  thread_exit(tl_self);
-  tl_self->done = true;
+  thread_exit(cur());
+  cur()->done = true;
 #if defined(__x86_64__)
   yield(); /* never resumed: the scheduler skips finished fibers */
   abort();
@@ -327,13 +325,13 @@ void run_block(Block &b) {
         alive++;
         continue;
       }
-      tl_self = &t;
+      da_simt_current = &t;
 #if defined(__x86_64__)
       da_fiber_switch(&g_sched_sp, t.sp);
 #else
       swapcontext(&g_sched, &t.ctx);
 #endif
-      tl_self = nullptr;
+      da_simt_current = nullptr;
       alive += !t.done;
     }
     if (!alive) break;
@@ -355,7 +353,11 @@ bool bad_config(dim3 grid, dim3 block) {
 }  // namespace
 
 /* ======================= simt.h ======================= */
-da_simt_thread *da_simt_self(void) { return self(); }
+thread_local da_simt_thread *da_simt_current;
+
+void da_simt_outside(void) {
+  die("a CUDA built-in was called outside a kernel launch%s", "");
+}
 
 void __syncthreads(void) {
   self();
@@ -367,7 +369,20 @@ void __syncwarp(unsigned mask) {
   barrier_wait(g_block->warp_bar[self()->warp], "__syncwarp");
 }
 
-void da_simt_warp_exchange(const void *mine, void *all, size_t bytes) { exchange(mine, all, bytes); }
+const unsigned char *da_simt_warp_publish(const void *mine, size_t bytes, unsigned *took) {
+  return publish(mine, bytes, took);
+}
+
+void da_simt_warp_exchange(const void *mine, void *all, size_t bytes) {
+  unsigned took;
+  const unsigned char *ws = publish(mine, bytes, &took);
+  for (int i = 0; i < 32; i++) {
+    if (took >> i & 1)
+      std::memcpy((unsigned char *)all + i * bytes, ws + i * SLOT, bytes);
+    else
+      std::memset((unsigned char *)all + i * bytes, 0, bytes);
+  }
+}
 
 #define DA_SHFL(T)                                                                            \
   T __shfl_sync(unsigned m, T v, int s, int w) { return shfl<T>(m, v, src_idx, s, w); }        \
@@ -424,7 +439,7 @@ void da_simt_cp_async_wait(int n) {
 
 cudaError_t da_simt_launch(const void *func, dim3 grid, dim3 block, size_t smem_bytes,
                            std::function<void()> body) {
-  if (tl_self) die("a kernel launched another kernel (dynamic parallelism is not emulated)%s", "");
+  if (da_simt_current) die("a kernel launched another kernel (dynamic parallelism is not emulated)%s", "");
   if (bad_config(grid, block)) return g_last_error = cudaErrorInvalidConfiguration;
   auto it = g_max_dyn_smem.find(func);
   size_t limit = it == g_max_dyn_smem.end() ? (size_t)DA_SIMT_SMEM_DEFAULT : (size_t)it->second;
@@ -438,8 +453,8 @@ cudaError_t da_simt_launch(const void *func, dim3 grid, dim3 block, size_t smem_
   b.nwarps = (n + 31) / 32;
   b.th.resize(n);
   b.warp_bar.reset(new Barrier[b.nwarps]);
-  b.slots.assign((size_t)b.nwarps * 32 * SLOT, 0);
-  b.stamps.assign((size_t)b.nwarps * 32, 0);
+  b.slots.assign((size_t)b.nwarps * 2 * 32 * SLOT, 0);
+  b.stamps.assign((size_t)b.nwarps * 2 * 32, 0);
   b.body = &body;
   g_block = &b;
   g_dyn_smem = dyn;

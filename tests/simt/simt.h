@@ -43,7 +43,13 @@ struct da_simt_thread {
   int warp;   /* linear / 32 */
 };
 /* The CUDA thread running on this host thread / fiber; aborts outside a launch. */
-da_simt_thread *da_simt_self(void);
+extern thread_local da_simt_thread *da_simt_current;
+[[noreturn]] void da_simt_outside(void);
+inline da_simt_thread *da_simt_self(void) {
+  da_simt_thread *t = da_simt_current;
+  if (__builtin_expect(!t, 0)) da_simt_outside();
+  return t;
+}
 
 #define threadIdx (da_simt_self()->thread_idx)
 #define blockIdx (da_simt_self()->block_idx)
@@ -58,9 +64,14 @@ da_simt_thread *da_simt_self(void);
 void __syncthreads(void);
 void __syncwarp(unsigned mask = 0xffffffffu);
 
-/* Warp-collective exchange: every lane of the warp calls it with `bytes` (<= 64) of its own; all
- * receives 32 * bytes, lane i's bytes at all + i * bytes (lanes that have exited: zeros). The
- * building block of the shuffles and of the lane-exact PTX emulation (kernels/cuda/ptx.cuh). */
+/* Warp-collective exchange, the building block of the shuffles and of the lane-exact PTX emulation
+ * (kernels/cuda/ptx.cuh). Every lane of the warp calls it with `bytes` (<= DA_SIMT_SLOT) of its own.
+ * da_simt_warp_publish returns the warp's slots: lane i's bytes at slots + i * DA_SIMT_SLOT, valid
+ * until this lane's next warp-collective call; *took gets the lanes that took part (the slots of
+ * the others hold stale bytes). da_simt_warp_exchange copies them out: all receives 32 * bytes,
+ * lane i's at all + i * bytes (lanes that did not take part: zeros). */
+enum { DA_SIMT_SLOT = 64 };
+const unsigned char *da_simt_warp_publish(const void *mine, size_t bytes, unsigned *took);
 void da_simt_warp_exchange(const void *mine, void *all, size_t bytes);
 
 /* Shuffles: mask must name every lane of the warp that has not exited (partial-warp shuffles are
