@@ -20,6 +20,19 @@ static bool da_bwd_aligned(const void *p, int64_t ld) {
   return (uintptr_t)p % 16 == 0 && ld % 8 == 0;
 }
 
+/* Blocks per (KV tile, KV head): 1 (dk, dv added by their only writer: deterministic, no atomic
+ * traffic) while the launch has at least two blocks per SM; otherwise the group's rep = H/G query
+ * heads are split over up to rep blocks (powers of two) that add dk, dv with atomics, so a short
+ * KV block under MQA or strong GQA still fills the device. */
+static int da_bwd_auto_hsplit(int rep, int64_t nblocks) {
+  int dev = 0, sms = 108;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess)
+    sms = 108, (void)cudaGetLastError();
+  int hs = 1;
+  while (hs < rep && nblocks * hs < 2 * (int64_t)sms) hs *= 2;
+  return hs < rep ? hs : rep;
+}
+
 /* Launch the (D, T) kernel over the KV tiles of kpos for every chunk of query rows. The offsets
  * into q, dout, lse, delta, dq (rows r0..) and k, v, dk, dv (rows j0..) keep every pointer the
  * kernel sees at row 0 of its sub-block. */
@@ -27,7 +40,7 @@ template <int D, typename T>
 static da_status_t da_bwd_launch(const da_kparams_t *p, const void *q, int64_t ldq, const void *dout,
                                  int64_t lddo, const float *lse, const float *delta, da_span_t qpos,
                                  const void *k, int64_t ldk, const void *v, int64_t ldv, da_span_t kpos,
-                                 float *dq, float *dk, float *dv, void *stream) {
+                                 float *dq, float *dk, float *dv, int hsplit, void *stream) {
   using C = da_bwd_cfg<D>;
   void (&kernel)(da_bwd_args_t) = da_bwd_kernel<D, T>; /* DA_LAUNCH needs a name without commas */
   cudaError_t err =
@@ -61,17 +74,19 @@ static da_status_t da_bwd_launch(const da_kparams_t *p, const void *q, int64_t l
     const int64_t ntiles = (a.kpos.count + C::BC - 1) / C::BC;
     if (ntiles > 0x7fffffff)
       return DA_ERR(DA_ERR_UNSUPPORTED, "bwd_block: %lld KV rows exceed the grid", (long long)a.kpos.count);
-    DA_LAUNCH(kernel, dim3((unsigned)ntiles, (unsigned)G), dim3(C::THREADS), C::SMEM, stream, a);
+    a.hsplit = hsplit > 0 ? (hsplit < H / G ? hsplit : H / G) : da_bwd_auto_hsplit(H / G, ntiles * G);
+    DA_LAUNCH(kernel, dim3((unsigned)ntiles, (unsigned)G, (unsigned)a.hsplit), dim3(C::THREADS), C::SMEM, stream, a);
     err = cudaGetLastError();
     if (err != cudaSuccess) return da_cuda_status((int)err, "bwd_block: kernel launch");
   }
   return DA_SUCCESS;
 }
 
-extern "C" da_status_t da_cuda_bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, const void *dout,
-                                         int64_t lddo, const float *lse, const float *delta, da_span_t qpos,
-                                         const void *k, int64_t ldk, const void *v, int64_t ldv, da_span_t kpos,
-                                         float *dq, float *dk, float *dv, void *stream) {
+extern "C" da_status_t da_cuda_bwd_block_split(const da_kparams_t *p, const void *q, int64_t ldq, const void *dout,
+                                               int64_t lddo, const float *lse, const float *delta, da_span_t qpos,
+                                               const void *k, int64_t ldk, const void *v, int64_t ldv,
+                                               da_span_t kpos, float *dq, float *dk, float *dv, int hsplit,
+                                               void *stream) {
   if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "bwd_block: NULL parameters");
   if (qpos.count <= 0 || kpos.count <= 0) return DA_SUCCESS;
   const int H = p->H, G = p->G, D = p->D;
@@ -93,12 +108,20 @@ extern "C" da_status_t da_cuda_bwd_block(const da_kparams_t *p, const void *q, i
   if (D == 64)
     return p->dtype == DA_BFLOAT16
                ? da_bwd_launch<64, __nv_bfloat16>(p, q, ldq, dout, lddo, lse, delta, qpos, k, ldk, v, ldv, kpos,
-                                                   dq, dk, dv, stream)
+                                                   dq, dk, dv, hsplit, stream)
                : da_bwd_launch<64, __half>(p, q, ldq, dout, lddo, lse, delta, qpos, k, ldk, v, ldv, kpos, dq, dk,
-                                           dv, stream);
+                                           dv, hsplit, stream);
   return p->dtype == DA_BFLOAT16
              ? da_bwd_launch<128, __nv_bfloat16>(p, q, ldq, dout, lddo, lse, delta, qpos, k, ldk, v, ldv, kpos,
-                                                  dq, dk, dv, stream)
+                                                  dq, dk, dv, hsplit, stream)
              : da_bwd_launch<128, __half>(p, q, ldq, dout, lddo, lse, delta, qpos, k, ldk, v, ldv, kpos, dq, dk, dv,
-                                          stream);
+                                          hsplit, stream);
+}
+
+extern "C" da_status_t da_cuda_bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, const void *dout,
+                                         int64_t lddo, const float *lse, const float *delta, da_span_t qpos,
+                                         const void *k, int64_t ldk, const void *v, int64_t ldv, da_span_t kpos,
+                                         float *dq, float *dk, float *dv, void *stream) {
+  return da_cuda_bwd_block_split(p, q, ldq, dout, lddo, lse, delta, qpos, k, ldk, v, ldv, kpos, dq, dk, dv, 0,
+                                 stream);
 }

@@ -4,7 +4,8 @@
  * the __host__ __device__ rules it uses (tile geometry, per-lane fragment places, row masks).
  *
  * One thread block owns one KV tile (BC = 64 key rows) of one KV head g and keeps its dK, dV in
- * registers while it walks every Q tile (BR rows) of every query head of g's GQA group:
+ * registers while it walks every Q tile (BR rows) of every query head of g's GQA group (or of one
+ * slice of the group, see hsplit):
  *   S^T  = K Q^T              (per warp: its 16 keys x BR queries, mma.sync m16n8k16)
  *   P^T  = exp2(S^T * scale*log2e - lse*log2e), 0 where the mask forbids
  *   dP^T = V dO^T
@@ -13,7 +14,10 @@
  *   dQ  += dS K                            (dS^T through shared memory; fp32 atomics into dq)
  * and at the end adds scale*dK, dV to its rows of dk, dv with plain read-modify-write: the block
  * is the only writer of those rows for that KV head (the GQA group's heads are summed in
- * registers, not with atomics), so dk/dv are deterministic and cost one pass per block.
+ * registers, not with atomics), so dk/dv are deterministic and cost one pass per block. When
+ * that leaves too few blocks to fill the device (few KV tiles, few KV heads: MQA), the launcher
+ * splits each group's heads over hsplit blocks (grid z), which then add into dk/dv with fp32
+ * atomics.
  * Masks are run-time values (tile.cuh da_dmask: flags, window, the documents of the launch's
  * query rows carried by value); a Q tile the mask hides from the KV tile is never loaded, a FULL
  * one runs without the element test.
@@ -67,6 +71,8 @@ typedef struct da_bwd_args {
   int H, G;
   float scale;
   int vec;                       /* 1: every row of q, dout, k, v is 16-byte aligned (cp.async) */
+  int hsplit;                    /* blocks per (KV tile, KV head), each a slice of the group's
+                                    H/G query heads; > 1: dk, dv by atomics (1 <= hsplit <= H/G) */
 } da_bwd_args_t;
 
 /* ---- the kernel ----------------------------------------------------------------------------- */
@@ -88,9 +94,15 @@ DA_HD da_span_t da_bwd_sub(da_span_t s, int64_t i0, int64_t n) {
  *   da_ldsm_x4_bt : two n8 B operands of a [k][n] tile with .trans (dO, Q for dV, dK; K for dQ);
  *   da_frag_c     : the (row, col) of accumulator element e. */
 
-/* grid (KV tiles, G), block THREADS, dynamic shared memory SMEM. */
+/* grid (KV tiles, G, hsplit), block THREADS, dynamic shared memory SMEM. */
 template <int D, typename T>
 DA_GLOBAL(da_bwd_cfg<D>::THREADS) void da_bwd_kernel(da_bwd_args_t a);
+
+/* The query heads [*h0, *h1) of KV head g that block slice z of hsplit walks. */
+DA_HD void da_bwd_heads(int H, int G, int g, int hsplit, int z, int *h0, int *h1) {
+  const int rep = H / G;
+  *h0 = g * rep + z * rep / hsplit, *h1 = g * rep + (z + 1) * rep / hsplit;
+}
 
 /* Copy rows [0, n) of a tile (row r at src + r * ld elements, D halves each) into shared rows of
  * LD halves; rows n..ROWS-1 are zero-filled. vec: 16-byte cp.async (lands at the caller's wait);
@@ -165,10 +177,10 @@ struct da_bwd_rows {
  * per-row side information (plain stores; published by the caller's barrier). ktile: the key
  * positions of the block's nk rows. */
 template <int D>
-DA_DEV void da_bwd_load_step(const da_bwd_args_t &a, int s, int ta, int nt, int g, uint16_t *sq, uint16_t *sdo,
+DA_DEV void da_bwd_load_step(const da_bwd_args_t &a, int s, int ta, int nt, int h0, uint16_t *sq, uint16_t *sdo,
                              da_bwd_rows<D> *rows, da_span_t ktile) {
   using C = da_bwd_cfg<D>;
-  const int rep = a.H / a.G, h = g * rep + s / nt;
+  const int h = h0 + s / nt;
   int64_t i0, i1;
   da_bwd_qtile_rows<D>(a, ta + s % nt, &i0, &i1);
   const int n = (int)(i1 - i0 + 1);
@@ -206,21 +218,23 @@ DA_GLOBAL(da_bwd_cfg<D>::THREADS) void da_bwd_kernel(da_bwd_args_t a) {
   da_bwd_rows<D> *sRows = (da_bwd_rows<D> *)(smem + C::ROW_OFF);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int g = blockIdx.y, rep = a.H / a.G;
+  const int g = blockIdx.y;
+  int h0, h1;
+  da_bwd_heads(a.H, a.G, g, a.hsplit, blockIdx.z, &h0, &h1);
   const int64_t j0 = (int64_t)blockIdx.x * BC;
   const int nk = (int)(a.kpos.count - j0 < BC ? a.kpos.count - j0 : BC);
   const da_span_t ktile = da_bwd_sub(a.kpos, j0, nk);
   const int64_t k0 = ktile.start, k1 = da_pos(ktile, nk - 1);
-  /* Steps s = hh * nt + (t - ta): every (query head hh of the group, Q tile t in [ta, tb]). */
+  /* Steps s = (h - h0) * nt + (t - ta): every (query head h in [h0, h1), Q tile t in [ta, tb]). */
   int ta, tb;
   da_bwd_qtile_range<D>(a, k0, k1, &ta, &tb);
-  const int nt = tb - ta + 1, nsteps = rep * nt;
-  if (nt <= 0) return; /* the mask hides this KV tile from every query: nothing to add */
+  const int nt = tb - ta + 1, nsteps = (h1 - h0) * nt;
+  if (nt <= 0 || h1 <= h0) return; /* the mask hides this KV tile from every query: nothing to add */
 
   /* Prologue: K, V of the tile and the first step's Q, dO in one cp.async group. */
   da_bwd_load_tile<D, BC>(sK, (const uint16_t *)a.k + j0 * a.ldk + (int64_t)g * D, a.ldk, nk, a.vec);
   da_bwd_load_tile<D, BC>(sV, (const uint16_t *)a.v + j0 * a.ldv + (int64_t)g * D, a.ldv, nk, a.vec);
-  da_bwd_load_step<D>(a, 0, ta, nt, g, sQ, sdO, sRows, ktile);
+  da_bwd_load_step<D>(a, 0, ta, nt, h0, sQ, sdO, sRows, ktile);
   da_cp_async_commit();
 
   float dk[ND][4], dv[ND][4];
@@ -234,12 +248,12 @@ DA_GLOBAL(da_bwd_cfg<D>::THREADS) void da_bwd_kernel(da_bwd_args_t a) {
   const bool kv0 = kr0 < nk, kv1 = kr1 < nk;
   int stage = 0;
   for (int s = 0; s < nsteps; s++) {
-    const int h = g * rep + s / nt, t = ta + s % nt;
+    const int h = h0 + s / nt, t = ta + s % nt;
     const bool partial = da_bwd_class<D>(a, t, k0, k1) != DA_TILE_FULL;
     /* Prefetch the next step into the other stage while this one computes. That stage was last
      * read before the middle barrier of the previous step, which every thread has passed. */
     if (s + 1 < nsteps) {
-      da_bwd_load_step<D>(a, s + 1, ta, nt, g, sQ + (stage ^ 1) * BR * LD, sdO + (stage ^ 1) * BR * LD,
+      da_bwd_load_step<D>(a, s + 1, ta, nt, h0, sQ + (stage ^ 1) * BR * LD, sdO + (stage ^ 1) * BR * LD,
                           sRows + (stage ^ 1), ktile);
       da_cp_async_commit();
       da_cp_async_wait<1>();
@@ -346,15 +360,23 @@ DA_GLOBAL(da_bwd_cfg<D>::THREADS) void da_bwd_kernel(da_bwd_args_t a) {
     stage ^= 1;
   }
 
-  /* dk += scale * dK, dv += dV on the tile's rows of KV head g (this block's rows alone). */
+  /* dk += scale * dK, dv += dV on the tile's rows of KV head g: this block's rows alone, unless
+   * the group's heads are split over several blocks. */
   for (int e = 0; e < 4; e++) {
     const da_rc pc = da_frag_c(lane, e);
     const int r = warp * 16 + pc.row;
     if (r >= nk) continue;
     float *dkr = a.dk + ((j0 + r) * a.G + g) * D + pc.col, *dvr = a.dv + ((j0 + r) * a.G + g) * D + pc.col;
-    for (int n = 0; n < ND; n++) {
-      dkr[n * 8] += a.scale * dk[n][e];
-      dvr[n * 8] += dv[n][e];
+    if (a.hsplit > 1) {
+      for (int n = 0; n < ND; n++) {
+        atomicAdd(dkr + n * 8, a.scale * dk[n][e]);
+        atomicAdd(dvr + n * 8, dv[n][e]);
+      }
+    } else {
+      for (int n = 0; n < ND; n++) {
+        dkr[n * 8] += a.scale * dk[n][e];
+        dvr[n * 8] += dv[n][e];
+      }
     }
   }
 }

@@ -39,6 +39,14 @@ da_status_t da_cuda_bwd_block(const da_kparams_t *p, const void *q, int64_t ldq,
                               int64_t lddo, const float *lse, const float *delta, da_span_t qpos,
                               const void *k, int64_t ldk, const void *v, int64_t ldv,
                               da_span_t kpos, float *dq, float *dk, float *dv, void *stream);
+/* The same with the number of blocks that share one (KV tile, KV head) chosen by the caller
+ * (1..H/G; 0 = as da_cuda_bwd_block chooses: 1 unless the launch would not fill the device): the
+ * tests run both the owner-writes and the atomic dk/dv paths with it. */
+da_status_t da_cuda_bwd_block_split(const da_kparams_t *p, const void *q, int64_t ldq,
+                                    const void *dout, int64_t lddo, const float *lse,
+                                    const float *delta, da_span_t qpos, const void *k, int64_t ldk,
+                                    const void *v, int64_t ldv, da_span_t kpos, float *dq,
+                                    float *dk, float *dv, int hsplit, void *stream);
 
 /* Stream-ordered scratch for the entries that need it (decode): cudaMallocAsync/cudaFreeAsync
  * on the device, malloc/free in the host build. */
