@@ -1,7 +1,8 @@
 /* bwd.cuh: the backward block kernel of the CUDA backend (kernels.h bwd_block), FlashAttention-2
  * style, written once for nvcc and for the SIMT host build (tests/simt). The launch, the argument
- * checks and the template instantiations live in bwd.cu; this file holds only device code and
- * the __host__ __device__ rules it uses (tile geometry, per-lane fragment places, row masks).
+ * checks and the template instantiations live in bwd.cu; this file holds the device code, its
+ * tile geometry and step schedule. The per-lane fragment rules come from frag.cuh, the mask rules
+ * (per-row key intervals on global positions, tile classes) from tile.cuh.
  *
  * One thread block owns one KV tile (BC = 64 key rows) of one KV head g and keeps its dK, dV in
  * registers while it walks every Q tile (BR rows) of every query head of g's GQA group (or of one
