@@ -23,6 +23,8 @@ function(da_simt_flags target)
   target_compile_definitions(${target} PUBLIC DA_SIMT)
   target_include_directories(${target} PUBLIC ${DA_SIMT_DIR} ${DA_KCUDA_DIR} ${DA_CUDA_BF16_INCLUDE})
   target_compile_options(${target} PRIVATE -Wall -Wextra -Wno-unused-parameter)
+  # the kernels' #pragma unroll means nothing to g++
+  target_compile_options(${target} PUBLIC -Wno-unknown-pragmas)
 endfunction()
 set(DA_TSAN_FLAGS -fsanitize=thread -g -O1)
 
