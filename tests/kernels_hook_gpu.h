@@ -49,7 +49,8 @@ static int tb_init(void) {
 #define TB_SELF_1000_TO (2 * TU_NMASKS)
 #define TB_N_BLOCK_SIZES 4
 #define TB_N_THREADS 3
-#define TB_N_BLOCK_SPLITS (2 * TU_NMASKS)
+#define TB_BLOCK_SPLITS_FROM 0
+#define TB_BLOCK_SPLITS_TO (2 * TU_NMASKS)
 #define TB_N_MASKED_ROWS 3
 #define TB_N_NAN 6
 #define TB_SPLIT_S_LO 150

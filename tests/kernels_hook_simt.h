@@ -25,14 +25,15 @@ static int tb_init(void) { return 0; }
 #define TB_SELF_1000_FROM 1
 #define TB_SELF_1000_TO 2
 /* the kernels ignore block_q / block_k / nthreads: one problem each; block splits (every way of
- * cutting q and k, shorter sequences) without and with a causal mask; masked rows and NaN
- * propagation in fp16 (bf16 runs everywhere else) */
+ * cutting q and k, shorter sequences) once, under a causal mask; masked rows and NaN propagation
+ * in fp16 (bf16 runs everywhere else) */
 #define TB_N_BLOCK_SIZES 1
 #define TB_N_THREADS 1
-#define TB_N_BLOCK_SPLITS 2
+#define TB_BLOCK_SPLITS_FROM 1
+#define TB_BLOCK_SPLITS_TO 2
 #define TB_N_MASKED_ROWS 1
 #define TB_N_NAN 3
-#define TB_SPLIT_S_LO 70
-#define TB_SPLIT_S_HI 160
+#define TB_SPLIT_S_LO 60
+#define TB_SPLIT_S_HI 110
 
 #endif /* DA_KERNELS_HOOK_SIMT_H */

@@ -32,10 +32,11 @@
  *   TB_DTYPES, TB_DS        the dtypes and head dims the sweeps draw from (the backend's own)
  *   TB_SWEEP_SCALE          factor on the sweeps' size budgets (an emulator is slower)
  *   TB_SELF_1000_FROM, _TO  the loop range of the self-attention cases of 1000 tokens
- *   TB_N_BLOCK_SIZES, TB_N_THREADS, TB_N_BLOCK_SPLITS, TB_N_MASKED_ROWS, TB_N_NAN  loop counts
+ *   TB_N_BLOCK_SIZES, TB_N_THREADS, TB_N_MASKED_ROWS, TB_N_NAN  loop counts
  *                           (a backend that ignores block_q / block_k / nthreads needs fewer; an
  *                           emulator runs fewer dtypes there)
- *   TB_SPLIT_S_LO, _HI      the sequence lengths of the block-split cases
+ *   TB_BLOCK_SPLITS_FROM, _TO, TB_SPLIT_S_LO, _HI  loop range and sequence lengths of the
+ *                           block-split cases
  * Without it the CPU backend runs, with exactly the cases and assertions it always had. */
 #ifdef DA_TEST_KERNELS_HOOK
 #include DA_TEST_KERNELS_HOOK
@@ -54,7 +55,8 @@ static int tb_init(void) { return 0; }
 #define TB_SELF_1000_TO (2 * TU_NMASKS)
 #define TB_N_BLOCK_SIZES 4
 #define TB_N_THREADS 3
-#define TB_N_BLOCK_SPLITS (2 * TU_NMASKS)
+#define TB_BLOCK_SPLITS_FROM 0
+#define TB_BLOCK_SPLITS_TO (2 * TU_NMASKS)
 #define TB_N_MASKED_ROWS 3
 #define TB_N_NAN 6
 #define TB_SPLIT_S_LO 150
@@ -1155,7 +1157,7 @@ static Suite *kernels_suite(void) {
   tcase_set_timeout(tc, TU_TIMEOUT);
   tcase_add_loop_test(tc, test_block_sizes, 0, TB_N_BLOCK_SIZES);
   tcase_add_loop_test(tc, test_threads, 0, TB_N_THREADS);
-  tcase_add_loop_test(tc, test_block_splits, 0, TB_N_BLOCK_SPLITS);
+  tcase_add_loop_test(tc, test_block_splits, TB_BLOCK_SPLITS_FROM, TB_BLOCK_SPLITS_TO);
 #ifdef TB_CPU
   tcase_add_loop_test(tc, test_isa_levels, 0, 3);
 #endif
