@@ -196,3 +196,12 @@ if(TARGET da_cuda_simt AND EXISTS ${DA_KCUDA_DIR}/backend.cu)
   set_tests_properties(test_cuda_bwd_tsan PROPERTIES LABELS cuda TIMEOUT 600
     ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1:exitcode=66")
 endif()
+# helper B: the forward, decode and row kernels threaded under ThreadSanitizer (no report allowed).
+if(TARGET da_cuda_simt_tsan AND EXISTS ${DA_KCUDA_DIR}/backend.cu)
+  add_executable(test_cuda_fwd_tsan ${CMAKE_CURRENT_SOURCE_DIR}/test_cuda_fwd_tsan.cpp ${PROJECT_SOURCE_DIR}/kernels/registry.c)
+  target_link_libraries(test_cuda_fwd_tsan PRIVATE da_cuda_simt_tsan da_kernels_cpu da_ref da_core)
+  target_include_directories(test_cuda_fwd_tsan PRIVATE ${PROJECT_SOURCE_DIR}/kernels ${DA_KCUDA_DIR})
+  add_test(NAME test_cuda_fwd_tsan COMMAND test_cuda_fwd_tsan)
+  set_tests_properties(test_cuda_fwd_tsan PROPERTIES LABELS cuda TIMEOUT 600
+    ENVIRONMENT "TSAN_OPTIONS=halt_on_error=1:exitcode=66")
+endif()
