@@ -14,6 +14,7 @@ all: build
 
 setup:
 	@scripts/setup-deps.sh
+	@scripts/setup-cuda-tools.sh
 
 # The torch tests' venv (~/.cache/distattn/venv-torch, outside the tree; torch from PyPI, about
 # 2.8 GB the first time). Only `make test` needs it.

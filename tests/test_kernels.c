@@ -1,4 +1,5 @@
-/* test_kernels.c: Check suite of the CPU backend table (da_kernels_get(DA_DEVICE_CPU)) against
+/* test_kernels.c: Check suite of a backend table (the CPU's, da_kernels_get(DA_DEVICE_CPU), unless a
+ * backend hook is compiled in: see "backend hook" below) against
  * the float64 reference, through the block contract only (fwd_block + fwd_finish, merge,
  * bwd_prep + bwd_block, decode): the internal units of the running state (m, l) are never read.
  * Shapes that are multiples of nothing, every mask, GQA 1/4/8, every dtype (the reference sees
@@ -14,33 +15,86 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 #include "kernels.h"
 #include "ref.h"
 #include "test_util.h"
 
+/* ---- backend hook ---------------------------------------------------------------------------
+ * The same cases run on another backend table when DA_TEST_KERNELS_HOOK names a header that
+ * defines (tests/kernels_hook_simt.h: the CUDA kernels on the SIMT runner; kernels_hook_gpu.h: on
+ * a GPU):
+ *   TB_NAME, tb_kernels()   the table under test
+ *   tb_alloc(n), tb_free(p) memory the table's kernels can use (tb_free also takes malloc'd memory)
+ *   tb_sync()               wait for the kernels queued so far (a status)
+ *   tb_init()               0, or the exit code when the backend cannot run here (77: skipped)
+ *   TB_DTYPES, TB_DS        the dtypes and head dims the sweeps draw from (the backend's own)
+ *   TB_SWEEP_SCALE          factor on the sweeps' size budgets (an emulator is slower)
+ *   TB_SELF_1000_FROM, _TO  the loop range of the self-attention cases of 1000 tokens
+ *   TB_N_BLOCK_SIZES, TB_N_THREADS, TB_N_MASKED_ROWS, TB_N_NAN  loop counts
+ *                           (a backend that ignores block_q / block_k / nthreads needs fewer; an
+ *                           emulator runs fewer dtypes there)
+ *   TB_BLOCK_SPLITS_FROM, _TO, TB_SPLIT_S_LO, _HI  loop range and sequence lengths of the
+ *                           block-split cases
+ * Without it the CPU backend runs, with exactly the cases and assertions it always had. */
+#ifdef DA_TEST_KERNELS_HOOK
+#include DA_TEST_KERNELS_HOOK
+#else
+#define TB_NAME "cpu"
+#define TB_CPU 1
+static const da_kernels_t *tb_kernels(void) { return da_kernels_get(DA_DEVICE_CPU); }
+static void *tb_alloc(size_t n) { return tu_xmalloc(n); }
+static void tb_free(void *p) { free(p); }
+static da_status_t tb_sync(void) { return DA_SUCCESS; }
+static int tb_init(void) { return 0; }
+#define TB_DTYPES {DA_FLOAT32, DA_BFLOAT16, DA_FLOAT16}
+#define TB_DS {16, 64, 128, 256, 80, 72}
+#define TB_SWEEP_SCALE 1.0
+#define TB_SELF_1000_FROM 0
+#define TB_SELF_1000_TO (2 * TU_NMASKS)
+#define TB_N_BLOCK_SIZES 4
+#define TB_N_THREADS 3
+#define TB_BLOCK_SPLITS_FROM 0
+#define TB_BLOCK_SPLITS_TO (2 * TU_NMASKS)
+#define TB_N_MASKED_ROWS 3
+#define TB_N_NAN 6
+#define TB_SPLIT_S_LO 150
+#define TB_SPLIT_S_HI 420
+#endif
+
 static const int ratios[3] = {1, 4, 8};
-static const int Ds[6] = {16, 64, 128, 256, 80, 72};
-static const da_dtype_t dtypes[3] = {DA_FLOAT32, DA_BFLOAT16, DA_FLOAT16};
+static const int Ds[6] = TB_DS;
+static const da_dtype_t dtypes[3] = TB_DTYPES;
 
 /* lse is fp32 whatever the storage dtype; its error is relative to 1 + |lse| (test_util.h).
  * With 16-bit inputs a kernel may round probabilities to the storage type before P.V (not the
  * row sums), so the budget follows the dtype loosely. */
 static double lse_tol(da_dtype_t dt) { return dt == DA_FLOAT32 ? 2e-5 : 2e-3; }
 
-static const da_kernels_t *cpu_kernels(void) {
-  const da_kernels_t *kt = da_kernels_get(DA_DEVICE_CPU);
-  ck_assert_msg(kt != NULL, "no CPU backend: %s", da_error_message());
+/* The CPU table while a hooked build compares its backend with it (cross_check_cpu). */
+static const da_kernels_t *tb_override;
+
+static const da_kernels_t *backend(void) {
+  const da_kernels_t *kt = tb_override ? tb_override : tb_kernels();
+  ck_assert_msg(kt != NULL, "no %s backend: %s", TB_NAME, da_error_message());
   return kt;
 }
 
 static size_t esize(da_dtype_t dt) { return dt == DA_FLOAT32 ? 4 : 2; }
 static double *dalloc(int64_t n) { return tu_xmalloc((size_t)(n > 0 ? n : 1) * sizeof(double)); }
-static float *falloc(int64_t n) { return tu_xmalloc((size_t)(n > 0 ? n : 1) * sizeof(float)); }
+static float *falloc(int64_t n) { /* kernel-visible */
+  float *p = tb_alloc((size_t)(n > 0 ? n : 1) * sizeof(float));
+  ck_assert_msg(p != NULL, "out of memory (%lld floats)", (long long)n);
+  return p;
+}
 static void fpoison(float *x, int64_t n) { tu_poison(x, DA_FLOAT32, n); }
 
+/* A kernel call that must succeed; the results are waited for (tb_sync) before the host reads. */
 #define KOK(call, c)                                                                                  \
   do {                                                                                                \
     da_status_t st_ = (call);                                                                         \
+    if (st_ == DA_SUCCESS) st_ = tb_sync();                                                           \
     ck_assert_msg(st_ == DA_SUCCESS, "%s: %s returned %s: %s", (c)->desc, #call, da_status_string(st_), \
                   da_error_message());                                                                \
   } while (0)
@@ -73,7 +127,8 @@ static void kc_describe(kc_t *c) {
 }
 
 static void *alloc_rows(int64_t n, int64_t ld, da_dtype_t dt) {
-  void *b = tu_xmalloc((size_t)(n * ld) * esize(dt) + 64);
+  void *b = tb_alloc((size_t)(n * ld) * esize(dt) + 64);
+  ck_assert_msg(b != NULL, "out of memory (%lld rows)", (long long)n);
   tu_poison(b, dt, n * ld);
   return b;
 }
@@ -110,8 +165,8 @@ static void kc_init(kc_t *c, int H, int G, int D, da_dtype_t dt, da_span_t qs, d
 }
 
 static void kc_free(kc_t *c) {
-  free(c->q), free(c->k), free(c->v), free(c->dout);
-  free(c->rq), free(c->rk), free(c->rv), free(c->rdo), free(c->ro), free(c->rl);
+  tb_free(c->q), tb_free(c->k), tb_free(c->v), tb_free(c->dout);
+  tb_free(c->rq), tb_free(c->rk), tb_free(c->rv), tb_free(c->rdo), tb_free(c->ro), tb_free(c->rl);
 }
 
 static void kc_ref_fwd(kc_t *c) {
@@ -167,7 +222,7 @@ static int split(int64_t n, int mode, uint64_t *rs, piece_t *pc, int maxp) {
  * piece stride: a strided piece writes its rows in place). */
 static void run_fwd(const kc_t *c, const da_kparams_t *p, const piece_t *qp, int nqp, const piece_t *kp, int nkp,
                     double *out, double *lse) {
-  const da_kernels_t *kt = cpu_kernels();
+  const da_kernels_t *kt = backend();
   const int H = p->H, D = p->D;
   const da_dtype_t dt = p->dtype;
   const size_t es = esize(dt);
@@ -193,11 +248,11 @@ static void run_fwd(const kc_t *c, const da_kparams_t *p, const piece_t *qp, int
         c);
     for (int64_t i = 0; i < n; i++)
       for (int h = 0; h < H; h++) lsef[(qp[a].start + i * qp[a].stride) * H + h] = lp[i * H + h];
-    free(o), free(m), free(l), free(lp);
+    tb_free(o), tb_free(m), tb_free(l), tb_free(lp);
   }
   tu_load(ob, dt, nq, H, D, c->ldo, out);
   for (int64_t i = 0; i < nq * H; i++) lse[i] = lsef[i];
-  free(ob), free(lsef);
+  tb_free(ob), tb_free(lsef);
 }
 
 static void run_fwd_whole(const kc_t *c, const da_kparams_t *p, double *out, double *lse) {
@@ -212,7 +267,7 @@ static void run_fwd_whole(const kc_t *c, const da_kparams_t *p, double *out, dou
  * starting from 0), scattered back at the end. */
 static void run_bwd(kc_t *c, const da_kparams_t *p, const piece_t *qp, int nqp, const piece_t *kp, int nkp,
                     uint64_t *rs, double *dq, double *dk, double *dv) {
-  const da_kernels_t *kt = cpu_kernels();
+  const da_kernels_t *kt = backend();
   const int H = p->H, G = p->G, D = p->D;
   const da_dtype_t dt = p->dtype;
   const size_t es = esize(dt);
@@ -274,7 +329,7 @@ static void run_bwd(kc_t *c, const da_kparams_t *p, const piece_t *qp, int nqp, 
   for (int a = 0; a < nqp; a++) {
     for (int64_t i = 0; i < qp[a].count; i++)
       for (int64_t e = 0; e < (int64_t)H * D; e++) dq[(qp[a].start + i * qp[a].stride) * H * D + e] = aq[a][i * H * D + e];
-    free(aq[a]), free(al[a]), free(ad[a]);
+    tb_free(aq[a]), tb_free(al[a]), tb_free(ad[a]);
   }
   for (int b = 0; b < nkp; b++) {
     for (int64_t i = 0; i < kp[b].count; i++)
@@ -282,10 +337,10 @@ static void run_bwd(kc_t *c, const da_kparams_t *p, const piece_t *qp, int nqp, 
         dk[(kp[b].start + i * kp[b].stride) * G * D + e] = ak[b][i * G * D + e];
         dv[(kp[b].start + i * kp[b].stride) * G * D + e] = av[b][i * G * D + e];
       }
-    free(ak[b]), free(av[b]);
+    tb_free(ak[b]), tb_free(av[b]);
   }
   (void)nk;
-  free(aq), free(ak), free(av), free(al), free(ad), free(order), free(ob), free(lse), free(delta);
+  tb_free(aq), tb_free(ak), tb_free(av), tb_free(al), tb_free(ad), tb_free(order), tb_free(ob), tb_free(lse), tb_free(delta);
 }
 
 /* Reference gradients (float64 on the rounded inputs). */
@@ -299,7 +354,7 @@ static void ref_bwd(const kc_t *c, double **dq, double **dk, double **dv) {
  * pages into their own buffers with their own padded row strides; SPLIT_STRIPED reads the
  * stride-P pages of a striped shard in place (row stride P * ldk). Pages in shuffled order. */
 static void run_decode(const kc_t *c, const da_kparams_t *p, int mode, uint64_t *rs, double *out, double *lse) {
-  const da_kernels_t *kt = cpu_kernels();
+  const da_kernels_t *kt = backend();
   const int H = p->H, G = p->G, D = p->D;
   const da_dtype_t dt = p->dtype;
   const size_t es = esize(dt);
@@ -331,8 +386,8 @@ static void run_decode(const kc_t *c, const da_kparams_t *p, int mode, uint64_t 
   KOK(kt->decode(p, c->q, c->ldq, c->qs, pages, np, o, l, NULL), c);
   for (int64_t i = 0; i < T * H * D; i++) out[i] = o[i];
   for (int64_t i = 0; i < T * H; i++) lse[i] = l[i];
-  for (int i = 0; i < 32; i++) free(bufs[i]);
-  free(o), free(l);
+  for (int i = 0; i < 32; i++) tb_free(bufs[i]);
+  tb_free(o), tb_free(l);
 }
 
 #define CHECK_FWD(c, out, lse, tol_out, what)                                                                      \
@@ -380,17 +435,17 @@ static void check_same(const kc_t *c, const double *a, const double *b, int64_t 
 
 /* Is this head dim run by the backend? Unsupported must say so with DA_ERR_UNSUPPORTED. */
 static int supported(const da_kparams_t *p) {
-  da_status_t st = cpu_kernels()->supports(p);
+  da_status_t st = backend()->supports(p);
   ck_assert_msg(st == DA_SUCCESS || st == DA_ERR_UNSUPPORTED, "supports(D %d) returned %s: %s", p->D,
                 da_status_string(st), da_error_message());
-  if (st != DA_SUCCESS) printf("# cpu: D = %d not supported: %s\n", p->D, da_error_message());
+  if (st != DA_SUCCESS) printf("# %s: D = %d %s not supported: %s\n", TB_NAME, p->D, tu_dtype_name(p->dtype), da_error_message());
   return st == DA_SUCCESS;
 }
 
 /* ---- capability query ------------------------------------------------------------------------- */
 
 START_TEST(test_supports) {
-  const da_kernels_t *kt = cpu_kernels();
+  const da_kernels_t *kt = backend();
   ck_assert_ptr_nonnull(kt->supports);
   ck_assert_ptr_nonnull(kt->fwd_block);
   ck_assert_ptr_nonnull(kt->fwd_finish);
@@ -400,11 +455,21 @@ START_TEST(test_supports) {
   ck_assert_ptr_nonnull(kt->decode);
   ck_assert_ptr_nonnull(kt->name);
   da_kparams_t p = {.H = 8, .G = 2, .D = 64, .scale = 0.125f, .dtype = DA_FLOAT32};
+#ifdef TB_CPU
   /* the head dims the README promises (16..256; the 64/128 fast paths) in every dtype */
   static const int must[] = {16, 32, 64, 128, 256};
+#else
+  /* the CUDA kernels: head dims 64 and 128 in bf16 and fp16; fp32 storage refused, saying so */
+  static const int must[] = {64, 128};
+  p.dtype = DA_FLOAT32;
+  da_error_clear();
+  ck_assert_int_eq(kt->supports(&p), DA_ERR_UNSUPPORTED);
+  ck_assert_msg(strstr(da_error_message(), "fp32") != NULL, "fp32 refused without saying so: %s", da_error_message());
+#endif
   for (int t = 0; t < 3; t++)
     for (size_t i = 0; i < sizeof must / sizeof must[0]; i++) {
       p.dtype = dtypes[t], p.D = must[i];
+      da_error_clear();
       da_status_t st = kt->supports(&p);
       ck_assert_msg(st == DA_SUCCESS, "D %d %s: %s (%s)", p.D, tu_dtype_name(p.dtype), da_status_string(st),
                     da_error_message());
@@ -428,7 +493,7 @@ START_TEST(test_supports) {
   p.D = 1000;
   ck_assert_int_eq(kt->supports(&p), DA_ERR_UNSUPPORTED);
   ck_assert_msg(strstr(da_error_message(), "1000") != NULL, "message does not name the dim: %s", da_error_message());
-  printf("# cpu backend %s supports D:%s\n", kt->name, list);
+  printf("# %s backend %s supports D:%s\n", TB_NAME, kt->name, list);
   /* malformed parameters are invalid arguments, not unsupported */
   struct { da_kparams_t p; const char *needle; } bad[] = {
       {{.H = 6, .G = 4, .D = 64, .scale = 0.1f}, "multiple"},
@@ -492,7 +557,7 @@ static sweep_t sweep_case(int i, uint64_t *rs, double budget) {
 
 START_TEST(test_fwd_sweep) {
   uint64_t rs = tu_seed(1000 + (uint64_t)_i);
-  sweep_t s = sweep_case(_i, &rs, 1000.0 * 1000 * 4 * 64);
+  sweep_t s = sweep_case(_i, &rs, TB_SWEEP_SCALE * 1000.0 * 1000 * 4 * 64);
   kc_t c;
   kc_init(&c, s.H, s.G, s.D, s.dt, s.qs, s.ks, s.S, s.mkind, &rs, tu_seed(rs));
   if (!supported(&c.p)) goto out;
@@ -500,7 +565,17 @@ START_TEST(test_fwd_sweep) {
   double *o = dalloc(s.nq * s.H * s.D), *l = dalloc(s.nq * s.H);
   run_fwd_whole(&c, &c.p, o, l);
   CHECK_FWD(&c, o, l, tu_tol(s.dt), "fwd");
-  free(o), free(l);
+#ifndef TB_CPU
+  { /* and against the CPU backend on the same inputs */
+    double *o2 = dalloc(s.nq * s.H * s.D), *l2 = dalloc(s.nq * s.H);
+    tb_override = da_kernels_get(DA_DEVICE_CPU);
+    run_fwd_whole(&c, &c.p, o2, l2);
+    tb_override = NULL;
+    check_same(&c, o2, o, s.nq * s.H * s.D, s.D, "out vs the cpu backend");
+    tb_free(o2), tb_free(l2);
+  }
+#endif
+  tb_free(o), tb_free(l);
 out:
   kc_free(&c);
 }
@@ -508,7 +583,7 @@ END_TEST
 
 START_TEST(test_bwd_sweep) {
   uint64_t rs = tu_seed(2000 + (uint64_t)_i);
-  sweep_t s = sweep_case(_i, &rs, 1000.0 * 129 * 4 * 64);
+  sweep_t s = sweep_case(_i, &rs, TB_SWEEP_SCALE * 1000.0 * 129 * 4 * 64);
   kc_t c;
   kc_init(&c, s.H, s.G, s.D, s.dt, s.qs, s.ks, s.S, s.mkind, &rs, tu_seed(rs));
   if (!supported(&c.p)) goto out;
@@ -518,7 +593,7 @@ START_TEST(test_bwd_sweep) {
   piece_t w1 = {0, 1, s.nq}, w2 = {0, 1, s.nk};
   run_bwd(&c, &c.p, &w1, 1, &w2, 1, &rs, dq, dk, dv);
   check_bwd(&c, eq, ek, ev, dq, dk, dv, "bwd");
-  free(eq), free(ek), free(ev), free(dq), free(dk), free(dv);
+  tb_free(eq), tb_free(ek), tb_free(ev), tb_free(dq), tb_free(dk), tb_free(dv);
 out:
   kc_free(&c);
 }
@@ -529,9 +604,13 @@ END_TEST
 START_TEST(test_self_1000) {
   uint64_t rs = tu_seed(2500 + (uint64_t)_i);
   const int64_t S = 1000;
-  const da_dtype_t dt = _i < TU_NMASKS ? DA_FLOAT32 : DA_BFLOAT16;
+  const da_dtype_t dt = _i < TU_NMASKS ? dtypes[0] : DA_BFLOAT16;
   kc_t c;
   kc_init(&c, 4, _i % 2 ? 1 : 4, 64, dt, da_span(0, 1, S), da_span(0, 1, S), S, _i % TU_NMASKS, &rs, tu_seed(rs));
+  if (!supported(&c.p)) {
+    kc_free(&c);
+    return;
+  }
   kc_ref_fwd(&c);
   double *o = dalloc(S * 4 * 64), *l = dalloc(S * 4);
   run_fwd_whole(&c, &c.p, o, l);
@@ -542,9 +621,9 @@ START_TEST(test_self_1000) {
     piece_t w = {0, 1, S};
     run_bwd(&c, &c.p, &w, 1, &w, 1, &rs, dq, dk, dv);
     check_bwd(&c, eq, ek, ev, dq, dk, dv, "bwd");
-    free(eq), free(ek), free(ev), free(dq), free(dk), free(dv);
+    tb_free(eq), tb_free(ek), tb_free(ev), tb_free(dq), tb_free(dk), tb_free(dv);
   }
-  free(o), free(l);
+  tb_free(o), tb_free(l);
   kc_free(&c);
 }
 END_TEST
@@ -571,8 +650,19 @@ START_TEST(test_decode_sweep) {
     /* decode partials are fp32, but a kernel may round probabilities to the input dtype before
      * P.V: the input dtype's budget applies */
     CHECK_FWD(&c, o, l, tu_tol(dt), mode == SPLIT_WHOLE ? "decode one page" : mode == SPLIT_CHUNKS ? "decode pages" : "decode striped pages");
+#ifndef TB_CPU
+    if (mode == SPLIT_WHOLE) { /* and against the CPU backend */
+      double *o2 = dalloc(T * H * D), *l2 = dalloc(T * H);
+      uint64_t rs2 = rs;
+      tb_override = da_kernels_get(DA_DEVICE_CPU);
+      run_decode(&c, &c.p, mode, &rs2, o2, l2);
+      tb_override = NULL;
+      check_same(&c, o2, o, T * H * D, D, "decode vs the cpu backend");
+      tb_free(o2), tb_free(l2);
+    }
+#endif
   }
-  free(o), free(l);
+  tb_free(o), tb_free(l);
 out:
   kc_free(&c);
 }
@@ -614,7 +704,7 @@ START_TEST(test_block_sizes) {
       check_same(&c, v0, dv, ng, ng, "dv vs default tiles");
     }
   }
-  free(eq), free(ek), free(ev), free(o0), free(l0), free(q0), free(k0), free(v0), free(o), free(l), free(dq), free(dk), free(dv);
+  tb_free(eq), tb_free(ek), tb_free(ev), tb_free(o0), tb_free(l0), tb_free(q0), tb_free(k0), tb_free(v0), tb_free(o), tb_free(l), tb_free(dq), tb_free(dk), tb_free(dv);
 out:
   kc_free(&c);
 }
@@ -628,6 +718,10 @@ START_TEST(test_threads) {
   const int64_t S = 517;
   kc_t c;
   kc_init(&c, 8, _i == 1 ? 8 : 2, 64, dt, da_span(0, 1, S), da_span(0, 1, S), S, (_i * 2 + 1) % TU_NMASKS, &rs, tu_seed(rs));
+  if (!supported(&c.p)) {
+    kc_free(&c);
+    return;
+  }
   kc_ref_fwd(&c);
   const int64_t no = S * 8 * 64, ng = S * c.p.G * 64;
   double *r[3][5];
@@ -662,9 +756,9 @@ START_TEST(test_threads) {
   run_decode(&d, &d.p, SPLIT_CHUNKS, &rs, o2, l2);
   CHECK_FWD(&d, o1, l1, tu_tol(dt), "decode 1 thread");
   CHECK_FWD(&d, o2, l2, tu_tol(dt), "decode 2 threads");
-  free(o1), free(l1), free(o2), free(l2), free(eq), free(ek), free(ev);
+  tb_free(o1), tb_free(l1), tb_free(o2), tb_free(l2), tb_free(eq), tb_free(ek), tb_free(ev);
   for (int t = 0; t < 3; t++)
-    for (int j = 0; j < 5; j++) free(r[t][j]);
+    for (int j = 0; j < 5; j++) tb_free(r[t][j]);
   kc_free(&d);
   kc_free(&c);
 }
@@ -681,7 +775,7 @@ START_TEST(test_block_splits) {
   for (int rep = 0; rep < 3; rep++) {
     const int ratio = ratios[(rep + _i) % 3], G = ratio == 8 ? 1 : 2, H = G * ratio;
     const int D = rep == 1 ? 128 : 64;
-    const int64_t S = tu_rand(&rs, 150, 420);
+    const int64_t S = tu_rand(&rs, TB_SPLIT_S_LO, TB_SPLIT_S_HI);
     da_span_t qs = da_span(0, 1, S), ks = qs;
     if (rep == 2) { /* a zigzag-like pair: late queries, early keys */
       qs = da_span(S / 2, 1, S - S / 2);
@@ -689,6 +783,10 @@ START_TEST(test_block_splits) {
     }
     kc_t c;
     kc_init(&c, H, G, D, dt, qs, ks, S, mkind, &rs, tu_seed(rs));
+    if (!supported(&c.p)) {
+      kc_free(&c);
+      continue;
+    }
     c.p.block_q = c.p.block_k = rep == 0 ? 32 : 0;
     kc_describe(&c);
     kc_ref_fwd(&c);
@@ -711,7 +809,7 @@ START_TEST(test_block_splits) {
         run_bwd(&c, &c.p, qp, nqp, kp, nkp, &rs, dq, dk, dv);
         check_bwd(&c, eq, ek, ev, dq, dk, dv, what);
       }
-    free(o1), free(l1), free(o2), free(l2), free(eq), free(ek), free(ev), free(dq), free(dk), free(dv);
+    tb_free(o1), tb_free(l1), tb_free(o2), tb_free(l2), tb_free(eq), tb_free(ek), tb_free(ev), tb_free(dq), tb_free(dk), tb_free(dv);
     kc_free(&c);
   }
 }
@@ -730,10 +828,14 @@ START_TEST(test_merge_orders) {
   const int64_t S = 240;
   kc_t c;
   kc_init(&c, 4, 2, 64, dt, da_span(S - 100, 1, 100), da_span(0, 1, S), S, mkind, &rs, tu_seed(rs));
+  if (!supported(&c.p)) {
+    kc_free(&c);
+    return;
+  }
   if (mkind == TU_MASK_WINDOW) c.p.mask.window = 2; /* shard r = 2 sees nothing of a row at 3i */
   kc_describe(&c);
   kc_ref_fwd(&c);
-  const da_kernels_t *kt = cpu_kernels();
+  const da_kernels_t *kt = backend();
   const int H = 4, D = 64;
   const int64_t nq = 100, no = nq * H * D, nl = nq * H;
   float *po[3], *pl[3];
@@ -747,7 +849,7 @@ START_TEST(test_merge_orders) {
     po[r] = falloc(no), pl[r] = falloc(nl);
     fpoison(po[r], no), fpoison(pl[r], nl);
     KOK(kt->fwd_finish(&c.p, &st, po[r], DA_FLOAT32, H * D, pl[r], NULL), &c);
-    free(o), free(m), free(l);
+    tb_free(o), tb_free(m), tb_free(l);
   }
   /* orders: ((A B) C), (A (B C)), ((C A) B), (B (C A)) */
   static const int ord[4][3] = {{0, 1, 2}, {1, 2, 0}, {2, 0, 1}, {2, 0, 1}};
@@ -781,9 +883,9 @@ START_TEST(test_merge_orders) {
       TU_CHECK_LSE("lse vs order 0", res[0][1], res[t][1], nl, H, 1e-6, c.desc);
     }
   }
-  for (int t = 0; t < 4; t++) free(res[t][0]), free(res[t][1]);
-  for (int r = 0; r < 3; r++) free(po[r]), free(pl[r]);
-  free(ta), free(tl), free(ua), free(ul), free(bo), free(bl);
+  for (int t = 0; t < 4; t++) tb_free(res[t][0]), tb_free(res[t][1]);
+  for (int r = 0; r < 3; r++) tb_free(po[r]), tb_free(pl[r]);
+  tb_free(ta), tb_free(tl), tb_free(ua), tb_free(ul), tb_free(bo), tb_free(bl);
   kc_free(&c);
 }
 END_TEST
@@ -791,7 +893,7 @@ END_TEST
 /* -inf partials by hand, mixed in one call: (-inf, x) -> x, (x, -inf) -> x, (-inf, -inf) ->
  * (0, -inf) with no NaN; finite pairs by the log-sum-exp formula in double. */
 START_TEST(test_merge_empty) {
-  const da_kernels_t *kt = cpu_kernels();
+  const da_kernels_t *kt = backend();
   const int H = 3, D = 16;
   const int64_t n = 7, no = n * H * D, nl = n * H;
   da_kparams_t p = {.H = H, .G = 1, .D = D, .scale = 0.25f, .dtype = DA_FLOAT32, .nthreads = 2};
@@ -808,6 +910,7 @@ START_TEST(test_merge_empty) {
   }
   memcpy(oa0, oa, (size_t)no * 4), memcpy(la0, la, (size_t)nl * 4);
   ck_assert_int_eq(kt->merge(&p, n, oa, la, ob, lb, NULL), DA_SUCCESS);
+  ck_assert_int_eq(tb_sync(), DA_SUCCESS);
   for (int64_t r = 0; r < nl; r++) {
     double a = la0[r], b = lb[r];
     double L = a == -INFINITY ? b : b == -INFINITY ? a : fmax(a, b) + log(exp(a - fmax(a, b)) + exp(b - fmax(a, b)));
@@ -820,7 +923,7 @@ START_TEST(test_merge_empty) {
                     a, b, (double)oa[r * D + d], x);
     }
   }
-  free(oa), free(la), free(ob), free(lb), free(oa0), free(la0);
+  tb_free(oa), tb_free(la), tb_free(ob), tb_free(lb), tb_free(oa0), tb_free(la0);
 }
 END_TEST
 
@@ -847,6 +950,10 @@ START_TEST(test_masked_rows) {
     kc_t c;
     kc_init(&c, 4, 2, 64, dt, cases[t].qs, cases[t].ks, 300, TU_MASK_NONE, &rs, tu_seed(rs));
     c.p.mask = (da_mask_t){cases[t].flags, cases[t].window, 3, cu};
+    if (!supported(&c.p)) {
+      kc_free(&c);
+      continue;
+    }
     c.p.block_q = c.p.block_k = 16;
     kc_describe(&c);
     kc_ref_fwd(&c);
@@ -879,7 +986,7 @@ START_TEST(test_masked_rows) {
         for (int64_t e = 0; e < H * D; e++) ck_assert_msg(dq[i * H * D + e] == 0.0, "%s: masked row %lld dq %g", c.desc, (long long)i, dq[i * H * D + e]);
     if (cases[t].all)
       for (int64_t e = 0; e < nk * 2 * D; e++) ck_assert_msg(dk[e] == 0.0 && dv[e] == 0.0, "%s: unseen keys get dk %g dv %g", c.desc, dk[e], dv[e]);
-    free(o), free(l), free(eq), free(ek), free(ev), free(dq), free(dk), free(dv);
+    tb_free(o), tb_free(l), tb_free(eq), tb_free(ek), tb_free(ev), tb_free(dq), tb_free(dk), tb_free(dv);
     kc_free(&c);
   }
   /* decode of queries that see nothing of the shard (window past it): o = 0, lse = -inf */
@@ -894,7 +1001,7 @@ START_TEST(test_masked_rows) {
     ck_assert_msg(l[r] == -INFINITY, "%s: decode lse %g", c.desc, l[r]);
     for (int d = 0; d < 64; d++) ck_assert_msg(o[r * 64 + d] == 0.0, "%s: decode o %g", c.desc, o[r * 64 + d]);
   }
-  free(o), free(l);
+  tb_free(o), tb_free(l);
   kc_free(&c);
 }
 END_TEST
@@ -910,13 +1017,17 @@ END_TEST
  *   the other KV heads and everything else match the reference. */
 START_TEST(test_nan_propagation) {
   const int which = _i % 3;
-  const da_dtype_t dt = _i / 3 ? DA_BFLOAT16 : DA_FLOAT32;
+  const da_dtype_t dt = _i / 3 ? DA_BFLOAT16 : dtypes[0];
   for (int mkind = 0; mkind < TU_NMASKS; mkind++) {
     uint64_t rs = tu_seed(9000 + (uint64_t)(_i * 10 + mkind));
     const int H = 4, G = 2, D = 64, rep = 2;
     const int64_t S = 150;
     kc_t c;
     kc_init(&c, H, G, D, dt, da_span(0, 1, S), da_span(0, 1, S), S, mkind, &rs, tu_seed(rs));
+    if (!supported(&c.p)) {
+      kc_free(&c);
+      continue;
+    }
     c.p.block_q = c.p.block_k = 16;
     kc_describe(&c);
     const int64_t i0 = tu_rand(&rs, 0, S - 1), j0 = tu_rand(&rs, 0, S - 1);
@@ -972,7 +1083,7 @@ START_TEST(test_nan_propagation) {
                           c.desc, path ? "decode" : "fwd", "qkv"[which], (long long)i, h, L, RL);
         }
     }
-    free(o), free(l);
+    tb_free(o), tb_free(l);
     kc_free(&c);
   }
 }
@@ -984,7 +1095,7 @@ START_TEST(test_isa_levels) {
   static const char *isa[3] = {"generic", "avx2", "avx512"};
   setenv("DISTATTN_CPU_ISA", isa[_i], 1);
   da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f};
-  if (cpu_kernels()->supports(&probe) != DA_SUCCESS) {
+  if (backend()->supports(&probe) != DA_SUCCESS) {
     printf("# cpu: ISA level %s not available here: %s\n", isa[_i], da_error_message());
     return;
   }
@@ -1017,7 +1128,7 @@ START_TEST(test_isa_levels) {
     d.ro = c.ro + (S - 2) * 8 * D, d.rl = c.rl + (S - 2) * 8;
     run_decode(&d, &d.p, SPLIT_STRIPED, &rs, o, l);
     CHECK_FWD(&d, o, l, tu_tol(dt), "decode");
-    free(o), free(l), free(eq), free(ek), free(ev), free(dq), free(dk), free(dv);
+    tb_free(o), tb_free(l), tb_free(eq), tb_free(ek), tb_free(ev), tb_free(dq), tb_free(dk), tb_free(dv);
     kc_free(&c);
   }
 }
@@ -1030,30 +1141,47 @@ static Suite *kernels_suite(void) {
   tcase_add_test(tc, test_supports);
   tcase_add_loop_test(tc, test_merge_empty, 0, 1);
   tcase_add_loop_test(tc, test_merge_orders, 0, TU_NMASKS);
-  tcase_add_loop_test(tc, test_masked_rows, 0, 3);
-  tcase_add_loop_test(tc, test_nan_propagation, 0, 6);
+  tcase_add_loop_test(tc, test_masked_rows, 0, TB_N_MASKED_ROWS);
+  tcase_add_loop_test(tc, test_nan_propagation, 0, TB_N_NAN);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("sweep");
   tcase_set_timeout(tc, TU_TIMEOUT);
   tcase_add_loop_test(tc, test_fwd_sweep, 0, 54);
   tcase_add_loop_test(tc, test_bwd_sweep, 0, 54);
-  tcase_add_loop_test(tc, test_self_1000, 0, 2 * TU_NMASKS);
+  tcase_add_loop_test(tc, test_self_1000, TB_SELF_1000_FROM, TB_SELF_1000_TO);
   tcase_add_loop_test(tc, test_decode_sweep, 0, 36);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("invariance");
   tcase_set_timeout(tc, TU_TIMEOUT);
-  tcase_add_loop_test(tc, test_block_sizes, 0, 4);
-  tcase_add_loop_test(tc, test_threads, 0, 3);
-  tcase_add_loop_test(tc, test_block_splits, 0, 2 * TU_NMASKS);
+  tcase_add_loop_test(tc, test_block_sizes, 0, TB_N_BLOCK_SIZES);
+  tcase_add_loop_test(tc, test_threads, 0, TB_N_THREADS);
+  tcase_add_loop_test(tc, test_block_splits, TB_BLOCK_SPLITS_FROM, TB_BLOCK_SPLITS_TO);
+#ifdef TB_CPU
   tcase_add_loop_test(tc, test_isa_levels, 0, 3);
+#endif
   suite_add_tcase(s, tc);
   return s;
 }
 
 int main(void) {
+  const int skip = tb_init();
+  if (skip) return skip;
+#ifndef TB_CPU
+  /* fresh inputs every run: a seed from the clock unless DISTATTN_TEST_SEED is given (every
+   * failure message prints the seed, so a failing run can be repeated) */
+  if (!getenv("DISTATTN_TEST_SEED")) {
+    char seed[32];
+    snprintf(seed, sizeof seed, "%llu", (unsigned long long)time(NULL) * 1000003ull + (unsigned long long)getpid());
+    setenv("DISTATTN_TEST_SEED", seed, 1);
+  }
+  printf("# backend %s, DISTATTN_TEST_SEED=%s\n", TB_NAME, getenv("DISTATTN_TEST_SEED"));
+#endif
   SRunner *sr = srunner_create(kernels_suite());
+#ifdef TB_NOFORK
+  srunner_set_fork_status(sr, CK_NOFORK); /* a CUDA context does not survive fork */
+#endif
   srunner_run_all(sr, CK_NORMAL);
   int failed = srunner_ntests_failed(sr);
   srunner_free(sr);
