@@ -25,6 +25,17 @@ static da_status_t finish(da_context_t *ctx, da_status_t st) {
   return st;
 }
 
+/* Why a context cannot run on dev yet although its kernel table is built: the CUDA kernels
+ * (kernels/cuda) exist, but the single-rank calls below, the plans of comm/ and the `distattn`
+ * program keep their scratch and running state in host memory. Saying so beats handing host
+ * pointers to device kernels. Device-memory execution is the GPU-path work (docs/design.md §12). */
+const char *da_context_device_gap(da_device_t dev) {
+  (void)dev;
+  return "the CUDA kernels are built (kernels/cuda), but the single-rank API, the plans and the distattn "
+         "program still keep their buffers in host memory: CUDA contexts are not supported yet (the "
+         "device-memory drivers are planned work, docs/design.md section 12)";
+}
+
 da_status_t da_context_create(const da_config_t *cfg, da_context_t **out) {
   da_error_clear();
   if (!out) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_context_create: ctx pointer is NULL");
@@ -38,6 +49,8 @@ da_status_t da_context_create(const da_config_t *cfg, da_context_t **out) {
   if (cfg->nthreads < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_config_t: nthreads %d < 0", cfg->nthreads);
   const da_kernels_t *kt = da_kernels_get(cfg->device);
   if (!kt) return DA_ERR_UNSUPPORTED;
+  if (cfg->device != DA_DEVICE_CPU)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "%s", da_context_device_gap(cfg->device));
   da_context_t *c = da_calloc(sizeof *c, 64);
   if (!c) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "context");
   c->device = cfg->device;

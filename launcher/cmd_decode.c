@@ -203,8 +203,10 @@ static int decode_check_options(decode_t *d) {
     return da_args_error(cmd, "--weights '%s': expected %d positive numbers (one per rank)", o->weights, d->job.size);
   if (o->root >= d->job.size)
     return da_args_error(cmd, "--root %lld: the job has %d ranks", (long long)o->root, d->job.size);
-  if (o->device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
-    return da_args_error(cmd, "--device cuda: not built: %s", da_error_message());
+  if (o->device == DA_DEVICE_CUDA)
+    return da_args_error(cmd, "--device cuda: %s",
+                         da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
+                                                        : da_error_message());
   if (o->json && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   return DA_ARGS_OK;
 }

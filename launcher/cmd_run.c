@@ -280,8 +280,10 @@ static int run_parse(void *c, int argc, char **argv) {
   if ((!o->input || da_args_find(opts, "seq")->given) && da_mask_check(&o->mask.mask, o->seq) != DA_SUCCESS)
     return da_args_error(&r->cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
                                                                                        : da_error_message() + 6);
-  if (o->device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
-    return da_args_error(&r->cmd, "--device cuda: not built: %s", da_error_message());
+  if (o->device == DA_DEVICE_CUDA)
+    return da_args_error(&r->cmd, "--device cuda: %s",
+                         da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
+                                                        : da_error_message());
   if (o->json && r->job.rank == 0 && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   char err[256];
   if (da_verify_poison_init(err, sizeof err)) return da_args_error(&r->cmd, "%s", err);
