@@ -6,13 +6,13 @@ if(NOT DA_MPIRUN)
 endif()
 add_executable(test_ipc test_ipc.c)
 target_link_libraries(test_ipc PRIVATE da_comm da_core Check::check MPI::MPI_C m)
-foreach(P 2 3 5)
+foreach(P 1 2 3 5)
   add_test(NAME test_ipc_np${P}
            COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np ${P} $<TARGET_FILE:test_ipc>)
   set_tests_properties(test_ipc_np${P} PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
 endforeach()
 
-# The host-memory drivers refuse a device transport in words (exit 2 on every rank), and an
+# DISTATTN_TRANSPORT: the host-memory drivers refuse a device transport in words (exit 2 on every rank), and an
 # unknown name lists the transports this build has.
 if(TARGET distattn AND COMMAND da_run_cli)
   da_run_cli(cli_transport_device_refused 2 2 ENV DISTATTN_TRANSPORT=host-ipc
@@ -35,4 +35,16 @@ if(DA_TEST_NCCL)
              COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 100 -np ${P} $<TARGET_FILE:test_nccl>)
     set_tests_properties(test_nccl_np${P} PROPERTIES LABELS "mpi;gpu" TIMEOUT 130 ENVIRONMENT "${DA_MPI_TEST_ENV}")
   endforeach()
+endif()
+
+# --transport on the command line: the name reaches the plan (run at one rank on self, the header
+# says so) and the decode plan (a device transport refused in words, exit 2).
+if(TARGET distattn AND COMMAND da_run_cli AND COMMAND da_decode_cli)
+  da_run_cli(cli_transport_flag_self 1 0 OUT_RE "transport: self \\(host memory\\).*# wrong: 0.# PASS"
+             ARGS --seq 1000 --heads 2 --dim 64 --transport self)
+  da_run_cli(cli_transport_flag_unknown 2 2 ERR_RE "unknown transport 'bogus' \\(built: mpi, self"
+             ARGS --seq 1000 --heads 2 --dim 64 --transport bogus)
+  da_decode_cli(cli_decode_transport_refused 2 2
+                ERR_RE "decode config: the host-ipc transport moves device memory"
+                ARGS --context 1000 --heads 2 --dim 64 --transport host-ipc)
 endif()

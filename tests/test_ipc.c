@@ -98,8 +98,17 @@ START_TEST(devapi_local) {
   ck_assert_int_eq(b[0], 0x11);
   ck_assert_int_eq(b[n - 1], 0x11);
   da_devapi_host_set_link_delay(0);
-  /* mem_handle refuses what alloc did not return. */
+  /* mem_handle refuses what alloc did not return; a handle whose segment is gone fails in words. */
   ck_assert_int_eq(D->mem_handle(a + 16, 16, &h), DA_ERR_INVALID_ARGUMENT);
+  da_dev_mem_handle_t gone = h;
+  snprintf((char *)gone.opaque, sizeof gone.opaque, "/distattn-dev-no-such-segment");
+  void *nothing = NULL;
+  ck_assert_int_eq(D->mem_open(&gone, &nothing), DA_ERR_SYSTEM);
+  ck_assert_ptr_null(nothing);
+  ck_assert_ptr_nonnull(strstr(da_error_message(), "shm_open"));
+  ck_assert_ptr_eq(da_devapi_find("host"), &da_devapi_host);
+  ck_assert_ptr_null(da_devapi_find("opencl"));
+  ck_assert_ptr_nonnull(strstr(da_error_message(), "host"));
   D->mem_close(bmap);
   D->free(a);
   D->free(b);
@@ -318,8 +327,12 @@ int main(int argc, char **argv) {
       {"devapi_local", devapi_local}, {"ring_fast", ring_fast},         {"ring_slow_link", ring_slow_link},
       {"ring_slow_compute", ring_slow_compute}, {"planted_ready", planted_ready},
       {"planted_consumed", planted_consumed},   {"errors", errors}};
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
+  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
+    /* One rank exchanges with itself: its copies never cross a link, nothing is in flight to
+     * catch (the protocol itself still runs in the ring tests). */
+    if (g_size == 1 && !strncmp(tests[i].name, "planted", 7)) continue;
     if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
+  }
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);
   MPI_Finalize();
