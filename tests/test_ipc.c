@@ -289,15 +289,13 @@ START_TEST(errors) {
   /* Beyond the region. */
   ck_assert_int_eq(xp.t->exchange_start(&xp, other, 64, next, (char *)slot + 4090, 64, prev, DA_TAG_FWD_KV, 0, &req),
                    DA_ERR_INVALID_ARGUMENT);
-  /* Sizes that disagree (P > 1): the sender says MISMATCH, the receiver hears of it at once
-   * (REMOTE), well before the 10 s deadline. */
+  /* Sizes that disagree (P > 1): the sender says MISMATCH, the receiver hears of it from the
+   * sender (REMOTE), not from its own deadline (that would be DA_ERR_TIMEOUT). */
   if (P > 1) {
-    const double t0 = da_time_now();
     ck_assert_int_eq(xp.t->exchange_start(&xp, other, 100 + (size_t)g_rank, next, slot, 200, prev, DA_TAG_FWD_KV, 3,
                                           &req), DA_SUCCESS);
     da_status_t st = xp.t->wait(&xp, req);
     ck_assert_msg(st == DA_ERR_MISMATCH || st == DA_ERR_REMOTE, "status %d: %s", st, da_error_message());
-    ck_assert_double_lt(da_time_now() - t0, 5.0);
     /* Every rank's send mismatched: each one says so. */
     if (st == DA_ERR_MISMATCH) ck_assert_ptr_nonnull(strstr(da_error_message(), "do all ranks run the same plan"));
   }
