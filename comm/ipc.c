@@ -242,11 +242,31 @@ static int region_of(const ipc_t *m, const void *p, size_t bytes) {
 static void ipc_abort(da_xport_t *xp, da_xreq_t *q) {
   (void)xp;
   if (!q) return;
-  MPI_Request *rs[] = {&q->cts_s, &q->rdy_r, &q->cts_r, &q->rdy_s};
-  for (int i = 0; i < 4; i++) {
-    if (*rs[i] == MPI_REQUEST_NULL) continue;
-    MPI_Cancel(rs[i]);
-    MPI_Request_free(rs[i]);
+  /* Receives are cancelled; sends (two or four words, eager) are left to complete, so that a
+   * READY carrying a failure still reaches the receiver and it fails at once, not at its deadline. */
+  MPI_Request *recvs[] = {&q->rdy_r, &q->cts_r}, *sends[] = {&q->cts_s, &q->rdy_s};
+  for (int i = 0; i < 2; i++) {
+    if (*recvs[i] != MPI_REQUEST_NULL) {
+      MPI_Cancel(recvs[i]);
+      MPI_Request_free(recvs[i]);
+    }
+  }
+  int pending = 0;
+  const double t0 = da_time_now();
+  for (long it = 0; da_time_now() - t0 < 0.1; it++) {
+    pending = 0;
+    for (int i = 0; i < 2; i++) {
+      int flag = 1;
+      if (*sends[i] != MPI_REQUEST_NULL && MPI_Test(sends[i], &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS) flag = 1;
+      pending += !flag;
+    }
+    if (!pending) break;
+    da_mpi_backoff(it, da_time_now() - t0);
+  }
+  if (pending) { /* the words live in q: MPI may still read them, so q is left to it (a few bytes) */
+    for (int i = 0; i < 2; i++)
+      if (*sends[i] != MPI_REQUEST_NULL) MPI_Request_free(sends[i]);
+    return;
   }
   free(q);
 }
