@@ -39,6 +39,18 @@ endif()
 if(DA_LIB_HAVE_MPI)
   list(APPEND DA_LIB_DEPS MPI::MPI_C)
 endif()
+# The device transports of comm/ (comm/CMakeLists.txt): the CUDA runtime, statically (never
+# libcuda), and libnccl when the nccl transport is built.
+get_property(DA_LIB_HAVE_CUDART GLOBAL PROPERTY DA_COMM_HAVE_CUDART)
+get_property(DA_LIB_NCCL GLOBAL PROPERTY DA_COMM_NCCL_LIBRARY)
+if(NOT DA_LIB_HAVE_MPI)
+  set(DA_LIB_HAVE_CUDART OFF)
+  set(DA_LIB_NCCL "")
+endif()
+if(DA_LIB_HAVE_CUDART)
+  find_package(CUDAToolkit REQUIRED) # its imported targets are local to the folder that found it
+  list(APPEND DA_LIB_DEPS CUDA::cudart_static ${CMAKE_DL_LIBS} rt ${DA_LIB_NCCL})
+endif()
 
 # Only the public API is exported: the function names declared in include/distattn.h, listed in
 # a linker version script generated from the header at build time (so an added public function
@@ -119,8 +131,11 @@ if(DA_LIB_HAVE_MPI)
   endif()
 endif()
 set(DA_PC_LIBS_PRIVATE "${OpenMP_C_FLAGS} -lpthread -lm")
-if(DA_LIB_HAVE_CUDA) # libdistattn.a users link cudart_static and the C++ runtime the CUDA objects use
+if(DA_LIB_HAVE_CUDA OR DA_LIB_HAVE_CUDART) # libdistattn.a users link cudart_static (and the C++ runtime the CUDA objects use)
   string(PREPEND DA_PC_LIBS_PRIVATE "-L${CUDAToolkit_LIBRARY_DIR} -lcudart_static -ldl -lrt -lstdc++ ")
+endif()
+if(DA_LIB_HAVE_CUDART AND DA_LIB_NCCL) # the nccl transport
+  string(PREPEND DA_PC_LIBS_PRIVATE "${DA_LIB_NCCL} ")
 endif()
 set(DA_PC_PREFIX "@DA_PC_PREFIX@") # kept for the install step below
 configure_file(${PROJECT_SOURCE_DIR}/distattn.pc.in ${PROJECT_BINARY_DIR}/distattn.pc.in @ONLY)

@@ -188,7 +188,7 @@ static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const c
                   "DA_MEM_TENSORS)", cfg->mem_count);
   const char *name = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
   if (!name) name = "mpi";
-  if (!da_transport_find(name)) return DA_ERR_INVALID_ARGUMENT;
+  DA_CHECK(da_transport_check_host(name, "plan config"));
   if (!strcmp(name, "self") && nranks != 1)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: the self transport runs one rank, this job has %d", nranks);
   *tp = name;

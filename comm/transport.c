@@ -10,13 +10,35 @@
 #include <time.h>
 #include "transport.h"
 
-static const da_transport_t *const transports[] = {&da_transport_mpi, &da_transport_self, NULL};
+static const da_transport_t *const transports[] = {&da_transport_mpi, &da_transport_self,
+#ifdef DA_HAVE_NCCL
+                                                    &da_transport_nccl,
+#endif
+#ifdef DA_HAVE_CUDART
+                                                    &da_transport_cuda_ipc,
+#endif
+                                                    &da_transport_host_ipc, NULL};
 
 const da_transport_t *da_transport_find(const char *name) {
-  for (int i = 0; transports[i]; i++)
-    if (!strcmp(transports[i]->name, name)) return transports[i];
-  DA_ERR(DA_ERR_INVALID_ARGUMENT, "unknown transport '%s' (built: mpi, self)", name ? name : "(null)");
+  char built[128];
+  int len = 0;
+  built[0] = '\0';
+  for (int i = 0; transports[i]; i++) {
+    if (name && !strcmp(transports[i]->name, name)) return transports[i];
+    len += snprintf(built + len, sizeof built - (size_t)len, "%s%s", i ? ", " : "", transports[i]->name);
+  }
+  DA_ERR(DA_ERR_INVALID_ARGUMENT, "unknown transport '%s' (built: %s)", name ? name : "(null)", built);
   return NULL;
+}
+
+da_status_t da_transport_check_host(const char *name, const char *who) {
+  const da_transport_t *t = da_transport_find(name);
+  if (!t) return DA_ERR_INVALID_ARGUMENT;
+  if (t->devapi)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "%s: the %s transport moves device memory, and the drivers that run here keep "
+                  "their buffers in host memory (use mpi, or self at one rank; the device-memory ring is not built "
+                  "yet)", who, t->name);
+  return DA_SUCCESS;
 }
 
 static int parse_nonneg(const char *env, double *out) {

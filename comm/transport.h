@@ -8,6 +8,7 @@
 #include <mpi.h>
 #include <stddef.h>
 #include "core.h"
+#include "devapi.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -62,6 +63,16 @@ typedef struct da_transport {
 
   /* Release what init acquired (not the communicator). Required. */
   void (*destroy)(da_xport_t *xp);
+
+  /* ---- device transports (cuda-ipc, host-ipc; NULL / unused for mpi and self) ----
+   * The device API whose memory exchange_start's buffers are in: allocate the buffers with it.
+   * NULL: host memory. */
+  const da_devapi_t *devapi;
+  /* (optional) Collective, in the same order on every rank: make [ptr, ptr + bytes) (one whole
+   * devapi allocation) a place peers may write into. Every rbuf of an exchange must lie inside
+   * a registered region (DA_ERR_INVALID_ARGUMENT otherwise); sbuf may be any device memory.
+   * Regions stay registered until destroy. NULL: buffers need no registration. */
+  da_status_t (*register_mem)(da_xport_t *xp, void *ptr, size_t bytes);
 } da_transport_t;
 
 struct da_xport {
@@ -69,14 +80,36 @@ struct da_xport {
   int rank, nranks;
   double timeout_s;   /* every blocking call gives up after this long (> 0) */
   const char *phase;  /* "forward", "backward", "plan": prefixes error messages */
+  /* Device transports: the caller's compute stream (a da_dstream_t of t->devapi). An exchange
+   * starts after the work queued on it so far (which produced sbuf and last read rbuf);
+   * completion (test/wait) means the bytes are in rbuf and sbuf is free again. */
+  da_dstream_t stream;
   void *impl;
 };
 
 extern const da_transport_t da_transport_mpi;
 extern const da_transport_t da_transport_self;
+/* ipc.c: cuda-ipc on the CUDA runtime (in the table only when built with it), and the same
+ * protocol on the host device table (POSIX shared memory) for tests: "host-ipc". */
+extern const da_transport_t da_transport_host_ipc;
+#ifdef DA_HAVE_CUDART
+extern const da_transport_t da_transport_cuda_ipc;
+#endif
+#ifdef DA_HAVE_NCCL
+/* nccl.c: one rank per GPU. */
+extern const da_transport_t da_transport_nccl;
+/* The bootstrap alone (no GPU needed): rank 0's ncclGetUniqueId on every rank of mpi_xp (an open
+ * mpi transport); bytes must be sizeof(ncclUniqueId). Collective, bounded by the deadline. */
+da_status_t da_nccl_unique_id(da_xport_t *mpi_xp, void *id, size_t bytes);
+#endif
 
 /* The table named `name` ("mpi", "self"); NULL with an error listing the choices. */
 const da_transport_t *da_transport_find(const char *name);
+/* The check of a driver whose buffers are host memory: an unknown name is
+ * DA_ERR_INVALID_ARGUMENT (listing the choices), a device transport (t->devapi set)
+ * DA_ERR_UNSUPPORTED said in words, rather than an exchange that fails later. `who` prefixes
+ * the message. */
+da_status_t da_transport_check_host(const char *name, const char *who);
 
 /* The test-only link hook: DISTATTN_TEST_LINK_GBPS (GB/s = 1e9 bytes/s, > 0) and
  * DISTATTN_TEST_LINK_US (microseconds, >= 0) make every exchange of the mpi transport complete

@@ -166,7 +166,7 @@ static da_status_t plan_local(da_decode_plan_t *p, const da_problem_t *prob, con
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: timeout %g s must be >= 0", cfg->timeout);
   const char *tp = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
   if (!tp) tp = "mpi";
-  if (!da_transport_find(tp)) return DA_ERR_INVALID_ARGUMENT;
+  DA_CHECK(da_transport_check_host(tp, "decode config"));
   if (!strcmp(tp, "self") && p->P != 1)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: the self transport runs one rank, this job has %d", p->P);
   snprintf(p->transport, sizeof p->transport, "%s", tp);

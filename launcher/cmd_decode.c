@@ -32,7 +32,7 @@ typedef struct dec_opts {
   int algo, topo, layout, dtype, device;
   int64_t context, heads, kv_heads, dim, batch, steps, warmup, verify, page, node_size, root, seed, threads;
   double timeout;
-  const char *lengths, *weights, *json;
+  const char *lengths, *weights, *json, *transport;
   int64_t mem_budget; /* bytes of KV cache a rank may hold (0 = no limit) */
 } dec_opts_t;
 
@@ -172,6 +172,7 @@ static void decode_options(decode_t *d) {
       da_opt_threads(&o->threads),
       da_opt_json(&o->json),
       da_opt_timeout(&o->timeout),
+      da_opt_transport(&o->transport),
       {.name = "mem-budget", .type = DA_OPT_SIZE, .dest = &o->mem_budget,
        .help = "bytes of KV cache a rank may hold; a larger shard is refused (0 = no limit; see --offload)", .min = 0,
        .max = 1LL << 50},
@@ -265,6 +266,7 @@ static int decode_plan(void *c) {
   da_decode_config_t dcfg = DA_DECODE_CONFIG_INITIALIZER;
   dcfg.algo = (da_decode_algo_t)o->algo, dcfg.topo = (da_decode_topo_t)o->topo, dcfg.root = (int)o->root;
   dcfg.node_size = (int)o->node_size, dcfg.timeout = o->timeout;
+  dcfg.transport = o->transport; /* NULL: DISTATTN_TRANSPORT or mpi */
   st = da_decode_plan_create(d->job.comm, &prob, &dcfg, &d->plan);
   return st == DA_SUCCESS ? 0 : da_report_failure("decode", d->job.rank, "decode plan", st, d->job.ctx);
 }

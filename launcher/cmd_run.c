@@ -34,7 +34,7 @@ typedef struct run_opts {
   int64_t seq, heads, kv_heads, dim, batch, block, verify, iters, warmup, seed, threads;
   double timeout;
   da_mask_spec_t mask;
-  const char *json, *input, *output;
+  const char *json, *input, *output, *transport;
 } run_opts_t;
 
 typedef struct vresult {
@@ -250,6 +250,7 @@ static void run_options(run_t *r) {
       {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o->overlap,
        .help = "also time compute-only and transfer-only runs and report the overlap"},
       da_opt_timeout(&o->timeout),
+      da_opt_transport(&o->transport),
       {0},
   };
   _Static_assert(sizeof opts <= sizeof r->opts, "run_t.opts holds every option and the terminator");
@@ -347,6 +348,7 @@ static int run_plan(void *c) {
   prob.dtype = (da_dtype_t)o->dtype;
   da_plan_config_t pcfg = DA_PLAN_CONFIG_INITIALIZER;
   pcfg.algo = (da_algo_t)o->algo, pcfg.block = o->block, pcfg.timeout = o->timeout;
+  pcfg.transport = o->transport; /* NULL: DISTATTN_TRANSPORT or mpi */
   /* The plan refuses, before anything large is allocated, a problem whose buffers and tensors
    * exceed this rank's share of the machine's memory (or DISTATTN_MEM_BUDGET): exit 2. */
   pcfg.mem_count = DA_MEM_TENSORS | (o->backward ? DA_MEM_BACKWARD : 0);
@@ -474,8 +476,9 @@ static int run_print_setup(void *c) {
   r->link_on = da_test_link(&r->link_gbps, &r->link_us) > 0; /* malformed: the plan already failed */
   da_mask_describe(&o->mask.mask, r->maskdesc, sizeof r->maskdesc);
   if (r->job.rank == 0) {
-    da_report_mpi_header(&r->cmd, r->threads, r->job.size, da_device_names[o->device],
-                         "  transport: mpi (host memory)");
+    char tp[96];
+    snprintf(tp, sizeof tp, "  transport: %s (host memory)", da_transport_choice(o->transport));
+    da_report_mpi_header(&r->cmd, r->threads, r->job.size, da_device_names[o->device], tp);
     if (r->link_on)
       da_report_line(stdout, "test link hook: DISTATTN_TEST_LINK_GBPS=%g DISTATTN_TEST_LINK_US=%g (transfers slowed "
                              "to this link; not a real network)", r->link_gbps, r->link_us);

@@ -106,6 +106,18 @@ da_opt_t da_opt_json(const char **dest) {
                     .help = "append one JSON object (JSON Lines) to FILE"};
 }
 
+da_opt_t da_opt_transport(const char **dest) {
+  /* The names are checked where the plan is made (comm/transport.c lists what this build has). */
+  return (da_opt_t){.name = "transport", .type = DA_OPT_STRING, .dest = dest, .metavar = "NAME",
+                    .help = "data transport: mpi, self (one rank); device transports (cuda-ipc, nccl, host-ipc) are "
+                            "refused until the device ring exists (default DISTATTN_TRANSPORT or mpi)"};
+}
+
+const char *da_transport_choice(const char *opt) {
+  const char *env = getenv("DISTATTN_TRANSPORT");
+  return opt ? opt : env && *env ? env : "mpi";
+}
+
 da_opt_t da_opt_timeout(double *dest) {
   return (da_opt_t){.name = "timeout", .type = DA_OPT_DOUBLE, .dest = dest,
                     .help = "seconds a rank waits for a peer before failing (0 = DISTATTN_TIMEOUT or 300)", .dmin = 0,

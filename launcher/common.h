@@ -32,6 +32,9 @@ da_opt_t da_opt_device(int *dest);          /* --device: the kernel backend */
 da_opt_t da_opt_threads(int64_t *dest);     /* --threads per rank (0 = its share of its cores) */
 da_opt_t da_opt_json(const char **dest);    /* --json FILE */
 da_opt_t da_opt_timeout(double *dest);      /* --timeout: seconds a rank waits for a peer */
+da_opt_t da_opt_transport(const char **dest); /* --transport: the data transport by name */
+/* The transport a command runs on: --transport, else DISTATTN_TRANSPORT, else "mpi". */
+const char *da_transport_choice(const char *opt);
 /* cmd becomes command name over a copy of opts (n entries, the {0} terminator included) in room,
  * which lives as long as cmd: da_args_parse marks there which options were given. */
 void da_cmd_options(da_cmdspec_t *cmd, const char *name, const char *summary, da_opt_t *room, const da_opt_t *opts,

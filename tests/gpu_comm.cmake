@@ -1,0 +1,51 @@
+# gpu_comm.cmake: the device seam and the device transports (comm/devapi.h, comm/ipc.c) under
+# mpirun; included by tests/CMakeLists.txt after mpi.cmake (which finds mpirun and sets the env).
+# test_ipc runs the cuda-ipc protocol on the host table (POSIX shared memory): label mpi, no GPU.
+if(NOT DA_MPIRUN)
+  return()
+endif()
+add_executable(test_ipc test_ipc.c)
+target_link_libraries(test_ipc PRIVATE da_comm da_core Check::check MPI::MPI_C m)
+foreach(P 1 2 3 5)
+  add_test(NAME test_ipc_np${P}
+           COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np ${P} $<TARGET_FILE:test_ipc>)
+  set_tests_properties(test_ipc_np${P} PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+endforeach()
+
+# DISTATTN_TRANSPORT: the host-memory drivers refuse a device transport in words (exit 2 on every rank), and an
+# unknown name lists the transports this build has.
+if(TARGET distattn AND COMMAND da_run_cli)
+  da_run_cli(cli_transport_device_refused 2 2 ENV DISTATTN_TRANSPORT=host-ipc
+             ERR_RE "rank [01]: plan: unsupported: plan config: the host-ipc transport moves device memory"
+             ARGS --seq 1000 --heads 2 --dim 64)
+  da_run_cli(cli_transport_unknown 2 2 ENV DISTATTN_TRANSPORT=bogus
+             ERR_RE "unknown transport 'bogus' \\(built: mpi, self, [a-z, -]*host-ipc\\)"
+             ARGS --seq 1000 --heads 2 --dim 64)
+endif()
+
+# test_nccl: where the CUDA runtime and NCCL are built. Without a GPU (here, CI) it checks the
+# bootstrap (ncclGetUniqueId over MPI) and that opening nccl and cuda-ipc fails fast on every
+# rank naming CUDA; with one it runs a ring exchange on each transport. Label mpi only: its
+# checks without a GPU are the ones CI must run, so it never exits 77.
+get_property(DA_TEST_NCCL GLOBAL PROPERTY DA_COMM_NCCL_LIBRARY)
+if(DA_TEST_NCCL)
+  add_executable(test_nccl test_nccl.c)
+  target_link_libraries(test_nccl PRIVATE da_comm da_core Check::check MPI::MPI_C m)
+  foreach(P 1 2 3)
+    add_test(NAME test_nccl_np${P}
+             COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 100 -np ${P} $<TARGET_FILE:test_nccl>)
+    set_tests_properties(test_nccl_np${P} PROPERTIES LABELS mpi TIMEOUT 130 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+  endforeach()
+endif()
+
+# --transport on the command line: the name reaches the plan (run at one rank on self, the header
+# says so) and the decode plan (a device transport refused in words, exit 2).
+if(TARGET distattn AND COMMAND da_run_cli AND COMMAND da_decode_cli)
+  da_run_cli(cli_transport_flag_self 1 0 OUT_RE "transport: self \\(host memory\\).*# wrong: 0.# PASS"
+             ARGS --seq 1000 --heads 2 --dim 64 --transport self)
+  da_run_cli(cli_transport_flag_unknown 2 2 ERR_RE "unknown transport 'bogus' \\(built: mpi, self"
+             ARGS --seq 1000 --heads 2 --dim 64 --transport bogus)
+  da_decode_cli(cli_decode_transport_refused 2 2
+                ERR_RE "decode config: the host-ipc transport moves device memory"
+                ARGS --context 1000 --heads 2 --dim 64 --transport host-ipc)
+endif()
