@@ -188,6 +188,156 @@ static void lane_ranges(const da_mask_t *m, da_span_t qs, int n, da_span_t ks, f
   }
 }
 
+/* ---- bf16 pair products (DA_BF16DP levels, bf16 storage) ------------------------------------
+ * The same three products as above, over pairs of bf16 (simd.h vdp): the reduction dimension is
+ * walked two elements at a time, so every operand is laid out with consecutive reduction indices
+ * side by side in one 32-bit lane:
+ *   pairs over d:     K, V rows as stored (bf16 [row][Dp]); Q^T, dO^T packed [Dp/2][QT]
+ *   pairs over keys:  V, K packed [nk/2][Dp]; P^T, dS^T packed [nk/2][QT]
+ *   pairs over queries: Q, dO packed [QT/2][Dp]; P^T, dS^T as bf16 rows [nk][QT]
+ * Q and dO stay unscaled (bf16 inputs are exact; the softmax scale is applied to the fp32
+ * results), P and dS are rounded to bf16 for their products, as FlashAttention does on GPUs;
+ * state, accumulators, row sums and lse stay fp32. */
+#if defined(DA_BF16DP)
+#define DA_HAVE_BF16DP 1
+
+/* C[r][.] = cs * sum_{dp<nd2} pair(A + r*lda + 2dp) . B[dp][.]   (r < R; B [nd2][QT] pairs). */
+static __attribute__((noinline)) void gemm_a_bf(int nd2, const uint16_t *restrict A, int lda, const uint32_t *restrict B,
+                                                float *restrict C, float cs) {
+  vf c[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) c[r][v] = vzero();
+  for (int dp = 0; dp < nd2; dp++) {
+    vbi b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) b[v] = vbload(B + dp * QT + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const vbi a = vbcast(A + r * lda + 2 * dp);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) c[r][v] = vdp(c[r][v], a, b[v]);
+    }
+  }
+  const vf vc = vset1(cs);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, vmul(c[r][v], vc));
+}
+
+/* Ct[r][.] = Ct[r][.] * alpha + sum_{jp<nk2} A[jp*lda + r] . P[jp][.]   (pairs over keys). */
+static __attribute__((noinline)) void gemm_b_bf(int nk2, const uint32_t *restrict A, int lda, const uint32_t *restrict P,
+                                                float *restrict Ct, const vf *alpha) {
+  vf c[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) c[r][v] = alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);
+  for (int jp = 0; jp < nk2; jp++) {
+    vbi b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) b[v] = vbload(P + jp * QT + v * W);
+    const uint32_t *a = A + (size_t)jp * lda;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const vbi x = vbcast(a + r);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) c[r][v] = vdp(c[r][v], x, b[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);
+}
+
+/* C[r*ldc + u*W ..] += sum_{ip<QT/2} pair(A + r*QT + 2ip) . X[ip*ldx + u*W ..]   (pairs over
+ * queries: A bf16 rows [R][QT], X [QT/2][ldx] pairs). */
+static __attribute__((noinline)) void gemm_c_bf(const uint16_t *restrict A, const uint32_t *restrict X, int ldx,
+                                                float *restrict C, int ldc) {
+  vf c[R][NU];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);
+  for (int ip = 0; ip < QT / 2; ip++) {
+    vbi x[NU];
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) x[u] = vbload(X + ip * ldx + u * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const vbi a = vbcast(A + r * QT + 2 * ip);
+#pragma GCC unroll 4
+      for (int u = 0; u < NU; u++) c[r][u] = vdp(c[r][u], a, x[u]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);
+}
+
+/* bf16 rows as stored -> [nrows][Dp], zero past D and for rows n..nrows-1 (the padding of the
+ * source rows may hold anything: a neighbouring head, or NaN). */
+static void pack_rows_bf(uint16_t *restrict dst, int Dp, int nrows, const uint16_t *src, int64_t ld, int n, int D) {
+  for (int i = 0; i < nrows; i++) {
+    uint16_t *d = dst + (size_t)i * Dp;
+    if (i < n) memcpy(d, src + (size_t)i * (size_t)ld, (size_t)D * 2);
+    memset(d + (i < n ? D : 0), 0, (size_t)(Dp - (i < n ? D : 0)) * 2);
+  }
+}
+
+/* Pairs of consecutive rows: dst[ip][d] = (src[2ip][d], src[2ip+1][d]) for ip < npairs, zero
+ * for rows >= n and d >= D. V and K over keys, Q and dO over queries. */
+static void pack_row_pairs(uint32_t *restrict dst, int Dp, int npairs, const uint16_t *src, int64_t ld, int n, int D) {
+  for (int ip = 0; ip < npairs; ip++) {
+    uint32_t *d = dst + (size_t)ip * Dp;
+    const int r0 = 2 * ip, r1 = 2 * ip + 1;
+    if (r0 >= n) {
+      memset(d, 0, (size_t)Dp * 4);
+      continue;
+    }
+    const uint16_t *a = src + (size_t)r0 * (size_t)ld, *b = src + (size_t)r1 * (size_t)ld;
+    if (r1 < n)
+      for (int x = 0; x < D; x++) d[x] = (uint32_t)a[x] | (uint32_t)b[x] << 16;
+    else
+      for (int x = 0; x < D; x++) d[x] = (uint32_t)a[x];
+    memset(d + D, 0, (size_t)(Dp - D) * 4);
+  }
+}
+
+/* Transposed pairs over d: dst[dp][i] = (q[i][2dp], q[i][2dp+1]) for i < n, zero elsewhere. */
+static void pack_cols_bf(uint32_t *restrict dst, int Dp, const uint16_t *src, int64_t ld, int n, int D) {
+  memset(dst, 0, (size_t)(Dp / 2) * QT * 4);
+  for (int i = 0; i < n; i++) {
+    const uint16_t *s = src + (size_t)i * (size_t)ld;
+    for (int dp = 0; dp < D / 2; dp++) {
+      uint32_t x;
+      memcpy(&x, s + 2 * dp, 4);
+      dst[dp * QT + i] = x;
+    }
+    if (D & 1) dst[(D / 2) * QT + i] = s[D - 1]; /* the odd last element, paired with zero */
+  }
+}
+
+/* fp32 tile rows [nk][QT] -> pairs over keys [nk2][QT] in bf16; a missing odd row is zero. */
+static void pack_tile_pairs(uint32_t *restrict dst, const float *S, int nk) {
+  for (int jp = 0; jp < (nk + 1) / 2; jp++)
+    for (int v = 0; v < NV; v++) {
+      const vf a = vload(S + 2 * jp * QT + v * W), b = 2 * jp + 1 < nk ? vload(S + (2 * jp + 1) * QT + v * W) : vzero();
+      vbstore(dst + jp * QT + v * W, vpack_bf2(a, b));
+    }
+}
+
+/* fp32 tile rows [n][QT] -> bf16 rows [n][QT]. */
+static void pack_tile_bf(uint16_t *restrict dst, const float *S, int n) {
+  for (int j = 0; j < n; j++)
+    for (int v = 0; v < NV; v++) vstore_bf(dst + j * QT + v * W, vload(S + j * QT + v * W));
+}
+#endif /* DA_BF16DP */
+
 /* ---- forward -------------------------------------------------------------------------------- */
 
 /* Online softmax over one tile of nk keys: S [nk][QT] (log2 units) becomes P = exp2(S - m_new)
@@ -231,11 +381,13 @@ typedef struct {
   float *Qt, *Ot, *M, *L; /* [nmt][Dp][QT], [nmt][Dp][QT], [nmt][QT], [nmt][QT] */
   float *Kc, *Vc;         /* [BK][Dp] */
   float *S;               /* [BK][QT] */
+  uint32_t *Pp;           /* [BK/2][QT] P in bf16 pairs over keys (bf16 pair path only) */
   float lo[QT], hi[QT];
 } fwd_scratch_t;
 
 static size_t fwd_scratch_floats(int nmt, int Dp) {
-  return (size_t)nmt * (2 * (size_t)Dp * QT + 2 * QT) + 2 * (size_t)BK_MAX * Dp + (size_t)BK_MAX * QT;
+  return (size_t)nmt * (2 * (size_t)Dp * QT + 2 * QT) + 2 * (size_t)BK_MAX * Dp + (size_t)BK_MAX * QT +
+         (size_t)BK_MAX / 2 * QT;
 }
 
 static void fwd_scratch_carve(fwd_scratch_t *w, float *base, int nmt, int Dp) {
@@ -246,10 +398,20 @@ static void fwd_scratch_carve(fwd_scratch_t *w, float *base, int nmt, int Dp) {
   w->Kc = w->L + (size_t)nmt * QT;
   w->Vc = w->Kc + (size_t)BK_MAX * Dp;
   w->S = w->Vc + (size_t)BK_MAX * Dp;
+  w->Pp = (uint32_t *)(w->S + (size_t)BK_MAX * QT);
 }
 
+/* bf16 storage goes through the bf16 pair products on the levels that have them. */
+#ifdef DA_HAVE_BF16DP
+#define BFDP(dt) ((dt) == 1)
+#else
+#define BFDP(dt) 0
+#endif
+
 /* One task: KV head g, query rows [r0, r0 + nrows) of the block, every query head of the group,
- * against all keys of the call. The state is read at the start and written at the end. */
+ * against all keys of the call. The state is read at the start and written at the end. In bf16
+ * on a bf16-pair level, Qt holds Q^T as pairs over d (unscaled), Kc bf16 rows and Vc V as pairs
+ * over keys (the layouts of the *_bf products). */
 static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows, int ntl, const void *q,
                      int64_t ldq, da_span_t qpos, const void *k, int64_t ldk, const void *v, int64_t ldv,
                      da_span_t kpos, da_fwd_state_t *st, fwd_scratch_t *w) {
@@ -273,7 +435,12 @@ static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows
       float *M = w->M + mt * QT, *L = w->L + mt * QT;
       if (n == 0) continue;
       const int64_t row = r0 + (int64_t)t * QT;
-      pack_cols(Qt, Dp, (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es, ldq, dt, n, D, c2);
+      const char *qrow = (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es;
+#ifdef DA_HAVE_BF16DP
+      if (BFDP(dt)) pack_cols_bf((uint32_t *)Qt, Dp, (const uint16_t *)qrow, ldq, n, D);
+      else
+#endif
+        pack_cols(Qt, Dp, qrow, ldq, dt, n, D, c2);
       memset(Ot, 0, (size_t)Dp * QT * sizeof(float));
       for (int i = 0; i < QT; i++) {
         if (i < n) {
@@ -299,8 +466,18 @@ static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows
       any |= cls[t] != DA_TILE_EMPTY;
     }
     if (!any) continue;
-    pack_rows(w->Kc, Dp, nkr, (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es, ldk, dt, nk, D, 1.0f);
-    pack_rows(w->Vc, Dp, nk, (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es, ldv, dt, nk, D, 1.0f);
+    const char *ksrc = (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es;
+    const char *vsrc = (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es;
+#ifdef DA_HAVE_BF16DP
+    if (BFDP(dt)) {
+      pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, ldk, nk, D);
+      pack_row_pairs((uint32_t *)w->Vc, Dp, (nk + 1) / 2, (const uint16_t *)vsrc, ldv, nk, D);
+    } else
+#endif
+    {
+      pack_rows(w->Kc, Dp, nkr, ksrc, ldk, dt, nk, D, 1.0f);
+      pack_rows(w->Vc, Dp, nk, vsrc, ldv, dt, nk, D, 1.0f);
+    }
     for (int t = 0; t < ntl; t++) {
       if (cls[t] == DA_TILE_EMPTY) continue;
       const int partial = cls[t] == DA_TILE_PARTIAL; /* lanes past tn[t] are ignored */
@@ -309,6 +486,18 @@ static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows
         const int mt = hi_ * ntl + t;
         float *Qt = w->Qt + (size_t)mt * Dp * QT, *Ot = w->Ot + (size_t)mt * Dp * QT;
         vf alpha[NV];
+#ifdef DA_HAVE_BF16DP
+        if (BFDP(dt)) {
+          const uint16_t *Kb = (const uint16_t *)w->Kc;
+          for (int jr = 0; jr < nk; jr += R) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, (const uint32_t *)Qt, w->S + jr * QT, c2);
+          softmax_tile(w->S, nk, partial ? w->lo : NULL, partial ? w->hi : NULL, w->M + mt * QT, w->L + mt * QT,
+                       alpha);
+          pack_tile_pairs(w->Pp, w->S, nk);
+          for (int dr = 0; dr < D; dr += R)
+            gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, alpha);
+          continue;
+        }
+#endif
         for (int jr = 0; jr < nk; jr += R) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT);
         softmax_tile(w->S, nk, partial ? w->lo : NULL, partial ? w->hi : NULL, w->M + mt * QT, w->L + mt * QT,
                      alpha);
@@ -468,6 +657,10 @@ typedef struct {
   float *Kc, *Vc;  /* [BK][Dp] */
   float *dKt, *dVt; /* [BK][Dp] */
   float *S, *dP;   /* [BK][QT] */
+  /* bf16 pair path only: K as pairs over keys [BK/2][Dp], P and dS as bf16 rows [BK][QT], dS as
+   * pairs over keys [BK/2][QT] */
+  uint32_t *Kp, *dSp;
+  uint16_t *Sb, *dSb;
   float lo[QT], hi[QT];
 } bwd_scratch_t;
 
@@ -493,7 +686,7 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
   const int nt = (int)lmin(nthr, ntasks > 1 ? ntasks : 1);
   const size_t qtile = (size_t)Dp * QT, nht = (size_t)H * ntc;
   const size_t qbytes = nht * (4 * qtile + 2 * QT) * sizeof(float);
-  const size_t per = nht * qtile + 4 * (size_t)bk * Dp + 2 * (size_t)bk * QT + 64;
+  const size_t per = nht * qtile + 5 * (size_t)bk * Dp + 4 * (size_t)bk * QT + 64;
   float *qbuf = da_malloc(qbytes, 64), *scratch = da_malloc(per * (size_t)nt * sizeof(float), 64);
   if (!qbuf || !scratch) {
     da_free(qbuf), da_free(scratch);
@@ -519,6 +712,10 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
     w.dVt = w.dKt + (size_t)bk * Dp;
     w.S = w.dVt + (size_t)bk * Dp;
     w.dP = w.S + (size_t)bk * QT;
+    w.Kp = (uint32_t *)(w.dP + (size_t)bk * QT);
+    w.dSp = w.Kp + (size_t)bk * Dp;
+    w.Sb = (uint16_t *)(w.dSp + (size_t)bk * QT);
+    w.dSb = w.Sb + (size_t)bk * QT;
     for (int64_t c0 = 0; c0 < qpos.count; c0 += qc) {
       const int64_t crows = lmin(qc, qpos.count - c0);
       const int nct = (int)((crows + QT - 1) / QT);
@@ -532,10 +729,20 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
         const int n = (int)lmin(QT, crows - (int64_t)t * QT);
         const char *qs = (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es;
         const char *gs = (const char *)dout + (size_t)(row * lddo + (int64_t)h * D) * es;
-        pack_cols(Q.Qt + x * qtile, Dp, qs, ldq, dt, n, D, c2);
-        pack_cols(Q.dOt + x * qtile, Dp, gs, lddo, dt, n, D, 1.0f);
-        pack_rows(Q.Qr + x * qtile, Dp, QT, qs, ldq, dt, n, D, p->scale);
-        pack_rows(Q.dOr + x * qtile, Dp, QT, gs, lddo, dt, n, D, 1.0f);
+#ifdef DA_HAVE_BF16DP
+        if (BFDP(dt)) { /* unscaled; Qr, dOr as pairs over queries [QT/2][Dp] */
+          pack_cols_bf((uint32_t *)(Q.Qt + x * qtile), Dp, (const uint16_t *)qs, ldq, n, D);
+          pack_cols_bf((uint32_t *)(Q.dOt + x * qtile), Dp, (const uint16_t *)gs, lddo, n, D);
+          pack_row_pairs((uint32_t *)(Q.Qr + x * qtile), Dp, QT / 2, (const uint16_t *)qs, ldq, n, D);
+          pack_row_pairs((uint32_t *)(Q.dOr + x * qtile), Dp, QT / 2, (const uint16_t *)gs, lddo, n, D);
+        } else
+#endif
+        {
+          pack_cols(Q.Qt + x * qtile, Dp, qs, ldq, dt, n, D, c2);
+          pack_cols(Q.dOt + x * qtile, Dp, gs, lddo, dt, n, D, 1.0f);
+          pack_rows(Q.Qr + x * qtile, Dp, QT, qs, ldq, dt, n, D, p->scale);
+          pack_rows(Q.dOr + x * qtile, Dp, QT, gs, lddo, dt, n, D, 1.0f);
+        }
         for (int i = 0; i < QT; i++) {
           const float L = i < n ? lse[(row + i) * H + h] : -INFINITY;
           Q.LS[x * QT + i] = L == -INFINITY ? INFINITY : L * LOG2E;
@@ -553,8 +760,19 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
         if (da_mask_classify(&p->mask, cspan.start, da_span_last(cspan), ks.start, da_span_last(ks)) ==
             DA_TILE_EMPTY)
           continue;
-        pack_rows(w.Kc, Dp, nkr, (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es, ldk, dt, nk, D, 1.0f);
-        pack_rows(w.Vc, Dp, nkr, (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es, ldv, dt, nk, D, 1.0f);
+        const char *ksrc = (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es;
+        const char *vsrc = (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es;
+#ifdef DA_HAVE_BF16DP
+        if (BFDP(dt)) {
+          pack_rows_bf((uint16_t *)w.Kc, Dp, nkr, (const uint16_t *)ksrc, ldk, nk, D);
+          pack_rows_bf((uint16_t *)w.Vc, Dp, nkr, (const uint16_t *)vsrc, ldv, nk, D);
+          pack_row_pairs(w.Kp, Dp, (nk + 1) / 2, (const uint16_t *)ksrc, ldk, nk, D);
+        } else
+#endif
+        {
+          pack_rows(w.Kc, Dp, nkr, ksrc, ldk, dt, nk, D, 1.0f);
+          pack_rows(w.Vc, Dp, nkr, vsrc, ldv, dt, nk, D, 1.0f);
+        }
         memset(w.dKt, 0, (size_t)2 * bk * Dp * sizeof(float)); /* dKt and dVt */
         int touched = 0;
         for (int t = 0; t < nct; t++) {
@@ -568,10 +786,20 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
           for (int hi_ = 0; hi_ < rep; hi_++) {
             const size_t x = (size_t)(g * rep + hi_) * ntc + t;
             const float *LS = Q.LS + x * QT, *DL = Q.DL + x * QT;
-            for (int jr = 0; jr < nk; jr += R) {
-              gemm_a(D, w.Kc + (size_t)jr * Dp, Dp, Q.Qt + x * qtile, w.S + jr * QT);
-              gemm_a(D, w.Vc + (size_t)jr * Dp, Dp, Q.dOt + x * qtile, w.dP + jr * QT);
-            }
+#ifdef DA_HAVE_BF16DP
+            if (BFDP(dt))
+              for (int jr = 0; jr < nk; jr += R) {
+                gemm_a_bf((D + 1) / 2, (const uint16_t *)w.Kc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q.Qt + x * qtile),
+                          w.S + jr * QT, c2);
+                gemm_a_bf((D + 1) / 2, (const uint16_t *)w.Vc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q.dOt + x * qtile),
+                          w.dP + jr * QT, 1.0f);
+              }
+            else
+#endif
+              for (int jr = 0; jr < nk; jr += R) {
+                gemm_a(D, w.Kc + (size_t)jr * Dp, Dp, Q.Qt + x * qtile, w.S + jr * QT);
+                gemm_a(D, w.Vc + (size_t)jr * Dp, Dp, Q.dOt + x * qtile, w.dP + jr * QT);
+              }
             /* P = exp2(S - lse2) (0 where masked), dS = P (dP - delta); rows nk..nkr-1 zero. */
             vf vl[NV], vd[NV], vlo[NV], vhi[NV];
             for (int u = 0; u < NV; u++) {
@@ -589,6 +817,21 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
                 vstore(w.dP + j * QT + u * W, j < nk ? ds : vzero());
               }
             }
+#ifdef DA_HAVE_BF16DP
+            if (BFDP(dt)) { /* P, dS rounded to bf16 for the three products; dK in units of Q / scale */
+              pack_tile_bf(w.Sb, w.S, nkr);
+              pack_tile_bf(w.dSb, w.dP, nkr);
+              pack_tile_pairs(w.dSp, w.dP, nk);
+              for (int jr = 0; jr < nk; jr += R)
+                for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+                  gemm_c_bf(w.Sb + jr * QT, (const uint32_t *)(Q.dOr + x * qtile) + d0, Dp, w.dVt + (size_t)jr * Dp + d0, Dp);
+                  gemm_c_bf(w.dSb + jr * QT, (const uint32_t *)(Q.Qr + x * qtile) + d0, Dp, w.dKt + (size_t)jr * Dp + d0, Dp);
+                }
+              for (int dr = 0; dr < D; dr += R)
+                gemm_b_bf((nk + 1) / 2, w.Kp + dr, Dp, w.dSp, w.dQt + x * qtile + (size_t)dr * QT, NULL);
+              continue;
+            }
+#endif
             for (int jr = 0; jr < nk; jr += R)
               for (int d0 = 0; d0 < Dp; d0 += NU * W) {
                 gemm_c(w.S + jr * QT, Q.dOr + x * qtile + d0, Dp, w.dVt + (size_t)jr * Dp + d0, Dp);
@@ -601,7 +844,8 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
         for (int j = 0; j < nk; j++) {
           float *dkr = dk + ((j0 + j) * G + g) * (int64_t)D, *dvr = dv + ((j0 + j) * G + g) * (int64_t)D;
           const float *a = w.dKt + (size_t)j * Dp, *b = w.dVt + (size_t)j * Dp;
-          for (int d = 0; d < D; d++) dkr[d] += a[d], dvr[d] += b[d];
+          const float ks = BFDP(dt) ? p->scale : 1.0f; /* the bf16 pair path used unscaled Q */
+          for (int d = 0; d < D; d++) dkr[d] += ks * a[d], dvr[d] += b[d];
         }
       }
       /* dq rows of the chunk += scale * sum over threads of dQ^T (transposed back). */
