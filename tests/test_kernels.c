@@ -910,10 +910,11 @@ END_TEST
  *   the other KV heads and everything else match the reference. */
 START_TEST(test_nan_propagation) {
   const int which = _i % 3;
-  const da_dtype_t dt = _i / 3 ? DA_BFLOAT16 : DA_FLOAT32;
+  const da_dtype_t dt = _i / 3 % 2 ? DA_BFLOAT16 : DA_FLOAT32;
   for (int mkind = 0; mkind < TU_NMASKS; mkind++) {
     uint64_t rs = tu_seed(9000 + (uint64_t)(_i * 10 + mkind));
-    const int H = 4, G = 2, D = 64, rep = 2;
+    /* GQA 2, and 8 (the decode's heads-in-lanes path) */
+    const int H = _i < 6 ? 4 : 8, G = _i < 6 ? 2 : 1, D = 64, rep = H / G;
     const int64_t S = 150;
     kc_t c;
     kc_init(&c, H, G, D, dt, da_span(0, 1, S), da_span(0, 1, S), S, mkind, &rs, tu_seed(rs));
@@ -1098,7 +1099,7 @@ static Suite *kernels_suite(void) {
   tcase_add_loop_test(tc, test_merge_empty, 0, 1);
   tcase_add_loop_test(tc, test_merge_orders, 0, TU_NMASKS);
   tcase_add_loop_test(tc, test_masked_rows, 0, 3);
-  tcase_add_loop_test(tc, test_nan_propagation, 0, 6);
+  tcase_add_loop_test(tc, test_nan_propagation, 0, 12);
   suite_add_tcase(s, tc);
 
   tc = tcase_create("sweep");

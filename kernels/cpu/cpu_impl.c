@@ -878,52 +878,60 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
 
 /* Specialized on NVEC = head dim / W (a compile-time constant, so accumulators stay in
  * registers): s[j] = q . K[j] for j in [lo, hi], and o = o * alpha + sum_j w[j] V[j]. K and V
- * are fp32 rows of stride ld (converted and zero-padded to whole vectors beforehand). */
-#define DEC_KERNELS(NVEC)                                                                          \
-  static void dec_qk_##NVEC(const float *qv, const float *k, int64_t ld, int64_t lo, int64_t hi,  \
+ * are rows of T (fp32, or bf16 widened in registers) of stride ld, whole vectors (fp32 rows
+ * converted and zero-padded beforehand where the head dim is not). */
+#define DEC_KERNELS_T(NAME, NVEC, T, LD)                                                           \
+  static void dec_qk_##NAME(const float *qv, const void *kp, int64_t ld, int64_t lo, int64_t hi,  \
                             float *s, int pf) {                                                    \
+    const T *k = (const T *)kp;                                                                    \
     vf q[NVEC];                                                                                    \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) q[x] = vload(qv + x * W);             \
     int64_t j = lo;                                                                                \
     if (NVEC <= 16)                                                                                \
       for (; j + 3 <= hi; j += 4) { /* four keys, four independent chains, one reduction */        \
-        const float *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;                 \
+        const T *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;                     \
         if (pf) /* the rows of the next block, while this one computes */                          \
-          _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) {                                \
+          _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) if ((x * W * sizeof(T)) % 64 == 0) { \
             __builtin_prefetch(k0 + DEC_BK * ld + x * W), __builtin_prefetch(k1 + DEC_BK * ld + x * W); \
             __builtin_prefetch(k2 + DEC_BK * ld + x * W), __builtin_prefetch(k3 + DEC_BK * ld + x * W); \
           }                                                                                        \
-        vf a0 = vmul(q[0], vload(k0)), a1 = vmul(q[0], vload(k1));                                 \
-        vf a2 = vmul(q[0], vload(k2)), a3 = vmul(q[0], vload(k3));                                 \
+        vf a0 = vmul(q[0], LD(k0)), a1 = vmul(q[0], LD(k1));                                 \
+        vf a2 = vmul(q[0], LD(k2)), a3 = vmul(q[0], LD(k3));                                 \
         _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                  \
-          a0 = vfma(q[x], vload(k0 + x * W), a0), a1 = vfma(q[x], vload(k1 + x * W), a1);          \
-          a2 = vfma(q[x], vload(k2 + x * W), a2), a3 = vfma(q[x], vload(k3 + x * W), a3);          \
+          a0 = vfma(q[x], LD(k0 + x * W), a0), a1 = vfma(q[x], LD(k1 + x * W), a1);          \
+          a2 = vfma(q[x], LD(k2 + x * W), a2), a3 = vfma(q[x], LD(k3 + x * W), a3);          \
         }                                                                                          \
         vhsum4(a0, a1, a2, a3, s + j);                                                             \
       }                                                                                            \
     for (; j <= hi; j++) {                                                                         \
-      const float *kr = k + j * ld;                                                                \
-      vf a0 = vmul(q[0], vload(kr)), a1 = vzero();                                                 \
+      const T *kr = k + j * ld;                                                                    \
+      vf a0 = vmul(q[0], LD(kr)), a1 = vzero();                                                 \
       _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                    \
-        if (x & 1) a1 = vfma(q[x], vload(kr + x * W), a1);                                         \
-        else a0 = vfma(q[x], vload(kr + x * W), a0);                                               \
+        if (x & 1) a1 = vfma(q[x], LD(kr + x * W), a1);                                         \
+        else a0 = vfma(q[x], LD(kr + x * W), a0);                                               \
       }                                                                                            \
       s[j] = vhsum(vadd(a0, a1));                                                                  \
     }                                                                                              \
   }                                                                                                \
-  static void dec_pv_##NVEC(float *o, float alpha, const float *w, int64_t lo, int64_t hi,        \
-                            const float *v, int64_t ld, int pf) {                                  \
+  static void dec_pv_##NAME(float *o, float alpha, const float *w, int64_t lo, int64_t hi,        \
+                            const void *vp, int64_t ld, int pf) {                                  \
+    const T *v = (const T *)vp;                                                                    \
     vf acc[NVEC];                                                                                  \
     const vf va = vset1(alpha);                                                                    \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vmul(vload(o + x * W), va);  \
     for (int64_t j = lo; j <= hi; j++) {                                                           \
-      const float *vr = v + j * ld;                                                                \
+      const T *vr = v + j * ld;                                                                    \
       const vf pj = vset1(w[j]);                                                                   \
-      if (pf) _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) __builtin_prefetch(vr + DEC_BK * ld + x * W); \
-      _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vfma(pj, vload(vr + x * W), acc[x]); \
+      if (pf) _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) if ((x * W * sizeof(T)) % 64 == 0) __builtin_prefetch(vr + DEC_BK * ld + x * W); \
+      _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vfma(pj, LD(vr + x * W), acc[x]); \
     }                                                                                              \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) vstore(o + x * W, acc[x]);             \
   }
+#define DEC_KERNELS(NVEC) DEC_KERNELS_T(NVEC, NVEC, float, vload)
+/* bf16 rows widened in registers (half the bytes, no converted copy): the shipped head dims 64
+ * and 128 only. */
+static inline vf vload_bfw(const uint16_t *p) { return vload_dt(p, 1, W); }
+#define DEC_KERNELS_BF(NVEC) DEC_KERNELS_T(bf_##NVEC, NVEC, uint16_t, vload_bfw)
 DEC_KERNELS(1)
 DEC_KERNELS(2)
 DEC_KERNELS(3)
@@ -935,8 +943,33 @@ DEC_KERNELS(16)
 DEC_KERNELS(32)
 DEC_KERNELS(64)
 
-typedef void (*dec_qk_fn)(const float *, const float *, int64_t, int64_t, int64_t, float *, int);
-typedef void (*dec_pv_fn)(float *, float, const float *, int64_t, int64_t, const float *, int64_t, int);
+#if W == 4
+DEC_KERNELS_BF(16)
+DEC_KERNELS_BF(32)
+#define DEC_BF64 bf_16
+#define DEC_BF128 bf_32
+#elif W == 8
+DEC_KERNELS_BF(8)
+DEC_KERNELS_BF(16)
+#define DEC_BF64 bf_8
+#define DEC_BF128 bf_16
+#else
+DEC_KERNELS_BF(4)
+DEC_KERNELS_BF(8)
+#define DEC_BF64 bf_4
+#define DEC_BF128 bf_8
+#endif
+
+typedef void (*dec_qk_fn)(const float *, const void *, int64_t, int64_t, int64_t, float *, int);
+typedef void (*dec_pv_fn)(float *, float, const float *, int64_t, int64_t, const void *, int64_t, int);
+
+/* The bf16 in-place kernels for head dim D (64 or 128); 0 for other dims (rows are converted). */
+static int dec_pick_bf(int D, dec_qk_fn *qk, dec_pv_fn *pv) {
+  if (D == 64) *qk = DA_CAT(dec_qk_, DEC_BF64), *pv = DA_CAT(dec_pv_, DEC_BF64);
+  else if (D == 128) *qk = DA_CAT(dec_qk_, DEC_BF128), *pv = DA_CAT(dec_pv_, DEC_BF128);
+  else return 0;
+  return 1;
+}
 /* The smallest specialization covering nvec vectors (rows are zero-padded up to it). */
 static int dec_pick(int nvec, dec_qk_fn *qk, dec_pv_fn *pv) {
   static const int sizes[] = {1, 2, 3, 4, 5, 6, 8, 16, 32, 64};
@@ -952,6 +985,78 @@ static int dec_pick(int nvec, dec_qk_fn *qk, dec_pv_fn *pv) {
 }
 
 
+/* Decode with the query heads of a GQA group in the vector lanes (groups of W heads): each K and
+ * V element is broadcast once against the W heads, so the scores S^T[key][head] = K Q^T and the
+ * output O^T[d][head] += V^T P^T are the forward's register-tiled products with heads for
+ * queries, the online softmax is lane-wise (no horizontal sums), and a K/V row is read once per
+ * group, not once per head. Used when the group fills whole vectors (H / G a multiple of W);
+ * otherwise one dot product per head (below) wastes no lanes.
+ * Qt [Dv][W] the group's queries (log2 units), Ot [Dv][W] its unnormalized output, M, L [W];
+ * K, V fp32 rows of stride ld (keys lo..hi, all visible to this query row); S [DEC_BK][W]. */
+static int dec_grouped(int rep) { return rep >= W && rep % W == 0; }
+
+static void dec_group(int Dv, const float *restrict Qt, const float *K, int64_t ldk, const float *V, int64_t ldv,
+                      int64_t lo, int64_t hi, float *restrict Ot, float *restrict M, float *restrict L,
+                      float *restrict S, int pf) {
+  int64_t j = lo;
+  for (; j + R - 1 <= hi; j += R) { /* R keys at a time: R accumulators, Q^T rows from L1 */
+    vf c[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) c[r] = vzero();
+    const float *k0 = K + j * ldk;
+    for (int d = 0; d < Dv; d++) {
+      const vf qd = vload(Qt + d * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; r++) c[r] = vfma(vset1(k0[r * ldk + d]), qd, c[r]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) vstore(S + (j - lo + r) * W, c[r]);
+    if (pf) /* the next block's K rows, while this one computes */
+      for (int r = 0; r < R; r++)
+        for (int d = 0; d < Dv; d += 64 / (int)sizeof(float)) __builtin_prefetch(k0 + (r + DEC_BK) * ldk + d);
+  }
+  for (; j <= hi; j++) {
+    vf c0 = vzero(), c1 = vzero();
+    const float *kr = K + j * ldk;
+    for (int d = 0; d + 1 < Dv; d += 2)
+      c0 = vfma(vset1(kr[d]), vload(Qt + d * W), c0), c1 = vfma(vset1(kr[d + 1]), vload(Qt + (d + 1) * W), c1);
+    vstore(S + (j - lo) * W, vadd(c0, c1));
+  }
+  const int n = (int)(hi - lo + 1);
+  vf mx = vset1(-INFINITY), chk = vzero();
+  for (int t = 0; t < n; t++) mx = vmax(mx, vload(S + t * W)), chk = vadd(chk, vload(S + t * W));
+  /* A NaN score (NaN input) must make the head's max NaN, as in the per-head path: vmax may drop
+   * it, and a max left at -inf would read as "saw no key" in the final combine. 0 * chk is 0, or
+   * NaN where a score was NaN (or infinite). */
+  const vf mo = vload(M), mn = vadd(vmax(mx, mo), vmul(vzero(), chk));
+  const vf use = vreplace_eq(mn, -INFINITY, 0.0f); /* a head that has seen nothing yet: exp2(-inf) = 0 */
+  const vf alpha = vexp2(vsub(mo, use));
+  vstore(M, mn);
+  vf ls = vzero();
+  for (int t = 0; t < n; t++) {
+    const vf e = vexp2(vsub(vload(S + t * W), use));
+    vstore(S + t * W, e);
+    ls = vadd(ls, e);
+  }
+  vstore(L, vfma(vload(L), alpha, ls));
+  for (int dr = 0; dr < Dv; dr += R) {
+    vf c[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) c[r] = vmul(vload(Ot + (dr + r) * W), alpha);
+    for (int t = 0; t < n; t++) {
+      const vf pt = vload(S + t * W);
+      const float *vr = V + (lo + t) * ldv + dr;
+#pragma GCC unroll 16
+      for (int r = 0; r < R; r++) c[r] = vfma(vset1(vr[r]), pt, c[r]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) vstore(Ot + (dr + r) * W, c[r]);
+  }
+  if (pf)
+    for (int64_t t = lo; t <= hi; t++)
+      for (int d = 0; d < Dv; d += 64 / (int)sizeof(float)) __builtin_prefetch(V + (t + DEC_BK) * ldv + d);
+}
+
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
  * o [nq][H][Dv] unnormalized (rows padded to Dv = nvec * W), m, l [nq][H]; kf, vf_ are
  * [DEC_BK][Dv] scratch for converted rows. Per block of keys and KV head, every query head of
@@ -963,10 +1068,13 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
   dec_qk_fn qk;
   dec_pv_fn pv;
   dec_pick(Dv / W, &qk, &pv);
-  /* fp32 rows whose head dim is whole vectors are read in place; others are converted. */
-  const int direct = dt == 0 && D == Dv;
+  /* fp32 rows whose head dim is whole vectors are read in place; so are bf16 rows of the shipped
+   * head dims when each row serves one head (widened in registers: half the bytes and no
+   * converted copy); others are converted once per block for all the heads of the group. */
+  const int bfdirect = dt == 1 && rep <= 4 && dec_pick_bf(D, &qk, &pv);
+  const int direct = (dt == 0 && D == Dv) || bfdirect;
   const int64_t nq = qpos.count;
-  float s[DEC_BK] __attribute__((aligned(64)));
+  float s[DEC_BK * W] __attribute__((aligned(64))); /* scores of a block: [DEC_BK] or [DEC_BK][W] grouped */
   int64_t rlo[16], rhi[16];
   memset(s, 0, sizeof s);
   for (int64_t j0 = a; j0 < b; j0 += DEC_BK) {
@@ -994,7 +1102,7 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
       for (int g = 0; g < G; g++) {
         const char *k0 = (const char *)pg->k + (size_t)(j0 * pg->ldk + (int64_t)g * D) * es;
         const char *v0 = (const char *)pg->v + (size_t)(j0 * pg->ldv + (int64_t)g * D) * es;
-        const float *kb = (const float *)k0, *vb = (const float *)v0;
+        const void *kb = k0, *vb = v0; /* fp32 or (bfdirect) bf16 rows */
         int64_t ldk = pg->ldk, ldv = pg->ldv;
         if (!direct) {
           for (int64_t j = ulo; j <= uhi; j++)
@@ -1007,6 +1115,15 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
         for (int ii = 0; ii < ni; ii++) {
           const int64_t i = i0 + ii, lo = rlo[ii], hi = rhi[ii];
           if (lo > hi) continue;
+          if (dec_grouped(rep)) { /* o, qs of a W-head group are [Dv][W] tiles (see decode) */
+            for (int h = g * rep; h < (g + 1) * rep; h += W) {
+              const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
+              const int64_t x = (i * H + h) * (int64_t)Dv;
+              dec_group(Dv, qs + x, (const float *)kb, ldk, (const float *)vb, ldv, lo, hi, o + x, m + i * H + h,
+                        l + i * H + h, s, pf); /* fp32 rows: rep >= W excludes bfdirect */
+            }
+            continue;
+          }
           for (int h = g * rep; h < (g + 1) * rep; h++) {
             /* prefetch the next block once per KV head (first query head), in-place rows only */
             const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
@@ -1064,10 +1181,15 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
   if (!buf) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu decode: %lld splits", (long long)nsplit);
   float *qs = buf + per * (size_t)nsplit;
   const float c2 = p->scale * LOG2E;
+  /* Row (i, h) of qs and of each split's o: [Dp] at (i * H + h) * Dp, or, when the heads of a
+   * group share the lanes (dec_grouped), element d of head h at (i * H + h0) * Dp + d * W + h - h0
+   * with h0 = h rounded down to W: the same memory holds [Dp][W] tiles. */
+  const int grouped = dec_grouped(H / p->G);
+#define DEC_AT(i, h, d)                                                                                          (grouped ? ((i) * H + (h) / W * W) * (int64_t)Dp + (int64_t)(d) * W + (h) % W : ((i) * H + (h)) * (int64_t)Dp + (d))
   for (int64_t i = 0; i < nq; i++)
     for (int h = 0; h < H; h++)
       for (int d = 0; d < Dp; d++)
-        qs[(i * H + h) * (int64_t)Dp + d] =
+        qs[DEC_AT(i, h, d)] =
             d < D ? c2 * da_load_f32((const char *)q + (size_t)(i * ldq + (int64_t)h * D) * es, dt, d) : 0.0f;
 #pragma omp parallel for schedule(static) num_threads((int)lmin(nthr, nsplit))
   for (int64_t sp = 0; sp < nsplit; sp++) {
@@ -1106,12 +1228,15 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
       if (ms == -INFINITY) continue;
       const float wgt = M != M ? M : exp2f(ms - M);
       L += wgt * ls;
-      for (int d = 0; d < D; d++) dst[d] += wgt * so[r * Dp + d];
+      const int64_t i = r / H;
+      const int h = (int)(r % H);
+      for (int d = 0; d < D; d++) dst[d] += wgt * so[DEC_AT(i, h, d)];
     }
     const float inv = 1.0f / L; /* L > 0 here unless an input holds NaN, which then propagates */
     for (int d = 0; d < D; d++) dst[d] *= inv;
     if (lse) lse[r] = (M + log2f(L)) * LN2;
   }
+#undef DEC_AT
   da_free(buf);
   return DA_SUCCESS;
 }
