@@ -41,6 +41,20 @@ for c in "${configs[@]}"; do
 done
 echo "# results appended to $OUT"
 
+# ---- side by side with PyTorch's CPU SDPA (issue 22) --------------------------------------------
+# When torch is importable (the venv of the PyTorch issue, or TORCH_PYTHON), bench/torch_side.py
+# runs distattn and torch's scaled_dot_product_attention on the same shapes and threads, A/B
+# interleaved (BENCH_TORCH_REPS repetitions, medians), and appends ratio_torch beside ratio_sgemm
+# to bench/results/kernel-torch-<host>.jsonl. TORCH_SKIP=1 skips it.
+TORCH_PY=${TORCH_PYTHON:-/root/.cache/distattn/venv-torch/bin/python}
+if [ -z "${TORCH_SKIP:-}" ] && [ -x "$TORCH_PY" ] && "$TORCH_PY" -c 'import torch' 2>/dev/null; then
+  echo
+  "$TORCH_PY" "$HERE/torch_side.py" --distattn "$EXE" --reps "${BENCH_TORCH_REPS:-3}" \
+    --threads "${BENCH_TORCH_THREADS:-2}" --json "$HERE/results/kernel-torch-$HOST.jsonl" || status=1
+else
+  echo "# torch not importable with $TORCH_PY: no side-by-side run (set TORCH_PYTHON)"
+fi
+
 # ---- tree vs ring decode (docs/decode.md) ------------------------------------------------------
 # `distattn decode` at P = 2, 4, 8 with the tree (one fused MPI reduction of the (o, lse)
 # partials) and the ring baseline (the query and the partials travel P-1 dependent hops, each rank

@@ -58,7 +58,7 @@ static int tb_init(void) { return 0; }
 #define TB_BLOCK_SPLITS_FROM 0
 #define TB_BLOCK_SPLITS_TO (2 * TU_NMASKS)
 #define TB_N_MASKED_ROWS 3
-#define TB_N_NAN 6
+#define TB_N_NAN 12
 #define TB_SPLIT_S_LO 150
 #define TB_SPLIT_S_HI 420
 #endif
@@ -1017,10 +1017,11 @@ END_TEST
  *   the other KV heads and everything else match the reference. */
 START_TEST(test_nan_propagation) {
   const int which = _i % 3;
-  const da_dtype_t dt = _i / 3 ? DA_BFLOAT16 : dtypes[0];
+  const da_dtype_t dt = _i / 3 % 2 ? DA_BFLOAT16 : dtypes[0];
   for (int mkind = 0; mkind < TU_NMASKS; mkind++) {
     uint64_t rs = tu_seed(9000 + (uint64_t)(_i * 10 + mkind));
-    const int H = 4, G = 2, D = 64, rep = 2;
+    /* GQA 2, and 8 (the decode's heads-in-lanes path) */
+    const int H = _i < 6 ? 4 : 8, G = _i < 6 ? 2 : 1, D = 64, rep = H / G;
     const int64_t S = 150;
     kc_t c;
     kc_init(&c, H, G, D, dt, da_span(0, 1, S), da_span(0, 1, S), S, mkind, &rs, tu_seed(rs));
@@ -1092,7 +1093,7 @@ END_TEST
 /* ---- every ISA level the CPU has (DISTATTN_CPU_ISA, read once per process: fork mode gives
  * each test a fresh one) ------------------------------------------------------------------------ */
 START_TEST(test_isa_levels) {
-  static const char *isa[3] = {"generic", "avx2", "avx512"};
+  static const char *isa[5] = {"generic", "avx2", "avx512", "avx512bf16", "avx2bf16emu"};
   setenv("DISTATTN_CPU_ISA", isa[_i], 1);
   da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f};
   if (backend()->supports(&probe) != DA_SUCCESS) {
@@ -1134,6 +1135,73 @@ START_TEST(test_isa_levels) {
 }
 END_TEST
 
+/* ---- the bf16 pair-product path (vdpbf16ps, and the same tiling with emulated products) -----
+ * In bf16 the levels avx512bf16 and avx2bf16emu run QK^T, PV and the backward's products over
+ * bf16 pairs with P and dS rounded to bf16; avx2 widens to fp32 (the "before"). Loop index:
+ * level (avx512bf16, avx2bf16emu, avx2) x mask. Each: three problems (GQA 1, 4, 8; head dims
+ * even, odd and past one vector; odd lengths; small or odd tiles), forward and backward over
+ * key/query splits, and decode, all within the bf16 tolerance of float64. The worst errors are
+ * printed ("# bf16 err ...") so the two paths can be compared (ctest -V). */
+START_TEST(test_bf16_levels) {
+  static const char *isa[3] = {"avx512bf16", "avx2bf16emu", "avx2"};
+  const int lv = _i / TU_NMASKS, mkind = _i % TU_NMASKS;
+  setenv("DISTATTN_CPU_ISA", isa[lv], 1);
+  da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f, .dtype = DA_BFLOAT16};
+  if (cpu_kernels()->supports(&probe) != DA_SUCCESS) {
+    printf("# cpu: ISA level %s not available here: %s\n", isa[lv], da_error_message());
+    return;
+  }
+  for (int rep = 0; rep < 3; rep++) {
+    uint64_t rs = tu_seed(9700 + (uint64_t)(mkind * 3 + rep)); /* same problems for every level */
+    const int ratio = ratios[(rep + mkind) % 3], G = ratio == 8 ? 1 : 2, H = G * ratio;
+    const int D = (int[]){64, 128, 33, 72, 16, 256}[(rep + 2 * mkind) % 6];
+    const int64_t S = tu_rand(&rs, 100, 300) | 1;
+    const da_span_t qs = rep == 2 ? da_span(S / 2, 1, S - S / 2) : da_span(0, 1, S);
+    kc_t c;
+    kc_init(&c, H, G, D, DA_BFLOAT16, qs, da_span(0, 1, S), S, mkind, &rs, tu_seed(rs));
+    c.p.block_q = (int)(int[]){0, 16, 40}[rep];
+    c.p.block_k = (int)(int[]){0, 13, 24}[rep]; /* 13: not a multiple of the register tile */
+    kc_describe(&c);
+    strncat(c.desc, " isa ", sizeof c.desc - strlen(c.desc) - 1);
+    strncat(c.desc, isa[lv], sizeof c.desc - strlen(c.desc) - 1);
+    if (!supported(&c.p)) {
+      kc_free(&c);
+      continue;
+    }
+    kc_ref_fwd(&c);
+    const int64_t nq = qs.count;
+    double *o = dalloc(nq * H * D), *l = dalloc(nq * H);
+    double *eq, *ek, *ev, *dq = dalloc(nq * H * D), *dk = dalloc(S * G * D), *dv = dalloc(S * G * D);
+    ref_bwd(&c, &eq, &ek, &ev);
+    double worst[5] = {0};
+    for (int mode = SPLIT_WHOLE; mode <= SPLIT_STRIPED; mode++) {
+      piece_t qp[64], kp[64];
+      int nqp = split(nq, mode, &rs, qp, 8), nkp = split(S, (mode + 1) % 3, &rs, kp, 8);
+      run_fwd(&c, &c.p, qp, nqp, kp, nkp, o, l);
+      CHECK_FWD(&c, o, l, tu_tol(DA_BFLOAT16), "fwd");
+      int64_t w;
+      worst[0] = fmax(worst[0], tu_err(c.ro, o, nq * H * D, D, &w));
+      worst[1] = fmax(worst[1], tu_lse_err(c.rl, l, nq * H, &w));
+      run_bwd(&c, &c.p, qp, nqp, kp, nkp, &rs, dq, dk, dv);
+      check_bwd(&c, eq, ek, ev, dq, dk, dv, "bwd");
+      worst[2] = fmax(worst[2], tu_err(eq, dq, nq * H * D, nq * H * D, &w));
+      worst[3] = fmax(worst[3], tu_err(ek, dk, S * G * D, S * G * D, &w));
+      worst[4] = fmax(worst[4], tu_err(ev, dv, S * G * D, S * G * D, &w));
+    }
+    printf("# bf16 err %-11s mask %d H %d G %d D %3d S %3lld: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e\n", isa[lv],
+           mkind, H, G, D, (long long)S, worst[0], worst[1], worst[2], worst[3], worst[4]);
+    kc_t d = c; /* decode: the last two rows against the whole cache, in pages */
+    d.qs = da_span(da_span_last(qs) - 1, 1, 2);
+    d.q = (char *)c.q + (size_t)((nq - 2) * c.ldq) * esize(DA_BFLOAT16);
+    d.ro = c.ro + (nq - 2) * H * D, d.rl = c.rl + (nq - 2) * H;
+    run_decode(&d, &d.p, SPLIT_STRIPED, &rs, o, l);
+    CHECK_FWD(&d, o, l, tu_tol(DA_BFLOAT16), "decode");
+    free(o), free(l), free(eq), free(ek), free(ev), free(dq), free(dk), free(dv);
+    kc_free(&c);
+  }
+}
+END_TEST
+
 static Suite *kernels_suite(void) {
   Suite *s = suite_create("kernels");
   TCase *tc = tcase_create("contract");
@@ -1159,7 +1227,8 @@ static Suite *kernels_suite(void) {
   tcase_add_loop_test(tc, test_threads, 0, TB_N_THREADS);
   tcase_add_loop_test(tc, test_block_splits, TB_BLOCK_SPLITS_FROM, TB_BLOCK_SPLITS_TO);
 #ifdef TB_CPU
-  tcase_add_loop_test(tc, test_isa_levels, 0, 3);
+  tcase_add_loop_test(tc, test_isa_levels, 0, 5);
+  tcase_add_loop_test(tc, test_bf16_levels, 0, 3 * TU_NMASKS);
 #endif
   suite_add_tcase(s, tc);
   return s;

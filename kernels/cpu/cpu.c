@@ -1,7 +1,10 @@
 /* cpu.c: the CPU backend table: capability checks and the choice, once per process, of the ISA
- * level the kernels run at (AVX-512, AVX2+FMA, or portable C), from what the CPU reports, never
- * from the build machine. DISTATTN_CPU_ISA=avx512|avx2|generic forces a level (tests and
- * benchmarks compare them); asking for one the CPU lacks is an error, not a silent fallback. */
+ * level the kernels run at (AVX-512 with BF16 dot products, AVX-512, AVX2+FMA, or portable C),
+ * from what the CPU reports, never from the build machine. DISTATTN_CPU_ISA=<level> forces a
+ * level (tests and benchmarks compare them); asking for one the CPU lacks is an error, not a
+ * silent fallback. avx2bf16emu (the bf16 pair-product path of avx512bf16 with its dot products
+ * done in AVX2 FMAs) is never picked by itself: it exists so that CPUs without AVX512-BF16 test
+ * that path's tiling and packing. */
 #include <string.h>
 #include "cpu_impl.h"
 
@@ -9,31 +12,43 @@ static const da_kernels_t *impl;
 
 static const da_kernels_t *pick(void) {
   const char *want = da_param_string("DISTATTN_CPU_ISA");
-  int has512 = 0, has2 = 0;
+  int has512 = 0, has2 = 0, hasbf16 = 0;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  hasbf16 = has512 && __builtin_cpu_supports("avx512bf16");
   has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 #ifdef DA_CPU_HAVE_X86
-  if (want && !strcmp(want, "avx512")) {
-    if (!has512) return DA_ERR(DA_ERR_UNSUPPORTED, "DISTATTN_CPU_ISA=avx512 but this CPU lacks AVX-512"), NULL;
-    return &da_cpu_impl_avx512;
-  }
-  if (want && !strcmp(want, "avx2")) {
-    if (!has2) return DA_ERR(DA_ERR_UNSUPPORTED, "DISTATTN_CPU_ISA=avx2 but this CPU lacks AVX2/FMA"), NULL;
-    return &da_cpu_impl_avx2;
-  }
+  static const struct {
+    const char *name, *needs;
+    const da_kernels_t *table;
+  } levels[] = {
+      {"avx512bf16", "AVX512-BF16", &da_cpu_impl_avx512bf16},
+      {"avx512", "AVX-512", &da_cpu_impl_avx512},
+      {"avx2", "AVX2/FMA", &da_cpu_impl_avx2},
+      {"avx2bf16emu", "AVX2/FMA", &da_cpu_impl_avx2bf16emu},
+  };
+  const int has[] = {hasbf16, has512, has2, has2};
+  for (size_t i = 0; want && i < sizeof levels / sizeof levels[0]; i++)
+    if (!strcmp(want, levels[i].name)) {
+      if (!has[i])
+        return DA_ERR(DA_ERR_UNSUPPORTED, "DISTATTN_CPU_ISA=%s but this CPU lacks %s", want, levels[i].needs), NULL;
+      return levels[i].table;
+    }
 #endif
   if (want && strcmp(want, "generic") && strcmp(want, "auto"))
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "DISTATTN_CPU_ISA=%s: expected avx512, avx2, generic or auto", want), NULL;
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT,
+                  "DISTATTN_CPU_ISA=%s: expected avx512bf16, avx512, avx2, avx2bf16emu, generic or auto", want),
+           NULL;
   if (want && !strcmp(want, "generic")) return &da_cpu_impl_generic;
 #ifdef DA_CPU_HAVE_X86
+  if (hasbf16) return &da_cpu_impl_avx512bf16;
   if (has512) return &da_cpu_impl_avx512;
   if (has2) return &da_cpu_impl_avx2;
 #endif
-  (void)has512, (void)has2;
+  (void)has512, (void)has2, (void)hasbf16;
   return &da_cpu_impl_generic;
 }
 

@@ -188,6 +188,156 @@ static void lane_ranges(const da_mask_t *m, da_span_t qs, int n, da_span_t ks, f
   }
 }
 
+/* ---- bf16 pair products (DA_BF16DP levels, bf16 storage) ------------------------------------
+ * The same three products as above, over pairs of bf16 (simd.h vdp): the reduction dimension is
+ * walked two elements at a time, so every operand is laid out with consecutive reduction indices
+ * side by side in one 32-bit lane:
+ *   pairs over d:     K, V rows as stored (bf16 [row][Dp]); Q^T, dO^T packed [Dp/2][QT]
+ *   pairs over keys:  V, K packed [nk/2][Dp]; P^T, dS^T packed [nk/2][QT]
+ *   pairs over queries: Q, dO packed [QT/2][Dp]; P^T, dS^T as bf16 rows [nk][QT]
+ * Q and dO stay unscaled (bf16 inputs are exact; the softmax scale is applied to the fp32
+ * results), P and dS are rounded to bf16 for their products, as FlashAttention does on GPUs;
+ * state, accumulators, row sums and lse stay fp32. */
+#if defined(DA_BF16DP)
+#define DA_HAVE_BF16DP 1
+
+/* C[r][.] = cs * sum_{dp<nd2} pair(A + r*lda + 2dp) . B[dp][.]   (r < R; B [nd2][QT] pairs). */
+static __attribute__((noinline)) void gemm_a_bf(int nd2, const uint16_t *restrict A, int lda, const uint32_t *restrict B,
+                                                float *restrict C, float cs) {
+  vf c[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) c[r][v] = vzero();
+  for (int dp = 0; dp < nd2; dp++) {
+    vbi b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) b[v] = vbload(B + dp * QT + v * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const vbi a = vbcast(A + r * lda + 2 * dp);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) c[r][v] = vdp(c[r][v], a, b[v]);
+    }
+  }
+  const vf vc = vset1(cs);
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, vmul(c[r][v], vc));
+}
+
+/* Ct[r][.] = Ct[r][.] * alpha + sum_{jp<nk2} A[jp*lda + r] . P[jp][.]   (pairs over keys). */
+static __attribute__((noinline)) void gemm_b_bf(int nk2, const uint32_t *restrict A, int lda, const uint32_t *restrict P,
+                                                float *restrict Ct, const vf *alpha) {
+  vf c[R][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) c[r][v] = alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);
+  for (int jp = 0; jp < nk2; jp++) {
+    vbi b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) b[v] = vbload(P + jp * QT + v * W);
+    const uint32_t *a = A + (size_t)jp * lda;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const vbi x = vbcast(a + r);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; v++) c[r][v] = vdp(c[r][v], x, b[v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);
+}
+
+/* C[r*ldc + u*W ..] += sum_{ip<QT/2} pair(A + r*QT + 2ip) . X[ip*ldx + u*W ..]   (pairs over
+ * queries: A bf16 rows [R][QT], X [QT/2][ldx] pairs). */
+static __attribute__((noinline)) void gemm_c_bf(const uint16_t *restrict A, const uint32_t *restrict X, int ldx,
+                                                float *restrict C, int ldc) {
+  vf c[R][NU];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);
+  for (int ip = 0; ip < QT / 2; ip++) {
+    vbi x[NU];
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) x[u] = vbload(X + ip * ldx + u * W);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) {
+      const vbi a = vbcast(A + r * QT + 2 * ip);
+#pragma GCC unroll 4
+      for (int u = 0; u < NU; u++) c[r][u] = vdp(c[r][u], a, x[u]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; r++)
+#pragma GCC unroll 4
+    for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);
+}
+
+/* bf16 rows as stored -> [nrows][Dp], zero past D and for rows n..nrows-1 (the padding of the
+ * source rows may hold anything: a neighbouring head, or NaN). */
+static void pack_rows_bf(uint16_t *restrict dst, int Dp, int nrows, const uint16_t *src, int64_t ld, int n, int D) {
+  for (int i = 0; i < nrows; i++) {
+    uint16_t *d = dst + (size_t)i * Dp;
+    if (i < n) memcpy(d, src + (size_t)i * (size_t)ld, (size_t)D * 2);
+    memset(d + (i < n ? D : 0), 0, (size_t)(Dp - (i < n ? D : 0)) * 2);
+  }
+}
+
+/* Pairs of consecutive rows: dst[ip][d] = (src[2ip][d], src[2ip+1][d]) for ip < npairs, zero
+ * for rows >= n and d >= D. V and K over keys, Q and dO over queries. */
+static void pack_row_pairs(uint32_t *restrict dst, int Dp, int npairs, const uint16_t *src, int64_t ld, int n, int D) {
+  for (int ip = 0; ip < npairs; ip++) {
+    uint32_t *d = dst + (size_t)ip * Dp;
+    const int r0 = 2 * ip, r1 = 2 * ip + 1;
+    if (r0 >= n) {
+      memset(d, 0, (size_t)Dp * 4);
+      continue;
+    }
+    const uint16_t *a = src + (size_t)r0 * (size_t)ld, *b = src + (size_t)r1 * (size_t)ld;
+    if (r1 < n)
+      for (int x = 0; x < D; x++) d[x] = (uint32_t)a[x] | (uint32_t)b[x] << 16;
+    else
+      for (int x = 0; x < D; x++) d[x] = (uint32_t)a[x];
+    memset(d + D, 0, (size_t)(Dp - D) * 4);
+  }
+}
+
+/* Transposed pairs over d: dst[dp][i] = (q[i][2dp], q[i][2dp+1]) for i < n, zero elsewhere. */
+static void pack_cols_bf(uint32_t *restrict dst, int Dp, const uint16_t *src, int64_t ld, int n, int D) {
+  memset(dst, 0, (size_t)(Dp / 2) * QT * 4);
+  for (int i = 0; i < n; i++) {
+    const uint16_t *s = src + (size_t)i * (size_t)ld;
+    for (int dp = 0; dp < D / 2; dp++) {
+      uint32_t x;
+      memcpy(&x, s + 2 * dp, 4);
+      dst[dp * QT + i] = x;
+    }
+    if (D & 1) dst[(D / 2) * QT + i] = s[D - 1]; /* the odd last element, paired with zero */
+  }
+}
+
+/* fp32 tile rows [nk][QT] -> pairs over keys [nk2][QT] in bf16; a missing odd row is zero. */
+static void pack_tile_pairs(uint32_t *restrict dst, const float *S, int nk) {
+  for (int jp = 0; jp < (nk + 1) / 2; jp++)
+    for (int v = 0; v < NV; v++) {
+      const vf a = vload(S + 2 * jp * QT + v * W), b = 2 * jp + 1 < nk ? vload(S + (2 * jp + 1) * QT + v * W) : vzero();
+      vbstore(dst + jp * QT + v * W, vpack_bf2(a, b));
+    }
+}
+
+/* fp32 tile rows [n][QT] -> bf16 rows [n][QT]. */
+static void pack_tile_bf(uint16_t *restrict dst, const float *S, int n) {
+  for (int j = 0; j < n; j++)
+    for (int v = 0; v < NV; v++) vstore_bf(dst + j * QT + v * W, vload(S + j * QT + v * W));
+}
+#endif /* DA_BF16DP */
+
 /* ---- forward -------------------------------------------------------------------------------- */
 
 /* Online softmax over one tile of nk keys: S [nk][QT] (log2 units) becomes P = exp2(S - m_new)
@@ -231,11 +381,13 @@ typedef struct {
   float *Qt, *Ot, *M, *L; /* [nmt][Dp][QT], [nmt][Dp][QT], [nmt][QT], [nmt][QT] */
   float *Kc, *Vc;         /* [BK][Dp] */
   float *S;               /* [BK][QT] */
+  uint32_t *Pp;           /* [BK/2][QT] P in bf16 pairs over keys (bf16 pair path only) */
   float lo[QT], hi[QT];
 } fwd_scratch_t;
 
 static size_t fwd_scratch_floats(int nmt, int Dp) {
-  return (size_t)nmt * (2 * (size_t)Dp * QT + 2 * QT) + 2 * (size_t)BK_MAX * Dp + (size_t)BK_MAX * QT;
+  return (size_t)nmt * (2 * (size_t)Dp * QT + 2 * QT) + 2 * (size_t)BK_MAX * Dp + (size_t)BK_MAX * QT +
+         (size_t)BK_MAX / 2 * QT;
 }
 
 static void fwd_scratch_carve(fwd_scratch_t *w, float *base, int nmt, int Dp) {
@@ -246,10 +398,20 @@ static void fwd_scratch_carve(fwd_scratch_t *w, float *base, int nmt, int Dp) {
   w->Kc = w->L + (size_t)nmt * QT;
   w->Vc = w->Kc + (size_t)BK_MAX * Dp;
   w->S = w->Vc + (size_t)BK_MAX * Dp;
+  w->Pp = (uint32_t *)(w->S + (size_t)BK_MAX * QT);
 }
 
+/* bf16 storage goes through the bf16 pair products on the levels that have them. */
+#ifdef DA_HAVE_BF16DP
+#define BFDP(dt) ((dt) == 1)
+#else
+#define BFDP(dt) 0
+#endif
+
 /* One task: KV head g, query rows [r0, r0 + nrows) of the block, every query head of the group,
- * against all keys of the call. The state is read at the start and written at the end. */
+ * against all keys of the call. The state is read at the start and written at the end. In bf16
+ * on a bf16-pair level, Qt holds Q^T as pairs over d (unscaled), Kc bf16 rows and Vc V as pairs
+ * over keys (the layouts of the *_bf products). */
 static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows, int ntl, const void *q,
                      int64_t ldq, da_span_t qpos, const void *k, int64_t ldk, const void *v, int64_t ldv,
                      da_span_t kpos, da_fwd_state_t *st, fwd_scratch_t *w) {
@@ -273,7 +435,12 @@ static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows
       float *M = w->M + mt * QT, *L = w->L + mt * QT;
       if (n == 0) continue;
       const int64_t row = r0 + (int64_t)t * QT;
-      pack_cols(Qt, Dp, (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es, ldq, dt, n, D, c2);
+      const char *qrow = (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es;
+#ifdef DA_HAVE_BF16DP
+      if (BFDP(dt)) pack_cols_bf((uint32_t *)Qt, Dp, (const uint16_t *)qrow, ldq, n, D);
+      else
+#endif
+        pack_cols(Qt, Dp, qrow, ldq, dt, n, D, c2);
       memset(Ot, 0, (size_t)Dp * QT * sizeof(float));
       for (int i = 0; i < QT; i++) {
         if (i < n) {
@@ -299,8 +466,18 @@ static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows
       any |= cls[t] != DA_TILE_EMPTY;
     }
     if (!any) continue;
-    pack_rows(w->Kc, Dp, nkr, (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es, ldk, dt, nk, D, 1.0f);
-    pack_rows(w->Vc, Dp, nk, (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es, ldv, dt, nk, D, 1.0f);
+    const char *ksrc = (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es;
+    const char *vsrc = (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es;
+#ifdef DA_HAVE_BF16DP
+    if (BFDP(dt)) {
+      pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, ldk, nk, D);
+      pack_row_pairs((uint32_t *)w->Vc, Dp, (nk + 1) / 2, (const uint16_t *)vsrc, ldv, nk, D);
+    } else
+#endif
+    {
+      pack_rows(w->Kc, Dp, nkr, ksrc, ldk, dt, nk, D, 1.0f);
+      pack_rows(w->Vc, Dp, nk, vsrc, ldv, dt, nk, D, 1.0f);
+    }
     for (int t = 0; t < ntl; t++) {
       if (cls[t] == DA_TILE_EMPTY) continue;
       const int partial = cls[t] == DA_TILE_PARTIAL; /* lanes past tn[t] are ignored */
@@ -309,6 +486,18 @@ static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows
         const int mt = hi_ * ntl + t;
         float *Qt = w->Qt + (size_t)mt * Dp * QT, *Ot = w->Ot + (size_t)mt * Dp * QT;
         vf alpha[NV];
+#ifdef DA_HAVE_BF16DP
+        if (BFDP(dt)) {
+          const uint16_t *Kb = (const uint16_t *)w->Kc;
+          for (int jr = 0; jr < nk; jr += R) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, (const uint32_t *)Qt, w->S + jr * QT, c2);
+          softmax_tile(w->S, nk, partial ? w->lo : NULL, partial ? w->hi : NULL, w->M + mt * QT, w->L + mt * QT,
+                       alpha);
+          pack_tile_pairs(w->Pp, w->S, nk);
+          for (int dr = 0; dr < D; dr += R)
+            gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, alpha);
+          continue;
+        }
+#endif
         for (int jr = 0; jr < nk; jr += R) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT);
         softmax_tile(w->S, nk, partial ? w->lo : NULL, partial ? w->hi : NULL, w->M + mt * QT, w->L + mt * QT,
                      alpha);
@@ -468,6 +657,10 @@ typedef struct {
   float *Kc, *Vc;  /* [BK][Dp] */
   float *dKt, *dVt; /* [BK][Dp] */
   float *S, *dP;   /* [BK][QT] */
+  /* bf16 pair path only: K as pairs over keys [BK/2][Dp], P and dS as bf16 rows [BK][QT], dS as
+   * pairs over keys [BK/2][QT] */
+  uint32_t *Kp, *dSp;
+  uint16_t *Sb, *dSb;
   float lo[QT], hi[QT];
 } bwd_scratch_t;
 
@@ -493,7 +686,7 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
   const int nt = (int)lmin(nthr, ntasks > 1 ? ntasks : 1);
   const size_t qtile = (size_t)Dp * QT, nht = (size_t)H * ntc;
   const size_t qbytes = nht * (4 * qtile + 2 * QT) * sizeof(float);
-  const size_t per = nht * qtile + 4 * (size_t)bk * Dp + 2 * (size_t)bk * QT + 64;
+  const size_t per = nht * qtile + 5 * (size_t)bk * Dp + 4 * (size_t)bk * QT + 64;
   float *qbuf = da_malloc(qbytes, 64), *scratch = da_malloc(per * (size_t)nt * sizeof(float), 64);
   if (!qbuf || !scratch) {
     da_free(qbuf), da_free(scratch);
@@ -519,6 +712,10 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
     w.dVt = w.dKt + (size_t)bk * Dp;
     w.S = w.dVt + (size_t)bk * Dp;
     w.dP = w.S + (size_t)bk * QT;
+    w.Kp = (uint32_t *)(w.dP + (size_t)bk * QT);
+    w.dSp = w.Kp + (size_t)bk * Dp;
+    w.Sb = (uint16_t *)(w.dSp + (size_t)bk * QT);
+    w.dSb = w.Sb + (size_t)bk * QT;
     for (int64_t c0 = 0; c0 < qpos.count; c0 += qc) {
       const int64_t crows = lmin(qc, qpos.count - c0);
       const int nct = (int)((crows + QT - 1) / QT);
@@ -532,10 +729,20 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
         const int n = (int)lmin(QT, crows - (int64_t)t * QT);
         const char *qs = (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es;
         const char *gs = (const char *)dout + (size_t)(row * lddo + (int64_t)h * D) * es;
-        pack_cols(Q.Qt + x * qtile, Dp, qs, ldq, dt, n, D, c2);
-        pack_cols(Q.dOt + x * qtile, Dp, gs, lddo, dt, n, D, 1.0f);
-        pack_rows(Q.Qr + x * qtile, Dp, QT, qs, ldq, dt, n, D, p->scale);
-        pack_rows(Q.dOr + x * qtile, Dp, QT, gs, lddo, dt, n, D, 1.0f);
+#ifdef DA_HAVE_BF16DP
+        if (BFDP(dt)) { /* unscaled; Qr, dOr as pairs over queries [QT/2][Dp] */
+          pack_cols_bf((uint32_t *)(Q.Qt + x * qtile), Dp, (const uint16_t *)qs, ldq, n, D);
+          pack_cols_bf((uint32_t *)(Q.dOt + x * qtile), Dp, (const uint16_t *)gs, lddo, n, D);
+          pack_row_pairs((uint32_t *)(Q.Qr + x * qtile), Dp, QT / 2, (const uint16_t *)qs, ldq, n, D);
+          pack_row_pairs((uint32_t *)(Q.dOr + x * qtile), Dp, QT / 2, (const uint16_t *)gs, lddo, n, D);
+        } else
+#endif
+        {
+          pack_cols(Q.Qt + x * qtile, Dp, qs, ldq, dt, n, D, c2);
+          pack_cols(Q.dOt + x * qtile, Dp, gs, lddo, dt, n, D, 1.0f);
+          pack_rows(Q.Qr + x * qtile, Dp, QT, qs, ldq, dt, n, D, p->scale);
+          pack_rows(Q.dOr + x * qtile, Dp, QT, gs, lddo, dt, n, D, 1.0f);
+        }
         for (int i = 0; i < QT; i++) {
           const float L = i < n ? lse[(row + i) * H + h] : -INFINITY;
           Q.LS[x * QT + i] = L == -INFINITY ? INFINITY : L * LOG2E;
@@ -553,8 +760,19 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
         if (da_mask_classify(&p->mask, cspan.start, da_span_last(cspan), ks.start, da_span_last(ks)) ==
             DA_TILE_EMPTY)
           continue;
-        pack_rows(w.Kc, Dp, nkr, (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es, ldk, dt, nk, D, 1.0f);
-        pack_rows(w.Vc, Dp, nkr, (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es, ldv, dt, nk, D, 1.0f);
+        const char *ksrc = (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es;
+        const char *vsrc = (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es;
+#ifdef DA_HAVE_BF16DP
+        if (BFDP(dt)) {
+          pack_rows_bf((uint16_t *)w.Kc, Dp, nkr, (const uint16_t *)ksrc, ldk, nk, D);
+          pack_rows_bf((uint16_t *)w.Vc, Dp, nkr, (const uint16_t *)vsrc, ldv, nk, D);
+          pack_row_pairs(w.Kp, Dp, (nk + 1) / 2, (const uint16_t *)ksrc, ldk, nk, D);
+        } else
+#endif
+        {
+          pack_rows(w.Kc, Dp, nkr, ksrc, ldk, dt, nk, D, 1.0f);
+          pack_rows(w.Vc, Dp, nkr, vsrc, ldv, dt, nk, D, 1.0f);
+        }
         memset(w.dKt, 0, (size_t)2 * bk * Dp * sizeof(float)); /* dKt and dVt */
         int touched = 0;
         for (int t = 0; t < nct; t++) {
@@ -568,10 +786,20 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
           for (int hi_ = 0; hi_ < rep; hi_++) {
             const size_t x = (size_t)(g * rep + hi_) * ntc + t;
             const float *LS = Q.LS + x * QT, *DL = Q.DL + x * QT;
-            for (int jr = 0; jr < nk; jr += R) {
-              gemm_a(D, w.Kc + (size_t)jr * Dp, Dp, Q.Qt + x * qtile, w.S + jr * QT);
-              gemm_a(D, w.Vc + (size_t)jr * Dp, Dp, Q.dOt + x * qtile, w.dP + jr * QT);
-            }
+#ifdef DA_HAVE_BF16DP
+            if (BFDP(dt))
+              for (int jr = 0; jr < nk; jr += R) {
+                gemm_a_bf((D + 1) / 2, (const uint16_t *)w.Kc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q.Qt + x * qtile),
+                          w.S + jr * QT, c2);
+                gemm_a_bf((D + 1) / 2, (const uint16_t *)w.Vc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q.dOt + x * qtile),
+                          w.dP + jr * QT, 1.0f);
+              }
+            else
+#endif
+              for (int jr = 0; jr < nk; jr += R) {
+                gemm_a(D, w.Kc + (size_t)jr * Dp, Dp, Q.Qt + x * qtile, w.S + jr * QT);
+                gemm_a(D, w.Vc + (size_t)jr * Dp, Dp, Q.dOt + x * qtile, w.dP + jr * QT);
+              }
             /* P = exp2(S - lse2) (0 where masked), dS = P (dP - delta); rows nk..nkr-1 zero. */
             vf vl[NV], vd[NV], vlo[NV], vhi[NV];
             for (int u = 0; u < NV; u++) {
@@ -589,6 +817,21 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
                 vstore(w.dP + j * QT + u * W, j < nk ? ds : vzero());
               }
             }
+#ifdef DA_HAVE_BF16DP
+            if (BFDP(dt)) { /* P, dS rounded to bf16 for the three products; dK in units of Q / scale */
+              pack_tile_bf(w.Sb, w.S, nkr);
+              pack_tile_bf(w.dSb, w.dP, nkr);
+              pack_tile_pairs(w.dSp, w.dP, nk);
+              for (int jr = 0; jr < nk; jr += R)
+                for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+                  gemm_c_bf(w.Sb + jr * QT, (const uint32_t *)(Q.dOr + x * qtile) + d0, Dp, w.dVt + (size_t)jr * Dp + d0, Dp);
+                  gemm_c_bf(w.dSb + jr * QT, (const uint32_t *)(Q.Qr + x * qtile) + d0, Dp, w.dKt + (size_t)jr * Dp + d0, Dp);
+                }
+              for (int dr = 0; dr < D; dr += R)
+                gemm_b_bf((nk + 1) / 2, w.Kp + dr, Dp, w.dSp, w.dQt + x * qtile + (size_t)dr * QT, NULL);
+              continue;
+            }
+#endif
             for (int jr = 0; jr < nk; jr += R)
               for (int d0 = 0; d0 < Dp; d0 += NU * W) {
                 gemm_c(w.S + jr * QT, Q.dOr + x * qtile + d0, Dp, w.dVt + (size_t)jr * Dp + d0, Dp);
@@ -601,7 +844,8 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
         for (int j = 0; j < nk; j++) {
           float *dkr = dk + ((j0 + j) * G + g) * (int64_t)D, *dvr = dv + ((j0 + j) * G + g) * (int64_t)D;
           const float *a = w.dKt + (size_t)j * Dp, *b = w.dVt + (size_t)j * Dp;
-          for (int d = 0; d < D; d++) dkr[d] += a[d], dvr[d] += b[d];
+          const float ks = BFDP(dt) ? p->scale : 1.0f; /* the bf16 pair path used unscaled Q */
+          for (int d = 0; d < D; d++) dkr[d] += ks * a[d], dvr[d] += b[d];
         }
       }
       /* dq rows of the chunk += scale * sum over threads of dQ^T (transposed back). */
@@ -634,52 +878,60 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
 
 /* Specialized on NVEC = head dim / W (a compile-time constant, so accumulators stay in
  * registers): s[j] = q . K[j] for j in [lo, hi], and o = o * alpha + sum_j w[j] V[j]. K and V
- * are fp32 rows of stride ld (converted and zero-padded to whole vectors beforehand). */
-#define DEC_KERNELS(NVEC)                                                                          \
-  static void dec_qk_##NVEC(const float *qv, const float *k, int64_t ld, int64_t lo, int64_t hi,  \
+ * are rows of T (fp32, or bf16 widened in registers) of stride ld, whole vectors (fp32 rows
+ * converted and zero-padded beforehand where the head dim is not). */
+#define DEC_KERNELS_T(NAME, NVEC, T, LD)                                                           \
+  static void dec_qk_##NAME(const float *qv, const void *kp, int64_t ld, int64_t lo, int64_t hi,  \
                             float *s, int pf) {                                                    \
+    const T *k = (const T *)kp;                                                                    \
     vf q[NVEC];                                                                                    \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) q[x] = vload(qv + x * W);             \
     int64_t j = lo;                                                                                \
     if (NVEC <= 16)                                                                                \
       for (; j + 3 <= hi; j += 4) { /* four keys, four independent chains, one reduction */        \
-        const float *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;                 \
+        const T *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;                     \
         if (pf) /* the rows of the next block, while this one computes */                          \
-          _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) {                                \
+          _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) if ((x * W * sizeof(T)) % 64 == 0) { \
             __builtin_prefetch(k0 + DEC_BK * ld + x * W), __builtin_prefetch(k1 + DEC_BK * ld + x * W); \
             __builtin_prefetch(k2 + DEC_BK * ld + x * W), __builtin_prefetch(k3 + DEC_BK * ld + x * W); \
           }                                                                                        \
-        vf a0 = vmul(q[0], vload(k0)), a1 = vmul(q[0], vload(k1));                                 \
-        vf a2 = vmul(q[0], vload(k2)), a3 = vmul(q[0], vload(k3));                                 \
+        vf a0 = vmul(q[0], LD(k0)), a1 = vmul(q[0], LD(k1));                                 \
+        vf a2 = vmul(q[0], LD(k2)), a3 = vmul(q[0], LD(k3));                                 \
         _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                  \
-          a0 = vfma(q[x], vload(k0 + x * W), a0), a1 = vfma(q[x], vload(k1 + x * W), a1);          \
-          a2 = vfma(q[x], vload(k2 + x * W), a2), a3 = vfma(q[x], vload(k3 + x * W), a3);          \
+          a0 = vfma(q[x], LD(k0 + x * W), a0), a1 = vfma(q[x], LD(k1 + x * W), a1);          \
+          a2 = vfma(q[x], LD(k2 + x * W), a2), a3 = vfma(q[x], LD(k3 + x * W), a3);          \
         }                                                                                          \
         vhsum4(a0, a1, a2, a3, s + j);                                                             \
       }                                                                                            \
     for (; j <= hi; j++) {                                                                         \
-      const float *kr = k + j * ld;                                                                \
-      vf a0 = vmul(q[0], vload(kr)), a1 = vzero();                                                 \
+      const T *kr = k + j * ld;                                                                    \
+      vf a0 = vmul(q[0], LD(kr)), a1 = vzero();                                                 \
       _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                    \
-        if (x & 1) a1 = vfma(q[x], vload(kr + x * W), a1);                                         \
-        else a0 = vfma(q[x], vload(kr + x * W), a0);                                               \
+        if (x & 1) a1 = vfma(q[x], LD(kr + x * W), a1);                                         \
+        else a0 = vfma(q[x], LD(kr + x * W), a0);                                               \
       }                                                                                            \
       s[j] = vhsum(vadd(a0, a1));                                                                  \
     }                                                                                              \
   }                                                                                                \
-  static void dec_pv_##NVEC(float *o, float alpha, const float *w, int64_t lo, int64_t hi,        \
-                            const float *v, int64_t ld, int pf) {                                  \
+  static void dec_pv_##NAME(float *o, float alpha, const float *w, int64_t lo, int64_t hi,        \
+                            const void *vp, int64_t ld, int pf) {                                  \
+    const T *v = (const T *)vp;                                                                    \
     vf acc[NVEC];                                                                                  \
     const vf va = vset1(alpha);                                                                    \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vmul(vload(o + x * W), va);  \
     for (int64_t j = lo; j <= hi; j++) {                                                           \
-      const float *vr = v + j * ld;                                                                \
+      const T *vr = v + j * ld;                                                                    \
       const vf pj = vset1(w[j]);                                                                   \
-      if (pf) _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) __builtin_prefetch(vr + DEC_BK * ld + x * W); \
-      _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vfma(pj, vload(vr + x * W), acc[x]); \
+      if (pf) _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) if ((x * W * sizeof(T)) % 64 == 0) __builtin_prefetch(vr + DEC_BK * ld + x * W); \
+      _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vfma(pj, LD(vr + x * W), acc[x]); \
     }                                                                                              \
     _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) vstore(o + x * W, acc[x]);             \
   }
+#define DEC_KERNELS(NVEC) DEC_KERNELS_T(NVEC, NVEC, float, vload)
+/* bf16 rows widened in registers (half the bytes, no converted copy): the shipped head dims 64
+ * and 128 only. */
+static inline vf vload_bfw(const uint16_t *p) { return vload_dt(p, 1, W); }
+#define DEC_KERNELS_BF(NVEC) DEC_KERNELS_T(bf_##NVEC, NVEC, uint16_t, vload_bfw)
 DEC_KERNELS(1)
 DEC_KERNELS(2)
 DEC_KERNELS(3)
@@ -691,8 +943,33 @@ DEC_KERNELS(16)
 DEC_KERNELS(32)
 DEC_KERNELS(64)
 
-typedef void (*dec_qk_fn)(const float *, const float *, int64_t, int64_t, int64_t, float *, int);
-typedef void (*dec_pv_fn)(float *, float, const float *, int64_t, int64_t, const float *, int64_t, int);
+#if W == 4
+DEC_KERNELS_BF(16)
+DEC_KERNELS_BF(32)
+#define DEC_BF64 bf_16
+#define DEC_BF128 bf_32
+#elif W == 8
+DEC_KERNELS_BF(8)
+DEC_KERNELS_BF(16)
+#define DEC_BF64 bf_8
+#define DEC_BF128 bf_16
+#else
+DEC_KERNELS_BF(4)
+DEC_KERNELS_BF(8)
+#define DEC_BF64 bf_4
+#define DEC_BF128 bf_8
+#endif
+
+typedef void (*dec_qk_fn)(const float *, const void *, int64_t, int64_t, int64_t, float *, int);
+typedef void (*dec_pv_fn)(float *, float, const float *, int64_t, int64_t, const void *, int64_t, int);
+
+/* The bf16 in-place kernels for head dim D (64 or 128); 0 for other dims (rows are converted). */
+static int dec_pick_bf(int D, dec_qk_fn *qk, dec_pv_fn *pv) {
+  if (D == 64) *qk = DA_CAT(dec_qk_, DEC_BF64), *pv = DA_CAT(dec_pv_, DEC_BF64);
+  else if (D == 128) *qk = DA_CAT(dec_qk_, DEC_BF128), *pv = DA_CAT(dec_pv_, DEC_BF128);
+  else return 0;
+  return 1;
+}
 /* The smallest specialization covering nvec vectors (rows are zero-padded up to it). */
 static int dec_pick(int nvec, dec_qk_fn *qk, dec_pv_fn *pv) {
   static const int sizes[] = {1, 2, 3, 4, 5, 6, 8, 16, 32, 64};
@@ -708,6 +985,78 @@ static int dec_pick(int nvec, dec_qk_fn *qk, dec_pv_fn *pv) {
 }
 
 
+/* Decode with the query heads of a GQA group in the vector lanes (groups of W heads): each K and
+ * V element is broadcast once against the W heads, so the scores S^T[key][head] = K Q^T and the
+ * output O^T[d][head] += V^T P^T are the forward's register-tiled products with heads for
+ * queries, the online softmax is lane-wise (no horizontal sums), and a K/V row is read once per
+ * group, not once per head. Used when the group fills whole vectors (H / G a multiple of W);
+ * otherwise one dot product per head (below) wastes no lanes.
+ * Qt [Dv][W] the group's queries (log2 units), Ot [Dv][W] its unnormalized output, M, L [W];
+ * K, V fp32 rows of stride ld (keys lo..hi, all visible to this query row); S [DEC_BK][W]. */
+static int dec_grouped(int rep) { return rep >= W && rep % W == 0; }
+
+static void dec_group(int Dv, const float *restrict Qt, const float *K, int64_t ldk, const float *V, int64_t ldv,
+                      int64_t lo, int64_t hi, float *restrict Ot, float *restrict M, float *restrict L,
+                      float *restrict S, int pf) {
+  int64_t j = lo;
+  for (; j + R - 1 <= hi; j += R) { /* R keys at a time: R accumulators, Q^T rows from L1 */
+    vf c[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) c[r] = vzero();
+    const float *k0 = K + j * ldk;
+    for (int d = 0; d < Dv; d++) {
+      const vf qd = vload(Qt + d * W);
+#pragma GCC unroll 16
+      for (int r = 0; r < R; r++) c[r] = vfma(vset1(k0[r * ldk + d]), qd, c[r]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) vstore(S + (j - lo + r) * W, c[r]);
+    if (pf) /* the next block's K rows, while this one computes */
+      for (int r = 0; r < R; r++)
+        for (int d = 0; d < Dv; d += 64 / (int)sizeof(float)) __builtin_prefetch(k0 + (r + DEC_BK) * ldk + d);
+  }
+  for (; j <= hi; j++) {
+    vf c0 = vzero(), c1 = vzero();
+    const float *kr = K + j * ldk;
+    for (int d = 0; d + 1 < Dv; d += 2)
+      c0 = vfma(vset1(kr[d]), vload(Qt + d * W), c0), c1 = vfma(vset1(kr[d + 1]), vload(Qt + (d + 1) * W), c1);
+    vstore(S + (j - lo) * W, vadd(c0, c1));
+  }
+  const int n = (int)(hi - lo + 1);
+  vf mx = vset1(-INFINITY), chk = vzero();
+  for (int t = 0; t < n; t++) mx = vmax(mx, vload(S + t * W)), chk = vadd(chk, vload(S + t * W));
+  /* A NaN score (NaN input) must make the head's max NaN, as in the per-head path: vmax may drop
+   * it, and a max left at -inf would read as "saw no key" in the final combine. 0 * chk is 0, or
+   * NaN where a score was NaN (or infinite). */
+  const vf mo = vload(M), mn = vadd(vmax(mx, mo), vmul(vzero(), chk));
+  const vf use = vreplace_eq(mn, -INFINITY, 0.0f); /* a head that has seen nothing yet: exp2(-inf) = 0 */
+  const vf alpha = vexp2(vsub(mo, use));
+  vstore(M, mn);
+  vf ls = vzero();
+  for (int t = 0; t < n; t++) {
+    const vf e = vexp2(vsub(vload(S + t * W), use));
+    vstore(S + t * W, e);
+    ls = vadd(ls, e);
+  }
+  vstore(L, vfma(vload(L), alpha, ls));
+  for (int dr = 0; dr < Dv; dr += R) {
+    vf c[R];
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) c[r] = vmul(vload(Ot + (dr + r) * W), alpha);
+    for (int t = 0; t < n; t++) {
+      const vf pt = vload(S + t * W);
+      const float *vr = V + (lo + t) * ldv + dr;
+#pragma GCC unroll 16
+      for (int r = 0; r < R; r++) c[r] = vfma(vset1(vr[r]), pt, c[r]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; r++) vstore(Ot + (dr + r) * W, c[r]);
+  }
+  if (pf)
+    for (int64_t t = lo; t <= hi; t++)
+      for (int d = 0; d < Dv; d += 64 / (int)sizeof(float)) __builtin_prefetch(V + (t + DEC_BK) * ldv + d);
+}
+
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
  * o [nq][H][Dv] unnormalized (rows padded to Dv = nvec * W), m, l [nq][H]; kf, vf_ are
  * [DEC_BK][Dv] scratch for converted rows. Per block of keys and KV head, every query head of
@@ -719,10 +1068,13 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
   dec_qk_fn qk;
   dec_pv_fn pv;
   dec_pick(Dv / W, &qk, &pv);
-  /* fp32 rows whose head dim is whole vectors are read in place; others are converted. */
-  const int direct = dt == 0 && D == Dv;
+  /* fp32 rows whose head dim is whole vectors are read in place; so are bf16 rows of the shipped
+   * head dims when each row serves one head (widened in registers: half the bytes and no
+   * converted copy); others are converted once per block for all the heads of the group. */
+  const int bfdirect = dt == 1 && rep <= 4 && dec_pick_bf(D, &qk, &pv);
+  const int direct = (dt == 0 && D == Dv) || bfdirect;
   const int64_t nq = qpos.count;
-  float s[DEC_BK] __attribute__((aligned(64)));
+  float s[DEC_BK * W] __attribute__((aligned(64))); /* scores of a block: [DEC_BK] or [DEC_BK][W] grouped */
   int64_t rlo[16], rhi[16];
   memset(s, 0, sizeof s);
   for (int64_t j0 = a; j0 < b; j0 += DEC_BK) {
@@ -750,7 +1102,7 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
       for (int g = 0; g < G; g++) {
         const char *k0 = (const char *)pg->k + (size_t)(j0 * pg->ldk + (int64_t)g * D) * es;
         const char *v0 = (const char *)pg->v + (size_t)(j0 * pg->ldv + (int64_t)g * D) * es;
-        const float *kb = (const float *)k0, *vb = (const float *)v0;
+        const void *kb = k0, *vb = v0; /* fp32 or (bfdirect) bf16 rows */
         int64_t ldk = pg->ldk, ldv = pg->ldv;
         if (!direct) {
           for (int64_t j = ulo; j <= uhi; j++)
@@ -763,6 +1115,15 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
         for (int ii = 0; ii < ni; ii++) {
           const int64_t i = i0 + ii, lo = rlo[ii], hi = rhi[ii];
           if (lo > hi) continue;
+          if (dec_grouped(rep)) { /* o, qs of a W-head group are [Dv][W] tiles (see decode) */
+            for (int h = g * rep; h < (g + 1) * rep; h += W) {
+              const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
+              const int64_t x = (i * H + h) * (int64_t)Dv;
+              dec_group(Dv, qs + x, (const float *)kb, ldk, (const float *)vb, ldv, lo, hi, o + x, m + i * H + h,
+                        l + i * H + h, s, pf); /* fp32 rows: rep >= W excludes bfdirect */
+            }
+            continue;
+          }
           for (int h = g * rep; h < (g + 1) * rep; h++) {
             /* prefetch the next block once per KV head (first query head), in-place rows only */
             const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
@@ -820,10 +1181,15 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
   if (!buf) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu decode: %lld splits", (long long)nsplit);
   float *qs = buf + per * (size_t)nsplit;
   const float c2 = p->scale * LOG2E;
+  /* Row (i, h) of qs and of each split's o: [Dp] at (i * H + h) * Dp, or, when the heads of a
+   * group share the lanes (dec_grouped), element d of head h at (i * H + h0) * Dp + d * W + h - h0
+   * with h0 = h rounded down to W: the same memory holds [Dp][W] tiles. */
+  const int grouped = dec_grouped(H / p->G);
+#define DEC_AT(i, h, d)                                                                                          (grouped ? ((i) * H + (h) / W * W) * (int64_t)Dp + (int64_t)(d) * W + (h) % W : ((i) * H + (h)) * (int64_t)Dp + (d))
   for (int64_t i = 0; i < nq; i++)
     for (int h = 0; h < H; h++)
       for (int d = 0; d < Dp; d++)
-        qs[(i * H + h) * (int64_t)Dp + d] =
+        qs[DEC_AT(i, h, d)] =
             d < D ? c2 * da_load_f32((const char *)q + (size_t)(i * ldq + (int64_t)h * D) * es, dt, d) : 0.0f;
 #pragma omp parallel for schedule(static) num_threads((int)lmin(nthr, nsplit))
   for (int64_t sp = 0; sp < nsplit; sp++) {
@@ -862,12 +1228,15 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
       if (ms == -INFINITY) continue;
       const float wgt = M != M ? M : exp2f(ms - M);
       L += wgt * ls;
-      for (int d = 0; d < D; d++) dst[d] += wgt * so[r * Dp + d];
+      const int64_t i = r / H;
+      const int h = (int)(r % H);
+      for (int d = 0; d < D; d++) dst[d] += wgt * so[DEC_AT(i, h, d)];
     }
     const float inv = 1.0f / L; /* L > 0 here unless an input holds NaN, which then propagates */
     for (int d = 0; d < D; d++) dst[d] *= inv;
     if (lse) lse[r] = (M + log2f(L)) * LN2;
   }
+#undef DEC_AT
   da_free(buf);
   return DA_SUCCESS;
 }

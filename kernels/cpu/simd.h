@@ -170,6 +170,17 @@ static inline vf vload_dt(const void *p, int dt, int n) {
   __m256i h = _mm256_maskz_loadu_epi16(k, p);
   if (dt == 1) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
   return _mm512_cvtph_ps(h);
+#elif defined(DA_SIMD_AVX2)
+  /* whole vectors in registers (the scalar loop below made bf16 decode 4x slower than fp32) */
+  if (n >= W) {
+    if (dt == 0) return _mm256_loadu_ps((const float *)p);
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    if (dt == 1) return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p));
+  }
+  float t[W];
+  for (int i = 0; i < W; i++) t[i] = i < n ? da_load_f32(p, dt, i) : 0.0f;
+  return vload(t);
 #else
   float t[W];
   for (int i = 0; i < W; i++) t[i] = i < n ? da_load_f32(p, dt, i) : 0.0f;
@@ -190,10 +201,81 @@ static inline void vstore_dt(void *p, int dt, vf x, int n) {
     _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     return;
   }
+#elif defined(DA_SIMD_AVX2)
+  if (n >= W && dt == 0) {
+    _mm256_storeu_ps((float *)p, x);
+    return;
+  }
+  if (n >= W && dt == 2) {
+    _mm_storeu_si128((__m128i *)p, _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    return;
+  }
 #endif
   float t[W];
   vstore(t, x);
   for (int i = 0; i < n && i < W; i++) da_store_f32(p, dt, i, t[i]);
 }
+
+/* ---- bf16 pair products (levels built with DA_BF16DP) ---------------------------------------
+ * A vbi holds W 32-bit lanes, each a pair of bf16 (element 2i in the low half, 2i+1 in the high
+ * half, as bf16 rows sit in memory). vdp(acc, a, b) adds a.lo*b.lo + a.hi*b.hi to each fp32 lane:
+ * the AVX512-BF16 instruction vdpbf16ps (DA_BF16DP == 1), or the same products in two FMAs on
+ * AVX2 (DA_BF16DP == 2), which runs the identical tiling and packing on CPUs without the
+ * instruction so that the layout logic of the bf16 path is tested everywhere. */
+#if defined(DA_BF16DP)
+#if DA_BF16DP == 1 && defined(DA_SIMD_AVX512) && defined(__AVX512BF16__)
+typedef __m512i vbi;
+static inline vbi vbload(const void *p) { return _mm512_loadu_si512(p); }
+static inline void vbstore(void *p, vbi x) { _mm512_storeu_si512(p, x); }
+static inline vbi vbcast(const void *p) {
+  uint32_t x;
+  memcpy(&x, p, 4);
+  return _mm512_set1_epi32((int)x);
+}
+static inline vf vdp(vf acc, vbi a, vbi b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
+/* Lanes (bf16(x0[i]), bf16(x1[i])), round to nearest even (the instruction's conversion). */
+static inline vbi vpack_bf2(vf x0, vf x1) {
+  /* cvtne2ps gives x0 in bf16 elements 0..15 and x1 in 16..31; interleave them into pairs */
+  static const uint16_t idx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                   8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  return _mm512_permutexvar_epi16(_mm512_loadu_si512(idx), (__m512i)_mm512_cvtne2ps_pbh(x1, x0));
+}
+/* W bf16 values of x at p. */
+static inline void vstore_bf(uint16_t *p, vf x) {
+  __m256bh h = _mm512_cvtneps_pbh(x);
+  memcpy(p, &h, sizeof h);
+}
+#elif DA_BF16DP == 2 && defined(DA_SIMD_AVX2)
+typedef __m256i vbi;
+static inline vbi vbload(const void *p) { return _mm256_loadu_si256((const __m256i *)p); }
+static inline void vbstore(void *p, vbi x) { _mm256_storeu_si256((__m256i *)p, x); }
+static inline vbi vbcast(const void *p) {
+  uint32_t x;
+  memcpy(&x, p, 4);
+  return _mm256_set1_epi32((int)x);
+}
+static inline vf vdp(vf acc, vbi a, vbi b) {
+  const __m256i hi = _mm256_set1_epi32((int)0xffff0000u);
+  acc = _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_slli_epi32(a, 16)), _mm256_castsi256_ps(_mm256_slli_epi32(b, 16)), acc);
+  return _mm256_fmadd_ps(_mm256_castsi256_ps(_mm256_and_si256(a, hi)), _mm256_castsi256_ps(_mm256_and_si256(b, hi)), acc);
+}
+/* bf16 of each lane (round to nearest even, NaN kept a quiet NaN) in the high 16 bits. */
+static inline __m256i vbf_bits(vf x) {
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd));
+  const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+  r = _mm256_blendv_epi8(r, _mm256_or_si256(u, _mm256_set1_epi32(0x00400000)), nan);
+  return _mm256_and_si256(r, _mm256_set1_epi32((int)0xffff0000u));
+}
+static inline vbi vpack_bf2(vf x0, vf x1) { return _mm256_or_si256(_mm256_srli_epi32(vbf_bits(x0), 16), vbf_bits(x1)); }
+static inline void vstore_bf(uint16_t *p, vf x) {
+  const __m256i r = _mm256_srli_epi32(vbf_bits(x), 16);
+  _mm_storeu_si128((__m128i *)p, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+#else
+#error "DA_BF16DP: 1 needs AVX-512 with -mavx512bf16, 2 needs AVX2"
+#endif
+#endif /* DA_BF16DP */
 
 #endif /* DA_CPU_SIMD_H */
