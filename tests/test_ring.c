@@ -39,7 +39,9 @@ typedef struct {
 /* P-rank vs 1-rank results (fp32): relative per row, like the reference comparison. */
 #define ONE_RANK_TOL 1e-5
 
-static const char *algo_name(da_algo_t a) { return a == DA_ALGO_RING ? "ring" : a == DA_ALGO_STRIPED ? "striped" : "zigzag"; }
+static const char *algo_name(da_algo_t a) {
+  return a == DA_ALGO_RING ? "ring" : a == DA_ALGO_STRIPED ? "striped" : a == DA_ALGO_ZIGZAG ? "zigzag" : "ulysses";
+}
 
 static void describe(const tcase_t *c, char *buf, size_t n) {
   snprintf(buf, n, "%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s%s dtype=%s block=%lld%s%s", algo_name(c->algo),
@@ -714,6 +716,8 @@ START_TEST(link_hook) {
 }
 END_TEST
 
+/* tests/test_ulysses.c includes this file for its case runner and helpers, with its own main. */
+#ifndef DA_TEST_RING_HELPERS_ONLY
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
   MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
@@ -740,3 +744,4 @@ int main(int argc, char **argv) {
   MPI_Finalize();
   return total ? 1 : 0;
 }
+#endif
