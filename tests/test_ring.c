@@ -34,6 +34,7 @@ typedef struct {
   int bwd;
   int64_t block;
   int strided_q; /* q passed with a padded head stride (exercises the packing path) */
+  const char *transport; /* NULL: the default (mpi) */
 } tcase_t;
 
 /* P-rank vs 1-rank results (fp32): relative per row, like the reference comparison. */
@@ -218,7 +219,7 @@ static double run_case(const tcase_t *c, int verbose) {
   prob.mask = c->mask, prob.window = c->window;
   if (c->mask & DA_MASK_DOC) prob.ndocs = make_docs(S, c->ndocs, cu), prob.cu_seqlens = cu;
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60;
+  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60, cfg.transport = c->transport;
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
   if (st != DA_SUCCESS) {

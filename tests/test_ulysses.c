@@ -67,6 +67,12 @@ START_TEST(u_edges) {
        .dt = DA_BFLOAT16, .bwd = 1},
   };
   for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) fails += run_case(&cs[i], 1) > 1;
+  if (P == 1) {
+    /* The self transport's all-to-all (a copy of the rank's own part). */
+    tcase_t c = {.algo = DA_ALGO_ULYSSES, .mask = DA_MASK_CAUSAL, .S = 77, .B = 2, .H = UH, .G = 2, .D = 16,
+                 .dt = DA_BFLOAT16, .bwd = 1, .transport = "self"};
+    fails += run_case(&c, 1) > 1;
+  }
   ck_assert_msg(fails == 0, "%d edge cases failed (details on stderr)", fails);
 }
 END_TEST
