@@ -592,10 +592,12 @@ typedef struct {
   da_tensor_t q, k, v, o, l, dout, dq, dk, dv;
 } zplan_t;
 
+static double zplan_timeout = 60; /* seconds; a timeout test lowers it */
+
 static da_status_t zplan_make(zplan_t *z, const da_problem_t *prob, da_algo_t algo) {
   memset(z, 0, sizeof *z);
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-  cfg.algo = algo, cfg.timeout = 60;
+  cfg.algo = algo, cfg.timeout = zplan_timeout;
   da_status_t st = da_plan_create(g_comm, prob, &cfg, &z->plan);
   if (st != DA_SUCCESS) return st;
   const int64_t n = z->n = da_plan_local_rows(z->plan), H = prob->heads, G = prob->kv_heads, D = prob->dim;

@@ -153,6 +153,39 @@ START_TEST(u_plan_figures) {
 }
 END_TEST
 
+/* A rank that never joins the forward: every other rank gets DA_ERR_TIMEOUT within the plan's
+ * deadline (from the call's argument agreement, which comes first), never a hang; a plan made
+ * beside it still works. (The all-to-all's own deadline, coll_wait in comm/mpi.c, is shared with
+ * the other collectives; a test that reaches it with every rank in the call needs a fault hook.) */
+START_TEST(u_timeout) {
+  if (g_size == 1) return;
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.seq = 64, prob.heads = 2 * g_size, prob.kv_heads = 1, prob.dim = 16;
+  zplan_t z;
+  zplan_timeout = 2;
+  ck_assert(all_equal_status(zplan_make(&z, &prob, DA_ALGO_ULYSSES), DA_SUCCESS));
+  zplan_timeout = 60;
+  zplan_t z2; /* made first: plan creation is collective */
+  ck_assert(all_equal_status(zplan_make(&z2, &prob, DA_ALGO_ULYSSES), DA_SUCCESS));
+  const int absent = g_rank == g_size - 1;
+  int ok = 1;
+  double dt = 0;
+  if (!absent) {
+    double t0 = MPI_Wtime();
+    da_status_t st = da_plan_fwd(z.plan, &z.q, &z.k, &z.v, &z.o, &z.l, NULL);
+    dt = MPI_Wtime() - t0;
+    const char *msg = da_last_error(g_ctx);
+    ok = st == DA_ERR_TIMEOUT && msg && strstr(msg, "did not complete within 2 s");
+    if (!ok) fprintf(stderr, "rank %d: %s: %s\n", g_rank, da_status_string(st), msg);
+  }
+  ck_assert_msg(red(ok, MPI_MIN) == 1, "a missing rank must time out the call on every other rank");
+  ck_assert_msg(red(dt, MPI_MAX) < 15, "timeout took %.1f s", red(dt, MPI_MAX));
+  ck_assert(all_equal_status(zplan_run(&z2, 1), DA_SUCCESS));
+  zplan_free(&z2);
+  zplan_free(&z);
+}
+END_TEST
+
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
   MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
@@ -168,7 +201,7 @@ int main(int argc, char **argv) {
   tcase_set_timeout(tc, 0);
   const char *only = getenv("DISTATTN_TEST_ONLY");
   struct { const char *name; const TTest *t; } tests[] = {
-      {"refusals", u_refusals}, {"plan_figures", u_plan_figures}, {"edges", u_edges}, {"matrix_uneven", u_matrix}};
+      {"refusals", u_refusals}, {"plan_figures", u_plan_figures}, {"timeout", u_timeout}, {"edges", u_edges}, {"matrix_uneven", u_matrix}};
   for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
     if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
   suite_add_tcase(s, tc);
