@@ -313,6 +313,60 @@ static da_status_t mpi_barrier(da_xport_t *xp) {
   return coll_wait(xp, &r, "barrier");
 }
 
+static size_t gcd_size(size_t a, size_t b) {
+  while (b) {
+    size_t t = a % b;
+    a = b, b = t;
+  }
+  return a;
+}
+
+/* MPI_Ialltoallv polled against the deadline. MPI counts and displacements are int: they are
+ * given in units of the largest power of two (up to 4 KiB) dividing every size and offset, a
+ * contiguous datatype, so per-peer parts well beyond 2 GiB still fit; what still does not is
+ * refused (DA_ERR_UNSUPPORTED). On timeout the collective is left to MPI, as in coll_wait. */
+static da_status_t mpi_alltoallv(da_xport_t *xp, const void *sbuf, const size_t *sbytes, const size_t *soff,
+                                 void *rbuf, const size_t *rbytes, const size_t *roff) {
+  const int P = xp->nranks;
+  size_t g = 4096;
+  for (int q = 0; q < P; q++) g = gcd_size(gcd_size(gcd_size(gcd_size(g, sbytes[q]), soff[q]), rbytes[q]), roff[q]);
+  if (g == 0) g = 1;
+  int *c = malloc((size_t)4 * P * sizeof *c);
+  if (!c) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "alltoallv counts");
+  int *sc = c, *sd = c + P, *rc_ = c + 2 * P, *rd = c + 3 * P;
+  for (int q = 0; q < P; q++) {
+    const size_t v[4] = {sbytes[q] / g, soff[q] / g, rbytes[q] / g, roff[q] / g};
+    for (int i = 0; i < 4; i++)
+      if (v[i] > INT_MAX) {
+        free(c);
+        return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d %s: all-to-all part of %zu bytes at offset %zu (peer %d) exceeds "
+                      "what one MPI_Ialltoallv can address in units of %zu bytes", xp->rank, xp->phase,
+                      i < 2 ? sbytes[q] : rbytes[q], i < 2 ? soff[q] : roff[q], q, g);
+      }
+    sc[q] = (int)v[0], sd[q] = (int)v[1], rc_[q] = (int)v[2], rd[q] = (int)v[3];
+  }
+  MPI_Datatype unit;
+  int rc = MPI_Type_contiguous((int)g, MPI_BYTE, &unit);
+  if (rc == MPI_SUCCESS) rc = MPI_Type_commit(&unit);
+  if (rc != MPI_SUCCESS) {
+    free(c);
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: all-to-all datatype", xp->rank, xp->phase);
+  }
+  da_status_t st = DA_SUCCESS;
+  if (da_param_WaitBlocking()) {
+    rc = MPI_Alltoallv(sbuf, sc, sd, unit, rbuf, rc_, rd, unit, comm_of(xp));
+    if (rc != MPI_SUCCESS) st = da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: all-to-all", xp->rank, xp->phase);
+  } else {
+    MPI_Request r;
+    rc = MPI_Ialltoallv(sbuf, sc, sd, unit, rbuf, rc_, rd, unit, comm_of(xp), &r);
+    st = rc != MPI_SUCCESS ? da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: all-to-all", xp->rank, xp->phase)
+                           : coll_wait(xp, &r, "all-to-all");
+  }
+  MPI_Type_free(&unit); /* MPI keeps it alive for a pending collective */
+  free(c);
+  return st;
+}
+
 const da_transport_t da_transport_mpi = {
     .name = "mpi",
     .init = mpi_init,
@@ -324,4 +378,5 @@ const da_transport_t da_transport_mpi = {
     .barrier = mpi_barrier,
     .abort = mpi_abort,
     .destroy = mpi_destroy,
+    .alltoallv = mpi_alltoallv,
 };

@@ -11,6 +11,7 @@
 #include <unistd.h>
 #include "distattn.h"
 #include "ring.h"
+#include "ulysses.h"
 #include "kvcache.h" /* da_fnv1a, the da_comm_t accessors defined here */
 #include "tensor.h"
 
@@ -175,8 +176,9 @@ static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const c
   if (cfg->size < sizeof(size_t) + sizeof(unsigned) || cfg->version == 0 || cfg->version > DA_API_VERSION)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_config_t: size %zu / version %u not recognized (start from "
                   "DA_PLAN_CONFIG_INITIALIZER)", cfg->size, cfg->version);
-  if ((unsigned)cfg->algo > DA_ALGO_ZIGZAG)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: unknown algo %d (ring, striped, zigzag)", (int)cfg->algo);
+  if ((unsigned)cfg->algo > DA_ALGO_ULYSSES)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: unknown algo %d (ring, striped, zigzag, ulysses)",
+                  (int)cfg->algo);
   if (cfg->block < 0)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: block = %lld tokens must be >= 0 (0 = automatic)",
                   (long long)cfg->block);
@@ -217,6 +219,8 @@ static da_status_t plan_local(da_comm_t *c, const da_problem_t *prob, const da_p
   const char *tp = NULL;
   DA_CHECK(check_config(cfg, c->nranks, &tp));
   DA_CHECK(da_context_params(c->ctx, prob, kp));
+  /* Every rank runs the same check on agreed-upon sizes, so every rank prints the refusal. */
+  if (cfg->algo == DA_ALGO_ULYSSES) DA_CHECK(da_ulysses_check(kp, c->nranks, da_transport_find(tp)));
   p->prob = *prob;
   p->prob.size = sizeof p->prob;
   p->algo = cfg->algo;
@@ -289,8 +293,11 @@ static da_status_t plan_memory(const da_comm_t *c, const da_plan_t *p) {
   const int bwd = (p->mem_count & DA_MEM_BACKWARD) != 0;
   const double B = (double)p->prob.batch, n = (double)R->nloc, es = (double)da_dtype_size(p->prob.dtype);
   const double HD = (double)R->kp.H * R->kp.D, GD = (double)R->kp.G * R->kp.D;
-  /* the ring buffers, the per-call lse scratch and the position table */
-  const double plan = (double)(bwd ? da_ring_bwd_bytes(R) : da_ring_fwd_bytes(R)) + B * n * R->kp.H * 4.0 + n * 8.0;
+  /* the driver's buffers, the per-call lse scratch and the position table */
+  /* Ulysses holds the whole sequence for H/P heads during a call: that is its design. */
+  const double drv = p->algo == DA_ALGO_ULYSSES ? (double)(bwd ? da_ulysses_bwd_bytes(R) : da_ulysses_fwd_bytes(R))
+                                                : (double)(bwd ? da_ring_bwd_bytes(R) : da_ring_fwd_bytes(R));
+  const double plan = drv + B * n * R->kp.H * 4.0 + n * 8.0;
   double tensors = 0;
   if (p->mem_count & DA_MEM_TENSORS) {
     tensors = B * n * ((2 * HD + 2 * GD) * es + 4.0 * R->kp.H); /* q k v out, lse */
@@ -307,8 +314,23 @@ static da_status_t plan_memory(const da_comm_t *c, const da_plan_t *p) {
                 human(budget, have), from);
 }
 
+/* The driver's figures: the ring's or Ulysses'. */
+static size_t plan_fwd_bytes(const da_plan_t *p) {
+  return p->algo == DA_ALGO_ULYSSES ? da_ulysses_fwd_bytes(&p->ring) : da_ring_fwd_bytes(&p->ring);
+}
+static size_t plan_bwd_bytes(const da_plan_t *p) {
+  return p->algo == DA_ALGO_ULYSSES ? da_ulysses_bwd_bytes(&p->ring) : da_ring_bwd_bytes(&p->ring);
+}
+static uint64_t plan_fwd_comm(const da_plan_t *p) {
+  return p->algo == DA_ALGO_ULYSSES ? da_ulysses_fwd_comm_bytes(&p->ring) : da_ring_fwd_comm_bytes(&p->ring);
+}
+static uint64_t plan_bwd_comm(const da_plan_t *p) {
+  return p->algo == DA_ALGO_ULYSSES ? da_ulysses_bwd_comm_bytes(&p->ring) : da_ring_bwd_comm_bytes(&p->ring);
+}
+
 static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp) {
-  static const da_layout_kind_t kinds[] = {DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_STRIPED, DA_LAYOUT_ZIGZAG};
+  static const da_layout_kind_t kinds[] = {DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_STRIPED, DA_LAYOUT_ZIGZAG,
+                                           DA_LAYOUT_CONTIGUOUS};
   const int P = c->nranks, r = c->rank;
   da_ring_t *R = &p->ring;
   DA_CHECK(da_mpi_comm_dup(c->comm, p->timeout, "da_plan_create", &p->mcomm));
@@ -349,13 +371,18 @@ static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp
     for (int64_t j = 0; j < segs[sg].count; j++) p->positions[i++] = da_span_at(segs[sg], j);
   if (i != R->nloc) return DA_ERR(DA_ERR_INTERNAL, "layout: %lld positions for %lld rows", (long long)i, (long long)R->nloc);
   for (int q = 0; q < P; q++) p->pairs_total += da_schedule_rank_work(&R->sched, q);
-  p->pairs_rank = da_schedule_rank_work(&R->sched, r) * R->B;
+  /* Ulysses: every rank computes every pair for H/P of the heads, pairs_total / P in units of
+   * all-head pairs (the remainder spread over the first ranks, so the ranks' figures add up). The
+   * ring schedule of the contiguous layout still counts the pairs of the whole problem. */
+  p->pairs_rank = p->algo == DA_ALGO_ULYSSES ? p->pairs_total / P + (r < p->pairs_total % P)
+                                             : da_schedule_rank_work(&R->sched, r);
+  p->pairs_rank *= R->B;
   p->pairs_total *= R->B;
   DA_INFO(DA_SUB_PLAN, "plan: %s over %d ranks, %lld local rows (max %lld), block %lld, transport %s; per call "
-          "%zu / %zu bytes of buffers (fwd / bwd), sends %llu / %llu bytes", da_layout_name(kinds[p->algo]), P,
-          (long long)R->nloc, (long long)R->nmax, (long long)block, p->transport, da_ring_fwd_bytes(R),
-          da_ring_bwd_bytes(R), (unsigned long long)da_ring_fwd_comm_bytes(R),
-          (unsigned long long)da_ring_bwd_comm_bytes(R));
+          "%zu / %zu bytes of buffers (fwd / bwd), sends %llu / %llu bytes",
+          p->algo == DA_ALGO_ULYSSES ? "ulysses" : da_layout_name(kinds[p->algo]), P, (long long)R->nloc,
+          (long long)R->nmax, (long long)block, p->transport, plan_fwd_bytes(p), plan_bwd_bytes(p),
+          (unsigned long long)plan_fwd_comm(p), (unsigned long long)plan_bwd_comm(p));
   return DA_SUCCESS;
 }
 
@@ -430,13 +457,13 @@ da_status_t da_plan_stats(const da_plan_t *p, da_plan_stats_t *s) {
   s->fwd_compute_s = R->fwd.compute_s, s->bwd_compute_s = R->bwd.compute_s;
   s->fwd_exposed_s = R->fwd.exposed_s, s->bwd_exposed_s = R->bwd.exposed_s;
   s->fwd_bytes_sent = R->fwd.bytes_sent, s->bwd_bytes_sent = R->bwd.bytes_sent;
-  s->mem_fwd_bytes = da_ring_fwd_bytes(R), s->mem_bwd_bytes = da_ring_bwd_bytes(R);
+  s->mem_fwd_bytes = plan_fwd_bytes(p), s->mem_bwd_bytes = plan_bwd_bytes(p);
   s->peak_bytes = da_mem_peak();
   s->fwd_step_compute_s = R->fwd.step_compute_s, s->fwd_step_wait_s = R->fwd.step_wait_s;
   s->bwd_step_compute_s = R->bwd.step_compute_s, s->bwd_step_wait_s = R->bwd.step_wait_s;
   s->fwd_step_bytes = R->fwd.step_bytes, s->bwd_step_bytes = R->bwd.step_bytes;
-  s->plan_fwd_bytes = da_ring_fwd_comm_bytes(R), s->plan_bwd_bytes = da_ring_bwd_comm_bytes(R);
-  s->work_imbalance = da_schedule_imbalance(&R->sched);
+  s->plan_fwd_bytes = plan_fwd_comm(p), s->plan_bwd_bytes = plan_bwd_comm(p);
+  s->work_imbalance = p->algo == DA_ALGO_ULYSSES ? 1.0 : da_schedule_imbalance(&R->sched);
   s->block = p->block_used;
   return DA_SUCCESS;
 }
@@ -566,7 +593,10 @@ agreed:
   /* Arguments first: a rank with a bad tensor must not leave its peers waiting in the ring. */
   st = da_xport_agree(&p->xp, st, "forward");
   if (st == DA_SUCCESS) {
-    st = outcome(p, da_ring_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream), "forward");
+    st = outcome(p,
+                 p->algo == DA_ALGO_ULYSSES ? da_ulysses_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream)
+                                            : da_ring_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream),
+                 "forward");
     if (st == DA_SUCCESS && p->ring.mode == DA_RING_RUN) {
       if (tmp[3]) unpack(p, &vo, H, D, tmp[3]);
       if (lse)
@@ -621,7 +651,10 @@ da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
 agreed:
   st = da_xport_agree(&p->xp, st, "backward");
   if (st == DA_SUCCESS) {
-    st = outcome(p, da_ring_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream), "backward");
+    st = outcome(p,
+                 p->algo == DA_ALGO_ULYSSES ? da_ulysses_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream)
+                                            : da_ring_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream),
+                 "backward");
     if (st == DA_SUCCESS && p->ring.mode == DA_RING_RUN) {
       if (tmp[5]) unpack(p, &vdq, H, D, tmp[5]);
       if (tmp[6]) unpack(p, &vdk, G, D, tmp[6]);

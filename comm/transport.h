@@ -73,6 +73,15 @@ typedef struct da_transport {
    * a registered region (DA_ERR_INVALID_ARGUMENT otherwise); sbuf may be any device memory.
    * Regions stay registered until destroy. NULL: buffers need no registration. */
   da_status_t (*register_mem)(da_xport_t *xp, void *ptr, size_t bytes);
+  /* (optional; NULL: the transport has none, and the drivers that need it, ulysses, refuse at
+   * plan time naming the transport) All-to-all with per-peer sizes: this rank sends sbytes[q]
+   * bytes from sbuf + soff[q] to every rank q and receives rbytes[q] bytes from rank q into
+   * rbuf + roff[q] ([nranks] arrays; the rank's own part is a copy). Blocking, bounded by
+   * xp->timeout_s: DA_ERR_TIMEOUT when a peer never joins, after which MPI may still write rbuf
+   * (the caller keeps it out of use). rbytes[q] must equal what rank q sends here (the plans
+   * agreed on the problem before any call). */
+  da_status_t (*alltoallv)(da_xport_t *xp, const void *sbuf, const size_t *sbytes, const size_t *soff, void *rbuf,
+                           const size_t *rbytes, const size_t *roff);
 } da_transport_t;
 
 struct da_xport {

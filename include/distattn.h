@@ -205,12 +205,16 @@ void da_comm_free(da_comm_t *comm);                                            /
 int da_comm_rank(const da_comm_t *comm); /* local */
 int da_comm_size(const da_comm_t *comm); /* local */
 
-/* The distributed algorithms: which global positions a rank owns (all three are exact and pass
- * KV blocks around a ring; they differ in load balance under causal masks). */
+/* The distributed algorithms: which global positions a rank owns and how the work meets (all are
+ * exact; ring, striped and zigzag pass KV blocks around a ring and differ in load balance under
+ * causal masks; ulysses exchanges heads for tokens by all-to-all). */
 typedef enum da_algo {
   DA_ALGO_RING = 0,    /* contiguous shards (Ring Attention) */
   DA_ALGO_STRIPED = 1, /* token i on rank i mod P (Striped Attention) */
   DA_ALGO_ZIGZAG = 2,  /* 2P chunks, rank r owns chunks r and 2P-1-r */
+  DA_ALGO_ULYSSES = 3, /* contiguous shards; an all-to-all gives each rank the whole sequence for
+                          H/P heads (DeepSpeed-Ulysses): needs H % P == 0 and G % P == 0 or
+                          P % G == 0, refused at plan time otherwise */
 } da_algo_t;
 
 typedef struct da_plan_config {

@@ -25,8 +25,9 @@
 #include "transport.h" /* da_test_link: the test-only slow link, echoed in the header and record */
 #include "verify.h"
 
-static const char *const algo_names[] = {"ring", "striped", "zigzag", NULL};
-static const char run_summary[] = "distributed exact attention over MPI (ring | striped | zigzag), forward and "
+/* Indices are da_algo_t values. */
+static const char *const algo_names[] = {"ring", "striped", "zigzag", "ulysses", NULL};
+static const char run_summary[] = "distributed exact attention over MPI (ring | striped | zigzag | ulysses), forward and "
                                   "backward, timed and verified in float64 on sampled rows";
 
 typedef struct run_opts {
@@ -446,10 +447,14 @@ static void run_print_plan(run_t *r) {
   da_report_line(stdout, "layout: %s  local rows %lld..%lld  pairs %lld  work imbalance (schedule) %.4f  KV "
                          "sub-block %lld%s", algo_names[o->algo], (long long)-rows[1], (long long)rows[0],
                  (long long)ps->pairs_total, ps->work_imbalance, (long long)ps->block, o->block ? "" : " (auto)");
-  da_report_line(stdout, "plan: buffers per rank %.2f MiB (fwd) / %.2f MiB (fwd+bwd); sent per call, all ranks: "
-                         "fwd %.2f MiB, bwd %.2f MiB (KV in %s, dK/dV in fp32)", mem[0] / 1048576.0,
-                 mem[1] / 1048576.0, vol[0] / 1048576.0, o->backward ? vol[1] / 1048576.0 : 0.0,
-                 da_dtype_names[o->dtype]);
+  /* Ulysses moves q, k, v (out, dout) in the storage dtype and the gradients home in fp32; the
+   * ring moves KV blocks and the fp32 dK/dV sums. Its buffers hold the whole sequence for H/P heads. */
+  const int uly = o->algo == DA_ALGO_ULYSSES;
+  da_report_line(stdout, "plan: buffers per rank %.2f MiB (fwd) / %.2f MiB (fwd+bwd)%s; sent per call, all ranks: "
+                         "fwd %.2f MiB, bwd %.2f MiB (%s in %s, %s in fp32)", mem[0] / 1048576.0,
+                 mem[1] / 1048576.0, uly ? ", the whole sequence for H/P heads" : "", vol[0] / 1048576.0,
+                 o->backward ? vol[1] / 1048576.0 : 0.0, uly ? "all-to-all of q, k, v, out" : "KV",
+                 da_dtype_names[o->dtype], uly ? "dq, dk, dv" : "dK/dV");
   da_report_line(stdout, "time: median of %lld iters, max over ranks; gflops: (4 fwd + 10 bwd) * H * D * pairs / "
                          "time; comm: bytes sent per call, summed over ranks", (long long)o->iters);
   if (o->input)

@@ -18,6 +18,15 @@ foreach(P 1 2 3 4 5 8)
   set_tests_properties(test_ring_np${P} PROPERTIES LABELS mpi TIMEOUT 330 ENVIRONMENT "${DA_MPI_TEST_ENV}")
 endforeach()
 
+# The Ulysses driver (all-to-all), tests/test_ulysses.c: P divides its 24 heads.
+add_executable(test_ulysses test_ulysses.c)
+target_link_libraries(test_ulysses PRIVATE da_comm da_ref da_core Check::check MPI::MPI_C m)
+foreach(P 1 2 3 4 6 8)
+  add_test(NAME test_ulysses_np${P}
+           COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 300 -np ${P} $<TARGET_FILE:test_ulysses>)
+  set_tests_properties(test_ulysses_np${P} PROPERTIES LABELS mpi TIMEOUT 330 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+endforeach()
+
 # Decode over the distributed paged KV cache (tree | ring), tests/test_tree.c.
 if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_tree.c)
   add_executable(test_tree test_tree.c)
@@ -115,6 +124,13 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
   da_run_cli(cli_run_striped_np5 5 0 OUT_RE "striped +5 +1004 .*# wrong: 0.# PASS"
              ARGS --algo striped --seq 1004 --heads 2 --dim 128 --mask causal+doc:300,400,304 --dtype fp16
                   --backward --verify 4 --iters 1 --warmup 0)
+  # Ulysses (issue 20): GQA with the KV heads replicated (G = 2 < P = 4), causal, backward; a
+  # head count P does not divide is refused on every rank (exit 2).
+  da_run_cli(cli_run_ulysses_np4 4 0 OUT_RE "layout: ulysses.*ulysses +4 +1003 .*# wrong: 0.# PASS"
+             ARGS --algo ulysses --seq 1003 --heads 8 --kv-heads 2 --dim 64 --mask causal --backward
+                  --verify 16 --iters 1 --warmup 0)
+  da_run_cli(cli_run_ulysses_bad_heads 4 2 ERR_RE "ulysses: 6 heads cannot be split over 4 ranks"
+             ARGS --algo ulysses --seq 256 --heads 6 --kv-heads 2 --dim 64 --verify 4 --iters 1 --warmup 0)
   da_run_cli(cli_run_np1 1 0 OUT_RE "zigzag +1 +777 .*# wrong: 0.# PASS"
              ARGS --seq 777 --heads 3 --dim 64 --verify 5 --iters 1 --warmup 0)
 

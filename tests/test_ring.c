@@ -34,12 +34,15 @@ typedef struct {
   int bwd;
   int64_t block;
   int strided_q; /* q passed with a padded head stride (exercises the packing path) */
+  const char *transport; /* NULL: the default (mpi) */
 } tcase_t;
 
 /* P-rank vs 1-rank results (fp32): relative per row, like the reference comparison. */
 #define ONE_RANK_TOL 1e-5
 
-static const char *algo_name(da_algo_t a) { return a == DA_ALGO_RING ? "ring" : a == DA_ALGO_STRIPED ? "striped" : "zigzag"; }
+static const char *algo_name(da_algo_t a) {
+  return a == DA_ALGO_RING ? "ring" : a == DA_ALGO_STRIPED ? "striped" : a == DA_ALGO_ZIGZAG ? "zigzag" : "ulysses";
+}
 
 static void describe(const tcase_t *c, char *buf, size_t n) {
   snprintf(buf, n, "%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s%s dtype=%s block=%lld%s%s", algo_name(c->algo),
@@ -216,7 +219,7 @@ static double run_case(const tcase_t *c, int verbose) {
   prob.mask = c->mask, prob.window = c->window;
   if (c->mask & DA_MASK_DOC) prob.ndocs = make_docs(S, c->ndocs, cu), prob.cu_seqlens = cu;
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60;
+  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60, cfg.transport = c->transport;
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
   if (st != DA_SUCCESS) {
@@ -589,10 +592,12 @@ typedef struct {
   da_tensor_t q, k, v, o, l, dout, dq, dk, dv;
 } zplan_t;
 
+static double zplan_timeout = 60; /* seconds; a timeout test lowers it */
+
 static da_status_t zplan_make(zplan_t *z, const da_problem_t *prob, da_algo_t algo) {
   memset(z, 0, sizeof *z);
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-  cfg.algo = algo, cfg.timeout = 60;
+  cfg.algo = algo, cfg.timeout = zplan_timeout;
   da_status_t st = da_plan_create(g_comm, prob, &cfg, &z->plan);
   if (st != DA_SUCCESS) return st;
   const int64_t n = z->n = da_plan_local_rows(z->plan), H = prob->heads, G = prob->kv_heads, D = prob->dim;
@@ -714,6 +719,8 @@ START_TEST(link_hook) {
 }
 END_TEST
 
+/* tests/test_ulysses.c includes this file for its case runner and helpers, with its own main. */
+#ifndef DA_TEST_RING_HELPERS_ONLY
 int main(int argc, char **argv) {
   MPI_Init(&argc, &argv);
   MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
@@ -740,3 +747,4 @@ int main(int argc, char **argv) {
   MPI_Finalize();
   return total ? 1 : 0;
 }
+#endif

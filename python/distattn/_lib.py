@@ -22,7 +22,8 @@ STATUS_NAMES = ["success", "invalid_argument", "unsupported", "out_of_memory", "
 DA_FLOAT32, DA_BFLOAT16, DA_FLOAT16 = 0, 1, 2
 DA_DEVICE_CPU, DA_DEVICE_CUDA = 0, 1
 DA_MASK_NONE, DA_MASK_CAUSAL, DA_MASK_WINDOW, DA_MASK_DOC = 0, 1, 2, 4
-ALGOS = {"ring": 0, "contiguous": 0, "striped": 1, "zigzag": 2}
+ALGOS = {"ring": 0, "contiguous": 0, "striped": 1, "zigzag": 2}  # token layouts (plans and KV caches)
+PLAN_ALGOS = dict(ALGOS, ulysses=3)  # plans only: DA_ALGO_ULYSSES has no KV cache layout of its own
 DECODE_ALGOS = {"tree": 0, "ring": 1}
 TOPOS = {"flat": 0, "two-level": 1, "two_level": 1}
 PLAN_MODES = {"run": 0, "compute-only": 1, "comm-only": 2}

@@ -125,7 +125,8 @@ class Plan(_Handle):
 
     seq: the global sequence length; heads, kv_heads (default heads), dim, batch; dtype
     ("float32", "bfloat16", "float16"); the mask: causal, window, doc_lens; scale. algo: "ring"
-    (contiguous shards), "striped" or "zigzag" (balanced under a causal mask). block: KV sub-block
+    (contiguous shards), "striped" or "zigzag" (balanced under a causal mask), "ulysses" (all-to-all
+    of heads for tokens; heads % ranks == 0, docs/ulysses.md). block: KV sub-block
     in tokens (0 = automatic), transport ("mpi", or "self" on one rank), timeout in seconds.
 
     Each rank passes its LOCAL rows: q and out [B][n][H][D] (or [n][H][D] when batch is 1), k and v
@@ -142,10 +143,10 @@ class Plan(_Handle):
         self.problem = Problem(batch=batch, seq=seq, heads=heads, kv_heads=kv_heads or heads,
                                dim=dim, dtype=dtype, causal=causal, window=window,
                                doc_lens=doc_lens, scale=scale)
-        if algo not in _lib.ALGOS:
-            raise ValueError(f"distattn: algo {algo!r} (ring, striped, zigzag)")
+        if algo not in _lib.PLAN_ALGOS:
+            raise ValueError(f"distattn: algo {algo!r} (ring, striped, zigzag, ulysses)")
         self._transport = transport.encode() if transport else None
-        cfg = _lib.init_struct(_lib.PlanConfig, algo=_lib.ALGOS[algo], block=int(block),
+        cfg = _lib.init_struct(_lib.PlanConfig, algo=_lib.PLAN_ALGOS[algo], block=int(block),
                                transport=self._transport, timeout=float(timeout))
         comm._check(_lib.lib.da_plan_create(comm.handle, self.problem.ref, byref(cfg), byref(self._h)),
                     "da_plan_create")
