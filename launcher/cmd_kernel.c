@@ -942,14 +942,7 @@ static int json_record(const kbench_t *b, int op, const op_result_t *r) {
   da_json_str(&j, "backend", b->kt->name);
   if (b->kt == &da_kernels_cpu) da_json_str(&j, "isa", da_cpu_isa_name());
   da_json_int(&j, "seq", b->S);
-  da_json_int(&j, "batch", 1);
-  da_json_int(&j, "heads", b->H);
-  da_json_int(&j, "kv_heads", b->G);
-  da_json_int(&j, "dim", b->D);
-  da_json_str(&j, "mask", b->maskdesc);
-  da_json_str(&j, "dtype", dtype_names[b->dtype]);
-  da_json_str(&j, "device", "cpu");
-  da_json_int(&j, "threads", b->T);
+  da_json_problem(&j, 1, b->H, b->G, b->D, b->maskdesc, dtype_names[b->dtype], "cpu", b->T);
   da_json_int(&j, "block_q", b->block_q);
   da_json_int(&j, "block_k", b->block_k);
   da_json_int(&j, "iters", b->iters);
