@@ -537,7 +537,6 @@ da_status_t da_plan_fwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
                         da_tensor_t *out, da_tensor_t *lse, void *stream) {
   da_status_t st;
   if ((st = plan_usable(p, "da_plan_fwd"))) return st;
-  da_context_t *ctx = p->comm->ctx;
   const int64_t H = p->ring.kp.H, G = p->ring.kp.G, D = p->ring.kp.D, B = p->prob.batch, n = p->ring.nloc;
   const da_dtype_t dt = p->prob.dtype;
   tview_t vq, vk, vv, vo, vl;
@@ -570,7 +569,7 @@ agreed:
   }
   for (int i = 0; i < NTMP; i++) da_free(tmp[i]);
   da_free(lsebuf);
-  return da_context_finish(ctx, st);
+  return da_context_finish(p->comm->ctx, st);
 }
 
 da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k, const da_tensor_t *v,
@@ -578,7 +577,6 @@ da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
                         da_tensor_t *dk, da_tensor_t *dv, void *stream) {
   da_status_t st;
   if ((st = plan_usable(p, "da_plan_bwd"))) return st;
-  da_context_t *ctx = p->comm->ctx;
   const int64_t H = p->ring.kp.H, G = p->ring.kp.G, D = p->ring.kp.D, B = p->prob.batch, n = p->ring.nloc;
   const da_dtype_t dt = p->prob.dtype;
   tview_t vq, vk, vv, vo, vdo, vl, vdq, vdk, vdv;
@@ -618,7 +616,7 @@ agreed:
   }
   for (int i = 0; i < NTMP; i++) da_free(tmp[i]);
   da_free(lsebuf);
-  return da_context_finish(ctx, st);
+  return da_context_finish(p->comm->ctx, st);
 }
 
 /* ---- accessors for the other drivers of comm/ (kvcache.c, tree.c; declared in kvcache.h) ---- */
