@@ -25,7 +25,8 @@ uint64_t da_fnv1a(uint64_t h, const void *p, size_t n) {
   return h;
 }
 
-da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char *const *names, const char *what) {
+da_status_t da_fields_compare(da_xport_t *xp, const int64_t *f, int n, const char *const *names, const char *what,
+                              char *msg, size_t cap, int *bad) {
   int64_t stack[64], *red = 2 * n <= 64 ? stack : malloc((size_t)(2 * n) * sizeof *red);
   if (!red) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "%s: agreement buffer", what);
   for (int i = 0; i < n; i++) red[i] = f[i], red[n + i] = -f[i];
@@ -34,20 +35,28 @@ da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char 
     if (red != stack) free(red);
     return st;
   }
-  char msg[400];
-  int len = 0, bad = 0;
+  int len = 0;
+  *bad = 0;
+  msg[0] = '\0';
   for (int i = 0; i < n; i++) {
     int64_t mx = red[i], mn = -red[n + i];
     if (mx == mn) continue;
-    bad = 1;
-    if (len >= (int)sizeof msg - 80) continue;
+    *bad = 1;
+    if (len >= (int)cap - 80) continue;
     if (names[i][0] == '#')
-      len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s differ", len ? ", " : "", names[i] + 1);
+      len += snprintf(msg + len, cap - (size_t)len, "%s%s differ", len ? ", " : "", names[i] + 1);
     else
-      len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s (here %lld, ranks range %lld..%lld)", len ? ", " : "",
+      len += snprintf(msg + len, cap - (size_t)len, "%s%s (here %lld, ranks range %lld..%lld)", len ? ", " : "",
                       names[i], (long long)f[i], (long long)mn, (long long)mx);
   }
   if (red != stack) free(red);
+  return DA_SUCCESS;
+}
+
+da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char *const *names, const char *what) {
+  char msg[400];
+  int bad = 0;
+  DA_CHECK(da_fields_compare(xp, f, n, names, what, msg, sizeof msg, &bad));
   if (bad) return DA_ERR(DA_ERR_MISMATCH, "rank %d: %s: ranks disagree: %s", xp->rank, what, msg);
   return DA_SUCCESS;
 }

@@ -57,6 +57,11 @@ MPI_Comm da_comm_mpi(const da_comm_t *c);
  * here and the range over ranks) when any differs. One allreduce of 2n values. names[i] labels
  * field i; a name starting with '#' is a hash (printed as "differ"). */
 da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char *const *names, const char *what);
+/* The comparison behind da_agree_fields, for a caller that words its own error: the same allreduce;
+ * *bad = 1 and msg (cap bytes) lists the differing fields when any differs. Fails only when the
+ * allreduce (or its buffer) does; what names the agreement in that message. */
+da_status_t da_fields_compare(da_xport_t *xp, const int64_t *f, int n, const char *const *names, const char *what,
+                              char *msg, size_t cap, int *bad);
 
 /* FNV-1a, for hashing arrays into one agreed field. */
 uint64_t da_fnv1a(uint64_t h, const void *p, size_t n);

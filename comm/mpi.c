@@ -252,6 +252,23 @@ static da_status_t coll_wait(da_xport_t *xp, MPI_Request *r, const char *what) {
   }
 }
 
+/* The end of a nonblocking collective started (MPI return code rc) into the heap copy tmp: wait
+ * for it, then copy its bytes into dst and free tmp. After a timeout tmp is kept (the collective may
+ * still write into it later). */
+static da_status_t coll_copy_out(da_xport_t *xp, int rc, MPI_Request *r, const char *what, void *tmp, void *dst,
+                                 size_t bytes) {
+  if (rc != MPI_SUCCESS) {
+    free(tmp);
+    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: %s", xp->rank, xp->phase, what);
+  }
+  da_status_t st = coll_wait(xp, r, what);
+  if (st == DA_SUCCESS) {
+    memcpy(dst, tmp, bytes);
+    free(tmp);
+  }
+  return st;
+}
+
 static da_status_t mpi_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op) {
   MPI_Datatype dt = type == DA_XT_INT64 ? MPI_INT64_T : MPI_DOUBLE;
   MPI_Op mop = op == DA_XOP_SUM ? MPI_SUM : op == DA_XOP_MIN ? MPI_MIN : MPI_MAX;
@@ -267,16 +284,7 @@ static da_status_t mpi_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_
   memcpy(tmp, buf, bytes);
   MPI_Request r;
   int rc = MPI_Iallreduce(MPI_IN_PLACE, tmp, count, dt, mop, comm_of(xp), &r);
-  if (rc != MPI_SUCCESS) {
-    free(tmp);
-    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: allreduce", xp->rank, xp->phase);
-  }
-  da_status_t st = coll_wait(xp, &r, "allreduce");
-  if (st == DA_SUCCESS) {
-    memcpy(buf, tmp, bytes);
-    free(tmp);
-  }
-  return st;
+  return coll_copy_out(xp, rc, &r, "allreduce", tmp, buf, bytes);
 }
 
 static da_status_t mpi_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes) {
@@ -291,16 +299,7 @@ static da_status_t mpi_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, s
   if (!tmp) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "allgather buffer");
   MPI_Request r;
   int rc = MPI_Iallgather(sbuf, (int)bytes, MPI_BYTE, tmp, (int)bytes, MPI_BYTE, comm_of(xp), &r);
-  if (rc != MPI_SUCCESS) {
-    free(tmp);
-    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: allgather", xp->rank, xp->phase);
-  }
-  da_status_t st = coll_wait(xp, &r, "allgather");
-  if (st == DA_SUCCESS) {
-    memcpy(rbuf, tmp, total);
-    free(tmp);
-  }
-  return st;
+  return coll_copy_out(xp, rc, &r, "allgather", tmp, rbuf, total);
 }
 
 static da_status_t mpi_barrier(da_xport_t *xp) {

@@ -128,7 +128,7 @@ enum { F_BATCH, F_SEQ, F_HEADS, F_KVHEADS, F_DIM, F_MASK, F_WINDOW, F_NDOCS, F_D
        F_HASH, F_NFIELDS };
 static const char *const field_names[F_NFIELDS] = {
     "batch", "seq", "heads", "kv_heads", "dim", "mask", "window", "ndocs", "dtype", "algo", "block",
-    "scale", "documents/transport/tiles"};
+    "scale", "#documents/transport/tiles"}; /* '#': a hash (da_fields_compare) */
 
 /* Every rank reduces max(f) and max(-f) of its fields: a field differs somewhere iff the two
  * disagree, and every rank sees the same result, so every rank returns the same verdict. */
@@ -147,24 +147,9 @@ static da_status_t agree_problem(da_comm_t *c, const da_plan_t *p, const da_kpar
   h = da_fnv1a(h, &kp->block_q, sizeof kp->block_q);
   h = da_fnv1a(h, &kp->block_k, sizeof kp->block_k);
   f[F_HASH] = (int64_t)(h >> 2); /* 62 bits: safe to negate */
-  int64_t red[2 * F_NFIELDS];
-  for (int i = 0; i < F_NFIELDS; i++) red[i] = f[i], red[F_NFIELDS + i] = -f[i];
-  DA_CHECK(c->ctl.t->allreduce(&c->ctl, red, 2 * F_NFIELDS, DA_XT_INT64, DA_XOP_MAX));
   char msg[400];
-  int len = 0, bad = 0;
-  for (int i = 0; i < F_NFIELDS; i++) {
-    int64_t mx = red[i], mn = -red[F_NFIELDS + i];
-    if (mx == mn) continue;
-    bad = 1;
-    if (i == F_HASH) {
-      if (len < (int)sizeof msg - 64)
-        len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s differ", len ? ", " : "", field_names[i]);
-      continue;
-    }
-    if (len < (int)sizeof msg - 64)
-      len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s (here %lld, ranks range %lld..%lld)",
-                      len ? ", " : "", field_names[i], (long long)f[i], (long long)mn, (long long)mx);
-  }
+  int bad = 0;
+  DA_CHECK(da_fields_compare(&c->ctl, f, F_NFIELDS, field_names, "problem", msg, sizeof msg, &bad));
   if (bad)
     return DA_ERR(DA_ERR_MISMATCH, "rank %d: ranks disagree on the problem: %s", c->rank, msg);
   return DA_SUCCESS;
@@ -562,16 +547,23 @@ static da_status_t outcome(da_plan_t *p, da_status_t st, const char *what) {
   return da_xport_agree(&p->xp, st, what);
 }
 
+/* The entry check of a call on a plan (fn names it in the message): clears the last error, then
+ * refuses a NULL plan, and a plan whose ring had a transfer time out (its peers' state is unknown). */
+static da_status_t plan_usable(da_plan_t *p, const char *fn) {
+  da_error_clear();
+  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: plan is NULL", fn);
+  if (p->ring.broken)
+    return da_context_finish(p->comm->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this plan had a transfer time "
+                                                  "out; free it and create a new one", p->ring.rank));
+  return DA_SUCCESS;
+}
+
 #define NTMP 10
 
 da_status_t da_plan_fwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k, const da_tensor_t *v,
                         da_tensor_t *out, da_tensor_t *lse, void *stream) {
-  da_error_clear();
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_fwd: plan is NULL");
-  da_context_t *ctx = p->comm->ctx;
-  if (p->ring.broken)
-    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this plan had a transfer time out; "
-                                         "free it and create a new one", p->ring.rank));
+  da_status_t st;
+  if ((st = plan_usable(p, "da_plan_fwd"))) return st;
   const int64_t H = p->ring.kp.H, G = p->ring.kp.G, D = p->ring.kp.D, B = p->prob.batch, n = p->ring.nloc;
   const da_dtype_t dt = p->prob.dtype;
   tview_t vq, vk, vv, vo, vl;
@@ -579,7 +571,6 @@ da_status_t da_plan_fwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
   float *lsebuf = NULL;
   da_rview_t rq, rk, rv, ro;
   p->xp.phase = "forward";
-  da_status_t st;
   if ((st = check_tensor(p, "q", q, dt, H, D, &vq)) || (st = check_tensor(p, "k", k, dt, G, D, &vk)) ||
       (st = check_tensor(p, "v", v, dt, G, D, &vv)) || (st = check_tensor(p, "out", out, dt, H, D, &vo)) ||
       (lse && (st = check_tensor(p, "lse", lse, DA_FLOAT32, H, 0, &vl))))
@@ -608,18 +599,14 @@ agreed:
   }
   for (int i = 0; i < NTMP; i++) da_free(tmp[i]);
   da_free(lsebuf);
-  return da_context_finish(ctx, st);
+  return da_context_finish(p->comm->ctx, st);
 }
 
 da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k, const da_tensor_t *v,
                         const da_tensor_t *out, const da_tensor_t *dout, const da_tensor_t *lse, da_tensor_t *dq,
                         da_tensor_t *dk, da_tensor_t *dv, void *stream) {
-  da_error_clear();
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_bwd: plan is NULL");
-  da_context_t *ctx = p->comm->ctx;
-  if (p->ring.broken)
-    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this plan had a transfer time out; "
-                                         "free it and create a new one", p->ring.rank));
+  da_status_t st;
+  if ((st = plan_usable(p, "da_plan_bwd"))) return st;
   const int64_t H = p->ring.kp.H, G = p->ring.kp.G, D = p->ring.kp.D, B = p->prob.batch, n = p->ring.nloc;
   const da_dtype_t dt = p->prob.dtype;
   tview_t vq, vk, vv, vo, vdo, vl, vdq, vdk, vdv;
@@ -627,7 +614,6 @@ da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
   float *lsebuf = NULL;
   da_rview_t rq, rk, rv, ro, rdo, rdq, rdk, rdv;
   p->xp.phase = "backward";
-  da_status_t st;
   if ((st = check_tensor(p, "q", q, dt, H, D, &vq)) || (st = check_tensor(p, "k", k, dt, G, D, &vk)) ||
       (st = check_tensor(p, "v", v, dt, G, D, &vv)) || (st = check_tensor(p, "out", out, dt, H, D, &vo)) ||
       (st = check_tensor(p, "dout", dout, dt, H, D, &vdo)) ||
@@ -663,7 +649,7 @@ agreed:
   }
   for (int i = 0; i < NTMP; i++) da_free(tmp[i]);
   da_free(lsebuf);
-  return da_context_finish(ctx, st);
+  return da_context_finish(p->comm->ctx, st);
 }
 
 /* ---- accessors for the other drivers of comm/ (kvcache.c, tree.c; declared in kvcache.h) ---- */

@@ -424,20 +424,44 @@ static void acc_merge(err_acc_t *a, const err_acc_t *part, int nt) {
   }
 }
 
-/* Per-thread scratch rows of D doubles (and x, D floats: the kernel's row under check). */
+/* Per-thread scratch rows of D doubles. */
 typedef struct ref_scratch {
   double *kd, *vd, *qd, *dod, *rk, *rv;
-  float *x;
 } ref_scratch_t;
 
 static void scratch_alloc(ref_scratch_t *s, int D) {
   const size_t n = (size_t)D * sizeof(double);
   s->kd = malloc(n), s->vd = malloc(n), s->qd = malloc(n), s->dod = malloc(n), s->rk = malloc(n), s->rv = malloc(n);
-  s->x = malloc((size_t)D * sizeof(float));
 }
 
 static void scratch_free(ref_scratch_t *s) {
-  free(s->kd), free(s->vd), free(s->qd), free(s->dod), free(s->rk), free(s->rv), free(s->x);
+  free(s->kd), free(s->vd), free(s->qd), free(s->dod), free(s->rk), free(s->rv);
+}
+
+/* The kernel's row got (D floats) against its float64 reference ref, into a. */
+static void acc_row(err_acc_t *a, const kbench_t *b, const double *ref, const float *got) {
+  double ae, re = vec_err(ref, got, b->D, &ae);
+  acc_add(a, ae, re, b->tol);
+}
+
+/* One check of a grid: cell (i, j) with this thread's scratch rows s, into this thread's a. */
+typedef void (*check_cell_fn)(const kbench_t *b, const void *ctx, int64_t i, int j, ref_scratch_t *s, err_acc_t *a);
+
+/* cell(i, j) for every i < n, j < m, spread over the check threads (each with its own scratch rows
+ * and accumulator), folded into a after. */
+static void check_grid(const kbench_t *b, int64_t n, int m, check_cell_fn cell, const void *ctx, err_acc_t *a) {
+  err_acc_t part[MAX_CHECK_THREADS] = {{0}};
+  const int nt = b->T < MAX_CHECK_THREADS ? b->T : MAX_CHECK_THREADS;
+#pragma omp parallel num_threads(nt)
+  {
+    ref_scratch_t s;
+    scratch_alloc(&s, b->D);
+#pragma omp for schedule(dynamic, 1) collapse(2)
+    for (int64_t i = 0; i < n; i++)
+      for (int j = 0; j < m; j++) cell(b, ctx, i, j, &s, &part[omp_get_thread_num()]);
+    scratch_free(&s);
+  }
+  acc_merge(a, part, nt);
 }
 
 /* float64 dq of query row qp, head h, into s->rk: the sum over its visible keys j of
@@ -462,36 +486,32 @@ static void dq_ref_row(const kbench_t *b, const double *K, const double *V, int6
   }
 }
 
+/* What a dq check cell reads: KV head g in float64 and the sampled rows' delta. */
+typedef struct dq_cells {
+  const double *K, *V, *delta64;
+  int g;
+} dq_cells_t;
+
+/* Sampled query row i, head hh of KV head c->g: dq against its float64 sum. */
+static void dq_cell(const kbench_t *b, const void *ctx, int64_t i, int hh, ref_scratch_t *s, err_acc_t *a) {
+  const dq_cells_t *c = ctx;
+  const int H = b->H, D = b->D, h = c->g * (H / b->G) + hh;
+  const int64_t qp = b->rows[i];
+  dq_ref_row(b, c->K, c->V, qp, h, b->lse64[i * H + h], c->delta64[i * H + h], s);
+  acc_row(a, b, s->rk, b->dq + (qp * H + h) * D);
+}
+
 /* dq of the sampled query rows against float64 built from lse64 / delta64 of those rows, into a.
  * -1 when out of memory. */
 static int verify_dq(const kbench_t *b, const double *delta64, err_acc_t *a) {
-  const int H = b->H, G = b->G, D = b->D, rep = H / G;
-  const int64_t n = b->nrows;
-  for (int g = 0; g < G; g++) {
+  for (int g = 0; g < b->G; g++) {
     double *K = kv_head_f64(b, b->k, g), *V = kv_head_f64(b, b->v, g);
     if (!K || !V) {
       free(K), free(V);
       return -1;
     }
-    err_acc_t part[MAX_CHECK_THREADS] = {{0}};
-    int nt = b->T < MAX_CHECK_THREADS ? b->T : MAX_CHECK_THREADS;
-#pragma omp parallel num_threads(nt)
-    {
-      ref_scratch_t s;
-      scratch_alloc(&s, D);
-#pragma omp for schedule(dynamic, 1) collapse(2)
-      for (int64_t i = 0; i < n; i++)
-        for (int hh = 0; hh < rep; hh++) {
-          const int h = g * rep + hh;
-          const int64_t qp = b->rows[i];
-          dq_ref_row(b, K, V, qp, h, b->lse64[i * H + h], delta64[i * H + h], &s);
-          for (int d = 0; d < D; d++) s.x[d] = b->dq[(qp * H + h) * D + d];
-          double ae, re = vec_err(s.rk, s.x, D, &ae);
-          acc_add(&part[omp_get_thread_num()], ae, re, b->tol);
-        }
-      scratch_free(&s);
-    }
-    acc_merge(a, part, nt);
+    const dq_cells_t c = {.K = K, .V = V, .delta64 = delta64, .g = g};
+    check_grid(b, b->nrows, b->H / b->G, dq_cell, &c, a);
     free(K), free(V);
   }
   return 0;
@@ -594,31 +614,23 @@ static void dkdv_ref_row(const kbench_t *b, const qrows_t *q, int64_t kp, int g,
 }
 
 /* dk and dv of the sampled key rows krows, every KV head, against their float64 sums, into a. */
+typedef struct dkdv_cells {
+  const qrows_t *q;
+  const int64_t *krows;
+} dkdv_cells_t;
+
+/* Sampled key row jj, KV head g: dk and dv against their float64 sums. */
+static void dkdv_cell(const kbench_t *b, const void *ctx, int64_t jj, int g, ref_scratch_t *s, err_acc_t *a) {
+  const dkdv_cells_t *c = ctx;
+  const int64_t kp = c->krows[jj], at = (kp * b->G + g) * b->D;
+  dkdv_ref_row(b, c->q, kp, g, s);
+  acc_row(a, b, s->rk, b->dk + at);
+  acc_row(a, b, s->rv, b->dv + at);
+}
+
 static void dkdv_check(const kbench_t *b, const qrows_t *q, const int64_t *krows, err_acc_t *a) {
-  const int G = b->G, D = b->D;
-  const int64_t n = b->nrows;
-  err_acc_t part[MAX_CHECK_THREADS] = {{0}};
-  const int nt = b->T < MAX_CHECK_THREADS ? b->T : MAX_CHECK_THREADS;
-#pragma omp parallel num_threads(nt)
-  {
-    ref_scratch_t s;
-    scratch_alloc(&s, D);
-#pragma omp for schedule(dynamic, 1) collapse(2)
-    for (int64_t jj = 0; jj < n; jj++)
-      for (int g = 0; g < G; g++) {
-        const int64_t kp = krows[jj];
-        dkdv_ref_row(b, q, kp, g, &s);
-        double ae, re;
-        for (int d = 0; d < D; d++) s.x[d] = b->dk[(kp * G + g) * D + d];
-        re = vec_err(s.rk, s.x, D, &ae);
-        acc_add(&part[omp_get_thread_num()], ae, re, b->tol);
-        for (int d = 0; d < D; d++) s.x[d] = b->dv[(kp * G + g) * D + d];
-        re = vec_err(s.rv, s.x, D, &ae);
-        acc_add(&part[omp_get_thread_num()], ae, re, b->tol);
-      }
-    scratch_free(&s);
-  }
-  acc_merge(a, part, nt);
+  const dkdv_cells_t c = {.q = q, .krows = krows};
+  check_grid(b, b->nrows, b->G, dkdv_cell, &c, a);
 }
 
 /* dk and dv of the sampled key rows krows against float64 sums over every query row that sees
@@ -942,14 +954,7 @@ static int json_record(const kbench_t *b, int op, const op_result_t *r) {
   da_json_str(&j, "backend", b->kt->name);
   if (b->kt == &da_kernels_cpu) da_json_str(&j, "isa", da_cpu_isa_name());
   da_json_int(&j, "seq", b->S);
-  da_json_int(&j, "batch", 1);
-  da_json_int(&j, "heads", b->H);
-  da_json_int(&j, "kv_heads", b->G);
-  da_json_int(&j, "dim", b->D);
-  da_json_str(&j, "mask", b->maskdesc);
-  da_json_str(&j, "dtype", dtype_names[b->dtype]);
-  da_json_str(&j, "device", "cpu");
-  da_json_int(&j, "threads", b->T);
+  da_json_problem(&j, 1, b->H, b->G, b->D, b->maskdesc, dtype_names[b->dtype], "cpu", b->T);
   da_json_int(&j, "block_q", b->block_q);
   da_json_int(&j, "block_k", b->block_k);
   da_json_int(&j, "iters", b->iters);

@@ -686,9 +686,7 @@ static int json_record(const orun_t *x, const figures_t *fg) {
     da_json_dbl(&j, "tokens_per_s_local", fg->sum[3]);
   else
     da_json_str(&j, "tokens_per_s_local", NULL);
-  da_json_int(&j, "verify_rows", x->vs[0]);
-  da_json_dbl(&j, "max_abs_err", x->R ? x->vmax[0] : NAN), da_json_dbl(&j, "max_rel_err", x->R ? x->vmax[1] : NAN);
-  da_json_int(&j, "wrong", x->vs[1]);
+  da_json_check(&j, x->vs[0], x->vmax[0], x->vmax[1], x->vs[1], x->R != 0);
   da_json_common(&j, NULL);
   int rc = da_json_append(&j, x->o.json);
   da_json_free(&j);

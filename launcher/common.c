@@ -282,18 +282,6 @@ void da_json_job(da_json_t *j, const char *hosts, int node_lists) {
   da_json_str(j, "cpu", da_report_cpu_model());
 }
 
-void da_json_problem(da_json_t *j, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, const char *mask,
-                     const char *dtype, const char *device, int threads) {
-  da_json_int(j, "batch", batch);
-  da_json_int(j, "heads", heads);
-  da_json_int(j, "kv_heads", kv_heads);
-  da_json_int(j, "dim", dim);
-  da_json_str(j, "mask", mask);
-  da_json_str(j, "dtype", dtype);
-  da_json_str(j, "device", device);
-  da_json_int(j, "threads", threads);
-}
-
 void da_json_check(da_json_t *j, int64_t rows, double max_abs, double max_rel, int64_t wrong, int verified) {
   da_json_int(j, "verify_rows", rows);
   da_json_dbl(j, "max_abs_err", verified ? max_abs : NAN);

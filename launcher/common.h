@@ -114,11 +114,9 @@ void da_report_mpi_header(const da_cmdspec_t *cmd, int threads, int ranks, const
 void da_json_job(da_json_t *j, const char *hosts, int node_lists);
 
 /* The fields of the records of run and decode that say the same thing in both, in one place:
- * the problem and where it ran (batch, heads, kv_heads, dim, mask, dtype, device, threads), the
- * check (verify_rows, max_abs_err and max_rel_err: null when nothing was verified, wrong) and the
- * non-finite counts (nonfinite_rows, _inputs, _outputs, _wrong). */
-void da_json_problem(da_json_t *j, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, const char *mask,
-                     const char *dtype, const char *device, int threads);
+ * the problem (da_json_problem, report.h), the check (verify_rows, max_abs_err and max_rel_err:
+ * null when nothing was verified, wrong) and the non-finite counts (nonfinite_rows, _inputs,
+ * _outputs, _wrong). */
 void da_json_check(da_json_t *j, int64_t rows, double max_abs, double max_rel, int64_t wrong, int verified);
 void da_json_nonfinite(da_json_t *j, int64_t rows, int64_t inputs, int64_t outputs, int64_t wrong);
 /* Append the record to path and free it: da_json_append's 0 or -1. */

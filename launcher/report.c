@@ -263,6 +263,18 @@ void da_json_null(da_json_t *j, const char *key) {
   jraw(j, "null", 4);
 }
 
+void da_json_problem(da_json_t *j, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, const char *mask,
+                     const char *dtype, const char *device, int threads) {
+  da_json_int(j, "batch", batch);
+  da_json_int(j, "heads", heads);
+  da_json_int(j, "kv_heads", kv_heads);
+  da_json_int(j, "dim", dim);
+  da_json_str(j, "mask", mask);
+  da_json_str(j, "dtype", dtype);
+  da_json_str(j, "device", device);
+  da_json_int(j, "threads", threads);
+}
+
 void da_json_common(da_json_t *j, const char *hosts) {
   da_json_str(j, "git", da_git_version());
   da_json_str(j, "hosts", hosts ? hosts : da_report_hostname());

@@ -87,6 +87,13 @@ static int gen_row64(const da_vprob_t *vp, uint32_t tensor, int64_t b, int64_t p
   return 0;
 }
 
+/* Row (pos) of the two tensors the checks always read together, q and dout (H heads) or k and v
+ * (G heads), into x1 and x2: 0, or -1 when either fails. */
+static int gen_pair64(const da_vprob_t *vp, uint32_t t1, uint32_t t2, int64_t b, int64_t pos, int heads, double *x1,
+                      double *x2, float *tmp) {
+  return gen_row64(vp, t1, b, pos, heads, x1, tmp) || gen_row64(vp, t2, b, pos, heads, x2, tmp) ? -1 : 0;
+}
+
 void da_verify_gen(const da_vprob_t *vp, uint32_t tensor, int64_t b, const int64_t *pos, int64_t n, int heads,
                    void *buf, int64_t ld) {
   const int D = vp->kp.D;
@@ -120,9 +127,7 @@ int da_verify_fwd_row(const da_vprob_t *vp, int64_t b, int64_t qpos, double *out
   for (int64_t k0 = lo; k0 <= hi; k0 += CHUNK) {
     int64_t n = hi - k0 + 1 < CHUNK ? hi - k0 + 1 : CHUNK;
     for (int64_t j = 0; j < n; j++)
-      if (gen_row64(vp, DA_RNG_K, b, k0 + j, G, k + j * G * D, tmp) ||
-          gen_row64(vp, DA_RNG_V, b, k0 + j, G, v + j * G * D, tmp))
-        goto out;
+      if (gen_pair64(vp, DA_RNG_K, DA_RNG_V, b, k0 + j, G, k + j * G * D, v + j * G * D, tmp)) goto out;
     da_ref_fwd_accum(&vp->kp, q, da_span(qpos, 1, 1), k, v, da_span(k0, 1, n), &st);
   }
   da_ref_fwd_finish(&vp->kp, &st, out, lse);
@@ -146,15 +151,12 @@ int da_verify_dq_row(const da_vprob_t *vp, int64_t b, int64_t qpos, const double
     free(q), free(dout), free(delta), free(k), free(v), free(tmp);
     return -1;
   }
-  int rc = gen_row64(vp, DA_RNG_Q, b, qpos, H, q, tmp) || gen_row64(vp, DA_RNG_DOUT, b, qpos, H, dout, tmp) ? -1 : 0;
+  int rc = gen_pair64(vp, DA_RNG_Q, DA_RNG_DOUT, b, qpos, H, q, dout, tmp);
   for (int h = 0; h < H; h++) delta[h] = dot(dout + h * D, out + h * D, D);
   memset(dq, 0, (size_t)H * D * 8);
   for (int64_t kp = lo; kp <= hi && !rc; kp++) {
     if (!da_mask_allows(&vp->kp.mask, qpos, kp)) continue;
-    if (gen_row64(vp, DA_RNG_K, b, kp, G, k, tmp) || gen_row64(vp, DA_RNG_V, b, kp, G, v, tmp)) {
-      rc = -1;
-      break;
-    }
+    if ((rc = gen_pair64(vp, DA_RNG_K, DA_RNG_V, b, kp, G, k, v, tmp))) break;
     for (int h = 0; h < H; h++) {
       if (lse[h] == -INFINITY) continue;
       const double *kg = k + (h / rep) * D, *vg = v + (h / rep) * D;
@@ -195,15 +197,12 @@ int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float
     free(q), free(dout), free(k), free(v), free(tmp);
     return -1;
   }
-  int rc = gen_row64(vp, DA_RNG_K, b, kpos, G, k, tmp) || gen_row64(vp, DA_RNG_V, b, kpos, G, v, tmp) ? -1 : 0;
+  int rc = gen_pair64(vp, DA_RNG_K, DA_RNG_V, b, kpos, G, k, v, tmp);
   memset(dk, 0, (size_t)G * D * 8);
   memset(dv, 0, (size_t)G * D * 8);
   for (int64_t qp = lo; qp <= hi && !rc; qp++) {
     if (!da_mask_allows(&vp->kp.mask, qp, kpos)) continue;
-    if (gen_row64(vp, DA_RNG_Q, b, qp, H, q, tmp) || gen_row64(vp, DA_RNG_DOUT, b, qp, H, dout, tmp)) {
-      rc = -1;
-      break;
-    }
+    if ((rc = gen_pair64(vp, DA_RNG_Q, DA_RNG_DOUT, b, qp, H, q, dout, tmp))) break;
     for (int h = 0; h < H; h++) {
       double L = lse_all[qp * H + h];
       if (L == -INFINITY) continue;
