@@ -216,21 +216,17 @@ void da_kvcache_free(da_kvcache_t *c) {
 da_status_t da_kvcache_create(da_comm_t *comm, const da_problem_t *prob, const da_kvcache_config_t *cfg,
                               da_kvcache_t **out) {
   da_error_clear();
-  if (!comm) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_create: communicator is NULL");
-  da_context_t *ctx = da_comm_context(comm);
-  if (!out) return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_create: output pointer is NULL"));
-  *out = NULL;
+  da_context_t *ctx;
+  da_status_t st;
+  da_kvcache_t *c = da_comm_create_begin(comm, (void **)out, "da_kvcache_create", sizeof *c, "kv cache", &ctx, &st);
+  if (!c) return st;
   da_kvcache_config_t def = DA_KVCACHE_CONFIG_INITIALIZER;
   if (!cfg) cfg = &def;
-  da_kvcache_t *c = calloc(1, sizeof *c);
-  if (!c) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "kv cache"));
   c->ctx = ctx;
   c->mcomm = MPI_COMM_NULL;
   /* The control transport comes first: every later failure must reach the other ranks. */
-  double timeout = cfg && cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
-  da_status_t st = da_mpi_comm_dup(da_comm_mpi(comm), timeout, "da_kvcache_create", &c->mcomm);
-  if (st == DA_ERR_TIMEOUT)
-    st = da_mpi_rollcall(da_comm_mpi(comm), fmin(timeout, DA_ROLLCALL_GRACE_S), "da_kvcache_create");
+  double timeout;
+  st = da_comm_dup_bounded(comm, cfg->timeout, "da_kvcache_create", &c->mcomm, &timeout);
   if (st != DA_SUCCESS) {
     da_kvcache_free(c);
     return da_context_finish(ctx, st);

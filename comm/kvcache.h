@@ -73,6 +73,18 @@ uint64_t da_fnv1a(uint64_t h, const void *p, size_t n);
 /* The timeout every comm/ object uses when its config says 0: DISTATTN_TIMEOUT or 300 s. */
 double da_comm_default_timeout(void);
 
+/* The opening every create call on a communicator shares (kv cache, decode plan, offload):
+ * comm and out must be given (the errors name the call fn), *out is cleared, and a zeroed object
+ * of `bytes` is allocated (`what` names it if memory runs out). Returns the object and its
+ * context in *ctx, or NULL with the failure in *st (recorded as the context's last error). */
+/* The bounded duplicate such an object takes of comm: the timeout it asked for (> 0 and finite,
+ * else da_comm_default_timeout) into *timeout, MPI_Comm_dup within it, and on a timeout the roll
+ * call that names the ranks that never came (errors name the call fn). */
+da_status_t da_comm_dup_bounded(const da_comm_t *comm, double requested, const char *fn, MPI_Comm *out,
+                                double *timeout);
+void *da_comm_create_begin(da_comm_t *comm, void **out, const char *fn, size_t bytes, const char *what,
+                           da_context_t **ctx, da_status_t *st);
+
 /* ---- the (o, lse) merge as an MPI operator (tree.c; used by the tree decode and the offload) -----
  * A row is D values of o and its lse: D + 1 floats; the datatype's size gives D. Two lse payloads
  * carry meaning: DA_LSE_POISON marks the rows of a rank that failed before the reduction (it still

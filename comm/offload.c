@@ -453,14 +453,13 @@ static da_status_t build(da_offload_t *p, const pub_t *all, int P) {
 da_status_t da_offload_create(da_comm_t *comm, da_role_t role, const da_problem_t *prob,
                               const da_offload_config_t *cfg, da_offload_t **out) {
   da_error_clear();
-  if (!comm || !out) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_create: communicator or output is NULL");
-  *out = NULL;
-  da_context_t *ctx = da_comm_context(comm);
+  da_context_t *ctx;
+  da_status_t cst;
+  da_offload_t *p = da_comm_create_begin(comm, (void **)out, "da_offload_create", sizeof *p, "offload", &ctx, &cst);
+  if (!p) return cst;
   MPI_Comm world = da_comm_mpi(comm);
   da_offload_config_t def = DA_OFFLOAD_CONFIG_INITIALIZER;
   if (!cfg) cfg = &def;
-  da_offload_t *p = calloc(1, sizeof *p);
-  if (!p) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "offload"));
   p->ctx = ctx;
   p->world = p->group = p->mem = MPI_COMM_NULL;
   int rc = MPI_Comm_dup(world, &p->world);

@@ -655,3 +655,28 @@ agreed:
 /* ---- accessors for the other drivers of comm/ (kvcache.c, tree.c; declared in kvcache.h) ---- */
 da_context_t *da_comm_context(const da_comm_t *c) { return c ? c->ctx : NULL; }
 MPI_Comm da_comm_mpi(const da_comm_t *c) { return c ? c->comm : MPI_COMM_NULL; }
+
+da_status_t da_comm_dup_bounded(const da_comm_t *comm, double requested, const char *fn, MPI_Comm *out,
+                                double *timeout) {
+  *timeout = requested > 0 && isfinite(requested) ? requested : da_comm_default_timeout();
+  da_status_t st = da_mpi_comm_dup(da_comm_mpi(comm), *timeout, fn, out);
+  if (st == DA_ERR_TIMEOUT) st = da_mpi_rollcall(da_comm_mpi(comm), fmin(*timeout, DA_ROLLCALL_GRACE_S), fn);
+  return st;
+}
+
+void *da_comm_create_begin(da_comm_t *comm, void **out, const char *fn, size_t bytes, const char *what,
+                           da_context_t **ctx, da_status_t *st) {
+  *ctx = da_comm_context(comm);
+  if (!comm) {
+    *st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: communicator is NULL", fn);
+    return NULL;
+  }
+  if (!out) {
+    *st = da_context_finish(*ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: output is NULL", fn));
+    return NULL;
+  }
+  *out = NULL;
+  void *obj = calloc(1, bytes);
+  if (!obj) *st = da_context_finish(*ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "%s", what));
+  return obj;
+}

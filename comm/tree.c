@@ -227,22 +227,19 @@ static da_status_t plan_build(da_decode_plan_t *p) {
 da_status_t da_decode_plan_create(da_comm_t *comm, const da_problem_t *prob, const da_decode_config_t *cfg,
                                   da_decode_plan_t **out) {
   da_error_clear();
-  if (!comm) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_create: communicator is NULL");
-  da_context_t *ctx = da_comm_context(comm);
-  if (!out) return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_create: output is NULL"));
-  *out = NULL;
+  da_context_t *ctx;
+  da_status_t st;
+  da_decode_plan_t *p =
+      da_comm_create_begin(comm, (void **)out, "da_decode_plan_create", sizeof *p, "decode plan", &ctx, &st);
+  if (!p) return st;
   da_decode_config_t def = DA_DECODE_CONFIG_INITIALIZER;
   if (!cfg) cfg = &def;
-  da_decode_plan_t *p = calloc(1, sizeof *p);
-  if (!p) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "decode plan"));
   p->ctx = ctx;
   p->mcomm = p->node = p->leaders = MPI_COMM_NULL;
   /* The plan's duplicate, bounded: a rank that never calls this must not hang the others. The
    * two-level split below comes only after an agreement that has seen every rank. */
-  double timeout = cfg->timeout > 0 && isfinite(cfg->timeout) ? cfg->timeout : da_comm_default_timeout();
-  da_status_t st = da_mpi_comm_dup(da_comm_mpi(comm), timeout, "da_decode_plan_create", &p->mcomm);
-  if (st == DA_ERR_TIMEOUT)
-    st = da_mpi_rollcall(da_comm_mpi(comm), fmin(timeout, DA_ROLLCALL_GRACE_S), "da_decode_plan_create");
+  double timeout;
+  st = da_comm_dup_bounded(comm, cfg->timeout, "da_decode_plan_create", &p->mcomm, &timeout);
   if (st != DA_SUCCESS) {
     da_decode_plan_free(p);
     return da_context_finish(ctx, st);
