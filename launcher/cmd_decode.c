@@ -18,6 +18,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "common.h"
+#include "fault.h" /* da_fault_point: the test-only fault injection */
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
@@ -261,6 +262,7 @@ static int decode_plan(void *c) {
   prob.dtype = (da_dtype_t)o->dtype, prob.mask = DA_MASK_CAUSAL;
   da_kvcache_config_t kcfg = DA_KVCACHE_CONFIG_INITIALIZER;
   kcfg.page = o->page, kcfg.layout = (da_algo_t)o->layout, kcfg.weights = d->weights, kcfg.timeout = o->timeout;
+  da_fault_point("plan");
   da_status_t st = da_kvcache_create(d->job.comm, &prob, &kcfg, &d->cache);
   if (st != DA_SUCCESS) return da_report_failure("decode", d->job.rank, "kv cache", st, d->job.ctx);
   da_decode_config_t dcfg = DA_DECODE_CONFIG_INITIALIZER;
@@ -404,6 +406,7 @@ static int decode_step_once(decode_t *d, const int64_t *ntok, double *t) {
   da_tensor_make(&tk, d->kb, dt, 3, shk), da_tensor_make(&tv, d->vb, dt, 3, shk);
   da_tensor_make(&tl, d->lb, DA_FLOAT32, 2, shl);
   MPI_Barrier(MPI_COMM_WORLD);
+  da_fault_point("forward");
   double t0 = MPI_Wtime();
   da_status_t st = da_kvcache_append(d->cache, ntok, &tk, &tv);
   if (st == DA_SUCCESS) st = da_decode_step(d->plan, d->cache, &tq, &to, &tl, NULL);
@@ -513,6 +516,7 @@ static void decode_count_cache(decode_t *d) {
 static int decode_verify(void *c) {
   decode_t *d = c;
   double vmax[2] = {0, 0}; /* abs, rel */
+  da_fault_point("verify");
   int vfail = decode_check_samples(d, vmax);
   if (da_mpi_max_int(vfail)) {
     if (vfail) fprintf(stderr, "distattn decode: rank %d: verification ran out of memory\n", d->job.rank);

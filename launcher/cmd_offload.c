@@ -255,6 +255,7 @@ static int offload_setup(void *c) {
   da_offload_config_t ocfg = DA_OFFLOAD_CONFIG_INITIALIZER;
   ocfg.page = o->page, ocfg.layers = x->L, ocfg.microbatches = (int)o->micro, ocfg.mem_budget = (double)o->budget;
   ocfg.timeout = o->timeout;
+  da_fault_point("plan");
   da_status_t st =
       da_offload_create(x->job.comm, o->role < 0 ? DA_ROLE_NONE : (da_role_t)o->role, prob, &ocfg, &x->off);
   if (da_mpi_max_int(st != DA_SUCCESS)) { /* role errors reach every rank: each says it */
@@ -570,6 +571,7 @@ static int offload_baseline(void *c) {
 /* Phase, collective: x->vs (rows, wrong) summed and x->vmax (abs, rel error) maxed over ranks. */
 static int offload_verify(void *c) {
   orun_t *x = c;
+  da_fault_point("verify");
   x->vs[0] = x->vs[1] = 0;
   x->vmax[0] = x->vmax[1] = 0;
   if (!x->is_mem) {
@@ -716,6 +718,7 @@ static int offload_execute(void *c) {
   print_layout(x);
   alloc_results(x);
   MPI_Barrier(MPI_COMM_WORLD);
+  da_fault_point("forward");
   const da_status_t st = x->is_mem ? serve_memory(x) : compute_loop(x);
   return da_mpi_max_int(st != DA_SUCCESS) ? 1 : 0;
 }

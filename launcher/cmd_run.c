@@ -20,6 +20,7 @@
 #include "npyio.h"
 #include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
 #include "common.h"
+#include "fault.h" /* da_fault_point: the test-only fault injection */
 #include "report.h"
 #include "rng.h"
 #include "transport.h" /* da_test_link: the test-only slow link, echoed in the header and record */
@@ -119,7 +120,7 @@ static int row_stats(const da_vprob_t *vp, int64_t n, const int64_t *pos, const 
             d += (double)da_load_f32(out, dt, (int64_t)l * D + e) * da_load_f32(dout, dt, (int64_t)l * D + e);
           ls[g] = lse[l], dl[g] = (float)d;
         }
-  if (da_mpi_max_int(rc)) return -1;
+  if (da_mpi_max_int(rc != 0)) return -1; /* rc is -1 on failure: max(-1, 0) would hide it */
   if (ns > (size_t)INT32_MAX) return -1;
   MPI_Allreduce(MPI_IN_PLACE, ls, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, dl, (int)ns, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD);
@@ -353,6 +354,7 @@ static int run_plan(void *c) {
   /* The plan refuses, before anything large is allocated, a problem whose buffers and tensors
    * exceed this rank's share of the machine's memory (or DISTATTN_MEM_BUDGET): exit 2. */
   pcfg.mem_count = DA_MEM_TENSORS | (o->backward ? DA_MEM_BACKWARD : 0);
+  da_fault_point("plan");
   da_status_t st = da_plan_create(r->job.comm, &prob, &pcfg, &r->plan);
   return st == DA_SUCCESS ? 0 : da_report_failure("run", r->job.rank, "plan", st, r->job.ctx);
 }
@@ -502,11 +504,13 @@ static int run_print_setup(void *c) {
 static da_status_t run_once(run_t *r, double t[2]) {
   t[0] = t[1] = 0;
   MPI_Barrier(MPI_COMM_WORLD);
+  da_fault_point("forward");
   double t0 = MPI_Wtime();
   da_status_t st = da_plan_fwd(r->plan, &r->tq, &r->tk, &r->tv, &r->to, &r->tl, NULL);
   t[0] = MPI_Wtime() - t0;
   if (st != DA_SUCCESS || !r->o.backward) return st;
   MPI_Barrier(MPI_COMM_WORLD);
+  da_fault_point("backward");
   t0 = MPI_Wtime();
   st = da_plan_bwd(r->plan, &r->tq, &r->tk, &r->tv, &r->to, &r->tdo, &r->tl, &r->tdq, &r->tdk, &r->tdv, NULL);
   t[1] = MPI_Wtime() - t0;
@@ -578,6 +582,7 @@ static int run_verify(void *c) {
   const run_opts_t *o = &r->o;
   vresult_t vr = {0};
   int vfail = 0;
+  da_fault_point("verify");
   da_npyio_source_t *src = NULL;
   if (o->verify > 0 && o->input) {
     char err[1536] = "";

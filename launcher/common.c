@@ -10,6 +10,7 @@
 #include <unistd.h>
 #include "common.h"
 #include "core.h"
+#include "fault.h"
 #include "report.h"
 
 static int cmp_dbl(const void *a, const void *b) {
@@ -147,6 +148,7 @@ int da_report_failure(const char *cmd, int rank, const char *what, da_status_t s
 }
 
 int da_mpi_default_threads(void) {
+  da_fault_point("place");
   MPI_Comm node;
   int local = 1;
   if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
@@ -232,18 +234,23 @@ int da_mpi_parse_agree(const char *cmd, int (*parse)(void *c, int argc, char **a
 }
 
 int da_mpi_cmd_main(const da_mpi_cmd_t *cmd, da_mpi_job_t *job, void *c, int argc, char **argv) {
-  int inited = 0;
+  int inited = 0, provided = MPI_THREAD_SINGLE;
   MPI_Initialized(&inited);
-  if (!inited) MPI_Init(NULL, NULL);
+  /* MPI_THREAD_MULTIPLE for the watchdog thread of fault.c (the hard deadline of the job) */
+  if (!inited) MPI_Init_thread(NULL, NULL, MPI_THREAD_MULTIPLE, &provided);
+  else MPI_Query_thread(&provided);
   MPI_Comm_rank(MPI_COMM_WORLD, &job->rank);
   MPI_Comm_size(MPI_COMM_WORLD, &job->size);
-  const int prc = da_mpi_parse_agree(cmd->name, cmd->parse, c, argc, argv);
+  const int frc = da_mpi_max_int(da_fault_start(argc, argv, provided));
+  da_fault_point("setup");
+  const int prc = frc ? DA_ARGS_USAGE : da_mpi_parse_agree(cmd->name, cmd->parse, c, argc, argv);
   int rc = prc == DA_ARGS_OK || prc == DA_ARGS_HELP ? 0 : 2;
   for (const da_phase_fn *phase = cmd->phases; prc == DA_ARGS_OK && !rc && *phase; phase++) rc = (*phase)(c);
   cmd->release(c);
   da_comm_free(job->comm);
   da_context_free(job->ctx);
   job->comm = NULL, job->ctx = NULL;
+  da_fault_stop();
   MPI_Finalize();
   return rc;
 }

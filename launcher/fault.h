@@ -15,6 +15,28 @@
 extern "C" {
 #endif
 
+/* After MPI_Init_thread (provided: the thread level granted): the deadline (this rank's
+ * --timeout, read from argv before the options are agreed on, else the plan's, else
+ * DISTATTN_TIMEOUT or 300 s), the test hook DISTATTN_TEST_FAULT, and, at P > 1 with
+ * MPI_THREAD_MULTIPLE, the watchdog thread (fault.c): heartbeats with the two ring neighbours,
+ * so a rank stopped anywhere (inside a long compute step included) is named by its neighbours
+ * within max(deadline, 2 s) plus a beat, and a bound on the blocking calls the wrappers mark
+ * (MPI-IO, communicator splits, collectives on sub-communicators). Returns 0, or 2 when the test
+ * hook is malformed (message printed). */
+int da_fault_start(int argc, char **argv, int provided);
+/* Before MPI_Finalize: goodbyes with the neighbours (a neighbour stopped now is still caught),
+ * then the watchdog ends. */
+void da_fault_stop(void);
+
+/* Test only: DISTATTN_TEST_FAULT=RANK:POINT[:stop|kill][:DELAY_S] makes world rank RANK send
+ * itself SIGSTOP (default) or SIGKILL the first time it reaches POINT (after DELAY_S seconds,
+ * from a helper thread, when given: to land inside a long compute step). It first prints
+ * "DISTATTN_TEST_FAULT: SIG... at POINT (wall T)" (T: CLOCK_REALTIME) so a test can time the
+ * job's end. Points: setup (before the options are agreed on), place (placement), plan (before
+ * the plan / cache / offload is created), forward (the first forward or decode step), backward
+ * (the first backward), verify, input / output (the first collective MPI-IO read / write). */
+void da_fault_point(const char *point);
+
 /* A rank gave up waiting (what: where). Roll call on MPI_COMM_WORLD: every rank that reaches
  * here tells every other one; after a grace period (min(deadline, 5 s)) the lowest surviving
  * rank prints which ranks never answered ("stopped, killed or hung"); MPI_Abort then ends the

@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include "fault.h"
 #include "place.h"
 #include "report.h"
 
@@ -35,6 +36,7 @@ int da_place_world(da_bind_t bind, da_placement_t *me, char *env_check, size_t e
   MPI_Comm node;
   int local = 0, nlocal = 1, rc = 0;
   memset(me, 0, sizeof *me);
+  da_fault_point("place");
   if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) != MPI_SUCCESS)
     node = MPI_COMM_SELF;
   MPI_Comm_rank(node, &local);
