@@ -64,7 +64,7 @@ static int wait_bounded(MPI_Request *r, const char *what) {
  * (or sits in a blocking MPI-IO call) learns that its peer stopped only when it next looks. The
  * watchdog thread looks all the time: it trades a small heartbeat with its two ring neighbours
  * (world ranks r-1 and r+1) every beat and ends the job when a neighbour has been silent for
- * max(deadline, DA_WATCH_MIN_S); SIGSTOP stops every thread of the victim, its heartbeat
+ * max(deadline, DA_WATCH_MIN_S) + the roll call's grace (min(deadline, 5 s)) + 1 s; SIGSTOP stops every thread of the victim, its heartbeat
  * included, so its neighbours name it whatever their own main threads are doing. It also bounds
  * the blocking calls the launcher cannot make nonblocking (MPI-IO collectives, communicator
  * splits, collectives on other communicators: the sections of the wrappers below).
@@ -74,7 +74,11 @@ static int wait_bounded(MPI_Request *r, const char *what) {
 enum { DA_WATCH_TAG = 0x7EAE, DA_WATCH_ALIVE = 1, DA_WATCH_BYE = 2 };
 #define DA_WATCH_MIN_S 2.0 /* below this a starved heartbeat thread could be taken for a stop */
 
-static _Atomic int aborting;       /* a roll call or an abort is under way in this process */
+/* 0; 1: a roll call is under way in this process (the watchdog still watches: a silent
+ * neighbour ends the job at once, naming it, rather than after the roll call's grace); 2: the job
+ * is being aborted. */
+enum { DA_END_NONE, DA_END_ROLLCALL, DA_END_ABORT };
+static _Atomic int aborting;
 static _Atomic double sect_t0;     /* start of the main thread's current blocking section, or 0 */
 static const char *_Atomic sect_what;
 static int sect_depth;             /* main thread only */
@@ -142,7 +146,10 @@ static void *watch_main(void *arg) {
   double last_beat = -1e300;
   int bye_sent = 0;
   for (;;) {
-    const double now = da_time_now(), T = deadline(), silence = T > DA_WATCH_MIN_S ? T : DA_WATCH_MIN_S;
+    /* The waits of the main thread get their deadline and the roll call its grace first (their
+     * messages say more: the step, the peer, the seconds waited); the watchdog is the backstop. */
+    const double now = da_time_now(), T = deadline();
+    const double silence = (T > DA_WATCH_MIN_S ? T : DA_WATCH_MIN_S) + (T < 5 ? T : 5) + 1;
     const double beat = T / 6 < 0.02 ? 0.02 : T / 6 > 1 ? 1 : T / 6;
     int byes = 0;
     for (int i = 0; i < W.nb; i++) watch_receive(i, now), byes += W.bye[i];
@@ -150,14 +157,14 @@ static void *watch_main(void *arg) {
     if (bye_sent && byes == W.nb) break;
     if (!bye_sent && now - last_beat >= beat) watch_send(DA_WATCH_ALIVE), last_beat = now;
     for (int i = 0; i < W.nb; i++)
-      if (!W.bye[i] && now - W.heard[i] > silence && !atomic_exchange(&aborting, 1)) {
+      if (!W.bye[i] && now - W.heard[i] > silence && atomic_exchange(&aborting, DA_END_ABORT) != DA_END_ABORT) {
         fprintf(stderr, "distattn: rank %d: rank %d gave no sign of life for %.1f s (stopped or hung; deadline "
                 "%g s): ending the job\n", W.me, W.nbr[i], now - W.heard[i], T);
         fflush(stderr);
         PMPI_Abort(MPI_COMM_WORLD, 1);
       }
     const double t0 = atomic_load(&sect_t0);
-    if (t0 > 0 && now - t0 > T && !atomic_load(&aborting)) {
+    if (t0 > 0 && now - t0 > T && atomic_load(&aborting) == DA_END_NONE) {
       const char *what = atomic_load(&sect_what);
       fprintf(stderr, "distattn: rank %d: %s did not complete within %g s (a peer is missing or stuck)\n", W.me, what,
               T);
@@ -403,7 +410,8 @@ int da_fault_notice(void) {
  * silent rank directly or on a rank that waits on it), so the ones never heard from are the
  * stopped, killed or hung ones. Sends are never waited for: MPI_Abort reclaims them. */
 _Noreturn void da_fault_abort(const char *what) {
-  if (atomic_exchange(&aborting, 1)) /* the other thread is ending the job already */
+  int was = DA_END_NONE;
+  if (!atomic_compare_exchange_strong(&aborting, &was, DA_END_ROLLCALL)) /* the other thread is at it */
     for (;;) sleep_s(1);
   int me = 0, P = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &me);
@@ -459,6 +467,8 @@ _Noreturn void da_fault_abort(const char *what) {
       for (long it = 64; da_time_now() - t1 < 3; it++) pause_a_little(it);
     }
   }
+  if (atomic_exchange(&aborting, DA_END_ABORT) == DA_END_ABORT) /* the watchdog is aborting already */
+    for (;;) sleep_s(1);
   PMPI_Abort(MPI_COMM_WORLD, 1);
   abort(); /* not reached: MPI_Abort does not return */
 }

@@ -20,7 +20,8 @@ extern "C" {
  * DISTATTN_TIMEOUT or 300 s), the test hook DISTATTN_TEST_FAULT, and, at P > 1 with
  * MPI_THREAD_MULTIPLE, the watchdog thread (fault.c): heartbeats with the two ring neighbours,
  * so a rank stopped anywhere (inside a long compute step included) is named by its neighbours
- * within max(deadline, 2 s) plus a beat, and a bound on the blocking calls the wrappers mark
+ * within max(deadline, 2 s) + min(deadline, 5 s) + 1 s (the waits' own deadlines and the roll
+ * call come first: their messages say more), and a bound on the blocking calls the wrappers mark
  * (MPI-IO, communicator splits, collectives on sub-communicators). Returns 0, or 2 when the test
  * hook is malformed (message printed). */
 int da_fault_start(int argc, char **argv, int provided);

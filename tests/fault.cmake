@@ -23,6 +23,31 @@ foreach(sig kill stop)
   set_tests_properties(fault_offload_${sig}_2c3m PROPERTIES LABELS fault TIMEOUT 60)
 endforeach()
 
+# The fault matrix (issue 19, tests/fault_matrix.sh): {SIGSTOP, SIGKILL} x {the phases} x {run,
+# decode, offload}, rank 1 of 3 faulting at a hook point (DISTATTN_TEST_FAULT); every cell must end
+# within --timeout (3 s) + 10 s, non-zero, naming rank 1. The list is generated from the points
+# each command has; the cells left out are the ones that do not exist or are the same as one kept:
+#   decode: no backward, no --input / --output; offload: neither, and no placement phase (its
+#   threads come from --threads, default 1); "step" (the fault 1.5 s into a forward whose
+#   compute steps are tens of seconds) for run only: a decode or offload step lasts milliseconds,
+#   so for them it is the forward cell (the watchdog that ends a stopped job does not depend on
+#   the command). One ctest per command, 3 cells at a time; about 30-40 s each on 2 cores.
+set(da_fm_points_run setup place plan forward step backward verify input output)
+set(da_fm_points_decode setup place plan forward verify)
+set(da_fm_points_offload setup plan forward verify)
+foreach(cmd run decode offload)
+  set(cells)
+  foreach(sig stop kill)
+    foreach(point ${da_fm_points_${cmd}})
+      list(APPEND cells ${cmd}:${sig}:${point})
+    endforeach()
+  endforeach()
+  add_test(NAME fault_matrix_${cmd}
+           COMMAND timeout -k 5 230 ${CMAKE_CURRENT_SOURCE_DIR}/fault_matrix.sh $<TARGET_FILE:distattn>
+                   ${DA_FAULT_MPIRUN} 3 ${cells})
+  set_tests_properties(fault_matrix_${cmd} PROPERTIES LABELS fault TIMEOUT 240)
+endforeach()
+
 # A problem that does not fit is refused by da_plan_create before anything large is allocated,
 # naming the bytes per rank and the budget (MemAvailable / ranks on the machine, or
 # DISTATTN_MEM_BUDGET): exit 2 on every rank.

@@ -89,7 +89,7 @@ PY
     grep -v DISTATTN_TEST_FAULT "$d/err" | grep -Eq "rank $VICTIM( |,|$)|ranks ([0-9]+, )*$VICTIM\b" ||
       { echo "FAIL $name: stderr does not name rank $VICTIM"; fail=1; }
     [ $fail = 0 ] && echo "ok   $name: exit $rc, ${el} s after the fault (limit $LIMIT s)"
-    if [ $fail = 1 ]; then echo "---- stderr of $name ----"; cat "$d/err"; echo "---- stdout (tail) ----"; tail -5 "$d/out"; fi
+    if [ $fail = 1 ] || [ -n "${FAULT_MATRIX_VERBOSE:-}" ]; then echo "---- stderr of $name ----"; cat "$d/err"; echo "---- stdout (tail) ----"; tail -5 "$d/out"; fi
   } >"$d.log" 2>&1
   return $fail
 }
