@@ -61,14 +61,28 @@ static int agree(int rc, char *err, size_t errlen) {
 /* ---- headers ---- */
 
 /* Rank 0: read and parse one header with plain reads (a few hundred bytes), and its file size. */
+static const char *file_kind(mode_t m) {
+  return S_ISDIR(m) ? "a directory" : S_ISFIFO(m) ? "a FIFO" : S_ISCHR(m) ? "a character device"
+         : S_ISBLK(m) ? "a block device" : S_ISSOCK(m) ? "a socket" : "not a regular file";
+}
+
 static int read_header(const char *path, const char *name, da_npy_header_t *h, int64_t *fsize, char *err, size_t n) {
-  int fd = open(path, O_RDONLY);
-  if (fd < 0) return say(err, n, "%s: cannot open %s: %s", name, path, strerror(errno));
+  /* Only regular files: opening a FIFO for reading waits for a writer, and a device never ends;
+   * either would hang every rank before any deadline applies. Refused before the open, and the
+   * open cannot block (O_NONBLOCK) should the path change in between (checked again below). */
   struct stat st;
+  if (stat(path, &st) == 0 && !S_ISREG(st.st_mode))
+    return say(err, n, "%s: %s is %s, not a regular file", name, path, file_kind(st.st_mode));
+  int fd = open(path, O_RDONLY | O_NONBLOCK);
+  if (fd < 0) return say(err, n, "%s: cannot open %s: %s", name, path, strerror(errno));
   unsigned char *buf = NULL;
   int rc = 1;
   if (fstat(fd, &st)) {
     say(err, n, "%s: cannot stat %s: %s", name, path, strerror(errno));
+    goto out;
+  }
+  if (!S_ISREG(st.st_mode)) {
+    say(err, n, "%s: %s is %s, not a regular file", name, path, file_kind(st.st_mode));
     goto out;
   }
   *fsize = (int64_t)st.st_size;
@@ -197,9 +211,12 @@ int da_npyio_inspect(const char *dir, int backward, const da_npy_expect_t *want,
   /* every rank must be able to read every file (ranks on other nodes see other file systems) */
   for (int f = 0; f < nf && !rc; f++) {
     snprintf(in->path[f], sizeof in->path[f], "%s/%s", dir, in_names[f]);
+    struct stat st;
     if (access(in->path[f], R_OK))
       rc = say(err, errlen, "%s: cannot read %s: %s%s", in_names[f], in->path[f], strerror(errno),
                f == DA_NPYIO_DOUT ? " (--backward with --input reads dout.npy)" : "");
+    else if (stat(in->path[f], &st) == 0 && !S_ISREG(st.st_mode)) /* a FIFO would block MPI_File_open */
+      rc = say(err, errlen, "%s: %s is %s, not a regular file", in_names[f], in->path[f], file_kind(st.st_mode));
   }
   if ((rc = agree(rc ? 2 : 0, err, errlen)) != 0) return rc;
   struct {

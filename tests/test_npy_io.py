@@ -241,6 +241,16 @@ def bad(a, case):
     elif case == "ndim":
         np.save(os.path.join(din, "q.npy"), np.zeros((40, 64), np.float32))
         err_re = r"q\.npy: shape \[40, 64\]: 2 dimensions, expected \[S, H, D\] or \[B, S, H, D\]"
+    elif case == "fifo":
+        # a FIFO would block the reader's open until a writer came: refused before anyone opens it
+        os.remove(os.path.join(din, "k.npy"))
+        os.mkfifo(os.path.join(din, "k.npy"))
+        err_re = r"k\.npy: .*/k\.npy is a FIFO, not a regular file"
+    elif case == "device":
+        # a device never ends (/dev/zero): refused the same way
+        os.remove(os.path.join(din, "v.npy"))
+        os.symlink("/dev/zero", os.path.join(din, "v.npy"))
+        err_re = r"v\.npy: .*/v\.npy is a character device, not a regular file"
     elif case == "out_missing":
         args = base + ["--output", os.path.join(d, "nonexistent")]
         err_re = r"--output .*/nonexistent: No such file or directory"
