@@ -288,7 +288,9 @@ static int decode_prefill(void *c) {
   da_status_t st = DA_SUCCESS;
   for (int64_t b = 0; b < o->batch && st == DA_SUCCESS; b++)
     if ((st = da_kvcache_prefill(d->cache, b, d->lens[b], NULL, NULL)) == DA_SUCCESS) fill_pages(d->cache, &d->vp, b);
-  if (st != DA_SUCCESS) return da_report_failure("decode", d->job.rank, "prefill", st, d->job.ctx);
+  /* local: a rank whose pages cannot be allocated (--page 1G) tells every rank before any waits */
+  const int rc = da_mpi_agree_step("decode", d->job.rank, "prefill", st, d->job.ctx);
+  if (rc) return rc;
   d->t_fill = MPI_Wtime() - t0;
   return 0;
 }
@@ -405,12 +407,19 @@ static int decode_step_once(decode_t *d, const int64_t *ntok, double *t) {
   da_tensor_make(&tq, d->qb, dt, 3, shq), da_tensor_make(&to, d->ob, dt, 3, shq);
   da_tensor_make(&tk, d->kb, dt, 3, shk), da_tensor_make(&tv, d->vb, dt, 3, shk);
   da_tensor_make(&tl, d->lb, DA_FLOAT32, 2, shl);
-  MPI_Barrier(MPI_COMM_WORLD);
+  /* The append is local and may allocate a page (--page 1G): its outcome is agreed before the
+   * collective step (the allreduce also stands for the barrier that lines the ranks up), so a rank
+   * that cannot grow its cache says so everywhere instead of leaving the others in the step. Its
+   * time still counts in the step's. */
+  double ta = MPI_Wtime();
+  da_status_t st = da_kvcache_append(d->cache, ntok, &tk, &tv);
+  ta = MPI_Wtime() - ta;
+  if (da_mpi_max_int(st != DA_SUCCESS))
+    return da_mpi_agree_step("decode", d->job.rank, "kv cache append", st, d->job.ctx);
   da_fault_point("forward");
   double t0 = MPI_Wtime();
-  da_status_t st = da_kvcache_append(d->cache, ntok, &tk, &tv);
-  if (st == DA_SUCCESS) st = da_decode_step(d->plan, d->cache, &tq, &to, &tl, NULL);
-  double red[2] = {MPI_Wtime() - t0, st != DA_SUCCESS};
+  st = da_decode_step(d->plan, d->cache, &tq, &to, &tl, NULL);
+  double red[2] = {MPI_Wtime() - t0 + ta, st != DA_SUCCESS};
   MPI_Allreduce(MPI_IN_PLACE, red, 2, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   *t = red[0];
   if (red[1] > 0)

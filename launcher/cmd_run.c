@@ -108,8 +108,15 @@ static int row_stats(const da_vprob_t *vp, int64_t n, const int64_t *pos, const 
   const int H = vp->kp.H, D = vp->kp.D, dt = (int)vp->kp.dtype;
   const int64_t B = vp->B, S = vp->S;
   const size_t ns = (size_t)(B * S * H);
-  float *ls = *lse_all = calloc(ns, sizeof(float)), *dl = *delta_all = calloc(ns, sizeof(float));
-  if (!ls || !dl) rc = -1;
+  float *ls = *lse_all = da_test_fail_alloc("row_stats") ? NULL : calloc(ns, sizeof(float));
+  float *dl = *delta_all = calloc(ns, sizeof(float));
+  if (!ls || !dl) {
+    int me = 0;
+    MPI_Comm_rank(MPI_COMM_WORLD, &me);
+    fprintf(stderr, "distattn run: rank %d: out of memory for the backward check's row statistics (2 x %zu bytes)\n",
+            me, ns * sizeof(float));
+    rc = -1;
+  }
   if (!rc)
     for (int64_t b = 0; b < B; b++)
       for (int64_t i = 0; i < n; i++)

@@ -147,6 +147,25 @@ int da_report_failure(const char *cmd, int rank, const char *what, da_status_t s
   return da_mpi_max_int(rc);
 }
 
+int da_mpi_agree_step(const char *cmd, int rank, const char *what, da_status_t st, da_context_t *ctx) {
+  int size = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  int first = st != DA_SUCCESS ? rank : size;
+  MPI_Allreduce(MPI_IN_PLACE, &first, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  if (first == size) return 0;
+  int code = (int)st;
+  MPI_Bcast(&code, 1, MPI_INT, first, MPI_COMM_WORLD);
+  if (st != DA_SUCCESS)
+    fprintf(stderr, "distattn %s: rank %d: %s: %s: %s\n", cmd, rank, what, da_status_string(st), da_last_error(ctx));
+  else
+    fprintf(stderr, "distattn %s: rank %d: %s: rank %d failed (%s): stopping\n", cmd, rank, what, first,
+            da_status_string((da_status_t)code));
+  const int rc = (st == DA_ERR_INVALID_ARGUMENT || st == DA_ERR_MISMATCH || st == DA_ERR_UNSUPPORTED ||
+                  st == DA_ERR_OUT_OF_MEMORY) ? 2 : st != DA_SUCCESS ? 1 : 0;
+  const int all = da_mpi_max_int(rc);
+  return all ? all : 1;
+}
+
 int da_mpi_default_threads(void) {
   da_fault_point("place");
   MPI_Comm node;

@@ -51,6 +51,12 @@ int da_mpi_max_int(int v);
  * out of memory: a problem over the budget is refused before it runs), else 1. */
 int da_report_failure(const char *cmd, int rank, const char *what, da_status_t st, da_context_t *ctx);
 
+/* Collective, after a local step that may fail on some ranks only (an allocation, a prefill):
+ * 0 when every rank succeeded; else every rank says so (a failing rank its own message, the
+ * others which rank failed and how) and all get one exit code (2 for usage-like failures and out
+ * of memory, as da_report_failure, else 1). No rank goes silent or on alone. */
+int da_mpi_agree_step(const char *cmd, int rank, const char *what, da_status_t st, da_context_t *ctx);
+
 /* Collective: kernel threads per rank, the cores this rank may use shared with the ranks of its
  * node that may use the same cores (mpirun --bind-to none gives every rank the whole machine). */
 int da_mpi_default_threads(void);

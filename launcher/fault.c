@@ -247,6 +247,14 @@ void da_fault_point(const char *point) {
   fault_fire();
 }
 
+int da_test_fail_alloc(const char *site) {
+  const char *s = getenv("DISTATTN_TEST_FAIL_ALLOC"), *colon = s ? strchr(s, ':') : NULL;
+  if (!colon || strcmp(colon + 1, site)) return 0;
+  char *end = NULL;
+  long r = strtol(s, &end, 10);
+  return end == colon && r == W.me;
+}
+
 int da_fault_start(int argc, char **argv, int provided) {
   int me = 0, P = 1;
   MPI_Comm_rank(MPI_COMM_WORLD, &me);
@@ -259,6 +267,15 @@ int da_fault_start(int argc, char **argv, int provided) {
     fprintf(stderr, "distattn: rank %d: DISTATTN_TEST_FAULT=%s: expected RANK:POINT[:stop|kill][:DELAY_S] (test "
             "hook)\n", me, f);
     rc = 2;
+  }
+  const char *fa = getenv("DISTATTN_TEST_FAIL_ALLOC"), *colon = fa ? strchr(fa, ':') : NULL;
+  if (fa && *fa) {
+    char *end = NULL;
+    long r = strtol(fa, &end, 10);
+    if (!colon || end != colon || end == fa || r < 0 || strcmp(colon + 1, "row_stats")) {
+      fprintf(stderr, "distattn: rank %d: DISTATTN_TEST_FAIL_ALLOC=%s: expected RANK:row_stats (test hook)\n", me, fa);
+      rc = 2;
+    }
   }
   if (P < 2) return rc;
   if (provided < MPI_THREAD_MULTIPLE) {

@@ -38,6 +38,11 @@ void da_fault_stop(void);
  * (the first backward), verify, input / output (the first collective MPI-IO read / write). */
 void da_fault_point(const char *point);
 
+/* Test only: DISTATTN_TEST_FAIL_ALLOC=RANK:SITE makes the allocation at SITE (row_stats: the
+ * backward check's row tables in `run --verify`) fail on world rank RANK, as if malloc had
+ * returned NULL. 1 there, else 0. */
+int da_test_fail_alloc(const char *site);
+
 /* A rank gave up waiting (what: where). Roll call on MPI_COMM_WORLD: every rank that reaches
  * here tells every other one; after a grace period (min(deadline, 5 s)) the lowest surviving
  * rank prints which ranks never answered ("stopped, killed or hung"); MPI_Abort then ends the

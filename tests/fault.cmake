@@ -62,6 +62,22 @@ if(COMMAND da_run_cli)
              ARGS --seq 4K --heads 4 --dim 64 --verify 0)
 endif()
 
+# A rank whose allocation fails says so and every rank stops with it (issue 19), rather than one
+# rank going silent while the others wait in a collective: the backward check's row tables
+# failing on rank 1 (test hook DISTATTN_TEST_FAIL_ALLOC; before, the ranks disagreed: rc -1 was
+# reduced with MAX against 0), and a KV-cache page of 1G rows (2 TiB) that rank 0 cannot
+# allocate in the decode loop (before: the others waited in the step until the deadline).
+if(COMMAND da_run_cli)
+  da_run_cli(cli_run_fail_alloc_row_stats 3 1 ENV DISTATTN_TEST_FAIL_ALLOC=1:row_stats
+             ERR_RE "rank 1: out of memory for the backward check's row statistics .*rank [02]: verification ran out of memory"
+             ARGS --seq 1K --heads 4 --dim 32 --backward --verify 4 --timeout 20)
+endif()
+if(COMMAND da_decode_cli)
+  da_decode_cli(cli_decode_page_oom 2 2
+                ERR_RE "(rank 0: kv cache append: out of memory: rank 0: kv cache page of 1073741824 rows.*rank 1: kv cache append: rank 0 failed .out of memory.: stopping|rank 1: kv cache append: rank 0 failed .out of memory.: stopping.*rank 0: kv cache append: out of memory: rank 0: kv cache page)"
+                ARGS --context 4K --heads 4 --dim 64 --page 1G --steps 2 --timeout 20)
+endif()
+
 # An interrupted sweep (slurm/sweep.sbatch under bash with mpirun: SIGTERM, then SIGKILL of the job
 # and its step) resumes without duplicates; JSON records are appended whole or not at all
 # (tests/sweep_resume_test.sh, about 15 s).
