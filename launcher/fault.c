@@ -21,12 +21,15 @@
 
 enum { DA_FAULT_TAG = 0x7EAD }; /* point-to-point tag of the roll call on MPI_COMM_WORLD */
 
-static double job_timeout; /* --timeout as this rank was given it (0: none; da_fault_start) */
+static double job_timeout;     /* --timeout as this rank was given it (0: none; da_fault_start) */
+static double default_timeout; /* DISTATTN_TIMEOUT or 300 s, read once (the watchdog asks often) */
 
 static double deadline(void) {
   if (job_timeout > 0) return job_timeout;
   double t = da_xport_deadline();
-  return t > 0 ? t : da_comm_default_timeout();
+  if (t > 0) return t;
+  if (!(default_timeout > 0)) default_timeout = da_comm_default_timeout();
+  return default_timeout;
 }
 
 /* Spin briefly, then sleep 50 us: tests oversubscribe the cores and the peer needs them. */
@@ -64,8 +67,9 @@ static int wait_bounded(MPI_Request *r, const char *what) {
  * (or sits in a blocking MPI-IO call) learns that its peer stopped only when it next looks. The
  * watchdog thread looks all the time: it trades a small heartbeat with its two ring neighbours
  * (world ranks r-1 and r+1) every beat and ends the job when a neighbour has been silent for
- * max(deadline, DA_WATCH_MIN_S) + the roll call's grace (min(deadline, 5 s)) + 1 s; SIGSTOP stops every thread of the victim, its heartbeat
- * included, so its neighbours name it whatever their own main threads are doing. It also bounds
+ * max(deadline, DA_WATCH_MIN_S) + the roll call's grace (min(deadline, 5 s)) + 1 s. SIGSTOP
+ * stops every thread of the victim, its heartbeat included, so its neighbours name it whatever
+ * their own main threads are doing. It also bounds
  * the blocking calls the launcher cannot make nonblocking (MPI-IO collectives, communicator
  * splits, collectives on other communicators: the sections of the wrappers below).
  * Needs MPI_THREAD_MULTIPLE; without it (or at P = 1) there is no watchdog and the deadlines of
@@ -86,7 +90,7 @@ static int sect_depth;             /* main thread only */
 typedef struct watch {
   pthread_t th;
   int on, me, nb, nbr[2];
-  int in[2], out[2], bye[2];
+  int in[2], bye[2];
   MPI_Request rr[2], sr[2];
   double heard[2];
   _Atomic int closing, done;
@@ -136,8 +140,9 @@ static void watch_send(int word) {
     if (W.sr[i] != MPI_REQUEST_NULL) PMPI_Test(&W.sr[i], &flag, MPI_STATUS_IGNORE);
     if (!flag && word == DA_WATCH_ALIVE) continue;
     if (!flag) PMPI_Request_free(&W.sr[i]); /* the goodbye must go: the beat before it is eager */
-    W.out[i] = word;
-    PMPI_Isend(&W.out[i], 1, MPI_INT, W.nbr[i], DA_WATCH_TAG, MPI_COMM_WORLD, &W.sr[i]);
+    /* from constants: a send freed before it completed may still read its buffer */
+    static const int words[3] = {0, DA_WATCH_ALIVE, DA_WATCH_BYE};
+    PMPI_Isend(&words[word], 1, MPI_INT, W.nbr[i], DA_WATCH_TAG, MPI_COMM_WORLD, &W.sr[i]);
   }
 }
 
@@ -157,7 +162,8 @@ static void *watch_main(void *arg) {
     if (bye_sent && byes == W.nb) break;
     if (!bye_sent && now - last_beat >= beat) watch_send(DA_WATCH_ALIVE), last_beat = now;
     for (int i = 0; i < W.nb; i++)
-      if (!W.bye[i] && now - W.heard[i] > silence && atomic_exchange(&aborting, DA_END_ABORT) != DA_END_ABORT) {
+      if (!W.bye[i] && now - W.heard[i] > silence &&
+          atomic_exchange(&aborting, DA_END_ABORT) != DA_END_ABORT) {
         fprintf(stderr, "distattn: rank %d: rank %d gave no sign of life for %.1f s (stopped or hung; deadline "
                 "%g s): ending the job\n", W.me, W.nbr[i], now - W.heard[i], T);
         fflush(stderr);
@@ -170,7 +176,7 @@ static void *watch_main(void *arg) {
               T);
       da_fault_abort(what);
     }
-    sleep_s(beat / 4 < 0.01 ? beat / 4 : 0.01);
+    sleep_s(beat / 4 < 0.05 ? beat / 4 : 0.05); /* few wake-ups: the ranks' cores are for compute */
   }
   for (int i = 0; i < W.nb; i++) /* goodbyes are small (eager): they leave at once */
     if (W.sr[i] != MPI_REQUEST_NULL) PMPI_Request_free(&W.sr[i]);
@@ -261,6 +267,7 @@ int da_fault_start(int argc, char **argv, int provided) {
   MPI_Comm_size(MPI_COMM_WORLD, &P);
   W.me = me;
   job_timeout = argv_timeout(argc, argv);
+  default_timeout = da_comm_default_timeout(); /* before the watchdog thread reads it */
   int rc = 0;
   const char *f = getenv("DISTATTN_TEST_FAULT");
   if (f && *f && fault_parse(f, me)) {
@@ -372,14 +379,16 @@ int MPI_File_close(MPI_File *fh) { SECTION("MPI_File_close (MPI-IO)", PMPI_File_
 
 
 int MPI_Allreduce(const void *sbuf, void *rbuf, int count, MPI_Datatype dt, MPI_Op op, MPI_Comm comm) {
-  if (comm != MPI_COMM_WORLD) SECTION("allreduce on a sub-communicator", PMPI_Allreduce(sbuf, rbuf, count, dt, op, comm));
+  if (comm != MPI_COMM_WORLD) SECTION("allreduce on a sub-communicator",
+                                      PMPI_Allreduce(sbuf, rbuf, count, dt, op, comm));
   MPI_Request r;
   int rc = PMPI_Iallreduce(sbuf, rbuf, count, dt, op, comm, &r);
   return rc != MPI_SUCCESS ? rc : wait_bounded(&r, "allreduce");
 }
 
 int MPI_Reduce(const void *sbuf, void *rbuf, int count, MPI_Datatype dt, MPI_Op op, int root, MPI_Comm comm) {
-  if (comm != MPI_COMM_WORLD) SECTION("reduce on a sub-communicator", PMPI_Reduce(sbuf, rbuf, count, dt, op, root, comm));
+  if (comm != MPI_COMM_WORLD) SECTION("reduce on a sub-communicator",
+                                      PMPI_Reduce(sbuf, rbuf, count, dt, op, root, comm));
   MPI_Request r;
   int rc = PMPI_Ireduce(sbuf, rbuf, count, dt, op, root, comm, &r);
   return rc != MPI_SUCCESS ? rc : wait_bounded(&r, "reduce");
@@ -401,7 +410,8 @@ int MPI_Bcast(void *buf, int count, MPI_Datatype dt, int root, MPI_Comm comm) {
 
 int MPI_Gather(const void *sbuf, int scount, MPI_Datatype sdt, void *rbuf, int rcount, MPI_Datatype rdt, int root,
                MPI_Comm comm) {
-  if (comm != MPI_COMM_WORLD) SECTION("gather on a sub-communicator", PMPI_Gather(sbuf, scount, sdt, rbuf, rcount, rdt, root, comm));
+  if (comm != MPI_COMM_WORLD) SECTION("gather on a sub-communicator",
+                                      PMPI_Gather(sbuf, scount, sdt, rbuf, rcount, rdt, root, comm));
   MPI_Request r;
   int rc = PMPI_Igather(sbuf, scount, sdt, rbuf, rcount, rdt, root, comm, &r);
   return rc != MPI_SUCCESS ? rc : wait_bounded(&r, "gather");
@@ -409,7 +419,8 @@ int MPI_Gather(const void *sbuf, int scount, MPI_Datatype sdt, void *rbuf, int r
 
 int MPI_Allgather(const void *sbuf, int scount, MPI_Datatype sdt, void *rbuf, int rcount, MPI_Datatype rdt,
                   MPI_Comm comm) {
-  if (comm != MPI_COMM_WORLD) SECTION("allgather on a sub-communicator", PMPI_Allgather(sbuf, scount, sdt, rbuf, rcount, rdt, comm));
+  if (comm != MPI_COMM_WORLD) SECTION("allgather on a sub-communicator",
+                                      PMPI_Allgather(sbuf, scount, sdt, rbuf, rcount, rdt, comm));
   MPI_Request r;
   int rc = PMPI_Iallgather(sbuf, scount, sdt, rbuf, rcount, rdt, comm, &r);
   return rc != MPI_SUCCESS ? rc : wait_bounded(&r, "allgather");
