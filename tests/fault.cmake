@@ -31,14 +31,20 @@ endforeach()
 #   threads come from --threads, default 1); "step" (the fault 1.5 s into a forward whose
 #   compute steps are tens of seconds) for run only: a decode or offload step lasts milliseconds,
 #   so for them it is the forward cell (the watchdog that ends a stopped job does not depend on
-#   the command). One ctest per command, 3 cells at a time; about 30-40 s each on 2 cores.
-set(da_fm_points_run setup place plan forward step backward verify input output)
-set(da_fm_points_decode setup place plan forward verify)
-set(da_fm_points_offload setup plan forward verify)
+#   the command). SIGKILL: Open MPI notices the exit and ends the job whatever the other ranks
+#   are doing, the same in every phase, so kill cells are kept for setup and the forward of each
+#   command, and for run also inside a long step and inside MPI-IO (the cases most unlike the rest).
+# One ctest per command, 3 cells at a time: about 20-60 s each on 2 cores.
+set(da_fm_stop_run setup place plan forward step backward verify input output)
+set(da_fm_stop_decode setup place plan forward verify)
+set(da_fm_stop_offload setup plan forward verify)
+set(da_fm_kill_run setup forward step output)
+set(da_fm_kill_decode setup forward)
+set(da_fm_kill_offload setup forward)
 foreach(cmd run decode offload)
   set(cells)
   foreach(sig stop kill)
-    foreach(point ${da_fm_points_${cmd}})
+    foreach(point ${da_fm_${sig}_${cmd}})
       list(APPEND cells ${cmd}:${sig}:${point})
     endforeach()
   endforeach()
