@@ -27,6 +27,15 @@ foreach(P 1 2 3 4 6 8)
   set_tests_properties(test_ulysses_np${P} PROPERTIES LABELS mpi TIMEOUT 330 ENVIRONMENT "${DA_MPI_TEST_ENV}")
 endforeach()
 
+# The hybrid Ulysses x ring driver, tests/test_hybrid.c: degrees 2x1, 1x2, 3x1, 1x3, 2x2, 2x3, 3x2, 4x2.
+add_executable(test_hybrid test_hybrid.c)
+target_link_libraries(test_hybrid PRIVATE da_comm da_ref da_core Check::check MPI::MPI_C m)
+foreach(P 1 2 3 4 6 8)
+  add_test(NAME test_hybrid_np${P}
+           COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 300 -np ${P} $<TARGET_FILE:test_hybrid>)
+  set_tests_properties(test_hybrid_np${P} PROPERTIES LABELS mpi TIMEOUT 330 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+endforeach()
+
 # Decode over the distributed paged KV cache (tree | ring), tests/test_tree.c.
 if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_tree.c)
   add_executable(test_tree test_tree.c)
