@@ -108,4 +108,12 @@ if [ -z "${RING_SKIP:-}" ]; then
   echo
   BUILD="$BUILD" DISTATTN="$EXE" "$HERE/ring.sh" || status=1
 fi
+
+# ulysses and hybrid (issue 20) next to zigzag at P = 4, as ratios measured in one run of
+# bench/ulysses.sh: JSON Lines + a markdown table in bench/results/ulysses-<host>.{jsonl,md}.
+# ULYSSES_SKIP=1 skips them.
+if [ -z "${ULYSSES_SKIP:-}" ]; then
+  echo
+  BUILD="$BUILD" DISTATTN="$EXE" "$HERE/ulysses.sh" || status=1
+fi
 exit $status

@@ -1,7 +1,8 @@
 /* plan.c: the distributed public API of include/distattn.h (da_comm_*, da_plan_*): validates the
  * problem and the per-rank tensors with messages naming the rank and the field, makes every rank
  * agree on the problem (a mismatch or a failure anywhere is an error everywhere, never a hang),
- * builds the layout and schedule, and hands packed views to the ring driver (ring.c). */
+ * builds the layout and schedule, and hands packed views to the ring driver (ring.c), the Ulysses
+ * driver or the hybrid (ulysses.c). */
 #include <mpi.h> /* before distattn.h: declares the distributed section */
 #include <math.h>
 #include <stddef.h>
@@ -36,6 +37,10 @@ struct da_plan {
   double timeout;
   int64_t mem_budget; /* config (API v2): bytes, 0 = default, < 0 = no check */
   unsigned mem_count;
+  int ulysses;           /* hybrid: the Ulysses degree */
+  da_algo_t ring_layout; /* hybrid: the ring's layout across groups */
+  int hy_on;             /* hy was set up (its communicators are to be freed) */
+  da_hybrid_t hy;
   MPI_Comm mcomm;    /* the plan's own duplicate: a plan that timed out leaves unmatched
                         messages behind, and they must never match another plan's receives */
   da_xport_t xp;     /* the data transport */
@@ -128,7 +133,7 @@ enum { F_BATCH, F_SEQ, F_HEADS, F_KVHEADS, F_DIM, F_MASK, F_WINDOW, F_NDOCS, F_D
        F_HASH, F_NFIELDS };
 static const char *const field_names[F_NFIELDS] = {
     "batch", "seq", "heads", "kv_heads", "dim", "mask", "window", "ndocs", "dtype", "algo", "block",
-    "scale", "#documents/transport/tiles"}; /* '#': a hash (da_fields_compare) */
+    "scale", "#documents/transport/tiles/hybrid degree and layout"}; /* '#': a hash (da_fields_compare) */
 
 /* Every rank reduces max(f) and max(-f) of its fields: a field differs somewhere iff the two
  * disagree, and every rank sees the same result, so every rank returns the same verdict. */
@@ -146,6 +151,8 @@ static da_status_t agree_problem(da_comm_t *c, const da_plan_t *p, const da_kpar
   h = da_fnv1a(h, p->transport, strlen(p->transport));
   h = da_fnv1a(h, &kp->block_q, sizeof kp->block_q);
   h = da_fnv1a(h, &kp->block_k, sizeof kp->block_k);
+  const int hyb[2] = {p->ulysses, (int)p->ring_layout};
+  h = da_fnv1a(h, hyb, sizeof hyb);
   f[F_HASH] = (int64_t)(h >> 2); /* 62 bits: safe to negate */
   char msg[400];
   int bad = 0;
@@ -157,13 +164,30 @@ static da_status_t agree_problem(da_comm_t *c, const da_plan_t *p, const da_kpar
 
 /* ---- plan ------------------------------------------------------------------------------------ */
 
+/* The config has the fields of API version 3 (the hybrid's). */
+static int has_v3(const da_plan_config_t *cfg) {
+  return cfg->size >= offsetof(da_plan_config_t, ring_layout) + sizeof cfg->ring_layout && cfg->version >= 3;
+}
+
 static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const char **tp) {
   if (cfg->size < sizeof(size_t) + sizeof(unsigned) || cfg->version == 0 || cfg->version > DA_API_VERSION)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_config_t: size %zu / version %u not recognized (start from "
                   "DA_PLAN_CONFIG_INITIALIZER)", cfg->size, cfg->version);
-  if ((unsigned)cfg->algo > DA_ALGO_ULYSSES)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: unknown algo %d (ring, striped, zigzag, ulysses)",
+  if ((unsigned)cfg->algo > DA_ALGO_HYBRID)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: unknown algo %d (ring, striped, zigzag, ulysses, hybrid)",
                   (int)cfg->algo);
+  if (has_v3(cfg)) {
+    if (cfg->ulysses && cfg->algo != DA_ALGO_HYBRID)
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: ulysses = %d is the hybrid's degree (algo hybrid), not "
+                    "used by the %s algorithm", cfg->ulysses, cfg->algo == DA_ALGO_ULYSSES ? "ulysses (degree = ranks)"
+                    : "ring");
+    if (cfg->algo == DA_ALGO_HYBRID && (unsigned)cfg->ring_layout > DA_ALGO_ZIGZAG)
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: ring_layout %d: the hybrid's ring runs on ring "
+                    "(contiguous), striped or zigzag", (int)cfg->ring_layout);
+  } else if (cfg->algo == DA_ALGO_HYBRID) {
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: algo hybrid needs a version 3 config (ulysses, ring_layout): "
+                  "start from DA_PLAN_CONFIG_INITIALIZER");
+  }
   if (cfg->block < 0)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: block = %lld tokens must be >= 0 (0 = automatic)",
                   (long long)cfg->block);
@@ -184,6 +208,7 @@ static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const c
 
 void da_plan_free(da_plan_t *p) {
   if (!p) return;
+  if (p->hy_on) da_hybrid_free(&p->hy);
   da_ring_release(&p->ring);
   da_schedule_free(&p->ring.sched);
   da_layout_free(&p->ring.layout);
@@ -206,6 +231,10 @@ static da_status_t plan_local(da_comm_t *c, const da_problem_t *prob, const da_p
   DA_CHECK(da_context_params(c->ctx, prob, kp));
   /* Every rank runs the same check on agreed-upon sizes, so every rank prints the refusal. */
   if (cfg->algo == DA_ALGO_ULYSSES) DA_CHECK(da_ulysses_check(kp, c->nranks, da_transport_find(tp)));
+  if (cfg->algo == DA_ALGO_HYBRID) {
+    DA_CHECK(da_hybrid_check(kp, c->nranks, cfg->ulysses, da_transport_find(tp)));
+    p->ulysses = cfg->ulysses, p->ring_layout = cfg->ring_layout;
+  }
   p->prob = *prob;
   p->prob.size = sizeof p->prob;
   p->algo = cfg->algo;
@@ -248,6 +277,9 @@ static const char *human(double bytes, char *b) {
   return b;
 }
 
+static size_t plan_fwd_bytes(const da_plan_t *p);
+static size_t plan_bwd_bytes(const da_plan_t *p);
+
 /* The memory check (da_plan_config_t.mem_budget): what this rank will hold for the plan, against
  * its budget, before any of it is allocated. Local; the caller agrees on the outcome. */
 static da_status_t plan_memory(const da_comm_t *c, const da_plan_t *p) {
@@ -280,8 +312,8 @@ static da_status_t plan_memory(const da_comm_t *c, const da_plan_t *p) {
   const double HD = (double)R->kp.H * R->kp.D, GD = (double)R->kp.G * R->kp.D;
   /* the driver's buffers, the per-call lse scratch and the position table */
   /* Ulysses holds the whole sequence for H/P heads during a call: that is its design. */
-  const double drv = p->algo == DA_ALGO_ULYSSES ? (double)(bwd ? da_ulysses_bwd_bytes(R) : da_ulysses_fwd_bytes(R))
-                                                : (double)(bwd ? da_ring_bwd_bytes(R) : da_ring_fwd_bytes(R));
+  /* The hybrid holds its group's rows for H/U heads during a call, and the ring's buffers. */
+  const double drv = (double)(bwd ? plan_bwd_bytes(p) : plan_fwd_bytes(p));
   const double plan = drv + B * n * R->kp.H * 4.0 + n * 8.0;
   double tensors = 0;
   if (p->mem_count & DA_MEM_TENSORS) {
@@ -299,48 +331,72 @@ static da_status_t plan_memory(const da_comm_t *c, const da_plan_t *p) {
                 human(budget, have), from);
 }
 
-/* The driver's figures: the ring's or Ulysses'. */
+/* The driver's figures: the ring's, Ulysses' or the hybrid's. */
 static size_t plan_fwd_bytes(const da_plan_t *p) {
+  if (p->algo == DA_ALGO_HYBRID) return da_hybrid_fwd_bytes(&p->hy);
   return p->algo == DA_ALGO_ULYSSES ? da_ulysses_fwd_bytes(&p->ring) : da_ring_fwd_bytes(&p->ring);
 }
 static size_t plan_bwd_bytes(const da_plan_t *p) {
+  if (p->algo == DA_ALGO_HYBRID) return da_hybrid_bwd_bytes(&p->hy);
   return p->algo == DA_ALGO_ULYSSES ? da_ulysses_bwd_bytes(&p->ring) : da_ring_bwd_bytes(&p->ring);
 }
 static uint64_t plan_fwd_comm(const da_plan_t *p) {
+  if (p->algo == DA_ALGO_HYBRID) return da_hybrid_fwd_comm_bytes(&p->hy);
   return p->algo == DA_ALGO_ULYSSES ? da_ulysses_fwd_comm_bytes(&p->ring) : da_ring_fwd_comm_bytes(&p->ring);
 }
 static uint64_t plan_bwd_comm(const da_plan_t *p) {
+  if (p->algo == DA_ALGO_HYBRID) return da_hybrid_bwd_comm_bytes(&p->hy);
   return p->algo == DA_ALGO_ULYSSES ? da_ulysses_bwd_comm_bytes(&p->ring) : da_ring_bwd_comm_bytes(&p->ring);
+}
+
+/* The hybrid's share of plan_build: the group and ring communicators (split right after the
+ * plan's bounded duplicate has seen every rank), the layouts, the schedule; block as the plan's
+ * automatic choice on the largest group's rows. */
+static da_status_t hybrid_build(da_plan_t *p, da_layout_kind_t kind, int64_t *block) {
+  da_ring_t *R = &p->ring;
+  p->hy_on = 1;
+  DA_CHECK(da_hybrid_init(&p->hy, R, p->mcomm, p->transport, p->timeout, kind, p->ulysses, p->prob.seq));
+  if (*block == 0) {
+    *block = (p->hy.ring.nmax + 3) / 4;
+    *block = (*block + 63) / 64 * 64;
+    if (*block < 1024) *block = 1024;
+  }
+  return da_hybrid_schedule(&p->hy, *block);
 }
 
 static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp) {
   static const da_layout_kind_t kinds[] = {DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_STRIPED, DA_LAYOUT_ZIGZAG,
-                                           DA_LAYOUT_CONTIGUOUS};
+                                           DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_CONTIGUOUS};
   const int P = c->nranks, r = c->rank;
+  const int hybrid = p->algo == DA_ALGO_HYBRID;
   da_ring_t *R = &p->ring;
   DA_CHECK(da_mpi_comm_dup(c->comm, p->timeout, "da_plan_create", &p->mcomm));
   DA_CHECK(da_xport_open(&p->xp, p->transport, p->mcomm, p->timeout));
-  DA_CHECK(da_layout_init(&R->layout, kinds[p->algo], p->prob.seq, P, NULL));
-  R->nloc = da_layout_count(&R->layout, r);
-  R->nmax = da_layout_max_count(&R->layout);
-  /* Automatic sub-block: a quarter of the largest shard, so a step makes at least four progress
-   * calls per KV segment, but never under 1024 keys: shorter calls cost the CPU kernel its K/V
-   * packing and state passes again and again (measured in docs/ring.md: 512-key sub-blocks ran
-   * 15% slower than 2048-key ones on 2048-row Q segments). */
-  int64_t block = p->block;
-  if (block == 0) {
-    block = (R->nmax + 3) / 4;
-    block = (block + 63) / 64 * 64;
-    if (block < 1024) block = 1024;
-  }
-  p->block_used = block;
-  DA_CHECK(da_schedule_ring(&R->layout, &kp->mask, block, &R->sched));
   R->kt = da_context_kernels(c->ctx);
   R->kp = *kp;
   R->xp = &p->xp;
   R->rank = r;
   R->P = P;
   R->B = p->prob.batch;
+  int64_t block = p->block;
+  if (hybrid) {
+    DA_CHECK(hybrid_build(p, kinds[p->ring_layout], &block));
+  } else {
+    DA_CHECK(da_layout_init(&R->layout, kinds[p->algo], p->prob.seq, P, NULL));
+    R->nloc = da_layout_count(&R->layout, r);
+    R->nmax = da_layout_max_count(&R->layout);
+  }
+  /* Automatic sub-block: a quarter of the largest shard, so a step makes at least four progress
+   * calls per KV segment, but never under 1024 keys: shorter calls cost the CPU kernel its K/V
+   * packing and state passes again and again (measured in docs/ring.md: 512-key sub-blocks ran
+   * 15% slower than 2048-key ones on 2048-row Q segments). */
+  if (block == 0) {
+    block = (R->nmax + 3) / 4;
+    block = (block + 63) / 64 * 64;
+    if (block < 1024) block = 1024;
+  }
+  p->block_used = block;
+  if (!hybrid) DA_CHECK(da_schedule_ring(&R->layout, &kp->mask, block, &R->sched));
   DA_CHECK(plan_memory(c, p)); /* before the first allocation that grows with the problem */
   p->positions = malloc((size_t)(R->nloc ? R->nloc : 1) * sizeof *p->positions);
   p->steps = calloc((size_t)4 * P, sizeof *p->steps);
@@ -349,23 +405,37 @@ static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp
   R->fwd.step_compute_s = p->steps, R->fwd.step_wait_s = p->steps + P;
   R->bwd.step_compute_s = p->steps + 2 * P, R->bwd.step_wait_s = p->steps + 3 * P;
   R->fwd.step_bytes = p->step_bytes, R->bwd.step_bytes = p->step_bytes + P;
-  da_span_t segs[DA_LAYOUT_MAX_SEGS];
-  int ns = da_layout_segments(&R->layout, r, segs);
-  int64_t i = 0;
-  for (int sg = 0; sg < ns; sg++)
-    for (int64_t j = 0; j < segs[sg].count; j++) p->positions[i++] = da_span_at(segs[sg], j);
-  if (i != R->nloc) return DA_ERR(DA_ERR_INTERNAL, "layout: %lld positions for %lld rows", (long long)i, (long long)R->nloc);
-  for (int q = 0; q < P; q++) p->pairs_total += da_schedule_rank_work(&R->sched, q);
+  if (hybrid) {
+    da_hybrid_positions(&p->hy, p->positions);
+    /* Each rank of group g computes the group's pairs for H/U heads: work(g) / U in units of
+     * all-head pairs (the remainder spread over its first ranks, so the figures add up). */
+    const int U = p->ulysses, j = r % U;
+    for (int g = 0; g < P / U; g++) p->pairs_total += da_schedule_rank_work(&p->hy.ring.sched, g);
+    const int64_t w = da_schedule_rank_work(&p->hy.ring.sched, r / U);
+    p->pairs_rank = (w / U + (j < w % U)) * R->B;
+    p->pairs_total *= R->B;
+  } else {
+    da_span_t segs[DA_LAYOUT_MAX_SEGS];
+    int ns = da_layout_segments(&R->layout, r, segs);
+    int64_t i = 0;
+    for (int sg = 0; sg < ns; sg++)
+      for (int64_t j = 0; j < segs[sg].count; j++) p->positions[i++] = da_span_at(segs[sg], j);
+    if (i != R->nloc)
+      return DA_ERR(DA_ERR_INTERNAL, "layout: %lld positions for %lld rows", (long long)i, (long long)R->nloc);
+    for (int q = 0; q < P; q++) p->pairs_total += da_schedule_rank_work(&R->sched, q);
   /* Ulysses: every rank computes every pair for H/P of the heads, pairs_total / P in units of
    * all-head pairs (the remainder spread over the first ranks, so the ranks' figures add up). The
    * ring schedule of the contiguous layout still counts the pairs of the whole problem. */
-  p->pairs_rank = p->algo == DA_ALGO_ULYSSES ? p->pairs_total / P + (r < p->pairs_total % P)
-                                             : da_schedule_rank_work(&R->sched, r);
-  p->pairs_rank *= R->B;
-  p->pairs_total *= R->B;
-  DA_INFO(DA_SUB_PLAN, "plan: %s over %d ranks, %lld local rows (max %lld), block %lld, transport %s; per call "
+    p->pairs_rank = p->algo == DA_ALGO_ULYSSES ? p->pairs_total / P + (r < p->pairs_total % P)
+                                               : da_schedule_rank_work(&R->sched, r);
+    p->pairs_rank *= R->B;
+    p->pairs_total *= R->B;
+  }
+  DA_INFO(DA_SUB_PLAN, "plan: %s%s over %d ranks, %lld local rows (max %lld), block %lld, transport %s; per call "
           "%zu / %zu bytes of buffers (fwd / bwd), sends %llu / %llu bytes",
-          p->algo == DA_ALGO_ULYSSES ? "ulysses" : da_layout_name(kinds[p->algo]), P, (long long)R->nloc,
+          p->algo == DA_ALGO_ULYSSES ? "ulysses" : hybrid ? "hybrid, ring on " : "",
+          p->algo == DA_ALGO_ULYSSES ? "" : da_layout_name(kinds[hybrid ? (int)p->ring_layout : (int)p->algo]), P,
+          (long long)R->nloc,
           (long long)R->nmax, (long long)block, p->transport, plan_fwd_bytes(p), plan_bwd_bytes(p),
           (unsigned long long)plan_fwd_comm(p), (unsigned long long)plan_bwd_comm(p));
   return DA_SUCCESS;
@@ -448,7 +518,9 @@ da_status_t da_plan_stats(const da_plan_t *p, da_plan_stats_t *s) {
   s->bwd_step_compute_s = R->bwd.step_compute_s, s->bwd_step_wait_s = R->bwd.step_wait_s;
   s->fwd_step_bytes = R->fwd.step_bytes, s->bwd_step_bytes = R->bwd.step_bytes;
   s->plan_fwd_bytes = plan_fwd_comm(p), s->plan_bwd_bytes = plan_bwd_comm(p);
-  s->work_imbalance = p->algo == DA_ALGO_ULYSSES ? 1.0 : da_schedule_imbalance(&R->sched);
+  s->work_imbalance = p->algo == DA_ALGO_ULYSSES ? 1.0
+                      : p->algo == DA_ALGO_HYBRID ? da_schedule_imbalance(&p->hy.ring.sched)
+                                                  : da_schedule_imbalance(&R->sched);
   s->block = p->block_used;
   return DA_SUCCESS;
 }
@@ -584,10 +656,11 @@ agreed:
   /* Arguments first: a rank with a bad tensor must not leave its peers waiting in the ring. */
   st = da_xport_agree(&p->xp, st, "forward");
   if (st == DA_SUCCESS) {
-    st = outcome(p,
-                 p->algo == DA_ALGO_ULYSSES ? da_ulysses_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream)
-                                            : da_ring_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream),
-                 "forward");
+    da_status_t run;
+    if (p->algo == DA_ALGO_HYBRID) run = da_hybrid_fwd(&p->ring, &p->hy, rq, rk, rv, ro, lsebuf, stream);
+    else if (p->algo == DA_ALGO_ULYSSES) run = da_ulysses_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream);
+    else run = da_ring_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream);
+    st = outcome(p, run, "forward");
     if (st == DA_SUCCESS && p->ring.mode == DA_RING_RUN) {
       if (tmp[3]) unpack(p, &vo, H, D, tmp[3]);
       if (lse)
@@ -637,10 +710,13 @@ da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
 agreed:
   st = da_xport_agree(&p->xp, st, "backward");
   if (st == DA_SUCCESS) {
-    st = outcome(p,
-                 p->algo == DA_ALGO_ULYSSES ? da_ulysses_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream)
-                                            : da_ring_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream),
-                 "backward");
+    da_status_t run;
+    if (p->algo == DA_ALGO_HYBRID)
+      run = da_hybrid_bwd(&p->ring, &p->hy, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream);
+    else if (p->algo == DA_ALGO_ULYSSES)
+      run = da_ulysses_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream);
+    else run = da_ring_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream);
+    st = outcome(p, run, "backward");
     if (st == DA_SUCCESS && p->ring.mode == DA_RING_RUN) {
       if (tmp[5]) unpack(p, &vdq, H, D, tmp[5]);
       if (tmp[6]) unpack(p, &vdk, G, D, tmp[6]);

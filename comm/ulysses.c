@@ -129,8 +129,11 @@ static void *arena_at(const arena_t *a, int i) {
   return a->base + off;
 }
 
+/* The buffers of one call. local: the rank computes on the gathered rows itself (pure Ulysses),
+ * which needs the fp32 state (forward) or delta (backward) for the whole sequence; the hybrid's
+ * compute phase (a ring) keeps its own. */
 enum { F_SQ, F_SKV, F_AQ, F_AKV, F_AO, F_O, F_ML, F_AL, F_RO, F_RL, F_N };
-static void fwd_layout(const da_ring_t *R, arena_t *a) {
+static void fwd_layout(const da_ring_t *R, int local, arena_t *a) {
   const uheads_t u = heads_of(R);
   const size_t es = esize(R), D = (size_t)R->kp.D, B = (size_t)R->B, n = (size_t)R->nloc, S = (size_t)u.S;
   const size_t P = (size_t)R->P, H = (size_t)R->kp.H;
@@ -140,15 +143,15 @@ static void fwd_layout(const da_ring_t *R, arena_t *a) {
   arena_add(a, B * S * u.Hl * D * es);         /* F_AQ: every token's q for my heads */
   arena_add(a, 2 * B * S * u.Gk * D * es);     /* F_AKV: every token's k, v for my KV heads */
   arena_add(a, B * S * u.Hl * D * es);         /* F_AO: out for my heads */
-  arena_add(a, B * S * u.Hl * D * 4);          /* F_O: fp32 state o */
-  arena_add(a, 2 * B * S * u.Hl * 4);          /* F_ML: m then l */
+  arena_add(a, local ? B * S * u.Hl * D * 4 : 0); /* F_O: fp32 state o */
+  arena_add(a, local ? 2 * B * S * u.Hl * 4 : 0);  /* F_ML: m then l */
   arena_add(a, B * S * u.Hl * 4);              /* F_AL: lse for my heads */
   arena_add(a, B * n * H * D * es);            /* F_RO: out received home, [P][B][n][Hl][D] */
   arena_add(a, B * n * H * 4);                 /* F_RL: lse received home */
 }
 
 enum { B_SQOD, B_SKV, B_SL, B_AQOD, B_AKV, B_AL, B_DELTA, B_DQ, B_DKV, B_RDQ, B_RDKV, B_ACC, B_N };
-static void bwd_layout(const da_ring_t *R, arena_t *a) {
+static void bwd_layout(const da_ring_t *R, int local, arena_t *a) {
   const uheads_t u = heads_of(R);
   const size_t es = esize(R), D = (size_t)R->kp.D, B = (size_t)R->B, n = (size_t)R->nloc, S = (size_t)u.S;
   const size_t P = (size_t)R->P, H = (size_t)R->kp.H, G = (size_t)R->kp.G;
@@ -159,7 +162,7 @@ static void bwd_layout(const da_ring_t *R, arena_t *a) {
   arena_add(a, 3 * B * S * u.Hl * D * es);     /* B_AQOD: q, out, dout for my heads */
   arena_add(a, 2 * B * S * u.Gk * D * es);     /* B_AKV */
   arena_add(a, B * S * u.Hl * 4);              /* B_AL: lse */
-  arena_add(a, B * S * u.Hl * 4);              /* B_DELTA */
+  arena_add(a, local ? B * S * u.Hl * 4 : 0);  /* B_DELTA */
   arena_add(a, B * S * u.Hl * D * 4);          /* B_DQ: fp32 */
   arena_add(a, 2 * B * S * u.Gk * D * 4);      /* B_DKV: fp32 dk then dv */
   arena_add(a, B * n * H * D * 4);             /* B_RDQ: dq received home */
@@ -169,14 +172,30 @@ static void bwd_layout(const da_ring_t *R, arena_t *a) {
 
 size_t da_ulysses_fwd_bytes(const da_ring_t *R) {
   arena_t a;
-  fwd_layout(R, &a);
+  fwd_layout(R, 1, &a);
   return arena_total(&a);
 }
 
 size_t da_ulysses_bwd_bytes(const da_ring_t *R) {
   arena_t a;
-  bwd_layout(R, &a);
+  bwd_layout(R, 1, &a);
   return arena_total(&a);
+}
+
+size_t da_ulysses_xchg_fwd_bytes(const da_ring_t *R) {
+  arena_t a;
+  fwd_layout(R, 0, &a);
+  return arena_total(&a);
+}
+
+size_t da_ulysses_xchg_bwd_bytes(const da_ring_t *R) {
+  arena_t a;
+  bwd_layout(R, 0, &a);
+  return arena_total(&a);
+}
+
+int64_t da_ulysses_row(const da_ring_t *R, int nt, int src, int t, int64_t b, int64_t i) {
+  return row_at(R, nt, src, t, b, i);
 }
 
 static da_status_t arena_alloc(da_ring_t *R, arena_t *a, const char *what) {
@@ -262,13 +281,16 @@ static void unpack_home(const da_ring_t *R, const char *rbuf, int nh, int64_t D,
       }
 }
 
-/* The forward's kernels: every (Q block, KV block) of my heads, then out and lse. */
-static da_status_t fwd_compute(da_ring_t *R, const uheads_t *u, const arena_t *a, void *stream) {
+/* The forward's kernels (pure Ulysses' compute phase): every (Q block, KV block) of my heads,
+ * then out and lse. */
+static da_status_t fwd_compute(da_ring_t *R, const da_uly_io_t *io, void *ctx, void *stream) {
+  (void)ctx;
+  const uheads_t uh = heads_of(R), *u = &uh;
   const int P = R->P;
   const size_t es = esize(R);
   const int64_t D = R->kp.D, wq = u->Hl * D, wk = u->Gk * D, B = R->B;
-  const char *aq = arena_at(a, F_AQ), *akv = arena_at(a, F_AKV);
-  float *o = arena_at(a, F_O), *m = arena_at(a, F_ML), *l = m + B * u->S * u->Hl;
+  const char *aq = io->q, *akv = io->kv;
+  float *o = io->o, *m = io->ml, *l = m + B * u->S * u->Hl;
   da_fwd_state_t all = {o, m, l, B * u->S};
   da_status_t st = B * u->S > 0 ? da_fwd_state_init(R->kt, &u->kp, &all, stream) : DA_SUCCESS;
   for (int qs = 0; qs < P && st == DA_SUCCESS; qs++) {
@@ -287,8 +309,8 @@ static da_status_t fwd_compute(da_ring_t *R, const uheads_t *u, const arena_t *a
                               da_span(R->layout.starts[ks], 1, nk), &sub, stream);
       }
       if (st == DA_SUCCESS)
-        st = R->kt->fwd_finish(&u->kp, &sub, (char *)arena_at(a, F_AO) + (size_t)(qr * wq) * es, R->kp.dtype, wq,
-                               (float *)arena_at(a, F_AL) + qr * u->Hl, stream);
+        st = R->kt->fwd_finish(&u->kp, &sub, io->out + (size_t)(qr * wq) * es, R->kp.dtype, wq,
+                               io->lse_out + qr * u->Hl, stream);
     }
   }
   return st;
@@ -296,6 +318,12 @@ static da_status_t fwd_compute(da_ring_t *R, const uheads_t *u, const arena_t *a
 
 da_status_t da_ulysses_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out, float *lse,
                            void *stream) {
+  return da_ulysses_fwd_with(R, q, k, v, out, lse, fwd_compute, NULL, stream);
+}
+
+da_status_t da_ulysses_fwd_with(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out, float *lse,
+                                da_uly_compute_fn compute, void *ctx, void *stream) {
+  const int local = compute == fwd_compute;
   const double t_start = da_time_now();
   da_ring_stats_t *S = &R->fwd;
   stats_begin(R, S);
@@ -306,7 +334,7 @@ da_status_t da_ulysses_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t 
   int fq[R->P], fk[R->P];
   firsts(R, u.Hl, fq, fk);
   arena_t a;
-  fwd_layout(R, &a);
+  fwd_layout(R, local, &a);
   da_status_t st = DA_SUCCESS, st_comm = arena_alloc(R, &a, "forward");
   if (st_comm) goto done;
   /* Tokens -> heads: q, then k and v together. */
@@ -317,7 +345,10 @@ da_status_t da_ulysses_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t 
   if ((st_comm = a2a(R, S, 2, (size_t)(u.Gk * D) * es, 1, arena_at(&a, F_SKV), arena_at(&a, F_AKV)))) goto done;
   const double t0 = da_time_now();
   /* A kernel failure still sends the results home, so the peers finish and the plan agrees. */
-  if (R->mode != DA_RING_COMM_ONLY) st = fwd_compute(R, &u, &a, stream);
+  const da_uly_io_t io = {.q = arena_at(&a, F_AQ), .kv = arena_at(&a, F_AKV), .out = arena_at(&a, F_AO),
+                         .lse_out = arena_at(&a, F_AL), .o = arena_at(&a, F_O), .ml = arena_at(&a, F_ML)};
+  /* Comm-only skips the local kernels; a hybrid's compute phase is a ring, whose transfers run. */
+  if (R->mode != DA_RING_COMM_ONLY || !local) st = compute(R, &io, ctx, stream);
   S->step_compute_s[0] += da_time_now() - t0;
   /* Heads -> tokens: out and lse home. */
   if ((st_comm = a2a(R, S, 1, (size_t)(u.Hl * D) * es, 0, arena_at(&a, F_AO), arena_at(&a, F_RO)))) goto done;
@@ -340,14 +371,17 @@ done:
   return st_comm ? st_comm : st;
 }
 
-/* The backward's kernels: delta, then every (Q block, KV block) into fp32 dq, dk, dv. */
-static da_status_t bwd_compute(da_ring_t *R, const uheads_t *u, const arena_t *a, void *stream) {
+/* The backward's kernels (pure Ulysses' compute phase): delta, then every (Q block, KV block)
+ * into fp32 dq, dk, dv. */
+static da_status_t bwd_compute(da_ring_t *R, const da_uly_io_t *io, void *ctx, void *stream) {
+  (void)ctx;
+  const uheads_t uh = heads_of(R), *u = &uh;
   const int P = R->P;
   const size_t es = esize(R);
   const int64_t D = R->kp.D, wq = u->Hl * D, wk = u->Gk * D, B = R->B;
-  const char *aqod = arena_at(a, B_AQOD), *akv = arena_at(a, B_AKV);
-  const float *al = arena_at(a, B_AL);
-  float *delta = arena_at(a, B_DELTA), *dq = arena_at(a, B_DQ), *dkv = arena_at(a, B_DKV);
+  const char *aqod = io->q, *akv = io->kv;
+  const float *al = io->lse;
+  float *delta = io->delta, *dq = io->dq, *dkv = io->dkv;
   da_status_t st = DA_SUCCESS;
   for (int qs = 0; qs < P && st == DA_SUCCESS; qs++) {
     const int64_t nq = R->layout.counts[qs];
@@ -405,6 +439,13 @@ static void dkv_home(const da_ring_t *R, const uheads_t *u, const float *rdkv, f
 da_status_t da_ulysses_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out,
                            da_rview_t dout, const float *lse, da_rview_t dq, da_rview_t dk, da_rview_t dv,
                            void *stream) {
+  return da_ulysses_bwd_with(R, q, k, v, out, dout, lse, dq, dk, dv, bwd_compute, NULL, stream);
+}
+
+da_status_t da_ulysses_bwd_with(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out,
+                                da_rview_t dout, const float *lse, da_rview_t dq, da_rview_t dk, da_rview_t dv,
+                                da_uly_compute_fn compute, void *ctx, void *stream) {
+  const int local = compute == bwd_compute;
   const double t_start = da_time_now();
   da_ring_stats_t *S = &R->bwd;
   stats_begin(R, S);
@@ -415,7 +456,7 @@ da_status_t da_ulysses_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t 
   int fq[R->P], fk[R->P];
   firsts(R, u.Hl, fq, fk);
   arena_t a;
-  bwd_layout(R, &a);
+  bwd_layout(R, local, &a);
   da_status_t st = DA_SUCCESS, st_comm = arena_alloc(R, &a, "backward");
   if (st_comm) goto done;
   /* Tokens -> heads: q, out, dout together; k, v together; lse (fp32, one float per head). */
@@ -428,7 +469,10 @@ da_status_t da_ulysses_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t 
   if ((st_comm = a2a(R, S, 2, (size_t)(u.Gk * D) * es, 1, arena_at(&a, B_SKV), arena_at(&a, B_AKV)))) goto done;
   if ((st_comm = a2a(R, S, 1, u.Hl * sizeof(float), 1, arena_at(&a, B_SL), arena_at(&a, B_AL)))) goto done;
   const double t0 = da_time_now();
-  if (R->mode != DA_RING_COMM_ONLY) st = bwd_compute(R, &u, &a, stream);
+  const da_uly_io_t io = {.q = arena_at(&a, B_AQOD), .kv = arena_at(&a, B_AKV), .lse = arena_at(&a, B_AL),
+                         .dq = arena_at(&a, B_DQ), .dkv = arena_at(&a, B_DKV), .delta = arena_at(&a, B_DELTA)};
+  /* Comm-only skips the local kernels; a hybrid's compute phase is a ring, whose transfers run. */
+  if (R->mode != DA_RING_COMM_ONLY || !local) st = compute(R, &io, ctx, stream);
   S->step_compute_s[0] += da_time_now() - t0;
   /* Heads -> tokens: dq; dk and dv partials (fp32). */
   if ((st_comm = a2a(R, S, 1, (size_t)(u.Hl * D) * sizeof(float), 0, arena_at(&a, B_DQ), arena_at(&a, B_RDQ))))
@@ -443,4 +487,280 @@ done:
   if (a.base) arena_release(R, &a);
   stats_end(S, t_start);
   return st_comm ? st_comm : st;
+}
+
+/* ---- hybrid: Ulysses inside groups of U ranks, the ring across the groups -------------------
+ * The group's all-to-all (the exchanges above, on the group's communicator) gives each of its U
+ * ranks the group's rows for H/U query heads (and their KV heads); those rows are re-packed
+ * batch-major ([B][n_g][heads][D]) and handed to the unchanged ring driver, which runs across the
+ * P/U groups among the ranks with the same index j (same heads) on the ring layout over groups;
+ * its out / lse (dq, dk, dv) go back through the regroup and the all-to-all home. Positions are
+ * global all the way down, so every mask works; the ring layout's own balance (striped, zigzag)
+ * is kept because the ring sees exactly that layout over P/U "ranks". */
+
+da_status_t da_hybrid_check(const da_kparams_t *kp, int P, int U, const da_transport_t *t) {
+  if (U < 1)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "hybrid: ulysses degree %d (--ulysses, da_plan_config_t.ulysses): it must be >= 1 (ranks per group; "
+                  "the ring runs across ranks / degree groups)", U);
+  if (P % U)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "hybrid: ulysses degree %d does not divide %d ranks (groups of %d consecutive "
+                  "ranks, the ring across them: use a degree that divides the rank count)", U, P, U);
+  if (kp->H % U)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "hybrid: %d heads cannot be split over ulysses degree %d (each rank of a group "
+                  "takes heads / degree query heads: use a degree that divides %d)", kp->H, U, kp->H);
+  if (kp->G % U && U % kp->G)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "hybrid: %d KV heads over ulysses degree %d: KV heads must split evenly "
+                  "(kv_heads %% degree == 0) or be replicated per group (degree %% kv_heads == 0)", kp->G, U);
+  if (!t->alltoallv) return DA_ERR(DA_ERR_UNSUPPORTED, "hybrid: the %s transport has no all-to-all", t->name);
+  return DA_SUCCESS;
+}
+
+da_status_t da_hybrid_init(da_hybrid_t *h, da_ring_t *top, MPI_Comm comm, const char *transport, double timeout,
+                           da_layout_kind_t kind, int U, int64_t seq) {
+  memset(h, 0, sizeof *h);
+  h->gcomm = h->rcomm = MPI_COMM_NULL;
+  const int P = top->P, r = top->rank, g = r / U, j = r % U;
+  h->U = U, h->groups = P / U;
+  /* Group: key j keeps rank order; ring: ranks with index j ordered by group. */
+  DA_MPICHECK(MPI_Comm_split(comm, g, j, &h->gcomm), "rank %d: the hybrid's group communicator", r);
+  DA_MPICHECK(MPI_Comm_split(comm, j, g, &h->rcomm), "rank %d: the hybrid's ring communicator", r);
+  DA_CHECK(da_xport_open(&h->gxp, transport, h->gcomm, timeout));
+  DA_CHECK(da_xport_open(&h->rxp, transport, h->rcomm, timeout));
+  /* The ring across groups: H/U query heads and the KV heads they read (G/U, or 1 replicated). */
+  da_ring_t *X = &h->ring;
+  X->kt = top->kt, X->kp = top->kp;
+  X->kp.H = top->kp.H / U;
+  X->kp.G = top->kp.G >= U ? top->kp.G / U : 1;
+  DA_CHECK(da_layout_init(&X->layout, kind, seq, h->groups, NULL));
+  X->xp = &h->rxp, X->rank = g, X->P = h->groups, X->B = top->B;
+  X->nloc = da_layout_count(&X->layout, g);
+  X->nmax = da_layout_max_count(&X->layout);
+  /* Ulysses over the group: its "sequence" is the group's n_g local rows, in U contiguous runs
+   * (the contiguous split, so any n_g works, 0 included). */
+  da_ring_t *Y = &h->uly;
+  Y->kt = top->kt, Y->kp = top->kp, Y->xp = &h->gxp, Y->rank = j, Y->P = U, Y->B = top->B;
+  Y->layout.kind = DA_LAYOUT_CONTIGUOUS, Y->layout.seq = X->nloc, Y->layout.nranks = U;
+  Y->layout.counts = da_calloc((size_t)U * sizeof(int64_t), 64);
+  Y->layout.starts = da_calloc((size_t)U * sizeof(int64_t), 64);
+  h->steps = calloc((size_t)4 * U, sizeof *h->steps);
+  h->bytes = calloc((size_t)2 * U, sizeof *h->bytes);
+  if (!Y->layout.counts || !Y->layout.starts || !h->steps || !h->bytes)
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "hybrid tables");
+  for (int q = 0, at = 0; q < U; q++) {
+    Y->layout.counts[q] = X->nloc / U + (q < X->nloc % U);
+    Y->layout.starts[q] = at;
+    at += (int)Y->layout.counts[q];
+  }
+  Y->nloc = Y->layout.counts[j];
+  Y->nmax = X->nmax / U + (X->nmax % U != 0);
+  Y->fwd.step_compute_s = h->steps, Y->fwd.step_wait_s = h->steps + U;
+  Y->bwd.step_compute_s = h->steps + 2 * U, Y->bwd.step_wait_s = h->steps + 3 * U;
+  Y->fwd.step_bytes = h->bytes, Y->bwd.step_bytes = h->bytes + U;
+  top->nloc = Y->nloc, top->nmax = Y->nmax;
+  return DA_SUCCESS;
+}
+
+da_status_t da_hybrid_schedule(da_hybrid_t *h, int64_t block) {
+  return da_schedule_ring(&h->ring.layout, &h->ring.kp.mask, block, &h->ring.sched);
+}
+
+void da_hybrid_free(da_hybrid_t *h) {
+  da_ring_release(&h->ring);
+  da_schedule_free(&h->ring.sched);
+  da_layout_free(&h->ring.layout);
+  da_layout_free(&h->uly.layout);
+  da_xport_close(&h->gxp);
+  da_xport_close(&h->rxp);
+  int finalized = 0;
+  MPI_Finalized(&finalized);
+  if (!finalized) {
+    if (h->gcomm != MPI_COMM_NULL) MPI_Comm_free(&h->gcomm);
+    if (h->rcomm != MPI_COMM_NULL) MPI_Comm_free(&h->rcomm);
+  }
+  free(h->steps), free(h->bytes);
+  memset(h, 0, sizeof *h);
+  h->gcomm = h->rcomm = MPI_COMM_NULL;
+}
+
+void da_hybrid_positions(const da_hybrid_t *h, int64_t *pos) {
+  da_span_t segs[DA_LAYOUT_MAX_SEGS];
+  const int ns = da_layout_segments(&h->ring.layout, h->ring.rank, segs);
+  const int64_t first = h->uly.layout.starts[h->uly.rank], n = h->uly.nloc;
+  int64_t row = 0;
+  for (int s = 0; s < ns; s++)
+    for (int64_t i = 0; i < segs[s].count; i++, row++)
+      if (row >= first && row < first + n) pos[row - first] = da_span_at(segs[s], i);
+}
+
+/* The regroup buffers of a call: the group's rows batch-major for the ring, [B][n_g][heads][D].
+ * Forward: q, k, v, out (dtype), lse (fp32). Backward: q, out, dout, k, v, lse, and the ring's
+ * dq, dk, dv (dtype). */
+enum { HF_Q, HF_K, HF_V, HF_O, HF_L, HF_N };
+enum { HB_Q, HB_O, HB_DO, HB_K, HB_V, HB_L, HB_DQ, HB_DK, HB_DV, HB_N };
+static void hy_layout(const da_hybrid_t *h, int bwd, arena_t *a) {
+  const uheads_t u = heads_of(&h->uly);
+  const size_t es = esize(&h->uly), D = (size_t)h->uly.kp.D, rows = (size_t)(h->ring.B * h->ring.nloc);
+  const size_t q = rows * u.Hl * D * es, kv = rows * u.Gk * D * es, l = rows * u.Hl * sizeof(float);
+  memset(a, 0, sizeof *a);
+  if (!bwd) {
+    arena_add(a, q), arena_add(a, kv), arena_add(a, kv), arena_add(a, q), arena_add(a, l);
+  } else {
+    arena_add(a, q), arena_add(a, q), arena_add(a, q), arena_add(a, kv), arena_add(a, kv), arena_add(a, l);
+    arena_add(a, q), arena_add(a, kv), arena_add(a, kv);
+  }
+}
+
+size_t da_hybrid_fwd_bytes(const da_hybrid_t *h) {
+  arena_t a;
+  hy_layout(h, 0, &a);
+  return da_ulysses_xchg_fwd_bytes(&h->uly) + arena_total(&a) + da_ring_fwd_bytes(&h->ring);
+}
+
+size_t da_hybrid_bwd_bytes(const da_hybrid_t *h) {
+  arena_t a;
+  hy_layout(h, 1, &a);
+  return da_ulysses_xchg_bwd_bytes(&h->uly) + arena_total(&a) + da_ring_bwd_bytes(&h->ring);
+}
+
+uint64_t da_hybrid_fwd_comm_bytes(const da_hybrid_t *h) {
+  return da_ulysses_fwd_comm_bytes(&h->uly) + da_ring_fwd_comm_bytes(&h->ring);
+}
+
+uint64_t da_hybrid_bwd_comm_bytes(const da_hybrid_t *h) {
+  return da_ulysses_bwd_comm_bytes(&h->uly) + da_ring_bwd_comm_bytes(&h->ring);
+}
+
+/* Move nt tensors of w bytes per row between the gathered source order (row_at of the group's
+ * Ulysses) and batch-major buffers bm[t] ([B][n_g] rows). to_bm: gathered -> batch-major. Each
+ * source's rows of one tensor and batch element are one contiguous run on both sides. */
+static void regroup(const da_ring_t *Y, int nt, size_t w, char *gathered, char *const *bm, int to_bm) {
+  const int64_t n = Y->layout.seq;
+  for (int src = 0; src < Y->P; src++) {
+    const size_t cnt = (size_t)Y->layout.counts[src];
+    if (!cnt) continue;
+    for (int t = 0; t < nt; t++)
+      for (int64_t b = 0; b < Y->B; b++) {
+        char *g = gathered + (size_t)row_at(Y, nt, src, t, b, 0) * w;
+        char *m = bm[t] + (size_t)(b * n + Y->layout.starts[src]) * w;
+        memcpy(to_bm ? m : g, to_bm ? g : m, cnt * w);
+      }
+  }
+}
+
+/* As regroup from batch-major dtype rows (width w elements) to gathered fp32 rows: the ring's
+ * gradients into the fp32 partials Ulysses sends home (and sums there when KV heads were
+ * replicated). */
+static void regroup_to_f32(const da_ring_t *Y, int nt, int64_t w, float *gathered, char *const *bm) {
+  const int64_t n = Y->layout.seq;
+  const int dt = (int)Y->kp.dtype;
+  const size_t es = esize(Y);
+  for (int src = 0; src < Y->P; src++) {
+    const int64_t cnt = Y->layout.counts[src];
+    for (int t = 0; t < nt; t++)
+      for (int64_t b = 0; b < Y->B; b++) {
+        float *g = gathered + row_at(Y, nt, src, t, b, 0) * w;
+        const char *m = bm[t] + (size_t)((b * n + Y->layout.starts[src]) * w) * es;
+        for (int64_t e = 0; e < cnt * w; e++) g[e] = da_load_f32(m, dt, e);
+      }
+  }
+}
+
+static da_status_t hy_alloc(const da_hybrid_t *h, int bwd, arena_t *a, char **buf) {
+  hy_layout(h, bwd, a);
+  const size_t total = arena_total(a);
+  a->base = da_calloc(total ? total : 1, 64);
+  if (!a->base)
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d %s: %zu bytes of hybrid regroup buffers", h->uly.rank,
+                  bwd ? "backward" : "forward", total);
+  for (int i = 0; i < a->n; i++) buf[i] = arena_at(a, i);
+  return DA_SUCCESS;
+}
+
+/* The forward's compute phase: the group's rows batch-major, the ring across groups, back. */
+static da_status_t hy_fwd_compute(da_ring_t *Y, const da_uly_io_t *io, void *ctx, void *stream) {
+  da_hybrid_t *h = ctx;
+  da_ring_t *X = &h->ring;
+  const uheads_t u = heads_of(Y);
+  const size_t es = esize(Y);
+  const int64_t D = Y->kp.D, n = X->nloc, wq = u.Hl * D, wk = u.Gk * D;
+  arena_t a;
+  char *b[HF_N];
+  DA_CHECK(hy_alloc(h, 0, &a, b));
+  regroup(Y, 1, (size_t)wq * es, (char *)io->q, b + HF_Q, 1);
+  regroup(Y, 2, (size_t)wk * es, (char *)io->kv, b + HF_K, 1);
+  const da_rview_t q = {b[HF_Q], n * wq, wq}, k = {b[HF_K], n * wk, wk}, v = {b[HF_V], n * wk, wk};
+  const da_rview_t out = {b[HF_O], n * wq, wq};
+  da_status_t st = da_ring_fwd(X, q, k, v, out, (float *)b[HF_L], stream);
+  regroup(Y, 1, (size_t)wq * es, io->out, b + HF_O, 0);
+  regroup(Y, 1, (size_t)u.Hl * sizeof(float), (char *)io->lse_out, b + HF_L, 0);
+  if (X->broken) DA_WARN(DA_SUB_COMM, "the hybrid's ring timed out; %zu bytes of regroup buffers are kept out of use",
+                         arena_total(&a));
+  else da_free(a.base);
+  return st;
+}
+
+static da_status_t hy_bwd_compute(da_ring_t *Y, const da_uly_io_t *io, void *ctx, void *stream) {
+  da_hybrid_t *h = ctx;
+  da_ring_t *X = &h->ring;
+  const uheads_t u = heads_of(Y);
+  const size_t es = esize(Y);
+  const int64_t D = Y->kp.D, n = X->nloc, wq = u.Hl * D, wk = u.Gk * D;
+  arena_t a;
+  char *b[HB_N];
+  DA_CHECK(hy_alloc(h, 1, &a, b));
+  regroup(Y, 3, (size_t)wq * es, (char *)io->q, b + HB_Q, 1); /* q, out, dout */
+  regroup(Y, 2, (size_t)wk * es, (char *)io->kv, b + HB_K, 1);
+  regroup(Y, 1, (size_t)u.Hl * sizeof(float), (char *)io->lse, b + HB_L, 1);
+  const da_rview_t q = {b[HB_Q], n * wq, wq}, o = {b[HB_O], n * wq, wq}, dout = {b[HB_DO], n * wq, wq};
+  const da_rview_t k = {b[HB_K], n * wk, wk}, v = {b[HB_V], n * wk, wk};
+  const da_rview_t dq = {b[HB_DQ], n * wq, wq}, dk = {b[HB_DK], n * wk, wk}, dv = {b[HB_DV], n * wk, wk};
+  da_status_t st = da_ring_bwd(X, q, k, v, o, dout, (const float *)b[HB_L], dq, dk, dv, stream);
+  regroup_to_f32(Y, 1, wq, io->dq, b + HB_DQ);
+  regroup_to_f32(Y, 2, wk, io->dkv, b + HB_DK);
+  if (X->broken) DA_WARN(DA_SUB_COMM, "the hybrid's ring timed out; %zu bytes of regroup buffers are kept out of use",
+                         arena_total(&a));
+  else da_free(a.base);
+  return st;
+}
+
+/* Before a call: the plan's mode on both levels; the ring's step figures land in the plan's
+ * arrays (top's, P >= P/U steps), cleared in full since the ring clears only its own steps. */
+static void hy_begin(const da_ring_t *top, da_hybrid_t *h, da_ring_stats_t *T, da_ring_stats_t *X) {
+  h->uly.mode = h->ring.mode = top->mode;
+  for (int s = 0; s < top->P; s++) T->step_compute_s[s] = T->step_wait_s[s] = 0, T->step_bytes[s] = 0;
+  X->step_compute_s = T->step_compute_s, X->step_wait_s = T->step_wait_s, X->step_bytes = T->step_bytes;
+  X->wall_s = X->compute_s = X->exposed_s = 0, X->bytes_sent = 0;
+}
+
+/* After: the plan's figures. The all-to-alls are exposed (step 0's wait and bytes); compute is
+ * the compute phase less the ring's waits (the regroup copies count as compute, as packing does
+ * in the ring). */
+static void hy_end(da_ring_t *top, const da_hybrid_t *h, da_ring_stats_t *T, const da_ring_stats_t *Ys,
+                   const da_ring_stats_t *X) {
+  const double phase = Ys->compute_s - X->exposed_s;
+  T->wall_s = Ys->wall_s;
+  T->exposed_s = Ys->exposed_s + X->exposed_s;
+  T->compute_s = phase > 0 ? phase : 0;
+  T->bytes_sent = Ys->bytes_sent + X->bytes_sent;
+  T->step_wait_s[0] += Ys->exposed_s;
+  T->step_bytes[0] += Ys->bytes_sent;
+  const double extra = Ys->compute_s - X->wall_s; /* the regroup copies */
+  if (extra > 0) T->step_compute_s[0] += extra;
+  if (h->uly.broken || h->ring.broken) top->broken = 1;
+}
+
+da_status_t da_hybrid_fwd(da_ring_t *top, da_hybrid_t *h, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out,
+                          float *lse, void *stream) {
+  hy_begin(top, h, &top->fwd, &h->ring.fwd);
+  da_status_t st = da_ulysses_fwd_with(&h->uly, q, k, v, out, lse, hy_fwd_compute, h, stream);
+  hy_end(top, h, &top->fwd, &h->uly.fwd, &h->ring.fwd);
+  return st;
+}
+
+da_status_t da_hybrid_bwd(da_ring_t *top, da_hybrid_t *h, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out,
+                          da_rview_t dout, const float *lse, da_rview_t dq, da_rview_t dk, da_rview_t dv, void *stream) {
+  hy_begin(top, h, &top->bwd, &h->ring.bwd);
+  da_status_t st = da_ulysses_bwd_with(&h->uly, q, k, v, out, dout, lse, dq, dk, dv, hy_bwd_compute, h, stream);
+  hy_end(top, h, &top->bwd, &h->uly.bwd, &h->ring.bwd);
+  return st;
 }

@@ -53,7 +53,7 @@ extern "C" {
 #define DISTATTN_VERSION_PATCH 0
 #define DISTATTN_VERSION_CODE (DISTATTN_VERSION_MAJOR * 10000 + DISTATTN_VERSION_MINOR * 100 + DISTATTN_VERSION_PATCH)
 /* Version of the structs below. Bumped whenever a field is added (at the end). */
-#define DA_API_VERSION 2
+#define DA_API_VERSION 3
 
 /* ---- status codes ------------------------------------------------------------------------ */
 typedef enum da_status {
@@ -207,7 +207,8 @@ int da_comm_size(const da_comm_t *comm); /* local */
 
 /* The distributed algorithms: which global positions a rank owns and how the work meets (all are
  * exact; ring, striped and zigzag pass KV blocks around a ring and differ in load balance under
- * causal masks; ulysses exchanges heads for tokens by all-to-all). */
+ * causal masks; ulysses exchanges heads for tokens by all-to-all; hybrid does Ulysses inside
+ * groups of ranks and the ring across them). */
 typedef enum da_algo {
   DA_ALGO_RING = 0,    /* contiguous shards (Ring Attention) */
   DA_ALGO_STRIPED = 1, /* token i on rank i mod P (Striped Attention) */
@@ -215,6 +216,10 @@ typedef enum da_algo {
   DA_ALGO_ULYSSES = 3, /* contiguous shards; an all-to-all gives each rank the whole sequence for
                           H/P heads (DeepSpeed-Ulysses): needs H % P == 0 and G % P == 0 or
                           P % G == 0, refused at plan time otherwise */
+  DA_ALGO_HYBRID = 4,  /* (API version 3) Ulysses inside groups of U = da_plan_config_t.ulysses
+                          consecutive ranks (a node's GPUs), a ring across the P/U groups on
+                          da_plan_config_t.ring_layout: needs U >= 1 dividing P, H % U == 0 and
+                          G % U == 0 or U % G == 0, refused at plan time otherwise (docs/ulysses.md) */
 } da_algo_t;
 
 typedef struct da_plan_config {
@@ -234,6 +239,10 @@ typedef struct da_plan_config {
                             no check), else MemAvailable / processes of the job on this machine;
                             < 0 = no check */
   unsigned mem_count;    /* DA_MEM_* bits: what else to count against the budget (0 = plan only) */
+  /* API version 3: the hybrid (DA_ALGO_HYBRID; a non-zero ulysses with another algo is refused). */
+  int ulysses;           /* the Ulysses degree U: ranks per group (consecutive ranks) */
+  da_algo_t ring_layout; /* the ring's layout across the P/U groups: DA_ALGO_RING (contiguous),
+                            DA_ALGO_STRIPED or DA_ALGO_ZIGZAG (the initializer's) */
 } da_plan_config_t;
 
 enum {
@@ -242,7 +251,8 @@ enum {
                                 DA_MEM_BACKWARD dout, dq, dk, dv (what a caller holds to run the plan) */
 };
 
-#define DA_PLAN_CONFIG_INITIALIZER { sizeof(da_plan_config_t), DA_API_VERSION, DA_ALGO_RING, 0, NULL, 0.0, 0, 0 }
+#define DA_PLAN_CONFIG_INITIALIZER \
+  { sizeof(da_plan_config_t), DA_API_VERSION, DA_ALGO_RING, 0, NULL, 0.0, 0, 0, 0, DA_ALGO_ZIGZAG }
 
 /* A plan: the problem validated and agreed on by every rank, the layout, the block schedule and
  * the buffers. Ranks that pass different problems (or configs) all get DA_ERR_MISMATCH; a problem

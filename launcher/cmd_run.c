@@ -27,17 +27,29 @@
 #include "verify.h"
 
 /* Indices are da_algo_t values. */
-static const char *const algo_names[] = {"ring", "striped", "zigzag", "ulysses", NULL};
-static const char run_summary[] = "distributed exact attention over MPI (ring | striped | zigzag | ulysses), forward and "
+static const char *const algo_names[] = {"ring", "striped", "zigzag", "ulysses", "hybrid", NULL};
+/* The hybrid's ring layouts (--layout): da_algo_t values, then "auto" (zigzag for the hybrid;
+ * any other choice belongs to --algo hybrid only). */
+static const char *const layout_names[] = {"ring", "striped", "zigzag", "auto", NULL};
+enum { LAYOUT_AUTO = 3 };
+static const char run_summary[] = "distributed exact attention over MPI (ring | striped | zigzag | ulysses | hybrid), "
+                                  "forward and "
                                   "backward, timed and verified in float64 on sampled rows";
 
 typedef struct run_opts {
   int algo, dtype, device, backward, overlap, bind;
+  int layout;      /* --layout: the hybrid's ring layout (da_algo_t), LAYOUT_AUTO = zigzag */
+  int64_t ulysses; /* --ulysses: the hybrid's Ulysses degree, 0 = not given */
   int64_t seq, heads, kv_heads, dim, batch, block, verify, iters, warmup, seed, threads;
   double timeout;
   da_mask_spec_t mask;
   const char *json, *input, *output, *transport;
 } run_opts_t;
+
+/* The hybrid's ring layout: --layout, or zigzag for auto. */
+static da_algo_t run_ring_layout(const run_opts_t *o) {
+  return o->layout == LAYOUT_AUTO ? DA_ALGO_ZIGZAG : (da_algo_t)o->layout;
+}
 
 typedef struct vresult {
   int64_t rows, wrong, nonfinite; /* nonfinite: rows whose reference is NaN / Inf (not wrong) */
@@ -226,9 +238,13 @@ typedef struct run {
 static void run_options(run_t *r) {
   run_opts_t *o = &r->o;
   o->algo = 2, o->dtype = DA_FLOAT32, o->device = 0, o->batch = 1, o->verify = 8, o->iters = 3, o->warmup = 1;
-  o->seed = 1;
+  o->seed = 1, o->layout = LAYOUT_AUTO;
   const da_opt_t opts[] = {
       {.name = "algo", .type = DA_OPT_ENUM, .dest = &o->algo, .help = "token layout / algorithm", .choices = algo_names},
+      {.name = "ulysses", .type = DA_OPT_INT, .dest = &o->ulysses, .metavar = "U", .min = 1, .max = 1 << 20,
+       .help = "hybrid: Ulysses degree, groups of U consecutive ranks (the ring runs across ranks / U groups)"},
+      {.name = "layout", .type = DA_OPT_ENUM, .dest = &o->layout, .choices = layout_names,
+       .help = "hybrid: the ring's layout across the groups (auto: zigzag)"},
       {.name = "seq", .type = DA_OPT_SIZE, .dest = &o->seq, .help = "total sequence length S (required)", .min = 1,
        .max = 1LL << 34},
       da_opt_heads(&o->heads),
@@ -357,6 +373,14 @@ static int run_plan(void *c) {
   prob.dtype = (da_dtype_t)o->dtype;
   da_plan_config_t pcfg = DA_PLAN_CONFIG_INITIALIZER;
   pcfg.algo = (da_algo_t)o->algo, pcfg.block = o->block, pcfg.timeout = o->timeout;
+  /* The plan refuses a degree with another algo, or a missing one (0) with hybrid, on every rank. */
+  pcfg.ulysses = (int)o->ulysses;
+  if (o->layout != LAYOUT_AUTO && o->algo != DA_ALGO_HYBRID) {
+    fprintf(stderr, "distattn run: rank %d: --layout is the hybrid's ring layout (--algo hybrid); --algo %s is "
+            "its own layout\n", r->job.rank, algo_names[o->algo]);
+    return 2;
+  }
+  pcfg.ring_layout = run_ring_layout(o);
   pcfg.transport = o->transport; /* NULL: DISTATTN_TRANSPORT or mpi */
   /* The plan refuses, before anything large is allocated, a problem whose buffers and tensors
    * exceed this rank's share of the machine's memory (or DISTATTN_MEM_BUDGET): exit 2. */
@@ -441,6 +465,12 @@ static int run_inputs(void *c) {
 
 /* ---- the header: what runs where ---- */
 
+/* The Ulysses degree in use: the hybrid's U, every rank for ulysses, 1 for the ring layouts. */
+static int run_ulysses_degree(const run_t *r) {
+  if (r->o.algo == DA_ALGO_HYBRID) return r->o.ulysses > 0 ? (int)r->o.ulysses : 1;
+  return r->o.algo == DA_ALGO_ULYSSES ? r->job.size : 1;
+}
+
 /* Rank 0: the plan's layout, buffers and volumes (max or sum over ranks: collective), how the
  * figures are taken, and the inputs, outputs and check in use. */
 static void run_print_plan(run_t *r) {
@@ -453,17 +483,23 @@ static void run_print_plan(run_t *r) {
   MPI_Allreduce(MPI_IN_PLACE, mem, 2, MPI_UNSIGNED_LONG_LONG, MPI_MAX, MPI_COMM_WORLD);
   MPI_Allreduce(MPI_IN_PLACE, vol, 2, MPI_UNSIGNED_LONG_LONG, MPI_SUM, MPI_COMM_WORLD);
   if (r->job.rank != 0) return;
-  da_report_line(stdout, "layout: %s  local rows %lld..%lld  pairs %lld  work imbalance (schedule) %.4f  KV "
-                         "sub-block %lld%s", algo_names[o->algo], (long long)-rows[1], (long long)rows[0],
+  char hyb[96] = "";
+  if (o->algo == DA_ALGO_HYBRID)
+    snprintf(hyb, sizeof hyb, " (ulysses %d x ring %d on %s)", run_ulysses_degree(r), r->job.size / run_ulysses_degree(r),
+             layout_names[run_ring_layout(o)]);
+  da_report_line(stdout, "layout: %s%s  local rows %lld..%lld  pairs %lld  work imbalance (schedule) %.4f  KV "
+                         "sub-block %lld%s", algo_names[o->algo], hyb, (long long)-rows[1], (long long)rows[0],
                  (long long)ps->pairs_total, ps->work_imbalance, (long long)ps->block, o->block ? "" : " (auto)");
   /* Ulysses moves q, k, v (out, dout) in the storage dtype and the gradients home in fp32; the
-   * ring moves KV blocks and the fp32 dK/dV sums. Its buffers hold the whole sequence for H/P heads. */
-  const int uly = o->algo == DA_ALGO_ULYSSES;
+   * ring moves KV blocks and the fp32 dK/dV sums. Its buffers hold the whole sequence for H/P
+   * heads; the hybrid does both, its group's rows for H/U heads. */
+  const int uly = o->algo == DA_ALGO_ULYSSES, hy = o->algo == DA_ALGO_HYBRID;
   da_report_line(stdout, "plan: buffers per rank %.2f MiB (fwd) / %.2f MiB (fwd+bwd)%s; sent per call, all ranks: "
                          "fwd %.2f MiB, bwd %.2f MiB (%s in %s, %s in fp32)", mem[0] / 1048576.0,
-                 mem[1] / 1048576.0, uly ? ", the whole sequence for H/P heads" : "", vol[0] / 1048576.0,
-                 o->backward ? vol[1] / 1048576.0 : 0.0, uly ? "all-to-all of q, k, v, out" : "KV",
-                 da_dtype_names[o->dtype], uly ? "dq, dk, dv" : "dK/dV");
+                 mem[1] / 1048576.0, uly ? ", the whole sequence for H/P heads" : hy ? ", the group's rows for H/U heads" : "",
+                 vol[0] / 1048576.0, o->backward ? vol[1] / 1048576.0 : 0.0,
+                 uly ? "all-to-all of q, k, v, out" : hy ? "group all-to-all of q, k, v, out; ring KV" : "KV",
+                 da_dtype_names[o->dtype], uly ? "dq, dk, dv" : hy ? "dq, dk, dv home; ring dK/dV" : "dK/dV");
   da_report_line(stdout, "time: median of %lld iters, max over ranks; gflops: (4 fwd + 10 bwd) * H * D * pairs / "
                          "time; comm: bytes sent per call, summed over ranks", (long long)o->iters);
   if (o->input)
@@ -743,6 +779,11 @@ static int run_json(const run_t *r) {
                   da_device_names[o->device], r->threads);
   da_json_int(&j, "block", r->ps.block); /* in use: --block or the automatic choice */
   da_json_int(&j, "iters", o->iters);
+  /* The degrees: ulysses x ring = ranks (ring layouts 1 x P, ulysses P x 1). */
+  da_json_int(&j, "ulysses", run_ulysses_degree(r));
+  da_json_int(&j, "ring", r->job.size / run_ulysses_degree(r));
+  da_json_str(&j, "ring_layout", o->algo == DA_ALGO_HYBRID ? layout_names[run_ring_layout(o)]
+                                 : o->algo == DA_ALGO_ULYSSES ? "none" : algo_names[o->algo]);
   da_json_dbl(&j, "fwd_s", r->fwd_s);
   if (o->backward) da_json_dbl(&j, "bwd_s", r->bwd_s);
   else da_json_null(&j, "bwd_s");

@@ -27,6 +27,15 @@ foreach(P 1 2 3 4 6 8)
   set_tests_properties(test_ulysses_np${P} PROPERTIES LABELS mpi TIMEOUT 330 ENVIRONMENT "${DA_MPI_TEST_ENV}")
 endforeach()
 
+# The hybrid Ulysses x ring driver, tests/test_hybrid.c: degrees 2x1, 1x2, 3x1, 1x3, 2x2, 2x3, 3x2, 4x2.
+add_executable(test_hybrid test_hybrid.c)
+target_link_libraries(test_hybrid PRIVATE da_comm da_ref da_core Check::check MPI::MPI_C m)
+foreach(P 1 2 3 4 6 8)
+  add_test(NAME test_hybrid_np${P}
+           COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 300 -np ${P} $<TARGET_FILE:test_hybrid>)
+  set_tests_properties(test_hybrid_np${P} PROPERTIES LABELS mpi TIMEOUT 330 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+endforeach()
+
 # Decode over the distributed paged KV cache (tree | ring), tests/test_tree.c.
 if(EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/test_tree.c)
   add_executable(test_tree test_tree.c)
@@ -131,6 +140,24 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
                   --verify 16 --iters 1 --warmup 0)
   da_run_cli(cli_run_ulysses_bad_heads 4 2 ERR_RE "ulysses: 6 heads cannot be split over 4 ranks"
              ARGS --algo ulysses --seq 256 --heads 6 --kv-heads 2 --dim 64 --verify 4 --iters 1 --warmup 0)
+  # Hybrid (issue 20): the acceptance command's shape at 1003 tokens (ulysses 4 x ring 2 on
+  # zigzag, KV heads replicated: G = 2 < U = 4), its record naming the degrees and the exposed
+  # all-to-all time; the same with the KV heads split (G = U = 2, 2 x 2 on striped); a degree that
+  # does not divide the ranks, and heads it does not divide, refused on every rank (exit 2).
+  set(hy_json ${CMAKE_CURRENT_BINARY_DIR}/cli_run_hybrid.jsonl)
+  da_run_cli(cli_run_hybrid_np8 8 0
+             OUT_RE "layout: hybrid \\(ulysses 4 x ring 2 on zigzag\\).*hybrid +8 +1003 .*# wrong: 0.# PASS"
+             JSON ${hy_json}
+             JSON_RE "\"algo\":\"hybrid\",\"ranks\":8,.*\"ulysses\":4,\"ring\":2,\"ring_layout\":\"zigzag\",.*\"wrong\":0,\"comm_bytes\":${num},\"comm_exposed_s\":${num},"
+             ARGS --algo hybrid --ulysses 4 --seq 1003 --heads 8 --kv-heads 2 --dim 64 --mask causal --backward
+                  --verify 16 --iters 1 --warmup 0 --json ${hy_json})
+  da_run_cli(cli_run_hybrid_np4 4 0 OUT_RE "layout: hybrid \\(ulysses 2 x ring 2 on striped\\).*# wrong: 0.# PASS"
+             ARGS --algo hybrid --ulysses 2 --layout striped --seq 777 --heads 4 --kv-heads 2 --dim 32
+                  --mask window:100 --dtype bf16 --backward --verify 8 --iters 1 --warmup 0)
+  da_run_cli(cli_run_hybrid_bad_degree 4 2 ERR_RE "hybrid: ulysses degree 3 does not divide 4 ranks"
+             ARGS --algo hybrid --ulysses 3 --seq 256 --heads 6 --dim 16 --verify 4 --iters 1 --warmup 0)
+  da_run_cli(cli_run_hybrid_bad_heads 4 2 ERR_RE "hybrid: 6 heads cannot be split over ulysses degree 4"
+             ARGS --algo hybrid --ulysses 4 --seq 256 --heads 6 --dim 16 --verify 4 --iters 1 --warmup 0)
   da_run_cli(cli_run_np1 1 0 OUT_RE "zigzag +1 +777 .*# wrong: 0.# PASS"
              ARGS --seq 777 --heads 3 --dim 64 --verify 5 --iters 1 --warmup 0)
 

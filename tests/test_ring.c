@@ -35,17 +35,23 @@ typedef struct {
   int64_t block;
   int strided_q; /* q passed with a padded head stride (exercises the packing path) */
   const char *transport; /* NULL: the default (mpi) */
+  int ulysses;           /* DA_ALGO_HYBRID: the Ulysses degree (the 1-rank comparison runs degree 1) */
+  da_algo_t ring_layout; /* DA_ALGO_HYBRID: the ring's layout across groups */
 } tcase_t;
 
 /* P-rank vs 1-rank results (fp32): relative per row, like the reference comparison. */
 #define ONE_RANK_TOL 1e-5
 
 static const char *algo_name(da_algo_t a) {
-  return a == DA_ALGO_RING ? "ring" : a == DA_ALGO_STRIPED ? "striped" : a == DA_ALGO_ZIGZAG ? "zigzag" : "ulysses";
+  return a == DA_ALGO_RING ? "ring" : a == DA_ALGO_STRIPED ? "striped" : a == DA_ALGO_ZIGZAG ? "zigzag"
+         : a == DA_ALGO_ULYSSES ? "ulysses" : "hybrid";
 }
 
 static void describe(const tcase_t *c, char *buf, size_t n) {
-  snprintf(buf, n, "%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s%s dtype=%s block=%lld%s%s", algo_name(c->algo),
+  char hy[64] = "";
+  if (c->algo == DA_ALGO_HYBRID)
+    snprintf(hy, sizeof hy, " %dx%d(%s)", c->ulysses, c->ulysses > 0 ? g_size / c->ulysses : 0, algo_name(c->ring_layout));
+  snprintf(buf, n, "%s%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s%s dtype=%s block=%lld%s%s", algo_name(c->algo), hy,
            (long long)c->S, c->B, c->H, c->G, c->D, c->mask & DA_MASK_CAUSAL ? "causal" : "",
            c->mask & DA_MASK_WINDOW ? "window" : "", (c->mask & DA_MASK_DOC) && (c->mask & ~DA_MASK_DOC) ? "+" : "",
            c->mask & DA_MASK_DOC ? "doc" : (c->mask ? "" : "none"),
@@ -144,6 +150,7 @@ static int one_rank(const tcase_t *c, const da_problem_t *prob, uint64_t seed, o
     da_plan_t *plan = NULL;
     da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
     cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60;
+    if (c->algo == DA_ALGO_HYBRID) cfg.ulysses = 1, cfg.ring_layout = c->ring_layout;
     int64_t *pos = malloc((size_t)S * sizeof *pos);
     char *q = malloc(nq * 4), *k = malloc(nk * 4), *v = malloc(nk * 4), *dout = malloc(nq * 4);
     ok = pos && q && k && v && dout && da_comm_create(g_ctx, MPI_COMM_SELF, &self) == DA_SUCCESS &&
@@ -220,6 +227,7 @@ static double run_case(const tcase_t *c, int verbose) {
   if (c->mask & DA_MASK_DOC) prob.ndocs = make_docs(S, c->ndocs, cu), prob.cu_seqlens = cu;
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
   cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60, cfg.transport = c->transport;
+  if (c->algo == DA_ALGO_HYBRID) cfg.ulysses = c->ulysses, cfg.ring_layout = c->ring_layout;
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
   if (st != DA_SUCCESS) {
@@ -593,11 +601,13 @@ typedef struct {
 } zplan_t;
 
 static double zplan_timeout = 60; /* seconds; a timeout test lowers it */
+static int zplan_ulysses = 1;     /* DA_ALGO_HYBRID's degree (ring layout: zigzag) */
 
 static da_status_t zplan_make(zplan_t *z, const da_problem_t *prob, da_algo_t algo) {
   memset(z, 0, sizeof *z);
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
   cfg.algo = algo, cfg.timeout = zplan_timeout;
+  if (algo == DA_ALGO_HYBRID) cfg.ulysses = zplan_ulysses;
   da_status_t st = da_plan_create(g_comm, prob, &cfg, &z->plan);
   if (st != DA_SUCCESS) return st;
   const int64_t n = z->n = da_plan_local_rows(z->plan), H = prob->heads, G = prob->kv_heads, D = prob->dim;

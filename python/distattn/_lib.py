@@ -15,7 +15,7 @@ from ctypes import (POINTER, Structure, c_char_p, c_double, c_float, c_int, c_in
                     c_uint, c_uint64, c_void_p)
 
 # ---- constants (include/distattn.h) --------------------------------------------------------
-DA_API_VERSION = 2
+DA_API_VERSION = 3
 # Short names of the status codes (da_status_t order), DistattnError.name.
 STATUS_NAMES = ["success", "invalid_argument", "unsupported", "out_of_memory", "system", "mpi",
                 "cuda", "nccl", "timeout", "mismatch", "io", "remote", "internal"]
