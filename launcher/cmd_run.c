@@ -245,9 +245,10 @@ static void run_options(run_t *r) {
        .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
       da_opt_json(&o->json),
       {.name = "input", .type = DA_OPT_STRING, .dest = &o->input, .metavar = "DIR",
-       .help = "read q.npy k.npy v.npy (dout.npy) [S,H,D] or [B,S,H,D] with MPI-IO instead of seeded inputs"},
+       .help = "read q.npy k.npy v.npy (dout.npy) [S,H,D] or [B,S,H,D] with MPI-IO instead of seeded inputs",
+       .sample = "agree-sample-in"},
       {.name = "output", .type = DA_OPT_STRING, .dest = &o->output, .metavar = "DIR",
-       .help = "write out.npy lse.npy (dq.npy dk.npy dv.npy) with MPI-IO"},
+       .help = "write out.npy lse.npy (dq.npy dk.npy dv.npy) with MPI-IO", .sample = "."},
       {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o->overlap,
        .help = "also time compute-only and transfer-only runs and report the overlap"},
       da_opt_timeout(&o->timeout),
@@ -781,6 +782,8 @@ static void run_release(void *c) {
   da_mask_spec_free(&r->o.mask);
 }
 
+static const da_cmdspec_t *run_spec(void *c) { return &((run_t *)c)->cmd; }
+
 /* The phases in order (common.h: parse and agree comes first, release last). */
 static const da_phase_fn run_phases[] = {
     run_check_files,   /* inputs: the .npy files give the sizes */
@@ -795,7 +798,8 @@ static const da_phase_fn run_phases[] = {
     NULL};
 
 int da_cmd_run(int argc, char **argv) {
-  static const da_mpi_cmd_t spec = {.name = "run", .parse = run_parse, .phases = run_phases, .release = run_release};
+  static const da_mpi_cmd_t spec = {.name = "run", .parse = run_parse, .phases = run_phases, .release = run_release,
+                                    .spec = run_spec, .size = sizeof(run_t)};
   run_t r;
   memset(&r, 0, sizeof r);
   r.ps = (da_plan_stats_t)DA_PLAN_STATS_INITIALIZER; /* versioned: size and version set */

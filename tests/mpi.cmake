@@ -175,7 +175,7 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
   # Ranks given different arguments (MPMD): a different problem is a mismatch on every rank; a
   # bad flag on rank 1 only is still one message (from rank 1) and exit 2 everywhere.
   set(exe $<TARGET_FILE:distattn>)
-  da_run_cli(cli_run_mismatch 3 2 ERR_RE "ranks disagree on the problem: seq"
+  da_run_cli(cli_run_mismatch 3 2 ERR_RE "ranks disagree on --seq: 100 on rank 0; 101 on ranks 1-2"
              RAW_ARGS -np 1 ${exe} run --seq 100 --heads 2 --dim 16 : -np 2 ${exe} run --seq 101 --heads 2 --dim 16)
   da_run_cli(cli_run_mismatch_flag 2 2 ERR_RE "rank 1 was given other arguments than rank 0.*unknown option '--sq'"
              RAW_ARGS -np 1 ${exe} run --seq 100 --heads 2 --dim 16 : -np 1 ${exe} run --sq 100 --heads 2 --dim 16)
