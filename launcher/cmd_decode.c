@@ -18,6 +18,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "common.h"
+#include "paths.h"
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
@@ -208,6 +209,7 @@ static int decode_check_options(decode_t *d) {
     return da_args_error(cmd, "--device cuda: %s",
                          da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
                                                         : da_error_message());
+  if (da_paths_refuse_json("decode", o->json)) return DA_ARGS_USAGE;
   if (o->json && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   return DA_ARGS_OK;
 }

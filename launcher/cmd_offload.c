@@ -24,6 +24,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "common.h"
+#include "paths.h"
 #include "fault.h"
 #include "report.h"
 #include "rng.h"
@@ -227,6 +228,7 @@ static int offload_parse(void *c, int argc, char **argv) {
                          (long long)x->G);
   if (o->lengths && da_parse_size_list(o->lengths, x->lens, o->batch))
     return da_args_error(&x->cmd, "--lengths '%s': expected %lld sizes", o->lengths, (long long)o->batch);
+  if (da_paths_refuse_json("decode", o->json)) return DA_ARGS_USAGE;
   if (o->json && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   if (o->lengths) o->context = x->lens[0];
   else

@@ -18,6 +18,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "npyio.h"
+#include "paths.h"
 #include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
 #include "common.h"
 #include "report.h"
@@ -183,6 +184,9 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
   return rc;
 }
 
+/* The files --output writes, in this order (the gradients with --backward). */
+static const char *const da_run_out_names[5] = {"out.npy", "lse.npy", "dq.npy", "dk.npy", "dv.npy"};
+
 /* ---- the command's state, carried through its phases ---- */
 
 /* What the check sums over ranks, by index into run_t.ck. */
@@ -298,6 +302,18 @@ static int run_parse(void *c, int argc, char **argv) {
     return da_args_error(&r->cmd, "--device cuda: %s",
                          da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
                                                         : da_error_message());
+  /* the files of the run against each other, before anything creates one (--json is created by
+   * its check below): no output may be an input or another output */
+  static const char *const in_names[] = {"q.npy", "k.npy", "v.npy", "dout.npy"};
+  static const char *const in_roles[] = {"--input q.npy", "--input k.npy", "--input v.npy", "--input dout.npy"};
+  static const char *const out_roles[] = {"--output out.npy", "--output lse.npy", "--output dq.npy",
+                                          "--output dk.npy", "--output dv.npy"};
+  da_pathset_t ps = {0};
+  da_paths_add(&ps, "--json", o->json, 1);
+  da_paths_add_debug(&ps);
+  for (int f = 0; f < (o->backward ? 4 : 3); f++) da_paths_add_in(&ps, in_roles[f], o->input, in_names[f], 0);
+  for (int f = 0; f < (o->backward ? 5 : 2); f++) da_paths_add_in(&ps, out_roles[f], o->output, da_run_out_names[f], 1);
+  if (da_paths_refuse("run", &ps)) return DA_ARGS_USAGE;
   if (o->json && r->job.rank == 0 && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   char err[256];
   if (da_verify_poison_init(err, sizeof err)) return da_args_error(&r->cmd, "%s", err);
@@ -337,7 +353,8 @@ static int run_check_files(void *c) {
   char err[1536] = "";
   int rc = o->input ? run_inspect_inputs(r, err, sizeof err) : 0;
   if (rc) fprintf(stderr, "distattn run: rank %d: --input %s: %s\n", r->job.rank, o->input, err);
-  if (!rc && o->output && (rc = da_npyio_check_dir(o->output, err, sizeof err)) != 0)
+  if (!rc && o->output &&
+      (rc = da_npyio_check_dir(o->output, da_run_out_names, o->backward ? 5 : 2, err, sizeof err)) != 0)
     fprintf(stderr, "distattn run: rank %d: %s\n", r->job.rank, err);
   return rc;
 }
@@ -646,7 +663,7 @@ static int run_verify(void *c) {
 /* The files --output writes (out, lse, and the gradients with --backward) over this rank's rows;
  * returns how many. Seeded runs write [S, ...] when B = 1, like unbatched input files. */
 static int run_output_files(const run_t *r, da_npy_out_t w[5]) {
-  static const char *const names[5] = {"out.npy", "lse.npy", "dq.npy", "dk.npy", "dv.npy"};
+  const char *const *names = da_run_out_names;
   const void *bufs[5] = {r->outb, r->lse, r->dq, r->dk, r->dv};
   const int batched = r->npin.batched || r->o.batch > 1, nw = r->o.backward ? 5 : 2;
   const int64_t H = r->o.heads, D = r->o.dim;
