@@ -135,13 +135,14 @@ int da_agree_config(const da_cmdspec_t *spec, int verdict, char *msg, size_t msg
   *bad = -1;
   agree_rec_t mine, *all = malloc((size_t)size * sizeof *all);
   int *cls = malloc((size_t)size * sizeof *cls);
+  char *vals = malloc((size_t)size * (AGREE_VALUE > AGREE_NAME + 2 ? AGREE_VALUE : AGREE_NAME + 2));
   make_rec(&mine, spec, verdict);
-  /* Without the tables nobody can compare: every rank gives up, the same way (the allgather
+  /* Without the tables nobody can compare: every rank gives up, the same way (the allgathers
    * below would otherwise run on some ranks only). */
-  int oom = !all || !cls;
+  int oom = !all || !cls || !vals;
   MPI_Allreduce(MPI_IN_PLACE, &oom, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
   if (oom) {
-    free(all), free(cls);
+    free(all), free(cls), free(vals);
     snprintf(msg, msglen, "out of memory comparing the ranks' options");
     return DA_AGREE_MISMATCH;
   }
@@ -150,11 +151,8 @@ int da_agree_config(const da_cmdspec_t *spec, int verdict, char *msg, size_t msg
   char what[1024];
   /* 1. the command: its option table is the key to everything else */
   if (classes(size, all[0].cmd, sizeof *all, AGREE_NAME, cls) > 1) {
-    char *vals = malloc((size_t)size * (AGREE_NAME + 2));
-    for (int r = 0; vals && r < size; r++) snprintf(vals + (size_t)r * (AGREE_NAME + 2), AGREE_NAME + 2, "'%s'", all[r].cmd);
-    if (vals) describe(size, cls, vals, AGREE_NAME + 2, what, sizeof what);
-    else snprintf(what, sizeof what, "(out of memory)");
-    free(vals);
+    for (int r = 0; r < size; r++) snprintf(vals + (size_t)r * (AGREE_NAME + 2), AGREE_NAME + 2, "'%s'", all[r].cmd);
+    describe(size, cls, vals, AGREE_NAME + 2, what, sizeof what);
     snprintf(msg, msglen, "ranks disagree on the command: %s (every rank must run the same command)", what);
     rc = DA_AGREE_MISMATCH;
     goto out;
@@ -194,26 +192,17 @@ int da_agree_config(const da_cmdspec_t *spec, int verdict, char *msg, size_t msg
       }
   if (opt < 0) goto out;
   const da_opt_t *o = &spec->opts[opt];
-  char value[AGREE_VALUE], *vals = malloc((size_t)size * AGREE_VALUE);
+  char value[AGREE_VALUE];
   da_args_format(o, value, sizeof value);
-  /* every rank takes part (the decision above is the same everywhere); a rank short of memory
-   * sends and receives into a scratch value */
-  static char scratch[AGREE_VALUE];
-  MPI_Allgather(value, AGREE_VALUE, MPI_CHAR, vals ? vals : scratch, vals ? AGREE_VALUE : 0, MPI_CHAR,
-                MPI_COMM_WORLD);
-  for (int r = 0; r < size; r++) cls[r] = r;
-  if (vals) {
-    classes(size, all[0].hash + opt, sizeof *all, sizeof(uint64_t), cls);
-    describe(size, cls, vals, AGREE_VALUE, what, sizeof what);
-  } else {
-    snprintf(what, sizeof what, "(values not shown: out of memory)");
-  }
-  free(vals);
+  /* every rank takes part: the decision above is the same everywhere */
+  MPI_Allgather(value, AGREE_VALUE, MPI_CHAR, vals, AGREE_VALUE, MPI_CHAR, MPI_COMM_WORLD);
+  classes(size, all[0].hash + opt, sizeof *all, sizeof(uint64_t), cls);
+  describe(size, cls, vals, AGREE_VALUE, what, sizeof what);
   snprintf(msg, msglen, "ranks disagree on --%s: %s (every rank of a job must be given the same options)", o->name,
            what);
   rc = DA_AGREE_MISMATCH;
 out:
-  free(all), free(cls);
+  free(all), free(cls), free(vals);
   return rc;
 }
 
