@@ -1,8 +1,8 @@
 /* kvcache.c: the distributed paged KV cache (da_kvcache_* of include/distattn.h). Pages of `page`
  * rows hold k then v; a prefill is cut into pages along its layout segments, appended tokens fill
  * pages of consecutive positions on the rank partition/kvmap.c picks. Every rank replays the shard
- * map from the token counts, so appends move no rows; creation and prefill are agreed on by
- * every rank, and each append's counts by one small allreduce. Decode itself lives in tree.c. */
+ * map from the token counts, so appends need no messages; creation and prefill are agreed on by
+ * every rank. Decode itself lives in tree.c. */
 #include <mpi.h> /* before distattn.h: declares the distributed section */
 #include <math.h>
 #include <stdio.h>
@@ -397,14 +397,6 @@ da_status_t da_kvcache_append(da_kvcache_t *c, const int64_t *ntok, const da_ten
     if (st == DA_SUCCESS) st = check_rows(c, "v", v, ndim, outer, axis, &vv);
     if (st != DA_SUCCESS) return da_context_finish(c->ctx, st);
   }
-  /* Every rank must append the same counts: each replays the shard map from them, so a rank that
-   * appended other counts would silently hold another map. One small allreduce (bounded by the
-   * cache's deadline) before anything changes: a mismatch leaves every rank's cache as it was. */
-  static const char *const fields[] = {"tokens appended (sum over sequences)", "#token counts per sequence"};
-  int64_t f[2] = {0, (int64_t)(da_fnv1a(0xcbf29ce484222325ull, ntok, (size_t)c->B * sizeof *ntok) >> 1)};
-  for (int64_t b = 0; b < c->B; b++) f[0] += ntok[b];
-  da_status_t ast = da_agree_fields(&c->xp, f, 2, fields, "da_kvcache_append");
-  if (ast != DA_SUCCESS) return da_context_finish(c->ctx, ast);
   for (int64_t b = 0; b < c->B; b++)
     for (int64_t t = 0; t < ntok[b]; t++) {
       da_status_t st = append_one(c, b, k ? &vk : NULL, k ? &vv : NULL, t);

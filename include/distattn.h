@@ -351,9 +351,7 @@ da_status_t da_kvcache_prefill(da_kvcache_t *cache, int64_t b, int64_t len, cons
 /* Append ntok[b] >= 0 tokens to every sequence b, at positions len_b .. len_b + ntok[b] - 1. k and v
  * are [B][T][G][D] (or [B][G][D] when T = 1), T >= max ntok, row t of sequence b = token len_b + t,
  * and hold the same values on every rank (the step's new tokens); each rank copies only the rows
- * its pages own. k = v = NULL: allocate only. Collective: every rank must pass the same ntok
- * (one small allreduce checks it, within the cache's timeout; otherwise DA_ERR_MISMATCH on every
- * rank naming the counts, and no cache changes). No rows move. */
+ * its pages own. k = v = NULL: allocate only. Every rank must pass the same ntok; no messages. */
 da_status_t da_kvcache_append(da_kvcache_t *cache, const int64_t *ntok, const da_tensor_t *k,
                               const da_tensor_t *v);
 

@@ -424,27 +424,6 @@ START_TEST(errors) {
   st = da_kvcache_prefill(c2, 1, 10 + (g_rank == 0), NULL, NULL);
   ck_assert_msg(all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "length mismatch: %s",
                 da_last_error(g_ctx));
-  /* different append counts (issue 19): a mismatch on every rank naming the counts, and no cache
-   * changed (the lengths stay 10 / 11 apart from the refused append: here both sequences of c3) */
-  da_kvcache_t *c3 = NULL;
-  ck_assert(all_equal_status(da_kvcache_create(g_comm, &p3, &kc, &c3), DA_SUCCESS));
-  ck_assert(all_equal_status(da_kvcache_prefill(c3, 0, 10, NULL, NULL), DA_SUCCESS));
-  ck_assert(all_equal_status(da_kvcache_prefill(c3, 1, 12, NULL, NULL), DA_SUCCESS));
-  const int64_t same[2] = {1, 2}, odd[2] = {1, 2 + (g_rank == g_size - 1)};
-  st = da_kvcache_append(c3, odd, NULL, NULL);
-  ck_assert_msg(all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "append mismatch: %s",
-                da_last_error(g_ctx));
-  if (g_size > 1) {
-    ck_assert_msg(strstr(da_last_error(g_ctx), "tokens appended") != NULL, "names the counts: %s", da_last_error(g_ctx));
-    ck_assert(da_kvcache_length(c3, 0) == 10 && da_kvcache_length(c3, 1) == 12); /* nothing appended */
-  }
-  /* the same total in another split is caught by the per-sequence hash */
-  const int64_t split[2] = {1 + (g_rank == 0), 2 - (g_rank == 0)};
-  st = da_kvcache_append(c3, split, NULL, NULL);
-  ck_assert_msg(all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "split mismatch: %s",
-                da_last_error(g_ctx));
-  ck_assert(all_equal_status(da_kvcache_append(c3, same, NULL, NULL), DA_SUCCESS)); /* usable afterwards */
-  da_kvcache_free(c3);
   da_kvcache_free(c2);
   for (int64_t i = 0; i < da_kvcache_num_pages(cache, 0); i++) {
     da_kvcache_page_t pg;
