@@ -57,6 +57,10 @@ typedef enum {
 extern int da_log_level_cached; /* -1 until initialized */
 void da_log_init(void);
 void da_log_set_rank(int rank);
+/* The file the logger writes to (DISTATTN_DEBUG_FILE with %h and %p expanded) when DISTATTN_DEBUG
+ * sends it to a file, else NULL; found without opening it. For callers that must not write that
+ * file another way (launcher/paths.c). */
+const char *da_log_file_path(void);
 void da_log(da_log_level_t lvl, unsigned sub, const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 static inline int da_log_enabled(da_log_level_t lvl) {

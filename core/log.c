@@ -36,22 +36,32 @@ static unsigned parse_subsys(const char *s) {
   return invert ? ~mask : mask;
 }
 
-static void open_log_file(const char *pattern) {
-  char path[1024];
+/* DISTATTN_DEBUG_FILE's pattern with %h (short host name) and %p (pid) expanded into path. */
+static void expand_log_path(const char *pattern, char *path, size_t size) {
+  if (!log_host[0]) {
+    gethostname(log_host, sizeof log_host - 1);
+    char *dot = strchr(log_host, '.');
+    if (dot) *dot = '\0';
+  }
   size_t n = 0;
-  for (const char *p = pattern; *p && n + 1 < sizeof path; p++) {
+  for (const char *p = pattern; *p && n + 1 < size; p++) {
     if (p[0] == '%' && p[1] == 'h') {
-      n += (size_t)snprintf(path + n, sizeof path - n, "%s", log_host);
+      n += (size_t)snprintf(path + n, size - n, "%s", log_host);
       p++;
     } else if (p[0] == '%' && p[1] == 'p') {
-      n += (size_t)snprintf(path + n, sizeof path - n, "%d", (int)getpid());
+      n += (size_t)snprintf(path + n, size - n, "%d", (int)getpid());
       p++;
     } else {
       path[n++] = *p;
     }
-    if (n >= sizeof path) n = sizeof path - 1;
+    if (n >= size) n = size - 1;
   }
   path[n] = '\0';
+}
+
+static void open_log_file(const char *pattern) {
+  char path[1024];
+  expand_log_path(pattern, path, sizeof path);
   FILE *f = fopen(path, "a");
   if (f) {
     setvbuf(f, NULL, _IOLBF, 0);
@@ -115,4 +125,16 @@ void da_log(da_log_level_t lvl, unsigned sub, const char *file, int line, const 
   pthread_mutex_lock(&log_lock);
   fprintf(log_file ? log_file : stderr, "%s\n", msg);
   pthread_mutex_unlock(&log_lock);
+}
+
+const char *da_log_file_path(void) {
+  /* the logger writes to a file only at a level it knows (da_log_init); found without opening it */
+  static const char *const levels[] = {"VERSION", "WARN", "INFO", "TRACE"};
+  static char path[1024];
+  const char *e = getenv("DISTATTN_DEBUG"), *f = getenv("DISTATTN_DEBUG_FILE");
+  int on = 0;
+  for (int i = 0; e && i < 4; i++) on |= !strcasecmp(e, levels[i]);
+  if (!on || !f || !*f) return NULL;
+  expand_log_path(f, path, sizeof path);
+  return path;
 }

@@ -36,6 +36,11 @@ typedef struct da_opt {
   double dmin, dmax;   /* DOUBLE range, inclusive (dmin == dmax == 0: any finite value) */
   const char *const *choices; /* ENUM / SET: NULL-terminated list of names */
   const char *alias;   /* another accepted long name, or NULL */
+  /* MPI commands (launcher/agree.c): every rank of a job must be given the same value, unless
+   * per_rank (a rank's own threads, the offload's role). sample: a valid value of a STRING option,
+   * for the test that gives one rank another value of every option (tests/agree.cmake). */
+  int per_rank;
+  const char *sample;
   int given;           /* set by the parser: how many times the option appeared */
 } da_opt_t;
 

@@ -19,6 +19,7 @@
 #include "launcher.h"
 #include "common.h"
 #include "fault.h" /* da_fault_point: the test-only fault injection */
+#include "paths.h"
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
@@ -147,7 +148,7 @@ static void decode_options(decode_t *d) {
       da_opt_dim(&o->dim),
       {.name = "batch", .type = DA_OPT_INT, .dest = &o->batch, .help = "sequences B", .min = 1, .max = 1 << 20},
       {.name = "lengths", .type = DA_OPT_STRING, .dest = &o->lengths, .metavar = "L1,L2,..",
-       .help = "per-sequence context lengths (B values; overrides --context)"},
+       .help = "per-sequence context lengths (B values; overrides --context)", .sample = "64"},
       {.name = "steps", .type = DA_OPT_INT, .dest = &o->steps, .help = "timed decode steps T (append + decode)",
        .min = 1, .max = 1 << 20},
       {.name = "warmup", .type = DA_OPT_INT, .dest = &o->warmup, .help = "untimed steps first (they grow the cache too)",
@@ -159,7 +160,7 @@ static void decode_options(decode_t *d) {
       {.name = "layout", .type = DA_OPT_ENUM, .dest = &o->layout, .help = "prefill layout of the cache",
        .choices = layout_names},
       {.name = "weights", .type = DA_OPT_STRING, .dest = &o->weights, .metavar = "W0,W1,..",
-       .help = "capacity weight per rank (shards proportional; replaces --layout)"},
+       .help = "capacity weight per rank (shards proportional; replaces --layout)", .sample = "1,1"},
       {.name = "topo", .type = DA_OPT_ENUM, .dest = &o->topo, .help = "tree reduction: flat, or within nodes then leaders",
        .choices = topo_names},
       {.name = "node-size", .type = DA_OPT_INT, .dest = &o->node_size,
@@ -209,6 +210,7 @@ static int decode_check_options(decode_t *d) {
     return da_args_error(cmd, "--device cuda: %s",
                          da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
                                                         : da_error_message());
+  if (da_paths_refuse_json("decode", o->json)) return DA_ARGS_USAGE;
   if (o->json && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   return DA_ARGS_OK;
 }
@@ -665,6 +667,8 @@ static void decode_release(void *c) {
   free(d->lens), free(d->weights);
 }
 
+static const da_cmdspec_t *decode_spec(void *c) { return &((decode_t *)c)->cmd; }
+
 /* The phases in order (common.h: parse and agree comes first, release last). */
 static const da_phase_fn decode_phases[] = {
     decode_plan,        /* context, communicator, KV cache, decode plan */
@@ -683,7 +687,7 @@ int da_cmd_decode(int argc, char **argv) {
   for (int i = 1; i < argc && da_cmd_offload; i++)
     if (!strcmp(argv[i], "--offload") || !strncmp(argv[i], "--role", 6)) return da_cmd_offload(argc, argv);
   static const da_mpi_cmd_t spec = {
-      .name = "decode", .parse = decode_parse, .phases = decode_phases, .release = decode_release};
+      .name = "decode", .parse = decode_parse, .phases = decode_phases, .release = decode_release, .spec = decode_spec, .size = sizeof(decode_t)};
   decode_t d;
   memset(&d, 0, sizeof d);
   d.ds = (da_decode_stats_t)DA_DECODE_STATS_INITIALIZER; /* versioned: size and version set */

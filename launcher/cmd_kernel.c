@@ -18,6 +18,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "mask.h"
+#include "paths.h"
 #include "report.h"
 #include "rng.h"
 #ifdef DISTATTN_HAVE_OPENBLAS
@@ -1054,6 +1055,7 @@ static int check_args(kbench_t *b) {
   }
   if ((b->ops & (1u << OP_DECODE)) && b->decode_q > b->S)
     return da_args_error(cmd, "--decode-q %lld exceeds --seq %lld", (long long)b->decode_q, (long long)b->S);
+  if (da_paths_refuse_json("kernel", b->json)) return 2;
   if (b->json && da_json_check_path(b->json)) return 2;
   da_mask_describe(&b->mask.mask, b->maskdesc, sizeof b->maskdesc);
   return 0;

@@ -24,6 +24,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "common.h"
+#include "paths.h"
 #include "fault.h"
 #include "report.h"
 #include "rng.h"
@@ -123,6 +124,7 @@ typedef struct orun {
   da_mpi_job_t job; /* rank, size, the library context and the communicator over the world */
   offload_opts_t o;
   da_opt_t opts[OFFLOAD_NOPTS];
+  int implied_offload; /* --role without --offload */
   da_cmdspec_t cmd;
   /* the problem: H, G, D, L layers, dt dtype; B sequences per compute rank, T timed steps after
    * W warm-up steps (NS in all); nmb micro-batches of at most nmax sequences */
@@ -164,13 +166,14 @@ static void offload_options(orun_t *x) {
   const da_opt_t opts[OFFLOAD_NOPTS] = {
       {.name = "offload", .type = DA_OPT_FLAG, .dest = &o->offload, .help = "offload attention to memory ranks"},
       {.name = "role", .type = DA_OPT_ENUM, .dest = &o->role, .help = "this rank's role (required with --offload)",
-       .choices = role_names},
+       .choices = role_names, .per_rank = 1},
       {.name = "mem-budget", .type = DA_OPT_SIZE, .dest = &o->budget,
-       .help = "bytes of KV cache this rank may hold (0 = free memory from sysinfo)", .min = 0, .max = 1LL << 50},
+       .help = "bytes of KV cache this rank may hold (0 = free memory from sysinfo)", .min = 0, .max = 1LL << 50,
+       .per_rank = 1 /* a memory rank's own */},
       {.name = "context", .type = DA_OPT_SIZE, .dest = &o->context, .help = "tokens per sequence before the first step",
        .min = 1, .max = 1LL << 34},
       {.name = "lengths", .type = DA_OPT_STRING, .dest = &o->lengths, .metavar = "L1,L2,..",
-       .help = "per-sequence context lengths (B values)"},
+       .help = "per-sequence context lengths (B values)", .sample = "64"},
       {.name = "heads", .type = DA_OPT_INT, .dest = &o->heads, .help = "query heads H (required)", .min = 1,
        .max = 65536},
       {.name = "kv-heads", .type = DA_OPT_INT, .dest = &o->kv_heads, .help = "KV heads G (0 = H)", .min = 0,
@@ -195,8 +198,11 @@ static void offload_options(orun_t *x) {
       {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o->dtype, .help = "storage dtype", .choices = da_dtype_names},
       {.name = "seed", .type = DA_OPT_INT, .dest = &o->seed, .help = "seed of the inputs", .min = 0, .max = INT64_MAX},
       {.name = "threads", .type = DA_OPT_INT, .dest = &o->threads, .help = "kernel threads per rank (0 = 1)", .min = 0,
-       .max = 4096},
-      {.name = "json", .type = DA_OPT_STRING, .dest = &o->json, .metavar = "FILE", .help = "append one JSON object"},
+       .max = 4096, .per_rank = 1},
+      /* per rank: rank 0 (a compute rank) writes the record; slurm/offload-hetjob.sbatch gives
+       * --json to the compute component only */
+      {.name = "json", .type = DA_OPT_STRING, .dest = &o->json, .metavar = "FILE", .help = "append one JSON object",
+       .sample = "agree-sample.jsonl", .per_rank = 1},
       {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &o->timeout, .help = "seconds to wait for a peer", .dmin = 0,
        .dmax = 1e6},
       {0},
@@ -225,6 +231,7 @@ static int offload_parse(void *c, int argc, char **argv) {
                          (long long)x->G);
   if (o->lengths && da_parse_size_list(o->lengths, x->lens, o->batch))
     return da_args_error(&x->cmd, "--lengths '%s': expected %lld sizes", o->lengths, (long long)o->batch);
+  if (da_paths_refuse_json("decode", o->json)) return DA_ARGS_USAGE;
   if (o->json && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   if (o->lengths) o->context = x->lens[0];
   else
@@ -235,6 +242,9 @@ static int offload_parse(void *c, int argc, char **argv) {
   x->nth = o->threads ? (int)o->threads : 1;
   x->nmax = (x->B + o->micro - 1) / o->micro, x->nmb = (x->B + x->nmax - 1) / x->nmax;
   x->base_tps = NAN;
+  /* --role alone means --offload (da_cmd_decode sent us here): the effective value the ranks agree on */
+  x->implied_offload = !o->offload;
+  o->offload = 1;
   return DA_ARGS_OK;
 }
 
@@ -245,7 +255,7 @@ static int offload_parse(void *c, int argc, char **argv) {
 static int offload_setup(void *c) {
   orun_t *x = c;
   const offload_opts_t *o = &x->o;
-  if (!o->offload && x->job.rank == 0) fprintf(stderr, "distattn decode: --role given: running with --offload\n");
+  if (x->implied_offload && x->job.rank == 0) fprintf(stderr, "distattn decode: --role given: running with --offload\n");
   int rc = da_mpi_job_open(&x->job, "decode", DA_DEVICE_CPU, x->nth);
   if (rc) return rc;
   da_problem_t *prob = &x->prob;
@@ -733,12 +743,14 @@ static void offload_release(void *c) {
   free(x->lens);
 }
 
+static const da_cmdspec_t *offload_spec(void *c) { return &((orun_t *)c)->cmd; }
+
 static const da_phase_fn offload_phases[] = {offload_setup,  offload_fill,   offload_execute, offload_baseline,
                                              offload_verify, offload_report, NULL};
 
 int da_cmd_offload(int argc, char **argv) {
   static const da_mpi_cmd_t spec = {
-      .name = "decode", .parse = offload_parse, .phases = offload_phases, .release = offload_release};
+      .name = "decode", .parse = offload_parse, .phases = offload_phases, .release = offload_release, .spec = offload_spec, .size = sizeof(orun_t)};
   orun_t x;
   memset(&x, 0, sizeof x);
   return da_mpi_cmd_main(&spec, &x.job, &x, argc, argv);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include "args.h"
 #include "launcher.h"
+#include "paths.h"
 #include "report.h"
 
 typedef struct machine {
@@ -260,6 +261,7 @@ static int plan_parse(int argc, char **argv, plan_opts_t *o, machine_t *m, probl
   if (o->G == 0) o->G = o->H;
   if (o->H % o->G)
     return da_args_error(&cmd, "--heads %lld is not a multiple of --kv-heads %lld", (long long)o->H, (long long)o->G);
+  if (da_paths_refuse_json("plan", o->json)) return 2;
   if (o->json && da_json_check_path(o->json)) return 2;
   if (machine_of(o, m)) return da_args_error(&cmd, "rates and bandwidths must be > 0");
   *p = (problem_t){

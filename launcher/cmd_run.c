@@ -18,6 +18,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "npyio.h"
+#include "paths.h"
 #include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
 #include "common.h"
 #include "fault.h" /* da_fault_point: the test-only fault injection */
@@ -68,23 +69,27 @@ static void vnote(vresult_t *v, double rel, double abs_err, double tol) {
  * floor from the largest |ref| of the tensor over every rank's rows (da_verify_floor). */
 enum { VT_OUT, VT_DQ, VT_DK, VT_DV, VT_N };
 typedef struct vrows {
-  double *abs, *ref;
+  double *abs, *ref, *noise; /* noise: the row's rounding noise (da_verify_den; 0 for out) */
   int *kind;
   int64_t n, cap;
 } vrows_t;
 
-static int vrow(vrows_t *v, int kind, const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len) {
+static int vrow(vrows_t *v, int kind, const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len,
+                double noise) {
   if (v->n == v->cap) {
     int64_t cap = v->cap ? 2 * v->cap : 256;
     double *a = realloc(v->abs, (size_t)cap * sizeof(double)), *r = a ? realloc(v->ref, (size_t)cap * sizeof(double)) : NULL;
-    int *k = r ? realloc(v->kind, (size_t)cap * sizeof(int)) : NULL;
+    double *ns = r ? realloc(v->noise, (size_t)cap * sizeof(double)) : NULL;
+    int *k = ns ? realloc(v->kind, (size_t)cap * sizeof(int)) : NULL;
     if (a) v->abs = a;
     if (r) v->ref = r;
+    if (ns) v->noise = ns;
     if (k) v->kind = k;
     if (!k) return -1;
     v->cap = cap;
   }
   da_verify_err(x, dt, off, ref, len, &v->abs[v->n], &v->ref[v->n]);
+  v->noise[v->n] = noise;
   v->kind[v->n++] = kind;
   return 0;
 }
@@ -96,20 +101,25 @@ static void vrows_finish(vrows_t *v, vresult_t *res, double tol) {
     if (v->ref[i] > mx[v->kind[i]]) mx[v->kind[i]] = v->ref[i];
   MPI_Allreduce(MPI_IN_PLACE, mx, VT_N, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   static const char *const names[VT_N] = {"out", "dq", "dk", "dv"};
-  double worst[VT_N] = {0};
+  double worst[VT_N] = {0}, over_noise[VT_N] = {0}; /* largest error / rounding noise: DA_VERIFY_NOISE_K's margin */
+  int64_t by_noise[VT_N] = {0};                     /* rows whose scale is their rounding noise */
   for (int64_t i = 0; i < v->n; i++) {
     if (isnan(v->ref[i])) { /* a poisoned input reaches this row's reference: nothing to measure */
       res->nonfinite++;
       continue;
     }
-    double f = da_verify_floor(mx[v->kind[i]]), den = v->ref[i] > f ? v->ref[i] : f;
+    double den = da_verify_den(v->ref[i], mx[v->kind[i]], v->noise[i], tol);
+    by_noise[v->kind[i]] += den > v->ref[i] && den > da_verify_floor(mx[v->kind[i]]);
     vnote(res, v->abs[i] / den, v->abs[i], tol);
     res->nonfinite_wrong += v->abs[i] == INFINITY;
     if (!(v->abs[i] / den <= worst[v->kind[i]])) worst[v->kind[i]] = v->abs[i] / den;
+    if (v->noise[i] > 0 && !(v->abs[i] / v->noise[i] <= over_noise[v->kind[i]]))
+      over_noise[v->kind[i]] = v->abs[i] / v->noise[i];
   }
   for (int t = 0; t < VT_N; t++)
-    DA_INFO(DA_SUB_IO, "verify %s: worst row rel err %.3g (tensor max |ref| %.3g)", names[t], worst[t], mx[t]);
-  free(v->abs), free(v->ref), free(v->kind);
+    DA_INFO(DA_SUB_IO, "verify %s: worst row rel err %.3g (tensor max |ref| %.3g; largest error / rounding noise %.3g; "
+            "%lld rows scaled by their noise)", names[t], worst[t], mx[t], over_noise[t], (long long)by_noise[t]);
+  free(v->abs), free(v->ref), free(v->noise), free(v->kind);
 }
 
 /* --backward: the softmax statistics of every query row, lse and rowsum(dout * out) (B*S*H scalars
@@ -157,10 +167,11 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
   memset(res, 0, sizeof *res);
   double *ro = malloc((size_t)H * D * 8), *rl = malloc((size_t)H * 8), *rq = malloc((size_t)H * D * 8);
   double *rk = malloc((size_t)G * D * 8), *rv = malloc((size_t)G * D * 8);
+  double *nq = malloc((size_t)H * 8), *nk = malloc((size_t)G * 8), *nv = malloc((size_t)G * 8);
   float *lse_all = NULL, *delta_all = NULL;
   vrows_t vr = {0};
   int rc = 0;
-  if (!ro || !rl || !rq || !rk || !rv) rc = -1;
+  if (!ro || !rl || !rq || !rk || !rv || !nq || !nk || !nv) rc = -1;
   if (o->backward && o->verify > 0) rc = row_stats(vp, n, pos, out, lse, dout, rc, &lse_all, &delta_all);
   for (int64_t s = 0; s < R && rc == 0; s++) {
     const int64_t i = R == 1 ? n / 2 : s * (n - 1) / (R - 1), b = s % B, l = b * n + i;
@@ -170,27 +181,31 @@ static int verify(const run_opts_t *o, const da_vprob_t *vp, int64_t n, const in
     }
     res->rows++;
     for (int h = 0; h < H; h++) {
-      if (vrow(&vr, VT_OUT, out, dt, (l * H + h) * D, ro + h * D, D)) rc = -1;
+      if (vrow(&vr, VT_OUT, out, dt, (l * H + h) * D, ro + h * D, D, 0)) rc = -1;
       if (isnan(rl[h]) || rl[h] == INFINITY) continue; /* poisoned: the out row above is counted apart */
       double le = rl[h] == -INFINITY ? (lse[l * H + h] == -INFINITY ? 0 : INFINITY) : fabs(lse[l * H + h] - rl[h]);
       vnote(res, le / fmax(1.0, fabs(rl[h])), le, tol);
     }
     if (!o->backward) continue;
-    if (da_verify_dq_row(vp, b, pos[i], ro, rl, rq) || da_verify_dkv_row(vp, b, pos[i], lse_all + b * S * H,
-                                                                         delta_all + b * S * H, rk, rv)) {
+    if (da_verify_dq_row(vp, b, pos[i], ro, rl, rq, nq) ||
+        da_verify_dkv_row(vp, b, pos[i], lse_all + b * S * H, delta_all + b * S * H, rk, rv, nk, nv)) {
       rc = -1;
       break;
     }
     for (int h = 0; h < H; h++)
-      if (vrow(&vr, VT_DQ, dq, dt, (l * H + h) * D, rq + h * D, D)) rc = -1;
+      if (vrow(&vr, VT_DQ, dq, dt, (l * H + h) * D, rq + h * D, D, nq[h])) rc = -1;
     for (int g = 0; g < G; g++)
-      if (vrow(&vr, VT_DK, dk, dt, (l * G + g) * D, rk + g * D, D) || vrow(&vr, VT_DV, dv, dt, (l * G + g) * D, rv + g * D, D))
+      if (vrow(&vr, VT_DK, dk, dt, (l * G + g) * D, rk + g * D, D, nk[g]) ||
+          vrow(&vr, VT_DV, dv, dt, (l * G + g) * D, rv + g * D, D, nv[g]))
         rc = -1;
   }
   vrows_finish(&vr, res, tol);
-  free(ro), free(rl), free(rq), free(rk), free(rv), free(lse_all), free(delta_all);
+  free(ro), free(rl), free(rq), free(rk), free(rv), free(nq), free(nk), free(nv), free(lse_all), free(delta_all);
   return rc;
 }
+
+/* The files --output writes, in this order (the gradients with --backward). */
+static const char *const da_run_out_names[5] = {"out.npy", "lse.npy", "dq.npy", "dk.npy", "dv.npy"};
 
 /* ---- the command's state, carried through its phases ---- */
 
@@ -269,9 +284,10 @@ static void run_options(run_t *r) {
        .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
       da_opt_json(&o->json),
       {.name = "input", .type = DA_OPT_STRING, .dest = &o->input, .metavar = "DIR",
-       .help = "read q.npy k.npy v.npy (dout.npy) [S,H,D] or [B,S,H,D] with MPI-IO instead of seeded inputs"},
+       .help = "read q.npy k.npy v.npy (dout.npy) [S,H,D] or [B,S,H,D] with MPI-IO instead of seeded inputs",
+       .sample = "agree-sample-in"},
       {.name = "output", .type = DA_OPT_STRING, .dest = &o->output, .metavar = "DIR",
-       .help = "write out.npy lse.npy (dq.npy dk.npy dv.npy) with MPI-IO"},
+       .help = "write out.npy lse.npy (dq.npy dk.npy dv.npy) with MPI-IO", .sample = "."},
       {.name = "measure-overlap", .type = DA_OPT_FLAG, .dest = &o->overlap,
        .help = "also time compute-only and transfer-only runs and report the overlap"},
       da_opt_timeout(&o->timeout),
@@ -310,6 +326,18 @@ static int run_parse(void *c, int argc, char **argv) {
     return da_args_error(&r->cmd, "--device cuda: %s",
                          da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
                                                         : da_error_message());
+  /* the files of the run against each other, before anything creates one (--json is created by
+   * its check below): no output may be an input or another output */
+  static const char *const in_names[] = {"q.npy", "k.npy", "v.npy", "dout.npy"};
+  static const char *const in_roles[] = {"--input q.npy", "--input k.npy", "--input v.npy", "--input dout.npy"};
+  static const char *const out_roles[] = {"--output out.npy", "--output lse.npy", "--output dq.npy",
+                                          "--output dk.npy", "--output dv.npy"};
+  da_pathset_t ps = {0};
+  da_paths_add(&ps, "--json", o->json, 1);
+  da_paths_add_debug(&ps);
+  for (int f = 0; f < (o->backward ? 4 : 3); f++) da_paths_add_in(&ps, in_roles[f], o->input, in_names[f], 0);
+  for (int f = 0; f < (o->backward ? 5 : 2); f++) da_paths_add_in(&ps, out_roles[f], o->output, da_run_out_names[f], 1);
+  if (da_paths_refuse("run", &ps)) return DA_ARGS_USAGE;
   if (o->json && r->job.rank == 0 && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   char err[256];
   if (da_verify_poison_init(err, sizeof err)) return da_args_error(&r->cmd, "%s", err);
@@ -349,7 +377,8 @@ static int run_check_files(void *c) {
   char err[1536] = "";
   int rc = o->input ? run_inspect_inputs(r, err, sizeof err) : 0;
   if (rc) fprintf(stderr, "distattn run: rank %d: --input %s: %s\n", r->job.rank, o->input, err);
-  if (!rc && o->output && (rc = da_npyio_check_dir(o->output, err, sizeof err)) != 0)
+  if (!rc && o->output &&
+      (rc = da_npyio_check_dir(o->output, da_run_out_names, o->backward ? 5 : 2, err, sizeof err)) != 0)
     fprintf(stderr, "distattn run: rank %d: %s\n", r->job.rank, err);
   return rc;
 }
@@ -618,12 +647,37 @@ static void run_count(run_t *r, const vresult_t *vr) {
   r->max_abs = vmax[0], r->max_rel = vmax[1];
 }
 
+/* DISTATTN_TEST_PLANT=TENSOR:X (test aid, TENSOR one of out, dq, dk, dv): X is added to every
+ * value of this rank's TENSOR after the run and before the check, so a test can show which errors
+ * the verifier catches (tests/mpi.cmake: cli_run_plant_*). 0, or -1 when malformed. */
+static int run_plant(run_t *r) {
+  const char *env = da_param_string("DISTATTN_TEST_PLANT");
+  if (!env) return 0;
+  static const char *const names[] = {"out", "dq", "dk", "dv"};
+  char *bufs[] = {r->outb, r->dq, r->dk, r->dv};
+  const size_t len[] = {r->nq, r->nq, r->nk, r->nk};
+  const char *colon = strchr(env, ':');
+  char *end = NULL;
+  double x = colon ? strtod(colon + 1, &end) : NAN;
+  for (int t = 0; t < 4; t++)
+    if (colon && (size_t)(colon - env) == strlen(names[t]) && !strncmp(env, names[t], strlen(names[t])) && end &&
+        !*end && isfinite(x) && bufs[t]) {
+      for (size_t i = 0; i < len[t]; i++)
+        da_store_f32(bufs[t], r->o.dtype, (int64_t)i, da_load_f32(bufs[t], r->o.dtype, (int64_t)i) + (float)x);
+      return 0;
+    }
+  fprintf(stderr, "distattn run: rank %d: DISTATTN_TEST_PLANT=%s: expected TENSOR:X, TENSOR one of out, dq, dk, dv "
+          "(the gradients with --backward)\n", r->job.rank, env);
+  return -1;
+}
+
 /* The float64 check of sampled rows (before the overlap runs, which overwrite the outputs), from
  * the input files streamed in chunks with --input, else from inputs regenerated from the RNG. */
 static int run_verify(void *c) {
   run_t *r = c;
   const run_opts_t *o = &r->o;
   vresult_t vr = {0};
+  if (da_mpi_max_int(run_plant(r) ? 2 : 0)) return 2;
   int vfail = 0;
   da_fault_point("verify");
   da_npyio_source_t *src = NULL;
@@ -657,7 +711,7 @@ static int run_verify(void *c) {
 /* The files --output writes (out, lse, and the gradients with --backward) over this rank's rows;
  * returns how many. Seeded runs write [S, ...] when B = 1, like unbatched input files. */
 static int run_output_files(const run_t *r, da_npy_out_t w[5]) {
-  static const char *const names[5] = {"out.npy", "lse.npy", "dq.npy", "dk.npy", "dv.npy"};
+  const char *const *names = da_run_out_names;
   const void *bufs[5] = {r->outb, r->lse, r->dq, r->dk, r->dv};
   const int batched = r->npin.batched || r->o.batch > 1, nw = r->o.backward ? 5 : 2;
   const int64_t H = r->o.heads, D = r->o.dim;
@@ -834,6 +888,8 @@ static void run_release(void *c) {
   da_mask_spec_free(&r->o.mask);
 }
 
+static const da_cmdspec_t *run_spec(void *c) { return &((run_t *)c)->cmd; }
+
 /* The phases in order (common.h: parse and agree comes first, release last). */
 static const da_phase_fn run_phases[] = {
     run_check_files,   /* inputs: the .npy files give the sizes */
@@ -848,7 +904,8 @@ static const da_phase_fn run_phases[] = {
     NULL};
 
 int da_cmd_run(int argc, char **argv) {
-  static const da_mpi_cmd_t spec = {.name = "run", .parse = run_parse, .phases = run_phases, .release = run_release};
+  static const da_mpi_cmd_t spec = {.name = "run", .parse = run_parse, .phases = run_phases, .release = run_release,
+                                    .spec = run_spec, .size = sizeof(run_t)};
   run_t r;
   memset(&r, 0, sizeof r);
   r.ps = (da_plan_stats_t)DA_PLAN_STATS_INITIALIZER; /* versioned: size and version set */

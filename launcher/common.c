@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include "agree.h"
 #include "common.h"
 #include "core.h"
 #include "fault.h"
@@ -99,19 +100,21 @@ da_opt_t da_opt_device(int *dest) {
 
 da_opt_t da_opt_threads(int64_t *dest) {
   return (da_opt_t){.name = "threads", .type = DA_OPT_INT, .dest = dest,
-                    .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096};
+                    .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096,
+                    .per_rank = 1 /* a rank's own resources: ranks on unlike nodes may differ */};
 }
 
 da_opt_t da_opt_json(const char **dest) {
   return (da_opt_t){.name = "json", .type = DA_OPT_STRING, .dest = dest, .metavar = "FILE",
-                    .help = "append one JSON object (JSON Lines) to FILE"};
+                    .help = "append one JSON object (JSON Lines) to FILE", .sample = "agree-sample.jsonl"};
 }
 
 da_opt_t da_opt_transport(const char **dest) {
   /* The names are checked where the plan is made (comm/transport.c lists what this build has). */
   return (da_opt_t){.name = "transport", .type = DA_OPT_STRING, .dest = dest, .metavar = "NAME",
                     .help = "data transport: mpi, self (one rank); device transports (cuda-ipc, nccl, host-ipc) are "
-                            "refused until the device ring exists (default DISTATTN_TRANSPORT or mpi)"};
+                            "refused until the device ring exists (default DISTATTN_TRANSPORT or mpi)",
+                    .sample = "self"};
 }
 
 const char *da_transport_choice(const char *opt) {
@@ -233,23 +236,29 @@ static void quiet_end(quiet_t *q) {
   if (q->err >= 0) dup2(q->err, 2), close(q->err);
 }
 
-int da_mpi_parse_agree(const char *cmd, int (*parse)(void *c, int argc, char **argv), void *c, int argc,
-                       char **argv) {
-  int rank = 0, size = 1;
+int da_mpi_parse_agree(const da_mpi_cmd_t *cmd, void *c, int argc, char **argv) {
+  int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &size);
   quiet_t q;
   quiet_begin(&q, rank != 0);
-  int prc = parse(c, argc, argv);
+  const int prc = cmd->parse(c, argc, argv);
   quiet_end(&q);
-  int first_bad = prc != DA_ARGS_OK ? rank : size, rank0 = prc;
-  MPI_Bcast(&rank0, 1, MPI_INT, 0, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, &first_bad, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  if (rank0 == DA_ARGS_OK && first_bad == rank && rank != 0) {
-    fprintf(stderr, "distattn %s: rank %d was given other arguments than rank 0, and they are wrong:\n", cmd, rank);
-    parse(c, argc, argv); /* again, to print its message */
+  char msg[2048];
+  int bad = -1;
+  switch (da_agree_config(cmd->spec(c), prc, msg, sizeof msg, &bad)) {
+    case DA_AGREE_OK: return DA_ARGS_OK;
+    case DA_AGREE_HELP: return DA_ARGS_HELP;
+    case DA_AGREE_USAGE:
+      if (bad == rank && rank != 0) {
+        fprintf(stderr, "distattn %s: rank %d was given other arguments than rank 0, and they are wrong:\n",
+                cmd->name, rank);
+        cmd->parse(c, argc, argv); /* again, to print its message */
+      }
+      return DA_ARGS_USAGE;
+    default:
+      fprintf(stderr, "distattn %s: rank %d: %s\n", cmd->name, rank, msg);
+      return DA_ARGS_USAGE;
   }
-  return da_mpi_max_int(prc);
 }
 
 int da_mpi_cmd_main(const da_mpi_cmd_t *cmd, da_mpi_job_t *job, void *c, int argc, char **argv) {
@@ -262,7 +271,14 @@ int da_mpi_cmd_main(const da_mpi_cmd_t *cmd, da_mpi_job_t *job, void *c, int arg
   MPI_Comm_size(MPI_COMM_WORLD, &job->size);
   const int frc = da_mpi_max_int(da_fault_start(argc, argv, provided));
   da_fault_point("setup");
-  const int prc = frc ? DA_ARGS_USAGE : da_mpi_parse_agree(cmd->name, cmd->parse, c, argc, argv);
+  const char *sweep = getenv("DISTATTN_TEST_AGREE_SWEEP"); /* test aid: agree.h */
+  if (!frc && sweep && !strcmp(sweep, "1")) {
+    const int src = da_agree_sweep(cmd, c, cmd->size, argc, argv);
+    da_fault_stop();
+    MPI_Finalize();
+    return src;
+  }
+  const int prc = frc ? DA_ARGS_USAGE : da_mpi_parse_agree(cmd, c, argc, argv);
   int rc = prc == DA_ARGS_OK || prc == DA_ARGS_HELP ? 0 : 2;
   for (const da_phase_fn *phase = cmd->phases; prc == DA_ARGS_OK && !rc && *phase; phase++) rc = (*phase)(c);
   cmd->release(c);

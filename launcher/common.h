@@ -92,18 +92,23 @@ typedef struct da_mpi_cmd {
   int (*parse)(void *c, int argc, char **argv);
   const da_phase_fn *phases; /* NULL-terminated, run in order while each returns 0 */
   void (*release)(void *c);  /* always called after parse: frees what parse and the phases made */
+  /* The option table in c, as parse filled it: the ranks agree on it (launcher/agree.h). */
+  const da_cmdspec_t *(*spec)(void *c);
+  size_t size; /* sizeof the state c (the agreement test restores it between tries) */
 } da_mpi_cmd_t;
 
 /* The whole command: MPI up, job->rank/size set, parse and agree, the phases, release, job's
  * communicator and context freed, MPI down. Returns the exit code (help: 0, usage: 2). */
 int da_mpi_cmd_main(const da_mpi_cmd_t *cmd, da_mpi_job_t *job, void *c, int argc, char **argv);
 
-/* Collective: every rank parses its own argv (mpirun gives all the same one, an MPMD launch may
- * not) with the output of every rank but 0 silenced, and all get the worst verdict. Rank 0 speaks;
- * when rank 0 was fine but another rank was not, the lowest such rank parses again aloud, so a
- * usage error always prints exactly one message. */
-int da_mpi_parse_agree(const char *cmd, int (*parse)(void *c, int argc, char **argv), void *c, int argc,
-                       char **argv);
+/* Collective, the first of the command: every rank parses its own argv (mpirun gives all the same
+ * one, an MPMD launch may not) with the output of every rank but 0 silenced, then the ranks agree
+ * (launcher/agree.h): on the command first, then the verdicts, --help, and every option's
+ * effective value. A usage error prints exactly one message: rank 0's, or when rank 0 was fine,
+ * the lowest bad rank parses again aloud. A disagreement (another command, --help on some ranks,
+ * an option with another value) is one line on every rank naming it and the ranks' values.
+ * Returns DA_ARGS_OK, DA_ARGS_HELP (every rank) or DA_ARGS_USAGE (every rank: exit 2). */
+int da_mpi_parse_agree(const da_mpi_cmd_t *cmd, void *c, int argc, char **argv);
 
 /* Collective: the library context (device, threads) and the communicator over MPI_COMM_WORLD
  * into job. 0, or the exit code every rank agrees on once the failing ranks said why. */

@@ -12,6 +12,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include "distattn.h"
@@ -348,14 +350,32 @@ int da_npyio_read(const char *path, int64_t data_offset, int64_t B, int64_t S, i
   return rc;
 }
 
-/* ---- outputs ---- */
+/* ---- outputs: a set replaced as a whole or not at all ---- */
 
-int da_npyio_check_dir(const char *dir, char *err, size_t errlen) {
+/* The commit marker of a set being renamed into dir: its temporaries and backups, one per line. */
+#define COMMIT_PREFIX ".distattn-commit."
+
+static void recover_all(const char *dir);
+
+int da_npyio_check_dir(const char *dir, const char *const *names, int n, char *err, size_t errlen) {
   struct stat st;
   int rc = 0;
   if (stat(dir, &st)) rc = say(err, errlen, "--output %s: %s", dir, strerror(errno));
   else if (!S_ISDIR(st.st_mode)) rc = say(err, errlen, "--output %s: not a directory", dir);
   else if (access(dir, W_OK | X_OK)) rc = say(err, errlen, "--output %s: not writable: %s", dir, strerror(errno));
+  /* an output name taken by a directory (or anything but a regular file) would make the last
+   * rename fail after the whole run: refused now */
+  for (int f = 0; f < n && !rc; f++) {
+    char p[4200];
+    snprintf(p, sizeof p, "%s/%s", dir, names[f]);
+    if (lstat(p, &st) == 0 && S_ISLNK(st.st_mode) && stat(p, &st) != 0) continue; /* a dangling link is replaced */
+    if (stat(p, &st) == 0 && !S_ISREG(st.st_mode))
+      rc = say(err, errlen, "--output %s: %s exists and is %s, not a file the run can replace", dir, names[f],
+               S_ISDIR(st.st_mode) ? "a directory" : "not a regular file");
+  }
+  int rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  if (!rc && rank == 0) recover_all(dir);
   return agree(rc ? 2 : 0, err, errlen);
 }
 
@@ -366,87 +386,349 @@ static int test_io_fail(int rank) {
   return s && *s && atoi(s) == rank;
 }
 
+/* DISTATTN_TEST_OUTPUT_PAUSE=write:S|commit:S (test aid): stop S seconds once every temporary is
+ * written and checked (write), or in the commit between the first and the second rename (commit,
+ * rank 0), saying so on stderr, so a test can send a signal at that point. */
+static void test_pause(const char *where, int rank) {
+  const char *s = getenv("DISTATTN_TEST_OUTPUT_PAUSE");
+  size_t n = strlen(where);
+  if (!s || strncmp(s, where, n) || s[n] != ':') return;
+  double secs = atof(s + n + 1), t0 = MPI_Wtime();
+  fprintf(stderr, "distattn: rank %d: output: paused at %s for %g s (DISTATTN_TEST_OUTPUT_PAUSE)\n", rank, where, secs);
+  fflush(stderr);
+  while (MPI_Wtime() - t0 < secs) usleep(10000); /* a signal handler may cut a sleep short: loop */
+}
+
+/* ---- signals while the set is written ----
+ * Until the commit starts, a SIGINT / SIGTERM / SIGHUP / SIGQUIT removes this process's
+ * temporaries and then takes its usual course (the job ends; the old set is untouched). Once the
+ * commit has started it is held until the commit is over (the new set is whole), then taken.
+ * The state moves 0 (writing) -> 1 (committing) or 0 -> 2 (a handler is cleaning up) with one
+ * atomic compare-and-swap, so the handler, on whichever thread it runs, and the commit never both
+ * go: a handler that wins stops the commit, a commit that wins makes the handler wait. */
+static const int out_sigs[] = {SIGINT, SIGTERM, SIGHUP, SIGQUIT};
+enum { NSIGS = sizeof out_sigs / sizeof *out_sigs };
+static struct sigaction out_old[NSIGS];
+static char (*volatile sig_tmp)[4096];
+static volatile sig_atomic_t sig_ntmp, sig_state, sig_pending;
+
+static void out_restore_signals(void) {
+  for (int i = 0; i < NSIGS; i++) sigaction(out_sigs[i], &out_old[i], NULL);
+}
+
+static void out_on_signal(int sig) {
+  int expect = 0;
+  if (__atomic_compare_exchange_n(&sig_state, &expect, 2, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+    for (int f = 0; f < sig_ntmp; f++) unlink(sig_tmp[f]);
+  } else if (expect == 1) { /* committing: held until the set is whole */
+    sig_pending = sig;
+    return;
+  }
+  out_restore_signals();
+  raise(sig); /* taken after this handler returns, the usual way */
+}
+
+static void out_catch_signals(char (*tmp)[4096]) {
+  sig_tmp = tmp, sig_ntmp = 0, sig_state = 0, sig_pending = 0;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = out_on_signal;
+  sigemptyset(&sa.sa_mask);
+  for (int i = 0; i < NSIGS; i++) sigaddset(&sa.sa_mask, out_sigs[i]);
+  for (int i = 0; i < NSIGS; i++) sigaction(out_sigs[i], &sa, &out_old[i]);
+}
+
+/* After the set: the usual handlers back, and a signal held during the commit taken now. */
+static void out_release_signals(void) {
+  __atomic_store_n(&sig_state, 3, __ATOMIC_SEQ_CST);
+  out_restore_signals();
+  sig_ntmp = 0;
+  if (sig_pending) raise(sig_pending);
+}
+
+/* ---- one file: temporary, header, rows, checks ---- */
+
+/* Every rank checks what it wrote: its rows read back through the same view equal its buffer
+ * (a write that failed without an error -- a full disk under some MPI-IO drivers -- leaves a hole
+ * or a short file that reads back as zeros or nothing); rank 0 checks the header and the size. */
+static int check_written(const char *path, const da_npy_out_t *o, const unsigned char *hdr, int64_t hl, int64_t B,
+                         int64_t S, MPI_Datatype row, MPI_Datatype view, int count, char *err, size_t errlen) {
+  int rank = 0, rc = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  char m[MPI_MAX_ERROR_STRING];
+  const size_t bytes = (size_t)count * (size_t)o->rowbytes;
+  void *back = malloc(bytes ? bytes : 1);
+  if (!back) rc = say(err, errlen, "%s: out of memory reading %zu bytes back from %s", o->name, bytes, path);
+  if ((rc = agree(rc, err, errlen)) != 0) return free(back), rc;
+  MPI_File fh;
+  int e = MPI_File_open(MPI_COMM_WORLD, path, MPI_MODE_RDONLY, MPI_INFO_NULL, &fh);
+  if (e != MPI_SUCCESS) {
+    mpi_msg(e, m, sizeof m);
+    rc = say(err, errlen, "%s: reopening %s to check it: %s", o->name, path, m);
+  }
+  if ((rc = agree(rc, err, errlen)) != 0) return free(back), rc;
+  MPI_Status st;
+  e = MPI_File_set_view(fh, (MPI_Offset)hl, MPI_BYTE, view, "native", MPI_INFO_NULL);
+  if (e == MPI_SUCCESS) e = MPI_File_read_all(fh, back, count, row, &st);
+  int got = 0;
+  if (e == MPI_SUCCESS) MPI_Get_count(&st, row, &got);
+  if (e != MPI_SUCCESS) {
+    mpi_msg(e, m, sizeof m);
+    rc = say(err, errlen, "%s: reading %s back: %s", o->name, path, m);
+  } else if (got != count || memcmp(back, o->buf, bytes)) {
+    rc = say(err, errlen, "%s: %s does not hold what was written (%d of %d rows read back%s): disk full or a failed "
+             "write", o->name, path, got, count, got == count ? ", different bytes" : "");
+  }
+  MPI_File_close(&fh);
+  if (!rc && rank == 0) {
+    unsigned char h[4096];
+    struct stat sb;
+    const int64_t want = hl + B * S * o->rowbytes;
+    int fd = open(path, O_RDONLY);
+    if (fd < 0 || fstat(fd, &sb)) rc = say(err, errlen, "%s: checking %s: %s", o->name, path, strerror(errno));
+    else if ((int64_t)sb.st_size != want)
+      rc = say(err, errlen, "%s: %s has %lld bytes, expected %lld (header %lld + %lld rows of %lld): disk full or a "
+               "failed write", o->name, path, (long long)sb.st_size, (long long)want, (long long)hl,
+               (long long)(B * S), (long long)o->rowbytes);
+    else if (pread(fd, h, (size_t)hl, 0) != (ssize_t)hl || memcmp(h, hdr, (size_t)hl))
+      rc = say(err, errlen, "%s: the header of %s does not read back as written", o->name, path);
+    if (fd >= 0) close(fd);
+  }
+  free(back);
+  return agree(rc, err, errlen);
+}
+
+/* Write one file to its temporary name tmp: rank 0 the header, every rank its rows through its
+ * view, synced and closed (each step's error counts), then checked (check_written). *made is set
+ * once the temporary exists. */
+static int write_one(const char *tmp, const da_npy_out_t *o, int64_t B, int64_t S, const int64_t *pos, int64_t n,
+                     int count, int *made, char *err, size_t errlen) {
+  int rank = 0, rc = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  char m[MPI_MAX_ERROR_STRING];
+  unsigned char hdr[4096];
+  const int64_t hl = da_npy_header_write(hdr, sizeof hdr, o->descr, o->ndim, o->shape);
+  MPI_Datatype row, view = MPI_DATATYPE_NULL;
+  MPI_Type_contiguous((int)o->rowbytes, MPI_BYTE, &row);
+  MPI_Type_commit(&row);
+  if (hl < 0 || make_view(B, S, o->rowbytes, pos, n, row, &view)) rc = say(err, errlen, "%s: internal: header or view", o->name);
+  if ((rc = agree(rc, err, errlen)) != 0) {
+    MPI_Type_free(&row);
+    return rc;
+  }
+  MPI_File fh;
+  MPI_Info info = io_info();
+  int e = MPI_File_open(MPI_COMM_WORLD, tmp, MPI_MODE_CREATE | MPI_MODE_EXCL | MPI_MODE_WRONLY, info, &fh);
+  MPI_Info_free(&info);
+  if (e != MPI_SUCCESS) {
+    mpi_msg(e, m, sizeof m);
+    rc = say(err, errlen, "%s: creating %s: %s", o->name, tmp, m);
+  }
+  if ((rc = agree(rc, err, errlen)) == 0) {
+    *made = 1;
+    MPI_Status st;
+    if (rank == 0) {
+      e = MPI_File_write_at(fh, 0, hdr, (int)hl, MPI_BYTE, &st);
+      if (e != MPI_SUCCESS) {
+        mpi_msg(e, m, sizeof m);
+        rc = say(err, errlen, "%s: writing the header of %s: %s", o->name, tmp, m);
+      }
+    }
+    e = MPI_File_set_view(fh, (MPI_Offset)hl, MPI_BYTE, view, "native", MPI_INFO_NULL);
+    if (e == MPI_SUCCESS) e = MPI_File_write_all(fh, o->buf, count, row, &st);
+    if (e != MPI_SUCCESS && !rc) {
+      mpi_msg(e, m, sizeof m);
+      rc = say(err, errlen, "%s: writing %lld rows to %s: %s", o->name, (long long)(B * n), tmp, m);
+    } else if (e == MPI_SUCCESS && !rc) {
+      int put = 0;
+      MPI_Get_count(&st, row, &put);
+      if (put != count) rc = say(err, errlen, "%s: wrote %d of %d rows to %s", o->name, put, count, tmp);
+    }
+    if (!rc && test_io_fail(rank))
+      rc = say(err, errlen, "%s: writing %s: DISTATTN_TEST_IO_FAIL (test hook: a simulated write error)", o->name, tmp);
+    e = MPI_File_sync(fh); /* collective: the data on the disk, deferred errors (a full disk) now */
+    if (e != MPI_SUCCESS && !rc) {
+      mpi_msg(e, m, sizeof m);
+      rc = say(err, errlen, "%s: syncing %s: %s", o->name, tmp, m);
+    }
+    e = MPI_File_close(&fh);
+    if (e != MPI_SUCCESS && !rc) {
+      mpi_msg(e, m, sizeof m);
+      rc = say(err, errlen, "%s: closing %s: %s", o->name, tmp, m);
+    }
+    rc = agree(rc, err, errlen);
+    if (!rc) rc = check_written(tmp, o, hdr, hl, B, S, row, view, count, err, errlen);
+  }
+  MPI_Type_free(&view);
+  MPI_Type_free(&row);
+  return rc;
+}
+
+/* ---- the commit (rank 0) ---- */
+
+static void sync_dir(const char *dir) {
+  int fd = open(dir, O_RDONLY | O_DIRECTORY);
+  if (fd >= 0) fsync(fd), close(fd);
+}
+
+/* The marker (journal) of a commit: one line per file, "TMP<tab>FINAL<tab>BAK" (BAK "-" when there
+ * was no old file), after a comment line. While it exists the set may mix two runs. */
+static int write_marker(const char *marker, const char *dir, int nout, char (*tmp)[4096], char (*fin)[4096],
+                        char (*bak)[4096], const int *had, char *err, size_t errlen) {
+  FILE *mf = fopen(marker, "wx");
+  int rc = 0;
+  if (!mf) return say(err, errlen, "writing the commit marker %s: %s", marker, strerror(errno));
+  fprintf(mf, "# distattn --output: the files of %s were being replaced; while this file exists they may mix "
+              "two runs (the next --output into it restores the old set)\n", dir);
+  for (int f = 0; f < nout; f++) fprintf(mf, "%s\t%s\t%s\n", tmp[f], fin[f], had[f] ? bak[f] : "-");
+  if (fflush(mf) || fsync(fileno(mf))) rc = say(err, errlen, "writing the commit marker %s: %s", marker, strerror(errno));
+  if (fclose(mf) && !rc) rc = say(err, errlen, "closing the commit marker %s: %s", marker, strerror(errno));
+  if (rc) unlink(marker);
+  sync_dir(dir);
+  return rc;
+}
+
+/* Rename every temporary over its final name, as one step as far as POSIX allows:
+ * 1. every existing final file is kept as a backup (a hard link: the final name never goes away);
+ * 2. the marker lists every (temporary, final, backup) and is synced;
+ * 3. the temporaries are renamed in order (signals are held meanwhile: out_on_signal);
+ * 4. the backups go, then the marker.
+ * A failed rename puts the old set back (the renamed ones removed or their backups renamed back).
+ * A process killed between 2 and 4 leaves the marker: da_npyio_check_dir of the next run into dir
+ * restores the old set from it (recover). 0, or 1 with the reason in err. */
+static int commit(const char *dir, int nout, const da_npy_out_t *outs, char (*tmp)[4096], char (*fin)[4096],
+                  char (*bak)[4096], const char *tag, int rank, char *err, size_t errlen) {
+  char marker[4200];
+  snprintf(marker, sizeof marker, "%s/" COMMIT_PREFIX "%s", dir, tag);
+  int had[DA_NPYIO_MAXOUT] = {0}, rc = 0, done = 0;
+  for (int f = 0; f < nout && !rc; f++)
+    if (access(fin[f], F_OK) == 0) {
+      if (link(fin[f], bak[f]) == 0) had[f] = 1;
+      else rc = say(err, errlen, "%s: keeping %s as %s: %s (a file system without hard links cannot replace a set "
+                    "atomically)", outs[f].name, fin[f], bak[f], strerror(errno));
+    }
+  if (!rc) rc = write_marker(marker, dir, nout, tmp, fin, bak, had, err, errlen);
+  for (int f = 0; f < nout && !rc; f++) {
+    if (rename(tmp[f], fin[f])) {
+      rc = say(err, errlen, "%s: renaming %s to %s: %s", outs[f].name, tmp[f], fin[f], strerror(errno));
+      break;
+    }
+    done = f + 1;
+    if (f == 0) test_pause("commit", rank);
+  }
+  if (rc) /* back to the old set: the renamed ones, in reverse */
+    for (int f = done - 1; f >= 0; f--) {
+      if (had[f]) rename(bak[f], fin[f]);
+      else unlink(fin[f]);
+    }
+  for (int f = 0; f < nout; f++) {
+    unlink(tmp[f]); /* the renamed ones are gone already: ENOENT */
+    if (had[f]) unlink(bak[f]); /* after a rollback the renamed-back ones are gone already */
+  }
+  sync_dir(dir);
+  unlink(marker);
+  sync_dir(dir);
+  return rc;
+}
+
+/* A marker left by a run killed inside its commit: put the old set back. While every backup it
+ * lists still exists and a temporary is left, the renames were half done: each final that was
+ * renamed (its temporary gone) gets its backup back, or is removed when there was no old file.
+ * Once a backup is missing (step 4 had begun) or every temporary is gone, every rename was done:
+ * the new set is kept and only the leftovers are removed. Rank 0; says what
+ * it did on stderr. */
+static void recover(const char *dir, const char *marker) {
+  FILE *f = fopen(marker, "r");
+  static char line[13000], t[DA_NPYIO_MAXOUT][4096], fi[DA_NPYIO_MAXOUT][4096], b[DA_NPYIO_MAXOUT][4096];
+  int n = 0, backups_whole = 1, renamed = 0;
+  while (f && n < DA_NPYIO_MAXOUT && fgets(line, sizeof line, f)) {
+    if (line[0] == '#') continue;
+    line[strcspn(line, "\n")] = '\0';
+    char *save = NULL, *a = strtok_r(line, "\t", &save), *c = strtok_r(NULL, "\t", &save), *d = strtok_r(NULL, "\t", &save);
+    if (!a || !c || !d) continue;
+    snprintf(t[n], sizeof t[n], "%s", a), snprintf(fi[n], sizeof fi[n], "%s", c), snprintf(b[n], sizeof b[n], "%s", d);
+    if (strcmp(b[n], "-") && access(b[n], F_OK)) backups_whole = 0;
+    n++;
+  }
+  if (f) fclose(f);
+  int moved[DA_NPYIO_MAXOUT];
+  for (int i = 0; i < n; i++) renamed += moved[i] = access(t[i], F_OK) != 0; /* temporary gone: renamed */
+  /* every temporary renamed: the new set is whole, keep it (the run died in its clean-up) */
+  const int back = backups_whole && renamed < n;
+  for (int i = 0; i < n; i++) {
+    if (back && moved[i]) {
+      if (strcmp(b[i], "-")) rename(b[i], fi[i]);
+      else unlink(fi[i]);
+    }
+    unlink(t[i]);
+    if (strcmp(b[i], "-")) unlink(b[i]);
+  }
+  sync_dir(dir);
+  unlink(marker);
+  sync_dir(dir);
+  fprintf(stderr, "distattn run: --output %s: %s: an earlier run was killed while replacing its outputs (%d of %d "
+          "renamed): %s\n", dir, strrchr(marker, '/') + 1, renamed, n,
+          back ? "the old set is restored" : "its new set was complete; leftovers removed");
+}
+
+/* Every marker of dir (rank 0). */
+static void recover_all(const char *dir) {
+  DIR *d = opendir(dir);
+  if (!d) return;
+  static char found[8][4200];
+  int nf = 0;
+  for (struct dirent *e; (e = readdir(d)) != NULL && nf < 8;)
+    if (!strncmp(e->d_name, COMMIT_PREFIX, strlen(COMMIT_PREFIX)))
+      snprintf(found[nf++], sizeof found[0], "%s/%s", dir, e->d_name);
+  closedir(d);
+  for (int i = 0; i < nf; i++) recover(dir, found[i]);
+}
+
 int da_npyio_write(const char *dir, int nout, const da_npy_out_t *outs, int64_t B, int64_t S, const int64_t *pos,
                    int64_t n, char *err, size_t errlen) {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  int tag = (int)getpid(), count = 0, rc = 0;
-  MPI_Bcast(&tag, 1, MPI_INT, 0, MPI_COMM_WORLD);
+  if (nout > DA_NPYIO_MAXOUT) return agree(say(err, errlen, "internal: %d outputs", nout), err, errlen);
+  /* one tag for the job: rank 0's pid and clock, so two jobs writing into one directory differ */
+  long long tag_v[2] = {(long long)getpid(), (long long)(MPI_Wtime() * 1e6)};
+  MPI_Bcast(tag_v, 2, MPI_LONG_LONG, 0, MPI_COMM_WORLD);
+  char tag[64];
+  snprintf(tag, sizeof tag, "%lld-%llx", tag_v[0], tag_v[1]);
+  int count = 0, rc = 0;
   if ((rc = agree(rows_count(B, n, "outputs", &count, err, errlen) ? 2 : 0, err, errlen)) != 0) return rc;
   char (*tmp)[4096] = calloc((size_t)nout, sizeof *tmp), (*fin)[4096] = calloc((size_t)nout, sizeof *fin);
-  if (!tmp || !fin) rc = say(err, errlen, "out of memory");
+  char (*bak)[4096] = calloc((size_t)nout, sizeof *bak);
+  if (!tmp || !fin || !bak) rc = say(err, errlen, "out of memory");
   if ((rc = agree(rc, err, errlen)) != 0) {
-    free(tmp), free(fin);
+    free(tmp), free(fin), free(bak);
     return rc;
   }
-  int made = 0; /* temporaries created so far (rank 0 removes them on failure) */
-  char m[MPI_MAX_ERROR_STRING];
-  for (int f = 0; f < nout && !rc; f++) {
-    const da_npy_out_t *o = &outs[f];
-    snprintf(tmp[f], sizeof tmp[f], "%s/.%s.%d.tmp", dir, o->name, tag);
-    snprintf(fin[f], sizeof fin[f], "%s/%s", dir, o->name);
-    unsigned char hdr[4096];
-    const int64_t hl = da_npy_header_write(hdr, sizeof hdr, o->descr, o->ndim, o->shape);
-    MPI_Datatype row, view = MPI_DATATYPE_NULL;
-    MPI_Type_contiguous((int)o->rowbytes, MPI_BYTE, &row);
-    MPI_Type_commit(&row);
-    if (hl < 0 || make_view(B, S, o->rowbytes, pos, n, row, &view)) rc = say(err, errlen, "%s: internal: header or view", o->name);
-    if ((rc = agree(rc, err, errlen)) != 0) {
-      MPI_Type_free(&row);
-      break;
-    }
-    MPI_File fh;
-    MPI_Info info = io_info();
-    int e = MPI_File_open(MPI_COMM_WORLD, tmp[f], MPI_MODE_CREATE | MPI_MODE_EXCL | MPI_MODE_WRONLY, info, &fh);
-    MPI_Info_free(&info);
-    if (e != MPI_SUCCESS) {
-      mpi_msg(e, m, sizeof m);
-      rc = say(err, errlen, "%s: creating %s: %s", o->name, tmp[f], m);
-    }
-    if ((rc = agree(rc, err, errlen)) == 0) {
-      made = f + 1;
-      MPI_Status st;
-      if (rank == 0) {
-        e = MPI_File_write_at(fh, 0, hdr, (int)hl, MPI_BYTE, &st);
-        if (e != MPI_SUCCESS) {
-          mpi_msg(e, m, sizeof m);
-          rc = say(err, errlen, "%s: writing the header of %s: %s", o->name, tmp[f], m);
-        }
-      }
-      e = MPI_File_set_view(fh, (MPI_Offset)hl, MPI_BYTE, view, "native", MPI_INFO_NULL);
-      if (e == MPI_SUCCESS) e = MPI_File_write_all(fh, o->buf, count, row, &st);
-      if (e != MPI_SUCCESS && !rc) {
-        mpi_msg(e, m, sizeof m);
-        rc = say(err, errlen, "%s: writing %lld rows to %s: %s", o->name, (long long)(B * n), tmp[f], m);
-      } else if (e == MPI_SUCCESS && !rc) {
-        int put = 0;
-        MPI_Get_count(&st, row, &put);
-        if (put != count) rc = say(err, errlen, "%s: wrote %d of %d rows to %s", o->name, put, count, tmp[f]);
-      }
-      if (!rc && test_io_fail(rank))
-        rc = say(err, errlen, "%s: writing %s: DISTATTN_TEST_IO_FAIL (test hook: a simulated write error)", o->name,
-                 tmp[f]);
-      e = MPI_File_close(&fh);
-      if (e != MPI_SUCCESS && !rc) {
-        mpi_msg(e, m, sizeof m);
-        rc = say(err, errlen, "%s: closing %s: %s", o->name, tmp[f], m);
-      }
-      rc = agree(rc, err, errlen);
-    }
-    MPI_Type_free(&view);
-    MPI_Type_free(&row);
+  for (int f = 0; f < nout; f++) {
+    snprintf(tmp[f], sizeof tmp[f], "%s/.%s.%s.tmp", dir, outs[f].name, tag);
+    snprintf(fin[f], sizeof fin[f], "%s/%s", dir, outs[f].name);
+    snprintf(bak[f], sizeof bak[f], "%s/.%s.%s.old", dir, outs[f].name, tag);
   }
-  /* every rank wrote and closed every file: rank 0 gives them their names */
-  if (!rc && rank == 0)
-    for (int f = 0; f < nout && !rc; f++)
-      if (rename(tmp[f], fin[f]))
-        rc = say(err, errlen, "%s: renaming %s to %s: %s (%d of %d outputs renamed)", outs[f].name, tmp[f], fin[f],
-                  strerror(errno), f, nout);
+  out_catch_signals(tmp);
+  /* 1. every temporary written, synced, closed and read back by every rank */
+  for (int f = 0; f < nout && !rc; f++) {
+    int made = 0;
+    rc = write_one(tmp[f], &outs[f], B, S, pos, n, count, &made, err, errlen);
+    if (made && rank == 0) sig_ntmp = f + 1; /* rank 0 owns the names: only it removes them */
+  }
+  if (!rc) test_pause("write", rank);
+  /* 2. rank 0 renames them into place; every rank holds signals until the verdict, so a ^C to the
+   * job does not end a rank whose death would make the launcher kill rank 0 inside the commit */
+  int expect = 0;
+  if (!rc && !__atomic_compare_exchange_n(&sig_state, &expect, 1, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST))
+    rc = say(err, errlen, "interrupted by a signal before the commit");
+  rc = agree(rc, err, errlen);
+  if (!rc && rank == 0) rc = commit(dir, nout, outs, tmp, fin, bak, tag, rank, err, errlen);
   rc = agree(rc, err, errlen);
   if (rc && rank == 0)
-    for (int f = 0; f < made; f++) unlink(tmp[f]); /* the renamed ones are gone already: ENOENT */
+    for (int f = 0; f < sig_ntmp; f++) unlink(tmp[f]); /* nothing under the final names changed */
   MPI_Barrier(MPI_COMM_WORLD);
-  free(tmp), free(fin);
+  out_release_signals();
+  free(tmp), free(fin), free(bak);
   return rc;
 }
 

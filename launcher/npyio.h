@@ -44,8 +44,12 @@ int da_npyio_inspect(const char *dir, int backward, const da_npy_expect_t *want,
 int da_npyio_read(const char *path, int64_t data_offset, int64_t B, int64_t S, int64_t rowbytes, const int64_t *pos,
                   int64_t n, void *buf, char *err, size_t errlen);
 
-/* The output directory exists and is writable on every rank. */
-int da_npyio_check_dir(const char *dir, char *err, size_t errlen);
+/* The output directory exists and is writable on every rank, and none of the n output names
+ * in it is taken by a directory or anything else a rename cannot replace (refused before the
+ * run: exit 2). */
+int da_npyio_check_dir(const char *dir, const char *const *names, int n, char *err, size_t errlen);
+
+enum { DA_NPYIO_MAXOUT = 8 };
 
 /* One output file: name ("out.npy"), descr, shape of the whole array, and this rank's rows
  * [B][n][row] in buf. */
@@ -58,11 +62,20 @@ typedef struct da_npy_out {
   const void *buf;
 } da_npy_out_t;
 
-/* Write every file of outs[0..nout) into dir: each to a temporary name (".NAME.PID.tmp", PID of
- * rank 0), rank 0 writing the header and every rank its rows with MPI_File_write_all through the
- * same views as da_npyio_read; the temporaries are renamed to their final names by rank 0 only
- * once every rank has written and closed every file successfully. On any failure they are
- * removed and files already under the final names are left untouched. */
+/* Write every file of outs[0..nout) (at most DA_NPYIO_MAXOUT) into dir as one set, replaced as a
+ * whole or not at all (docs/launcher.md, "Outputs"):
+ * 1. each file to a temporary name (".NAME.TAG.tmp", TAG = rank 0's pid and clock): rank 0 writes
+ *    the header and every rank its rows with MPI_File_write_all through the same views as
+ *    da_npyio_read; synced (MPI_File_sync) and closed, each error counted; then every rank reads
+ *    its rows back and compares them, rank 0 the header and the file size (a full disk that an
+ *    MPI-IO driver does not report shows here);
+ * 2. rank 0 commits: a marker ".distattn-commit.TAG" lists the temporaries and backups; every
+ *    existing final file is kept as ".NAME.TAG.old" (a hard link), the temporaries are renamed
+ *    in order, a failed rename puts the old set back; then backups and marker are removed.
+ * Any failure: every temporary removed, the final names untouched, the same error on every rank.
+ * SIGINT / SIGTERM / SIGHUP / SIGQUIT before the commit remove this process's temporaries; during
+ * the commit they are held until it is over. A process killed outright (SIGKILL) inside the
+ * commit leaves the marker, which the next --output into dir names and clears. */
 int da_npyio_write(const char *dir, int nout, const da_npy_out_t *outs, int64_t B, int64_t S, const int64_t *pos,
                    int64_t n, char *err, size_t errlen);
 

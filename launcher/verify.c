@@ -138,17 +138,42 @@ out:
   return rc;
 }
 
+/* The unit roundoff of the fp32 arithmetic every kernel does its softmax statistics in. */
+#define U32 (1.0 / 16777216.0)
+
+/* Rounding noise of one pair's dS = P * (dP - delta) when dP = dout . v and delta = dout . out are
+ * evaluated in fp32: u times the magnitudes that cancel (the terms of the dot product, delta,
+ * and lse through P = exp(s - lse)). */
+static double ds_noise(double p, double dp_abs, double delta, double lse, double ds_over_p) {
+  return U32 * p * (dp_abs + fabs(delta) + fabs(lse) * fabs(ds_over_p));
+}
+
+static double dot_abs(const double *a, const double *b, int D) {
+  double s = 0;
+  for (int d = 0; d < D; d++) s += fabs(a[d] * b[d]);
+  return s;
+}
+
+/* The largest sqrt(sum of squares) of each of n vectors of D sums: the rms noise of a row. */
+static void noise_rows(const double *ss, int n, int D, double *noise) {
+  for (int i = 0; i < n; i++) {
+    double m = 0;
+    for (int d = 0; d < D; d++) m = fmax(m, ss[i * D + d]);
+    noise[i] = sqrt(m);
+  }
+}
+
 int da_verify_dq_row(const da_vprob_t *vp, int64_t b, int64_t qpos, const double *out, const double *lse,
-                     double *dq) {
+                     double *dq, double *noise) {
   const int H = vp->kp.H, G = vp->kp.G, D = vp->kp.D, rep = H / G;
   const double scale = vp->kp.scale;
   int64_t lo, hi;
   da_mask_row_range(&vp->kp.mask, qpos, 0, vp->S - 1, &lo, &hi);
   double *q = malloc((size_t)H * D * 8), *dout = malloc((size_t)H * D * 8), *delta = malloc((size_t)H * 8);
-  double *k = malloc((size_t)G * D * 8), *v = malloc((size_t)G * D * 8);
+  double *k = malloc((size_t)G * D * 8), *v = malloc((size_t)G * D * 8), *ss = calloc((size_t)H * D, 8);
   float *tmp = malloc((size_t)D * 4);
-  if (!q || !dout || !delta || !k || !v || !tmp) {
-    free(q), free(dout), free(delta), free(k), free(v), free(tmp);
+  if (!q || !dout || !delta || !k || !v || !tmp || !ss) {
+    free(q), free(dout), free(delta), free(k), free(v), free(tmp), free(ss);
     return -1;
   }
   int rc = gen_pair64(vp, DA_RNG_Q, DA_RNG_DOUT, b, qpos, H, q, dout, tmp);
@@ -161,11 +186,16 @@ int da_verify_dq_row(const da_vprob_t *vp, int64_t b, int64_t qpos, const double
       if (lse[h] == -INFINITY) continue;
       const double *kg = k + (h / rep) * D, *vg = v + (h / rep) * D;
       double p = exp(scale * dot(q + h * D, kg, D) - lse[h]);
-      double ds = p * (dot(dout + h * D, vg, D) - delta[h]);
-      for (int d = 0; d < D; d++) dq[h * D + d] += scale * ds * kg[d];
+      double dp = dot(dout + h * D, vg, D), ds = p * (dp - delta[h]);
+      double n = scale * ds_noise(p, dot_abs(dout + h * D, vg, D), delta[h], lse[h], dp - delta[h]);
+      for (int d = 0; d < D; d++) {
+        dq[h * D + d] += scale * ds * kg[d];
+        ss[h * D + d] += (n * kg[d]) * (n * kg[d]);
+      }
     }
   }
-  free(q), free(dout), free(delta), free(k), free(v), free(tmp);
+  noise_rows(ss, H, D, noise);
+  free(q), free(dout), free(delta), free(k), free(v), free(tmp), free(ss);
   return rc;
 }
 
@@ -185,16 +215,17 @@ static void col_range(const da_mask_t *m, int64_t kpos, int64_t S, int64_t *lo, 
 }
 
 int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float *lse_all, const float *delta_all,
-                      double *dk, double *dv) {
+                      double *dk, double *dv, double *noise_k, double *noise_v) {
   const int H = vp->kp.H, G = vp->kp.G, D = vp->kp.D, rep = H / G;
   const double scale = vp->kp.scale;
   int64_t lo, hi;
   col_range(&vp->kp.mask, kpos, vp->S, &lo, &hi);
   double *q = malloc((size_t)H * D * 8), *dout = malloc((size_t)H * D * 8);
   double *k = malloc((size_t)G * D * 8), *v = malloc((size_t)G * D * 8);
+  double *ssk = calloc((size_t)G * D, 8), *ssv = calloc((size_t)G * D, 8);
   float *tmp = malloc((size_t)D * 4);
-  if (!q || !dout || !k || !v || !tmp) {
-    free(q), free(dout), free(k), free(v), free(tmp);
+  if (!q || !dout || !k || !v || !tmp || !ssk || !ssv) {
+    free(q), free(dout), free(k), free(v), free(tmp), free(ssk), free(ssv);
     return -1;
   }
   int rc = gen_pair64(vp, DA_RNG_K, DA_RNG_V, b, kpos, G, k, v, tmp);
@@ -208,15 +239,21 @@ int da_verify_dkv_row(const da_vprob_t *vp, int64_t b, int64_t kpos, const float
       if (L == -INFINITY) continue;
       const int g = h / rep;
       const double *kg = k + g * D, *vg = v + g * D, *qh = q + h * D, *doh = dout + h * D;
-      double p = exp(scale * dot(qh, kg, D) - L);
-      double ds = p * (dot(doh, vg, D) - delta_all[qp * H + h]);
+      double p = exp(scale * dot(qh, kg, D) - L), delta = delta_all[qp * H + h];
+      double dp = dot(doh, vg, D), ds = p * (dp - delta);
+      /* dk: the pair's dS noise; dv: P's, through lse (and the exponential's own rounding) */
+      double nk = scale * ds_noise(p, dot_abs(doh, vg, D), delta, L, dp - delta), nv = U32 * p * (1 + fabs(L));
       for (int d = 0; d < D; d++) {
         dk[g * D + d] += scale * ds * qh[d];
         dv[g * D + d] += p * doh[d];
+        ssk[g * D + d] += (nk * qh[d]) * (nk * qh[d]);
+        ssv[g * D + d] += (nv * doh[d]) * (nv * doh[d]);
       }
     }
   }
-  free(q), free(dout), free(k), free(v), free(tmp);
+  noise_rows(ssk, G, D, noise_k);
+  noise_rows(ssv, G, D, noise_v);
+  free(q), free(dout), free(k), free(v), free(tmp), free(ssk), free(ssv);
   return rc;
 }
 

@@ -202,8 +202,27 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake)
   # Ranks given different arguments (MPMD): a different problem is a mismatch on every rank; a
   # bad flag on rank 1 only is still one message (from rank 1) and exit 2 everywhere.
   set(exe $<TARGET_FILE:distattn>)
-  da_run_cli(cli_run_mismatch 3 2 ERR_RE "ranks disagree on the problem: seq"
+  da_run_cli(cli_run_mismatch 3 2 ERR_RE "ranks disagree on --seq: 100 on rank 0; 101 on ranks 1-2"
              RAW_ARGS -np 1 ${exe} run --seq 100 --heads 2 --dim 16 : -np 2 ${exe} run --seq 101 --heads 2 --dim 16)
+  # The verifier's scale on tiny problems (issue 19, class 6): with one key per query (seq 1,
+  # window:1, one-token documents) dq and dk are exactly 0 and both the kernel's result and the
+  # float64 reference are rounding noise; they pass against the row's rounding noise
+  # (da_verify_den), at P = 1..3. Planted errors: 1e-6 on the all-zero dk of seq 1 is caught, a
+  # noise-sized 1e-8 is not; on a normal problem 3e-5 (1e-4 of |dk|) is caught as before.
+  foreach(P 1 2 3)
+    foreach(tiny "1" "2" "3;--mask;causal" "5;--mask;window:1" "3;--mask;doc:1,1,1")
+      list(GET tiny 0 S)
+      string(REGEX REPLACE "[^a-z0-9]+" "_" tag "${tiny}")
+      da_run_cli(cli_run_tiny_${tag}_np${P} ${P} 0 OUT_RE "# wrong: 0.# PASS"
+                 ARGS --seq ${tiny} --heads 2 --kv-heads 1 --dim 16 --backward --iters 1 --warmup 0)
+    endforeach()
+  endforeach()
+  da_run_cli(cli_run_plant_zero_caught 2 1 ENV DISTATTN_TEST_PLANT=dk:1e-6 OUT_RE "# wrong: [1-9][0-9]*.# FAIL"
+             ARGS --seq 1 --heads 2 --dim 16 --backward --iters 1 --warmup 0)
+  da_run_cli(cli_run_plant_zero_noise 2 0 ENV DISTATTN_TEST_PLANT=dk:1e-8 OUT_RE "# wrong: 0.# PASS"
+             ARGS --seq 1 --heads 2 --dim 16 --backward --iters 1 --warmup 0)
+  da_run_cli(cli_run_plant_normal_caught 3 1 ENV DISTATTN_TEST_PLANT=dk:3e-5 OUT_RE "# wrong: [1-9][0-9]*.# FAIL"
+             ARGS --seq 300 --mask causal --heads 2 --dim 16 --backward --iters 1 --warmup 0)
   da_run_cli(cli_run_mismatch_flag 2 2 ERR_RE "rank 1 was given other arguments than rank 0.*unknown option '--sq'"
              RAW_ARGS -np 1 ${exe} run --seq 100 --heads 2 --dim 16 : -np 1 ${exe} run --sq 100 --heads 2 --dim 16)
 endif()
