@@ -34,7 +34,7 @@ da_status_t da_dev_alloc(const da_devapi_t *d, void **ptr, size_t bytes) {
     live_t *n = realloc(live, cap * sizeof *n);
     if (!n) {
       pthread_mutex_unlock(&lock);
-      d->free(*ptr);
+      (d->free)(*ptr); /* parenthesized: SMPI defines free() as a macro */
       *ptr = NULL;
       return DA_ERR(DA_ERR_OUT_OF_MEMORY, "device allocation table");
     }
@@ -57,7 +57,7 @@ void da_dev_free(const da_devapi_t *d, void *ptr) {
       break;
     }
   pthread_mutex_unlock(&lock);
-  d->free(ptr);
+  (d->free)(ptr);
 }
 
 void da_dev_mem_stats(uint64_t *current, uint64_t *peak) {

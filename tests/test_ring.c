@@ -752,18 +752,21 @@ END_TEST
  * host seam of devapi.h), the tensors and every ring buffer are the seam's allocations, and the
  * CPU kernels read them directly (they are host-visible). main sets the seam's delays: every
  * copy between processes and every local copy or clear poisons its destination until it lands,
- * so a read that is not ordered after its write reads NaN. */
+ * so a read that is not ordered after its write reads NaN. The delays: long enough to outlast a
+ * step's compute at these sizes, short enough for the 2-core budget. */
+#define DEV_LINK_DELAY_S 0.004
+#define DEV_LOCAL_DELAY_S 0.002
 
-/* Every layout x {none, causal, window} x {fp32 MHA batch 2, bf16 GQA 4:1, fp32 GQA 2:1} on a length
- * P does not divide, forward and backward, half of them on a stream of the caller's. */
+/* Every layout x {none, causal, causal + window} x {fp32 MHA batch 2, bf16 GQA 4:1} on a length P
+ * does not divide, forward and backward, half of them on a stream of the caller's. */
 START_TEST(dev_matrix) {
   static const unsigned dmasks[3] = {DA_MASK_NONE, DA_MASK_CAUSAL, DA_MASK_CAUSAL | DA_MASK_WINDOW};
   int fails = 0, cases = 0;
   for (int a = 0; a < 3; a++)
     for (int mi = 0; mi < 3; mi++)
-      for (int v = 0; v < 3; v++) {
+      for (int v = 0; v < 2; v++) {
         tcase_t c = {.algo = (da_algo_t)a, .mask = dmasks[mi], .window = 9, .S = 50 + g_size - 1,
-                     .B = v == 0 ? 2 : 1, .H = 4, .G = v == 0 ? 4 : v == 1 ? 1 : 2, .D = 16,
+                     .B = v == 0 ? 2 : 1, .H = 4, .G = v == 0 ? 4 : 1, .D = 16,
                      .dt = v == 1 ? DA_BFLOAT16 : DA_FLOAT32, .bwd = 1, .block = 8, .device = 1,
                      .caller_stream = (a + mi + v) % 2};
         cases++;
@@ -859,6 +862,11 @@ START_TEST(dev_planted) {
   tcase_t c = {.algo = DA_ALGO_ZIGZAG, .mask = DA_MASK_CAUSAL, .S = 50 + g_size - 1, .B = 1, .H = 4, .G = 2,
                .D = 16, .dt = DA_FLOAT32, .bwd = 1, .block = 8, .device = 1};
   ck_assert_msg(run_case(&c, 1) <= 1, "the case passes without a planted mistake");
+  /* Longer delays for the planted runs: a loaded machine may pause a rank for milliseconds
+   * between a queued copy and the read it should have waited for, and the mistake must still show. */
+  da_devapi_host_set_link_delay(0.05);
+  da_devapi_host_set_local_delay(0.05);
+  if (g_rank == 0) fprintf(stderr, "planted mistakes: the next cases must FAIL\n");
   setenv("DISTATTN_TEST_RING_SKIP", "sync", 1);
   double e = run_case(&c, 1);
   unsetenv("DISTATTN_TEST_RING_SKIP");
@@ -869,6 +877,8 @@ START_TEST(dev_planted) {
     unsetenv("DISTATTN_TEST_RING_SKIP");
     ck_assert_msg(e > 1, "folding the dK/dV sum before its transfer was waited for went unnoticed (err/tol %g)", e);
   }
+  da_devapi_host_set_link_delay(DEV_LINK_DELAY_S);
+  da_devapi_host_set_local_delay(DEV_LOCAL_DELAY_S);
 }
 END_TEST
 
@@ -884,12 +894,11 @@ int main(int argc, char **argv) {
     fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(g_ctx));
     MPI_Abort(MPI_COMM_WORLD, 1); /* the test program may; the library never does */
   }
-  /* `test_ring device`: the device-mode suite; the seam's delays make unordered reads visible
-   * (long enough to outlast a step's compute at these sizes, short enough for the 2-core budget). */
+  /* `test_ring device`: the device-mode suite; the seam's delays make unordered reads visible. */
   const int device = argc > 1 && !strcmp(argv[1], "device");
   if (device) {
-    da_devapi_host_set_link_delay(0.004);
-    da_devapi_host_set_local_delay(0.002);
+    da_devapi_host_set_link_delay(DEV_LINK_DELAY_S);
+    da_devapi_host_set_local_delay(DEV_LOCAL_DELAY_S);
   }
   Suite *s = suite_create(device ? "ring-device" : "ring");
   TCase *tc = tcase_create("correctness");
