@@ -850,6 +850,36 @@ START_TEST(dev_refusals) {
   ck_assert_msg(strstr(da_last_error(g_ctx), "adjacent heads") != NULL, "%s", da_last_error(g_ctx));
   da_plan_free(plan);
   tfree(&c, q), tfree(&c, k), tfree(&c, o);
+#ifdef DA_HAVE_CUDART
+  /* The CPU kernels cannot read GPU memory: a CPU context with cuda-ipc is refused at plan time. */
+  cfg.transport = "cuda-ipc";
+  st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert_msg(all_equal_status(st, DA_ERR_UNSUPPORTED), "cuda-ipc with a CPU context: %s", da_last_error(g_ctx));
+  ck_assert_msg(strstr(da_last_error(g_ctx), "DA_DEVICE_CUDA") != NULL, "%s", da_last_error(g_ctx));
+  /* A CUDA context (where the CUDA table is built): accepted; its plans refuse a host transport,
+   * and without a GPU every rank's plan fails naming CUDA, promptly. */
+  da_config_t ccfg = DA_CONFIG_INITIALIZER;
+  ccfg.device = DA_DEVICE_CUDA;
+  da_context_t *cctx = NULL;
+  da_comm_t *ccomm = NULL;
+  if (da_context_create(&ccfg, &cctx) == DA_SUCCESS) {
+    ck_assert(all_equal_status(da_comm_create(cctx, MPI_COMM_WORLD, &ccomm), DA_SUCCESS));
+    prob.dtype = DA_BFLOAT16, prob.dim = 64;
+    cfg.transport = "mpi";
+    st = da_plan_create(ccomm, &prob, &cfg, &plan);
+    ck_assert_msg(all_equal_status(st, DA_ERR_UNSUPPORTED), "CUDA context on mpi: %s", da_last_error(cctx));
+    ck_assert_msg(strstr(da_last_error(cctx), "nccl or cuda-ipc") != NULL, "%s", da_last_error(cctx));
+    cfg.transport = NULL;
+    const double t0 = MPI_Wtime();
+    st = da_plan_create(ccomm, &prob, &cfg, &plan);
+    if (st == DA_SUCCESS) da_plan_free(plan); /* a machine with a GPU */
+    else if (g_rank == 0) fprintf(stderr, "CUDA context, no GPU: %s\n", da_last_error(cctx));
+    if (st != DA_SUCCESS) ck_assert_msg(strstr(da_last_error(cctx), "CUDA") != NULL, "no GPU: %s", da_last_error(cctx));
+    ck_assert_msg(MPI_Wtime() - t0 < 20, "the CUDA plan's failure took %.1f s", MPI_Wtime() - t0);
+    da_comm_free(ccomm);
+    da_context_free(cctx);
+  }
+#endif
 }
 END_TEST
 
