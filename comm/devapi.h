@@ -96,9 +96,25 @@ extern const da_devapi_t da_devapi_cuda;
  * poison, and a writer that reuses the source (or the destination) too early corrupts the data,
  * both visibly. Local copies complete at once. Default delay 0: set it for ordering tests. */
 void da_devapi_host_set_link_delay(double seconds);
+/* The same for local copy_async and memset_async (both ends in this process's own memory): the
+ * destination is poisoned when the op starts and written `seconds` later. It makes host code
+ * that reads what a stream wrote without draining the stream first (the ring driver with host
+ * kernels, docs/ring.md "Device mode") read NaN. Default 0. */
+void da_devapi_host_set_local_delay(double seconds);
 /* Enqueue on s a no-op that completes `seconds` after it reaches the head of the stream: a
  * stand-in for a kernel, so tests can keep a buffer "in use" on a stream for a while. */
 da_status_t da_devapi_host_stall(da_dstream_t s, double seconds);
+
+/* ---- allocation accounting (both tables) -------------------------------------------------------
+ * Every device allocation of distattn's own (the drivers' buffers, the launcher's tensors) goes
+ * through these two calls, so that the bytes a process holds on the device, and the most it ever
+ * held, can be reported (`distattn run --device cuda`: peak device memory per rank). They wrap
+ * d->alloc / d->free; memory the caller allocates itself is not counted. Thread-safe. */
+da_status_t da_dev_alloc(const da_devapi_t *d, void **ptr, size_t bytes);
+void da_dev_free(const da_devapi_t *d, void *ptr);
+/* Bytes allocated through da_dev_alloc and not yet freed, and the largest that figure has been
+ * in this process (either may be NULL). */
+void da_dev_mem_stats(uint64_t *current, uint64_t *peak);
 
 /* The table named `name`; NULL with an error listing what this build has. */
 const da_devapi_t *da_devapi_find(const char *name);

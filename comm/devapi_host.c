@@ -35,14 +35,16 @@ typedef struct {
   char name[DA_DEV_HANDLE_BYTES];
   int owned;   /* 1: allocated here; 0: a peer's allocation opened here */
   int linked;  /* the name still exists in /dev/shm */
+  int exported; /* mem_handle gave its name out: publish_done may drop the name */
 } seg_t;
 
 static seg_t *segs;
 static int nsegs, capsegs;
 static unsigned long name_seq;
-static double link_delay_s;
+static double link_delay_s, local_delay_s;
 
 void da_devapi_host_set_link_delay(double seconds) { link_delay_s = seconds > 0 ? seconds : 0; }
+void da_devapi_host_set_local_delay(double seconds) { local_delay_s = seconds > 0 ? seconds : 0; }
 
 static da_status_t seg_add(const seg_t *s) {
   if (nsegs == capsegs) {
@@ -119,6 +121,7 @@ static da_status_t host_mem_handle(void *ptr, size_t bytes, da_dev_mem_handle_t 
   memset(h, 0, sizeof *h);
   memcpy(h->opaque, segs[i].name, strlen(segs[i].name) + 1);
   h->bytes = bytes;
+  segs[i].exported = 1;
   return DA_SUCCESS;
 }
 
@@ -224,8 +227,9 @@ static da_status_t host_event_open(const da_dev_event_handle_t *h, da_devent_t *
 }
 
 static void host_publish_done(void) {
+  /* Only what was handed out: an allocation registered later still needs its name then. */
   for (int i = 0; i < nsegs; i++)
-    if (segs[i].owned && segs[i].linked) shm_unlink(segs[i].name), segs[i].linked = 0;
+    if (segs[i].owned && segs[i].linked && segs[i].exported) shm_unlink(segs[i].name), segs[i].linked = 0;
   for (int i = 0; i < nevents; i++)
     if (events[i]->owned && events[i]->linked) shm_unlink(events[i]->name), events[i]->linked = 0;
 }
@@ -273,18 +277,17 @@ static int step_op(hstream_t *s) {
   case OP_RECORD:
     ev_complete(o->ev, o->ticket);
     break;
-  case OP_MEMSET:
-    memset(o->dst, o->value, o->bytes);
-    break;
   case OP_STALL:
   case OP_COPY:
+  case OP_MEMSET:
     if (!o->started) {
       o->started = 1, o->t_start = now;
       /* A transfer in flight leaves its destination undefined: say so loudly. */
-      if (o->kind == OP_COPY && o->dur > 0) memset(o->dst, POISON, o->bytes);
+      if (o->kind != OP_STALL && o->dur > 0) memset(o->dst, POISON, o->bytes);
     }
     if (now < o->t_start + o->dur) return 0;
     if (o->kind == OP_COPY) memmove(o->dst, o->src, o->bytes);
+    if (o->kind == OP_MEMSET) memset(o->dst, o->value, o->bytes);
     break;
   }
   s->head++;
@@ -372,22 +375,25 @@ static int is_link(const void *dst, const void *src, size_t bytes) {
 
 static da_status_t host_copy_async(void *dst, const void *src, size_t bytes, da_dstream_t s) {
   op_t o = {.kind = OP_COPY, .dst = dst, .src = src, .bytes = bytes};
-  if (is_link(dst, src, bytes)) o.dur = link_delay_s;
+  o.dur = is_link(dst, src, bytes) ? link_delay_s : local_delay_s;
   return enqueue(s, &o);
 }
 
 static da_status_t host_memset_async(void *dst, int value, size_t bytes, da_dstream_t s) {
-  op_t o = {.kind = OP_MEMSET, .dst = dst, .value = value, .bytes = bytes};
+  op_t o = {.kind = OP_MEMSET, .dst = dst, .value = value, .bytes = bytes, .dur = local_delay_s};
   return enqueue(s, &o);
 }
 
+/* Host <-> device copies block the caller until the bytes are there: no delay to show. */
 static da_status_t host_copy_to_host(void *host, const void *dev, size_t bytes, da_dstream_t s) {
-  DA_CHECK(host_copy_async(host, dev, bytes, s));
+  op_t o = {.kind = OP_COPY, .dst = host, .src = dev, .bytes = bytes};
+  DA_CHECK(enqueue(s, &o));
   return host_stream_sync(s);
 }
 
 static da_status_t host_copy_from_host(void *dev, const void *host, size_t bytes, da_dstream_t s) {
-  DA_CHECK(host_copy_async(dev, host, bytes, s));
+  op_t o = {.kind = OP_COPY, .dst = dev, .src = host, .bytes = bytes};
+  DA_CHECK(enqueue(s, &o));
   return host_stream_sync(s);
 }
 

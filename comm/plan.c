@@ -44,6 +44,7 @@ struct da_plan {
   MPI_Comm mcomm;    /* the plan's own duplicate: a plan that timed out leaves unmatched
                         messages behind, and they must never match another plan's receives */
   da_xport_t xp;     /* the data transport */
+  da_dstream_t own_stream; /* device mode: the stream of calls that pass none (created at first use) */
   da_ring_t ring;
   int64_t *positions; /* [nloc] global position of every local row */
   double *steps;      /* 4 x [P]: fwd compute, fwd wait, bwd compute, bwd wait */
@@ -169,7 +170,34 @@ static int has_v3(const da_plan_config_t *cfg) {
   return cfg->size >= offsetof(da_plan_config_t, ring_layout) + sizeof cfg->ring_layout && cfg->version >= 3;
 }
 
-static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const char **tp) {
+/* The transport of a plan: the config's, DISTATTN_TRANSPORT, else the default of the context's
+ * device: `mpi` for the CPU; for CUDA `cuda-ipc` when every rank runs on this node (ranks may
+ * share a GPU), else `nccl` (one rank per GPU). Then the pairing of memory and kernels: a device
+ * transport's memory must be what the kernels read (the host seam's `host-ipc` with the CPU
+ * kernels: a test device; cuda-ipc and nccl with the CUDA kernels), and the ring is the only
+ * driver that runs on device memory. Refusals say so, in words. */
+static da_status_t pick_transport(const da_comm_t *c, const da_plan_config_t *cfg, const char **tp) {
+  const int cuda = da_context_device(c->ctx) == DA_DEVICE_CUDA;
+  const char *name = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
+  if (!name) name = !cuda ? "mpi" : c->node_procs == c->nranks ? "cuda-ipc" : "nccl";
+  const da_transport_t *t = da_transport_find(name);
+  if (!t) return DA_ERR_INVALID_ARGUMENT;
+  if (t->devapi && (cfg->algo == DA_ALGO_ULYSSES || cfg->algo == DA_ALGO_HYBRID))
+    return da_transport_check_host(name, cfg->algo == DA_ALGO_HYBRID ? "plan config (hybrid)" : "plan config (ulysses)");
+  const int dev_cuda = t->devapi && !strcmp(t->devapi->name, "cuda");
+  if (cuda && !dev_cuda)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "plan config: a CUDA context keeps tensors in GPU memory and the %s transport "
+                  "moves %s memory (use nccl or cuda-ipc; mpi with host staging is not built)", t->name,
+                  t->devapi ? "host-seam" : "host");
+  if (!cuda && dev_cuda)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "plan config: the %s transport moves GPU memory and this context runs the CPU "
+                  "kernels on host memory (create the context with DA_DEVICE_CUDA)", t->name);
+  *tp = name;
+  return DA_SUCCESS;
+}
+
+static da_status_t check_config(const da_plan_config_t *cfg, const da_comm_t *c, const char **tp) {
+  const int nranks = c->nranks;
   if (cfg->size < sizeof(size_t) + sizeof(unsigned) || cfg->version == 0 || cfg->version > DA_API_VERSION)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_config_t: size %zu / version %u not recognized (start from "
                   "DA_PLAN_CONFIG_INITIALIZER)", cfg->size, cfg->version);
@@ -197,9 +225,8 @@ static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const c
       (cfg->mem_count & ~(unsigned)(DA_MEM_BACKWARD | DA_MEM_TENSORS)))
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: mem_count 0x%x has unknown bits (DA_MEM_BACKWARD, "
                   "DA_MEM_TENSORS)", cfg->mem_count);
-  const char *name = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
-  if (!name) name = "mpi";
-  DA_CHECK(da_transport_check_host(name, "plan config"));
+  const char *name = NULL;
+  DA_CHECK(pick_transport(c, cfg, &name));
   if (!strcmp(name, "self") && nranks != 1)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "plan config: the self transport runs one rank, this job has %d", nranks);
   *tp = name;
@@ -209,10 +236,15 @@ static da_status_t check_config(const da_plan_config_t *cfg, int nranks, const c
 void da_plan_free(da_plan_t *p) {
   if (!p) return;
   if (p->hy_on) da_hybrid_free(&p->hy);
+  const da_devapi_t *dev = p->ring.dev;
+  if (dev && p->own_stream) (void)dev->stream_sync(p->own_stream);
+  /* The transport first: in device mode it stops mapping the peers' buffers and drains its comm
+   * stream, after which nothing of ours is read or written by a copy. */
+  da_xport_close(&p->xp);
   da_ring_release(&p->ring);
+  if (dev && p->own_stream) dev->stream_destroy(p->own_stream);
   da_schedule_free(&p->ring.sched);
   da_layout_free(&p->ring.layout);
-  da_xport_close(&p->xp);
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (p->mcomm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&p->mcomm);
@@ -227,7 +259,7 @@ void da_plan_free(da_plan_t *p) {
 static da_status_t plan_local(da_comm_t *c, const da_problem_t *prob, const da_plan_config_t *cfg, da_plan_t *p,
                               da_kparams_t *kp) {
   const char *tp = NULL;
-  DA_CHECK(check_config(cfg, c->nranks, &tp));
+  DA_CHECK(check_config(cfg, c, &tp));
   DA_CHECK(da_context_params(c->ctx, prob, kp));
   /* Every rank runs the same check on agreed-upon sizes, so every rank prints the refusal. */
   if (cfg->algo == DA_ALGO_ULYSSES) DA_CHECK(da_ulysses_check(kp, c->nranks, da_transport_find(tp)));
@@ -298,6 +330,8 @@ static da_status_t plan_memory(const da_comm_t *c, const da_plan_t *p) {
                       "suffixes) or off", c->rank, env);
       budget = (double)b;
       snprintf(from, sizeof from, "DISTATTN_MEM_BUDGET=%s", env);
+    } else if (p->ring.dev) {
+      budget = -1; /* device memory: MemAvailable says nothing about it (the device's allocator does) */
     } else {
       const double avail = mem_available();
       const int local = c->node_procs > 0 ? c->node_procs : 1;
@@ -397,6 +431,7 @@ static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp
   }
   p->block_used = block;
   if (!hybrid) DA_CHECK(da_schedule_ring(&R->layout, &kp->mask, block, &R->sched));
+  DA_CHECK(da_ring_device_init(R)); /* host or device memory, from the transport */
   DA_CHECK(plan_memory(c, p)); /* before the first allocation that grows with the problem */
   p->positions = malloc((size_t)(R->nloc ? R->nloc : 1) * sizeof *p->positions);
   p->steps = calloc((size_t)4 * P, sizeof *p->steps);
@@ -581,6 +616,9 @@ static da_status_t check_tensor(const da_plan_t *p, const char *name, const da_t
 static da_status_t as_rview(const da_plan_t *p, const tview_t *v, int64_t heads, int64_t D, int copy_in,
                             void **tmp, da_rview_t *rv) {
   *tmp = NULL;
+  if (p->ring.dev && !v->packed) /* packing would be host code on device memory */
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: a tensor on the device with head stride %lld: device tensors must "
+                  "have adjacent heads (head stride = dim)", p->ring.rank, (long long)v->hs);
   if (v->packed) {
     *rv = (da_rview_t){v->base, v->bs, v->ld};
     return DA_SUCCESS;
@@ -630,6 +668,27 @@ static da_status_t plan_usable(da_plan_t *p, const char *fn) {
   return DA_SUCCESS;
 }
 
+/* Device mode: lse is used in place, so it must be packed [B][n][H]. */
+static da_status_t dev_lse(const da_plan_t *p, const tview_t *vl, float **out) {
+  const int64_t n = p->ring.nloc, H = p->ring.kp.H;
+  if (vl->hs != 1 || vl->ld != H || (p->prob.batch > 1 && vl->bs != n * H))
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: lse on the device must be packed [batch][rows][heads] (strides "
+                  "%lld, %lld, %lld given)", p->ring.rank, (long long)vl->bs, (long long)vl->ld, (long long)vl->hs);
+  *out = (float *)vl->base;
+  return DA_SUCCESS;
+}
+
+/* The stream a call's work goes on: the caller's; in device mode without one, the plan's own, and
+ * the call then drains it before returning (*drain = 1), so that it behaves like a host call. */
+static da_status_t call_stream(da_plan_t *p, void *stream, void **use, int *drain) {
+  *use = stream, *drain = 0;
+  const da_devapi_t *dev = p->ring.dev;
+  if (!dev || stream) return DA_SUCCESS;
+  if (!p->own_stream) DA_CHECK(dev->stream_create(&p->own_stream));
+  *use = p->own_stream, *drain = 1;
+  return DA_SUCCESS;
+}
+
 #define NTMP 10
 
 da_status_t da_plan_fwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k, const da_tensor_t *v,
@@ -639,8 +698,9 @@ da_status_t da_plan_fwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
   const int64_t H = p->ring.kp.H, G = p->ring.kp.G, D = p->ring.kp.D, B = p->prob.batch, n = p->ring.nloc;
   const da_dtype_t dt = p->prob.dtype;
   tview_t vq, vk, vv, vo, vl;
-  void *tmp[NTMP] = {0};
-  float *lsebuf = NULL;
+  void *tmp[NTMP] = {0}, *use = NULL;
+  float *lsebuf = NULL, *lsedev = NULL; /* host: a packed copy of lse; device: lse itself */
+  int drain = 0;
   da_rview_t rq, rk, rv, ro;
   p->xp.phase = "forward";
   if ((st = check_tensor(p, "q", q, dt, H, D, &vq)) || (st = check_tensor(p, "k", k, dt, G, D, &vk)) ||
@@ -650,20 +710,24 @@ da_status_t da_plan_fwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
   if ((st = as_rview(p, &vq, H, D, 1, &tmp[0], &rq)) || (st = as_rview(p, &vk, G, D, 1, &tmp[1], &rk)) ||
       (st = as_rview(p, &vv, G, D, 1, &tmp[2], &rv)) || (st = as_rview(p, &vo, H, D, 0, &tmp[3], &ro)))
     goto agreed;
-  if (lse && !(lsebuf = da_malloc((size_t)(B * n * H) * sizeof(float) + 1, 64)))
+  if (lse && p->ring.dev) st = dev_lse(p, &vl, &lsedev);
+  else if (lse && !(lsebuf = da_malloc((size_t)(B * n * H) * sizeof(float) + 1, 64)))
     st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: lse buffer", p->ring.rank);
+  if (st == DA_SUCCESS) st = call_stream(p, stream, &use, &drain);
 agreed:
   /* Arguments first: a rank with a bad tensor must not leave its peers waiting in the ring. */
   st = da_xport_agree(&p->xp, st, "forward");
   if (st == DA_SUCCESS) {
-    da_status_t run;
-    if (p->algo == DA_ALGO_HYBRID) run = da_hybrid_fwd(&p->ring, &p->hy, rq, rk, rv, ro, lsebuf, stream);
-    else if (p->algo == DA_ALGO_ULYSSES) run = da_ulysses_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream);
-    else run = da_ring_fwd(&p->ring, rq, rk, rv, ro, lsebuf, stream);
-    st = outcome(p, run, "forward");
+    da_status_t local;
+    const float *lsep = lsedev ? lsedev : lsebuf;
+    if (p->algo == DA_ALGO_HYBRID) local = da_hybrid_fwd(&p->ring, &p->hy, rq, rk, rv, ro, lsebuf, use);
+    else if (p->algo == DA_ALGO_ULYSSES) local = da_ulysses_fwd(&p->ring, rq, rk, rv, ro, lsebuf, use);
+    else local = da_ring_fwd(&p->ring, rq, rk, rv, ro, (float *)lsep, use);
+    if (local == DA_SUCCESS && drain) local = p->ring.dev->stream_sync(use);
+    st = outcome(p, local, "forward");
     if (st == DA_SUCCESS && p->ring.mode == DA_RING_RUN) {
       if (tmp[3]) unpack(p, &vo, H, D, tmp[3]);
-      if (lse)
+      if (lsebuf)
         for (int64_t b = 0; b < B; b++)
           for (int64_t i = 0; i < n; i++)
             for (int64_t h = 0; h < H; h++)
@@ -683,8 +747,9 @@ da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
   const int64_t H = p->ring.kp.H, G = p->ring.kp.G, D = p->ring.kp.D, B = p->prob.batch, n = p->ring.nloc;
   const da_dtype_t dt = p->prob.dtype;
   tview_t vq, vk, vv, vo, vdo, vl, vdq, vdk, vdv;
-  void *tmp[NTMP] = {0};
-  float *lsebuf = NULL;
+  void *tmp[NTMP] = {0}, *use = NULL;
+  float *lsebuf = NULL, *lsedev = NULL;
+  int drain = 0;
   da_rview_t rq, rk, rv, ro, rdo, rdq, rdk, rdv;
   p->xp.phase = "backward";
   if ((st = check_tensor(p, "q", q, dt, H, D, &vq)) || (st = check_tensor(p, "k", k, dt, G, D, &vk)) ||
@@ -699,6 +764,11 @@ da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
       (st = as_rview(p, &vdo, H, D, 1, &tmp[4], &rdo)) || (st = as_rview(p, &vdq, H, D, 0, &tmp[5], &rdq)) ||
       (st = as_rview(p, &vdk, G, D, 0, &tmp[6], &rdk)) || (st = as_rview(p, &vdv, G, D, 0, &tmp[7], &rdv)))
     goto agreed;
+  if ((st = call_stream(p, stream, &use, &drain))) goto agreed;
+  if (p->ring.dev) {
+    st = dev_lse(p, &vl, &lsedev);
+    goto agreed;
+  }
   if (!(lsebuf = da_malloc((size_t)(B * n * H) * sizeof(float) + 1, 64))) {
     st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: lse buffer", p->ring.rank);
     goto agreed;
@@ -710,13 +780,15 @@ da_status_t da_plan_bwd(da_plan_t *p, const da_tensor_t *q, const da_tensor_t *k
 agreed:
   st = da_xport_agree(&p->xp, st, "backward");
   if (st == DA_SUCCESS) {
-    da_status_t run;
+    const float *lsep = lsedev ? lsedev : lsebuf;
+    da_status_t local;
     if (p->algo == DA_ALGO_HYBRID)
-      run = da_hybrid_bwd(&p->ring, &p->hy, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream);
+      local = da_hybrid_bwd(&p->ring, &p->hy, rq, rk, rv, ro, rdo, lsep, rdq, rdk, rdv, use);
     else if (p->algo == DA_ALGO_ULYSSES)
-      run = da_ulysses_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream);
-    else run = da_ring_bwd(&p->ring, rq, rk, rv, ro, rdo, lsebuf, rdq, rdk, rdv, stream);
-    st = outcome(p, run, "backward");
+      local = da_ulysses_bwd(&p->ring, rq, rk, rv, ro, rdo, lsep, rdq, rdk, rdv, use);
+    else local = da_ring_bwd(&p->ring, rq, rk, rv, ro, rdo, lsep, rdq, rdk, rdv, use);
+    if (local == DA_SUCCESS && drain) local = p->ring.dev->stream_sync(use);
+    st = outcome(p, local, "backward");
     if (st == DA_SUCCESS && p->ring.mode == DA_RING_RUN) {
       if (tmp[5]) unpack(p, &vdq, H, D, tmp[5]);
       if (tmp[6]) unpack(p, &vdk, G, D, tmp[6]);

@@ -5,8 +5,13 @@
  * sends the fp32 dK/dV sums one hop behind the blocks, so they arrive home after P-1 hops, the
  * last one hidden behind part of the rank's own block (docs/ring.md). Buffers are allocated at
  * the first call and kept by the plan. Validation, tensor views and the cross-rank outcome are
- * plan.c's; this file trusts its inputs. */
+ * plan.c's; this file trusts its inputs.
+ * Host or device memory: when the transport moves device memory (xp->t->devapi), every buffer is
+ * allocated on that device and the payload work (packing, clearing, folding, storing) is queued
+ * on the compute stream; the schedule code is the same, it calls the helpers of the "memory"
+ * section below, which do one or the other (docs/ring.md, "Device mode"). */
 #include <math.h>
+#include <stdio.h>
 #include <string.h>
 #include "dtype.h"
 #include "ring.h"
@@ -46,41 +51,136 @@ size_t da_ring_bwd_bytes(const da_ring_t *R) {
   return da_ring_fwd_bytes(R) + (3 * acc_elems(R) + own_elems(R)) * sizeof(float);
 }
 
-/* Allocate what a pass needs, once (zeroed: compute-only mode reads a slot's rows past the local
- * shard as if they were a larger block, and they must be numbers). */
+/* ---- memory: host, or the transport's device ------------------------------------------------
+ * The schedule code calls only these. Host mode: malloc, memcpy, memset and loops, guarded by
+ * da_payload. Device mode (R->dev set): allocations through the device table (counted, devmem.c),
+ * copies and clears queued on the call's compute stream, fp32 arithmetic through the kernel
+ * table's acc_store on the same stream, so the kernels that read the results queue behind it. */
+
+da_status_t da_ring_device_init(da_ring_t *R) {
+  R->dev = R->xp->t->devapi;
+  R->test_skip = DA_RING_SKIP_NONE;
+  if (!R->dev) return DA_SUCCESS;
+  if (!R->kt->acc_store)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: the %s transport moves device memory and the %s kernels have no "
+                  "acc_store entry (the device ring folds dK/dV with it)", R->rank, R->xp->t->name, R->kt->name);
+  const char *skip = da_param_string("DISTATTN_TEST_RING_SKIP");
+  if (skip) {
+    if (!strcmp(skip, "sync")) R->test_skip = DA_RING_SKIP_SYNC;
+    else if (!strcmp(skip, "dkv-wait")) R->test_skip = DA_RING_SKIP_DKV_WAIT;
+    else return DA_ERR(DA_ERR_INVALID_ARGUMENT, "DISTATTN_TEST_RING_SKIP=%s: expected sync or dkv-wait", skip);
+    DA_WARN(DA_SUB_COMM, "ring test hook on: the %s step is left out (results will be wrong)", skip);
+  }
+  return DA_SUCCESS;
+}
+
+/* *p = `bytes` of zeroed memory (compute-only mode reads a slot's rows past the local shard as if
+ * they were a larger block, and they must be numbers); nothing if *p is already set. */
+static da_status_t buf_alloc(da_ring_t *R, void *pp, size_t bytes) {
+  void **p = pp;
+  if (*p) return DA_SUCCESS;
+  if (!bytes) bytes = 1;
+  if (!R->dev) {
+    *p = da_calloc(bytes, 64);
+    return *p ? DA_SUCCESS : DA_ERR(DA_ERR_OUT_OF_MEMORY, "%zu bytes", bytes);
+  }
+  DA_CHECK(da_dev_alloc(R->dev, p, bytes));
+  return R->dev->memset_async(*p, 0, bytes, R->stream);
+}
+
+static void buf_free(const da_ring_t *R, void *p) {
+  if (R->dev) da_dev_free(R->dev, p);
+  else da_free(p);
+}
+
+static da_status_t mem_copy(da_ring_t *R, void *dst, const void *src, size_t bytes) {
+  if (R->dev) return R->dev->copy_async(dst, src, bytes, R->stream);
+  memcpy(dst, src, bytes);
+  return DA_SUCCESS;
+}
+
+static da_status_t mem_zero(da_ring_t *R, void *p, size_t bytes) {
+  if (R->dev) return R->dev->memset_async(p, 0, bytes, R->stream);
+  memset(p, 0, bytes);
+  return DA_SUCCESS;
+}
+
+/* y += x over n floats: the dK/dV folds. */
+static da_status_t acc_fold(da_ring_t *R, float *y, const float *x, size_t n) {
+  if (R->dev) return R->kt->acc_store(1, (int64_t)n, y, x, y, DA_FLOAT32, (int64_t)n, R->stream);
+  for (size_t i = 0; i < n; i++) y[i] += x[i];
+  return DA_SUCCESS;
+}
+
+/* Device mode with host kernels (kt->stream_ordered == 0: the CPU backend on the host seam): the
+ * kernels run now, on the host, so whatever the stream was asked to do before (packing a block,
+ * clearing an accumulator) must have happened first. The one rule: drain the stream before each
+ * batch of host compute. Stream-ordered kernels need nothing: they queue behind that work, and
+ * the step's only host wait stays the transport's. */
+static da_status_t host_compute_fence(da_ring_t *R) {
+  if (!R->dev || R->kt->stream_ordered || R->test_skip == DA_RING_SKIP_SYNC) return DA_SUCCESS;
+  return R->dev->stream_sync(R->stream);
+}
+
+/* Make [p, p + bytes) (one whole allocation) writable by peers: collective through the transport,
+ * called on every rank in the same order even where the allocation failed (p NULL), so that the
+ * transport's agreement fails every rank rather than leaving the others waiting. */
+static da_status_t buf_register(da_ring_t *R, void *p, size_t bytes) {
+  if (!R->dev || !R->xp->t->register_mem) return DA_SUCCESS;
+  return R->xp->t->register_mem(R->xp, p, bytes ? bytes : 1);
+}
+
+static void keep_first(da_status_t *st, da_status_t s, char *msg, size_t n) {
+  if (*st == DA_SUCCESS && s != DA_SUCCESS) *st = s, snprintf(msg, n, "%s", da_error_message());
+}
+
+/* Allocate what a pass needs, once; in device mode register the buffers peers write into (the two
+ * KV slots; the three travelling dK/dV sums), once per plan. */
 static da_status_t ring_buffers(da_ring_t *R, int bwd) {
   da_ring_bufs_t *b = &R->buf;
-  const size_t sb = slots_bytes(R), big = big_elems(R), small = small_elems(R);
+  const size_t sb = slots_bytes(R) / 2, big = big_elems(R) * sizeof(float), small = small_elems(R) * sizeof(float);
+  const size_t accb = acc_elems(R) * sizeof(float);
+  da_status_t st = DA_SUCCESS;
+  char msg[DA_ERRMSG_MAX] = "";
   for (int i = 0; i < 2; i++) {
-    if (!b->slot[i]) b->slot[i] = da_calloc(sb / 2 ? sb / 2 : 1, 64);
-    if (!b->small[i]) b->small[i] = da_calloc((small ? small : 1) * sizeof(float), 64);
+    keep_first(&st, buf_alloc(R, &b->slot[i], sb), msg, sizeof msg);
+    keep_first(&st, buf_alloc(R, &b->small[i], small), msg, sizeof msg);
   }
-  if (!b->big) b->big = da_calloc((big ? big : 1) * sizeof(float), 64);
-  int ok = b->slot[0] && b->slot[1] && b->small[0] && b->small[1] && b->big;
+  keep_first(&st, buf_alloc(R, &b->big, big), msg, sizeof msg);
   if (bwd) {
-    for (int i = 0; i < 3; i++)
-      if (!b->acc[i]) b->acc[i] = da_calloc((acc_elems(R) ? acc_elems(R) : 1) * sizeof(float), 64);
-    if (!b->own) b->own = da_calloc((own_elems(R) ? own_elems(R) : 1) * sizeof(float), 64);
-    ok = ok && b->acc[0] && b->acc[1] && b->acc[2] && b->own;
+    for (int i = 0; i < 3; i++) keep_first(&st, buf_alloc(R, &b->acc[i], accb), msg, sizeof msg);
+    keep_first(&st, buf_alloc(R, &b->own, own_elems(R) * sizeof(float)), msg, sizeof msg);
   }
-  if (!ok)
-    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d %s: %zu bytes of ring buffers", R->rank, bwd ? "backward" : "forward",
-                  bwd ? da_ring_bwd_bytes(R) : da_ring_fwd_bytes(R));
-  return DA_SUCCESS;
+  if (st != DA_SUCCESS)
+    DA_ERR(st, "rank %d %s: %zu bytes of ring buffers%s: %s", R->rank, bwd ? "backward" : "forward",
+           bwd ? da_ring_bwd_bytes(R) : da_ring_fwd_bytes(R), R->dev ? " on the device" : "", msg);
+  snprintf(msg, sizeof msg, "%s", da_error_message());
+  /* Registration agrees across ranks inside the transport: every rank stops at the same call. */
+  da_status_t reg = DA_SUCCESS;
+  if (!b->reg_slots) {
+    b->reg_slots = 1;
+    for (int i = 0; i < 2 && reg == DA_SUCCESS; i++) reg = buf_register(R, b->slot[i], sb);
+  }
+  if (bwd && !b->reg_acc) {
+    b->reg_acc = 1;
+    for (int i = 0; i < 3 && reg == DA_SUCCESS; i++) reg = buf_register(R, b->acc[i], accb);
+  }
+  if (st != DA_SUCCESS) return DA_ERR(st, "%s", msg); /* the allocation's message is the better one */
+  return reg;
 }
 
 void da_ring_release(da_ring_t *R) {
   da_ring_bufs_t *b = &R->buf;
   if (R->broken) {
     /* A transfer timed out: messages may still land in the slots and sums. Leak them rather
-     * than hand them back to malloc. */
+     * than hand them back to the allocator. */
     DA_WARN(DA_SUB_COMM, "a transfer timed out; %zu bytes of ring buffers are kept out of use", da_ring_bwd_bytes(R));
   } else {
-    da_free(b->slot[0]), da_free(b->slot[1]);
-    for (int i = 0; i < 3; i++) da_free(b->acc[i]);
-    da_free(b->own);
+    buf_free(R, b->slot[0]), buf_free(R, b->slot[1]);
+    for (int i = 0; i < 3; i++) buf_free(R, b->acc[i]);
+    buf_free(R, b->own);
   }
-  da_free(b->big), da_free(b->small[0]), da_free(b->small[1]);
+  buf_free(R, b->big), buf_free(R, b->small[0]), buf_free(R, b->small[1]);
   memset(b, 0, sizeof *b);
 }
 
@@ -99,22 +199,32 @@ uint64_t da_ring_bwd_comm_bytes(const da_ring_t *R) {
   return b;
 }
 
-/* Copy this rank's k and v rows (any row/batch stride) into a travelling block. */
-static void pack_kv(const da_ring_t *R, da_rview_t k, da_rview_t v, char *slot) {
+/* Copy this rank's k and v rows (any row/batch stride) into a travelling block: one copy per
+ * batch element and tensor when the rows are adjacent (what device mode is given), else per row. */
+static da_status_t pack_kv(da_ring_t *R, da_rview_t k, da_rview_t v, char *slot) {
   const size_t es = esize(R), row = (size_t)kvrow(R) * es;
   const int64_t n = R->nloc;
   char *vslot = slot + (size_t)(R->B * n) * row;
-  for (int64_t b = 0; b < R->B; b++)
-    for (int64_t i = 0; i < n; i++) {
-      memcpy(slot + (size_t)(b * n + i) * row, k.p + (size_t)(b * k.bs + i * k.ld) * es, row);
-      memcpy(vslot + (size_t)(b * n + i) * row, v.p + (size_t)(b * v.bs + i * v.ld) * es, row);
+  const da_rview_t src[2] = {k, v};
+  char *const dst[2] = {slot, vslot};
+  for (int t = 0; t < 2; t++)
+    for (int64_t b = 0; b < R->B; b++) {
+      const char *from = src[t].p + (size_t)(b * src[t].bs) * es;
+      char *to = dst[t] + (size_t)(b * n) * row;
+      if ((size_t)src[t].ld * es == row) {
+        DA_CHECK(mem_copy(R, to, from, (size_t)n * row));
+      } else {
+        for (int64_t i = 0; i < n; i++) DA_CHECK(mem_copy(R, to + (size_t)i * row, from + (size_t)(i * src[t].ld) * es, row));
+      }
     }
+  return DA_SUCCESS;
 }
 
 /* fp32 packed rows [n][len] of batch element b into a dtype view. */
-static void store_rows(const da_ring_t *R, da_rview_t dst, int64_t b, int64_t n, int64_t len, const float *src) {
+static da_status_t store_rows(da_ring_t *R, da_rview_t dst, int64_t b, int64_t n, int64_t len, const float *src) {
   const size_t es = esize(R);
   const int dt = (int)R->kp.dtype;
+  if (R->dev) return R->kt->acc_store(n, len, src, NULL, dst.p + (size_t)(b * dst.bs) * es, R->kp.dtype, dst.ld, R->stream);
   for (int64_t i = 0; i < n; i++) {
     char *d = dst.p + (size_t)(b * dst.bs + i * dst.ld) * es;
     const float *x = src + i * len;
@@ -122,6 +232,7 @@ static void store_rows(const da_ring_t *R, da_rview_t dst, int64_t b, int64_t n,
     else
       for (int64_t j = 0; j < len; j++) da_store_f32(d, dt, j, x[j]);
   }
+  return DA_SUCCESS;
 }
 
 /* Drive progress on the transfers in flight: the point of calling this between work items is
@@ -169,6 +280,7 @@ da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
   da_ring_stats_t *S = &R->fwd;
   stats_reset(R, S);
   R->xp->phase = "forward";
+  R->stream = R->xp->stream = stream; /* device mode: compute stream; exchanges start after it */
 
   da_status_t st = DA_SUCCESS, st_comm = DA_SUCCESS;
   da_xreq_t *req = NULL;
@@ -179,8 +291,10 @@ da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
   const size_t nst = small_elems(R);
   float *const o = R->buf.big, *const m = R->buf.small[0], *const l = R->buf.small[1];
   da_fwd_state_t all = {o, m, l, B * nloc};
+  /* (host kernels: the state is written on the host, after the clears buf_alloc queued) */
+  if (nst && (st_comm = host_compute_fence(R))) goto done;
   if (nst) st = da_fwd_state_init(R->kt, &R->kp, &all, stream);
-  if (da_payload(2.0 * kv_block_elems(R, nloc) * es)) pack_kv(R, k, v, slot[0]);
+  if (da_payload(2.0 * kv_block_elems(R, nloc) * es) && (st_comm = pack_kv(R, k, v, slot[0]))) goto done;
 
   for (int s = 0; s < P; s++) {
     const int src = da_ring_src(r, s, P);
@@ -196,6 +310,7 @@ da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
     }
     const double t0 = da_time_now();
     if (R->mode != DA_RING_COMM_ONLY && st == DA_SUCCESS) {
+      if ((st_comm = host_compute_fence(R))) goto done;
       const char *kb = R->mode == DA_RING_COMPUTE_ONLY ? slot[0] : cur;
       int64_t n;
       const da_work_item_t *it = da_schedule_items(&R->sched, r, s, &n);
@@ -220,7 +335,7 @@ da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
     DA_TRACE(DA_SUB_COMM, "forward step %d: kv of rank %d, compute %.3g s, wait %.3g s", s, src,
              S->step_compute_s[s], S->step_wait_s[s]);
   }
-  if (st == DA_SUCCESS && R->mode != DA_RING_COMM_ONLY && nloc > 0)
+  if (st == DA_SUCCESS && R->mode != DA_RING_COMM_ONLY && nloc > 0 && (st_comm = host_compute_fence(R)) == DA_SUCCESS)
     for (int64_t b = 0; b < B && st == DA_SUCCESS; b++) {
       da_fwd_state_t sb = {o + b * nloc * H * D, m + b * nloc * H, l + b * nloc * H, nloc};
       st = R->kt->fwd_finish(&R->kp, &sb, out.p + (size_t)(b * out.bs) * es, R->kp.dtype, out.ld,
@@ -307,15 +422,16 @@ static da_status_t bwd_begin(bwd_pass_t *w, da_rview_t out) {
   w->sd = R->buf.acc[0], w->rv = R->buf.acc[1], w->c = R->buf.acc[2], w->own = R->buf.own;
   w->dqa = R->buf.big, w->delta = R->buf.small[0];
   if (da_payload((double)(big_elems(R) + own_elems(R)) * sizeof(float))) {
-    memset(w->dqa, 0, big_elems(R) * sizeof(float));
-    memset(w->own, 0, own_elems(R) * sizeof(float));
+    DA_CHECK(mem_zero(R, w->dqa, big_elems(R) * sizeof(float)));
+    DA_CHECK(mem_zero(R, w->own, own_elems(R) * sizeof(float)));
   }
+  if (w->compute && nloc > 0) DA_CHECK(host_compute_fence(R));
   if (w->compute && nloc > 0)
     for (int64_t b = 0; b < B && w->st == DA_SUCCESS; b++)
       w->st = R->kt->bwd_prep(&R->kp, nloc, out.p + (size_t)(b * out.bs) * es, out.ld,
                               w->dout.p + (size_t)(b * w->dout.bs) * es, w->dout.ld, w->delta + b * nloc * R->kp.H,
                               w->stream);
-  if (da_payload(2.0 * kv_block_elems(R, nloc) * es)) pack_kv(R, w->k, w->v, w->slot[0]);
+  if (da_payload(2.0 * kv_block_elems(R, nloc) * es)) DA_CHECK(pack_kv(R, w->k, w->v, w->slot[0]));
   w->split = own_split(R);
   return DA_SUCCESS;
 }
@@ -326,11 +442,15 @@ static da_status_t bwd_compute(bwd_pass_t *w, int s, char *cur, int64_t nsrc) {
   da_ring_t *R = w->R;
   const int64_t B = R->B, row = kvrow(R);
   const size_t blk = kv_block_elems(R, nsrc);
-  if (s == 0) return bwd_items(w, 0, 0, w->split, w->k, w->v, nsrc, w->own);
+  if (s == 0) {
+    DA_CHECK(host_compute_fence(R));
+    return bwd_items(w, 0, 0, w->split, w->k, w->v, nsrc, w->own);
+  }
   /* A travelling block: k [B][nsrc][G][D] then v; its rows are packed. */
   char *kb = w->comm ? cur : w->slot[0];
   const da_rview_t bk = {kb, nsrc * row, row}, bv = {kb + (size_t)(B * nsrc * row) * esize(R), nsrc * row, row};
-  if (da_payload((double)blk * sizeof(float))) memset(w->c, 0, blk * sizeof(float));
+  if (da_payload((double)blk * sizeof(float))) DA_CHECK(mem_zero(R, w->c, blk * sizeof(float)));
+  DA_CHECK(host_compute_fence(R));
   return bwd_items(w, s, 0, INT64_MAX, bk, bv, nsrc, w->c);
 }
 
@@ -341,13 +461,17 @@ static da_status_t bwd_pass_sums(bwd_pass_t *w, int s, size_t blk, int64_t nnext
   da_ring_stats_t *S = &R->bwd;
   if (s >= 2 && w->travel) {
     /* The running sum of this block from the ranks before us: add ours, pass it on. */
-    DA_CHECK(wait_req(R, &w->rd, &S->step_wait_s[s]));
+    const int planted = R->test_skip == DA_RING_SKIP_DKV_WAIT;
+    if (!planted) DA_CHECK(wait_req(R, &w->rd, &S->step_wait_s[s]));
     if (w->compute) {
       double ta = da_time_now();
-      if (da_payload(3.0 * blk * sizeof(float)))
-        for (size_t i = 0; i < blk; i++) w->rv[i] += w->c[i];
+      if (da_payload(3.0 * blk * sizeof(float))) {
+        DA_CHECK(host_compute_fence(R));
+        DA_CHECK(acc_fold(R, w->rv, w->c, blk));
+      }
       S->step_compute_s[s] += da_time_now() - ta;
     }
+    if (planted) DA_CHECK(wait_req(R, &w->rd, &S->step_wait_s[s])); /* the test hook: too late */
     float *t = w->sd;
     w->sd = w->rv, w->rv = t;
   } else if (s == 1) {
@@ -395,27 +519,34 @@ static da_status_t bwd_finish(bwd_pass_t *w, da_rview_t dq, da_rview_t dk, da_rv
   const int64_t B = R->B, nloc = R->nloc, row = kvrow(R);
   if (w->compute) {
     const double t0 = da_time_now();
+    DA_CHECK(host_compute_fence(R));
     DA_CHECK(bwd_items(w, 0, w->split, INT64_MAX, w->k, w->v, nloc, w->own));
     S->step_compute_s[0] += da_time_now() - t0;
   }
   const float *home = w->own;
   if (w->travel) {
-    DA_CHECK(wait_req(R, &w->rd, &S->step_wait_s[R->P - 1]));
+    const int planted = R->test_skip == DA_RING_SKIP_DKV_WAIT;
+    if (!planted) DA_CHECK(wait_req(R, &w->rd, &S->step_wait_s[R->P - 1]));
     if (w->compute) {
       double ta = da_time_now();
-      if (da_payload(3.0 * kv_block_elems(R, nloc) * sizeof(float)))
-        for (size_t i = 0; i < kv_block_elems(R, nloc); i++) w->rv[i] += w->own[i];
+      if (da_payload(3.0 * kv_block_elems(R, nloc) * sizeof(float))) {
+        DA_CHECK(host_compute_fence(R));
+        DA_CHECK(acc_fold(R, w->rv, w->own, kv_block_elems(R, nloc)));
+      }
       S->step_compute_s[0] += da_time_now() - ta;
     }
+    if (planted) DA_CHECK(wait_req(R, &w->rd, &S->step_wait_s[R->P - 1])); /* the test hook: too late */
     home = w->rv;
   }
   if (w->st == DA_SUCCESS && w->compute && nloc > 0 &&
-      da_payload((double)(big_elems(R) + own_elems(R)) * (sizeof(float) + esize(R))))
+      da_payload((double)(big_elems(R) + own_elems(R)) * (sizeof(float) + esize(R)))) {
+    DA_CHECK(host_compute_fence(R));
     for (int64_t b = 0; b < B; b++) {
-      store_rows(R, dq, b, nloc, (int64_t)H * D, w->dqa + b * nloc * H * D);
-      store_rows(R, dk, b, nloc, row, home + b * nloc * row);
-      store_rows(R, dv, b, nloc, row, home + (B + b) * nloc * row);
+      DA_CHECK(store_rows(R, dq, b, nloc, (int64_t)H * D, w->dqa + b * nloc * H * D));
+      DA_CHECK(store_rows(R, dk, b, nloc, row, home + b * nloc * row));
+      DA_CHECK(store_rows(R, dv, b, nloc, row, home + (B + b) * nloc * row));
     }
+  }
   return DA_SUCCESS;
 }
 
@@ -424,6 +555,7 @@ da_status_t da_ring_bwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, 
   const double t_start = da_time_now();
   stats_reset(R, &R->bwd);
   R->xp->phase = "backward";
+  R->stream = R->xp->stream = stream; /* device mode: compute stream; exchanges start after it */
   bwd_pass_t w = {.R = R, .q = q, .k = k, .v = v, .dout = dout, .lse = lse, .stream = stream, .st = DA_SUCCESS};
   w.comm = R->mode != DA_RING_COMPUTE_ONLY, w.compute = R->mode != DA_RING_COMM_ONLY;
   w.travel = R->P > 1 && w.comm;

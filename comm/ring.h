@@ -37,7 +37,13 @@ typedef struct da_ring_bufs {
   char *slot[2];
   float *big, *small[2];
   float *acc[3], *own;
+  int reg_slots, reg_acc; /* device mode: slots / travelling sums registered with the transport */
 } da_ring_bufs_t;
+
+/* DISTATTN_TEST_RING_SKIP (tests only): leave one ordering step of the driver out, to show the
+ * tests catch it. `sync`: no stream drain before host compute; `dkv-wait`: the dK/dV running
+ * sum is folded before its transfer is waited for (and waited for afterwards). */
+enum { DA_RING_SKIP_NONE = 0, DA_RING_SKIP_SYNC = 1, DA_RING_SKIP_DKV_WAIT = 2 };
 
 typedef struct da_ring {
   const da_kernels_t *kt;
@@ -51,7 +57,16 @@ typedef struct da_ring {
   int broken;            /* a timeout left messages in flight: buffers must not be reused */
   da_ring_stats_t fwd, bwd;
   da_ring_bufs_t buf;
+  /* Device mode (docs/ring.md): the transport's device table, NULL for host memory; the
+   * compute stream of the call in progress (a da_dstream_t of dev); the test hook. */
+  const da_devapi_t *dev;
+  void *stream;
+  int test_skip;
 } da_ring_t;
+
+/* After kt, kp, xp are set: host or device mode from the transport (xp->t->devapi), the checks
+ * device mode needs (the kernel table's acc_store), and the test hook. Local. */
+da_status_t da_ring_device_init(da_ring_t *R);
 
 /* Release the buffers (kept out of use, i.e. leaked, when a transfer timed out). */
 void da_ring_release(da_ring_t *R);
@@ -65,7 +80,9 @@ uint64_t da_ring_fwd_comm_bytes(const da_ring_t *R);
 uint64_t da_ring_bwd_comm_bytes(const da_ring_t *R);
 
 /* Forward: q [B][nloc][H][D], k, v [B][nloc][G][D] (dtype), out [B][nloc][H][D] (dtype),
- * lse [B][nloc][H] fp32 packed (may be NULL). Every rank must call it; returns this rank's local
+ * lse [B][nloc][H] fp32 packed (may be NULL). In device mode every pointer is memory of R->dev
+ * and `stream` (required) is the compute stream the work is queued on; the call returns with
+ * that work queued, not finished, when the kernels are stream-ordered. Every rank must call it; returns this rank's local
  * status (the plan agrees on the outcome across ranks afterwards). */
 da_status_t da_ring_fwd(da_ring_t *R, da_rview_t q, da_rview_t k, da_rview_t v, da_rview_t out, float *lse,
                         void *stream);

@@ -36,8 +36,8 @@ da_status_t da_transport_check_host(const char *name, const char *who) {
   if (!t) return DA_ERR_INVALID_ARGUMENT;
   if (t->devapi)
     return DA_ERR(DA_ERR_UNSUPPORTED, "%s: the %s transport moves device memory, and the drivers that run here keep "
-                  "their buffers in host memory (use mpi, or self at one rank; the device-memory ring is not built "
-                  "yet)", who, t->name);
+                  "their buffers in host memory (use mpi, or self at one rank; ring, striped and zigzag plans run on "
+                  "device memory)", who, t->name);
   return DA_SUCCESS;
 }
 

@@ -25,15 +25,22 @@ static da_status_t finish(da_context_t *ctx, da_status_t st) {
   return st;
 }
 
-/* Why a context cannot run on dev yet although its kernel table is built: the CUDA kernels
- * (kernels/cuda) exist, but the single-rank calls below, the plans of comm/ and the `distattn`
- * program keep their scratch and running state in host memory. Saying so beats handing host
- * pointers to device kernels. Device-memory execution is the GPU-path work (docs/design.md §12). */
+/* What a context on dev (not the CPU) cannot do yet, although its kernel table is built: the
+ * distributed ring plans (da_plan_*, comm/ring.c) run on device memory, but the single-rank calls
+ * below, the KV cache, tree decode and offloading keep their scratch and running state in host
+ * memory. They refuse such a context with this text rather than hand host pointers to device
+ * kernels. */
 const char *da_context_device_gap(da_device_t dev) {
   (void)dev;
-  return "the CUDA kernels are built (kernels/cuda), but the single-rank API, the plans and the distattn "
-         "program still keep their buffers in host memory: CUDA contexts are not supported yet (the "
-         "device-memory drivers are planned work, docs/design.md section 12)";
+  return "a CUDA context runs the distributed ring plans (da_plan_*: ring, striped, zigzag) on GPU memory; the "
+         "single-rank calls (da_attention_*), the KV cache, tree decode and offloading still keep their buffers "
+         "in host memory and do not take it yet (docs/design.md section 12)";
+}
+
+/* The single-rank calls: host scratch, so host contexts only (see da_context_device_gap). */
+static da_status_t host_context(const da_context_t *ctx, const char *fn) {
+  if (ctx->device == DA_DEVICE_CPU) return DA_SUCCESS;
+  return DA_ERR(DA_ERR_UNSUPPORTED, "%s: %s", fn, da_context_device_gap(ctx->device));
 }
 
 da_status_t da_context_create(const da_config_t *cfg, da_context_t **out) {
@@ -49,8 +56,6 @@ da_status_t da_context_create(const da_config_t *cfg, da_context_t **out) {
   if (cfg->nthreads < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_config_t: nthreads %d < 0", cfg->nthreads);
   const da_kernels_t *kt = da_kernels_get(cfg->device);
   if (!kt) return DA_ERR_UNSUPPORTED;
-  if (cfg->device != DA_DEVICE_CPU)
-    return DA_ERR(DA_ERR_UNSUPPORTED, "%s", da_context_device_gap(cfg->device));
   da_context_t *c = da_calloc(sizeof *c, 64);
   if (!c) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "context");
   c->device = cfg->device;
@@ -197,7 +202,8 @@ da_status_t da_attention_fwd(da_context_t *ctx, const da_problem_t *prob, const 
   da_error_clear();
   if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "context is NULL");
   da_kparams_t p;
-  da_status_t st = make_params(ctx, prob, &p);
+  da_status_t st = host_context(ctx, "da_attention_fwd");
+  if (st == DA_SUCCESS) st = make_params(ctx, prob, &p);
   if (st) return finish(ctx, st);
   const int64_t B = prob->batch, S = prob->seq, H = p.H, G = p.G, D = p.D;
   view_t vq, vk, vv, vo, vl = {0};
@@ -240,7 +246,8 @@ da_status_t da_attention_bwd(da_context_t *ctx, const da_problem_t *prob, const 
   da_error_clear();
   if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "context is NULL");
   da_kparams_t p;
-  da_status_t st = make_params(ctx, prob, &p);
+  da_status_t st = host_context(ctx, "da_attention_bwd");
+  if (st == DA_SUCCESS) st = make_params(ctx, prob, &p);
   if (st) return finish(ctx, st);
   const int64_t B = prob->batch, S = prob->seq, H = p.H, G = p.G, D = p.D;
   da_dtype_t dt = prob->dtype;
@@ -292,7 +299,8 @@ da_status_t da_attention_decode(da_context_t *ctx, const da_problem_t *prob, con
   da_error_clear();
   if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "context is NULL");
   da_kparams_t p;
-  da_status_t st = make_params(ctx, prob, &p);
+  da_status_t st = host_context(ctx, "da_attention_decode");
+  if (st == DA_SUCCESS) st = make_params(ctx, prob, &p);
   if (st) return finish(ctx, st);
   const int64_t B = prob->batch, S = prob->seq, H = p.H, G = p.G, D = p.D;
   if (!q) return finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "q: tensor is NULL"));

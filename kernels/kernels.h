@@ -90,6 +90,21 @@ typedef struct da_kernels {
 
   /* (optional) Zero-initialize a running state; NULL: host memset/fill by da_fwd_state_init. */
   da_status_t (*state_init)(const da_kparams_t *p, da_fwd_state_t *st, void *stream);
+
+  /* (optional; the device-memory ring driver refuses a table without it) Row-wise fp32
+   * arithmetic in the backend's memory, for the ring's dK/dV folds and gradient stores:
+   *   dst[i * ldd + j] = x[i * len + j] (+ y[i * len + j] when y is not NULL), stored in ddt,
+   * for i < rows, j < len; x and y are fp32 and packed. dst may be x itself (fp32, ldd == len):
+   * each element is read before it is written. NULL on a backend whose drivers do it on the host. */
+  da_status_t (*acc_store)(int64_t rows, int64_t len, const float *x, const float *y, void *dst,
+                           da_dtype_t ddt, int64_t ldd, void *stream);
+
+  /* 1: the entries queue their work on the stream and return before it ran (CUDA), so the
+   * caller orders them with stream work simply by queueing; 0: they run on the host before
+   * returning and ignore the stream (CPU, the SIMT runner), so a caller that queued copies on a
+   * stream for them to read must drain that stream first (comm/ring.c: one stream_sync before
+   * each batch of host compute, docs/ring.md "Device mode"). */
+  int stream_ordered;
 } da_kernels_t;
 
 /* Backends. da_kernels_get returns NULL and records an error when the backend is not built. */
@@ -114,8 +129,9 @@ const da_kernels_t *da_context_kernels(const da_context_t *ctx);
 da_device_t da_context_device(const da_context_t *ctx);
 da_status_t da_context_params(const da_context_t *ctx, const da_problem_t *prob, da_kparams_t *p);
 da_status_t da_context_finish(da_context_t *ctx, da_status_t st);
-/* Why a context on dev (not the CPU) is refused although its kernel table may be built (the
- * drivers above the kernels run on host memory only); the launcher prints it for --device. */
+/* What a context on dev (not the CPU) cannot do yet although its kernel table is built (the ring
+ * plans run on device memory; the single-rank calls, KV cache, tree decode and offloading do not):
+ * the refusals of those calls print it. */
 const char *da_context_device_gap(da_device_t dev);
 
 #ifdef __cplusplus

@@ -4,7 +4,10 @@
  * reads only its own rows of q/k/v/dout .npy files with MPI-IO (--input, launcher/npyio.c), and
  * writes only its own rows of the outputs (--output): no rank ever holds the full sequence. The
  * work is the phases of run_phases, run in order by da_mpi_cmd_main (common.h) over one run_t. Not
- * a library layer: it may exit; the plan code never does. */
+ * a library layer: it may exit; the plan code never does.
+ * Device memory (--device cuda, or the test device: --transport host-ipc with the CPU kernels):
+ * inputs are still generated or read on the host, copied to the device before the timed runs,
+ * and the outputs copied back for the float64 check (docs/launcher.md). */
 #define _GNU_SOURCE
 #include <mpi.h>
 #include <math.h>
@@ -247,6 +250,13 @@ typedef struct run {
   double overlap, comp_only_s, comm_only_s;
   double max_abs, max_rel;
   int64_t ck[CK_N];
+  /* device memory: the transport's device table (NULL: host memory), its name, the copies'
+   * stream, the device twins of q k v dout out lse dq dk dv, the peak device bytes (max over ranks) */
+  const da_devapi_t *dev;
+  char tpname[32];
+  da_dstream_t dstream;
+  void *dbuf[9];
+  double peak_dev;
 } run_t;
 
 /* The options table, pointing into r->o, with the defaults. */
@@ -322,10 +332,11 @@ static int run_parse(void *c, int argc, char **argv) {
   if ((!o->input || da_args_find(opts, "seq")->given) && da_mask_check(&o->mask.mask, o->seq) != DA_SUCCESS)
     return da_args_error(&r->cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
                                                                                        : da_error_message() + 6);
-  if (o->device == DA_DEVICE_CUDA)
-    return da_args_error(&r->cmd, "--device cuda: %s",
-                         da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
-                                                        : da_error_message());
+  if (o->device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
+    return da_args_error(&r->cmd, "--device cuda: %s", da_error_message());
+  if (o->device == DA_DEVICE_CUDA && (o->algo == DA_ALGO_ULYSSES || o->algo == DA_ALGO_HYBRID))
+    return da_args_error(&r->cmd, "--device cuda runs ring, striped and zigzag (ulysses and hybrid keep their buffers in host "
+                         "memory)");
   /* the files of the run against each other, before anything creates one (--json is created by
    * its check below): no output may be an input or another output */
   static const char *const in_names[] = {"q.npy", "k.npy", "v.npy", "dout.npy"};
@@ -385,6 +396,39 @@ static int run_check_files(void *c) {
 
 /* ---- plan ---- */
 
+/* --device cuda: the CUDA runtime must see a device on every rank, checked before anything else
+ * (exit 2 on every rank, each failing rank saying why); then the transport when none is named
+ * (--transport, DISTATTN_TRANSPORT): nccl when every rank has a GPU of its own on its node, cuda-ipc
+ * when ranks of a node share GPUs (NCCL refuses two ranks on one GPU). Host runs: mpi. */
+static int run_pick_transport(run_t *r) {
+  const run_opts_t *o = &r->o;
+  const char *named = o->transport ? o->transport : getenv("DISTATTN_TRANSPORT");
+  if (named && !*named) named = NULL;
+  int ndev = 0, bad = 0;
+  if (o->device == DA_DEVICE_CUDA) {
+    const da_devapi_t *cu = da_devapi_find("cuda");
+    if (!cu || cu->probe(&ndev) != DA_SUCCESS) {
+      bad = 1;
+      fprintf(stderr, "distattn run: rank %d: --device cuda: %s (the CUDA transports, nccl and cuda-ipc, need a "
+              "visible GPU)\n", r->job.rank, da_error_message());
+    }
+  }
+  if (da_mpi_max_int(bad)) return 2;
+  const char *name = named ? named : "mpi";
+  if (o->device == DA_DEVICE_CUDA && !named) {
+    MPI_Comm node;
+    int local = 1;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, r->job.rank, MPI_INFO_NULL, &node);
+    MPI_Comm_size(node, &local);
+    MPI_Comm_free(&node);
+    name = da_mpi_max_int(local > ndev) ? "cuda-ipc" : "nccl";
+  }
+  snprintf(r->tpname, sizeof r->tpname, "%s", name);
+  const da_transport_t *t = da_transport_find(name);
+  r->dev = t ? t->devapi : NULL; /* an unknown name: the plan says so on every rank */
+  return 0;
+}
+
 /* This rank's cores (--bind), the context and communicator, then the plan. */
 static int run_plan(void *c) {
   run_t *r = c;
@@ -394,7 +438,7 @@ static int run_plan(void *c) {
     fprintf(stderr, "distattn run: rank %d: %s\n", r->job.rank, err);
   r->threads = o->threads ? (int)o->threads : r->place.threads;
   int rc = da_mpi_job_open(&r->job, "run", (da_device_t)o->device, r->threads);
-  if (rc) return rc;
+  if (rc || (rc = run_pick_transport(r)) != 0) return rc;
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
   prob.batch = o->batch, prob.seq = o->seq, prob.heads = o->heads, prob.kv_heads = r->G, prob.dim = o->dim;
   prob.mask = o->mask.mask.flags, prob.window = o->mask.mask.window;
@@ -410,7 +454,7 @@ static int run_plan(void *c) {
     return 2;
   }
   pcfg.ring_layout = run_ring_layout(o);
-  pcfg.transport = o->transport; /* NULL: DISTATTN_TRANSPORT or mpi */
+  pcfg.transport = r->tpname;
   /* The plan refuses, before anything large is allocated, a problem whose buffers and tensors
    * exceed this rank's share of the machine's memory (or DISTATTN_MEM_BUDGET): exit 2. */
   pcfg.mem_count = DA_MEM_TENSORS | (o->backward ? DA_MEM_BACKWARD : 0);
@@ -470,6 +514,25 @@ static int run_fill(run_t *r) {
   return 0;
 }
 
+/* Device memory: a twin of every tensor on the transport's device, the inputs copied over. The
+ * host buffers stay: they are what the check and --output read, after run_fetch. 0, or 1 on every
+ * rank when one of them failed (said on stderr). */
+static int run_to_device(run_t *r) {
+  const da_devapi_t *d = r->dev;
+  const size_t es = da_dtype_size((da_dtype_t)r->o.dtype), nl = (size_t)(r->o.batch * r->n * r->o.heads);
+  void *const host[9] = {r->q, r->k, r->v, r->dout, r->outb, r->lse, r->dq, r->dk, r->dv};
+  const size_t bytes[9] = {r->nq * es, r->nk * es, r->nk * es, r->nq * es, r->nq * es, nl * 4, r->nq * es,
+                           r->nk * es, r->nk * es};
+  da_status_t st = d->stream_create(&r->dstream);
+  for (int i = 0; i < 9 && st == DA_SUCCESS; i++)
+    if (host[i]) st = da_dev_alloc(d, &r->dbuf[i], bytes[i] + 4);
+  for (int i = 0; i < 4 && st == DA_SUCCESS; i++)
+    if (host[i] && bytes[i]) st = d->copy_from_host(r->dbuf[i], host[i], bytes[i], r->dstream);
+  if (st != DA_SUCCESS)
+    fprintf(stderr, "distattn run: rank %d: inputs to %s memory: %s\n", r->job.rank, d->name, da_error_message());
+  return da_mpi_max_int(st != DA_SUCCESS);
+}
+
 /* The buffers, the problem as the verifier sees it, the inputs, and the tensors over them. */
 static int run_inputs(void *c) {
   run_t *r = c;
@@ -483,12 +546,19 @@ static int run_inputs(void *c) {
   r->vp.kp.H = (int)H, r->vp.kp.G = (int)G, r->vp.kp.D = (int)D, r->vp.kp.dtype = dt;
   r->vp.kp.scale = (float)(1.0 / sqrt((double)D)), r->vp.kp.mask = o->mask.mask;
   if ((rc = run_fill(r)) != 0) return rc;
+  if (r->dev && (rc = run_to_device(r)) != 0) return rc;
+  /* the tensors the plan runs on: the device twins in device memory, else the host buffers */
+  void *const b[9] = {r->q, r->k, r->v, r->dout, r->outb, r->lse, r->dq, r->dk, r->dv};
+  void *t[9];
+  for (int i = 0; i < 9; i++) t[i] = r->dev ? r->dbuf[i] : b[i];
   const int64_t shq[4] = {B, n, H, D}, shk[4] = {B, n, G, D}, shl[3] = {B, n, H};
-  da_tensor_make(&r->tq, r->q, dt, 4, shq), da_tensor_make(&r->tk, r->k, dt, 4, shk);
-  da_tensor_make(&r->tv, r->v, dt, 4, shk), da_tensor_make(&r->to, r->outb, dt, 4, shq);
-  da_tensor_make(&r->tl, r->lse, DA_FLOAT32, 3, shl), da_tensor_make(&r->tdo, r->dout, dt, 4, shq);
-  da_tensor_make(&r->tdq, r->dq, dt, 4, shq), da_tensor_make(&r->tdk, r->dk, dt, 4, shk);
-  da_tensor_make(&r->tdv, r->dv, dt, 4, shk);
+  da_tensor_make(&r->tq, t[0], dt, 4, shq), da_tensor_make(&r->tk, t[1], dt, 4, shk);
+  da_tensor_make(&r->tv, t[2], dt, 4, shk), da_tensor_make(&r->to, t[4], dt, 4, shq);
+  da_tensor_make(&r->tl, t[5], DA_FLOAT32, 3, shl), da_tensor_make(&r->tdo, t[3], dt, 4, shq);
+  da_tensor_make(&r->tdq, t[6], dt, 4, shq), da_tensor_make(&r->tdk, t[7], dt, 4, shk);
+  da_tensor_make(&r->tdv, t[8], dt, 4, shk);
+  da_tensor_t *all[9] = {&r->tq, &r->tk, &r->tv, &r->tdo, &r->to, &r->tl, &r->tdq, &r->tdk, &r->tdv};
+  for (int i = 0; i < 9; i++) all[i]->device = (da_device_t)o->device; /* the host seam is the CPU's */
   return 0;
 }
 
@@ -556,7 +626,8 @@ static int run_print_setup(void *c) {
   da_mask_describe(&o->mask.mask, r->maskdesc, sizeof r->maskdesc);
   if (r->job.rank == 0) {
     char tp[96];
-    snprintf(tp, sizeof tp, "  transport: %s (host memory)", da_transport_choice(o->transport));
+    snprintf(tp, sizeof tp, "  transport: %s (%s)", r->tpname,
+             !r->dev ? "host memory" : !strcmp(r->dev->name, "cuda") ? "GPU memory" : "host seam memory: a test device");
     da_report_mpi_header(&r->cmd, r->threads, r->job.size, da_device_names[o->device], tp);
     if (r->link_on)
       da_report_line(stdout, "test link hook: DISTATTN_TEST_LINK_GBPS=%g DISTATTN_TEST_LINK_US=%g (transfers slowed "
@@ -596,10 +667,13 @@ static void run_figures(run_t *r) {
   const da_plan_stats_t *ps = &r->ps;
   double comp = ps->fwd_compute_s + ps->bwd_compute_s, expo = ps->fwd_exposed_s + ps->bwd_exposed_s;
   double sums[2] = {(double)(ps->fwd_bytes_sent + ps->bwd_bytes_sent), comp};
-  double maxs[3] = {expo, comp, (double)da_peak_rss_bytes()};
+  uint64_t peak_dev = 0;
+  da_dev_mem_stats(NULL, &peak_dev); /* every device byte of this process: plan buffers and tensors */
+  double maxs[4] = {expo, comp, (double)da_peak_rss_bytes(), (double)peak_dev};
   MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, maxs, 3, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, maxs, 4, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   r->comm_bytes = sums[0], r->exposed_s = maxs[0], r->compute_s = maxs[1], r->peak_rss = maxs[2];
+  r->peak_dev = maxs[3];
   const double flops = (double)ps->pairs_total * r->o.heads * r->o.dim * (4.0 + (r->o.backward ? 10.0 : 0.0));
   r->gflops = flops / r->total_s * 1e-9;
   r->imbalance = sums[1] > 0 ? maxs[1] / (sums[1] / r->job.size) : 1.0;
@@ -625,6 +699,24 @@ static int run_execute(void *c) {
     return da_report_failure("run", r->job.rank, o->backward ? "forward/backward" : "forward", st, r->job.ctx);
   run_figures(r);
   return 0;
+}
+
+/* Device memory: the outputs of the last iteration back into the host buffers the check and
+ * --output read. */
+static int run_fetch(void *c) {
+  run_t *r = c;
+  if (!r->dev) return 0;
+  const size_t es = da_dtype_size((da_dtype_t)r->o.dtype), nl = (size_t)(r->o.batch * r->n * r->o.heads);
+  void *const host[5] = {r->outb, r->lse, r->dq, r->dk, r->dv};
+  void *const dev[5] = {r->dbuf[4], r->dbuf[5], r->dbuf[6], r->dbuf[7], r->dbuf[8]};
+  const size_t bytes[5] = {r->nq * es, nl * 4, r->nq * es, r->nk * es, r->nk * es};
+  da_status_t st = DA_SUCCESS;
+  for (int i = 0; i < 5 && st == DA_SUCCESS; i++)
+    if (host[i] && bytes[i]) st = r->dev->copy_to_host(host[i], dev[i], bytes[i], r->dstream);
+  if (st != DA_SUCCESS)
+    fprintf(stderr, "distattn run: rank %d: outputs from %s memory: %s\n", r->job.rank, r->dev->name,
+            da_error_message());
+  return da_mpi_max_int(st != DA_SUCCESS);
 }
 
 /* ---- verify ---- */
@@ -799,11 +891,11 @@ static int run_overlap(void *c) {
 static void run_print_row(const run_t *r) {
   static const char *const names[] = {"algo", "ranks", "seq", "batch", "heads", "kv", "dim", "mask", "dtype",
                                       "fwd_ms", "bwd_ms", "gflops", "comm_MB", "exposed_ms", "overlap", "imbal",
-                                      "imb_work", "rows", "max_rel", "wrong"};
-  static const int widths[] = {7, 5, 9, 5, 5, 3, 4, 12, 5, 10, 10, 8, 9, 10, 7, 6, 8, 6, 9, 6};
+                                      "imb_work", "rows", "max_rel", "wrong", "dev_MB"};
+  static const int widths[] = {7, 5, 9, 5, 5, 3, 4, 12, 5, 10, 10, 8, 9, 10, 7, 6, 8, 6, 9, 6, 9};
   const run_opts_t *o = &r->o;
   da_table_t t;
-  da_table_init(&t, stdout, 20, names, widths);
+  da_table_init(&t, stdout, r->dev ? 21 : 20, names, widths); /* dev_MB: peak device memory, device runs */
   da_table_print_header(&t);
   da_table_str(&t, algo_names[o->algo]);
   da_table_int(&t, r->job.size), da_table_int(&t, o->seq), da_table_int(&t, o->batch), da_table_int(&t, o->heads);
@@ -815,6 +907,7 @@ static void run_print_row(const run_t *r) {
   da_table_dbl(&t, r->ps.work_imbalance, 3, 0);
   da_table_int(&t, r->ck[CK_ROWS]), da_table_dbl(&t, o->verify ? r->max_rel : NAN, 2, 1);
   da_table_int(&t, r->ck[CK_WRONG]);
+  if (r->dev) da_table_dbl(&t, r->peak_dev / 1048576.0, 2, 0);
   da_table_end_row(&t);
 }
 
@@ -858,6 +951,9 @@ static int run_json(const run_t *r) {
   else da_json_null(&j, "link_gbps"), da_json_null(&j, "link_us");
   da_json_int(&j, "peak_rss_bytes", (int64_t)r->peak_rss); /* max over ranks */
   da_json_job(&j, r->hosts, 1);
+  da_json_str(&j, "transport", r->tpname);
+  if (r->dev) da_json_int(&j, "peak_device_bytes", (int64_t)r->peak_dev); /* max over ranks */
+  else da_json_null(&j, "peak_device_bytes");
   if (o->input) da_json_str(&j, "input", o->input);
   if (o->output) da_json_str(&j, "output", o->output);
   return da_json_finish(&j, o->json);
@@ -870,6 +966,9 @@ static int run_report(void *c) {
   int rc = 0;
   if (r->job.rank == 0) {
     run_print_row(r);
+    if (r->dev)
+      da_report_line(stdout, "dev_MB: peak device memory per rank, max over ranks (%s: plan buffers and tensors)",
+                     r->dev->name);
     if (r->o.overlap)
       da_report_line(stdout, "overlap: compute-only %.2f ms, transfers-only %.2f ms, both %.2f ms",
                      r->comp_only_s * 1e3, r->comm_only_s * 1e3, r->total_s * 1e3);
@@ -885,6 +984,8 @@ static void run_release(void *c) {
   free(r->pos), free(r->q), free(r->k), free(r->v), free(r->outb), free(r->dout), free(r->dq), free(r->dk);
   free(r->dv), free(r->lse);
   da_plan_free(r->plan);
+  for (int i = 0; i < 9 && r->dev; i++) da_dev_free(r->dev, r->dbuf[i]);
+  if (r->dev && r->dstream) r->dev->stream_destroy(r->dstream);
   da_mask_spec_free(&r->o.mask);
 }
 
@@ -897,6 +998,7 @@ static const da_phase_fn run_phases[] = {
     run_inputs,        /* this rank's rows: read or generated */
     run_print_setup,   /* the header */
     run_execute,       /* the timed iterations */
+    run_fetch,         /* device memory: the outputs back to the host */
     run_verify,        /* float64 check of sampled rows, non-finite counts */
     run_write_outputs, /* --output */
     run_overlap,       /* --measure-overlap */

@@ -12,12 +12,23 @@ foreach(P 1 2 3 5)
   set_tests_properties(test_ipc_np${P} PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
 endforeach()
 
-# DISTATTN_TRANSPORT: the host-memory drivers refuse a device transport in words (exit 2 on every rank), and an
-# unknown name lists the transports this build has.
+# DISTATTN_TRANSPORT=host-ipc: `distattn run` takes the device path with the test device (the host seam:
+# inputs copied to "device" memory, the ring on it, outputs copied back), verified, with peak device memory in
+# the table and the JSON; ulysses refuses a device transport in words (exit 2 on every rank); an unknown name
+# lists the transports this build has. --device cuda without a GPU (or without the CUDA build) fails fast on
+# every rank, naming CUDA, exit 2.
 if(TARGET distattn AND COMMAND da_run_cli)
+  da_run_cli(cli_transport_device_run 3 0 ENV DISTATTN_TRANSPORT=host-ipc
+             OUT_RE "transport: host-ipc \\(host seam memory: a test device\\).*dev_MB.*# wrong: 0.# PASS"
+             JSON ${CMAKE_CURRENT_BINARY_DIR}/cli_device_run.jsonl
+             JSON_RE "\"algo\":\"striped\",\"ranks\":3,.*\"wrong\":0,.*\"transport\":\"host-ipc\",\"peak_device_bytes\":[1-9][0-9]*"
+             ARGS --algo striped --seq 1001 --heads 4 --kv-heads 1 --dim 64 --mask causal --backward --verify 4
+                  --iters 1 --warmup 0 --json ${CMAKE_CURRENT_BINARY_DIR}/cli_device_run.jsonl)
   da_run_cli(cli_transport_device_refused 2 2 ENV DISTATTN_TRANSPORT=host-ipc
-             ERR_RE "rank [01]: plan: unsupported: plan config: the host-ipc transport moves device memory"
-             ARGS --seq 1000 --heads 2 --dim 64)
+             ERR_RE "rank [01]: plan: unsupported: plan config \\(ulysses\\): the host-ipc transport moves device memory"
+             ARGS --algo ulysses --seq 1000 --heads 2 --dim 64)
+  da_run_cli(cli_device_cuda_no_gpu 2 2 ERR_RE "--device cuda: .*CUDA"
+             ARGS --seq 1000 --heads 2 --dim 64 --device cuda --dtype bf16)
   da_run_cli(cli_transport_unknown 2 2 ENV DISTATTN_TRANSPORT=bogus
              ERR_RE "unknown transport 'bogus' \\(built: mpi, self, [a-z, -]*host-ipc\\)"
              ARGS --seq 1000 --heads 2 --dim 64)
@@ -49,3 +60,12 @@ if(TARGET distattn AND COMMAND da_run_cli AND COMMAND da_decode_cli)
                 ERR_RE "decode config: the host-ipc transport moves device memory"
                 ARGS --context 1000 --heads 2 --dim 64 --transport host-ipc)
 endif()
+
+# bench/gpu-ring-check.sh, the prepared device check of the device ring: on a machine without a GPU it
+# must stop at its first step with exit 77 (with a GPU, DA_RING_CHECK_PROBE_ONLY=1 stops it after the probe
+# with 0); anything else (a syntax error, a failing step) fails this test.
+add_test(NAME gpu_ring_check_probe
+         COMMAND sh -c "DA_RING_CHECK_PROBE_ONLY=1 OUT=\"$0\" \"$1\"; rc=$?; echo \"exit $rc\"; [ $rc -eq 77 ] || [ $rc -eq 0 ]"
+                 ${CMAKE_CURRENT_BINARY_DIR}/gpu-ring-check-probe ${PROJECT_SOURCE_DIR}/bench/gpu-ring-check.sh)
+set_tests_properties(gpu_ring_check_probe PROPERTIES LABELS unit TIMEOUT 60
+                     PASS_REGULAR_EXPRESSION "no GPU here.*exit 77|probe only: stopping.*exit 0")

@@ -18,6 +18,15 @@ foreach(P 1 2 3 4 5 8)
   set_tests_properties(test_ring_np${P} PROPERTIES LABELS mpi TIMEOUT 330 ENVIRONMENT "${DA_MPI_TEST_ENV}")
 endforeach()
 
+# The same ring driver in device mode (`test_ring device`): buffers and tensors in the host seam's
+# memory (devapi.h), transport host-ipc, the CPU kernels; delayed, poisoning copies; planted
+# ordering mistakes must be caught (docs/ring.md, "Device mode").
+foreach(P 1 2 3 4 5 8)
+  add_test(NAME test_ring_dev_np${P}
+           COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 200 -np ${P} $<TARGET_FILE:test_ring> device)
+  set_tests_properties(test_ring_dev_np${P} PROPERTIES LABELS mpi TIMEOUT 230 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+endforeach()
+
 # The Ulysses driver (all-to-all), tests/test_ulysses.c: P divides its 24 heads.
 add_executable(test_ulysses test_ulysses.c)
 target_link_libraries(test_ulysses PRIVATE da_comm da_ref da_core Check::check MPI::MPI_C m)

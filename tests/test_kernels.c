@@ -1204,11 +1204,62 @@ START_TEST(test_bf16_levels) {
 END_TEST
 #endif /* TB_CPU */
 
+/* acc_store (the device ring's dK/dV folds and gradient stores): dst = x + y and dst = x, in each
+ * storage dtype, rows with a padded stride (the padding must stay untouched), and in place
+ * (dst == x, fp32), against x + y summed in double here and rounded once: fp32 exact, bf16 and
+ * fp16 within half an ulp of their mantissas. */
+START_TEST(test_acc_store) {
+  const da_kernels_t *kt = tb_kernels();
+  ck_assert_msg(kt->acc_store != NULL, "%s: no acc_store (the device ring needs it)", kt->name);
+  const int64_t rows = 5, len = 37, ldd = 41;
+  const size_t n = (size_t)(rows * len);
+  float *x = tb_alloc(n * sizeof(float)), *y = tb_alloc(n * sizeof(float));
+  char *dst = tb_alloc((size_t)(rows * ldd) * sizeof(float));
+  uint64_t rs = 4242 + (uint64_t)_i;
+  for (size_t i = 0; i < n; i++) x[i] = (float)(4 * tu_rand01(&rs) - 2), y[i] = (float)(4 * tu_rand01(&rs) - 2);
+  static const da_dtype_t dts[3] = {DA_FLOAT32, DA_BFLOAT16, DA_FLOAT16};
+  for (int t = 0; t < 3; t++)
+    for (int add = 0; add < 2; add++) {
+      const da_dtype_t dt = dts[t];
+      /* half an ulp, a hair more for the fp32 rounding of the sum first; fp16's subnormals absolutely */
+      const double ulp = dt == DA_FLOAT32 ? 0 : dt == DA_BFLOAT16 ? 0x1.01p-8 : 0x1.01p-11;
+      const double tiny = dt == DA_FLOAT16 ? 0x1.0p-25 : 1e-30;
+      memset(dst, 0xFF, (size_t)(rows * ldd) * sizeof(float));
+      ck_assert(kt->acc_store(rows, len, x, add ? y : NULL, dst, dt, ldd, NULL) == DA_SUCCESS);
+      ck_assert(tb_sync() == DA_SUCCESS);
+      for (int64_t i = 0; i < rows; i++)
+        for (int64_t j = 0; j < ldd; j++) {
+          const int64_t e = i * ldd + j;
+          if (j >= len) { /* padding: the poison bytes are still there */
+            const size_t es = dt == DA_FLOAT32 ? 4 : 2;
+            for (size_t b = 0; b < es; b++) ck_assert_int_eq((unsigned char)dst[(size_t)e * es + b], 0xFF);
+            continue;
+          }
+          const double want = (double)x[i * len + j] + (add ? (double)y[i * len + j] : 0.0);
+          const double got = da_load_f32(dst, (int)dt, e);
+          const double tol = dt == DA_FLOAT32 ? fabs(want - (double)(float)want) : fabs(want) * ulp + tiny;
+          ck_assert_msg(fabs(got - want) <= tol, "%s acc_store %s%s row %lld col %lld: %.9g, want %.9g", kt->name,
+                        dt == DA_FLOAT32 ? "fp32" : dt == DA_BFLOAT16 ? "bf16" : "fp16", add ? " x + y" : " x",
+                        (long long)i, (long long)j, got, want);
+        }
+    }
+  /* in place: x += y */
+  float *want = malloc(n * sizeof(float));
+  for (size_t i = 0; i < n; i++) want[i] = (float)((double)x[i] + (double)y[i]);
+  ck_assert(kt->acc_store(1, (int64_t)n, x, y, x, DA_FLOAT32, (int64_t)n, NULL) == DA_SUCCESS);
+  ck_assert(tb_sync() == DA_SUCCESS);
+  for (size_t i = 0; i < n; i++) ck_assert_msg(x[i] == want[i], "in place x += y at %zu: %.9g, want %.9g", i, x[i], want[i]);
+  free(want);
+  tb_free(x), tb_free(y), tb_free(dst);
+}
+END_TEST
+
 static Suite *kernels_suite(void) {
   Suite *s = suite_create("kernels");
   TCase *tc = tcase_create("contract");
   tcase_set_timeout(tc, TU_TIMEOUT);
   tcase_add_test(tc, test_supports);
+  tcase_add_test(tc, test_acc_store);
   tcase_add_loop_test(tc, test_merge_empty, 0, 1);
   tcase_add_loop_test(tc, test_merge_orders, 0, TU_NMASKS);
   tcase_add_loop_test(tc, test_masked_rows, 0, TB_N_MASKED_ROWS);

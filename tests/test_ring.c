@@ -17,6 +17,7 @@
 #include "dtype.h"
 #include "ref.h"
 #include "rng.h"
+#include "devapi.h" /* the host seam: device-mode cases */
 #include "test_mpi.h"
 
 static int g_rank, g_size;
@@ -37,7 +38,22 @@ typedef struct {
   const char *transport; /* NULL: the default (mpi) */
   int ulysses;           /* DA_ALGO_HYBRID: the Ulysses degree (the 1-rank comparison runs degree 1) */
   da_algo_t ring_layout; /* DA_ALGO_HYBRID: the ring's layout across groups */
+  int device;            /* device mode: tensors in the host seam's memory, transport host-ipc */
+  int caller_stream;     /* device mode: pass a stream of the caller's (else the plan's own) */
 } tcase_t;
+
+/* Tensors of a case: malloc'ed, or (device mode) allocations of the host seam, which the driver
+ * then treats as device memory: its copies and clears go through streams whose delays poison
+ * their destinations until they land (set in main). */
+static void *talloc(const tcase_t *c, size_t bytes) {
+  void *p = NULL;
+  if (!c->device) return malloc(bytes);
+  return da_dev_alloc(&da_devapi_host, &p, bytes) == DA_SUCCESS ? p : NULL;
+}
+static void tfree(const tcase_t *c, void *p) {
+  if (c->device) da_dev_free(&da_devapi_host, p);
+  else free(p);
+}
 
 /* P-rank vs 1-rank results (fp32): relative per row, like the reference comparison. */
 #define ONE_RANK_TOL 1e-5
@@ -51,7 +67,8 @@ static void describe(const tcase_t *c, char *buf, size_t n) {
   char hy[64] = "";
   if (c->algo == DA_ALGO_HYBRID)
     snprintf(hy, sizeof hy, " %dx%d(%s)", c->ulysses, c->ulysses > 0 ? g_size / c->ulysses : 0, algo_name(c->ring_layout));
-  snprintf(buf, n, "%s%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s%s dtype=%s block=%lld%s%s", algo_name(c->algo), hy,
+  snprintf(buf, n, "%s%s%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s%s dtype=%s block=%lld%s%s", c->device ? "device " : "",
+           algo_name(c->algo), hy,
            (long long)c->S, c->B, c->H, c->G, c->D, c->mask & DA_MASK_CAUSAL ? "causal" : "",
            c->mask & DA_MASK_WINDOW ? "window" : "", (c->mask & DA_MASK_DOC) && (c->mask & ~DA_MASK_DOC) ? "+" : "",
            c->mask & DA_MASK_DOC ? "doc" : (c->mask ? "" : "none"),
@@ -226,7 +243,7 @@ static double run_case(const tcase_t *c, int verbose) {
   prob.mask = c->mask, prob.window = c->window;
   if (c->mask & DA_MASK_DOC) prob.ndocs = make_docs(S, c->ndocs, cu), prob.cu_seqlens = cu;
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60, cfg.transport = c->transport;
+  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60, cfg.transport = c->device ? "host-ipc" : c->transport;
   if (c->algo == DA_ALGO_HYBRID) cfg.ulysses = c->ulysses, cfg.ring_layout = c->ring_layout;
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
@@ -240,10 +257,15 @@ static double run_case(const tcase_t *c, int verbose) {
   for (int64_t i = 0; i < S; i++) allpos[i] = i;
   const int qhs = c->strided_q ? D + 8 : D;
   size_t nq = (size_t)(B * n * H), nk = (size_t)(B * n * G);
-  char *q = calloc(nq * (size_t)qhs + 1, es), *k = malloc(nk * D * es + 1), *v = malloc(nk * D * es + 1);
-  char *out = malloc(nq * D * es + 1), *dout = malloc(nq * D * es + 1), *dq = malloc(nq * D * es + 1);
-  char *dk = malloc(nk * D * es + 1), *dv = malloc(nk * D * es + 1);
-  float *lse = malloc(nq * sizeof(float) + 4);
+  char *q = talloc(c, (nq * (size_t)qhs + 1) * es), *k = talloc(c, nk * D * es + 1), *v = talloc(c, nk * D * es + 1);
+  char *out = talloc(c, nq * D * es + 1), *dout = talloc(c, nq * D * es + 1), *dq = talloc(c, nq * D * es + 1);
+  char *dk = talloc(c, nk * D * es + 1), *dv = talloc(c, nk * D * es + 1);
+  float *lse = talloc(c, nq * sizeof(float) + 4);
+  ck_assert(q && k && v && out && dout && dq && dk && dv && lse);
+  memset(q, 0, (nq * (size_t)qhs + 1) * es);
+  /* Outputs poisoned (0xFF: NaN in every float format): a row the driver never writes fails. */
+  memset(out, 0xFF, nq * D * es), memset(dq, 0xFF, nq * D * es), memset(lse, 0xFF, nq * sizeof(float));
+  memset(dk, 0xFF, nk * D * es), memset(dv, 0xFF, nk * D * es);
   double *rq = malloc(nq * D * 8 + 8), *rdo = malloc(nq * D * 8 + 8);
   double *rk = malloc((size_t)B * S * G * D * 8), *rv = malloc((size_t)B * S * G * D * 8);
   gen(seed, DA_RNG_Q, pos, n, B, H, D, qhs, dt, q, rq);
@@ -265,8 +287,12 @@ static double run_case(const tcase_t *c, int verbose) {
 
   double err = 0;
   int failed = 0;
-  st = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, NULL);
-  if (st == DA_SUCCESS && c->bwd) st = da_plan_bwd(plan, &tq, &tk, &tv, &to, &tdo, &tl, &tdq, &tdk, &tdv, NULL);
+  da_dstream_t stream = NULL; /* device mode: the caller's stream, drained by the caller */
+  if (c->device && c->caller_stream) ck_assert(da_devapi_host.stream_create(&stream) == DA_SUCCESS);
+  st = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, stream);
+  if (st == DA_SUCCESS && c->bwd) st = da_plan_bwd(plan, &tq, &tk, &tv, &to, &tdo, &tl, &tdq, &tdk, &tdv, stream);
+  if (st == DA_SUCCESS && stream) st = da_devapi_host.stream_sync(stream);
+  if (stream) da_devapi_host.stream_destroy(stream);
   if (st != DA_SUCCESS) {
     failed = 1;
     fprintf(stderr, "FAIL %s: rank %d: %s: %s\n", name, g_rank, da_status_string(st), da_last_error(g_ctx));
@@ -362,7 +388,9 @@ static double run_case(const tcase_t *c, int verbose) {
     fprintf(stderr, "%s %s: err/tol %.3g (out %.2e lse %.2e dq %.2e dk %.2e dv %.2e; vs 1 rank %.2e)\n",
             err > 1 ? "FAIL" : "ok  ", name, err, errs[0], errs[1], errs[2], errs[3], errs[4], errs[6]);
   da_plan_free(plan);
-  free(pos), free(allpos), free(q), free(k), free(v), free(out), free(dout), free(dq), free(dk), free(dv), free(lse);
+  free(pos), free(allpos);
+  tfree(c, q), tfree(c, k), tfree(c, v), tfree(c, out), tfree(c, dout), tfree(c, dq), tfree(c, dk), tfree(c, dv);
+  tfree(c, lse);
   free(rq), free(rdo), free(rk), free(rv), free(ro), free(rl), free(rdq), free(pdk), free(pdv), free(tdk_), free(tdv_);
   return err; /* in units of the tolerance: <= 1 passes */
 }
@@ -729,6 +757,171 @@ START_TEST(link_hook) {
 }
 END_TEST
 
+/* ---- device mode (run as `test_ring device`) ------------------------------------------------
+ * The same driver on device memory: the transport is host-ipc (the cuda-ipc protocol over the
+ * host seam of devapi.h), the tensors and every ring buffer are the seam's allocations, and the
+ * CPU kernels read them directly (they are host-visible). main sets the seam's delays: every
+ * copy between processes and every local copy or clear poisons its destination until it lands,
+ * so a read that is not ordered after its write reads NaN. The delays: long enough to outlast a
+ * step's compute at these sizes, short enough for the 2-core budget. */
+#define DEV_LINK_DELAY_S 0.004
+#define DEV_LOCAL_DELAY_S 0.002
+
+/* Every layout x {none, causal, causal + window} x {fp32 MHA batch 2, bf16 GQA 4:1} on a length P
+ * does not divide, forward and backward, half of them on a stream of the caller's. */
+START_TEST(dev_matrix) {
+  static const unsigned dmasks[3] = {DA_MASK_NONE, DA_MASK_CAUSAL, DA_MASK_CAUSAL | DA_MASK_WINDOW};
+  int fails = 0, cases = 0;
+  for (int a = 0; a < 3; a++)
+    for (int mi = 0; mi < 3; mi++)
+      for (int v = 0; v < 2; v++) {
+        tcase_t c = {.algo = (da_algo_t)a, .mask = dmasks[mi], .window = 9, .S = 50 + g_size - 1,
+                     .B = v == 0 ? 2 : 1, .H = 4, .G = v == 0 ? 4 : 1, .D = 16,
+                     .dt = v == 1 ? DA_BFLOAT16 : DA_FLOAT32, .bwd = 1, .block = 8, .device = 1,
+                     .caller_stream = (a + mi + v) % 2};
+        cases++;
+        fails += run_case(&c, 0) > 1;
+      }
+  ck_assert_msg(fails == 0, "%d of %d device cases failed (details on stderr)", fails, cases);
+}
+END_TEST
+
+/* The plan's device memory is what da_ring_bwd_bytes says, counted by the seam's accounting, and
+ * handed back when the plan is freed. */
+START_TEST(dev_memory) {
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.seq = 40 * g_size + 3, prob.heads = 4, prob.kv_heads = 2, prob.dim = 16, prob.mask = DA_MASK_CAUSAL;
+  tcase_t c = {.device = 1};
+  da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
+  cfg.timeout = 60, cfg.transport = "host-ipc";
+  uint64_t cur0 = 0, cur1 = 0, cur2 = 0, peak = 0;
+  da_dev_mem_stats(&cur0, NULL);
+  da_plan_t *plan = NULL;
+  ck_assert(all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  const int64_t n = da_plan_local_rows(plan), H = 4, G = 2, D = 16;
+  const size_t qb = (size_t)n * H * D * 4, kb = (size_t)n * G * D * 4;
+  void *q = talloc(&c, qb), *k = talloc(&c, kb), *v = talloc(&c, kb), *o = talloc(&c, qb), *l = talloc(&c, n * H * 4);
+  void *dq = talloc(&c, qb), *dk = talloc(&c, kb), *dv = talloc(&c, kb);
+  uint64_t tensors = 0;
+  da_dev_mem_stats(&tensors, NULL);
+  tensors -= cur0;
+  da_tensor_t tq, tk, tv, to, tl, tdq, tdk, tdv;
+  const int64_t shq[3] = {n, H, D}, shk[3] = {n, G, D}, shl[2] = {n, H};
+  da_tensor_make(&tq, q, DA_FLOAT32, 3, shq), da_tensor_make(&tk, k, DA_FLOAT32, 3, shk);
+  da_tensor_make(&tv, v, DA_FLOAT32, 3, shk), da_tensor_make(&to, o, DA_FLOAT32, 3, shq);
+  da_tensor_make(&tl, l, DA_FLOAT32, 2, shl), da_tensor_make(&tdq, dq, DA_FLOAT32, 3, shq);
+  da_tensor_make(&tdk, dk, DA_FLOAT32, 3, shk), da_tensor_make(&tdv, dv, DA_FLOAT32, 3, shk);
+  da_status_t rs = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, NULL);
+  if (rs) fprintf(stderr, "rank %d: %s\n", g_rank, da_last_error(g_ctx));
+  ck_assert(all_equal_status(rs, DA_SUCCESS));
+  ck_assert(all_equal_status(da_plan_bwd(plan, &tq, &tk, &tv, &to, &to, &tl, &tdq, &tdk, &tdv, NULL), DA_SUCCESS));
+  da_plan_stats_t st = DA_PLAN_STATS_INITIALIZER;
+  ck_assert(da_plan_stats(plan, &st) == DA_SUCCESS);
+  da_dev_mem_stats(&cur1, &peak);
+  ck_assert_msg(cur1 - cur0 - tensors == st.mem_bwd_bytes, "rank %d: the plan holds %llu device bytes, its figure "
+                "says %zu", g_rank, (unsigned long long)(cur1 - cur0 - tensors), st.mem_bwd_bytes);
+  ck_assert(peak >= cur1);
+  da_plan_free(plan);
+  da_dev_mem_stats(&cur2, NULL);
+  ck_assert_msg(cur2 == cur0 + tensors, "rank %d: %llu device bytes left after da_plan_free", g_rank,
+                (unsigned long long)(cur2 - cur0 - tensors));
+  tfree(&c, q), tfree(&c, k), tfree(&c, v), tfree(&c, o), tfree(&c, l), tfree(&c, dq), tfree(&c, dk), tfree(&c, dv);
+}
+END_TEST
+
+/* Refusals, in words, on every rank: a device tensor whose heads are not adjacent; Ulysses on a
+ * device transport. */
+START_TEST(dev_refusals) {
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.seq = 16 * g_size, prob.heads = 4, prob.kv_heads = 4, prob.dim = 16;
+  da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
+  cfg.timeout = 30, cfg.transport = "host-ipc", cfg.algo = DA_ALGO_ULYSSES;
+  da_plan_t *plan = NULL;
+  da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert_msg(all_equal_status(st, DA_ERR_UNSUPPORTED), "ulysses on host-ipc: %s", da_last_error(g_ctx));
+  ck_assert_msg(strstr(da_last_error(g_ctx), "host-ipc") != NULL, "names the transport: %s", da_last_error(g_ctx));
+  cfg.algo = DA_ALGO_RING;
+  ck_assert(all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  tcase_t c = {.device = 1};
+  const int64_t n = da_plan_local_rows(plan), H = 4, D = 16;
+  char *q = talloc(&c, (size_t)n * H * (D + 8) * 4 + 4), *k = talloc(&c, (size_t)n * H * D * 4 + 4);
+  char *o = talloc(&c, (size_t)n * H * D * 4 + 4);
+  da_tensor_t tq, tk, to;
+  const int64_t sh[3] = {n, H, D};
+  da_tensor_make(&tq, q, DA_FLOAT32, 3, sh), da_tensor_make(&tk, k, DA_FLOAT32, 3, sh);
+  da_tensor_make(&to, o, DA_FLOAT32, 3, sh);
+  tq.strides[1] = D + 8, tq.strides[0] = H * (D + 8); /* heads D + 8 apart */
+  st = da_plan_fwd(plan, &tq, &tk, &tk, &to, NULL, NULL);
+  ck_assert_msg(st == DA_ERR_UNSUPPORTED || st == DA_ERR_REMOTE, "rank %d: strided device q: %s", g_rank,
+                da_status_string(st));
+  int local = st == DA_ERR_UNSUPPORTED, any = 0;
+  MPI_Allreduce(&local, &any, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  ck_assert_msg(any, "every rank's own q is strided: each says so itself: %s", da_last_error(g_ctx));
+  ck_assert_msg(strstr(da_last_error(g_ctx), "adjacent heads") != NULL, "%s", da_last_error(g_ctx));
+  da_plan_free(plan);
+  tfree(&c, q), tfree(&c, k), tfree(&c, o);
+#ifdef DA_HAVE_CUDART
+  /* The CPU kernels cannot read GPU memory: a CPU context with cuda-ipc is refused at plan time. */
+  cfg.transport = "cuda-ipc";
+  st = da_plan_create(g_comm, &prob, &cfg, &plan);
+  ck_assert_msg(all_equal_status(st, DA_ERR_UNSUPPORTED), "cuda-ipc with a CPU context: %s", da_last_error(g_ctx));
+  ck_assert_msg(strstr(da_last_error(g_ctx), "DA_DEVICE_CUDA") != NULL, "%s", da_last_error(g_ctx));
+  /* A CUDA context (where the CUDA table is built): accepted; its plans refuse a host transport,
+   * and without a GPU every rank's plan fails naming CUDA, promptly. */
+  da_config_t ccfg = DA_CONFIG_INITIALIZER;
+  ccfg.device = DA_DEVICE_CUDA;
+  da_context_t *cctx = NULL;
+  da_comm_t *ccomm = NULL;
+  if (da_context_create(&ccfg, &cctx) == DA_SUCCESS) {
+    ck_assert(all_equal_status(da_comm_create(cctx, MPI_COMM_WORLD, &ccomm), DA_SUCCESS));
+    prob.dtype = DA_BFLOAT16, prob.dim = 64;
+    cfg.transport = "mpi";
+    st = da_plan_create(ccomm, &prob, &cfg, &plan);
+    ck_assert_msg(all_equal_status(st, DA_ERR_UNSUPPORTED), "CUDA context on mpi: %s", da_last_error(cctx));
+    ck_assert_msg(strstr(da_last_error(cctx), "nccl or cuda-ipc") != NULL, "%s", da_last_error(cctx));
+    cfg.transport = NULL;
+    const double t0 = MPI_Wtime();
+    st = da_plan_create(ccomm, &prob, &cfg, &plan);
+    if (st == DA_SUCCESS) da_plan_free(plan); /* a machine with a GPU */
+    else if (g_rank == 0) fprintf(stderr, "CUDA context, no GPU: %s\n", da_last_error(cctx));
+    if (st != DA_SUCCESS) ck_assert_msg(strstr(da_last_error(cctx), "CUDA") != NULL, "no GPU: %s", da_last_error(cctx));
+    ck_assert_msg(MPI_Wtime() - t0 < 20, "the CUDA plan's failure took %.1f s", MPI_Wtime() - t0);
+    da_comm_free(ccomm);
+    da_context_free(cctx);
+  }
+#endif
+}
+END_TEST
+
+/* Planted mistakes are caught: with one ordering step of the driver left out
+ * (DISTATTN_TEST_RING_SKIP), the same case that passes in dev_matrix gives wrong rows. `sync`: the
+ * host kernels no longer drain the stream first, so they read the packed block before the
+ * delayed local copy landed. `dkv-wait`: the dK/dV running sum is folded before its transfer from
+ * the previous rank was waited for (P > 1: the sums travel). */
+START_TEST(dev_planted) {
+  tcase_t c = {.algo = DA_ALGO_ZIGZAG, .mask = DA_MASK_CAUSAL, .S = 50 + g_size - 1, .B = 1, .H = 4, .G = 2,
+               .D = 16, .dt = DA_FLOAT32, .bwd = 1, .block = 8, .device = 1};
+  ck_assert_msg(run_case(&c, 1) <= 1, "the case passes without a planted mistake");
+  /* Longer delays for the planted runs: a loaded machine may pause a rank for milliseconds
+   * between a queued copy and the read it should have waited for, and the mistake must still show. */
+  da_devapi_host_set_link_delay(0.05);
+  da_devapi_host_set_local_delay(0.05);
+  if (g_rank == 0) fprintf(stderr, "planted mistakes: the next cases must FAIL\n");
+  setenv("DISTATTN_TEST_RING_SKIP", "sync", 1);
+  double e = run_case(&c, 1);
+  unsetenv("DISTATTN_TEST_RING_SKIP");
+  ck_assert_msg(e > 1, "skipping the stream drain before host compute went unnoticed (err/tol %g)", e);
+  if (g_size > 1) {
+    setenv("DISTATTN_TEST_RING_SKIP", "dkv-wait", 1);
+    e = run_case(&c, 1);
+    unsetenv("DISTATTN_TEST_RING_SKIP");
+    ck_assert_msg(e > 1, "folding the dK/dV sum before its transfer was waited for went unnoticed (err/tol %g)", e);
+  }
+  da_devapi_host_set_link_delay(DEV_LINK_DELAY_S);
+  da_devapi_host_set_local_delay(DEV_LOCAL_DELAY_S);
+}
+END_TEST
+
 /* tests/test_ulysses.c includes this file for its case runner and helpers, with its own main. */
 #ifndef DA_TEST_RING_HELPERS_ONLY
 int main(int argc, char **argv) {
@@ -741,15 +934,26 @@ int main(int argc, char **argv) {
     fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(g_ctx));
     MPI_Abort(MPI_COMM_WORLD, 1); /* the test program may; the library never does */
   }
-  Suite *s = suite_create("ring");
+  /* `test_ring device`: the device-mode suite; the seam's delays make unordered reads visible. */
+  const int device = argc > 1 && !strcmp(argv[1], "device");
+  if (device) {
+    da_devapi_host_set_link_delay(DEV_LINK_DELAY_S);
+    da_devapi_host_set_local_delay(DEV_LOCAL_DELAY_S);
+  }
+  Suite *s = suite_create(device ? "ring-device" : "ring");
   TCase *tc = tcase_create("correctness");
   tcase_set_timeout(tc, 0);
   const char *only = getenv("DISTATTN_TEST_ONLY"); /* run one test by name when debugging */
-  struct { const char *name; const TTest *t; } tests[] = {
+  struct { const char *name; const TTest *t; } host_tests[] = {
       {"bad_args", bad_args}, {"mismatch", mismatch}, {"timeout", timeout}, {"plan_figures", plan_figures},
-      {"link_hook", link_hook}, {"edges", edges}, {"matrix_small", matrix_small}, {"matrix_uneven", matrix_uneven}};
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
-    if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
+      {"link_hook", link_hook}, {"edges", edges}, {"matrix_small", matrix_small}, {"matrix_uneven", matrix_uneven}},
+    dev_tests[] = {{"dev_refusals", dev_refusals}, {"dev_memory", dev_memory}, {"dev_planted", dev_planted},
+                   {"dev_matrix", dev_matrix}};
+  const size_t ntests = device ? sizeof dev_tests / sizeof dev_tests[0] : sizeof host_tests / sizeof host_tests[0];
+  for (size_t i = 0; i < ntests; i++) {
+    const char *name = device ? dev_tests[i].name : host_tests[i].name;
+    if (!only || !strcmp(only, name)) tcase_add_test(tc, device ? dev_tests[i].t : host_tests[i].t);
+  }
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);
   da_comm_free(g_comm);

@@ -7,6 +7,7 @@
  * that path's tiling and packing. */
 #include <string.h>
 #include "cpu_impl.h"
+#include "dtype.h"
 
 static const da_kernels_t *impl;
 
@@ -119,6 +120,26 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
   return t->decode(p, q, ldq, qpos, pages, npages, o, lse, stream);
 }
 
+/* dst = x (+ y) in ddt: the ring's dK/dV folds and gradient stores. Memory-bound and short next
+ * to the blocks that produce x: one thread. */
+static da_status_t acc_store(int64_t rows, int64_t len, const float *x, const float *y, void *dst, da_dtype_t ddt,
+                             int64_t ldd, void *stream) {
+  (void)stream;
+  for (int64_t i = 0; i < rows; i++) {
+    const float *a = x + i * len, *b = y ? y + i * len : NULL;
+    if (ddt == DA_FLOAT32) {
+      float *d = (float *)dst + i * ldd;
+      if (b)
+        for (int64_t j = 0; j < len; j++) d[j] = a[j] + b[j];
+      else if (d != a)
+        memmove(d, a, (size_t)len * sizeof(float));
+    } else {
+      for (int64_t j = 0; j < len; j++) da_store_f32(dst, (int)ddt, i * ldd + j, b ? a[j] + b[j] : a[j]);
+    }
+  }
+  return DA_SUCCESS;
+}
+
 const da_kernels_t da_kernels_cpu = {
     .name = "cpu",
     .supports = supports,
@@ -128,4 +149,6 @@ const da_kernels_t da_kernels_cpu = {
     .bwd_prep = bwd_prep,
     .bwd_block = bwd_block,
     .decode = decode,
+    .acc_store = acc_store,
+    .stream_ordered = 0, /* runs on the host before returning */
 };

@@ -80,4 +80,10 @@ extern "C" const da_kernels_t DA_CUDA_TABLE = {
     /* .bwd_block = */ da_cuda_bwd_block, /* bwd.cu */
     /* .decode = */ da_cuda_decode,
     /* .state_init = */ da_cuda_state_init,
+    /* .acc_store = */ da_cuda_acc_store,
+#if defined(DA_SIMT)
+    /* .stream_ordered = */ 0, /* the runner's launches are synchronous */
+#else
+    /* .stream_ordered = */ 1,
+#endif
 };

@@ -31,6 +31,8 @@ da_status_t da_cuda_merge(const da_kparams_t *p, int64_t n, float *o_a, float *l
 da_status_t da_cuda_bwd_prep(const da_kparams_t *p, int64_t nq, const void *out, int64_t ldo,
                              const void *dout, int64_t lddo, float *delta, void *stream);
 da_status_t da_cuda_state_init(const da_kparams_t *p, da_fwd_state_t *st, void *stream);
+da_status_t da_cuda_acc_store(int64_t rows, int64_t len, const float *x, const float *y, void *dst,
+                              da_dtype_t ddt, int64_t ldd, void *stream);
 da_status_t da_cuda_decode(const da_kparams_t *p, const void *q, int64_t ldq, da_span_t qpos,
                            const da_kvpage_t *pages, int npages, float *o, float *lse,
                            void *stream);

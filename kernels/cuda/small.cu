@@ -1,6 +1,6 @@
 /* small.cu: the row-wise entries of the CUDA backend: state_init (o = 0, m = -inf, l = 0),
- * fwd_finish (out = o / l, lse), merge of normalized partials, and bwd_prep (delta = rowsum(dout *
- * out)). Memory-bound, one warp per (row, head) with each lane walking D in steps of 32; the
+ * fwd_finish (out = o / l, lse), merge of normalized partials, bwd_prep (delta = rowsum(dout *
+ * out)), and acc_store (dst = x + y in a dtype: the ring's dK/dV folds and gradient stores). Memory-bound, one warp per (row, head) with each lane walking D in steps of 32; the
  * arithmetic mirrors the CPU backend (kernels/cpu/cpu_impl.c) so both give the same empty-row and
  * NaN results. Never synchronizes. */
 #include "compat.cuh"
@@ -135,4 +135,28 @@ extern "C" da_status_t da_cuda_bwd_prep(const da_kparams_t *p, int64_t nq, const
   DA_LAUNCH(da_bwd_prep_kernel, da_row_blocks(rows), DA_ROW_THREADS, 0, stream, rows, p->H, p->D, (int)p->dtype, out,
             ldo, dout, lddo, delta);
   return da_cuda_status(cudaGetLastError(), "bwd_prep launch");
+}
+
+/* dst[i * ldd + j] = x[i * len + j] (+ y[...]) in ddt; grid-stride over the rows * len elements,
+ * each read before it is written (dst may be x). */
+// budget: da_acc_store_kernel sm_80 REG<=32 SHARED<=0
+DA_GLOBAL(DA_ROW_THREADS) void da_acc_store_kernel(int64_t rows, int64_t len, const float *x, const float *y, void *dst,
+                                                    int ddt, int64_t ldd) {
+  const int64_t n = rows * len, stride = (int64_t)gridDim.x * blockDim.x;
+  for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += stride) {
+    const int64_t i = e / len, j = e % len;
+    const float a = x[e];
+    da_st_elem(dst, ddt, i * ldd + j, y ? a + y[e] : a);
+  }
+}
+
+extern "C" da_status_t da_cuda_acc_store(int64_t rows, int64_t len, const float *x, const float *y, void *dst,
+                                         da_dtype_t ddt, int64_t ldd, void *stream) {
+  const int64_t n = rows * len;
+  if (n <= 0) return DA_SUCCESS;
+  if ((unsigned)ddt >= DA_NUM_DTYPES) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "acc_store: unknown dtype %d", (int)ddt);
+  int64_t blocks = (n + DA_ROW_THREADS - 1) / DA_ROW_THREADS;
+  blocks = blocks < 1 ? 1 : blocks > 65535 ? 65535 : blocks; /* grid-stride beyond */
+  DA_LAUNCH(da_acc_store_kernel, (unsigned)blocks, DA_ROW_THREADS, 0, stream, rows, len, x, y, dst, (int)ddt, ldd);
+  return da_cuda_status(cudaGetLastError(), "acc_store launch");
 }

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# gpu-ring-check.sh: the prepared device check of the device-memory ring (issue 18), for one lent
+# H100/H200, at most 8 minutes there. On the one GPU, through cuda-ipc (ranks sharing the GPU):
+#   1. ring, striped and zigzag at P = 2, 4, 8, forward and backward, verified in float64 on
+#      sampled rows (`distattn run --device cuda --transport cuda-ipc --backward`);
+#   2. a 1M-token causal prefill (bf16, D 128, H 8, G 8) split 8 ways (zigzag), verified on sampled
+#      rows, with --measure-overlap;
+#   3. the same problem as ONE monolithic call of the CUDA kernel on the same GPU (da_gpu_ring_mono);
+#      the ratio split / monolithic and the split run's overlap go to the summary.
+# Everything to $OUT: gpu-ring-check.log, ring.jsonl (every distattn run record), mono.jsonl,
+# summary.json. Open MPI is not installed on the GPU machine: a carried one is used from
+# $DA_CARRIED_MPI (default shared/openmpi under the repository root; scripts/carry-openmpi.sh
+# fills it), either a prefix layout (bin/, lib/) or Debian packages extracted with dpkg -x
+# (usr/bin/, usr/lib/x86_64-linux-gnu/); this script sets PATH, LD_LIBRARY_PATH and OPAL_PREFIX.
+# The build needs no Check: it configures with DISTATTN_TESTS=OFF and builds distattn and
+# da_gpu_ring_mono only (or reuses $DISTATTN_GPU_BUILD when both are there).
+# Exit: 0 every step passed, 77 no GPU here (checked first, before building), 1 a step failed.
+# DA_RING_CHECK_PROBE_ONLY=1 stops after the GPU probe (0 with a GPU): what `make test` runs.
+set -u -o pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+OUT=${OUT:-$ROOT/bench/results/gpu-ring-check-$(date -u +%Y%m%dT%H%M%SZ)}
+BUILD=${DISTATTN_GPU_BUILD:-$ROOT/build-gpu-ring}
+JOBS=${JOBS:-$(nproc)}
+mkdir -p "$OUT"
+LOG=$OUT/gpu-ring-check.log
+exec > >(tee -a "$LOG") 2>&1
+step() { echo "## $(date -u +%H:%M:%S) $*"; }
+failed=0
+fail() { echo "FAILED: $*"; failed=1; }
+
+step "GPU probe"
+if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+  echo "no GPU here (nvidia-smi lists none): nothing to check (exit 77)"
+  exit 77
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
+[ "${DA_RING_CHECK_PROBE_ONLY:-0}" = 1 ] && { echo "probe only: stopping"; exit 0; }
+
+step "carried Open MPI"
+M=${DA_CARRIED_MPI:-$ROOT/shared/openmpi}
+if [ -x "$M/bin/mpirun" ]; then
+  export OPAL_PREFIX=$M PATH=$M/bin:$PATH LD_LIBRARY_PATH=$M/lib:${LD_LIBRARY_PATH:-}
+elif [ -d "$M/usr/bin" ]; then
+  export OPAL_PREFIX=$M/usr PATH=$M/usr/bin:$PATH
+  export LD_LIBRARY_PATH=$M/usr/lib/x86_64-linux-gnu:$M/usr/lib/x86_64-linux-gnu/openmpi/lib:${LD_LIBRARY_PATH:-}
+fi
+MPIRUN=$(command -v mpirun || command -v mpirun.openmpi || true)
+[ -n "$MPIRUN" ] || { echo "no mpirun: carry Open MPI to $M (scripts/carry-openmpi.sh)"; exit 1; }
+echo "mpirun: $MPIRUN ($("$MPIRUN" --version 2>&1 | head -1))"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+MPI=("$MPIRUN" --oversubscribe --bind-to none --mca btl self,vader -x PATH -x LD_LIBRARY_PATH -x OPAL_PREFIX)
+
+step "build in $BUILD"
+export PATH=$PATH:/usr/local/cuda/bin
+DA=$BUILD/distattn
+MONO=$BUILD/da_gpu_ring_mono
+if [ ! -x "$DA" ] || [ ! -x "$MONO" ]; then
+  cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTATTN_CUDA=ON -DDISTATTN_TESTS=OFF \
+    > "$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; echo "configure failed"; exit 1; }
+  cmake --build "$BUILD" -j "$JOBS" --target distattn da_gpu_ring_mono > "$OUT/build.log" 2>&1 ||
+    { tail -30 "$OUT/build.log"; echo "build failed"; exit 1; }
+fi
+[ -x "$DA" ] || DA=$(find "$BUILD" -name distattn -type f -perm -u+x | head -1)
+echo "distattn: $DA; mono: $MONO"
+
+JSON=$OUT/ring.jsonl
+: > "$JSON"
+step "1. ring, striped, zigzag at P = 2, 4, 8 on one GPU through cuda-ipc, fwd + bwd, verified"
+for P in 2 4 8; do
+  for A in ring striped zigzag; do
+    timeout 120 "${MPI[@]}" -np $P "$DA" run --device cuda --transport cuda-ipc --algo $A \
+      --seq $((16384 + P - 1)) --heads 8 --kv-heads 2 --dim 128 --dtype bf16 --mask causal --backward \
+      --verify 8 --iters 2 --warmup 1 --timeout 60 --json "$JSON" || fail "$A at P = $P"
+  done
+done
+
+step "2. 1M-token causal prefill split 8 ways (zigzag, bf16, D 128, H 8, G 8), verified, overlap measured"
+timeout 300 "${MPI[@]}" -np 8 "$DA" run --device cuda --transport cuda-ipc --algo zigzag --seq 1M --heads 8 \
+  --kv-heads 8 --dim 128 --dtype bf16 --mask causal --verify 2 --iters 2 --warmup 1 --measure-overlap \
+  --timeout 200 --json "$JSON" || fail "1M prefill split 8 ways"
+
+step "3. the same problem in one monolithic call of the CUDA kernel"
+timeout 120 "$MONO" --seq 1048576 --heads 8 --kv-heads 8 --dim 128 --dtype bf16 --iters 2 | tee "$OUT/mono.jsonl" ||
+  fail "monolithic call"
+
+step "summary"
+python3 - "$JSON" "$OUT/mono.jsonl" "$DEVICE" > "$OUT/summary.json" <<'PY' || fail "summary"
+import json, sys
+runs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+mono = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
+big = [r for r in runs if r.get("seq") == 1048576]
+out = {"device": sys.argv[3], "runs": len(runs), "wrong": sum(r.get("wrong", 0) for r in runs),
+       "small": [{k: r.get(k) for k in ("algo", "ranks", "seq", "fwd_s", "bwd_s", "wrong", "peak_device_bytes")}
+                 for r in runs if r.get("seq") != 1048576]}
+if big and mono:
+    b, m = big[-1], mono[-1]
+    out.update({"seq": 1048576, "split_fwd_s": b["fwd_s"], "mono_fwd_s": m["fwd_s"],
+                "ratio_split_over_mono": b["fwd_s"] / m["fwd_s"], "overlap": b.get("overlap"),
+                "t_compute_only_s": b.get("t_compute_only_s"), "t_comm_only_s": b.get("t_comm_only_s"),
+                "big_wrong": b.get("wrong"), "peak_device_bytes": b.get("peak_device_bytes"),
+                "mono_tflops": m.get("tflops")})
+print(json.dumps(out))
+PY
+cat "$OUT/summary.json"
+step "done (failed=$failed); results in $OUT"
+exit $failed
