@@ -36,7 +36,7 @@ static int hybrid_config(da_plan_config_t *cfg, int64_t U, da_algo_t layout) {
 #ifdef DA_SIM_HYBRID
   cfg->algo = DA_ALGO_HYBRID;
   cfg->ulysses = (int)U;
-  cfg->layout = layout;
+  cfg->ring_layout = layout;
   return 0;
 #else
   (void)cfg, (void)U, (void)layout;
