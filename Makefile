@@ -8,7 +8,7 @@ export OMPI_ALLOW_RUN_AS_ROOT = 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM = 1
 export OMPI_MCA_rmaps_base_oversubscribe = 1
 
-.PHONY: all setup setup-torch configure build run test bench sim sim-calibrate clean install
+.PHONY: all setup setup-torch configure build run test bench sim sim-1m sim-calibrate clean install
 
 all: build
 
@@ -59,6 +59,12 @@ SIMPY ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo pytho
 sim: setup
 	@$(MAKE) --no-print-directory build
 	$(SIMPY) sim/sweep.py --build $(BUILD) --out sim/results $(SIM_ARGS)
+
+# Issue 20's study: 1M tokens, H = 32, G = 8, ring / zigzag / ulysses / hybrid and the compute floor
+# on the one-uplink and the rail-optimized H100 platforms, 8 to 1024 ranks: sim/results/study1m.*
+sim-1m: setup
+	@$(MAKE) --no-print-directory build
+	$(SIMPY) sim/sweep.py --build $(BUILD) --out sim/results --study1m $(SIM_ARGS)
 
 # The simulator against real MPI runs on this machine at 2 and 4 ranks (sim/calibrate.py).
 sim-calibrate: setup

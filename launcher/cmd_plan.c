@@ -1,5 +1,5 @@
-/* cmd_plan.c: `distattn plan`, the closed-form cost model of the ring / striped / zigzag drivers
- * and of tree / ring decode (docs/scaling.md). Per ring step: the slowest rank's kernel time
+/* cmd_plan.c: `distattn plan`, the closed-form cost model of the ring / striped / zigzag drivers,
+ * of Ulysses and the hybrid Ulysses x ring (forward), and of tree / ring decode (docs/scaling.md). Per ring step: the slowest rank's kernel time
  * (calls x fixed cost + FLOPs / rate, from the layout's exact pair counts under the mask) against
  * the KV block's transfer (latency + bytes / bandwidth of the ring's slowest link); a step takes
  * the larger. It names the fastest algorithm and block and the smallest shard whose compute hides
@@ -19,6 +19,7 @@ typedef struct machine {
   double link_gbps, link_us;                         /* inside a node, per direction */
   double net_gbps, net_us;                           /* between nodes, per GPU NIC */
   int64_t node;                                      /* ranks per node */
+  int64_t nics;                                      /* NICs per node (1: one uplink shared by the node) */
 } machine_t;
 
 /* Presets: H100 SXM (FA3-class kernels, anchors.md: 616 TF causal fwd, 561 bwd; HBM 3.0 TB/s
@@ -29,13 +30,17 @@ typedef struct machine {
  * NICs and the core switch (h100: 2 x 1.0 + 2 x 2.0 + 1.0 = 7 us; a100: 2 x 1.5 + 2 x 2.5 + 1.0 = 9 us;
  * the platform folds half the core's latency into each uplink). */
 static const machine_t machines[] = {
-    {"h100", 600, 450, 3000, 10, 450, 2.0, 50, 7.0, 8},
-    {"a100", 190, 150, 1800, 10, 300, 3.0, 25, 9.0, 8},
-    {"cpu", 0.10, 0.08, 10, 20, 4, 5.0, 4, 5.0, 2},
+    {"h100", 600, 450, 3000, 10, 450, 2.0, 50, 7.0, 8, 1},
+    {"h100rail", 600, 450, 3000, 10, 450, 2.0, 50, 7.0, 8, 8}, /* one NIC per GPU (mkplatform.py h100rail) */
+    {"a100", 190, 150, 1800, 10, 300, 3.0, 25, 9.0, 8, 1},
+    {"cpu", 0.10, 0.08, 10, 20, 4, 5.0, 4, 5.0, 2, 1},
 };
-static const char *const machine_names[] = {"h100", "a100", "cpu", NULL};
-static const char *const algo_names[] = {"ring", "striped", "zigzag", "all", NULL};
-enum { ALGO_RING, ALGO_STRIPED, ALGO_ZIGZAG, ALGO_ALL }; /* indices of algo_names */
+static const char *const machine_names[] = {"h100", "h100rail", "a100", "cpu", NULL};
+static const char *const algo_names[] = {"ring", "striped", "zigzag", "ulysses", "hybrid", NULL};
+enum { ALGO_RING, ALGO_STRIPED, ALGO_ZIGZAG, ALGO_ULYSSES, ALGO_HYBRID, ALGO_COUNT }; /* indices of algo_names */
+#define ALGO_BIT(a) (1u << (a))
+#define ALGO_ALL_BITS (ALGO_BIT(ALGO_COUNT) - 1u)
+static const char *const layout_names[] = {"ring", "striped", "zigzag", NULL}; /* the hybrid's ring */
 static const char *const dtype_names[] = {"fp32", "bf16", "fp16", NULL};
 enum { DTYPE_FP32, DTYPE_BF16 }; /* indices of dtype_names: fp32 has 4 bytes per element, the others 2 */
 
@@ -43,6 +48,9 @@ typedef struct problem {
   int64_t P, S, B, H, G, D, block;
   int causal, bwd;
   double e; /* bytes per element */
+  /* The ring's hop, when not the machine's plain one (the hybrid's ring of groups): GB/s and us
+   * per direction; 0 = inside a node when P fits one, else one GPU's NIC. */
+  double hop_gbps, hop_us;
 } problem_t;
 
 typedef struct estimate {
@@ -78,6 +86,7 @@ static void step_work(int algo, const problem_t *p, int64_t n, int64_t blk, int 
 }
 
 static double link_time(const machine_t *m, const problem_t *p, double bytes) {
+  if (p->hop_gbps > 0) return p->hop_us * 1e-6 + bytes / (p->hop_gbps * 1e9);
   int inter = p->P > m->node;
   double bw = (inter ? m->net_gbps : m->link_gbps) * 1e9, lat = (inter ? m->net_us : m->link_us) * 1e-6;
   return lat + bytes / bw;
@@ -136,6 +145,92 @@ static estimate_t model(int algo, const machine_t *m, const problem_t *p, int64_
   return E;
 }
 
+/* A node's GPUs crossing to other nodes at once, `cross` of them: each gets its own NIC's rate while
+ * the node has a NIC per crossing GPU, else an equal share of the node's NICs. GB/s. */
+static double net_rate(const machine_t *m, int64_t cross) {
+  const double share = (double)m->nics * m->net_gbps / (double)(cross > 0 ? cross : 1);
+  return share < m->net_gbps ? share : m->net_gbps;
+}
+
+/* One all-to-all among U consecutive ranks, `pair` bytes from every rank to every other, all
+ * posted at once (SMPI's and Open MPI's basic linear alltoallv): the busiest resource's load over
+ * its rate, plus one latency. A GPU's NVLink link carries its pairs inside the node; on a
+ * one-uplink machine (nics == 1, sim/mkplatform.py h100) its pairs to other nodes ride it too. The
+ * L ranks of the group on one node cross to the other U - L at once (net_rate). */
+static double a2a_time(const machine_t *m, int64_t U, double pair) {
+  if (U < 2 || pair <= 0) return 0;
+  const int64_t L = U < m->node ? U : m->node;
+  const double nvl = (double)(m->nics == 1 ? U - 1 : L - 1) * pair;
+  double t = m->link_us * 1e-6 + nvl / (m->link_gbps * 1e9);
+  if (U > L) {
+    const double x = m->net_us * 1e-6 + (double)(U - L) * pair / (net_rate(m, L) * 1e9);
+    if (x > t) t = x;
+  }
+  return t;
+}
+
+static estimate_t best_block(int a, const machine_t *m, const problem_t *p);
+
+/* Ulysses over groups of U consecutive ranks, forward (comm/ulysses.c; the hybrid as issue 20 and
+ * docs/ulysses.md describe it). Each rank holds n = S/P tokens with all heads. In: q (H/U heads
+ * to each peer of the group) and k, v (Gk = G/U heads each, or the one head its queries read,
+ * replicated, when G < U) by two all-to-alls, after the host packs them (read + write at the
+ * memory rate: the simulator charges comm/ulysses.c's copies so). U == P (pure Ulysses): the kernels
+ * on the whole sequence for H/P heads, one call per (Q source, KV source) pair that the mask
+ * allows, fwd_finish per Q source; then out and lse home by two all-to-alls and the unpacking.
+ * U < P (hybrid): the ring of R = P/U groups runs on the group's S/R tokens for H/U heads (this
+ * file's ring model, with the hop of rank i of a group to rank i of the next: across nodes once
+ * P exceeds a node, min(U, node) GPUs of a node crossing at once), plus one more pass over the
+ * gathered rows to lay them out for the ring and one over out before it goes home. All-to-all time
+ * is exposed (nothing overlaps it). */
+static estimate_t ulysses_model(int layout, const machine_t *m, const problem_t *p, int64_t U) {
+  estimate_t E;
+  memset(&E, 0, sizeof E);
+  const int64_t P = p->P, B = p->B, n = cdiv(p->S, P), R = P / U, Hl = p->H / U, Gk = p->G >= U ? p->G / U : 1;
+  const double e = p->e, D = (double)p->D, M = m->mem_gbps * 1e9, t0 = m->call_us * 1e-6, F = m->fwd_tflops * 1e12;
+  const double Sg = (double)U * n; /* the group's tokens */
+  const double pack = 2.0 * B * n * ((double)p->H + 2.0 * Gk * U) * D * e / M;
+  const double unpack = 2.0 * B * n * p->H * D * e / M;
+  const double a2a = a2a_time(m, U, B * n * Hl * D * e) + a2a_time(m, U, B * n * 2.0 * Gk * D * e) +
+                     a2a_time(m, U, B * n * Hl * D * e) + a2a_time(m, U, B * n * Hl * 4.0);
+  if (R == 1) {
+    const double S = (double)p->S, pairs = p->causal ? S * (S + 1) / 2 : S * S;
+    const double calls = p->causal ? U * (U + 1) / 2.0 : (double)U * U;
+    const double kern = B * (calls * t0 + 4.0 * Hl * D * pairs / F);
+    const double finish = B * (U * t0 + S * Hl * (D * (4 + e) + 12) / M), init = B * S * Hl * (D + 2) * 4 / M;
+    E.n = p->S, E.block = n, E.calls = B * (int64_t)(calls + U);
+    E.compute_s = kern + finish + init;
+    E.step_compute_s = E.compute_s;
+  } else {
+    problem_t q = *p;
+    q.P = R, q.H = Hl, q.G = Gk, q.bwd = 0;
+    if (P > m->node) q.hop_gbps = net_rate(m, U < m->node ? U : m->node), q.hop_us = m->net_us;
+    else q.hop_gbps = m->link_gbps, q.hop_us = m->link_us;
+    E = best_block(layout, m, &q);
+    const double relay = 2.0 * B * Sg * ((double)Hl + 2.0 * Gk) * D * e / M + 2.0 * B * Sg * Hl * D * e / M;
+    E.fwd_s += relay;
+  }
+  if (R == 1) E.step_xfer_s = a2a; /* hybrid: the ring hop's, from its model */
+  E.fwd_s += pack + a2a + unpack + (R == 1 ? E.compute_s : 0);
+  E.exposed_s += a2a;
+  /* Caller's q, k, v, out; send buffers; the gathered q, k, v and fp32 state (pure) or the ring's
+   * own (hybrid); out for the group's tokens and the receive buffers home. */
+  const double rowq = (double)p->H * D * e, rowk = (double)p->G * D * e;
+  E.mem_bytes = B * n * (2 * rowq + 2 * rowk) + B * n * ((double)p->H + 2.0 * Gk * U) * D * e +
+                (R == 1 ? B * Sg * ((Hl + 2.0 * Gk) * D * e + Hl * (D + 2) * 4) : E.mem_bytes) +
+                B * Sg * Hl * D * e + B * n * rowq;
+  return E;
+}
+
+/* Whether Ulysses of degree U applies (comm/ulysses.c's plan-time check): H % U == 0 and the KV
+ * heads split (G % U == 0) or replicate (U % G == 0); U divides P. NULL if so, else why not. */
+static const char *ulysses_refusal(const problem_t *p, int64_t U) {
+  if (U < 1 || p->P % U) return "the degree does not divide the ranks";
+  if (p->H % U) return "the query heads do not split over the degree";
+  if (p->G % U && U % p->G) return "the KV heads neither split nor replicate over the degree";
+  return NULL;
+}
+
 /* Smallest shard n whose middle-step compute hides the KV transfer (forward), by bisection on the
  * model itself (FLOPs and link latency, no call costs); and Liu et al.'s bare condition for a full block:
  * 4 n^2 H D / F >= 2 n G D e / BW, i.e. n >= F G e / (2 H BW). */
@@ -183,8 +278,9 @@ static void decode_model(const machine_t *m, const problem_t *p, double *tree_s,
 /* The command line: the problem, the algorithms to model, and the machine's rates and links
  * (presets, each overridable; a negative value keeps the preset). */
 typedef struct plan_opts {
-  int64_t P, S, B, H, G, D, block, node;
-  int algo, mach, dtype, bwd, decode;
+  int64_t P, S, B, H, G, D, block, node, U;
+  unsigned algos; /* ALGO_BIT set: --algo ring,zigzag,... or all */
+  int mach, dtype, bwd, decode, layout;
   da_mask_spec_t mask;
   double fwd_tf, bwd_tf, mem, call, lgb, lus, ngb, nus;
   const char *json;
@@ -207,7 +303,7 @@ static int machine_of(const plan_opts_t *o, machine_t *m) {
 /* Parse and check the command line into o, the machine m and the problem p. Returns -1 to go on,
  * else the exit code (0 after --help, 2 on a usage error). */
 static int plan_parse(int argc, char **argv, plan_opts_t *o, machine_t *m, problem_t *p) {
-  *o = (plan_opts_t){.P = 8, .S = 256 * 1024, .B = 1, .H = 32, .G = 0, .D = 128, .algo = ALGO_ALL,
+  *o = (plan_opts_t){.P = 8, .S = 256 * 1024, .B = 1, .H = 32, .G = 0, .D = 128, .algos = ALGO_ALL_BITS, .layout = ALGO_ZIGZAG,
                      .dtype = DTYPE_BF16, .mask = {{DA_MASK_CAUSAL, 0, 0, NULL}, NULL}, .fwd_tf = -1,
                      .bwd_tf = -1, .mem = -1, .call = -1, .lgb = -1, .lus = -1, .ngb = -1, .nus = -1};
   da_opt_t opts[] = {
@@ -220,7 +316,13 @@ static int plan_parse(int argc, char **argv, plan_opts_t *o, machine_t *m, probl
       {.name = "dim", .type = DA_OPT_INT, .dest = &o->D, .help = "head dim D", .min = 1, .max = 65536},
       {.name = "mask", .type = DA_OPT_MASK, .dest = &o->mask, .help = "none or causal"},
       {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o->dtype, .help = "storage dtype", .choices = dtype_names},
-      {.name = "algo", .type = DA_OPT_ENUM, .dest = &o->algo, .help = "algorithm(s) to model", .choices = algo_names},
+      {.name = "algo", .type = DA_OPT_SET, .dest = &o->algos,
+       .help = "algorithms to model and choose among (comma list, or all)", .choices = algo_names},
+      {.name = "ulysses", .type = DA_OPT_INT, .dest = &o->U,
+       .help = "hybrid: Ulysses degree U (groups of U consecutive ranks; 0 = every U dividing P and H)", .min = 0,
+       .max = 1 << 20},
+      {.name = "layout", .type = DA_OPT_ENUM, .dest = &o->layout, .help = "hybrid: the ring's layout",
+       .choices = layout_names},
       {.name = "block", .type = DA_OPT_SIZE, .dest = &o->block, .help = "KV sub-block (0 = search 256.. and auto)",
        .min = 0, .max = 1LL << 40},
       {.name = "backward", .type = DA_OPT_FLAG, .dest = &o->bwd, .help = "forward + backward"},
@@ -250,7 +352,8 @@ static int plan_parse(int argc, char **argv, plan_opts_t *o, machine_t *m, probl
   };
   da_cmdspec_t cmd = {.name = "plan",
                       .summary = "closed-form time, exposed communication and memory per rank of ring / striped / "
-                                 "zigzag (and tree / ring decode) on a given machine; runs nothing",
+                                 "zigzag / ulysses / hybrid (and tree / ring decode) on a given machine, and the "
+                                 "best algorithm and degrees with the reason; runs nothing",
                       .opts = opts};
   int prc = da_args_parse(&cmd, argc, argv);
   if (prc == DA_ARGS_HELP) return 0;
@@ -264,8 +367,18 @@ static int plan_parse(int argc, char **argv, plan_opts_t *o, machine_t *m, probl
   if (da_paths_refuse_json("plan", o->json)) return 2;
   if (o->json && da_json_check_path(o->json)) return 2;
   if (machine_of(o, m)) return da_args_error(&cmd, "rates and bandwidths must be > 0");
+  const unsigned uh = ALGO_BIT(ALGO_ULYSSES) | ALGO_BIT(ALGO_HYBRID);
+  if (!o->algos) return da_args_error(&cmd, "--algo names no algorithm");
+  if (o->bwd && (o->algos & uh) && o->algos != ALGO_ALL_BITS)
+    return da_args_error(&cmd, "the model of ulysses and hybrid covers the forward only (no --backward)");
+  if (o->U && !(o->algos & ALGO_BIT(ALGO_HYBRID)))
+    return da_args_error(&cmd, "--ulysses is the hybrid's degree (--algo hybrid or all)");
+  if (o->U && (o->P % o->U || o->H % o->U))
+    return da_args_error(&cmd, "--ulysses %lld must divide --ranks %lld and --heads %lld", (long long)o->U,
+                         (long long)o->P, (long long)o->H);
   *p = (problem_t){
-      o->P, o->S, o->B, o->H, o->G, o->D, o->block, mf == DA_MASK_CAUSAL, o->bwd, o->dtype == DTYPE_FP32 ? 4.0 : 2.0};
+      o->P, o->S, o->B, o->H, o->G, o->D, o->block, mf == DA_MASK_CAUSAL, o->bwd, o->dtype == DTYPE_FP32 ? 4.0 : 2.0,
+      0, 0};
   return -1;
 }
 
@@ -275,10 +388,10 @@ static void print_header(const plan_opts_t *o, const machine_t *m, const problem
          p->causal ? "causal" : "none", dtype_names[o->dtype], p->bwd ? "forward + backward" : "forward");
   printf(
       "# machine %s: kernels %.4g / %.4g TFLOP/s (fwd / bwd), %.4g GB/s memory, %.3g us per call; links %.4g GB/s "
-      "%.3g us inside nodes of %lld, %.4g GB/s %.3g us between\n",
+      "%.3g us inside nodes of %lld, %.4g GB/s %.3g us between (%lld NIC%s per node)\n",
       m->name, m->fwd_tflops, m->bwd_tflops, m->mem_gbps, m->call_us, m->link_gbps, m->link_us, (long long)m->node,
-      m->net_gbps, m->net_us);
-  printf("# %-8s %8s %9s %12s %12s %12s %12s %12s %10s\n", "algo", "block", "calls", "step_comp_s", "step_xfer_s",
+      m->net_gbps, m->net_us, (long long)m->nics, m->nics == 1 ? "" : "s");
+  printf("# %-11s %8s %9s %12s %12s %12s %12s %12s %10s\n", "algo", "block", "calls", "step_comp_s", "step_xfer_s",
          "fwd_s", "bwd_s", "exposed_s", "mem_GB");
 }
 
@@ -308,7 +421,8 @@ static estimate_t best_block(int a, const machine_t *m, const problem_t *p) {
 }
 
 /* One JSON record for algorithm a's estimate E. 0 on success. */
-static int json_algo(const plan_opts_t *o, const machine_t *m, const problem_t *p, int a, const estimate_t *E) {
+static int json_algo(const plan_opts_t *o, const machine_t *m, const problem_t *p, int a, int64_t U,
+                     const estimate_t *E) {
   da_json_t j;
   da_json_begin(&j);
   da_json_str(&j, "cmd", "plan");
@@ -322,7 +436,11 @@ static int json_algo(const plan_opts_t *o, const machine_t *m, const problem_t *
   da_json_dbl(&j, "fwd_s", E->fwd_s), da_json_dbl(&j, "bwd_s", E->bwd_s);
   da_json_dbl(&j, "total_s", E->fwd_s + E->bwd_s), da_json_dbl(&j, "comm_exposed_s", E->exposed_s);
   da_json_dbl(&j, "compute_s", E->compute_s), da_json_dbl(&j, "mem_bytes", E->mem_bytes);
-  da_json_int(&j, "hide_min_tokens_per_rank", hide_threshold(a, m, p));
+  if (a < ALGO_ULYSSES) da_json_int(&j, "hide_min_tokens_per_rank", hide_threshold(a, m, p));
+  else {
+    da_json_int(&j, "ulysses", U), da_json_int(&j, "ring_degree", p->P / U);
+    if (a == ALGO_HYBRID) da_json_str(&j, "layout", layout_names[o->layout]);
+  }
   int rc = da_json_append(&j, o->json);
   da_json_free(&j);
   return rc;
@@ -361,6 +479,47 @@ static int decode_report(const plan_opts_t *o, const machine_t *m, const problem
   return rc;
 }
 
+/* The best of the rows printed so far: algorithm, Ulysses degree, estimate. */
+typedef struct best {
+  int a;
+  int64_t U;
+  estimate_t E;
+  double t;
+} best_t;
+
+static int row(const plan_opts_t *o, const machine_t *m, const problem_t *p, int a, int64_t U, const estimate_t *E,
+               best_t *b) {
+  char name[32];
+  if (a == ALGO_HYBRID) snprintf(name, sizeof name, "hybrid/%lld", (long long)U);
+  else snprintf(name, sizeof name, "%s", algo_names[a]);
+  const double t = E->fwd_s + E->bwd_s;
+  printf("  %-11s %8lld %9lld %12.4e %12.4e %12.4e %12.4e %12.4e %10.3f\n", name, (long long)E->block,
+         (long long)E->calls, E->step_compute_s, E->step_xfer_s, E->fwd_s, E->bwd_s, E->exposed_s, E->mem_bytes / 1e9);
+  if (t < b->t) b->a = a, b->U = U, b->E = *E, b->t = t;
+  return o->json ? json_algo(o, m, p, a, U, E) : 0;
+}
+
+/* Why the best is best: compute-bound when exposed communication is under a tenth of its time,
+ * else link-bound; and the head count where it kept Ulysses from the whole job. */
+static void print_best(const plan_opts_t *o, const machine_t *m, const problem_t *p, const best_t *b,
+                       const char *uly_refused) {
+  const double fl = 4.0 * p->B * p->H * p->D * (p->causal ? (double)p->S * (p->S + 1) / 2 : (double)p->S * p->S) /
+                    (p->P * m->fwd_tflops * 1e12);
+  const double xf = b->E.exposed_s / b->t;
+  if (b->a == ALGO_HYBRID)
+    printf("# best: hybrid, ulysses %lld x ring %lld (%s), block %lld (%.4g s)", (long long)b->U,
+           (long long)(p->P / b->U), layout_names[o->layout], (long long)b->E.block, b->t);
+  else if (b->a == ALGO_ULYSSES) printf("# best: ulysses, degree %lld (%.4g s)", (long long)p->P, b->t);
+  else printf("# best: %s, block %lld (%.4g s)", algo_names[b->a], (long long)b->E.block, b->t);
+  printf(": %s (exposed communication %.0f%% of the time)", xf < 0.1 ? "compute-bound" : "link-bound", 100 * xf);
+  if (!p->bwd) printf("; %.2fx the compute floor (%.4g s: forward FLOPs / (P x %.4g TFLOP/s))", b->t / fl, fl,
+                      m->fwd_tflops);
+  if (uly_refused && b->a != ALGO_ULYSSES)
+    printf("; head count: ulysses alone is refused at P = %lld (%s; H = %lld, G = %lld)", (long long)p->P,
+           uly_refused, (long long)p->H, (long long)p->G);
+  printf("\n");
+}
+
 int da_cmd_plan(int argc, char **argv) {
   plan_opts_t o;
   machine_t m = machines[0];
@@ -368,20 +527,37 @@ int da_cmd_plan(int argc, char **argv) {
   int rc = plan_parse(argc, argv, &o, &m, &p);
   if (rc >= 0) return rc;
   print_header(&o, &m, &p);
-  double best_t = INFINITY;
-  int best_a = -1;
-  int64_t best_b = 0;
-  for (int a = 0; a < ALGO_ALL; a++) {
-    if (o.algo != ALGO_ALL && o.algo != a) continue;
+  best_t best = {-1, 0, {0}, INFINITY};
+  for (int a = 0; a < ALGO_ULYSSES; a++) {
+    if (!(o.algos & ALGO_BIT(a))) continue;
     const estimate_t E = best_block(a, &m, &p);
-    const double bt = E.fwd_s + E.bwd_s;
-    printf("  %-8s %8lld %9lld %12.4e %12.4e %12.4e %12.4e %12.4e %10.3f\n", algo_names[a], (long long)E.block,
-           (long long)E.calls, E.step_compute_s, E.step_xfer_s, E.fwd_s, E.bwd_s, E.exposed_s, E.mem_bytes / 1e9);
-    if (bt < best_t) best_t = bt, best_a = a, best_b = E.block;
-    if (o.json && json_algo(&o, &m, &p, a, &E)) return 1;
+    if (row(&o, &m, &p, a, 0, &E, &best)) return 1;
   }
-  printf("# best: %s, block %lld (%.4g s)\n", algo_names[best_a], (long long)best_b, best_t);
-  if (p.P > 1) print_hiding(&m, &p, best_a);
+  /* Ulysses and hybrid: forward only; every degree their plan-time checks accept. */
+  const char *uly_refused = ulysses_refusal(&p, p.P);
+  const unsigned uh = ALGO_BIT(ALGO_ULYSSES) | ALGO_BIT(ALGO_HYBRID);
+  if (!p.bwd && (o.algos & ALGO_BIT(ALGO_ULYSSES))) {
+    if (!uly_refused) {
+      const estimate_t E = ulysses_model(o.layout, &m, &p, p.P);
+      if (row(&o, &m, &p, ALGO_ULYSSES, p.P, &E, &best)) return 1;
+    } else
+      printf("  %-11s refused at P = %lld: %s (H = %lld, G = %lld)\n", "ulysses", (long long)p.P, uly_refused,
+             (long long)p.H, (long long)p.G);
+  }
+  if (!p.bwd && (o.algos & ALGO_BIT(ALGO_HYBRID)))
+    for (int64_t U = 2; U < p.P; U++) {
+      if ((o.U && U != o.U) || ulysses_refusal(&p, U)) continue;
+      const estimate_t E = ulysses_model(o.layout, &m, &p, U);
+      if (row(&o, &m, &p, ALGO_HYBRID, U, &E, &best)) return 1;
+    }
+  if (p.bwd && (o.algos & uh)) printf("# ulysses, hybrid: not modelled for the backward (forward only)\n");
+  if (best.a < 0) {
+    fprintf(stderr, "distattn plan: no algorithm applies (%s at P = %lld)\n", uly_refused ? uly_refused : "none",
+            (long long)p.P);
+    return 2;
+  }
+  print_best(&o, &m, &p, &best, o.algos & ALGO_BIT(ALGO_ULYSSES) ? uly_refused : NULL);
+  if (p.P > 1 && best.a < ALGO_ULYSSES) print_hiding(&m, &p, best.a);
   if (o.decode && decode_report(&o, &m, &p)) return 1;
   return 0;
 }

@@ -35,6 +35,12 @@ int da_sim_payload(double bytes);
 double da_sim_time_now(void);
 #define da_time_now da_sim_time_now
 
+/* Host copies of comm/ulysses.c (compiled with -Dmemcpy=da_sim_memcpy, sim/Makefile): a copy into
+ * payload memory is charged as 2 x n bytes of memory traffic (read + write), never done; others
+ * are copied. The charge waits in da_sim_pending_bytes until the next kernel call or clock read. */
+void *da_sim_memcpy(void *dst, const void *src, size_t n);
+extern double da_sim_pending_bytes;
+
 /* Drop the bytes of messages sent from payload buffers (sim_alloc.c); call after MPI_Init. */
 void da_sim_copy_hook_install(void);
 #define da_payload(bytes) da_sim_payload(bytes)

@@ -12,8 +12,18 @@
 
 da_sim_calib_t da_sim_calib = {"h100", 600e12, 450e12, 3.0e12, 10e-6};
 double da_sim_kernel_s;
+double da_sim_pending_bytes;
+
+/* Bytes of host copies charged but not yet spent (da_sim_memcpy): spent, in program order, before
+ * the next kernel call or clock read (the drivers read the clock around every all-to-all). */
+static double take_pending(void) {
+  const double s = da_sim_pending_bytes / da_sim_calib.mem_bps;
+  da_sim_pending_bytes = 0;
+  return s;
+}
 
 static void spend(double s) {
+  s += take_pending();
   if (s <= 0) return;
   da_sim_kernel_s += s;
   /* In flops of this host, so the time is right whatever speed the platform gives it
@@ -21,7 +31,10 @@ static void spend(double s) {
   smpi_execute_flops(s * sg_host_get_speed(sg_host_self()));
 }
 
-double da_sim_time_now(void) { return simgrid_get_clock(); }
+double da_sim_time_now(void) {
+  if (da_sim_pending_bytes > 0) spend(0);
+  return simgrid_get_clock();
+}
 
 int da_sim_payload(double bytes) {
   spend(bytes / da_sim_calib.mem_bps);

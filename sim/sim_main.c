@@ -1,5 +1,6 @@
 /* sim_main.c: distattn-sim, the driver program of the SMPI build. It runs the library's real
- * ring / striped / zigzag plans (da_plan_fwd, da_plan_bwd) or tree / ring decode
+ * ring / striped / zigzag / ulysses (and, where the library has it, hybrid) plans (da_plan_fwd,
+ * da_plan_bwd) or tree / ring decode
  * (da_decode_step) under smpirun, with the sim kernel backend injecting calibrated compute time,
  * and prints one JSON line (rank 0) with the simulated times. Inputs are never written: this
  * program measures time, never values (correctness is tests/test_ring.c's and test_tree.c's). */
@@ -14,13 +15,34 @@
 
 static void usage(void) {
   fprintf(stderr,
-          "usage: smpirun ... distattn-sim [--algo ring|striped|zigzag | --decode tree|ring] [--seq N | --context N]\n"
+          "usage: smpirun ... distattn-sim [--algo ring|striped|zigzag|ulysses|hybrid | --decode tree|ring] [--seq N | --context N]\n"
+          "         [--ulysses U] [--layout ring|striped|zigzag] (hybrid: Ulysses degree U, the ring's layout)\n"
           "         [--heads H] [--kv-heads G] [--dim D] [--batch B] [--dtype bf16|fp16|fp32] [--mask none|causal|window:W]\n"
           "         [--backward] [--block T] [--steps N] [--label S]\n"
           "         [--fwd-tflops F] [--bwd-tflops F] [--mem-gbps M] [--call-us U] [--calib NAME]\n");
 }
 
 static int parse_i(const char *s, int64_t *v) { return da_parse_size(s, v) == 0 ? 0 : -1; }
+
+/* Exit status of a run asked for an algorithm this library build does not have (sim/sweep.py
+ * lists such rows as "not run", never as results). */
+enum { EXIT_NOT_IN_BUILD = 3 };
+
+/* --algo hybrid: Ulysses inside groups of U consecutive ranks, the ring across them (issue 20).
+ * The library's driver lands separately; sim/Makefile defines DA_SIM_HYBRID when
+ * include/distattn.h has DA_ALGO_HYBRID, and this is the one place that names its config fields.
+ * Without it the program says so and exits EXIT_NOT_IN_BUILD. Returns 0 when cfg is set. */
+static int hybrid_config(da_plan_config_t *cfg, int64_t U, da_algo_t layout) {
+#ifdef DA_SIM_HYBRID
+  cfg->algo = DA_ALGO_HYBRID;
+  cfg->ulysses = (int)U;
+  cfg->ring_layout = layout;
+  return 0;
+#else
+  (void)cfg, (void)U, (void)layout;
+  return -1;
+#endif
+}
 
 /* The start line of a timed section: every rank leaves it at the same simulated instant, so a
  * rank's own elapsed time is the section's time. MPI_Barrier does not give that: the algorithms
@@ -57,7 +79,8 @@ int main(int argc, char **argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &P);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   int64_t seq = 128 * 1024, H = 32, G = 0, D = 128, B = 1, block = 0, steps = 3, window = 0;
-  const char *algo = "ring", *dec = NULL, *label = "", *dts = "bf16", *mask = "causal";
+  const char *algo = "ring", *dec = NULL, *label = "", *dts = "bf16", *mask = "causal", *layout = "zigzag";
+  int64_t U = 0;
   int bwd = 0, bad = 0;
   for (int i = 1; i < argc && !bad; i++) {
     const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -74,6 +97,8 @@ int main(int argc, char **argv) {
     else if (ARG("--dtype")) dts = v;
     else if (ARG("--mask")) mask = v;
     else if (ARG("--label")) label = v;
+    else if (ARG("--ulysses")) bad = parse_i(v, &U);
+    else if (ARG("--layout")) layout = v;
     else if (ARG("--calib")) {
       /* A copy: ranks share da_sim_calib, and a finished rank's argv may be gone. */
       static char name[32];
@@ -95,14 +120,27 @@ int main(int argc, char **argv) {
   else if (!strcmp(mask, "causal")) prob.mask = DA_MASK_CAUSAL;
   else if (!strncmp(mask, "window:", 7) && !parse_i(mask + 7, &window)) prob.mask = DA_MASK_WINDOW | DA_MASK_CAUSAL, prob.window = window;
   else bad = 1;
-  da_algo_t al = !strcmp(algo, "striped") ? DA_ALGO_STRIPED : !strcmp(algo, "zigzag") ? DA_ALGO_ZIGZAG : DA_ALGO_RING;
-  if (strcmp(algo, "ring") && strcmp(algo, "striped") && strcmp(algo, "zigzag")) bad = 1;
+  /* The ring layouts by name (also the hybrid's --layout); -1 for any other name. */
+#define RING_ALGO(x) (!strcmp(x, "ring") ? DA_ALGO_RING : !strcmp(x, "striped") ? DA_ALGO_STRIPED \
+                      : !strcmp(x, "zigzag") ? DA_ALGO_ZIGZAG : (da_algo_t)-1)
+  const int hybrid = !strcmp(algo, "hybrid");
+  da_algo_t al = !strcmp(algo, "ulysses") ? DA_ALGO_ULYSSES : RING_ALGO(algo);
+  if ((int)al < 0 && !hybrid) bad = 1;
+  if (hybrid && ((int)RING_ALGO(layout) < 0 || U < 1)) bad = 1;
   if (dec && strcmp(dec, "tree") && strcmp(dec, "ring")) bad = 1;
   if (bad) {
     if (rank == 0) usage();
     MPI_Finalize();
     return 2;
   }
+  da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
+  cfg.algo = al, cfg.block = block;
+  if (hybrid && hybrid_config(&cfg, U, RING_ALGO(layout))) {
+    if (rank == 0) fprintf(stderr, "distattn-sim: --algo hybrid: driver not in this build\n");
+    MPI_Finalize();
+    return EXIT_NOT_IN_BUILD;
+  }
+#undef RING_ALGO
 
   da_context_t *ctx = NULL;
   da_comm_t *comm = NULL;
@@ -114,8 +152,6 @@ int main(int argc, char **argv) {
   int64_t used_block = 0;
   const size_t es = prob.dtype == DA_FLOAT32 ? 4 : 2;
   if (!st && !dec) {
-    da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-    cfg.algo = al, cfg.block = block;
     da_plan_t *plan = NULL;
     st = da_plan_create(comm, &prob, &cfg, &plan);
     if (!st) {
@@ -218,6 +254,7 @@ int main(int argc, char **argv) {
              "\"step_max_s\":%.6e,\"compute_s\":%.6e,\"reduce_s\":%.6e,\"comm_bytes\":%llu,\"mem_bytes\":%.0f,",
              label, dec, P, (long long)seq, (long long)B, (long long)H, (long long)prob.kv_heads, (long long)D, dts,
              (long long)steps, t_med, t_p99, smx[2], smx[3], sb, smx[4]);
+    if (!dec && hybrid) printf("\"ulysses\":%lld,\"layout\":\"%s\",", (long long)U, layout);
     printf("\"start_skew_s\":%.3e,", skew);
     printf("\"calib\":\"%s\",\"fwd_tflops\":%g,\"bwd_tflops\":%g,\"mem_gbps\":%g,\"call_us\":%g}\n", c->name,
            c->fwd_flops / 1e12, c->bwd_flops / 1e12, c->mem_bps / 1e9, c->call_s * 1e6);

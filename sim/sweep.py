@@ -7,6 +7,9 @@ plots.
 
   sweep.py --build BUILD --out DIR [--quick] [--jobs N]   the study (make sim), N points at once
   sweep.py --build BUILD --check                 the label-sim test: a few small runs vs the model
+  sweep.py --build BUILD --out DIR --study1m [--maxp P]   issue 20's study: 1M tokens, H = 32, G = 8,
+                        ring / zigzag / ulysses / hybrid and the compute floor on h100 and h100rail
+  sweep.py --build BUILD --out DIR --study1m --remodel    only the model columns and plots again
 
 Exit 77 when smpicc/smpirun are missing (ctest: skipped).
 """
@@ -33,6 +36,7 @@ SMPI_CFG = ["--cfg=smpi/simulate-computation:no", "--cfg=smpi/privatization:no",
 # Kernel rates of the simulated devices (sim/sim.h) and `distattn plan --machine` presets.
 CALIB = {
     "h100": dict(fwd=600, bwd=450, mem=3000, call=10),
+    "h100rail": dict(fwd=600, bwd=450, mem=3000, call=10),  # the same GPUs, one NIC each
     "a100": dict(fwd=190, bwd=150, mem=1800, call=10),
 }
 
@@ -68,6 +72,10 @@ def platform(kind, ranks, work):
     return xml, hosts
 
 
+class NotInBuild(Exception):
+    """distattn-sim exited 3: the algorithm asked for is not in this library build."""
+
+
 def simulate(exe, work, kind, ranks, args, timeout=900):
     """One smpirun: the JSON record of rank 0, with the host's wall and CPU seconds for it."""
     xml, hosts = platform(kind, ranks, work)
@@ -87,6 +95,8 @@ def simulate(exe, work, kind, ranks, args, timeout=900):
     timed = ["/usr/bin/time", "-f", "%e %U %S", "-o", tfile] if os.path.exists("/usr/bin/time") else []
     r = subprocess.run(timed + cmd, capture_output=True, text=True, timeout=timeout, env=env)
     lines = [l for l in r.stdout.splitlines() if l.startswith("{")]
+    if "driver not in this build" in r.stderr:
+        raise NotInBuild(r.stderr.strip().splitlines()[0])
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
     rec = json.loads(lines[-1])
@@ -149,6 +159,23 @@ def check(build):
         bad += not ok
         print(f"{algo:8s} P={P:3d} S={seq:7d} {'fwd+bwd' if bwd else 'fwd':7s} sim {r['total_s']:.4e} s  "
               f"model {r['model_total_s']:.4e} s  err {100 * r['model_err']:+.1f}%  {'ok' if ok else 'FAIL'}")
+    # Ulysses (all-to-all) on both platforms at 16 ranks (two nodes), and the hybrid where this
+    # build has its driver (otherwise reported as not run, which is not a failure).
+    a = ["--seq", str(64 * 1024), "--heads", "32", "--kv-heads", "8", "--dim", "128", "--mask", "causal"]
+    for kind, algo, U in (("h100", "ulysses", 0), ("h100rail", "ulysses", 0), ("h100rail", "hybrid", 8)):
+        extra = ["--algo", algo] + (["--ulysses", str(U)] if U else [])
+        try:
+            r = simulate(exe, work, kind, 16, a + extra + (["--layout", "zigzag"] if U else []))
+        except NotInBuild as e:
+            print(f"{algo:8s} P= 16 S=  65536 fwd     {kind}: not run ({e})")
+            continue
+        m = model(build, kind, 16, a + extra)[0]
+        err = r["total_s"] / m["total_s"] - 1
+        ok = abs(err) <= 0.15
+        worst = max(worst, abs(err))
+        bad += not ok
+        print(f"{algo:8s} P= 16 S=  65536 fwd     sim {r['total_s']:.4e} s  model {m['total_s']:.4e} s  "
+              f"err {100 * err:+.1f}%  {kind}{' U=%d' % U if U else ''}  {'ok' if ok else 'FAIL'}")
     for algo in ("tree", "ring"):
         r = decode_point(build, exe, work, "h100", 16, algo, 256 * 1024)
         ok = abs(r["model_err"]) <= 0.15
@@ -252,6 +279,151 @@ def study(build, out, quick, jobs):
           f"{wall:.0f} s wall for the points ({jobs} at a time), {cpu:.0f} s of host CPU in smpirun")
 
 
+# Issue 20's study: a 1M-token causal prefill (forward), H = 32 query heads, G = 8 KV heads, D = 128,
+# bf16, from 8 to 1024 H100s on the one-uplink platform (h100) and the rail-optimized one (h100rail).
+S1M = dict(seq=1024 * 1024, heads=32, kv=8, dim=128)
+HYBRID_U = (8, 32)  # Ulysses degrees of the hybrid rows: one node, and the head-count limit H / G * G = 32
+
+
+def floor_s(kind, ranks, seq=S1M["seq"], heads=S1M["heads"], dim=S1M["dim"]):
+    """The compute floor: the causal forward's FLOPs, 4 * H * D * S (S + 1) / 2, spread evenly over P
+    devices at the kernel rate the simulator charges (CALIB: 600 TFLOP/s forward, FA3-class)."""
+    return 4.0 * heads * dim * seq * (seq + 1) / 2 / (ranks * CALIB[kind]["fwd"] * 1e12)
+
+
+def model_args(algo, U=0):
+    a = ["--seq", str(S1M["seq"]), "--heads", str(S1M["heads"]), "--kv-heads", str(S1M["kv"]),
+         "--dim", str(S1M["dim"]), "--mask", "causal", "--algo", algo]
+    return a + (["--ulysses", str(U)] if algo == "hybrid" else [])
+
+
+def point_1m(build, exe, work, kind, ranks, algo, U=0):
+    """One point of the 1M study: simulated, or a row saying why not ("refused" by the plan, or
+    "not run" when the binary lacks the driver). The model and the floor are added later."""
+    base = dict(study="s1m", machine=kind, algo=algo, ranks=ranks, seq=S1M["seq"], heads=S1M["heads"],
+                kv_heads=S1M["kv"], dim=S1M["dim"], ulysses=U if algo == "hybrid" else (ranks if algo == "ulysses" else 0))
+    a = ["--seq", str(S1M["seq"]), "--heads", str(S1M["heads"]), "--kv-heads", str(S1M["kv"]), "--dim",
+         str(S1M["dim"]), "--mask", "causal", "--algo", algo] + (["--ulysses", str(U), "--layout", "zigzag"]
+                                                                  if algo == "hybrid" else [])
+    try:
+        rec = simulate(exe, work, kind, ranks, a)
+    except NotInBuild as e:
+        return dict(base, status="not run: driver not in this build", detail=str(e))
+    except RuntimeError as e:
+        msg = str(e)
+        if "cannot be split" in msg or "must split evenly" in msg:
+            why = [l for l in msg.splitlines() if "ulysses:" in l]
+            return dict(base, status="refused: head count", detail=(why[0] if why else msg)[-300:])
+        raise
+    rec.update(base)
+    rec["status"] = "simulated"
+    return rec
+
+
+def add_models(build, recs):
+    for r in recs:
+        r["floor_s"] = floor_s(r["machine"], r["ranks"])
+        try:
+            m = model(build, r["machine"], r["ranks"], model_args(r["algo"], r.get("ulysses", 0)))[0]
+            r["model_total_s"] = m["total_s"]
+            r["model_err"] = r["total_s"] / m["total_s"] - 1 if r.get("status") == "simulated" else None
+        except (subprocess.CalledProcessError, IndexError, KeyError, OSError):
+            r["model_total_s"], r["model_err"] = None, None
+
+
+def plots_1m(recs, out):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, 2, figsize=(12, 4.6), sharey=True)
+    for ax, kind, title in ((axs[0], "h100", "one 400 Gb/s uplink per node (h100)"),
+                            (axs[1], "h100rail", "one 400 Gb/s NIC per GPU, rail-optimized (h100rail)")):
+        pts = [r for r in recs if r["machine"] == kind]
+        series = [("ring", 0, "o"), ("zigzag", 0, "^"), ("ulysses", 0, "s")] + [("hybrid", u, "D") for u in HYBRID_U]
+        for algo, U, mk in series:
+            sim = sorted((r["ranks"], r["total_s"]) for r in pts if r["algo"] == algo and r.get("ulysses", 0) in (U, r["ranks"] if algo == "ulysses" else U)
+                         and r["status"] == "simulated")
+            mod = sorted((r["ranks"], r["model_total_s"]) for r in pts if r["algo"] == algo
+                         and (algo != "hybrid" or r.get("ulysses") == U) and r.get("model_total_s")
+                         and not r["status"].startswith("refused"))
+            name = algo if algo != "hybrid" else f"hybrid U={U}"
+            color = None
+            if sim:
+                l, = ax.plot([x[0] for x in sim], [x[1] for x in sim], marker=mk, label=f"{name} (simulated)")
+                color = l.get_color()
+            if mod:
+                ax.plot([x[0] for x in mod], [x[1] for x in mod], ls=":", marker=mk, mfc="none", color=color,
+                        label=f"{name} (model{'' if sim else ', not simulated'})")
+        fl = sorted({(r["ranks"], r["floor_s"]) for r in pts})
+        ax.plot([x[0] for x in fl], [x[1] for x in fl], color="k", ls="--", label="compute floor")
+        ax.set_xscale("log", base=2), ax.set_yscale("log")
+        ax.set_xlabel("ranks (H100 GPUs, 8 per node)"), ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+    axs[0].set_ylabel("causal forward, 1M tokens (s)")
+    axs[1].legend(fontsize=7)
+    fig.suptitle("1M tokens, H = 32, G = 8, D = 128, bf16, causal", fontsize=11)
+    fig.tight_layout(), fig.savefig(os.path.join(out, "study1m.png"), dpi=110), plt.close(fig)
+
+
+def study_1m(build, out, jobs, maxp, remodel):
+    path = os.path.join(out, "study1m.jsonl")
+    if remodel:
+        recs = [json.loads(l) for l in open(path)]
+    else:
+        exe = build_sim(build)
+        work = os.path.join(build, "sim", "work1m")
+        os.makedirs(work, exist_ok=True)
+        os.makedirs(out, exist_ok=True)
+        ranks = [p for p in (8, 16, 32, 64, 128, 256, 512, 1024) if p <= maxp]
+        tasks = []
+        for kind in ("h100", "h100rail"):
+            for P in ranks:
+                for algo in ("ring", "zigzag"):
+                    tasks.append((P * P, (kind, P, algo)))
+                # Ulysses alone: H % P == 0 up to P = 32; at 64 the plan's refusal is recorded (run:
+                # cheap) and the larger P listed with it without running.
+                if P <= 64:
+                    tasks.append((P, (kind, P, "ulysses")))
+                for U in HYBRID_U:
+                    if U < P:
+                        tasks.append(((P // U) ** 2 * U, (kind, P, "hybrid", U)))
+        tasks.sort(key=lambda t: -t[0])
+        hybrid_missing = []
+
+        def run(t):
+            args = t[1]
+            if args[2] == "hybrid" and hybrid_missing:
+                return dict(hybrid_missing[0], ranks=args[1], machine=args[0], ulysses=args[3])
+            r = point_1m(build, exe, work, *args)
+            if args[2] == "hybrid" and r["status"].startswith("not run"):
+                hybrid_missing.append(r)
+            print(json.dumps({k: r.get(k) for k in ("machine", "algo", "ranks", "ulysses", "status", "total_s",
+                                                    "host_wall_s", "host_cpu_s")}), flush=True)
+            return r
+
+        t0 = time.time()
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            recs = list(pool.map(run, tasks))
+        for kind in ("h100", "h100rail"):
+            ref = [r for r in recs if r["machine"] == kind and r["algo"] == "ulysses" and r["ranks"] == 64]
+            for P in ranks:
+                if P > 64 and ref and ref[0]["status"].startswith("refused"):
+                    recs.append(dict(ref[0], ranks=P, ulysses=P, detail=f"as at 64 ranks: H = 32 < P = {P}"))
+        print(f"# {len(recs)} rows, {time.time() - t0:.0f} s wall ({jobs} at a time), "
+              f"{sum(r.get('host_cpu_s', 0) for r in recs):.0f} s of smpirun CPU")
+    add_models(build, recs)
+    recs.sort(key=lambda r: (r["machine"], r["ranks"], r["algo"], r.get("ulysses", 0)))
+    with open(path, "w") as f:
+        for r in recs:
+            f.write(json.dumps(r) + "\n")
+    plots_1m(recs, out)
+    for r in recs:
+        t = r.get("total_s")
+        print(f"{r['machine']:9s} P={r['ranks']:5d} {r['algo']:8s} U={r.get('ulysses', 0):3d} "
+              f"{'%.4e s' % t if t else '-':>12s} model {'%.4e' % r['model_total_s'] if r.get('model_total_s') else '-':>10s} "
+              f"floor {r['floor_s']:.4e}  {r['status']}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--build", default=os.path.join(ROOT, "build"))
@@ -259,6 +431,9 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--plots-only", action="store_true")
+    ap.add_argument("--study1m", action="store_true", help="issue 20's 1M-token study (study1m.jsonl, study1m.png)")
+    ap.add_argument("--remodel", action="store_true", help="with --study1m: model columns and plots only")
+    ap.add_argument("--maxp", type=int, default=1024, help="with --study1m: largest rank count")
     ap.add_argument("--jobs", type=int, default=2, help="points simulated at once (default 2: the cores)")
     a = ap.parse_args()
     need_tools()
@@ -267,6 +442,9 @@ def main():
         return 0
     if a.check:
         return check(os.path.abspath(a.build))
+    if a.study1m:
+        study_1m(os.path.abspath(a.build), os.path.abspath(a.out), a.jobs, a.maxp, a.remodel)
+        return 0
     study(os.path.abspath(a.build), os.path.abspath(a.out), a.quick, a.jobs)
     return 0
 
