@@ -365,8 +365,11 @@ def plots_1m(recs, out):
     fig.tight_layout(), fig.savefig(os.path.join(out, "study1m.png"), dpi=110), plt.close(fig)
 
 
-def study_1m(build, out, jobs, maxp, remodel):
+def study_1m(build, out, jobs, maxp, remodel, hybrid_only=False):
     path = os.path.join(out, "study1m.jsonl")
+    kept = []  # --hybrid-only: the recorded rows of the other algorithms, kept as they are
+    if hybrid_only:
+        kept = [r for r in (json.loads(l) for l in open(path)) if r["algo"] != "hybrid"]
     if remodel:
         recs = [json.loads(l) for l in open(path)]
     else:
@@ -378,11 +381,11 @@ def study_1m(build, out, jobs, maxp, remodel):
         tasks = []
         for kind in ("h100", "h100rail"):
             for P in ranks:
-                for algo in ("ring", "zigzag"):
+                for algo in ("ring", "zigzag") if not hybrid_only else ():
                     tasks.append((P * P, (kind, P, algo)))
                 # Ulysses alone: H % P == 0 up to P = 32; at 64 the plan's refusal is recorded (run:
                 # cheap) and the larger P listed with it without running.
-                if P <= 64:
+                if P <= 64 and not hybrid_only:
                     tasks.append((P, (kind, P, "ulysses")))
                 for U in HYBRID_U:
                     if U < P:
@@ -403,10 +406,10 @@ def study_1m(build, out, jobs, maxp, remodel):
 
         t0 = time.time()
         with ThreadPoolExecutor(max_workers=jobs) as pool:
-            recs = list(pool.map(run, tasks))
+            recs = kept + list(pool.map(run, tasks))
         for kind in ("h100", "h100rail"):
             ref = [r for r in recs if r["machine"] == kind and r["algo"] == "ulysses" and r["ranks"] == 64]
-            for P in ranks:
+            for P in ranks if not hybrid_only else ():
                 if P > 64 and ref and ref[0]["status"].startswith("refused"):
                     recs.append(dict(ref[0], ranks=P, ulysses=P, detail=f"as at 64 ranks: H = 32 < P = {P}"))
         print(f"# {len(recs)} rows, {time.time() - t0:.0f} s wall ({jobs} at a time), "
@@ -433,6 +436,8 @@ def main():
     ap.add_argument("--plots-only", action="store_true")
     ap.add_argument("--study1m", action="store_true", help="issue 20's 1M-token study (study1m.jsonl, study1m.png)")
     ap.add_argument("--remodel", action="store_true", help="with --study1m: model columns and plots only")
+    ap.add_argument("--hybrid-only", action="store_true",
+                    help="with --study1m: run the hybrid rows again, keep the file's other rows")
     ap.add_argument("--maxp", type=int, default=1024, help="with --study1m: largest rank count")
     ap.add_argument("--jobs", type=int, default=2, help="points simulated at once (default 2: the cores)")
     a = ap.parse_args()
@@ -443,7 +448,7 @@ def main():
     if a.check:
         return check(os.path.abspath(a.build))
     if a.study1m:
-        study_1m(os.path.abspath(a.build), os.path.abspath(a.out), a.jobs, a.maxp, a.remodel)
+        study_1m(os.path.abspath(a.build), os.path.abspath(a.out), a.jobs, a.maxp, a.remodel, a.hybrid_only)
         return 0
     study(os.path.abspath(a.build), os.path.abspath(a.out), a.quick, a.jobs)
     return 0
