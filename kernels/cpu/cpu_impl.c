@@ -57,84 +57,88 @@ static inline int pad_dim(int D) {
   return (D + a - 1) / a * a;
 }
 
-/* ---- the three register-tiled products ------------------------------------------------------ */
+/* ---- the three register-tiled products ------------------------------------------------------
+ * Each product is written once, as its loop skeleton over the reduction dimension (DEF_GEMM_*),
+ * and instantiated for two kinds of operands that differ only in the step, named by a prefix:
+ *   F32: fp32 operands, one element of the reduction per step: b = vload, a = vset1(*p),
+ *        c = fma(a, b, c);
+ *   BF:  pairs of bf16 in one 32-bit lane (simd.h vdp), two elements per step: b = vbload,
+ *        a = vbcast(p), c = vdp(c, a, b) (instantiated on DA_BF16DP levels only, below).
+ * S##_VT is the operand vector type, S##_K the elements per step. */
+#define F32_VT vf
+#define F32_K 1
+#define F32_LOAD(p) vload(p)
+#define F32_BCAST(p) vset1(*(p))
+#define F32_MAC(c, a, b) vfma(a, b, c)
 
-/* C[r][.] = sum_{d<nd} A[r*lda + d] * B[d][.]   (r < R; B is [nd][QT]; C is [R][QT]).
+/* C[r][.] = cs * sum_{d<n} A[r*lda + K*d ..] . B[d][.]   (r < R; B is [n][QT]; C is [R][QT]).
  * S^T = K Q^T and dP^T = V dO^T: A rows are keys, B the packed transposed queries. */
-static __attribute__((noinline)) void gemm_a(int nd, const float *restrict A, int lda, const float *restrict B, float *restrict C) {
-  vf c[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = vzero();
-  for (int d = 0; d < nd; d++) {
-    vf b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) b[v] = vload(B + d * QT + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      vf a = vset1(A[r * lda + d]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) c[r][v] = vfma(a, b[v], c[r][v]);
-    }
+#define DEF_GEMM_A(NAME, TA, TB, S)                                                                          \
+  static __attribute__((noinline)) void NAME(int n, const TA *restrict A, int lda, const TB *restrict B,     \
+                                             float *restrict C, float cs) {                                  \
+    vf c[R][NV];                                                                                             \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = vzero();                              \
+    for (int d = 0; d < n; d++) {                                                                            \
+      S##_VT b[NV];                                                                                          \
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = S##_LOAD(B + d * QT + v * W);              \
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+        const S##_VT a = S##_BCAST(A + r * lda + S##_K * d);                                                 \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = S##_MAC(c[r][v], a, b[v]);            \
+      }                                                                                                      \
+    }                                                                                                        \
+    const vf vc = vset1(cs);                                                                                 \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, vmul(c[r][v], vc));  \
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, c[r][v]);
-}
 
-/* Ct[r][.] = Ct[r][.] * alpha + sum_{j<nk} A[j*lda + r] * P[j][.]   (r < R; P is [nk][QT]).
- * O^T = O^T * alpha + V^T P^T and dQ^T += K^T dS^T: A rows are keys, r walks the head dim. */
-static __attribute__((noinline)) void gemm_b(int nk, const float *restrict A, int lda, const float *restrict P, float *restrict Ct,
-                          const vf *alpha) {
-  vf c[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);
-  for (int j = 0; j < nk; j++) {
-    vf b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) b[v] = vload(P + j * QT + v * W);
-    const float *a = A + (size_t)j * lda;
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      vf x = vset1(a[r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) c[r][v] = vfma(x, b[v], c[r][v]);
-    }
+/* Ct[r][.] = Ct[r][.] * alpha + sum_{j<n} A[j*lda + r] . P[j][.]   (r < R; P is [n][QT]; alpha
+ * NULL: no rescale). O^T = O^T * alpha + V^T P^T and dQ^T += K^T dS^T: A rows are keys (or pairs
+ * of keys), r walks the head dim. */
+#define DEF_GEMM_B(NAME, T, S)                                                                               \
+  static __attribute__((noinline)) void NAME(int n, const T *restrict A, int lda, const T *restrict P,       \
+                                             float *restrict Ct, const vf *alpha) {                          \
+    vf c[R][NV];                                                                                             \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] =                                       \
+        alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);                     \
+    for (int j = 0; j < n; j++) {                                                                            \
+      S##_VT b[NV];                                                                                          \
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = S##_LOAD(P + j * QT + v * W);              \
+      const T *a = A + (size_t)j * lda;                                                                      \
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+        const S##_VT x = S##_BCAST(a + r);                                                                   \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = S##_MAC(c[r][v], x, b[v]);            \
+      }                                                                                                      \
+    }                                                                                                        \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);           \
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);
-}
 
-/* C[r*ldc + u*W ..] += sum_{i<QT} A[r*QT + i] * X[i*ldx + u*W ..]   (r < R, u < NU).
- * dV += P^T dO and dK += dS^T Q: A rows are keys (lanes = queries), X rows are queries. */
-static __attribute__((noinline)) void gemm_c(const float *restrict A, const float *restrict X, int ldx, float *restrict C, int ldc) {
-  vf c[R][NU];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);
-  for (int i = 0; i < QT; i++) {
-    vf x[NU];
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) x[u] = vload(X + i * ldx + u * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      vf a = vset1(A[r * QT + i]);
-#pragma GCC unroll 4
-      for (int u = 0; u < NU; u++) c[r][u] = vfma(a, x[u], c[r][u]);
-    }
+/* C[r*ldc + u*W ..] += sum_{i<QT/K} A[r*QT + K*i ..] . X[i*ldx + u*W ..]   (r < R, u < NU).
+ * dV += P^T dO and dK += dS^T Q: A rows are keys (lanes = queries), X rows are queries (or pairs
+ * of queries). */
+#define DEF_GEMM_C(NAME, TA, TX, S)                                                                          \
+  static __attribute__((noinline)) void NAME(const TA *restrict A, const TX *restrict X, int ldx,            \
+                                             float *restrict C, int ldc) {                                   \
+    vf c[R][NU];                                                                                             \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);          \
+    for (int i = 0; i < QT / S##_K; i++) {                                                                   \
+      S##_VT x[NU];                                                                                          \
+      _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) x[u] = S##_LOAD(X + i * ldx + u * W);             \
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+        const S##_VT a = S##_BCAST(A + r * QT + S##_K * i);                                                  \
+        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = S##_MAC(c[r][u], a, x[u]);            \
+      }                                                                                                      \
+    }                                                                                                        \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);           \
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);
-}
+
+DEF_GEMM_A(gemm_a, float, float, F32)
+DEF_GEMM_B(gemm_b, float, F32)
+DEF_GEMM_C(gemm_c, float, float, F32)
 
 /* ---- packing -------------------------------------------------------------------------------- */
 
@@ -201,83 +205,17 @@ static void lane_ranges(const da_mask_t *m, da_span_t qs, int n, da_span_t ks, f
 #if defined(DA_BF16DP)
 #define DA_HAVE_BF16DP 1
 
-/* C[r][.] = cs * sum_{dp<nd2} pair(A + r*lda + 2dp) . B[dp][.]   (r < R; B [nd2][QT] pairs). */
-static __attribute__((noinline)) void gemm_a_bf(int nd2, const uint16_t *restrict A, int lda, const uint32_t *restrict B,
-                                                float *restrict C, float cs) {
-  vf c[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = vzero();
-  for (int dp = 0; dp < nd2; dp++) {
-    vbi b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) b[v] = vbload(B + dp * QT + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      const vbi a = vbcast(A + r * lda + 2 * dp);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) c[r][v] = vdp(c[r][v], a, b[v]);
-    }
-  }
-  const vf vc = vset1(cs);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, vmul(c[r][v], vc));
-}
-
-/* Ct[r][.] = Ct[r][.] * alpha + sum_{jp<nk2} A[jp*lda + r] . P[jp][.]   (pairs over keys). */
-static __attribute__((noinline)) void gemm_b_bf(int nk2, const uint32_t *restrict A, int lda, const uint32_t *restrict P,
-                                                float *restrict Ct, const vf *alpha) {
-  vf c[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);
-  for (int jp = 0; jp < nk2; jp++) {
-    vbi b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) b[v] = vbload(P + jp * QT + v * W);
-    const uint32_t *a = A + (size_t)jp * lda;
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      const vbi x = vbcast(a + r);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) c[r][v] = vdp(c[r][v], x, b[v]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);
-}
-
-/* C[r*ldc + u*W ..] += sum_{ip<QT/2} pair(A + r*QT + 2ip) . X[ip*ldx + u*W ..]   (pairs over
- * queries: A bf16 rows [R][QT], X [QT/2][ldx] pairs). */
-static __attribute__((noinline)) void gemm_c_bf(const uint16_t *restrict A, const uint32_t *restrict X, int ldx,
-                                                float *restrict C, int ldc) {
-  vf c[R][NU];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);
-  for (int ip = 0; ip < QT / 2; ip++) {
-    vbi x[NU];
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) x[u] = vbload(X + ip * ldx + u * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      const vbi a = vbcast(A + r * QT + 2 * ip);
-#pragma GCC unroll 4
-      for (int u = 0; u < NU; u++) c[r][u] = vdp(c[r][u], a, x[u]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);
-}
+#define BF_VT vbi
+#define BF_K 2
+#define BF_LOAD(p) vbload(p)
+#define BF_BCAST(p) vbcast(p)
+#define BF_MAC(c, a, b) vdp(c, a, b)
+/* gemm_a_bf: A bf16 rows (pairs over d as stored), B [n][QT] pairs; cs scales the fp32 result
+ * (Q stays unscaled). gemm_b_bf: A and P pairs over keys. gemm_c_bf: A bf16 rows [R][QT]
+ * (pairs over queries as stored), X [QT/2][ldx] pairs. */
+DEF_GEMM_A(gemm_a_bf, uint16_t, uint32_t, BF)
+DEF_GEMM_B(gemm_b_bf, uint32_t, BF)
+DEF_GEMM_C(gemm_c_bf, uint16_t, uint32_t, BF)
 
 /* bf16 rows as stored -> [nrows][Dp], zero past D and for rows n..nrows-1 (the padding of the
  * source rows may hold anything: a neighbouring head, or NaN). */
@@ -498,7 +436,7 @@ static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows
           continue;
         }
 #endif
-        for (int jr = 0; jr < nk; jr += R) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT);
+        for (int jr = 0; jr < nk; jr += R) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, 1.0f);
         softmax_tile(w->S, nk, partial ? w->lo : NULL, partial ? w->hi : NULL, w->M + mt * QT, w->L + mt * QT,
                      alpha);
         for (int dr = 0; dr < D; dr += R) gemm_b(nk, w->Vc + dr, Dp, w->S, Ot + (size_t)dr * QT, alpha);
@@ -797,8 +735,8 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
             else
 #endif
               for (int jr = 0; jr < nk; jr += R) {
-                gemm_a(D, w.Kc + (size_t)jr * Dp, Dp, Q.Qt + x * qtile, w.S + jr * QT);
-                gemm_a(D, w.Vc + (size_t)jr * Dp, Dp, Q.dOt + x * qtile, w.dP + jr * QT);
+                gemm_a(D, w.Kc + (size_t)jr * Dp, Dp, Q.Qt + x * qtile, w.S + jr * QT, 1.0f);
+                gemm_a(D, w.Vc + (size_t)jr * Dp, Dp, Q.dOt + x * qtile, w.dP + jr * QT, 1.0f);
               }
             /* P = exp2(S - lse2) (0 where masked), dS = P (dP - delta); rows nk..nkr-1 zero. */
             vf vl[NV], vd[NV], vlo[NV], vhi[NV];
