@@ -57,6 +57,11 @@ static inline int pad_dim(int D) {
   return (D + a - 1) / a * a;
 }
 
+/* Row `row`, head h of a [rows][heads][D] tensor of the call's dtype with row stride ld. */
+static inline const char *head_row(const da_kparams_t *p, const void *base, int64_t ld, int64_t row, int h) {
+  return (const char *)base + (size_t)(row * ld + (int64_t)h * p->D) * da_dtype_size(p->dtype);
+}
+
 /* ---- the three register-tiled products ------------------------------------------------------
  * Each product is written once, as its loop skeleton over the reduction dimension (DEF_GEMM_*),
  * and instantiated for two kinds of operands that differ only in the step, named by a prefix:
@@ -379,7 +384,7 @@ static void fwd_tiles_of(const fwd_call_t *c, int g, int64_t r0, int nrows, int 
  * on the bf16 pair path (the layout of gemm_a_bf). */
 static void fwd_pack_q(const fwd_call_t *c, int h, int64_t row, int n, float *Qt) {
   const int D = c->p->D, dt = (int)c->p->dtype;
-  const char *src = (const char *)c->q + (size_t)(row * c->ldq + (int64_t)h * D) * da_dtype_size(c->p->dtype);
+  const char *src = head_row(c->p, c->q, c->ldq, row, h);
 #ifdef DA_HAVE_BF16DP
   if (BFDP(dt)) {
     pack_cols_bf((uint32_t *)Qt, c->Dp, (const uint16_t *)src, c->ldq, n, D);
@@ -422,9 +427,7 @@ static void fwd_state_store(const fwd_call_t *c, int h, int64_t row, int n, cons
  * register tiles); on the bf16 pair path K as bf16 rows and V as pairs over keys. */
 static void fwd_pack_kv(const fwd_call_t *c, int g, int64_t j0, int nk, fwd_scratch_t *w) {
   const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
-  const size_t es = da_dtype_size(c->p->dtype);
-  const char *ksrc = (const char *)c->k + (size_t)(j0 * c->ldk + (int64_t)g * D) * es;
-  const char *vsrc = (const char *)c->v + (size_t)(j0 * c->ldv + (int64_t)g * D) * es;
+  const char *ksrc = head_row(c->p, c->k, c->ldk, j0, g), *vsrc = head_row(c->p, c->v, c->ldv, j0, g);
 #ifdef DA_HAVE_BF16DP
   if (BFDP(dt)) {
     pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, c->ldk, nk, D);
@@ -726,11 +729,10 @@ static void bwd_scratch_carve(bwd_scratch_t *w, float *base, const bwd_call_t *c
 static void bwd_pack_q(const bwd_call_t *c, const bwd_chunk_t *ch, int64_t ht) {
   const int H = c->p->H, D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp;
   const int h = (int)(ht / ch->nct), t = (int)(ht % ch->nct);
-  const size_t x = (size_t)h * c->ntc + t, es = da_dtype_size(c->p->dtype);
+  const size_t x = (size_t)h * c->ntc + t;
   const int64_t row = ch->c0 + (int64_t)t * QT;
   const int n = (int)lmin(QT, ch->rows - (int64_t)t * QT);
-  const char *qs = (const char *)c->q + (size_t)(row * c->ldq + (int64_t)h * D) * es;
-  const char *gs = (const char *)c->dout + (size_t)(row * c->lddo + (int64_t)h * D) * es;
+  const char *qs = head_row(c->p, c->q, c->ldq, row, h), *gs = head_row(c->p, c->dout, c->lddo, row, h);
   const bwd_q_t *Q = &c->Q;
 #ifdef DA_HAVE_BF16DP
   if (BFDP(dt)) {
@@ -757,9 +759,7 @@ static void bwd_pack_q(const bwd_call_t *c, const bwd_chunk_t *ch, int64_t ht) {
  * pair path bf16 rows, plus K as pairs over keys for dQ. */
 static void bwd_pack_kv(const bwd_call_t *c, int g, int64_t j0, int nk, bwd_scratch_t *w) {
   const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
-  const size_t es = da_dtype_size(c->p->dtype);
-  const char *ksrc = (const char *)c->k + (size_t)(j0 * c->ldk + (int64_t)g * D) * es;
-  const char *vsrc = (const char *)c->v + (size_t)(j0 * c->ldv + (int64_t)g * D) * es;
+  const char *ksrc = head_row(c->p, c->k, c->ldk, j0, g), *vsrc = head_row(c->p, c->v, c->ldv, j0, g);
 #ifdef DA_HAVE_BF16DP
   if (BFDP(dt)) {
     pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, c->ldk, nk, D);
