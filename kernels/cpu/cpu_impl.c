@@ -1146,6 +1146,63 @@ static void dec_group(int Dv, const float *restrict Qt, const float *K, int64_t 
       for (int d = 0; d < Dv; d += 64 / (int)sizeof(float)) __builtin_prefetch(V + (t + DEC_BK) * ldv + d);
 }
 
+/* The keys of a block (span ks, nb keys) that query position qp sees: indices [*lo, *hi] into
+ * the block, *lo > *hi when none. */
+static void dec_row_range(const da_mask_t *m, int64_t qp, da_span_t ks, int nb, int64_t *lo, int64_t *hi) {
+  const da_tile_class_t cl = da_mask_classify(m, qp, qp, ks.start, da_span_last(ks));
+  *lo = 0, *hi = nb - 1;
+  if (cl == DA_TILE_EMPTY) *lo = 1, *hi = 0;
+  else if (cl == DA_TILE_PARTIAL) {
+    int64_t x, y;
+    da_mask_row_range(m, qp, ks.start, da_span_last(ks), &x, &y);
+    *lo = x <= ks.start ? 0 : (x - ks.start + ks.stride - 1) / ks.stride;
+    *hi = y >= da_span_last(ks) ? nb - 1 : (y - ks.start) / ks.stride;
+  }
+}
+
+/* One query head (qv [Dv], log2 units) against keys [lo, hi] of a block, one dot product per
+ * key: scores into s [DEC_BK], the online softmax of the head's m, l, and o [Dv] rescaled plus
+ * the weighted V rows. K, V rows as the qk, pv kernels read them (stride ldk, ldv). */
+static void dec_head(dec_qk_fn qk, dec_pv_fn pv, const float *qv, const void *kb, int64_t ldk, const void *vb,
+                     int64_t ldv, int64_t lo, int64_t hi, float *o, float *mo, float *lr, float *s, int pf) {
+  qk(qv, kb, ldk, lo, hi, s, pf);
+  /* Whole vectors over [lo, hi]: lanes outside it read -inf, so they drop out of the max and
+   * give exp2 = 0 in the sum. */
+  const int64_t v0 = lo & ~(int64_t)(W - 1), v1 = (hi + W) & ~(int64_t)(W - 1);
+  for (int64_t j = v0; j < lo; j++) s[j] = -INFINITY;
+  for (int64_t j = hi + 1; j < v1; j++) s[j] = -INFINITY;
+  vf vmx = vset1(-INFINITY), chk = vzero();
+  for (int64_t j = v0; j < v1; j += W) vmx = vmax(vmx, vload(s + j)), chk = vadd(chk, vload(s + j));
+  const float ck = vhsum(chk);
+  float mx = ck != ck ? ck : vhmax(vmx); /* a NaN score (NaN input) makes the max NaN */
+  const float mn = mx > *mo || mx != mx ? mx : *mo;
+  if (mn == -INFINITY) return;
+  const float alpha = exp2f(*mo - mn);
+  const vf vm = vset1(mn);
+  vf vs = vzero();
+  for (int64_t j = v0; j < v1; j += W) {
+    const vf e = vexp2(vsub(vload(s + j), vm));
+    vstore(s + j, e);
+    vs = vadd(vs, e);
+  }
+  const float sum = vhsum(vs);
+  *lr = *lr * alpha + sum;
+  *mo = mn;
+  pv(o, alpha, s, lo, hi, vb, ldv, pf);
+}
+
+/* Rows [lo, hi] of K and V (dtype dt, D elements from k0, v0, row strides ldk, ldv) as fp32 rows
+ * of Dv (zero-padded) in kf, vf_. */
+static void dec_convert(const char *k0, int64_t ldk, const char *v0, int64_t ldv, int dt, int D, int Dv, int64_t lo,
+                        int64_t hi, float *kf, float *vf_) {
+  const size_t es = dt == 0 ? 4 : 2;
+  for (int64_t j = lo; j <= hi; j++)
+    for (int x = 0; x < Dv; x += W) {
+      vstore(kf + j * Dv + x, vload_dt(k0 + (size_t)(j * ldk + x) * es, dt, D - x));
+      vstore(vf_ + j * Dv + x, vload_dt(v0 + (size_t)(j * ldv + x) * es, dt, D - x));
+    }
+}
+
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
  * o [nq][H][Dv] unnormalized (rows padded to Dv = nvec * W), m, l [nq][H]; kf, vf_ are
  * [DEC_BK][Dv] scratch for converted rows. Per block of keys and KV head, every query head of
@@ -1153,7 +1210,6 @@ static void dec_group(int Dv, const float *restrict Qt, const float *K, int64_t 
 static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span_t qpos, const da_kvpage_t *pg,
                          int64_t a, int64_t b, float *o, float *m, float *l, float *kf, float *vf_) {
   const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype;
-  const size_t es = da_dtype_size(p->dtype);
   dec_qk_fn qk;
   dec_pv_fn pv;
   dec_pick(Dv / W, &qk, &pv);
@@ -1169,79 +1225,38 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
   for (int64_t j0 = a; j0 < b; j0 += DEC_BK) {
     const int nb = (int)lmin(DEC_BK, b - j0);
     const da_span_t ks = da_span_sub(pg->pos, j0, nb);
-    int64_t ulo = nb, uhi = -1; /* union of the query rows' visible ranges */
     for (int64_t i0 = 0; i0 < nq; i0 += 16) {
       const int ni = (int)lmin(16, nq - i0);
-      ulo = nb, uhi = -1;
+      int64_t ulo = nb, uhi = -1; /* union of the query rows' visible ranges */
       for (int ii = 0; ii < ni; ii++) {
-        const int64_t qp = da_span_at(qpos, i0 + ii);
-        const da_tile_class_t cl = da_mask_classify(&p->mask, qp, qp, ks.start, da_span_last(ks));
-        int64_t lo = 0, hi = nb - 1;
-        if (cl == DA_TILE_EMPTY) lo = 1, hi = 0;
-        else if (cl == DA_TILE_PARTIAL) {
-          int64_t x, y;
-          da_mask_row_range(&p->mask, qp, ks.start, da_span_last(ks), &x, &y);
-          lo = x <= ks.start ? 0 : (x - ks.start + ks.stride - 1) / ks.stride;
-          hi = y >= da_span_last(ks) ? nb - 1 : (y - ks.start) / ks.stride;
-        }
-        rlo[ii] = lo, rhi[ii] = hi;
-        if (lo <= hi) ulo = lo < ulo ? lo : ulo, uhi = hi > uhi ? hi : uhi;
+        dec_row_range(&p->mask, da_span_at(qpos, i0 + ii), ks, nb, &rlo[ii], &rhi[ii]);
+        if (rlo[ii] <= rhi[ii]) ulo = rlo[ii] < ulo ? rlo[ii] : ulo, uhi = rhi[ii] > uhi ? rhi[ii] : uhi;
       }
       if (ulo > uhi) continue;
       for (int g = 0; g < G; g++) {
-        const char *k0 = (const char *)pg->k + (size_t)(j0 * pg->ldk + (int64_t)g * D) * es;
-        const char *v0 = (const char *)pg->v + (size_t)(j0 * pg->ldv + (int64_t)g * D) * es;
+        const char *k0 = head_row(p, pg->k, pg->ldk, j0, g), *v0 = head_row(p, pg->v, pg->ldv, j0, g);
         const void *kb = k0, *vb = v0; /* fp32 or (bfdirect) bf16 rows */
         int64_t ldk = pg->ldk, ldv = pg->ldv;
         if (!direct) {
-          for (int64_t j = ulo; j <= uhi; j++)
-            for (int x = 0; x < Dv; x += W) {
-              vstore(kf + j * Dv + x, vload_dt(k0 + (size_t)(j * pg->ldk + x) * es, dt, D - x));
-              vstore(vf_ + j * Dv + x, vload_dt(v0 + (size_t)(j * pg->ldv + x) * es, dt, D - x));
-            }
+          dec_convert(k0, pg->ldk, v0, pg->ldv, dt, D, Dv, ulo, uhi, kf, vf_);
           kb = kf, vb = vf_, ldk = ldv = Dv;
         }
         for (int ii = 0; ii < ni; ii++) {
           const int64_t i = i0 + ii, lo = rlo[ii], hi = rhi[ii];
           if (lo > hi) continue;
+          /* prefetch the next block once per KV head (first query head), in-place rows only */
+          const int pf = direct && ii == 0 && j0 + 2 * DEC_BK <= b;
           if (dec_grouped(rep)) { /* o, qs of a W-head group are [Dv][W] tiles (see decode) */
             for (int h = g * rep; h < (g + 1) * rep; h += W) {
-              const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
               const int64_t x = (i * H + h) * (int64_t)Dv;
               dec_group(Dv, qs + x, (const float *)kb, ldk, (const float *)vb, ldv, lo, hi, o + x, m + i * H + h,
-                        l + i * H + h, s, pf); /* fp32 rows: rep >= W excludes bfdirect */
+                        l + i * H + h, s, pf && h == g * rep); /* fp32 rows: rep >= W excludes bfdirect */
             }
             continue;
           }
-          for (int h = g * rep; h < (g + 1) * rep; h++) {
-            /* prefetch the next block once per KV head (first query head), in-place rows only */
-            const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
-            qk(qs + (i * H + h) * (int64_t)Dv, kb, ldk, lo, hi, s, pf);
-            /* Whole vectors over [lo, hi]: lanes outside it read -inf, so they drop out of the
-             * max and give exp2 = 0 in the sum. */
-            const int64_t v0 = lo & ~(int64_t)(W - 1), v1 = (hi + W) & ~(int64_t)(W - 1);
-            for (int64_t j = v0; j < lo; j++) s[j] = -INFINITY;
-            for (int64_t j = hi + 1; j < v1; j++) s[j] = -INFINITY;
-            vf vmx = vset1(-INFINITY), chk = vzero();
-            for (int64_t j = v0; j < v1; j += W) vmx = vmax(vmx, vload(s + j)), chk = vadd(chk, vload(s + j));
-            const float ck = vhsum(chk);
-            float mx = ck != ck ? ck : vhmax(vmx); /* a NaN score (NaN input) makes the max NaN */
-            float *mo = m + i * H + h, *lr = l + i * H + h;
-            const float mn = mx > *mo || mx != mx ? mx : *mo;
-            if (mn == -INFINITY) continue;
-            const float alpha = exp2f(*mo - mn);
-            const vf vm = vset1(mn);
-            vf vs = vzero();
-            for (int64_t j = v0; j < v1; j += W) {
-              const vf e = vexp2(vsub(vload(s + j), vm));
-              vstore(s + j, e);
-              vs = vadd(vs, e);
-            }
-            const float sum = vhsum(vs);
-            *lr = *lr * alpha + sum;
-            *mo = mn;
-            pv(o + (i * H + h) * (int64_t)Dv, alpha, s, lo, hi, vb, ldv, pf);
-          }
+          for (int h = g * rep; h < (g + 1) * rep; h++)
+            dec_head(qk, pv, qs + (i * H + h) * (int64_t)Dv, kb, ldk, vb, ldv, lo, hi, o + (i * H + h) * (int64_t)Dv,
+                     m + i * H + h, l + i * H + h, s, pf && h == g * rep);
         }
       }
     }
