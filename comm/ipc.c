@@ -25,6 +25,7 @@
  * READY word without waiting for the copy's event; =consumed makes a sender copy without waiting
  * for the receiver's `free`. Tests set it to show that the host seam catches both. */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -77,28 +78,8 @@ struct da_xreq {
 
 static ipc_t *impl(da_xport_t *xp) { return xp->impl; }
 
-/* The inner transport's messages carry our phase. */
-static da_xport_t *inner(da_xport_t *xp) {
-  ipc_t *m = impl(xp);
-  m->inner.phase = xp->phase;
-  m->inner.timeout_s = xp->timeout_s;
-  return &m->inner;
-}
-
-static da_status_t ipc_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op) {
-  da_xport_t *in = inner(xp);
-  return in->t->allreduce(in, buf, count, type, op);
-}
-
-static da_status_t ipc_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes) {
-  da_xport_t *in = inner(xp);
-  return in->t->allgather(in, sbuf, rbuf, bytes);
-}
-
-static da_status_t ipc_barrier(da_xport_t *xp) {
-  da_xport_t *in = inner(xp);
-  return in->t->barrier(in);
-}
+/* The collectives run on the inner mpi transport (transport.h: da_xport_inner_*). */
+_Static_assert(offsetof(ipc_t, inner) == 0, "da_xport_inner_* find the inner transport first in the impl");
 
 static void ipc_destroy(da_xport_t *xp) {
   ipc_t *m = impl(xp);
@@ -159,7 +140,7 @@ static da_status_t open_peer_events(da_xport_t *xp, ipc_t *m, da_status_t local)
   if (st == DA_SUCCESS) st = m->d->event_handle(m->free_ev, &mine[0]);
   if (st == DA_SUCCESS) st = m->d->event_handle(m->ready_ev, &mine[1]);
   st = da_xport_agree(xp, st, "cuda-ipc setup");
-  if (st == DA_SUCCESS) st = ipc_allgather(xp, mine, all, sizeof mine);
+  if (st == DA_SUCCESS) st = da_xport_inner_allgather(xp, mine, all, sizeof mine);
   for (int q = 0; q < P && st == DA_SUCCESS; q++) {
     if (q == xp->rank) {
       m->peer_free[q] = m->free_ev, m->peer_ready[q] = m->ready_ev;
@@ -213,7 +194,7 @@ static da_status_t ipc_register(da_xport_t *xp, void *ptr, size_t bytes) {
   da_status_t st = reg->peer && all ? DA_SUCCESS : DA_ERR(DA_ERR_OUT_OF_MEMORY, "%s: handles", xp->t->name);
   if (st == DA_SUCCESS) st = m->d->mem_handle(ptr, bytes, &mine);
   st = da_xport_agree(xp, st, "cuda-ipc register");
-  if (st == DA_SUCCESS) st = ipc_allgather(xp, &mine, all, sizeof mine);
+  if (st == DA_SUCCESS) st = da_xport_inner_allgather(xp, &mine, all, sizeof mine);
   for (int q = 0; q < P && st == DA_SUCCESS; q++) {
     if (q == xp->rank) {
       reg->peer[q] = ptr;
@@ -426,9 +407,9 @@ const da_transport_t da_transport_host_ipc = {
     .exchange_start = ipc_exchange_start,
     .test = ipc_test,
     .wait = ipc_wait,
-    .allreduce = ipc_allreduce,
-    .allgather = ipc_allgather,
-    .barrier = ipc_barrier,
+    .allreduce = da_xport_inner_allreduce,
+    .allgather = da_xport_inner_allgather,
+    .barrier = da_xport_inner_barrier,
     .abort = ipc_abort,
     .destroy = ipc_destroy,
     .devapi = &da_devapi_host,
@@ -446,9 +427,9 @@ const da_transport_t da_transport_cuda_ipc = {
     .exchange_start = ipc_exchange_start,
     .test = ipc_test,
     .wait = ipc_wait,
-    .allreduce = ipc_allreduce,
-    .allgather = ipc_allgather,
-    .barrier = ipc_barrier,
+    .allreduce = da_xport_inner_allreduce,
+    .allgather = da_xport_inner_allgather,
+    .barrier = da_xport_inner_barrier,
     .abort = ipc_abort,
     .destroy = ipc_destroy,
     .devapi = &da_devapi_cuda,

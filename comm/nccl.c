@@ -15,6 +15,7 @@
  * NCCL does not check message sizes: the plan's agreement on the problem (plan.c) is what makes
  * both sides of an exchange agree on them. */
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -62,13 +63,6 @@ static da_status_t nccl_status(ncclResult_t r, ncclComm_t comm, const char *file
 
 static nccl_t *impl(da_xport_t *xp) { return xp->impl; }
 
-static da_xport_t *inner(da_xport_t *xp) {
-  nccl_t *m = impl(xp);
-  m->inner.phase = xp->phase;
-  m->inner.timeout_s = xp->timeout_s;
-  return &m->inner;
-}
-
 /* Rank 0's unique id on every rank: the bootstrap, which needs no GPU. */
 da_status_t da_nccl_unique_id(da_xport_t *mx, void *id, size_t bytes) {
   if (bytes != sizeof(ncclUniqueId))
@@ -87,20 +81,8 @@ da_status_t da_nccl_unique_id(da_xport_t *mx, void *id, size_t bytes) {
   return st;
 }
 
-static da_status_t nccl_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op) {
-  da_xport_t *in = inner(xp);
-  return in->t->allreduce(in, buf, count, type, op);
-}
-
-static da_status_t nccl_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes) {
-  da_xport_t *in = inner(xp);
-  return in->t->allgather(in, sbuf, rbuf, bytes);
-}
-
-static da_status_t nccl_barrier(da_xport_t *xp) {
-  da_xport_t *in = inner(xp);
-  return in->t->barrier(in);
-}
+/* The collectives run on the inner mpi transport (transport.h: da_xport_inner_*). */
+_Static_assert(offsetof(nccl_t, inner) == 0, "da_xport_inner_* find the inner transport first in the impl");
 
 /* Poll a nonblocking communicator until its pending operation (creation, finalize) finished. */
 static da_status_t settle(da_xport_t *xp, nccl_t *m, const char *what) {
@@ -269,9 +251,9 @@ const da_transport_t da_transport_nccl = {
     .exchange_start = nccl_exchange_start,
     .test = nccl_test,
     .wait = nccl_wait,
-    .allreduce = nccl_allreduce,
-    .allgather = nccl_allgather,
-    .barrier = nccl_barrier,
+    .allreduce = da_xport_inner_allreduce,
+    .allgather = da_xport_inner_allgather,
+    .barrier = da_xport_inner_barrier,
     .abort = nccl_abort_req,
     .destroy = nccl_destroy,
     .devapi = &da_devapi_cuda,

@@ -89,6 +89,30 @@ da_status_t da_xport_barrier(da_xport_t *xp) {
   return xp->t->allreduce(xp, &one, 1, DA_XT_INT64, DA_XOP_SUM);
 }
 
+/* The inner mpi transport of a wrapping transport (its impl struct's first member), carrying
+ * the outer phase and timeout. */
+static da_xport_t *inner_of(da_xport_t *xp) {
+  da_xport_t *in = xp->impl;
+  in->phase = xp->phase;
+  in->timeout_s = xp->timeout_s;
+  return in;
+}
+
+da_status_t da_xport_inner_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op) {
+  da_xport_t *in = inner_of(xp);
+  return in->t->allreduce(in, buf, count, type, op);
+}
+
+da_status_t da_xport_inner_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes) {
+  da_xport_t *in = inner_of(xp);
+  return in->t->allgather(in, sbuf, rbuf, bytes);
+}
+
+da_status_t da_xport_inner_barrier(da_xport_t *xp) {
+  da_xport_t *in = inner_of(xp);
+  return in->t->barrier(in);
+}
+
 /* The message travels in a fixed-size record so the second allgather needs no size exchange;
  * it is only paid on the failure path. */
 #define AGREE_MSG 256

@@ -139,6 +139,14 @@ void da_xport_close(da_xport_t *xp);
 double da_xport_deadline(void);
 da_status_t da_xport_barrier(da_xport_t *xp);
 
+/* The collectives of a device transport that runs them on an inner mpi transport on the same
+ * communicator (cuda-ipc, host-ipc, nccl: the drivers' control words are host memory). Its impl
+ * struct starts with that da_xport_t (each such transport static-asserts it); these table members
+ * forward to it with the outer phase and timeout, so its errors and deadlines read the same. */
+da_status_t da_xport_inner_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op);
+da_status_t da_xport_inner_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes);
+da_status_t da_xport_inner_barrier(da_xport_t *xp);
+
 /* Agree on an outcome: every rank passes its local status and gets back DA_SUCCESS only when
  * every rank succeeded. A rank that failed keeps its own status and message; the others get
  * DA_ERR_REMOTE naming the lowest failing rank and its message ("rank 3 failed: ..."). One small

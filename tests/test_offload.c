@@ -17,6 +17,7 @@
 #include "ref.h"
 #include "rng.h"
 #include "test_mpi.h"
+#include "test_util.h"
 
 static int g_rank, g_size;
 static da_context_t *g_ctx;
@@ -47,27 +48,6 @@ static void gen_row(uint64_t seed, uint32_t tensor, int64_t pos, int heads, int 
       if (ref) ref[h * D + d] = x;
     }
   }
-}
-
-static int any_rank(int bad) {
-  int any = 0;
-  MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  return any;
-}
-static double max_over_ranks(double x) {
-  double r = x;
-  MPI_Allreduce(&x, &r, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  return r;
-}
-
-static double row_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int D) {
-  double e = 0, m = 0;
-  for (int d = 0; d < D; d++) {
-    double a = da_load_f32(x, (int)dt, off + d), diff = fabs(a - ref[d]);
-    if (!(diff <= e)) e = diff;
-    if (fabs(ref[d]) > m) m = fabs(ref[d]);
-  }
-  return e / (m > 1e-6 ? m : 1e-6);
 }
 
 /* Fill this memory rank's pages of cache sequence s = l * B + b from the RNG. */
@@ -104,7 +84,7 @@ static int run_case(const ocase_t *c, char *why, size_t wn, double *max_err) {
   cfg.mem_budget = (double)(1 + g_rank % 3) * 64.0 * 1048576.0; /* unequal budgets: weighted shards */
   if (in) st = da_comm_create(g_ctx, sub, &comm);
   if (in && st == DA_SUCCESS) st = da_offload_create(comm, role, &prob, &cfg, &off);
-  if (any_rank(st != DA_SUCCESS)) {
+  if (tu_any_rank(st != DA_SUCCESS)) {
     snprintf(why, wn, "%s: create: %s", c->name, st ? da_last_error(g_ctx) : "another rank failed");
     fails++;
     goto done;
@@ -118,7 +98,7 @@ static int run_case(const ocase_t *c, char *why, size_t wn, double *max_err) {
     for (int b = 0; b < B; b++) fin[b] = c->lens[b] + c->steps;
     st = da_offload_check_fit(off, fin, NULL);
   }
-  if (any_rank(st != DA_SUCCESS)) {
+  if (tu_any_rank(st != DA_SUCCESS)) {
     snprintf(why, wn, "%s: fit: %s", c->name, da_last_error(g_ctx));
     fails++;
     goto done;
@@ -186,7 +166,7 @@ static int run_case(const ocase_t *c, char *why, size_t wn, double *max_err) {
           gen_row(seq_seed(group, l, b), DA_RNG_Q, len - 1, H, D, dt, NULL, 0, rq);
           da_ref_fwd(&kp, rq, da_span(len - 1, 1, 1), rk, rv, da_span(0, 1, len), ro, rl);
           for (int h = 0; h < H; h++) {
-            double e = row_err(out, dt, ((int64_t)b * H + h) * D, ro + h * D, D);
+            double e = tu_row_err(out, dt, ((int64_t)b * H + h) * D, ro + h * D, D, 0);
             e = fmax(e, fabs(lse[b * H + h] - rl[h]) / fmax(1.0, fabs(rl[h])));
             if (!(e <= *max_err)) *max_err = e;
           }
@@ -199,8 +179,8 @@ static int run_case(const ocase_t *c, char *why, size_t wn, double *max_err) {
     }
     free(q), free(k), free(v), free(out), free(lse), free(rq), free(rk), free(rv), free(ro), free(rl);
   }
-  if (any_rank(st != DA_SUCCESS)) fails++;
-  *max_err = max_over_ranks(*max_err);
+  if (tu_any_rank(st != DA_SUCCESS)) fails++;
+  *max_err = tu_reduce(*max_err, MPI_MAX);
   if (!fails && !(*max_err <= tol)) {
     snprintf(why, wn, "%s: error %.3g > %.3g", c->name, *max_err, tol);
     fails++;
@@ -250,7 +230,7 @@ END_TEST
 static void expect_all(da_status_t st, da_status_t want, const char *want_msg, const char *what) {
   int bad = st != want || !strstr(da_last_error(g_ctx), want_msg);
   if (bad) fprintf(stderr, "rank %d %s: got %s: %s\n", g_rank, what, da_status_string(st), da_last_error(g_ctx));
-  ck_assert_msg(!any_rank(bad), "%s: not the expected '%s' on every rank", what, want_msg);
+  ck_assert_msg(!tu_any_rank(bad), "%s: not the expected '%s' on every rank", what, want_msg);
 }
 
 START_TEST(errors) {
@@ -296,45 +276,35 @@ START_TEST(errors) {
   c2 = cfg;
   c2.mem_budget = 64.0 * 1048576.0;
   st = da_offload_create(comm, g_rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &prob, &c2, &off);
-  ck_assert_msg(!any_rank(st != DA_SUCCESS), "create for the budget check failed");
+  ck_assert_msg(!tu_any_rank(st != DA_SUCCESS), "create for the budget check failed");
   const int64_t fin[2] = {100 * 1024, 100 * 1024};
   double need = 0;
   st = da_offload_check_fit(off, fin, &need);
   if (g_size == 2) expect_all(st, DA_ERR_OUT_OF_MEMORY, "over its budget of 64.0 MiB", "budget");
   else { /* more memory ranks: the shard shrinks in proportion */
     const int want = need > c2.mem_budget;
-    ck_assert_msg(!any_rank(want != (st == DA_ERR_OUT_OF_MEMORY)), "budget verdict with %d memory ranks", g_size - 1);
+    ck_assert_msg(!tu_any_rank(want != (st == DA_ERR_OUT_OF_MEMORY)), "budget verdict with %d memory ranks", g_size - 1);
   }
   const double total = da_offload_kv_bytes(&prob, 2, fin);
   ck_assert_msg(fabs(total - 2.0 * 2 * 100 * 1024 * 2 * 2 * 32 * 4) < 1, "kv bytes %g", total);
   /* a fitting context passes, and stop/serve end cleanly without requests */
   const int64_t small[2] = {1000, 10};
   st = da_offload_check_fit(off, small, NULL);
-  ck_assert_msg(!any_rank(st != DA_SUCCESS), "small context refused: %s", da_last_error(g_ctx));
+  ck_assert_msg(!tu_any_rank(st != DA_SUCCESS), "small context refused: %s", da_last_error(g_ctx));
   st = g_rank ? da_offload_serve(off) : da_offload_stop(off);
-  ck_assert_msg(!any_rank(st != DA_SUCCESS), "stop without requests: %s", da_last_error(g_ctx));
+  ck_assert_msg(!tu_any_rank(st != DA_SUCCESS), "stop without requests: %s", da_last_error(g_ctx));
   da_offload_free(off);
   da_comm_free(comm);
 }
 END_TEST
 
 int main(int argc, char **argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-  da_config_t cfg = DA_CONFIG_INITIALIZER;
-  cfg.nthreads = 1; /* ranks are oversubscribed on the test machines */
-  if (da_context_create(&cfg, &g_ctx) != DA_SUCCESS) {
-    fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(g_ctx));
-    MPI_Abort(MPI_COMM_WORLD, 1); /* the test program may; the library never does */
-  }
+  tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, NULL);
   Suite *s = suite_create("offload");
   TCase *tc = tcase_create("offload");
   tcase_set_timeout(tc, 0);
-  const char *only = getenv("DISTATTN_TEST_ONLY");
-  struct { const char *name; const TTest *t; } tests[] = {{"errors", errors}, {"splits", splits}};
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
-    if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
+  const tu_test_t tests[] = {{"errors", errors}, {"splits", splits}};
+  tu_add_tests(tc, tests, sizeof tests / sizeof tests[0]);
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);
   da_context_free(g_ctx);

@@ -46,12 +46,6 @@ static float val(uint64_t seed, int t, int64_t pos, int h, int d) {
 enum { TQ = 0, TK = 1, TV = 2 };
 static uint64_t seq_seed(int group, int layer, int b) { return 1000u + (uint64_t)(group * 64 + layer * 8 + b); }
 
-static int any_rank(int bad) {
-  int any = 0;
-  MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  return any;
-}
-
 /* Fill every page of sequence s of cache (this rank's pages only) from the generator. */
 static void fill(da_kvcache_t *cache, int64_t s, uint64_t seed, int G, int D) {
   for (int64_t i = 0; i < da_kvcache_num_pages(cache, s); i++) {
@@ -112,7 +106,7 @@ static int run_case(const acase_t *c, char *why, size_t wn) {
   int64_t fin[MAXB];
   for (int b = 0; b < B; b++) fin[b] = c->lens[b] + c->steps;
   if (in && st == DA_SUCCESS) st = da_offload_check_fit(off, fin, NULL);
-  if (any_rank(st != DA_SUCCESS)) {
+  if (tu_any_rank(st != DA_SUCCESS)) {
     snprintf(why, wn, "%s: rank %d: setup: %s", c->name, g_rank, st ? da_last_error(g_ctx) : "another rank failed");
     fails++;
     goto done;
@@ -237,7 +231,7 @@ static int run_case(const acase_t *c, char *why, size_t wn) {
     da_decode_plan_free(plan);
     da_comm_free(self);
   }
-  if (any_rank(st != DA_SUCCESS)) fails++;
+  if (tu_any_rank(st != DA_SUCCESS)) fails++;
   double e = err;
   MPI_Allreduce(&e, &err, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   if (!fails && !(err <= 1e-5)) {
@@ -350,22 +344,14 @@ START_TEST(deadline) {
     da_comm_free(comm);
     MPI_Comm_free(&sub);
   }
-  if (any_rank(bad)) share_why(why, sizeof why);
-  ck_assert_msg(!any_rank(bad), "%s", why);
+  if (tu_any_rank(bad)) share_why(why, sizeof why);
+  ck_assert_msg(!tu_any_rank(bad), "%s", why);
   if (g_rank == 0) printf("offload api deadline: DA_ERR_TIMEOUT on both sides, naming the peer: ok\n");
 }
 END_TEST
 
 int main(int argc, char **argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-  da_config_t cfg = DA_CONFIG_INITIALIZER;
-  cfg.nthreads = 1; /* ranks are oversubscribed on the test machines */
-  if (da_context_create(&cfg, &g_ctx) != DA_SUCCESS) {
-    fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(NULL));
-    MPI_Abort(MPI_COMM_WORLD, 1); /* the test program may; the library never does */
-  }
+  tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, NULL);
   Suite *s = suite_create("offload_api");
   TCase *tc = tcase_create("offload_api");
   tcase_set_timeout(tc, 0);

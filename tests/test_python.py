@@ -12,7 +12,6 @@ import ctypes
 import os
 import subprocess
 import sys
-import traceback
 
 import numpy as np
 from mpi4py import MPI
@@ -20,6 +19,7 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import distattn  # noqa: E402
 from distattn import _lib  # noqa: E402
+from mpi_runner import Skip, check, run  # noqa: E402 (tests/mpi_runner.py, beside this file)
 
 comm = MPI.COMM_WORLD
 rank, P = comm.Get_rank(), comm.Get_size()
@@ -116,15 +116,6 @@ TESTS = []
 def test(fn):
     TESTS.append(fn)
     return fn
-
-
-class Skip(Exception):
-    pass
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
 
 
 # ---- tests -----------------------------------------------------------------------------------
@@ -426,38 +417,8 @@ def torch_autograd():
 
 
 def main():
-    passed = failed = skipped = 0
     only = [a for a in sys.argv[1:] if not a.startswith("-") and a != ABI]
-    for fn in TESTS:
-        if only and fn.__name__ not in only:
-            continue
-        status, msg = "ok", ""
-        try:
-            fn()
-        except Skip as e:
-            status, msg = "skip", str(e)
-        except Exception as e:  # noqa: BLE001 (any failure of any rank fails the test)
-            status, msg = "FAIL", "".join(traceback.format_exception_only(type(e), e)).strip()
-            if not isinstance(e, AssertionError):
-                msg += "\n" + traceback.format_exc()
-        statuses = comm.allgather((status, msg))
-        bad = [(r, m) for r, (s, m) in enumerate(statuses) if s == "FAIL"]
-        if bad:
-            failed += 1
-        elif status == "skip":
-            skipped += 1
-        else:
-            passed += 1
-        if rank == 0:
-            word = "FAIL" if bad else status
-            print(f"{word:4s} {fn.__name__}" + (f" ({msg})" if status == "skip" and not bad else ""))
-            for r, m in bad:
-                print(f"     rank {r}: {m}")
-            sys.stdout.flush()
-    if rank == 0:
-        print(f"# {P} ranks, library {distattn.library_path}")
-        print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
-    return 1 if failed else 0
+    return run(TESTS, comm, only, f"# {P} ranks, library {distattn.library_path}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@
 #include "rng.h"
 #include "devapi.h" /* the host seam: device-mode cases */
 #include "test_mpi.h"
+#include "test_util.h"
 
 static int g_rank, g_size;
 static da_context_t *g_ctx;
@@ -120,20 +121,6 @@ static int to_spans(const int64_t *pos, int64_t n, da_span_t *sp, int64_t *first
     i = j;
   }
   return ns;
-}
-
-/* max_d |x - ref| / max(max_d |ref|, floor) over one row: a per-row scale, floored at 10% of
- * the tensor's largest |ref| (docs/decisions.md, Verification) so rows whose exact value is 0
- * (dq of a query that sees a single key) are measured against the tensor's scale. */
-static double row_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len, double floor) {
-  double e = 0, m = 0;
-  for (int64_t j = 0; j < len; j++) {
-    double a = da_load_f32(x, (int)dt, off + j), d = fabs(a - ref[j]);
-    if (!(d <= e)) e = d; /* NaN propagates as a failure */
-    if (fabs(ref[j]) > m) m = fabs(ref[j]);
-  }
-  if (floor < 1e-6) floor = 1e-6;
-  return e / (m > floor ? m : floor);
 }
 
 /* 10% of the largest |x| over n values, the largest taken over every rank. */
@@ -332,19 +319,19 @@ static double run_case(const tcase_t *c, int verbose) {
     for (int b = 0; b < B; b++)
       for (int64_t i = 0; i < n; i++) {
         const int64_t r = b * n + i;
-        double e = row_err(out, dt, r * H * D, ro + r * H * D, (int64_t)H * D, f_out);
+        double e = tu_row_err(out, dt, r * H * D, ro + r * H * D, (int64_t)H * D, f_out);
         if (!(e <= e_out)) e_out = e;
         for (int h = 0; h < H; h++) {
           double d = fabs(lse[r * H + h] - rl[r * H + h]) / fmax(1.0, fabs(rl[r * H + h]));
           if (!(d <= e_lse)) e_lse = d;
         }
         if (!c->bwd) continue;
-        e = row_err(dq, dt, r * H * D, rdq + r * H * D, (int64_t)H * D, f_dq);
+        e = tu_row_err(dq, dt, r * H * D, rdq + r * H * D, (int64_t)H * D, f_dq);
         if (!(e <= e_dq)) e_dq = e;
         const size_t kr = ((size_t)b * S + (size_t)pos[i]) * G * D;
-        e = row_err(dk, dt, r * G * D, pdk + kr, (int64_t)G * D, f_dk);
+        e = tu_row_err(dk, dt, r * G * D, pdk + kr, (int64_t)G * D, f_dk);
         if (!(e <= e_dk)) e_dk = e;
-        e = row_err(dv, dt, r * G * D, pdv + kr, (int64_t)G * D, f_dv);
+        e = tu_row_err(dv, dt, r * G * D, pdv + kr, (int64_t)G * D, f_dv);
         if (!(e <= e_dv)) e_dv = e;
       }
   /* The 1-rank result of the same library (fp32 only: rounded dtypes would compare roundings). */
@@ -463,12 +450,6 @@ START_TEST(edges) {
 }
 END_TEST
 
-static int all_equal_status(da_status_t st, da_status_t want) {
-  int ok = st == want, all = 0;
-  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
-  return all;
-}
-
 /* Ranks that pass different problems all get DA_ERR_MISMATCH, promptly. */
 START_TEST(mismatch) {
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
@@ -481,7 +462,7 @@ START_TEST(mismatch) {
   double t0 = MPI_Wtime();
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
   if (st != DA_ERR_MISMATCH) fprintf(stderr, "rank %d: seq mismatch gave %s: %s\n", g_rank, da_status_string(st), da_last_error(g_ctx));
-  ck_assert_msg(all_equal_status(st, DA_ERR_MISMATCH), "a seq mismatch must be DA_ERR_MISMATCH on every rank");
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_MISMATCH), "a seq mismatch must be DA_ERR_MISMATCH on every rank");
   ck_assert(plan == NULL);
   ck_assert_msg(MPI_Wtime() - t0 < 20, "mismatch detection took %.1f s", MPI_Wtime() - t0);
   /* A disagreement hidden in the document boundaries (same count, different cut). */
@@ -489,12 +470,12 @@ START_TEST(mismatch) {
   int64_t cu[3] = {0, g_rank == 0 ? 20 : 21, 64};
   prob.mask = DA_MASK_DOC, prob.ndocs = 2, prob.cu_seqlens = cu;
   st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert_msg(all_equal_status(st, DA_ERR_MISMATCH), "a document mismatch must be DA_ERR_MISMATCH everywhere");
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_MISMATCH), "a document mismatch must be DA_ERR_MISMATCH everywhere");
   /* Different algorithms. */
   prob.mask = DA_MASK_NONE;
   cfg.algo = g_rank % 2 ? DA_ALGO_ZIGZAG : DA_ALGO_RING;
   st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert_msg(all_equal_status(st, DA_ERR_MISMATCH), "an algo mismatch must be DA_ERR_MISMATCH everywhere");
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_MISMATCH), "an algo mismatch must be DA_ERR_MISMATCH everywhere");
 }
 END_TEST
 
@@ -507,7 +488,7 @@ START_TEST(bad_args) {
   cfg.timeout = 30;
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert_msg(all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "heads %% kv_heads != 0 everywhere: invalid argument");
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "heads %% kv_heads != 0 everywhere: invalid argument");
   ck_assert_msg(strstr(da_last_error(g_ctx), "kv_heads") != NULL, "message names kv_heads: %s", da_last_error(g_ctx));
 
   /* Only the last rank is wrong. */
@@ -515,33 +496,33 @@ START_TEST(bad_args) {
   if (g_rank == g_size - 1) prob.dim = 0;
   st = da_plan_create(g_comm, &prob, &cfg, &plan);
   da_status_t want = g_rank == g_size - 1 ? DA_ERR_INVALID_ARGUMENT : DA_ERR_REMOTE;
-  ck_assert_msg(all_equal_status(st, want), "one bad rank: invalid there, remote elsewhere (got %s: %s)",
+  ck_assert_msg(tu_all_equal_status(st, want), "one bad rank: invalid there, remote elsewhere (got %s: %s)",
                 da_status_string(st), da_last_error(g_ctx));
   prob.dim = 16;
 
   /* Unknown transport / algo / negative block. */
   cfg.transport = "carrier-pigeon";
   st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  ck_assert(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
   cfg.transport = g_size == 1 ? "self" : NULL;
   cfg.block = -1;
   st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  ck_assert(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
   cfg.block = 0;
   if (g_size > 1) {
     cfg.transport = "self";
     st = da_plan_create(g_comm, &prob, &cfg, &plan);
-    ck_assert_msg(all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "self transport with P > 1 is invalid");
+    ck_assert_msg(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "self transport with P > 1 is invalid");
     cfg.transport = NULL;
   }
   da_problem_t p2 = prob;
   p2.size = 3;
   st = da_plan_create(g_comm, &p2, &cfg, &plan);
-  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  ck_assert(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
 
   /* A good plan, then a forward where rank 0 passes a wrongly shaped q. */
   st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert(all_equal_status(st, DA_SUCCESS));
+  ck_assert(tu_all_equal_status(st, DA_SUCCESS));
   const int64_t n = da_plan_local_rows(plan);
   float *buf = calloc((size_t)(n + 2) * 4 * 16 * 6, sizeof(float)), *lse = calloc((size_t)(n + 2) * 4, sizeof(float));
   da_tensor_t q, k, v, o, l;
@@ -551,19 +532,19 @@ START_TEST(bad_args) {
   da_tensor_make(&l, lse, DA_FLOAT32, 2, shl);
   st = da_plan_fwd(plan, &q, &k, &v, &o, &l, NULL);
   want = g_rank == 0 ? DA_ERR_INVALID_ARGUMENT : DA_ERR_REMOTE;
-  ck_assert_msg(all_equal_status(st, want), "bad q on rank 0 (got %s: %s)", da_status_string(st), da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, want), "bad q on rank 0 (got %s: %s)", da_status_string(st), da_last_error(g_ctx));
   if (g_rank != 0) ck_assert_msg(strstr(da_last_error(g_ctx), "rank 0") != NULL, "names rank 0: %s", da_last_error(g_ctx));
   /* Wrong dtype everywhere, then NULL lse in the backward. */
   q.shape[0] = n;
   k.dtype = DA_BFLOAT16;
   st = da_plan_fwd(plan, &q, &k, &v, &o, &l, NULL);
-  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  ck_assert(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
   k.dtype = DA_FLOAT32;
   st = da_plan_bwd(plan, &q, &k, &v, &o, &o, NULL, &o, &k, &v, NULL);
-  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  ck_assert(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
   /* The plan is still usable. */
   st = da_plan_fwd(plan, &q, &k, &v, &o, &l, NULL);
-  ck_assert_msg(all_equal_status(st, DA_SUCCESS), "plan usable after rejected calls: %s", da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, DA_SUCCESS), "plan usable after rejected calls: %s", da_last_error(g_ctx));
   da_plan_stats_t stats = DA_PLAN_STATS_INITIALIZER;
   ck_assert(da_plan_stats(plan, &stats) == DA_SUCCESS);
   ck_assert_int_eq(stats.nranks, g_size);
@@ -584,7 +565,7 @@ START_TEST(timeout) {
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
   cfg.timeout = 2;
   da_plan_t *plan = NULL;
-  ck_assert(all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
   const int64_t n = da_plan_local_rows(plan);
   float *buf = calloc((size_t)(n + 1) * 32 * 8, sizeof(float)), *lse = calloc((size_t)(n + 1) * 2, sizeof(float));
   for (int64_t i = 0; i < (n + 1) * 2; i++) lse[i] = 1.0f;
@@ -607,18 +588,12 @@ START_TEST(timeout) {
   /* The plan refuses further use; a new plan works (stale messages cannot reach it). */
   ck_assert(da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL) == DA_ERR_INVALID_ARGUMENT);
   da_plan_free(plan);
-  ck_assert(all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
-  ck_assert(all_equal_status(da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL), DA_SUCCESS));
   da_plan_free(plan);
   free(buf), free(lse);
 }
 END_TEST
-
-/* Sum / min / max of a double over ranks. */
-static double red(double x, MPI_Op op) {
-  MPI_Allreduce(MPI_IN_PLACE, &x, 1, MPI_DOUBLE, op, MPI_COMM_WORLD);
-  return x;
-}
 
 /* A plan on zero-filled tensors (values do not matter here), forward then backward. */
 typedef struct {
@@ -676,23 +651,23 @@ START_TEST(plan_figures) {
       prob.seq = 301 + g_size, prob.heads = 4, prob.kv_heads = 2, prob.dim = 16, prob.mask = DA_MASK_CAUSAL;
       prob.dtype = d ? DA_BFLOAT16 : DA_FLOAT32;
       zplan_t z;
-      ck_assert(all_equal_status(zplan_make(&z, &prob, (da_algo_t)a), DA_SUCCESS));
+      ck_assert(tu_all_equal_status(zplan_make(&z, &prob, (da_algo_t)a), DA_SUCCESS));
       da_plan_stats_t s = DA_PLAN_STATS_INITIALIZER;
       ck_assert(da_plan_stats(z.plan, &s) == DA_SUCCESS);
       const double kvb = (double)prob.seq * 2 * prob.kv_heads * prob.dim, P1 = g_size - 1;
-      ck_assert_msg(red((double)s.plan_fwd_bytes, MPI_SUM) == P1 * kvb * (d ? 2 : 4), "fwd volume %llu",
+      ck_assert_msg(tu_reduce((double)s.plan_fwd_bytes, MPI_SUM) == P1 * kvb * (d ? 2 : 4), "fwd volume %llu",
                     (unsigned long long)s.plan_fwd_bytes);
-      ck_assert_msg(red((double)s.plan_bwd_bytes, MPI_SUM) == P1 * kvb * ((d ? 2 : 4) + 4), "bwd volume %llu",
+      ck_assert_msg(tu_reduce((double)s.plan_bwd_bytes, MPI_SUM) == P1 * kvb * ((d ? 2 : 4) + 4), "bwd volume %llu",
                     (unsigned long long)s.plan_bwd_bytes);
       ck_assert(s.mem_fwd_bytes > 0 && s.mem_bwd_bytes > s.mem_fwd_bytes / 2);
-      const double pr = (double)s.pairs_rank, mean = red(pr, MPI_SUM) / g_size, mx = red(pr, MPI_MAX);
+      const double pr = (double)s.pairs_rank, mean = tu_reduce(pr, MPI_SUM) / g_size, mx = tu_reduce(pr, MPI_MAX);
       ck_assert_msg(fabs(s.work_imbalance - mx / mean) < 1e-12, "work imbalance %.6f vs %.6f", s.work_imbalance,
                     mx / mean);
-      ck_assert_msg(red(s.work_imbalance, MPI_MAX) == red(s.work_imbalance, MPI_MIN), "every rank has the same figure");
+      ck_assert_msg(tu_reduce(s.work_imbalance, MPI_MAX) == tu_reduce(s.work_imbalance, MPI_MIN), "every rank has the same figure");
       if (a == DA_ALGO_ZIGZAG) ck_assert_msg(s.work_imbalance < 1.02, "zigzag imbalance %.4f", s.work_imbalance);
       if (a == DA_ALGO_RING && g_size > 1)
         ck_assert_msg(s.work_imbalance > 1.3, "contiguous causal imbalance %.4f", s.work_imbalance);
-      ck_assert(all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
+      ck_assert(tu_all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
       ck_assert(da_plan_stats(z.plan, &s) == DA_SUCCESS);
       ck_assert_msg(s.fwd_bytes_sent == s.plan_fwd_bytes && s.bwd_bytes_sent == s.plan_bwd_bytes,
                     "sent %llu / %llu, planned %llu / %llu", (unsigned long long)s.fwd_bytes_sent,
@@ -715,22 +690,22 @@ START_TEST(link_hook) {
   const double lat = 0.1, P1 = g_size - 1;
   zplan_t z;
   setenv("DISTATTN_TEST_LINK_US", "100000", 1);
-  ck_assert(all_equal_status(zplan_make(&z, &prob, DA_ALGO_ZIGZAG), DA_SUCCESS));
-  ck_assert(all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(zplan_make(&z, &prob, DA_ALGO_ZIGZAG), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
   da_plan_stats_t s = DA_PLAN_STATS_INITIALIZER;
   da_plan_stats(z.plan, &s);
-  ck_assert_msg(red(s.fwd_s, MPI_MIN) >= P1 * lat, "forward %.3f s < %g latencies", s.fwd_s, P1);
-  ck_assert_msg(red(s.fwd_exposed_s, MPI_MIN) >= 0.5 * P1 * lat, "forward exposed %.3f s", s.fwd_exposed_s);
+  ck_assert_msg(tu_reduce(s.fwd_s, MPI_MIN) >= P1 * lat, "forward %.3f s < %g latencies", s.fwd_s, P1);
+  ck_assert_msg(tu_reduce(s.fwd_exposed_s, MPI_MIN) >= 0.5 * P1 * lat, "forward exposed %.3f s", s.fwd_exposed_s);
   /* Backward: P-1 KV exchanges, then P-1 dK/dV hops that each wait for the previous step. */
-  ck_assert_msg(red(s.bwd_s, MPI_MIN) >= P1 * lat, "backward %.3f s", s.bwd_s);
+  ck_assert_msg(tu_reduce(s.bwd_s, MPI_MIN) >= P1 * lat, "backward %.3f s", s.bwd_s);
   zplan_free(&z);
   unsetenv("DISTATTN_TEST_LINK_US");
 
   setenv("DISTATTN_TEST_LINK_GBPS", "0.002", 1); /* 2 MB/s */
   prob.seq = 512 * g_size, prob.heads = 2, prob.kv_heads = 2, prob.dim = 32; /* 128 KiB blocks: 64 ms */
-  ck_assert(all_equal_status(zplan_make(&z, &prob, DA_ALGO_STRIPED), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(zplan_make(&z, &prob, DA_ALGO_STRIPED), DA_SUCCESS));
   da_plan_set_mode(z.plan, DA_PLAN_COMM_ONLY);
-  ck_assert(all_equal_status(zplan_run(&z, 0), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(zplan_run(&z, 0), DA_SUCCESS));
   da_plan_stats(z.plan, &s);
   ck_assert_msg(s.fwd_s >= (double)s.fwd_bytes_sent / 2e6, "%llu bytes in %.3f s at 2 MB/s",
                 (unsigned long long)s.fwd_bytes_sent, s.fwd_s);
@@ -750,7 +725,7 @@ START_TEST(link_hook) {
   zplan_t bad;
   da_status_t st = zplan_make(&bad, &prob, DA_ALGO_RING);
   unsetenv("DISTATTN_TEST_LINK_GBPS");
-  ck_assert_msg(all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "a malformed link setting is rejected: %s",
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "a malformed link setting is rejected: %s",
                 da_last_error(g_ctx));
   ck_assert_msg(strstr(da_last_error(g_ctx), "DISTATTN_TEST_LINK_GBPS") != NULL, "names the variable: %s",
                 da_last_error(g_ctx));
@@ -925,15 +900,7 @@ END_TEST
 /* tests/test_ulysses.c includes this file for its case runner and helpers, with its own main. */
 #ifndef DA_TEST_RING_HELPERS_ONLY
 int main(int argc, char **argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-  da_config_t cfg = DA_CONFIG_INITIALIZER;
-  cfg.nthreads = 1; /* ranks are oversubscribed on the test machines */
-  if (da_context_create(&cfg, &g_ctx) != DA_SUCCESS || da_comm_create(g_ctx, MPI_COMM_WORLD, &g_comm) != DA_SUCCESS) {
-    fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(g_ctx));
-    MPI_Abort(MPI_COMM_WORLD, 1); /* the test program may; the library never does */
-  }
+  tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, &g_comm);
   /* `test_ring device`: the device-mode suite; the seam's delays make unordered reads visible. */
   const int device = argc > 1 && !strcmp(argv[1], "device");
   if (device) {
@@ -943,17 +910,13 @@ int main(int argc, char **argv) {
   Suite *s = suite_create(device ? "ring-device" : "ring");
   TCase *tc = tcase_create("correctness");
   tcase_set_timeout(tc, 0);
-  const char *only = getenv("DISTATTN_TEST_ONLY"); /* run one test by name when debugging */
-  struct { const char *name; const TTest *t; } host_tests[] = {
+  static const tu_test_t host_tests[] = {
       {"bad_args", bad_args}, {"mismatch", mismatch}, {"timeout", timeout}, {"plan_figures", plan_figures},
-      {"link_hook", link_hook}, {"edges", edges}, {"matrix_small", matrix_small}, {"matrix_uneven", matrix_uneven}},
-    dev_tests[] = {{"dev_refusals", dev_refusals}, {"dev_memory", dev_memory}, {"dev_planted", dev_planted},
-                   {"dev_matrix", dev_matrix}};
-  const size_t ntests = device ? sizeof dev_tests / sizeof dev_tests[0] : sizeof host_tests / sizeof host_tests[0];
-  for (size_t i = 0; i < ntests; i++) {
-    const char *name = device ? dev_tests[i].name : host_tests[i].name;
-    if (!only || !strcmp(only, name)) tcase_add_test(tc, device ? dev_tests[i].t : host_tests[i].t);
-  }
+      {"link_hook", link_hook}, {"edges", edges}, {"matrix_small", matrix_small}, {"matrix_uneven", matrix_uneven}};
+  static const tu_test_t dev_tests[] = {
+      {"dev_refusals", dev_refusals}, {"dev_memory", dev_memory}, {"dev_planted", dev_planted}, {"dev_matrix", dev_matrix}};
+  if (device) tu_add_tests(tc, dev_tests, sizeof dev_tests / sizeof dev_tests[0]);
+  else tu_add_tests(tc, host_tests, sizeof host_tests / sizeof host_tests[0]);
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);
   da_comm_free(g_comm);

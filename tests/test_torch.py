@@ -15,8 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
-import traceback
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +24,7 @@ if os.environ.get("DISTATTN_TEST_INSTALLED") != "1":  # else: the installed whee
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import distattn  # noqa: E402
 import distattn.torch as dt  # noqa: E402
+from mpi_runner import Skip, check, run  # noqa: E402 (tests/mpi_runner.py, beside this file)
 
 comm = MPI.COMM_WORLD
 rank, P = comm.Get_rank(), comm.Get_size()
@@ -63,11 +62,6 @@ def reference(q, k, v, dout, mask, scale=None):
 def relerr(x, ref):
     x, ref = x.detach().double(), ref.detach().double()
     return float((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30))
-
-
-def check(cond, msg):
-    if not cond:
-        raise AssertionError(msg)
 
 
 def inputs(B, S, H, G, D, dtype, seed):
@@ -368,49 +362,13 @@ def _unmapped_child(r, d):
     tdist.destroy_process_group()
 
 
-class Skip(Exception):
-    pass
-
-
 TESTS = [installed_package, lazy_attributes, shard_roundtrip, fwd_bwd_layouts_masks, fwd_bwd_mqa_scale, fwd_bwd_bf16, varlen_documents,
          transposed_views, compiled_model, process_group, bad_inputs, plan_cache, unmapped_group]
 
 
 def main():
-    passed = failed = skipped = 0
     only = [a for a in sys.argv[1:] if not a.startswith("-")]
-    for fn in TESTS:
-        if only and fn.__name__ not in only:
-            continue
-        status, msg = "ok", ""
-        t0 = time.perf_counter()
-        try:
-            fn()
-        except Skip as e:
-            status, msg = "skip", str(e)
-        except Exception as e:  # noqa: BLE001 (any failure of any rank fails the test)
-            status, msg = "FAIL", "".join(traceback.format_exception_only(type(e), e)).strip()
-            if not isinstance(e, AssertionError):
-                msg += "\n" + traceback.format_exc()
-        statuses = comm.allgather((status, msg))
-        bad = [(r, m) for r, (s, m) in enumerate(statuses) if s == "FAIL"]
-        if bad:
-            failed += 1
-        elif status == "skip":
-            skipped += 1
-        else:
-            passed += 1
-        if rank == 0:
-            word = "FAIL" if bad else status
-            print(f"{word:4s} {fn.__name__} {time.perf_counter() - t0:.1f} s" +
-                  (f" ({msg})" if status == "skip" and not bad else ""))
-            for r, m in bad:
-                print(f"     rank {r}: {m}")
-            sys.stdout.flush()
-    if rank == 0:
-        print(f"# {P} ranks, torch {torch.__version__}, library {distattn.library_path}")
-        print(f"{passed} passed, {failed} failed" + (f", {skipped} skipped" if skipped else ""))
-    return 1 if failed else 0
+    return run(TESTS, comm, only, f"# {P} ranks, torch {torch.__version__}, library {distattn.library_path}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@
 #include "ref.h"
 #include "rng.h"
 #include "test_mpi.h"
+#include "test_util.h"
 
 static int g_rank, g_size;
 static da_context_t *g_ctx;
@@ -64,29 +65,6 @@ static void gen_row(int b, uint32_t tensor, int64_t pos, int heads, int D, da_dt
       if (ref) ref[h * D + d] = x;
     }
   }
-}
-
-static int all_equal_status(da_status_t st, da_status_t want) {
-  int bad = st != want, any = 0;
-  MPI_Allreduce(&bad, &any, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
-  return !any;
-}
-
-static double max_over_ranks(double x) {
-  double r = x;
-  MPI_Allreduce(&x, &r, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
-  return r;
-}
-
-/* max_d |x - ref| / max(max_d |ref|, 1e-6) of one row. */
-static double row_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int D) {
-  double e = 0, m = 0;
-  for (int d = 0; d < D; d++) {
-    double a = da_load_f32(x, (int)dt, off + d), diff = fabs(a - ref[d]);
-    if (!(diff <= e)) e = diff;
-    if (fabs(ref[d]) > m) m = fabs(ref[d]);
-  }
-  return e / (m > 1e-6 ? m : 1e-6);
 }
 
 /* Ownership and balance of the shards of sequence b: every position held exactly once, counts
@@ -184,7 +162,7 @@ static int run_case(const tcase_t *c) {
   da_kvcache_t *cache = NULL;
   da_decode_plan_t *plans[NPLANS] = {0};
   da_status_t st = da_kvcache_create(g_comm, &prob, &kc, &cache);
-  if (!all_equal_status(st, DA_SUCCESS)) {
+  if (!tu_all_equal_status(st, DA_SUCCESS)) {
     snprintf(why, sizeof why, "cache: %s", da_last_error(g_ctx));
     fails++;
     goto done;
@@ -194,7 +172,7 @@ static int run_case(const tcase_t *c) {
     dc.algo = c->var[i].algo, dc.topo = c->var[i].topo, dc.node_size = c->var[i].node_size, dc.timeout = 60;
     dc.root = c->var[i].root < 0 ? -1 : c->var[i].root % g_size;
     st = da_decode_plan_create(g_comm, &prob, &dc, &plans[i]);
-    if (!all_equal_status(st, DA_SUCCESS)) {
+    if (!tu_all_equal_status(st, DA_SUCCESS)) {
       snprintf(why, sizeof why, "plan %s: %s", c->var[i].name, da_last_error(g_ctx));
       fails++;
       goto done;
@@ -202,7 +180,7 @@ static int run_case(const tcase_t *c) {
   }
   for (int b = 0; b < B; b++) {
     st = prefill(cache, c, b);
-    if (!all_equal_status(st, DA_SUCCESS)) {
+    if (!tu_all_equal_status(st, DA_SUCCESS)) {
       snprintf(why, sizeof why, "prefill %d: %s", b, da_last_error(g_ctx));
       fails++;
       goto done;
@@ -239,7 +217,7 @@ static int run_case(const tcase_t *c) {
       const int64_t shq[4] = {B, T, H, D}, shk[4] = {B, T, G, D}, shl[3] = {B, T, H};
       da_tensor_make(&tq, q, dt, 4, shq), da_tensor_make(&tk, kn, dt, 4, shk), da_tensor_make(&tv, vn, dt, 4, shk);
       st = da_kvcache_append(cache, ntok, &tk, &tv);
-      if (!all_equal_status(st, DA_SUCCESS)) {
+      if (!tu_all_equal_status(st, DA_SUCCESS)) {
         snprintf(why, sizeof why, "append step %d: %s", s, da_last_error(g_ctx));
         fails++;
         break;
@@ -247,7 +225,7 @@ static int run_case(const tcase_t *c) {
       for (int i = 0; i < c->nvar && !fails; i++) {
         da_tensor_make(&to[i], out[i], dt, 4, shq), da_tensor_make(&tl[i], lse[i], DA_FLOAT32, 3, shl);
         st = da_decode_step(plans[i], cache, &tq, &to[i], &tl[i], NULL);
-        if (!all_equal_status(st, DA_SUCCESS)) {
+        if (!tu_all_equal_status(st, DA_SUCCESS)) {
           snprintf(why, sizeof why, "decode %s step %d: %s", c->var[i].name, s, da_last_error(g_ctx));
           fails++;
         }
@@ -269,7 +247,7 @@ static int run_case(const tcase_t *c) {
           for (int t = 0; t < T; t++)
             for (int h = 0; h < H; h++) {
               const int64_t row = ((int64_t)b * T + t) * H + h;
-              double e = row_err(out[i], dt, row * D, ro + (t * H + h) * D, D);
+              double e = tu_row_err(out[i], dt, row * D, ro + (t * H + h) * D, D, 0);
               double le = fabs(lse[i][row] - rl[t * H + h]) / fmax(1.0, fabs(rl[t * H + h]));
               e = fmax(e, le);
               if (!(e <= err[i])) err[i] = e;
@@ -287,13 +265,13 @@ static int run_case(const tcase_t *c) {
         }
       }
       for (int i = 0; i < c->nvar; i++) {
-        double e = max_over_ranks(err[i]);
+        double e = tu_reduce(err[i], MPI_MAX);
         if (!(e <= tol)) {
           snprintf(why, sizeof why, "%s step %d: error %.3g > %.3g", c->var[i].name, s, e, tol);
           fails++;
         }
       }
-      agree = max_over_ranks(agree);
+      agree = tu_reduce(agree, MPI_MAX);
       if (!(agree <= agree_tol)) {
         snprintf(why, sizeof why, "step %d: variants disagree by %.3g > %.3g", s, agree, agree_tol);
         fails++;
@@ -314,7 +292,7 @@ static int run_case(const tcase_t *c) {
                                                        : P1 * (m + (uint64_t)(B * T * H * D) * es) +
                                                              (c->var[i].root < 0 ? P1 * m : 0);
       bad |= total != want;
-      bad = max_over_ranks(bad);
+      bad = tu_reduce(bad, MPI_MAX);
       if (bad) {
         snprintf(why, sizeof why, "%s: stats (bytes %llu, partial %zu)", c->var[i].name,
                  (unsigned long long)ds.bytes_sent, ds.partial_bytes);
@@ -380,7 +358,7 @@ START_TEST(errors) {
   kc.timeout = 30;
   da_kvcache_t *cache = NULL;
   da_status_t st = da_kvcache_create(g_comm, &prob, &kc, &cache);
-  ck_assert_msg(all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "page mismatch: %s",
+  ck_assert_msg(tu_all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "page mismatch: %s",
                 da_last_error(g_ctx));
   da_kvcache_free(cache);
   cache = NULL;
@@ -389,7 +367,7 @@ START_TEST(errors) {
   if (g_rank == 0 && g_size > 1) p2.heads = 8;
   da_decode_plan_t *plan = NULL;
   st = da_decode_plan_create(g_comm, &p2, NULL, &plan);
-  ck_assert_msg(all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "heads mismatch: %s",
+  ck_assert_msg(tu_all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "heads mismatch: %s",
                 da_last_error(g_ctx));
   if (g_size > 1) ck_assert_msg(strstr(da_last_error(g_ctx), "heads") != NULL, "names heads: %s", da_last_error(g_ctx));
   da_decode_plan_free(plan);
@@ -398,31 +376,31 @@ START_TEST(errors) {
   da_decode_config_t dc = DA_DECODE_CONFIG_INITIALIZER;
   dc.root = g_size;
   st = da_decode_plan_create(g_comm, &prob, &dc, &plan);
-  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  ck_assert(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
   kc.page = -1;
   st = da_kvcache_create(g_comm, &prob, &kc, &cache);
-  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  ck_assert(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
   double bad_w[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
   bad_w[g_size - 1] = 0;
   kc.page = 16, kc.weights = bad_w;
   st = da_kvcache_create(g_comm, &prob, &kc, &cache);
-  ck_assert_msg(all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "zero weight: %s", da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "zero weight: %s", da_last_error(g_ctx));
   kc.weights = NULL;
   /* a working cache and plan */
-  ck_assert(all_equal_status(da_kvcache_create(g_comm, &prob, &kc, &cache), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_kvcache_create(g_comm, &prob, &kc, &cache), DA_SUCCESS));
   dc.root = -1, dc.timeout = 30;
-  ck_assert(all_equal_status(da_decode_plan_create(g_comm, &prob, &dc, &plan), DA_SUCCESS));
-  ck_assert(all_equal_status(da_kvcache_prefill(cache, 0, 40, NULL, NULL), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_decode_plan_create(g_comm, &prob, &dc, &plan), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_kvcache_prefill(cache, 0, 40, NULL, NULL), DA_SUCCESS));
   /* prefilling twice is refused on every rank */
   st = da_kvcache_prefill(cache, 0, 40, NULL, NULL);
-  ck_assert_msg(all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "second prefill: %s", da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT), "second prefill: %s", da_last_error(g_ctx));
   /* different prefill lengths: mismatch */
   da_problem_t p3 = prob;
   p3.batch = 2;
   da_kvcache_t *c2 = NULL;
-  ck_assert(all_equal_status(da_kvcache_create(g_comm, &p3, &kc, &c2), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_kvcache_create(g_comm, &p3, &kc, &c2), DA_SUCCESS));
   st = da_kvcache_prefill(c2, 1, 10 + (g_rank == 0), NULL, NULL);
-  ck_assert_msg(all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "length mismatch: %s",
+  ck_assert_msg(tu_all_equal_status(st, g_size > 1 ? DA_ERR_MISMATCH : DA_SUCCESS), "length mismatch: %s",
                 da_last_error(g_ctx));
   da_kvcache_free(c2);
   for (int64_t i = 0; i < da_kvcache_num_pages(cache, 0); i++) {
@@ -441,7 +419,7 @@ START_TEST(errors) {
   /* a bad q on the last rank only: invalid there, remote elsewhere, nobody hangs */
   st = da_decode_step(plan, cache, g_rank == g_size - 1 ? &tbad : &tq, &to, &tl, NULL);
   da_status_t want = g_rank == g_size - 1 ? DA_ERR_INVALID_ARGUMENT : DA_ERR_REMOTE;
-  ck_assert_msg(all_equal_status(st, want), "bad q on one rank (got %s: %s)", da_status_string(st), da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, want), "bad q on one rank (got %s: %s)", da_status_string(st), da_last_error(g_ctx));
   if (g_rank != g_size - 1) {
     char r[32];
     snprintf(r, sizeof r, "rank %d", g_size - 1);
@@ -449,18 +427,18 @@ START_TEST(errors) {
   }
   /* usable afterwards: constant keys give out = v = 0.5 and lse = log(40) + scale * 0.25 * 0.5 * 32 */
   st = da_decode_step(plan, cache, &tq, &to, &tl, NULL);
-  ck_assert_msg(all_equal_status(st, DA_SUCCESS), "plan usable after a rejected step: %s", da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, DA_SUCCESS), "plan usable after a rejected step: %s", da_last_error(g_ctx));
   double e = 0, want_lse = log(40.0) + (1.0 / sqrt(32.0)) * 0.25 * 0.5 * 32;
   for (int i = 0; i < 4 * 32; i++) e = fmax(e, fabs(out[i] - 0.5));
   for (int h = 0; h < 4; h++) e = fmax(e, fabs(lse[h] - want_lse) / want_lse);
-  ck_assert_msg(max_over_ranks(e) < 1e-5, "constant cache: error %g", e);
+  ck_assert_msg(tu_reduce(e, MPI_MAX) < 1e-5, "constant cache: error %g", e);
   /* a query longer than the sequence */
   float q2[2 * 4 * 32];
   da_tensor_t tq2, to2;
   da_tensor_make(&tq2, q2, DA_FLOAT32, 4, (int64_t[]){1, 41, 4, 32});
   da_tensor_make(&to2, q2, DA_FLOAT32, 4, (int64_t[]){1, 41, 4, 32});
   st = da_decode_step(plan, cache, &tq2, &to2, NULL, NULL);
-  ck_assert(all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
+  ck_assert(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT));
   da_decode_plan_free(plan);
   da_kvcache_free(cache);
   ck_assert_msg(MPI_Wtime() - t0 < 60, "error paths took %.1f s", MPI_Wtime() - t0);
@@ -468,22 +446,12 @@ START_TEST(errors) {
 END_TEST
 
 int main(int argc, char **argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-  da_config_t cfg = DA_CONFIG_INITIALIZER;
-  cfg.nthreads = 1; /* ranks are oversubscribed on the test machines */
-  if (da_context_create(&cfg, &g_ctx) != DA_SUCCESS || da_comm_create(g_ctx, MPI_COMM_WORLD, &g_comm) != DA_SUCCESS) {
-    fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(g_ctx));
-    MPI_Abort(MPI_COMM_WORLD, 1); /* the test program may; the library never does */
-  }
+  tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, &g_comm);
   Suite *s = suite_create("tree");
   TCase *tc = tcase_create("decode");
   tcase_set_timeout(tc, 0);
-  const char *only = getenv("DISTATTN_TEST_ONLY");
-  struct { const char *name; const TTest *t; } tests[] = {{"errors", errors}, {"matrix", matrix}};
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
-    if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
+  const tu_test_t tests[] = {{"errors", errors}, {"matrix", matrix}};
+  tu_add_tests(tc, tests, sizeof tests / sizeof tests[0]);
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);
   da_comm_free(g_comm);

@@ -89,7 +89,7 @@ static void expect_refusal(int H, int G, const char *why) {
   int ok = st == DA_ERR_UNSUPPORTED && plan == NULL && msg && strstr(msg, "ulysses") && strstr(msg, why);
   if (!ok) fprintf(stderr, "rank %d: H=%d G=%d P=%d gave %s: %s\n", g_rank, H, G, g_size, da_status_string(st), msg);
   if (g_rank == 0 && ok) fprintf(stderr, "refused as expected: %s\n", msg);
-  ck_assert_msg(all_equal_status(ok ? DA_ERR_UNSUPPORTED : DA_SUCCESS, DA_ERR_UNSUPPORTED),
+  ck_assert_msg(tu_all_equal_status(ok ? DA_ERR_UNSUPPORTED : DA_SUCCESS, DA_ERR_UNSUPPORTED),
                 "H=%d G=%d over %d ranks must be refused on every rank (\"%s\")", H, G, g_size, why);
   da_plan_free(plan);
 }
@@ -124,25 +124,25 @@ START_TEST(u_plan_figures) {
       prob.seq = 301 + P, prob.heads = UH, prob.kv_heads = g[gi], prob.dim = 16, prob.mask = DA_MASK_CAUSAL;
       prob.dtype = d ? DA_BFLOAT16 : DA_FLOAT32;
       zplan_t z;
-      ck_assert(all_equal_status(zplan_make(&z, &prob, DA_ALGO_ULYSSES), DA_SUCCESS));
+      ck_assert(tu_all_equal_status(zplan_make(&z, &prob, DA_ALGO_ULYSSES), DA_SUCCESS));
       da_plan_stats_t s = DA_PLAN_STATS_INITIALIZER;
       ck_assert(da_plan_stats(z.plan, &s) == DA_SUCCESS);
       const double es = d ? 2 : 4, S = (double)prob.seq, D = prob.dim, Hl = UH / P;
       const double Gk = g[gi] >= P ? g[gi] / P : 1, P1 = P - 1;
       const double fwd = P1 * S * ((2 * Hl + 2 * Gk) * D * es + Hl * 4);
       const double bwd = P1 * S * ((3 * Hl + 2 * Gk) * D * es + Hl * 4 + (Hl + 2 * Gk) * D * 4);
-      ck_assert_msg(red((double)s.plan_fwd_bytes, MPI_SUM) == fwd, "G=%d fwd volume %.0f, expected %.0f", g[gi],
-                    red((double)s.plan_fwd_bytes, MPI_SUM), fwd);
-      ck_assert_msg(red((double)s.plan_bwd_bytes, MPI_SUM) == bwd, "G=%d bwd volume %.0f, expected %.0f", g[gi],
-                    red((double)s.plan_bwd_bytes, MPI_SUM), bwd);
+      ck_assert_msg(tu_reduce((double)s.plan_fwd_bytes, MPI_SUM) == fwd, "G=%d fwd volume %.0f, expected %.0f", g[gi],
+                    tu_reduce((double)s.plan_fwd_bytes, MPI_SUM), fwd);
+      ck_assert_msg(tu_reduce((double)s.plan_bwd_bytes, MPI_SUM) == bwd, "G=%d bwd volume %.0f, expected %.0f", g[gi],
+                    tu_reduce((double)s.plan_bwd_bytes, MPI_SUM), bwd);
       /* At least the gathered q, k, v, out and the fp32 state for the whole sequence. */
       const double whole = S * ((2 * Hl + 2 * Gk) * D * es + Hl * D * 4);
-      ck_assert_msg(red((double)s.mem_fwd_bytes, MPI_MIN) >= whole, "forward memory %zu < %.0f", s.mem_fwd_bytes, whole);
+      ck_assert_msg(tu_reduce((double)s.mem_fwd_bytes, MPI_MIN) >= whole, "forward memory %zu < %.0f", s.mem_fwd_bytes, whole);
       ck_assert(s.mem_bwd_bytes > s.mem_fwd_bytes);
       ck_assert_msg(s.work_imbalance == 1.0, "every rank computes every pair for H/P heads");
-      ck_assert_msg(red((double)s.pairs_rank, MPI_SUM) == (double)s.pairs_total, "pairs %lld of %lld",
+      ck_assert_msg(tu_reduce((double)s.pairs_rank, MPI_SUM) == (double)s.pairs_total, "pairs %lld of %lld",
                     (long long)s.pairs_rank, (long long)s.pairs_total);
-      ck_assert(all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
+      ck_assert(tu_all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
       ck_assert(da_plan_stats(z.plan, &s) == DA_SUCCESS);
       ck_assert_msg(s.fwd_bytes_sent == s.plan_fwd_bytes && s.bwd_bytes_sent == s.plan_bwd_bytes,
                     "sent %llu / %llu, planned %llu / %llu", (unsigned long long)s.fwd_bytes_sent,
@@ -163,10 +163,10 @@ START_TEST(u_timeout) {
   prob.seq = 64, prob.heads = 2 * g_size, prob.kv_heads = 1, prob.dim = 16;
   zplan_t z;
   zplan_timeout = 2;
-  ck_assert(all_equal_status(zplan_make(&z, &prob, DA_ALGO_ULYSSES), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(zplan_make(&z, &prob, DA_ALGO_ULYSSES), DA_SUCCESS));
   zplan_timeout = 60;
   zplan_t z2; /* made first: plan creation is collective */
-  ck_assert(all_equal_status(zplan_make(&z2, &prob, DA_ALGO_ULYSSES), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(zplan_make(&z2, &prob, DA_ALGO_ULYSSES), DA_SUCCESS));
   const int absent = g_rank == g_size - 1;
   int ok = 1;
   double dt = 0;
@@ -178,32 +178,22 @@ START_TEST(u_timeout) {
     ok = st == DA_ERR_TIMEOUT && msg && strstr(msg, "did not complete within 2 s");
     if (!ok) fprintf(stderr, "rank %d: %s: %s\n", g_rank, da_status_string(st), msg);
   }
-  ck_assert_msg(red(ok, MPI_MIN) == 1, "a missing rank must time out the call on every other rank");
-  ck_assert_msg(red(dt, MPI_MAX) < 15, "timeout took %.1f s", red(dt, MPI_MAX));
-  ck_assert(all_equal_status(zplan_run(&z2, 1), DA_SUCCESS));
+  ck_assert_msg(tu_reduce(ok, MPI_MIN) == 1, "a missing rank must time out the call on every other rank");
+  ck_assert_msg(tu_reduce(dt, MPI_MAX) < 15, "timeout took %.1f s", tu_reduce(dt, MPI_MAX));
+  ck_assert(tu_all_equal_status(zplan_run(&z2, 1), DA_SUCCESS));
   zplan_free(&z2);
   zplan_free(&z);
 }
 END_TEST
 
 int main(int argc, char **argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-  da_config_t cfg = DA_CONFIG_INITIALIZER;
-  cfg.nthreads = 1; /* ranks are oversubscribed on the test machines */
-  if (da_context_create(&cfg, &g_ctx) != DA_SUCCESS || da_comm_create(g_ctx, MPI_COMM_WORLD, &g_comm) != DA_SUCCESS) {
-    fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(g_ctx));
-    MPI_Abort(MPI_COMM_WORLD, 1);
-  }
+  tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, &g_comm);
   Suite *s = suite_create("ulysses");
   TCase *tc = tcase_create("correctness");
   tcase_set_timeout(tc, 0);
-  const char *only = getenv("DISTATTN_TEST_ONLY");
-  struct { const char *name; const TTest *t; } tests[] = {
+  const tu_test_t tests[] = {
       {"refusals", u_refusals}, {"plan_figures", u_plan_figures}, {"timeout", u_timeout}, {"edges", u_edges}, {"matrix_uneven", u_matrix}};
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
-    if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
+  tu_add_tests(tc, tests, sizeof tests / sizeof tests[0]);
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);
   da_comm_free(g_comm);

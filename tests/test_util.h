@@ -145,6 +145,22 @@ static inline double tu_lse_err(const double *ref, const double *got, int64_t n,
                   (got)[w_], (ref)[w_]);                                                                   \
   } while (0)
 
+/* max_j |x - ref| / max(max_j |ref|, floor) over one row of len elements of x (dtype dt, from
+ * element off): a per-row scale, floored (at least 1e-6) so that rows whose exact value is 0 (dq
+ * of a query that sees a single key) are measured against the tensor's scale
+ * (docs/decisions.md, Verification). NaN in x is a failure. */
+static inline double tu_row_err(const void *x, da_dtype_t dt, int64_t off, const double *ref, int64_t len,
+                                double floor) {
+  double e = 0, m = 0;
+  for (int64_t j = 0; j < len; j++) {
+    double a = da_load_f32(x, (int)dt, off + j), d = fabs(a - ref[j]);
+    if (!(d <= e)) e = d;
+    if (fabs(ref[j]) > m) m = fabs(ref[j]);
+  }
+  if (floor < 1e-6) floor = 1e-6;
+  return e / (m > floor ? m : floor);
+}
+
 /* Documents covering [0, S): ndocs lengths >= 1 around S / ndocs with random jitter (ndocs is
  * clamped to S). cu gets ndocs + 1 entries; returns the number of documents. */
 static inline int64_t tu_docs(uint64_t *rs, int64_t S, int64_t ndocs, int64_t *cu) {

@@ -32,7 +32,7 @@ SITE=$("$WORK/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()
 
 echo "== imported from another folder, nothing set"
 mkdir "$WORK/elsewhere"
-cp "$SRC/tests/test_torch.py" "$WORK/elsewhere/"
+cp "$SRC/tests/test_torch.py" "$SRC/tests/mpi_runner.py" "$WORK/elsewhere/"
 cd "$WORK/elsewhere"
 "$WORK/venv/bin/python" - "$SITE" <<'EOF'
 import os, sys

@@ -57,84 +57,93 @@ static inline int pad_dim(int D) {
   return (D + a - 1) / a * a;
 }
 
-/* ---- the three register-tiled products ------------------------------------------------------ */
+/* Row `row`, head h of a [rows][heads][D] tensor of the call's dtype with row stride ld. */
+static inline const char *head_row(const da_kparams_t *p, const void *base, int64_t ld, int64_t row, int h) {
+  return (const char *)base + (size_t)(row * ld + (int64_t)h * p->D) * da_dtype_size(p->dtype);
+}
 
-/* C[r][.] = sum_{d<nd} A[r*lda + d] * B[d][.]   (r < R; B is [nd][QT]; C is [R][QT]).
+/* ---- the three register-tiled products ------------------------------------------------------
+ * Each product is written once, as its loop skeleton over the reduction dimension (DEF_GEMM_*),
+ * and instantiated for two kinds of operands that differ only in the step, named by a prefix:
+ *   F32: fp32 operands, one element of the reduction per step: b = vload, a = vset1(*p),
+ *        c = fma(a, b, c);
+ *   BF:  pairs of bf16 in one 32-bit lane (simd.h vdp), two elements per step: b = vbload,
+ *        a = vbcast(p), c = vdp(c, a, b) (instantiated on DA_BF16DP levels only, below).
+ * S##_VT is the operand vector type, S##_K the elements per step. */
+#define F32_VT vf
+#define F32_K 1
+#define F32_LOAD(p) vload(p)
+#define F32_BCAST(p) vset1(*(p))
+#define F32_MAC(c, a, b) vfma(a, b, c)
+
+/* C[r][.] = cs * sum_{d<n} A[r*lda + K*d ..] . B[d][.]   (r < R; B is [n][QT]; C is [R][QT]).
  * S^T = K Q^T and dP^T = V dO^T: A rows are keys, B the packed transposed queries. */
-static __attribute__((noinline)) void gemm_a(int nd, const float *restrict A, int lda, const float *restrict B, float *restrict C) {
-  vf c[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = vzero();
-  for (int d = 0; d < nd; d++) {
-    vf b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) b[v] = vload(B + d * QT + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      vf a = vset1(A[r * lda + d]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) c[r][v] = vfma(a, b[v], c[r][v]);
-    }
+#define DEF_GEMM_A(NAME, TA, TB, S)                                                                          \
+  static __attribute__((noinline)) void NAME(int n, const TA *restrict A, int lda, const TB *restrict B,     \
+                                             float *restrict C, float cs) {                                  \
+    vf c[R][NV];                                                                                             \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = vzero();                              \
+    for (int d = 0; d < n; d++) {                                                                            \
+      S##_VT b[NV];                                                                                          \
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = S##_LOAD(B + d * QT + v * W);              \
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+        const S##_VT a = S##_BCAST(A + r * lda + S##_K * d);                                                 \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = S##_MAC(c[r][v], a, b[v]);            \
+      }                                                                                                      \
+    }                                                                                                        \
+    const vf vc = vset1(cs);                                                                                 \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, vmul(c[r][v], vc));  \
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, c[r][v]);
-}
 
-/* Ct[r][.] = Ct[r][.] * alpha + sum_{j<nk} A[j*lda + r] * P[j][.]   (r < R; P is [nk][QT]).
- * O^T = O^T * alpha + V^T P^T and dQ^T += K^T dS^T: A rows are keys, r walks the head dim. */
-static __attribute__((noinline)) void gemm_b(int nk, const float *restrict A, int lda, const float *restrict P, float *restrict Ct,
-                          const vf *alpha) {
-  vf c[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);
-  for (int j = 0; j < nk; j++) {
-    vf b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) b[v] = vload(P + j * QT + v * W);
-    const float *a = A + (size_t)j * lda;
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      vf x = vset1(a[r]);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) c[r][v] = vfma(x, b[v], c[r][v]);
-    }
+/* Ct[r][.] = Ct[r][.] * alpha + sum_{j<n} A[j*lda + r] . P[j][.]   (r < R; P is [n][QT]; alpha
+ * NULL: no rescale). O^T = O^T * alpha + V^T P^T and dQ^T += K^T dS^T: A rows are keys (or pairs
+ * of keys), r walks the head dim. */
+#define DEF_GEMM_B(NAME, T, S)                                                                               \
+  static __attribute__((noinline)) void NAME(int n, const T *restrict A, int lda, const T *restrict P,       \
+                                             float *restrict Ct, const vf *alpha) {                          \
+    vf c[R][NV];                                                                                             \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] =                                       \
+        alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);                     \
+    for (int j = 0; j < n; j++) {                                                                            \
+      S##_VT b[NV];                                                                                          \
+      _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = S##_LOAD(P + j * QT + v * W);              \
+      const T *a = A + (size_t)j * lda;                                                                      \
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+        const S##_VT x = S##_BCAST(a + r);                                                                   \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = S##_MAC(c[r][v], x, b[v]);            \
+      }                                                                                                      \
+    }                                                                                                        \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);           \
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);
-}
 
-/* C[r*ldc + u*W ..] += sum_{i<QT} A[r*QT + i] * X[i*ldx + u*W ..]   (r < R, u < NU).
- * dV += P^T dO and dK += dS^T Q: A rows are keys (lanes = queries), X rows are queries. */
-static __attribute__((noinline)) void gemm_c(const float *restrict A, const float *restrict X, int ldx, float *restrict C, int ldc) {
-  vf c[R][NU];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);
-  for (int i = 0; i < QT; i++) {
-    vf x[NU];
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) x[u] = vload(X + i * ldx + u * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      vf a = vset1(A[r * QT + i]);
-#pragma GCC unroll 4
-      for (int u = 0; u < NU; u++) c[r][u] = vfma(a, x[u], c[r][u]);
-    }
+/* C[r*ldc + u*W ..] += sum_{i<QT/K} A[r*QT + K*i ..] . X[i*ldx + u*W ..]   (r < R, u < NU).
+ * dV += P^T dO and dK += dS^T Q: A rows are keys (lanes = queries), X rows are queries (or pairs
+ * of queries). */
+#define DEF_GEMM_C(NAME, TA, TX, S)                                                                          \
+  static __attribute__((noinline)) void NAME(const TA *restrict A, const TX *restrict X, int ldx,            \
+                                             float *restrict C, int ldc) {                                   \
+    vf c[R][NU];                                                                                             \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);          \
+    for (int i = 0; i < QT / S##_K; i++) {                                                                   \
+      S##_VT x[NU];                                                                                          \
+      _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) x[u] = S##_LOAD(X + i * ldx + u * W);             \
+      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+        const S##_VT a = S##_BCAST(A + r * QT + S##_K * i);                                                  \
+        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = S##_MAC(c[r][u], a, x[u]);            \
+      }                                                                                                      \
+    }                                                                                                        \
+    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);           \
   }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);
-}
+
+DEF_GEMM_A(gemm_a, float, float, F32)
+DEF_GEMM_B(gemm_b, float, F32)
+DEF_GEMM_C(gemm_c, float, float, F32)
 
 /* ---- packing -------------------------------------------------------------------------------- */
 
@@ -201,83 +210,17 @@ static void lane_ranges(const da_mask_t *m, da_span_t qs, int n, da_span_t ks, f
 #if defined(DA_BF16DP)
 #define DA_HAVE_BF16DP 1
 
-/* C[r][.] = cs * sum_{dp<nd2} pair(A + r*lda + 2dp) . B[dp][.]   (r < R; B [nd2][QT] pairs). */
-static __attribute__((noinline)) void gemm_a_bf(int nd2, const uint16_t *restrict A, int lda, const uint32_t *restrict B,
-                                                float *restrict C, float cs) {
-  vf c[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = vzero();
-  for (int dp = 0; dp < nd2; dp++) {
-    vbi b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) b[v] = vbload(B + dp * QT + v * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      const vbi a = vbcast(A + r * lda + 2 * dp);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) c[r][v] = vdp(c[r][v], a, b[v]);
-    }
-  }
-  const vf vc = vset1(cs);
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, vmul(c[r][v], vc));
-}
-
-/* Ct[r][.] = Ct[r][.] * alpha + sum_{jp<nk2} A[jp*lda + r] . P[jp][.]   (pairs over keys). */
-static __attribute__((noinline)) void gemm_b_bf(int nk2, const uint32_t *restrict A, int lda, const uint32_t *restrict P,
-                                                float *restrict Ct, const vf *alpha) {
-  vf c[R][NV];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) c[r][v] = alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);
-  for (int jp = 0; jp < nk2; jp++) {
-    vbi b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) b[v] = vbload(P + jp * QT + v * W);
-    const uint32_t *a = A + (size_t)jp * lda;
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      const vbi x = vbcast(a + r);
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; v++) c[r][v] = vdp(c[r][v], x, b[v]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);
-}
-
-/* C[r*ldc + u*W ..] += sum_{ip<QT/2} pair(A + r*QT + 2ip) . X[ip*ldx + u*W ..]   (pairs over
- * queries: A bf16 rows [R][QT], X [QT/2][ldx] pairs). */
-static __attribute__((noinline)) void gemm_c_bf(const uint16_t *restrict A, const uint32_t *restrict X, int ldx,
-                                                float *restrict C, int ldc) {
-  vf c[R][NU];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);
-  for (int ip = 0; ip < QT / 2; ip++) {
-    vbi x[NU];
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) x[u] = vbload(X + ip * ldx + u * W);
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) {
-      const vbi a = vbcast(A + r * QT + 2 * ip);
-#pragma GCC unroll 4
-      for (int u = 0; u < NU; u++) c[r][u] = vdp(c[r][u], a, x[u]);
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; r++)
-#pragma GCC unroll 4
-    for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);
-}
+#define BF_VT vbi
+#define BF_K 2
+#define BF_LOAD(p) vbload(p)
+#define BF_BCAST(p) vbcast(p)
+#define BF_MAC(c, a, b) vdp(c, a, b)
+/* gemm_a_bf: A bf16 rows (pairs over d as stored), B [n][QT] pairs; cs scales the fp32 result
+ * (Q stays unscaled). gemm_b_bf: A and P pairs over keys. gemm_c_bf: A bf16 rows [R][QT]
+ * (pairs over queries as stored), X [QT/2][ldx] pairs. */
+DEF_GEMM_A(gemm_a_bf, uint16_t, uint32_t, BF)
+DEF_GEMM_B(gemm_b_bf, uint32_t, BF)
+DEF_GEMM_C(gemm_c_bf, uint16_t, uint32_t, BF)
 
 /* bf16 rows as stored -> [nrows][Dp], zero past D and for rows n..nrows-1 (the padding of the
  * source rows may hold anything: a neighbouring head, or NaN). */
@@ -408,122 +351,191 @@ static void fwd_scratch_carve(fwd_scratch_t *w, float *base, int nmt, int Dp) {
 #define BFDP(dt) 0
 #endif
 
-/* One task: KV head g, query rows [r0, r0 + nrows) of the block, every query head of the group,
- * against all keys of the call. The state is read at the start and written at the end. In bf16
- * on a bf16-pair level, Qt holds Q^T as pairs over d (unscaled), Kc bf16 rows and Vc V as pairs
- * over keys (the layouts of the *_bf products). */
-static void fwd_task(const da_kparams_t *p, int Dp, int g, int64_t r0, int nrows, int ntl, const void *q,
-                     int64_t ldq, da_span_t qpos, const void *k, int64_t ldk, const void *v, int64_t ldv,
-                     da_span_t kpos, da_fwd_state_t *st, fwd_scratch_t *w) {
-  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype;
-  const size_t es = da_dtype_size(p->dtype);
-  const float c2 = p->scale * LOG2E;
-  int tn[64];           /* valid lanes of each query tile */
-  da_span_t tspan[64];  /* positions of each query tile */
-  int cls[64];
-  (void)G;
-  for (int t = 0; t < ntl; t++) {
-    tn[t] = (int)lmin(QT, nrows - (int64_t)t * QT);
-    if (tn[t] < 0) tn[t] = 0;
-    tspan[t] = da_span_sub(qpos, r0 + (int64_t)t * QT, tn[t] > 0 ? tn[t] : 1);
+/* The operands of one forward call, read by all its tasks. */
+typedef struct {
+  const da_kparams_t *p;
+  int Dp;   /* padded head dim */
+  float c2; /* scale * log2 e: scores in log2 units */
+  const void *q, *k, *v;
+  int64_t ldq, ldk, ldv;
+  da_span_t qpos, kpos;
+  da_fwd_state_t *st;
+} fwd_call_t;
+
+/* The query micro-tiles of one task: KV head g, query rows [r0, r0 + ntl * QT) of the block.
+ * Micro-tile t of query head g * rep + i is micro-tile i * ntl + t of the scratch. */
+typedef struct {
+  int g, ntl;
+  int64_t r0;
+  int n[64];         /* valid lanes of each tile (0: past the end of the block) */
+  da_span_t pos[64]; /* positions of each tile */
+} fwd_tiles_t;
+
+static void fwd_tiles_of(const fwd_call_t *c, int g, int64_t r0, int nrows, int ntl, fwd_tiles_t *t) {
+  t->g = g, t->ntl = ntl, t->r0 = r0;
+  for (int i = 0; i < ntl; i++) {
+    t->n[i] = (int)lmin(QT, nrows - (int64_t)i * QT);
+    if (t->n[i] < 0) t->n[i] = 0;
+    t->pos[i] = da_span_sub(c->qpos, r0 + (int64_t)i * QT, t->n[i] > 0 ? t->n[i] : 1);
   }
-  for (int hi_ = 0; hi_ < rep; hi_++) {
-    const int h = g * rep + hi_;
-    for (int t = 0; t < ntl; t++) {
-      const int mt = hi_ * ntl + t, n = tn[t];
-      float *Qt = w->Qt + (size_t)mt * Dp * QT, *Ot = w->Ot + (size_t)mt * Dp * QT;
-      float *M = w->M + mt * QT, *L = w->L + mt * QT;
-      if (n == 0) continue;
-      const int64_t row = r0 + (int64_t)t * QT;
-      const char *qrow = (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es;
+}
+
+/* Q^T of n query rows of head h from row `row`: times c2 in fp32; as pairs over d, unscaled,
+ * on the bf16 pair path (the layout of gemm_a_bf). */
+static void fwd_pack_q(const fwd_call_t *c, int h, int64_t row, int n, float *Qt) {
+  const int D = c->p->D, dt = (int)c->p->dtype;
+  const char *src = head_row(c->p, c->q, c->ldq, row, h);
 #ifdef DA_HAVE_BF16DP
-      if (BFDP(dt)) pack_cols_bf((uint32_t *)Qt, Dp, (const uint16_t *)qrow, ldq, n, D);
-      else
+  if (BFDP(dt)) {
+    pack_cols_bf((uint32_t *)Qt, c->Dp, (const uint16_t *)src, c->ldq, n, D);
+    return;
+  }
 #endif
-        pack_cols(Qt, Dp, qrow, ldq, dt, n, D, c2);
-      memset(Ot, 0, (size_t)Dp * QT * sizeof(float));
-      for (int i = 0; i < QT; i++) {
-        if (i < n) {
-          const int64_t sr = (row + i) * H + h;
-          const float *o = st->o + sr * D;
-          for (int d = 0; d < D; d++) Ot[d * QT + i] = o[d];
-          M[i] = st->m[sr], L[i] = st->l[sr];
-        } else {
-          M[i] = -INFINITY, L[i] = 0.0f;
-        }
-      }
+  pack_cols(Qt, c->Dp, src, c->ldq, dt, n, D, c->c2);
+}
+
+/* The running state of n rows of head h from row `row` into a micro-tile: O^T [Dp][QT], M, L
+ * [QT]; lanes >= n hold an empty state. */
+static void fwd_state_load(const fwd_call_t *c, int h, int64_t row, int n, float *Ot, float *M, float *L) {
+  const int H = c->p->H, D = c->p->D;
+  memset(Ot, 0, (size_t)c->Dp * QT * sizeof(float));
+  for (int i = 0; i < QT; i++) {
+    if (i < n) {
+      const int64_t sr = (row + i) * H + h;
+      const float *o = c->st->o + sr * D;
+      for (int d = 0; d < D; d++) Ot[d * QT + i] = o[d];
+      M[i] = c->st->m[sr], L[i] = c->st->l[sr];
+    } else {
+      M[i] = -INFINITY, L[i] = 0.0f;
     }
   }
-  const int bk = kv_tile(p);
-  for (int64_t j0 = 0; j0 < kpos.count; j0 += bk) {
-    const int nk = (int)lmin(bk, kpos.count - j0), nkr = (nk + R - 1) / R * R;
-    const da_span_t ks = da_span_sub(kpos, j0, nk);
-    int any = 0;
-    for (int t = 0; t < ntl; t++) {
-      cls[t] = tn[t] ? (int)da_mask_classify(&p->mask, tspan[t].start, da_span_last(tspan[t]), ks.start,
-                                             da_span_last(ks))
+}
+
+/* The inverse: a micro-tile's n valid lanes back into the running state. */
+static void fwd_state_store(const fwd_call_t *c, int h, int64_t row, int n, const float *Ot, const float *M,
+                            const float *L) {
+  const int H = c->p->H, D = c->p->D;
+  for (int i = 0; i < n; i++) {
+    const int64_t sr = (row + i) * H + h;
+    float *o = c->st->o + sr * D;
+    for (int d = 0; d < D; d++) o[d] = Ot[d * QT + i];
+    c->st->m[sr] = M[i], c->st->l[sr] = L[i];
+  }
+}
+
+/* KV tile [j0, j0 + nk) of KV head g into the scratch: fp32 rows Kc, Vc (K padded to whole
+ * register tiles); on the bf16 pair path K as bf16 rows and V as pairs over keys. */
+static void fwd_pack_kv(const fwd_call_t *c, int g, int64_t j0, int nk, fwd_scratch_t *w) {
+  const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
+  const char *ksrc = head_row(c->p, c->k, c->ldk, j0, g), *vsrc = head_row(c->p, c->v, c->ldv, j0, g);
+#ifdef DA_HAVE_BF16DP
+  if (BFDP(dt)) {
+    pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, c->ldk, nk, D);
+    pack_row_pairs((uint32_t *)w->Vc, Dp, (nk + 1) / 2, (const uint16_t *)vsrc, c->ldv, nk, D);
+    return;
+  }
+#endif
+  pack_rows(w->Kc, Dp, nkr, ksrc, c->ldk, dt, nk, D, 1.0f);
+  pack_rows(w->Vc, Dp, nk, vsrc, c->ldv, dt, nk, D, 1.0f);
+}
+
+/* One micro-tile mt against the packed KV tile of nk keys, fp32 products: S^T = K Q^T, the
+ * online softmax (lo, hi: per-lane key ranges of a partial tile, NULL when all are visible),
+ * O^T = O^T * alpha + V^T P^T. */
+static void fwd_micro_f32(const fwd_call_t *c, int nk, int mt, const float *lo, const float *hi, fwd_scratch_t *w) {
+  const int D = c->p->D, Dp = c->Dp;
+  const float *Qt = w->Qt + (size_t)mt * Dp * QT;
+  float *Ot = w->Ot + (size_t)mt * Dp * QT;
+  vf alpha[NV];
+  for (int jr = 0; jr < nk; jr += R) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, 1.0f);
+  softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha);
+  for (int dr = 0; dr < D; dr += R) gemm_b(nk, w->Vc + dr, Dp, w->S, Ot + (size_t)dr * QT, alpha);
+}
+
+#ifdef DA_HAVE_BF16DP
+/* The same over bf16 pairs: the scale applied to the fp32 scores, P rounded to bf16 pairs over
+ * keys for its product with V. */
+static void fwd_micro_bf(const fwd_call_t *c, int nk, int mt, const float *lo, const float *hi, fwd_scratch_t *w) {
+  const int D = c->p->D, Dp = c->Dp;
+  const uint32_t *Qt = (const uint32_t *)(w->Qt + (size_t)mt * Dp * QT);
+  float *Ot = w->Ot + (size_t)mt * Dp * QT;
+  const uint16_t *Kb = (const uint16_t *)w->Kc;
+  vf alpha[NV];
+  for (int jr = 0; jr < nk; jr += R) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, c->c2);
+  softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha);
+  pack_tile_pairs(w->Pp, w->S, nk);
+  for (int dr = 0; dr < D; dr += R)
+    gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, alpha);
+}
+#endif
+
+/* Fold KV tile [j0, j0 + nk) into every micro-tile of the task that the mask lets see it. */
+static void fwd_kv_tile(const fwd_call_t *c, const fwd_tiles_t *t, int64_t j0, int nk, fwd_scratch_t *w) {
+  const da_mask_t *mask = &c->p->mask;
+  const int rep = c->p->H / c->p->G;
+  const da_span_t ks = da_span_sub(c->kpos, j0, nk);
+  int cls[64], any = 0;
+  for (int i = 0; i < t->ntl; i++) {
+    cls[i] = t->n[i] ? (int)da_mask_classify(mask, t->pos[i].start, da_span_last(t->pos[i]), ks.start, da_span_last(ks))
                      : DA_TILE_EMPTY;
-      any |= cls[t] != DA_TILE_EMPTY;
-    }
-    if (!any) continue;
-    const char *ksrc = (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es;
-    const char *vsrc = (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es;
+    any |= cls[i] != DA_TILE_EMPTY;
+  }
+  if (!any) return;
+  fwd_pack_kv(c, t->g, j0, nk, w);
+  for (int i = 0; i < t->ntl; i++) {
+    if (cls[i] == DA_TILE_EMPTY) continue;
+    const int partial = cls[i] == DA_TILE_PARTIAL; /* lanes past n[i] are ignored */
+    if (partial) lane_ranges(mask, t->pos[i], t->n[i], ks, w->lo, w->hi);
+    const float *lo = partial ? w->lo : NULL, *hi = partial ? w->hi : NULL;
+    for (int hq = 0; hq < rep; hq++) {
 #ifdef DA_HAVE_BF16DP
-    if (BFDP(dt)) {
-      pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, ldk, nk, D);
-      pack_row_pairs((uint32_t *)w->Vc, Dp, (nk + 1) / 2, (const uint16_t *)vsrc, ldv, nk, D);
-    } else
-#endif
-    {
-      pack_rows(w->Kc, Dp, nkr, ksrc, ldk, dt, nk, D, 1.0f);
-      pack_rows(w->Vc, Dp, nk, vsrc, ldv, dt, nk, D, 1.0f);
-    }
-    for (int t = 0; t < ntl; t++) {
-      if (cls[t] == DA_TILE_EMPTY) continue;
-      const int partial = cls[t] == DA_TILE_PARTIAL; /* lanes past tn[t] are ignored */
-      if (partial) lane_ranges(&p->mask, tspan[t], tn[t], ks, w->lo, w->hi);
-      for (int hi_ = 0; hi_ < rep; hi_++) {
-        const int mt = hi_ * ntl + t;
-        float *Qt = w->Qt + (size_t)mt * Dp * QT, *Ot = w->Ot + (size_t)mt * Dp * QT;
-        vf alpha[NV];
-#ifdef DA_HAVE_BF16DP
-        if (BFDP(dt)) {
-          const uint16_t *Kb = (const uint16_t *)w->Kc;
-          for (int jr = 0; jr < nk; jr += R) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, (const uint32_t *)Qt, w->S + jr * QT, c2);
-          softmax_tile(w->S, nk, partial ? w->lo : NULL, partial ? w->hi : NULL, w->M + mt * QT, w->L + mt * QT,
-                       alpha);
-          pack_tile_pairs(w->Pp, w->S, nk);
-          for (int dr = 0; dr < D; dr += R)
-            gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, alpha);
-          continue;
-        }
-#endif
-        for (int jr = 0; jr < nk; jr += R) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT);
-        softmax_tile(w->S, nk, partial ? w->lo : NULL, partial ? w->hi : NULL, w->M + mt * QT, w->L + mt * QT,
-                     alpha);
-        for (int dr = 0; dr < D; dr += R) gemm_b(nk, w->Vc + dr, Dp, w->S, Ot + (size_t)dr * QT, alpha);
+      if (BFDP((int)c->p->dtype)) {
+        fwd_micro_bf(c, nk, hq * t->ntl + i, lo, hi, w);
+        continue;
       }
+#endif
+      fwd_micro_f32(c, nk, hq * t->ntl + i, lo, hi, w);
     }
   }
-  for (int hi_ = 0; hi_ < rep; hi_++) {
-    const int h = g * rep + hi_;
-    for (int t = 0; t < ntl; t++) {
-      const int mt = hi_ * ntl + t, n = tn[t];
-      const float *Ot = w->Ot + (size_t)mt * Dp * QT;
-      const int64_t row = r0 + (int64_t)t * QT;
-      for (int i = 0; i < n; i++) {
-        const int64_t sr = (row + i) * H + h;
-        float *o = st->o + sr * D;
-        for (int d = 0; d < D; d++) o[d] = Ot[d * QT + i];
-        st->m[sr] = w->M[mt * QT + i], st->l[sr] = w->L[mt * QT + i];
-      }
+}
+
+/* One task: KV head g, query rows [r0, r0 + nrows) of the block, every query head of the group,
+ * against all keys of the call. The state is read at the start and written at the end. */
+static void fwd_task(const fwd_call_t *c, int g, int64_t r0, int nrows, int ntl, fwd_scratch_t *w) {
+  const int rep = c->p->H / c->p->G, Dp = c->Dp;
+  fwd_tiles_t t;
+  fwd_tiles_of(c, g, r0, nrows, ntl, &t);
+  for (int hq = 0; hq < rep; hq++)
+    for (int i = 0; i < ntl; i++) {
+      const int mt = hq * ntl + i;
+      if (t.n[i] == 0) continue;
+      fwd_pack_q(c, g * rep + hq, r0 + (int64_t)i * QT, t.n[i], w->Qt + (size_t)mt * Dp * QT);
+      fwd_state_load(c, g * rep + hq, r0 + (int64_t)i * QT, t.n[i], w->Ot + (size_t)mt * Dp * QT, w->M + mt * QT,
+                     w->L + mt * QT);
     }
-  }
+  const int bk = kv_tile(c->p);
+  for (int64_t j0 = 0; j0 < c->kpos.count; j0 += bk) fwd_kv_tile(c, &t, j0, (int)lmin(bk, c->kpos.count - j0), w);
+  for (int hq = 0; hq < rep; hq++)
+    for (int i = 0; i < ntl; i++) {
+      const int mt = hq * ntl + i;
+      fwd_state_store(c, g * rep + hq, r0 + (int64_t)i * QT, t.n[i], w->Ot + (size_t)mt * Dp * QT, w->M + mt * QT,
+                      w->L + mt * QT);
+    }
 }
 
 static int nthreads_of(const da_kparams_t *p) {
   int n = p->nthreads > 0 ? p->nthreads : da_default_nthreads();
   return n > 0 ? n : 1;
+}
+
+/* Query micro-tiles per task: enough to reuse each converted KV tile a few times, few enough that
+ * every thread gets several tasks; block_q (query rows per task) overrides. */
+static int fwd_tiles_per_task(const da_kparams_t *p, int64_t nq, int nthr) {
+  const int rep = p->H / p->G;
+  if (p->block_q > 0) return imin(8, imax(1, (p->block_q + QT - 1) / QT));
+  int ntl = rep >= 4 ? 1 : 4 / rep;
+  while (ntl > 1 && (int64_t)p->G * ((nq + (int64_t)ntl * QT - 1) / ((int64_t)ntl * QT)) < 4 * nthr) ntl /= 2;
+  return ntl;
 }
 
 static da_status_t fwd_block(const da_kparams_t *p, const void *q, int64_t ldq, da_span_t qpos, const void *k,
@@ -533,30 +545,25 @@ static da_status_t fwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
   if (qpos.count <= 0 || kpos.count <= 0) return DA_SUCCESS;
   if (da_mask_classify(&p->mask, qpos.start, da_span_last(qpos), kpos.start, da_span_last(kpos)) == DA_TILE_EMPTY)
     return DA_SUCCESS;
-  const int G = p->G, rep = p->H / p->G, Dp = pad_dim(p->D);
-  const int nthr = nthreads_of(p);
-  /* Query tiles per task: enough to reuse each converted KV tile a few times, few enough that
-   * every thread gets several tasks. */
-  int ntl = rep >= 4 ? 1 : 4 / rep;
-  while (ntl > 1 && (int64_t)G * ((qpos.count + (int64_t)ntl * QT - 1) / ((int64_t)ntl * QT)) < 4 * nthr) ntl /= 2;
-  if (p->block_q > 0) ntl = imin(8, imax(1, (p->block_q + QT - 1) / QT)); /* query rows per task, in micro-tiles */
+  const fwd_call_t c = {.p = p, .Dp = pad_dim(p->D), .c2 = p->scale * LOG2E, .q = q, .k = k, .v = v,
+                        .ldq = ldq, .ldk = ldk, .ldv = ldv, .qpos = qpos, .kpos = kpos, .st = st};
+  const int G = p->G, nthr = nthreads_of(p);
+  const int ntl = fwd_tiles_per_task(p, qpos.count, nthr);
   const int64_t qb = (int64_t)ntl * QT, nqb = (qpos.count + qb - 1) / qb, ntasks = (int64_t)G * nqb;
-  const int nmt = rep * ntl;
+  const int nmt = p->H / G * ntl;
   const int nt = (int)lmin(nthr, ntasks);
-  const size_t per = fwd_scratch_floats(nmt, Dp) + 64;
+  const size_t per = fwd_scratch_floats(nmt, c.Dp) + 64;
   float *scratch = da_malloc(per * (size_t)nt * sizeof(float), 64);
   if (!scratch) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu forward: %zu bytes of scratch", per * nt * sizeof(float));
 #pragma omp parallel num_threads(nt)
   {
     fwd_scratch_t w;
-    fwd_scratch_carve(&w, scratch + per * (size_t)omp_get_thread_num(), nmt, Dp);
+    fwd_scratch_carve(&w, scratch + per * (size_t)omp_get_thread_num(), nmt, c.Dp);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < ntasks; t++) {
       /* Later query blocks first: under a causal mask they hold the most work. */
-      const int64_t b = nqb - 1 - t / G;
-      const int g = (int)(t % G);
-      const int64_t r0 = b * qb;
-      fwd_task(p, Dp, g, r0, (int)lmin(qb, qpos.count - r0), ntl, q, ldq, qpos, k, ldk, v, ldv, kpos, st, &w);
+      const int64_t b = nqb - 1 - t / G, r0 = b * qb;
+      fwd_task(&c, (int)(t % G), r0, (int)lmin(qb, qpos.count - r0), ntl, &w);
     }
   }
   da_free(scratch);
@@ -647,7 +654,9 @@ static da_status_t bwd_prep(const da_kparams_t *p, int64_t nq, const void *out, 
  *   Qr  [QT][Dp] q * scale, rows (for dK += dS^T Q)
  *   dOr [QT][Dp] dout, rows (for dV += P^T dO)
  *   LS  [QT] lse * log2 e, +inf for rows without keys and padding lanes (so P = 0 there)
- *   DL  [QT] delta */
+ *   DL  [QT] delta
+ * On the bf16 pair path Q and dO stay unscaled, Qt and dOt are pairs over d, Qr and dOr pairs
+ * over queries [QT/2][Dp]. */
 typedef struct {
   float *Qt, *dOt, *Qr, *dOr, *LS, *DL;
 } bwd_q_t;
@@ -664,6 +673,247 @@ typedef struct {
   float lo[QT], hi[QT];
 } bwd_scratch_t;
 
+/* The operands of one backward call and the layout of its buffers, read by all its threads. */
+typedef struct {
+  const da_kparams_t *p;
+  int Dp, bk, ntc; /* padded head dim, KV tile, query micro-tiles per chunk */
+  float c2;        /* scale * log2 e */
+  const void *q, *dout, *k, *v;
+  int64_t ldq, lddo, ldk, ldv;
+  const float *lse, *delta;
+  da_span_t qpos, kpos;
+  float *dq, *dk, *dv;
+  size_t qtile, nht; /* floats of one packed query tile (Dp * QT); tiles of a chunk (H * ntc) */
+  size_t per;        /* floats of one thread's scratch */
+  int nt;            /* threads */
+  float *scratch;    /* [nt][per], each starting with that thread's dQ^T partial */
+  bwd_q_t Q;
+} bwd_call_t;
+
+/* The query rows of one chunk: [c0, c0 + rows) of the block, in nct micro-tiles. */
+typedef struct {
+  int64_t c0, rows;
+  int nct;
+  da_span_t span;
+} bwd_chunk_t;
+
+static void bwd_q_carve(bwd_q_t *Q, float *base, size_t nht, size_t qtile) {
+  Q->Qt = base;
+  Q->dOt = Q->Qt + nht * qtile;
+  Q->Qr = Q->dOt + nht * qtile;
+  Q->dOr = Q->Qr + nht * qtile;
+  Q->LS = Q->dOr + nht * qtile;
+  Q->DL = Q->LS + nht * QT;
+}
+
+static size_t bwd_scratch_floats(size_t nht, size_t qtile, int bk, int Dp) {
+  return nht * qtile + 5 * (size_t)bk * Dp + 4 * (size_t)bk * QT + 64;
+}
+
+static void bwd_scratch_carve(bwd_scratch_t *w, float *base, const bwd_call_t *c) {
+  const size_t bk = (size_t)c->bk, Dp = (size_t)c->Dp;
+  w->dQt = base;
+  w->Kc = w->dQt + c->nht * c->qtile;
+  w->Vc = w->Kc + bk * Dp;
+  w->dKt = w->Vc + bk * Dp;
+  w->dVt = w->dKt + bk * Dp;
+  w->S = w->dVt + bk * Dp;
+  w->dP = w->S + bk * QT;
+  w->Kp = (uint32_t *)(w->dP + bk * QT);
+  w->dSp = w->Kp + bk * Dp;
+  w->Sb = (uint16_t *)(w->dSp + bk * QT);
+  w->dSb = w->Sb + bk * QT;
+}
+
+/* Pack the query side of tile ht = h * nct + t of the chunk (bwd_q_t). */
+static void bwd_pack_q(const bwd_call_t *c, const bwd_chunk_t *ch, int64_t ht) {
+  const int H = c->p->H, D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp;
+  const int h = (int)(ht / ch->nct), t = (int)(ht % ch->nct);
+  const size_t x = (size_t)h * c->ntc + t;
+  const int64_t row = ch->c0 + (int64_t)t * QT;
+  const int n = (int)lmin(QT, ch->rows - (int64_t)t * QT);
+  const char *qs = head_row(c->p, c->q, c->ldq, row, h), *gs = head_row(c->p, c->dout, c->lddo, row, h);
+  const bwd_q_t *Q = &c->Q;
+#ifdef DA_HAVE_BF16DP
+  if (BFDP(dt)) {
+    pack_cols_bf((uint32_t *)(Q->Qt + x * c->qtile), Dp, (const uint16_t *)qs, c->ldq, n, D);
+    pack_cols_bf((uint32_t *)(Q->dOt + x * c->qtile), Dp, (const uint16_t *)gs, c->lddo, n, D);
+    pack_row_pairs((uint32_t *)(Q->Qr + x * c->qtile), Dp, QT / 2, (const uint16_t *)qs, c->ldq, n, D);
+    pack_row_pairs((uint32_t *)(Q->dOr + x * c->qtile), Dp, QT / 2, (const uint16_t *)gs, c->lddo, n, D);
+  } else
+#endif
+  {
+    pack_cols(Q->Qt + x * c->qtile, Dp, qs, c->ldq, dt, n, D, c->c2);
+    pack_cols(Q->dOt + x * c->qtile, Dp, gs, c->lddo, dt, n, D, 1.0f);
+    pack_rows(Q->Qr + x * c->qtile, Dp, QT, qs, c->ldq, dt, n, D, c->p->scale);
+    pack_rows(Q->dOr + x * c->qtile, Dp, QT, gs, c->lddo, dt, n, D, 1.0f);
+  }
+  for (int i = 0; i < QT; i++) {
+    const float L = i < n ? c->lse[(row + i) * H + h] : -INFINITY;
+    Q->LS[x * QT + i] = L == -INFINITY ? INFINITY : L * LOG2E;
+    Q->DL[x * QT + i] = i < n ? c->delta[(row + i) * H + h] : 0.0f;
+  }
+}
+
+/* KV tile [j0, j0 + nk) of KV head g: K and V rows (padded to whole register tiles); on the bf16
+ * pair path bf16 rows, plus K as pairs over keys for dQ. */
+static void bwd_pack_kv(const bwd_call_t *c, int g, int64_t j0, int nk, bwd_scratch_t *w) {
+  const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
+  const char *ksrc = head_row(c->p, c->k, c->ldk, j0, g), *vsrc = head_row(c->p, c->v, c->ldv, j0, g);
+#ifdef DA_HAVE_BF16DP
+  if (BFDP(dt)) {
+    pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, c->ldk, nk, D);
+    pack_rows_bf((uint16_t *)w->Vc, Dp, nkr, (const uint16_t *)vsrc, c->ldv, nk, D);
+    pack_row_pairs(w->Kp, Dp, (nk + 1) / 2, (const uint16_t *)ksrc, c->ldk, nk, D);
+    return;
+  }
+#endif
+  pack_rows(w->Kc, Dp, nkr, ksrc, c->ldk, dt, nk, D, 1.0f);
+  pack_rows(w->Vc, Dp, nkr, vsrc, c->ldv, dt, nk, D, 1.0f);
+}
+
+/* P = exp2(S - lse2) (0 where masked), dS = P (dP - delta), in place of S and dP over the tile's
+ * nkr rows (rows nk..nkr-1 zero). LS, DL [QT] of the micro-tile; lo, hi: lane ranges (partial). */
+static void bwd_softmax_grad(float *restrict S, float *restrict dP, int nk, int nkr, const float *LS, const float *DL,
+                             const float *lo, const float *hi, int partial) {
+  vf vl[NV], vd[NV], vlo[NV], vhi[NV];
+  for (int u = 0; u < NV; u++) {
+    vl[u] = vload(LS + u * W), vd[u] = vload(DL + u * W);
+    vlo[u] = vload(lo + u * W), vhi[u] = vload(hi + u * W); /* used when partial */
+  }
+  for (int j = 0; j < nkr; j++) {
+    const vf jf = vset1((float)j);
+    for (int u = 0; u < NV; u++) {
+      vf s = vload(S + j * QT + u * W);
+      if (partial) s = vkeep_range(s, jf, vlo[u], vhi[u]);
+      vf pj = j < nk ? vexp2(vsub(s, vl[u])) : vzero();
+      vf ds = vmul(pj, vsub(vload(dP + j * QT + u * W), vd[u]));
+      vstore(S + j * QT + u * W, pj);
+      vstore(dP + j * QT + u * W, j < nk ? ds : vzero());
+    }
+  }
+}
+
+/* Micro-tile x of the chunk against the packed KV tile of nk keys, fp32 products: S^T = K Q^T and
+ * dP^T = V dO^T, then P and dS, then dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T. */
+static void bwd_micro_f32(const bwd_call_t *c, size_t x, int nk, int partial, bwd_scratch_t *w) {
+  const int D = c->p->D, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
+  const bwd_q_t *Q = &c->Q;
+  for (int jr = 0; jr < nk; jr += R) {
+    gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Q->Qt + x * c->qtile, w->S + jr * QT, 1.0f);
+    gemm_a(D, w->Vc + (size_t)jr * Dp, Dp, Q->dOt + x * c->qtile, w->dP + jr * QT, 1.0f);
+  }
+  bwd_softmax_grad(w->S, w->dP, nk, nkr, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
+  for (int jr = 0; jr < nk; jr += R)
+    for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+      gemm_c(w->S + jr * QT, Q->dOr + x * c->qtile + d0, Dp, w->dVt + (size_t)jr * Dp + d0, Dp);
+      gemm_c(w->dP + jr * QT, Q->Qr + x * c->qtile + d0, Dp, w->dKt + (size_t)jr * Dp + d0, Dp);
+    }
+  for (int dr = 0; dr < D; dr += R) gemm_b(nk, w->Kc + dr, Dp, w->dP, w->dQt + x * c->qtile + (size_t)dr * QT, NULL);
+}
+
+#ifdef DA_HAVE_BF16DP
+/* The same over bf16 pairs: the scale applied to the fp32 scores, P and dS rounded to bf16 for
+ * the three gradient products; dK comes out in units of Q / scale (bwd_store_dkv scales it). */
+static void bwd_micro_bf(const bwd_call_t *c, size_t x, int nk, int partial, bwd_scratch_t *w) {
+  const int D = c->p->D, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
+  const bwd_q_t *Q = &c->Q;
+  for (int jr = 0; jr < nk; jr += R) {
+    gemm_a_bf((D + 1) / 2, (const uint16_t *)w->Kc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q->Qt + x * c->qtile),
+              w->S + jr * QT, c->c2);
+    gemm_a_bf((D + 1) / 2, (const uint16_t *)w->Vc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q->dOt + x * c->qtile),
+              w->dP + jr * QT, 1.0f);
+  }
+  bwd_softmax_grad(w->S, w->dP, nk, nkr, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
+  pack_tile_bf(w->Sb, w->S, nkr);
+  pack_tile_bf(w->dSb, w->dP, nkr);
+  pack_tile_pairs(w->dSp, w->dP, nk);
+  for (int jr = 0; jr < nk; jr += R)
+    for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+      gemm_c_bf(w->Sb + jr * QT, (const uint32_t *)(Q->dOr + x * c->qtile) + d0, Dp, w->dVt + (size_t)jr * Dp + d0, Dp);
+      gemm_c_bf(w->dSb + jr * QT, (const uint32_t *)(Q->Qr + x * c->qtile) + d0, Dp, w->dKt + (size_t)jr * Dp + d0, Dp);
+    }
+  for (int dr = 0; dr < D; dr += R)
+    gemm_b_bf((nk + 1) / 2, w->Kp + dr, Dp, w->dSp, w->dQt + x * c->qtile + (size_t)dr * QT, NULL);
+}
+#endif
+
+/* dk, dv rows of the KV tile += the task's dK, dV (dK times scale on the bf16 pair path, whose
+ * products used unscaled Q). */
+static void bwd_store_dkv(const bwd_call_t *c, int g, int64_t j0, int nk, const bwd_scratch_t *w) {
+  const int G = c->p->G, D = c->p->D, Dp = c->Dp;
+  const float ks = BFDP((int)c->p->dtype) ? c->p->scale : 1.0f;
+  for (int j = 0; j < nk; j++) {
+    float *dkr = c->dk + ((j0 + j) * G + g) * (int64_t)D, *dvr = c->dv + ((j0 + j) * G + g) * (int64_t)D;
+    const float *a = w->dKt + (size_t)j * Dp, *b = w->dVt + (size_t)j * Dp;
+    for (int d = 0; d < D; d++) dkr[d] += ks * a[d], dvr[d] += b[d];
+  }
+}
+
+/* One task: KV head g and KV tile kt against every micro-tile of the chunk; it owns its rows of
+ * dk and dv, and adds to this thread's dQ^T partial. */
+static void bwd_task(const bwd_call_t *c, const bwd_chunk_t *ch, int g, int64_t kt, bwd_scratch_t *w) {
+  const da_mask_t *mask = &c->p->mask;
+  const int rep = c->p->H / c->p->G;
+  const int64_t j0 = kt * c->bk;
+  const int nk = (int)lmin(c->bk, c->kpos.count - j0);
+  const da_span_t ks = da_span_sub(c->kpos, j0, nk);
+  if (da_mask_classify(mask, ch->span.start, da_span_last(ch->span), ks.start, da_span_last(ks)) == DA_TILE_EMPTY)
+    return;
+  bwd_pack_kv(c, g, j0, nk, w);
+  memset(w->dKt, 0, (size_t)2 * c->bk * c->Dp * sizeof(float)); /* dKt and dVt */
+  int touched = 0;
+  for (int t = 0; t < ch->nct; t++) {
+    const int n = (int)lmin(QT, ch->rows - (int64_t)t * QT);
+    const da_span_t ts = da_span_sub(ch->span, (int64_t)t * QT, n);
+    const int cl = (int)da_mask_classify(mask, ts.start, da_span_last(ts), ks.start, da_span_last(ks));
+    if (cl == DA_TILE_EMPTY) continue;
+    touched = 1;
+    const int partial = cl == DA_TILE_PARTIAL;
+    if (partial) lane_ranges(mask, ts, n, ks, w->lo, w->hi);
+    for (int hq = 0; hq < rep; hq++) {
+      const size_t x = (size_t)(g * rep + hq) * c->ntc + t;
+#ifdef DA_HAVE_BF16DP
+      if (BFDP((int)c->p->dtype)) {
+        bwd_micro_bf(c, x, nk, partial, w);
+        continue;
+      }
+#endif
+      bwd_micro_f32(c, x, nk, partial, w);
+    }
+  }
+  if (touched) bwd_store_dkv(c, g, j0, nk, w);
+}
+
+/* dq rows of tile ht = h * nct + t of the chunk += scale * the sum over threads of dQ^T
+ * (transposed back). */
+static void bwd_reduce_dq(const bwd_call_t *c, const bwd_chunk_t *ch, int64_t ht) {
+  const int H = c->p->H, D = c->p->D;
+  const int h = (int)(ht / ch->nct), t = (int)(ht % ch->nct);
+  const size_t x = (size_t)h * c->ntc + t;
+  const int64_t row = ch->c0 + (int64_t)t * QT;
+  const int n = (int)lmin(QT, ch->rows - (int64_t)t * QT);
+  for (int d = 0; d < D; d++) {
+    float sum[QT];
+    memset(sum, 0, sizeof sum);
+    for (int th = 0; th < c->nt; th++) {
+      const float *src = c->scratch + c->per * (size_t)th + x * c->qtile + (size_t)d * QT;
+      for (int i = 0; i < QT; i++) sum[i] += src[i];
+    }
+    for (int i = 0; i < n; i++) c->dq[((row + i) * H + h) * (int64_t)D + d] += c->p->scale * sum[i];
+  }
+}
+
+/* Query rows per chunk: each thread's dQ^T partial for a chunk stays within about 2 MB. */
+static int64_t bwd_chunk_rows(int H, int Dp, int64_t nq) {
+  int64_t qc = ((int64_t)1 << 19) / ((int64_t)H * Dp) / QT * QT;
+  if (qc < QT) qc = QT;
+  const int64_t nqr = (nq + QT - 1) / QT * QT;
+  return qc > nqr ? nqr : qc;
+}
+
+/* Chunks of query rows in turn; in each, the threads pack its query side, then take (KV head,
+ * KV tile) tasks, then reduce their dQ^T partials into dq. */
 static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, const void *dout, int64_t lddo,
                              const float *lse, const float *delta, da_span_t qpos, const void *k, int64_t ldk,
                              const void *v, int64_t ldv, da_span_t kpos, float *dq, float *dk, float *dv,
@@ -672,203 +922,42 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
   if (qpos.count <= 0 || kpos.count <= 0) return DA_SUCCESS;
   if (da_mask_classify(&p->mask, qpos.start, da_span_last(qpos), kpos.start, da_span_last(kpos)) == DA_TILE_EMPTY)
     return DA_SUCCESS;
-  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype, Dp = pad_dim(D);
-  const size_t es = da_dtype_size(p->dtype);
-  const int nthr = nthreads_of(p);
-  /* Query rows per chunk: each thread's dQ^T partial for a chunk stays within about 2 MB. */
-  int64_t qc = ((int64_t)1 << 19) / ((int64_t)H * Dp) / QT * QT;
-  if (qc < QT) qc = QT;
-  const int64_t nqr = (qpos.count + QT - 1) / QT * QT;
-  if (qc > nqr) qc = nqr;
-  const int ntc = (int)(qc / QT);
-  const int bk = kv_tile(p);
-  const int64_t nkt = (kpos.count + bk - 1) / bk, ntasks = (int64_t)G * nkt;
-  const int nt = (int)lmin(nthr, ntasks > 1 ? ntasks : 1);
-  const size_t qtile = (size_t)Dp * QT, nht = (size_t)H * ntc;
-  const size_t qbytes = nht * (4 * qtile + 2 * QT) * sizeof(float);
-  const size_t per = nht * qtile + 5 * (size_t)bk * Dp + 4 * (size_t)bk * QT + 64;
-  float *qbuf = da_malloc(qbytes, 64), *scratch = da_malloc(per * (size_t)nt * sizeof(float), 64);
-  if (!qbuf || !scratch) {
-    da_free(qbuf), da_free(scratch);
-    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu backward: %zu bytes of scratch", qbytes + per * nt * sizeof(float));
+  const int H = p->H, G = p->G, Dp = pad_dim(p->D);
+  const int64_t qc = bwd_chunk_rows(H, Dp, qpos.count);
+  bwd_call_t c = {.p = p, .Dp = Dp, .bk = kv_tile(p), .ntc = (int)(qc / QT), .c2 = p->scale * LOG2E,
+                  .q = q, .dout = dout, .k = k, .v = v, .ldq = ldq, .lddo = lddo, .ldk = ldk, .ldv = ldv,
+                  .lse = lse, .delta = delta, .qpos = qpos, .kpos = kpos, .dq = dq, .dk = dk, .dv = dv};
+  const int64_t nkt = (kpos.count + c.bk - 1) / c.bk, ntasks = (int64_t)G * nkt;
+  c.nt = (int)lmin(nthreads_of(p), ntasks > 1 ? ntasks : 1);
+  c.qtile = (size_t)Dp * QT, c.nht = (size_t)H * c.ntc;
+  c.per = bwd_scratch_floats(c.nht, c.qtile, c.bk, Dp);
+  const size_t qbytes = c.nht * (4 * c.qtile + 2 * QT) * sizeof(float);
+  float *qbuf = da_malloc(qbytes, 64);
+  c.scratch = da_malloc(c.per * (size_t)c.nt * sizeof(float), 64);
+  if (!qbuf || !c.scratch) {
+    da_free(qbuf), da_free(c.scratch);
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu backward: %zu bytes of scratch", qbytes + c.per * c.nt * sizeof(float));
   }
-  bwd_q_t Q;
-  Q.Qt = qbuf;
-  Q.dOt = Q.Qt + nht * qtile;
-  Q.Qr = Q.dOt + nht * qtile;
-  Q.dOr = Q.Qr + nht * qtile;
-  Q.LS = Q.dOr + nht * qtile;
-  Q.DL = Q.LS + nht * QT;
-  const float c2 = p->scale * LOG2E;
-
-#pragma omp parallel num_threads(nt)
+  bwd_q_carve(&c.Q, qbuf, c.nht, c.qtile);
+#pragma omp parallel num_threads(c.nt)
   {
-    const int me = omp_get_thread_num();
     bwd_scratch_t w;
-    w.dQt = scratch + per * (size_t)me;
-    w.Kc = w.dQt + nht * qtile;
-    w.Vc = w.Kc + (size_t)bk * Dp;
-    w.dKt = w.Vc + (size_t)bk * Dp;
-    w.dVt = w.dKt + (size_t)bk * Dp;
-    w.S = w.dVt + (size_t)bk * Dp;
-    w.dP = w.S + (size_t)bk * QT;
-    w.Kp = (uint32_t *)(w.dP + (size_t)bk * QT);
-    w.dSp = w.Kp + (size_t)bk * Dp;
-    w.Sb = (uint16_t *)(w.dSp + (size_t)bk * QT);
-    w.dSb = w.Sb + (size_t)bk * QT;
+    bwd_scratch_carve(&w, c.scratch + c.per * (size_t)omp_get_thread_num(), &c);
     for (int64_t c0 = 0; c0 < qpos.count; c0 += qc) {
-      const int64_t crows = lmin(qc, qpos.count - c0);
-      const int nct = (int)((crows + QT - 1) / QT);
-      const da_span_t cspan = da_span_sub(qpos, c0, crows);
-      /* Pack the chunk's query side (every head, every tile). */
+      const int64_t rows = lmin(qc, qpos.count - c0);
+      const bwd_chunk_t ch = {.c0 = c0, .rows = rows, .nct = (int)((rows + QT - 1) / QT),
+                              .span = da_span_sub(qpos, c0, rows)};
 #pragma omp for schedule(static)
-      for (int64_t ht = 0; ht < (int64_t)H * nct; ht++) {
-        const int h = (int)(ht / nct), t = (int)(ht % nct);
-        const size_t x = (size_t)h * ntc + t;
-        const int64_t row = c0 + (int64_t)t * QT;
-        const int n = (int)lmin(QT, crows - (int64_t)t * QT);
-        const char *qs = (const char *)q + (size_t)(row * ldq + (int64_t)h * D) * es;
-        const char *gs = (const char *)dout + (size_t)(row * lddo + (int64_t)h * D) * es;
-#ifdef DA_HAVE_BF16DP
-        if (BFDP(dt)) { /* unscaled; Qr, dOr as pairs over queries [QT/2][Dp] */
-          pack_cols_bf((uint32_t *)(Q.Qt + x * qtile), Dp, (const uint16_t *)qs, ldq, n, D);
-          pack_cols_bf((uint32_t *)(Q.dOt + x * qtile), Dp, (const uint16_t *)gs, lddo, n, D);
-          pack_row_pairs((uint32_t *)(Q.Qr + x * qtile), Dp, QT / 2, (const uint16_t *)qs, ldq, n, D);
-          pack_row_pairs((uint32_t *)(Q.dOr + x * qtile), Dp, QT / 2, (const uint16_t *)gs, lddo, n, D);
-        } else
-#endif
-        {
-          pack_cols(Q.Qt + x * qtile, Dp, qs, ldq, dt, n, D, c2);
-          pack_cols(Q.dOt + x * qtile, Dp, gs, lddo, dt, n, D, 1.0f);
-          pack_rows(Q.Qr + x * qtile, Dp, QT, qs, ldq, dt, n, D, p->scale);
-          pack_rows(Q.dOr + x * qtile, Dp, QT, gs, lddo, dt, n, D, 1.0f);
-        }
-        for (int i = 0; i < QT; i++) {
-          const float L = i < n ? lse[(row + i) * H + h] : -INFINITY;
-          Q.LS[x * QT + i] = L == -INFINITY ? INFINITY : L * LOG2E;
-          Q.DL[x * QT + i] = i < n ? delta[(row + i) * H + h] : 0.0f;
-        }
-      }
-      memset(w.dQt, 0, nht * qtile * sizeof(float));
-      /* Tasks: (KV head, KV tile); each owns its rows of dk, dv for this chunk. */
+      for (int64_t ht = 0; ht < (int64_t)H * ch.nct; ht++) bwd_pack_q(&c, &ch, ht);
+      memset(w.dQt, 0, c.nht * c.qtile * sizeof(float));
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < ntasks; task++) {
-        const int g = (int)(task % G);
-        const int64_t j0 = (task / G) * bk;
-        const int nk = (int)lmin(bk, kpos.count - j0), nkr = (nk + R - 1) / R * R;
-        const da_span_t ks = da_span_sub(kpos, j0, nk);
-        if (da_mask_classify(&p->mask, cspan.start, da_span_last(cspan), ks.start, da_span_last(ks)) ==
-            DA_TILE_EMPTY)
-          continue;
-        const char *ksrc = (const char *)k + (size_t)(j0 * ldk + (int64_t)g * D) * es;
-        const char *vsrc = (const char *)v + (size_t)(j0 * ldv + (int64_t)g * D) * es;
-#ifdef DA_HAVE_BF16DP
-        if (BFDP(dt)) {
-          pack_rows_bf((uint16_t *)w.Kc, Dp, nkr, (const uint16_t *)ksrc, ldk, nk, D);
-          pack_rows_bf((uint16_t *)w.Vc, Dp, nkr, (const uint16_t *)vsrc, ldv, nk, D);
-          pack_row_pairs(w.Kp, Dp, (nk + 1) / 2, (const uint16_t *)ksrc, ldk, nk, D);
-        } else
-#endif
-        {
-          pack_rows(w.Kc, Dp, nkr, ksrc, ldk, dt, nk, D, 1.0f);
-          pack_rows(w.Vc, Dp, nkr, vsrc, ldv, dt, nk, D, 1.0f);
-        }
-        memset(w.dKt, 0, (size_t)2 * bk * Dp * sizeof(float)); /* dKt and dVt */
-        int touched = 0;
-        for (int t = 0; t < nct; t++) {
-          const int n = (int)lmin(QT, crows - (int64_t)t * QT);
-          const da_span_t ts = da_span_sub(cspan, (int64_t)t * QT, n);
-          const int cl = (int)da_mask_classify(&p->mask, ts.start, da_span_last(ts), ks.start, da_span_last(ks));
-          if (cl == DA_TILE_EMPTY) continue;
-          touched = 1;
-          const int partial = cl == DA_TILE_PARTIAL;
-          if (partial) lane_ranges(&p->mask, ts, n, ks, w.lo, w.hi);
-          for (int hi_ = 0; hi_ < rep; hi_++) {
-            const size_t x = (size_t)(g * rep + hi_) * ntc + t;
-            const float *LS = Q.LS + x * QT, *DL = Q.DL + x * QT;
-#ifdef DA_HAVE_BF16DP
-            if (BFDP(dt))
-              for (int jr = 0; jr < nk; jr += R) {
-                gemm_a_bf((D + 1) / 2, (const uint16_t *)w.Kc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q.Qt + x * qtile),
-                          w.S + jr * QT, c2);
-                gemm_a_bf((D + 1) / 2, (const uint16_t *)w.Vc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q.dOt + x * qtile),
-                          w.dP + jr * QT, 1.0f);
-              }
-            else
-#endif
-              for (int jr = 0; jr < nk; jr += R) {
-                gemm_a(D, w.Kc + (size_t)jr * Dp, Dp, Q.Qt + x * qtile, w.S + jr * QT);
-                gemm_a(D, w.Vc + (size_t)jr * Dp, Dp, Q.dOt + x * qtile, w.dP + jr * QT);
-              }
-            /* P = exp2(S - lse2) (0 where masked), dS = P (dP - delta); rows nk..nkr-1 zero. */
-            vf vl[NV], vd[NV], vlo[NV], vhi[NV];
-            for (int u = 0; u < NV; u++) {
-              vl[u] = vload(LS + u * W), vd[u] = vload(DL + u * W);
-              vlo[u] = vload(w.lo + u * W), vhi[u] = vload(w.hi + u * W); /* used when partial */
-            }
-            for (int j = 0; j < nkr; j++) {
-              const vf jf = vset1((float)j);
-              for (int u = 0; u < NV; u++) {
-                vf s = vload(w.S + j * QT + u * W);
-                if (partial) s = vkeep_range(s, jf, vlo[u], vhi[u]);
-                vf pj = j < nk ? vexp2(vsub(s, vl[u])) : vzero();
-                vf ds = vmul(pj, vsub(vload(w.dP + j * QT + u * W), vd[u]));
-                vstore(w.S + j * QT + u * W, pj);
-                vstore(w.dP + j * QT + u * W, j < nk ? ds : vzero());
-              }
-            }
-#ifdef DA_HAVE_BF16DP
-            if (BFDP(dt)) { /* P, dS rounded to bf16 for the three products; dK in units of Q / scale */
-              pack_tile_bf(w.Sb, w.S, nkr);
-              pack_tile_bf(w.dSb, w.dP, nkr);
-              pack_tile_pairs(w.dSp, w.dP, nk);
-              for (int jr = 0; jr < nk; jr += R)
-                for (int d0 = 0; d0 < Dp; d0 += NU * W) {
-                  gemm_c_bf(w.Sb + jr * QT, (const uint32_t *)(Q.dOr + x * qtile) + d0, Dp, w.dVt + (size_t)jr * Dp + d0, Dp);
-                  gemm_c_bf(w.dSb + jr * QT, (const uint32_t *)(Q.Qr + x * qtile) + d0, Dp, w.dKt + (size_t)jr * Dp + d0, Dp);
-                }
-              for (int dr = 0; dr < D; dr += R)
-                gemm_b_bf((nk + 1) / 2, w.Kp + dr, Dp, w.dSp, w.dQt + x * qtile + (size_t)dr * QT, NULL);
-              continue;
-            }
-#endif
-            for (int jr = 0; jr < nk; jr += R)
-              for (int d0 = 0; d0 < Dp; d0 += NU * W) {
-                gemm_c(w.S + jr * QT, Q.dOr + x * qtile + d0, Dp, w.dVt + (size_t)jr * Dp + d0, Dp);
-                gemm_c(w.dP + jr * QT, Q.Qr + x * qtile + d0, Dp, w.dKt + (size_t)jr * Dp + d0, Dp);
-              }
-            for (int dr = 0; dr < D; dr += R) gemm_b(nk, w.Kc + dr, Dp, w.dP, w.dQt + x * qtile + (size_t)dr * QT, NULL);
-          }
-        }
-        if (!touched) continue;
-        for (int j = 0; j < nk; j++) {
-          float *dkr = dk + ((j0 + j) * G + g) * (int64_t)D, *dvr = dv + ((j0 + j) * G + g) * (int64_t)D;
-          const float *a = w.dKt + (size_t)j * Dp, *b = w.dVt + (size_t)j * Dp;
-          const float ks = BFDP(dt) ? p->scale : 1.0f; /* the bf16 pair path used unscaled Q */
-          for (int d = 0; d < D; d++) dkr[d] += ks * a[d], dvr[d] += b[d];
-        }
-      }
-      /* dq rows of the chunk += scale * sum over threads of dQ^T (transposed back). */
+      for (int64_t task = 0; task < ntasks; task++) bwd_task(&c, &ch, (int)(task % G), task / G, &w);
 #pragma omp for schedule(static)
-      for (int64_t ht = 0; ht < (int64_t)H * nct; ht++) {
-        const int h = (int)(ht / nct), t = (int)(ht % nct);
-        const size_t x = (size_t)h * ntc + t;
-        const int64_t row = c0 + (int64_t)t * QT;
-        const int n = (int)lmin(QT, crows - (int64_t)t * QT);
-        for (int d = 0; d < D; d++) {
-          float sum[QT];
-          memset(sum, 0, sizeof sum);
-          for (int th = 0; th < nt; th++) {
-            const float *src = scratch + per * (size_t)th + x * qtile + (size_t)d * QT;
-            for (int i = 0; i < QT; i++) sum[i] += src[i];
-          }
-          for (int i = 0; i < n; i++) dq[((row + i) * H + h) * (int64_t)D + d] += p->scale * sum[i];
-        }
-      }
+      for (int64_t ht = 0; ht < (int64_t)H * ch.nct; ht++) bwd_reduce_dq(&c, &ch, ht);
     }
   }
   da_free(qbuf);
-  da_free(scratch);
+  da_free(c.scratch);
   return DA_SUCCESS;
 }
 
@@ -1057,6 +1146,63 @@ static void dec_group(int Dv, const float *restrict Qt, const float *K, int64_t 
       for (int d = 0; d < Dv; d += 64 / (int)sizeof(float)) __builtin_prefetch(V + (t + DEC_BK) * ldv + d);
 }
 
+/* The keys of a block (span ks, nb keys) that query position qp sees: indices [*lo, *hi] into
+ * the block, *lo > *hi when none. */
+static void dec_row_range(const da_mask_t *m, int64_t qp, da_span_t ks, int nb, int64_t *lo, int64_t *hi) {
+  const da_tile_class_t cl = da_mask_classify(m, qp, qp, ks.start, da_span_last(ks));
+  *lo = 0, *hi = nb - 1;
+  if (cl == DA_TILE_EMPTY) *lo = 1, *hi = 0;
+  else if (cl == DA_TILE_PARTIAL) {
+    int64_t x, y;
+    da_mask_row_range(m, qp, ks.start, da_span_last(ks), &x, &y);
+    *lo = x <= ks.start ? 0 : (x - ks.start + ks.stride - 1) / ks.stride;
+    *hi = y >= da_span_last(ks) ? nb - 1 : (y - ks.start) / ks.stride;
+  }
+}
+
+/* One query head (qv [Dv], log2 units) against keys [lo, hi] of a block, one dot product per
+ * key: scores into s [DEC_BK], the online softmax of the head's m, l, and o [Dv] rescaled plus
+ * the weighted V rows. K, V rows as the qk, pv kernels read them (stride ldk, ldv). */
+static void dec_head(dec_qk_fn qk, dec_pv_fn pv, const float *qv, const void *kb, int64_t ldk, const void *vb,
+                     int64_t ldv, int64_t lo, int64_t hi, float *o, float *mo, float *lr, float *s, int pf) {
+  qk(qv, kb, ldk, lo, hi, s, pf);
+  /* Whole vectors over [lo, hi]: lanes outside it read -inf, so they drop out of the max and
+   * give exp2 = 0 in the sum. */
+  const int64_t v0 = lo & ~(int64_t)(W - 1), v1 = (hi + W) & ~(int64_t)(W - 1);
+  for (int64_t j = v0; j < lo; j++) s[j] = -INFINITY;
+  for (int64_t j = hi + 1; j < v1; j++) s[j] = -INFINITY;
+  vf vmx = vset1(-INFINITY), chk = vzero();
+  for (int64_t j = v0; j < v1; j += W) vmx = vmax(vmx, vload(s + j)), chk = vadd(chk, vload(s + j));
+  const float ck = vhsum(chk);
+  float mx = ck != ck ? ck : vhmax(vmx); /* a NaN score (NaN input) makes the max NaN */
+  const float mn = mx > *mo || mx != mx ? mx : *mo;
+  if (mn == -INFINITY) return;
+  const float alpha = exp2f(*mo - mn);
+  const vf vm = vset1(mn);
+  vf vs = vzero();
+  for (int64_t j = v0; j < v1; j += W) {
+    const vf e = vexp2(vsub(vload(s + j), vm));
+    vstore(s + j, e);
+    vs = vadd(vs, e);
+  }
+  const float sum = vhsum(vs);
+  *lr = *lr * alpha + sum;
+  *mo = mn;
+  pv(o, alpha, s, lo, hi, vb, ldv, pf);
+}
+
+/* Rows [lo, hi] of K and V (dtype dt, D elements from k0, v0, row strides ldk, ldv) as fp32 rows
+ * of Dv (zero-padded) in kf, vf_. */
+static void dec_convert(const char *k0, int64_t ldk, const char *v0, int64_t ldv, int dt, int D, int Dv, int64_t lo,
+                        int64_t hi, float *kf, float *vf_) {
+  const size_t es = dt == 0 ? 4 : 2;
+  for (int64_t j = lo; j <= hi; j++)
+    for (int x = 0; x < Dv; x += W) {
+      vstore(kf + j * Dv + x, vload_dt(k0 + (size_t)(j * ldk + x) * es, dt, D - x));
+      vstore(vf_ + j * Dv + x, vload_dt(v0 + (size_t)(j * ldv + x) * es, dt, D - x));
+    }
+}
+
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
  * o [nq][H][Dv] unnormalized (rows padded to Dv = nvec * W), m, l [nq][H]; kf, vf_ are
  * [DEC_BK][Dv] scratch for converted rows. Per block of keys and KV head, every query head of
@@ -1064,7 +1210,6 @@ static void dec_group(int Dv, const float *restrict Qt, const float *K, int64_t 
 static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span_t qpos, const da_kvpage_t *pg,
                          int64_t a, int64_t b, float *o, float *m, float *l, float *kf, float *vf_) {
   const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype;
-  const size_t es = da_dtype_size(p->dtype);
   dec_qk_fn qk;
   dec_pv_fn pv;
   dec_pick(Dv / W, &qk, &pv);
@@ -1080,79 +1225,38 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
   for (int64_t j0 = a; j0 < b; j0 += DEC_BK) {
     const int nb = (int)lmin(DEC_BK, b - j0);
     const da_span_t ks = da_span_sub(pg->pos, j0, nb);
-    int64_t ulo = nb, uhi = -1; /* union of the query rows' visible ranges */
     for (int64_t i0 = 0; i0 < nq; i0 += 16) {
       const int ni = (int)lmin(16, nq - i0);
-      ulo = nb, uhi = -1;
+      int64_t ulo = nb, uhi = -1; /* union of the query rows' visible ranges */
       for (int ii = 0; ii < ni; ii++) {
-        const int64_t qp = da_span_at(qpos, i0 + ii);
-        const da_tile_class_t cl = da_mask_classify(&p->mask, qp, qp, ks.start, da_span_last(ks));
-        int64_t lo = 0, hi = nb - 1;
-        if (cl == DA_TILE_EMPTY) lo = 1, hi = 0;
-        else if (cl == DA_TILE_PARTIAL) {
-          int64_t x, y;
-          da_mask_row_range(&p->mask, qp, ks.start, da_span_last(ks), &x, &y);
-          lo = x <= ks.start ? 0 : (x - ks.start + ks.stride - 1) / ks.stride;
-          hi = y >= da_span_last(ks) ? nb - 1 : (y - ks.start) / ks.stride;
-        }
-        rlo[ii] = lo, rhi[ii] = hi;
-        if (lo <= hi) ulo = lo < ulo ? lo : ulo, uhi = hi > uhi ? hi : uhi;
+        dec_row_range(&p->mask, da_span_at(qpos, i0 + ii), ks, nb, &rlo[ii], &rhi[ii]);
+        if (rlo[ii] <= rhi[ii]) ulo = rlo[ii] < ulo ? rlo[ii] : ulo, uhi = rhi[ii] > uhi ? rhi[ii] : uhi;
       }
       if (ulo > uhi) continue;
       for (int g = 0; g < G; g++) {
-        const char *k0 = (const char *)pg->k + (size_t)(j0 * pg->ldk + (int64_t)g * D) * es;
-        const char *v0 = (const char *)pg->v + (size_t)(j0 * pg->ldv + (int64_t)g * D) * es;
+        const char *k0 = head_row(p, pg->k, pg->ldk, j0, g), *v0 = head_row(p, pg->v, pg->ldv, j0, g);
         const void *kb = k0, *vb = v0; /* fp32 or (bfdirect) bf16 rows */
         int64_t ldk = pg->ldk, ldv = pg->ldv;
         if (!direct) {
-          for (int64_t j = ulo; j <= uhi; j++)
-            for (int x = 0; x < Dv; x += W) {
-              vstore(kf + j * Dv + x, vload_dt(k0 + (size_t)(j * pg->ldk + x) * es, dt, D - x));
-              vstore(vf_ + j * Dv + x, vload_dt(v0 + (size_t)(j * pg->ldv + x) * es, dt, D - x));
-            }
+          dec_convert(k0, pg->ldk, v0, pg->ldv, dt, D, Dv, ulo, uhi, kf, vf_);
           kb = kf, vb = vf_, ldk = ldv = Dv;
         }
         for (int ii = 0; ii < ni; ii++) {
           const int64_t i = i0 + ii, lo = rlo[ii], hi = rhi[ii];
           if (lo > hi) continue;
+          /* prefetch the next block once per KV head (first query head), in-place rows only */
+          const int pf = direct && ii == 0 && j0 + 2 * DEC_BK <= b;
           if (dec_grouped(rep)) { /* o, qs of a W-head group are [Dv][W] tiles (see decode) */
             for (int h = g * rep; h < (g + 1) * rep; h += W) {
-              const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
               const int64_t x = (i * H + h) * (int64_t)Dv;
               dec_group(Dv, qs + x, (const float *)kb, ldk, (const float *)vb, ldv, lo, hi, o + x, m + i * H + h,
-                        l + i * H + h, s, pf); /* fp32 rows: rep >= W excludes bfdirect */
+                        l + i * H + h, s, pf && h == g * rep); /* fp32 rows: rep >= W excludes bfdirect */
             }
             continue;
           }
-          for (int h = g * rep; h < (g + 1) * rep; h++) {
-            /* prefetch the next block once per KV head (first query head), in-place rows only */
-            const int pf = direct && h == g * rep && ii == 0 && j0 + 2 * DEC_BK <= b;
-            qk(qs + (i * H + h) * (int64_t)Dv, kb, ldk, lo, hi, s, pf);
-            /* Whole vectors over [lo, hi]: lanes outside it read -inf, so they drop out of the
-             * max and give exp2 = 0 in the sum. */
-            const int64_t v0 = lo & ~(int64_t)(W - 1), v1 = (hi + W) & ~(int64_t)(W - 1);
-            for (int64_t j = v0; j < lo; j++) s[j] = -INFINITY;
-            for (int64_t j = hi + 1; j < v1; j++) s[j] = -INFINITY;
-            vf vmx = vset1(-INFINITY), chk = vzero();
-            for (int64_t j = v0; j < v1; j += W) vmx = vmax(vmx, vload(s + j)), chk = vadd(chk, vload(s + j));
-            const float ck = vhsum(chk);
-            float mx = ck != ck ? ck : vhmax(vmx); /* a NaN score (NaN input) makes the max NaN */
-            float *mo = m + i * H + h, *lr = l + i * H + h;
-            const float mn = mx > *mo || mx != mx ? mx : *mo;
-            if (mn == -INFINITY) continue;
-            const float alpha = exp2f(*mo - mn);
-            const vf vm = vset1(mn);
-            vf vs = vzero();
-            for (int64_t j = v0; j < v1; j += W) {
-              const vf e = vexp2(vsub(vload(s + j), vm));
-              vstore(s + j, e);
-              vs = vadd(vs, e);
-            }
-            const float sum = vhsum(vs);
-            *lr = *lr * alpha + sum;
-            *mo = mn;
-            pv(o + (i * H + h) * (int64_t)Dv, alpha, s, lo, hi, vb, ldv, pf);
-          }
+          for (int h = g * rep; h < (g + 1) * rep; h++)
+            dec_head(qk, pv, qs + (i * H + h) * (int64_t)Dv, kb, ldk, vb, ldv, lo, hi, o + (i * H + h) * (int64_t)Dv,
+                     m + i * H + h, l + i * H + h, s, pf && h == g * rep);
         }
       }
     }
