@@ -114,6 +114,8 @@ const da_kernels_t *da_context_kernels(const da_context_t *ctx);
 da_device_t da_context_device(const da_context_t *ctx);
 da_status_t da_context_params(const da_context_t *ctx, const da_problem_t *prob, da_kparams_t *p);
 da_status_t da_context_finish(da_context_t *ctx, da_status_t st);
+/* The context's error buffer (core.h: da_errbuf_t) for DA_ARG_CHECK; NULL for a NULL context. */
+da_errbuf_t *da_context_errbuf(const da_context_t *ctx);
 /* Why a context on dev (not the CPU) is refused although its kernel table may be built (the
  * drivers above the kernels run on host memory only); the launcher prints it for --device. */
 const char *da_context_device_gap(da_device_t dev);

@@ -247,3 +247,14 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake AND EX
   da_offload_cli(cli_decode_over_budget 2 ERR_RE "over --mem-budget 1.0 MiB: offload it to memory ranks"
                  RAW_ARGS -np 2 ${exe} decode --context 64K --heads 4 --dim 64 --mem-budget 1M)
 endif()
+
+# Misuse of the library (issue 19, class 1), tests/test_misuse.c: every public function of
+# include/distattn.h with NULL or invalid arguments returns a status and a message, never a crash;
+# the function list is read from the header, so a new function without a case fails the test.
+# P = 2: the intercommunicator case needs two groups.
+add_executable(test_misuse test_misuse.c)
+target_link_libraries(test_misuse PRIVATE da_comm da_core MPI::MPI_C m)
+target_compile_definitions(test_misuse PRIVATE DA_HEADER_PATH="${PROJECT_SOURCE_DIR}/include/distattn.h")
+add_test(NAME test_misuse_np2
+         COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np 2 $<TARGET_FILE:test_misuse>)
+set_tests_properties(test_misuse_np2 PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
