@@ -98,7 +98,8 @@ da_opt_t da_opt_device(int *dest) {
 
 da_opt_t da_opt_threads(int64_t *dest) {
   return (da_opt_t){.name = "threads", .type = DA_OPT_INT, .dest = dest,
-                    .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096};
+                    .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0,
+                    .max = DA_MAX_NTHREADS};
 }
 
 da_opt_t da_opt_json(const char **dest) {
@@ -121,7 +122,7 @@ const char *da_transport_choice(const char *opt) {
 da_opt_t da_opt_timeout(double *dest) {
   return (da_opt_t){.name = "timeout", .type = DA_OPT_DOUBLE, .dest = dest,
                     .help = "seconds a rank waits for a peer before failing (0 = DISTATTN_TIMEOUT or 300)", .dmin = 0,
-                    .dmax = 1e6};
+                    .dmax = 1e6, .dfloor = DA_TIMEOUT_MIN_S};
 }
 
 void da_cmd_options(da_cmdspec_t *cmd, const char *name, const char *summary, da_opt_t *room, const da_opt_t *opts,
