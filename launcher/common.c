@@ -11,6 +11,8 @@
 #include "common.h"
 #include "core.h"
 #include "report.h"
+#include "kvcache.h"   /* da_comm_default_timeout */
+#include "transport.h" /* da_xport_deadline: the --timeout of the plan created last */
 
 static int cmp_dbl(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -298,6 +300,11 @@ void da_json_nonfinite(da_json_t *j, int64_t rows, int64_t inputs, int64_t outpu
 }
 
 int da_json_finish(da_json_t *j, const char *path) {
+  /* The peers wait in the next collective while this rank appends: a lock held elsewhere must be
+   * given up on well within the deadline, so the report names the lock, not a missing rank. */
+  double deadline = da_xport_deadline();
+  if (!(deadline > 0)) deadline = da_comm_default_timeout();
+  da_json_set_lock_wait(fmin(10.0, deadline / 4));
   int rc = da_json_append(j, path);
   da_json_free(j);
   return rc;

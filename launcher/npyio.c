@@ -71,6 +71,12 @@ static int read_header(const char *path, const char *name, da_npy_header_t *h, i
     say(err, n, "%s: cannot stat %s: %s", name, path, strerror(errno));
     goto out;
   }
+  if (!S_ISREG(st.st_mode)) { /* a directory opens and reads as "truncated": name what it is */
+    say(err, n, "%s: %s is %s, not a .npy file", name, path,
+        S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO" : S_ISCHR(st.st_mode) ? "a character device"
+        : S_ISBLK(st.st_mode) ? "a block device" : S_ISSOCK(st.st_mode) ? "a socket" : "not a regular file");
+    goto out;
+  }
   *fsize = (int64_t)st.st_size;
   unsigned char pre[DA_NPY_PREFIX];
   ssize_t got = pread(fd, pre, sizeof pre, 0);
