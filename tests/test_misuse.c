@@ -333,8 +333,37 @@ static void c_offload_kv_bytes(void) {
     fail("da_offload_kv_bytes", "no message", da_last_error(NULL));
 }
 static void c_offload_start(void) {
+  const char *fn = "da_offload_start";
   int slot;
-  EXPECT("da_offload_start", da_offload_start(NULL, 0, 0, NULL, NULL, NULL, &slot), INV, "offload is NULL", NULL);
+  EXPECT(fn, da_offload_start(NULL, 0, 0, NULL, NULL, NULL, &slot), INV, "offload is NULL", NULL);
+  if (nranks < 2) return;
+  /* a real offload (rank 0 computes, the others hold the cache): a row stride of 2^62 in k used
+   * to pass its row check, and `first * stride` wrapped around */
+  da_problem_t p = problem();
+  p.batch = 2;
+  da_offload_config_t cfg = DA_OFFLOAD_CONFIG_INITIALIZER;
+  cfg.mem_budget = 1e8, cfg.page = 16, cfg.timeout = 30;
+  da_offload_t *o = NULL;
+  if (da_offload_create(comm, rank ? DA_ROLE_MEMORY : DA_ROLE_COMPUTE, &p, &cfg, &o) != DA_SUCCESS) {
+    fail(fn, "offload setup", da_last_error(NULL));
+    return;
+  }
+  if (rank == 0) {
+    float q[64] = {0}, kv[32] = {0}, out[64];
+    const int64_t sq[3] = {2, 2, 16}, sk[3] = {2, 1, 16};
+    da_tensor_t tq, tk, to, far;
+    da_tensor_make(&tq, q, DA_FLOAT32, 3, sq), da_tensor_make(&tk, kv, DA_FLOAT32, 3, sk);
+    da_tensor_make(&to, out, DA_FLOAT32, 3, sq);
+    far = tk;
+    far.strides[0] = (int64_t)1 << 62;
+    EXPECT(fn, da_offload_start(o, 0, 0, &tq, &far, &tk, &slot), INV, "reaches past any address", ctx);
+    EXPECT("da_offload_step", da_offload_step(o, 0, &tq, &tk, &far, &to, NULL), INV, "reaches past any address", ctx);
+    EXPECT("da_offload_wait", da_offload_wait(o, 0, &to, NULL), INV, "slot 0", ctx);
+    if (da_offload_stop(o) != DA_SUCCESS) fail(fn, "stop", da_last_error(NULL));
+  } else if (da_offload_serve(o) != DA_SUCCESS) {
+    fail(fn, "serve", da_last_error(NULL));
+  }
+  da_offload_free(o);
 }
 static void c_offload_progress(void) { da_offload_progress(NULL); }
 static void c_offload_wait(void) {
