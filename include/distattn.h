@@ -144,14 +144,16 @@ typedef struct da_config {
   size_t size;
   unsigned version;
   da_device_t device; /* backend: CPU (default) or CUDA */
-  int nthreads;       /* CPU kernel threads; 0 = the cores this process is bound to
+  int nthreads;       /* CPU kernel threads, 0..1024; 0 = the cores this process is bound to
                          (or DISTATTN_NTHREADS) */
 } da_config_t;
 
 #define DA_CONFIG_INITIALIZER { sizeof(da_config_t), DA_API_VERSION, DA_DEVICE_CPU, 0 }
 
 /* cfg NULL = DA_CONFIG_INITIALIZER. *ctx is NULL on failure (message: da_last_error(NULL));
- * DA_ERR_UNSUPPORTED for a backend that is not built in. */
+ * DA_ERR_UNSUPPORTED for a backend that is not built in. Every DISTATTN_* environment variable
+ * the library reads is checked here (docs/reliability.md lists them): a malformed or out-of-range
+ * value is DA_ERR_INVALID_ARGUMENT naming the variable, never a silent default. */
 da_status_t da_context_create(const da_config_t *cfg, da_context_t **ctx);
 /* After every handle made from ctx is freed. NULL is a no-op. */
 void da_context_free(da_context_t *ctx);
@@ -524,7 +526,8 @@ da_kvcache_t *da_offload_cache(da_offload_t *off);
 da_status_t da_offload_check_fit(da_offload_t *off, const int64_t *final_len, double *max_shard);
 
 /* KV bytes of prob->batch sequences of final_len tokens over `layers` layers: what one rank
- * would hold without offload. Local; no handle needed. */
+ * would hold without offload. Local; no handle needed. -1 (da_last_error(NULL) says why) for a
+ * NULL problem or final_len, or layers < 1. */
 double da_offload_kv_bytes(const da_problem_t *prob, int layers, const int64_t *final_len);
 
 /* ---- compute ranks (local calls: only the group's memory ranks take part) ----
