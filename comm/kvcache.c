@@ -11,12 +11,18 @@
 #include "distattn.h"
 #include "kvcache.h"
 #include "tensor.h"
-
-DA_PARAM(Timeout, "TIMEOUT", 300)
+#include "env.h"
 
 double da_comm_default_timeout(void) {
-  int64_t t = da_param_Timeout();
-  return t > 0 ? (double)t : 300.0;
+  double t = 300.0;
+  int set = 0;
+  /* DISTATTN_TIMEOUT: real seconds >= DA_TIMEOUT_MIN_S (core/env.c). A bad value was refused by
+   * da_context_create already; one met here anyway is logged, never used. */
+  if (da_env_double("DISTATTN_TIMEOUT", &t, &set) != DA_SUCCESS) {
+    DA_WARN(DA_SUB_ENV, "%s (using 300 s)", da_error_message());
+    t = 300.0;
+  }
+  return t;
 }
 
 uint64_t da_fnv1a(uint64_t h, const void *p, size_t n) {
@@ -92,8 +98,11 @@ static da_status_t page_add(da_kvcache_t *c, da_kvseq_t *s, int64_t cap, da_span
     if (!p || !m || !pc) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: kv cache page table", c->rank);
     s->cap = nc;
   }
-  size_t half = (size_t)cap * c->row_bytes;
-  char *mem = da_malloc(2 * half, 64);
+  size_t half = 0, both = 0;
+  if (cap < 0 || da_mul_size((size_t)cap, c->row_bytes, &half) || da_mul_size(half, 2, &both))
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: kv cache page of %lld rows of %zu bytes: the size overflows",
+                  c->rank, (long long)cap, c->row_bytes);
+  char *mem = da_malloc(both, 64);
   if (!mem)
     return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: kv cache page of %lld rows (%zu bytes; %zu already allocated)",
                   c->rank, (long long)cap, 2 * half, c->alloc_bytes);
@@ -318,7 +327,7 @@ static da_status_t prefill_build(da_kvcache_t *c, int64_t b, int64_t len, const 
 
 da_status_t da_kvcache_prefill(da_kvcache_t *c, int64_t b, int64_t len, const da_tensor_t *k, const da_tensor_t *v) {
   da_error_clear();
-  if (!c) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_prefill: cache is NULL");
+  DA_ARG_CHECK(NULL, c != NULL, "da_kvcache_prefill: cache is NULL");
   kview_t vk, vv;
   int64_t nloc = 0;
   c->xp.phase = "kv cache prefill";
@@ -369,7 +378,7 @@ static da_status_t append_one(da_kvcache_t *c, int64_t b, const kview_t *vk, con
 
 da_status_t da_kvcache_append(da_kvcache_t *c, const int64_t *ntok, const da_tensor_t *k, const da_tensor_t *v) {
   da_error_clear();
-  if (!c) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_append: cache is NULL");
+  DA_ARG_CHECK(NULL, c != NULL, "da_kvcache_append: cache is NULL");
   if (c->broken)
     return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this kv cache had a failed append; "
                                             "free it", c->rank));
@@ -419,16 +428,18 @@ int64_t da_kvcache_local_rows(const da_kvcache_t *c, int64_t b) {
 }
 
 da_status_t da_kvcache_local_positions(const da_kvcache_t *c, int64_t b, int64_t *pos, int64_t n) {
-  if (!c || b < 0 || b >= c->B)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_local_positions: no sequence %lld", (long long)b);
+  da_error_clear();
+  DA_ARG_CHECK(NULL, c != NULL, "da_kvcache_local_positions: cache is NULL");
+  da_errbuf_t *e = da_context_errbuf(c->ctx);
+  DA_ARG_CHECK(e, b >= 0 && b < c->B, "da_kvcache_local_positions: no sequence %lld (batch %lld)", (long long)b,
+               (long long)c->B);
   const da_kvseq_t *s = &c->seq[b];
-  if (n < s->rows || (!pos && s->rows))
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_local_positions: room for %lld positions, rank %d holds %lld",
-                  (long long)n, c->rank, (long long)s->rows);
+  DA_ARG_CHECK(e, n >= s->rows && (pos || !s->rows), "da_kvcache_local_positions: room for %lld positions%s, rank %d "
+               "holds %lld", (long long)n, pos ? "" : " (pos is NULL)", c->rank, (long long)s->rows);
   int64_t i = 0;
   for (int64_t p = 0; p < s->npages; p++)
     for (int64_t j = 0; j < s->pages[p].pos.count; j++) pos[i++] = da_span_at(s->pages[p].pos, j);
-  return DA_SUCCESS;
+  return da_errbuf_finish(e, DA_SUCCESS);
 }
 
 int64_t da_kvcache_num_pages(const da_kvcache_t *c, int64_t b) {
@@ -436,14 +447,18 @@ int64_t da_kvcache_num_pages(const da_kvcache_t *c, int64_t b) {
 }
 
 da_status_t da_kvcache_get_page(da_kvcache_t *c, int64_t b, int64_t i, da_kvcache_page_t *pg) {
-  if (!c || !pg || b < 0 || b >= c->B || i < 0 || i >= c->seq[b].npages)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_get_page: no page %lld of sequence %lld here", (long long)i,
-                  (long long)b);
+  da_error_clear();
+  DA_ARG_CHECK(NULL, c != NULL, "da_kvcache_get_page: cache is NULL");
+  da_errbuf_t *e = da_context_errbuf(c->ctx);
+  DA_ARG_CHECK(e, pg != NULL, "da_kvcache_get_page: page is NULL");
+  DA_ARG_CHECK(e, b >= 0 && b < c->B && i >= 0 && i < c->seq[b].npages,
+               "da_kvcache_get_page: no page %lld of sequence %lld here (batch %lld, %lld pages)", (long long)i,
+               (long long)b, (long long)c->B, (long long)(b >= 0 && b < c->B ? c->seq[b].npages : 0));
   const da_kvpage_t *p = &c->seq[b].pages[i];
   pg->k = (void *)p->k, pg->v = (void *)p->v;
   pg->ldk = p->ldk, pg->ldv = p->ldv;
   pg->start = p->pos.start, pg->stride = p->pos.stride, pg->count = p->pos.count;
-  return DA_SUCCESS;
+  return da_errbuf_finish(e, DA_SUCCESS);
 }
 
 size_t da_kvcache_bytes(const da_kvcache_t *c, size_t *rows_bytes) {

@@ -17,6 +17,7 @@
 #include <time.h>
 #include "kvcache.h" /* first: mpi.h before distattn.h declares the distributed API */
 #include "dtype.h"
+#include "tensor.h"
 
 enum { HDR = 8 };                     /* int64 words before the payload */
 /* The header's words: the command; ATTEND: the layer, the first sequence, how many, and the post
@@ -508,15 +509,23 @@ da_status_t da_offload_create(da_comm_t *comm, da_role_t role, const da_problem_
 }
 
 da_status_t da_offload_get_info(const da_offload_t *p, da_offload_info_t *info) {
-  if (!p || !info) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_get_info: NULL argument");
+  da_error_clear();
+  DA_ARG_CHECK(NULL, p != NULL, "da_offload_get_info: offload is NULL");
+  DA_ARG_CHECK(da_context_errbuf(p->ctx), info != NULL, "da_offload_get_info: info is NULL");
   *info = p->info;
   info->size = sizeof *info, info->version = DA_API_VERSION;
-  return DA_SUCCESS;
+  return da_errbuf_finish(da_context_errbuf(p->ctx), DA_SUCCESS);
 }
 
 da_kvcache_t *da_offload_cache(da_offload_t *p) { return p ? p->cache : NULL; }
 
 double da_offload_kv_bytes(const da_problem_t *prob, int layers, const int64_t *final_len) {
+  da_error_clear();
+  if (!prob || !final_len || layers < 1 || prob->batch < 0 || prob->dim < 1 || prob->heads < 1 || prob->kv_heads < 0) {
+    DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_kv_bytes: %s", !prob ? "problem is NULL" : !final_len ? "final_len is "
+           "NULL" : layers < 1 ? "layers < 1" : "batch, heads, kv_heads or dim out of range");
+    return -1.0;
+  }
   const int64_t G = prob->kv_heads ? prob->kv_heads : prob->heads;
   double rows = 0;
   for (int64_t b = 0; b < prob->batch; b++) rows += (double)final_len[b];
@@ -525,6 +534,8 @@ double da_offload_kv_bytes(const da_problem_t *prob, int layers, const int64_t *
 
 da_status_t da_offload_check_fit(da_offload_t *p, const int64_t *final_len, double *max_shard) {
   da_error_clear();
+  DA_ARG_CHECK(NULL, p != NULL, "da_offload_check_fit: offload is NULL");
+  DA_ARG_CHECK(da_context_errbuf(p->ctx), final_len != NULL || p->B == 0, "da_offload_check_fit: final_len is NULL");
   const int64_t page = p->cfg.page ? p->cfg.page : DA_KVCACHE_DEFAULT_PAGE;
   double rows = 0;
   for (int64_t b = 0; b < p->B; b++) rows += (double)final_len[b];
@@ -549,7 +560,7 @@ da_status_t da_offload_check_fit(da_offload_t *p, const int64_t *final_len, doub
                                             "cache, over its budget of %.1f MiB: add memory ranks or budget",
                                             worst.r, vals[0] / 1048576.0, vals[1] / 1048576.0));
   }
-  return DA_SUCCESS;
+  return da_context_finish(p->ctx, DA_SUCCESS);
 }
 
 /* ---- compute side ------------------------------------------------------------------------------- */
@@ -559,6 +570,8 @@ da_status_t da_offload_check_fit(da_offload_t *p, const int64_t *final_len, doub
 static da_status_t check_rows(const da_offload_t *p, const char *fn, const char *name, const da_tensor_t *t, int64_t want,
                               int64_t heads, int64_t D, da_dtype_t dt, int ndim, int64_t *ld) {
   if (!t || !t->data) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: %s is NULL", p->wrank, fn, name);
+  if (t->ndim < 1 || t->ndim > 4)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: %s: ndim %d (expected %d)", p->wrank, fn, name, t->ndim, ndim);
   if (t->device != DA_DEVICE_CPU)
     return DA_ERR(DA_ERR_UNSUPPORTED, "rank %d: %s: %s is not in host memory", p->wrank, fn, name);
   if (t->dtype != dt)
@@ -573,6 +586,10 @@ static da_status_t check_rows(const da_offload_t *p, const char *fn, const char 
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: %s must be [n][%lld]%s with n in %lld..%lld, the last axes "
                   "packed (ndim %d, shape[0] %lld)", p->wrank, fn, name, (long long)heads, ndim == 3 ? "[D]" : "",
                   (long long)(want ? want : 1), (long long)lim, t->ndim, (long long)(t->ndim > 0 ? t->shape[0] : 0));
+  char who[48];
+  snprintf(who, sizeof who, "rank %d: %s: ", p->wrank, fn);
+  DA_CHECK(da_tensor_check_strides(t, da_dtype_size(dt), 1, who, name, NULL)); /* the span exists: no row stride
+                                                                                 past any address */
   *ld = t->strides[0];
   return DA_SUCCESS;
 }
@@ -685,6 +702,10 @@ static da_status_t finish(da_offload_t *p, int s, da_tensor_t *out, da_tensor_t 
 
 da_status_t da_offload_wait(da_offload_t *p, int s, da_tensor_t *out, da_tensor_t *lse) {
   da_error_clear();
+  DA_ARG_CHECK(NULL, p != NULL, "da_offload_wait: offload is NULL");
+  DA_ARG_CHECK(da_context_errbuf(p->ctx), p->info.role == DA_ROLE_COMPUTE && s >= 0 && s < p->nslots && p->slots[s].busy,
+               "rank %d: da_offload_wait: slot %d is not a request in flight on this rank (%s rank, %d slots)",
+               p->wrank, s, p->info.role == DA_ROLE_COMPUTE ? "compute" : "memory", p->nslots);
   da_status_t st = out ? finish(p, s, out, lse) : DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_wait: out is NULL");
   return p ? da_context_finish(p->ctx, st) : st;
 }
@@ -701,7 +722,8 @@ da_status_t da_offload_step(da_offload_t *p, int layer, const da_tensor_t *q, co
                             const da_tensor_t *v, da_tensor_t *out, da_tensor_t *lse) {
   da_error_clear();
   static const char fn[] = "da_offload_step";
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "%s: offload is NULL", fn);
+  DA_ARG_CHECK(NULL, p != NULL, "%s: offload is NULL", fn);
+  DA_ARG_CHECK(da_context_errbuf(p->ctx), p->info.role == DA_ROLE_COMPUTE, "rank %d: %s on a memory rank", p->wrank, fn);
   da_status_t st = DA_SUCCESS;
   for (int i = 0; i < p->nslots && st == DA_SUCCESS; i++)
     if (p->slots && p->slots[i].busy) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s with slot %d in flight", p->wrank, fn, i);
@@ -712,6 +734,14 @@ da_status_t da_offload_step(da_offload_t *p, int layer, const da_tensor_t *q, co
     if ((i < 4 && (!all[i] || !all[i]->data)) || (all[i] && (all[i]->ndim < 2 || all[i]->shape[0] != p->B)))
       st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: %s: %s must be [B = %lld][...]", p->wrank, fn, names[i],
                   (long long)p->B);
+  /* every row view below is taken inside a span that exists (rows_of adds first * row stride) */
+  for (int i = 0; i < 5 && st == DA_SUCCESS; i++)
+    if (all[i]) {
+      char who[48];
+      snprintf(who, sizeof who, "rank %d: %s: ", p->wrank, fn);
+      st = da_tensor_check_strides(all[i], i == 4 ? sizeof(float) : da_dtype_size(all[i]->dtype), 1, who, names[i],
+                                   NULL);
+    }
   const int64_t nmb = (p->B + p->nmax - 1) / p->nmax; /* <= microbatches = slots */
   int *slots = malloc((size_t)nmb * sizeof *slots), started = 0;
   if (st == DA_SUCCESS && !slots) st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "%s: slots", fn);
@@ -747,7 +777,7 @@ static da_status_t send_cmd(da_offload_t *p, int cmd, const char *reason) {
 
 da_status_t da_offload_stop(da_offload_t *p) {
   da_error_clear();
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_stop: offload is NULL");
+  DA_ARG_CHECK(NULL, p != NULL, "da_offload_stop: offload is NULL");
   if (p->info.role != DA_ROLE_COMPUTE) return DA_SUCCESS;
   if (p->broken) return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_stop: this "
                                                          "offload had a failure; free it", p->wrank));
@@ -760,7 +790,7 @@ da_status_t da_offload_stop(da_offload_t *p) {
 
 da_status_t da_offload_cancel(da_offload_t *p, const char *reason) {
   da_error_clear();
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_cancel: offload is NULL");
+  DA_ARG_CHECK(NULL, p != NULL, "da_offload_cancel: offload is NULL");
   if (p->info.role != DA_ROLE_COMPUTE)
     return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_cancel on a memory rank", p->wrank));
   if (p->broken) return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_offload_cancel: this "
@@ -916,13 +946,15 @@ static da_status_t serve(da_offload_t *p) {
 
 da_status_t da_offload_serve(da_offload_t *p) {
   da_error_clear();
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_serve: offload is NULL");
+  DA_ARG_CHECK(NULL, p != NULL, "da_offload_serve: offload is NULL");
   return da_context_finish(p->ctx, serve(p));
 }
 
 da_status_t da_offload_get_stats(const da_offload_t *p, da_offload_stats_t *st) {
-  if (!p || !st) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_offload_get_stats: NULL argument");
+  da_error_clear();
+  DA_ARG_CHECK(NULL, p != NULL, "da_offload_get_stats: offload is NULL");
+  DA_ARG_CHECK(da_context_errbuf(p->ctx), st != NULL, "da_offload_get_stats: stats is NULL");
   *st = p->st;
   st->size = sizeof *st, st->version = DA_API_VERSION;
-  return DA_SUCCESS;
+  return da_errbuf_finish(da_context_errbuf(p->ctx), DA_SUCCESS);
 }

@@ -16,8 +16,6 @@
 #include "kvcache.h" /* da_fnv1a, the da_comm_t accessors defined here */
 #include "tensor.h"
 
-DA_PARAM(Timeout, "TIMEOUT", 300)
-
 struct da_comm {
   da_context_t *ctx;
   MPI_Comm comm; /* our duplicate of the caller's communicator */
@@ -67,9 +65,9 @@ static int64_t machine_id(void) {
 
 da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
   da_error_clear();
-  if (!out) return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: output pointer is NULL"));
+  DA_ARG_CHECK(da_context_errbuf(ctx), out != NULL, "da_comm_create: output pointer is NULL");
   *out = NULL;
-  if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: context is NULL");
+  DA_ARG_CHECK(NULL, ctx != NULL, "da_comm_create: context is NULL");
   int inited = 0, finalized = 0;
   MPI_Initialized(&inited);
   MPI_Finalized(&finalized);
@@ -78,6 +76,16 @@ da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
                                          "(call MPI_Init first)"));
   if (comm == MPI_COMM_NULL)
     return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: communicator is MPI_COMM_NULL"));
+  /* An intercommunicator joins two groups: MPI_Comm_idup works on it, but the collectives of the
+   * plans mean one group (an allgather over an intercommunicator gathers the other group's data,
+   * and the sizes no longer match: MPI_ERR_BUFFER). Say so instead. */
+  int inter = 0;
+  if (MPI_Comm_test_inter(comm, &inter) != MPI_SUCCESS)
+    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: the communicator is not a valid "
+                                         "MPI communicator (MPI_Comm_test_inter failed)"));
+  if (inter)
+    return da_context_finish(ctx, DA_ERR(DA_ERR_UNSUPPORTED, "da_comm_create: an intercommunicator is not supported "
+                                         "(merge its two groups with MPI_Intercomm_merge first)"));
   da_comm_t *c = calloc(1, sizeof *c);
   if (!c) return da_context_finish(ctx, DA_ERR(DA_ERR_OUT_OF_MEMORY, "communicator"));
   c->ctx = ctx;
@@ -85,7 +93,7 @@ da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
    * handler to "return" leaves the caller's communicator alone. Bounded: a rank that never calls
    * da_comm_create must not hang the others (no roll call here: it would send on the caller's
    * communicator). */
-  const double timeout = da_param_Timeout() > 0 ? (double)da_param_Timeout() : 300.0;
+  const double timeout = da_comm_default_timeout();
   da_status_t st = da_mpi_comm_dup(comm, timeout, "da_comm_create", &c->comm);
   if (st != DA_SUCCESS) {
     free(c);
@@ -272,8 +280,7 @@ static da_status_t plan_local(da_comm_t *c, const da_problem_t *prob, const da_p
   p->algo = cfg->algo;
   p->block = cfg->block;
   snprintf(p->transport, sizeof p->transport, "%s", tp);
-  p->timeout = cfg->timeout > 0 ? cfg->timeout : (double)da_param_Timeout();
-  if (!(p->timeout > 0)) p->timeout = 300;
+  p->timeout = cfg->timeout > 0 ? cfg->timeout : da_comm_default_timeout();
   /* Fields of API version 2 are read only from a struct that has them. */
   if (cfg->size >= offsetof(da_plan_config_t, mem_count) + sizeof cfg->mem_count && cfg->version >= 2)
     p->mem_budget = cfg->mem_budget, p->mem_count = cfg->mem_count;
@@ -478,20 +485,19 @@ static da_status_t plan_build(da_comm_t *c, da_plan_t *p, const da_kparams_t *kp
 
 da_status_t da_plan_create(da_comm_t *c, const da_problem_t *prob, const da_plan_config_t *cfg, da_plan_t **out) {
   da_error_clear();
-  if (!c) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_create: communicator is NULL");
-  if (!out) return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_create: output pointer is NULL"));
+  DA_ARG_CHECK(NULL, c != NULL, "da_plan_create: communicator is NULL");
+  DA_ARG_CHECK(da_context_errbuf(c->ctx), out != NULL, "da_plan_create: output pointer is NULL");
   *out = NULL;
   da_plan_config_t def = DA_PLAN_CONFIG_INITIALIZER;
   if (!cfg) cfg = &def;
   da_plan_t *p = calloc(1, sizeof *p);
+  /* Handles that da_plan_free looks at hold their null values from here on, whatever fails next
+   * (calloc's zero is not MPI_COMM_NULL in Open MPI: freeing it aborts the job). */
+  if (p) p->mcomm = MPI_COMM_NULL, p->comm = c;
   da_kparams_t kp;
   da_status_t st = p ? DA_SUCCESS : DA_ERR(DA_ERR_OUT_OF_MEMORY, "plan");
   if (st == DA_SUCCESS && !prob) st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_create: problem is NULL");
-  if (st == DA_SUCCESS) {
-    p->comm = c;
-    p->mcomm = MPI_COMM_NULL;
-    st = plan_local(c, prob, cfg, p, &kp);
-  }
+  if (st == DA_SUCCESS) st = plan_local(c, prob, cfg, p, &kp);
   c->ctl.phase = "plan";
   /* The setup collectives wait as long as the plan's own transfers would (the config's timeout,
    * when it is a valid one, else the communicator's). */
@@ -518,27 +524,35 @@ da_status_t da_plan_create(da_comm_t *c, const da_problem_t *prob, const da_plan
 
 int64_t da_plan_local_rows(const da_plan_t *p) { return p ? p->ring.nloc : -1; }
 
+/* The context's error buffer of a plan (NULL plan: none, the thread-local message only). */
+static da_errbuf_t *plan_errbuf(const da_plan_t *p) { return p ? da_context_errbuf(p->comm->ctx) : NULL; }
+
 da_status_t da_plan_local_positions(const da_plan_t *p, int64_t *pos, int64_t n) {
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_local_positions: plan is NULL");
-  if (n < p->ring.nloc || (!pos && p->ring.nloc > 0))
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_local_positions: room for %lld positions, rank %d has %lld rows",
-                  (long long)n, p->ring.rank, (long long)p->ring.nloc);
+  da_error_clear();
+  DA_ARG_CHECK(NULL, p != NULL, "da_plan_local_positions: plan is NULL");
+  DA_ARG_CHECK(plan_errbuf(p), n >= p->ring.nloc && (pos || p->ring.nloc == 0),
+               "da_plan_local_positions: room for %lld positions%s, rank %d has %lld rows", (long long)n,
+               pos ? "" : " (pos is NULL)", p->ring.rank, (long long)p->ring.nloc);
   if (p->ring.nloc) memcpy(pos, p->positions, (size_t)p->ring.nloc * sizeof *pos);
-  return DA_SUCCESS;
+  return da_errbuf_finish(plan_errbuf(p), DA_SUCCESS);
 }
 
 da_status_t da_plan_set_mode(da_plan_t *p, da_plan_mode_t mode) {
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_set_mode: plan is NULL");
-  if ((unsigned)mode > DA_PLAN_COMM_ONLY) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_set_mode: mode %d", (int)mode);
+  da_error_clear();
+  DA_ARG_CHECK(NULL, p != NULL, "da_plan_set_mode: plan is NULL");
+  DA_ARG_CHECK(plan_errbuf(p), (unsigned)mode <= DA_PLAN_COMM_ONLY,
+               "da_plan_set_mode: mode %d (DA_PLAN_RUN, DA_PLAN_COMPUTE_ONLY, DA_PLAN_COMM_ONLY)", (int)mode);
   p->ring.mode = (da_ring_mode_t)mode;
-  return DA_SUCCESS;
+  return da_errbuf_finish(plan_errbuf(p), DA_SUCCESS);
 }
 
 da_status_t da_plan_stats(const da_plan_t *p, da_plan_stats_t *s) {
-  if (!p || !s) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_stats: plan or stats is NULL");
-  if (s->size < sizeof(da_plan_stats_t) || s->version == 0 || s->version > DA_API_VERSION)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_plan_stats_t: size %zu / version %u not recognized (start from "
-                  "DA_PLAN_STATS_INITIALIZER)", s->size, s->version);
+  da_error_clear();
+  DA_ARG_CHECK(NULL, p != NULL, "da_plan_stats: plan is NULL");
+  DA_ARG_CHECK(plan_errbuf(p), s != NULL, "da_plan_stats: stats is NULL");
+  DA_ARG_CHECK(plan_errbuf(p), s->size >= sizeof(da_plan_stats_t) && s->version != 0 && s->version <= DA_API_VERSION,
+               "da_plan_stats_t: size %zu / version %u not recognized (start from DA_PLAN_STATS_INITIALIZER)",
+               s->size, s->version);
   const da_ring_t *R = &p->ring;
   s->rank = R->rank, s->nranks = R->P, s->nsteps = R->P;
   s->local_rows = R->nloc;
@@ -557,7 +571,7 @@ da_status_t da_plan_stats(const da_plan_t *p, da_plan_stats_t *s) {
                       : p->algo == DA_ALGO_HYBRID ? da_schedule_imbalance(&p->hy.ring.sched)
                                                   : da_schedule_imbalance(&R->sched);
   s->block = p->block_used;
-  return DA_SUCCESS;
+  return da_errbuf_finish(plan_errbuf(p), DA_SUCCESS);
 }
 
 /* ---- tensors -------------------------------------------------------------------------------- */

@@ -287,13 +287,16 @@ da_status_t da_decode_plan_create(da_comm_t *comm, const da_problem_t *prob, con
 }
 
 da_status_t da_decode_plan_stats(const da_decode_plan_t *p, da_decode_stats_t *s) {
-  if (!p || !s) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_stats: plan or stats is NULL");
-  if (s->size < sizeof(da_decode_stats_t) || s->version == 0 || s->version > DA_API_VERSION)
-    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_stats_t: size %zu / version %u not recognized (start from "
-                  "DA_DECODE_STATS_INITIALIZER)", s->size, s->version);
+  da_error_clear();
+  DA_ARG_CHECK(NULL, p != NULL, "da_decode_plan_stats: plan is NULL");
+  da_errbuf_t *e = da_context_errbuf(p->ctx);
+  DA_ARG_CHECK(e, s != NULL, "da_decode_plan_stats: stats is NULL");
+  DA_ARG_CHECK(e, s->size >= sizeof(da_decode_stats_t) && s->version != 0 && s->version <= DA_API_VERSION,
+               "da_decode_stats_t: size %zu / version %u not recognized (start from DA_DECODE_STATS_INITIALIZER)",
+               s->size, s->version);
   *s = p->st;
   s->peak_bytes = da_mem_peak();
-  return DA_SUCCESS;
+  return da_errbuf_finish(e, DA_SUCCESS);
 }
 
 /* ---- one step ---------------------------------------------------------------------------------------- */
@@ -585,7 +588,7 @@ static da_status_t combine(da_decode_plan_t *p, const da_kvcache_t *c, const qvi
 da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor_t *q, da_tensor_t *out,
                            da_tensor_t *lse, void *stream) {
   da_error_clear();
-  if (!p) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_step: plan is NULL");
+  DA_ARG_CHECK(NULL, p != NULL, "da_decode_step: plan is NULL");
   if (p->broken)
     return da_context_finish(p->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this decode plan had a reduction time "
                                             "out; free it and create a new one", p->rank));

@@ -27,6 +27,37 @@ void da_error_clear(void);
  * gone silent the job is broken, and the `distattn` program ends it at its next collective. */
 long da_error_timeouts(void);
 
+/* ---- the one error-recording path of public entry points ------------------------------------
+ * A public call records its failure twice: in the thread-local buffer above (da_last_error(NULL))
+ * and in the error buffer of the context the call belongs to (da_last_error(ctx): a context,
+ * and every plan, cache or offload made from it, report into the context's buffer). Every public
+ * entry that returns a status ends through da_errbuf_finish, so the two never disagree; a call on
+ * a handle with no context (NULL) records the thread-local message only. */
+typedef struct da_errbuf {
+  char msg[DA_ERRMSG_MAX];
+} da_errbuf_t;
+/* Copy the thread's last message into e on failure, clear e on success; returns st. e may be NULL. */
+da_status_t da_errbuf_finish(da_errbuf_t *e, da_status_t st);
+
+/* The argument check at the top of every public entry (include/distattn.h): when cond is false,
+ * refuse with DA_ERR_INVALID_ARGUMENT and the message (which names the function and the
+ * argument), recorded through da_errbuf_finish(e, ...). Nothing has been touched yet, so nothing
+ * needs undoing: the check comes before any allocation or communication. Example:
+ *   DA_ARG_CHECK(da_context_errbuf(ctx), q != NULL, "da_attention_fwd: q is NULL"); */
+#define DA_ARG_CHECK(e, cond, ...)                                                    \
+  do {                                                                                \
+    if (!(cond)) return da_errbuf_finish((e), DA_ERR(DA_ERR_INVALID_ARGUMENT, __VA_ARGS__)); \
+  } while (0)
+
+/* ---- checked size arithmetic ---------------------------------------------------------------
+ * Sizes computed from caller input (shapes, strides, page sizes, counts) go through these: each
+ * returns 0 and stores the result, or returns -1 on overflow (nothing stored that could be used
+ * as a size). Signed: int64 element counts and offsets; unsigned: byte counts. */
+static inline int da_mul_i64(int64_t a, int64_t b, int64_t *out) { return __builtin_mul_overflow(a, b, out) ? -1 : 0; }
+static inline int da_add_i64(int64_t a, int64_t b, int64_t *out) { return __builtin_add_overflow(a, b, out) ? -1 : 0; }
+static inline int da_mul_size(size_t a, size_t b, size_t *out) { return __builtin_mul_overflow(a, b, out) ? -1 : 0; }
+static inline int da_add_size(size_t a, size_t b, size_t *out) { return __builtin_add_overflow(a, b, out) ? -1 : 0; }
+
 /* Propagate a failing status (NCCL's NCCLCHECK). */
 #define DA_CHECK(call)                                     \
   do {                                                     \
@@ -75,9 +106,11 @@ static inline int da_log_enabled(da_log_level_t lvl) {
   do { if (da_log_enabled(DA_LOG_TRACE)) da_log(DA_LOG_TRACE, (sub), __FILE__, __LINE__, __VA_ARGS__); } while (0)
 
 /* ---- env parameters (NCCL_PARAM) --------------------------------------------------------------
- * DA_PARAM(Nthreads, "NTHREADS", 0) defines int64_t da_param_Nthreads(void), reading
- * DISTATTN_NTHREADS once (thread-safe) and logging it at INFO when set. Declare it in the file
- * that uses it. */
+ * DA_PARAM(Blocking, "DECODE_BLOCKING", 0) defines int64_t da_param_Blocking(void), reading
+ * DISTATTN_DECODE_BLOCKING once (thread-safe) through the table of core/env.h and logging it at
+ * INFO when set. Declare it in the file that uses it. A value the table refuses is reported by
+ * da_env_check_all (da_context_create, the program's start); a read that meets one anyway logs
+ * it at WARN and uses the default. */
 int64_t da_param_load(const char *env, int64_t deflt, int64_t *cache, int *state);
 #define DA_PARAM(name, env, deflt)                                   \
   static int64_t da_param_##name(void) {                             \
@@ -105,10 +138,16 @@ size_t da_peak_rss_bytes(void);                   /* process VmHWM, 0 if unknown
 /* Cores this process may run on (sched_getaffinity), so several ranks bound to disjoint cores
  * do not oversubscribe. DISTATTN_NTHREADS overrides. */
 int da_default_nthreads(void);
+/* The same, with DISTATTN_NTHREADS checked (core/env.h): DA_ERR_INVALID_ARGUMENT naming it. */
+da_status_t da_default_nthreads_checked(int *n);
 
 /* ---- misc --------------------------------------------------------------------------------- */
 const char *da_dtype_name(da_dtype_t dt);
 size_t da_dtype_size(da_dtype_t dt);
+/* UTF-8: the length (1..4) of the well-formed sequence at p, or 0 when p starts an ill-formed one
+ * (stray continuation byte, overlong form, surrogate, past U+10FFFF, cut short). */
+int da_utf8_next(const unsigned char *p);
+int da_utf8_valid(const char *s); /* 1 when all of s is well-formed UTF-8 */
 /* Parse "4K", "1M", "3" (K = 1024). Returns 0 on success, -1 on malformed input/overflow. */
 int da_parse_size(const char *s, int64_t *out);
 const char *da_git_version(void);

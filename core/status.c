@@ -42,3 +42,11 @@ da_status_t da_error(da_status_t st, const char *file, int line, const char *fmt
 
 const char *da_error_message(void) { return errmsg; }
 void da_error_clear(void) { errmsg[0] = '\0'; }
+
+da_status_t da_errbuf_finish(da_errbuf_t *e, da_status_t st) {
+  if (e) {
+    if (st != DA_SUCCESS) snprintf(e->msg, sizeof e->msg, "%s", errmsg);
+    else e->msg[0] = '\0';
+  }
+  return st;
+}

@@ -14,8 +14,7 @@ static int64_t extent_elems(const da_tensor_t *t) {
   for (int i = 0; i < t->ndim; i++) {
     if (t->shape[i] <= 1) continue;
     int64_t term;
-    if (__builtin_mul_overflow(t->shape[i] - 1, t->strides[i], &term) || __builtin_add_overflow(ext, term, &ext))
-      return -1;
+    if (da_mul_i64(t->shape[i] - 1, t->strides[i], &term) || da_add_i64(ext, term, &ext)) return -1;
   }
   return ext;
 }
@@ -48,8 +47,8 @@ da_status_t da_tensor_check_strides(const da_tensor_t *t, size_t esz, int last_c
   /* The span must exist before the nesting walk below adds strides up. */
   const int64_t ext = extent_elems(t);
   const uint64_t base = (uint64_t)(uintptr_t)t->data;
-  uint64_t bytes = 0;
-  if (ext < 0 || __builtin_mul_overflow((uint64_t)ext, (uint64_t)esz, &bytes) || base > DA_TENSOR_MAX_ADDRESS ||
+  size_t bytes = 0;
+  if (ext < 0 || da_mul_size((size_t)ext, esz, &bytes) || base > DA_TENSOR_MAX_ADDRESS ||
       bytes > DA_TENSOR_MAX_ADDRESS - base) {
     int big = 0; /* the axis whose stride carries the span out, for the message */
     for (int i = 1; i < t->ndim; i++)

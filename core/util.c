@@ -8,6 +8,7 @@
 #include <string.h>
 #include <time.h>
 #include "core.h"
+#include "env.h"
 
 #ifndef DA_GIT_VERSION
 #define DA_GIT_VERSION "unknown"
@@ -20,17 +21,10 @@ int64_t da_param_load(const char *env, int64_t deflt, int64_t *cache, int *state
   int expected = 0;
   if (__atomic_compare_exchange_n(state, &expected, 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
     int64_t v = deflt;
-    const char *s = getenv(env);
-    if (s && *s) {
-      char *end = NULL;
-      errno = 0;
-      long long x = strtoll(s, &end, 0);
-      if (errno || !end || *end) {
-        DA_WARN(DA_SUB_ENV, "invalid value %s=%s ignored, using default %lld", env, s, (long long)deflt);
-      } else {
-        v = x;
-        DA_INFO(DA_SUB_ENV, "%s set by environment to %lld", env, x);
-      }
+    int set = 0;
+    if (da_env_int(env, &v, &set) != DA_SUCCESS) {
+      DA_WARN(DA_SUB_ENV, "%s (using %lld)", da_error_message(), (long long)deflt);
+      v = deflt;
     }
     *cache = v;
     __atomic_store_n(state, 2, __ATOMIC_RELEASE);
@@ -112,18 +106,31 @@ size_t da_peak_rss_bytes(void) {
 }
 
 /* ---- threads ---- */
-DA_PARAM(Nthreads, "NTHREADS", 0)
-
-int da_default_nthreads(void) {
-  int64_t n = da_param_Nthreads();
-  if (n > 0) return (int)n;
+static int affinity_cores(void) {
   cpu_set_t set;
   CPU_ZERO(&set);
   if (sched_getaffinity(0, sizeof set, &set) == 0) {
     int c = CPU_COUNT(&set);
-    if (c > 0) return c;
+    if (c > 0) return c < DA_MAX_NTHREADS ? c : DA_MAX_NTHREADS;
   }
   return 1;
+}
+
+da_status_t da_default_nthreads_checked(int *n) {
+  int64_t v = 0;
+  int set = 0;
+  DA_CHECK(da_env_int("DISTATTN_NTHREADS", &v, &set)); /* [0, DA_MAX_NTHREADS] by the table */
+  *n = set && v > 0 ? (int)v : affinity_cores();
+  return DA_SUCCESS;
+}
+
+int da_default_nthreads(void) {
+  int n = 1;
+  if (da_default_nthreads_checked(&n) != DA_SUCCESS) {
+    DA_WARN(DA_SUB_ENV, "%s (using the cores this process may run on)", da_error_message());
+    n = affinity_cores();
+  }
+  return n;
 }
 
 /* ---- misc ---- */
@@ -165,16 +172,26 @@ const char *da_version_string(void) {
   return buf;
 }
 
-void da_tensor_make(da_tensor_t *t, void *data, da_dtype_t dtype, int ndim, const int64_t *shape) {
+da_status_t da_tensor_make(da_tensor_t *t, void *data, da_dtype_t dtype, int ndim, const int64_t *shape) {
+  da_error_clear();
+  DA_ARG_CHECK(NULL, t != NULL, "da_tensor_make: t is NULL");
   memset(t, 0, sizeof *t);
   t->data = data;
   t->dtype = dtype;
   t->device = DA_DEVICE_CPU;
-  t->ndim = ndim < 0 ? 0 : (ndim > 4 ? 4 : ndim);
+  DA_ARG_CHECK(NULL, ndim >= 0 && ndim <= 4, "da_tensor_make: ndim %d (0 to 4)", ndim);
+  DA_ARG_CHECK(NULL, shape != NULL || ndim == 0, "da_tensor_make: shape is NULL for ndim %d", ndim);
   int64_t st = 1;
-  for (int i = t->ndim - 1; i >= 0; i--) {
+  for (int i = ndim - 1; i >= 0; i--)
+    DA_ARG_CHECK(NULL, shape[i] >= 0, "da_tensor_make: shape[%d] = %lld < 0", i, (long long)shape[i]);
+  for (int i = ndim - 1; i >= 0; i--) {
     t->shape[i] = shape[i];
     t->strides[i] = st;
-    st *= shape[i];
+    if (da_mul_i64(st, shape[i] > 0 ? shape[i] : 1, &st)) {
+      memset(t, 0, sizeof *t);
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_tensor_make: the element count of the shape overflows int64");
+    }
   }
+  t->ndim = ndim;
+  return DA_SUCCESS;
 }

@@ -8,7 +8,9 @@
  * the functions declared here. Python: the `distattn` package in python/ (ctypes over the .so).
  *
  * Errors: every call that can fail returns a da_status_t (DA_SUCCESS = 0) and never exits or
- * aborts; da_status_string() names the code and da_last_error(ctx) gives the detailed message of
+ * aborts; NULL or invalid arguments to any call are refused with DA_ERR_INVALID_ARGUMENT and a
+ * message naming the function and the argument (calls without a status: frees accept NULL,
+ * counts return -1 or 0, pointers NULL); da_status_string() names the code and da_last_error(ctx) gives the detailed message of
  * the context's last failure (da_last_error(NULL): the calling thread's last failure, e.g. from
  * da_context_create). A handle output (da_context_t **, da_plan_t **, ...) is NULL after a
  * failure; tensor outputs may be partly written.
@@ -105,8 +107,10 @@ typedef struct da_tensor {
 
 /* Fill a contiguous (row-major) CPU descriptor: da_tensor_make(&t, ptr, DA_BFLOAT16, 3,
  * (int64_t[]){S, H, D}) sets strides {H*D, D, 1}. For a view, set t.strides (elements) afterwards;
- * for device memory, set t.device and t.device_id. Cannot fail; ndim is clamped to 0..4. */
-void da_tensor_make(da_tensor_t *t, void *data, da_dtype_t dtype, int ndim, const int64_t *shape);
+ * for device memory, set t.device and t.device_id. DA_ERR_INVALID_ARGUMENT for a NULL t, ndim
+ * outside 0..4, a NULL shape (ndim > 0), a negative extent or an element count past int64 (*t is
+ * then zeroed when t is not NULL). Returned a void before API version 2.1; ignoring it is fine. */
+da_status_t da_tensor_make(da_tensor_t *t, void *data, da_dtype_t dtype, int ndim, const int64_t *shape);
 
 /* The attention problem. Always start from DA_PROBLEM_INITIALIZER and set what you need; the
  * leading size/version let later releases add fields without breaking callers. */
@@ -140,14 +144,16 @@ typedef struct da_config {
   size_t size;
   unsigned version;
   da_device_t device; /* backend: CPU (default) or CUDA */
-  int nthreads;       /* CPU kernel threads; 0 = the cores this process is bound to
+  int nthreads;       /* CPU kernel threads, 0..1024; 0 = the cores this process is bound to
                          (or DISTATTN_NTHREADS) */
 } da_config_t;
 
 #define DA_CONFIG_INITIALIZER { sizeof(da_config_t), DA_API_VERSION, DA_DEVICE_CPU, 0 }
 
 /* cfg NULL = DA_CONFIG_INITIALIZER. *ctx is NULL on failure (message: da_last_error(NULL));
- * DA_ERR_UNSUPPORTED for a backend that is not built in. */
+ * DA_ERR_UNSUPPORTED for a backend that is not built in. Every DISTATTN_* environment variable
+ * the library reads is checked here (docs/reliability.md lists them): a malformed or out-of-range
+ * value is DA_ERR_INVALID_ARGUMENT naming the variable, never a silent default. */
 da_status_t da_context_create(const da_config_t *cfg, da_context_t **ctx);
 /* After every handle made from ctx is freed. NULL is a no-op. */
 void da_context_free(da_context_t *ctx);
@@ -530,7 +536,8 @@ da_kvcache_t *da_offload_cache(da_offload_t *off);
 da_status_t da_offload_check_fit(da_offload_t *off, const int64_t *final_len, double *max_shard);
 
 /* KV bytes of prob->batch sequences of final_len tokens over `layers` layers: what one rank
- * would hold without offload. Local; no handle needed. */
+ * would hold without offload. Local; no handle needed. -1 (da_last_error(NULL) says why) for a
+ * NULL problem or final_len, or layers < 1. */
 double da_offload_kv_bytes(const da_problem_t *prob, int layers, const int64_t *final_len);
 
 /* ---- compute ranks (local calls: only the group's memory ranks take part) ----

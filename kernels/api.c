@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include "core.h"
+#include "env.h"
 #include "dtype.h"
 #include "kernels.h"
 #include "tensor.h"
@@ -13,17 +14,13 @@ struct da_context {
   da_device_t device;
   int nthreads;
   const da_kernels_t *kt;
-  char err[DA_ERRMSG_MAX];
+  da_errbuf_t err; /* da_last_error(ctx): this context's and its plans', caches', offloads' last failure */
 };
 
 /* Record the thread's last message in ctx on failure (set outputs only on success). */
-static da_status_t finish(da_context_t *ctx, da_status_t st) {
-  if (ctx) {
-    if (st != DA_SUCCESS) snprintf(ctx->err, sizeof ctx->err, "%s", da_error_message());
-    else ctx->err[0] = '\0';
-  }
-  return st;
-}
+static da_status_t finish(da_context_t *ctx, da_status_t st) { return da_errbuf_finish(ctx ? &ctx->err : NULL, st); }
+
+da_errbuf_t *da_context_errbuf(const da_context_t *ctx) { return ctx ? (da_errbuf_t *)&ctx->err : NULL; }
 
 /* What a context on dev (not the CPU) cannot do yet, although its kernel table is built: the
  * distributed ring plans (da_plan_*, comm/ring.c) run on device memory, but the single-rank calls
@@ -45,21 +42,28 @@ static da_status_t host_context(const da_context_t *ctx, const char *fn) {
 
 da_status_t da_context_create(const da_config_t *cfg, da_context_t **out) {
   da_error_clear();
-  if (!out) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_context_create: ctx pointer is NULL");
+  DA_ARG_CHECK(NULL, out != NULL, "da_context_create: ctx pointer is NULL");
   *out = NULL;
   da_config_t def = DA_CONFIG_INITIALIZER;
   if (!cfg) cfg = &def;
+  /* Every DISTATTN_* variable the library reads is checked here, once per context: a bad value is
+   * an error naming it at the first call, not a surprise deep inside a plan or a silent default. */
+  DA_CHECK(da_env_check_all());
   if (cfg->size < sizeof(size_t) + sizeof(unsigned) || cfg->version == 0 || cfg->version > DA_API_VERSION)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT,
                   "da_config_t: size %zu / version %u not recognized (start from DA_CONFIG_INITIALIZER)",
                   cfg->size, cfg->version);
-  if (cfg->nthreads < 0) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_config_t: nthreads %d < 0", cfg->nthreads);
+  if (cfg->nthreads < 0 || cfg->nthreads > DA_MAX_NTHREADS)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_config_t: nthreads %d out of range [0, %d] (0 = the cores this "
+                  "process may use)", cfg->nthreads, DA_MAX_NTHREADS);
+  int nthreads = cfg->nthreads;
+  if (nthreads == 0) DA_CHECK(da_default_nthreads_checked(&nthreads));
   const da_kernels_t *kt = da_kernels_get(cfg->device);
-  if (!kt) return DA_ERR_UNSUPPORTED;
+  if (!kt) return cfg->device == DA_DEVICE_CUDA ? DA_ERR_UNSUPPORTED : DA_ERR_INVALID_ARGUMENT; /* recorded there */
   da_context_t *c = da_calloc(sizeof *c, 64);
   if (!c) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "context");
   c->device = cfg->device;
-  c->nthreads = cfg->nthreads > 0 ? cfg->nthreads : da_default_nthreads();
+  c->nthreads = nthreads;
   c->kt = kt;
   DA_INFO(DA_SUB_INIT, "context: backend %s, %d threads", kt->name, c->nthreads);
   *out = c;
@@ -68,7 +72,7 @@ da_status_t da_context_create(const da_config_t *cfg, da_context_t **out) {
 
 void da_context_free(da_context_t *ctx) { da_free(ctx); }
 
-const char *da_last_error(const da_context_t *ctx) { return ctx ? ctx->err : da_error_message(); }
+const char *da_last_error(const da_context_t *ctx) { return ctx ? ctx->err.msg : da_error_message(); }
 
 /* Build kernel params from a problem. */
 static da_status_t make_params(const da_context_t *ctx, const da_problem_t *prob, da_kparams_t *p) {
@@ -200,7 +204,7 @@ da_status_t da_attention_fwd(da_context_t *ctx, const da_problem_t *prob, const 
                              const da_tensor_t *k, const da_tensor_t *v, da_tensor_t *out,
                              da_tensor_t *lse, void *stream) {
   da_error_clear();
-  if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "context is NULL");
+  DA_ARG_CHECK(NULL, ctx != NULL, "%s: context is NULL", __func__);
   da_kparams_t p;
   da_status_t st = host_context(ctx, "da_attention_fwd");
   if (st == DA_SUCCESS) st = make_params(ctx, prob, &p);
@@ -244,7 +248,7 @@ da_status_t da_attention_bwd(da_context_t *ctx, const da_problem_t *prob, const 
                              const da_tensor_t *dout, const da_tensor_t *lse, da_tensor_t *dq,
                              da_tensor_t *dk, da_tensor_t *dv, void *stream) {
   da_error_clear();
-  if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "context is NULL");
+  DA_ARG_CHECK(NULL, ctx != NULL, "%s: context is NULL", __func__);
   da_kparams_t p;
   da_status_t st = host_context(ctx, "da_attention_bwd");
   if (st == DA_SUCCESS) st = make_params(ctx, prob, &p);
@@ -297,7 +301,7 @@ da_status_t da_attention_decode(da_context_t *ctx, const da_problem_t *prob, con
                                 const da_tensor_t *k, const da_tensor_t *v, da_tensor_t *out,
                                 da_tensor_t *lse, void *stream) {
   da_error_clear();
-  if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "context is NULL");
+  DA_ARG_CHECK(NULL, ctx != NULL, "%s: context is NULL", __func__);
   da_kparams_t p;
   da_status_t st = host_context(ctx, "da_attention_decode");
   if (st == DA_SUCCESS) st = make_params(ctx, prob, &p);
@@ -344,7 +348,7 @@ cleanup:
 const da_kernels_t *da_context_kernels(const da_context_t *ctx) { return ctx ? ctx->kt : NULL; }
 da_device_t da_context_device(const da_context_t *ctx) { return ctx ? ctx->device : DA_DEVICE_CPU; }
 da_status_t da_context_params(const da_context_t *ctx, const da_problem_t *prob, da_kparams_t *p) {
-  if (!ctx) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "context is NULL");
+  DA_ARG_CHECK(NULL, ctx != NULL, "%s: context is NULL", __func__);
   return make_params(ctx, prob, p);
 }
 da_status_t da_context_finish(da_context_t *ctx, da_status_t st) { return finish(ctx, st); }

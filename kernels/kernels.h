@@ -129,6 +129,8 @@ const da_kernels_t *da_context_kernels(const da_context_t *ctx);
 da_device_t da_context_device(const da_context_t *ctx);
 da_status_t da_context_params(const da_context_t *ctx, const da_problem_t *prob, da_kparams_t *p);
 da_status_t da_context_finish(da_context_t *ctx, da_status_t st);
+/* The context's error buffer (core.h: da_errbuf_t) for DA_ARG_CHECK; NULL for a NULL context. */
+da_errbuf_t *da_context_errbuf(const da_context_t *ctx);
 /* What a context on dev (not the CPU) cannot do yet although its kernel table is built (the ring
  * plans run on device memory; the single-rank calls, KV cache, tree decode and offloading do not):
  * the refusals of those calls print it. */

@@ -198,6 +198,10 @@ static int set_value(da_opt_t *o, const char *v, char *err, size_t en) {
         snprintf(err, en, "%s is out of range [%g, %g]", v, o->dmin, o->dmax);
         return -1;
       }
+      if (o->dfloor > 0 && x > 0 && x < o->dfloor) {
+        snprintf(err, en, "%s is below %g, the smallest value accepted (0 = the default)", v, o->dfloor);
+        return -1;
+      }
       *(double *)o->dest = x;
       return 0;
     }

@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include "mask.h"
+#include "env.h" /* DA_MAX_NTHREADS, DA_TIMEOUT_MIN_S: the limits options share with the env table */
 
 #ifdef __cplusplus
 extern "C" {
@@ -34,6 +35,8 @@ typedef struct da_opt {
   const char *help;
   int64_t min, max;    /* INT / SIZE range, inclusive (min == max == 0: any value >= 0) */
   double dmin, dmax;   /* DOUBLE range, inclusive (dmin == dmax == 0: any finite value) */
+  double dfloor;       /* DOUBLE: > 0 refuses values in (0, dfloor): 0 keeps its meaning (a default),
+                          anything else must be at least dfloor (--timeout: DA_TIMEOUT_MIN_S) */
   const char *const *choices; /* ENUM / SET: NULL-terminated list of names */
   const char *alias;   /* another accepted long name, or NULL */
   /* MPI commands (launcher/agree.c): every rank of a job must be given the same value, unless

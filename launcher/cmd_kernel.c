@@ -1008,7 +1008,7 @@ static void kbench_init(kbench_t *b) {
       {.name = "ops", .type = DA_OPT_SET, .dest = &b->ops, .help = "operations to time", .choices = op_names},
       {.name = "threads", .type = DA_OPT_INT, .dest = &b->threads,
        .help = "threads for the kernels and the baselines (default: the cores this process may use)", .min = 1,
-       .max = 4096},
+       .max = DA_MAX_NTHREADS},
       {.name = "block-q", .type = DA_OPT_INT, .dest = &b->block_q, .help = "q tile rows (0 = backend default)",
        .min = 0, .max = 1 << 20},
       {.name = "block-k", .type = DA_OPT_INT, .dest = &b->block_k, .help = "k/v tile rows (0 = backend default)",

@@ -198,13 +198,13 @@ static void offload_options(orun_t *x) {
       {.name = "dtype", .type = DA_OPT_ENUM, .dest = &o->dtype, .help = "storage dtype", .choices = da_dtype_names},
       {.name = "seed", .type = DA_OPT_INT, .dest = &o->seed, .help = "seed of the inputs", .min = 0, .max = INT64_MAX},
       {.name = "threads", .type = DA_OPT_INT, .dest = &o->threads, .help = "kernel threads per rank (0 = 1)", .min = 0,
-       .max = 4096, .per_rank = 1},
+       .max = DA_MAX_NTHREADS, .per_rank = 1},
       /* per rank: rank 0 (a compute rank) writes the record; slurm/offload-hetjob.sbatch gives
        * --json to the compute component only */
       {.name = "json", .type = DA_OPT_STRING, .dest = &o->json, .metavar = "FILE", .help = "append one JSON object",
        .sample = "agree-sample.jsonl", .per_rank = 1},
       {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &o->timeout, .help = "seconds to wait for a peer", .dmin = 0,
-       .dmax = 1e6},
+       .dmax = 1e6, .dfloor = DA_TIMEOUT_MIN_S},
       {0},
   };
   memcpy(x->opts, opts, sizeof opts);

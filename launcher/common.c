@@ -13,6 +13,8 @@
 #include "core.h"
 #include "fault.h"
 #include "report.h"
+#include "kvcache.h"   /* da_comm_default_timeout */
+#include "transport.h" /* da_xport_deadline: the --timeout of the plan created last */
 
 static int cmp_dbl(const void *a, const void *b) {
   double x = *(const double *)a, y = *(const double *)b;
@@ -100,7 +102,7 @@ da_opt_t da_opt_device(int *dest) {
 
 da_opt_t da_opt_threads(int64_t *dest) {
   return (da_opt_t){.name = "threads", .type = DA_OPT_INT, .dest = dest,
-                    .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = 4096,
+                    .help = "kernel threads per rank (0 = this rank's share of its cores)", .min = 0, .max = DA_MAX_NTHREADS,
                     .per_rank = 1 /* a rank's own resources: ranks on unlike nodes may differ */};
 }
 
@@ -125,7 +127,7 @@ const char *da_transport_choice(const char *opt) {
 da_opt_t da_opt_timeout(double *dest) {
   return (da_opt_t){.name = "timeout", .type = DA_OPT_DOUBLE, .dest = dest,
                     .help = "seconds a rank waits for a peer before failing (0 = DISTATTN_TIMEOUT or 300)", .dmin = 0,
-                    .dmax = 1e6};
+                    .dmax = 1e6, .dfloor = DA_TIMEOUT_MIN_S};
 }
 
 void da_cmd_options(da_cmdspec_t *cmd, const char *name, const char *summary, da_opt_t *room, const da_opt_t *opts,
@@ -339,6 +341,11 @@ void da_json_nonfinite(da_json_t *j, int64_t rows, int64_t inputs, int64_t outpu
 }
 
 int da_json_finish(da_json_t *j, const char *path) {
+  /* The peers wait in the next collective while this rank appends: a lock held elsewhere must be
+   * given up on well within the deadline, so the report names the lock, not a missing rank. */
+  double deadline = da_xport_deadline();
+  if (!(deadline > 0)) deadline = da_comm_default_timeout();
+  da_json_set_lock_wait(fmin(10.0, deadline / 4));
   int rc = da_json_append(j, path);
   da_json_free(j);
   return rc;

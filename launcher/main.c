@@ -3,6 +3,7 @@
 #include <string.h>
 #include "core.h"
 #include "launcher.h"
+#include "env.h"
 
 static void usage(FILE *f) {
   fprintf(f,
@@ -21,6 +22,12 @@ int main(int argc, char **argv) {
     return 2;
   }
   const char *cmd = argv[1];
+  /* Every DISTATTN_* variable is checked before anything runs (core/env.c): a bad one is a usage
+   * error naming it, on every rank (each checks its own environment), never a silent default. */
+  if (da_env_check_all() != DA_SUCCESS) {
+    fprintf(stderr, "distattn: %s\n", da_error_message());
+    return 2;
+  }
   if (!strcmp(cmd, "-h") || !strcmp(cmd, "--help") || !strcmp(cmd, "help")) {
     usage(stdout);
     return 0;

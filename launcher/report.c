@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <time.h>
 #include "core.h"
 #include "report.h"
 
@@ -210,8 +211,13 @@ static void jstring(da_json_t *j, const char *s) {
         if (*p < 0x20 || *p == 0x7f) {
           snprintf(esc, sizeof esc, "\\u%04x", *p);
           jraw(j, esc, 6);
-        } else {
-          jraw(j, (const char *)p, 1); /* UTF-8 bytes pass through unchanged */
+        } else if (*p < 0x80) {
+          jraw(j, (const char *)p, 1);
+        } else { /* well-formed UTF-8 passes through; any other byte becomes U+FFFD, so the line stays
+                    valid JSON whatever a path, host or environment variable holds */
+          const int n = da_utf8_next(p);
+          if (n) jraw(j, (const char *)p, (size_t)n), p += n - 1;
+          else jraw(j, "\\ufffd", 6);
         }
     }
   }
@@ -284,6 +290,25 @@ void da_json_common(da_json_t *j, const char *hosts) {
   da_json_int(j, "peak_rss_bytes", (int64_t)da_peak_rss_bytes());
 }
 
+/* How long an appender waits for another process's lock on the file before giving up (set by the
+ * MPI commands to a fraction of their deadline: peers wait in a collective meanwhile). */
+static double json_lock_wait_s = 10.0;
+void da_json_set_lock_wait(double seconds) { json_lock_wait_s = seconds > 0 ? seconds : 10.0; }
+
+/* flock(LOCK_EX) polled up to json_lock_wait_s: 0 locked, 1 held by another process all along
+ * (*waited: seconds), -1 flock itself failed (a file system without locks: append unlocked). */
+static int lock_bounded(int fd, double *waited) {
+  const double t0 = da_time_now();
+  for (;;) {
+    if (flock(fd, LOCK_EX | LOCK_NB) == 0) return 0;
+    if (errno != EWOULDBLOCK && errno != EINTR) return -1;
+    *waited = da_time_now() - t0;
+    if (*waited >= json_lock_wait_s) return 1;
+    struct timespec ts = {0, 10 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+  }
+}
+
 int da_json_append(da_json_t *j, const char *path) {
   /* DISTATTN_JSON_KEY: the caller's name for this configuration (a sweep's), recorded last so a
    * script can tell with one grep whether a whole record of it is already in the file. */
@@ -303,7 +328,15 @@ int da_json_append(da_json_t *j, const char *path) {
    * look at the end of the file -- a record cut short by a full disk or a killed writer of another
    * program is closed with a newline first, so it never swallows ours -- and write the record
    * with one write() on O_APPEND. A short write is undone (truncated back) and reported. */
-  int locked = flock(fd, LOCK_EX) == 0, rc = 0;
+  double waited = 0;
+  const int lk = lock_bounded(fd, &waited);
+  if (lk == 1) { /* say so: left waiting, the rank would make its peers report it missing */
+    fprintf(stderr, "distattn: --json %s is locked by another process (waited %.1f s for its flock): the record was "
+            "not written\n", path, waited);
+    close(fd);
+    return -1;
+  }
+  int locked = lk == 0, rc = 0;
   struct stat sb;
   off_t size = fstat(fd, &sb) == 0 ? sb.st_size : -1;
   char last = '\n';

@@ -86,6 +86,8 @@ void da_json_common(da_json_t *j, const char *hosts);
  * under the file's flock, with one write() on O_APPEND; a line left unterminated by an earlier
  * writer is closed first. 0 on success; -1 with a message on stderr (a short write is truncated
  * back: the record is then absent from the file, never cut inside it). */
+/* The longest da_json_append waits for another process's flock on the file (default 10 s). */
+void da_json_set_lock_wait(double seconds);
 int da_json_append(da_json_t *j, const char *path);
 void da_json_free(da_json_t *j);
 /* Check before a long run that path can be opened for appending (creates it empty if absent).

@@ -19,7 +19,7 @@ if [ ! -f "$B/CMakeCache.txt" ]; then
 fi
 # Only what the selected tests run (the benchmarks, examples and Python library are not needed).
 targets=()
-case $what in sanitize | all) targets+=(test_ref test_api test_kvmap test_npy test_tree test_offload test_offload_api test_place test_setup distattn) ;; esac
+case $what in sanitize | all) targets+=(test_ref test_api test_kvmap test_npy test_tree test_offload test_offload_api test_place test_setup test_misuse test_env distattn) ;; esac
 case $what in fuzz | all) targets+=(fuzz_args fuzz_mask fuzz_npy) ;; esac
 [ ${#targets[@]} -eq 0 ] || cmake --build "$B" -j "$JOBS" --target "${targets[@]}"
 

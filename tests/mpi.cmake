@@ -302,3 +302,32 @@ if(TARGET distattn AND EXISTS ${CMAKE_CURRENT_SOURCE_DIR}/cli_check.cmake AND EX
   da_offload_cli(cli_decode_over_budget 2 ERR_RE "over --mem-budget 1.0 MiB: offload it to memory ranks"
                  RAW_ARGS -np 2 ${exe} decode --context 64K --heads 4 --dim 64 --mem-budget 1M)
 endif()
+
+# Misuse of the library (issue 19, class 1), tests/test_misuse.c: every public function of
+# include/distattn.h with NULL or invalid arguments returns a status and a message, never a crash;
+# the function list is read from the header, so a new function without a case fails the test.
+# P = 2: the intercommunicator case needs two groups.
+add_executable(test_misuse test_misuse.c)
+target_link_libraries(test_misuse PRIVATE da_comm da_core MPI::MPI_C m)
+target_compile_definitions(test_misuse PRIVATE DA_HEADER_PATH="${PROJECT_SOURCE_DIR}/include/distattn.h")
+add_test(NAME test_misuse_np2
+         COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 120 -np 2 $<TARGET_FILE:test_misuse>)
+set_tests_properties(test_misuse_np2 PROPERTIES LABELS mpi TIMEOUT 150 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+
+# --json under adverse conditions (issue 19, class 7): a file locked by another process is named
+# as such within the deadline (not as a missing rank); bytes that are not UTF-8 never make an
+# invalid JSON line.
+foreach(case locked utf8)
+  add_test(NAME cli_json_${case} COMMAND sh ${CMAKE_CURRENT_SOURCE_DIR}/json_faults_test.sh $<TARGET_FILE:distattn>
+                                         ${DA_MPIRUN} ${case})
+  set_tests_properties(cli_json_${case} PROPERTIES LABELS mpi TIMEOUT 90 PASS_REGULAR_EXPRESSION "PASS ${case}"
+                       ENVIRONMENT "${DA_MPI_TEST_ENV}")
+endforeach()
+# A deadline too short to mean anything is refused when parsed (issue 19, class 7): it used to run
+# and report ranks as "never reached da_plan_create". The thread count is bounded likewise.
+if(COMMAND da_run_cli)
+  da_run_cli(cli_run_timeout_floor 2 2 ERR_RE "--timeout: 1e-9 is below 1, the smallest value accepted"
+             ARGS --seq 64 --heads 2 --dim 16 --timeout 1e-9)
+  da_run_cli(cli_run_threads_bound 1 2 ERR_RE "--threads: 100000 is out of range \\[0, 1024\\]"
+             ARGS --seq 64 --heads 2 --dim 16 --threads 100000)
+endif()

@@ -14,7 +14,7 @@ set(da_npy_cmd ${DISTATTN_PYTHON} ${CMAKE_CURRENT_SOURCE_DIR}/test_npy_io.py --e
 add_test(NAME npy_roundtrip_np3 COMMAND ${da_npy_cmd} roundtrip)
 set_tests_properties(npy_roundtrip_np3 PROPERTIES LABELS mpi TIMEOUT 150 SKIP_RETURN_CODE 77
                      PASS_REGULAR_EXPRESSION "PASS")
-foreach(case missing missing_dout magic truncated oversized dtype dtype_mismatch dtype_flag big_endian fortran
+foreach(case missing missing_dout is_dir magic truncated oversized dtype dtype_mismatch dtype_flag big_endian fortran
              seq_mismatch seq_flag gqa ndim out_missing out_not_writable no_clobber no_clobber_bad_input fifo device)
   add_test(NAME npy_bad_${case} COMMAND ${da_npy_cmd} bad ${case})
   set_tests_properties(npy_bad_${case} PROPERTIES LABELS mpi TIMEOUT 90 SKIP_RETURN_CODE 77)

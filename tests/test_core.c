@@ -538,16 +538,21 @@ END_TEST
 START_TEST(test_params) {
   int64_t cache;
   int state = 0;
-  unsetenv("DISTATTN_TEST_P");
-  ck_assert_int_eq(da_param_load("DISTATTN_TEST_P", 5, &cache, &state), 5);
-  setenv("DISTATTN_TEST_P", "42", 1);
-  ck_assert_int_eq(da_param_load("DISTATTN_TEST_P", 5, &cache, &state), 5); /* read once, cached */
+  /* through the table of core/env.c: DISTATTN_TEST_IO_FAIL is a whole number in [0, 2^30] */
+  unsetenv("DISTATTN_TEST_IO_FAIL");
+  ck_assert_int_eq(da_param_load("DISTATTN_TEST_IO_FAIL", 5, &cache, &state), 5);
+  setenv("DISTATTN_TEST_IO_FAIL", "42", 1);
+  ck_assert_int_eq(da_param_load("DISTATTN_TEST_IO_FAIL", 5, &cache, &state), 5); /* read once, cached */
   state = 0;
-  ck_assert_int_eq(da_param_load("DISTATTN_TEST_P", 5, &cache, &state), 42);
-  setenv("DISTATTN_TEST_P", "0x10", 1);
-  state = 0;
-  ck_assert_int_eq(da_param_load("DISTATTN_TEST_P", 5, &cache, &state), 16);
-  setenv("DISTATTN_TEST_P", "4x", 1); /* malformed: default, with a warning */
+  ck_assert_int_eq(da_param_load("DISTATTN_TEST_IO_FAIL", 5, &cache, &state), 42);
+  static const char *const refused[] = {"0x10", "4x", "-3", "1.5", " 4"}; /* strict: default, with a warning */
+  for (size_t i = 0; i < sizeof refused / sizeof refused[0]; i++) {
+    setenv("DISTATTN_TEST_IO_FAIL", refused[i], 1);
+    state = 0;
+    ck_assert_int_eq(da_param_load("DISTATTN_TEST_IO_FAIL", 5, &cache, &state), 5);
+  }
+  unsetenv("DISTATTN_TEST_IO_FAIL");
+  setenv("DISTATTN_TEST_P", "42", 1); /* a name outside the table is never read */
   state = 0;
   ck_assert_int_eq(da_param_load("DISTATTN_TEST_P", 5, &cache, &state), 5);
   ck_assert_ptr_null(da_param_string("DISTATTN_TEST_UNSET_S"));

@@ -92,7 +92,7 @@ START_TEST(h_layout) {
   prob.seq = S, prob.heads = HH, prob.kv_heads = 1, prob.dim = 16, prob.mask = DA_MASK_CAUSAL;
   zplan_t z;
   zplan_ulysses = U;
-  ck_assert(all_equal_status(zplan_make(&z, &prob, DA_ALGO_HYBRID), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(zplan_make(&z, &prob, DA_ALGO_HYBRID), DA_SUCCESS));
   int64_t pos[64];
   ck_assert(z.n <= 64 && da_plan_local_positions(z.plan, pos, z.n) == DA_SUCCESS);
   /* The group's rows in local order: chunk g, then chunk 2R-1-g. */
@@ -106,7 +106,7 @@ START_TEST(h_layout) {
   for (int64_t i = 0; ok && i < cnt; i++) ok = pos[i] == grp[first + i];
   if (!ok) fprintf(stderr, "rank %d (group %d, index %d): %lld rows, first %lld\n", g_rank, g, j, (long long)z.n,
                    (long long)(z.n ? pos[0] : -1));
-  ck_assert_msg(red(ok, MPI_MIN) == 1, "U=%d: each rank a run of its group's zigzag shard", U);
+  ck_assert_msg(tu_reduce(ok, MPI_MIN) == 1, "U=%d: each rank a run of its group's zigzag shard", U);
   /* Every position exactly once over the job. */
   int *seen = calloc((size_t)S, sizeof *seen);
   for (int64_t i = 0; i < z.n; i++) seen[pos[i]]++;
@@ -131,7 +131,7 @@ static void expect_refusal(int H, int G, int U, da_algo_t algo, da_status_t want
   if (!ok) fprintf(stderr, "rank %d: H=%d G=%d U=%d P=%d gave %s: %s\n", g_rank, H, G, U, g_size,
                    da_status_string(st), msg);
   if (g_rank == 0 && ok) fprintf(stderr, "refused as expected: %s\n", msg);
-  ck_assert_msg(all_equal_status(ok ? want : DA_SUCCESS, want), "H=%d G=%d U=%d over %d ranks must be refused on "
+  ck_assert_msg(tu_all_equal_status(ok ? want : DA_SUCCESS, want), "H=%d G=%d U=%d over %d ranks must be refused on "
                 "every rank (\"%s\")", H, G, U, g_size, why);
   da_plan_free(plan);
 }
@@ -161,7 +161,7 @@ START_TEST(h_refusals) {
   cfg.algo = DA_ALGO_HYBRID, cfg.version = 2, cfg.size = offsetof(da_plan_config_t, ulysses);
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert_msg(all_equal_status(st, DA_ERR_INVALID_ARGUMENT) && strstr(da_last_error(g_ctx), "version 3"),
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_INVALID_ARGUMENT) && strstr(da_last_error(g_ctx), "version 3"),
                 "a v2 config asking for the hybrid: %s", da_last_error(g_ctx));
   da_plan_free(plan);
 }
@@ -186,21 +186,21 @@ START_TEST(h_plan_figures) {
         prob.dtype = d ? DA_BFLOAT16 : DA_FLOAT32;
         zplan_t z;
         zplan_ulysses = U;
-        ck_assert(all_equal_status(zplan_make(&z, &prob, DA_ALGO_HYBRID), DA_SUCCESS));
+        ck_assert(tu_all_equal_status(zplan_make(&z, &prob, DA_ALGO_HYBRID), DA_SUCCESS));
         da_plan_stats_t s = DA_PLAN_STATS_INITIALIZER;
         ck_assert(da_plan_stats(z.plan, &s) == DA_SUCCESS);
         const double e = d ? 2 : 4, S = (double)prob.seq, D = prob.dim, Hl = HH / U, Gk = G >= U ? G / U : 1;
         const double fwd = (U - 1) * S * ((2 * Hl + 2 * Gk) * D * e + Hl * 4) + U * (R - 1) * S * 2 * Gk * D * e;
         const double bwd = (U - 1) * S * ((3 * Hl + 2 * Gk) * D * e + Hl * 4 + (Hl + 2 * Gk) * D * 4) +
                            U * (R - 1) * S * 2 * Gk * D * (e + 4);
-        ck_assert_msg(red((double)s.plan_fwd_bytes, MPI_SUM) == fwd, "U=%d G=%d fwd volume %.0f, expected %.0f", U, G,
-                      red((double)s.plan_fwd_bytes, MPI_SUM), fwd);
-        ck_assert_msg(red((double)s.plan_bwd_bytes, MPI_SUM) == bwd, "U=%d G=%d bwd volume %.0f, expected %.0f", U, G,
-                      red((double)s.plan_bwd_bytes, MPI_SUM), bwd);
-        ck_assert_msg(red((double)s.pairs_rank, MPI_SUM) == (double)s.pairs_total, "pairs %lld of %lld",
+        ck_assert_msg(tu_reduce((double)s.plan_fwd_bytes, MPI_SUM) == fwd, "U=%d G=%d fwd volume %.0f, expected %.0f", U, G,
+                      tu_reduce((double)s.plan_fwd_bytes, MPI_SUM), fwd);
+        ck_assert_msg(tu_reduce((double)s.plan_bwd_bytes, MPI_SUM) == bwd, "U=%d G=%d bwd volume %.0f, expected %.0f", U, G,
+                      tu_reduce((double)s.plan_bwd_bytes, MPI_SUM), bwd);
+        ck_assert_msg(tu_reduce((double)s.pairs_rank, MPI_SUM) == (double)s.pairs_total, "pairs %lld of %lld",
                       (long long)s.pairs_rank, (long long)s.pairs_total);
         ck_assert(s.mem_bwd_bytes > s.mem_fwd_bytes);
-        ck_assert(all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
+        ck_assert(tu_all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
         ck_assert(da_plan_stats(z.plan, &s) == DA_SUCCESS);
         ck_assert_msg(s.fwd_bytes_sent == s.plan_fwd_bytes && s.bwd_bytes_sent == s.plan_bwd_bytes,
                       "sent %llu / %llu, planned %llu / %llu", (unsigned long long)s.fwd_bytes_sent,
@@ -214,24 +214,14 @@ START_TEST(h_plan_figures) {
 END_TEST
 
 int main(int argc, char **argv) {
-  MPI_Init(&argc, &argv);
-  MPI_Comm_rank(MPI_COMM_WORLD, &g_rank);
-  MPI_Comm_size(MPI_COMM_WORLD, &g_size);
-  da_config_t cfg = DA_CONFIG_INITIALIZER;
-  cfg.nthreads = 1; /* ranks are oversubscribed on the test machines */
-  if (da_context_create(&cfg, &g_ctx) != DA_SUCCESS || da_comm_create(g_ctx, MPI_COMM_WORLD, &g_comm) != DA_SUCCESS) {
-    fprintf(stderr, "rank %d: setup failed: %s\n", g_rank, da_last_error(g_ctx));
-    MPI_Abort(MPI_COMM_WORLD, 1);
-  }
+  tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, &g_comm);
   Suite *s = suite_create("hybrid");
   TCase *tc = tcase_create("correctness");
   tcase_set_timeout(tc, 0);
-  const char *only = getenv("DISTATTN_TEST_ONLY");
-  struct { const char *name; const TTest *t; } tests[] = {
+  const tu_test_t tests[] = {
       {"refusals", h_refusals}, {"layout", h_layout}, {"plan_figures", h_plan_figures}, {"edges", h_edges},
       {"matrix_uneven", h_matrix}};
-  for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++)
-    if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
+  tu_add_tests(tc, tests, sizeof tests / sizeof tests[0]);
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);
   da_comm_free(g_comm);

@@ -204,6 +204,10 @@ def bad(a, case):
     elif case == "missing_dout":
         args = base + ["--backward"]
         err_re = r"dout\.npy: cannot read .*No such file.*--backward with --input reads dout\.npy"
+    elif case == "is_dir":  # issue 19: a directory used to read as "header: truncated"
+        os.remove(os.path.join(din, "q.npy"))
+        os.makedirs(os.path.join(din, "q.npy"))
+        err_re = r"q\.npy: .*/q\.npy is a directory, not a regular file"
     elif case == "magic":
         patch(os.path.join(din, "k.npy"), lambda b: b"\x93NUMPZ" + b[6:])
         err_re = r"k\.npy: magic: not a \.npy file"

@@ -374,6 +374,46 @@ def errors():
 
 
 @test
+def misuse():
+    """Bad calls raise DistattnError naming the argument, never crash (issue 19, class 1): a thread
+    count of 100000, DISTATTN_* garbage, an accessor's bad index (its message in the context's own
+    error, not a stale one), and KV-cache page views used after free() (they keep the pages alive)."""
+    def raises(fn, name, needle):
+        try:
+            fn()
+        except distattn.DistattnError as e:
+            check(e.name == name and needle in str(e), f"status {e.name}: {e} (expected {name}, '{needle}')")
+            return
+        raise AssertionError(f"accepted; expected {name} with '{needle}'")
+    raises(lambda: distattn.Context(threads=100000), "invalid_argument", "nthreads 100000")
+    for var, val in (("DISTATTN_TIMEOUT", "0.5"), ("DISTATTN_NTHREADS", "many"), ("DISTATTN_DEBUG_SUBSYS", "BOGUS")):
+        os.environ[var] = val
+        try:
+            raises(lambda: distattn.Context(), "invalid_argument", var)
+        finally:
+            del os.environ[var]
+    # pages of 512 KiB: glibc maps them apart, so freed pages are unmapped and a view that
+    # outlived them would fault (as it did), not quietly read stale memory
+    cache = distattn.KVCache(comm, kv_heads=1, dim=16, batch=1, page=4096)
+    cache.prefill(0, 4096 * P)  # a page per rank, allocated only
+    raises(lambda: cache.page(0, 99), "invalid_argument", "no page 99")
+    raises(lambda: cache.page(7, 0), "invalid_argument", "no page 0 of sequence 7")
+    k, v, pos = cache.page(0, 0)
+    k[:] = 3.0
+    v[:] = -1.0
+    cache.free()
+    check(float(k.sum()) == 3.0 * k.size and float(v.sum()) == -1.0 * v.size, "page view changed after free()")
+    k[0, 0, 0] = 5.0  # writing is safe too: the pages are released with the last view
+    check(len(pos) == k.shape[0], "positions")
+    del k, v
+    try:
+        cache.page(0, 0)
+        raise AssertionError("page() after free() accepted")
+    except ValueError as e:
+        check("freed" in str(e), f"page() after free(): {e}")
+
+
+@test
 def lazy_torch_attributes():
     """distattn.attention / distattn.torch resolve lazily: with torch they are the wrapper and the
     module; without it an AttributeError that names torch (the module __getattr__ once imported

@@ -772,7 +772,7 @@ START_TEST(dev_memory) {
   uint64_t cur0 = 0, cur1 = 0, cur2 = 0, peak = 0;
   da_dev_mem_stats(&cur0, NULL);
   da_plan_t *plan = NULL;
-  ck_assert(all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
   const int64_t n = da_plan_local_rows(plan), H = 4, G = 2, D = 16;
   const size_t qb = (size_t)n * H * D * 4, kb = (size_t)n * G * D * 4;
   void *q = talloc(&c, qb), *k = talloc(&c, kb), *v = talloc(&c, kb), *o = talloc(&c, qb), *l = talloc(&c, n * H * 4);
@@ -788,8 +788,8 @@ START_TEST(dev_memory) {
   da_tensor_make(&tdk, dk, DA_FLOAT32, 3, shk), da_tensor_make(&tdv, dv, DA_FLOAT32, 3, shk);
   da_status_t rs = da_plan_fwd(plan, &tq, &tk, &tv, &to, &tl, NULL);
   if (rs) fprintf(stderr, "rank %d: %s\n", g_rank, da_last_error(g_ctx));
-  ck_assert(all_equal_status(rs, DA_SUCCESS));
-  ck_assert(all_equal_status(da_plan_bwd(plan, &tq, &tk, &tv, &to, &to, &tl, &tdq, &tdk, &tdv, NULL), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(rs, DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_plan_bwd(plan, &tq, &tk, &tv, &to, &to, &tl, &tdq, &tdk, &tdv, NULL), DA_SUCCESS));
   da_plan_stats_t st = DA_PLAN_STATS_INITIALIZER;
   ck_assert(da_plan_stats(plan, &st) == DA_SUCCESS);
   da_dev_mem_stats(&cur1, &peak);
@@ -813,10 +813,10 @@ START_TEST(dev_refusals) {
   cfg.timeout = 30, cfg.transport = "host-ipc", cfg.algo = DA_ALGO_ULYSSES;
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert_msg(all_equal_status(st, DA_ERR_UNSUPPORTED), "ulysses on host-ipc: %s", da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_UNSUPPORTED), "ulysses on host-ipc: %s", da_last_error(g_ctx));
   ck_assert_msg(strstr(da_last_error(g_ctx), "host-ipc") != NULL, "names the transport: %s", da_last_error(g_ctx));
   cfg.algo = DA_ALGO_RING;
-  ck_assert(all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
   tcase_t c = {.device = 1};
   const int64_t n = da_plan_local_rows(plan), H = 4, D = 16;
   char *q = talloc(&c, (size_t)n * H * (D + 8) * 4 + 4), *k = talloc(&c, (size_t)n * H * D * 4 + 4);
@@ -839,7 +839,7 @@ START_TEST(dev_refusals) {
   /* The CPU kernels cannot read GPU memory: a CPU context with cuda-ipc is refused at plan time. */
   cfg.transport = "cuda-ipc";
   st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert_msg(all_equal_status(st, DA_ERR_UNSUPPORTED), "cuda-ipc with a CPU context: %s", da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_UNSUPPORTED), "cuda-ipc with a CPU context: %s", da_last_error(g_ctx));
   ck_assert_msg(strstr(da_last_error(g_ctx), "DA_DEVICE_CUDA") != NULL, "%s", da_last_error(g_ctx));
   /* A CUDA context (where the CUDA table is built): accepted; its plans refuse a host transport,
    * and without a GPU every rank's plan fails naming CUDA, promptly. */
@@ -848,11 +848,11 @@ START_TEST(dev_refusals) {
   da_context_t *cctx = NULL;
   da_comm_t *ccomm = NULL;
   if (da_context_create(&ccfg, &cctx) == DA_SUCCESS) {
-    ck_assert(all_equal_status(da_comm_create(cctx, MPI_COMM_WORLD, &ccomm), DA_SUCCESS));
+    ck_assert(tu_all_equal_status(da_comm_create(cctx, MPI_COMM_WORLD, &ccomm), DA_SUCCESS));
     prob.dtype = DA_BFLOAT16, prob.dim = 64;
     cfg.transport = "mpi";
     st = da_plan_create(ccomm, &prob, &cfg, &plan);
-    ck_assert_msg(all_equal_status(st, DA_ERR_UNSUPPORTED), "CUDA context on mpi: %s", da_last_error(cctx));
+    ck_assert_msg(tu_all_equal_status(st, DA_ERR_UNSUPPORTED), "CUDA context on mpi: %s", da_last_error(cctx));
     ck_assert_msg(strstr(da_last_error(cctx), "nccl or cuda-ipc") != NULL, "%s", da_last_error(cctx));
     cfg.transport = NULL;
     const double t0 = MPI_Wtime();
@@ -910,10 +910,10 @@ int main(int argc, char **argv) {
   Suite *s = suite_create(device ? "ring-device" : "ring");
   TCase *tc = tcase_create("correctness");
   tcase_set_timeout(tc, 0);
-  static const tu_test_t host_tests[] = {
+  const tu_test_t host_tests[] = {
       {"bad_args", bad_args}, {"mismatch", mismatch}, {"timeout", timeout}, {"plan_figures", plan_figures},
       {"link_hook", link_hook}, {"edges", edges}, {"matrix_small", matrix_small}, {"matrix_uneven", matrix_uneven}};
-  static const tu_test_t dev_tests[] = {
+  const tu_test_t dev_tests[] = {
       {"dev_refusals", dev_refusals}, {"dev_memory", dev_memory}, {"dev_planted", dev_planted}, {"dev_matrix", dev_matrix}};
   if (device) tu_add_tests(tc, dev_tests, sizeof dev_tests / sizeof dev_tests[0]);
   else tu_add_tests(tc, host_tests, sizeof host_tests / sizeof host_tests[0]);

@@ -198,7 +198,7 @@ def _proto(name, restype, *argtypes):
 _proto("da_status_string", c_char_p, c_int)
 _proto("da_version_string", c_char_p)
 _proto("da_last_error", c_char_p, c_void_p)
-_proto("da_tensor_make", None, _T, c_void_p, c_int, c_int, POINTER(c_int64))
+_proto("da_tensor_make", c_int, _T, c_void_p, c_int, c_int, POINTER(c_int64))
 _proto("da_context_create", c_int, POINTER(Config), POINTER(c_void_p))
 _proto("da_context_free", None, c_void_p)
 _proto("da_attention_fwd", c_int, c_void_p, _P, _T, _T, _T, _T, _T, c_void_p)

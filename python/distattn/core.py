@@ -24,7 +24,10 @@ class Context:
         dev = {"cpu": _lib.DA_DEVICE_CPU, "cuda": _lib.DA_DEVICE_CUDA}.get(device)
         if dev is None:
             raise ValueError(f"distattn: device {device!r} (cpu or cuda)")
-        cfg = _lib.init_struct(_lib.Config, device=dev, nthreads=int(threads))
+        threads = int(threads)
+        if not -2**31 <= threads < 2**31:  # ctypes would wrap it silently; the library bounds it
+            raise ValueError(f"distattn: threads {threads} is out of range")
+        cfg = _lib.init_struct(_lib.Config, device=dev, nthreads=threads)
         h = c_void_p()
         check(_lib.lib.da_context_create(byref(cfg), byref(h)), None, "da_context_create")
         self._h = h

@@ -220,6 +220,21 @@ class Plan(_Handle):
                                       "bwd_step_wait_s", "fwd_step_bytes", "bwd_step_bytes"))
 
 
+class _CacheMemory:
+    """The C handle of a KV cache, owned by the KVCache and by every page view of it: the pages
+    are released (da_kvcache_free) when the last of them lets go, so a view used after
+    KVCache.free() still reads the cache's memory instead of freed memory (a segfault before).
+    It holds the Comm too: a handle is freed before the one it was made from."""
+
+    def __init__(self, h, comm):
+        self.h, self.comm = h, comm
+
+    def __del__(self):
+        if self.h:
+            _lib.lib.da_kvcache_free(self.h)
+            self.h = None
+
+
 class KVCache(_Handle):
     """A KV cache spread over the ranks in pages (da_kvcache_t). Collective.
 
@@ -249,8 +264,16 @@ class KVCache(_Handle):
             cfg.weights = w.ctypes.data_as(POINTER(c_double))
         comm._check(_lib.lib.da_kvcache_create(comm.handle, self.problem.ref, byref(cfg),
                                                byref(self._h)), "da_kvcache_create")
+        self._mem = _CacheMemory(c_void_p(self._h.value), comm)
         self.batch, self.kv_heads, self.dim = int(batch), int(kv_heads), int(dim)
         self.dtype = self.problem.dtype
+
+    def free(self):
+        """Let go of the cache (collective): released now, or, while page views of it are
+        alive, when the last of them is."""
+        if getattr(self, "_h", None):
+            self._h = c_void_p()
+            self._mem = None  # the last reference frees it (CPython: at once when no view holds it)
 
     def prefill(self, b, length, k=None, v=None):
         """Fill the empty sequence b with positions 0 .. length-1 (collective). k, v: this rank's
@@ -298,8 +321,8 @@ class KVCache(_Handle):
 
     def page(self, b, i):
         """Page i of this rank's pages of sequence b: (k, v, positions) where k and v are NumPy
-        views [count][G][D] of the cache's own memory (valid while the cache lives; writing them
-        fills the cache in place) and positions the global positions of their rows."""
+        views [count][G][D] of the cache's own memory (writing them fills the cache in place; they keep
+        the pages alive, even past free()) and positions the global positions of their rows."""
         pg = _lib.init_struct(_lib.KVCachePage)
         self.comm._check(_lib.lib.da_kvcache_get_page(self.handle, int(b), int(i), byref(pg)),
                          "da_kvcache_get_page")
@@ -311,6 +334,7 @@ class KVCache(_Handle):
                 return np.empty((0, G, D), dtype=dt)
             nbytes = ((n - 1) * ld + G * D) * dt.itemsize
             buf = (ctypes.c_char * nbytes).from_address(p)
+            buf._owner = self._mem  # the view (through its base, buf) keeps the pages alive
             a = np.frombuffer(buf, dtype=dt)
             return np.lib.stride_tricks.as_strided(a, shape=(n, G, D),
                                                    strides=(ld * dt.itemsize, D * dt.itemsize,
