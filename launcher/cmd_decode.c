@@ -18,6 +18,7 @@
 #include "kernels.h"
 #include "launcher.h"
 #include "common.h"
+#include "gpumap.h" /* --device cuda: the rank -> GPU map, --ranks-per-gpu */
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
@@ -34,6 +35,7 @@ typedef struct dec_opts {
   double timeout;
   const char *lengths, *weights, *json, *transport;
   int64_t mem_budget; /* bytes of KV cache a rank may hold (0 = no limit) */
+  int64_t ranks_per_gpu;
 } dec_opts_t;
 
 static int parse_list_doubles(const char *s, double *out, int64_t n) {
@@ -117,6 +119,8 @@ typedef struct decode {
   double t_fill;    /* seconds this rank took to fill its pages */
   size_t shard_rows_bytes, shard_alloc;
   char hosts[1024];
+  da_gpumap_t gmap;      /* --device cuda: this rank's GPU; gmap_json: every rank's, on rank 0 */
+  char gmap_json[4096];
   /* one step: the new token's q, k, v (every rank makes the same), out, lse; a row of scratch */
   char *qb, *kb, *vb, *ob;
   float *lb, *tmp;
@@ -169,6 +173,7 @@ static void decode_options(decode_t *d) {
       da_opt_dtype(&o->dtype),
       da_opt_seed(&o->seed),
       da_opt_device(&o->device),
+      da_opt_ranks_per_gpu(&o->ranks_per_gpu),
       da_opt_threads(&o->threads),
       da_opt_json(&o->json),
       da_opt_timeout(&o->timeout),
@@ -204,10 +209,9 @@ static int decode_check_options(decode_t *d) {
     return da_args_error(cmd, "--weights '%s': expected %d positive numbers (one per rank)", o->weights, d->job.size);
   if (o->root >= d->job.size)
     return da_args_error(cmd, "--root %lld: the job has %d ranks", (long long)o->root, d->job.size);
-  if (o->device == DA_DEVICE_CUDA)
-    return da_args_error(cmd, "--device cuda: %s",
-                         da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
-                                                        : da_error_message());
+  /* --device cuda: the GPU map (decode_plan) probes first: without a device every rank stops
+   * there with exit 2 and one message naming CUDA. */
+  if (o->ranks_per_gpu && o->device != DA_DEVICE_CUDA) return da_args_error(cmd, "--ranks-per-gpu needs --device cuda");
   if (o->json && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   return DA_ARGS_OK;
 }
@@ -249,12 +253,26 @@ static int decode_parse(void *c, int argc, char **argv) {
 
 /* ---- plan ---- */
 
+/* The transport of the combine: --transport, else DISTATTN_TRANSPORT, else mpi for --device cpu
+ * and, for --device cuda, cuda-ipc (ranks of one node, sharing GPUs or not; nccl when asked for)
+ * or host-ipc under the test hook DISTATTN_TEST_GPUS (the host seam). */
+static const char *decode_transport(const decode_t *d) {
+  const char *env = getenv("DISTATTN_TRANSPORT");
+  if (d->o.transport || (env && *env) || d->o.device != DA_DEVICE_CUDA) return da_transport_choice(d->o.transport);
+  return da_device_effective(d->o.device) == DA_DEVICE_CUDA ? "cuda-ipc" : "host-ipc";
+}
+
 /* The context and communicator, the paged KV cache and the decode plan. */
 static int decode_plan(void *c) {
   decode_t *d = c;
   const dec_opts_t *o = &d->o;
+  if (o->device == DA_DEVICE_CUDA) { /* which GPU: before anything makes a CUDA context */
+    int rc = da_gpumap_world(da_devapi_cuda_or_null(), (int)o->ranks_per_gpu, decode_transport(d), o->timeout,
+                             "decode", &d->gmap);
+    if (rc) return rc;
+  }
   d->threads = o->threads ? (int)o->threads : da_mpi_default_threads();
-  int rc = da_mpi_job_open(&d->job, "decode", (da_device_t)o->device, d->threads);
+  int rc = da_mpi_job_open(&d->job, "decode", da_device_effective(o->device), d->threads);
   if (rc) return rc;
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
   prob.batch = o->batch, prob.seq = o->context, prob.heads = o->heads, prob.kv_heads = d->G, prob.dim = o->dim;
@@ -357,9 +375,18 @@ static void decode_print_plan(decode_t *d) {
 static int decode_print_setup(void *c) {
   decode_t *d = c;
   d->shard_alloc = da_kvcache_bytes(d->cache, &d->shard_rows_bytes);
-  if (d->job.rank == 0) da_report_mpi_header(&d->cmd, d->threads, d->job.size, da_device_names[d->o.device], "");
+  if (d->job.rank == 0) {
+    char tp[96];
+    snprintf(tp, sizeof tp, "  transport: %s", decode_transport(d));
+    da_report_mpi_header(&d->cmd, d->threads, d->job.size,
+                         (int)da_device_effective(d->o.device) == d->o.device
+                             ? da_device_names[d->o.device]
+                             : "cpu (DISTATTN_TEST_GPUS: pretend GPUs, host seam)", tp);
+  }
   fflush(stdout);
   da_rank_map(d->threads, d->hosts, sizeof d->hosts);
+  if (d->o.device == DA_DEVICE_CUDA)
+    da_gpumap_print(&d->gmap, da_devapi_cuda_or_null(), d->gmap_json, sizeof d->gmap_json);
   da_decode_plan_stats(d->plan, &d->ds);
   decode_print_plan(d);
   return 0;
@@ -623,6 +650,7 @@ static int decode_json(const decode_t *d) {
   da_json_int(&j, "peak_rss_bytes", (int64_t)d->peak_rss); /* max over ranks */
   da_json_dbl(&j, "fill_s", d->t_fill);
   da_json_nonfinite(&j, d->ck[DK_NF_ROWS], nf[0] + nf[1] + nf[2], nf[3], d->ck[DK_NF_WRONG]);
+  if (o->device == DA_DEVICE_CUDA && d->gmap_json[0]) da_json_raw(&j, "gpu_map", d->gmap_json);
   da_json_job(&j, d->hosts, 0);
   return da_json_finish(&j, o->json);
 }

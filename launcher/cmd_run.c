@@ -19,6 +19,7 @@
 #include "launcher.h"
 #include "npyio.h"
 #include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
+#include "gpumap.h" /* --device cuda: the rank -> GPU map, --ranks-per-gpu */
 #include "common.h"
 #include "report.h"
 #include "rng.h"
@@ -32,6 +33,7 @@ static const char run_summary[] = "distributed exact attention over MPI (ring | 
 
 typedef struct run_opts {
   int algo, dtype, device, backward, overlap, bind;
+  int64_t ranks_per_gpu;
   int64_t seq, heads, kv_heads, dim, batch, block, verify, iters, warmup, seed, threads;
   double timeout;
   da_mask_spec_t mask;
@@ -193,6 +195,8 @@ typedef struct run {
   int64_t G;            /* KV heads in effect */
   da_npy_inputs_t npin; /* --input: what the files hold */
   da_placement_t place; /* --bind: this rank's cores (and GPU) */
+  da_gpumap_t gmap;      /* --device cuda: this rank's GPU; gmap_json: every rank's, on rank 0 */
+  char gmap_json[4096];
   char place_env[64];
   int threads;
   da_plan_t *plan;
@@ -240,6 +244,7 @@ static void run_options(run_t *r) {
        .max = 1000000},
       da_opt_seed(&o->seed),
       da_opt_device(&o->device),
+      da_opt_ranks_per_gpu(&o->ranks_per_gpu),
       da_opt_threads(&o->threads),
       {.name = "bind", .type = DA_OPT_ENUM, .dest = &o->bind, .choices = da_bind_names,
        .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
@@ -282,10 +287,11 @@ static int run_parse(void *c, int argc, char **argv) {
   if ((!o->input || da_args_find(opts, "seq")->given) && da_mask_check(&o->mask.mask, o->seq) != DA_SUCCESS)
     return da_args_error(&r->cmd, "--mask: %s", strncmp(da_error_message(), "mask: ", 6) ? da_error_message()
                                                                                        : da_error_message() + 6);
-  if (o->device == DA_DEVICE_CUDA)
-    return da_args_error(&r->cmd, "--device cuda: %s",
-                         da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
-                                                        : da_error_message());
+  /* --device cuda: the GPU map (run_plan) probes the devices first: without one every rank stops
+   * there with exit 2 and one message naming CUDA; what the CUDA context cannot do yet is said by
+   * the context itself (da_mpi_job_open). */
+  if (o->ranks_per_gpu && o->device != DA_DEVICE_CUDA)
+    return da_args_error(&r->cmd, "--ranks-per-gpu needs --device cuda");
   if (o->json && r->job.rank == 0 && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   char err[256];
   if (da_verify_poison_init(err, sizeof err)) return da_args_error(&r->cmd, "%s", err);
@@ -337,10 +343,15 @@ static int run_plan(void *c) {
   run_t *r = c;
   const run_opts_t *o = &r->o;
   char err[256];
+  if (o->device == DA_DEVICE_CUDA) { /* which GPU: before anything makes a CUDA context */
+    int rc = da_gpumap_world(da_devapi_cuda_or_null(), (int)o->ranks_per_gpu, da_transport_choice(o->transport),
+                             o->timeout, "run", &r->gmap);
+    if (rc) return rc;
+  }
   if (da_place_world((da_bind_t)o->bind, &r->place, r->place_env, sizeof r->place_env, err, sizeof err))
     fprintf(stderr, "distattn run: rank %d: %s\n", r->job.rank, err);
   r->threads = o->threads ? (int)o->threads : r->place.threads;
-  int rc = da_mpi_job_open(&r->job, "run", (da_device_t)o->device, r->threads);
+  int rc = da_mpi_job_open(&r->job, "run", da_device_effective(o->device), r->threads);
   if (rc) return rc;
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
   prob.batch = o->batch, prob.seq = o->seq, prob.heads = o->heads, prob.kv_heads = r->G, prob.dim = o->dim;
@@ -483,13 +494,17 @@ static int run_print_setup(void *c) {
   if (r->job.rank == 0) {
     char tp[96];
     snprintf(tp, sizeof tp, "  transport: %s (host memory)", da_transport_choice(o->transport));
-    da_report_mpi_header(&r->cmd, r->threads, r->job.size, da_device_names[o->device], tp);
+    da_report_mpi_header(&r->cmd, r->threads, r->job.size,
+                         (int)da_device_effective(o->device) == o->device ? da_device_names[o->device]
+                                                                    : "cpu (DISTATTN_TEST_GPUS: pretend GPUs, host seam)",
+                         tp);
     if (r->link_on)
       da_report_line(stdout, "test link hook: DISTATTN_TEST_LINK_GBPS=%g DISTATTN_TEST_LINK_US=%g (transfers slowed "
                              "to this link; not a real network)", r->link_gbps, r->link_us);
   }
   fflush(stdout);
   da_place_print(stdout, (da_bind_t)o->bind, &r->place, r->place_env, r->hosts, sizeof r->hosts);
+  if (o->device == DA_DEVICE_CUDA) da_gpumap_print(&r->gmap, da_devapi_cuda_or_null(), r->gmap_json, sizeof r->gmap_json);
   da_plan_stats(r->plan, &r->ps);
   run_print_plan(r);
   return 0;
@@ -750,6 +765,7 @@ static int run_json(const run_t *r) {
   if (r->link_on) da_json_dbl(&j, "link_gbps", r->link_gbps), da_json_dbl(&j, "link_us", r->link_us);
   else da_json_null(&j, "link_gbps"), da_json_null(&j, "link_us");
   da_json_int(&j, "peak_rss_bytes", (int64_t)r->peak_rss); /* max over ranks */
+  if (o->device == DA_DEVICE_CUDA && r->gmap_json[0]) da_json_raw(&j, "gpu_map", r->gmap_json);
   da_json_job(&j, r->hosts, 1);
   if (o->input) da_json_str(&j, "input", o->input);
   if (o->output) da_json_str(&j, "output", o->output);

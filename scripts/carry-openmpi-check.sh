@@ -5,7 +5,8 @@
 # folder / file over them), and the commands run under `env -i` with only the carried env.sh and a
 # folder of a few core tools on PATH (no /usr/bin: it holds the system's mpirun). Then:
 #   mpirun -np 2 DISTATTN run ... (verified, # PASS), ldd showing every MPI library from the carried
-#   folder, and mpicc building and running an MPI program (what a build on the GPU machine does).
+#   folder, mpicc building and running an MPI program, and CMake configuring and building
+#   distattn and a Check test from the carried MPI, Check, hwloc and pkg-config (the system's hidden).
 #   scripts/carry-openmpi-check.sh [DEST] [DISTATTN]   (defaults build-carry/openmpi, build/distattn)
 # Exit 0 when all pass, 1 otherwise; 77 when unshare is not permitted here.
 set -uo pipefail
@@ -19,7 +20,8 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/tools" "$work/empty"
 : > "$work/emptyfile"
-for t in sh bash cat head tail grep ls env hostname mktemp rm wc ldd gcc cc ld as; do
+for t in sh bash cat head tail grep sed ls env hostname mktemp rm mkdir wc uname ldd gcc cc g++ c++ ld as ar ranlib nm \
+         cmake make; do
   p=$(command -v "$t") && ln -s "$(realpath "$p")" "$work/tools/$t"
 done
 cat > "$work/hello.c" <<'EOF'
@@ -43,7 +45,9 @@ set -u
 for f in /usr/bin/mpirun* /usr/bin/mpiexec* /usr/bin/orterun /usr/bin/orted /usr/bin/mpicc* /usr/bin/opal_wrapper \
          /usr/lib/x86_64-linux-gnu/libmpi*.so* /usr/lib/x86_64-linux-gnu/libopen-*.so* \
          /usr/lib/x86_64-linux-gnu/libpmix*.so* /usr/lib/x86_64-linux-gnu/libhwloc*.so* \
-         /usr/lib/x86_64-linux-gnu/libevent*.so* /usr/lib/x86_64-linux-gnu/libmca_common*.so*; do
+         /usr/lib/x86_64-linux-gnu/libevent*.so* /usr/lib/x86_64-linux-gnu/libmca_common*.so* \
+         /usr/lib/x86_64-linux-gnu/pkgconfig/{check,hwloc,libsubunit}.pc /usr/lib/x86_64-linux-gnu/libcheck*.a \
+         /usr/include/check.h /usr/include/hwloc.h /usr/bin/pkg-config /usr/bin/pkgconf; do
   [ -e "\$f" ] && [ ! -L "\$f" ] && mount --bind "$work/emptyfile" "\$f"
 done
 for d in /usr/lib/x86_64-linux-gnu/openmpi /usr/lib/x86_64-linux-gnu/pmix2 /usr/share/openmpi /etc/openmpi \
@@ -66,6 +70,15 @@ exec env -i HOME=\$HOME TMPDIR=/tmp /bin/bash -c '
   echo "## mpicc (carried wrapper, headers and libmpi) and mpirun -np 3"
   mpicc "$work/hello.c" -o "$work/hello" || { echo "FAIL: mpicc"; exit 1; }
   mpirun -np 3 --bind-to none "$work/hello" || { echo "FAIL: mpirun hello"; exit 1; }
+  echo "## cmake configure (FindMPI, Check, hwloc from the carried folder) and build test_core + distattn"
+  cmake -S "$ROOT" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DDISTATTN_CUDA=OFF > "$work/cmake.log" 2>&1 ||
+    { tail -30 "$work/cmake.log"; echo "FAIL: cmake configure"; exit 1; }
+  grep -E "Found MPI_C|Found Check|Checking for module .hwloc|  Found hwloc" "$work/cmake.log"
+  cmake --build "$work/build" -j 2 --target test_core distattn > "$work/build.log" 2>&1 ||
+    { tail -30 "$work/build.log"; echo "FAIL: build"; exit 1; }
+  "$work/build/tests/test_core" | tail -1 || { echo "FAIL: test_core"; exit 1; }
+  mpirun -np 2 --bind-to none "$work/build/distattn" run --algo ring --seq 300 --heads 2 --dim 16 --verify 4 \
+    --iters 1 --warmup 0 | tail -1
   echo "## carried Open MPI: all checks passed"
 '
 EOF

@@ -22,7 +22,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 DEST=${1:-${DA_CARRIED_MPI:-$ROOT/build-carry/openmpi}}
 LIMIT=$((64 * 1024 * 1024))
 PKGS="openmpi-bin openmpi-common libopenmpi3 libopenmpi-dev libpmix2 libhwloc15 libevent-core-2.1-7
-      libevent-pthreads-2.1-7 libevent-2.1-7 libudev1 zlib1g check libsubunit-dev libsubunit0"
+      libevent-pthreads-2.1-7 libevent-2.1-7 libudev1 zlib1g check libsubunit-dev libsubunit0 libhwloc-dev
+      pkgconf pkgconf-bin libpkgconf3 pkg-config"
 
 mkdir -p "$DEST"
 DEST=$(cd "$DEST" && pwd)
@@ -81,9 +82,10 @@ while IFS= read -r link; do
 done < <(find "$DEST" -type l)
 find "$DEST" -xtype l -delete # links into what was pruned
 
-# ---- Check's pkg-config file: its prefix is the carried folder, found through ${pcfiledir} ------------
-for pc in "$L"/pkgconfig/check.pc "$L"/pkgconfig/libsubunit.pc; do
-  [ -f "$pc" ] && sed -i 's|^prefix=.*|prefix=${pcfiledir}/../../..|' "$pc"
+# ---- pkg-config files (Check, hwloc, ompi-c): their prefix is the carried folder, via ${pcfiledir} ----
+for pc in "$L"/pkgconfig/*.pc; do
+  [ -L "$pc" ] && cp --remove-destination "$(readlink -f "$pc")" "$pc" # ${pcfiledir} is where it is found
+  sed -i 's|^prefix=/usr$|prefix=${pcfiledir}/../../..|' "$pc"
 done
 
 # ---- mpirun as root (the device machine runs commands as root) and the relocated prefix ------------
