@@ -22,6 +22,7 @@
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
+#include "transport.h" /* the combine's transport: where the cache's pages live (devapi.h) */
 
 static const char *const algo_names[] = {"tree", "ring", NULL};
 static const char *const topo_names[] = {"flat", "two-level", NULL};
@@ -55,8 +56,20 @@ static int parse_list_doubles(const char *s, double *out, int64_t n) {
 
 /* Fill this rank's pages of sequence b from the RNG: row (pos, g) of K and V as da_verify_gen
  * makes them, so the float64 verifier regenerates exactly what the kernel reads. */
-static void fill_pages(da_kvcache_t *cache, const da_vprob_t *vp, int64_t b) {
+/* The device table of memory the CPU cannot address (CUDA pages), or NULL: host memory, or the host
+ * seam's shared memory, which the CPU reads and writes in place. */
+static const da_devapi_t *cuda_pages(const char *transport) {
+  const da_transport_t *t = da_transport_find(transport);
+  da_error_clear();
+  return t && t->devapi && strcmp(t->devapi->name, "host") ? t->devapi : NULL;
+}
+
+/* Fill this rank's pages of sequence b from the RNG: row (pos, g) of K and V as da_verify_gen
+ * makes them, so the float64 verifier regenerates exactly what the kernel reads. Pages in CUDA
+ * memory (dev) are generated in host memory and copied (their rows are packed: ld = G * D). */
+static void fill_pages(da_kvcache_t *cache, const da_vprob_t *vp, int64_t b, const da_devapi_t *dev) {
   const int G = vp->kp.G, D = vp->kp.D, dt = (int)vp->kp.dtype;
+  const size_t es = da_dtype_size((da_dtype_t)dt);
   const uint64_t seed = da_verify_seed(vp->seed, b);
   const int64_t np = da_kvcache_num_pages(cache, b);
 #pragma omp parallel num_threads(vp->kp.nthreads > 0 ? vp->kp.nthreads : 1)
@@ -66,16 +79,25 @@ static void fill_pages(da_kvcache_t *cache, const da_vprob_t *vp, int64_t b) {
     for (int64_t i = 0; i < np; i++) {
       da_kvcache_page_t pg;
       if (!tmp || da_kvcache_get_page(cache, b, i, &pg) != DA_SUCCESS) continue;
+      const size_t bytes = (size_t)(pg.count * G * D) * es;
+      char *hk = dev ? malloc(bytes ? bytes : 1) : pg.k, *hv = dev ? malloc(bytes ? bytes : 1) : pg.v;
+      if (!hk || !hv) continue; /* the verification then reports the wrong rows */
+      const int64_t ldk = dev ? (int64_t)G * D : pg.ldk, ldv = dev ? (int64_t)G * D : pg.ldv;
       for (int64_t j = 0; j < pg.count; j++) {
         const int64_t pos = pg.start + j * pg.stride;
         for (int g = 0; g < G; g++) {
           da_rng_row(seed, DA_RNG_K, pos, g, D, tmp);
           da_verify_poison(DA_RNG_K, pos, g, tmp);
-          for (int d = 0; d < D; d++) da_store_f32(pg.k, dt, j * pg.ldk + (int64_t)g * D + d, tmp[d]);
+          for (int d = 0; d < D; d++) da_store_f32(hk, dt, j * ldk + (int64_t)g * D + d, tmp[d]);
           da_rng_row(seed, DA_RNG_V, pos, g, D, tmp);
           da_verify_poison(DA_RNG_V, pos, g, tmp);
-          for (int d = 0; d < D; d++) da_store_f32(pg.v, dt, j * pg.ldv + (int64_t)g * D + d, tmp[d]);
+          for (int d = 0; d < D; d++) da_store_f32(hv, dt, j * ldv + (int64_t)g * D + d, tmp[d]);
         }
+      }
+      if (dev) {
+        (void)dev->copy_from_host(pg.k, hk, bytes, NULL); /* NULL: CUDA's default stream */
+        (void)dev->copy_from_host(pg.v, hv, bytes, NULL);
+        free(hk), free(hv);
       }
     }
     free(tmp);
@@ -279,12 +301,13 @@ static int decode_plan(void *c) {
   prob.dtype = (da_dtype_t)o->dtype, prob.mask = DA_MASK_CAUSAL;
   da_kvcache_config_t kcfg = DA_KVCACHE_CONFIG_INITIALIZER;
   kcfg.page = o->page, kcfg.layout = (da_algo_t)o->layout, kcfg.weights = d->weights, kcfg.timeout = o->timeout;
+  kcfg.transport = decode_transport(d); /* a device transport puts the pages in its device memory */
   da_status_t st = da_kvcache_create(d->job.comm, &prob, &kcfg, &d->cache);
   if (st != DA_SUCCESS) return da_report_failure("decode", d->job.rank, "kv cache", st, d->job.ctx);
   da_decode_config_t dcfg = DA_DECODE_CONFIG_INITIALIZER;
   dcfg.algo = (da_decode_algo_t)o->algo, dcfg.topo = (da_decode_topo_t)o->topo, dcfg.root = (int)o->root;
   dcfg.node_size = (int)o->node_size, dcfg.timeout = o->timeout;
-  dcfg.transport = o->transport; /* NULL: DISTATTN_TRANSPORT or mpi */
+  dcfg.transport = decode_transport(d); /* a device transport runs the device tree (comm/tree.c) */
   st = da_decode_plan_create(d->job.comm, &prob, &dcfg, &d->plan);
   return st == DA_SUCCESS ? 0 : da_report_failure("decode", d->job.rank, "decode plan", st, d->job.ctx);
 }
@@ -303,7 +326,8 @@ static int decode_prefill(void *c) {
   double t0 = MPI_Wtime();
   da_status_t st = DA_SUCCESS;
   for (int64_t b = 0; b < o->batch && st == DA_SUCCESS; b++)
-    if ((st = da_kvcache_prefill(d->cache, b, d->lens[b], NULL, NULL)) == DA_SUCCESS) fill_pages(d->cache, &d->vp, b);
+    if ((st = da_kvcache_prefill(d->cache, b, d->lens[b], NULL, NULL)) == DA_SUCCESS)
+      fill_pages(d->cache, &d->vp, b, cuda_pages(decode_transport(d)));
   if (st != DA_SUCCESS) return da_report_failure("decode", d->job.rank, "prefill", st, d->job.ctx);
   d->t_fill = MPI_Wtime() - t0;
   return 0;
@@ -351,7 +375,13 @@ static void decode_print_plan(decode_t *d) {
   da_report_line(stdout, "cache: %s prefill, pages of %lld tokens, shards %.1f..%.1f MiB per rank (k + v), "
                          "filled from the RNG in %.2f s", o->weights ? "weighted" : layout_names[o->layout],
                  (long long)o->page, (double)~sh[1] / 1048576.0, (double)sh[0] / 1048576.0, fill);
-  if (o->algo == 0) {
+  const da_transport_t *tt = da_transport_find(decode_transport(d));
+  da_error_clear();
+  if (o->algo == 0 && tt && tt->devapi) {
+    da_report_line(stdout, "combine: device tree on %s (%s memory): partials on the device, two allreduces, max of lse "
+                   "then sum of the rescaled (o, l), exact in fp32 (output %s)", tt->name, tt->devapi->name,
+                   o->root < 0 ? "on every rank" : "written on the root");
+  } else if (o->algo == 0) {
     char groups[64] = "";
     if (o->topo) snprintf(groups, sizeof groups, " (%d node group%s)", d->ds.nodes, d->ds.nodes == 1 ? "" : "s");
     da_report_line(stdout, "combine: tree, %s%s, %s; one fused reduction with the (o, lse) merge as MPI_Op",
@@ -525,14 +555,24 @@ static void decode_count_cache(decode_t *d) {
   const int64_t GD = d->G * d->o.dim;
   const da_dtype_t dt = (da_dtype_t)d->o.dtype;
   const size_t es = da_dtype_size(dt);
+  const da_devapi_t *dev = cuda_pages(decode_transport(d)); /* CUDA pages: read through a host copy */
   for (int64_t b = 0; b < d->o.batch; b++)
     for (int64_t i = 0; i < da_kvcache_num_pages(d->cache, b); i++) {
       da_kvcache_page_t pg;
       if (da_kvcache_get_page(d->cache, b, i, &pg) != DA_SUCCESS) continue;
-      for (int64_t j = 0; j < pg.count; j++) {
-        d->ck[DK_NF + 1] += da_count_nonfinite((const char *)pg.k + (size_t)(j * pg.ldk) * es, dt, GD);
-        d->ck[DK_NF + 2] += da_count_nonfinite((const char *)pg.v + (size_t)(j * pg.ldv) * es, dt, GD);
+      const size_t bytes = (size_t)(pg.count * GD) * es;
+      char *k = dev ? malloc(bytes ? bytes : 1) : pg.k, *v = dev ? malloc(bytes ? bytes : 1) : pg.v;
+      if (dev && (!k || !v || dev->copy_to_host(k, pg.k, bytes, NULL) || dev->copy_to_host(v, pg.v, bytes, NULL))) {
+        if (k != pg.k) free(k);
+        if (v != pg.v) free(v);
+        continue;
       }
+      const int64_t ldk = dev ? GD : pg.ldk, ldv = dev ? GD : pg.ldv;
+      for (int64_t j = 0; j < pg.count; j++) {
+        d->ck[DK_NF + 1] += da_count_nonfinite(k + (size_t)(j * ldk) * es, dt, GD);
+        d->ck[DK_NF + 2] += da_count_nonfinite(v + (size_t)(j * ldv) * es, dt, GD);
+      }
+      if (dev) free(k), free(v);
     }
 }
 

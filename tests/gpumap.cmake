@@ -40,3 +40,11 @@ da_run_cli(cli_ranks_per_gpu_needs_cuda 1 2 ERR_RE "--ranks-per-gpu needs --devi
 da_run_cli(cli_offload_device_cuda 2 2 ERR_RE "--device cuda: the offloaded attention stays host-side"
            RAW_ARGS -np 2 $<TARGET_FILE:distattn> decode --offload --role compute --context 100 --heads 2 --dim 16
                     --device cuda)
+# decode --device cuda on pretend GPUs: the map in the header, the device tree on the host seam
+# (host-ipc: pages and partials in shared memory, two allreduces), verified in float64.
+set(gd_json ${CMAKE_CURRENT_BINARY_DIR}/cli_gpumap_decode.jsonl)
+da_run_cli(cli_gpumap_decode_np3 3 0 ENV DISTATTN_TEST_GPUS=2
+           OUT_RE "transport: host-ipc.*GPU map: 3 ranks on this node, 2 GPUs visible: ranks share GPUs \\(1 or 2 per GPU.*Rank  2 Group  0 .* device  1 .*combine: device tree on host-ipc.*# wrong: 0.# PASS"
+           JSON ${gd_json} JSON_RE "\"cmd\":\"decode\".*\"device\":\"cuda\".*\"gpu_map\":\\[.*\"per_gpu\":2\\},.*\"device\":1,.*\\]"
+           RAW_ARGS -np 3 $<TARGET_FILE:distattn> decode --context 1001 --batch 2 --heads 8 --kv-heads 2 --dim 64
+                    --steps 2 --verify 8 --device cuda --json ${gd_json})
