@@ -2,6 +2,7 @@
  * never -lcuda: a binary linked to the driver library does not start without a driver). The only
  * file of comm/ that includes a CUDA header; every cudaError_t becomes a distattn status here,
  * once, carrying CUDA's own message. Built only when CMake finds the CUDA toolkit. */
+#include <stdio.h>
 #include <string.h>
 #include <cuda_runtime_api.h>
 #include "devapi.h"
