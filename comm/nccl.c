@@ -250,9 +250,13 @@ static da_status_t nccl_wait(da_xport_t *xp, da_xreq_t *q) {
     }
     const double waited = da_time_now() - t0;
     if (waited > xp->timeout_s) {
-      st = DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: NCCL exchange (send %zu bytes to rank %d, receive %zu bytes from "
-                  "rank %d) timed out after %g s; communicator aborted", xp->rank, xp->phase, q->step, q->sbytes, q->dst,
-                  q->rbytes, q->src, xp->timeout_s);
+      if (q->step < 0) /* nccl_allreduce_dev's request */
+        st = DA_ERR(DA_ERR_TIMEOUT, "rank %d %s: NCCL allreduce of %zu bytes timed out after %g s (a peer is missing "
+                    "or stuck); communicator aborted", xp->rank, xp->phase, q->sbytes, xp->timeout_s);
+      else
+        st = DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: NCCL exchange (send %zu bytes to rank %d, receive %zu bytes "
+                    "from rank %d) timed out after %g s; communicator aborted", xp->rank, xp->phase, q->step, q->sbytes,
+                    q->dst, q->rbytes, q->src, xp->timeout_s);
       (void)ncclCommAbort(m->nc);
       m->nc = NULL;
       m->broken = 1;
