@@ -86,7 +86,11 @@ int da_gpumap_world(const da_devapi_t *api, int ranks_per_gpu, const char *trans
     return 1;
   }
   MPI_Comm_set_errhandler(dup, MPI_ERRORS_RETURN);
-  int first_bad = mine.ok ? size : rank, rc = 0;
+  /* Static: a collective that timed out may still complete into its buffer later (MPI cannot
+   * cancel it), and these outlive the call; `all` is leaked then for the same reason. */
+  static int first_bad, agreed;
+  first_bad = mine.ok ? size : rank;
+  int rc = 0;
   MPI_Request r;
   if (bounded(MPI_Iallreduce(MPI_IN_PLACE, &first_bad, 1, MPI_INT, MPI_MIN, dup, &r), &r, timeout,
               "the device agreement", err, sizeof err))
@@ -135,15 +139,26 @@ int da_gpumap_world(const da_devapi_t *api, int ranks_per_gpu, const char *trans
       rc = 2;
     }
   }
-  if (rc == 1) fprintf(stderr, "distattn %s: rank %d: --device cuda: %s\n", cmd, rank, err);
-  free(all), free(visible);
-  if (node != MPI_COMM_NULL) MPI_Comm_free(&node);
-  MPI_Comm_free(&dup);
   if (!rc && api && api->set_device && !getenv("DISTATTN_TEST_GPUS") && api->set_device(me->device) != DA_SUCCESS) {
-    fprintf(stderr, "distattn %s: rank %d: --device cuda: %s\n", cmd, rank, da_error_message());
+    snprintf(err, sizeof err, "%s", da_error_message());
     rc = 2;
   }
-  return da_mpi_max_int(rc);
+  if (rc == 1 || (rc == 2 && local_bad == 0 && first_bad == size)) /* a failure only this rank knows of */
+    fprintf(stderr, "distattn %s: rank %d: --device cuda: %s\n", cmd, rank, err);
+  if (rc != 1) free(all);
+  free(visible);
+  if (node != MPI_COMM_NULL) MPI_Comm_free(&node);
+  /* The exit code every rank agrees on, bounded too: a rank that vanished makes it 1. */
+  agreed = rc;
+  static int mine_rc;
+  mine_rc = rc;
+  if (bounded(MPI_Iallreduce(&mine_rc, &agreed, 1, MPI_INT, MPI_MAX, dup, &r), &r, timeout, "the exit agreement", err,
+              sizeof err)) {
+    fprintf(stderr, "distattn %s: rank %d: --device cuda: %s\n", cmd, rank, err);
+    agreed = 1;
+  }
+  MPI_Comm_free(&dup);
+  return agreed;
 }
 
 typedef struct line {
