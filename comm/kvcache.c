@@ -66,7 +66,7 @@ da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char 
 
 static void seq_clear(da_kvcache_t *c, da_kvseq_t *s) {
   for (int64_t i = 0; i < s->npages; i++) {
-    if (c->dev) c->dev->free(s->mem[i]);
+    if (c->dev) (c->dev->free)(s->mem[i]); /* parenthesized: SMPI defines free() as a macro */
     else da_free(s->mem[i]);
     c->alloc_bytes -= 2 * (size_t)s->pcap[i] * c->row_bytes;
   }

@@ -153,7 +153,7 @@ void da_decode_plan_free(da_decode_plan_t *p) {
   }
   if (p->dev) {
     if (p->dstream) (void)p->dev->stream_sync(p->dstream);
-    p->dev->free(p->d_sum), p->dev->free(p->d_max), p->dev->free(p->d_q);
+    (p->dev->free)(p->d_sum), (p->dev->free)(p->d_max), (p->dev->free)(p->d_q); /* (): SMPI macro free */
   }
   free(p->h_sum), free(p->h_max), free(p->h_lse), free(p->h_q);
   da_xport_close(&p->xp); /* before the stream it was given */
@@ -604,7 +604,7 @@ static da_status_t grow_dev(da_decode_plan_t *p, int64_t T) {
   const int64_t H = p->kp.H, D = p->kp.D, rows = p->B * T * H;
   if (rows <= p->dcap_rows) return DA_SUCCESS;
   const da_devapi_t *d = p->dev;
-  d->free(p->d_sum), d->free(p->d_max), d->free(p->d_q);
+  (d->free)(p->d_sum), (d->free)(p->d_max), (d->free)(p->d_q);
   free(p->h_sum), free(p->h_max), free(p->h_lse), free(p->h_q);
   p->d_sum = p->d_max = NULL, p->d_q = p->h_q = NULL, p->h_sum = p->h_max = p->h_lse = NULL;
   p->dcap_rows = 0;
