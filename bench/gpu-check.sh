@@ -9,6 +9,7 @@
 # gpu-check.jsonl (both), summary.txt.
 # Without a GPU (the build machines) it runs up to the point where it needs one and exits 77.
 # Exit status: 0 all steps passed, 77 no GPU, 1 a step failed (the log says which).
+# Needs Check to build the test binaries: the machine's own, or the carried one (DA_CARRIED_MPI).
 set -u -o pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 OUT=${OUT:-$ROOT/bench/results/gpu-check-$(date -u +%Y%m%dT%H%M%SZ)}
@@ -26,6 +27,19 @@ if ! command -v nvcc >/dev/null 2>&1 && [ ! -x /usr/local/cuda/bin/nvcc ]; then
   echo "no nvcc: cannot build the CUDA backend"; exit 1
 fi
 export PATH=$PATH:/usr/local/cuda/bin
+# The test binaries need Check (libcheck), which the GPU machine lacks: take it, with Open MPI, from
+# the folder scripts/carry-openmpi.sh filled ($DA_CARRIED_MPI, default build-carry/openmpi; the
+# device call names it in `carry`). Without either, the build stops here saying so.
+if ! pkg-config --exists check 2>/dev/null; then
+  CARRIED=${DA_CARRIED_MPI:-$ROOT/build-carry/openmpi}
+  if [ -f "$CARRIED/env.sh" ]; then
+    . "$CARRIED/env.sh"
+    echo "Check and Open MPI from the carried folder $DA_CARRIED_MPI"
+  else
+    echo "no Check (libcheck) here and no carried folder $CARRIED: run scripts/carry-openmpi.sh on the build"
+    echo "machine and name build-carry/openmpi in the device call's carry"; exit 1
+  fi
+fi
 cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTATTN_CUDA=ON > "$OUT/cmake.log" 2>&1 ||
   { tail -20 "$OUT/cmake.log"; echo "configure failed"; exit 1; }
 grep "CUDA backend" "$OUT/cmake.log"

@@ -80,6 +80,14 @@ typedef struct da_devapi {
   /* (optional) After every peer opened the handles of this process: drop the names that let
    * others open them (host: shm_unlink, so a crash leaves nothing in /dev/shm). */
   void (*publish_done)(void);
+
+  /* ---- the launcher's GPU map (launcher/gpumap_mpi.c) ----
+   * (optional; NULL: one device, nothing to select) Make device dev (0 .. probe's ndev - 1) the
+   * one this process's later calls use (CUDA: cudaSetDevice), before any allocation. */
+  da_status_t (*set_device)(int dev);
+  /* (optional; NULL: unknown) The device's name ("NVIDIA H100 80GB HBM3") and PCI bus id
+   * ("0000:1b:00.0"), for the map in the header. 0 or -1. */
+  int (*device_name)(int dev, char *name, size_t nn, char *busid, size_t bn);
 } da_devapi_t;
 
 extern const da_devapi_t da_devapi_host;

@@ -2,6 +2,7 @@
  * never -lcuda: a binary linked to the driver library does not start without a driver). The only
  * file of comm/ that includes a CUDA header; every cudaError_t becomes a distattn status here,
  * once, carrying CUDA's own message. Built only when CMake finds the CUDA toolkit. */
+#include <stdio.h>
 #include <string.h>
 #include <cuda_runtime_api.h>
 #include "devapi.h"
@@ -28,6 +29,16 @@ static da_status_t cuda_probe(int *ndev) {
   if (n == 0) return DA_ERR(DA_ERR_CUDA, "CUDA: the runtime sees no device");
   *ndev = n;
   return DA_SUCCESS;
+}
+
+static da_status_t cuda_set_device(int dev) { return CU(cudaSetDevice(dev), "cudaSetDevice"); }
+
+static int cuda_device_name(int dev, char *name, size_t nn, char *busid, size_t bn) {
+  struct cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, dev) != cudaSuccess) return -1;
+  snprintf(name, nn, "%s", prop.name);
+  if (cudaDeviceGetPCIBusId(busid, (int)bn, dev) != cudaSuccess) snprintf(busid, bn, "0x%02x", prop.pciBusID);
+  return 0;
 }
 
 static da_status_t cuda_alloc(void **ptr, size_t bytes) {
@@ -142,6 +153,8 @@ static da_status_t cuda_event_open(const da_dev_event_handle_t *h, da_devent_t *
 const da_devapi_t da_devapi_cuda = {
     .name = "cuda",
     .probe = cuda_probe,
+    .set_device = cuda_set_device,
+    .device_name = cuda_device_name,
     .alloc = cuda_alloc,
     .free = cuda_free,
     .stream_create = cuda_stream_create,

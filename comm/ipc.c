@@ -81,6 +81,26 @@ static ipc_t *impl(da_xport_t *xp) { return xp->impl; }
 /* The collectives run on the inner mpi transport (transport.h: da_xport_inner_*). */
 _Static_assert(offsetof(ipc_t, inner) == 0, "da_xport_inner_* find the inner transport first in the impl");
 
+/* The device allreduce of the tree decode (transport.h): neither the CUDA runtime nor IPC has a
+ * collective, so the values are staged through host memory (after the work on the caller's stream)
+ * and reduced by MPI with the inner transport's deadline, then copied back. They are the decode's
+ * B*T*H*(D+1) partial floats, small beside the KV shard each rank reads; nccl reduces on the GPU. */
+static da_status_t ipc_allreduce_dev(da_xport_t *xp, float *buf, int count, da_xop_t op) {
+  ipc_t *m = impl(xp);
+  if (!xp->stream)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d %s: the device allreduce orders after the caller's stream, and "
+                  "none is set (xp->stream)", xp->rank, xp->phase);
+  const size_t bytes = (size_t)(count > 0 ? count : 0) * sizeof(float);
+  float *h = malloc(bytes ? bytes : 1);
+  if (!h) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d %s: device allreduce staging (%zu bytes)", xp->rank, xp->phase,
+                        bytes);
+  da_status_t st = m->d->copy_to_host(h, buf, bytes, xp->stream);
+  if (st == DA_SUCCESS) st = da_xport_inner_allreduce(xp, h, count, DA_XT_FLOAT, op);
+  if (st == DA_SUCCESS) st = m->d->copy_from_host(buf, h, bytes, xp->stream);
+  free(h);
+  return st;
+}
+
 static void ipc_destroy(da_xport_t *xp) {
   ipc_t *m = impl(xp);
   if (!m) return;
@@ -414,6 +434,7 @@ const da_transport_t da_transport_host_ipc = {
     .destroy = ipc_destroy,
     .devapi = &da_devapi_host,
     .register_mem = ipc_register,
+    .allreduce_dev = ipc_allreduce_dev,
 };
 
 #ifdef DA_HAVE_CUDART
@@ -434,5 +455,6 @@ const da_transport_t da_transport_cuda_ipc = {
     .destroy = ipc_destroy,
     .devapi = &da_devapi_cuda,
     .register_mem = ipc_register,
+    .allreduce_dev = ipc_allreduce_dev,
 };
 #endif

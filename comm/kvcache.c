@@ -5,6 +5,7 @@
  * every rank. Decode itself lives in tree.c. */
 #include <mpi.h> /* before distattn.h: declares the distributed section */
 #include <math.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -71,7 +72,8 @@ da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char 
 
 static void seq_clear(da_kvcache_t *c, da_kvseq_t *s) {
   for (int64_t i = 0; i < s->npages; i++) {
-    da_free(s->mem[i]);
+    if (c->dev) da_dev_free(c->dev, s->mem[i]);
+    else da_free(s->mem[i]);
     c->alloc_bytes -= 2 * (size_t)s->pcap[i] * c->row_bytes;
   }
   free(s->pages);
@@ -102,7 +104,12 @@ static da_status_t page_add(da_kvcache_t *c, da_kvseq_t *s, int64_t cap, da_span
   if (cap < 0 || da_mul_size((size_t)cap, c->row_bytes, &half) || da_mul_size(half, 2, &both))
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: kv cache page of %lld rows of %zu bytes: the size overflows",
                   c->rank, (long long)cap, c->row_bytes);
-  char *mem = da_malloc(both, 64);
+  char *mem = NULL;
+  if (c->dev) {
+    if (da_dev_alloc(c->dev, (void **)&mem, both) != DA_SUCCESS) mem = NULL;
+  } else {
+    mem = da_malloc(both, 64);
+  }
   if (!mem)
     return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: kv cache page of %lld rows (%zu bytes; %zu already allocated)",
                   c->rank, (long long)cap, 2 * half, c->alloc_bytes);
@@ -165,6 +172,41 @@ static void copy_row(const da_kvcache_t *c, char *dst, const kview_t *v, int64_t
     memcpy(dst + (size_t)g * dbytes, v->base + (size_t)(i * v->s0 + j * v->s1 + g * v->sg) * c->esz, dbytes);
 }
 
+/* Row (i, j) of the caller's (host) view into page memory dst: packed there directly, or, when the
+ * pages are device memory, packed in host memory and copied (stream-ordered, blocking). */
+static da_status_t put_row(da_kvcache_t *c, char *dst, const kview_t *v, int64_t i, int64_t j) {
+  if (!c->dev) {
+    copy_row(c, dst, v, i, j);
+    return DA_SUCCESS;
+  }
+  copy_row(c, c->rowbuf, v, i, j);
+  return c->dev->copy_from_host(dst, c->rowbuf, c->row_bytes, c->dstream);
+}
+
+/* The pages' home: the config's transport (size-gated: a config from before the field has none),
+ * else DISTATTN_TRANSPORT; a device transport's table and a stream for the copies, or host memory.
+ * The context must match: CPU kernels read host (or host-seam) memory, CUDA kernels CUDA memory. */
+static da_status_t cache_home(da_kvcache_t *c, const da_kvcache_config_t *cfg) {
+  const char *tp = cfg->size >= offsetof(da_kvcache_config_t, transport) + sizeof cfg->transport ? cfg->transport
+                                                                                                : NULL;
+  if (!tp) tp = da_param_string("DISTATTN_TRANSPORT");
+  snprintf(c->transport, sizeof c->transport, "%s", tp ? tp : "mpi");
+  const da_transport_t *t = da_transport_find(c->transport);
+  if (!t) return DA_ERR_INVALID_ARGUMENT;
+  const da_device_t want = t->devapi && strcmp(t->devapi->name, "host") ? DA_DEVICE_CUDA : DA_DEVICE_CPU;
+  if (da_context_device(c->ctx) != want)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "kv cache: the %s transport keeps pages in %s memory, which a %s context's kernels "
+                  "cannot read", t->name, t->devapi ? t->devapi->name : "host",
+                  da_context_device(c->ctx) == DA_DEVICE_CPU ? "CPU" : "CUDA");
+  if (!t->devapi) return DA_SUCCESS;
+  int ndev = 0;
+  DA_CHECK(t->devapi->probe(&ndev));
+  c->dev = t->devapi;
+  c->rowbuf = malloc(c->row_bytes ? c->row_bytes : 1);
+  if (!c->rowbuf) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "kv cache: row staging");
+  return c->dev->stream_create(&c->dstream);
+}
+
 /* ---- create / free ---------------------------------------------------------------------------- */
 
 static da_status_t cache_local(da_comm_t *comm, const da_problem_t *prob, const da_kvcache_config_t *cfg,
@@ -180,9 +222,6 @@ static da_status_t cache_local(da_comm_t *comm, const da_problem_t *prob, const 
                   (int)cfg->layout);
   if (!(cfg->timeout >= 0) || !isfinite(cfg->timeout))
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "kv cache config: timeout %g s must be >= 0", cfg->timeout);
-  if (da_context_device(c->ctx) != DA_DEVICE_CPU)
-    return DA_ERR(DA_ERR_UNSUPPORTED, "kv cache: pages live in host memory; use a CPU context (device %d given)",
-                  (int)da_context_device(c->ctx));
   /* Only the row shape matters here: lengths come from prefill and appends, masks from decode. */
   da_problem_t pr = *prob;
   if (pr.seq < 1) pr.seq = 1;
@@ -192,6 +231,7 @@ static da_status_t cache_local(da_comm_t *comm, const da_problem_t *prob, const 
   c->B = prob->batch, c->G = kp.G, c->D = kp.D, c->dtype = prob->dtype;
   c->esz = da_dtype_size(c->dtype);
   c->row_bytes = (size_t)c->G * c->D * c->esz;
+  DA_CHECK(cache_home(c, cfg));
   c->page = cfg->page ? cfg->page : DA_KVCACHE_DEFAULT_PAGE;
   c->layout = cfg->layout;
   static const da_layout_kind_t kinds[] = {DA_LAYOUT_CONTIGUOUS, DA_LAYOUT_STRIPED, DA_LAYOUT_ZIGZAG};
@@ -214,6 +254,8 @@ void da_kvcache_free(da_kvcache_t *c) {
       free(c->seq[b].tokens);
     }
   free(c->seq);
+  if (c->dev && c->dstream) c->dev->stream_destroy(c->dstream);
+  free(c->rowbuf);
   da_kvmap_free(&c->map);
   da_xport_close(&c->xp);
   int finalized = 0;
@@ -253,9 +295,11 @@ da_status_t da_kvcache_create(da_comm_t *comm, const da_problem_t *prob, const d
   if (st == DA_SUCCESS) {
     uint64_t h = DA_FNV_INIT;
     if (c->map.weights) h = da_fnv1a(h, c->map.weights, (size_t)c->P * sizeof(double));
-    const int64_t f[] = {c->B, c->G, c->D, c->dtype, c->page, c->layout, c->map.weighted, (int64_t)(h >> 2)};
-    static const char *const names[] = {"batch", "kv_heads", "dim", "dtype", "page", "layout", "weighted", "#weights"};
-    st = da_agree_fields(&c->xp, f, 8, names, "kv cache");
+    const int64_t f[] = {c->B, c->G, c->D, c->dtype, c->page, c->layout, c->map.weighted, (int64_t)(h >> 2),
+                         (int64_t)(da_fnv1a(DA_FNV_INIT, c->transport, strlen(c->transport)) >> 2)};
+    static const char *const names[] = {"batch", "kv_heads", "dim", "dtype", "page", "layout", "weighted", "#weights",
+                                        "#transport"};
+    st = da_agree_fields(&c->xp, f, 9, names, "kv cache");
   }
   if (st != DA_SUCCESS) {
     da_kvcache_free(c);
@@ -315,8 +359,8 @@ static da_status_t prefill_build(da_kvcache_t *c, int64_t b, int64_t len, const 
       da_kvpage_t *pg = &s->pages[s->npages - 1];
       if (vk)
         for (int64_t i = 0; i < n; i++) {
-          copy_row(c, (char *)pg->k + (size_t)i * c->row_bytes, vk, row + i, 0);
-          copy_row(c, (char *)pg->v + (size_t)i * c->row_bytes, vv, row + i, 0);
+          DA_CHECK(put_row(c, (char *)pg->k + (size_t)i * c->row_bytes, vk, row + i, 0));
+          DA_CHECK(put_row(c, (char *)pg->v + (size_t)i * c->row_bytes, vv, row + i, 0));
         }
       row += n;
     }
@@ -365,8 +409,8 @@ static da_status_t append_one(da_kvcache_t *c, int64_t b, const kview_t *vk, con
   if (s->owner == c->rank) {
     da_kvpage_t *pg = &s->pages[s->cur];
     if (vk) {
-      copy_row(c, (char *)pg->k + (size_t)pg->pos.count * c->row_bytes, vk, b, t);
-      copy_row(c, (char *)pg->v + (size_t)pg->pos.count * c->row_bytes, vv, b, t);
+      DA_CHECK(put_row(c, (char *)pg->k + (size_t)pg->pos.count * c->row_bytes, vk, b, t));
+      DA_CHECK(put_row(c, (char *)pg->v + (size_t)pg->pos.count * c->row_bytes, vv, b, t));
     }
     pg->pos.count++;
     s->rows++;

@@ -47,6 +47,12 @@ struct da_kvcache {
   da_kvseq_t *seq;   /* [B] */
   size_t alloc_bytes; /* page memory allocated on this rank */
   int broken;        /* an append failed half-way: the shards no longer agree across ranks */
+  /* Pages in device memory (the config's device transport): its table and a stream that orders
+   * the copies of rows into them; NULL: host memory (da_malloc). */
+  const da_devapi_t *dev;
+  da_dstream_t dstream;
+  char *rowbuf;      /* dev: one row staged in host memory before its copy */
+  char transport[16];
 };
 
 /* Accessors of da_comm_t (defined in plan.c, which owns the struct). */

@@ -270,9 +270,9 @@ static da_status_t coll_copy_out(da_xport_t *xp, int rc, MPI_Request *r, const c
 }
 
 static da_status_t mpi_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op) {
-  MPI_Datatype dt = type == DA_XT_INT64 ? MPI_INT64_T : MPI_DOUBLE;
+  MPI_Datatype dt = type == DA_XT_INT64 ? MPI_INT64_T : type == DA_XT_FLOAT ? MPI_FLOAT : MPI_DOUBLE;
   MPI_Op mop = op == DA_XOP_SUM ? MPI_SUM : op == DA_XOP_MIN ? MPI_MIN : MPI_MAX;
-  size_t bytes = (size_t)count * 8;
+  size_t bytes = (size_t)count * (type == DA_XT_FLOAT ? 4 : 8);
   if (da_param_WaitBlocking()) {
     DA_MPICHECK(MPI_Allreduce(MPI_IN_PLACE, buf, count, dt, mop, comm_of(xp)), "rank %d %s: allreduce", xp->rank,
                 xp->phase);

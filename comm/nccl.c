@@ -232,9 +232,13 @@ static da_status_t nccl_wait(da_xport_t *xp, da_xreq_t *q) {
     }
     const double waited = da_time_now() - t0;
     if (waited > xp->timeout_s) {
-      st = DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: NCCL exchange (send %zu bytes to rank %d, receive %zu bytes from "
-                  "rank %d) timed out after %g s; communicator aborted", xp->rank, xp->phase, q->step, q->sbytes, q->dst,
-                  q->rbytes, q->src, xp->timeout_s);
+      if (q->step < 0) /* nccl_allreduce_dev's request */
+        st = DA_ERR(DA_ERR_TIMEOUT, "rank %d %s: NCCL allreduce of %zu bytes timed out after %g s (a peer is missing "
+                    "or stuck); communicator aborted", xp->rank, xp->phase, q->sbytes, xp->timeout_s);
+      else
+        st = DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: NCCL exchange (send %zu bytes to rank %d, receive %zu bytes "
+                    "from rank %d) timed out after %g s; communicator aborted", xp->rank, xp->phase, q->step, q->sbytes,
+                    q->dst, q->rbytes, q->src, xp->timeout_s);
       (void)ncclCommAbort(m->nc);
       m->nc = NULL;
       m->broken = 1;
@@ -243,6 +247,36 @@ static da_status_t nccl_wait(da_xport_t *xp, da_xreq_t *q) {
     }
     da_mpi_backoff(it, waited);
   }
+}
+
+/* The device allreduce of the tree decode (transport.h): ncclAllReduce in place on the comm
+ * stream, which first waits for the caller's stream; then the caller's stream waits for the
+ * result, and the host polls its event against the deadline (with ncclCommGetAsyncError, as an
+ * exchange does): a peer that never joins ends in ncclCommAbort, never in a hang. */
+static da_status_t nccl_allreduce_dev(da_xport_t *xp, float *buf, int count, da_xop_t op) {
+  nccl_t *m = impl(xp);
+  if (m->broken) return DA_ERR(DA_ERR_REMOTE, "rank %d %s: the NCCL communicator was aborted earlier", xp->rank, xp->phase);
+  if (!xp->stream)
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d %s: the device allreduce orders after the caller's stream, and "
+                  "none is set (xp->stream)", xp->rank, xp->phase);
+  da_xreq_t *q = calloc(1, sizeof *q);
+  if (!q) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "nccl: request");
+  q->src = q->dst = -1, q->step = -1, q->sbytes = q->rbytes = (size_t)count * sizeof(float);
+  const ncclRedOp_t nop = op == DA_XOP_MAX ? ncclMax : op == DA_XOP_MIN ? ncclMin : ncclSum;
+  da_status_t st = m->d->event_create(&q->done_ev, 0);
+  if (st == DA_SUCCESS) st = m->d->event_record(m->start_ev, xp->stream);
+  if (st == DA_SUCCESS) st = m->d->stream_wait_event(m->nstream, m->start_ev);
+  if (st == DA_SUCCESS)
+    st = NC(ncclAllReduce(buf, buf, (size_t)count, ncclFloat32, nop, m->nc, (cudaStream_t)m->nstream), m->nc,
+            "ncclAllReduce");
+  if (st == DA_SUCCESS) st = m->d->event_record(q->done_ev, m->nstream);
+  if (st == DA_SUCCESS) st = m->d->stream_wait_event(xp->stream, q->done_ev);
+  if (st != DA_SUCCESS) {
+    nccl_abort_req(xp, q);
+    return rewrap(st, __FILE__, __LINE__, "rank %d %s: posting the device allreduce of %d floats", xp->rank,
+                  xp->phase, count);
+  }
+  return nccl_wait(xp, q); /* bounded; names the deadline and aborts the communicator on it */
 }
 
 const da_transport_t da_transport_nccl = {
@@ -258,4 +292,5 @@ const da_transport_t da_transport_nccl = {
     .destroy = nccl_destroy,
     .devapi = &da_devapi_cuda,
     .register_mem = NULL, /* NCCL registers nothing the caller must know of */
+    .allreduce_dev = nccl_allreduce_dev,
 };

@@ -19,7 +19,7 @@ typedef struct da_xport da_xport_t;
  * or abort. */
 typedef struct da_xreq da_xreq_t;
 
-typedef enum { DA_XT_INT64 = 0, DA_XT_DOUBLE = 1 } da_xtype_t;
+typedef enum { DA_XT_INT64 = 0, DA_XT_DOUBLE = 1, DA_XT_FLOAT = 2 } da_xtype_t;
 typedef enum { DA_XOP_SUM = 0, DA_XOP_MIN = 1, DA_XOP_MAX = 2 } da_xop_t;
 
 /* Message tags of the drivers: one per kind of travelling buffer, so that a forward on one rank
@@ -82,6 +82,14 @@ typedef struct da_transport {
    * agreed on the problem before any call). */
   da_status_t (*alltoallv)(da_xport_t *xp, const void *sbuf, const size_t *sbytes, const size_t *soff, void *rbuf,
                            const size_t *rbytes, const size_t *roff);
+  /* (optional; device transports. NULL: the transport has none, and the device tree decode refuses
+   * it at plan time naming it) In-place allreduce of count fp32 values in device memory of
+   * t->devapi, op DA_XOP_SUM or DA_XOP_MAX, after the work queued on xp->stream so far; on return
+   * buf holds the result for the host and for work queued on xp->stream later. Bounded by
+   * xp->timeout_s. nccl: ncclAllReduce on its comm stream (NCCL has no custom reduction operator:
+   * the decode merge is two of these, tree.c). host-ipc / cuda-ipc: staged through host memory and
+   * reduced by MPI (the inner mpi transport); the decode's values are B*T*H*(D+1) floats. */
+  da_status_t (*allreduce_dev)(da_xport_t *xp, float *buf, int count, da_xop_t op);
 } da_transport_t;
 
 struct da_xport {

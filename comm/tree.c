@@ -52,6 +52,17 @@ struct da_decode_plan {
   int64_t last_t; /* T of the previous step (1 at first) */
   int broken; /* a reduction timed out: MPI may still write into part (leaked on free) */
   da_decode_stats_t st;
+  /* ---- the device tree (a device transport: host-ipc on the host seam, cuda-ipc, nccl) ----
+   * Partials on the device, merged by two device allreduces (xp.t->allreduce_dev): the max of lse
+   * (plus one failure flag), then the sum of the rescaled o and of l = exp(lse - max). */
+  const da_devapi_t *dev; /* NULL: the host paths above */
+  da_dstream_t dstream;   /* the plan's stream: kernels, copies, and xp.stream for the allreduces */
+  float *d_sum;           /* device [rows][D] o, then [rows] l: one contiguous sum */
+  float *d_max;           /* device [rows] lse, then the max; [rows] = failure flag */
+  char *d_q;              /* device [B][T][H][D] q in the plan dtype */
+  float *h_sum, *h_max, *h_lse; /* host staging of the same, and this rank's own lse */
+  char *h_q;                    /* host [B][T][H][D] q packed, before its copy */
+  int64_t dcap_rows;
 };
 
 /* ---- the merge operator (kvcache.h) ---------------------------------------------------------------- */
@@ -140,7 +151,13 @@ void da_decode_plan_free(da_decode_plan_t *p) {
     if (p->node != MPI_COMM_NULL) MPI_Comm_free(&p->node);
     if (p->leaders != MPI_COMM_NULL) MPI_Comm_free(&p->leaders);
   }
-  da_xport_close(&p->xp);
+  if (p->dev) {
+    if (p->dstream) (void)p->dev->stream_sync(p->dstream);
+    da_dev_free(p->dev, p->d_sum), da_dev_free(p->dev, p->d_max), da_dev_free(p->dev, p->d_q);
+  }
+  free(p->h_sum), free(p->h_max), free(p->h_lse), free(p->h_q);
+  da_xport_close(&p->xp); /* before the stream it was given */
+  if (p->dev && p->dstream) p->dev->stream_destroy(p->dstream);
   if (p->mcomm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&p->mcomm);
   if (!p->broken) da_free(p->part); /* else MPI may still write into it */
   da_free(p->msg);
@@ -166,16 +183,27 @@ static da_status_t plan_local(da_decode_plan_t *p, const da_problem_t *prob, con
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: timeout %g s must be >= 0", cfg->timeout);
   const char *tp = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
   if (!tp) tp = "mpi";
-  DA_CHECK(da_transport_check_host(tp, "decode config"));
+  const da_transport_t *t = da_transport_find(tp);
+  if (!t) return DA_ERR_INVALID_ARGUMENT;
+  if (t->devapi && (cfg->algo != DA_DECODE_TREE || cfg->topo != DA_TOPO_FLAT))
+    return DA_ERR(DA_ERR_UNSUPPORTED, "decode config: on the %s transport (device memory) only the flat tree is built; "
+                  "the ring and the two-level tree combine partials in host memory with MPI (use algo tree, topo flat, "
+                  "or the mpi transport)", t->name);
+  if (t->devapi && !t->allreduce_dev)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "decode config: the %s transport has no device allreduce", t->name);
   if (!strcmp(tp, "self") && p->P != 1)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: the self transport runs one rank, this job has %d", p->P);
   snprintf(p->transport, sizeof p->transport, "%s", tp);
   p->cfg = *cfg;
   p->cfg.transport = NULL;
   if (!prob) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_decode_plan_create: problem is NULL");
-  if (da_context_device(p->ctx) != DA_DEVICE_CPU)
-    return DA_ERR(DA_ERR_UNSUPPORTED, "decode: the kv cache lives in host memory; use a CPU context (device %d given)",
-                  (int)da_context_device(p->ctx));
+  /* CPU kernels read host memory (the host seam's "device" memory is host memory too); CUDA kernels
+   * read CUDA memory, which only the cuda-ipc and nccl transports hold. */
+  const da_device_t want = t->devapi && strcmp(t->devapi->name, "host") ? DA_DEVICE_CUDA : DA_DEVICE_CPU;
+  if (da_context_device(p->ctx) != want)
+    return DA_ERR(DA_ERR_UNSUPPORTED, "decode: the %s transport keeps partials and KV pages in %s memory, which a %s "
+                  "context's kernels cannot read", t->name, t->devapi ? t->devapi->name : "host",
+                  da_context_device(p->ctx) == DA_DEVICE_CPU ? "CPU" : "CUDA");
   if (prob->mask & DA_MASK_DOC)
     return DA_ERR(DA_ERR_UNSUPPORTED, "decode: document masks are not supported (one sequence per batch element)");
   da_problem_t pr = *prob;
@@ -247,9 +275,18 @@ da_status_t da_decode_plan_create(da_comm_t *comm, const da_problem_t *prob, con
   MPI_Comm_set_errhandler(p->mcomm, MPI_ERRORS_RETURN);
   MPI_Comm_rank(p->mcomm, &p->rank);
   MPI_Comm_size(p->mcomm, &p->P);
-  /* One transport for both agreement and the ring: the self transport only exists at P = 1. */
+  /* One transport for both agreement and the ring: the self transport only exists at P = 1; a
+   * device transport (the device tree) is opened itself, for its device allreduce. */
   const char *tp = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
-  st = da_xport_open(&p->xp, tp && !strcmp(tp, "self") && p->P == 1 ? "self" : "mpi", p->mcomm, timeout);
+  const da_transport_t *tt = tp && strcmp(tp, "mpi") && strcmp(tp, "self") ? da_transport_find(tp) : NULL;
+  da_error_clear(); /* an unknown name is reported by plan_local, on every rank */
+  st = da_xport_open(&p->xp, tt && tt->devapi ? tp : tp && !strcmp(tp, "self") && p->P == 1 ? "self" : "mpi", p->mcomm,
+                     timeout);
+  if (st == DA_SUCCESS && p->xp.t->devapi) {
+    p->dev = p->xp.t->devapi;
+    st = p->dev->stream_create(&p->dstream);
+    p->xp.stream = p->dstream;
+  }
   if (st != DA_SUCCESS) {
     da_decode_plan_free(p);
     return da_context_finish(ctx, st);
@@ -564,6 +601,120 @@ static void write_outputs(const da_decode_plan_t *p, int64_t T, const qview_t *v
       }
 }
 
+/* ---- the device tree -------------------------------------------------------------------------------- */
+
+static da_status_t grow_dev(da_decode_plan_t *p, int64_t T) {
+  const int64_t H = p->kp.H, D = p->kp.D, rows = p->B * T * H;
+  if (rows <= p->dcap_rows) return DA_SUCCESS;
+  const da_devapi_t *d = p->dev;
+  (d->free)(p->d_sum), (d->free)(p->d_max), (d->free)(p->d_q);
+  free(p->h_sum), free(p->h_max), free(p->h_lse), free(p->h_q);
+  p->d_sum = p->d_max = NULL, p->d_q = p->h_q = NULL, p->h_sum = p->h_max = p->h_lse = NULL;
+  p->dcap_rows = 0;
+  const size_t sum = (size_t)rows * (size_t)(D + 1) * sizeof(float), mx = (size_t)(rows + 1) * sizeof(float);
+  const size_t qb = (size_t)rows * (size_t)D * da_dtype_size(p->kp.dtype);
+  DA_CHECK(da_dev_alloc(d, (void **)&p->d_sum, sum));
+  DA_CHECK(da_dev_alloc(d, (void **)&p->d_max, mx));
+  DA_CHECK(da_dev_alloc(d, (void **)&p->d_q, qb));
+  p->h_sum = malloc(sum), p->h_max = malloc(mx), p->h_lse = malloc(mx), p->h_q = malloc(qb ? qb : 1);
+  if (!p->h_sum || !p->h_max || !p->h_lse || !p->h_q)
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: decode staging for %lld rows", p->rank, (long long)rows);
+  p->dcap_rows = rows;
+  return DA_SUCCESS;
+}
+
+/* This rank's partials on the device: q packed into d_q, then the kernel per sequence writing o
+ * into d_sum's [rows][D] and lse into d_max's [rows]. A sequence without rows here is marked in
+ * empty[b] (its partial is the merge's identity, set on the host). */
+static da_status_t local_partials_dev(da_decode_plan_t *p, const da_kvcache_t *c, const qview_t *vq, int64_t T,
+                                      char *empty, uint64_t *kv_bytes) {
+  const int H = p->kp.H, D = p->kp.D;
+  const size_t es = da_dtype_size(p->kp.dtype);
+  const int64_t per = T * H; /* rows of one sequence */
+  *kv_bytes = 0;
+  for (int64_t b = 0; b < p->B; b++)
+    for (int64_t t = 0; t < T; t++)
+      for (int h = 0; h < H; h++)
+        memcpy(p->h_q + (size_t)(((b * T + t) * H + h) * D) * es,
+               vq->base + (size_t)(b * vq->sb + t * vq->st + h * vq->sh) * es, (size_t)D * es);
+  DA_CHECK(p->dev->copy_from_host(p->d_q, p->h_q, (size_t)(p->B * per * D) * es, p->dstream));
+  for (int64_t b = 0; b < p->B; b++) {
+    const da_kvseq_t *s = &c->seq[b];
+    empty[b] = s->npages == 0 || s->rows == 0;
+    if (empty[b]) continue;
+    DA_CHECK(p->kt->decode(&p->kp, p->d_q + (size_t)(b * per * D) * es, (int64_t)H * D, da_span(s->len - T, 1, T),
+                           s->pages, (int)s->npages, p->d_sum + b * per * D, p->d_max + b * per, p->dstream));
+    *kv_bytes += (uint64_t)s->rows * 2 * c->row_bytes;
+  }
+  return DA_SUCCESS;
+}
+
+/* The device tree's combine into p->part ([rows][D + 1], as the host paths leave it). Exact in
+ * fp32 with two sum-or-max allreduces, since NCCL has no custom operator (Tree Attention does the
+ * same): M = allreduce_max(lse_r); w_r = exp(lse_r - M); (O, L) = allreduce_sum(o_r * w_r, w_r);
+ * out = O / L, lse = M + log L. The max carries one more value, this rank's failure flag, so a
+ * failed rank (it still takes part, with zero weight) is known to every rank: *anyfail. The
+ * elementwise steps between the allreduces run on the host over staged copies (copy_to_host /
+ * copy_from_host: host memory on the host seam; four PCIe copies of rows * (D + 1) floats on CUDA,
+ * small beside the KV shard; a device kernel for them is future work). */
+static da_status_t combine_dev(da_decode_plan_t *p, const da_kvcache_t *c, const qview_t *vq, int64_t T,
+                               da_status_t *st, uint64_t *kvb, double *compute_s, uint64_t *sent, int *anyfail) {
+  const int D = p->kp.D, w = D + 1;
+  const int64_t rows = p->B * T * p->kp.H, per = T * p->kp.H;
+  const da_devapi_t *d = p->dev;
+  char stack_empty[64], *empty = p->B <= 64 ? stack_empty : calloc((size_t)p->B, 1);
+  if (!empty) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: decode", p->rank);
+  memset(empty, 0, (size_t)p->B);
+  *anyfail = 0;
+  if (*st == DA_SUCCESS && c->dev != d)
+    *st = DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d decode: the cache's pages are in %s memory and the plan runs on the "
+                 "%s transport: create both with the same transport", p->rank, c->dev ? c->dev->name : "host",
+                 p->xp.t->name);
+  const double t1 = da_time_now();
+  if (*st == DA_SUCCESS) *st = local_partials_dev(p, c, vq, T, empty, kvb);
+  if (*st == DA_SUCCESS) *st = d->copy_to_host(p->h_lse, p->d_max, (size_t)rows * sizeof(float), p->dstream);
+  *compute_s = da_time_now() - t1;
+  const int failed = *st != DA_SUCCESS;
+  for (int64_t i = 0; i < rows; i++)
+    if (failed || empty[i / per]) p->h_lse[i] = -INFINITY; /* the merge's identity: weight 0 */
+  /* 1. the row maxima, and whether any rank failed */
+  memcpy(p->h_max, p->h_lse, (size_t)rows * sizeof(float));
+  p->h_max[rows] = failed ? 1.0f : 0.0f;
+  da_status_t x = d->copy_from_host(p->d_max, p->h_max, (size_t)(rows + 1) * sizeof(float), p->dstream);
+  if (x == DA_SUCCESS) x = p->xp.t->allreduce_dev(&p->xp, p->d_max, (int)(rows + 1), DA_XOP_MAX);
+  if (x == DA_SUCCESS) x = d->copy_to_host(p->h_max, p->d_max, (size_t)(rows + 1) * sizeof(float), p->dstream);
+  /* 2. this rank's rescaled partials o * w and weights w = exp(lse - M), summed over ranks */
+  if (x == DA_SUCCESS && !failed) x = d->copy_to_host(p->h_sum, p->d_sum, (size_t)(rows * D) * sizeof(float), p->dstream);
+  if (x == DA_SUCCESS) {
+    float *o = p->h_sum, *l = p->h_sum + rows * D;
+    for (int64_t i = 0; i < rows; i++) {
+      const float m = p->h_max[i], a = p->h_lse[i];
+      const float wt = a == -INFINITY || m == -INFINITY ? 0.0f : expf(a - m);
+      for (int dd = 0; dd < D; dd++) o[i * D + dd] = wt == 0.0f ? 0.0f : o[i * D + dd] * wt;
+      l[i] = wt;
+    }
+    x = d->copy_from_host(p->d_sum, p->h_sum, (size_t)rows * (size_t)w * sizeof(float), p->dstream);
+  }
+  if (x == DA_SUCCESS) x = p->xp.t->allreduce_dev(&p->xp, p->d_sum, (int)(rows * w), DA_XOP_SUM);
+  if (x == DA_SUCCESS) x = d->copy_to_host(p->h_sum, p->d_sum, (size_t)rows * (size_t)w * sizeof(float), p->dstream);
+  if (empty != stack_empty) free(empty);
+  if (x != DA_SUCCESS) return x;
+  *anyfail = p->h_max[rows] > 0.0f;
+  /* 3. normalize: out = O / L, lse = M + log L */
+  const float *o = p->h_sum, *l = p->h_sum + rows * D;
+  for (int64_t i = 0; i < rows && !*anyfail; i++) {
+    float *row = p->part + i * w;
+    for (int dd = 0; dd < D; dd++) row[dd] = o[i * D + dd] / l[i];
+    row[D] = p->h_max[i] + logf(l[i]);
+  }
+  /* what a binomial reduce + broadcast of both allreduces sends from this rank (MPI and NCCL pick
+   * their own algorithms: a model, as for the host tree) */
+  const int v = p->rank;
+  *sent = (uint64_t)((rows + 1) + rows * w) * sizeof(float) *
+          (uint64_t)(p->P > 1 ? (v != 0) + binomial_children(v, p->P) : 0);
+  return DA_SUCCESS;
+}
+
 /* The partials of every rank combined into p->part: the tree (local partials, then one fused
  * reduction) or the ring (compute and combine interleave along the chain). *st holds this rank's
  * local failure (its partials go out poisoned); the return value is a transfer failure. */
@@ -608,9 +759,18 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
   p->last_t = T;
   uint64_t kvb = 0, sent = 0;
   double compute_s = 0;
-  da_status_t cst = combine(p, c, &vq, T, &st, &kvb, &compute_s, &sent);
-  if (cst != DA_SUCCESS) /* a transfer failed: peers are in unknown states, no agreement is tried */
-    return da_context_finish(p->ctx, st != DA_SUCCESS ? st : cst);
+  if (p->dev) { /* the device tree: every rank took part in both allreduces and knows the outcome */
+    int anyfail = 0;
+    da_status_t dst = grow_dev(p, T);
+    if (dst != DA_SUCCESS) return da_context_finish(p->ctx, dst); /* cannot take part: peers time out */
+    da_status_t cst = combine_dev(p, c, &vq, T, &st, &kvb, &compute_s, &sent, &anyfail);
+    if (cst != DA_SUCCESS) return da_context_finish(p->ctx, st != DA_SUCCESS ? st : cst);
+    if (anyfail || st != DA_SUCCESS) return da_context_finish(p->ctx, da_xport_agree(&p->xp, st, "decode"));
+  } else {
+    da_status_t cst = combine(p, c, &vq, T, &st, &kvb, &compute_s, &sent);
+    if (cst != DA_SUCCESS) /* a transfer failed: peers are in unknown states, no agreement is tried */
+      return da_context_finish(p->ctx, st != DA_SUCCESS ? st : cst);
+  }
   /* ---- outcome: a poisoned row means some rank failed; every rank holding the result knows ---- */
   int poisoned = 0;
   if (gets_output)

@@ -346,9 +346,14 @@ typedef struct da_kvcache_config {
   const double *weights;  /* [P] capacity weights (copied), NULL = equal; when set, the prefill is one
                              run per rank proportional to its weight and appended pages follow them */
   double timeout;         /* seconds a rank waits for a peer; 0 = DISTATTN_TIMEOUT or 300 */
+  /* Where the pages live: NULL = DISTATTN_TRANSPORT, else host memory. A device transport
+   * ("cuda-ipc", "nccl"; "host-ipc" = the host seam of tests) puts them in that transport's device
+   * memory (CUDA: cudaMalloc; the pointers of da_kvcache_get_page are then device pointers, and k, v
+   * passed to prefill / append stay host tensors, copied in). Give the decode plan the same one. */
+  const char *transport;
 } da_kvcache_config_t;
 
-#define DA_KVCACHE_CONFIG_INITIALIZER { sizeof(da_kvcache_config_t), DA_API_VERSION, 0, DA_ALGO_RING, NULL, 0.0 }
+#define DA_KVCACHE_CONFIG_INITIALIZER { sizeof(da_kvcache_config_t), DA_API_VERSION, 0, DA_ALGO_RING, NULL, 0.0, NULL }
 
 /* An empty cache for prob->batch sequences of prob->kv_heads x prob->dim rows in prob->dtype
  * (heads, seq and mask are not used). Ranks passing different shapes all get DA_ERR_MISMATCH. */
@@ -410,7 +415,11 @@ typedef struct da_decode_config {
                             which broadcasts it); r >= 0: only rank r (tree: reduce; ring: ends there) */
   int node_size;         /* two-level: ranks per node group; 0 = ranks that share memory
                             (MPI_Comm_split_type); a smaller value emulates several nodes */
-  const char *transport; /* ring: "mpi" or "self" (one rank); NULL = DISTATTN_TRANSPORT or "mpi" */
+  const char *transport; /* "mpi" or "self" (one rank); NULL = DISTATTN_TRANSPORT or "mpi". A device
+                            transport (cuda-ipc, nccl; host-ipc = the tests' host seam) runs the
+                            device tree: the cache's pages in device memory (the cache must name the
+                            same transport), partials on the device, the merge as two device
+                            allreduces (max of lse, then sum of the rescaled o and l); flat tree only */
   double timeout;        /* seconds a rank waits for a peer; 0 = DISTATTN_TIMEOUT or 300 */
 } da_decode_config_t;
 

@@ -20,9 +20,11 @@
 #include "common.h"
 #include "fault.h" /* da_fault_point: the test-only fault injection */
 #include "paths.h"
+#include "gpumap.h" /* --device cuda: the rank -> GPU map, --ranks-per-gpu */
 #include "report.h"
 #include "rng.h"
 #include "verify.h"
+#include "transport.h" /* the combine's transport: where the cache's pages live (devapi.h) */
 
 static const char *const algo_names[] = {"tree", "ring", NULL};
 static const char *const topo_names[] = {"flat", "two-level", NULL};
@@ -36,6 +38,7 @@ typedef struct dec_opts {
   double timeout;
   const char *lengths, *weights, *json, *transport;
   int64_t mem_budget; /* bytes of KV cache a rank may hold (0 = no limit) */
+  int64_t ranks_per_gpu;
 } dec_opts_t;
 
 static int parse_list_doubles(const char *s, double *out, int64_t n) {
@@ -55,8 +58,20 @@ static int parse_list_doubles(const char *s, double *out, int64_t n) {
 
 /* Fill this rank's pages of sequence b from the RNG: row (pos, g) of K and V as da_verify_gen
  * makes them, so the float64 verifier regenerates exactly what the kernel reads. */
-static void fill_pages(da_kvcache_t *cache, const da_vprob_t *vp, int64_t b) {
+/* The device table of memory the CPU cannot address (CUDA pages), or NULL: host memory, or the host
+ * seam's shared memory, which the CPU reads and writes in place. */
+static const da_devapi_t *cuda_pages(const char *transport) {
+  const da_transport_t *t = da_transport_find(transport);
+  da_error_clear();
+  return t && t->devapi && strcmp(t->devapi->name, "host") ? t->devapi : NULL;
+}
+
+/* Fill this rank's pages of sequence b from the RNG: row (pos, g) of K and V as da_verify_gen
+ * makes them, so the float64 verifier regenerates exactly what the kernel reads. Pages in CUDA
+ * memory (dev) are generated in host memory and copied (their rows are packed: ld = G * D). */
+static void fill_pages(da_kvcache_t *cache, const da_vprob_t *vp, int64_t b, const da_devapi_t *dev) {
   const int G = vp->kp.G, D = vp->kp.D, dt = (int)vp->kp.dtype;
+  const size_t es = da_dtype_size((da_dtype_t)dt);
   const uint64_t seed = da_verify_seed(vp->seed, b);
   const int64_t np = da_kvcache_num_pages(cache, b);
 #pragma omp parallel num_threads(vp->kp.nthreads > 0 ? vp->kp.nthreads : 1)
@@ -66,16 +81,25 @@ static void fill_pages(da_kvcache_t *cache, const da_vprob_t *vp, int64_t b) {
     for (int64_t i = 0; i < np; i++) {
       da_kvcache_page_t pg;
       if (!tmp || da_kvcache_get_page(cache, b, i, &pg) != DA_SUCCESS) continue;
+      const size_t bytes = (size_t)(pg.count * G * D) * es;
+      char *hk = dev ? malloc(bytes ? bytes : 1) : pg.k, *hv = dev ? malloc(bytes ? bytes : 1) : pg.v;
+      if (!hk || !hv) continue; /* the verification then reports the wrong rows */
+      const int64_t ldk = dev ? (int64_t)G * D : pg.ldk, ldv = dev ? (int64_t)G * D : pg.ldv;
       for (int64_t j = 0; j < pg.count; j++) {
         const int64_t pos = pg.start + j * pg.stride;
         for (int g = 0; g < G; g++) {
           da_rng_row(seed, DA_RNG_K, pos, g, D, tmp);
           da_verify_poison(DA_RNG_K, pos, g, tmp);
-          for (int d = 0; d < D; d++) da_store_f32(pg.k, dt, j * pg.ldk + (int64_t)g * D + d, tmp[d]);
+          for (int d = 0; d < D; d++) da_store_f32(hk, dt, j * ldk + (int64_t)g * D + d, tmp[d]);
           da_rng_row(seed, DA_RNG_V, pos, g, D, tmp);
           da_verify_poison(DA_RNG_V, pos, g, tmp);
-          for (int d = 0; d < D; d++) da_store_f32(pg.v, dt, j * pg.ldv + (int64_t)g * D + d, tmp[d]);
+          for (int d = 0; d < D; d++) da_store_f32(hv, dt, j * ldv + (int64_t)g * D + d, tmp[d]);
         }
+      }
+      if (dev) {
+        (void)dev->copy_from_host(pg.k, hk, bytes, NULL); /* NULL: CUDA's default stream */
+        (void)dev->copy_from_host(pg.v, hv, bytes, NULL);
+        free(hk), free(hv);
       }
     }
     free(tmp);
@@ -119,6 +143,8 @@ typedef struct decode {
   double t_fill;    /* seconds this rank took to fill its pages */
   size_t shard_rows_bytes, shard_alloc;
   char hosts[1024];
+  da_gpumap_t gmap;      /* --device cuda: this rank's GPU; gmap_json: every rank's, on rank 0 */
+  char gmap_json[4096];
   /* one step: the new token's q, k, v (every rank makes the same), out, lse; a row of scratch */
   char *qb, *kb, *vb, *ob;
   float *lb, *tmp;
@@ -171,6 +197,7 @@ static void decode_options(decode_t *d) {
       da_opt_dtype(&o->dtype),
       da_opt_seed(&o->seed),
       da_opt_device(&o->device),
+      da_opt_ranks_per_gpu(&o->ranks_per_gpu),
       da_opt_threads(&o->threads),
       da_opt_json(&o->json),
       da_opt_timeout(&o->timeout),
@@ -206,10 +233,11 @@ static int decode_check_options(decode_t *d) {
     return da_args_error(cmd, "--weights '%s': expected %d positive numbers (one per rank)", o->weights, d->job.size);
   if (o->root >= d->job.size)
     return da_args_error(cmd, "--root %lld: the job has %d ranks", (long long)o->root, d->job.size);
-  if (o->device == DA_DEVICE_CUDA)
-    return da_args_error(cmd, "--device cuda: %s",
-                         da_kernels_get(DA_DEVICE_CUDA) ? da_context_device_gap(DA_DEVICE_CUDA)
-                                                        : da_error_message());
+  if (o->device == DA_DEVICE_CUDA && !da_kernels_get(DA_DEVICE_CUDA))
+    return da_args_error(cmd, "--device cuda: %s", da_error_message());
+  /* --device cuda: the GPU map (decode_plan) probes first: without a device every rank stops
+   * there with exit 2 and one message naming CUDA. */
+  if (o->ranks_per_gpu && o->device != DA_DEVICE_CUDA) return da_args_error(cmd, "--ranks-per-gpu needs --device cuda");
   if (da_paths_refuse_json("decode", o->json)) return DA_ARGS_USAGE;
   if (o->json && da_json_check_path(o->json)) return DA_ARGS_USAGE;
   return DA_ARGS_OK;
@@ -252,12 +280,26 @@ static int decode_parse(void *c, int argc, char **argv) {
 
 /* ---- plan ---- */
 
+/* The transport of the combine: --transport, else DISTATTN_TRANSPORT, else mpi for --device cpu
+ * and, for --device cuda, cuda-ipc (ranks of one node, sharing GPUs or not; nccl when asked for)
+ * or host-ipc under the test hook DISTATTN_TEST_GPUS (the host seam). */
+static const char *decode_transport(const decode_t *d) {
+  const char *env = getenv("DISTATTN_TRANSPORT");
+  if (d->o.transport || (env && *env) || d->o.device != DA_DEVICE_CUDA) return da_transport_choice(d->o.transport);
+  return da_device_effective(d->o.device) == DA_DEVICE_CUDA ? "cuda-ipc" : "host-ipc";
+}
+
 /* The context and communicator, the paged KV cache and the decode plan. */
 static int decode_plan(void *c) {
   decode_t *d = c;
   const dec_opts_t *o = &d->o;
+  if (o->device == DA_DEVICE_CUDA) { /* which GPU: before anything makes a CUDA context */
+    int rc = da_gpumap_world(da_devapi_cuda_or_null(), (int)o->ranks_per_gpu, decode_transport(d), o->timeout,
+                             "decode", &d->gmap);
+    if (rc) return rc;
+  }
   d->threads = o->threads ? (int)o->threads : da_mpi_default_threads();
-  int rc = da_mpi_job_open(&d->job, "decode", (da_device_t)o->device, d->threads);
+  int rc = da_mpi_job_open(&d->job, "decode", da_device_effective(o->device), d->threads);
   if (rc) return rc;
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
   prob.batch = o->batch, prob.seq = o->context, prob.heads = o->heads, prob.kv_heads = d->G, prob.dim = o->dim;
@@ -265,12 +307,13 @@ static int decode_plan(void *c) {
   da_kvcache_config_t kcfg = DA_KVCACHE_CONFIG_INITIALIZER;
   kcfg.page = o->page, kcfg.layout = (da_algo_t)o->layout, kcfg.weights = d->weights, kcfg.timeout = o->timeout;
   da_fault_point("plan");
+  kcfg.transport = decode_transport(d); /* a device transport puts the pages in its device memory */
   da_status_t st = da_kvcache_create(d->job.comm, &prob, &kcfg, &d->cache);
   if (st != DA_SUCCESS) return da_report_failure("decode", d->job.rank, "kv cache", st, d->job.ctx);
   da_decode_config_t dcfg = DA_DECODE_CONFIG_INITIALIZER;
   dcfg.algo = (da_decode_algo_t)o->algo, dcfg.topo = (da_decode_topo_t)o->topo, dcfg.root = (int)o->root;
   dcfg.node_size = (int)o->node_size, dcfg.timeout = o->timeout;
-  dcfg.transport = o->transport; /* NULL: DISTATTN_TRANSPORT or mpi */
+  dcfg.transport = decode_transport(d); /* a device transport runs the device tree (comm/tree.c) */
   st = da_decode_plan_create(d->job.comm, &prob, &dcfg, &d->plan);
   return st == DA_SUCCESS ? 0 : da_report_failure("decode", d->job.rank, "decode plan", st, d->job.ctx);
 }
@@ -289,7 +332,8 @@ static int decode_prefill(void *c) {
   double t0 = MPI_Wtime();
   da_status_t st = DA_SUCCESS;
   for (int64_t b = 0; b < o->batch && st == DA_SUCCESS; b++)
-    if ((st = da_kvcache_prefill(d->cache, b, d->lens[b], NULL, NULL)) == DA_SUCCESS) fill_pages(d->cache, &d->vp, b);
+    if ((st = da_kvcache_prefill(d->cache, b, d->lens[b], NULL, NULL)) == DA_SUCCESS)
+      fill_pages(d->cache, &d->vp, b, cuda_pages(decode_transport(d)));
   /* local: a rank whose pages cannot be allocated (--page 1G) tells every rank before any waits */
   const int rc = da_mpi_agree_step("decode", d->job.rank, "prefill", st, d->job.ctx);
   if (rc) return rc;
@@ -339,7 +383,13 @@ static void decode_print_plan(decode_t *d) {
   da_report_line(stdout, "cache: %s prefill, pages of %lld tokens, shards %.1f..%.1f MiB per rank (k + v), "
                          "filled from the RNG in %.2f s", o->weights ? "weighted" : layout_names[o->layout],
                  (long long)o->page, (double)~sh[1] / 1048576.0, (double)sh[0] / 1048576.0, fill);
-  if (o->algo == 0) {
+  const da_transport_t *tt = da_transport_find(decode_transport(d));
+  da_error_clear();
+  if (o->algo == 0 && tt && tt->devapi) {
+    da_report_line(stdout, "combine: device tree on %s (%s memory): partials on the device, two allreduces, max of lse "
+                   "then sum of the rescaled (o, l), exact in fp32 (output %s)", tt->name, tt->devapi->name,
+                   o->root < 0 ? "on every rank" : "written on the root");
+  } else if (o->algo == 0) {
     char groups[64] = "";
     if (o->topo) snprintf(groups, sizeof groups, " (%d node group%s)", d->ds.nodes, d->ds.nodes == 1 ? "" : "s");
     da_report_line(stdout, "combine: tree, %s%s, %s; one fused reduction with the (o, lse) merge as MPI_Op",
@@ -363,9 +413,18 @@ static void decode_print_plan(decode_t *d) {
 static int decode_print_setup(void *c) {
   decode_t *d = c;
   d->shard_alloc = da_kvcache_bytes(d->cache, &d->shard_rows_bytes);
-  if (d->job.rank == 0) da_report_mpi_header(&d->cmd, d->threads, d->job.size, da_device_names[d->o.device], "");
+  if (d->job.rank == 0) {
+    char tp[96];
+    snprintf(tp, sizeof tp, "  transport: %s", decode_transport(d));
+    da_report_mpi_header(&d->cmd, d->threads, d->job.size,
+                         (int)da_device_effective(d->o.device) == d->o.device
+                             ? da_device_names[d->o.device]
+                             : "cpu (DISTATTN_TEST_GPUS: pretend GPUs, host seam)", tp);
+  }
   fflush(stdout);
   da_rank_map(d->threads, d->hosts, sizeof d->hosts);
+  if (d->o.device == DA_DEVICE_CUDA)
+    da_gpumap_print(&d->gmap, da_devapi_cuda_or_null(), d->gmap_json, sizeof d->gmap_json);
   da_decode_plan_stats(d->plan, &d->ds);
   decode_print_plan(d);
   return 0;
@@ -512,14 +571,24 @@ static void decode_count_cache(decode_t *d) {
   const int64_t GD = d->G * d->o.dim;
   const da_dtype_t dt = (da_dtype_t)d->o.dtype;
   const size_t es = da_dtype_size(dt);
+  const da_devapi_t *dev = cuda_pages(decode_transport(d)); /* CUDA pages: read through a host copy */
   for (int64_t b = 0; b < d->o.batch; b++)
     for (int64_t i = 0; i < da_kvcache_num_pages(d->cache, b); i++) {
       da_kvcache_page_t pg;
       if (da_kvcache_get_page(d->cache, b, i, &pg) != DA_SUCCESS) continue;
-      for (int64_t j = 0; j < pg.count; j++) {
-        d->ck[DK_NF + 1] += da_count_nonfinite((const char *)pg.k + (size_t)(j * pg.ldk) * es, dt, GD);
-        d->ck[DK_NF + 2] += da_count_nonfinite((const char *)pg.v + (size_t)(j * pg.ldv) * es, dt, GD);
+      const size_t bytes = (size_t)(pg.count * GD) * es;
+      char *k = dev ? malloc(bytes ? bytes : 1) : pg.k, *v = dev ? malloc(bytes ? bytes : 1) : pg.v;
+      if (dev && (!k || !v || dev->copy_to_host(k, pg.k, bytes, NULL) || dev->copy_to_host(v, pg.v, bytes, NULL))) {
+        if (k != pg.k) free(k);
+        if (v != pg.v) free(v);
+        continue;
       }
+      const int64_t ldk = dev ? GD : pg.ldk, ldv = dev ? GD : pg.ldv;
+      for (int64_t j = 0; j < pg.count; j++) {
+        d->ck[DK_NF + 1] += da_count_nonfinite(k + (size_t)(j * ldk) * es, dt, GD);
+        d->ck[DK_NF + 2] += da_count_nonfinite(v + (size_t)(j * ldv) * es, dt, GD);
+      }
+      if (dev) free(k), free(v);
     }
 }
 
@@ -638,6 +707,7 @@ static int decode_json(const decode_t *d) {
   da_json_int(&j, "peak_rss_bytes", (int64_t)d->peak_rss); /* max over ranks */
   da_json_dbl(&j, "fill_s", d->t_fill);
   da_json_nonfinite(&j, d->ck[DK_NF_ROWS], nf[0] + nf[1] + nf[2], nf[3], d->ck[DK_NF_WRONG]);
+  if (o->device == DA_DEVICE_CUDA && d->gmap_json[0]) da_json_raw(&j, "gpu_map", d->gmap_json);
   da_json_job(&j, d->hosts, 0);
   return da_json_finish(&j, o->json);
 }

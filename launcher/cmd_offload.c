@@ -105,13 +105,13 @@ typedef struct sample {
 /* ---- the run's state, shared by its phases ---- */
 
 typedef struct offload_opts { /* the command line */
-  int offload, role, dtype, baseline;
+  int offload, role, dtype, baseline, device;
   int64_t context, heads, kv_heads, dim, batch, steps, warmup, verify, page, seed, threads, layers, micro, budget;
   double layer_ms, timeout;
   const char *lengths, *json;
 } offload_opts_t;
 
-enum { OFFLOAD_NOPTS = 23 }; /* options of `distattn decode --offload`, with the table's end mark */
+enum { OFFLOAD_NOPTS = 24 }; /* options of `distattn decode --offload`, with the table's end mark */
 
 /* Latency split of every timed request (layer x micro-batch) of a compute rank, and its bytes. */
 typedef struct latencies {
@@ -205,6 +205,8 @@ static void offload_options(orun_t *x) {
        .sample = "agree-sample.jsonl", .per_rank = 1},
       {.name = "timeout", .type = DA_OPT_DOUBLE, .dest = &o->timeout, .help = "seconds to wait for a peer", .dmin = 0,
        .dmax = 1e6, .dfloor = DA_TIMEOUT_MIN_S},
+      {.name = "device", .type = DA_OPT_ENUM, .dest = &o->device, .choices = da_device_names,
+       .help = "kernel backend: cpu only (the offloaded KV cache and its decode stay in host memory)"},
       {0},
   };
   memcpy(x->opts, opts, sizeof opts);
@@ -224,6 +226,12 @@ static int offload_parse(void *c, int argc, char **argv) {
   x->G = o->kv_heads ? o->kv_heads : o->heads;
   x->lens = calloc((size_t)o->batch, sizeof *x->lens);
   if (prc != DA_ARGS_OK) return prc;
+  /* Offload exists to put the KV cache in the memory ranks' host memory (Lamina): a GPU compute
+   * rank would only pay the PCIe copies of the partials, so it is refused until one pays for itself. */
+  if (o->device == DA_DEVICE_CUDA)
+    return da_args_error(&x->cmd, "--device cuda: the offloaded attention stays host-side: memory ranks keep the KV "
+                         "cache in host memory and decode it with the CPU kernels (docs/offload.md); run --offload "
+                         "with --device cpu, or the device tree decode without --offload");
   if (!da_args_find(x->opts, "context")->given && !o->lengths) return da_args_error(&x->cmd, "--context is required");
   if (!o->heads || !o->dim) return da_args_error(&x->cmd, "--heads and --dim are required");
   if (o->heads % x->G)

@@ -23,6 +23,7 @@
 #include "npyio.h"
 #include "paths.h"
 #include "place.h" /* --bind, the rank -> host/core/GPU map (launcher/place.c) */
+#include "gpumap.h" /* --device cuda: the rank -> GPU map, --ranks-per-gpu */
 #include "common.h"
 #include "fault.h" /* da_fault_point: the test-only fault injection */
 #include "report.h"
@@ -44,6 +45,7 @@ typedef struct run_opts {
   int algo, dtype, device, backward, overlap, bind;
   int layout;      /* --layout: the hybrid's ring layout (da_algo_t), LAYOUT_AUTO = zigzag */
   int64_t ulysses; /* --ulysses: the hybrid's Ulysses degree, 0 = not given */
+  int64_t ranks_per_gpu;
   int64_t seq, heads, kv_heads, dim, batch, block, verify, iters, warmup, seed, threads;
   double timeout;
   da_mask_spec_t mask;
@@ -231,6 +233,8 @@ typedef struct run {
   int64_t G;            /* KV heads in effect */
   da_npy_inputs_t npin; /* --input: what the files hold */
   da_placement_t place; /* --bind: this rank's cores (and GPU) */
+  da_gpumap_t gmap;      /* --device cuda: this rank's GPU; gmap_json: every rank's, on rank 0 */
+  char gmap_json[4096];
   char place_env[64];
   int threads;
   da_plan_t *plan;
@@ -289,6 +293,7 @@ static void run_options(run_t *r) {
        .max = 1000000},
       da_opt_seed(&o->seed),
       da_opt_device(&o->device),
+      da_opt_ranks_per_gpu(&o->ranks_per_gpu),
       da_opt_threads(&o->threads),
       {.name = "bind", .type = DA_OPT_ENUM, .dest = &o->bind, .choices = da_bind_names,
        .help = "cores per rank: keep the launcher's, next to the rank's GPU, NUMA blocks, or unbound"},
@@ -337,6 +342,11 @@ static int run_parse(void *c, int argc, char **argv) {
   if (o->device == DA_DEVICE_CUDA && (o->algo == DA_ALGO_ULYSSES || o->algo == DA_ALGO_HYBRID))
     return da_args_error(&r->cmd, "--device cuda runs ring, striped and zigzag (ulysses and hybrid keep their buffers in host "
                          "memory)");
+  /* --device cuda: the GPU map (run_plan) probes the devices first: without one every rank stops
+   * there with exit 2 and one message naming CUDA; what the CUDA context cannot do yet is said by
+   * the context itself (da_mpi_job_open). */
+  if (o->ranks_per_gpu && o->device != DA_DEVICE_CUDA)
+    return da_args_error(&r->cmd, "--ranks-per-gpu needs --device cuda");
   /* the files of the run against each other, before anything creates one (--json is created by
    * its check below): no output may be an input or another output */
   static const char *const in_names[] = {"q.npy", "k.npy", "v.npy", "dout.npy"};
@@ -434,10 +444,15 @@ static int run_plan(void *c) {
   run_t *r = c;
   const run_opts_t *o = &r->o;
   char err[256];
+  if (o->device == DA_DEVICE_CUDA) { /* which GPU: before anything makes a CUDA context */
+    int rc = da_gpumap_world(da_devapi_cuda_or_null(), (int)o->ranks_per_gpu, da_transport_choice(o->transport),
+                             o->timeout, "run", &r->gmap);
+    if (rc) return rc;
+  }
   if (da_place_world((da_bind_t)o->bind, &r->place, r->place_env, sizeof r->place_env, err, sizeof err))
     fprintf(stderr, "distattn run: rank %d: %s\n", r->job.rank, err);
   r->threads = o->threads ? (int)o->threads : r->place.threads;
-  int rc = da_mpi_job_open(&r->job, "run", (da_device_t)o->device, r->threads);
+  int rc = da_mpi_job_open(&r->job, "run", da_device_effective(o->device), r->threads);
   if (rc || (rc = run_pick_transport(r)) != 0) return rc;
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
   prob.batch = o->batch, prob.seq = o->seq, prob.heads = o->heads, prob.kv_heads = r->G, prob.dim = o->dim;
@@ -628,13 +643,17 @@ static int run_print_setup(void *c) {
     char tp[96];
     snprintf(tp, sizeof tp, "  transport: %s (%s)", r->tpname,
              !r->dev ? "host memory" : !strcmp(r->dev->name, "cuda") ? "GPU memory" : "host seam memory: a test device");
-    da_report_mpi_header(&r->cmd, r->threads, r->job.size, da_device_names[o->device], tp);
+    da_report_mpi_header(&r->cmd, r->threads, r->job.size,
+                         (int)da_device_effective(o->device) == o->device ? da_device_names[o->device]
+                                                                    : "cpu (DISTATTN_TEST_GPUS: pretend GPUs, host seam)",
+                         tp);
     if (r->link_on)
       da_report_line(stdout, "test link hook: DISTATTN_TEST_LINK_GBPS=%g DISTATTN_TEST_LINK_US=%g (transfers slowed "
                              "to this link; not a real network)", r->link_gbps, r->link_us);
   }
   fflush(stdout);
   da_place_print(stdout, (da_bind_t)o->bind, &r->place, r->place_env, r->hosts, sizeof r->hosts);
+  if (o->device == DA_DEVICE_CUDA) da_gpumap_print(&r->gmap, da_devapi_cuda_or_null(), r->gmap_json, sizeof r->gmap_json);
   da_plan_stats(r->plan, &r->ps);
   run_print_plan(r);
   return 0;
@@ -950,6 +969,7 @@ static int run_json(const run_t *r) {
   if (r->link_on) da_json_dbl(&j, "link_gbps", r->link_gbps), da_json_dbl(&j, "link_us", r->link_us);
   else da_json_null(&j, "link_gbps"), da_json_null(&j, "link_us");
   da_json_int(&j, "peak_rss_bytes", (int64_t)r->peak_rss); /* max over ranks */
+  if (o->device == DA_DEVICE_CUDA && r->gmap_json[0]) da_json_raw(&j, "gpu_map", r->gmap_json);
   da_json_job(&j, r->hosts, 1);
   da_json_str(&j, "transport", r->tpname);
   if (r->dev) da_json_int(&j, "peak_device_bytes", (int64_t)r->peak_dev); /* max over ranks */

@@ -12,6 +12,7 @@
 #include "common.h"
 #include "core.h"
 #include "fault.h"
+#include "devapi.h"
 #include "report.h"
 #include "kvcache.h"   /* da_comm_default_timeout */
 #include "transport.h" /* da_xport_deadline: the --timeout of the plan created last */
@@ -106,6 +107,13 @@ da_opt_t da_opt_threads(int64_t *dest) {
                     .per_rank = 1 /* a rank's own resources: ranks on unlike nodes may differ */};
 }
 
+da_opt_t da_opt_ranks_per_gpu(int64_t *dest) {
+  return (da_opt_t){.name = "ranks-per-gpu", .type = DA_OPT_INT, .dest = dest, .metavar = "N",
+                    .help = "--device cuda: N consecutive ranks of a node share each GPU (0 = one rank per GPU; "
+                            "ranks share anyway when they outnumber the GPUs, and the map says so)",
+                    .min = 0, .max = 64};
+}
+
 da_opt_t da_opt_json(const char **dest) {
   return (da_opt_t){.name = "json", .type = DA_OPT_STRING, .dest = dest, .metavar = "FILE",
                     .help = "append one JSON object (JSON Lines) to FILE", .sample = "agree-sample.jsonl"};
@@ -134,6 +142,17 @@ void da_cmd_options(da_cmdspec_t *cmd, const char *name, const char *summary, da
                     size_t n) {
   memcpy(room, opts, n * sizeof *opts);
   *cmd = (da_cmdspec_t){.name = name, .summary = summary, .opts = room};
+}
+
+const struct da_devapi *da_devapi_cuda_or_null(void) {
+  const da_devapi_t *api = da_devapi_find("cuda"); /* NULL without the CUDA runtime: not an error here */
+  if (!api) da_error_clear();
+  return api;
+}
+
+da_device_t da_device_effective(int device) {
+  const char *fake = getenv("DISTATTN_TEST_GPUS");
+  return device == DA_DEVICE_CUDA && fake && *fake ? DA_DEVICE_CPU : (da_device_t)device;
 }
 
 int da_mpi_max_int(int v) {

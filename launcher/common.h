@@ -30,6 +30,7 @@ da_opt_t da_opt_dtype(int *dest);           /* --dtype of q, k, v, out */
 da_opt_t da_opt_seed(int64_t *dest);        /* --seed of the counter-based inputs */
 da_opt_t da_opt_device(int *dest);          /* --device: the kernel backend */
 da_opt_t da_opt_threads(int64_t *dest);     /* --threads per rank (0 = its share of its cores) */
+da_opt_t da_opt_ranks_per_gpu(int64_t *dest); /* --ranks-per-gpu N with --device cuda (0 = one per GPU) */
 da_opt_t da_opt_json(const char **dest);    /* --json FILE */
 da_opt_t da_opt_timeout(double *dest);      /* --timeout: seconds a rank waits for a peer */
 da_opt_t da_opt_transport(const char **dest); /* --transport: the data transport by name */
@@ -42,6 +43,14 @@ void da_cmd_options(da_cmdspec_t *cmd, const char *name, const char *summary, da
 
 #ifdef MPI_VERSION
 #include "distattn.h"
+struct da_devapi;
+/* The CUDA device table when this build has the CUDA runtime, else NULL (the GPU map then says
+ * so in words). */
+const struct da_devapi *da_devapi_cuda_or_null(void);
+/* The backend a --device choice runs: itself, except under the test hook DISTATTN_TEST_GPUS=N
+ * (pretend GPUs for the map, gpumap.h), where --device cuda runs the CPU kernels on the host seam
+ * and the header says so. */
+da_device_t da_device_effective(int device);
 /* Collective over MPI_COMM_WORLD: the largest of every rank's value (exit codes, flags). */
 int da_mpi_max_int(int v);
 

@@ -269,6 +269,11 @@ void da_json_null(da_json_t *j, const char *key) {
   jraw(j, "null", 4);
 }
 
+void da_json_raw(da_json_t *j, const char *key, const char *json) {
+  jkey(j, key);
+  jraw(j, json, strlen(json));
+}
+
 void da_json_problem(da_json_t *j, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, const char *mask,
                      const char *dtype, const char *device, int threads) {
   da_json_int(j, "batch", batch);

@@ -74,6 +74,8 @@ void da_json_int(da_json_t *j, const char *key, int64_t val);
 void da_json_dbl(da_json_t *j, const char *key, double val);
 void da_json_bool(da_json_t *j, const char *key, int val);
 void da_json_null(da_json_t *j, const char *key);
+/* A value that is already JSON (an array or object the caller built; not checked). */
+void da_json_raw(da_json_t *j, const char *key, const char *json);
 /* The problem and where it ran, as every record words it (kernel, run, decode): batch, heads,
  * kv_heads, dim, mask, dtype, device, threads, in this order. */
 void da_json_problem(da_json_t *j, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, const char *mask,

@@ -58,9 +58,14 @@ if(TARGET distattn AND COMMAND da_run_cli AND COMMAND da_decode_cli)
              ARGS --seq 1000 --heads 2 --dim 64 --transport self)
   da_run_cli(cli_transport_flag_unknown 2 2 ERR_RE "unknown transport 'bogus' \\(built: mpi, self"
              ARGS --seq 1000 --heads 2 --dim 64 --transport bogus)
+  # The device tree on the host seam: pages and partials in host-ipc's memory, two allreduces;
+  # only the flat tree is built there (the ring and the two-level tree are refused in words).
+  da_decode_cli(cli_decode_device_tree_host_ipc 3 0
+                OUT_RE "combine: device tree on host-ipc \\(host memory\\).*# wrong: 0.# PASS"
+                ARGS --context 1001 --batch 2 --heads 8 --kv-heads 2 --dim 64 --steps 3 --verify 8 --transport host-ipc)
   da_decode_cli(cli_decode_transport_refused 2 2
-                ERR_RE "decode config: the host-ipc transport moves device memory"
-                ARGS --context 1000 --heads 2 --dim 64 --transport host-ipc)
+                ERR_RE "decode config: on the host-ipc transport \\(device memory\\) only the flat tree is built"
+                ARGS --context 1000 --heads 2 --dim 64 --transport host-ipc --algo ring)
 endif()
 
 # bench/gpu-ring-check.sh, the prepared device check of the device ring: on a machine without a GPU it

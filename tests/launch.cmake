@@ -1,5 +1,6 @@
 # launch.cmake: the launcher milestone's tests (issue 8), included by tests/CMakeLists.txt.
 #  - test_place (unit): placement decisions on the DGX-like XML of tests/topo and synthetic nodes.
+#  - test_gpumap (unit): the rank -> GPU map of --device cuda / --ranks-per-gpu.
 #  - slurm_* (slurm): the sbatch scripts of slurm/ on a real local Slurm (slurm/local-cluster.sh).
 #  - netns_* (netns): distattn run across network-namespace hosts; exit 77 = skipped.
 if(HWLOC_FOUND AND EXISTS ${PROJECT_SOURCE_DIR}/launcher/place.c)
@@ -10,6 +11,12 @@ if(HWLOC_FOUND AND EXISTS ${PROJECT_SOURCE_DIR}/launcher/place.c)
   add_test(NAME test_place COMMAND test_place)
   set_tests_properties(test_place PROPERTIES LABELS unit TIMEOUT 120)
 endif()
+# test_gpumap (unit): the rank -> GPU map of --device cuda (launcher/gpumap.c), no MPI, no GPU.
+add_executable(test_gpumap test_gpumap.c ${PROJECT_SOURCE_DIR}/launcher/gpumap.c)
+target_include_directories(test_gpumap PRIVATE ${PROJECT_SOURCE_DIR}/launcher)
+target_link_libraries(test_gpumap PRIVATE Check::check da_options)
+add_test(NAME test_gpumap COMMAND test_gpumap)
+set_tests_properties(test_gpumap PROPERTIES LABELS unit TIMEOUT 60)
 
 # ---- slurm: the job scripts on a real local Slurm (root, slurm-wlm, munge; else skipped) ----
 if(TARGET distattn AND EXISTS ${PROJECT_SOURCE_DIR}/slurm/local-cluster.sh)

@@ -31,7 +31,8 @@ int main(void) {
       F(da_plan_stats_t, bwd_step_bytes), F(da_plan_stats_t, plan_fwd_bytes), F(da_plan_stats_t, plan_bwd_bytes),
       F(da_plan_stats_t, work_imbalance), F(da_plan_stats_t, block);
   S(da_kvcache_config_t), F(da_kvcache_config_t, size), F(da_kvcache_config_t, version), F(da_kvcache_config_t, page),
-      F(da_kvcache_config_t, layout), F(da_kvcache_config_t, weights), F(da_kvcache_config_t, timeout);
+      F(da_kvcache_config_t, layout), F(da_kvcache_config_t, weights), F(da_kvcache_config_t, timeout),
+      F(da_kvcache_config_t, transport);
   S(da_kvcache_page_t), F(da_kvcache_page_t, k), F(da_kvcache_page_t, v), F(da_kvcache_page_t, ldk),
       F(da_kvcache_page_t, ldv), F(da_kvcache_page_t, start), F(da_kvcache_page_t, stride), F(da_kvcache_page_t, count);
   S(da_decode_config_t), F(da_decode_config_t, size), F(da_decode_config_t, version), F(da_decode_config_t, algo),

@@ -49,6 +49,9 @@ typedef struct {
   int nvar;
   variant_t var[NPLANS];
   int64_t window;     /* > 0: sliding window (with causal) */
+  const char *transport; /* NULL: mpi (host memory); "host-ipc": the device tree on the host seam
+                            (pages and partials in the host device table's memory, two device
+                            allreduces) for the cache and every plan */
 } tcase_t;
 
 static uint64_t bseed(int b) { return 1000u + 7919u * (uint64_t)b; }
@@ -159,6 +162,7 @@ static int run_case(const tcase_t *c) {
   for (int r = 0; r < 16; r++) w[r] = r + 1;
   da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
   kc.page = c->page, kc.layout = c->layout, kc.weights = c->weighted ? w : NULL, kc.timeout = 60;
+  kc.transport = c->transport;
   da_kvcache_t *cache = NULL;
   da_decode_plan_t *plans[NPLANS] = {0};
   da_status_t st = da_kvcache_create(g_comm, &prob, &kc, &cache);
@@ -171,6 +175,7 @@ static int run_case(const tcase_t *c) {
     da_decode_config_t dc = DA_DECODE_CONFIG_INITIALIZER;
     dc.algo = c->var[i].algo, dc.topo = c->var[i].topo, dc.node_size = c->var[i].node_size, dc.timeout = 60;
     dc.root = c->var[i].root < 0 ? -1 : c->var[i].root % g_size;
+    dc.transport = c->transport;
     st = da_decode_plan_create(g_comm, &prob, &dc, &plans[i]);
     if (!tu_all_equal_status(st, DA_SUCCESS)) {
       snprintf(why, sizeof why, "plan %s: %s", c->var[i].name, da_last_error(g_ctx));
@@ -223,6 +228,8 @@ static int run_case(const tcase_t *c) {
         break;
       }
       for (int i = 0; i < c->nvar && !fails; i++) {
+        /* poisoned outputs (0xFF bytes: NaN in every float format): a row left unwritten fails */
+        memset(out[i], 0xFF, (size_t)(B * T * H * D) * es), memset(lse[i], 0xFF, (size_t)(B * T * H) * sizeof(float));
         da_tensor_make(&to[i], out[i], dt, 4, shq), da_tensor_make(&tl[i], lse[i], DA_FLOAT32, 3, shl);
         st = da_decode_step(plans[i], cache, &tq, &to[i], &tl[i], NULL);
         if (!tu_all_equal_status(st, DA_SUCCESS)) {
@@ -291,6 +298,9 @@ static int run_case(const tcase_t *c) {
       uint64_t want = c->var[i].algo == DA_DECODE_TREE ? P1 * m * (c->var[i].root < 0 ? 2 : 1)
                                                        : P1 * (m + (uint64_t)(B * T * H * D) * es) +
                                                              (c->var[i].root < 0 ? P1 * m : 0);
+      /* the device tree: two allreduces (whatever the root), of the partials and of the maxima
+       * with the failure flag: B*T*H + 1 floats */
+      if (c->transport) want = 2 * P1 * (m + (uint64_t)(B * T * H + 1) * 4);
       bad |= total != want;
       bad = tu_reduce(bad, MPI_MAX);
       if (bad) {
@@ -320,26 +330,52 @@ done:
 START_TEST(matrix) {
   static const tcase_t cases[] = {
       {"mha contiguous", 1, 4, 4, 32, DA_FLOAT32, {100}, DA_ALGO_RING, 0, 16, 3, 1, 0, 3,
-       {V_TREE, V_RING, V_TREE2(2)}, 0},
+       {V_TREE, V_RING, V_TREE2(2)}, 0, NULL},
       {"gqa zigzag batch", 3, 8, 2, 64, DA_FLOAT32, {77, 5, 203}, DA_ALGO_ZIGZAG, 0, 8, 4, 1, 0, 4,
-       {V_TREE, V_RING, V_TREE2(2), V_ROOT(1)}, 0},
+       {V_TREE, V_RING, V_TREE2(2), V_ROOT(1)}, 0, NULL},
       {"mqa striped empty seq", 2, 4, 1, 64, DA_FLOAT32, {150, 0}, DA_ALGO_STRIPED, 0, 4, 3, 1, 1, 4,
-       {V_TREE, V_RING, V_ROOT(7), V_RING_ROOT(2)}, 0},
+       {V_TREE, V_RING, V_ROOT(7), V_RING_ROOT(2)}, 0, NULL},
       {"weighted", 2, 4, 2, 32, DA_FLOAT32, {120, 33}, DA_ALGO_RING, 1, 5, 3, 1, 1, 4,
-       {V_TREE, V_RING, V_TREE2(3), V_ROOT2(2, 2)}, 0},
+       {V_TREE, V_RING, V_TREE2(3), V_ROOT2(2, 2)}, 0, NULL},
       {"bf16 two tokens per step", 2, 4, 2, 32, DA_BFLOAT16, {64, 100}, DA_ALGO_RING, 0, 16, 2, 2, 0, 4,
-       {V_TREE, V_RING, V_TREE2(0), V_RING_ROOT(0)}, 0},
+       {V_TREE, V_RING, V_TREE2(0), V_RING_ROOT(0)}, 0, NULL},
       {"uneven 1000+P-1", 1, 4, 1, 64, DA_FLOAT32, {0}, DA_ALGO_RING, 0, 32, 2, 1, 1, 3,
-       {V_TREE, V_RING, V_ROOT2(3, 3)}, 0},
+       {V_TREE, V_RING, V_ROOT2(3, 3)}, 0, NULL},
       {"tiny: fewer tokens than ranks", 2, 2, 1, 16, DA_FLOAT32, {1, 3}, DA_ALGO_ZIGZAG, 0, 1, 3, 1, 0, 2,
-       {V_TREE, V_RING}, 0},
+       {V_TREE, V_RING}, 0, NULL},
       {"sliding window 50, two tokens per step", 2, 4, 2, 32, DA_FLOAT32, {300, 40}, DA_ALGO_STRIPED, 0, 8, 2, 2, 0,
-       2, {V_TREE, V_RING}, 50},
+       2, {V_TREE, V_RING}, 50, NULL},
   };
   int fails = 0, n = (int)(sizeof cases / sizeof cases[0]);
   for (int i = 0; i < n; i++) {
     tcase_t c = cases[i];
     if (!strcmp(c.name, "uneven 1000+P-1")) c.lens[0] = 1000 + g_size - 1;
+    fails += run_case(&c);
+  }
+  ck_assert_msg(fails == 0, "%d failures over %d cases (details on stderr)", fails, n);
+}
+END_TEST
+
+/* The device tree on the host seam (host-ipc: pages and partials in the host device table's shared
+ * memory, the merge as a max allreduce then a sum allreduce through the transport's device
+ * allreduce), against the float64 reference: GQA, MQA, uneven and empty shards, bf16, several
+ * tokens per step, a root; and against the host tree on the same problem (variants must agree). */
+START_TEST(device) {
+  static const tcase_t cases[] = {
+      {"device gqa zigzag batch", 3, 8, 2, 64, DA_FLOAT32, {77, 5, 203}, DA_ALGO_ZIGZAG, 0, 8, 3, 1, 0, 2,
+       {V_TREE, V_ROOT(1)}, 0, "host-ipc"},
+      {"device mqa striped empty seq, in place", 2, 4, 1, 64, DA_FLOAT32, {150, 0}, DA_ALGO_STRIPED, 0, 4, 3, 1, 1, 1,
+       {V_TREE}, 0, "host-ipc"},
+      {"device uneven 1000+P-1", 1, 4, 1, 64, DA_FLOAT32, {0}, DA_ALGO_RING, 0, 64, 2, 1, 0, 1, {V_TREE}, 0,
+       "host-ipc"},
+      {"device bf16 two tokens per step, window", 2, 4, 2, 32, DA_BFLOAT16, {64, 100}, DA_ALGO_RING, 0, 16, 2, 2, 0, 1,
+       {V_TREE}, 40, "host-ipc"},
+      {"device weighted", 2, 4, 2, 32, DA_FLOAT32, {120, 33}, DA_ALGO_RING, 1, 5, 2, 1, 1, 1, {V_TREE}, 0, "host-ipc"},
+  };
+  int fails = 0, n = (int)(sizeof cases / sizeof cases[0]);
+  for (int i = 0; i < n; i++) {
+    tcase_t c = cases[i];
+    if (!strcmp(c.name, "device uneven 1000+P-1")) c.lens[0] = 1000 + g_size - 1;
     fails += run_case(&c);
   }
   ck_assert_msg(fails == 0, "%d failures over %d cases (details on stderr)", fails, n);
@@ -450,7 +486,7 @@ int main(int argc, char **argv) {
   Suite *s = suite_create("tree");
   TCase *tc = tcase_create("decode");
   tcase_set_timeout(tc, 0);
-  const tu_test_t tests[] = {{"errors", errors}, {"matrix", matrix}};
+  const tu_test_t tests[] = {{"errors", errors}, {"matrix", matrix}, {"device", device}};
   tu_add_tests(tc, tests, sizeof tests / sizeof tests[0]);
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);

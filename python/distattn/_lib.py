@@ -69,7 +69,7 @@ class PlanStats(Structure):
 
 class KVCacheConfig(Structure):
     _fields_ = [("size", c_size_t), ("version", c_uint), ("page", c_int64), ("layout", c_int),
-                ("weights", POINTER(c_double)), ("timeout", c_double)]
+                ("weights", POINTER(c_double)), ("timeout", c_double), ("transport", c_char_p)]
 
 
 class KVCachePage(Structure):
