@@ -9,7 +9,7 @@
 #      the ratio split / monolithic and the split run's overlap go to the summary.
 # Everything to $OUT: gpu-ring-check.log, ring.jsonl (every distattn run record), mono.jsonl,
 # summary.json. Open MPI is not installed on the GPU machine: a carried one is used from
-# $DA_CARRIED_MPI (default shared/openmpi under the repository root; scripts/carry-openmpi.sh
+# $DA_CARRIED_MPI (default build-carry/openmpi under the repository root; scripts/carry-openmpi.sh
 # fills it), either a prefix layout (bin/, lib/) or Debian packages extracted with dpkg -x
 # (usr/bin/, usr/lib/x86_64-linux-gnu/); this script sets PATH, LD_LIBRARY_PATH and OPAL_PREFIX.
 # The build needs no Check: it configures with DISTATTN_TESTS=OFF and builds distattn and
@@ -38,7 +38,7 @@ DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 [ "${DA_RING_CHECK_PROBE_ONLY:-0}" = 1 ] && { echo "probe only: stopping"; exit 0; }
 
 step "carried Open MPI"
-M=${DA_CARRIED_MPI:-$ROOT/shared/openmpi}
+M=${DA_CARRIED_MPI:-$ROOT/build-carry/openmpi}
 if [ -x "$M/bin/mpirun" ]; then
   export OPAL_PREFIX=$M PATH=$M/bin:$PATH LD_LIBRARY_PATH=$M/lib:${LD_LIBRARY_PATH:-}
 elif [ -d "$M/usr/bin" ]; then
