@@ -39,7 +39,9 @@ DEVICE=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 
 step "carried Open MPI"
 M=${DA_CARRIED_MPI:-$ROOT/build-carry/openmpi}
-if [ -x "$M/bin/mpirun" ]; then
+if [ -f "$M/env.sh" ]; then # scripts/carry-openmpi.sh's folder: PATH, libraries, OPAL_PREFIX, no ssh
+  . "$M/env.sh"
+elif [ -x "$M/bin/mpirun" ]; then
   export OPAL_PREFIX=$M PATH=$M/bin:$PATH LD_LIBRARY_PATH=$M/lib:${LD_LIBRARY_PATH:-}
 elif [ -d "$M/usr/bin" ]; then
   export OPAL_PREFIX=$M/usr PATH=$M/usr/bin:$PATH
