@@ -37,9 +37,11 @@ run: setup
 # Label sanitize (the ASan + UBSan build and valgrind, about 15 min on 2 cores) is opt-in:
 # `make check-sanitize`, or CTEST_ARGS="-L sanitize".
 CTEST_ARGS ?= -LE sanitize
+# Two tests at a time (the timing-sensitive ones run alone: tests/CMakeLists.txt, RUN_SERIAL).
+TEST_JOBS ?= 2
 test: setup setup-torch
 	@$(MAKE) --no-print-directory build
-	cd $(BUILD) && ctest --output-on-failure --timeout 900 $(CTEST_ARGS)
+	cd $(BUILD) && ctest -j $(TEST_JOBS) --output-on-failure --timeout 900 $(CTEST_ARGS)
 
 # docs/reliability.md: ASan + UBSan build (clang) of the unit and MPI tests, the bounded
 # libFuzzer runs, valgrind memcheck on the unit suites; `make fuzz` runs the fuzzers only.

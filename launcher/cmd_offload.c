@@ -377,11 +377,12 @@ static void alloc_results(orun_t *x) {
 static da_status_t serve_memory(orun_t *x) {
   da_status_t st = da_offload_serve(x->off);
   if (st == DA_SUCCESS) return st;
+  char why[1024]; /* before the stats call: a successful library call clears the context's error */
+  snprintf(why, sizeof why, "%s", da_last_error(x->job.ctx));
   da_offload_stats_t os;
   da_offload_get_stats(x->off, &os);
   const int64_t per_step = (int64_t)x->L * x->nmb, done = (int64_t)os.requests;
-  fprintf(stderr, "distattn decode: rank %d: step %lld: serve: %s\n", x->job.rank, (long long)(done / per_step),
-          da_last_error(x->job.ctx));
+  fprintf(stderr, "distattn decode: rank %d: step %lld: serve: %s\n", x->job.rank, (long long)(done / per_step), why);
   /* the compute rank cancelled because the job is ending: join the roll call now */
   if (st == DA_ERR_REMOTE) da_fault_abort("offload");
   return st;

@@ -406,33 +406,17 @@ static int run_check_files(void *c) {
 
 /* ---- plan ---- */
 
-/* --device cuda: the CUDA runtime must see a device on every rank, checked before anything else
- * (exit 2 on every rank, each failing rank saying why); then the transport when none is named
- * (--transport, DISTATTN_TRANSPORT): nccl when every rank has a GPU of its own on its node, cuda-ipc
- * when ranks of a node share GPUs (NCCL refuses two ranks on one GPU). Host runs: mpi. */
+/* The transport when none is named (--transport, DISTATTN_TRANSPORT): for a CUDA run, nccl when
+ * no GPU is shared on any node (the GPU map of run_plan, which probed the devices on every rank
+ * first and stopped the job with exit 2 without one), cuda-ipc when ranks share GPUs (NCCL refuses
+ * two ranks on one GPU). Host runs, and --device cuda with pretend GPUs (DISTATTN_TEST_GPUS): mpi. */
 static int run_pick_transport(run_t *r) {
   const run_opts_t *o = &r->o;
   const char *named = o->transport ? o->transport : getenv("DISTATTN_TRANSPORT");
   if (named && !*named) named = NULL;
-  int ndev = 0, bad = 0;
-  if (o->device == DA_DEVICE_CUDA) {
-    const da_devapi_t *cu = da_devapi_find("cuda");
-    if (!cu || cu->probe(&ndev) != DA_SUCCESS) {
-      bad = 1;
-      fprintf(stderr, "distattn run: rank %d: --device cuda: %s (the CUDA transports, nccl and cuda-ipc, need a "
-              "visible GPU)\n", r->job.rank, da_error_message());
-    }
-  }
-  if (da_mpi_max_int(bad)) return 2;
   const char *name = named ? named : "mpi";
-  if (o->device == DA_DEVICE_CUDA && !named) {
-    MPI_Comm node;
-    int local = 1;
-    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, r->job.rank, MPI_INFO_NULL, &node);
-    MPI_Comm_size(node, &local);
-    MPI_Comm_free(&node);
-    name = da_mpi_max_int(local > ndev) ? "cuda-ipc" : "nccl";
-  }
+  if (da_device_effective(o->device) == DA_DEVICE_CUDA && !named)
+    name = da_mpi_max_int(r->gmap.shared) ? "cuda-ipc" : "nccl";
   snprintf(r->tpname, sizeof r->tpname, "%s", name);
   const da_transport_t *t = da_transport_find(name);
   r->dev = t ? t->devapi : NULL; /* an unknown name: the plan says so on every rank */
@@ -573,7 +557,7 @@ static int run_inputs(void *c) {
   da_tensor_make(&r->tdq, t[6], dt, 4, shq), da_tensor_make(&r->tdk, t[7], dt, 4, shk);
   da_tensor_make(&r->tdv, t[8], dt, 4, shk);
   da_tensor_t *all[9] = {&r->tq, &r->tk, &r->tv, &r->tdo, &r->to, &r->tl, &r->tdq, &r->tdk, &r->tdv};
-  for (int i = 0; i < 9; i++) all[i]->device = (da_device_t)o->device; /* the host seam is the CPU's */
+  for (int i = 0; i < 9; i++) all[i]->device = da_device_effective(o->device); /* the host seam (and pretend GPUs) are the CPU's */
   return 0;
 }
 

@@ -18,6 +18,7 @@
 #include "core.h"
 #include "kvcache.h"   /* da_comm_default_timeout: DISTATTN_TIMEOUT or 300 s */
 #include "transport.h" /* da_xport_deadline: the --timeout of the plan created last */
+#include "env.h"       /* DA_TIMEOUT_MIN_S: a --timeout below it is the parser's to refuse */
 
 enum { DA_FAULT_TAG = 0x7EAD }; /* point-to-point tag of the roll call on MPI_COMM_WORLD */
 
@@ -194,7 +195,7 @@ static double argv_timeout(int argc, char **argv) {
     if (!v) continue;
     char *end = NULL;
     double t = strtod(v, &end);
-    return end != v && !*end && isfinite(t) && t > 0 && t <= 1e6 ? t : 0;
+    return end != v && !*end && isfinite(t) && t >= DA_TIMEOUT_MIN_S && t <= 1e6 ? t : 0; /* else: the parser refuses it */
   }
   return 0;
 }
