@@ -1139,12 +1139,12 @@ END_TEST
 /* ---- the bf16 pair-product path (vdpbf16ps, and the same tiling with emulated products) -----
  * In bf16 the levels avx512bf16 and avx2bf16emu run QK^T, PV and the backward's products over
  * bf16 pairs with P and dS rounded to bf16; avx2 widens to fp32 (the "before"). Loop index:
- * level (avx512bf16, avx2bf16emu, avx2) x mask. Each: three problems (GQA 1, 4, 8; head dims
+ * level (avx512bf16, avx2bf16emu, avx2, generic) x mask. Each: three problems (GQA 1, 4, 8; head dims
  * even, odd and past one vector; odd lengths; small or odd tiles), forward and backward over
  * key/query splits, and decode, all within the bf16 tolerance of float64. The worst errors are
  * printed ("# bf16 err ...") so the two paths can be compared (ctest -V). */
 START_TEST(test_bf16_levels) {
-  static const char *isa[3] = {"avx512bf16", "avx2bf16emu", "avx2"};
+  static const char *isa[4] = {"avx512bf16", "avx2bf16emu", "avx2", "generic"};
   const int lv = _i / TU_NMASKS, mkind = _i % TU_NMASKS;
   setenv("DISTATTN_CPU_ISA", isa[lv], 1);
   da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f, .dtype = DA_BFLOAT16};
@@ -1281,7 +1281,7 @@ static Suite *kernels_suite(void) {
   tcase_add_loop_test(tc, test_block_splits, TB_BLOCK_SPLITS_FROM, TB_BLOCK_SPLITS_TO);
 #ifdef TB_CPU
   tcase_add_loop_test(tc, test_isa_levels, 0, 5);
-  tcase_add_loop_test(tc, test_bf16_levels, 0, 3 * TU_NMASKS);
+  tcase_add_loop_test(tc, test_bf16_levels, 0, 4 * TU_NMASKS);
 #endif
   suite_add_tcase(s, tc);
   return s;

@@ -1216,7 +1216,9 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
   /* fp32 rows whose head dim is whole vectors are read in place; so are bf16 rows of the shipped
    * head dims when each row serves one head (widened in registers: half the bytes and no
    * converted copy); others are converted once per block for all the heads of the group. */
-  const int bfdirect = dt == 1 && rep <= 4 && dec_pick_bf(D, &qk, &pv);
+  /* (Not with the grouped path, which reads fp32 rows: at the generic level W = 4, so a 4:1 group
+   * is grouped, and reading its bf16 rows as fp32 read past the page and gave garbage.) */
+  const int bfdirect = dt == 1 && rep <= 4 && !dec_grouped(rep) && dec_pick_bf(D, &qk, &pv);
   const int direct = (dt == 0 && D == Dv) || bfdirect;
   const int64_t nq = qpos.count;
   float s[DEC_BK * W] __attribute__((aligned(64))); /* scores of a block: [DEC_BK] or [DEC_BK][W] grouped */
@@ -1250,7 +1252,7 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
             for (int h = g * rep; h < (g + 1) * rep; h += W) {
               const int64_t x = (i * H + h) * (int64_t)Dv;
               dec_group(Dv, qs + x, (const float *)kb, ldk, (const float *)vb, ldv, lo, hi, o + x, m + i * H + h,
-                        l + i * H + h, s, pf && h == g * rep); /* fp32 rows: rep >= W excludes bfdirect */
+                        l + i * H + h, s, pf && h == g * rep); /* fp32 rows: bfdirect excludes grouping */
             }
             continue;
           }
