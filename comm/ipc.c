@@ -24,26 +24,11 @@
  * Test hook (never for production): DISTATTN_TEST_IPC_SKIP=ready makes a receiver trust the
  * READY word without waiting for the copy's event; =consumed makes a sender copy without waiting
  * for the receiver's `free`. Tests set it to show that the host seam catches both. */
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "transport.h"
-
-/* Prefix the current error message with context. The message lives in the buffer DA_ERR writes,
- * so it is copied out first. */
-static da_status_t rewrap(da_status_t st, const char *file, int line, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static da_status_t rewrap(da_status_t st, const char *file, int line, const char *fmt, ...) {
-  char prior[DA_ERRMSG_MAX], what[256];
-  snprintf(prior, sizeof prior, "%s", da_error_message());
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(what, sizeof what, fmt, ap);
-  va_end(ap);
-  return da_error(st, file, line, "%s: %s", what, prior);
-}
 
 /* Control tags: the data tag of the caller plus a kind offset (the caller's tags are < 100). */
 enum { TAG_CTS = 1000, TAG_READY = 2000 };
@@ -132,7 +117,7 @@ static da_status_t init_local(da_xport_t *xp, ipc_t *m) {
   int ndev = 0;
   da_status_t st = m->d->probe(&ndev);
   if (st != DA_SUCCESS)
-    return rewrap(st, __FILE__, __LINE__, "rank %d: the %s transport needs a device", xp->rank, xp->t->name);
+    return DA_ERR_WRAP(st, "rank %d: the %s transport needs a device", xp->rank, xp->t->name);
   const char *skip = da_param_string("DISTATTN_TEST_IPC_SKIP");
   if (skip) {
     m->skip_ready = !strcmp(skip, "ready");
@@ -221,7 +206,7 @@ static da_status_t ipc_register(da_xport_t *xp, void *ptr, size_t bytes) {
     } else {
       st = m->d->mem_open(&all[q], &reg->peer[q]);
       if (st != DA_SUCCESS)
-        st = rewrap(st, __FILE__, __LINE__, "rank %d: opening rank %d's region %d", xp->rank, q, m->nregs);
+        st = DA_ERR_WRAP(st, "rank %d: opening rank %d's region %d", xp->rank, q, m->nregs);
     }
   }
   free(all);

@@ -14,27 +14,12 @@
  *   - Collectives of the drivers' control words (allreduce, allgather) are host memory: MPI.
  * NCCL does not check message sizes: the plan's agreement on the problem (plan.c) is what makes
  * both sides of an exchange agree on them. */
-#include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <nccl.h>
 #include "transport.h"
-
-/* Prefix the current error message with context. The message lives in the buffer DA_ERR writes,
- * so it is copied out first. */
-static da_status_t rewrap(da_status_t st, const char *file, int line, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-static da_status_t rewrap(da_status_t st, const char *file, int line, const char *fmt, ...) {
-  char prior[DA_ERRMSG_MAX], what[256];
-  snprintf(prior, sizeof prior, "%s", da_error_message());
-  va_list ap;
-  va_start(ap, fmt);
-  vsnprintf(what, sizeof what, fmt, ap);
-  va_end(ap);
-  return da_error(st, file, line, "%s: %s", what, prior);
-}
 
 typedef struct {
   da_xport_t inner; /* the mpi transport on the same communicator */
@@ -142,7 +127,7 @@ static da_status_t nccl_init(da_xport_t *xp, MPI_Comm comm) {
     int ndev = 0;
     da_status_t local = m->d->probe(&ndev);
     if (local != DA_SUCCESS)
-      local = rewrap(local, __FILE__, __LINE__, "rank %d: the nccl transport needs a CUDA device", xp->rank);
+      local = DA_ERR_WRAP(local, "rank %d: the nccl transport needs a CUDA device", xp->rank);
     if (local == DA_SUCCESS) local = m->d->stream_create(&m->nstream);
     if (local == DA_SUCCESS) local = m->d->event_create(&m->start_ev, 0);
     st = da_xport_agree(xp, local, "nccl setup");
@@ -189,7 +174,7 @@ static da_status_t nccl_exchange_start(da_xport_t *xp, const void *sbuf, size_t 
   if (st == DA_SUCCESS) st = m->d->event_record(q->done_ev, m->nstream);
   if (st != DA_SUCCESS) {
     nccl_abort_req(xp, q);
-    return rewrap(st, __FILE__, __LINE__, "rank %d %s step %d: posting the exchange (send to rank %d, receive from "
+    return DA_ERR_WRAP(st, "rank %d %s step %d: posting the exchange (send to rank %d, receive from "
                   "rank %d)", xp->rank, xp->phase, step, dst, src);
   }
   *out = q;
@@ -273,7 +258,7 @@ static da_status_t nccl_allreduce_dev(da_xport_t *xp, float *buf, int count, da_
   if (st == DA_SUCCESS) st = m->d->stream_wait_event(xp->stream, q->done_ev);
   if (st != DA_SUCCESS) {
     nccl_abort_req(xp, q);
-    return rewrap(st, __FILE__, __LINE__, "rank %d %s: posting the device allreduce of %d floats", xp->rank,
+    return DA_ERR_WRAP(st, "rank %d %s: posting the device allreduce of %d floats", xp->rank,
                   xp->phase, count);
   }
   return nccl_wait(xp, q); /* bounded; names the deadline and aborts the communicator on it */

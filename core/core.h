@@ -21,6 +21,11 @@ extern "C" {
 da_status_t da_error(da_status_t st, const char *file, int line, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));
 #define DA_ERR(st, ...) da_error((st), __FILE__, __LINE__, __VA_ARGS__)
+/* Record st again with the current message prefixed by context ("what: earlier message"): for a
+ * caller that adds where a lower layer's failure happened. */
+da_status_t da_error_wrap(da_status_t st, const char *file, int line, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+#define DA_ERR_WRAP(st, ...) da_error_wrap((st), __FILE__, __LINE__, __VA_ARGS__)
 const char *da_error_message(void); /* thread-local last message */
 void da_error_clear(void);
 /* How many DA_ERR_TIMEOUT errors (expired deadlines) this process has raised: once a peer has

@@ -40,6 +40,16 @@ da_status_t da_error(da_status_t st, const char *file, int line, const char *fmt
   return st;
 }
 
+da_status_t da_error_wrap(da_status_t st, const char *file, int line, const char *fmt, ...) {
+  char prior[DA_ERRMSG_MAX], what[256]; /* the message lives in errmsg, which da_error rewrites */
+  snprintf(prior, sizeof prior, "%s", errmsg);
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(what, sizeof what, fmt, ap);
+  va_end(ap);
+  return da_error(st, file, line, "%s: %s", what, prior);
+}
+
 const char *da_error_message(void) { return errmsg; }
 void da_error_clear(void) { errmsg[0] = '\0'; }
 
