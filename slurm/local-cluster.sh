@@ -63,6 +63,8 @@ TaskPlugin=task/affinity
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# heterogeneous jobs are started only by the backfill scheduler: a 1 s cycle (default 30 s)
+SchedulerParameters=bf_interval=1
 MpiDefault=pmix
 GresTypes=gpu
 ReturnToService=2
