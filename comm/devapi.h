@@ -1,4 +1,4 @@
-/* devapi.h: the seam between the device transports (ipc.c; nccl.c later) and a device runtime:
+/* devapi.h: the seam between the device transports (ipc.c, staged.c, nccl.c) and a device runtime:
  * the dozen calls of the CUDA runtime API they need, as a table. Two tables:
  *   - `cuda` (devapi_cuda.c, built only with the CUDA toolkit): the CUDA runtime, cudart_static;
  *     the only file of comm/ that includes a CUDA header;
@@ -51,9 +51,16 @@ typedef struct da_devapi {
   da_status_t (*stream_sync)(da_dstream_t s);
 
   /* Stream-ordered: dst and src any device (or host-table shared) memory of this process,
-   * including memory opened with mem_open. */
+   * including memory opened with mem_open, or pinned host memory from host_alloc. */
   da_status_t (*copy_async)(void *dst, const void *src, size_t bytes, da_dstream_t s);
   da_status_t (*memset_async)(void *dst, int value, size_t bytes, da_dstream_t s);
+  /* Pinned host memory (CUDA: cudaHostAlloc, page-locked, so copy_async to and from it runs
+   * asynchronously on the stream; host table: ordinary aligned memory, outside the shared
+   * segments, so copies to and from it are local copies). copy_async and memset_async take it on
+   * either side. The staging buffers of the mpi transport on device memory (comm/staged.c). */
+  da_status_t (*host_alloc)(void **ptr, size_t bytes);
+  void (*host_free)(void *ptr);
+
   /* Device to host and host to device (blocking for the host: the caller's host buffer is
    * free or filled on return); s orders it after the stream's earlier work. */
   da_status_t (*copy_to_host)(void *host, const void *dev, size_t bytes, da_dstream_t s);
@@ -123,6 +130,11 @@ void da_dev_free(const da_devapi_t *d, void *ptr);
 /* Bytes allocated through da_dev_alloc and not yet freed, and the largest that figure has been
  * in this process (either may be NULL). */
 void da_dev_mem_stats(uint64_t *current, uint64_t *peak);
+/* The same for pinned host memory (d->host_alloc / d->host_free): the staging buffers of the mpi
+ * transport on device memory. Counted apart from device bytes: they are host RAM, page-locked. */
+da_status_t da_dev_host_alloc(const da_devapi_t *d, void **ptr, size_t bytes);
+void da_dev_host_free(const da_devapi_t *d, void *ptr);
+void da_dev_pinned_stats(uint64_t *current, uint64_t *peak);
 
 /* The table named `name`; NULL with an error listing what this build has. */
 const da_devapi_t *da_devapi_find(const char *name);

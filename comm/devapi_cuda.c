@@ -50,6 +50,17 @@ static void cuda_free(void *ptr) {
   if (ptr) (void)cudaFree(ptr);
 }
 
+/* Page-locked, so cudaMemcpyAsync to and from it is truly asynchronous (pageable memory would
+ * make it a staged, host-synchronous copy); portable: any context of the process may use it. */
+static da_status_t cuda_host_alloc(void **ptr, size_t bytes) {
+  *ptr = NULL;
+  return CU(cudaHostAlloc(ptr, bytes ? bytes : 1, cudaHostAllocPortable), "cudaHostAlloc");
+}
+
+static void cuda_host_free(void *ptr) {
+  if (ptr) (void)cudaFreeHost(ptr);
+}
+
 static da_status_t cuda_stream_create(da_dstream_t *s) {
   cudaStream_t st = NULL;
   DA_CHECK(CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking), "cudaStreamCreateWithFlags"));
@@ -160,6 +171,8 @@ const da_devapi_t da_devapi_cuda = {
     .stream_create = cuda_stream_create,
     .stream_destroy = cuda_stream_destroy,
     .stream_sync = cuda_stream_sync,
+    .host_alloc = cuda_host_alloc,
+    .host_free = cuda_host_free,
     .copy_async = cuda_copy_async,
     .memset_async = cuda_memset_async,
     .copy_to_host = cuda_copy_to_host,

@@ -102,6 +102,20 @@ static da_status_t host_alloc(void **ptr, size_t bytes) {
   return DA_SUCCESS;
 }
 
+/* Pinned host memory: the host table has no device to pin for, so ordinary page-aligned memory
+ * (outside the segments: a copy to or from it is a local copy, delayed and poisoning like the
+ * others, devapi.h). */
+static da_status_t host_pinned_alloc(void **ptr, size_t bytes) {
+  *ptr = NULL;
+  if (posix_memalign(ptr, 4096, bytes ? bytes : 1) != 0) {
+    *ptr = NULL;
+    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "host devapi: %zu bytes of host staging memory", bytes);
+  }
+  return DA_SUCCESS;
+}
+
+static void host_pinned_free(void *ptr) { free(ptr); }
+
 static void seg_drop(int i) {
   munmap(segs[i].base, segs[i].bytes);
   if (segs[i].owned && segs[i].linked) shm_unlink(segs[i].name);
@@ -436,6 +450,8 @@ const da_devapi_t da_devapi_host = {
     .stream_create = host_stream_create,
     .stream_destroy = host_stream_destroy,
     .stream_sync = host_stream_sync,
+    .host_alloc = host_pinned_alloc,
+    .host_free = host_pinned_free,
     .copy_async = host_copy_async,
     .memset_async = host_memset_async,
     .copy_to_host = host_copy_to_host,

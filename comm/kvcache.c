@@ -190,7 +190,9 @@ static da_status_t cache_home(da_kvcache_t *c, const da_kvcache_config_t *cfg) {
   const char *tp = cfg->size >= offsetof(da_kvcache_config_t, transport) + sizeof cfg->transport ? cfg->transport
                                                                                                 : NULL;
   if (!tp) tp = da_param_string("DISTATTN_TRANSPORT");
-  snprintf(c->transport, sizeof c->transport, "%s", tp ? tp : "mpi");
+  /* mpi in a CUDA context is the staged cuda-mpi: pages in GPU memory */
+  tp = da_transport_resolve(tp ? tp : "mpi", da_context_device(c->ctx) == DA_DEVICE_CUDA);
+  snprintf(c->transport, sizeof c->transport, "%s", tp);
   const da_transport_t *t = da_transport_find(c->transport);
   if (!t) return DA_ERR_INVALID_ARGUMENT;
   const da_device_t want = t->devapi && strcmp(t->devapi->name, "host") ? DA_DEVICE_CUDA : DA_DEVICE_CPU;

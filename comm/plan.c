@@ -180,14 +180,17 @@ static int has_v3(const da_plan_config_t *cfg) {
 
 /* The transport of a plan: the config's, DISTATTN_TRANSPORT, else the default of the context's
  * device: `mpi` for the CPU; for CUDA `cuda-ipc` when every rank runs on this node (ranks may
- * share a GPU), else `nccl` (one rank per GPU). Then the pairing of memory and kernels: a device
- * transport's memory must be what the kernels read (the host seam's `host-ipc` with the CPU
- * kernels: a test device; cuda-ipc and nccl with the CUDA kernels), and the ring is the only
- * driver that runs on device memory. Refusals say so, in words. */
+ * share a GPU), else `nccl` (one rank per GPU), else, in a build without NCCL, `cuda-mpi`
+ * (staged through pinned host memory). `mpi` named in a CUDA context is `cuda-mpi`. Then the
+ * pairing of memory and kernels: a device transport's memory must be what the kernels read (the
+ * host seam's `host-ipc` / `host-mpi` with the CPU kernels: a test device; cuda-ipc, nccl and
+ * cuda-mpi with the CUDA kernels), and the ring is the only driver that runs on device memory.
+ * Refusals say so, in words. */
 static da_status_t pick_transport(const da_comm_t *c, const da_plan_config_t *cfg, const char **tp) {
   const int cuda = da_context_device(c->ctx) == DA_DEVICE_CUDA;
   const char *name = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
-  if (!name) name = !cuda ? "mpi" : c->node_procs == c->nranks ? "cuda-ipc" : "nccl";
+  if (!name) name = !cuda ? "mpi" : da_transport_cuda_default(c->node_procs == c->nranks);
+  name = da_transport_resolve(name, cuda);
   const da_transport_t *t = da_transport_find(name);
   if (!t) return DA_ERR_INVALID_ARGUMENT;
   if (t->devapi && (cfg->algo == DA_ALGO_ULYSSES || cfg->algo == DA_ALGO_HYBRID))
@@ -195,7 +198,7 @@ static da_status_t pick_transport(const da_comm_t *c, const da_plan_config_t *cf
   const int dev_cuda = t->devapi && !strcmp(t->devapi->name, "cuda");
   if (cuda && !dev_cuda)
     return DA_ERR(DA_ERR_UNSUPPORTED, "plan config: a CUDA context keeps tensors in GPU memory and the %s transport "
-                  "moves %s memory (use nccl or cuda-ipc; mpi with host staging is not built)", t->name,
+                  "moves %s memory (use nccl, cuda-ipc, or mpi: staged through pinned host memory)", t->name,
                   t->devapi ? "host-seam" : "host");
   if (!cuda && dev_cuda)
     return DA_ERR(DA_ERR_UNSUPPORTED, "plan config: the %s transport moves GPU memory and this context runs the CPU "

@@ -17,7 +17,10 @@ static const da_transport_t *const transports[] = {&da_transport_mpi, &da_transp
 #ifdef DA_HAVE_CUDART
                                                     &da_transport_cuda_ipc,
 #endif
-                                                    &da_transport_host_ipc, NULL};
+#ifdef DA_HAVE_CUDART
+                                                    &da_transport_cuda_mpi,
+#endif
+                                                    &da_transport_host_ipc, &da_transport_host_mpi, NULL};
 
 const da_transport_t *da_transport_find(const char *name) {
   char built[128];
@@ -29,6 +32,19 @@ const da_transport_t *da_transport_find(const char *name) {
   }
   DA_ERR(DA_ERR_INVALID_ARGUMENT, "unknown transport '%s' (built: %s)", name ? name : "(null)", built);
   return NULL;
+}
+
+const char *da_transport_resolve(const char *name, int cuda) {
+  return cuda && name && !strcmp(name, "mpi") ? "cuda-mpi" : name;
+}
+
+const char *da_transport_cuda_default(int single_node) {
+  if (single_node) return "cuda-ipc";
+#ifdef DA_HAVE_NCCL
+  return "nccl";
+#else
+  return "cuda-mpi";
+#endif
 }
 
 da_status_t da_transport_check_host(const char *name, const char *who) {

@@ -1,5 +1,6 @@
 /* transport.h: the communicator table of design §4, one per backend (mpi: host memory over a
- * dup'ed MPI communicator; self: one rank, copies), and what the drivers share about it. Progress
+ * dup'ed MPI communicator; self: one rank, copies; the device transports: cuda-ipc / host-ipc,
+ * nccl, cuda-mpi / host-mpi), and what the drivers share about it. Progress
  * is driven by test() calls from the caller's thread: no helper thread, so the same code runs
  * under SimGrid SMPI (MPI_THREAD_SINGLE). Not public API: the drivers in comm/ use it. */
 #ifndef DA_TRANSPORT_H
@@ -64,7 +65,8 @@ typedef struct da_transport {
   /* Release what init acquired (not the communicator). Required. */
   void (*destroy)(da_xport_t *xp);
 
-  /* ---- device transports (cuda-ipc, host-ipc; NULL / unused for mpi and self) ----
+  /* ---- device transports (cuda-ipc, host-ipc, nccl, cuda-mpi, host-mpi; NULL / unused for mpi
+   * and self) ----
    * The device API whose memory exchange_start's buffers are in: allocate the buffers with it.
    * NULL: host memory. */
   const da_devapi_t *devapi;
@@ -112,6 +114,13 @@ extern const da_transport_t da_transport_host_ipc;
 #ifdef DA_HAVE_CUDART
 extern const da_transport_t da_transport_cuda_ipc;
 #endif
+/* staged.c: the mpi transport on device memory, every message staged through pinned host
+ * buffers: "cuda-mpi" on the CUDA runtime (what `mpi` means in a CUDA context, and the automatic
+ * choice where nccl and cuda-ipc cannot serve) and "host-mpi" on the host table (tests). */
+extern const da_transport_t da_transport_host_mpi;
+#ifdef DA_HAVE_CUDART
+extern const da_transport_t da_transport_cuda_mpi;
+#endif
 #ifdef DA_HAVE_NCCL
 /* nccl.c: one rank per GPU. */
 extern const da_transport_t da_transport_nccl;
@@ -122,6 +131,14 @@ da_status_t da_nccl_unique_id(da_xport_t *mpi_xp, void *id, size_t bytes);
 
 /* The table named `name` ("mpi", "self"); NULL with an error listing the choices. */
 const da_transport_t *da_transport_find(const char *name);
+/* The name a context on the GPU (cuda = 1) runs `name` as: "mpi" there is the staged cuda-mpi
+ * (tensors live in GPU memory; the host transport cannot read them); any other name, or cuda = 0,
+ * unchanged. Names only: a build without the CUDA runtime has no cuda-mpi, and find says so. */
+const char *da_transport_resolve(const char *name, int cuda);
+/* The transport a CUDA context gets when none is named: cuda-ipc when every rank runs on one
+ * node (ranks may share a GPU), else nccl where it is built, else cuda-mpi (staged through host
+ * memory: what remains for ranks on different nodes without NCCL). */
+const char *da_transport_cuda_default(int single_node);
 /* The check of a driver whose buffers are host memory: an unknown name is
  * DA_ERR_INVALID_ARGUMENT (listing the choices), a device transport (t->devapi set)
  * DA_ERR_UNSUPPORTED said in words, rather than an exchange that fails later. `who` prefixes

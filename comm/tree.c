@@ -183,6 +183,7 @@ static da_status_t plan_local(da_decode_plan_t *p, const da_problem_t *prob, con
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "decode config: timeout %g s must be >= 0", cfg->timeout);
   const char *tp = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
   if (!tp) tp = "mpi";
+  tp = da_transport_resolve(tp, da_context_device(p->ctx) == DA_DEVICE_CUDA); /* mpi on the GPU: staged */
   const da_transport_t *t = da_transport_find(tp);
   if (!t) return DA_ERR_INVALID_ARGUMENT;
   if (t->devapi && (cfg->algo != DA_DECODE_TREE || cfg->topo != DA_TOPO_FLAT))
@@ -278,6 +279,7 @@ da_status_t da_decode_plan_create(da_comm_t *comm, const da_problem_t *prob, con
   /* One transport for both agreement and the ring: the self transport only exists at P = 1; a
    * device transport (the device tree) is opened itself, for its device allreduce. */
   const char *tp = cfg->transport ? cfg->transport : da_param_string("DISTATTN_TRANSPORT");
+  tp = da_transport_resolve(tp, da_context_device(ctx) == DA_DEVICE_CUDA); /* mpi on the GPU: staged (cuda-mpi) */
   const da_transport_t *tt = tp && strcmp(tp, "mpi") && strcmp(tp, "self") ? da_transport_find(tp) : NULL;
   da_error_clear(); /* an unknown name is reported by plan_local, on every rank */
   st = da_xport_open(&p->xp, tt && tt->devapi ? tp : tp && !strcmp(tp, "self") && p->P == 1 ? "self" : "mpi", p->mcomm,

@@ -144,6 +144,7 @@ typedef struct decode {
   size_t shard_rows_bytes, shard_alloc;
   char hosts[1024];
   da_gpumap_t gmap;      /* --device cuda: this rank's GPU; gmap_json: every rank's, on rank 0 */
+  const char *cuda_tp;   /* --device cuda, none named: the transport decode_plan chose (NULL before) */
   char gmap_json[4096];
   /* one step: the new token's q, k, v (every rank makes the same), out, lse; a row of scratch */
   char *qb, *kb, *vb, *ob;
@@ -280,13 +281,18 @@ static int decode_parse(void *c, int argc, char **argv) {
 
 /* ---- plan ---- */
 
-/* The transport of the combine: --transport, else DISTATTN_TRANSPORT, else mpi for --device cpu
- * and, for --device cuda, cuda-ipc (ranks of one node, sharing GPUs or not; nccl when asked for)
- * or host-ipc under the test hook DISTATTN_TEST_GPUS (the host seam). */
+/* The transport of the combine: --transport, else DISTATTN_TRANSPORT (mpi for a CUDA run is the
+ * staged cuda-mpi), else mpi for --device cpu and, for --device cuda, cuda-ipc (ranks of one node,
+ * sharing GPUs or not; nccl when asked for), or on several nodes what decode_plan chose (nccl, or
+ * cuda-mpi where NCCL is not built or GPUs are shared), or host-ipc under the test hook
+ * DISTATTN_TEST_GPUS (the host seam). */
 static const char *decode_transport(const decode_t *d) {
   const char *env = getenv("DISTATTN_TRANSPORT");
-  if (d->o.transport || (env && *env) || d->o.device != DA_DEVICE_CUDA) return da_transport_choice(d->o.transport);
-  return da_device_effective(d->o.device) == DA_DEVICE_CUDA ? "cuda-ipc" : "host-ipc";
+  const int cuda = da_device_effective(d->o.device) == DA_DEVICE_CUDA;
+  if (d->o.transport || (env && *env) || d->o.device != DA_DEVICE_CUDA)
+    return da_transport_resolve(da_transport_choice(d->o.transport), cuda);
+  if (!cuda) return "host-ipc";
+  return d->cuda_tp ? d->cuda_tp : "cuda-ipc";
 }
 
 /* The context and communicator, the paged KV cache and the decode plan. */
@@ -297,6 +303,9 @@ static int decode_plan(void *c) {
     int rc = da_gpumap_world(da_devapi_cuda_or_null(), (int)o->ranks_per_gpu, decode_transport(d), o->timeout,
                              "decode", &d->gmap);
     if (rc) return rc;
+    /* Several nodes: cuda-ipc stops at the node; nccl refuses shared GPUs; cuda-mpi serves both. */
+    const int shared = da_mpi_max_int(d->gmap.shared);
+    if (!da_mpi_one_node()) d->cuda_tp = shared ? "cuda-mpi" : da_transport_cuda_default(0);
   }
   d->threads = o->threads ? (int)o->threads : da_mpi_default_threads();
   int rc = da_mpi_job_open(&d->job, "decode", da_device_effective(o->device), d->threads);
@@ -414,8 +423,9 @@ static int decode_print_setup(void *c) {
   decode_t *d = c;
   d->shard_alloc = da_kvcache_bytes(d->cache, &d->shard_rows_bytes);
   if (d->job.rank == 0) {
-    char tp[96];
-    snprintf(tp, sizeof tp, "  transport: %s", decode_transport(d));
+    char tp[160];
+    snprintf(tp, sizeof tp, "  transport: %s%s", decode_transport(d),
+             strstr(decode_transport(d), "-mpi") ? " (staged through pinned host buffers)" : "");
     da_report_mpi_header(&d->cmd, d->threads, d->job.size,
                          (int)da_device_effective(d->o.device) == d->o.device
                              ? da_device_names[d->o.device]

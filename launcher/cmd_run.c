@@ -260,7 +260,7 @@ typedef struct run {
   char tpname[32];
   da_dstream_t dstream;
   void *dbuf[9];
-  double peak_dev;
+  double peak_dev, peak_pinned; /* peak_pinned: staging of the -mpi device transports (pinned host) */
 } run_t;
 
 /* The options table, pointing into r->o, with the defaults. */
@@ -409,14 +409,23 @@ static int run_check_files(void *c) {
 /* The transport when none is named (--transport, DISTATTN_TRANSPORT): for a CUDA run, nccl when
  * no GPU is shared on any node (the GPU map of run_plan, which probed the devices on every rank
  * first and stopped the job with exit 2 without one), cuda-ipc when ranks share GPUs (NCCL refuses
- * two ranks on one GPU). Host runs, and --device cuda with pretend GPUs (DISTATTN_TEST_GPUS): mpi. */
+ * two ranks on one GPU) on one node; where neither serves (ranks share GPUs across nodes, or
+ * several nodes without NCCL in the build), cuda-mpi: mpi staged through pinned host memory.
+ * `mpi` named for a CUDA run is cuda-mpi too. Host runs, and --device cuda with pretend GPUs
+ * (DISTATTN_TEST_GPUS): mpi. */
 static int run_pick_transport(run_t *r) {
   const run_opts_t *o = &r->o;
   const char *named = o->transport ? o->transport : getenv("DISTATTN_TRANSPORT");
   if (named && !*named) named = NULL;
   const char *name = named ? named : "mpi";
-  if (da_device_effective(o->device) == DA_DEVICE_CUDA && !named)
-    name = da_mpi_max_int(r->gmap.shared) ? "cuda-ipc" : "nccl";
+  const int cuda = da_device_effective(o->device) == DA_DEVICE_CUDA;
+  if (cuda && !named) {
+    const int shared = da_mpi_max_int(r->gmap.shared), one_node = da_mpi_one_node();
+    if (one_node) name = shared ? "cuda-ipc" : "nccl";
+    else name = shared ? "cuda-mpi" /* NCCL refuses shared GPUs, IPC stops at the node */
+                       : da_transport_cuda_default(0);
+  }
+  name = da_transport_resolve(name, cuda);
   snprintf(r->tpname, sizeof r->tpname, "%s", name);
   const da_transport_t *t = da_transport_find(name);
   r->dev = t ? t->devapi : NULL; /* an unknown name: the plan says so on every rank */
@@ -624,9 +633,10 @@ static int run_print_setup(void *c) {
   r->link_on = da_test_link(&r->link_gbps, &r->link_us) > 0; /* malformed: the plan already failed */
   da_mask_describe(&o->mask.mask, r->maskdesc, sizeof r->maskdesc);
   if (r->job.rank == 0) {
-    char tp[96];
-    snprintf(tp, sizeof tp, "  transport: %s (%s)", r->tpname,
-             !r->dev ? "host memory" : !strcmp(r->dev->name, "cuda") ? "GPU memory" : "host seam memory: a test device");
+    char tp[160];
+    snprintf(tp, sizeof tp, "  transport: %s (%s%s)", r->tpname,
+             !r->dev ? "host memory" : !strcmp(r->dev->name, "cuda") ? "GPU memory" : "host seam memory: a test device",
+             r->dev && strstr(r->tpname, "-mpi") ? ", staged through pinned host buffers" : "");
     da_report_mpi_header(&r->cmd, r->threads, r->job.size,
                          (int)da_device_effective(o->device) == o->device ? da_device_names[o->device]
                                                                     : "cpu (DISTATTN_TEST_GPUS: pretend GPUs, host seam)",
@@ -670,13 +680,14 @@ static void run_figures(run_t *r) {
   const da_plan_stats_t *ps = &r->ps;
   double comp = ps->fwd_compute_s + ps->bwd_compute_s, expo = ps->fwd_exposed_s + ps->bwd_exposed_s;
   double sums[2] = {(double)(ps->fwd_bytes_sent + ps->bwd_bytes_sent), comp};
-  uint64_t peak_dev = 0;
+  uint64_t peak_dev = 0, peak_pinned = 0;
   da_dev_mem_stats(NULL, &peak_dev); /* every device byte of this process: plan buffers and tensors */
-  double maxs[4] = {expo, comp, (double)da_peak_rss_bytes(), (double)peak_dev};
+  da_dev_pinned_stats(NULL, &peak_pinned); /* the staged transports' pinned host buffers */
+  double maxs[5] = {expo, comp, (double)da_peak_rss_bytes(), (double)peak_dev, (double)peak_pinned};
   MPI_Allreduce(MPI_IN_PLACE, sums, 2, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
-  MPI_Allreduce(MPI_IN_PLACE, maxs, 4, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  MPI_Allreduce(MPI_IN_PLACE, maxs, 5, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
   r->comm_bytes = sums[0], r->exposed_s = maxs[0], r->compute_s = maxs[1], r->peak_rss = maxs[2];
-  r->peak_dev = maxs[3];
+  r->peak_dev = maxs[3], r->peak_pinned = maxs[4];
   const double flops = (double)ps->pairs_total * r->o.heads * r->o.dim * (4.0 + (r->o.backward ? 10.0 : 0.0));
   r->gflops = flops / r->total_s * 1e-9;
   r->imbalance = sums[1] > 0 ? maxs[1] / (sums[1] / r->job.size) : 1.0;
@@ -958,6 +969,8 @@ static int run_json(const run_t *r) {
   da_json_str(&j, "transport", r->tpname);
   if (r->dev) da_json_int(&j, "peak_device_bytes", (int64_t)r->peak_dev); /* max over ranks */
   else da_json_null(&j, "peak_device_bytes");
+  if (r->dev) da_json_int(&j, "peak_pinned_bytes", (int64_t)r->peak_pinned); /* max over ranks; 0 but staged */
+  else da_json_null(&j, "peak_pinned_bytes");
   if (o->input) da_json_str(&j, "input", o->input);
   if (o->output) da_json_str(&j, "output", o->output);
   return da_json_finish(&j, o->json);
@@ -973,6 +986,9 @@ static int run_report(void *c) {
     if (r->dev)
       da_report_line(stdout, "dev_MB: peak device memory per rank, max over ranks (%s: plan buffers and tensors)",
                      r->dev->name);
+    if (r->dev && r->peak_pinned > 0)
+      da_report_line(stdout, "pinned: %.2f MiB of pinned host staging per rank at peak, max over ranks (%s: a mirror "
+                             "of each KV slot and dK/dV sum)", r->peak_pinned / 1048576.0, r->tpname);
     if (r->o.overlap)
       da_report_line(stdout, "overlap: compute-only %.2f ms, transfers-only %.2f ms, both %.2f ms",
                      r->comp_only_s * 1e3, r->comm_only_s * 1e3, r->total_s * 1e3);

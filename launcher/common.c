@@ -122,8 +122,9 @@ da_opt_t da_opt_json(const char **dest) {
 da_opt_t da_opt_transport(const char **dest) {
   /* The names are checked where the plan is made (comm/transport.c lists what this build has). */
   return (da_opt_t){.name = "transport", .type = DA_OPT_STRING, .dest = dest, .metavar = "NAME",
-                    .help = "data transport: mpi, self (one rank); device transports (cuda-ipc, nccl, host-ipc) are "
-                            "refused until the device ring exists (default DISTATTN_TRANSPORT or mpi)",
+                    .help = "data transport: mpi (with --device cuda: staged through pinned host memory), self (one "
+                            "rank), nccl, cuda-ipc; host-ipc, host-mpi: the test device (default DISTATTN_TRANSPORT, "
+                            "else mpi, or for --device cuda nccl / cuda-ipc by the GPU map)",
                     .sample = "self"};
 }
 
@@ -201,6 +202,17 @@ int da_mpi_default_threads(void) {
   int cores = da_default_nthreads(), online = (int)sysconf(_SC_NPROCESSORS_ONLN);
   int t = cores >= online && local > 1 ? cores / local : cores;
   return t > 0 ? t : 1;
+}
+
+int da_mpi_one_node(void) {
+  int size = 1, local = 1;
+  MPI_Comm node;
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  if (MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node) == MPI_SUCCESS) {
+    MPI_Comm_size(node, &local);
+    MPI_Comm_free(&node);
+  }
+  return da_mpi_max_int(local != size) == 0;
 }
 
 typedef struct rankinfo {

@@ -69,6 +69,9 @@ int da_mpi_agree_step(const char *cmd, int rank, const char *what, da_status_t s
 /* Collective: kernel threads per rank, the cores this rank may use shared with the ranks of its
  * node that may use the same cores (mpirun --bind-to none gives every rank the whole machine). */
 int da_mpi_default_threads(void);
+/* Collective over MPI_COMM_WORLD: 1 on every rank when all ranks share one node (shared memory),
+ * else 0 (the choice between cuda-ipc, which stops at the node, and nccl or cuda-mpi). */
+int da_mpi_one_node(void);
 
 /* Collective: rank 0 prints one "#  rank ..." line per rank (host, pid, threads, cores) and gets
  * the distinct host names, comma-separated, in hosts (for the JSON record; "" elsewhere). */

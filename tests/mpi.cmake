@@ -20,11 +20,17 @@ endforeach()
 
 # The same ring driver in device mode (`test_ring device`): buffers and tensors in the host seam's
 # memory (devapi.h), transport host-ipc, the CPU kernels; delayed, poisoning copies; planted
-# ordering mistakes must be caught (docs/ring.md, "Device mode").
+# ordering mistakes must be caught (docs/ring.md, "Device mode"). test_ring_dev_mpi: the same suite
+# over host-mpi, the mpi transport staging every message through pinned host buffers
+# (comm/staged.c), with its own planted mistakes (DISTATTN_TEST_STAGE_SKIP=d2h|h2d).
 foreach(P 1 2 3 4 5 8)
   add_test(NAME test_ring_dev_np${P}
            COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 200 -np ${P} $<TARGET_FILE:test_ring> device)
   set_tests_properties(test_ring_dev_np${P} PROPERTIES LABELS mpi TIMEOUT 230 ENVIRONMENT "${DA_MPI_TEST_ENV}")
+  add_test(NAME test_ring_dev_mpi_np${P}
+           COMMAND ${DA_MPIRUN} --oversubscribe --bind-to none --timeout 200 -np ${P} $<TARGET_FILE:test_ring> device
+                   host-mpi)
+  set_tests_properties(test_ring_dev_mpi_np${P} PROPERTIES LABELS mpi TIMEOUT 230 ENVIRONMENT "${DA_MPI_TEST_ENV}")
 endforeach()
 
 # The Ulysses driver (all-to-all), tests/test_ulysses.c: P divides its 24 heads.

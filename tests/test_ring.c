@@ -23,6 +23,9 @@
 
 static int g_rank, g_size;
 static da_context_t *g_ctx;
+/* Device mode's transport (`test_ring device [host-ipc|host-mpi]`): the cuda-ipc protocol or the
+ * staged mpi one, both on the host seam. */
+static const char *g_dev_transport = "host-ipc";
 static da_comm_t *g_comm;
 
 typedef struct {
@@ -39,7 +42,7 @@ typedef struct {
   const char *transport; /* NULL: the default (mpi) */
   int ulysses;           /* DA_ALGO_HYBRID: the Ulysses degree (the 1-rank comparison runs degree 1) */
   da_algo_t ring_layout; /* DA_ALGO_HYBRID: the ring's layout across groups */
-  int device;            /* device mode: tensors in the host seam's memory, transport host-ipc */
+  int device;            /* device mode: tensors in the host seam's memory, transport g_dev_transport */
   int caller_stream;     /* device mode: pass a stream of the caller's (else the plan's own) */
 } tcase_t;
 
@@ -68,7 +71,8 @@ static void describe(const tcase_t *c, char *buf, size_t n) {
   char hy[64] = "";
   if (c->algo == DA_ALGO_HYBRID)
     snprintf(hy, sizeof hy, " %dx%d(%s)", c->ulysses, c->ulysses > 0 ? g_size / c->ulysses : 0, algo_name(c->ring_layout));
-  snprintf(buf, n, "%s%s%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s%s dtype=%s block=%lld%s%s", c->device ? "device " : "",
+  snprintf(buf, n, "%s%s%s%s S=%lld B=%d H=%d G=%d D=%d mask=%s%s%s%s dtype=%s block=%lld%s%s",
+           c->device ? g_dev_transport : "", c->device ? " " : "",
            algo_name(c->algo), hy,
            (long long)c->S, c->B, c->H, c->G, c->D, c->mask & DA_MASK_CAUSAL ? "causal" : "",
            c->mask & DA_MASK_WINDOW ? "window" : "", (c->mask & DA_MASK_DOC) && (c->mask & ~DA_MASK_DOC) ? "+" : "",
@@ -230,7 +234,7 @@ static double run_case(const tcase_t *c, int verbose) {
   prob.mask = c->mask, prob.window = c->window;
   if (c->mask & DA_MASK_DOC) prob.ndocs = make_docs(S, c->ndocs, cu), prob.cu_seqlens = cu;
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60, cfg.transport = c->device ? "host-ipc" : c->transport;
+  cfg.algo = c->algo, cfg.block = c->block, cfg.timeout = 60, cfg.transport = c->device ? g_dev_transport : c->transport;
   if (c->algo == DA_ALGO_HYBRID) cfg.ulysses = c->ulysses, cfg.ring_layout = c->ring_layout;
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
@@ -732,9 +736,10 @@ START_TEST(link_hook) {
 }
 END_TEST
 
-/* ---- device mode (run as `test_ring device`) ------------------------------------------------
+/* ---- device mode (run as `test_ring device [host-ipc|host-mpi]`) -----------------------------
  * The same driver on device memory: the transport is host-ipc (the cuda-ipc protocol over the
- * host seam of devapi.h), the tensors and every ring buffer are the seam's allocations, and the
+ * host seam of devapi.h) or host-mpi (the mpi transport staging every message through pinned host
+ * buffers, comm/staged.c), the tensors and every ring buffer are the seam's allocations, and the
  * CPU kernels read them directly (they are host-visible). main sets the seam's delays: every
  * copy between processes and every local copy or clear poisons its destination until it lands,
  * so a read that is not ordered after its write reads NaN. The delays: long enough to outlast a
@@ -742,15 +747,17 @@ END_TEST
 #define DEV_LINK_DELAY_S 0.004
 #define DEV_LOCAL_DELAY_S 0.002
 
-/* Every layout x {none, causal, causal + window} x {fp32 MHA batch 2, bf16 GQA 4:1} on a length P
- * does not divide, forward and backward, half of them on a stream of the caller's. */
+/* Every layout x {none, causal, causal + window, causal + documents} x {fp32 MHA batch 2, bf16
+ * GQA 4:1} on a length P does not divide, forward and backward, half of them on a stream of the
+ * caller's. */
 START_TEST(dev_matrix) {
-  static const unsigned dmasks[3] = {DA_MASK_NONE, DA_MASK_CAUSAL, DA_MASK_CAUSAL | DA_MASK_WINDOW};
+  static const unsigned dmasks[4] = {DA_MASK_NONE, DA_MASK_CAUSAL, DA_MASK_CAUSAL | DA_MASK_WINDOW,
+                                     DA_MASK_CAUSAL | DA_MASK_DOC};
   int fails = 0, cases = 0;
   for (int a = 0; a < 3; a++)
-    for (int mi = 0; mi < 3; mi++)
+    for (int mi = 0; mi < 4; mi++)
       for (int v = 0; v < 2; v++) {
-        tcase_t c = {.algo = (da_algo_t)a, .mask = dmasks[mi], .window = 9, .S = 50 + g_size - 1,
+        tcase_t c = {.algo = (da_algo_t)a, .mask = dmasks[mi], .window = 9, .ndocs = 3, .S = 50 + g_size - 1,
                      .B = v == 0 ? 2 : 1, .H = 4, .G = v == 0 ? 4 : 1, .D = 16,
                      .dt = v == 1 ? DA_BFLOAT16 : DA_FLOAT32, .bwd = 1, .block = 8, .device = 1,
                      .caller_stream = (a + mi + v) % 2};
@@ -762,15 +769,18 @@ START_TEST(dev_matrix) {
 END_TEST
 
 /* The plan's device memory is what da_ring_bwd_bytes says, counted by the seam's accounting, and
- * handed back when the plan is freed. */
+ * handed back when the plan is freed. On host-mpi, also its pinned staging: one mirror of each
+ * registered buffer (two KV slots, three travelling dK/dV sums: 2 + 3 blocks of 2 * n_max * G * D
+ * values), allocated once for the plan whatever the number of steps, freed with it. */
 START_TEST(dev_memory) {
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
   prob.seq = 40 * g_size + 3, prob.heads = 4, prob.kv_heads = 2, prob.dim = 16, prob.mask = DA_MASK_CAUSAL;
   tcase_t c = {.device = 1};
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-  cfg.timeout = 60, cfg.transport = "host-ipc";
-  uint64_t cur0 = 0, cur1 = 0, cur2 = 0, peak = 0;
+  cfg.timeout = 60, cfg.transport = g_dev_transport;
+  uint64_t cur0 = 0, cur1 = 0, cur2 = 0, peak = 0, pin0 = 0, pin1 = 0, pin2 = 0;
   da_dev_mem_stats(&cur0, NULL);
+  da_dev_pinned_stats(&pin0, NULL);
   da_plan_t *plan = NULL;
   ck_assert(tu_all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
   const int64_t n = da_plan_local_rows(plan), H = 4, G = 2, D = 16;
@@ -790,6 +800,17 @@ START_TEST(dev_memory) {
   if (rs) fprintf(stderr, "rank %d: %s\n", g_rank, da_last_error(g_ctx));
   ck_assert(tu_all_equal_status(rs, DA_SUCCESS));
   ck_assert(tu_all_equal_status(da_plan_bwd(plan, &tq, &tk, &tv, &to, &to, &tl, &tdq, &tdk, &tdv, NULL), DA_SUCCESS));
+  da_dev_pinned_stats(&pin1, NULL);
+  /* A second backward: the staging is reused, not grown. */
+  ck_assert(tu_all_equal_status(da_plan_bwd(plan, &tq, &tk, &tv, &to, &to, &tl, &tdq, &tdk, &tdv, NULL), DA_SUCCESS));
+  da_dev_pinned_stats(&pin2, NULL);
+  ck_assert_msg(pin2 == pin1, "rank %d: pinned staging grew from %llu to %llu bytes on a second call", g_rank,
+                (unsigned long long)pin1, (unsigned long long)pin2);
+  int64_t nmax = n;
+  MPI_Allreduce(MPI_IN_PLACE, &nmax, 1, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+  const uint64_t want_pin = !strcmp(g_dev_transport, "host-mpi") ? (uint64_t)(2 + 3) * 2 * nmax * G * D * 4 : 0;
+  ck_assert_msg(pin1 - pin0 == want_pin, "rank %d: %s holds %llu pinned bytes, expected %llu", g_rank, g_dev_transport,
+                (unsigned long long)(pin1 - pin0), (unsigned long long)want_pin);
   da_plan_stats_t st = DA_PLAN_STATS_INITIALIZER;
   ck_assert(da_plan_stats(plan, &st) == DA_SUCCESS);
   da_dev_mem_stats(&cur1, &peak);
@@ -800,6 +821,9 @@ START_TEST(dev_memory) {
   da_dev_mem_stats(&cur2, NULL);
   ck_assert_msg(cur2 == cur0 + tensors, "rank %d: %llu device bytes left after da_plan_free", g_rank,
                 (unsigned long long)(cur2 - cur0 - tensors));
+  da_dev_pinned_stats(&pin2, NULL);
+  ck_assert_msg(pin2 == pin0, "rank %d: %llu pinned bytes left after da_plan_free", g_rank,
+                (unsigned long long)(pin2 - pin0));
   tfree(&c, q), tfree(&c, k), tfree(&c, v), tfree(&c, o), tfree(&c, l), tfree(&c, dq), tfree(&c, dk), tfree(&c, dv);
 }
 END_TEST
@@ -810,11 +834,11 @@ START_TEST(dev_refusals) {
   da_problem_t prob = DA_PROBLEM_INITIALIZER;
   prob.seq = 16 * g_size, prob.heads = 4, prob.kv_heads = 4, prob.dim = 16;
   da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
-  cfg.timeout = 30, cfg.transport = "host-ipc", cfg.algo = DA_ALGO_ULYSSES;
+  cfg.timeout = 30, cfg.transport = g_dev_transport, cfg.algo = DA_ALGO_ULYSSES;
   da_plan_t *plan = NULL;
   da_status_t st = da_plan_create(g_comm, &prob, &cfg, &plan);
-  ck_assert_msg(tu_all_equal_status(st, DA_ERR_UNSUPPORTED), "ulysses on host-ipc: %s", da_last_error(g_ctx));
-  ck_assert_msg(strstr(da_last_error(g_ctx), "host-ipc") != NULL, "names the transport: %s", da_last_error(g_ctx));
+  ck_assert_msg(tu_all_equal_status(st, DA_ERR_UNSUPPORTED), "ulysses on %s: %s", g_dev_transport, da_last_error(g_ctx));
+  ck_assert_msg(strstr(da_last_error(g_ctx), g_dev_transport) != NULL, "names the transport: %s", da_last_error(g_ctx));
   cfg.algo = DA_ALGO_RING;
   ck_assert(tu_all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
   tcase_t c = {.device = 1};
@@ -850,17 +874,24 @@ START_TEST(dev_refusals) {
   if (da_context_create(&ccfg, &cctx) == DA_SUCCESS) {
     ck_assert(tu_all_equal_status(da_comm_create(cctx, MPI_COMM_WORLD, &ccomm), DA_SUCCESS));
     prob.dtype = DA_BFLOAT16, prob.dim = 64;
-    cfg.transport = "mpi";
+    cfg.transport = "host-mpi"; /* the host seam's memory is not what CUDA kernels read */
     st = da_plan_create(ccomm, &prob, &cfg, &plan);
-    ck_assert_msg(tu_all_equal_status(st, DA_ERR_UNSUPPORTED), "CUDA context on mpi: %s", da_last_error(cctx));
-    ck_assert_msg(strstr(da_last_error(cctx), "nccl or cuda-ipc") != NULL, "%s", da_last_error(cctx));
-    cfg.transport = NULL;
-    const double t0 = MPI_Wtime();
-    st = da_plan_create(ccomm, &prob, &cfg, &plan);
-    if (st == DA_SUCCESS) da_plan_free(plan); /* a machine with a GPU */
-    else if (g_rank == 0) fprintf(stderr, "CUDA context, no GPU: %s\n", da_last_error(cctx));
-    if (st != DA_SUCCESS) ck_assert_msg(strstr(da_last_error(cctx), "CUDA") != NULL, "no GPU: %s", da_last_error(cctx));
-    ck_assert_msg(MPI_Wtime() - t0 < 20, "the CUDA plan's failure took %.1f s", MPI_Wtime() - t0);
+    ck_assert_msg(tu_all_equal_status(st, DA_ERR_UNSUPPORTED), "CUDA context on host-mpi: %s", da_last_error(cctx));
+    ck_assert_msg(strstr(da_last_error(cctx), "nccl, cuda-ipc, or mpi") != NULL, "%s", da_last_error(cctx));
+    /* The default, and mpi (in a CUDA context: cuda-mpi, staged through pinned host memory): on a
+     * machine with a GPU a plan; without one every rank's plan fails naming CUDA, promptly. */
+    const char *const names[2] = {NULL, "mpi"};
+    for (int i = 0; i < 2; i++) {
+      cfg.transport = names[i];
+      const double t0 = MPI_Wtime();
+      st = da_plan_create(ccomm, &prob, &cfg, &plan);
+      if (st == DA_SUCCESS) da_plan_free(plan); /* a machine with a GPU */
+      else if (g_rank == 0) fprintf(stderr, "CUDA context, no GPU, %s: %s\n", names[i] ? names[i] : "default", da_last_error(cctx));
+      if (st != DA_SUCCESS) ck_assert_msg(strstr(da_last_error(cctx), "CUDA") != NULL, "no GPU: %s", da_last_error(cctx));
+      if (st != DA_SUCCESS && names[i])
+        ck_assert_msg(strstr(da_last_error(cctx), "cuda-mpi") != NULL, "mpi is cuda-mpi there: %s", da_last_error(cctx));
+      ck_assert_msg(MPI_Wtime() - t0 < 20, "the CUDA plan's failure took %.1f s", MPI_Wtime() - t0);
+    }
     da_comm_free(ccomm);
     da_context_free(cctx);
   }
@@ -892,6 +923,17 @@ START_TEST(dev_planted) {
     unsetenv("DISTATTN_TEST_RING_SKIP");
     ck_assert_msg(e > 1, "folding the dK/dV sum before its transfer was waited for went unnoticed (err/tol %g)", e);
   }
+  /* host-mpi: a send posted before the copy out of the device landed (d2h: it carries the
+   * staging buffer's poison or stale bytes), a receive reported done before the copy into the
+   * device landed (h2d: the kernels read poison). */
+  static const char *const stage[2] = {"d2h", "h2d"};
+  for (int i = 0; i < 2 && g_size > 1 && !strcmp(g_dev_transport, "host-mpi"); i++) {
+    setenv("DISTATTN_TEST_STAGE_SKIP", stage[i], 1);
+    e = run_case(&c, 1);
+    unsetenv("DISTATTN_TEST_STAGE_SKIP");
+    ck_assert_msg(e > 1, "DISTATTN_TEST_STAGE_SKIP=%s: the missing wait on the %s copy went unnoticed (err/tol %g)",
+                  stage[i], stage[i], e);
+  }
   da_devapi_host_set_link_delay(DEV_LINK_DELAY_S);
   da_devapi_host_set_local_delay(DEV_LOCAL_DELAY_S);
 }
@@ -903,6 +945,7 @@ int main(int argc, char **argv) {
   tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, &g_comm);
   /* `test_ring device`: the device-mode suite; the seam's delays make unordered reads visible. */
   const int device = argc > 1 && !strcmp(argv[1], "device");
+  if (device && argc > 2) g_dev_transport = argv[2];
   if (device) {
     da_devapi_host_set_link_delay(DEV_LINK_DELAY_S);
     da_devapi_host_set_local_delay(DEV_LOCAL_DELAY_S);
