@@ -2,7 +2,8 @@
 # gpu-ring-check.sh: the prepared device check of the device-memory ring (issue 18), for one lent
 # H100/H200, at most 8 minutes there. On the one GPU, through cuda-ipc (ranks sharing the GPU):
 #   1. ring, striped and zigzag at P = 2, 4, 8, forward and backward, verified in float64 on
-#      sampled rows (`distattn run --device cuda --transport cuda-ipc --backward`);
+#      sampled rows (`distattn run --device cuda --transport cuda-ipc --backward`); then one P = 4
+#      case over `--transport mpi` (cuda-mpi: every message staged through pinned host buffers);
 #   2. a 1M-token causal prefill (bf16, D 128, H 8, G 8) split 8 ways (zigzag), verified on sampled
 #      rows, with --measure-overlap;
 #   3. the same problem as ONE monolithic call of the CUDA kernel on the same GPU (da_gpu_ring_mono);
@@ -77,6 +78,11 @@ for P in 2 4 8; do
   done
 done
 
+step "1b. zigzag at P = 4 over --transport mpi (cuda-mpi: staged through pinned host buffers), fwd + bwd, verified"
+timeout 120 "${MPI[@]}" -np 4 "$DA" run --device cuda --transport mpi --algo zigzag \
+  --seq $((16384 + 3)) --heads 8 --kv-heads 2 --dim 128 --dtype bf16 --mask causal --backward \
+  --verify 8 --iters 2 --warmup 1 --timeout 60 --json "$JSON" || fail "zigzag at P = 4 over mpi (staged)"
+
 step "2. 1M-token causal prefill split 8 ways (zigzag, bf16, D 128, H 8, G 8), verified, overlap measured"
 timeout 300 "${MPI[@]}" -np 8 "$DA" run --device cuda --transport cuda-ipc --algo zigzag --seq 1M --heads 8 \
   --kv-heads 8 --dim 128 --dtype bf16 --mask causal --verify 2 --iters 2 --warmup 1 --measure-overlap \
@@ -93,7 +99,8 @@ runs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
 mono = [json.loads(l) for l in open(sys.argv[2]) if l.startswith("{")]
 big = [r for r in runs if r.get("seq") == 1048576]
 out = {"device": sys.argv[3], "runs": len(runs), "wrong": sum(r.get("wrong", 0) for r in runs),
-       "small": [{k: r.get(k) for k in ("algo", "ranks", "seq", "fwd_s", "bwd_s", "wrong", "peak_device_bytes")}
+       "small": [{k: r.get(k) for k in ("algo", "ranks", "seq", "transport", "fwd_s", "bwd_s", "wrong",
+                                         "peak_device_bytes", "peak_pinned_bytes")}
                  for r in runs if r.get("seq") != 1048576]}
 if big and mono:
     b, m = big[-1], mono[-1]

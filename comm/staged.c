@@ -12,15 +12,21 @@
  * registered region borrows a pinned scratch buffer, kept for reuse). Disjoint device ranges
  * have disjoint mirror ranges, so the exchanges in flight never share staging bytes.
  *
- * One exchange (sbuf -> dst, rbuf <- src), with the transport's comm stream `cs`:
- *   start:   record an event on the caller's stream (xp->stream: the work that wrote sbuf and last
- *            read rbuf) and make cs wait for it; MPI_Irecv into the receive mirror; queue the copy
- *            sbuf -> send mirror on cs and record the event `d2h`.
+ * One exchange (sbuf -> dst, rbuf <- src), with two comm streams of the transport's, `ds` for the
+ * copies out of the device and `hs` for the copies into it:
+ *   start:   record the exchange's event `start` on the caller's stream (xp->stream: the work that
+ *            wrote sbuf and last read rbuf); MPI_Irecv into the receive mirror; ds waits for
+ *            `start`, copies sbuf -> send mirror and records the event `d2h`.
  *   send:    once `d2h` completed (test), MPI_Isend from the mirror; done when MPI is. Sends are
  *            posted in the order their exchanges started, so messages between two ranks with
  *            one tag keep the order of the host transport.
- *   receive: once MPI completed, queue the copy receive mirror -> rbuf on cs and record `h2d`;
- *            done when `h2d` completed: then the bytes are in rbuf for the caller's later work.
+ *   receive: once MPI completed, hs waits for the exchange's own `start` (recorded once, so the
+ *            wait sees that record however late it is queued), copies receive mirror -> rbuf and
+ *            records `h2d`; done when `h2d` completed: the bytes are in rbuf for the caller's
+ *            later work.
+ * Two streams, and an event per exchange rather than one shared, so that the copy of a block that
+ * arrived never queues behind a later exchange's wait for the compute queued since (the backward
+ * starts its dK/dV exchange after a step's kernels; the next KV block must not wait for them).
  * test() drives every exchange in flight (events queried, MPI polled), never blocks; wait() is
  * test() against xp->timeout_s, and its error names the peer, the step and the stage that did not
  * finish. The messages and collectives go through an inner mpi transport on the same
@@ -59,7 +65,7 @@ struct da_xreq {
   char *shost, *rhost; /* staging of the send and of the receive */
   void *rdev;
   int scratch;         /* the scratch buffer shost borrows, or -1 */
-  da_devent_t d2h, h2d;
+  da_devent_t start, d2h, h2d; /* from the pool; start: on the caller's stream at exchange_start */
   da_xreq_t *smpi, *rmpi; /* the inner mpi transport's requests */
   int sstate, rstate;
 };
@@ -67,8 +73,7 @@ struct da_xreq {
 typedef struct {
   da_xport_t inner; /* the mpi transport on the same communicator: messages and collectives */
   const da_devapi_t *d;
-  da_dstream_t cs;      /* the comm stream: copies out of and into the device */
-  da_devent_t start_ev; /* recorded on the caller's stream at each start */
+  da_dstream_t ds, hs; /* the comm streams: copies out of the device (sends), into it (receives) */
   mirror_t *mir;
   int nmir;
   scratch_t *scr;
@@ -157,7 +162,8 @@ static void staged_destroy(da_xport_t *xp) {
   if (!m) return;
   const da_devapi_t *d = m->d;
   /* No copy of ours may still read or write a staging buffer (or the caller's memory). */
-  if (m->cs) (void)d->stream_sync(m->cs);
+  if (m->ds) (void)d->stream_sync(m->ds);
+  if (m->hs) (void)d->stream_sync(m->hs);
   for (int i = 0; i < m->nmir; i++) da_dev_host_free(d, m->mir[i].host);
   for (int i = 0; i < m->nscr; i++) da_dev_host_free(d, m->scr[i].host);
   da_dev_host_free(d, m->red);
@@ -165,8 +171,8 @@ static void staged_destroy(da_xport_t *xp) {
   free(m->scr);
   for (int i = 0; i < m->nevfree; i++) d->event_destroy(m->evfree[i]);
   free(m->evfree);
-  if (m->start_ev) d->event_destroy(m->start_ev);
-  if (m->cs) d->stream_destroy(m->cs);
+  if (m->ds) d->stream_destroy(m->ds);
+  if (m->hs) d->stream_destroy(m->hs);
   if (m->inner.t) m->inner.t->destroy(&m->inner);
   free(m);
   xp->impl = NULL;
@@ -176,7 +182,7 @@ static void staged_destroy(da_xport_t *xp) {
  * test() to move the copies, so it is refused here rather than left to time out. */
 DA_PARAM(WaitBlocking, "WAIT_BLOCKING", 0)
 
-/* This rank's part of init: the device, the stream, the event, the test hook. */
+/* This rank's part of init: the device, the streams, the test hook. */
 static da_status_t init_local(da_xport_t *xp, staged_t *m) {
   int ndev = 0;
   da_status_t st = m->d->probe(&ndev);
@@ -192,8 +198,8 @@ static da_status_t init_local(da_xport_t *xp, staged_t *m) {
       return DA_ERR(DA_ERR_INVALID_ARGUMENT, "DISTATTN_TEST_STAGE_SKIP=%s: expected d2h or h2d", skip);
     DA_WARN(DA_SUB_COMM, "%s: test hook on: the %s copy is not waited for (results will be wrong)", xp->t->name, skip);
   }
-  DA_CHECK(m->d->stream_create(&m->cs));
-  return m->d->event_create(&m->start_ev, 0);
+  DA_CHECK(m->d->stream_create(&m->ds));
+  return m->d->stream_create(&m->hs);
 }
 
 static da_status_t staged_init(da_xport_t *xp, MPI_Comm comm, const da_devapi_t *d) {
@@ -246,7 +252,7 @@ static void unlink_req(staged_t *m, da_xreq_t *q) {
 }
 
 /* Release q: MPI requests cancelled (after a failure) or already finished, events back to the
- * pool, scratch handed back. A copy still queued on cs finishes later into our own staging (or
+ * pool, scratch handed back. A copy still queued finishes later into our own staging (or
  * into rbuf, which the caller keeps out of use after a failure: the ring leaks its buffers). */
 static void release(da_xport_t *xp, da_xreq_t *q) {
   staged_t *m = impl(xp);
@@ -254,9 +260,9 @@ static void release(da_xport_t *xp, da_xreq_t *q) {
   da_xport_t *in = inner(xp);
   if (q->smpi) in->t->abort(in, q->smpi);
   if (q->rmpi) in->t->abort(in, q->rmpi);
-  ev_put(m, q->d2h), ev_put(m, q->h2d);
+  ev_put(m, q->start), ev_put(m, q->d2h), ev_put(m, q->h2d);
   if (q->scratch >= 0) {
-    if (q->sstate == S_COPY && !m->skip_d2h) (void)m->d->stream_sync(m->cs); /* its copy must not land in the next user's */
+    if (q->sstate == S_COPY || m->skip_d2h) (void)m->d->stream_sync(m->ds); /* its copy must not land in the next user's */
     m->scr[q->scratch].busy = 0;
   }
   free(q);
@@ -294,16 +300,17 @@ static da_status_t staged_exchange_start(da_xport_t *xp, const void *sbuf, size_
     q->shost = mirror_of(m, sbuf, sbytes);
     if (!q->shost && (st = scratch_get(xp, sbytes, &q->scratch)) == DA_SUCCESS) q->shost = m->scr[q->scratch].host;
   }
-  /* The comm stream's copies come after the caller's work on sbuf and rbuf so far. */
-  if (st == DA_SUCCESS && (sbytes || rbytes)) st = d->event_record(m->start_ev, xp->stream);
-  if (st == DA_SUCCESS && (sbytes || rbytes)) st = d->stream_wait_event(m->cs, m->start_ev);
+  /* The copies come after the caller's work on sbuf and rbuf so far. */
+  if (st == DA_SUCCESS && (sbytes || rbytes)) st = ev_get(m, &q->start);
+  if (st == DA_SUCCESS && (sbytes || rbytes)) st = d->event_record(q->start, xp->stream);
   /* The receive first, so an eager message from src finds its buffer posted. */
   if (st == DA_SUCCESS && rbytes) st = da_transport_mpi.exchange_start(inner(xp), NULL, 0, dst, rhost, rbytes, src, tag,
                                                                         step, &q->rmpi);
   if (st == DA_SUCCESS && sbytes) {
     st = ev_get(m, &q->d2h);
-    if (st == DA_SUCCESS) st = d->copy_async(q->shost, sbuf, sbytes, m->cs);
-    if (st == DA_SUCCESS) st = d->event_record(q->d2h, m->cs);
+    if (st == DA_SUCCESS) st = d->stream_wait_event(m->ds, q->start);
+    if (st == DA_SUCCESS) st = d->copy_async(q->shost, sbuf, sbytes, m->ds);
+    if (st == DA_SUCCESS) st = d->event_record(q->d2h, m->ds);
     if (st != DA_SUCCESS)
       st = DA_ERR_WRAP(st, "rank %d %s step %d: the message to rank %d out of device memory", xp->rank, xp->phase, step,
                        dst);
@@ -317,7 +324,7 @@ static da_status_t staged_exchange_start(da_xport_t *xp, const void *sbuf, size_
 }
 
 /* Post the sends whose copy out of the device completed, in start order: a send waits for every
- * send started before it (the copies complete in that order anyway, on one stream). */
+ * send started before it (the copies complete in that order anyway, on one stream, ds). */
 static da_status_t post_sends(da_xport_t *xp) {
   staged_t *m = impl(xp);
   for (da_xreq_t *q = m->head; q; q = q->next) {
@@ -357,8 +364,9 @@ static da_status_t advance(da_xport_t *xp, da_xreq_t *q) {
     DA_CHECK(inner_done(xp, &q->rmpi, &f));
     if (f) {
       da_status_t st = ev_get(m, &q->h2d);
-      if (st == DA_SUCCESS) st = m->d->copy_async(q->rdev, q->rhost, q->rbytes, m->cs);
-      if (st == DA_SUCCESS) st = m->d->event_record(q->h2d, m->cs);
+      if (st == DA_SUCCESS) st = m->d->stream_wait_event(m->hs, q->start); /* rbuf's last readers */
+      if (st == DA_SUCCESS) st = m->d->copy_async(q->rdev, q->rhost, q->rbytes, m->hs);
+      if (st == DA_SUCCESS) st = m->d->event_record(q->h2d, m->hs);
       if (st != DA_SUCCESS)
         return DA_ERR_WRAP(st, "rank %d %s step %d: the message from rank %d into device memory", xp->rank, xp->phase,
                            q->step, q->src);

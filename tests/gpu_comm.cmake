@@ -31,6 +31,17 @@ if(TARGET distattn AND COMMAND da_run_cli)
              ARGS --algo ulysses --seq 1000 --heads 2 --dim 64)
   da_run_cli(cli_device_cuda_no_gpu 2 2 ERR_RE "--device cuda: .*CUDA"
              ARGS --seq 1000 --heads 2 --dim 64 --device cuda --dtype bf16)
+  # The staged mpi transport (comm/staged.c): on the host seam (host-mpi) a verified run, forward and
+  # backward, its pinned staging in the table's note and the JSON; --device cuda --transport mpi (the
+  # staged cuda-mpi) without a GPU fails fast on every rank naming CUDA, exit 2, like the default.
+  da_run_cli(cli_transport_staged_run 3 0
+             OUT_RE "transport: host-mpi \\(host seam memory: a test device, staged through pinned host buffers\\).*dev_MB.*# pinned: [0-9.]+ MiB of pinned host staging per rank.*# wrong: 0.# PASS"
+             JSON ${CMAKE_CURRENT_BINARY_DIR}/cli_staged_run.jsonl
+             JSON_RE "\"algo\":\"zigzag\",\"ranks\":3,.*\"wrong\":0,.*\"transport\":\"host-mpi\",\"peak_device_bytes\":[1-9][0-9]*,\"peak_pinned_bytes\":[1-9][0-9]*"
+             ARGS --algo zigzag --seq 1001 --heads 4 --kv-heads 2 --dim 64 --mask causal --dtype bf16 --backward
+                  --verify 4 --iters 1 --warmup 0 --transport host-mpi --json ${CMAKE_CURRENT_BINARY_DIR}/cli_staged_run.jsonl)
+  da_run_cli(cli_device_cuda_mpi_no_gpu 2 2 ERR_RE "--device cuda: .*CUDA"
+             ARGS --seq 1000 --heads 2 --dim 64 --device cuda --dtype bf16 --transport mpi)
   da_run_cli(cli_transport_unknown 2 2 ENV DISTATTN_TRANSPORT=bogus
              ERR_RE "DISTATTN_TRANSPORT=bogus: expected one of mpi\\|self\\|cuda-ipc\\|nccl\\|host-ipc"
              ARGS --seq 1000 --heads 2 --dim 64)
@@ -63,6 +74,10 @@ if(TARGET distattn AND COMMAND da_run_cli AND COMMAND da_decode_cli)
   da_decode_cli(cli_decode_device_tree_host_ipc 3 0
                 OUT_RE "combine: device tree on host-ipc \\(host memory\\).*# wrong: 0.# PASS"
                 ARGS --context 1001 --batch 2 --heads 8 --kv-heads 2 --dim 64 --steps 3 --verify 8 --transport host-ipc)
+  # The same over the staged mpi transport: partials copied to pinned host memory, reduced by MPI.
+  da_decode_cli(cli_decode_device_tree_host_mpi 3 0
+                OUT_RE "transport: host-mpi \\(staged through pinned host buffers\\).*combine: device tree on host-mpi \\(host memory\\).*# wrong: 0.# PASS"
+                ARGS --context 1001 --batch 2 --heads 8 --kv-heads 2 --dim 64 --steps 3 --verify 8 --transport host-mpi)
   da_decode_cli(cli_decode_transport_refused 2 2
                 ERR_RE "decode config: on the host-ipc transport \\(device memory\\) only the flat tree is built"
                 ARGS --context 1000 --heads 2 --dim 64 --transport host-ipc --algo ring)
