@@ -49,7 +49,7 @@ typedef struct {
   int nvar;
   variant_t var[NPLANS];
   int64_t window;     /* > 0: sliding window (with causal) */
-  const char *transport; /* NULL: mpi (host memory); "host-ipc": the device tree on the host seam
+  const char *transport; /* NULL: mpi (host memory); "host-ipc" / "host-mpi": the device tree on the host seam
                             (pages and partials in the host device table's memory, two device
                             allreduces) for the cache and every plan */
 } tcase_t;
@@ -356,7 +356,7 @@ START_TEST(matrix) {
 }
 END_TEST
 
-/* The device tree on the host seam (host-ipc: pages and partials in the host device table's shared
+/* The device tree on the host seam (host-ipc and host-mpi: pages and partials in the host device table's
  * memory, the merge as a max allreduce then a sum allreduce through the transport's device
  * allreduce), against the float64 reference: GQA, MQA, uneven and empty shards, bf16, several
  * tokens per step, a root; and against the host tree on the same problem (variants must agree). */
@@ -372,13 +372,20 @@ START_TEST(device) {
        {V_TREE}, 40, "host-ipc"},
       {"device weighted", 2, 4, 2, 32, DA_FLOAT32, {120, 33}, DA_ALGO_RING, 1, 5, 2, 1, 1, 1, {V_TREE}, 0, "host-ipc"},
   };
+  /* Each case on the cuda-ipc protocol and on the staged mpi one (comm/staged.c: the partials
+   * copied to pinned host memory, reduced by MPI, copied back). */
+  static const char *const transports[2] = {"host-ipc", "host-mpi"};
   int fails = 0, n = (int)(sizeof cases / sizeof cases[0]);
-  for (int i = 0; i < n; i++) {
-    tcase_t c = cases[i];
-    if (!strcmp(c.name, "device uneven 1000+P-1")) c.lens[0] = 1000 + g_size - 1;
-    fails += run_case(&c);
-  }
-  ck_assert_msg(fails == 0, "%d failures over %d cases (details on stderr)", fails, n);
+  for (int t = 0; t < 2; t++)
+    for (int i = 0; i < n; i++) {
+      tcase_t c = cases[i];
+      char name[128];
+      snprintf(name, sizeof name, "%s (%s)", c.name, transports[t]);
+      if (!strcmp(c.name, "device uneven 1000+P-1")) c.lens[0] = 1000 + g_size - 1;
+      c.name = name, c.transport = transports[t];
+      fails += run_case(&c);
+    }
+  ck_assert_msg(fails == 0, "%d failures over %d cases (details on stderr)", fails, 2 * n);
 }
 END_TEST
 
