@@ -899,6 +899,51 @@ START_TEST(dev_refusals) {
 }
 END_TEST
 
+/* Deadlines on a device transport: half the ranks run a forward, half a backward, so no message
+ * matches; every rank must time out within its deadline naming the peer and the step (for
+ * host-mpi also the stage that did not finish), and a new plan must work afterwards. */
+START_TEST(dev_timeout) {
+  if (g_size == 1) return;
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.seq = 64, prob.heads = 2, prob.kv_heads = 1, prob.dim = 16;
+  da_plan_config_t cfg = DA_PLAN_CONFIG_INITIALIZER;
+  cfg.timeout = 2, cfg.transport = g_dev_transport;
+  da_plan_t *plan = NULL;
+  ck_assert(tu_all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  const int64_t n = da_plan_local_rows(plan);
+  tcase_t c = {.device = 1};
+  float *buf = talloc(&c, (size_t)(n + 1) * 32 * 8 * sizeof(float)), *lse = talloc(&c, (size_t)(n + 1) * 2 * sizeof(float));
+  ck_assert(buf && lse);
+  memset(buf, 0, (size_t)(n + 1) * 32 * 8 * sizeof(float));
+  for (int64_t i = 0; i < (n + 1) * 2; i++) lse[i] = 1.0f;
+  da_tensor_t q, k, o, l;
+  const int64_t shq[3] = {n, 2, 16}, shk[3] = {n, 1, 16}, shl[2] = {n, 2};
+  da_tensor_make(&q, buf, DA_FLOAT32, 3, shq), da_tensor_make(&k, buf + (n + 1) * 32, DA_FLOAT32, 3, shk);
+  da_tensor_make(&o, buf + (n + 1) * 64, DA_FLOAT32, 3, shq), da_tensor_make(&l, lse, DA_FLOAT32, 2, shl);
+  /* One backward on every rank first: device mode registers its buffers with the transport on
+   * first use, collectively, and the mismatch below is meant to meet the exchanges. */
+  ck_assert(tu_all_equal_status(da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_plan_bwd(plan, &q, &k, &k, &o, &o, &l, &o, &k, &k, NULL), DA_SUCCESS));
+  double t0 = MPI_Wtime();
+  da_status_t st = g_rank % 2 ? da_plan_bwd(plan, &q, &k, &k, &o, &o, &l, &o, &k, &k, NULL)
+                              : da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL);
+  double dt = MPI_Wtime() - t0;
+  const char *msg = da_last_error(g_ctx);
+  int ok = st == DA_ERR_TIMEOUT && strstr(msg, " step ") && (strstr(msg, "from rank") || strstr(msg, "to rank")) &&
+           (strcmp(g_dev_transport, "host-mpi") || strstr(msg, "no message arrived") || strstr(msg, "did not take it"));
+  if (!ok || g_rank == 0) fprintf(stderr, "rank %d: %s: %s\n", g_rank, da_status_string(st), msg);
+  int all = 0;
+  MPI_Allreduce(&ok, &all, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  ck_assert_msg(all, "mixed fwd/bwd calls must time out on every rank naming the peer and step");
+  ck_assert_msg(dt < 15, "timeout took %.1f s", dt);
+  da_plan_free(plan);
+  ck_assert(tu_all_equal_status(da_plan_create(g_comm, &prob, &cfg, &plan), DA_SUCCESS));
+  ck_assert(tu_all_equal_status(da_plan_fwd(plan, &q, &k, &k, &o, &l, NULL), DA_SUCCESS));
+  da_plan_free(plan);
+  tfree(&c, buf), tfree(&c, lse);
+}
+END_TEST
+
 /* Planted mistakes are caught: with one ordering step of the driver left out
  * (DISTATTN_TEST_RING_SKIP), the same case that passes in dev_matrix gives wrong rows. `sync`: the
  * host kernels no longer drain the stream first, so they read the packed block before the
@@ -957,7 +1002,8 @@ int main(int argc, char **argv) {
       {"bad_args", bad_args}, {"mismatch", mismatch}, {"timeout", timeout}, {"plan_figures", plan_figures},
       {"link_hook", link_hook}, {"edges", edges}, {"matrix_small", matrix_small}, {"matrix_uneven", matrix_uneven}};
   const tu_test_t dev_tests[] = {
-      {"dev_refusals", dev_refusals}, {"dev_memory", dev_memory}, {"dev_planted", dev_planted}, {"dev_matrix", dev_matrix}};
+      {"dev_refusals", dev_refusals}, {"dev_memory", dev_memory}, {"dev_planted", dev_planted},
+      {"dev_timeout", dev_timeout},   {"dev_matrix", dev_matrix}};
   if (device) tu_add_tests(tc, dev_tests, sizeof dev_tests / sizeof dev_tests[0]);
   else tu_add_tests(tc, host_tests, sizeof host_tests / sizeof host_tests[0]);
   suite_add_tcase(s, tc);
