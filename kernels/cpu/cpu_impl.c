@@ -1075,17 +1075,19 @@ typedef struct {
 
 static inline vf dec_ld_bf(const uint16_t *p) { return vload_dt(p, 1, W); }
 static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
-/* Blocking per chunk size: keys per QK step 4, 4, 2, 2 and vectors per PV step 8, 4, 2, 2 for 1, 2,
- * 3, 4 heads: up to 8 accumulators, independent FMA chains that cover most of the FMA latency,
+/* Blocking per chunk size: keys per QK step 4, 4, 2, 2 and vectors per PV step 16, 4, 2, 2 for 1,
+ * 2, 3, 4 heads: up to 8 accumulators (independent FMA chains that cover most of the FMA latency)
  * plus the loaded operands within 16 registers (an operand used once is folded into its FMA).
- * Measured on Zen 3 (bench/results/decode-zen3.md): 8 keys for one head and 16 vectors per PV
- * step did not pay. */
+ * One head is memory-bound: its PV takes a whole D-128 row per key (16 accumulators, one
+ * spilled at most), since walking the V rows in two column passes measured 5-10% slower on
+ * Zen 3 (the rows are no longer read in address order); 8 keys per QK step did not pay either
+ * (bench/results/decode-zen3.md). */
 #define DEC_FNS(S, T, LD)                                                                                        \
   DEC_QK(dec_qk1_##S, 1, 4, T, LD)                                                                               \
   DEC_QK(dec_qk2_##S, 2, 4, T, LD)                                                                               \
   DEC_QK(dec_qk3_##S, 3, 2, T, LD)                                                                               \
   DEC_QK(dec_qk4_##S, 4, 2, T, LD)                                                                               \
-  DEC_PV(dec_pv1_##S, 1, 8, T, LD)                                                                               \
+  DEC_PV(dec_pv1_##S, 1, 16, T, LD)                                                                              \
   DEC_PV(dec_pv2_##S, 2, 4, T, LD)                                                                               \
   DEC_PV(dec_pv3_##S, 3, 2, T, LD)                                                                               \
   DEC_PV(dec_pv4_##S, 4, 2, T, LD)
