@@ -6,13 +6,15 @@
  * at 1 thread), process CPU time (all threads), the KV read rate those give, and ratio_membw_cpu:
  * the process CPU time of a plain streaming read of the same bytes with the same threads (from
  * DRAM too) over the decode's (1: the decode reads at the stream's rate). Not a test.
- *   da_decode_cputime CTX D H G fp32|bf16|fp16 THREADS REPS [warm]   (DISTATTN_CPU_ISA picks the level)
+ *   da_decode_cputime CTX D H G fp32|bf16|fp16 THREADS REPS [warm]   (DISTATTN_CPU_ISA picks the level,
+ *   DISTATTN_BENCH_HUGEPAGES=1 puts the cache in transparent huge pages)
  * warm: no eviction, and 100 calls per timing (a cache that fits the L2 then times the arithmetic
  * alone). */
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <omp.h>
+#include <sys/mman.h>
 #include <time.h>
 #include "dtype.h"
 #include "kernels.h"
@@ -35,6 +37,17 @@ static uint64_t stream_read(const char *a, const char *b, int64_t bytes, int T) 
     total += stream_sum((const uint64_t *)b + n * t / nt, n * (t + 1) / nt - n * t / nt);
   }
   return total;
+}
+
+/* The K or V cache: 2 MiB-aligned, and in transparent huge pages when DISTATTN_BENCH_HUGEPAGES=1
+ * (an experiment: 4 KiB pages cost a TLB miss and stop the hardware prefetchers every 8 fp32
+ * rows of D 128). */
+static char *cache_alloc(size_t bytes) {
+  const size_t a = 2u << 20;
+  char *p = aligned_alloc(a, (bytes + a - 1) / a * a);
+  const char *e = getenv("DISTATTN_BENCH_HUGEPAGES");
+  if (p && e && !strcmp(e, "1")) madvise(p, (bytes + a - 1) / a * a, MADV_HUGEPAGE);
+  return p;
 }
 
 static double cpu_s(clockid_t c) {
@@ -62,7 +75,7 @@ int main(int argc, char **argv) {
     return 1;
   }
   const size_t es = da_dtype_size(dt), row = (size_t)G * D * es;
-  char *k = malloc((size_t)S * row), *v = malloc((size_t)S * row), *q = malloc((size_t)H * D * es);
+  char *k = cache_alloc((size_t)S * row), *v = cache_alloc((size_t)S * row), *q = malloc((size_t)H * D * es);
   const size_t nflush = 64u << 20; /* twice the 32 MiB L3 */
   volatile char *flush = malloc(nflush);
   float *o = malloc((size_t)H * D * 4), *lse = malloc((size_t)H * 4);
