@@ -974,7 +974,7 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
  * state and all sums are fp32. */
 
 #define DEC_BK 32 /* keys per block: the block's K rows stay in L1 across the head chunks of a group */
-#define DEC_PF 32 /* prefetch distance, in key rows (the next block: about 2 us of reads ahead at 2 x D x 4 bytes per row) */
+#define DEC_PF 32 /* prefetch distance in key rows: the next block's (64 measured no better) */
 #define DEC_NH 4  /* query heads per register block (the 16 AVX2 registers hold 8 accumulators) */
 _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vectors (the softmax reads them so)");
 
