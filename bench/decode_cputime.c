@@ -39,14 +39,15 @@ static uint64_t stream_read(const char *a, const char *b, int64_t bytes, int T) 
   return total;
 }
 
-/* The K or V cache: 2 MiB-aligned, and in transparent huge pages when DISTATTN_BENCH_HUGEPAGES=1
- * (an experiment: 4 KiB pages cost a TLB miss and stop the hardware prefetchers every 8 fp32
- * rows of D 128). */
+/* The K or V cache: exactly its bytes (so that memcheck sees a read past the last row), or, with
+ * DISTATTN_BENCH_HUGEPAGES=1, 2 MiB-aligned in transparent huge pages (an experiment: 4 KiB pages
+ * cost a TLB miss and stop the hardware prefetchers every 8 fp32 rows of D 128). */
 static char *cache_alloc(size_t bytes) {
-  const size_t a = 2u << 20;
-  char *p = aligned_alloc(a, (bytes + a - 1) / a * a);
   const char *e = getenv("DISTATTN_BENCH_HUGEPAGES");
-  if (p && e && !strcmp(e, "1")) madvise(p, (bytes + a - 1) / a * a, MADV_HUGEPAGE);
+  if (!e || strcmp(e, "1")) return malloc(bytes);
+  const size_t a = 2u << 20, n = (bytes + a - 1) / a * a;
+  char *p = aligned_alloc(a, n);
+  if (p) madvise(p, n, MADV_HUGEPAGE);
   return p;
 }
 
