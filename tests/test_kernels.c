@@ -1202,6 +1202,50 @@ START_TEST(test_bf16_levels) {
   }
 }
 END_TEST
+
+/* ---- decode: GQA group sizes through the grouped kernels --------------------------------------
+ * The CPU decode runs the query heads of a group in register blocks of 1 to 4 heads (a group of
+ * 5 is a block of 4 and one of 1, 12 is three of 4), reads rows of whole vectors in place in
+ * their dtype and converts the others (D 33, 72 at W 8). Loop index: level (avx2, generic) x
+ * group size (1, 2, 3, 4, 5, 8, 12, 16) x dtype; two problems each (D 128, and one of 33, 256,
+ * 72, 8), odd cache lengths in pages of random sizes (own buffers, or the striped pages read in
+ * place), 1 to 3 query rows, every mask; within the dtype's tolerance of float64, outputs
+ * poisoned before the call. */
+START_TEST(test_decode_groups) {
+  static const char *isa[2] = {"avx2", "generic"};
+  static const int reps[8] = {1, 2, 3, 4, 5, 8, 12, 16};
+  const int lv = _i / 24, rep = reps[(_i % 24) / 3];
+  const da_dtype_t dt = dtypes[_i % 3];
+  setenv("DISTATTN_CPU_ISA", isa[lv], 1);
+  da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f};
+  if (backend()->supports(&probe) != DA_SUCCESS) {
+    printf("# cpu: ISA level %s not available here: %s\n", isa[lv], da_error_message());
+    return;
+  }
+  for (int t = 0; t < 2; t++) {
+    uint64_t rs = tu_seed(9900 + (uint64_t)(_i * 2 + t));
+    const int D = t == 0 ? 128 : (int[]){33, 256, 72, 8}[(_i / 3 + lv) % 4];
+    const int G = rep >= 8 ? 1 : 2, H = G * rep, mkind = (_i + t) % TU_NMASKS;
+    const int64_t S = tu_rand(&rs, 200, 700) | 1, T = tu_rand(&rs, 1, 3);
+    kc_t c;
+    kc_init(&c, H, G, D, dt, da_span(S - T, 1, T), da_span(0, 1, S), S, mkind, &rs, tu_seed(rs));
+    strncat(c.desc, " isa ", sizeof c.desc - strlen(c.desc) - 1);
+    strncat(c.desc, isa[lv], sizeof c.desc - strlen(c.desc) - 1);
+    if (!supported(&c.p)) {
+      kc_free(&c);
+      continue;
+    }
+    kc_ref_fwd(&c);
+    double *o = dalloc(T * H * D), *l = dalloc(T * H);
+    for (int mode = SPLIT_WHOLE; mode <= SPLIT_STRIPED; mode++) {
+      run_decode(&c, &c.p, mode, &rs, o, l);
+      CHECK_FWD(&c, o, l, tu_tol(dt), mode == SPLIT_WHOLE ? "decode one page" : mode == SPLIT_CHUNKS ? "decode pages" : "decode striped pages");
+    }
+    tb_free(o), tb_free(l);
+    kc_free(&c);
+  }
+}
+END_TEST
 #endif /* TB_CPU */
 
 /* acc_store (the device ring's dK/dV folds and gradient stores): dst = x + y and dst = x, in each
@@ -1282,6 +1326,7 @@ static Suite *kernels_suite(void) {
 #ifdef TB_CPU
   tcase_add_loop_test(tc, test_isa_levels, 0, 5);
   tcase_add_loop_test(tc, test_bf16_levels, 0, 4 * TU_NMASKS);
+  tcase_add_loop_test(tc, test_decode_groups, 0, 2 * 24);
 #endif
   suite_add_tcase(s, tc);
   return s;

@@ -961,189 +961,203 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
   return DA_SUCCESS;
 }
 
-/* ---- decode --------------------------------------------------------------------------------- */
+/* ---- decode ---------------------------------------------------------------------------------
+ * One or a few new query rows against a long KV cache: the cost is reading the cache, so every
+ * K and V row is read from memory once per query row and KV head, whatever the number of query
+ * heads that share it (GQA). The query heads of a group share each K/V row while it is in
+ * registers: the scores of a block are a small (heads x D) by (D x keys) product, register-blocked
+ * so that each loaded K vector feeds an FMA for every head of a chunk of DEC_NH heads (and each
+ * Q vector one for every key of a pair or quad), and the output is the (heads x keys) by
+ * (keys x D) product blocked the same way over V. Rows are read in place in their storage dtype
+ * (bf16 and fp16 at half the bytes, widened in registers) when the head dim is whole vectors,
+ * and converted once per block for the whole group otherwise. The online softmax, the running
+ * state and all sums are fp32. */
 
-#define DEC_BK 32 /* keys per block inside a split: K and V rows of a block stay in L1 across the heads of a group */
+#define DEC_BK 32 /* keys per block: the block's K rows stay in L1 across the head chunks of a group */
+#define DEC_PF 32 /* prefetch distance in key rows: the next block's (64 measured no better) */
+#define DEC_NH 4  /* query heads per register block (the 16 AVX2 registers hold 8 accumulators) */
+_Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vectors (the softmax reads them so)");
 
-/* Specialized on NVEC = head dim / W (a compile-time constant, so accumulators stay in
- * registers): s[j] = q . K[j] for j in [lo, hi], and o = o * alpha + sum_j w[j] V[j]. K and V
- * are rows of T (fp32, or bf16 widened in registers) of stride ld, whole vectors (fp32 rows
- * converted and zero-padded beforehand where the head dim is not). */
-#define DEC_KERNELS_T(NAME, NVEC, T, LD)                                                           \
-  static void dec_qk_##NAME(const float *qv, const void *kp, int64_t ld, int64_t lo, int64_t hi,  \
-                            float *s, int pf) {                                                    \
-    const T *k = (const T *)kp;                                                                    \
-    vf q[NVEC];                                                                                    \
-    _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) q[x] = vload(qv + x * W);             \
-    int64_t j = lo;                                                                                \
-    if (NVEC <= 16)                                                                                \
-      for (; j + 3 <= hi; j += 4) { /* four keys, four independent chains, one reduction */        \
-        const T *k0 = k + j * ld, *k1 = k0 + ld, *k2 = k1 + ld, *k3 = k2 + ld;                     \
-        if (pf) /* the rows of the next block, while this one computes */                          \
-          _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) if ((x * W * sizeof(T)) % 64 == 0) { \
-            __builtin_prefetch(k0 + DEC_BK * ld + x * W), __builtin_prefetch(k1 + DEC_BK * ld + x * W); \
-            __builtin_prefetch(k2 + DEC_BK * ld + x * W), __builtin_prefetch(k3 + DEC_BK * ld + x * W); \
-          }                                                                                        \
-        vf a0 = vmul(q[0], LD(k0)), a1 = vmul(q[0], LD(k1));                                 \
-        vf a2 = vmul(q[0], LD(k2)), a3 = vmul(q[0], LD(k3));                                 \
-        _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                  \
-          a0 = vfma(q[x], LD(k0 + x * W), a0), a1 = vfma(q[x], LD(k1 + x * W), a1);          \
-          a2 = vfma(q[x], LD(k2 + x * W), a2), a3 = vfma(q[x], LD(k3 + x * W), a3);          \
-        }                                                                                          \
-        vhsum4(a0, a1, a2, a3, s + j);                                                             \
-      }                                                                                            \
-    for (; j <= hi; j++) {                                                                         \
-      const T *kr = k + j * ld;                                                                    \
-      vf a0 = vmul(q[0], LD(kr)), a1 = vzero();                                                 \
-      _Pragma("GCC unroll 16") for (int x = 1; x < NVEC; x++) {                                    \
-        if (x & 1) a1 = vfma(q[x], LD(kr + x * W), a1);                                         \
-        else a0 = vfma(q[x], LD(kr + x * W), a0);                                               \
-      }                                                                                            \
-      s[j] = vhsum(vadd(a0, a1));                                                                  \
-    }                                                                                              \
-  }                                                                                                \
-  static void dec_pv_##NAME(float *o, float alpha, const float *w, int64_t lo, int64_t hi,        \
-                            const void *vp, int64_t ld, int pf) {                                  \
-    const T *v = (const T *)vp;                                                                    \
-    vf acc[NVEC];                                                                                  \
-    const vf va = vset1(alpha);                                                                    \
-    _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vmul(vload(o + x * W), va);  \
-    for (int64_t j = lo; j <= hi; j++) {                                                           \
-      const T *vr = v + j * ld;                                                                    \
-      const vf pj = vset1(w[j]);                                                                   \
-      if (pf) _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) if ((x * W * sizeof(T)) % 64 == 0) __builtin_prefetch(vr + DEC_BK * ld + x * W); \
-      _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) acc[x] = vfma(pj, LD(vr + x * W), acc[x]); \
-    }                                                                                              \
-    _Pragma("GCC unroll 16") for (int x = 0; x < NVEC; x++) vstore(o + x * W, acc[x]);             \
-  }
-#define DEC_KERNELS(NVEC) DEC_KERNELS_T(NVEC, NVEC, float, vload)
-/* bf16 rows widened in registers (half the bytes, no converted copy): the shipped head dims 64
- * and 128 only. */
-static inline vf vload_bfw(const uint16_t *p) { return vload_dt(p, 1, W); }
-#define DEC_KERNELS_BF(NVEC) DEC_KERNELS_T(bf_##NVEC, NVEC, uint16_t, vload_bfw)
-DEC_KERNELS(1)
-DEC_KERNELS(2)
-DEC_KERNELS(3)
-DEC_KERNELS(4)
-DEC_KERNELS(5)
-DEC_KERNELS(6)
-DEC_KERNELS(8)
-DEC_KERNELS(16)
-DEC_KERNELS(32)
-DEC_KERNELS(64)
-
-#if W == 4
-DEC_KERNELS_BF(16)
-DEC_KERNELS_BF(32)
-#define DEC_BF64 bf_16
-#define DEC_BF128 bf_32
-#elif W == 8
-DEC_KERNELS_BF(8)
-DEC_KERNELS_BF(16)
-#define DEC_BF64 bf_8
-#define DEC_BF128 bf_16
-#else
-DEC_KERNELS_BF(4)
-DEC_KERNELS_BF(8)
-#define DEC_BF64 bf_4
-#define DEC_BF128 bf_8
-#endif
-
-typedef void (*dec_qk_fn)(const float *, const void *, int64_t, int64_t, int64_t, float *, int);
-typedef void (*dec_pv_fn)(float *, float, const float *, int64_t, int64_t, const void *, int64_t, int);
-
-/* The bf16 in-place kernels for head dim D (64 or 128); 0 for other dims (rows are converted). */
-static int dec_pick_bf(int D, dec_qk_fn *qk, dec_pv_fn *pv) {
-  if (D == 64) *qk = DA_CAT(dec_qk_, DEC_BF64), *pv = DA_CAT(dec_pv_, DEC_BF64);
-  else if (D == 128) *qk = DA_CAT(dec_qk_, DEC_BF128), *pv = DA_CAT(dec_pv_, DEC_BF128);
-  else return 0;
-  return 1;
-}
-/* The smallest specialization covering nvec vectors (rows are zero-padded up to it). */
-static int dec_pick(int nvec, dec_qk_fn *qk, dec_pv_fn *pv) {
-  static const int sizes[] = {1, 2, 3, 4, 5, 6, 8, 16, 32, 64};
-  static const dec_qk_fn qks[] = {dec_qk_1, dec_qk_2, dec_qk_3, dec_qk_4, dec_qk_5,
-                                  dec_qk_6, dec_qk_8, dec_qk_16, dec_qk_32, dec_qk_64};
-  static const dec_pv_fn pvs[] = {dec_pv_1, dec_pv_2, dec_pv_3, dec_pv_4, dec_pv_5,
-                                  dec_pv_6, dec_pv_8, dec_pv_16, dec_pv_32, dec_pv_64};
-  _Static_assert(DA_CPU_MAX_DIM <= 64 * W, "decode specializations must cover the largest head dim");
+/* The horizontal sums of n vectors into out[0..n-1] (n a compile-time constant after inlining). */
+static inline void dec_sums(const vf *c, int n, float *out) {
   int i = 0;
-  while (sizes[i] < nvec) i++;
-  *qk = qks[i], *pv = pvs[i];
-  return sizes[i];
+  for (; i + 4 <= n; i += 4) vhsum4(c[i], c[i + 1], c[i + 2], c[i + 3], out + i);
+  for (; i < n; i++) out[i] = vhsum(c[i]);
 }
 
+/* Scores of NH heads against keys [lo, hi]: S[h * lds + j] = Q[h * ldq ..] . K[j * ldk ..] over
+ * nvec vectors (h < NH). K rows of T, read with LD (fp32, or 16-bit widened in registers). KB keys
+ * at a time: per vector step, KB K loads and NH Q loads (L1) feed NH * KB FMAs into independent
+ * accumulators. Bytes [pb0, pb1) of each row DEC_PF keys ahead are prefetched (none: pb0 = pb1). */
+#define DEC_QK(NAME, NH, KB, T, LD)                                                                              \
+  static void NAME(int nvec, const float *restrict Q, int64_t ldq, const void *kp, int64_t ldk, int64_t lo,     \
+                   int64_t hi, float *restrict S, int lds, int pb0, int pb1) {                                  \
+    const T *K = (const T *)kp;                                                                                  \
+    int64_t j = lo;                                                                                              \
+    for (; j + KB - 1 <= hi; j += KB) {                                                                          \
+      const T *kr = K + j * ldk;                                                                                 \
+      vf c[NH * KB];                                                                                             \
+      _Pragma("GCC unroll 16") for (int i = 0; i < NH * KB; i++) c[i] = vzero();                                \
+      for (int r = 0; r < KB; r++)                                                                               \
+        for (int b = pb0; b < pb1; b += 64) __builtin_prefetch((const char *)(kr + (r + DEC_PF) * ldk) + b);     \
+      for (int x = 0; x < nvec; x++) {                                                                           \
+        vf k[KB];                                                                                                \
+        _Pragma("GCC unroll 8") for (int r = 0; r < KB; r++) k[r] = LD(kr + r * ldk + x * W);                    \
+        _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                   \
+          const vf q = vload(Q + h * ldq + x * W);                                                               \
+          _Pragma("GCC unroll 8") for (int r = 0; r < KB; r++) c[h * KB + r] = vfma(q, k[r], c[h * KB + r]);     \
+        }                                                                                                        \
+      }                                                                                                          \
+      float t[NH * KB];                                                                                          \
+      dec_sums(c, NH * KB, t);                                                                                   \
+      _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++)                                                       \
+          _Pragma("GCC unroll 8") for (int r = 0; r < KB; r++) S[h * lds + j + r] = t[h * KB + r];               \
+    }                                                                                                            \
+    for (; j <= hi; j++) { /* the last keys, one at a time */                                                    \
+      const T *kr = K + j * ldk;                                                                                 \
+      vf c[NH];                                                                                                  \
+      _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) c[h] = vzero();                                       \
+      for (int x = 0; x < nvec; x++) {                                                                           \
+        const vf k = LD(kr + x * W);                                                                             \
+        _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) c[h] = vfma(vload(Q + h * ldq + x * W), k, c[h]);   \
+      }                                                                                                          \
+      float t[NH];                                                                                               \
+      dec_sums(c, NH, t);                                                                                        \
+      _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) S[h * lds + j] = t[h];                                \
+    }                                                                                                            \
+  }
 
-/* Decode with the query heads of a GQA group in the vector lanes (groups of W heads): each K and
- * V element is broadcast once against the W heads, so the scores S^T[key][head] = K Q^T and the
- * output O^T[d][head] += V^T P^T are the forward's register-tiled products with heads for
- * queries, the online softmax is lane-wise (no horizontal sums), and a K/V row is read once per
- * group, not once per head. Used when the group fills whole vectors (H / G a multiple of W);
- * otherwise one dot product per head (below) wastes no lanes.
- * Qt [Dv][W] the group's queries (log2 units), Ot [Dv][W] its unnormalized output, M, L [W];
- * K, V fp32 rows of stride ld (keys lo..hi, all visible to this query row); S [DEC_BK][W]. */
-static int dec_grouped(int rep) { return rep >= W && rep % W == 0; }
+/* NX vectors from x of the outputs of NH heads: O[h][x..] = O[h][x..] * alpha[h] + sum_j P[h][j] V[j][x..]:
+ * per key, NX V loads and NH broadcasts of P feed NH * NX FMAs. */
+#define DEC_PV_COLS(NH, NX, T, LD)                                                                               \
+  do {                                                                                                           \
+    vf c[NH][NX];                                                                                                \
+    _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                       \
+      const vf a = vset1(alpha[h]);                                                                              \
+      _Pragma("GCC unroll 16") for (int u = 0; u < NX; u++) c[h][u] = vmul(vload(O + h * ldo + (x + u) * W), a);  \
+    }                                                                                                            \
+    for (int64_t j = lo; j <= hi; j++) {                                                                         \
+      const T *vr = V + j * ldv + x * W;                                                                         \
+      if (x == 0)                                                                                                \
+        for (int b = pb0; b < pb1; b += 64) __builtin_prefetch((const char *)(V + (j + DEC_PF) * ldv) + b);      \
+      vf v[NX];                                                                                                  \
+      _Pragma("GCC unroll 16") for (int u = 0; u < NX; u++) v[u] = LD(vr + u * W);                                \
+      _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                     \
+        const vf p = vset1(P[h * ldp + j]);                                                                      \
+        _Pragma("GCC unroll 16") for (int u = 0; u < NX; u++) c[h][u] = vfma(p, v[u], c[h][u]);                   \
+      }                                                                                                          \
+    }                                                                                                            \
+    _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++)                                                         \
+        _Pragma("GCC unroll 16") for (int u = 0; u < NX; u++) vstore(O + h * ldo + (x + u) * W, c[h][u]);         \
+  } while (0)
 
-static void dec_group(int Dv, const float *restrict Qt, const float *K, int64_t ldk, const float *V, int64_t ldv,
-                      int64_t lo, int64_t hi, float *restrict Ot, float *restrict M, float *restrict L,
-                      float *restrict S, int pf) {
-  int64_t j = lo;
-  for (; j + R - 1 <= hi; j += R) { /* R keys at a time: R accumulators, Q^T rows from L1 */
-    vf c[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) c[r] = vzero();
-    const float *k0 = K + j * ldk;
-    for (int d = 0; d < Dv; d++) {
-      const vf qd = vload(Qt + d * W);
-#pragma GCC unroll 16
-      for (int r = 0; r < R; r++) c[r] = vfma(vset1(k0[r * ldk + d]), qd, c[r]);
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) vstore(S + (j - lo + r) * W, c[r]);
-    if (pf) /* the next block's K rows, while this one computes */
-      for (int r = 0; r < R; r++)
-        for (int d = 0; d < Dv; d += 64 / (int)sizeof(float)) __builtin_prefetch(k0 + (r + DEC_BK) * ldk + d);
+/* Outputs of NH heads over nvec vectors, XV vectors at a time (then one): O[h] = O[h] * alpha[h] +
+ * sum_{j in [lo, hi]} P[h * ldp + j] V[j]. V rows of T with stride ldv; O rows of stride ldo. Bytes
+ * [pb0, pb1) of each V row DEC_PF keys ahead are prefetched (in the first column step). */
+#define DEC_PV(NAME, NH, XV, T, LD)                                                                              \
+  static void NAME(int nvec, const float *restrict P, int ldp, const float *alpha, int64_t lo, int64_t hi,      \
+                   const void *vp, int64_t ldv, float *restrict O, int64_t ldo, int pb0, int pb1) {              \
+    const T *V = (const T *)vp;                                                                                  \
+    int x = 0;                                                                                                   \
+    for (; x + XV <= nvec; x += XV) DEC_PV_COLS(NH, XV, T, LD);                                                  \
+    for (; x < nvec; x++) DEC_PV_COLS(NH, 1, T, LD);                                                             \
   }
-  for (; j <= hi; j++) {
-    vf c0 = vzero(), c1 = vzero();
-    const float *kr = K + j * ldk;
-    for (int d = 0; d + 1 < Dv; d += 2)
-      c0 = vfma(vset1(kr[d]), vload(Qt + d * W), c0), c1 = vfma(vset1(kr[d + 1]), vload(Qt + (d + 1) * W), c1);
-    vstore(S + (j - lo) * W, vadd(c0, c1));
+
+typedef void (*dec_qk_fn)(int, const float *, int64_t, const void *, int64_t, int64_t, int64_t, float *, int, int,
+                          int);
+typedef void (*dec_pv_fn)(int, const float *, int, const float *, int64_t, int64_t, const void *, int64_t, float *,
+                          int64_t, int, int);
+/* The kernels of one storage dtype, for chunks of 1..DEC_NH heads ([nh - 1]). */
+typedef struct {
+  dec_qk_fn qk[DEC_NH];
+  dec_pv_fn pv[DEC_NH];
+} dec_fns_t;
+
+static inline vf dec_ld_bf(const uint16_t *p) { return vload_dt(p, 1, W); }
+static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
+/* Blocking per chunk size: keys per QK step 4, 4, 2, 2 and vectors per PV step 16, 4, 2, 2 for 1,
+ * 2, 3, 4 heads: up to 8 accumulators (independent FMA chains that cover most of the FMA latency)
+ * plus the loaded operands within 16 registers (an operand used once is folded into its FMA).
+ * One head is memory-bound: its PV takes a whole D-128 row per key (16 accumulators, one
+ * spilled at most), since walking the V rows in two column passes measured 5-10% slower on
+ * Zen 3 (the rows are no longer read in address order); 8 keys per QK step did not pay either
+ * (bench/results/decode-zen3.md). */
+#define DEC_FNS(S, T, LD)                                                                                        \
+  DEC_QK(dec_qk1_##S, 1, 4, T, LD)                                                                               \
+  DEC_QK(dec_qk2_##S, 2, 4, T, LD)                                                                               \
+  DEC_QK(dec_qk3_##S, 3, 2, T, LD)                                                                               \
+  DEC_QK(dec_qk4_##S, 4, 2, T, LD)                                                                               \
+  DEC_PV(dec_pv1_##S, 1, 16, T, LD)                                                                              \
+  DEC_PV(dec_pv2_##S, 2, 4, T, LD)                                                                               \
+  DEC_PV(dec_pv3_##S, 3, 2, T, LD)                                                                               \
+  DEC_PV(dec_pv4_##S, 4, 2, T, LD)
+DEC_FNS(f32, float, vload)
+DEC_FNS(bf16, uint16_t, dec_ld_bf)
+DEC_FNS(f16, uint16_t, dec_ld_f16)
+_Static_assert(DEC_NH == 4, "dec_fns lists one kernel per chunk size");
+/* Indexed by the storage dtype (da_dtype_t: fp32, bf16, fp16). */
+static const dec_fns_t dec_fns[3] = {
+    {{dec_qk1_f32, dec_qk2_f32, dec_qk3_f32, dec_qk4_f32}, {dec_pv1_f32, dec_pv2_f32, dec_pv3_f32, dec_pv4_f32}},
+    {{dec_qk1_bf16, dec_qk2_bf16, dec_qk3_bf16, dec_qk4_bf16}, {dec_pv1_bf16, dec_pv2_bf16, dec_pv3_bf16, dec_pv4_bf16}},
+    {{dec_qk1_f16, dec_qk2_f16, dec_qk3_f16, dec_qk4_f16}, {dec_pv1_f16, dec_pv2_f16, dec_pv3_f16, dec_pv4_f16}},
+};
+
+/* The online softmax of one head over the scores s[lo..hi] of a block (log2 units): updates the
+ * head's max *mo and sum *lr, turns s[lo..hi] into the weights 2^(s - max), and returns the
+ * factor alpha that rescales the head's output. A head that has seen no finite score yet gets
+ * weights 0 and alpha 1 (its output stays 0); a NaN score makes max, alpha and weights NaN, so
+ * the NaN reaches the output (test_nan_propagation). */
+static float dec_softmax(float *s, int64_t lo, int64_t hi, float *mo, float *lr) {
+  /* Whole vectors over [lo, hi] (s is DEC_BK long, a multiple of W): lanes outside it read -inf,
+   * so they drop out of the max and give exp2 = 0 in the sum. */
+  const int64_t v0 = lo & ~(int64_t)(W - 1), v1 = (hi + W) & ~(int64_t)(W - 1);
+  for (int64_t j = v0; j < lo; j++) s[j] = -INFINITY;
+  for (int64_t j = hi + 1; j < v1; j++) s[j] = -INFINITY;
+  vf vmx = vset1(-INFINITY), chk = vzero();
+  for (int64_t j = v0; j < v1; j += W) vmx = vmax(vmx, vload(s + j)), chk = vadd(chk, vload(s + j));
+  const float ck = vhsum(chk);
+  const float mx = ck != ck ? ck : vhmax(vmx); /* a NaN score (NaN input) makes the max NaN */
+  const float mn = mx > *mo || mx != mx ? mx : *mo;
+  if (mn == -INFINITY) {
+    for (int64_t j = lo; j <= hi; j++) s[j] = 0.0f;
+    return 1.0f;
   }
-  const int n = (int)(hi - lo + 1);
-  vf mx = vset1(-INFINITY), chk = vzero();
-  for (int t = 0; t < n; t++) mx = vmax(mx, vload(S + t * W)), chk = vadd(chk, vload(S + t * W));
-  /* A NaN score (NaN input) must make the head's max NaN, as in the per-head path: vmax may drop
-   * it, and a max left at -inf would read as "saw no key" in the final combine. 0 * chk is 0, or
-   * NaN where a score was NaN (or infinite). */
-  const vf mo = vload(M), mn = vadd(vmax(mx, mo), vmul(vzero(), chk));
-  const vf use = vreplace_eq(mn, -INFINITY, 0.0f); /* a head that has seen nothing yet: exp2(-inf) = 0 */
-  const vf alpha = vexp2(vsub(mo, use));
-  vstore(M, mn);
-  vf ls = vzero();
-  for (int t = 0; t < n; t++) {
-    const vf e = vexp2(vsub(vload(S + t * W), use));
-    vstore(S + t * W, e);
-    ls = vadd(ls, e);
+  const float alpha = exp2f(*mo - mn);
+  const vf vm = vset1(mn);
+  vf vs = vzero();
+  for (int64_t j = v0; j < v1; j += W) {
+    const vf e = vexp2(vsub(vload(s + j), vm));
+    vstore(s + j, e);
+    vs = vadd(vs, e);
   }
-  vstore(L, vfma(vload(L), alpha, ls));
-  for (int dr = 0; dr < Dv; dr += R) {
-    vf c[R];
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) c[r] = vmul(vload(Ot + (dr + r) * W), alpha);
-    for (int t = 0; t < n; t++) {
-      const vf pt = vload(S + t * W);
-      const float *vr = V + (lo + t) * ldv + dr;
-#pragma GCC unroll 16
-      for (int r = 0; r < R; r++) c[r] = vfma(vset1(vr[r]), pt, c[r]);
-    }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; r++) vstore(Ot + (dr + r) * W, c[r]);
+  *lr = *lr * alpha + vhsum(vs);
+  *mo = mn;
+  return alpha;
+}
+
+/* The rep query heads of one GQA group (one query row) against keys [lo, hi] of a block: q, o
+ * [rep][nvec * W] (log2-unit queries, unnormalized outputs), m, l [rep]; K, V rows as f reads
+ * them (strides ldk, ldv); S [rep][DEC_BK] and alpha [rep] scratch. All chunks' scores first (the
+ * K rows stay in L1 between chunks), then the softmax per head, then all chunks' outputs.
+ * pfb > 0: prefetch the first pfb bytes of the K and V rows DEC_PF keys ahead, spread over the
+ * chunks (each takes its share of the cache lines of every row) so that the memory requests
+ * run at an even rate beside the arithmetic rather than in one burst per block. */
+static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, const void *kb, int64_t ldk,
+                      const void *vb, int64_t ldv, int64_t lo, int64_t hi, float *o, float *m, float *l, float *S,
+                      float *alpha, int pfb) {
+  const int64_t Dv = (int64_t)nvec * W;
+  const int nc = (rep + DEC_NH - 1) / DEC_NH, nl = (pfb + 63) / 64; /* chunks, cache lines per row */
+  for (int c = 0; c < nc; c++) {
+    const int h = c * DEC_NH;
+    f->qk[imin(DEC_NH, rep - h) - 1](nvec, q + h * Dv, Dv, kb, ldk, lo, hi, S + h * DEC_BK, DEC_BK, nl * c / nc * 64,
+                                     nl * (c + 1) / nc * 64);
   }
-  if (pf)
-    for (int64_t t = lo; t <= hi; t++)
-      for (int d = 0; d < Dv; d += 64 / (int)sizeof(float)) __builtin_prefetch(V + (t + DEC_BK) * ldv + d);
+  for (int h = 0; h < rep; h++) alpha[h] = dec_softmax(S + h * DEC_BK, lo, hi, m + h, l + h);
+  for (int c = 0; c < nc; c++) {
+    const int h = c * DEC_NH;
+    f->pv[imin(DEC_NH, rep - h) - 1](nvec, S + h * DEC_BK, DEC_BK, alpha + h, lo, hi, vb, ldv, o + h * Dv, Dv,
+                                     nl * c / nc * 64, nl * (c + 1) / nc * 64);
+  }
 }
 
 /* The keys of a block (span ks, nb keys) that query position qp sees: indices [*lo, *hi] into
@@ -1160,37 +1174,6 @@ static void dec_row_range(const da_mask_t *m, int64_t qp, da_span_t ks, int nb, 
   }
 }
 
-/* One query head (qv [Dv], log2 units) against keys [lo, hi] of a block, one dot product per
- * key: scores into s [DEC_BK], the online softmax of the head's m, l, and o [Dv] rescaled plus
- * the weighted V rows. K, V rows as the qk, pv kernels read them (stride ldk, ldv). */
-static void dec_head(dec_qk_fn qk, dec_pv_fn pv, const float *qv, const void *kb, int64_t ldk, const void *vb,
-                     int64_t ldv, int64_t lo, int64_t hi, float *o, float *mo, float *lr, float *s, int pf) {
-  qk(qv, kb, ldk, lo, hi, s, pf);
-  /* Whole vectors over [lo, hi]: lanes outside it read -inf, so they drop out of the max and
-   * give exp2 = 0 in the sum. */
-  const int64_t v0 = lo & ~(int64_t)(W - 1), v1 = (hi + W) & ~(int64_t)(W - 1);
-  for (int64_t j = v0; j < lo; j++) s[j] = -INFINITY;
-  for (int64_t j = hi + 1; j < v1; j++) s[j] = -INFINITY;
-  vf vmx = vset1(-INFINITY), chk = vzero();
-  for (int64_t j = v0; j < v1; j += W) vmx = vmax(vmx, vload(s + j)), chk = vadd(chk, vload(s + j));
-  const float ck = vhsum(chk);
-  float mx = ck != ck ? ck : vhmax(vmx); /* a NaN score (NaN input) makes the max NaN */
-  const float mn = mx > *mo || mx != mx ? mx : *mo;
-  if (mn == -INFINITY) return;
-  const float alpha = exp2f(*mo - mn);
-  const vf vm = vset1(mn);
-  vf vs = vzero();
-  for (int64_t j = v0; j < v1; j += W) {
-    const vf e = vexp2(vsub(vload(s + j), vm));
-    vstore(s + j, e);
-    vs = vadd(vs, e);
-  }
-  const float sum = vhsum(vs);
-  *lr = *lr * alpha + sum;
-  *mo = mn;
-  pv(o, alpha, s, lo, hi, vb, ldv, pf);
-}
-
 /* Rows [lo, hi] of K and V (dtype dt, D elements from k0, v0, row strides ldk, ldv) as fp32 rows
  * of Dv (zero-padded) in kf, vf_. */
 static void dec_convert(const char *k0, int64_t ldk, const char *v0, int64_t ldv, int dt, int D, int Dv, int64_t lo,
@@ -1203,30 +1186,32 @@ static void dec_convert(const char *k0, int64_t ldk, const char *v0, int64_t ldv
     }
 }
 
+/* Per-split scratch of decode_range, in floats: converted K and V rows [DEC_BK][Dv] each, scores
+ * [rep][DEC_BK], alpha [rep] (rounded to 16 floats, so that every split's scratch stays aligned). */
+static size_t dec_scratch_floats(int Dv, int rep) {
+  return (2 * (size_t)DEC_BK * Dv + (size_t)rep * (DEC_BK + 1) + 15) / 16 * 16;
+}
+
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
- * o [nq][H][Dv] unnormalized (rows padded to Dv = nvec * W), m, l [nq][H]; kf, vf_ are
- * [DEC_BK][Dv] scratch for converted rows. Per block of keys and KV head, every query head of
- * the group reads the same K and V rows while they are in L1. */
-static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span_t qpos, const da_kvpage_t *pg,
-                         int64_t a, int64_t b, float *o, float *m, float *l, float *kf, float *vf_) {
-  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype;
-  dec_qk_fn qk;
-  dec_pv_fn pv;
-  dec_pick(Dv / W, &qk, &pv);
-  /* fp32 rows whose head dim is whole vectors are read in place; so are bf16 rows of the shipped
-   * head dims when each row serves one head (widened in registers: half the bytes and no
-   * converted copy); others are converted once per block for all the heads of the group. */
-  /* (Not with the grouped path, which reads fp32 rows: at the generic level W = 4, so a 4:1 group
-   * is grouped, and reading its bf16 rows as fp32 read past the page and gave garbage.) */
-  const int bfdirect = dt == 1 && rep <= 4 && !dec_grouped(rep) && dec_pick_bf(D, &qk, &pv);
-  const int direct = (dt == 0 && D == Dv) || bfdirect;
+ * qs, o [nq][H][Dv] (queries scaled, outputs unnormalized; rows padded to Dv = nvec * W), m, l
+ * [nq][H]; scr: dec_scratch_floats(Dv, H / G). Per block of keys, query row and KV head, the rep
+ * query heads of the group share every K and V row (dec_group). */
+static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_span_t qpos, const da_kvpage_t *pg,
+                         int64_t a, int64_t b, float *o, float *m, float *l, float *scr) {
+  const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype, Dv = nvec * W;
+  /* Rows are read in place, in their dtype, when the head dim is whole vectors; otherwise the
+   * last vector would run past the row (into the next head, or past the page), so the visible
+   * rows of a block are converted to zero-padded fp32 once for the whole group. */
+  const int direct = D == Dv;
+  const dec_fns_t *f = &dec_fns[direct ? dt : 0];
+  float *kf = scr, *vf_ = kf + (size_t)DEC_BK * Dv, *S = vf_ + (size_t)DEC_BK * Dv, *alpha = S + (size_t)rep * DEC_BK;
   const int64_t nq = qpos.count;
-  float s[DEC_BK * W] __attribute__((aligned(64))); /* scores of a block: [DEC_BK] or [DEC_BK][W] grouped */
   int64_t rlo[16], rhi[16];
-  memset(s, 0, sizeof s);
   for (int64_t j0 = a; j0 < b; j0 += DEC_BK) {
     const int nb = (int)lmin(DEC_BK, b - j0);
     const da_span_t ks = da_span_sub(pg->pos, j0, nb);
+    /* prefetch DEC_PF rows ahead (in-place rows only) while they are still keys of this range */
+    const int pfb = direct && j0 + DEC_BK + DEC_PF <= b ? Dv * (int)da_dtype_size(p->dtype) : 0;
     for (int64_t i0 = 0; i0 < nq; i0 += 16) {
       const int ni = (int)lmin(16, nq - i0);
       int64_t ulo = nb, uhi = -1; /* union of the query rows' visible ranges */
@@ -1237,28 +1222,17 @@ static void decode_range(const da_kparams_t *p, const float *qs, int Dv, da_span
       if (ulo > uhi) continue;
       for (int g = 0; g < G; g++) {
         const char *k0 = head_row(p, pg->k, pg->ldk, j0, g), *v0 = head_row(p, pg->v, pg->ldv, j0, g);
-        const void *kb = k0, *vb = v0; /* fp32 or (bfdirect) bf16 rows */
+        const void *kb = k0, *vb = v0;
         int64_t ldk = pg->ldk, ldv = pg->ldv;
         if (!direct) {
           dec_convert(k0, pg->ldk, v0, pg->ldv, dt, D, Dv, ulo, uhi, kf, vf_);
           kb = kf, vb = vf_, ldk = ldv = Dv;
         }
         for (int ii = 0; ii < ni; ii++) {
-          const int64_t i = i0 + ii, lo = rlo[ii], hi = rhi[ii];
-          if (lo > hi) continue;
-          /* prefetch the next block once per KV head (first query head), in-place rows only */
-          const int pf = direct && ii == 0 && j0 + 2 * DEC_BK <= b;
-          if (dec_grouped(rep)) { /* o, qs of a W-head group are [Dv][W] tiles (see decode) */
-            for (int h = g * rep; h < (g + 1) * rep; h += W) {
-              const int64_t x = (i * H + h) * (int64_t)Dv;
-              dec_group(Dv, qs + x, (const float *)kb, ldk, (const float *)vb, ldv, lo, hi, o + x, m + i * H + h,
-                        l + i * H + h, s, pf && h == g * rep); /* fp32 rows: bfdirect excludes grouping */
-            }
-            continue;
-          }
-          for (int h = g * rep; h < (g + 1) * rep; h++)
-            dec_head(qk, pv, qs + (i * H + h) * (int64_t)Dv, kb, ldk, vb, ldv, lo, hi, o + (i * H + h) * (int64_t)Dv,
-                     m + i * H + h, l + i * H + h, s, pf && h == g * rep);
+          if (rlo[ii] > rhi[ii]) continue;
+          const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
+          dec_group(f, nvec, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, alpha,
+                    ii == 0 ? pfb : 0); /* once per block and KV head: the first query row */
         }
       }
     }
@@ -1269,9 +1243,7 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
                           const da_kvpage_t *pages, int npages, float *o, float *lse, void *stream) {
   (void)stream;
   const int H = p->H, D = p->D, dt = (int)p->dtype;
-  dec_qk_fn qk_;
-  dec_pv_fn pv_;
-  const int Dp = dec_pick((D + W - 1) / W, &qk_, &pv_) * W; /* row length of the decode buffers */
+  const int nvec = (D + W - 1) / W, Dp = nvec * W; /* row length of the decode buffers */
   const int64_t nq = qpos.count, rows = nq * H;
   const size_t es = da_dtype_size(p->dtype);
   int64_t total = 0;
@@ -1280,27 +1252,20 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
   int64_t nsplit = (total + 255) / 256;
   if (nsplit > 4 * (int64_t)nthr) nsplit = 4 * (int64_t)nthr;
   if (nsplit < 1) nsplit = 1;
-  /* Per split: o [nq][H][D] + m, l [nq][H]; plus the queries scaled into log2 units. */
-  const size_t per = (size_t)rows * (Dp + 2);
-  const size_t scr = 2 * (size_t)DEC_BK * Dp; /* converted K and V rows, per split */
+  /* Per split: o [nq][H][Dp] + m, l [nq][H]; plus the queries scaled into log2 units. */
+  const size_t per = ((size_t)rows * (Dp + 2) + 15) / 16 * 16;
+  const size_t scr = dec_scratch_floats(Dp, H / p->G);
   float *buf = da_malloc((per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)nsplit) * sizeof(float), 64);
   if (!buf) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu decode: %lld splits", (long long)nsplit);
   float *qs = buf + per * (size_t)nsplit;
   const float c2 = p->scale * LOG2E;
-  /* Row (i, h) of qs and of each split's o: [Dp] at (i * H + h) * Dp, or, when the heads of a
-   * group share the lanes (dec_grouped), element d of head h at (i * H + h0) * Dp + d * W + h - h0
-   * with h0 = h rounded down to W: the same memory holds [Dp][W] tiles. */
-  const int grouped = dec_grouped(H / p->G);
-#define DEC_AT(i, h, d)                                                                                          (grouped ? ((i) * H + (h) / W * W) * (int64_t)Dp + (int64_t)(d) * W + (h) % W : ((i) * H + (h)) * (int64_t)Dp + (d))
-  for (int64_t i = 0; i < nq; i++)
-    for (int h = 0; h < H; h++)
-      for (int d = 0; d < Dp; d++)
-        qs[DEC_AT(i, h, d)] =
-            d < D ? c2 * da_load_f32((const char *)q + (size_t)(i * ldq + (int64_t)h * D) * es, dt, d) : 0.0f;
+  for (int64_t r = 0; r < rows; r++)
+    for (int d = 0; d < Dp; d++)
+      qs[r * Dp + d] = d < D ? c2 * da_load_f32((const char *)q + (size_t)((r / H) * ldq + (r % H) * D) * es, dt, d) : 0.0f;
 #pragma omp parallel for schedule(static) num_threads((int)lmin(nthr, nsplit))
   for (int64_t sp = 0; sp < nsplit; sp++) {
     float *so = buf + per * (size_t)sp, *sm = so + rows * Dp, *sl = sm + rows;
-    float *kf = buf + per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)sp;
+    float *ss = buf + per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)sp;
     memset(so, 0, (size_t)rows * Dp * sizeof(float));
     for (int64_t r = 0; r < rows; r++) sm[r] = -INFINITY, sl[r] = 0.0f;
     /* This split's keys: [total * sp / nsplit, total * (sp + 1) / nsplit) of the concatenation. */
@@ -1309,7 +1274,7 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
     for (int pi = 0; pi < npages && base < b; pi++) {
       const int64_t n = pages[pi].pos.count > 0 ? pages[pi].pos.count : 0;
       const int64_t x = a > base ? a - base : 0, y = b - base < n ? b - base : n;
-      if (x < y) decode_range(p, qs, Dp, qpos, &pages[pi], x, y, so, sm, sl, kf, kf + (size_t)DEC_BK * Dp);
+      if (x < y) decode_range(p, qs, nvec, qpos, &pages[pi], x, y, so, sm, sl, ss);
       base += n;
     }
   }
@@ -1321,28 +1286,24 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
       M = ms > M || ms != ms ? ms : M;
     }
     float *dst = o + r * D;
+    memset(dst, 0, (size_t)D * sizeof(float));
     if (M == -INFINITY) {
-      memset(dst, 0, (size_t)D * sizeof(float));
       if (lse) lse[r] = -INFINITY;
       continue;
     }
     float L = 0.0f;
-    memset(dst, 0, (size_t)D * sizeof(float));
     for (int64_t sp = 0; sp < nsplit; sp++) {
       const float *so = buf + per * (size_t)sp;
       const float ms = so[rows * Dp + r], ls = so[rows * Dp + rows + r];
       if (ms == -INFINITY) continue;
       const float wgt = M != M ? M : exp2f(ms - M);
       L += wgt * ls;
-      const int64_t i = r / H;
-      const int h = (int)(r % H);
-      for (int d = 0; d < D; d++) dst[d] += wgt * so[DEC_AT(i, h, d)];
+      for (int d = 0; d < D; d++) dst[d] += wgt * so[r * Dp + d];
     }
     const float inv = 1.0f / L; /* L > 0 here unless an input holds NaN, which then propagates */
     for (int d = 0; d < D; d++) dst[d] *= inv;
     if (lse) lse[r] = (M + log2f(L)) * LN2;
   }
-#undef DEC_AT
   da_free(buf);
   return DA_SUCCESS;
 }
