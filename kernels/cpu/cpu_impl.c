@@ -37,14 +37,17 @@
 #if defined(DA_SIMD_AVX512)
 #define NV 2
 #define TR 8
+#define TRC 8
 #define R 8
 #elif defined(DA_SIMD_AVX2)
 #define NV 3
 #define TR 4
+#define TRC 6
 #define R 8
 #else
 #define NV 2
 #define TR 4
+#define TRC 4
 #define R 4
 #endif
 #define QT (NV * W)  /* queries per micro-tile */
@@ -132,30 +135,33 @@ static inline const char *head_row(const da_kparams_t *p, const void *base, int6
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);           \
   }
 
-/* C[r*ldc + u*W ..] += sum_{i<QT/K} A[r*QT + K*i ..] . X[i*ldx + u*W ..]   (r < TR, u < NU).
+/* C[r*ldc + u*W ..] += sum_{i<QT/K} A[r*QT + K*i ..] . X[i*ldx + u*W ..]   (r < RC, u < NU).
  * dV += P^T dO and dK += dS^T Q: A rows are keys (lanes = queries), X rows are queries (or pairs
  * of queries). */
-#define DEF_GEMM_C(NAME, TA, TX, S)                                                                          \
+#define DEF_GEMM_C(NAME, TA, TX, S, RC)                                                                      \
   static __attribute__((noinline)) void NAME(const TA *restrict A, const TX *restrict X, int ldx,            \
                                              float *restrict C, int ldc) {                                   \
-    vf c[TR][NU];                                                                                             \
-    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                     \
+    vf c[RC][NU];                                                                                             \
+    _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++)                                                     \
         _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);          \
     for (int i = 0; i < QT / S##_K; i++) {                                                                   \
       S##_VT x[NU];                                                                                          \
       _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) x[u] = S##_LOAD(X + i * ldx + u * W);             \
-      _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++) {                                                 \
+      _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++) {                                                 \
         const S##_VT a = S##_BCAST(A + r * QT + S##_K * i);                                                  \
         _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = S##_MAC(c[r][u], a, x[u]);            \
       }                                                                                                      \
     }                                                                                                        \
-    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                     \
+    _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++)                                                     \
         _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);           \
   }
 
 DEF_GEMM_A(gemm_a, float, float, F32)
 DEF_GEMM_B(gemm_b, float, F32)
-DEF_GEMM_C(gemm_c, float, float, F32)
+DEF_GEMM_C(gemm_c, float, float, F32, TR)
+#if TRC != TR
+DEF_GEMM_C(gemm_c_wide, float, float, F32, TRC)
+#endif
 
 /* ---- packing -------------------------------------------------------------------------------- */
 
@@ -232,7 +238,7 @@ static void lane_ranges(const da_mask_t *m, da_span_t qs, int n, da_span_t ks, f
  * (pairs over queries as stored), X [QT/2][ldx] pairs. */
 DEF_GEMM_A(gemm_a_bf, uint16_t, uint32_t, BF)
 DEF_GEMM_B(gemm_b_bf, uint32_t, BF)
-DEF_GEMM_C(gemm_c_bf, uint16_t, uint32_t, BF)
+DEF_GEMM_C(gemm_c_bf, uint16_t, uint32_t, BF, TR)
 
 /* bf16 rows as stored -> [nrows][Dp], zero past D and for rows n..nrows-1 (the padding of the
  * source rows may hold anything: a neighbouring head, or NaN). */
@@ -806,6 +812,29 @@ static void bwd_softmax_grad(float *restrict S, float *restrict dP, int nk, int 
   }
 }
 
+/* dV += P^T dO and dK += dS^T Q over the nkr (a multiple of TR) key rows of the tile: blocks of
+ * TRC rows, in pairs, where the level has a wider gemm_c (AVX2: 6 x 2, 12 accumulators), then
+ * blocks of TR rows. */
+static void bwd_dkv_f32(const bwd_call_t *c, size_t x, int nkr, bwd_scratch_t *w) {
+  const int Dp = c->Dp;
+  const float *dOr = c->Q.dOr + x * c->qtile, *Qr = c->Q.Qr + x * c->qtile;
+  int jr = 0;
+#if TRC != TR
+  _Static_assert(2 * TRC % TR == 0, "pairs of TRC-row blocks keep the rest a multiple of TR");
+  for (; jr + 2 * TRC <= nkr; jr += 2 * TRC)
+    for (int h = jr; h < jr + 2 * TRC; h += TRC)
+      for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+        gemm_c_wide(w->S + h * QT, dOr + d0, Dp, w->dVt + (size_t)h * Dp + d0, Dp);
+        gemm_c_wide(w->dP + h * QT, Qr + d0, Dp, w->dKt + (size_t)h * Dp + d0, Dp);
+      }
+#endif
+  for (; jr < nkr; jr += TR)
+    for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+      gemm_c(w->S + jr * QT, dOr + d0, Dp, w->dVt + (size_t)jr * Dp + d0, Dp);
+      gemm_c(w->dP + jr * QT, Qr + d0, Dp, w->dKt + (size_t)jr * Dp + d0, Dp);
+    }
+}
+
 /* Micro-tile x of the chunk against the packed KV tile of nk keys, fp32 products: S^T = K Q^T and
  * dP^T = V dO^T, then P and dS, then dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T. */
 static void bwd_micro_f32(const bwd_call_t *c, size_t x, int nk, int partial, bwd_scratch_t *w) {
@@ -816,11 +845,7 @@ static void bwd_micro_f32(const bwd_call_t *c, size_t x, int nk, int partial, bw
     gemm_a(D, w->Vc + (size_t)jr * Dp, Dp, Q->dOt + x * c->qtile, w->dP + jr * QT, 1.0f);
   }
   bwd_softmax_grad(w->S, w->dP, nk, nkr, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
-  for (int jr = 0; jr < nk; jr += TR)
-    for (int d0 = 0; d0 < Dp; d0 += NU * W) {
-      gemm_c(w->S + jr * QT, Q->dOr + x * c->qtile + d0, Dp, w->dVt + (size_t)jr * Dp + d0, Dp);
-      gemm_c(w->dP + jr * QT, Q->Qr + x * c->qtile + d0, Dp, w->dKt + (size_t)jr * Dp + d0, Dp);
-    }
+  bwd_dkv_f32(c, x, nkr, w);
   for (int dr = 0; dr < D; dr += TR) gemm_b(nk, w->Kc + dr, Dp, w->dP, w->dQt + x * c->qtile + (size_t)dr * QT, NULL);
 }
 
