@@ -96,19 +96,19 @@ static inline const char *head_row(const da_kparams_t *p, const void *base, int6
 #define DEF_GEMM_A(NAME, TA, TB, S)                                                                          \
   static __attribute__((noinline)) void NAME(int n, const TA *restrict A, int lda, const TB *restrict B,     \
                                              float *restrict C, float cs) {                                  \
-    vf c[TR][NV];                                                                                             \
-    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                     \
+    vf c[TR][NV];                                                                                            \
+    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                    \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = vzero();                              \
     for (int d = 0; d < n; d++) {                                                                            \
       S##_VT b[NV];                                                                                          \
       _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = S##_LOAD(B + d * QT + v * W);              \
-      _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++) {                                                 \
+      _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++) {                                                \
         const S##_VT a = S##_BCAST(A + r * lda + S##_K * d);                                                 \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = S##_MAC(c[r][v], a, b[v]);            \
       }                                                                                                      \
     }                                                                                                        \
     const vf vc = vset1(cs);                                                                                 \
-    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                     \
+    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                    \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, vmul(c[r][v], vc));  \
   }
 
@@ -118,20 +118,20 @@ static inline const char *head_row(const da_kparams_t *p, const void *base, int6
 #define DEF_GEMM_B(NAME, T, S)                                                                               \
   static __attribute__((noinline)) void NAME(int n, const T *restrict A, int lda, const T *restrict P,       \
                                              float *restrict Ct, const vf *alpha) {                          \
-    vf c[TR][NV];                                                                                             \
-    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                     \
+    vf c[TR][NV];                                                                                            \
+    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                    \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] =                                       \
         alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);                     \
     for (int j = 0; j < n; j++) {                                                                            \
       S##_VT b[NV];                                                                                          \
       _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = S##_LOAD(P + j * QT + v * W);              \
       const T *a = A + (size_t)j * lda;                                                                      \
-      _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++) {                                                 \
+      _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++) {                                                \
         const S##_VT x = S##_BCAST(a + r);                                                                   \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = S##_MAC(c[r][v], x, b[v]);            \
       }                                                                                                      \
     }                                                                                                        \
-    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                     \
+    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                    \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);           \
   }
 
@@ -141,18 +141,18 @@ static inline const char *head_row(const da_kparams_t *p, const void *base, int6
 #define DEF_GEMM_C(NAME, TA, TX, S, RC)                                                                      \
   static __attribute__((noinline)) void NAME(const TA *restrict A, const TX *restrict X, int ldx,            \
                                              float *restrict C, int ldc) {                                   \
-    vf c[RC][NU];                                                                                             \
-    _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++)                                                     \
-        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);          \
+    vf c[RC][NU];                                                                                            \
+    _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++)                                                    \
+        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);           \
     for (int i = 0; i < QT / S##_K; i++) {                                                                   \
       S##_VT x[NU];                                                                                          \
       _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) x[u] = S##_LOAD(X + i * ldx + u * W);             \
-      _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++) {                                                 \
+      _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++) {                                                \
         const S##_VT a = S##_BCAST(A + r * QT + S##_K * i);                                                  \
         _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = S##_MAC(c[r][u], a, x[u]);            \
       }                                                                                                      \
     }                                                                                                        \
-    _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++)                                                     \
+    _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++)                                                    \
         _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);           \
   }
 
@@ -301,10 +301,16 @@ static void pack_tile_bf(uint16_t *restrict dst, const float *S, int n) {
 
 /* ---- forward -------------------------------------------------------------------------------- */
 
-/* Online softmax over one tile of nk keys: S [nk][QT] (log2 units) becomes P = exp2(S - m_new)
- * in place; M, L (per lane) are updated; alpha = exp2(m_old - m_new) rescales the output. */
-static void softmax_tile(float *restrict S, int nk, const float *lo, const float *hi, float *restrict M,
-                         float *restrict L, vf *alpha) {
+/* Online softmax over one tile of nk keys: S [nk][QT] (log2 units) becomes P = exp2(S - m) in
+ * place, with m the lane's reference in M; L (per lane) is updated. The reference moves only when
+ * the tile's max passes it by more than RESCALE_TAU (FlashAttention-4's lazy rescale): P then
+ * stays below 2^RESCALE_TAU, and most tiles leave the output unscaled. Exact either way: O and L
+ * are sums relative to the same reference m, and fwd_finish takes lse = m + log2 L. Returns 1
+ * when some lane's reference moved: alpha = exp2(m_old - m_new) then rescales the output; 0
+ * when none did (alpha = 1, not written). */
+#define RESCALE_TAU 8.0f
+static int softmax_tile(float *restrict S, int nk, const float *lo, const float *hi, float *restrict M,
+                        float *restrict L, vf *alpha) {
   vf mt[NV], use[NV], ls[NV];
   for (int v = 0; v < NV; v++) mt[v] = vset1(-INFINITY);
   if (lo) {
@@ -322,11 +328,23 @@ static void softmax_tile(float *restrict S, int nk, const float *lo, const float
     for (int j = 0; j < nk; j++)
       for (int v = 0; v < NV; v++) mt[v] = vmax(mt[v], vload(S + j * QT + v * W));
   }
+  /* per lane, in scalars (QT of them per tile, against QT * nk * D multiply-adds): the new
+   * reference, max(tile max, old) where the lane had none yet or the tile passes it by more than
+   * RESCALE_TAU (a NaN tile max never moves it: its P are NaN whatever the reference) */
+  float tmax[QT], mold[QT];
+  int moved = 0;
+  for (int v = 0; v < NV; v++) vstore(tmax + v * W, mt[v]);
+  memcpy(mold, M, sizeof mold);
+  for (int i = 0; i < QT; i++)
+    if (mold[i] == -INFINITY || tmax[i] > mold[i] + RESCALE_TAU) {
+      const float mn = tmax[i] > mold[i] ? tmax[i] : mold[i];
+      moved |= mn != mold[i];
+      M[i] = mn;
+    }
   for (int v = 0; v < NV; v++) {
-    vf mo = vload(M + v * W), mn = vmax(mt[v], mo);
+    vf mn = vload(M + v * W);
     use[v] = vreplace_eq(mn, -INFINITY, 0.0f); /* a row that has seen nothing yet: exp2(-inf) = 0 */
-    alpha[v] = vexp2(vsub(mo, use[v]));
-    vstore(M + v * W, mn);
+    if (moved) alpha[v] = vexp2(vsub(vload(mold + v * W), use[v]));
     ls[v] = vzero();
   }
   for (int j = 0; j < nk; j++)
@@ -335,12 +353,16 @@ static void softmax_tile(float *restrict S, int nk, const float *lo, const float
       vstore(S + j * QT + v * W, pj);
       ls[v] = vadd(ls[v], pj);
     }
-  for (int v = 0; v < NV; v++) vstore(L + v * W, vfma(vload(L + v * W), alpha[v], ls[v]));
+  for (int v = 0; v < NV; v++)
+    vstore(L + v * W, moved ? vfma(vload(L + v * W), alpha[v], ls[v]) : vadd(vload(L + v * W), ls[v]));
+  return moved;
 }
 
 typedef struct {
   float *Qt, *Ot, *M, *L; /* [nmt][Dp][QT], [nmt][Dp][QT], [nmt][QT], [nmt][QT] */
   float *Kc, *Vc;         /* [BK][Dp] */
+  const float *K, *V;     /* the KV tile's fp32 rows the products read: Kc, Vc or the source */
+  int64_t ldk, ldv;       /* their row strides */
   float *S;               /* [BK][QT] */
   uint32_t *Pp;           /* [BK/2][QT] P in bf16 pairs over keys (bf16 pair path only) */
   float lo[QT], hi[QT];
@@ -453,8 +475,18 @@ static void fwd_pack_kv(const fwd_call_t *c, int g, int64_t j0, int nk, fwd_scra
     return;
   }
 #endif
-  pack_rows(w->Kc, Dp, nkr, ksrc, c->ldk, dt, nk, D, 1.0f);
-  pack_rows(w->Vc, Dp, nk, vsrc, c->ldv, dt, nk, D, 1.0f);
+  /* fp32 rows are read in place where the products stay inside them: gemm_b reads V columns
+   * [dr, dr + TR) for dr < D, gemm_a reads K rows [jr, jr + TR) for jr < nk */
+  const int inplace = dt == 0 && D % TR == 0;
+  w->K = w->Kc, w->V = w->Vc, w->ldk = w->ldv = Dp;
+  if (inplace && nk % TR == 0)
+    w->K = (const float *)ksrc, w->ldk = c->ldk;
+  else
+    pack_rows(w->Kc, Dp, nkr, ksrc, c->ldk, dt, nk, D, 1.0f);
+  if (inplace)
+    w->V = (const float *)vsrc, w->ldv = c->ldv;
+  else
+    pack_rows(w->Vc, Dp, nk, vsrc, c->ldv, dt, nk, D, 1.0f);
 }
 
 /* One micro-tile mt against the packed KV tile of nk keys, fp32 products: S^T = K Q^T, the
@@ -465,9 +497,9 @@ static void fwd_micro_f32(const fwd_call_t *c, int nk, int mt, const float *lo, 
   const float *Qt = w->Qt + (size_t)mt * Dp * QT;
   float *Ot = w->Ot + (size_t)mt * Dp * QT;
   vf alpha[NV];
-  for (int jr = 0; jr < nk; jr += TR) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, 1.0f);
-  softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha);
-  for (int dr = 0; dr < D; dr += TR) gemm_b(nk, w->Vc + dr, Dp, w->S, Ot + (size_t)dr * QT, alpha);
+  for (int jr = 0; jr < nk; jr += TR) gemm_a(D, w->K + (size_t)jr * w->ldk, (int)w->ldk, Qt, w->S + jr * QT, 1.0f);
+  const vf *al = softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
+  for (int dr = 0; dr < D; dr += TR) gemm_b(nk, w->V + dr, (int)w->ldv, w->S, Ot + (size_t)dr * QT, al);
 }
 
 #ifdef DA_HAVE_BF16DP
@@ -480,10 +512,10 @@ static void fwd_micro_bf(const fwd_call_t *c, int nk, int mt, const float *lo, c
   const uint16_t *Kb = (const uint16_t *)w->Kc;
   vf alpha[NV];
   for (int jr = 0; jr < nk; jr += TR) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, c->c2);
-  softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha);
+  const vf *al = softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
   pack_tile_pairs(w->Pp, w->S, nk);
   for (int dr = 0; dr < D; dr += TR)
-    gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, alpha);
+    gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, al);
 }
 #endif
 
