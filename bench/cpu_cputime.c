@@ -6,10 +6,8 @@
  * S x S . S x D, one thread), and prints GFLOP/s and the ratio to sgemm. Not a test: it never
  * checks results (tests/test_kernels.c does).
  *
- * Build (after building da_kernels in build-X):
- *   cc -O2 -fopenmp -Ikernels -Icore -Iinclude bench/cpu_cputime.c build-X/kernels/libda_kernels.a \
- *      build-X/kernels/cpu/libda_kernels_cpu.a build-X/core/libda_core.a -lopenblas -lm -o cpu_cputime
- * Run: ./cpu_cputime SEQ D causal|none [reps]     (DISTATTN_CPU_ISA picks the level)
+ * Built as build/da_cpu_cputime when OpenBLAS is found (CMakeLists.txt).
+ * Run: build/da_cpu_cputime SEQ D causal|none [reps]     (DISTATTN_CPU_ISA picks the level)
  * FLOPs: forward 4 D per allowed (q, k) pair, backward 10 D (S, dP recomputed; dV, dK, dQ). */
 #define _GNU_SOURCE
 #include <cblas.h>
