@@ -25,12 +25,14 @@
 #define DA_STR(a) DA_STR2(a)
 
 /* Register tile of the flash products (gemm_a, gemm_b: TR rows, keys or head dims, by NV vectors
- * of W query lanes; gemm_c: TR rows by NU vectors along D), per level, sized to the register file:
+ * of W query lanes; gemm_c: TRC rows of keys by NU vectors along D, TR rows for the rest of a
+ * tile, bwd_dkv_f32), per level, sized to the register file (docs/decisions.md):
  *   AVX-512 (32 zmm): 8 x 2, 16 accumulators; per step 2 vector loads + 8 broadcasts feed 16 FMAs.
  *   AVX2 (16 ymm):    4 x 3, 12 accumulators + 3 operand vectors + 1 broadcast = all 16 registers;
- *                     7 loads feed 12 FMAs. The 8 x 1 it had before fed 8 FMAs with 9 loads (the
- *                     load ports, not the FMAs, set the pace) and its gemm_c (8 x 2 = 16
- *                     accumulators) spilled 3 accumulators to the stack inside the loop.
+ *                     7 loads feed 12 FMAs; gemm_c 6 x 2 (12 accumulators). The 8 x 1 it had
+ *                     before fed 8 FMAs with 9 loads (the load ports, not the FMAs, set the pace)
+ *                     and its gemm_c (8 x 2 = 16 accumulators) spilled 3 accumulators to the
+ *                     stack inside the loop.
  *   generic (SSE2, 16 xmm): 4 x 2.
  * QT = NV * W queries per micro-tile: 32 on AVX-512, 24 on AVX2, 8 generic.
  * R is the row count of decode's grouped kernel (dec_group), kept apart from TR. */
