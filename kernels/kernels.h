@@ -30,7 +30,10 @@ typedef struct da_kparams {
 /* fp32 running state of the forward for nq query rows (all host or all device memory):
  *   o [nq][H][D]  unnormalized sum of exp(s - m) * v
  *   m [nq][H]     running max of the scores in log2 units, s = scale * log2(e) * q.k (so the
- *                 kernels use exp2), -INFINITY while the row has seen no allowed key
+ *                 kernels use exp2), -INFINITY while the row has seen no allowed key; a backend
+ *                 may lag it behind the max by a bounded amount (the CPU kernels move it only
+ *                 when the max passes it by more than 8, docs/decisions.md): o and l are
+ *                 relative to m, whatever it is
  *   l [nq][H]     running sum of exp2(s - m)
  * Only fwd_block and fwd_finish of one backend read a state; lse leaves in natural log.
  * Initialized by da_fwd_state_init (o = 0, m = -inf, l = 0). */

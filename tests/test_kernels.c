@@ -1203,6 +1203,56 @@ START_TEST(test_bf16_levels) {
 }
 END_TEST
 
+/* ---- the forward's lazy rescale: scores that grow along the keys ----------------------------
+ * The CPU forward moves a row's reference max only when a tile's max passes it by more than 8
+ * (log2 units) and rescales the output only then (cpu_impl.c softmax_tile). Random inputs
+ * almost never make a later tile pass an earlier one by that much, so here key row j is scaled
+ * by 2^min(floor(j / step), 4): the scores (about 1.5 units) double at each step up to 16x, so
+ * later tiles pass the earlier ones by less than the threshold and by more (scores stay below
+ * about 100 units: larger ones would lose the fp32 tolerance to the rounding of the scores
+ * themselves, whatever the rescale), over key splits so the reference also moves between calls
+ * and with small KV tiles (many moves). fp32 at every level the CPU has, against float64 of the
+ * same scaled inputs. A reference that never moved would overflow exp2; a move without the
+ * rescale would leave the earlier keys' weights wrong by the factor skipped. */
+START_TEST(test_growing_scores) {
+  static const char *isa[3] = {"generic", "avx2", "avx512"};
+  setenv("DISTATTN_CPU_ISA", isa[_i], 1);
+  da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f};
+  if (backend()->supports(&probe) != DA_SUCCESS) {
+    printf("# cpu: ISA level %s not available here: %s\n", isa[_i], da_error_message());
+    return;
+  }
+  for (int t = 0; t < 4; t++) {
+    uint64_t rs = tu_seed(9700 + (uint64_t)(_i * 10 + t));
+    const int D = (int[]){64, 128, 40, 64}[t];
+    const int64_t S = (int64_t[]){400, 257, 333, 300}[t];
+    const int step = (int[]){32, 16, 48, 24}[t];
+    kc_t c;
+    kc_init(&c, 4, t % 2 ? 1 : 2, D, DA_FLOAT32, da_span(0, 1, S), da_span(0, 1, S), S, t, &rs, tu_seed(rs));
+    c.p.block_k = (int[]){0, 16, 40, 8}[t];
+    for (int64_t j = 0; j < S; j++) /* powers of two: the scaled float is exact, rk stays its copy */
+      for (int g = 0; g < c.p.G; g++)
+        for (int d = 0; d < D; d++) {
+          float *kr = (float *)c.k + j * c.ldk + (int64_t)g * D;
+          kr[d] = ldexpf(kr[d], (int)(j / step < 4 ? j / step : 4));
+          c.rk[(j * c.p.G + g) * D + d] = kr[d];
+        }
+    kc_describe(&c);
+    snprintf(c.desc + strlen(c.desc), sizeof c.desc - strlen(c.desc), " k rows x 2^min(j/%d,4) isa %s", step, isa[_i]);
+    kc_ref_fwd(&c);
+    double *o = dalloc(S * 4 * D), *l = dalloc(S * 4);
+    piece_t qp[16], kp[16];
+    int nqp = split(S, SPLIT_STRIPED, &rs, qp, 8), nkp = split(S, SPLIT_CHUNKS, &rs, kp, 8);
+    run_fwd(&c, &c.p, qp, nqp, kp, nkp, o, l);
+    CHECK_FWD(&c, o, l, tu_tol(DA_FLOAT32), "fwd split");
+    run_fwd_whole(&c, &c.p, o, l);
+    CHECK_FWD(&c, o, l, tu_tol(DA_FLOAT32), "fwd whole");
+    tb_free(o), tb_free(l);
+    kc_free(&c);
+  }
+}
+END_TEST
+
 /* ---- decode: GQA group sizes through the grouped kernels --------------------------------------
  * The CPU decode runs the query heads of a group in register blocks of 1 to 4 heads (a group of
  * 5 is a block of 4 and one of 1, 12 is three of 4), reads rows of whole vectors in place in
@@ -1327,6 +1377,7 @@ static Suite *kernels_suite(void) {
   tcase_add_loop_test(tc, test_isa_levels, 0, 5);
   tcase_add_loop_test(tc, test_bf16_levels, 0, 4 * TU_NMASKS);
   tcase_add_loop_test(tc, test_decode_groups, 0, 2 * 24);
+  tcase_add_loop_test(tc, test_growing_scores, 0, 3);
 #endif
   suite_add_tcase(s, tc);
   return s;

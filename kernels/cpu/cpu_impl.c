@@ -24,36 +24,53 @@
 #define DA_STR2(a) #a
 #define DA_STR(a) DA_STR2(a)
 
-/* Register tile: R rows (keys or head dims) by NV vectors of W lanes. */
+/* Register tile of the flash products (gemm_a, gemm_b: TR rows, keys or head dims, by NV vectors
+ * of W query lanes; gemm_c: TRC rows of keys by NU vectors along D, TR rows for the rest of a
+ * tile, bwd_dkv_f32), per level, sized to the register file (docs/decisions.md):
+ *   AVX-512 (32 zmm): 8 x 2, 16 accumulators; per step 2 vector loads + 8 broadcasts feed 16 FMAs.
+ *   AVX2 (16 ymm):    4 x 3, 12 accumulators + 3 operand vectors + 1 broadcast = all 16 registers;
+ *                     7 loads feed 12 FMAs; gemm_c 6 x 2 (12 accumulators). The 8 x 1 it had
+ *                     before fed 8 FMAs with 9 loads (the load ports, not the FMAs, set the pace)
+ *                     and its gemm_c (8 x 2 = 16 accumulators) spilled 3 accumulators to the
+ *                     stack inside the loop.
+ *   generic (SSE2, 16 xmm): 4 x 2.
+ * QT = NV * W queries per micro-tile: 32 on AVX-512, 24 on AVX2, 8 generic.
+ * R is the row count of decode's grouped kernel (dec_group), kept apart from TR. */
 #if defined(DA_SIMD_AVX512)
 #define NV 2
+#define TR 8
+#define TRC 8
 #define R 8
 #elif defined(DA_SIMD_AVX2)
-#define NV 1
+#define NV 3
+#define TR 4
+#define TRC 6
 #define R 8
 #else
 #define NV 2
+#define TR 4
+#define TRC 4
 #define R 4
 #endif
 #define QT (NV * W)  /* queries per micro-tile */
 #define NU 2         /* vectors along D in the row-major product (gemm_c) */
 #define BK_DEF 64    /* keys per KV tile unless block_k asks otherwise */
-#define BK_MAX 256   /* largest KV tile (block_k is rounded to R and clamped to [R, BK_MAX]) */
+#define BK_MAX 256   /* largest KV tile (block_k is rounded to TR and clamped to [TR, BK_MAX]) */
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
-/* KV tile of a call: block_k rounded up to R rows, in [R, BK_MAX]; 0 = BK_DEF. */
+/* KV tile of a call: block_k rounded up to TR rows, in [TR, BK_MAX]; 0 = BK_DEF. */
 static inline int kv_tile(const da_kparams_t *p) {
   if (p->block_k <= 0) return BK_DEF;
-  int b = (p->block_k + R - 1) / R * R;
-  return b < R ? R : b > BK_MAX ? BK_MAX : b;
+  int b = (p->block_k + TR - 1) / TR * TR;
+  return b < TR ? TR : b > BK_MAX ? BK_MAX : b;
 }
 static inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
-/* Padded head dim: a multiple of both R (gemm_b rows) and NU*W (gemm_c columns). */
+/* Padded head dim: a multiple of both TR (gemm_b rows) and NU*W (gemm_c columns). */
 static inline int pad_dim(int D) {
-  int a = NU * W > R ? NU * W : R;
+  int a = NU * W > TR ? NU * W : TR;
   return (D + a - 1) / a * a;
 }
 
@@ -76,74 +93,77 @@ static inline const char *head_row(const da_kparams_t *p, const void *base, int6
 #define F32_BCAST(p) vset1(*(p))
 #define F32_MAC(c, a, b) vfma(a, b, c)
 
-/* C[r][.] = cs * sum_{d<n} A[r*lda + K*d ..] . B[d][.]   (r < R; B is [n][QT]; C is [R][QT]).
+/* C[r][.] = cs * sum_{d<n} A[r*lda + K*d ..] . B[d][.]   (r < TR; B is [n][QT]; C is [TR][QT]).
  * S^T = K Q^T and dP^T = V dO^T: A rows are keys, B the packed transposed queries. */
 #define DEF_GEMM_A(NAME, TA, TB, S)                                                                          \
   static __attribute__((noinline)) void NAME(int n, const TA *restrict A, int lda, const TB *restrict B,     \
                                              float *restrict C, float cs) {                                  \
-    vf c[R][NV];                                                                                             \
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+    vf c[TR][NV];                                                                                            \
+    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                    \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = vzero();                              \
     for (int d = 0; d < n; d++) {                                                                            \
       S##_VT b[NV];                                                                                          \
       _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = S##_LOAD(B + d * QT + v * W);              \
-      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+      _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++) {                                                \
         const S##_VT a = S##_BCAST(A + r * lda + S##_K * d);                                                 \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = S##_MAC(c[r][v], a, b[v]);            \
       }                                                                                                      \
     }                                                                                                        \
     const vf vc = vset1(cs);                                                                                 \
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                    \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(C + r * QT + v * W, vmul(c[r][v], vc));  \
   }
 
-/* Ct[r][.] = Ct[r][.] * alpha + sum_{j<n} A[j*lda + r] . P[j][.]   (r < R; P is [n][QT]; alpha
+/* Ct[r][.] = Ct[r][.] * alpha + sum_{j<n} A[j*lda + r] . P[j][.]   (r < TR; P is [n][QT]; alpha
  * NULL: no rescale). O^T = O^T * alpha + V^T P^T and dQ^T += K^T dS^T: A rows are keys (or pairs
  * of keys), r walks the head dim. */
 #define DEF_GEMM_B(NAME, T, S)                                                                               \
   static __attribute__((noinline)) void NAME(int n, const T *restrict A, int lda, const T *restrict P,       \
                                              float *restrict Ct, const vf *alpha) {                          \
-    vf c[R][NV];                                                                                             \
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+    vf c[TR][NV];                                                                                            \
+    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                    \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] =                                       \
         alpha ? vmul(vload(Ct + r * QT + v * W), alpha[v]) : vload(Ct + r * QT + v * W);                     \
     for (int j = 0; j < n; j++) {                                                                            \
       S##_VT b[NV];                                                                                          \
       _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) b[v] = S##_LOAD(P + j * QT + v * W);              \
       const T *a = A + (size_t)j * lda;                                                                      \
-      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+      _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++) {                                                \
         const S##_VT x = S##_BCAST(a + r);                                                                   \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) c[r][v] = S##_MAC(c[r][v], x, b[v]);            \
       }                                                                                                      \
     }                                                                                                        \
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+    _Pragma("GCC unroll 16") for (int r = 0; r < TR; r++)                                                    \
         _Pragma("GCC unroll 4") for (int v = 0; v < NV; v++) vstore(Ct + r * QT + v * W, c[r][v]);           \
   }
 
-/* C[r*ldc + u*W ..] += sum_{i<QT/K} A[r*QT + K*i ..] . X[i*ldx + u*W ..]   (r < R, u < NU).
+/* C[r*ldc + u*W ..] += sum_{i<QT/K} A[r*QT + K*i ..] . X[i*ldx + u*W ..]   (r < RC, u < NU).
  * dV += P^T dO and dK += dS^T Q: A rows are keys (lanes = queries), X rows are queries (or pairs
  * of queries). */
-#define DEF_GEMM_C(NAME, TA, TX, S)                                                                          \
+#define DEF_GEMM_C(NAME, TA, TX, S, RC)                                                                      \
   static __attribute__((noinline)) void NAME(const TA *restrict A, const TX *restrict X, int ldx,            \
                                              float *restrict C, int ldc) {                                   \
-    vf c[R][NU];                                                                                             \
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
-        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);          \
+    vf c[RC][NU];                                                                                            \
+    _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++)                                                    \
+        _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = vload(C + r * ldc + u * W);           \
     for (int i = 0; i < QT / S##_K; i++) {                                                                   \
       S##_VT x[NU];                                                                                          \
       _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) x[u] = S##_LOAD(X + i * ldx + u * W);             \
-      _Pragma("GCC unroll 16") for (int r = 0; r < R; r++) {                                                 \
+      _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++) {                                                \
         const S##_VT a = S##_BCAST(A + r * QT + S##_K * i);                                                  \
         _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) c[r][u] = S##_MAC(c[r][u], a, x[u]);            \
       }                                                                                                      \
     }                                                                                                        \
-    _Pragma("GCC unroll 16") for (int r = 0; r < R; r++)                                                     \
+    _Pragma("GCC unroll 16") for (int r = 0; r < RC; r++)                                                    \
         _Pragma("GCC unroll 4") for (int u = 0; u < NU; u++) vstore(C + r * ldc + u * W, c[r][u]);           \
   }
 
 DEF_GEMM_A(gemm_a, float, float, F32)
 DEF_GEMM_B(gemm_b, float, F32)
-DEF_GEMM_C(gemm_c, float, float, F32)
+DEF_GEMM_C(gemm_c, float, float, F32, TR)
+#if TRC != TR
+DEF_GEMM_C(gemm_c_wide, float, float, F32, TRC)
+#endif
 
 /* ---- packing -------------------------------------------------------------------------------- */
 
@@ -216,11 +236,11 @@ static void lane_ranges(const da_mask_t *m, da_span_t qs, int n, da_span_t ks, f
 #define BF_BCAST(p) vbcast(p)
 #define BF_MAC(c, a, b) vdp(c, a, b)
 /* gemm_a_bf: A bf16 rows (pairs over d as stored), B [n][QT] pairs; cs scales the fp32 result
- * (Q stays unscaled). gemm_b_bf: A and P pairs over keys. gemm_c_bf: A bf16 rows [R][QT]
+ * (Q stays unscaled). gemm_b_bf: A and P pairs over keys. gemm_c_bf: A bf16 rows [TR][QT]
  * (pairs over queries as stored), X [QT/2][ldx] pairs. */
 DEF_GEMM_A(gemm_a_bf, uint16_t, uint32_t, BF)
 DEF_GEMM_B(gemm_b_bf, uint32_t, BF)
-DEF_GEMM_C(gemm_c_bf, uint16_t, uint32_t, BF)
+DEF_GEMM_C(gemm_c_bf, uint16_t, uint32_t, BF, TR)
 
 /* bf16 rows as stored -> [nrows][Dp], zero past D and for rows n..nrows-1 (the padding of the
  * source rows may hold anything: a neighbouring head, or NaN). */
@@ -283,10 +303,16 @@ static void pack_tile_bf(uint16_t *restrict dst, const float *S, int n) {
 
 /* ---- forward -------------------------------------------------------------------------------- */
 
-/* Online softmax over one tile of nk keys: S [nk][QT] (log2 units) becomes P = exp2(S - m_new)
- * in place; M, L (per lane) are updated; alpha = exp2(m_old - m_new) rescales the output. */
-static void softmax_tile(float *restrict S, int nk, const float *lo, const float *hi, float *restrict M,
-                         float *restrict L, vf *alpha) {
+/* Online softmax over one tile of nk keys: S [nk][QT] (log2 units) becomes P = exp2(S - m) in
+ * place, with m the lane's reference in M; L (per lane) is updated. The reference moves only when
+ * the tile's max passes it by more than RESCALE_TAU (FlashAttention-4's lazy rescale): P then
+ * stays below 2^RESCALE_TAU, and most tiles leave the output unscaled. Exact either way: O and L
+ * are sums relative to the same reference m, and fwd_finish takes lse = m + log2 L. Returns 1
+ * when some lane's reference moved: alpha = exp2(m_old - m_new) then rescales the output; 0
+ * when none did (alpha = 1, not written). */
+#define RESCALE_TAU 8.0f
+static int softmax_tile(float *restrict S, int nk, const float *lo, const float *hi, float *restrict M,
+                        float *restrict L, vf *alpha) {
   vf mt[NV], use[NV], ls[NV];
   for (int v = 0; v < NV; v++) mt[v] = vset1(-INFINITY);
   if (lo) {
@@ -304,11 +330,23 @@ static void softmax_tile(float *restrict S, int nk, const float *lo, const float
     for (int j = 0; j < nk; j++)
       for (int v = 0; v < NV; v++) mt[v] = vmax(mt[v], vload(S + j * QT + v * W));
   }
+  /* per lane, in scalars (QT of them per tile, against QT * nk * D multiply-adds): the new
+   * reference, max(tile max, old) where the lane had none yet or the tile passes it by more than
+   * RESCALE_TAU (a NaN tile max never moves it: its P are NaN whatever the reference) */
+  float tmax[QT], mold[QT];
+  int moved = 0;
+  for (int v = 0; v < NV; v++) vstore(tmax + v * W, mt[v]);
+  memcpy(mold, M, sizeof mold);
+  for (int i = 0; i < QT; i++)
+    if (mold[i] == -INFINITY || tmax[i] > mold[i] + RESCALE_TAU) {
+      const float mn = tmax[i] > mold[i] ? tmax[i] : mold[i];
+      moved |= mn != mold[i];
+      M[i] = mn;
+    }
   for (int v = 0; v < NV; v++) {
-    vf mo = vload(M + v * W), mn = vmax(mt[v], mo);
+    vf mn = vload(M + v * W);
     use[v] = vreplace_eq(mn, -INFINITY, 0.0f); /* a row that has seen nothing yet: exp2(-inf) = 0 */
-    alpha[v] = vexp2(vsub(mo, use[v]));
-    vstore(M + v * W, mn);
+    if (moved) alpha[v] = vexp2(vsub(vload(mold + v * W), use[v]));
     ls[v] = vzero();
   }
   for (int j = 0; j < nk; j++)
@@ -317,12 +355,16 @@ static void softmax_tile(float *restrict S, int nk, const float *lo, const float
       vstore(S + j * QT + v * W, pj);
       ls[v] = vadd(ls[v], pj);
     }
-  for (int v = 0; v < NV; v++) vstore(L + v * W, vfma(vload(L + v * W), alpha[v], ls[v]));
+  for (int v = 0; v < NV; v++)
+    vstore(L + v * W, moved ? vfma(vload(L + v * W), alpha[v], ls[v]) : vadd(vload(L + v * W), ls[v]));
+  return moved;
 }
 
 typedef struct {
   float *Qt, *Ot, *M, *L; /* [nmt][Dp][QT], [nmt][Dp][QT], [nmt][QT], [nmt][QT] */
   float *Kc, *Vc;         /* [BK][Dp] */
+  const float *K, *V;     /* the KV tile's fp32 rows the products read: Kc, Vc or the source */
+  int64_t ldk, ldv;       /* their row strides */
   float *S;               /* [BK][QT] */
   uint32_t *Pp;           /* [BK/2][QT] P in bf16 pairs over keys (bf16 pair path only) */
   float lo[QT], hi[QT];
@@ -426,7 +468,7 @@ static void fwd_state_store(const fwd_call_t *c, int h, int64_t row, int n, cons
 /* KV tile [j0, j0 + nk) of KV head g into the scratch: fp32 rows Kc, Vc (K padded to whole
  * register tiles); on the bf16 pair path K as bf16 rows and V as pairs over keys. */
 static void fwd_pack_kv(const fwd_call_t *c, int g, int64_t j0, int nk, fwd_scratch_t *w) {
-  const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
+  const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + TR - 1) / TR * TR;
   const char *ksrc = head_row(c->p, c->k, c->ldk, j0, g), *vsrc = head_row(c->p, c->v, c->ldv, j0, g);
 #ifdef DA_HAVE_BF16DP
   if (BFDP(dt)) {
@@ -435,8 +477,18 @@ static void fwd_pack_kv(const fwd_call_t *c, int g, int64_t j0, int nk, fwd_scra
     return;
   }
 #endif
-  pack_rows(w->Kc, Dp, nkr, ksrc, c->ldk, dt, nk, D, 1.0f);
-  pack_rows(w->Vc, Dp, nk, vsrc, c->ldv, dt, nk, D, 1.0f);
+  /* fp32 rows are read in place where the products stay inside them: gemm_b reads V columns
+   * [dr, dr + TR) for dr < D, gemm_a reads K rows [jr, jr + TR) for jr < nk */
+  const int inplace = dt == 0 && D % TR == 0;
+  w->K = w->Kc, w->V = w->Vc, w->ldk = w->ldv = Dp;
+  if (inplace && nk % TR == 0)
+    w->K = (const float *)ksrc, w->ldk = c->ldk;
+  else
+    pack_rows(w->Kc, Dp, nkr, ksrc, c->ldk, dt, nk, D, 1.0f);
+  if (inplace)
+    w->V = (const float *)vsrc, w->ldv = c->ldv;
+  else
+    pack_rows(w->Vc, Dp, nk, vsrc, c->ldv, dt, nk, D, 1.0f);
 }
 
 /* One micro-tile mt against the packed KV tile of nk keys, fp32 products: S^T = K Q^T, the
@@ -447,9 +499,9 @@ static void fwd_micro_f32(const fwd_call_t *c, int nk, int mt, const float *lo, 
   const float *Qt = w->Qt + (size_t)mt * Dp * QT;
   float *Ot = w->Ot + (size_t)mt * Dp * QT;
   vf alpha[NV];
-  for (int jr = 0; jr < nk; jr += R) gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, 1.0f);
-  softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha);
-  for (int dr = 0; dr < D; dr += R) gemm_b(nk, w->Vc + dr, Dp, w->S, Ot + (size_t)dr * QT, alpha);
+  for (int jr = 0; jr < nk; jr += TR) gemm_a(D, w->K + (size_t)jr * w->ldk, (int)w->ldk, Qt, w->S + jr * QT, 1.0f);
+  const vf *al = softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
+  for (int dr = 0; dr < D; dr += TR) gemm_b(nk, w->V + dr, (int)w->ldv, w->S, Ot + (size_t)dr * QT, al);
 }
 
 #ifdef DA_HAVE_BF16DP
@@ -461,11 +513,11 @@ static void fwd_micro_bf(const fwd_call_t *c, int nk, int mt, const float *lo, c
   float *Ot = w->Ot + (size_t)mt * Dp * QT;
   const uint16_t *Kb = (const uint16_t *)w->Kc;
   vf alpha[NV];
-  for (int jr = 0; jr < nk; jr += R) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, c->c2);
-  softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha);
+  for (int jr = 0; jr < nk; jr += TR) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, c->c2);
+  const vf *al = softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
   pack_tile_pairs(w->Pp, w->S, nk);
-  for (int dr = 0; dr < D; dr += R)
-    gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, alpha);
+  for (int dr = 0; dr < D; dr += TR)
+    gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, al);
 }
 #endif
 
@@ -758,7 +810,7 @@ static void bwd_pack_q(const bwd_call_t *c, const bwd_chunk_t *ch, int64_t ht) {
 /* KV tile [j0, j0 + nk) of KV head g: K and V rows (padded to whole register tiles); on the bf16
  * pair path bf16 rows, plus K as pairs over keys for dQ. */
 static void bwd_pack_kv(const bwd_call_t *c, int g, int64_t j0, int nk, bwd_scratch_t *w) {
-  const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
+  const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + TR - 1) / TR * TR;
   const char *ksrc = head_row(c->p, c->k, c->ldk, j0, g), *vsrc = head_row(c->p, c->v, c->ldv, j0, g);
 #ifdef DA_HAVE_BF16DP
   if (BFDP(dt)) {
@@ -794,31 +846,50 @@ static void bwd_softmax_grad(float *restrict S, float *restrict dP, int nk, int 
   }
 }
 
+/* dV += P^T dO and dK += dS^T Q over the nkr (a multiple of TR) key rows of the tile: blocks of
+ * TRC rows, in pairs, where the level has a wider gemm_c (AVX2: 6 x 2, 12 accumulators), then
+ * blocks of TR rows. */
+static void bwd_dkv_f32(const bwd_call_t *c, size_t x, int nkr, bwd_scratch_t *w) {
+  const int Dp = c->Dp;
+  const float *dOr = c->Q.dOr + x * c->qtile, *Qr = c->Q.Qr + x * c->qtile;
+  int jr = 0;
+#if TRC != TR
+  _Static_assert(2 * TRC % TR == 0, "pairs of TRC-row blocks keep the rest a multiple of TR");
+  for (; jr + 2 * TRC <= nkr; jr += 2 * TRC)
+    for (int h = jr; h < jr + 2 * TRC; h += TRC)
+      for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+        gemm_c_wide(w->S + h * QT, dOr + d0, Dp, w->dVt + (size_t)h * Dp + d0, Dp);
+        gemm_c_wide(w->dP + h * QT, Qr + d0, Dp, w->dKt + (size_t)h * Dp + d0, Dp);
+      }
+#endif
+  for (; jr < nkr; jr += TR)
+    for (int d0 = 0; d0 < Dp; d0 += NU * W) {
+      gemm_c(w->S + jr * QT, dOr + d0, Dp, w->dVt + (size_t)jr * Dp + d0, Dp);
+      gemm_c(w->dP + jr * QT, Qr + d0, Dp, w->dKt + (size_t)jr * Dp + d0, Dp);
+    }
+}
+
 /* Micro-tile x of the chunk against the packed KV tile of nk keys, fp32 products: S^T = K Q^T and
  * dP^T = V dO^T, then P and dS, then dV += P^T dO, dK += dS^T Q, dQ^T += K^T dS^T. */
 static void bwd_micro_f32(const bwd_call_t *c, size_t x, int nk, int partial, bwd_scratch_t *w) {
-  const int D = c->p->D, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
+  const int D = c->p->D, Dp = c->Dp, nkr = (nk + TR - 1) / TR * TR;
   const bwd_q_t *Q = &c->Q;
-  for (int jr = 0; jr < nk; jr += R) {
+  for (int jr = 0; jr < nk; jr += TR) {
     gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Q->Qt + x * c->qtile, w->S + jr * QT, 1.0f);
     gemm_a(D, w->Vc + (size_t)jr * Dp, Dp, Q->dOt + x * c->qtile, w->dP + jr * QT, 1.0f);
   }
   bwd_softmax_grad(w->S, w->dP, nk, nkr, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
-  for (int jr = 0; jr < nk; jr += R)
-    for (int d0 = 0; d0 < Dp; d0 += NU * W) {
-      gemm_c(w->S + jr * QT, Q->dOr + x * c->qtile + d0, Dp, w->dVt + (size_t)jr * Dp + d0, Dp);
-      gemm_c(w->dP + jr * QT, Q->Qr + x * c->qtile + d0, Dp, w->dKt + (size_t)jr * Dp + d0, Dp);
-    }
-  for (int dr = 0; dr < D; dr += R) gemm_b(nk, w->Kc + dr, Dp, w->dP, w->dQt + x * c->qtile + (size_t)dr * QT, NULL);
+  bwd_dkv_f32(c, x, nkr, w);
+  for (int dr = 0; dr < D; dr += TR) gemm_b(nk, w->Kc + dr, Dp, w->dP, w->dQt + x * c->qtile + (size_t)dr * QT, NULL);
 }
 
 #ifdef DA_HAVE_BF16DP
 /* The same over bf16 pairs: the scale applied to the fp32 scores, P and dS rounded to bf16 for
  * the three gradient products; dK comes out in units of Q / scale (bwd_store_dkv scales it). */
 static void bwd_micro_bf(const bwd_call_t *c, size_t x, int nk, int partial, bwd_scratch_t *w) {
-  const int D = c->p->D, Dp = c->Dp, nkr = (nk + R - 1) / R * R;
+  const int D = c->p->D, Dp = c->Dp, nkr = (nk + TR - 1) / TR * TR;
   const bwd_q_t *Q = &c->Q;
-  for (int jr = 0; jr < nk; jr += R) {
+  for (int jr = 0; jr < nk; jr += TR) {
     gemm_a_bf((D + 1) / 2, (const uint16_t *)w->Kc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q->Qt + x * c->qtile),
               w->S + jr * QT, c->c2);
     gemm_a_bf((D + 1) / 2, (const uint16_t *)w->Vc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q->dOt + x * c->qtile),
@@ -828,12 +899,12 @@ static void bwd_micro_bf(const bwd_call_t *c, size_t x, int nk, int partial, bwd
   pack_tile_bf(w->Sb, w->S, nkr);
   pack_tile_bf(w->dSb, w->dP, nkr);
   pack_tile_pairs(w->dSp, w->dP, nk);
-  for (int jr = 0; jr < nk; jr += R)
+  for (int jr = 0; jr < nk; jr += TR)
     for (int d0 = 0; d0 < Dp; d0 += NU * W) {
       gemm_c_bf(w->Sb + jr * QT, (const uint32_t *)(Q->dOr + x * c->qtile) + d0, Dp, w->dVt + (size_t)jr * Dp + d0, Dp);
       gemm_c_bf(w->dSb + jr * QT, (const uint32_t *)(Q->Qr + x * c->qtile) + d0, Dp, w->dKt + (size_t)jr * Dp + d0, Dp);
     }
-  for (int dr = 0; dr < D; dr += R)
+  for (int dr = 0; dr < D; dr += TR)
     gemm_b_bf((nk + 1) / 2, w->Kp + dr, Dp, w->dSp, w->dQt + x * c->qtile + (size_t)dr * QT, NULL);
 }
 #endif
