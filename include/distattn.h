@@ -372,7 +372,11 @@ da_status_t da_kvcache_prefill(da_kvcache_t *cache, int64_t b, int64_t len, cons
 /* Append ntok[b] >= 0 tokens to every sequence b, at positions len_b .. len_b + ntok[b] - 1. k and v
  * are [B][T][G][D] (or [B][G][D] when T = 1), T >= max ntok, row t of sequence b = token len_b + t,
  * and hold the same values on every rank (the step's new tokens); each rank copies only the rows
- * its pages own. k = v = NULL: allocate only. Every rank must pass the same ntok; no messages. */
+ * its pages own. k = v = NULL: allocate only. Collective: every rank must pass the same ntok. The
+ * counts are checked without a wait on the decode path: the append starts a nonblocking allreduce
+ * of them that the next append or da_decode_step completes (within the cache's timeout); ranks that
+ * passed different counts (or where the append was refused) get DA_ERR_MISMATCH there, on every
+ * rank, naming the ranks and their counts, and the cache is refused from then on (free it). */
 da_status_t da_kvcache_append(da_kvcache_t *cache, const int64_t *ntok, const da_tensor_t *k,
                               const da_tensor_t *v);
 
