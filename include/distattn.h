@@ -207,6 +207,18 @@ const char *da_version_string(void);
  * caller's communicator). */
 typedef struct da_comm da_comm_t;
 da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out); /* collective */
+
+/* (API version 3) da_comm_create with a config: its timeout bounds the duplicate and the
+ * communicator's own setup collectives instead of DISTATTN_TIMEOUT (plans, caches and decode plans
+ * made from it keep their own config's timeout). cfg NULL = DA_COMM_CONFIG_INITIALIZER. */
+typedef struct da_comm_config {
+  size_t size;      /* sizeof(da_comm_config_t), set by the initializer */
+  unsigned version; /* DA_API_VERSION */
+  double timeout;   /* seconds a rank waits for the others; 0 = DISTATTN_TIMEOUT or 300 */
+} da_comm_config_t;
+#define DA_COMM_CONFIG_INITIALIZER { sizeof(da_comm_config_t), DA_API_VERSION, 0.0 }
+da_status_t da_comm_create_config(da_context_t *ctx, MPI_Comm comm, const da_comm_config_t *cfg,
+                                  da_comm_t **out); /* collective */
 void da_comm_free(da_comm_t *comm);                                            /* collective */
 int da_comm_rank(const da_comm_t *comm); /* local */
 int da_comm_size(const da_comm_t *comm); /* local */
