@@ -566,6 +566,29 @@ START_TEST(append_counts) {
     else ck_assert_msg(st == DA_SUCCESS, "P = 1: the cache is usable after a refused append: %s", da_last_error(g_ctx));
     da_kvcache_free(c);
   }
+  /* 4. the last rank stops calling the cache: the others' next call gives up after the cache's
+   *    timeout (the check of their last append never completes), naming the append */
+  if (g_size > 1) {
+    da_kvcache_config_t kt = kc;
+    kt.timeout = 1.5;
+    da_kvcache_t *c = NULL;
+    ck_assert(tu_all_equal_status(da_kvcache_create(g_comm, &prob, &kt, &c), DA_SUCCESS));
+    ck_assert(tu_all_equal_status(da_kvcache_append(c, same, NULL, NULL), DA_SUCCESS));
+    if (g_rank != last) {
+      ck_assert(da_kvcache_append(c, same, NULL, NULL) == DA_SUCCESS);
+      const double t1 = MPI_Wtime();
+      da_status_t st = da_kvcache_append(c, same, NULL, NULL);
+      const double waited = MPI_Wtime() - t1;
+      ck_assert_msg(st == DA_ERR_TIMEOUT && strstr(da_last_error(g_ctx), "check of append 2 did not complete within 1.5 s"),
+                    "a silent rank: got %s: %s", da_status_string(st), da_last_error(g_ctx));
+      ck_assert_msg(waited >= 1.4 && waited < 1.5 + 3, "gave up after %.1f s (timeout 1.5 s)", waited);
+      st = da_kvcache_append(c, same, NULL, NULL); /* refused from then on, at once */
+      ck_assert_msg(st == DA_ERR_TIMEOUT && strstr(da_last_error(g_ctx), "free it"), "after the timeout: %s",
+                    da_last_error(g_ctx));
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    da_kvcache_free(c);
+  }
   ck_assert_msg(MPI_Wtime() - t0 < 20, "append checks took %.1f s", MPI_Wtime() - t0);
 }
 END_TEST
