@@ -1,8 +1,9 @@
 /* kvcache.c: the distributed paged KV cache (da_kvcache_* of include/distattn.h). Pages of `page`
  * rows hold k then v; a prefill is cut into pages along its layout segments, appended tokens fill
  * pages of consecutive positions on the rank partition/kvmap.c picks. Every rank replays the shard
- * map from the token counts, so appends need no messages; creation and prefill are agreed on by
- * every rank. Decode itself lives in tree.c. */
+ * map from the token counts, so appends move no rows; creation and prefill are agreed on by every
+ * rank, and each append's counts by a deferred nonblocking check (completed by the next append or
+ * decode step). Decode itself lives in tree.c. */
 #include <mpi.h> /* before distattn.h: declares the distributed section */
 #include <math.h>
 #include <stddef.h>
@@ -66,6 +67,134 @@ da_status_t da_agree_fields(da_xport_t *xp, const int64_t *f, int n, const char 
   DA_CHECK(da_fields_compare(xp, f, n, names, what, msg, sizeof msg, &bad));
   if (bad) return DA_ERR(DA_ERR_MISMATCH, "rank %d: %s: ranks disagree: %s", xp->rank, what, msg);
   return DA_SUCCESS;
+}
+
+/* ---- the deferred check of the appended counts (kvcache.h) -------------------------------------- */
+
+/* The check's buffers: [2 W] sent (each word v, then -v, so one MPI_MAX gives max and min), [2 W]
+ * received. Their own allocation (named for tests/sanitize/lsan.supp): after a check timed out MPI
+ * may still write them, so they are never freed then. */
+static int64_t *kvcheck_buffers(void) { return calloc(4 * DA_KVCHECK_WORDS, sizeof(int64_t)); }
+
+static void check_words(const da_kvcache_t *c, int64_t *f) {
+  f[0] = c->nappend, f[1] = (int64_t)(c->chash >> 1), f[2] = c->ctotal, f[3] = c->cfailed;
+}
+
+/* Start the check of the append just made (or refused). Every rank starts one per append call,
+ * whatever its local outcome, so the checks pair up across ranks. */
+static da_status_t check_start(da_kvcache_t *c) {
+  if (c->ccomm == MPI_COMM_NULL || !c->cbuf || c->chk_st != DA_SUCCESS) return DA_SUCCESS; /* P = 1 */
+  int64_t f[DA_KVCHECK_WORDS], *snd = c->cbuf, *rcv = c->cbuf + 2 * DA_KVCHECK_WORDS;
+  check_words(c, f);
+  for (int i = 0; i < DA_KVCHECK_WORDS; i++) snd[i] = f[i], snd[DA_KVCHECK_WORDS + i] = -f[i];
+  DA_MPICHECK(MPI_Iallreduce(snd, rcv, 2 * DA_KVCHECK_WORDS, MPI_INT64_T, MPI_MAX, c->ccomm, &c->creq),
+              "rank %d da_kvcache_append: count check", c->rank);
+  return DA_SUCCESS;
+}
+
+/* "ranks 0-2, 5" for the n ranks listed in r (ascending). */
+static int rank_list(char *buf, size_t cap, const int *r, int n) {
+  int len = snprintf(buf, cap, "rank%s ", n > 1 ? "s" : "");
+  for (int i = 0; i < n && len < (int)cap; i++) {
+    int j = i;
+    while (j + 1 < n && r[j + 1] == r[j] + 1) j++;
+    len += snprintf(buf + len, cap - (size_t)len, "%s%d", i ? ", " : "", r[i]);
+    if (j > i && len < (int)cap) len += snprintf(buf + len, cap - (size_t)len, "-%d", r[j]);
+    i = j;
+  }
+  return len;
+}
+
+/* The ranks disagreed: gather what each appended (one allgather on the cache's control transport;
+ * every rank is on this path, since all received the same check) and name them, grouped. */
+enum { REC_N, REC_TOTAL, REC_FAILED, REC_HASH, REC_LAST, REC_WORDS = REC_LAST + 5 };
+static da_status_t check_report(da_kvcache_t *c, const char *fn) {
+  int64_t mine[REC_WORDS] = {c->nappend, c->ctotal, c->cfailed, (int64_t)(c->chash >> 1)};
+  memcpy(mine + REC_LAST, c->clast, sizeof c->clast);
+  int64_t *all = malloc((size_t)c->P * sizeof mine);
+  int *grp = malloc((size_t)c->P * sizeof *grp), *done = calloc((size_t)c->P, sizeof *done);
+  da_status_t st = all && grp && done ? DA_SUCCESS : DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d %s: count report", c->rank, fn);
+  if (st == DA_SUCCESS) st = c->xp.t->allgather(&c->xp, mine, all, sizeof mine);
+  if (st == DA_SUCCESS) {
+    char msg[DA_ERRMSG_MAX - 160];
+    int len = 0, groups = 0;
+    for (int r = 0; r < c->P && len < (int)sizeof msg - 1; r++) {
+      if (done[r]) continue;
+      const int64_t *a = all + (size_t)r * REC_WORDS;
+      int n = 0;
+      for (int q = r; q < c->P; q++)
+        if (!done[q] && !memcmp(a, all + (size_t)q * REC_WORDS, sizeof mine)) done[q] = 1, grp[n++] = q;
+      if (++groups > 4) { /* the message has room for a few: the rest are counted */
+        int rest = n;
+        for (int q = r + 1; q < c->P; q++) rest += !done[q];
+        len += snprintf(msg + len, sizeof msg - (size_t)len, "; %d more rank(s) with other counts", rest);
+        break;
+      }
+      char ranks[96], counts[96];
+      rank_list(ranks, sizeof ranks, grp, n);
+      int cl = snprintf(counts, sizeof counts, "{");
+      for (int64_t b = 0; b < c->B && b < 4; b++)
+        cl += snprintf(counts + cl, sizeof counts - (size_t)cl, "%s%lld", b ? ", " : "", (long long)a[REC_LAST + 1 + b]);
+      snprintf(counts + cl, sizeof counts - (size_t)cl, "%s}", c->B > 4 ? ", ..." : "");
+      if (a[REC_FAILED])
+        len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s: append %lld refused or failed there", len ? "; " : "",
+                        ranks, (long long)a[REC_N]);
+      else
+        len += snprintf(msg + len, sizeof msg - (size_t)len, "%s%s: append %lld of %lld token(s) %s, %lld appended in all",
+                        len ? "; " : "", ranks, (long long)a[REC_N], (long long)a[REC_LAST], counts,
+                        (long long)a[REC_TOTAL]);
+    }
+    st = DA_ERR(DA_ERR_MISMATCH, "rank %d %s: ranks disagree on the kv cache's appended token counts: %s (every rank "
+                "must append the same counts; the shards no longer agree: free the cache)", c->rank, fn, msg);
+  }
+  free(all), free(grp), free(done);
+  return st;
+}
+
+da_status_t da_kvcache_check_finish(da_kvcache_t *c, const char *fn) {
+  if (c->chk_st == DA_ERR_MISMATCH)
+    return DA_ERR(DA_ERR_MISMATCH, "rank %d %s: the ranks of this kv cache disagreed on the token counts of append "
+                  "%lld (reported then); free it", c->rank, fn, (long long)c->chk_at);
+  if (c->chk_st != DA_SUCCESS)
+    return DA_ERR(c->chk_st, "rank %d %s: the count check of append %lld of this kv cache failed (reported then); "
+                  "free it", c->rank, fn, (long long)c->chk_at);
+  if (c->creq == MPI_REQUEST_NULL) return DA_SUCCESS;
+  int done = 0, rc = da_mpi_poll(&c->creq, c->xp.timeout_s, &done);
+  if (rc != MPI_SUCCESS || !done) { /* the request cannot be cancelled: MPI keeps it and its buffers */
+    c->creq = MPI_REQUEST_NULL, c->cbuf = NULL;
+    c->chk_st = rc != MPI_SUCCESS ? DA_ERR_MPI : DA_ERR_TIMEOUT, c->chk_at = c->nappend;
+    if (rc != MPI_SUCCESS) return da_mpi_error(rc, __FILE__, __LINE__, "rank %d %s: kv cache count check", c->rank, fn);
+    return DA_ERR(DA_ERR_TIMEOUT, "rank %d %s: the kv cache's check of append %lld did not complete within %g s (a "
+                  "peer is missing or stuck, or the ranks made different calls on the cache)", c->rank, fn,
+                  (long long)c->nappend, c->xp.timeout_s);
+  }
+  const int64_t *rcv = c->cbuf + 2 * DA_KVCHECK_WORDS;
+  int agree = 1;
+  for (int i = 0; i < DA_KVCHECK_WORDS; i++) agree &= rcv[i] == -rcv[DA_KVCHECK_WORDS + i];
+  if (agree) return DA_SUCCESS;
+  c->chk_st = DA_ERR_MISMATCH, c->chk_at = c->nappend;
+  return check_report(c, fn);
+}
+
+/* At free: the last append's check, if still in flight, completes (bounded); a disagreement nobody
+ * was told of yet is logged. Returns 1 when the check must be left to MPI (its communicator and
+ * buffers are then not freed). */
+static int check_close(da_kvcache_t *c) {
+  if (c->creq != MPI_REQUEST_NULL) {
+    int done = 0, rc = da_mpi_poll(&c->creq, c->xp.timeout_s, &done);
+    if (rc != MPI_SUCCESS || !done) return 1;
+    const int64_t *rcv = c->cbuf + 2 * DA_KVCHECK_WORDS;
+    for (int i = 0; i < DA_KVCHECK_WORDS; i++)
+      if (rcv[i] != -rcv[DA_KVCHECK_WORDS + i]) {
+        DA_WARN(DA_SUB_PLAN, "rank %d da_kvcache_free: the ranks disagreed on the token counts of the last append "
+                "(%lld); nothing used the cache after it", c->rank, (long long)c->nappend);
+        break;
+      }
+  }
+  if (c->chk_st == DA_ERR_TIMEOUT || c->chk_st == DA_ERR_MPI) return 1;
+  free(c->cbuf);
+  c->cbuf = NULL;
+  return 0;
 }
 
 /* ---- sequences and pages -------------------------------------------------------------------- */
@@ -250,6 +379,7 @@ static da_status_t cache_local(da_comm_t *comm, const da_problem_t *prob, const 
 
 void da_kvcache_free(da_kvcache_t *c) {
   if (!c) return;
+  int leave_check = check_close(c);
   if (c->seq)
     for (int64_t b = 0; b < c->B; b++) {
       seq_clear(c, &c->seq[b]);
@@ -263,6 +393,7 @@ void da_kvcache_free(da_kvcache_t *c) {
   int finalized = 0;
   MPI_Finalized(&finalized);
   if (c->mcomm != MPI_COMM_NULL && !finalized) MPI_Comm_free(&c->mcomm);
+  if (c->ccomm != MPI_COMM_NULL && !finalized && !leave_check) MPI_Comm_free(&c->ccomm);
   free(c);
 }
 
@@ -276,7 +407,9 @@ da_status_t da_kvcache_create(da_comm_t *comm, const da_problem_t *prob, const d
   da_kvcache_config_t def = DA_KVCACHE_CONFIG_INITIALIZER;
   if (!cfg) cfg = &def;
   c->ctx = ctx;
-  c->mcomm = MPI_COMM_NULL;
+  c->mcomm = c->ccomm = MPI_COMM_NULL;
+  c->creq = MPI_REQUEST_NULL;
+  c->chash = DA_FNV_INIT;
   /* The control transport comes first: every later failure must reach the other ranks. */
   double timeout;
   st = da_comm_dup_bounded(comm, cfg->timeout, "da_kvcache_create", &c->mcomm, &timeout);
@@ -302,6 +435,13 @@ da_status_t da_kvcache_create(da_comm_t *comm, const da_problem_t *prob, const d
     static const char *const names[] = {"batch", "kv_heads", "dim", "dtype", "page", "layout", "weighted", "#weights",
                                         "#transport"};
     st = da_agree_fields(&c->xp, f, 9, names, "kv cache");
+  }
+  /* The append check's own communicator and buffers (every rank got here: the agreement passed). */
+  if (st == DA_SUCCESS && c->P > 1) {
+    st = da_mpi_comm_dup(c->mcomm, timeout, "da_kvcache_create", &c->ccomm);
+    if (st == DA_SUCCESS && !(c->cbuf = kvcheck_buffers()))
+      st = DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d da_kvcache_create: append check buffers", c->rank);
+    st = da_xport_agree(&c->xp, st, "kv cache");
   }
   if (st != DA_SUCCESS) {
     da_kvcache_free(c);
@@ -422,21 +562,20 @@ static da_status_t append_one(da_kvcache_t *c, int64_t b, const kview_t *vk, con
   return DA_SUCCESS;
 }
 
-da_status_t da_kvcache_append(da_kvcache_t *c, const int64_t *ntok, const da_tensor_t *k, const da_tensor_t *v) {
-  da_error_clear();
-  DA_ARG_CHECK(NULL, c != NULL, "da_kvcache_append: cache is NULL");
+/* The append proper (the local checks and the rows); the public call wraps it in the count check. */
+static da_status_t append_local(da_kvcache_t *c, const int64_t *ntok, const da_tensor_t *k, const da_tensor_t *v) {
   if (c->broken)
-    return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this kv cache had a failed append; "
-                                            "free it", c->rank));
-  if (!ntok) return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_append: ntok is NULL"));
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: this kv cache had a failed append; "
+                                            "free it", c->rank);
+  if (!ntok) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_append: ntok is NULL");
   if (!k != !v)
-    return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_append: give both k and v, "
-                                            "or neither", c->rank));
+    return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_append: give both k and v, "
+                                            "or neither", c->rank);
   int64_t T = 0;
   for (int64_t b = 0; b < c->B; b++) {
     if (ntok[b] < 0)
-      return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_append: ntok[%lld] = %lld < 0",
-                                              (long long)b, (long long)ntok[b]));
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_kvcache_append: ntok[%lld] = %lld < 0",
+                                              (long long)b, (long long)ntok[b]);
     if (ntok[b] > T) T = ntok[b];
   }
   kview_t vk, vv;
@@ -445,22 +584,46 @@ da_status_t da_kvcache_append(da_kvcache_t *c, const int64_t *ntok, const da_ten
     static const char *const axis[] = {"batch", "new tokens"};
     const int64_t outer[2] = {c->B, T};
     if (ndim == 1 && T > 1)
-      return da_context_finish(c->ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_append: k is [B][G][D] "
+      return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_kvcache_append: k is [B][G][D] "
                                               "but up to %lld tokens are appended (use [B][T][G][D])", c->rank,
-                                              (long long)T));
+                                              (long long)T);
     da_status_t st = check_rows(c, "k", k, ndim, outer, axis, &vk);
     if (st == DA_SUCCESS) st = check_rows(c, "v", v, ndim, outer, axis, &vv);
-    if (st != DA_SUCCESS) return da_context_finish(c->ctx, st);
+    if (st != DA_SUCCESS) return st;
   }
   for (int64_t b = 0; b < c->B; b++)
     for (int64_t t = 0; t < ntok[b]; t++) {
       da_status_t st = append_one(c, b, k ? &vk : NULL, k ? &vv : NULL, t);
       if (st != DA_SUCCESS) {
         c->broken = 1; /* other ranks went on: the shard map no longer matches theirs */
-        return da_context_finish(c->ctx, st);
+        return st;
       }
     }
-  return da_context_finish(c->ctx, DA_SUCCESS);
+  return DA_SUCCESS;
+}
+
+da_status_t da_kvcache_append(da_kvcache_t *c, const int64_t *ntok, const da_tensor_t *k, const da_tensor_t *v) {
+  da_error_clear();
+  DA_ARG_CHECK(NULL, c != NULL, "da_kvcache_append: cache is NULL");
+  /* The previous append's check first (it ran while the caller decoded): a disagreement there is
+   * reported before anything changes here. Then this append, then its own check, started whatever
+   * happened here (a refused append is flagged, so the others learn of it at their next call). */
+  da_status_t st = da_kvcache_check_finish(c, "da_kvcache_append");
+  if (st != DA_SUCCESS) return da_context_finish(c->ctx, st);
+  st = append_local(c, ntok, k, v);
+  c->nappend++;
+  c->cfailed = st != DA_SUCCESS;
+  memset(c->clast, 0, sizeof c->clast);
+  if (st == DA_SUCCESS) {
+    for (int64_t b = 0; b < c->B; b++) {
+      c->clast[0] += ntok[b];
+      if (b < 4) c->clast[1 + b] = ntok[b];
+    }
+    c->ctotal += c->clast[0];
+    c->chash = da_fnv1a(c->chash, ntok, (size_t)c->B * sizeof *ntok);
+  }
+  da_status_t cst = check_start(c);
+  return da_context_finish(c->ctx, st != DA_SUCCESS ? st : cst);
 }
 
 /* ---- queries ------------------------------------------------------------------------------------ */

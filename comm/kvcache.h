@@ -53,7 +53,34 @@ struct da_kvcache {
   da_dstream_t dstream;
   char *rowbuf;      /* dev: one row staged in host memory before its copy */
   char transport[16];
+  /* The deferred check of the appended counts (issue 19, class 4): every rank replays the shard map
+   * from the counts it was given, so ranks given different counts would hold maps that silently
+   * disagree. Each append starts a nonblocking allreduce of this rank's running state (appends, a
+   * hash of every count, tokens, a failure flag) on ccomm; the next append or decode step completes
+   * it (bounded by the cache's timeout) after its own work, so the check costs no collective latency
+   * on the decode path. A disagreement is then DA_ERR_MISMATCH on every rank, naming the ranks and
+   * their counts, one call late; the cache stays refused after that (chk_st). */
+  MPI_Comm ccomm;       /* private duplicate: the check's collectives never meet the agreement's */
+  MPI_Request creq;     /* the check in flight, MPI_REQUEST_NULL when none */
+  int64_t *cbuf;        /* [2 * DA_KVCHECK_WORDS] sent, then received; heap: a timed-out check leaves it to MPI */
+  int64_t nappend;      /* appends so far (each started one check) */
+  uint64_t chash;       /* running FNV-1a hash of every append's counts, in order */
+  int64_t ctotal;       /* tokens appended so far, all sequences */
+  int64_t clast[1 + 4]; /* the last append: its tokens, then its first counts (for the message) */
+  int cfailed;          /* the last append failed on this rank (its counts did not all go in) */
+  da_status_t chk_st;   /* sticky: DA_ERR_MISMATCH (ranks disagreed), DA_ERR_TIMEOUT (a check never came back) */
+  int64_t chk_at;       /* the append whose check failed */
 };
+
+/* Words of one rank's contribution to the count check (each sent as v and -v under MPI_MAX). */
+#define DA_KVCHECK_WORDS 4
+
+/* Complete the count check of the last append, if one is in flight (local wait, bounded by the
+ * cache's timeout; every rank reaches it at the same point of its calls). DA_SUCCESS when the ranks
+ * agreed; DA_ERR_MISMATCH on every rank naming the ranks and their counts when not (one small
+ * allgather, on that path only); DA_ERR_TIMEOUT when the check did not come back. A failure is
+ * sticky: later calls on the cache return it again. fn names the calling function. */
+da_status_t da_kvcache_check_finish(da_kvcache_t *c, const char *fn);
 
 /* Accessors of da_comm_t (defined in plan.c, which owns the struct). */
 da_context_t *da_comm_context(const da_comm_t *c);

@@ -64,10 +64,23 @@ static int64_t machine_id(void) {
 }
 
 da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
+  return da_comm_create_config(ctx, comm, NULL, out);
+}
+
+da_status_t da_comm_create_config(da_context_t *ctx, MPI_Comm comm, const da_comm_config_t *cfg, da_comm_t **out) {
   da_error_clear();
   DA_ARG_CHECK(da_context_errbuf(ctx), out != NULL, "da_comm_create: output pointer is NULL");
   *out = NULL;
   DA_ARG_CHECK(NULL, ctx != NULL, "da_comm_create: context is NULL");
+  const da_comm_config_t def = DA_COMM_CONFIG_INITIALIZER;
+  if (!cfg) cfg = &def;
+  if (cfg->size < offsetof(da_comm_config_t, timeout) + sizeof cfg->timeout || cfg->version == 0 ||
+      cfg->version > DA_API_VERSION)
+    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: config of size %zu, version %u "
+                                         "(use DA_COMM_CONFIG_INITIALIZER)", cfg->size, cfg->version));
+  if (!(cfg->timeout >= 0) || !isfinite(cfg->timeout))
+    return da_context_finish(ctx, DA_ERR(DA_ERR_INVALID_ARGUMENT, "da_comm_create: timeout %g s: expected 0 (the "
+                                         "default) or a finite number of seconds", cfg->timeout));
   int inited = 0, finalized = 0;
   MPI_Initialized(&inited);
   MPI_Finalized(&finalized);
@@ -93,7 +106,7 @@ da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out) {
    * handler to "return" leaves the caller's communicator alone. Bounded: a rank that never calls
    * da_comm_create must not hang the others (no roll call here: it would send on the caller's
    * communicator). */
-  const double timeout = da_comm_default_timeout();
+  const double timeout = cfg->timeout > 0 ? cfg->timeout : da_comm_default_timeout();
   da_status_t st = da_mpi_comm_dup(comm, timeout, "da_comm_create", &c->comm);
   if (st != DA_SUCCESS) {
     free(c);

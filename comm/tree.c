@@ -564,13 +564,15 @@ static da_status_t ring_step(da_decode_plan_t *p, const da_kvcache_t *c, const q
 /* The step's local checks of the cache and the caller's tensors. T (queries per sequence) comes
  * from q; a rank whose q is unusable still needs the row count its peers use: it assumes the
  * previous step's T (decode loops keep T fixed); a different T makes the reduction fail, not hang. */
-static da_status_t check_step(da_decode_plan_t *p, const da_kvcache_t *c, const da_tensor_t *q, const da_tensor_t *out,
+static da_status_t check_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor_t *q, const da_tensor_t *out,
                               const da_tensor_t *lse, int gets_output, int64_t *T, qview_t *vq, qview_t *vo,
                               qview_t *vl) {
   const int D = p->kp.D;
   *T = q && q->ndim == 4 && q->shape[1] >= 1 ? q->shape[1] : q && q->ndim == 3 ? 1 : p->last_t;
   if (!c) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: da_decode_step: cache is NULL", p->rank);
   if (c->broken) return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: the kv cache had a failed append", p->rank);
+  if (c->chk_st != DA_SUCCESS) /* every rank learnt it at once: its ranks disagreed, or a check timed out */
+    return da_kvcache_check_finish(c, "da_decode_step");
   if (c->B != p->B || c->G != p->kp.G || c->D != D || c->dtype != p->kp.dtype)
     return DA_ERR(DA_ERR_INVALID_ARGUMENT,
                   "rank %d: the cache holds %lld sequences of [%d][%d] %s rows, the plan "
@@ -772,6 +774,13 @@ da_status_t da_decode_step(da_decode_plan_t *p, da_kvcache_t *c, const da_tensor
     da_status_t cst = combine(p, c, &vq, T, &st, &kvb, &compute_s, &sent);
     if (cst != DA_SUCCESS) /* a transfer failed: peers are in unknown states, no agreement is tried */
       return da_context_finish(p->ctx, st != DA_SUCCESS ? st : cst);
+  }
+  /* The cache's check of the last append's counts (kvcache.h), started by the append and run during
+   * this step: completed here, after the step's own work, so it adds no collective latency. Every
+   * rank gets the same answer; a disagreement is this step's error (its output is not written). */
+  if (c) {
+    da_status_t kst = da_kvcache_check_finish(c, "da_decode_step");
+    if (kst != DA_SUCCESS && st == DA_SUCCESS) return da_context_finish(p->ctx, kst);
   }
   /* ---- outcome: a poisoned row means some rank failed; every rank holding the result knows ---- */
   int poisoned = 0;

@@ -120,23 +120,39 @@ static int is_choice(const char *choices, const char *word, size_t len, int noca
   return 0;
 }
 
-static int poison_ok(const char *s) { /* TENSOR:POS[:nan|inf|-inf][,...], at most 16 items */
-  int items = 0;
-  for (const char *p = s;; items++) {
+/* TENSOR:POS[:nan|inf|-inf][,...], at most DA_ENV_POISON_MAX items, into items (may be NULL: check
+ * only). The one parser of the form: da_env_check_value and da_env_poison both call it. */
+static int poison_parse(const char *s, da_env_poison_t *items, int *count) {
+  static const char *const tensors[] = {"q", "k", "v", "dout"};
+  int n_items = 0;
+  for (const char *p = s;; n_items++) {
+    if (n_items >= DA_ENV_POISON_MAX) return -1;
     size_t n = strcspn(p, ","), t = strcspn(p, ":");
-    if (t >= n || !is_choice("q|k|v|dout", p, t, 0)) return 0;
+    if (t >= n || !is_choice("q|k|v|dout", p, t, 0)) return -1;
     const char *pos = p + t + 1;
     size_t pn = strcspn(pos, ":,");
     char num[32];
-    if (pn == 0 || pn >= sizeof num) return 0;
+    if (pn == 0 || pn >= sizeof num) return -1;
     memcpy(num, pos, pn), num[pn] = '\0';
     int64_t x;
-    if (da_parse_size(num, &x)) return 0;
-    if (pos[pn] == ':' && !is_choice("nan|inf|-inf", pos + pn + 1, n - t - 2 - pn, 0)) return 0;
+    if (da_parse_size(num, &x) || x < 0) return -1;
+    float value = NAN;
+    if (pos[pn] == ':') {
+      const char *w = pos + pn + 1;
+      const size_t wn = n - t - 2 - pn;
+      if (!is_choice("nan|inf|-inf", w, wn, 0)) return -1;
+      value = wn == 3 && !strncmp(w, "inf", 3) ? INFINITY : wn == 4 ? -INFINITY : NAN;
+    }
+    if (items) {
+      for (int k = 0; k < 4; k++)
+        if (strlen(tensors[k]) == t && !strncmp(tensors[k], p, t)) items[n_items].tensor = k;
+      items[n_items].pos = x, items[n_items].value = value;
+    }
     if (!p[n]) break;
     p += n + 1;
   }
-  return items < 16;
+  if (count) *count = n_items + 1;
+  return 0;
 }
 
 da_status_t da_env_check_value(const da_env_var_t *v, const char *s) {
@@ -203,9 +219,9 @@ da_status_t da_env_check_value(const da_env_var_t *v, const char *s) {
       return access(s, R_OK) ? refuse(v, s, strerror(errno)) : DA_SUCCESS;
     }
     case DA_ENV_POISON:
-      return poison_ok(s) ? DA_SUCCESS
+      return !poison_parse(s, NULL, NULL) ? DA_SUCCESS
                           : refuse(v, s, "expected up to 16 items TENSOR:POS[:nan|inf|-inf] with TENSOR one of q, k, "
-                                         "v, dout");
+                                         "v, dout, POS a size >= 0");
     case DA_ENV_INTERNAL: return DA_SUCCESS;
   }
   return DA_ERR(DA_ERR_INTERNAL, "%s: unknown type %d in the env table", v->name, (int)v->type);
@@ -282,4 +298,15 @@ int da_utf8_valid(const char *s) {
     p += n;
   }
   return 1;
+}
+
+da_status_t da_env_poison(const char *name, da_env_poison_t items[DA_ENV_POISON_MAX], int *n) {
+  const da_env_var_t *v;
+  const char *s;
+  *n = 0;
+  DA_CHECK(lookup(name, &v, &s));
+  if (!s) return DA_SUCCESS;
+  if (v->type != DA_ENV_POISON) return DA_ERR(DA_ERR_INTERNAL, "%s is not a poison-list variable", name);
+  if (poison_parse(s, items, n)) return DA_ERR(DA_ERR_INTERNAL, "%s=%s: checked but not parsed", name, s);
+  return DA_SUCCESS;
 }

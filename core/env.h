@@ -56,6 +56,17 @@ da_status_t da_env_check_all(void);
 da_status_t da_env_int(const char *name, int64_t *out, int *set);
 da_status_t da_env_double(const char *name, double *out, int *set); /* SECONDS, NUMBER */
 
+/* A DA_ENV_POISON variable (DISTATTN_TEST_NONFINITE) parsed into its items: *n of them (0 when
+ * unset), each the tensor (index into q, k, v, dout), the global position and the value (NaN,
+ * +inf or -inf). The check and this read share one parser. */
+#define DA_ENV_POISON_MAX 16
+typedef struct da_env_poison {
+  int tensor;
+  int64_t pos;
+  float value;
+} da_env_poison_t;
+da_status_t da_env_poison(const char *name, da_env_poison_t items[DA_ENV_POISON_MAX], int *n);
+
 /* Above this many kernel threads per process (DISTATTN_NTHREADS, da_config_t.nthreads, --threads)
  * a thread count is refused: 1024 covers the largest single machines (2 sockets x 192 cores x 2
  * hardware threads = 768), so a larger count can only oversubscribe, and past a few thousand

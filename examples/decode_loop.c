@@ -158,7 +158,7 @@ int main(int argc, char **argv) {
     da_tensor_make(&tqs, q, DA_FLOAT32, 3, (int64_t[]){B, H, D});
     da_tensor_make(&tos, out, DA_FLOAT32, 3, (int64_t[]){B, H, D});
     da_tensor_make(&tls, lse, DA_FLOAT32, 2, (int64_t[]){B, H});
-    CHECK(da_kvcache_append(cache, ntok, &tkn, &tvn)); /* local: no message */
+    CHECK(da_kvcache_append(cache, ntok, &tkn, &tvn)); /* collective: starts the counts' check, completed by the step */
     CHECK(da_decode_step(dplan, cache, &tqs, &tos, &tls, NULL));
 
     double err = 0.0;

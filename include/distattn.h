@@ -207,6 +207,18 @@ const char *da_version_string(void);
  * caller's communicator). */
 typedef struct da_comm da_comm_t;
 da_status_t da_comm_create(da_context_t *ctx, MPI_Comm comm, da_comm_t **out); /* collective */
+
+/* (API version 3) da_comm_create with a config: its timeout bounds the duplicate and the
+ * communicator's own setup collectives instead of DISTATTN_TIMEOUT (plans, caches and decode plans
+ * made from it keep their own config's timeout). cfg NULL = DA_COMM_CONFIG_INITIALIZER. */
+typedef struct da_comm_config {
+  size_t size;      /* sizeof(da_comm_config_t), set by the initializer */
+  unsigned version; /* DA_API_VERSION */
+  double timeout;   /* seconds a rank waits for the others; 0 = DISTATTN_TIMEOUT or 300 */
+} da_comm_config_t;
+#define DA_COMM_CONFIG_INITIALIZER { sizeof(da_comm_config_t), DA_API_VERSION, 0.0 }
+da_status_t da_comm_create_config(da_context_t *ctx, MPI_Comm comm, const da_comm_config_t *cfg,
+                                  da_comm_t **out); /* collective */
 void da_comm_free(da_comm_t *comm);                                            /* collective */
 int da_comm_rank(const da_comm_t *comm); /* local */
 int da_comm_size(const da_comm_t *comm); /* local */
@@ -372,7 +384,11 @@ da_status_t da_kvcache_prefill(da_kvcache_t *cache, int64_t b, int64_t len, cons
 /* Append ntok[b] >= 0 tokens to every sequence b, at positions len_b .. len_b + ntok[b] - 1. k and v
  * are [B][T][G][D] (or [B][G][D] when T = 1), T >= max ntok, row t of sequence b = token len_b + t,
  * and hold the same values on every rank (the step's new tokens); each rank copies only the rows
- * its pages own. k = v = NULL: allocate only. Every rank must pass the same ntok; no messages. */
+ * its pages own. k = v = NULL: allocate only. Collective: every rank must pass the same ntok. The
+ * counts are checked without a wait on the decode path: the append starts a nonblocking allreduce
+ * of them that the next append or da_decode_step completes (within the cache's timeout); ranks that
+ * passed different counts (or where the append was refused) get DA_ERR_MISMATCH there, on every
+ * rank, naming the ranks and their counts, and the cache is refused from then on (free it). */
 da_status_t da_kvcache_append(da_kvcache_t *cache, const int64_t *ntok, const da_tensor_t *k,
                               const da_tensor_t *v);
 

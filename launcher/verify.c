@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "dtype.h"
+#include "env.h"
 #include "core.h"
 #include "ref.h"
 #include "rng.h"
@@ -15,42 +16,16 @@
 
 uint64_t da_verify_seed(uint64_t seed, int64_t b) { return seed + 0x9E3779B97F4A7C15ull * (uint64_t)b; }
 
-/* ---- DISTATTN_TEST_NONFINITE ---- */
-#define MAX_POISON 16
-static struct { uint32_t tensor; int64_t pos; float value; } poison[MAX_POISON];
+/* ---- DISTATTN_TEST_NONFINITE (parsed by core/env.c, its table's one parser) ---- */
+static da_env_poison_t poison[DA_ENV_POISON_MAX];
 static int npoison = -1; /* -1: not parsed yet */
 
 int da_verify_poison_init(char *err, size_t n) {
-  static const char *const names[] = {"q", "k", "v", "dout"};
-  static const uint32_t tensors[] = {DA_RNG_Q, DA_RNG_K, DA_RNG_V, DA_RNG_DOUT};
-  const char *env = da_param_string("DISTATTN_TEST_NONFINITE");
   npoison = 0;
-  if (!env) return 0;
-  char buf[512];
-  snprintf(buf, sizeof buf, "%s", env);
-  for (char *save = NULL, *item = strtok_r(buf, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
-    char *c1 = strchr(item, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
-    int t = -1;
-    if (c1) *c1 = '\0';
-    if (c2) *c2 = '\0';
-    for (int i = 0; i < 4; i++)
-      if (!strcmp(item, names[i])) t = i;
-    int64_t pos = -1;
-    float value = NAN;
-    int ok = t >= 0 && c1 && !da_parse_size(c1 + 1, &pos) && pos >= 0 && npoison < MAX_POISON;
-    if (ok && c2) {
-      if (!strcmp(c2 + 1, "inf")) value = INFINITY;
-      else if (!strcmp(c2 + 1, "-inf")) value = -INFINITY;
-      else ok = !strcmp(c2 + 1, "nan");
-    }
-    if (!ok) {
-      snprintf(err, n, "DISTATTN_TEST_NONFINITE=%s: expected up to %d items TENSOR:POS[:nan|inf|-inf] with TENSOR "
-               "one of q, k, v, dout", env, MAX_POISON);
-      npoison = 0;
-      return -1;
-    }
-    poison[npoison].tensor = tensors[t], poison[npoison].pos = pos, poison[npoison].value = value;
-    npoison++;
+  if (da_env_poison("DISTATTN_TEST_NONFINITE", poison, &npoison) != DA_SUCCESS) {
+    snprintf(err, n, "%s", da_error_message());
+    npoison = 0;
+    return -1;
   }
   return 0;
 }
@@ -60,8 +35,9 @@ void da_verify_poison(uint32_t tensor, int64_t pos, int h, float *row) {
     char err[8];
     da_verify_poison_init(err, sizeof err);
   }
+  static const uint32_t tensors[] = {DA_RNG_Q, DA_RNG_K, DA_RNG_V, DA_RNG_DOUT}; /* env.c's order */
   for (int i = 0; i < npoison; i++)
-    if (h == 0 && poison[i].tensor == tensor && poison[i].pos == pos) row[0] = poison[i].value;
+    if (h == 0 && tensors[poison[i].tensor] == tensor && poison[i].pos == pos) row[0] = poison[i].value;
 }
 
 int64_t da_count_nonfinite(const void *x, da_dtype_t dt, int64_t n) {

@@ -10,6 +10,21 @@ if(NOT TARGET distattn OR NOT COMMAND da_run_cli)
   return()
 endif()
 set(g_args --algo ring --seq 300 --heads 2 --dim 16 --verify 4 --iters 1 --warmup 0)
+da_run_cli(cli_ranks_per_gpu_needs_cuda 1 2 ERR_RE "--ranks-per-gpu needs --device cuda"
+           ARGS ${g_args} --ranks-per-gpu 2)
+da_run_cli(cli_offload_device_cuda 2 2 ERR_RE "--device cuda: the offloaded attention stays host-side"
+           RAW_ARGS -np 2 $<TARGET_FILE:distattn> decode --offload --role compute --context 100 --heads 2 --dim 16
+                    --device cuda)
+# A build without the CUDA backend (DISTATTN_CUDA=OFF, or no nvcc; the sanitizer build) refuses
+# --device cuda before anything, pretend GPUs or not; the map's tests need the backend.
+if(NOT (TARGET da_cuda AND EXISTS ${PROJECT_SOURCE_DIR}/kernels/cuda/backend.cu))
+  da_run_cli(cli_run_device_cuda_not_built 1 2 ENV DISTATTN_TEST_GPUS=1
+             ERR_RE "distattn run: --device cuda: the CUDA backend is not built in" ARGS ${g_args} --device cuda)
+  da_run_cli(cli_decode_device_cuda_not_built 1 2 ENV DISTATTN_TEST_GPUS=1
+             ERR_RE "distattn decode: --device cuda: the CUDA backend is not built in"
+             RAW_ARGS -np 1 $<TARGET_FILE:distattn> decode --context 200 --heads 2 --dim 16 --steps 1 --device cuda)
+  return()
+endif()
 foreach(P 1 3)
   da_run_cli(cli_device_cuda_nogpu_np${P} ${P} 2
              ERR_RE "distattn run: --device cuda: rank 0 \\(host [^)]*\\): CUDA: .*every rank stops \\(exit 2\\)"
@@ -35,11 +50,6 @@ da_run_cli(cli_gpumap_too_few_gpus_np3 3 2 ENV DISTATTN_TEST_GPUS=1
 da_run_cli(cli_gpumap_nccl_shared_np2 2 2 ENV DISTATTN_TEST_GPUS=1
            ERR_RE "--transport nccl: NCCL refuses ranks that share a GPU \\(\"Duplicate GPU detected\"\\).*cuda-ipc"
            ARGS ${g_args} --device cuda --transport nccl)
-da_run_cli(cli_ranks_per_gpu_needs_cuda 1 2 ERR_RE "--ranks-per-gpu needs --device cuda"
-           ARGS ${g_args} --ranks-per-gpu 2)
-da_run_cli(cli_offload_device_cuda 2 2 ERR_RE "--device cuda: the offloaded attention stays host-side"
-           RAW_ARGS -np 2 $<TARGET_FILE:distattn> decode --offload --role compute --context 100 --heads 2 --dim 16
-                    --device cuda)
 # decode --device cuda on pretend GPUs: the map in the header, the device tree on the host seam
 # (host-ipc: pages and partials in shared memory, two allreduces), verified in float64.
 set(gd_json ${CMAKE_CURRENT_BINARY_DIR}/cli_gpumap_decode.jsonl)

@@ -17,6 +17,7 @@ int main(void) {
       F(da_problem_t, window), F(da_problem_t, ndocs), F(da_problem_t, cu_seqlens), F(da_problem_t, dtype),
       F(da_problem_t, scale), F(da_problem_t, block_q), F(da_problem_t, block_k);
   S(da_config_t), F(da_config_t, size), F(da_config_t, version), F(da_config_t, device), F(da_config_t, nthreads);
+  S(da_comm_config_t), F(da_comm_config_t, size), F(da_comm_config_t, version), F(da_comm_config_t, timeout);
   S(da_plan_config_t), F(da_plan_config_t, size), F(da_plan_config_t, version), F(da_plan_config_t, algo),
       F(da_plan_config_t, block), F(da_plan_config_t, transport), F(da_plan_config_t, timeout),
       F(da_plan_config_t, mem_budget), F(da_plan_config_t, mem_count);

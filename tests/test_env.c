@@ -4,6 +4,7 @@
  * program (argv[1]) exits 2 with the name on stderr, where the same command without the variable
  * exits 0. A variable added to the table is covered without touching this file. Also: real
  * seconds for DISTATTN_TIMEOUT, and values of each type that must be accepted. */
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -103,6 +104,28 @@ int main(int argc, char **argv) {
   if (da_env_double("DISTATTN_TIMEOUT", &t, &set) != DA_SUCCESS || !set || t != 2.5)
     fail("DISTATTN_TIMEOUT", "2.5 was not read as 2.5 s", NULL);
   unsetenv("DISTATTN_TIMEOUT");
+  /* DISTATTN_TEST_NONFINITE: one parser for the check and the program's read (da_env_poison);
+   * the items as written (positions are sizes: 1K = 1024) */
+  setenv("DISTATTN_TEST_NONFINITE", "q:3,k:1K:inf,dout:7:-inf,v:0:nan", 1);
+  da_env_poison_t it[DA_ENV_POISON_MAX];
+  int np = 0;
+  if (da_env_poison("DISTATTN_TEST_NONFINITE", it, &np) != DA_SUCCESS || np != 4 || it[0].tensor != 0 ||
+      it[0].pos != 3 || !isnan(it[0].value) || it[1].tensor != 1 || it[1].pos != 1024 || !isinf(it[1].value) ||
+      it[1].value < 0 || it[2].tensor != 3 || it[2].pos != 7 || !isinf(it[2].value) || it[2].value > 0 ||
+      it[3].tensor != 2 || it[3].pos != 0 || !isnan(it[3].value))
+    fail("DISTATTN_TEST_NONFINITE", "its items were not read as written", da_error_message());
+  /* 16 items pass, 17 do not; an empty item is refused (the program's own parser split on ',' with
+   * strtok and skipped it) */
+  char many[400] = "";
+  for (int i = 0; i < 17; i++) snprintf(many + strlen(many), sizeof many - strlen(many), "%sq:%d", i ? "," : "", i);
+  if (da_env_check_value(da_env_find("DISTATTN_TEST_NONFINITE"), many) == DA_SUCCESS)
+    fail("DISTATTN_TEST_NONFINITE", "17 items were accepted", many);
+  *strrchr(many, ',') = '\0';
+  if (da_env_check_value(da_env_find("DISTATTN_TEST_NONFINITE"), many) != DA_SUCCESS)
+    fail("DISTATTN_TEST_NONFINITE", "16 items were refused", da_error_message());
+  if (da_env_check_value(da_env_find("DISTATTN_TEST_NONFINITE"), "q:1,,k:2") == DA_SUCCESS)
+    fail("DISTATTN_TEST_NONFINITE", "an empty item was accepted", "q:1,,k:2");
+  unsetenv("DISTATTN_TEST_NONFINITE");
   printf("# test_env: %d variables fed garbage%s: %d failures -> %s\n", checked,
          exe ? " (parser, library, program)" : " (parser, library)", failures, failures ? "FAIL" : "PASS");
   return failures ? 1 : 0;

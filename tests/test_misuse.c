@@ -151,6 +151,25 @@ static void c_comm_create(void) {
     MPI_Comm_free(&half);
   }
 }
+static void c_comm_create_config(void) {
+  const char *fn = "da_comm_create_config";
+  da_comm_t *c = NULL;
+  da_comm_config_t cfg = DA_COMM_CONFIG_INITIALIZER;
+  EXPECT(fn, da_comm_create_config(NULL, MPI_COMM_WORLD, &cfg, &c), INV, "context is NULL", NULL);
+  EXPECT(fn, da_comm_create_config(ctx, MPI_COMM_WORLD, &cfg, NULL), INV, "output pointer is NULL", ctx);
+  EXPECT(fn, da_comm_create_config(ctx, MPI_COMM_NULL, &cfg, &c), INV, "MPI_COMM_NULL", ctx);
+  cfg.version = 0;
+  EXPECT(fn, da_comm_create_config(ctx, MPI_COMM_WORLD, &cfg, &c), INV, "DA_COMM_CONFIG_INITIALIZER", ctx);
+  cfg.version = DA_API_VERSION, cfg.timeout = -1;
+  EXPECT(fn, da_comm_create_config(ctx, MPI_COMM_WORLD, &cfg, &c), INV, "timeout -1 s", ctx);
+  cfg.timeout = NAN;
+  EXPECT(fn, da_comm_create_config(ctx, MPI_COMM_WORLD, &cfg, &c), INV, "timeout nan s", ctx);
+  /* a valid config works (every rank) */
+  cfg.timeout = 30;
+  if (da_comm_create_config(ctx, MPI_COMM_WORLD, &cfg, &c) != DA_SUCCESS || !c)
+    fail(fn, "a valid config was refused", da_last_error(ctx));
+  da_comm_free(c);
+}
 static void c_comm_free(void) { da_comm_free(NULL); }
 static void c_comm_rank(void) {
   if (da_comm_rank(NULL) != -1) fail("da_comm_rank", "NULL communicator does not give -1", NULL);
@@ -390,7 +409,7 @@ static const struct {
     {"da_context_create", c_context_create}, {"da_context_free", c_context_free},
     {"da_last_error", c_last_error}, {"da_attention_fwd", c_attention_fwd},
     {"da_attention_bwd", c_attention_bwd}, {"da_attention_decode", c_attention_decode},
-    {"da_version_string", c_version_string}, {"da_comm_create", c_comm_create},
+    {"da_version_string", c_version_string}, {"da_comm_create", c_comm_create}, {"da_comm_create_config", c_comm_create_config},
     {"da_comm_free", c_comm_free}, {"da_comm_rank", c_comm_rank}, {"da_comm_size", c_comm_size},
     {"da_plan_create", c_plan_create}, {"da_plan_free", c_plan_free},
     {"da_plan_local_rows", c_plan_local_rows}, {"da_plan_local_positions", c_plan_local_positions},

@@ -488,12 +488,124 @@ START_TEST(errors) {
 }
 END_TEST
 
+/* Ranks that append different token counts to one cache (issue 19, class 4). Every rank replays the
+ * shard map from the counts it is given, so a rank given others would silently hold another map.
+ * The append sends nothing on the decode path: it starts a nonblocking check that the next decode
+ * step or append completes, so the mismatch is DA_ERR_MISMATCH there, on every rank, naming the
+ * ranks and their counts; the cache is refused from then on. At P = 1 there is nobody to disagree. */
+static da_status_t counts_step(da_decode_plan_t *plan, da_kvcache_t *c) {
+  float q[2 * 4 * 32], out[2 * 4 * 32];
+  for (int i = 0; i < 2 * 4 * 32; i++) q[i] = 0.25f;
+  da_tensor_t tq, to;
+  da_tensor_make(&tq, q, DA_FLOAT32, 3, (int64_t[]){2, 4, 32});
+  da_tensor_make(&to, out, DA_FLOAT32, 3, (int64_t[]){2, 4, 32});
+  return da_decode_step(plan, c, &tq, &to, NULL, NULL);
+}
+
+static void counts_expect(da_status_t st, const char *what, const char *const *needles) {
+  const int multi = g_size > 1;
+  ck_assert_msg(tu_all_equal_status(st, multi ? DA_ERR_MISMATCH : DA_SUCCESS), "%s: got %s: %s", what,
+                da_status_string(st), da_last_error(g_ctx));
+  for (int i = 0; multi && needles && needles[i]; i++)
+    ck_assert_msg(strstr(da_last_error(g_ctx), needles[i]) != NULL, "%s: the message names '%s': %s", what,
+                  needles[i], da_last_error(g_ctx));
+}
+
+START_TEST(append_counts) {
+  const double t0 = MPI_Wtime();
+  const int last = g_size - 1;
+  da_problem_t prob = DA_PROBLEM_INITIALIZER;
+  prob.batch = 2, prob.heads = 4, prob.kv_heads = 2, prob.dim = 32;
+  da_kvcache_config_t kc = DA_KVCACHE_CONFIG_INITIALIZER;
+  kc.page = 4, kc.timeout = 30;
+  const int64_t same[2] = {1, 2};
+  char lastrank[96], others[96];
+  snprintf(lastrank, sizeof lastrank, "rank %d: append 2 of 4 token(s) {1, 3}, 7 appended", last);
+  if (last == 1) snprintf(others, sizeof others, "rank 0: append 2 of 3 token(s) {1, 2}, 6 appended");
+  else snprintf(others, sizeof others, "ranks 0-%d: append 2 of 3 token(s) {1, 2}, 6 appended", last - 1);
+  /* 1. the last rank appends one more token to sequence 1: the decode step after it fails (tree and
+   *    ring), then every later call on the cache */
+  for (int algo = 0; algo < 2; algo++) {
+    da_decode_config_t dc = DA_DECODE_CONFIG_INITIALIZER;
+    dc.algo = algo ? DA_DECODE_RING : DA_DECODE_TREE, dc.timeout = 30;
+    da_kvcache_t *c = NULL;
+    da_decode_plan_t *plan = NULL;
+    ck_assert(tu_all_equal_status(da_kvcache_create(g_comm, &prob, &kc, &c), DA_SUCCESS));
+    ck_assert(tu_all_equal_status(da_decode_plan_create(g_comm, &prob, &dc, &plan), DA_SUCCESS));
+    ck_assert(tu_all_equal_status(da_kvcache_prefill(c, 0, 10, NULL, NULL), DA_SUCCESS));
+    ck_assert(tu_all_equal_status(da_kvcache_prefill(c, 1, 12, NULL, NULL), DA_SUCCESS));
+    ck_assert(tu_all_equal_status(da_kvcache_append(c, same, NULL, NULL), DA_SUCCESS));
+    ck_assert_msg(tu_all_equal_status(counts_step(plan, c), DA_SUCCESS), "agreed append: %s", da_last_error(g_ctx));
+    const int64_t odd[2] = {1, 2 + (g_rank == last)};
+    ck_assert(tu_all_equal_status(da_kvcache_append(c, odd, NULL, NULL), DA_SUCCESS)); /* deferred: no message */
+    const char *const needles[] = {"da_decode_step", "ranks disagree", lastrank, others, NULL};
+    counts_expect(counts_step(plan, c), algo ? "ring step after odd counts" : "tree step after odd counts", needles);
+    const char *const sticky[] = {"disagreed on the token counts of append 2", NULL};
+    counts_expect(da_kvcache_append(c, same, NULL, NULL), "append after the mismatch", sticky);
+    counts_expect(counts_step(plan, c), "step after the mismatch", sticky);
+    da_decode_plan_free(plan);
+    da_kvcache_free(c);
+  }
+  /* 2. the same total split differently over the sequences, found by the next append (no step) */
+  {
+    da_kvcache_t *c = NULL;
+    ck_assert(tu_all_equal_status(da_kvcache_create(g_comm, &prob, &kc, &c), DA_SUCCESS));
+    const int64_t split[2] = {1 + (g_rank == 0), 2 - (g_rank == 0)};
+    ck_assert(tu_all_equal_status(da_kvcache_append(c, same, NULL, NULL), DA_SUCCESS));
+    ck_assert(tu_all_equal_status(da_kvcache_append(c, split, NULL, NULL), DA_SUCCESS));
+    const char *const needles[] = {"da_kvcache_append", "rank 0: append 2 of 3 token(s) {2, 1}", "{1, 2}", NULL};
+    counts_expect(da_kvcache_append(c, same, NULL, NULL), "append after a different split", needles);
+    /* nothing was appended by the refused call: 3 + 3 tokens on the agreeing ranks */
+    if (g_size > 1 && g_rank != 0) ck_assert(da_kvcache_length(c, 0) == 2 && da_kvcache_length(c, 1) == 4);
+    da_kvcache_free(c);
+  }
+  /* 3. an append refused on rank 0 only (a negative count): refused there at once, accepted
+   *    elsewhere; the next call tells every rank */
+  {
+    da_kvcache_t *c = NULL;
+    ck_assert(tu_all_equal_status(da_kvcache_create(g_comm, &prob, &kc, &c), DA_SUCCESS));
+    const int64_t bad[2] = {g_rank == 0 ? -1 : 1, 2};
+    da_status_t st = da_kvcache_append(c, bad, NULL, NULL);
+    ck_assert(tu_all_equal_status(st, g_rank == 0 ? DA_ERR_INVALID_ARGUMENT : DA_SUCCESS));
+    const char *const needles[] = {"rank 0: append 1 refused or failed there", NULL};
+    st = da_kvcache_append(c, same, NULL, NULL);
+    if (g_size > 1) counts_expect(st, "append after a refusal on rank 0", needles);
+    else ck_assert_msg(st == DA_SUCCESS, "P = 1: the cache is usable after a refused append: %s", da_last_error(g_ctx));
+    da_kvcache_free(c);
+  }
+  /* 4. the last rank stops calling the cache: the others' next call gives up after the cache's
+   *    timeout (the check of their last append never completes), naming the append */
+  if (g_size > 1) {
+    da_kvcache_config_t kt = kc;
+    kt.timeout = 1.5;
+    da_kvcache_t *c = NULL;
+    ck_assert(tu_all_equal_status(da_kvcache_create(g_comm, &prob, &kt, &c), DA_SUCCESS));
+    ck_assert(tu_all_equal_status(da_kvcache_append(c, same, NULL, NULL), DA_SUCCESS));
+    if (g_rank != last) {
+      ck_assert(da_kvcache_append(c, same, NULL, NULL) == DA_SUCCESS);
+      const double t1 = MPI_Wtime();
+      da_status_t st = da_kvcache_append(c, same, NULL, NULL);
+      const double waited = MPI_Wtime() - t1;
+      ck_assert_msg(st == DA_ERR_TIMEOUT && strstr(da_last_error(g_ctx), "check of append 2 did not complete within 1.5 s"),
+                    "a silent rank: got %s: %s", da_status_string(st), da_last_error(g_ctx));
+      ck_assert_msg(waited >= 1.4 && waited < 1.5 + 3, "gave up after %.1f s (timeout 1.5 s)", waited);
+      st = da_kvcache_append(c, same, NULL, NULL); /* refused from then on, at once */
+      ck_assert_msg(st == DA_ERR_TIMEOUT && strstr(da_last_error(g_ctx), "free it"), "after the timeout: %s",
+                    da_last_error(g_ctx));
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    da_kvcache_free(c);
+  }
+  ck_assert_msg(MPI_Wtime() - t0 < 20, "append checks took %.1f s", MPI_Wtime() - t0);
+}
+END_TEST
+
 int main(int argc, char **argv) {
   tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, &g_comm);
   Suite *s = suite_create("tree");
   TCase *tc = tcase_create("decode");
   tcase_set_timeout(tc, 0);
-  const tu_test_t tests[] = {{"errors", errors}, {"matrix", matrix}, {"device", device}};
+  const tu_test_t tests[] = {{"errors", errors}, {"append_counts", append_counts}, {"matrix", matrix}, {"device", device}};
   tu_add_tests(tc, tests, sizeof tests / sizeof tests[0]);
   suite_add_tcase(s, tc);
   int total = tu_mpi_run(s, g_rank);

@@ -46,6 +46,10 @@ class Config(Structure):
     _fields_ = [("size", c_size_t), ("version", c_uint), ("device", c_int), ("nthreads", c_int)]
 
 
+class CommConfig(Structure):
+    _fields_ = [("size", c_size_t), ("version", c_uint), ("timeout", c_double)]
+
+
 class PlanConfig(Structure):
     _fields_ = [("size", c_size_t), ("version", c_uint), ("algo", c_int), ("block", c_int64),
                 ("transport", c_char_p), ("timeout", c_double), ("mem_budget", c_int64),
@@ -91,7 +95,7 @@ class DecodeStats(Structure):
 
 
 STRUCTS = {"da_tensor_t": Tensor, "da_problem_t": Problem, "da_config_t": Config,
-           "da_plan_config_t": PlanConfig, "da_plan_stats_t": PlanStats,
+           "da_comm_config_t": CommConfig, "da_plan_config_t": PlanConfig, "da_plan_stats_t": PlanStats,
            "da_kvcache_config_t": KVCacheConfig, "da_kvcache_page_t": KVCachePage,
            "da_decode_config_t": DecodeConfig, "da_decode_stats_t": DecodeStats}
 

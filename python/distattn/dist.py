@@ -79,21 +79,24 @@ def _mpi_comm_arg(comm):
 class Comm(_Handle):
     """A distattn communicator (da_comm_t): a private duplicate of the caller's MPI communicator
     plus a context. Collective. comm: an mpi4py communicator (default MPI.COMM_WORLD) or the
-    integer value of an MPI_Comm; ctx: a Context (default: this thread's)."""
+    integer value of an MPI_Comm; ctx: a Context (default: this thread's); timeout: seconds the
+    ranks wait for each other while it is made (0 = DISTATTN_TIMEOUT or 300): a rank that never
+    calls it makes the others raise DistattnError "timeout" after that long."""
     _free_fn = "da_comm_free"
 
-    def __init__(self, comm=None, ctx=None):
+    def __init__(self, comm=None, ctx=None, *, timeout=0.0):
         super().__init__()
         _need_mpi()
         if comm is None:
             from mpi4py import MPI
             comm = MPI.COMM_WORLD
         ctype, value = _mpi_comm_arg(comm)
-        fn = _lib.lib.da_comm_create
+        fn = _lib.lib.da_comm_create_config
         fn.restype = c_int
-        fn.argtypes = [c_void_p, ctype, POINTER(c_void_p)]
+        fn.argtypes = [c_void_p, ctype, POINTER(_lib.CommConfig), POINTER(c_void_p)]
         self.ctx = ctx or default_context()
-        check(fn(self.ctx.handle, ctype(value), byref(self._h)), self.ctx.handle, "da_comm_create")
+        cfg = _lib.init_struct(_lib.CommConfig, timeout=float(timeout))
+        check(fn(self.ctx.handle, ctype(value), byref(cfg), byref(self._h)), self.ctx.handle, "da_comm_create")
 
     @property
     def rank(self):
