@@ -163,16 +163,11 @@ static da_status_t ipc_init(da_xport_t *xp, MPI_Comm comm, const da_devapi_t *d)
   if (!m) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "%s transport", xp->t->name);
   m->d = d;
   m->comm = comm;
-  m->inner.timeout_s = xp->timeout_s;
-  m->inner.phase = xp->phase;
-  da_status_t st = da_transport_mpi.init(&m->inner, comm);
+  da_status_t st = da_xport_inner_open(xp, m, comm);
   if (st != DA_SUCCESS) {
     free(m);
     return st;
   }
-  m->inner.t = &da_transport_mpi;
-  xp->rank = m->inner.rank, xp->nranks = m->inner.nranks;
-  xp->impl = m;
   st = init_local(xp, m);
   st = open_peer_events(xp, m, st); /* agrees first: a rank without a device fails them all */
   st = da_xport_agree(xp, st, "cuda-ipc setup");

@@ -109,16 +109,11 @@ static da_status_t nccl_init(da_xport_t *xp, MPI_Comm comm) {
   nccl_t *m = calloc(1, sizeof *m);
   if (!m) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "nccl transport");
   m->d = &da_devapi_cuda;
-  m->inner.timeout_s = xp->timeout_s;
-  m->inner.phase = xp->phase;
-  da_status_t st = da_transport_mpi.init(&m->inner, comm);
+  da_status_t st = da_xport_inner_open(xp, m, comm);
   if (st != DA_SUCCESS) {
     free(m);
     return st;
   }
-  m->inner.t = &da_transport_mpi;
-  xp->rank = m->inner.rank, xp->nranks = m->inner.nranks;
-  xp->impl = m;
 
   ncclUniqueId id;
   st = da_nccl_unique_id(&m->inner, &id, sizeof id);

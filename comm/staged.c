@@ -206,16 +206,11 @@ static da_status_t staged_init(da_xport_t *xp, MPI_Comm comm, const da_devapi_t 
   staged_t *m = calloc(1, sizeof *m);
   if (!m) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "%s transport", xp->t->name);
   m->d = d;
-  m->inner.timeout_s = xp->timeout_s;
-  m->inner.phase = xp->phase;
-  da_status_t st = da_transport_mpi.init(&m->inner, comm);
+  da_status_t st = da_xport_inner_open(xp, m, comm);
   if (st != DA_SUCCESS) {
     free(m);
     return st;
   }
-  m->inner.t = &da_transport_mpi;
-  xp->rank = m->inner.rank, xp->nranks = m->inner.nranks;
-  xp->impl = m;
   /* Agreed: a rank without a device fails every rank at once, not at a later deadline. */
   st = da_xport_agree(xp, init_local(xp, m), "staged mpi setup");
   if (st != DA_SUCCESS) staged_destroy(xp);

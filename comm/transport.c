@@ -114,6 +114,17 @@ static da_xport_t *inner_of(da_xport_t *xp) {
   return in;
 }
 
+da_status_t da_xport_inner_open(da_xport_t *xp, void *impl, MPI_Comm comm) {
+  da_xport_t *in = impl;
+  in->timeout_s = xp->timeout_s;
+  in->phase = xp->phase;
+  DA_CHECK(da_transport_mpi.init(in, comm));
+  in->t = &da_transport_mpi;
+  xp->rank = in->rank, xp->nranks = in->nranks;
+  xp->impl = impl;
+  return DA_SUCCESS;
+}
+
 da_status_t da_xport_inner_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op) {
   da_xport_t *in = inner_of(xp);
   return in->t->allreduce(in, buf, count, type, op);

@@ -168,6 +168,10 @@ da_status_t da_xport_barrier(da_xport_t *xp);
  * communicator (cuda-ipc, host-ipc, nccl: the drivers' control words are host memory). Its impl
  * struct starts with that da_xport_t (each such transport static-asserts it); these table members
  * forward to it with the outer phase and timeout, so its errors and deadlines read the same. */
+/* Opens that inner transport on comm: impl (allocated by the wrapper, the inner da_xport_t first)
+ * becomes xp->impl, and xp takes the inner's rank and size. On failure xp is untouched and impl
+ * is the caller's to free. */
+da_status_t da_xport_inner_open(da_xport_t *xp, void *impl, MPI_Comm comm);
 da_status_t da_xport_inner_allreduce(da_xport_t *xp, void *buf, int count, da_xtype_t type, da_xop_t op);
 da_status_t da_xport_inner_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes);
 da_status_t da_xport_inner_barrier(da_xport_t *xp);
