@@ -40,34 +40,35 @@ static void die(da_status_t s, const char *what) {
 
 int main(int argc, char **argv) {
   if (argc < 4) {
-    fprintf(stderr, "usage: %s SEQ D causal|none [reps]\n", argv[0]);
+    fprintf(stderr, "usage: %s SEQ D causal|none [reps [heads]]\n", argv[0]);
     return 2;
   }
   const int64_t S = atoll(argv[1]);
   const int D = atoi(argv[2]), causal = !strcmp(argv[3], "causal"), reps = argc > 4 ? atoi(argv[4]) : 5;
-  da_kparams_t p = {.H = 1, .G = 1, .D = D, .scale = 1.0f / sqrtf((float)D), .dtype = DA_FLOAT32, .nthreads = 1};
+  const int H = argc > 5 ? atoi(argv[5]) : 1;
+  da_kparams_t p = {.H = H, .G = H, .D = D, .scale = 1.0f / sqrtf((float)D), .dtype = DA_FLOAT32, .nthreads = 1};
   if (causal) p.mask.flags = DA_MASK_CAUSAL;
   const da_kernels_t *kt = &da_kernels_cpu;
   die(kt->supports(&p), "supports");
-  const size_t n = (size_t)S * D;
+  const size_t n = (size_t)S * H * D;
   float *q = malloc(n * 4), *k = malloc(n * 4), *v = malloc(n * 4), *out = malloc(n * 4), *dout = malloc(n * 4);
-  float *dq = malloc(n * 4), *dk = malloc(n * 4), *dv = malloc(n * 4), *lse = malloc(S * 4), *delta = malloc(S * 4);
+  float *dq = malloc(n * 4), *dk = malloc(n * 4), *dv = malloc(n * 4), *lse = malloc(S * H * 4), *delta = malloc(S * H * 4);
   unsigned seed = 12345;
   fill(q, n, &seed), fill(k, n, &seed), fill(v, n, &seed), fill(dout, n, &seed);
-  da_fwd_state_t st = {.o = malloc(n * 4), .m = malloc(S * 4), .l = malloc(S * 4), .nq = S};
+  da_fwd_state_t st = {.o = malloc(n * 4), .m = malloc(S * H * 4), .l = malloc(S * H * 4), .nq = S};
   const da_span_t pos = da_span(0, 1, S);
   const double pairs = causal ? (double)S * (double)(S + 1) / 2 : (double)S * (double)S;
   double tf = 1e30, tb = 1e30;
   for (int r = 0; r < reps; r++) {
     da_fwd_state_init_host(&p, &st);
     double t0 = cpu_now();
-    die(kt->fwd_block(&p, q, D, pos, k, D, v, D, pos, &st, NULL), "fwd_block");
-    die(kt->fwd_finish(&p, &st, out, DA_FLOAT32, D, lse, NULL), "fwd_finish");
+    die(kt->fwd_block(&p, q, H * D, pos, k, H * D, v, H * D, pos, &st, NULL), "fwd_block");
+    die(kt->fwd_finish(&p, &st, out, DA_FLOAT32, H * D, lse, NULL), "fwd_finish");
     double t1 = cpu_now();
     memset(dq, 0, n * 4), memset(dk, 0, n * 4), memset(dv, 0, n * 4);
     double t2 = cpu_now();
-    die(kt->bwd_prep(&p, S, out, D, dout, D, delta, NULL), "bwd_prep");
-    die(kt->bwd_block(&p, q, D, dout, D, lse, delta, pos, k, D, v, D, pos, dq, dk, dv, NULL), "bwd_block");
+    die(kt->bwd_prep(&p, S, out, H * D, dout, H * D, delta, NULL), "bwd_prep");
+    die(kt->bwd_block(&p, q, H * D, dout, H * D, lse, delta, pos, k, H * D, v, H * D, pos, dq, dk, dv, NULL), "bwd_block");
     double t3 = cpu_now();
     if (t1 - t0 < tf) tf = t1 - t0;
     if (t3 - t2 < tb) tb = t3 - t2;
@@ -85,12 +86,12 @@ int main(int argc, char **argv) {
     double t1 = cpu_now();
     if (t1 - t0 < tg) tg = t1 - t0;
   }
-  const double gf = 4.0 * D * pairs / tf * 1e-9, gb = 10.0 * D * pairs / tb * 1e-9;
-  const double gs = 4.0 * D * (double)M * (double)S / tg * 1e-9, gfb = 14.0 * D * pairs / (tf + tb) * 1e-9;
-  printf("{\"isa\": \"%s\", \"seq\": %lld, \"dim\": %d, \"mask\": \"%s\", \"reps\": %d, \"fwd_ms\": %.2f, "
+  const double gf = 4.0 * H * D * pairs / tf * 1e-9, gb = 10.0 * H * D * pairs / tb * 1e-9;
+  const double gs = 4.0 * D * (double)M * (double)S / tg * 1e-9, gfb = 14.0 * H * D * pairs / (tf + tb) * 1e-9;
+  printf("{\"isa\": \"%s\", \"seq\": %lld, \"heads\": %d, \"dim\": %d, \"mask\": \"%s\", \"reps\": %d, \"fwd_ms\": %.2f, "
          "\"bwd_ms\": %.2f, \"fwd_gflops\": %.1f, \"bwd_gflops\": %.1f, \"fwdbwd_gflops\": %.1f, \"sgemm_gflops\": %.1f, "
          "\"fwd_ratio_sgemm\": %.3f, \"bwd_ratio_sgemm\": %.3f}\n",
-         da_cpu_isa_name(), (long long)S, D, causal ? "causal" : "none", reps, tf * 1e3, tb * 1e3, gf, gb, gfb, gs,
+         da_cpu_isa_name(), (long long)S, H, D, causal ? "causal" : "none", reps, tf * 1e3, tb * 1e3, gf, gb, gfb, gs,
          gf / gs, gb / gs);
   return 0;
 }

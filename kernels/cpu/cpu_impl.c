@@ -406,11 +406,12 @@ typedef struct {
 
 /* The query micro-tiles of one task: KV head g, query rows [r0, r0 + ntl * QT) of the block.
  * Micro-tile t of query head g * rep + i is micro-tile i * ntl + t of the scratch. */
+#define FWD_MAX_TILES 64 /* query micro-tiles per task and query head, at most */
 typedef struct {
   int g, ntl;
   int64_t r0;
-  int n[64];         /* valid lanes of each tile (0: past the end of the block) */
-  da_span_t pos[64]; /* positions of each tile */
+  int n[FWD_MAX_TILES];         /* valid lanes of each tile (0: past the end of the block) */
+  da_span_t pos[FWD_MAX_TILES]; /* positions of each tile */
 } fwd_tiles_t;
 
 static void fwd_tiles_of(const fwd_call_t *c, int g, int64_t r0, int nrows, int ntl, fwd_tiles_t *t) {
@@ -526,7 +527,7 @@ static void fwd_kv_tile(const fwd_call_t *c, const fwd_tiles_t *t, int64_t j0, i
   const da_mask_t *mask = &c->p->mask;
   const int rep = c->p->H / c->p->G;
   const da_span_t ks = da_span_sub(c->kpos, j0, nk);
-  int cls[64], any = 0;
+  int cls[FWD_MAX_TILES], any = 0;
   for (int i = 0; i < t->ntl; i++) {
     cls[i] = t->n[i] ? (int)da_mask_classify(mask, t->pos[i].start, da_span_last(t->pos[i]), ks.start, da_span_last(ks))
                      : DA_TILE_EMPTY;
@@ -580,12 +581,16 @@ static int nthreads_of(const da_kparams_t *p) {
   return n > 0 ? n : 1;
 }
 
-/* Query micro-tiles per task: enough to reuse each converted KV tile a few times, few enough that
- * every thread gets several tasks; block_q (query rows per task) overrides. */
+/* Query micro-tiles per task, over the query heads of the group: FWD_MT, so that each KV tile
+ * read from memory (L3 or DRAM once the K and V of all heads pass a few MB) feeds that many
+ * micro-tiles from L2; few enough that every thread gets several tasks. block_q (query rows per
+ * task) overrides. Zen 3, 4K x 4 heads x D 128, 1 thread: 4 micro-tiles per task reached 70
+ * GFLOP/s, 32 reached 78 (bench/results/fwd32-zen3.md). */
+#define FWD_MT 32
 static int fwd_tiles_per_task(const da_kparams_t *p, int64_t nq, int nthr) {
   const int rep = p->H / p->G;
-  if (p->block_q > 0) return imin(8, imax(1, (p->block_q + QT - 1) / QT));
-  int ntl = rep >= 4 ? 1 : 4 / rep;
+  if (p->block_q > 0) return imin(FWD_MAX_TILES, imax(1, (p->block_q + QT - 1) / QT));
+  int ntl = imin(FWD_MAX_TILES, imax(1, FWD_MT / rep));
   while (ntl > 1 && (int64_t)p->G * ((nq + (int64_t)ntl * QT - 1) / ((int64_t)ntl * QT)) < 4 * nthr) ntl /= 2;
   return ntl;
 }
@@ -1021,8 +1026,10 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
 #pragma omp for schedule(static)
       for (int64_t ht = 0; ht < (int64_t)H * ch.nct; ht++) bwd_pack_q(&c, &ch, ht);
       memset(w.dQt, 0, c.nht * c.qtile * sizeof(float));
+      /* head-major: consecutive tasks (on both threads) read the same head's packed query side,
+       * which then stays in cache (Zen 3, 4K x 4 heads x D 128, 1 thread: 71 -> 77 GFLOP/s) */
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t task = 0; task < ntasks; task++) bwd_task(&c, &ch, (int)(task % G), task / G, &w);
+      for (int64_t task = 0; task < ntasks; task++) bwd_task(&c, &ch, (int)(task / nkt), task % nkt, &w);
 #pragma omp for schedule(static)
       for (int64_t ht = 0; ht < (int64_t)H * ch.nct; ht++) bwd_reduce_dq(&c, &ch, ht);
     }
@@ -1146,9 +1153,11 @@ typedef struct {
 
 static inline vf dec_ld_bf(const uint16_t *p) { return vload_dt(p, 1, W); }
 static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
-/* Blocking per chunk size: keys per QK step 4, 4, 2, 2 and vectors per PV step 16, 4, 2, 2 for 1,
- * 2, 3, 4 heads: up to 8 accumulators (independent FMA chains that cover most of the FMA latency)
- * plus the loaded operands within 16 registers (an operand used once is folded into its FMA).
+/* Blocking per chunk size: keys per QK step 4, 4, 2, 3 and vectors per PV step 16, 4, 2, 3 for 1,
+ * 2, 3, 4 heads: up to 12 accumulators (independent FMA chains that cover the FMA latency) plus
+ * the loaded operands within 16 registers (an operand used once is folded into its FMA). Four
+ * heads at 4 x 3 rather than 4 x 2: the L2-resident 8:1 fp32 arithmetic 41 -> 38 us per 512
+ * keys on Zen 3 (bench/results/decode-zen3.md); no spill in either loop.
  * One head is memory-bound: its PV takes a whole D-128 row per key (16 accumulators, one
  * spilled at most), since walking the V rows in two column passes measured 5-10% slower on
  * Zen 3 (the rows are no longer read in address order); 8 keys per QK step did not pay either
@@ -1157,11 +1166,11 @@ static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
   DEC_QK(dec_qk1_##S, 1, 4, T, LD)                                                                               \
   DEC_QK(dec_qk2_##S, 2, 4, T, LD)                                                                               \
   DEC_QK(dec_qk3_##S, 3, 2, T, LD)                                                                               \
-  DEC_QK(dec_qk4_##S, 4, 2, T, LD)                                                                               \
+  DEC_QK(dec_qk4_##S, 4, 3, T, LD)                                                                               \
   DEC_PV(dec_pv1_##S, 1, 16, T, LD)                                                                              \
   DEC_PV(dec_pv2_##S, 2, 4, T, LD)                                                                               \
   DEC_PV(dec_pv3_##S, 3, 2, T, LD)                                                                               \
-  DEC_PV(dec_pv4_##S, 4, 2, T, LD)
+  DEC_PV(dec_pv4_##S, 4, 3, T, LD)
 DEC_FNS(f32, float, vload)
 DEC_FNS(bf16, uint16_t, dec_ld_bf)
 DEC_FNS(f16, uint16_t, dec_ld_f16)
