@@ -522,6 +522,18 @@ static void fwd_micro_bf(const fwd_call_t *c, int nk, int mt, const float *lo, c
 }
 #endif
 
+/* Prefetch the K and V rows [a, b) of KV head g into the cache. The next KV tile is fetched a
+ * slice per micro-tile while this one computes, so that its first use does not wait on memory
+ * (Zen 3, 4K x 4 heads x D 128, 2 threads: 152 -> 160 GFLOP/s); in one burst it measured no
+ * better than none. */
+static void fwd_prefetch_kv(const fwd_call_t *c, int g, int64_t a, int64_t b) {
+  const size_t rb = (size_t)c->p->D * da_dtype_size(c->p->dtype);
+  for (int64_t j = a; j < b; j++) {
+    const char *kr = head_row(c->p, c->k, c->ldk, j, g), *vr = head_row(c->p, c->v, c->ldv, j, g);
+    for (size_t x = 0; x < rb; x += 64) __builtin_prefetch(kr + x), __builtin_prefetch(vr + x);
+  }
+}
+
 /* Fold KV tile [j0, j0 + nk) into every micro-tile of the task that the mask lets see it. */
 static void fwd_kv_tile(const fwd_call_t *c, const fwd_tiles_t *t, int64_t j0, int nk, fwd_scratch_t *w) {
   const da_mask_t *mask = &c->p->mask;
@@ -535,7 +547,9 @@ static void fwd_kv_tile(const fwd_call_t *c, const fwd_tiles_t *t, int64_t j0, i
   }
   if (!any) return;
   fwd_pack_kv(c, t->g, j0, nk, w);
+  const int64_t nn = lmin(nk, c->kpos.count - (j0 + nk)); /* rows of the next KV tile */
   for (int i = 0; i < t->ntl; i++) {
+    fwd_prefetch_kv(c, t->g, j0 + nk + nn * i / t->ntl, j0 + nk + nn * (i + 1) / t->ntl);
     if (cls[i] == DA_TILE_EMPTY) continue;
     const int partial = cls[i] == DA_TILE_PARTIAL; /* lanes past n[i] are ignored */
     if (partial) lane_ranges(mask, t->pos[i], t->n[i], ks, w->lo, w->hi);
