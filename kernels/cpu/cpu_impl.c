@@ -1167,27 +1167,28 @@ typedef struct {
 
 static inline vf dec_ld_bf(const uint16_t *p) { return vload_dt(p, 1, W); }
 static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
-/* Blocking per chunk size: keys per QK step 4, 4, 2, 3 and vectors per PV step 16, 4, 2, 3 for 1,
- * 2, 3, 4 heads: up to 12 accumulators (independent FMA chains that cover the FMA latency) plus
- * the loaded operands within 16 registers (an operand used once is folded into its FMA). Four
- * heads at 4 x 3 rather than 4 x 2: the L2-resident 8:1 fp32 arithmetic 41 -> 38 us per 512
- * keys on Zen 3 (bench/results/decode-zen3.md); no spill in either loop.
+/* Blocking per chunk size: keys per QK step 4, 4, 2, K4 and vectors per PV step 16, 4, 2, K4 for
+ * 1, 2, 3, 4 heads: up to 8 or 12 accumulators (independent FMA chains that cover the FMA
+ * latency) plus the loaded operands within 16 registers (an operand used once is folded into its
+ * FMA). Four fp32 heads at 4 x 3 (K4 = 3): the L2-resident 8:1 arithmetic 41 -> 38 us per 512
+ * keys on Zen 3, 256K from DRAM 4-7% less CPU time; 16-bit rows stay at 4 x 2 (K4 = 2), where
+ * 4 x 3 read the 256K cache 5% slower (bench/results/cpu-tasks-zen3.md). No spill in any loop.
  * One head is memory-bound: its PV takes a whole D-128 row per key (16 accumulators, one
  * spilled at most), since walking the V rows in two column passes measured 5-10% slower on
  * Zen 3 (the rows are no longer read in address order); 8 keys per QK step did not pay either
  * (bench/results/decode-zen3.md). */
-#define DEC_FNS(S, T, LD)                                                                                        \
+#define DEC_FNS(S, T, LD, K4)                                                                                    \
   DEC_QK(dec_qk1_##S, 1, 4, T, LD)                                                                               \
   DEC_QK(dec_qk2_##S, 2, 4, T, LD)                                                                               \
   DEC_QK(dec_qk3_##S, 3, 2, T, LD)                                                                               \
-  DEC_QK(dec_qk4_##S, 4, 3, T, LD)                                                                               \
+  DEC_QK(dec_qk4_##S, 4, K4, T, LD)                                                                              \
   DEC_PV(dec_pv1_##S, 1, 16, T, LD)                                                                              \
   DEC_PV(dec_pv2_##S, 2, 4, T, LD)                                                                               \
   DEC_PV(dec_pv3_##S, 3, 2, T, LD)                                                                               \
-  DEC_PV(dec_pv4_##S, 4, 3, T, LD)
-DEC_FNS(f32, float, vload)
-DEC_FNS(bf16, uint16_t, dec_ld_bf)
-DEC_FNS(f16, uint16_t, dec_ld_f16)
+  DEC_PV(dec_pv4_##S, 4, K4, T, LD)
+DEC_FNS(f32, float, vload, 3)
+DEC_FNS(bf16, uint16_t, dec_ld_bf, 2)
+DEC_FNS(f16, uint16_t, dec_ld_f16, 2)
 _Static_assert(DEC_NH == 4, "dec_fns lists one kernel per chunk size");
 /* Indexed by the storage dtype (da_dtype_t: fp32, bf16, fp16). */
 static const dec_fns_t dec_fns[3] = {
