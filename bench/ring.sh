@@ -17,39 +17,19 @@
 # RING_SEQ (8K), RING_HEADS (4), RING_KV (2), RING_DIM (128), RING_ITERS (3), RING_REPEAT (3),
 # RING_LINK_US (20), RING_JSON, RING_MD (output paths), MPIRUN.
 set -uo pipefail
-BUILD=${BUILD:-build}
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-EXE=${DISTATTN:-$BUILD/distattn}
-MPIRUN=${MPIRUN:-$(command -v mpirun.openmpi || command -v mpirun)}
-HOST=$(hostname -s 2>/dev/null || hostname)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 OUT=${RING_JSON:-$HERE/results/ring-$HOST.jsonl}
 MD=${RING_MD:-$HERE/results/ring-$HOST.md}
 SEQ=${RING_SEQ:-8K} HEADS=${RING_HEADS:-4} KV=${RING_KV:-2} DIM=${RING_DIM:-128}
 ITERS=${RING_ITERS:-3} REPEAT=${RING_REPEAT:-3} LINK_US=${RING_LINK_US:-20}
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-[ -x "$EXE" ] || { echo "bench/ring.sh: $EXE not found (build first, or set BUILD)" >&2; exit 2; }
-[ -n "$MPIRUN" ] || { echo "bench/ring.sh: no mpirun" >&2; exit 2; }
-mkdir -p "$(dirname "$OUT")" "$(dirname "$MD")"
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$HOST-$$
+bench_start bench/ring.sh
 SHAPE=(--seq "$SEQ" --heads "$HEADS" --kv-heads "$KV" --dim "$DIM" --mask causal --dtype fp32)
 MPI=("$MPIRUN" --oversubscribe --bind-to none --timeout 900 -np 2)
 RUN=(run "${SHAPE[@]}" --backward --threads 1 --iters "$ITERS" --warmup 1 --verify 8)
 status=0
-LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# jget FILE KEY [LINE]: the value of "KEY" in JSON Lines record LINE (default 1) of FILE.
-jget() {
-  awk -v key="\"$2\":" -v want="${3:-1}" 'NR == want {
-    i = index($0, key); if (!i) { print "null"; exit }
-    s = substr($0, i + length(key))
-    if (substr(s, 1, 1) == "\"") { s = substr(s, 2); print substr(s, 1, index(s, "\"") - 1) }
-    else { match(s, /^[^,}]*/); print substr(s, 1, RLENGTH) }
-  }' "$1"
-}
-calc() { awk "BEGIN { x = $1; if (x != x) print \"null\"; else printf \"%.4g\n\", x }"; }
 step() {
   local name=$1; shift
   echo "# ---- $name: $*"
@@ -62,9 +42,6 @@ step() {
   echo
   return $rc
 }
-
-# median of numbers (one per argument; "null" ignored).
-median() { printf '%s\n' "$@" | grep -v null | sort -g | awk '{ x[NR] = $1 } END { if (!NR) print "null"; else if (NR % 2) print x[(NR + 1) / 2]; else print (x[NR / 2] + x[NR / 2 + 1]) / 2 }'; }
 
 flop=""
 effs=() speeds=() krates=() prates=() zts=() rts=()
@@ -115,16 +92,10 @@ for f in "$TMP"/zigzag*.jsonl "$TMP"/ring*.jsonl "$TMP/calib.jsonl" "$TMP/link.j
   [ "$w" = 0 ] || { wrong=1; status=1; }
 done
 verdict() { awk -v x="$1" -v t="$2" 'BEGIN { if (x == "null" || x == "") print "n/a"; else print (x + 0 >= t ? "met" : "missed") }'; }
-list() { local IFS=,; echo "[$*]"; }
 
 # ---- machine ----
-cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
-ncpu=$(nproc 2>/dev/null)
-topo=$(lscpu 2>/dev/null | awk -F: '/^Socket\(s\)|^Core\(s\) per socket|^Thread\(s\) per core/ { gsub(/^ +/, "", $2); printf "%s%s %s", sep, $2, $1; sep = ", " }')
+bench_machine
 isa=$(grep -o -w -E 'avx512f|avx512_bf16|avx2|fma' /proc/cpuinfo 2>/dev/null | sort -u | tr '\n' ' ')
-mpiv=$("$MPIRUN" --version 2>/dev/null | head -1)
-git=$(git -C "$ROOT" describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)
-date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 
 # ---- records: every raw one tagged with the run, then the summary ----
 for f in "$TMP"/kernel*.jsonl "$TMP"/zigzag*.jsonl "$TMP"/ring*.jsonl "$TMP/calib.jsonl" "$TMP/link.jsonl"; do

@@ -17,44 +17,21 @@
 # BENCH_UL_SEQ (4K), BENCH_UL_HEADS (8), BENCH_UL_KV (2), BENCH_UL_DIM (64), BENCH_UL_ITERS (2),
 # BENCH_UL_REPEAT (3), BENCH_UL_JSON, BENCH_UL_MD (output paths), MPIRUN.
 set -uo pipefail
-BUILD=${BUILD:-build}
 HERE=$(cd "$(dirname "$0")" && pwd)
-ROOT=$(cd "$HERE/.." && pwd)
-EXE=${DISTATTN:-$BUILD/distattn}
-MPIRUN=${MPIRUN:-$(command -v mpirun.openmpi || command -v mpirun)}
-HOST=$(hostname -s 2>/dev/null || hostname)
+# shellcheck source=bench/lib.sh
+. "$HERE/lib.sh"
 OUT=${BENCH_UL_JSON:-$HERE/results/ulysses-$HOST.jsonl}
 MD=${BENCH_UL_MD:-$HERE/results/ulysses-$HOST.md}
 SEQ=${BENCH_UL_SEQ:-4K} HEADS=${BENCH_UL_HEADS:-8} KV=${BENCH_UL_KV:-2} DIM=${BENCH_UL_DIM:-64}
 ITERS=${BENCH_UL_ITERS:-2} REPEAT=${BENCH_UL_REPEAT:-3}
 P=4
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
-[ -x "$EXE" ] || { echo "bench/ulysses.sh: $EXE not found (build first, or set BUILD)" >&2; exit 2; }
-[ -n "$MPIRUN" ] || { echo "bench/ulysses.sh: no mpirun" >&2; exit 2; }
-mkdir -p "$(dirname "$OUT")" "$(dirname "$MD")"
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-RUN_ID=$(date -u +%Y%m%dT%H%M%SZ)-$HOST-$$
+bench_start bench/ulysses.sh
 SHAPE=(--seq "$SEQ" --heads "$HEADS" --kv-heads "$KV" --dim "$DIM" --mask causal --dtype fp32)
 MPI=("$MPIRUN" --oversubscribe --bind-to none --timeout 900 -np "$P")
 RUN=(run "${SHAPE[@]}" --backward --threads 1 --iters "$ITERS" --warmup 1 --verify 8)
 ALGOS=(zigzag ulysses hybrid)
 declare -A ARGS=([zigzag]="--algo zigzag" [ulysses]="--algo ulysses" [hybrid]="--algo hybrid --ulysses 2 --layout zigzag")
 status=0
-LOAD0=$(cut -d' ' -f1-3 /proc/loadavg)
-
-# jget FILE KEY: the value of "KEY" in the first record of FILE.
-jget() {
-  awk -v key="\"$2\":" 'NR == 1 {
-    i = index($0, key); if (!i) { print "null"; exit }
-    s = substr($0, i + length(key))
-    if (substr(s, 1, 1) == "\"") { s = substr(s, 2); print substr(s, 1, index(s, "\"") - 1) }
-    else { match(s, /^[^,}]*/); print substr(s, 1, RLENGTH) }
-  }' "$1"
-}
-calc() { awk "BEGIN { x = $1; if (x != x) print \"null\"; else printf \"%.4g\n\", x }"; }
-median() { printf '%s\n' "$@" | grep -v null | sort -g | awk '{ x[NR] = $1 } END { if (!NR) print "null"; else if (NR % 2) print x[(NR + 1) / 2]; else print (x[NR / 2] + x[NR / 2 + 1]) / 2 }'; }
-list() { local IFS=,; echo "[$*]"; }
 
 declare -A T EXP MB RATIO
 for a in "${ALGOS[@]}"; do T[$a]="" EXP[$a]="" MB[$a]="" RATIO[$a]=""; done
@@ -85,12 +62,7 @@ for f in "$TMP"/*.jsonl; do
 done
 
 # ---- machine ----
-cpu=$(lscpu 2>/dev/null | sed -n 's/^Model name: *//p' | head -1)
-ncpu=$(nproc 2>/dev/null)
-topo=$(lscpu 2>/dev/null | awk -F: '/^Socket\(s\)|^Core\(s\) per socket|^Thread\(s\) per core/ { gsub(/^ +/, "", $2); printf "%s%s %s", sep, $2, $1; sep = ", " }')
-mpiv=$("$MPIRUN" --version 2>/dev/null | head -1)
-git=$(git -C "$ROOT" describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)
-date=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+bench_machine
 
 # ---- records: every raw one tagged with the run, then the summary ----
 for f in "$TMP"/*.jsonl; do

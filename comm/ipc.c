@@ -369,72 +369,36 @@ static da_status_t ipc_test(da_xport_t *xp, da_xreq_t *q, int *done) {
   return DA_SUCCESS;
 }
 
-static da_status_t ipc_wait(da_xport_t *xp, da_xreq_t *q) {
-  if (!q) return DA_SUCCESS;
-  const double t0 = da_time_now();
-  for (long it = 0;; it++) {
-    int done = 0;
-    da_status_t st = ipc_test(xp, q, &done);
-    if (st != DA_SUCCESS) {
-      ipc_abort(xp, q);
-      return st;
-    }
-    if (done) break;
-    const double waited = da_time_now() - t0;
-    if (waited > xp->timeout_s) {
-      st = !q->recv_done
-               ? DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: receive of %zu bytes from rank %d (%s) timed out after %g s",
-                        xp->rank, xp->phase, q->step, q->rbytes, q->src, xp->t->name, xp->timeout_s)
-               : DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: send of %zu bytes to rank %d (%s) timed out after %g s%s",
-                        xp->rank, xp->phase, q->step, q->sbytes, q->dst, xp->t->name, xp->timeout_s,
-                        q->pushed ? "" : " (no CTS: the receiver never posted its slot)");
-      ipc_abort(xp, q);
-      return st;
-    }
-    da_mpi_backoff(it, waited);
-  }
-  free(q);
-  return DA_SUCCESS;
+/* The timeout error of ipc_wait (da_xport_poll): the direction that did not finish. */
+static da_status_t ipc_stalled(da_xport_t *xp, da_xreq_t *q) {
+  if (!q->recv_done)
+    return DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: receive of %zu bytes from rank %d (%s) timed out after %g s",
+                  xp->rank, xp->phase, q->step, q->rbytes, q->src, xp->t->name, xp->timeout_s);
+  return DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: send of %zu bytes to rank %d (%s) timed out after %g s%s",
+                xp->rank, xp->phase, q->step, q->sbytes, q->dst, xp->t->name, xp->timeout_s,
+                q->pushed ? "" : " (no CTS: the receiver never posted its slot)");
 }
 
+static da_status_t ipc_wait(da_xport_t *xp, da_xreq_t *q) {
+  if (!q) return DA_SUCCESS;
+  const da_status_t st = da_xport_poll(xp, q, ipc_test, ipc_stalled);
+  if (st != DA_SUCCESS) ipc_abort(xp, q);
+  else free(q);
+  return st;
+}
+
+/* host-ipc and cuda-ipc: one protocol over two device tables (transport.h, DA_DEVICE_TRANSPORT: the
+ * ipc_* functions above). */
 static da_status_t host_ipc_init_table(da_xport_t *xp, MPI_Comm comm) {
   return ipc_init(xp, comm, &da_devapi_host);
 }
 
-const da_transport_t da_transport_host_ipc = {
-    .name = "host-ipc",
-    .init = host_ipc_init_table,
-    .exchange_start = ipc_exchange_start,
-    .test = ipc_test,
-    .wait = ipc_wait,
-    .allreduce = da_xport_inner_allreduce,
-    .allgather = da_xport_inner_allgather,
-    .barrier = da_xport_inner_barrier,
-    .abort = ipc_abort,
-    .destroy = ipc_destroy,
-    .devapi = &da_devapi_host,
-    .register_mem = ipc_register,
-    .allreduce_dev = ipc_allreduce_dev,
-};
+const da_transport_t da_transport_host_ipc = DA_DEVICE_TRANSPORT(ipc, "host-ipc", host_ipc_init_table, &da_devapi_host);
 
 #ifdef DA_HAVE_CUDART
 static da_status_t cuda_ipc_init_table(da_xport_t *xp, MPI_Comm comm) {
   return ipc_init(xp, comm, &da_devapi_cuda);
 }
 
-const da_transport_t da_transport_cuda_ipc = {
-    .name = "cuda-ipc",
-    .init = cuda_ipc_init_table,
-    .exchange_start = ipc_exchange_start,
-    .test = ipc_test,
-    .wait = ipc_wait,
-    .allreduce = da_xport_inner_allreduce,
-    .allgather = da_xport_inner_allgather,
-    .barrier = da_xport_inner_barrier,
-    .abort = ipc_abort,
-    .destroy = ipc_destroy,
-    .devapi = &da_devapi_cuda,
-    .register_mem = ipc_register,
-    .allreduce_dev = ipc_allreduce_dev,
-};
+const da_transport_t da_transport_cuda_ipc = DA_DEVICE_TRANSPORT(ipc, "cuda-ipc", cuda_ipc_init_table, &da_devapi_cuda);
 #endif

@@ -404,32 +404,21 @@ static const char *stage_of(const da_xreq_t *q, int recv) {
                              : "the message was posted; the peer did not take it";
 }
 
+/* The timeout error of staged_wait (da_xport_poll): the direction and the stage that did not
+ * finish. */
+static da_status_t staged_stalled(da_xport_t *xp, da_xreq_t *q) {
+  if (q->rstate != R_DONE)
+    return DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: receive of %zu bytes from rank %d (%s) timed out after %g s: %s",
+                  xp->rank, xp->phase, q->step, q->rbytes, q->src, xp->t->name, xp->timeout_s, stage_of(q, 1));
+  return DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: send of %zu bytes to rank %d (%s) timed out after %g s: %s",
+                xp->rank, xp->phase, q->step, q->sbytes, q->dst, xp->t->name, xp->timeout_s, stage_of(q, 0));
+}
+
 static da_status_t staged_wait(da_xport_t *xp, da_xreq_t *q) {
   if (!q) return DA_SUCCESS;
-  const double t0 = da_time_now();
-  for (long it = 0;; it++) {
-    int done = 0;
-    da_status_t st = staged_test(xp, q, &done);
-    if (st != DA_SUCCESS) {
-      release(xp, q);
-      return st;
-    }
-    if (done) break;
-    const double waited = da_time_now() - t0;
-    if (waited > xp->timeout_s) {
-      const int recv = q->rstate != R_DONE;
-      st = recv ? DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: receive of %zu bytes from rank %d (%s) timed out after %g s: "
-                         "%s", xp->rank, xp->phase, q->step, q->rbytes, q->src, xp->t->name, xp->timeout_s,
-                         stage_of(q, 1))
-                : DA_ERR(DA_ERR_TIMEOUT, "rank %d %s step %d: send of %zu bytes to rank %d (%s) timed out after %g s: %s",
-                         xp->rank, xp->phase, q->step, q->sbytes, q->dst, xp->t->name, xp->timeout_s, stage_of(q, 0));
-      release(xp, q);
-      return st;
-    }
-    da_mpi_backoff(it, waited);
-  }
-  release(xp, q);
-  return DA_SUCCESS;
+  const da_status_t st = da_xport_poll(xp, q, staged_test, staged_stalled);
+  release(xp, q); /* done, failed or timed out: the exchange leaves the list either way */
+  return st;
 }
 
 /* The device allreduce of the tree decode: the values copied to pinned staging after the work
@@ -456,40 +445,14 @@ static da_status_t staged_allreduce_dev(da_xport_t *xp, float *buf, int count, d
   return m->d->copy_from_host(buf, m->red, bytes, xp->stream);
 }
 
+/* host-mpi and cuda-mpi: one protocol over two device tables (transport.h, DA_DEVICE_TRANSPORT: the
+ * staged_* functions above). */
 static da_status_t host_mpi_init(da_xport_t *xp, MPI_Comm comm) { return staged_init(xp, comm, &da_devapi_host); }
 
-const da_transport_t da_transport_host_mpi = {
-    .name = "host-mpi",
-    .init = host_mpi_init,
-    .exchange_start = staged_exchange_start,
-    .test = staged_test,
-    .wait = staged_wait,
-    .allreduce = da_xport_inner_allreduce,
-    .allgather = da_xport_inner_allgather,
-    .barrier = da_xport_inner_barrier,
-    .abort = staged_abort,
-    .destroy = staged_destroy,
-    .devapi = &da_devapi_host,
-    .register_mem = staged_register,
-    .allreduce_dev = staged_allreduce_dev,
-};
+const da_transport_t da_transport_host_mpi = DA_DEVICE_TRANSPORT(staged, "host-mpi", host_mpi_init, &da_devapi_host);
 
 #ifdef DA_HAVE_CUDART
 static da_status_t cuda_mpi_init(da_xport_t *xp, MPI_Comm comm) { return staged_init(xp, comm, &da_devapi_cuda); }
 
-const da_transport_t da_transport_cuda_mpi = {
-    .name = "cuda-mpi",
-    .init = cuda_mpi_init,
-    .exchange_start = staged_exchange_start,
-    .test = staged_test,
-    .wait = staged_wait,
-    .allreduce = da_xport_inner_allreduce,
-    .allgather = da_xport_inner_allgather,
-    .barrier = da_xport_inner_barrier,
-    .abort = staged_abort,
-    .destroy = staged_destroy,
-    .devapi = &da_devapi_cuda,
-    .register_mem = staged_register,
-    .allreduce_dev = staged_allreduce_dev,
-};
+const da_transport_t da_transport_cuda_mpi = DA_DEVICE_TRANSPORT(staged, "cuda-mpi", cuda_mpi_init, &da_devapi_cuda);
 #endif

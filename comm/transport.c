@@ -207,6 +207,19 @@ int da_mpi_poll(MPI_Request *r, double timeout_s, int *done) {
   }
 }
 
+da_status_t da_xport_poll(da_xport_t *xp, da_xreq_t *q, da_status_t (*test)(da_xport_t *, da_xreq_t *, int *),
+                          da_status_t (*stalled)(da_xport_t *, da_xreq_t *)) {
+  const double t0 = da_time_now();
+  for (long it = 0;; it++) {
+    int done = 0;
+    DA_CHECK(test(xp, q, &done));
+    if (done) return DA_SUCCESS;
+    const double waited = da_time_now() - t0;
+    if (waited > xp->timeout_s) return stalled(xp, q);
+    da_mpi_backoff(it, waited);
+  }
+}
+
 /* Spin, yield for the first millisecond, then sleep for 2 % of the time already waited (20 us ..
  * 1 ms): a short wait stays responsive, a long one (a memory rank decoding 256K keys, a slow peer)
  * stops costing a core. A fixed 20 us sleep cost the offload's compute rank about a third of a

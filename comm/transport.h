@@ -176,11 +176,44 @@ da_status_t da_xport_inner_allreduce(da_xport_t *xp, void *buf, int count, da_xt
 da_status_t da_xport_inner_allgather(da_xport_t *xp, const void *sbuf, void *rbuf, size_t bytes);
 da_status_t da_xport_inner_barrier(da_xport_t *xp);
 
+/* The table of a device transport written once over several device tables (host-ipc / cuda-ipc
+ * in ipc.c, host-mpi / cuda-mpi in staged.c: one protocol each, on da_devapi_host for the tests
+ * and da_devapi_cuda for the GPU): its functions are PREFIX_exchange_start, PREFIX_test,
+ * PREFIX_wait, PREFIX_abort, PREFIX_destroy, PREFIX_register and PREFIX_allreduce_dev, its
+ * collectives the inner mpi transport's (da_xport_inner_*); the tables differ only in NAME, INIT
+ * (which binds DEVAPI) and DEVAPI. */
+#define DA_DEVICE_TRANSPORT(PREFIX, NAME, INIT, DEVAPI) \
+  {                                                     \
+      .name = (NAME),                                   \
+      .init = (INIT),                                   \
+      .exchange_start = PREFIX##_exchange_start,        \
+      .test = PREFIX##_test,                            \
+      .wait = PREFIX##_wait,                            \
+      .allreduce = da_xport_inner_allreduce,            \
+      .allgather = da_xport_inner_allgather,            \
+      .barrier = da_xport_inner_barrier,                \
+      .abort = PREFIX##_abort,                          \
+      .destroy = PREFIX##_destroy,                      \
+      .devapi = (DEVAPI),                               \
+      .register_mem = PREFIX##_register,                \
+      .allreduce_dev = PREFIX##_allreduce_dev,          \
+  }
+
 /* Agree on an outcome: every rank passes its local status and gets back DA_SUCCESS only when
  * every rank succeeded. A rank that failed keeps its own status and message; the others get
  * DA_ERR_REMOTE naming the lowest failing rank and its message ("rank 3 failed: ..."). One small
  * allgather on success; bounded by the timeout, so a vanished peer gives DA_ERR_TIMEOUT. */
 da_status_t da_xport_agree(da_xport_t *xp, da_status_t local, const char *what);
+
+/* The wait() of a transport whose test() drives all progress (host-ipc / cuda-ipc,
+ * host-mpi / cuda-mpi): test(xp, q) until it reports done, pausing between polls as
+ * da_mpi_backoff does, for at most xp->timeout_s. Returns DA_SUCCESS when q completed, test's
+ * error when it failed, and at the deadline what stalled(xp, q) returns: the transport's
+ * DA_ERR_TIMEOUT naming the peer, the step and what did not finish (only the transport knows its
+ * request). q is never released here: freeing it, or aborting it after a failure, stays the
+ * caller's. */
+da_status_t da_xport_poll(da_xport_t *xp, da_xreq_t *q, da_status_t (*test)(da_xport_t *, da_xreq_t *, int *),
+                          da_status_t (*stalled)(da_xport_t *, da_xreq_t *));
 
 /* Poll a nonblocking MPI request until it completes or timeout_s seconds pass: spin, then yield
  * (1 ms), then sleeps of 2 % of the time waited (20 us .. 1 ms), so progress needs no helper thread and an idle rank leaves its core to the

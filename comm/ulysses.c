@@ -665,61 +665,73 @@ static void regroup_to_f32(const da_ring_t *Y, int nt, int64_t w, float *gathere
   }
 }
 
-static da_status_t hy_alloc(const da_hybrid_t *h, int bwd, arena_t *a, char **buf) {
-  hy_layout(h, bwd, a);
-  const size_t total = arena_total(a);
-  a->base = da_calloc(total ? total : 1, 64);
-  if (!a->base)
+/* One compute phase of the hybrid, forward or backward (the two differ only in what they regroup
+ * and which ring call they make): the ring across groups, its row widths and the regroup buffers
+ * of hy_layout, allocated in one piece. */
+typedef struct {
+  da_ring_t *X;             /* the ring across groups */
+  int64_t n, wq, wk;        /* its rows per rank; elements of a q-like row (Hl * D), of a k/v row (Gk * D) */
+  size_t qrow, kvrow, lrow; /* bytes of a dtype q-like row, a dtype k/v row, an fp32 lse row */
+  arena_t a;
+} hy_phase_t;
+
+static da_status_t hy_phase_open(const da_ring_t *Y, da_hybrid_t *h, int bwd, hy_phase_t *p, char **buf) {
+  const uheads_t u = heads_of(Y);
+  const size_t es = esize(Y);
+  p->X = &h->ring;
+  p->n = p->X->nloc, p->wq = u.Hl * Y->kp.D, p->wk = u.Gk * Y->kp.D;
+  p->qrow = (size_t)p->wq * es, p->kvrow = (size_t)p->wk * es, p->lrow = (size_t)u.Hl * sizeof(float);
+  hy_layout(h, bwd, &p->a);
+  const size_t total = arena_total(&p->a);
+  p->a.base = da_calloc(total ? total : 1, 64);
+  if (!p->a.base)
     return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d %s: %zu bytes of hybrid regroup buffers", h->uly.rank,
                   bwd ? "backward" : "forward", total);
-  for (int i = 0; i < a->n; i++) buf[i] = arena_at(a, i);
+  for (int i = 0; i < p->a.n; i++) buf[i] = arena_at(&p->a, i);
   return DA_SUCCESS;
+}
+
+static void hy_phase_close(hy_phase_t *p) {
+  /* After a timeout of the ring MPI may still write into the buffers: keep them out of use. */
+  if (p->X->broken)
+    DA_WARN(DA_SUB_COMM, "the hybrid's ring timed out; %zu bytes of regroup buffers are kept out of use",
+            arena_total(&p->a));
+  else
+    da_free(p->a.base);
 }
 
 /* The forward's compute phase: the group's rows batch-major, the ring across groups, back. */
 static da_status_t hy_fwd_compute(da_ring_t *Y, const da_uly_io_t *io, void *ctx, void *stream) {
-  da_hybrid_t *h = ctx;
-  da_ring_t *X = &h->ring;
-  const uheads_t u = heads_of(Y);
-  const size_t es = esize(Y);
-  const int64_t D = Y->kp.D, n = X->nloc, wq = u.Hl * D, wk = u.Gk * D;
-  arena_t a;
+  hy_phase_t p;
   char *b[HF_N];
-  DA_CHECK(hy_alloc(h, 0, &a, b));
-  regroup(Y, 1, (size_t)wq * es, (char *)io->q, b + HF_Q, 1);
-  regroup(Y, 2, (size_t)wk * es, (char *)io->kv, b + HF_K, 1);
+  DA_CHECK(hy_phase_open(Y, ctx, 0, &p, b));
+  const int64_t n = p.n, wq = p.wq, wk = p.wk;
+  regroup(Y, 1, p.qrow, (char *)io->q, b + HF_Q, 1);
+  regroup(Y, 2, p.kvrow, (char *)io->kv, b + HF_K, 1);
   const da_rview_t q = {b[HF_Q], n * wq, wq}, k = {b[HF_K], n * wk, wk}, v = {b[HF_V], n * wk, wk};
   const da_rview_t out = {b[HF_O], n * wq, wq};
-  da_status_t st = da_ring_fwd(X, q, k, v, out, (float *)b[HF_L], stream);
-  regroup(Y, 1, (size_t)wq * es, io->out, b + HF_O, 0);
-  regroup(Y, 1, (size_t)u.Hl * sizeof(float), (char *)io->lse_out, b + HF_L, 0);
-  if (X->broken) DA_WARN(DA_SUB_COMM, "the hybrid's ring timed out; %zu bytes of regroup buffers are kept out of use",
-                         arena_total(&a));
-  else da_free(a.base);
+  da_status_t st = da_ring_fwd(p.X, q, k, v, out, (float *)b[HF_L], stream);
+  regroup(Y, 1, p.qrow, io->out, b + HF_O, 0);
+  regroup(Y, 1, p.lrow, (char *)io->lse_out, b + HF_L, 0);
+  hy_phase_close(&p);
   return st;
 }
 
 static da_status_t hy_bwd_compute(da_ring_t *Y, const da_uly_io_t *io, void *ctx, void *stream) {
-  da_hybrid_t *h = ctx;
-  da_ring_t *X = &h->ring;
-  const uheads_t u = heads_of(Y);
-  const size_t es = esize(Y);
-  const int64_t D = Y->kp.D, n = X->nloc, wq = u.Hl * D, wk = u.Gk * D;
-  arena_t a;
+  hy_phase_t p;
   char *b[HB_N];
-  DA_CHECK(hy_alloc(h, 1, &a, b));
-  regroup(Y, 3, (size_t)wq * es, (char *)io->q, b + HB_Q, 1); /* q, out, dout */
-  regroup(Y, 2, (size_t)wk * es, (char *)io->kv, b + HB_K, 1);
-  regroup(Y, 1, (size_t)u.Hl * sizeof(float), (char *)io->lse, b + HB_L, 1);
+  DA_CHECK(hy_phase_open(Y, ctx, 1, &p, b));
+  const int64_t n = p.n, wq = p.wq, wk = p.wk;
+  regroup(Y, 3, p.qrow, (char *)io->q, b + HB_Q, 1); /* q, out, dout */
+  regroup(Y, 2, p.kvrow, (char *)io->kv, b + HB_K, 1);
+  regroup(Y, 1, p.lrow, (char *)io->lse, b + HB_L, 1);
   const da_rview_t q = {b[HB_Q], n * wq, wq}, o = {b[HB_O], n * wq, wq}, dout = {b[HB_DO], n * wq, wq};
   const da_rview_t k = {b[HB_K], n * wk, wk}, v = {b[HB_V], n * wk, wk};
   const da_rview_t dq = {b[HB_DQ], n * wq, wq}, dk = {b[HB_DK], n * wk, wk}, dv = {b[HB_DV], n * wk, wk};
-  da_status_t st = da_ring_bwd(X, q, k, v, o, dout, (const float *)b[HB_L], dq, dk, dv, stream);
+  da_status_t st = da_ring_bwd(p.X, q, k, v, o, dout, (const float *)b[HB_L], dq, dk, dv, stream);
   regroup_to_f32(Y, 1, wq, io->dq, b + HB_DQ);
   regroup_to_f32(Y, 2, wk, io->dkv, b + HB_DK);
-  if (X->broken) DA_WARN(DA_SUB_COMM, "the hybrid's ring timed out; %zu bytes of regroup buffers are kept out of use",
-                         arena_total(&a));
-  else da_free(a.base);
+  hy_phase_close(&p);
   return st;
 }
 

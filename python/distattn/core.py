@@ -13,12 +13,48 @@ from . import _arrays, _lib
 from ._lib import check
 
 
-class Context:
+class _Handle:
+    """Owns one C handle (_free_fn names the C function that frees it); free() is idempotent.
+    The base of Context here and of dist's Comm, Plan, KVCache and DecodePlan."""
+    _free_fn = None
+    _noun = None  # what handle says was freed; None: "this <class name>"
+
+    def __init__(self):
+        self._h = c_void_p()
+
+    @property
+    def handle(self):
+        if not self._h:
+            raise ValueError(f"distattn: {self._noun or 'this ' + type(self).__name__} was freed")
+        return self._h
+
+    def free(self):
+        """Free the handle (collective for plans, caches and communicators)."""
+        if getattr(self, "_h", None):
+            getattr(_lib.lib, self._free_fn)(self._h)
+            self._h = c_void_p()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.free()
+
+    def __del__(self):
+        try:
+            self.free()
+        except Exception:
+            pass
+
+
+class Context(_Handle):
     """A backend choice and thread count, plus the last detailed error (da_context_t). Not
     thread-safe: use one per thread (the functions below default to one per thread).
 
     threads: CPU kernel threads, 0 = the cores this process is bound to (or DISTATTN_NTHREADS).
     device: "cpu" or "cuda"."""
+    _free_fn = "da_context_free"
+    _noun = "the context"
 
     def __init__(self, threads=0, device="cpu"):
         dev = {"cpu": _lib.DA_DEVICE_CPU, "cuda": _lib.DA_DEVICE_CUDA}.get(device)
@@ -33,31 +69,8 @@ class Context:
         self._h = h
         self.device = device
 
-    @property
-    def handle(self):
-        if not self._h:
-            raise ValueError("distattn: the context was freed")
-        return self._h
-
     def last_error(self):
         return _lib.lib.da_last_error(self._h).decode(errors="replace") if self._h else ""
-
-    def free(self):
-        if getattr(self, "_h", None):
-            _lib.lib.da_context_free(self._h)
-            self._h = c_void_p()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()
-
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:
-            pass
 
 
 _local = threading.local()

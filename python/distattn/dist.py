@@ -15,44 +15,12 @@ import numpy as np
 
 from . import _arrays, _lib
 from ._lib import check
-from .core import Problem, _lse, _out, default_context
+from .core import Problem, _Handle, _lse, _out, default_context
 
 
 def _need_mpi():
     if not _lib.HAVE_MPI:
         raise RuntimeError(f"distattn: {_lib.path} was built without MPI: no distributed API")
-
-
-class _Handle:
-    """Owns one C handle; free() is idempotent."""
-    _free_fn = None
-
-    def __init__(self):
-        self._h = c_void_p()
-
-    @property
-    def handle(self):
-        if not self._h:
-            raise ValueError(f"distattn: this {type(self).__name__} was freed")
-        return self._h
-
-    def free(self):
-        """Free the handle (collective for plans, caches and communicators)."""
-        if getattr(self, "_h", None):
-            getattr(_lib.lib, self._free_fn)(self._h)
-            self._h = c_void_p()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.free()
-
-    def __del__(self):
-        try:
-            self.free()
-        except Exception:
-            pass
 
 
 def _mpi_comm_arg(comm):
