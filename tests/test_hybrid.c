@@ -2,16 +2,11 @@
  * the ring across the P/U groups) against the float64 reference, under mpirun for P in
  * {1,2,3,4,6,8}: degrees 1x1, 2x1 and 1x2, 3x1 and 1x3, 2x2, 2x3 and 3x2, 4x2 (U x ring). The case
  * runner, reference and 1-rank comparison are test_ring.c's (included below with its main left
- * out), so every driver is held to the same checks and tolerances. Also: the layout (every
- * position once, each group holding its ring shard), the refusals on every rank, and the plan's
- * figures (bytes sent, computed here from the shapes, and what the calls measured). */
-#define DA_TEST_RING_HELPERS_ONLY
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#pragma GCC diagnostic ignored "-Wunused-variable"
-#pragma GCC diagnostic ignored "-Wunused-const-variable"
-#include "test_ring.c"
-#pragma GCC diagnostic pop
+ * out, test_ring_helpers.h), so every driver is held to the same checks and tolerances. Also:
+ * the layout (every position once, each group holding its ring shard), the refusals on every
+ * rank, and the plan's figures (bytes sent, computed here from the shapes, and what the calls
+ * measured). */
+#include "test_ring_helpers.h"
 
 /* 12 query heads split over every tested degree (1, 2, 3, 4). */
 #define HH 12

@@ -1,16 +1,11 @@
 /* test_ulysses.c: the Ulysses driver (all-to-all of heads for tokens, forward and backward)
  * against the float64 reference, under mpirun for P in {1,2,3,4,6,8}: H = 12 (H = 8 at P = 8).
  * The case runner, reference and 1-rank comparison are test_ring.c's (included below with its
- * main left out), so both drivers are held to the same checks and tolerances. Also: the
- * refusals (H or G not splitting over P) on every rank, and the plan's figures (bytes sent,
- * computed here from the shapes; memory holding the whole sequence for H/P heads). */
-#define DA_TEST_RING_HELPERS_ONLY
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunused-function"
-#pragma GCC diagnostic ignored "-Wunused-variable"
-#pragma GCC diagnostic ignored "-Wunused-const-variable"
-#include "test_ring.c"
-#pragma GCC diagnostic pop
+ * main left out, test_ring_helpers.h), so both drivers are held to the same checks and
+ * tolerances. Also: the refusals (H or G not splitting over P) on every rank, and the plan's
+ * figures (bytes sent, computed here from the shapes; memory holding the whole sequence for H/P
+ * heads). */
+#include "test_ring_helpers.h"
 
 /* Query heads: divisible by P, with KV head counts that split (G = P) and replicate (1 < G < P
  * where P has such a divisor) at every tested P; small, since each rank holds S x H/P heads. */
