@@ -14,6 +14,7 @@
 #include "kernels.h"
 #include "ref.h"
 #include "test_util.h"
+#include "test_run.h"
 
 static const int ratios[3] = {1, 4, 8};
 static const da_dtype_t dtypes[3] = {DA_FLOAT32, DA_BFLOAT16, DA_FLOAT16};
@@ -621,9 +622,5 @@ static Suite *api_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(api_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return tu_run(api_suite());
 }

@@ -18,6 +18,7 @@
 #include "mask.h"
 #include "rng.h"
 #include "test_util.h"
+#include "test_run.h"
 
 /* ---- 16-bit conversions ------------------------------------------------------------------- */
 
@@ -702,9 +703,5 @@ static Suite *core_suite(void) {
 
 int main(void) {
   /* The parent must not initialize the logger: each forked test reads the env afresh. */
-  SRunner *sr = srunner_create(core_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return tu_run(core_suite());
 }

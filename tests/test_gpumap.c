@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <string.h>
 #include "gpumap.h"
+#include "test_run.h"
 
 static char err[256];
 
@@ -172,9 +173,5 @@ int main(void) {
   tcase_add_test(tc, transport);
   tcase_add_test(tc, groups);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? 1 : 0;
+  return tu_run(s);
 }

@@ -332,7 +332,5 @@ int main(int argc, char **argv) {
     if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
   }
   suite_add_tcase(s, tc);
-  int total = tu_mpi_run(s, g_rank);
-  MPI_Finalize();
-  return total ? 1 : 0;
+  return tu_mpi_finish(s, g_rank, NULL, NULL);
 }

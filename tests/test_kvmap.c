@@ -9,6 +9,7 @@
 #include <string.h>
 #include "kvmap.h"
 #include "test_util.h"
+#include "test_run.h"
 
 /* Grow a sequence from its prefill L0 to len token by token, as the cache does, checking the
  * invariant at every length; then compare with da_kvmap_replay. Returns the final counts. */
@@ -147,9 +148,5 @@ int main(void) {
   tcase_add_test(tc, ownership);
   tcase_add_test(tc, bad_args);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? 1 : 0;
+  return tu_run(s);
 }

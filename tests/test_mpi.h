@@ -39,6 +39,18 @@ static inline void tu_add_tests(TCase *tc, const tu_test_t *tests, size_t n) {
     if (!only || !strcmp(only, tests[i].name)) tcase_add_test(tc, tests[i].t);
 }
 
+/* The program's one suite: one test case named tcase holding tests (through tu_add_tests). Its
+ * Check timeout is off (0): Check cannot time out an unforked test anyway; ctest's TIMEOUT
+ * bounds the program. */
+static inline Suite *tu_mpi_suite(const char *name, const char *tcase, const tu_test_t *tests, size_t n) {
+  Suite *s = suite_create(name);
+  TCase *tc = tcase_create(tcase);
+  tcase_set_timeout(tc, 0);
+  tu_add_tests(tc, tests, n);
+  suite_add_tcase(s, tc);
+  return s;
+}
+
 /* x combined over the ranks with op (MPI_SUM, MPI_MIN, MPI_MAX), on every rank. */
 static inline double tu_reduce(double x, MPI_Op op) {
   MPI_Allreduce(MPI_IN_PLACE, &x, 1, MPI_DOUBLE, op, MPI_COMM_WORLD);
@@ -61,6 +73,18 @@ static inline int tu_mpi_run(Suite *s, int rank) {
   srunner_free(sr);
   MPI_Allreduce(&failed, &total, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
   return total;
+}
+
+/* The end of a main that began with tu_mpi_setup: runs s (tu_mpi_run), frees comm and ctx
+ * (either may be NULL), finalizes MPI and returns the program's exit status, 1 on every rank
+ * when a test failed on any rank. */
+static inline int tu_mpi_finish(Suite *s, int rank, da_context_t *ctx, da_comm_t *comm) {
+  int total = tu_mpi_run(s, rank);
+  if (rank == 0 && total) printf("%d failures summed over ranks\n", total);
+  da_comm_free(comm);
+  da_context_free(ctx);
+  MPI_Finalize();
+  return total ? 1 : 0;
 }
 
 #endif

@@ -133,7 +133,5 @@ int main(int argc, char **argv) {
     if (g_ndev >= g_size) tcase_add_test(tc, gpu_ring_nccl); /* NCCL refuses two ranks on one GPU */
   }
   suite_add_tcase(s, tc);
-  int total = tu_mpi_run(s, g_rank);
-  MPI_Finalize();
-  return total ? 1 : 0;
+  return tu_mpi_finish(s, g_rank, NULL, NULL);
 }

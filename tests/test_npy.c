@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "npy.h"
+#include "test_run.h"
 
 /* A header of format major.0 around dict, padded to a 64-byte multiple as NumPy does. */
 static size_t mk(unsigned char *b, int major, const char *dict) {
@@ -246,9 +247,5 @@ static Suite *npy_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(npy_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? 1 : 0;
+  return tu_run(npy_suite());
 }

@@ -300,14 +300,7 @@ END_TEST
 
 int main(int argc, char **argv) {
   tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, NULL);
-  Suite *s = suite_create("offload");
-  TCase *tc = tcase_create("offload");
-  tcase_set_timeout(tc, 0);
   const tu_test_t tests[] = {{"errors", errors}, {"splits", splits}};
-  tu_add_tests(tc, tests, sizeof tests / sizeof tests[0]);
-  suite_add_tcase(s, tc);
-  int total = tu_mpi_run(s, g_rank);
-  da_context_free(g_ctx);
-  MPI_Finalize();
-  return total ? 1 : 0;
+  Suite *s = tu_mpi_suite("offload", "offload", tests, sizeof tests / sizeof tests[0]);
+  return tu_mpi_finish(s, g_rank, g_ctx, NULL);
 }

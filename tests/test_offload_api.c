@@ -352,14 +352,8 @@ END_TEST
 
 int main(int argc, char **argv) {
   tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, NULL);
-  Suite *s = suite_create("offload_api");
-  TCase *tc = tcase_create("offload_api");
-  tcase_set_timeout(tc, 0);
-  tcase_add_test(tc, splits);
-  tcase_add_test(tc, deadline); /* last: it leaves an unmatched broadcast behind on rank 1 */
-  suite_add_tcase(s, tc);
-  int total = tu_mpi_run(s, g_rank);
-  da_context_free(g_ctx);
-  MPI_Finalize();
-  return total ? 1 : 0;
+  /* deadline last: it leaves an unmatched broadcast behind on rank 1 */
+  const tu_test_t tests[] = {{"splits", splits}, {"deadline", deadline}};
+  Suite *s = tu_mpi_suite("offload_api", "offload_api", tests, sizeof tests / sizeof tests[0]);
+  return tu_mpi_finish(s, g_rank, g_ctx, NULL);
 }

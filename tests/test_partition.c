@@ -8,6 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "partition.h"
+#include "test_run.h"
 
 static const int Ps[] = {1, 2, 3, 4, 5, 7, 8, 16};
 #define NP ((int)(sizeof Ps / sizeof Ps[0]))
@@ -768,9 +769,5 @@ static Suite *partition_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(partition_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return tu_run(partition_suite());
 }

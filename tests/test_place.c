@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "place.h"
+#include "test_run.h"
 
 static char err[256];
 
@@ -256,9 +257,5 @@ int main(void) {
   tcase_add_test(tc, more_ranks_than_cores);
   tcase_add_test(tc, load_errors_and_apply);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? 1 : 0;
+  return tu_run(s);
 }

@@ -12,6 +12,7 @@
 #include "kernels.h"
 #include "ref.h"
 #include "test_util.h"
+#include "test_run.h"
 
 /* Both sides compute in float64 with different summation orders and formulas: they agree to a
  * few ulps of the largest term. */
@@ -556,9 +557,5 @@ static Suite *ref_suite(void) {
 }
 
 int main(void) {
-  SRunner *sr = srunner_create(ref_suite());
-  srunner_run_all(sr, CK_NORMAL);
-  int failed = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+  return tu_run(ref_suite());
 }

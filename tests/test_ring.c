@@ -645,6 +645,18 @@ static void zplan_free(zplan_t *z) {
   free(z->buf);
 }
 
+/* Runs the plan forward and backward on every rank, then checks that its stats (left in *s)
+ * count exactly the bytes the plan said before the calls that it would send: the same check
+ * for every driver's plan_figures test (ring, zigzag, Ulysses, hybrid). */
+static void zplan_check_sent(zplan_t *z, da_plan_stats_t *s) {
+  ck_assert(tu_all_equal_status(zplan_run(z, 1), DA_SUCCESS));
+  ck_assert(da_plan_stats(z->plan, s) == DA_SUCCESS);
+  ck_assert_msg(s->fwd_bytes_sent == s->plan_fwd_bytes && s->bwd_bytes_sent == s->plan_bwd_bytes,
+                "sent %llu / %llu, planned %llu / %llu", (unsigned long long)s->fwd_bytes_sent,
+                (unsigned long long)s->bwd_bytes_sent, (unsigned long long)s->plan_fwd_bytes,
+                (unsigned long long)s->plan_bwd_bytes);
+}
+
 /* What the plan reports before any call (memory, bytes per call, the schedule's imbalance)
  * matches the ring's exact volume, what the calls then measure, and the ranks' own pair counts:
  * every KV block (G heads, storage dtype) is sent P-1 times per pass, every dK/dV sum (fp32)
@@ -672,12 +684,7 @@ START_TEST(plan_figures) {
       if (a == DA_ALGO_ZIGZAG) ck_assert_msg(s.work_imbalance < 1.02, "zigzag imbalance %.4f", s.work_imbalance);
       if (a == DA_ALGO_RING && g_size > 1)
         ck_assert_msg(s.work_imbalance > 1.3, "contiguous causal imbalance %.4f", s.work_imbalance);
-      ck_assert(tu_all_equal_status(zplan_run(&z, 1), DA_SUCCESS));
-      ck_assert(da_plan_stats(z.plan, &s) == DA_SUCCESS);
-      ck_assert_msg(s.fwd_bytes_sent == s.plan_fwd_bytes && s.bwd_bytes_sent == s.plan_bwd_bytes,
-                    "sent %llu / %llu, planned %llu / %llu", (unsigned long long)s.fwd_bytes_sent,
-                    (unsigned long long)s.bwd_bytes_sent, (unsigned long long)s.plan_fwd_bytes,
-                    (unsigned long long)s.plan_bwd_bytes);
+      zplan_check_sent(&z, &s);
       zplan_free(&z);
     }
 }
@@ -1001,22 +1008,14 @@ int main(int argc, char **argv) {
     da_devapi_host_set_link_delay(DEV_LINK_DELAY_S);
     da_devapi_host_set_local_delay(DEV_LOCAL_DELAY_S);
   }
-  Suite *s = suite_create(device ? "ring-device" : "ring");
-  TCase *tc = tcase_create("correctness");
-  tcase_set_timeout(tc, 0);
   const tu_test_t host_tests[] = {
       {"bad_args", bad_args}, {"mismatch", mismatch}, {"timeout", timeout}, {"plan_figures", plan_figures},
       {"link_hook", link_hook}, {"edges", edges}, {"matrix_small", matrix_small}, {"matrix_uneven", matrix_uneven}};
   const tu_test_t dev_tests[] = {
       {"dev_refusals", dev_refusals}, {"dev_memory", dev_memory}, {"dev_planted", dev_planted},
       {"dev_timeout", dev_timeout},   {"dev_matrix", dev_matrix}};
-  if (device) tu_add_tests(tc, dev_tests, sizeof dev_tests / sizeof dev_tests[0]);
-  else tu_add_tests(tc, host_tests, sizeof host_tests / sizeof host_tests[0]);
-  suite_add_tcase(s, tc);
-  int total = tu_mpi_run(s, g_rank);
-  da_comm_free(g_comm);
-  da_context_free(g_ctx);
-  MPI_Finalize();
-  return total ? 1 : 0;
+  Suite *s = device ? tu_mpi_suite("ring-device", "correctness", dev_tests, sizeof dev_tests / sizeof dev_tests[0])
+                    : tu_mpi_suite("ring", "correctness", host_tests, sizeof host_tests / sizeof host_tests[0]);
+  return tu_mpi_finish(s, g_rank, g_ctx, g_comm);
 }
 #endif

@@ -14,6 +14,7 @@
 #include "ref.h"
 #include "tensor.h"
 #include "test_util.h"
+#include "test_run.h"
 
 static const char *const AX4[4] = {"batch", "tokens", "heads", "dim"};
 
@@ -267,9 +268,5 @@ int main(void) {
   tcase_add_test(tc, test_refused_messages);
   tcase_add_test(tc, test_fwd_transposed_views);
   suite_add_tcase(s, tc);
-  SRunner *sr = srunner_create(s);
-  srunner_run_all(sr, CK_NORMAL);
-  int nf = srunner_ntests_failed(sr);
-  srunner_free(sr);
-  return nf ? EXIT_FAILURE : EXIT_SUCCESS;
+  return tu_run(s);
 }

@@ -602,15 +602,7 @@ END_TEST
 
 int main(int argc, char **argv) {
   tu_mpi_setup(&argc, &argv, &g_rank, &g_size, &g_ctx, &g_comm);
-  Suite *s = suite_create("tree");
-  TCase *tc = tcase_create("decode");
-  tcase_set_timeout(tc, 0);
   const tu_test_t tests[] = {{"errors", errors}, {"append_counts", append_counts}, {"matrix", matrix}, {"device", device}};
-  tu_add_tests(tc, tests, sizeof tests / sizeof tests[0]);
-  suite_add_tcase(s, tc);
-  int total = tu_mpi_run(s, g_rank);
-  da_comm_free(g_comm);
-  da_context_free(g_ctx);
-  MPI_Finalize();
-  return total ? 1 : 0;
+  Suite *s = tu_mpi_suite("tree", "decode", tests, sizeof tests / sizeof tests[0]);
+  return tu_mpi_finish(s, g_rank, g_ctx, g_comm);
 }
