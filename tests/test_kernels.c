@@ -1091,16 +1091,21 @@ START_TEST(test_nan_propagation) {
 END_TEST
 #ifdef TB_CPU /* the ISA levels are the CPU backend's */
 
-/* ---- every ISA level the CPU has (DISTATTN_CPU_ISA, read once per process: fork mode gives
- * each test a fresh one) ------------------------------------------------------------------------ */
+/* Run this process's CPU kernels at ISA level `isa` (DISTATTN_CPU_ISA is read once per process:
+ * fork mode gives each test a fresh one). Returns 0, saying so, when the CPU lacks the level for
+ * dtype dt (the test then has nothing to check here). */
+static int use_isa(const char *isa, da_dtype_t dt) {
+  setenv("DISTATTN_CPU_ISA", isa, 1);
+  da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f, .dtype = dt};
+  if (backend()->supports(&probe) == DA_SUCCESS) return 1;
+  printf("# cpu: ISA level %s not available here: %s\n", isa, da_error_message());
+  return 0;
+}
+
+/* ---- every ISA level the CPU has (use_isa) ------------------------------------------------- */
 START_TEST(test_isa_levels) {
   static const char *isa[5] = {"generic", "avx2", "avx512", "avx512bf16", "avx2bf16emu"};
-  setenv("DISTATTN_CPU_ISA", isa[_i], 1);
-  da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f};
-  if (backend()->supports(&probe) != DA_SUCCESS) {
-    printf("# cpu: ISA level %s not available here: %s\n", isa[_i], da_error_message());
-    return;
-  }
+  if (!use_isa(isa[_i], DA_FLOAT32)) return;
   for (int t = 0; t < 6; t++) {
     uint64_t rs = tu_seed(9500 + (uint64_t)(_i * 10 + t));
     const da_dtype_t dt = dtypes[t % 3];
@@ -1146,12 +1151,7 @@ END_TEST
 START_TEST(test_bf16_levels) {
   static const char *isa[4] = {"avx512bf16", "avx2bf16emu", "avx2", "generic"};
   const int lv = _i / TU_NMASKS, mkind = _i % TU_NMASKS;
-  setenv("DISTATTN_CPU_ISA", isa[lv], 1);
-  da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f, .dtype = DA_BFLOAT16};
-  if (backend()->supports(&probe) != DA_SUCCESS) {
-    printf("# cpu: ISA level %s not available here: %s\n", isa[lv], da_error_message());
-    return;
-  }
+  if (!use_isa(isa[lv], DA_BFLOAT16)) return;
   for (int rep = 0; rep < 3; rep++) {
     uint64_t rs = tu_seed(9700 + (uint64_t)(mkind * 3 + rep)); /* same problems for every level */
     const int ratio = ratios[(rep + mkind) % 3], G = ratio == 8 ? 1 : 2, H = G * ratio;
@@ -1216,12 +1216,7 @@ END_TEST
  * rescale would leave the earlier keys' weights wrong by the factor skipped. */
 START_TEST(test_growing_scores) {
   static const char *isa[3] = {"generic", "avx2", "avx512"};
-  setenv("DISTATTN_CPU_ISA", isa[_i], 1);
-  da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f};
-  if (backend()->supports(&probe) != DA_SUCCESS) {
-    printf("# cpu: ISA level %s not available here: %s\n", isa[_i], da_error_message());
-    return;
-  }
+  if (!use_isa(isa[_i], DA_FLOAT32)) return;
   for (int t = 0; t < 4; t++) {
     uint64_t rs = tu_seed(9700 + (uint64_t)(_i * 10 + t));
     const int D = (int[]){64, 128, 40, 64}[t];
@@ -1266,12 +1261,7 @@ START_TEST(test_decode_groups) {
   static const int reps[8] = {1, 2, 3, 4, 5, 8, 12, 16};
   const int lv = _i / 24, rep = reps[(_i % 24) / 3];
   const da_dtype_t dt = dtypes[_i % 3];
-  setenv("DISTATTN_CPU_ISA", isa[lv], 1);
-  da_kparams_t probe = {.H = 1, .G = 1, .D = 64, .scale = 0.125f};
-  if (backend()->supports(&probe) != DA_SUCCESS) {
-    printf("# cpu: ISA level %s not available here: %s\n", isa[lv], da_error_message());
-    return;
-  }
+  if (!use_isa(isa[lv], DA_FLOAT32)) return;
   for (int t = 0; t < 2; t++) {
     uint64_t rs = tu_seed(9900 + (uint64_t)(_i * 2 + t));
     const int D = t == 0 ? 128 : (int[]){33, 256, 72, 8}[(_i / 3 + lv) % 4];
