@@ -1102,6 +1102,12 @@ static int use_isa(const char *isa, da_dtype_t dt) {
   return 0;
 }
 
+/* " isa <level>" after the problem's description, so that a failure names the level. */
+static void kc_name_isa(kc_t *c, const char *isa) {
+  strncat(c->desc, " isa ", sizeof c->desc - strlen(c->desc) - 1);
+  strncat(c->desc, isa, sizeof c->desc - strlen(c->desc) - 1);
+}
+
 /* ---- every ISA level the CPU has (use_isa) ------------------------------------------------- */
 START_TEST(test_isa_levels) {
   static const char *isa[5] = {"generic", "avx2", "avx512", "avx512bf16", "avx2bf16emu"};
@@ -1113,8 +1119,7 @@ START_TEST(test_isa_levels) {
     const int64_t S = (int64_t[]){301, 129, 200, 77, 150, 222}[t];
     kc_t c;
     kc_init(&c, 8, t % 2 ? 1 : 2, D, dt, da_span(0, 1, S), da_span(0, 1, S), S, t, &rs, tu_seed(rs));
-    strncat(c.desc, " isa ", sizeof c.desc - strlen(c.desc) - 1);
-    strncat(c.desc, isa[_i], sizeof c.desc - strlen(c.desc) - 1);
+    kc_name_isa(&c, isa[_i]);
     if (!supported(&c.p)) {
       kc_free(&c);
       continue;
@@ -1163,8 +1168,7 @@ START_TEST(test_bf16_levels) {
     c.p.block_q = (int)(int[]){0, 16, 40}[rep];
     c.p.block_k = (int)(int[]){0, 13, 24}[rep]; /* 13: not a multiple of the register tile */
     kc_describe(&c);
-    strncat(c.desc, " isa ", sizeof c.desc - strlen(c.desc) - 1);
-    strncat(c.desc, isa[lv], sizeof c.desc - strlen(c.desc) - 1);
+    kc_name_isa(&c, isa[lv]);
     if (!supported(&c.p)) {
       kc_free(&c);
       continue;
@@ -1269,8 +1273,7 @@ START_TEST(test_decode_groups) {
     const int64_t S = tu_rand(&rs, 200, 700) | 1, T = tu_rand(&rs, 1, 3);
     kc_t c;
     kc_init(&c, H, G, D, dt, da_span(S - T, 1, T), da_span(0, 1, S), S, mkind, &rs, tu_seed(rs));
-    strncat(c.desc, " isa ", sizeof c.desc - strlen(c.desc) - 1);
-    strncat(c.desc, isa[lv], sizeof c.desc - strlen(c.desc) - 1);
+    kc_name_isa(&c, isa[lv]);
     if (!supported(&c.p)) {
       kc_free(&c);
       continue;
