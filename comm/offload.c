@@ -131,34 +131,60 @@ static int roll_call(da_offload_t *p, char *buf, size_t n) {
   return silent;
 }
 
-/* A wait of the protocol gave up: the message names this rank, the request, the seconds waited,
- * and the group members that did not answer the roll call. The offload is broken from now on. */
-static da_status_t timed_out(da_offload_t *p, const char *what, double waited, const slot_t *sl) {
+/* The group rank of a member whose roll-call word waits for this rank (it gave up on the group's
+ * collectives, which therefore never complete), or -1. The probe leaves the word queued, for this
+ * rank's own roll call to receive. Every wait of the protocol looks for it, so that a member that
+ * began its wait late (still answering a request when the silent rank stopped) joins the first
+ * one's roll call at once instead of after its own deadline, when that roll call is long over
+ * and would have counted it as silent beside the stopped rank. */
+static int roll_notice(const da_offload_t *p) {
+  int flag = 0;
+  MPI_Status s;
+  if (MPI_Iprobe(MPI_ANY_SOURCE, TAG_ROLL, p->group, &flag, &s) != MPI_SUCCESS || !flag) return -1;
+  return s.MPI_SOURCE;
+}
+
+/* A wait of the protocol gave up, at its deadline or because group member `first` gave up before
+ * it (-1: at the deadline): the message names this rank, the request, the seconds waited, that
+ * member, and the group members that did not answer the roll call. The offload is broken from
+ * now on. */
+static da_status_t timed_out(da_offload_t *p, const char *what, double waited, const slot_t *sl, int first) {
   p->broken = 1;
-  char me[96], req[128] = "", silent[256];
+  char me[96], req[128] = "", why[96] = "", silent[256];
   who(p, me, sizeof me);
   if (sl) snprintf(req, sizeof req, " request %lld (layer %d, sequences %lld..%lld):", (long long)sl->req, sl->layer,
                    (long long)sl->first, (long long)(sl->first + sl->n - 1));
   else snprintf(req, sizeof req, " after request %lld:", (long long)p->nreq);
+  if (first >= 0 && p->gworld)
+    snprintf(why, sizeof why, "; rank %d (%s) of the group gave up first", p->gworld[first],
+             first == 0 ? "compute" : "memory");
   const int ns = roll_call(p, silent, sizeof silent);
   const double grace = fmin(p->timeout, ROLL_GRACE_S);
   if (ns > 0)
-    return DA_ERR(DA_ERR_TIMEOUT, "%s%s waited %.1f s for %s; not answering the group's roll call within %g s: "
-                  "rank%s %s (stopped, killed or hung)", me, req, waited, what, grace, ns > 1 ? "s" : "", silent);
-  return DA_ERR(DA_ERR_TIMEOUT, "%s%s waited %.1f s for %s; every member of the group answered the roll call (a "
-                "rank is too slow for the timeout, or the ranks called different operations)", me, req, waited, what);
+    return DA_ERR(DA_ERR_TIMEOUT, "%s%s waited %.1f s for %s%s; not answering the group's roll call within %g s: "
+                  "rank%s %s (stopped, killed or hung)", me, req, waited, what, why, grace, ns > 1 ? "s" : "", silent);
+  return DA_ERR(DA_ERR_TIMEOUT, "%s%s waited %.1f s for %s%s; every member of the group answered the roll call (a "
+                "rank is too slow for the timeout, or the ranks called different operations)", me, req, waited, what,
+                why);
 }
 
-/* Poll r against the deadline; what = what we wait for ("the reduction of the partials"). */
+/* Poll r against the deadline and for a member's roll-call word; what = what we wait for ("the
+ * reduction of the partials"). */
 static da_status_t wait_req(da_offload_t *p, MPI_Request *r, const char *what, const slot_t *sl) {
   const double t0 = da_time_now();
-  int done = 0, rc = da_mpi_poll(r, p->timeout, &done);
-  if (rc == MPI_SUCCESS && done) return DA_SUCCESS;
-  if (rc != MPI_SUCCESS) {
-    p->broken = 1;
-    return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
+  for (long it = 0;; it++) {
+    int done = 0;
+    const int rc = MPI_Test(r, &done, MPI_STATUS_IGNORE);
+    if (rc != MPI_SUCCESS) {
+      p->broken = 1;
+      return da_mpi_error(rc, __FILE__, __LINE__, "rank %d offload: %s", p->wrank, what);
+    }
+    if (done) return DA_SUCCESS;
+    const double waited = da_time_now() - t0;
+    const int first = roll_notice(p);
+    if (first >= 0 || waited > p->timeout) return timed_out(p, what, waited, sl, first);
+    da_mpi_backoff(it, waited);
   }
-  return timed_out(p, what, da_time_now() - t0, sl);
 }
 
 /* A setup transfer or collective posted as r, polled against the deadline. */
@@ -861,7 +887,8 @@ static da_status_t next_request(da_offload_t *p, slot_t *sl, const char *what) {
     for (int i = 0; i < p->nslots; i++)
       if (p->slots[i].busy) MPI_Test(&p->slots[i].rd, &flag, MPI_STATUS_IGNORE);
     const double waited = da_time_now() - t0;
-    if (waited > p->timeout) return timed_out(p, what, waited, NULL);
+    const int first = roll_notice(p);
+    if (first >= 0 || waited > p->timeout) return timed_out(p, what, waited, NULL, first);
     da_mpi_backoff(it, waited);
   }
 }

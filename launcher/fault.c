@@ -45,8 +45,11 @@ static int wait_bounded(MPI_Request *r, const char *what) {
   MPI_Comm_rank(MPI_COMM_WORLD, &me);
   if (da_error_timeouts() > 0) {
     /* This rank already gave up on a peer: agreeing on anything would only wait out a second
-     * deadline. Its message may not have been printed yet (the command reduces statuses first). */
-    fprintf(stderr, "distattn: rank %d: %s\n", me, da_error_message());
+     * deadline. Its message may not have been printed yet (the command reduces statuses first);
+     * a later successful library call may have cleared it (an offload memory rank's stats call),
+     * and then it was printed already: no empty "rank N:" line. */
+    const char *msg = da_error_message();
+    if (msg && *msg) fprintf(stderr, "distattn: rank %d: %s\n", me, msg);
     da_fault_abort(what);
   }
   const double t0 = da_time_now(), T = deadline();
