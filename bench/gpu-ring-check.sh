@@ -13,8 +13,11 @@
 # $DA_CARRIED_MPI (default build-carry/openmpi under the repository root; scripts/carry-openmpi.sh
 # fills it), either a prefix layout (bin/, lib/) or Debian packages extracted with dpkg -x
 # (usr/bin/, usr/lib/x86_64-linux-gnu/); this script sets PATH, LD_LIBRARY_PATH and OPAL_PREFIX.
-# The build needs no Check: it configures with DISTATTN_TESTS=OFF and builds distattn and
-# da_gpu_ring_mono only (or reuses $DISTATTN_GPU_BUILD when both are there).
+# The build needs no Check: it configures with DISTATTN_TESTS=OFF and DISTATTN_OPENBLAS=OFF and
+# builds distattn and da_gpu_ring_mono only (or reuses $DISTATTN_GPU_BUILD when both are there: a
+# build carried from here, configured the same way). Libraries the programs need that the loader
+# cannot find (NCCL lives in PyTorch's wheels there) are looked for and put on LD_LIBRARY_PATH; if
+# one is still missing the script builds there instead.
 # Exit: 0 every step passed, 77 no GPU here (checked first, before building), 1 a step failed.
 # DA_RING_CHECK_PROBE_ONLY=1 stops after the GPU probe (0 with a GPU): what `make test` runs.
 set -u -o pipefail
@@ -58,14 +61,49 @@ step "build in $BUILD"
 export PATH=$PATH:/usr/local/cuda/bin
 DA=$BUILD/distattn
 MONO=$BUILD/da_gpu_ring_mono
-if [ ! -x "$DA" ] || [ ! -x "$MONO" ]; then
-  cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=Release -DDISTATTN_CUDA=ON -DDISTATTN_TESTS=OFF \
-    > "$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; echo "configure failed"; exit 1; }
-  cmake --build "$BUILD" -j "$JOBS" --target distattn da_gpu_ring_mono > "$OUT/build.log" 2>&1 ||
+# Configure and build distattn and da_gpu_ring_mono in $1: no tests and no OpenBLAS (neither Check
+# nor OpenBLAS is on the GPU machine; OpenBLAS only serves `distattn kernel`'s sgemm ratio).
+build_here() {
+  cmake -S "$ROOT" -B "$1" -DCMAKE_BUILD_TYPE=Release -DDISTATTN_CUDA=ON -DDISTATTN_TESTS=OFF \
+    -DDISTATTN_OPENBLAS=OFF > "$OUT/cmake.log" 2>&1 || { tail -20 "$OUT/cmake.log"; echo "configure failed"; exit 1; }
+  cmake --build "$1" -j "$JOBS" --target distattn da_gpu_ring_mono > "$OUT/build.log" 2>&1 ||
     { tail -30 "$OUT/build.log"; echo "build failed"; exit 1; }
-fi
+}
+# The shared libraries the dynamic loader cannot find for the given programs.
+missing_libs() { ldd "$@" 2>/dev/null | awk '/not found/ {print $1}' | sort -u; }
+# A build carried from another machine links libraries this one may keep elsewhere (NCCL comes
+# with PyTorch's wheels there, site-packages/nvidia/nccl/lib, not in the toolkit's folder). Each
+# missing library is looked for in the toolkit's folders, the wheels' nvidia/*/lib folders, then
+# under /usr and /opt; its folder goes on LD_LIBRARY_PATH (mpirun passes it on with -x). Returns 1
+# when one stays missing.
+resolve_libs() {
+  local lib hit d dirs
+  dirs=$(ls -d /usr/local/cuda*/lib* /usr/local/cuda*/targets/*/lib 2>/dev/null
+         python3 -c 'import glob, site; [print(d) for p in site.getsitepackages() for d in glob.glob(p + "/nvidia/*/lib")]' \
+           2>/dev/null)
+  for lib in $(missing_libs "$@"); do
+    hit=""
+    for d in $dirs; do [ -e "$d/$lib" ] && { hit=$d/$lib; break; }; done
+    [ -n "$hit" ] || hit=$(timeout 60 find /usr /opt -name "$lib" -print -quit 2>/dev/null)
+    if [ -n "$hit" ]; then
+      export LD_LIBRARY_PATH=$(dirname "$hit")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+      echo "$lib: not on the loader's path; using $hit"
+    else
+      echo "$lib: not on this machine"
+    fi
+  done
+  [ -z "$(missing_libs "$@")" ]
+}
+if [ ! -x "$DA" ] || [ ! -x "$MONO" ]; then build_here "$BUILD"; fi
 [ -x "$DA" ] || DA=$(find "$BUILD" -name distattn -type f -perm -u+x | head -1)
+if ! resolve_libs "$DA" "$MONO"; then
+  echo "the programs in $BUILD need libraries this machine lacks (built elsewhere?): building here instead"
+  BUILD=$ROOT/build-gpu-ring-here DA=$ROOT/build-gpu-ring-here/distattn MONO=$ROOT/build-gpu-ring-here/da_gpu_ring_mono
+  build_here "$BUILD"
+  resolve_libs "$DA" "$MONO" || { ldd "$DA" "$MONO"; echo "libraries still missing: cannot run"; exit 1; }
+fi
 echo "distattn: $DA; mono: $MONO"
+ldd "$DA" | grep -E "nccl|libmpi|hwloc|cuda|openblas" || true
 
 JSON=$OUT/ring.jsonl
 : > "$JSON"
