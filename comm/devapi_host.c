@@ -41,6 +41,7 @@ typedef struct {
 static seg_t *segs;
 static int nsegs, capsegs;
 static unsigned long name_seq;
+static unsigned long long name_nonce; /* this process's: 0 until its first segment */
 static double link_delay_s, local_delay_s;
 
 void da_devapi_host_set_link_delay(double seconds) { link_delay_s = seconds > 0 ? seconds : 0; }
@@ -61,6 +62,21 @@ static int seg_find(const void *p) {
   for (int i = 0; i < nsegs; i++)
     if ((const char *)p >= segs[i].base && (const char *)p < segs[i].base + segs[i].bytes) return i;
   return -1;
+}
+
+/* A new segment's name: "/distattn-<kind>-<pid>-<nonce>-<n>". The pid alone is not enough: a
+ * process that was killed leaves its segments in /dev/shm (nothing unlinks them), and a later
+ * process that gets the same pid (pid_max is 32768 here) then failed to create its first
+ * segments (O_EXCL: "File exists"), which the KV cache reported as out of memory (test_tree's
+ * device cases, 3 runs in 36 with 3217 such leftovers on the machine). The nonce, the creation
+ * time of the process's first segment in ns, differs between two processes that share a pid. */
+static void seg_name(char *buf, size_t n, const char *kind) {
+  if (!name_nonce) {
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    name_nonce = (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+  }
+  snprintf(buf, n, "/distattn-%s-%ld-%llx-%lu", kind, (long)getpid(), name_nonce, name_seq++);
 }
 
 /* Create (create = 1) or open a segment of `bytes` and map it. */
@@ -90,7 +106,7 @@ static da_status_t seg_map(const char *name, size_t bytes, int create, char **ou
 
 static da_status_t host_alloc(void **ptr, size_t bytes) {
   seg_t s = {.bytes = bytes ? bytes : 1, .owned = 1, .linked = 1};
-  snprintf(s.name, sizeof s.name, "/distattn-dev-%ld-%lu", (long)getpid(), name_seq++);
+  seg_name(s.name, sizeof s.name, "dev");
   DA_CHECK(seg_map(s.name, s.bytes, 1, &s.base));
   da_status_t st = seg_add(&s);
   if (st != DA_SUCCESS) {
@@ -189,7 +205,7 @@ static da_status_t host_event_create(da_devent_t *out, int ipc) {
   *out = NULL;
   hevent_t *e = calloc(1, sizeof *e);
   if (!e) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "host devapi: event");
-  snprintf(e->name, sizeof e->name, "/distattn-ev-%ld-%lu", (long)getpid(), name_seq++);
+  seg_name(e->name, sizeof e->name, "ev");
   char *p = NULL;
   da_status_t st = seg_map(e->name, sizeof(shev_t), 1, &p);
   if (st == DA_SUCCESS) st = ev_track(e);

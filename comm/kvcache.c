@@ -233,15 +233,17 @@ static da_status_t page_add(da_kvcache_t *c, da_kvseq_t *s, int64_t cap, da_span
   if (cap < 0 || da_mul_size((size_t)cap, c->row_bytes, &half) || da_mul_size(half, 2, &both))
     return DA_ERR(DA_ERR_INVALID_ARGUMENT, "rank %d: kv cache page of %lld rows of %zu bytes: the size overflows",
                   c->rank, (long long)cap, c->row_bytes);
-  char *mem = NULL;
-  if (c->dev) {
-    if (da_dev_alloc(c->dev, (void **)&mem, both) != DA_SUCCESS) mem = NULL;
+  char *mem = NULL, why[256] = "";
+  da_status_t st = DA_ERR_OUT_OF_MEMORY;
+  if (c->dev) { /* the device table's own reason goes into the message: not every failure is memory */
+    st = da_dev_alloc(c->dev, (void **)&mem, both);
+    if (st != DA_SUCCESS) mem = NULL, snprintf(why, sizeof why, ": %s", da_error_message());
   } else {
     mem = da_malloc(both, 64);
   }
   if (!mem)
-    return DA_ERR(DA_ERR_OUT_OF_MEMORY, "rank %d: kv cache page of %lld rows (%zu bytes; %zu already allocated)",
-                  c->rank, (long long)cap, 2 * half, c->alloc_bytes);
+    return DA_ERR(st, "rank %d: kv cache page of %lld rows (%zu bytes; %zu already allocated)%s", c->rank,
+                  (long long)cap, 2 * half, c->alloc_bytes, why);
   c->alloc_bytes += 2 * half;
   const int64_t ld = (int64_t)c->G * c->D;
   s->pages[s->npages] = (da_kvpage_t){.k = mem, .v = mem + half, .ldk = ld, .ldv = ld, .pos = pos};
