@@ -86,7 +86,9 @@ typedef struct kbench {
  * run there about 2x faster. A ratio against a slow sgemm flatters the attention kernel, so when
  * the user has not chosen a core and the CPU has AVX-512, set OPENBLAS_CORETYPE=SkylakeX and
  * re-exec this program once, before anything is printed. */
+#ifdef DISTATTN_HAVE_OPENBLAS
 static const char *blas_core_note = "default choice";
+#endif
 
 static void blas_coretype_reexec(int argc, char **argv) {
 #ifdef DISTATTN_HAVE_OPENBLAS
@@ -1109,7 +1111,7 @@ static void print_header(kbench_t *b) {
 #ifdef DISTATTN_HAVE_OPENBLAS
   da_report_line(stdout, "openblas: %s  core: %s (%s)", openblas_get_config(), b->blas_core, blas_core_note);
 #else
-  da_report_line(stdout, "openblas: not built in (no pkg-config openblas): ratio_sgemm not measured");
+  da_report_line(stdout, "openblas: not built in (none found, or DISTATTN_OPENBLAS=OFF): ratio_sgemm not measured");
 #endif
   da_report_line(stdout,
                  "rate: GFLOP/s (fwd 4*H*D*pairs, bwd 10*H*D*pairs) or GB/s of KV read (decode), "
