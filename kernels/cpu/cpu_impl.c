@@ -1066,9 +1066,48 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
  * state and all sums are fp32. */
 
 #define DEC_BK 32 /* keys per block: the block's K rows stay in L1 across the head chunks of a group */
-#define DEC_PF 32 /* prefetch distance in key rows: the next block's (64 measured no better) */
+#define DEC_PF 32 /* one head: prefetch distance in key rows, the next block's (64 measured no better) */
 #define DEC_NH 4  /* query heads per register block (the 16 AVX2 registers hold 8 accumulators) */
 _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vectors (the softmax reads them so)");
+
+/* The prefetch of the next block's K and V rows, paced: the kernels' inner iterations each take
+ * `rate` / 256 of a cache line from this cursor (K rows, then V rows), a rate set so that the
+ * next block's lines are requested evenly over the current block's arithmetic (dec_pf_start).
+ * Requests at the rate memory delivers them keep the DRAM stream busy beside the FMAs; prefetching
+ * each row's lines in a burst DEC_PF rows ahead as the row is read, which groups did until
+ * 2026-12-07, filled the L1 miss buffers (every software prefetch takes one on Zen 3) and stalled
+ * the arithmetic behind them: the grouped decode cost the sum of its arithmetic and its reads
+ * (Zen 3, 256K keys, one thread, medians: 4:1 fp32 29.5 -> 25.7 ms, 8:1 37.2 -> 29.4 ms;
+ * bench/results/decode-zen3.md). One head has little arithmetic to pace against and keeps the
+ * burst (the pacer made bf16 1:1 8-14% slower): its kernels also take the bytes [pb0, pb1) of
+ * each row to prefetch DEC_PF rows ahead (pb0 = pb1: none). */
+typedef struct {
+  const char *p, *end;  /* the next line; the end of the current row */
+  const char *base[2];  /* K and V rows of the next block */
+  int64_t ld[2];        /* their row strides in bytes */
+  int rb, nrows;        /* bytes per row (whole lines), rows */
+  int w, row;           /* region (0 K, 1 V, 2 done) and row of p */
+  int rate, acc;        /* lines per inner iteration in 1/256, and the fraction owed */
+} dec_pf_t;
+
+/* Point the cursor at the first line of row f->row of region f->w (done when w > 1). */
+static void dec_pf_row(dec_pf_t *f) {
+  if (f->w > 1) return;
+  const char *r = f->base[f->w] + (size_t)f->row * (size_t)f->ld[f->w];
+  f->p = (const char *)((uintptr_t)r & ~(uintptr_t)63), f->end = r + f->rb;
+}
+
+static void dec_pf_next_row(dec_pf_t *f) {
+  if (++f->row == f->nrows) f->row = 0, f->w++;
+  dec_pf_row(f);
+}
+
+static inline void dec_pf_step(dec_pf_t *f) {
+  for (f->acc += f->rate; f->acc >= 256 && f->w < 2; f->acc -= 256) {
+    __builtin_prefetch(f->p);
+    if ((f->p += 64) >= f->end) dec_pf_next_row(f);
+  }
+}
 
 /* The horizontal sums of n vectors into out[0..n-1] (n a compile-time constant after inlining). */
 static inline void dec_sums(const vf *c, int n, float *out) {
@@ -1080,11 +1119,12 @@ static inline void dec_sums(const vf *c, int n, float *out) {
 /* Scores of NH heads against keys [lo, hi]: S[h * lds + j] = Q[h * ldq ..] . K[j * ldk ..] over
  * nvec vectors (h < NH). K rows of T, read with LD (fp32, or 16-bit widened in registers). KB keys
  * at a time: per vector step, KB K loads and NH Q loads (L1) feed NH * KB FMAs into independent
- * accumulators. Bytes [pb0, pb1) of each row DEC_PF keys ahead are prefetched (none: pb0 = pb1). */
+ * accumulators; each such step advances the prefetch pf. */
 #define DEC_QK(NAME, NH, KB, T, LD)                                                                              \
   static void NAME(int nvec, const float *restrict Q, int64_t ldq, const void *kp, int64_t ldk, int64_t lo,     \
-                   int64_t hi, float *restrict S, int lds, int pb0, int pb1) {                                  \
+                   int64_t hi, float *restrict S, int lds, dec_pf_t *pfp, int pb0, int pb1) {                   \
     const T *K = (const T *)kp;                                                                                  \
+    dec_pf_t pf = *pfp;                                                                                          \
     int64_t j = lo;                                                                                              \
     for (; j + KB - 1 <= hi; j += KB) {                                                                          \
       const T *kr = K + j * ldk;                                                                                 \
@@ -1093,6 +1133,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
       for (int r = 0; r < KB; r++)                                                                               \
         for (int b = pb0; b < pb1; b += 64) __builtin_prefetch((const char *)(kr + (r + DEC_PF) * ldk) + b);     \
       for (int x = 0; x < nvec; x++) {                                                                           \
+        dec_pf_step(&pf);                                                                                        \
         vf k[KB];                                                                                                \
         _Pragma("GCC unroll 8") for (int r = 0; r < KB; r++) k[r] = LD(kr + r * ldk + x * W);                    \
         _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                   \
@@ -1117,10 +1158,11 @@ static inline void dec_sums(const vf *c, int n, float *out) {
       dec_sums(c, NH, t);                                                                                        \
       _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) S[h * lds + j] = t[h];                                \
     }                                                                                                            \
+    *pfp = pf;                                                                                                   \
   }
 
 /* NX vectors from x of the outputs of NH heads: O[h][x..] = O[h][x..] * alpha[h] + sum_j P[h][j] V[j][x..]:
- * per key, NX V loads and NH broadcasts of P feed NH * NX FMAs. */
+ * per key, NX V loads and NH broadcasts of P feed NH * NX FMAs, and the prefetch pf advances. */
 #define DEC_PV_COLS(NH, NX, T, LD)                                                                               \
   do {                                                                                                           \
     vf c[NH][NX];                                                                                                \
@@ -1130,6 +1172,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
     }                                                                                                            \
     for (int64_t j = lo; j <= hi; j++) {                                                                         \
       const T *vr = V + j * ldv + x * W;                                                                         \
+      dec_pf_step(&pf);                                                                                          \
       if (x == 0)                                                                                                \
         for (int b = pb0; b < pb1; b += 64) __builtin_prefetch((const char *)(V + (j + DEC_PF) * ldv) + b);      \
       vf v[NX];                                                                                                  \
@@ -1144,25 +1187,28 @@ static inline void dec_sums(const vf *c, int n, float *out) {
   } while (0)
 
 /* Outputs of NH heads over nvec vectors, XV vectors at a time (then one): O[h] = O[h] * alpha[h] +
- * sum_{j in [lo, hi]} P[h * ldp + j] V[j]. V rows of T with stride ldv; O rows of stride ldo. Bytes
- * [pb0, pb1) of each V row DEC_PF keys ahead are prefetched (in the first column step). */
+ * sum_{j in [lo, hi]} P[h * ldp + j] V[j]. V rows of T with stride ldv; O rows of stride ldo. */
 #define DEC_PV(NAME, NH, XV, T, LD)                                                                              \
   static void NAME(int nvec, const float *restrict P, int ldp, const float *alpha, int64_t lo, int64_t hi,      \
-                   const void *vp, int64_t ldv, float *restrict O, int64_t ldo, int pb0, int pb1) {              \
+                   const void *vp, int64_t ldv, float *restrict O, int64_t ldo, dec_pf_t *pfp, int pb0, int pb1) { \
     const T *V = (const T *)vp;                                                                                  \
+    dec_pf_t pf = *pfp;                                                                                          \
     int x = 0;                                                                                                   \
     for (; x + XV <= nvec; x += XV) DEC_PV_COLS(NH, XV, T, LD);                                                  \
     for (; x < nvec; x++) DEC_PV_COLS(NH, 1, T, LD);                                                             \
+    *pfp = pf;                                                                                                   \
   }
 
-typedef void (*dec_qk_fn)(int, const float *, int64_t, const void *, int64_t, int64_t, int64_t, float *, int, int,
-                          int);
+typedef void (*dec_qk_fn)(int, const float *, int64_t, const void *, int64_t, int64_t, int64_t, float *, int,
+                          dec_pf_t *, int, int);
 typedef void (*dec_pv_fn)(int, const float *, int, const float *, int64_t, int64_t, const void *, int64_t, float *,
-                          int64_t, int, int);
-/* The kernels of one storage dtype, for chunks of 1..DEC_NH heads ([nh - 1]). */
+                          int64_t, dec_pf_t *, int, int);
+/* The kernels of one storage dtype, for chunks of 1..DEC_NH heads ([nh - 1]), and their blocking:
+ * keys per QK step (kb) and vectors per PV step (xv), which dec_pf_start counts steps with. */
 typedef struct {
   dec_qk_fn qk[DEC_NH];
   dec_pv_fn pv[DEC_NH];
+  int kb[DEC_NH], xv[DEC_NH];
 } dec_fns_t;
 
 static inline vf dec_ld_bf(const uint16_t *p) { return vload_dt(p, 1, W); }
@@ -1177,25 +1223,47 @@ static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
  * spilled at most), since walking the V rows in two column passes measured 5-10% slower on
  * Zen 3 (the rows are no longer read in address order); 8 keys per QK step did not pay either
  * (bench/results/decode-zen3.md). */
+#define DEC_KB1 4
+#define DEC_KB2 4
+#define DEC_KB3 2
+#define DEC_XV1 16
+#define DEC_XV2 4
+#define DEC_XV3 2
 #define DEC_FNS(S, T, LD, K4)                                                                                    \
-  DEC_QK(dec_qk1_##S, 1, 4, T, LD)                                                                               \
-  DEC_QK(dec_qk2_##S, 2, 4, T, LD)                                                                               \
-  DEC_QK(dec_qk3_##S, 3, 2, T, LD)                                                                               \
+  DEC_QK(dec_qk1_##S, 1, DEC_KB1, T, LD)                                                                         \
+  DEC_QK(dec_qk2_##S, 2, DEC_KB2, T, LD)                                                                         \
+  DEC_QK(dec_qk3_##S, 3, DEC_KB3, T, LD)                                                                         \
   DEC_QK(dec_qk4_##S, 4, K4, T, LD)                                                                              \
-  DEC_PV(dec_pv1_##S, 1, 16, T, LD)                                                                              \
-  DEC_PV(dec_pv2_##S, 2, 4, T, LD)                                                                               \
-  DEC_PV(dec_pv3_##S, 3, 2, T, LD)                                                                               \
-  DEC_PV(dec_pv4_##S, 4, K4, T, LD)
+  DEC_PV(dec_pv1_##S, 1, DEC_XV1, T, LD)                                                                         \
+  DEC_PV(dec_pv2_##S, 2, DEC_XV2, T, LD)                                                                         \
+  DEC_PV(dec_pv3_##S, 3, DEC_XV3, T, LD)                                                                         \
+  DEC_PV(dec_pv4_##S, 4, K4, T, LD)                                                                              \
+  static const dec_fns_t dec_fns_##S = {{dec_qk1_##S, dec_qk2_##S, dec_qk3_##S, dec_qk4_##S},                   \
+                                        {dec_pv1_##S, dec_pv2_##S, dec_pv3_##S, dec_pv4_##S},                   \
+                                        {DEC_KB1, DEC_KB2, DEC_KB3, K4},                                         \
+                                        {DEC_XV1, DEC_XV2, DEC_XV3, K4}};
 DEC_FNS(f32, float, vload, 3)
 DEC_FNS(bf16, uint16_t, dec_ld_bf, 2)
 DEC_FNS(f16, uint16_t, dec_ld_f16, 2)
 _Static_assert(DEC_NH == 4, "dec_fns lists one kernel per chunk size");
 /* Indexed by the storage dtype (da_dtype_t: fp32, bf16, fp16). */
-static const dec_fns_t dec_fns[3] = {
-    {{dec_qk1_f32, dec_qk2_f32, dec_qk3_f32, dec_qk4_f32}, {dec_pv1_f32, dec_pv2_f32, dec_pv3_f32, dec_pv4_f32}},
-    {{dec_qk1_bf16, dec_qk2_bf16, dec_qk3_bf16, dec_qk4_bf16}, {dec_pv1_bf16, dec_pv2_bf16, dec_pv3_bf16, dec_pv4_bf16}},
-    {{dec_qk1_f16, dec_qk2_f16, dec_qk3_f16, dec_qk4_f16}, {dec_pv1_f16, dec_pv2_f16, dec_pv3_f16, dec_pv4_f16}},
-};
+static const dec_fns_t *const dec_fns[3] = {&dec_fns_f32, &dec_fns_bf16, &dec_fns_f16};
+
+/* A cursor over nrows rows of rb bytes at k and v (row strides ldk, ldv bytes; none: nrows 0),
+ * paced for the inner steps that f's kernels take over nkeys keys of a group of rep heads, with
+ * 1/8 to spare, so that the last request leaves before the block's arithmetic ends. */
+static void dec_pf_start(dec_pf_t *pf, const dec_fns_t *f, int nvec, int rep, int64_t nkeys, const char *k,
+                         int64_t ldk, const char *v, int64_t ldv, int rb, int64_t nrows) {
+  *pf = (dec_pf_t){.base = {k, v}, .ld = {ldk, ldv}, .rb = rb, .nrows = (int)nrows, .w = nrows > 0 ? 0 : 2};
+  int64_t steps = 0;
+  for (int h = 0; h < rep; h += DEC_NH) {
+    const int c = imin(DEC_NH, rep - h) - 1;
+    steps += nkeys / f->kb[c] * nvec + nkeys * (nvec / f->xv[c] + nvec % f->xv[c]);
+  }
+  const int64_t lines = 2 * nrows * ((rb + 63) / 64 + 1);
+  pf->rate = (int)lmin(1 << 24, lines * 256 * 9 / 8 / (steps > 0 ? steps : 1) + 1);
+  dec_pf_row(pf);
+}
 
 /* The online softmax of one head over the scores s[lo..hi] of a block (log2 units): updates the
  * head's max *mo and sum *lr, turns s[lo..hi] into the weights 2^(s - max), and returns the
@@ -1233,26 +1301,19 @@ static float dec_softmax(float *s, int64_t lo, int64_t hi, float *mo, float *lr)
 /* The rep query heads of one GQA group (one query row) against keys [lo, hi] of a block: q, o
  * [rep][nvec * W] (log2-unit queries, unnormalized outputs), m, l [rep]; K, V rows as f reads
  * them (strides ldk, ldv); S [rep][DEC_BK] and alpha [rep] scratch. All chunks' scores first (the
- * K rows stay in L1 between chunks), then the softmax per head, then all chunks' outputs.
- * pfb > 0: prefetch the first pfb bytes of the K and V rows DEC_PF keys ahead, spread over the
- * chunks (each takes its share of the cache lines of every row) so that the memory requests
- * run at an even rate beside the arithmetic rather than in one burst per block. */
+ * K rows stay in L1 between chunks), then the softmax per head, then all chunks' outputs. Every
+ * inner step of the kernels advances the prefetch pf (dec_pf_t: groups); pfb > 0 (one head):
+ * the kernels prefetch the first pfb bytes of each row DEC_PF rows ahead as they read it. */
 static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, const void *kb, int64_t ldk,
                       const void *vb, int64_t ldv, int64_t lo, int64_t hi, float *o, float *m, float *l, float *S,
-                      float *alpha, int pfb) {
+                      float *alpha, dec_pf_t *pf, int pfb) {
   const int64_t Dv = (int64_t)nvec * W;
-  const int nc = (rep + DEC_NH - 1) / DEC_NH, nl = (pfb + 63) / 64; /* chunks, cache lines per row */
-  for (int c = 0; c < nc; c++) {
-    const int h = c * DEC_NH;
-    f->qk[imin(DEC_NH, rep - h) - 1](nvec, q + h * Dv, Dv, kb, ldk, lo, hi, S + h * DEC_BK, DEC_BK, nl * c / nc * 64,
-                                     nl * (c + 1) / nc * 64);
-  }
+  for (int h = 0; h < rep; h += DEC_NH)
+    f->qk[imin(DEC_NH, rep - h) - 1](nvec, q + h * Dv, Dv, kb, ldk, lo, hi, S + h * DEC_BK, DEC_BK, pf, 0, pfb);
   for (int h = 0; h < rep; h++) alpha[h] = dec_softmax(S + h * DEC_BK, lo, hi, m + h, l + h);
-  for (int c = 0; c < nc; c++) {
-    const int h = c * DEC_NH;
-    f->pv[imin(DEC_NH, rep - h) - 1](nvec, S + h * DEC_BK, DEC_BK, alpha + h, lo, hi, vb, ldv, o + h * Dv, Dv,
-                                     nl * c / nc * 64, nl * (c + 1) / nc * 64);
-  }
+  for (int h = 0; h < rep; h += DEC_NH)
+    f->pv[imin(DEC_NH, rep - h) - 1](nvec, S + h * DEC_BK, DEC_BK, alpha + h, lo, hi, vb, ldv, o + h * Dv, Dv, pf, 0,
+                                     pfb);
 }
 
 /* The keys of a block (span ks, nb keys) that query position qp sees: indices [*lo, *hi] into
@@ -1298,15 +1359,17 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
    * last vector would run past the row (into the next head, or past the page), so the visible
    * rows of a block are converted to zero-padded fp32 once for the whole group. */
   const int direct = D == Dv;
-  const dec_fns_t *f = &dec_fns[direct ? dt : 0];
+  const dec_fns_t *f = dec_fns[direct ? dt : 0];
+  const size_t es = da_dtype_size(p->dtype);
   float *kf = scr, *vf_ = kf + (size_t)DEC_BK * Dv, *S = vf_ + (size_t)DEC_BK * Dv, *alpha = S + (size_t)rep * DEC_BK;
   const int64_t nq = qpos.count;
   int64_t rlo[16], rhi[16];
   for (int64_t j0 = a; j0 < b; j0 += DEC_BK) {
     const int nb = (int)lmin(DEC_BK, b - j0);
     const da_span_t ks = da_span_sub(pg->pos, j0, nb);
-    /* prefetch DEC_PF rows ahead (in-place rows only) while they are still keys of this range */
-    const int pfb = direct && j0 + DEC_BK + DEC_PF <= b ? Dv * (int)da_dtype_size(p->dtype) : 0;
+    const int64_t nn = lmin(DEC_BK, b - (j0 + DEC_BK)); /* rows of the next block (of this range) */
+    /* one head: its rows DEC_PF ahead (in-place rows only) while they are still keys of this range */
+    const int pfb = rep == 1 && direct && j0 + DEC_BK + DEC_PF <= b ? D * (int)es : 0;
     for (int64_t i0 = 0; i0 < nq; i0 += 16) {
       const int ni = (int)lmin(16, nq - i0);
       int64_t ulo = nb, uhi = -1; /* union of the query rows' visible ranges */
@@ -1323,11 +1386,17 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
           dec_convert(k0, pg->ldk, v0, pg->ldv, dt, D, Dv, ulo, uhi, kf, vf_);
           kb = kf, vb = vf_, ldk = ldv = Dv;
         }
+        /* the next block's rows of this KV head, requested over the first visible query row's steps */
+        dec_pf_t pf = {.w = 2};
         for (int ii = 0; ii < ni; ii++) {
           if (rlo[ii] > rhi[ii]) continue;
+          if (pf.w == 2 && nn > 0 && i0 == 0 && rep > 1)
+            dec_pf_start(&pf, f, nvec, rep, rhi[ii] - rlo[ii] + 1, head_row(p, pg->k, pg->ldk, j0 + DEC_BK, g),
+                         pg->ldk * (int64_t)es, head_row(p, pg->v, pg->ldv, j0 + DEC_BK, g), pg->ldv * (int64_t)es,
+                         D * (int)es, nn);
           const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
           dec_group(f, nvec, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, alpha,
-                    ii == 0 ? pfb : 0); /* once per block and KV head: the first query row */
+                    &pf, ii == 0 ? pfb : 0); /* once per block and KV head: the first query row */
         }
       }
     }
