@@ -1386,14 +1386,17 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
           dec_convert(k0, pg->ldk, v0, pg->ldv, dt, D, Dv, ulo, uhi, kf, vf_);
           kb = kf, vb = vf_, ldk = ldv = Dv;
         }
-        /* the next block's rows of this KV head, requested over the first visible query row's steps */
+        /* the next block's rows of this KV head, requested once, over the first visible query row's
+         * steps (a cursor that is done stays done for the later rows) */
         dec_pf_t pf = {.w = 2};
+        int paced = 0;
         for (int ii = 0; ii < ni; ii++) {
           if (rlo[ii] > rhi[ii]) continue;
-          if (pf.w == 2 && nn > 0 && i0 == 0 && rep > 1)
+          if (!paced && nn > 0 && i0 == 0 && rep > 1)
             dec_pf_start(&pf, f, nvec, rep, rhi[ii] - rlo[ii] + 1, head_row(p, pg->k, pg->ldk, j0 + DEC_BK, g),
                          pg->ldk * (int64_t)es, head_row(p, pg->v, pg->ldv, j0 + DEC_BK, g), pg->ldv * (int64_t)es,
                          D * (int)es, nn);
+          paced = 1;
           const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
           dec_group(f, nvec, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, alpha,
                     &pf, ii == 0 ? pfb : 0); /* once per block and KV head: the first query row */
