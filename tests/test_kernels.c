@@ -1255,7 +1255,9 @@ END_TEST
 /* ---- decode: GQA group sizes through the grouped kernels --------------------------------------
  * The CPU decode runs the query heads of a group in register blocks of 1 to 4 heads (a group of
  * 5 is a block of 4 and one of 1, 12 is three of 4), reads rows of whole vectors in place in
- * their dtype and converts the others (D 33, 72 at W 8). Loop index: level (avx2, generic) x
+ * their dtype and converts the others (D 33, 72 at W 8); fp32 groups of a multiple of W heads
+ * (8 and 16 at W 8; 4, 8, 12 and 16 at the generic level's W 4) run heads-in-lanes instead, two
+ * KV heads of 8 for the chunks' offsets. Loop index: level (avx2, generic) x
  * group size (1, 2, 3, 4, 5, 8, 12, 16) x dtype; two problems each (D 128, and one of 33, 256,
  * 72, 8), odd cache lengths in pages of random sizes (own buffers, or the striped pages read in
  * place), 1 to 3 query rows, every mask; within the dtype's tolerance of float64, outputs
@@ -1269,7 +1271,7 @@ START_TEST(test_decode_groups) {
   for (int t = 0; t < 2; t++) {
     uint64_t rs = tu_seed(9900 + (uint64_t)(_i * 2 + t));
     const int D = t == 0 ? 128 : (int[]){33, 256, 72, 8}[(_i / 3 + lv) % 4];
-    const int G = rep >= 8 ? 1 : 2, H = G * rep, mkind = (_i + t) % TU_NMASKS;
+    const int G = rep > 8 ? 1 : 2, H = G * rep, mkind = (_i + t) % TU_NMASKS;
     const int64_t S = tu_rand(&rs, 200, 700) | 1, T = tu_rand(&rs, 1, 3);
     kc_t c;
     kc_init(&c, H, G, D, dt, da_span(S - T, 1, T), da_span(0, 1, S), S, mkind, &rs, tu_seed(rs));

@@ -1062,8 +1062,9 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
  * Q vector one for every key of a pair or quad), and the output is the (heads x keys) by
  * (keys x D) product blocked the same way over V. Rows are read in place in their storage dtype
  * (bf16 and fp16 at half the bytes, widened in registers) when the head dim is whole vectors,
- * and converted once per block for the whole group otherwise. The online softmax, the running
- * state and all sums are fp32. */
+ * and converted once per block for the whole group otherwise. fp32 groups of a multiple of W
+ * heads run heads-in-lanes instead (decl_group, below). The online softmax, the running state and
+ * all sums are fp32. */
 
 #define DEC_BK 32 /* keys per block: the block's K rows stay in L1 across the head chunks of a group */
 #define DEC_PF 32 /* one head: prefetch distance in key rows, the next block's (64 measured no better) */
@@ -1102,8 +1103,8 @@ static void dec_pf_next_row(dec_pf_t *f) {
   dec_pf_row(f);
 }
 
-static inline void dec_pf_step(dec_pf_t *f) {
-  for (f->acc += f->rate; f->acc >= 256 && f->w < 2; f->acc -= 256) {
+static inline void dec_pf_steps(dec_pf_t *f, int n) {
+  for (f->acc += n * f->rate; f->acc >= 256 && f->w < 2; f->acc -= 256) {
     __builtin_prefetch(f->p);
     if ((f->p += 64) >= f->end) dec_pf_next_row(f);
   }
@@ -1133,7 +1134,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
       for (int r = 0; r < KB; r++)                                                                               \
         for (int b = pb0; b < pb1; b += 64) __builtin_prefetch((const char *)(kr + (r + DEC_PF) * ldk) + b);     \
       for (int x = 0; x < nvec; x++) {                                                                           \
-        dec_pf_step(&pf);                                                                                        \
+        dec_pf_steps(&pf, 1);                                                                                        \
         vf k[KB];                                                                                                \
         _Pragma("GCC unroll 8") for (int r = 0; r < KB; r++) k[r] = LD(kr + r * ldk + x * W);                    \
         _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                   \
@@ -1172,7 +1173,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
     }                                                                                                            \
     for (int64_t j = lo; j <= hi; j++) {                                                                         \
       const T *vr = V + j * ldv + x * W;                                                                         \
-      dec_pf_step(&pf);                                                                                          \
+      dec_pf_steps(&pf, 1);                                                                                          \
       if (x == 0)                                                                                                \
         for (int b = pb0; b < pb1; b += 64) __builtin_prefetch((const char *)(V + (j + DEC_PF) * ldv) + b);      \
       vf v[NX];                                                                                                  \
@@ -1249,17 +1250,22 @@ _Static_assert(DEC_NH == 4, "dec_fns lists one kernel per chunk size");
 /* Indexed by the storage dtype (da_dtype_t: fp32, bf16, fp16). */
 static const dec_fns_t *const dec_fns[3] = {&dec_fns_f32, &dec_fns_bf16, &dec_fns_f16};
 
-/* A cursor over nrows rows of rb bytes at k and v (row strides ldk, ldv bytes; none: nrows 0),
- * paced for the inner steps that f's kernels take over nkeys keys of a group of rep heads, with
- * 1/8 to spare, so that the last request leaves before the block's arithmetic ends. */
-static void dec_pf_start(dec_pf_t *pf, const dec_fns_t *f, int nvec, int rep, int64_t nkeys, const char *k,
-                         int64_t ldk, const char *v, int64_t ldv, int rb, int64_t nrows) {
-  *pf = (dec_pf_t){.base = {k, v}, .ld = {ldk, ldv}, .rb = rb, .nrows = (int)nrows, .w = nrows > 0 ? 0 : 2};
+/* The inner steps that f's kernels take over nkeys keys of a group of rep heads (dec_group). */
+static int64_t dec_steps(const dec_fns_t *f, int nvec, int rep, int64_t nkeys) {
   int64_t steps = 0;
   for (int h = 0; h < rep; h += DEC_NH) {
     const int c = imin(DEC_NH, rep - h) - 1;
     steps += nkeys / f->kb[c] * nvec + nkeys * (nvec / f->xv[c] + nvec % f->xv[c]);
   }
+  return steps;
+}
+
+/* A cursor over nrows rows of rb bytes at k and v (row strides ldk, ldv bytes; none: nrows 0),
+ * paced for the given number of inner steps of the current block (dec_steps, decl_steps), with
+ * 1/8 to spare, so that the last request leaves before the block's arithmetic ends. */
+static void dec_pf_start(dec_pf_t *pf, int64_t steps, const char *k, int64_t ldk, const char *v, int64_t ldv, int rb,
+                         int64_t nrows) {
+  *pf = (dec_pf_t){.base = {k, v}, .ld = {ldk, ldv}, .rb = rb, .nrows = (int)nrows, .w = nrows > 0 ? 0 : 2};
   const int64_t lines = 2 * nrows * ((rb + 63) / 64 + 1);
   pf->rate = (int)lmin(1 << 24, lines * 256 * 9 / 8 / (steps > 0 ? steps : 1) + 1);
   dec_pf_row(pf);
@@ -1316,6 +1322,139 @@ static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, con
                                      pfb);
 }
 
+/* ---- decode, heads in lanes ------------------------------------------------------------------
+ * A GQA group of a multiple of W query heads (8:1 and 16:1 at AVX2's W 8, what Llama-class models
+ * use) has enough heads to fill the vector lanes, so its decode turns the products around, as the
+ * forward kernel does with its queries: each chunk of W heads keeps its heads in the lanes.
+ *   scores  S^T[key][W] = sum_d K[key][d] Q^T[d][W]: per dim, one Q^T load and a broadcast of
+ *           each of DECL_KT keys' elements feed DECL_KT FMAs, and no horizontal sum follows;
+ *   softmax lane-wise down the keys, the running max, sum and alpha one vector per chunk;
+ *   outputs O^T[d][W] = O^T[d][W] alpha + sum_key V[key][d] P^T[key][W]: per key, one P^T load
+ *           and DECL_DT broadcasts of V elements feed DECL_DT FMAs.
+ * The chunk's queries and outputs are stored heads-in-lanes ([Dv][W], dec_at) for the whole call;
+ * decode writes the queries and combines the splits through it. fp32 caches only (a head dim that is not whole vectors
+ * converted per block, dec_convert): a 16-bit cache would need a widening per broadcast element,
+ * and converted per block it measured no faster than the grouped kernels' in-register widening
+ * (8:1 bf16, 256K keys: 0.35 of the stream either way). Zen 3, one thread, 8:1, a block in L1
+ * with the prefetch pacer running: 72% of the FMA peak, where the grouped kernels (horizontal
+ * sums per key and head chunk, P broadcast per head) reach 56%; 256K keys from DRAM, 0.53 -> 0.61
+ * of a same-run stream (bench/results/decode-zen3.md, "Heads in lanes"). */
+#define DECL_KT W /* keys per score step: W accumulators */
+#define DECL_DT W /* dims per output pass: W accumulators */
+
+/* Whether decode runs p's groups heads-in-lanes. */
+static int dec_lanes(const da_kparams_t *p) { return p->dtype == DA_FLOAT32 && (p->H / p->G) % W == 0; }
+
+/* Index of element (r, d) of a decode buffer of rows r = (query row, head) by Dp dims: row-major,
+ * or heads-in-lanes ([Dp][W] per chunk of W heads; a chunk never straddles groups). */
+static inline size_t dec_at(int lanes, int64_t r, int d, int Dp) {
+  return lanes ? (size_t)(r - r % W) * Dp + (size_t)d * W + (size_t)(r % W) : (size_t)r * Dp + (size_t)d;
+}
+
+/* Scores of the W heads of Qt [Dv][W] against fp32 keys [lo, hi] (rows of stride ldk):
+ * ST[j][W] for j in [lo, hi]. Every 4 dims of a step advance the prefetch pf by 4 steps. */
+static __attribute__((noinline)) void decl_qk(int Dv, const float *restrict Qt, const float *restrict K, int64_t ldk,
+                                              int64_t lo, int64_t hi, float *restrict ST, dec_pf_t *pfp) {
+  dec_pf_t pf = *pfp; /* in registers */
+  int64_t j = lo;
+  for (; j + DECL_KT - 1 <= hi; j += DECL_KT) {
+    const float *kr = K + j * ldk;
+    vf c[DECL_KT];
+    for (int i = 0; i < DECL_KT; i++) c[i] = vzero();
+    for (int d = 0; d < Dv; d += 4) { /* Dv is whole vectors: a multiple of 4 */
+      dec_pf_steps(&pf, 4);
+      _Pragma("GCC unroll 4") for (int u = d; u < d + 4; u++) {
+        const vf q = vload(Qt + (size_t)u * W);
+        _Pragma("GCC unroll 16") for (int i = 0; i < DECL_KT; i++) c[i] = vfma(vset1(kr[i * ldk + u]), q, c[i]);
+      }
+    }
+    for (int i = 0; i < DECL_KT; i++) vstore(ST + (j + i) * W, c[i]);
+  }
+  for (; j <= hi; j++) { /* the last keys, one at a time, over four chains */
+    const float *kr = K + j * ldk;
+    vf c[4] = {vzero(), vzero(), vzero(), vzero()};
+    dec_pf_steps(&pf, 1);
+    for (int d = 0; d < Dv; d += 4)
+      _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) c[u] =
+          vfma(vset1(kr[d + u]), vload(Qt + (size_t)(d + u) * W), c[u]);
+    vstore(ST + j * W, vadd(vadd(c[0], c[1]), vadd(c[2], c[3])));
+  }
+  *pfp = pf;
+}
+
+/* The online softmax of W heads (lanes) over the scores ST[lo..hi][W] of a block (log2 units):
+ * updates the heads' max m[W] and sum l[W], turns ST[lo..hi] into the weights 2^(s - max), and
+ * returns the factors alpha that rescale the heads' outputs. A head that has seen nothing yet
+ * keeps max -inf and takes its weights relative to 0 (all 0; its alpha 0 scales an output and sum
+ * of 0). A NaN score makes the head's max NaN (vmax may drop it, and a max left at -inf would
+ * read as "saw no key" when decode combines the splits), and its weight NaN. */
+static vf decl_softmax(float *ST, int64_t lo, int64_t hi, float *m, float *l) {
+  vf mx = vset1(-INFINITY), chk = vzero();
+  for (int64_t j = lo; j <= hi; j++) mx = vmax(mx, vload(ST + j * W)), chk = vadd(chk, vload(ST + j * W));
+  const vf mo = vload(m);
+  float t[W], ck[W];
+  vstore(t, mx);
+  vstore(ck, chk);
+  for (int i = 0; i < W; i++) {
+    const float x = ck[i] != ck[i] ? ck[i] : t[i];
+    m[i] = x > m[i] || x != x ? x : m[i];
+  }
+  const vf use = vreplace_eq(vload(m), -INFINITY, 0.0f), alpha = vexp2(vsub(mo, use));
+  vf sum = vzero();
+  for (int64_t j = lo; j <= hi; j++) {
+    const vf e = vexp2(vsub(vload(ST + j * W), use));
+    vstore(ST + j * W, e);
+    sum = vadd(sum, e);
+  }
+  vstore(l, vfma(vload(l), alpha, sum));
+  return alpha;
+}
+
+/* Outputs of the W heads of OT [Dv][W]: OT = OT * alpha + sum_{j in [lo, hi]} V[j] PT[j] over
+ * fp32 rows of stride ldv, DECL_DT dims per pass. Every two keys of a pass advance pf by 2. */
+static __attribute__((noinline)) void decl_pv(int Dv, const float *restrict PT, vf alpha, int64_t lo, int64_t hi,
+                                              const float *restrict V, int64_t ldv, float *restrict OT, dec_pf_t *pfp) {
+  dec_pf_t pf = *pfp; /* in registers */
+  for (int d0 = 0; d0 < Dv; d0 += DECL_DT) { /* Dv is whole vectors: a multiple of DECL_DT */
+    vf c[DECL_DT];
+    for (int i = 0; i < DECL_DT; i++) c[i] = vmul(vload(OT + (size_t)(d0 + i) * W), alpha);
+    const float *vr = V + d0;
+    int64_t j = lo;
+    for (; j + 1 <= hi; j += 2) {
+      dec_pf_steps(&pf, 2);
+      _Pragma("GCC unroll 2") for (int64_t u = j; u < j + 2; u++) {
+        const vf pw = vload(PT + u * W);
+        _Pragma("GCC unroll 16") for (int i = 0; i < DECL_DT; i++) c[i] = vfma(vset1(vr[u * ldv + i]), pw, c[i]);
+      }
+    }
+    if (j <= hi) {
+      dec_pf_steps(&pf, 1);
+      const vf pw = vload(PT + j * W);
+      for (int i = 0; i < DECL_DT; i++) c[i] = vfma(vset1(vr[j * ldv + i]), pw, c[i]);
+    }
+    for (int i = 0; i < DECL_DT; i++) vstore(OT + (size_t)(d0 + i) * W, c[i]);
+  }
+  *pfp = pf;
+}
+
+/* The inner steps of decl_group over nkeys keys of a group of rep heads: per chunk of W heads,
+ * Dv per whole score step and one per remaining key, and nkeys per output pass. */
+static int64_t decl_steps(int Dv, int rep, int64_t nkeys) {
+  return rep / W * (nkeys / DECL_KT * Dv + nkeys % DECL_KT + Dv / DECL_DT * nkeys);
+}
+
+/* The rep heads of one group (one query row) against fp32 keys [lo, hi] of a block, W heads at
+ * a time: qt, ot [rep / W][Dv][W] (heads-in-lanes queries and unnormalized outputs), m, l [rep];
+ * ST [DEC_BK][W] scratch; pf advances with every inner step. */
+static void decl_group(int Dv, int rep, const float *qt, const float *K, int64_t ldk, const float *V, int64_t ldv,
+                       int64_t lo, int64_t hi, float *ot, float *m, float *l, float *ST, dec_pf_t *pf) {
+  for (int c = 0; c < rep; c += W) {
+    decl_qk(Dv, qt + (size_t)c * Dv, K, ldk, lo, hi, ST, pf);
+    const vf alpha = decl_softmax(ST, lo, hi, m + c, l + c);
+    decl_pv(Dv, ST, alpha, lo, hi, V, ldv, ot + (size_t)c * Dv, pf);
+  }
+}
+
 /* The keys of a block (span ks, nb keys) that query position qp sees: indices [*lo, *hi] into
  * the block, *lo > *hi when none. */
 static void dec_row_range(const da_mask_t *m, int64_t qp, da_span_t ks, int nb, int64_t *lo, int64_t *hi) {
@@ -1358,7 +1497,7 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
   /* Rows are read in place, in their dtype, when the head dim is whole vectors; otherwise the
    * last vector would run past the row (into the next head, or past the page), so the visible
    * rows of a block are converted to zero-padded fp32 once for the whole group. */
-  const int direct = D == Dv;
+  const int lanes = dec_lanes(p), direct = D == Dv;
   const dec_fns_t *f = dec_fns[direct ? dt : 0];
   const size_t es = da_dtype_size(p->dtype);
   float *kf = scr, *vf_ = kf + (size_t)DEC_BK * Dv, *S = vf_ + (size_t)DEC_BK * Dv, *alpha = S + (size_t)rep * DEC_BK;
@@ -1393,13 +1532,17 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
         for (int ii = 0; ii < ni; ii++) {
           if (rlo[ii] > rhi[ii]) continue;
           if (!paced && nn > 0 && i0 == 0 && rep > 1)
-            dec_pf_start(&pf, f, nvec, rep, rhi[ii] - rlo[ii] + 1, head_row(p, pg->k, pg->ldk, j0 + DEC_BK, g),
-                         pg->ldk * (int64_t)es, head_row(p, pg->v, pg->ldv, j0 + DEC_BK, g), pg->ldv * (int64_t)es,
-                         D * (int)es, nn);
+            dec_pf_start(&pf, lanes ? decl_steps(Dv, rep, rhi[ii] - rlo[ii] + 1)
+                                    : dec_steps(f, nvec, rep, rhi[ii] - rlo[ii] + 1),
+                         head_row(p, pg->k, pg->ldk, j0 + DEC_BK, g), pg->ldk * (int64_t)es,
+                         head_row(p, pg->v, pg->ldv, j0 + DEC_BK, g), pg->ldv * (int64_t)es, D * (int)es, nn);
           paced = 1;
           const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
-          dec_group(f, nvec, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, alpha,
-                    &pf, ii == 0 ? pfb : 0); /* once per block and KV head: the first query row */
+          if (lanes)
+            decl_group(Dv, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, &pf);
+          else
+            dec_group(f, nvec, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, alpha,
+                      &pf, ii == 0 ? pfb : 0); /* once per block and KV head: the first query row */
         }
       }
     }
@@ -1426,9 +1569,11 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
   if (!buf) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu decode: %lld splits", (long long)nsplit);
   float *qs = buf + per * (size_t)nsplit;
   const float c2 = p->scale * LOG2E;
+  const int lanes = dec_lanes(p); /* qs and the splits' outputs heads-in-lanes (dec_at) */
   for (int64_t r = 0; r < rows; r++)
     for (int d = 0; d < Dp; d++)
-      qs[r * Dp + d] = d < D ? c2 * da_load_f32((const char *)q + (size_t)((r / H) * ldq + (r % H) * D) * es, dt, d) : 0.0f;
+      qs[dec_at(lanes, r, d, Dp)] =
+          d < D ? c2 * da_load_f32((const char *)q + (size_t)((r / H) * ldq + (r % H) * D) * es, dt, d) : 0.0f;
 #pragma omp parallel for schedule(static) num_threads((int)lmin(nthr, nsplit))
   for (int64_t sp = 0; sp < nsplit; sp++) {
     float *so = buf + per * (size_t)sp, *sm = so + rows * Dp, *sl = sm + rows;
@@ -1465,7 +1610,7 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
       if (ms == -INFINITY) continue;
       const float wgt = M != M ? M : exp2f(ms - M);
       L += wgt * ls;
-      for (int d = 0; d < D; d++) dst[d] += wgt * so[r * Dp + d];
+      for (int d = 0; d < D; d++) dst[d] += wgt * so[dec_at(lanes, r, d, Dp)];
     }
     const float inv = 1.0f / L; /* L > 0 here unless an input holds NaN, which then propagates */
     for (int d = 0; d < D; d++) dst[d] *= inv;
