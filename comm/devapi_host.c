@@ -13,15 +13,18 @@
  * delay later): the delay is the point, a synchronous memcpy would make every protocol look
  * right. Only for tests: single-threaded per process, no device, nothing fast. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
+#include "core.h"
 #include "devapi.h"
 
 #define POISON 0xFF
@@ -42,6 +45,7 @@ static seg_t *segs;
 static int nsegs, capsegs;
 static unsigned long name_seq;
 static unsigned long long name_nonce; /* this process's: 0 until its first segment */
+static long nonce_pid;                /* the process name_nonce belongs to (a fork child makes its own) */
 static double link_delay_s, local_delay_s;
 
 void da_devapi_host_set_link_delay(double seconds) { link_delay_s = seconds > 0 ? seconds : 0; }
@@ -64,17 +68,109 @@ static int seg_find(const void *p) {
   return -1;
 }
 
+/* ---- the leftovers of killed processes -----------------------------------------------------
+ * A process that is killed (SIGKILL, a fault test's victim, a job past its time limit) cannot
+ * unlink its segments, and nothing else did: 1232 of them were in /dev/shm here by 2026-12-07.
+ * So every process that makes segments first makes "/dev/shm/distattn-lock-<pid>-<nonce>" and
+ * holds an exclusive flock on it for as long as it lives (the kernel drops the lock however the
+ * process ends; the file is made under another name and renamed once locked, so a lock file is
+ * never seen unlocked while its process lives). Then it sweeps /dev/shm once: a lock file that it
+ * can lock belongs to a process that has ended, and that process's segments
+ * ("distattn-<kind>-<pid>-<nonce>-<n>") and lock file are unlinked. Segments without a lock file
+ * (names from before 2026-12-07) are left: nothing tells whether their process lives. All of it
+ * is best effort: a failure only means that leftovers stay, said at DISTATTN_DEBUG=INFO. */
+#define SHM_DIR "/dev/shm"
+
+static int lock_fd = -1;
+
+/* This process's tag "<pid>-<nonce>", which every name it makes carries. */
+static void own_tag(char *buf, size_t n) { snprintf(buf, n, "%ld-%llx", (long)getpid(), name_nonce); }
+
+/* Make and lock this process's lock file (once). */
+static void lock_own(void) {
+  char tag[48], tmp[128], path[128];
+  own_tag(tag, sizeof tag);
+  snprintf(tmp, sizeof tmp, SHM_DIR "/distattn-new-%s", tag);
+  snprintf(path, sizeof path, SHM_DIR "/distattn-lock-%s", tag);
+  int fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd >= 0 && flock(fd, LOCK_EX) == 0 && rename(tmp, path) == 0) {
+    lock_fd = fd;
+    return;
+  }
+  DA_INFO(DA_SUB_ALLOC, "host devapi: no lock file %s (%s): this process's segments stay if it is killed", path,
+          strerror(errno));
+  if (fd >= 0) close(fd), unlink(tmp);
+}
+
+/* Whether the lock file `name` (in SHM_DIR) belongs to a process that has ended: it can be locked. */
+static int lock_is_stale(const char *name) {
+  char path[320];
+  snprintf(path, sizeof path, SHM_DIR "/%s", name);
+  int fd = open(path, O_RDWR | O_CLOEXEC);
+  if (fd < 0) return 0;
+  const int stale = flock(fd, LOCK_EX | LOCK_NB) == 0;
+  close(fd);
+  return stale;
+}
+
+/* Whether the entry `name` carries the tag of an ended process: "distattn-<kind>-<tag>-<n>" or
+ * "distattn-lock-<tag>", with the tags of ended processes in dead[0..ndead). */
+static int name_is_dead(const char *name, char (*dead)[48], int ndead) {
+  if (strncmp(name, "distattn-", 9)) return 0;
+  const char *t = strchr(name + 9, '-'); /* after the kind */
+  if (!t) return 0;
+  t++;
+  for (int i = 0; i < ndead; i++) {
+    const size_t n = strlen(dead[i]);
+    if (!strncmp(t, dead[i], n) && (t[n] == '\0' || t[n] == '-')) return 1;
+  }
+  return 0;
+}
+
+/* Unlink the segments and lock files of ended processes (at most 256 of them per sweep). */
+static void sweep_ended(void) {
+  DIR *d = opendir(SHM_DIR);
+  if (!d) {
+    DA_INFO(DA_SUB_ALLOC, "host devapi: %s: %s: no sweep of killed processes' segments", SHM_DIR, strerror(errno));
+    return;
+  }
+  static char dead[256][48];
+  int ndead = 0, nseg = 0;
+  struct dirent *e;
+  char own[48];
+  own_tag(own, sizeof own);
+  while ((e = readdir(d)) && ndead < 256)
+    if (!strncmp(e->d_name, "distattn-lock-", 14) && strcmp(e->d_name + 14, own) && strlen(e->d_name + 14) < 48 &&
+        lock_is_stale(e->d_name))
+      snprintf(dead[ndead++], sizeof dead[0], "%s", e->d_name + 14);
+  if (ndead) {
+    rewinddir(d);
+    while ((e = readdir(d)))
+      if (name_is_dead(e->d_name, dead, ndead)) {
+        char path[320];
+        snprintf(path, sizeof path, SHM_DIR "/%s", e->d_name);
+        nseg += unlink(path) == 0 && strncmp(e->d_name, "distattn-lock-", 14);
+      }
+    DA_INFO(DA_SUB_ALLOC, "host devapi: removed %d segments of %d ended processes from %s", nseg, ndead, SHM_DIR);
+  }
+  closedir(d);
+}
+
 /* A new segment's name: "/distattn-<kind>-<pid>-<nonce>-<n>". The pid alone is not enough: a
- * process that was killed leaves its segments in /dev/shm (nothing unlinks them), and a later
+ * process that was killed leaves its segments in /dev/shm until a sweep (above), and a later
  * process that gets the same pid (pid_max is 32768 here) then failed to create its first
  * segments (O_EXCL: "File exists"), which the KV cache reported as out of memory (test_tree's
  * device cases, 3 runs in 36 with 3217 such leftovers on the machine). The nonce, the creation
- * time of the process's first segment in ns, differs between two processes that share a pid. */
+ * time of the process's first segment in ns, differs between two processes that share a pid.
+ * The first name also makes the lock file and sweeps the ended processes' leftovers. */
 static void seg_name(char *buf, size_t n, const char *kind) {
-  if (!name_nonce) {
+  if (!name_nonce || nonce_pid != (long)getpid()) {
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     name_nonce = (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
+    nonce_pid = (long)getpid();
+    lock_own();
+    sweep_ended();
   }
   snprintf(buf, n, "/distattn-%s-%ld-%llx-%lu", kind, (long)getpid(), name_nonce, name_seq++);
 }

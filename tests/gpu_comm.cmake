@@ -91,3 +91,11 @@ add_test(NAME gpu_ring_check_probe
                  ${CMAKE_CURRENT_BINARY_DIR}/gpu-ring-check-probe ${PROJECT_SOURCE_DIR}/bench/gpu-ring-check.sh)
 set_tests_properties(gpu_ring_check_probe PROPERTIES LABELS unit TIMEOUT 60
                      PASS_REGULAR_EXPRESSION "no GPU here.*exit 77|probe only: stopping.*exit 0")
+
+# test_devapi_sweep: the host table removes the segments of processes that ended without freeing
+# them (killed, or exited), and only theirs; in a /dev/shm of its own (tests/private_shm.sh: a
+# private mount namespace, root only, else skipped), so that no other test's process sweeps first.
+add_executable(test_devapi_sweep test_devapi_sweep.c)
+target_link_libraries(test_devapi_sweep PRIVATE da_comm da_core Check::check MPI::MPI_C m)
+add_test(NAME test_devapi_sweep COMMAND ${CMAKE_CURRENT_SOURCE_DIR}/private_shm.sh $<TARGET_FILE:test_devapi_sweep>)
+set_tests_properties(test_devapi_sweep PROPERTIES LABELS unit TIMEOUT 60 SKIP_RETURN_CODE 77)
