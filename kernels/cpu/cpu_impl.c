@@ -1337,7 +1337,7 @@ static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, con
  * and converted per block it measured no faster than the grouped kernels' in-register widening
  * (8:1 bf16, 256K keys: 0.35 of the stream either way). Zen 3, one thread, 8:1, a block in L1
  * with the prefetch pacer running: 72% of the FMA peak, where the grouped kernels (horizontal
- * sums per key and head chunk, P broadcast per head) reach 56%; 256K keys from DRAM, 0.53 -> 0.61
+ * sums per key and head chunk, P broadcast per head) reach 56%; 256K keys from DRAM, 0.56 -> 0.65
  * of a same-run stream (bench/results/decode-zen3.md, "Heads in lanes"). */
 #define DECL_KT W /* keys per score step: W accumulators */
 #define DECL_DT W /* dims per output pass: W accumulators */
