@@ -79,7 +79,7 @@ case $what in
     # Reports go to files (one per process, by pid) as well as failing the test: a rank that aborts
     # at exit can lose its last stderr lines when mpirun tears the job down (docs/reliability.md,
     # the cli_decode_ring_np3 abort), and the file keeps them.
-    LOGS=$ROOT/$B/sanitizer-logs
+    case $B in /*) LOGS=$B/sanitizer-logs ;; *) LOGS=$ROOT/$B/sanitizer-logs ;; esac # ctest passes an absolute B
     rm -rf "$LOGS" && mkdir -p "$LOGS"
     (cd "$B" && ASAN_OPTIONS="$ASAN_OPTIONS:log_path=$LOGS/asan" UBSAN_OPTIONS="$UBSAN_OPTIONS:log_path=$LOGS/ubsan" \
         LSAN_OPTIONS="$LSAN_OPTIONS:log_path=$LOGS/lsan" CK_FORK=no ctest --output-on-failure --timeout 600 \

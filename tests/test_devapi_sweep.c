@@ -11,6 +11,7 @@
  * Every segment name comes from the table itself (mem_handle), and every check reads /dev/shm. */
 #define _GNU_SOURCE
 #include <check.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -45,11 +46,15 @@ static void alloc_and_tell(int fd, void **p) {
 }
 
 /* A child that allocates `nseg` segments, reports their names on out, then either kills itself
- * (hold < 0) or waits for a byte on hold and exits without freeing. Returns its pid. */
-static pid_t child(int nseg, int out, int hold) {
+ * (hold < 0) or waits for a byte on hold and exits without freeing; it closes its copy of the
+ * write end hold_w (so that the parent's end closing, if the parent fails, ends the wait) and
+ * gives up after 30 s in any case. Returns its pid. */
+static pid_t child(int nseg, int out, int hold, int hold_w) {
   const pid_t pid = fork();
   ck_assert_int_ge(pid, 0);
   if (pid == 0) {
+    alarm(30);
+    close(hold_w);
     void *p;
     for (int i = 0; i < nseg; i++) alloc_and_tell(out, &p);
     if (hold < 0) raise(SIGKILL);
@@ -60,7 +65,10 @@ static pid_t child(int nseg, int out, int hold) {
   return pid;
 }
 
+/* Read a child's segment name from fd, within 30 s. */
 static void read_name(int fd, char *name) {
+  struct pollfd pf = {.fd = fd, .events = POLLIN};
+  ck_assert_msg(poll(&pf, 1, 30000) == 1, "no segment name from a child within 30 s");
   ck_assert_int_eq(read(fd, name, DA_DEV_HANDLE_BYTES), DA_DEV_HANDLE_BYTES);
   ck_assert_msg(name[0] == '/' && in_shm(name), "no segment %s in /dev/shm", name);
 }
@@ -72,7 +80,7 @@ START_TEST(sweep_killed_only) {
   char killed[2][DA_DEV_HANDLE_BYTES], alive[DA_DEV_HANDLE_BYTES], lock_k[96], lock_a[96];
 
   /* the killed child: two segments left behind */
-  pid_t k = child(2, names[1], -1);
+  pid_t k = child(2, names[1], -1, hold[1]);
   read_name(names[0], killed[0]);
   read_name(names[0], killed[1]);
   int st;
@@ -82,7 +90,7 @@ START_TEST(sweep_killed_only) {
   ck_assert_msg(in_shm(killed[0]) && in_shm(killed[1]) && in_shm(lock_k), "the killed child left nothing to sweep");
 
   /* the live child: allocates (its own sweep removes the killed child's leftovers already) */
-  pid_t a = child(1, names[1], hold[0]);
+  pid_t a = child(1, names[1], hold[0], hold[1]);
   read_name(names[0], alive);
   lock_of(alive, lock_a, sizeof lock_a);
   ck_assert_msg(!in_shm(killed[0]) && !in_shm(killed[1]) && !in_shm(lock_k),
@@ -104,7 +112,7 @@ START_TEST(sweep_killed_only) {
   ck_assert_msg(WIFEXITED(st) && WEXITSTATUS(st) == 0, "the live child failed (status %d)", st);
   ck_assert_msg(in_shm(alive), "the exited child's segment went before any sweep");
   char next[DA_DEV_HANDLE_BYTES];
-  pid_t n = child(1, names[1], hold[0]);
+  pid_t n = child(1, names[1], hold[0], hold[1]);
   read_name(names[0], next);
   ck_assert_msg(!in_shm(alive) && !in_shm(lock_a), "the exited child's %s or %s survived a sweep", alive, lock_a);
   ck_assert_msg(in_shm((const char *)h.opaque), "the sweep removed the live parent's own segment");
