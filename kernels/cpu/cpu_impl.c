@@ -1488,9 +1488,10 @@ static size_t dec_scratch_floats(int Dv, int rep) {
 }
 
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
- * qs, o [nq][H][Dv] (queries scaled, outputs unnormalized; rows padded to Dv = nvec * W), m, l
- * [nq][H]; scr: dec_scratch_floats(Dv, H / G). Per block of keys, query row and KV head, the rep
- * query heads of the group share every K and V row (dec_group). */
+ * qs, o [nq][H][Dv] (queries scaled, outputs unnormalized; rows padded to Dv = nvec * W; laid out
+ * as dec_at says: heads-in-lanes when dec_lanes), m, l [nq][H]; scr: dec_scratch_floats(Dv, H / G).
+ * Per block of keys, query row and KV head, the rep query heads of the group share every K and V
+ * row (dec_group, or decl_group heads-in-lanes). */
 static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_span_t qpos, const da_kvpage_t *pg,
                          int64_t a, int64_t b, float *o, float *m, float *l, float *scr) {
   const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype, Dv = nvec * W;
