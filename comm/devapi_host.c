@@ -81,22 +81,18 @@ static int seg_find(const void *p) {
  * is best effort: a failure only means that leftovers stay, said at DISTATTN_DEBUG=INFO. */
 #define SHM_DIR "/dev/shm"
 
-static int lock_fd = -1;
-
 /* This process's tag "<pid>-<nonce>", which every name it makes carries. */
 static void own_tag(char *buf, size_t n) { snprintf(buf, n, "%ld-%llx", (long)getpid(), name_nonce); }
 
-/* Make and lock this process's lock file (once). */
+/* Make and lock this process's lock file (once). Its descriptor is never closed: the lock lasts
+ * as long as the process. */
 static void lock_own(void) {
   char tag[48], tmp[128], path[128];
   own_tag(tag, sizeof tag);
   snprintf(tmp, sizeof tmp, SHM_DIR "/distattn-new-%s", tag);
   snprintf(path, sizeof path, SHM_DIR "/distattn-lock-%s", tag);
   int fd = open(tmp, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-  if (fd >= 0 && flock(fd, LOCK_EX) == 0 && rename(tmp, path) == 0) {
-    lock_fd = fd;
-    return;
-  }
+  if (fd >= 0 && flock(fd, LOCK_EX) == 0 && rename(tmp, path) == 0) return;
   DA_INFO(DA_SUB_ALLOC, "host devapi: no lock file %s (%s): this process's segments stay if it is killed", path,
           strerror(errno));
   if (fd >= 0) close(fd), unlink(tmp);

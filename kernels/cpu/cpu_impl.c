@@ -1080,8 +1080,8 @@ _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vector
  * the arithmetic behind them: the grouped decode cost the sum of its arithmetic and its reads
  * (Zen 3, 256K keys, one thread, medians: 4:1 fp32 29.5 -> 25.7 ms, 8:1 37.2 -> 29.4 ms;
  * bench/results/decode-zen3.md). One head has little arithmetic to pace against and keeps the
- * burst (the pacer made bf16 1:1 8-14% slower): its kernels also take the bytes [pb0, pb1) of
- * each row to prefetch DEC_PF rows ahead (pb0 = pb1: none). */
+ * burst (the pacer made bf16 1:1 8-14% slower): its kernels also take the first pfb bytes of
+ * each row to prefetch DEC_PF rows ahead (pfb = 0: none). */
 typedef struct {
   const char *p, *end;  /* the next line; the end of the current row */
   const char *base[2];  /* K and V rows of the next block */
@@ -1123,7 +1123,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
  * accumulators; each such step advances the prefetch pf. */
 #define DEC_QK(NAME, NH, KB, T, LD)                                                                              \
   static void NAME(int nvec, const float *restrict Q, int64_t ldq, const void *kp, int64_t ldk, int64_t lo,     \
-                   int64_t hi, float *restrict S, int lds, dec_pf_t *pfp, int pb0, int pb1) {                   \
+                   int64_t hi, float *restrict S, int lds, dec_pf_t *pfp, int pfb) {                            \
     const T *K = (const T *)kp;                                                                                  \
     dec_pf_t pf = *pfp;                                                                                          \
     int64_t j = lo;                                                                                              \
@@ -1132,9 +1132,9 @@ static inline void dec_sums(const vf *c, int n, float *out) {
       vf c[NH * KB];                                                                                             \
       _Pragma("GCC unroll 16") for (int i = 0; i < NH * KB; i++) c[i] = vzero();                                \
       for (int r = 0; r < KB; r++)                                                                               \
-        for (int b = pb0; b < pb1; b += 64) __builtin_prefetch((const char *)(kr + (r + DEC_PF) * ldk) + b);     \
+        for (int b = 0; b < pfb; b += 64) __builtin_prefetch((const char *)(kr + (r + DEC_PF) * ldk) + b);       \
       for (int x = 0; x < nvec; x++) {                                                                           \
-        dec_pf_steps(&pf, 1);                                                                                        \
+        dec_pf_steps(&pf, 1);                                                                                    \
         vf k[KB];                                                                                                \
         _Pragma("GCC unroll 8") for (int r = 0; r < KB; r++) k[r] = LD(kr + r * ldk + x * W);                    \
         _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                   \
@@ -1173,9 +1173,9 @@ static inline void dec_sums(const vf *c, int n, float *out) {
     }                                                                                                            \
     for (int64_t j = lo; j <= hi; j++) {                                                                         \
       const T *vr = V + j * ldv + x * W;                                                                         \
-      dec_pf_steps(&pf, 1);                                                                                          \
+      dec_pf_steps(&pf, 1);                                                                                      \
       if (x == 0)                                                                                                \
-        for (int b = pb0; b < pb1; b += 64) __builtin_prefetch((const char *)(V + (j + DEC_PF) * ldv) + b);      \
+        for (int b = 0; b < pfb; b += 64) __builtin_prefetch((const char *)(V + (j + DEC_PF) * ldv) + b);        \
       vf v[NX];                                                                                                  \
       _Pragma("GCC unroll 16") for (int u = 0; u < NX; u++) v[u] = LD(vr + u * W);                                \
       _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                     \
@@ -1191,7 +1191,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
  * sum_{j in [lo, hi]} P[h * ldp + j] V[j]. V rows of T with stride ldv; O rows of stride ldo. */
 #define DEC_PV(NAME, NH, XV, T, LD)                                                                              \
   static void NAME(int nvec, const float *restrict P, int ldp, const float *alpha, int64_t lo, int64_t hi,      \
-                   const void *vp, int64_t ldv, float *restrict O, int64_t ldo, dec_pf_t *pfp, int pb0, int pb1) { \
+                   const void *vp, int64_t ldv, float *restrict O, int64_t ldo, dec_pf_t *pfp, int pfb) {        \
     const T *V = (const T *)vp;                                                                                  \
     dec_pf_t pf = *pfp;                                                                                          \
     int x = 0;                                                                                                   \
@@ -1201,9 +1201,9 @@ static inline void dec_sums(const vf *c, int n, float *out) {
   }
 
 typedef void (*dec_qk_fn)(int, const float *, int64_t, const void *, int64_t, int64_t, int64_t, float *, int,
-                          dec_pf_t *, int, int);
+                          dec_pf_t *, int);
 typedef void (*dec_pv_fn)(int, const float *, int, const float *, int64_t, int64_t, const void *, int64_t, float *,
-                          int64_t, dec_pf_t *, int, int);
+                          int64_t, dec_pf_t *, int);
 /* The kernels of one storage dtype, for chunks of 1..DEC_NH heads ([nh - 1]), and their blocking:
  * keys per QK step (kb) and vectors per PV step (xv), which dec_pf_start counts steps with. */
 typedef struct {
@@ -1315,11 +1315,10 @@ static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, con
                       float *alpha, dec_pf_t *pf, int pfb) {
   const int64_t Dv = (int64_t)nvec * W;
   for (int h = 0; h < rep; h += DEC_NH)
-    f->qk[imin(DEC_NH, rep - h) - 1](nvec, q + h * Dv, Dv, kb, ldk, lo, hi, S + h * DEC_BK, DEC_BK, pf, 0, pfb);
+    f->qk[imin(DEC_NH, rep - h) - 1](nvec, q + h * Dv, Dv, kb, ldk, lo, hi, S + h * DEC_BK, DEC_BK, pf, pfb);
   for (int h = 0; h < rep; h++) alpha[h] = dec_softmax(S + h * DEC_BK, lo, hi, m + h, l + h);
   for (int h = 0; h < rep; h += DEC_NH)
-    f->pv[imin(DEC_NH, rep - h) - 1](nvec, S + h * DEC_BK, DEC_BK, alpha + h, lo, hi, vb, ldv, o + h * Dv, Dv, pf, 0,
-                                     pfb);
+    f->pv[imin(DEC_NH, rep - h) - 1](nvec, S + h * DEC_BK, DEC_BK, alpha + h, lo, hi, vb, ldv, o + h * Dv, Dv, pf, pfb);
 }
 
 /* ---- decode, heads in lanes ------------------------------------------------------------------
@@ -1332,10 +1331,10 @@ static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, con
  *   outputs O^T[d][W] = O^T[d][W] alpha + sum_key V[key][d] P^T[key][W]: per key, one P^T load
  *           and DECL_DT broadcasts of V elements feed DECL_DT FMAs.
  * The chunk's queries and outputs are stored heads-in-lanes ([Dv][W], dec_at) for the whole call;
- * decode writes the queries and combines the splits through it. fp32 caches only (a head dim that is not whole vectors
- * converted per block, dec_convert): a 16-bit cache would need a widening per broadcast element,
- * and converted per block it measured no faster than the grouped kernels' in-register widening
- * (8:1 bf16, 256K keys: 0.35 of the stream either way). Zen 3, one thread, 8:1, a block in L1
+ * decode writes the queries and combines the splits through it. fp32 caches only (a head dim
+ * that is not whole vectors converted per block, dec_convert): a 16-bit cache would need a
+ * widening per broadcast element, and converted per block it measured no faster than the grouped
+ * kernels' in-register widening (8:1 bf16, 256K keys: 0.35 of the stream either way). Zen 3, one thread, 8:1, a block in L1
  * with the prefetch pacer running: 72% of the FMA peak, where the grouped kernels (horizontal
  * sums per key and head chunk, P broadcast per head) reach 56%; 256K keys from DRAM, 0.56 -> 0.65
  * of a same-run stream (bench/results/decode-zen3.md, "Heads in lanes"). */
