@@ -994,9 +994,13 @@ static void bwd_reduce_dq(const bwd_call_t *c, const bwd_chunk_t *ch, int64_t ht
   }
 }
 
-/* Query rows per chunk: each thread's dQ^T partial for a chunk stays within about 2 MB. */
-static int64_t bwd_chunk_rows(int H, int Dp, int64_t nq) {
-  int64_t qc = ((int64_t)1 << 19) / ((int64_t)H * Dp) / QT * QT;
+/* Query rows per chunk: each thread's dQ^T partial for a chunk stays within about 2 MB, and so
+ * does the packed query side of one KV head's group (Qt, dOt, Qr, dOr: 16 bytes per row, query
+ * head and dim), which every task of that KV head streams through the cache once per KV tile.
+ * With only the first bound one head at D 128 had 4K-row chunks, 8 MB of query side per task:
+ * 10-15% slower backward at 1 and 2 threads (Zen 3, seq 4K, H 1, D 64/128, causal and none). */
+static int64_t bwd_chunk_rows(int H, int rep, int Dp, int64_t nq) {
+  int64_t qc = lmin(((int64_t)1 << 19) / ((int64_t)H * Dp), ((int64_t)1 << 17) / ((int64_t)rep * Dp)) / QT * QT;
   if (qc < QT) qc = QT;
   const int64_t nqr = (nq + QT - 1) / QT * QT;
   return qc > nqr ? nqr : qc;
@@ -1013,7 +1017,7 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
   if (da_mask_classify(&p->mask, qpos.start, da_span_last(qpos), kpos.start, da_span_last(kpos)) == DA_TILE_EMPTY)
     return DA_SUCCESS;
   const int H = p->H, G = p->G, Dp = pad_dim(p->D);
-  const int64_t qc = bwd_chunk_rows(H, Dp, qpos.count);
+  const int64_t qc = bwd_chunk_rows(H, H / G, Dp, qpos.count);
   bwd_call_t c = {.p = p, .Dp = Dp, .bk = kv_tile(p), .ntc = (int)(qc / QT), .c2 = p->scale * LOG2E,
                   .q = q, .dout = dout, .k = k, .v = v, .ldq = ldq, .lddo = lddo, .ldk = ldk, .ldv = ldv,
                   .lse = lse, .delta = delta, .qpos = qpos, .kpos = kpos, .dq = dq, .dk = dk, .dv = dv};
