@@ -1071,28 +1071,35 @@ static da_status_t bwd_block(const da_kparams_t *p, const void *q, int64_t ldq, 
  * all sums are fp32. */
 
 #define DEC_BK 32 /* keys per block: the block's K rows stay in L1 across the head chunks of a group */
-#define DEC_PF 32 /* one head: prefetch distance in key rows, the next block's (64 measured no better) */
 #define DEC_NH 4  /* query heads per register block (the 16 AVX2 registers hold 8 accumulators) */
 _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vectors (the softmax reads them so)");
 
-/* The prefetch of the next block's K and V rows, paced: the kernels' inner iterations each take
- * `rate` / 256 of a cache line from this cursor (K rows, then V rows), a rate set so that the
- * next block's lines are requested evenly over the current block's arithmetic (dec_pf_start).
- * Requests at the rate memory delivers them keep the DRAM stream busy beside the FMAs; prefetching
- * each row's lines in a burst DEC_PF rows ahead as the row is read, which groups did until
- * 2026-12-07, filled the L1 miss buffers (every software prefetch takes one on Zen 3) and stalled
- * the arithmetic behind them: the grouped decode cost the sum of its arithmetic and its reads
- * (Zen 3, 256K keys, one thread, medians: 4:1 fp32 29.5 -> 25.7 ms, 8:1 37.2 -> 29.4 ms;
- * bench/results/decode-zen3.md). One head has little arithmetic to pace against and keeps the
- * burst (the pacer made bf16 1:1 8-14% slower): its kernels also take the first pfb bytes of
- * each row to prefetch DEC_PF rows ahead (pfb = 0: none). */
+/* The prefetch of the next unit's K and V rows. A unit is one block of keys of one KV head, and
+ * decode_range runs the KV heads of a block before the next block: the unit after (block, head g)
+ * is head g + 1 of the same block (its rows sit right after head g's in each key row of the
+ * cache), or head 0 of the next block. Prefetching a head's next block instead, G units ahead,
+ * left 8 KV heads at 0.70 of the stream where one reached 0.9-1.0 (fp32 1:1, Zen 3, one thread).
+ *
+ * Groups, paced: the kernels' inner iterations each take `rate` / 256 of a cache line from this
+ * cursor (K rows, then V rows), a rate set so that the next unit's lines are requested evenly over
+ * the current unit's arithmetic (dec_pf_start). Requests at the rate memory delivers them keep
+ * the DRAM stream busy beside the FMAs; prefetching each row's lines in a burst a block ahead as
+ * the row is read, which groups did until 2026-12-07, filled the L1 miss buffers (every software
+ * prefetch takes one on Zen 3) and stalled the arithmetic behind them: the grouped decode cost
+ * the sum of its arithmetic and its reads (Zen 3, 256K keys, one thread, medians: 4:1 fp32 29.5
+ * -> 25.7 ms, 8:1 37.2 -> 29.4 ms; bench/results/decode-zen3.md).
+ *
+ * One head has little arithmetic to pace against and keeps the burst (the pacer made bf16 1:1
+ * 8-14% slower): its kernels take the first pfb bytes of each row they read at koff (K) or voff
+ * (V) bytes further, the same row of the next unit (pfb = 0: none). */
 typedef struct {
   const char *p, *end;  /* the next line; the end of the current row */
-  const char *base[2];  /* K and V rows of the next block */
+  const char *base[2];  /* K and V rows of the next unit */
   int64_t ld[2];        /* their row strides in bytes */
   int rb, nrows;        /* bytes per row (whole lines), rows */
   int w, row;           /* region (0 K, 1 V, 2 done) and row of p */
   int rate, acc;        /* lines per inner iteration in 1/256, and the fraction owed */
+  int64_t koff, voff;   /* one head: bytes from a K (V) row to the same row of the next unit */
 } dec_pf_t;
 
 /* Point the cursor at the first line of row f->row of region f->w (done when w > 1). */
@@ -1136,7 +1143,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
       vf c[NH * KB];                                                                                             \
       _Pragma("GCC unroll 16") for (int i = 0; i < NH * KB; i++) c[i] = vzero();                                \
       for (int r = 0; r < KB; r++)                                                                               \
-        for (int b = 0; b < pfb; b += 64) __builtin_prefetch((const char *)(kr + (r + DEC_PF) * ldk) + b);       \
+        for (int b = 0; b < pfb; b += 64) __builtin_prefetch((const char *)(kr + r * ldk) + pf.koff + b);        \
       for (int x = 0; x < nvec; x++) {                                                                           \
         dec_pf_steps(&pf, 1);                                                                                    \
         vf k[KB];                                                                                                \
@@ -1179,7 +1186,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
       const T *vr = V + j * ldv + x * W;                                                                         \
       dec_pf_steps(&pf, 1);                                                                                      \
       if (x == 0)                                                                                                \
-        for (int b = 0; b < pfb; b += 64) __builtin_prefetch((const char *)(V + (j + DEC_PF) * ldv) + b);        \
+        for (int b = 0; b < pfb; b += 64) __builtin_prefetch((const char *)(V + j * ldv) + pf.voff + b);         \
       vf v[NX];                                                                                                  \
       _Pragma("GCC unroll 16") for (int u = 0; u < NX; u++) v[u] = LD(vr + u * W);                                \
       _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                     \
@@ -1313,7 +1320,7 @@ static float dec_softmax(float *s, int64_t lo, int64_t hi, float *mo, float *lr)
  * them (strides ldk, ldv); S [rep][DEC_BK] and alpha [rep] scratch. All chunks' scores first (the
  * K rows stay in L1 between chunks), then the softmax per head, then all chunks' outputs. Every
  * inner step of the kernels advances the prefetch pf (dec_pf_t: groups); pfb > 0 (one head):
- * the kernels prefetch the first pfb bytes of each row DEC_PF rows ahead as they read it. */
+ * the kernels prefetch the first pfb bytes of each row's twin in the next unit as they read it. */
 static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, const void *kb, int64_t ldk,
                       const void *vb, int64_t ldv, int64_t lo, int64_t hi, float *o, float *m, float *l, float *S,
                       float *alpha, dec_pf_t *pf, int pfb) {
@@ -1511,8 +1518,6 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
     const int nb = (int)lmin(DEC_BK, b - j0);
     const da_span_t ks = da_span_sub(pg->pos, j0, nb);
     const int64_t nn = lmin(DEC_BK, b - (j0 + DEC_BK)); /* rows of the next block (of this range) */
-    /* one head: its rows DEC_PF ahead (in-place rows only) while they are still keys of this range */
-    const int pfb = rep == 1 && direct && j0 + DEC_BK + DEC_PF <= b ? D * (int)es : 0;
     for (int64_t i0 = 0; i0 < nq; i0 += 16) {
       const int ni = (int)lmin(16, nq - i0);
       int64_t ulo = nb, uhi = -1; /* union of the query rows' visible ranges */
@@ -1523,30 +1528,38 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
       if (ulo > uhi) continue;
       for (int g = 0; g < G; g++) {
         const char *k0 = head_row(p, pg->k, pg->ldk, j0, g), *v0 = head_row(p, pg->v, pg->ldv, j0, g);
+        /* the next unit (dec_pf_t): head g + 1 of this block, or head 0 of the next block (nn rows) */
+        const int ng = g + 1 < G ? g + 1 : 0;
+        const int64_t nj = g + 1 < G ? j0 : j0 + DEC_BK, nrows = g + 1 < G ? nb : nn;
+        const char *kn = nrows > 0 ? head_row(p, pg->k, pg->ldk, nj, ng) : k0;
+        const char *vn = nrows > 0 ? head_row(p, pg->v, pg->ldv, nj, ng) : v0;
         const void *kb = k0, *vb = v0;
         int64_t ldk = pg->ldk, ldv = pg->ldv;
         if (!direct) {
           dec_convert(k0, pg->ldk, v0, pg->ldv, dt, D, Dv, ulo, uhi, kf, vf_);
           kb = kf, vb = vf_, ldk = ldv = Dv;
         }
-        /* the next block's rows of this KV head, requested once, over the first visible query row's
-         * steps (a cursor that is done stays done for the later rows) */
-        dec_pf_t pf = {.w = 2};
-        int paced = 0;
+        /* groups: the next unit's rows, requested once, over the first visible query row's steps (a
+         * cursor that is done stays done for the later rows); one head (in-place rows only): each
+         * row's twin in the next unit, as the first visible query row reads it, when the next unit
+         * has every row this one reads */
+        dec_pf_t pf = {.w = 2, .koff = kn - k0, .voff = vn - v0};
+        const int pfb = rep == 1 && direct && nrows >= nb && i0 == 0 ? D * (int)es : 0;
+        int first = 1;
         for (int ii = 0; ii < ni; ii++) {
           if (rlo[ii] > rhi[ii]) continue;
-          if (!paced && nn > 0 && i0 == 0 && rep > 1)
+          if (first && nrows > 0 && i0 == 0 && rep > 1) {
             dec_pf_start(&pf, lanes ? decl_steps(Dv, rep, rhi[ii] - rlo[ii] + 1)
                                     : dec_steps(f, nvec, rep, rhi[ii] - rlo[ii] + 1),
-                         head_row(p, pg->k, pg->ldk, j0 + DEC_BK, g), pg->ldk * (int64_t)es,
-                         head_row(p, pg->v, pg->ldv, j0 + DEC_BK, g), pg->ldv * (int64_t)es, D * (int)es, nn);
-          paced = 1;
+                         kn, pg->ldk * (int64_t)es, vn, pg->ldv * (int64_t)es, D * (int)es, nrows);
+          }
           const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
           if (lanes)
             decl_group(Dv, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, &pf);
           else
             dec_group(f, nvec, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, alpha,
-                      &pf, ii == 0 ? pfb : 0); /* once per block and KV head: the first query row */
+                      &pf, first ? pfb : 0);
+          first = 0;
         }
       }
     }
