@@ -31,7 +31,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from torch_side import cpu_model, parse_size, run_distattn, torch_times  # noqa: E402
+from torch_side import cpu_model, import_torch, parse_size, run_distattn, torch_times  # noqa: E402
 
 BF16_OVER_FP32 = 1.5
 BF16_OVER_TORCH = 1.3
@@ -117,12 +117,9 @@ def main():
     ap.add_argument("--no-prefill", action="store_true")
     ap.add_argument("--no-decode", action="store_true")
     a = ap.parse_args()
-    try:
-        import torch
-    except ImportError as e:
-        print(f"cpu_acceptance.py: torch not importable ({e}): run it with the torch venv's python", file=sys.stderr)
+    torch = import_torch("cpu_acceptance.py", a.threads)
+    if torch is None:
         return 3
-    torch.set_num_threads(a.threads)
     if not os.access(a.distattn, os.X_OK):
         print(f"cpu_acceptance.py: {a.distattn} is not an executable (build first, or --distattn)", file=sys.stderr)
         return 2

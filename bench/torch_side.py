@@ -50,6 +50,17 @@ def cpu_model():
     return platform.processor() or "unknown"
 
 
+def import_torch(prog, threads):
+    """torch with its CPU thread count set, or None (said on stderr) where it is not importable."""
+    try:
+        import torch
+    except ImportError as e:
+        print(f"{prog}: torch not importable ({e}): run it with the torch venv's python", file=sys.stderr)
+        return None
+    torch.set_num_threads(threads)
+    return torch
+
+
 def run_distattn(exe, shape, threads, iters, verify):
     """One `distattn kernel` run of every op of the shape; returns {op: json record}."""
     with tempfile.NamedTemporaryFile(suffix=".jsonl", delete=False) as tf:
@@ -128,12 +139,9 @@ def main():
     ap.add_argument("--json", default=None, help="append JSON lines here")
     ap.add_argument("--shape", action="append", help='"SEQ H G D MASK DTYPE OPS" (repeatable)')
     a = ap.parse_args()
-    try:
-        import torch
-    except ImportError as e:
-        print(f"torch_side.py: torch not importable ({e}): no side-by-side run", file=sys.stderr)
+    torch = import_torch("torch_side.py", a.threads)
+    if torch is None:
         return 3
-    torch.set_num_threads(a.threads)
     shapes = []
     for s in a.shape or DEFAULT_SHAPES:
         seq, H, G, D, mask, dtype, ops = s.split()
