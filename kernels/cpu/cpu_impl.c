@@ -1231,10 +1231,12 @@ static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
  * FMA). Four fp32 heads at 4 x 3 (K4 = 3): the L2-resident 8:1 arithmetic 41 -> 38 us per 512
  * keys on Zen 3, 256K from DRAM 4-7% less CPU time; 16-bit rows stay at 4 x 2 (K4 = 2), where
  * 4 x 3 read the 256K cache 5% slower (bench/results/cpu-tasks-zen3.md). No spill in any loop.
- * One head is memory-bound: its PV takes a whole D-128 row per key (16 accumulators, one
- * spilled at most), since walking the V rows in two column passes measured 5-10% slower on
- * Zen 3 (the rows are no longer read in address order); 8 keys per QK step did not pay either
- * (bench/results/decode-zen3.md). */
+ * One head is memory-bound: its PV takes a whole D-128 row per key (16 accumulators: fp32
+ * spills one at most; 16-bit rows, which need a register to widen each vector, keep all 16 on
+ * the stack), since walking the V rows in two column passes measured 5-10% slower on Zen 3 (the
+ * rows are no longer read in address order), and for 16-bit rows, without the stack traffic,
+ * no better (2026-12-07: medians moved both ways by 0.1 of the stream between runs); 8 keys per
+ * QK step did not pay either (bench/results/decode-zen3.md). */
 #define DEC_KB1 4
 #define DEC_KB2 4
 #define DEC_KB3 2
