@@ -1078,7 +1078,8 @@ _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vector
  * decode_range runs the KV heads of a block before the next block: the unit after (block, head g)
  * is head g + 1 of the same block (its rows sit right after head g's in each key row of the
  * cache), or head 0 of the next block. Prefetching a head's next block instead, G units ahead,
- * left 8 KV heads at 0.70 of the stream where one reached 0.9-1.0 (fp32 1:1, Zen 3, one thread).
+ * left the fp32 groups of a cache of 8 KV heads 0.1-0.17 of the stream slower (Zen 3, 256K keys,
+ * 4:1 and 8:1; bench/results/decode-zen3.md, "Caches of 8 KV heads").
  *
  * Groups, paced: the kernels' inner iterations each take `rate` / 256 of a cache line from this
  * cursor (K rows, then V rows), a rate set so that the next unit's lines are requested evenly over
