@@ -38,6 +38,13 @@ BF16_OVER_TORCH = 1.3
 FP32_FWD_OVER_TORCH = 1.1
 FP32_FWDBWD_OVER_TORCH = 1.2
 DECODE_OVER_STREAM = 0.8
+# Prefill: (what, the other side (side, dtype), distattn's dtype, thresholds for fwd and fwd+bwd);
+# the ratio is the other side's time over distattn's.
+PREFILL_CRITERIA = (
+    ("bf16 {} over own fp32", ("da", "fp32"), "bf16", (BF16_OVER_FP32, BF16_OVER_FP32)),
+    ("bf16 {} over torch bf16", ("torch", "bf16"), "bf16", (BF16_OVER_TORCH, BF16_OVER_TORCH)),
+    ("fp32 {} over torch fp32", ("torch", "fp32"), "fp32", (FP32_FWD_OVER_TORCH, FP32_FWDBWD_OVER_TORCH)),
+)
 
 
 def prefill(torch, a, seq, D, mask, crit, out):
@@ -66,20 +73,12 @@ def prefill(torch, a, seq, D, mask, crit, out):
                               "reps_s": {"/".join(k): v for k, v in t.items()}}) + "\n")
         out.flush()
 
-    def both(side, d):
-        return m[(side, d, "fwd")] + m[(side, d, "bwd")]
+    def time_of(side, d, ops):
+        return sum(m[(side, d, op)] for op in ops)
 
-    for label, f32, b16 in (("fwd", m[("da", "fp32", "fwd")], m[("da", "bf16", "fwd")]),
-                            ("fwd+bwd", both("da", "fp32"), both("da", "bf16"))):
-        crit.append((name, f"bf16 {label} over own fp32 [{isa['bf16']}]", f32 / b16, BF16_OVER_FP32))
-    crit.append((name, f"bf16 fwd over torch bf16 [{isa['bf16']}]", m[("torch", "bf16", "fwd")] / m[("da", "bf16", "fwd")],
-                 BF16_OVER_TORCH))
-    crit.append((name, f"bf16 fwd+bwd over torch bf16 [{isa['bf16']}]", both("torch", "bf16") / both("da", "bf16"),
-                 BF16_OVER_TORCH))
-    crit.append((name, f"fp32 fwd over torch fp32 [{isa['fp32']}]", m[("torch", "fp32", "fwd")] / m[("da", "fp32", "fwd")],
-                 FP32_FWD_OVER_TORCH))
-    crit.append((name, f"fp32 fwd+bwd over torch fp32 [{isa['fp32']}]", both("torch", "fp32") / both("da", "fp32"),
-                 FP32_FWDBWD_OVER_TORCH))
+    for what, other, d, need in PREFILL_CRITERIA:
+        for label, ops, thr in (("fwd", ("fwd",), need[0]), ("fwd+bwd", ("fwd", "bwd"), need[1])):
+            crit.append((name, f"{what.format(label)} [{isa[d]}]", time_of(*other, ops) / time_of("da", d, ops), thr))
 
 
 def decode(a, group, dtype, threads, crit, out):
@@ -99,8 +98,9 @@ def decode(a, group, dtype, threads, crit, out):
                               "isa": recs[0].get("isa"), "ratio_membw": ratio,
                               "ratio_membw_reps": [x["ratio_membw"] for x in recs]}) + "\n")
         out.flush()
-    crit.append((f"decode 256K D128 {sh['H']}:{sh['G']} {dtype}", f"{threads} thread{'s' if threads > 1 else ''}: read rate "
-                 f"over stream [{recs[0].get('isa', '?')}]", ratio, DECODE_OVER_STREAM))
+    crit.append((f"decode 256K D128 {sh['H']}:{sh['G']} {dtype}",
+                 f"{threads} thread{'s' if threads > 1 else ''}: read rate over stream [{recs[0].get('isa', '?')}]",
+                 ratio, DECODE_OVER_STREAM))
 
 
 def main():

@@ -168,7 +168,9 @@ static void seg_name(char *buf, size_t n, const char *kind) {
     lock_own();
     sweep_ended();
   }
-  snprintf(buf, n, "/distattn-%s-%ld-%llx-%lu", kind, (long)getpid(), name_nonce, name_seq++);
+  char tag[48];
+  own_tag(tag, sizeof tag);
+  snprintf(buf, n, "/distattn-%s-%s-%lu", kind, tag, name_seq++);
 }
 
 /* Create (create = 1) or open a segment of `bytes` and map it. */
@@ -176,8 +178,8 @@ static da_status_t seg_map(const char *name, size_t bytes, int create, char **ou
   *out = NULL;
   int fd = shm_open(name, create ? O_RDWR | O_CREAT | O_EXCL : O_RDWR, 0600);
   if (fd < 0)
-    return DA_ERR(DA_ERR_SYSTEM, "host devapi: shm_open(%s) for %s: %s", name, create ? "allocation" : "a peer's handle",
-                  strerror(errno));
+    return DA_ERR(DA_ERR_SYSTEM, "host devapi: shm_open(%s) for %s: %s", name,
+                  create ? "allocation" : "a peer's handle", strerror(errno));
   if (create && ftruncate(fd, (off_t)bytes) != 0) {
     int e = errno;
     close(fd);

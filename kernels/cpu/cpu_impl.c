@@ -1091,7 +1091,7 @@ _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vector
  * -> 25.7 ms, 8:1 37.2 -> 29.4 ms; bench/results/decode-zen3.md).
  *
  * One head has little arithmetic to pace against and keeps the burst (the pacer made bf16 1:1
- * 8-14% slower): its kernels take the first pfb bytes of each row they read at koff (K) or voff
+ * 8-14% slower): as its kernels read a row, they prefetch the first pfb bytes koff (K) or voff
  * (V) bytes further, the same row of the next unit (pfb = 0: none). */
 typedef struct {
   const char *p, *end;  /* the next line; the end of the current row */
@@ -1101,6 +1101,7 @@ typedef struct {
   int w, row;           /* region (0 K, 1 V, 2 done) and row of p */
   int rate, acc;        /* lines per inner iteration in 1/256, and the fraction owed */
   int64_t koff, voff;   /* one head: bytes from a K (V) row to the same row of the next unit */
+  int pfb;              /* one head: bytes of each such row to prefetch (0: none) */
 } dec_pf_t;
 
 /* Point the cursor at the first line of row f->row of region f->w (done when w > 1). */
@@ -1135,7 +1136,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
  * accumulators; each such step advances the prefetch pf. */
 #define DEC_QK(NAME, NH, KB, T, LD)                                                                              \
   static void NAME(int nvec, const float *restrict Q, int64_t ldq, const void *kp, int64_t ldk, int64_t lo,     \
-                   int64_t hi, float *restrict S, int lds, dec_pf_t *pfp, int pfb) {                            \
+                   int64_t hi, float *restrict S, int lds, dec_pf_t *pfp) {                                     \
     const T *K = (const T *)kp;                                                                                  \
     dec_pf_t pf = *pfp;                                                                                          \
     int64_t j = lo;                                                                                              \
@@ -1144,7 +1145,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
       vf c[NH * KB];                                                                                             \
       _Pragma("GCC unroll 16") for (int i = 0; i < NH * KB; i++) c[i] = vzero();                                \
       for (int r = 0; r < KB; r++)                                                                               \
-        for (int b = 0; b < pfb; b += 64) __builtin_prefetch((const char *)(kr + r * ldk) + pf.koff + b);        \
+        for (int b = 0; b < pf.pfb; b += 64) __builtin_prefetch((const char *)(kr + r * ldk) + pf.koff + b);     \
       for (int x = 0; x < nvec; x++) {                                                                           \
         dec_pf_steps(&pf, 1);                                                                                    \
         vf k[KB];                                                                                                \
@@ -1187,7 +1188,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
       const T *vr = V + j * ldv + x * W;                                                                         \
       dec_pf_steps(&pf, 1);                                                                                      \
       if (x == 0)                                                                                                \
-        for (int b = 0; b < pfb; b += 64) __builtin_prefetch((const char *)(V + j * ldv) + pf.voff + b);         \
+        for (int b = 0; b < pf.pfb; b += 64) __builtin_prefetch((const char *)(V + j * ldv) + pf.voff + b);      \
       vf v[NX];                                                                                                  \
       _Pragma("GCC unroll 16") for (int u = 0; u < NX; u++) v[u] = LD(vr + u * W);                                \
       _Pragma("GCC unroll 4") for (int h = 0; h < NH; h++) {                                                     \
@@ -1203,7 +1204,7 @@ static inline void dec_sums(const vf *c, int n, float *out) {
  * sum_{j in [lo, hi]} P[h * ldp + j] V[j]. V rows of T with stride ldv; O rows of stride ldo. */
 #define DEC_PV(NAME, NH, XV, T, LD)                                                                              \
   static void NAME(int nvec, const float *restrict P, int ldp, const float *alpha, int64_t lo, int64_t hi,      \
-                   const void *vp, int64_t ldv, float *restrict O, int64_t ldo, dec_pf_t *pfp, int pfb) {        \
+                   const void *vp, int64_t ldv, float *restrict O, int64_t ldo, dec_pf_t *pfp) {                 \
     const T *V = (const T *)vp;                                                                                  \
     dec_pf_t pf = *pfp;                                                                                          \
     int x = 0;                                                                                                   \
@@ -1213,9 +1214,9 @@ static inline void dec_sums(const vf *c, int n, float *out) {
   }
 
 typedef void (*dec_qk_fn)(int, const float *, int64_t, const void *, int64_t, int64_t, int64_t, float *, int,
-                          dec_pf_t *, int);
+                          dec_pf_t *);
 typedef void (*dec_pv_fn)(int, const float *, int, const float *, int64_t, int64_t, const void *, int64_t, float *,
-                          int64_t, dec_pf_t *, int);
+                          int64_t, dec_pf_t *);
 /* The kernels of one storage dtype, for chunks of 1..DEC_NH heads ([nh - 1]), and their blocking:
  * keys per QK step (kb) and vectors per PV step (xv), which dec_pf_start counts steps with. */
 typedef struct {
@@ -1322,17 +1323,17 @@ static float dec_softmax(float *s, int64_t lo, int64_t hi, float *mo, float *lr)
  * [rep][nvec * W] (log2-unit queries, unnormalized outputs), m, l [rep]; K, V rows as f reads
  * them (strides ldk, ldv); S [rep][DEC_BK] and alpha [rep] scratch. All chunks' scores first (the
  * K rows stay in L1 between chunks), then the softmax per head, then all chunks' outputs. Every
- * inner step of the kernels advances the prefetch pf (dec_pf_t: groups); pfb > 0 (one head):
- * the kernels prefetch the first pfb bytes of each row's twin in the next unit as they read it. */
+ * inner step of the kernels advances the prefetch pf (dec_pf_t: groups' pacer, or one head's
+ * per-row burst when pf->pfb > 0). */
 static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, const void *kb, int64_t ldk,
                       const void *vb, int64_t ldv, int64_t lo, int64_t hi, float *o, float *m, float *l, float *S,
-                      float *alpha, dec_pf_t *pf, int pfb) {
+                      float *alpha, dec_pf_t *pf) {
   const int64_t Dv = (int64_t)nvec * W;
   for (int h = 0; h < rep; h += DEC_NH)
-    f->qk[imin(DEC_NH, rep - h) - 1](nvec, q + h * Dv, Dv, kb, ldk, lo, hi, S + h * DEC_BK, DEC_BK, pf, pfb);
+    f->qk[imin(DEC_NH, rep - h) - 1](nvec, q + h * Dv, Dv, kb, ldk, lo, hi, S + h * DEC_BK, DEC_BK, pf);
   for (int h = 0; h < rep; h++) alpha[h] = dec_softmax(S + h * DEC_BK, lo, hi, m + h, l + h);
   for (int h = 0; h < rep; h += DEC_NH)
-    f->pv[imin(DEC_NH, rep - h) - 1](nvec, S + h * DEC_BK, DEC_BK, alpha + h, lo, hi, vb, ldv, o + h * Dv, Dv, pf, pfb);
+    f->pv[imin(DEC_NH, rep - h) - 1](nvec, S + h * DEC_BK, DEC_BK, alpha + h, lo, hi, vb, ldv, o + h * Dv, Dv, pf);
 }
 
 /* ---- decode, heads in lanes ------------------------------------------------------------------
@@ -1348,10 +1349,11 @@ static void dec_group(const dec_fns_t *f, int nvec, int rep, const float *q, con
  * decode writes the queries and combines the splits through it. fp32 caches only (a head dim
  * that is not whole vectors converted per block, dec_convert): a 16-bit cache would need a
  * widening per broadcast element, and converted per block it measured no faster than the grouped
- * kernels' in-register widening (8:1 bf16, 256K keys: 0.35 of the stream either way). Zen 3, one thread, 8:1, a block in L1
- * with the prefetch pacer running: 72% of the FMA peak, where the grouped kernels (horizontal
- * sums per key and head chunk, P broadcast per head) reach 56%; 256K keys from DRAM, 0.56 -> 0.65
- * of a same-run stream (bench/results/decode-zen3.md, "Heads in lanes"). */
+ * kernels' in-register widening (8:1 bf16, 256K keys: 0.35 of the stream either way). Zen 3, one
+ * thread, 8:1, a block in L1 with the prefetch pacer running: 72% of the FMA peak, where the
+ * grouped kernels (horizontal sums per key and head chunk, P broadcast per head) reach 56%; 256K
+ * keys from DRAM, 0.56 -> 0.65 of a same-run stream (bench/results/decode-zen3.md, "Heads in
+ * lanes"). */
 #define DECL_KT W /* keys per score step: W accumulators */
 #define DECL_DT W /* dims per output pass: W accumulators */
 
@@ -1546,8 +1548,8 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
          * cursor that is done stays done for the later rows); one head (in-place rows only): each
          * row's twin in the next unit, as the first visible query row reads it, when the next unit
          * has every row this one reads */
-        dec_pf_t pf = {.w = 2, .koff = kn - k0, .voff = vn - v0};
-        const int pfb = rep == 1 && direct && nrows >= nb && i0 == 0 ? D * (int)es : 0;
+        dec_pf_t pf = {.w = 2};
+        if (rep == 1 && direct && nrows >= nb && i0 == 0) pf.koff = kn - k0, pf.voff = vn - v0, pf.pfb = D * (int)es;
         int first = 1;
         for (int ii = 0; ii < ni; ii++) {
           if (rlo[ii] > rhi[ii]) continue;
@@ -1561,8 +1563,8 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
             decl_group(Dv, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, &pf);
           else
             dec_group(f, nvec, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, alpha,
-                      &pf, first ? pfb : 0);
-          first = 0;
+                      &pf);
+          first = 0, pf.pfb = 0; /* the burst once per unit: with the first visible query row */
         }
       }
     }
