@@ -9,7 +9,7 @@ include(CMakePackageConfigHelpers)
 # The layers' object files, in link order (objects, not archives: every symbol lands in the
 # library, whether or not a test program happens to reference it).
 set(DA_LIB_LAYERS da_core da_kernels da_kernels_cpu da_partition)
-foreach(level generic avx2 avx512 avx512bf16 avx2bf16emu)
+foreach(level generic avx2 avx512 avx512bf16 amx avx2bf16emu)
   if(TARGET da_cpu_${level})
     list(APPEND DA_LIB_LAYERS da_cpu_${level})
   endif()

@@ -26,7 +26,7 @@ const da_env_var_t da_env_vars[] = {
     {"DISTATTN_TRANSPORT", DA_ENV_WORD, NOLIMIT, "mpi|self|cuda-ipc|nccl|host-ipc|cuda-mpi|host-mpi", 0, 0, "library",
      "the data transport of plans whose config names none (default mpi; mpi in a CUDA context is cuda-mpi)",
      "carrier-pigeon"},
-    {"DISTATTN_CPU_ISA", DA_ENV_WORD, NOLIMIT, "avx512bf16|avx512|avx2|avx2bf16emu|generic|auto", 0, 0, "library",
+    {"DISTATTN_CPU_ISA", DA_ENV_WORD, NOLIMIT, "amx|avx512bf16|avx512|avx2|avx2bf16emu|generic|auto", 0, 0, "library",
      "the CPU kernel variant (default auto: the best this CPU runs)", "avx9000"},
     {"DISTATTN_DEBUG", DA_ENV_WORD, NOLIMIT, "VERSION|WARN|INFO|TRACE", 1, 0, "library",
      "log level (default: nothing)", "LOUD"},

@@ -1110,7 +1110,7 @@ static void kc_name_isa(kc_t *c, const char *isa) {
 
 /* ---- every ISA level the CPU has (use_isa) ------------------------------------------------- */
 START_TEST(test_isa_levels) {
-  static const char *isa[5] = {"generic", "avx2", "avx512", "avx512bf16", "avx2bf16emu"};
+  static const char *isa[6] = {"generic", "avx2", "avx512", "avx512bf16", "amx", "avx2bf16emu"};
   if (!use_isa(isa[_i], DA_FLOAT32)) return;
   for (int t = 0; t < 6; t++) {
     uint64_t rs = tu_seed(9500 + (uint64_t)(_i * 10 + t));
@@ -1154,7 +1154,7 @@ END_TEST
  * key/query splits, and decode, all within the bf16 tolerance of float64. The worst errors are
  * printed ("# bf16 err ...") so the two paths can be compared (ctest -V). */
 START_TEST(test_bf16_levels) {
-  static const char *isa[4] = {"avx512bf16", "avx2bf16emu", "avx2", "generic"};
+  static const char *isa[5] = {"amx", "avx512bf16", "avx2bf16emu", "avx2", "generic"};
   const int lv = _i / TU_NMASKS, mkind = _i % TU_NMASKS;
   if (!use_isa(isa[lv], DA_BFLOAT16)) return;
   for (int rep = 0; rep < 3; rep++) {
@@ -1369,8 +1369,8 @@ static Suite *kernels_suite(void) {
   tcase_add_loop_test(tc, test_threads, 0, TB_N_THREADS);
   tcase_add_loop_test(tc, test_block_splits, TB_BLOCK_SPLITS_FROM, TB_BLOCK_SPLITS_TO);
 #ifdef TB_CPU
-  tcase_add_loop_test(tc, test_isa_levels, 0, 5);
-  tcase_add_loop_test(tc, test_bf16_levels, 0, 4 * TU_NMASKS);
+  tcase_add_loop_test(tc, test_isa_levels, 0, 6);
+  tcase_add_loop_test(tc, test_bf16_levels, 0, 5 * TU_NMASKS);
   tcase_add_loop_test(tc, test_decode_groups, 0, 2 * 24);
   tcase_add_loop_test(tc, test_growing_scores, 0, 3);
 #endif

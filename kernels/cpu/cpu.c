@@ -1,24 +1,46 @@
 /* cpu.c: the CPU backend table: capability checks and the choice, once per process, of the ISA
- * level the kernels run at (AVX-512 with BF16 dot products, AVX-512, AVX2+FMA, or portable C),
+ * level the kernels run at (AVX-512 with AMX tiles for bf16, AVX-512 with BF16 dot products,
+ * AVX-512, AVX2+FMA, or portable C),
  * from what the CPU reports, never from the build machine. DISTATTN_CPU_ISA=<level> forces a
  * level (tests and benchmarks compare them); asking for one the CPU lacks is an error, not a
  * silent fallback. avx2bf16emu (the bf16 pair-product path of avx512bf16 with its dot products
  * done in AVX2 FMAs) is never picked by itself: it exists so that CPUs without AVX512-BF16 test
  * that path's tiling and packing. */
 #include <string.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 #include "cpu_impl.h"
 #include "dtype.h"
 
 static const da_kernels_t *impl;
 
+/* AMX with bf16 tiles: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22) and
+ * Linux grants this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA; without it the first tile instruction faults). Asked once, by pick(). */
+static int amx_usable(void) {
+#if defined(__linux__) && defined(__x86_64__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 22 & 1)) return 0;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+  return 0;
+#endif
+}
+
 static const da_kernels_t *pick(void) {
   const char *want = da_param_string("DISTATTN_CPU_ISA");
-  int has512 = 0, has2 = 0, hasbf16 = 0;
+  int has512 = 0, has2 = 0, hasbf16 = 0, hasamx = 0;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   hasbf16 = has512 && __builtin_cpu_supports("avx512bf16");
+  hasamx = hasbf16 && amx_usable();
   has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 #ifdef DA_CPU_HAVE_X86
@@ -26,12 +48,13 @@ static const da_kernels_t *pick(void) {
     const char *name, *needs;
     const da_kernels_t *table;
   } levels[] = {
+      {"amx", "AMX-BF16 (with the tile state granted by Linux) and AVX512-BF16", &da_cpu_impl_amx},
       {"avx512bf16", "AVX512-BF16", &da_cpu_impl_avx512bf16},
       {"avx512", "AVX-512", &da_cpu_impl_avx512},
       {"avx2", "AVX2/FMA", &da_cpu_impl_avx2},
       {"avx2bf16emu", "AVX2/FMA", &da_cpu_impl_avx2bf16emu},
   };
-  const int has[] = {hasbf16, has512, has2, has2};
+  const int has[] = {hasamx, hasbf16, has512, has2, has2};
   for (size_t i = 0; want && i < sizeof levels / sizeof levels[0]; i++)
     if (!strcmp(want, levels[i].name)) {
       if (!has[i])
@@ -41,15 +64,16 @@ static const da_kernels_t *pick(void) {
 #endif
   if (want && strcmp(want, "generic") && strcmp(want, "auto"))
     return DA_ERR(DA_ERR_INVALID_ARGUMENT,
-                  "DISTATTN_CPU_ISA=%s: expected avx512bf16, avx512, avx2, avx2bf16emu, generic or auto", want),
+                  "DISTATTN_CPU_ISA=%s: expected amx, avx512bf16, avx512, avx2, avx2bf16emu, generic or auto", want),
            NULL;
   if (want && !strcmp(want, "generic")) return &da_cpu_impl_generic;
 #ifdef DA_CPU_HAVE_X86
+  if (hasamx) return &da_cpu_impl_amx;
   if (hasbf16) return &da_cpu_impl_avx512bf16;
   if (has512) return &da_cpu_impl_avx512;
   if (has2) return &da_cpu_impl_avx2;
 #endif
-  (void)has512, (void)has2, (void)hasbf16;
+  (void)has512, (void)has2, (void)hasbf16, (void)hasamx;
   return &da_cpu_impl_generic;
 }
 

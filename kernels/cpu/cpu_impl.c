@@ -55,17 +55,24 @@
 #define QT (NV * W)  /* queries per micro-tile */
 #define NU 2         /* vectors along D in the row-major product (gemm_c) */
 #define BK_DEF 64    /* keys per KV tile unless block_k asks otherwise */
-#define BK_MAX 256   /* largest KV tile (block_k is rounded to TR and clamped to [TR, BK_MAX]) */
+#define BK_MAX 256   /* largest KV tile (block_k is rounded to KA and clamped to [KA, BK_MAX]) */
+/* KV tiles are whole multiples of KA keys: TR (gemm_a's rows), or on the AMX level 32, two tiles
+ * of 16 rows, which is also the reduction step over keys (amx_gemm). */
+#ifdef DA_AMX
+#define KA 32
+#else
+#define KA TR
+#endif
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
 
 static inline int imin(int a, int b) { return a < b ? a : b; }
 static inline int imax(int a, int b) { return a > b ? a : b; }
-/* KV tile of a call: block_k rounded up to TR rows, in [TR, BK_MAX]; 0 = BK_DEF. */
+/* KV tile of a call: block_k rounded up to KA rows, in [KA, BK_MAX]; 0 = BK_DEF. */
 static inline int kv_tile(const da_kparams_t *p) {
   if (p->block_k <= 0) return BK_DEF;
-  int b = (p->block_k + TR - 1) / TR * TR;
-  return b < TR ? TR : b > BK_MAX ? BK_MAX : b;
+  int b = (p->block_k + KA - 1) / KA * KA;
+  return b < KA ? KA : b > BK_MAX ? BK_MAX : b;
 }
 static inline int64_t lmin(int64_t a, int64_t b) { return a < b ? a : b; }
 /* Padded head dim: a multiple of both TR (gemm_b rows) and NU*W (gemm_c columns). */
@@ -301,9 +308,88 @@ static void pack_tile_bf(uint16_t *restrict dst, const float *S, int n) {
 }
 #endif /* DA_BF16DP */
 
+/* ---- AMX products (the amx level, bf16 storage) ----------------------------------------------
+ * The pair layouts above are the layouts of AMX's B operand, so the bf16 path's packing carries
+ * over; what changes is the A operand of O^T += V^T P^T and dQ^T += K^T dS^T, which the tiles
+ * need as rows over keys (V^T and K^T [Dp][nk], pack_rows_t_bf) where the pair products
+ * broadcast pairs of V and K. Every product is a whole number of 32 x 32 blocks of C with a
+ * reduction in steps of 32 (keys padded with zero rows to KA, the head dim to Dp, QT = 32). */
+#ifdef DA_AMX
+_Static_assert(QT == 32 && KA == 32, "amx_gemm works in 32 x 32 blocks and reduction steps of 32");
+
+/* C[M][N] (fp32, row stride ldc) = (acc ? C : 0) + A B, with A bf16 rows [M][K] (stride lda
+ * elements) and B pairs over K [K/2][ldb]; M, N and K multiples of 32. Tiles 0-3 hold a 32 x 32
+ * block of C, 4-5 two A tiles, 6-7 two B tiles: four tdpbf16ps per four tile loads. */
+static void amx_gemm(int M, int N, int K, const uint16_t *A, int lda, const uint32_t *B, int ldb, float *C, int ldc,
+                     int acc) {
+  const size_t sa = (size_t)lda * 2, sb = (size_t)ldb * 4, sc = (size_t)ldc * 4;
+  for (int m = 0; m < M; m += 32)
+    for (int n = 0; n < N; n += 32) {
+      float *c = C + (size_t)m * ldc + n;
+      if (acc) {
+        _tile_loadd(0, c, sc);
+        _tile_loadd(1, c + 16, sc);
+        _tile_loadd(2, c + (size_t)16 * ldc, sc);
+        _tile_loadd(3, c + (size_t)16 * ldc + 16, sc);
+      } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+      }
+      for (int k = 0; k < K; k += 32) {
+        const uint16_t *a = A + (size_t)m * lda + k;
+        const uint32_t *b = B + (size_t)(k / 2) * ldb + n;
+        _tile_loadd(4, a, sa);
+        _tile_loadd(5, a + (size_t)16 * lda, sa);
+        _tile_loadd(6, b, sb);
+        _tile_loadd(7, b + 16, sb);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, c, sc);
+      _tile_stored(1, c + 16, sc);
+      _tile_stored(2, c + (size_t)16 * ldc, sc);
+      _tile_stored(3, c + (size_t)16 * ldc + 16, sc);
+    }
+}
+
+/* bf16 rows as stored, transposed: dst[d][j] = src[j][d] for j < n, d < D; zero for j in
+ * [n, nkp) and d in [D, Dp). Row stride of dst: nkp. */
+static void pack_rows_t_bf(uint16_t *restrict dst, int Dp, int nkp, const uint16_t *src, int64_t ld, int n, int D) {
+  for (int d = 0; d < Dp; d++) {
+    uint16_t *o = dst + (size_t)d * nkp;
+    if (d >= D) {
+      memset(o, 0, (size_t)nkp * 2);
+      continue;
+    }
+    for (int j = 0; j < n; j++) o[j] = src[(size_t)j * (size_t)ld + d];
+    memset(o + n, 0, (size_t)(nkp - n) * 2);
+  }
+}
+
+/* pack_tile_pairs, then zero pair rows up to nkp / 2 (the padding of the reduction over keys). */
+static void pack_tile_pairs_pad(uint32_t *restrict dst, const float *S, int nk, int nkp) {
+  pack_tile_pairs(dst, S, nk);
+  const int done = (nk + 1) / 2;
+  memset(dst + (size_t)done * QT, 0, (size_t)(nkp / 2 - done) * QT * 4);
+}
+
+/* O^T [Dp][QT] *= alpha, per lane. */
+static void scale_lanes(float *restrict Ot, int Dp, const vf *alpha) {
+  for (int d = 0; d < Dp; d++)
+    for (int v = 0; v < NV; v++) vstore(Ot + d * QT + v * W, vmul(vload(Ot + d * QT + v * W), alpha[v]));
+}
+#define AMXDP(dt) ((dt) == 1)
+#else
+#define AMXDP(dt) 0
+#endif /* DA_AMX */
+
 /* ---- forward -------------------------------------------------------------------------------- */
 
-/* Online softmax over one tile of nk keys: S [nk][QT] (log2 units) becomes P = exp2(S - m) in
+/* Online softmax over one tile of nk keys: S [nk][QT] times cs (log2 units) becomes P = exp2(S - m) in
  * place, with m the lane's reference in M; L (per lane) is updated. The reference moves only when
  * the tile's max passes it by more than RESCALE_TAU (FlashAttention-4's lazy rescale): P then
  * stays below 2^RESCALE_TAU, and most tiles leave the output unscaled. Exact either way: O and L
@@ -311,9 +397,10 @@ static void pack_tile_bf(uint16_t *restrict dst, const float *S, int n) {
  * when some lane's reference moved: alpha = exp2(m_old - m_new) then rescales the output; 0
  * when none did (alpha = 1, not written). */
 #define RESCALE_TAU 8.0f
-static int softmax_tile(float *restrict S, int nk, const float *lo, const float *hi, float *restrict M,
+static int softmax_tile(float *restrict S, int nk, float cs, const float *lo, const float *hi, float *restrict M,
                         float *restrict L, vf *alpha) {
   vf mt[NV], use[NV], ls[NV];
+  const vf vcs = vset1(cs);
   for (int v = 0; v < NV; v++) mt[v] = vset1(-INFINITY);
   if (lo) {
     vf vlo[NV], vhi[NV];
@@ -321,11 +408,18 @@ static int softmax_tile(float *restrict S, int nk, const float *lo, const float 
     for (int j = 0; j < nk; j++) {
       vf jf = vset1((float)j);
       for (int v = 0; v < NV; v++) {
-        vf s = vkeep_range(vload(S + j * QT + v * W), jf, vlo[v], vhi[v]);
+        vf s = vkeep_range(vmul(vload(S + j * QT + v * W), vcs), jf, vlo[v], vhi[v]);
         vstore(S + j * QT + v * W, s);
         mt[v] = vmax(mt[v], s);
       }
     }
+  } else if (cs != 1.0f) {
+    for (int j = 0; j < nk; j++)
+      for (int v = 0; v < NV; v++) {
+        const vf s = vmul(vload(S + j * QT + v * W), vcs);
+        vstore(S + j * QT + v * W, s);
+        mt[v] = vmax(mt[v], s);
+      }
   } else {
     for (int j = 0; j < nk; j++)
       for (int v = 0; v < NV; v++) mt[v] = vmax(mt[v], vload(S + j * QT + v * W));
@@ -467,10 +561,19 @@ static void fwd_state_store(const fwd_call_t *c, int h, int64_t row, int n, cons
 }
 
 /* KV tile [j0, j0 + nk) of KV head g into the scratch: fp32 rows Kc, Vc (K padded to whole
- * register tiles); on the bf16 pair path K as bf16 rows and V as pairs over keys. */
+ * register tiles); on the bf16 pair path K as bf16 rows and V as pairs over keys; on the AMX
+ * level K as bf16 rows and V^T [Dp][nkp], both padded with zeros to nkp = whole KA keys. */
 static void fwd_pack_kv(const fwd_call_t *c, int g, int64_t j0, int nk, fwd_scratch_t *w) {
   const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + TR - 1) / TR * TR;
   const char *ksrc = head_row(c->p, c->k, c->ldk, j0, g), *vsrc = head_row(c->p, c->v, c->ldv, j0, g);
+#ifdef DA_AMX
+  if (AMXDP(dt)) {
+    const int nkp = (nk + KA - 1) / KA * KA;
+    pack_rows_bf((uint16_t *)w->Kc, Dp, nkp, (const uint16_t *)ksrc, c->ldk, nk, D);
+    pack_rows_t_bf((uint16_t *)w->Vc, Dp, nkp, (const uint16_t *)vsrc, c->ldv, nk, D);
+    return;
+  }
+#endif
 #ifdef DA_HAVE_BF16DP
   if (BFDP(dt)) {
     pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, c->ldk, nk, D);
@@ -501,7 +604,7 @@ static void fwd_micro_f32(const fwd_call_t *c, int nk, int mt, const float *lo, 
   float *Ot = w->Ot + (size_t)mt * Dp * QT;
   vf alpha[NV];
   for (int jr = 0; jr < nk; jr += TR) gemm_a(D, w->K + (size_t)jr * w->ldk, (int)w->ldk, Qt, w->S + jr * QT, 1.0f);
-  const vf *al = softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
+  const vf *al = softmax_tile(w->S, nk, 1.0f, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
   for (int dr = 0; dr < D; dr += TR) gemm_b(nk, w->V + dr, (int)w->ldv, w->S, Ot + (size_t)dr * QT, al);
 }
 
@@ -515,10 +618,25 @@ static void fwd_micro_bf(const fwd_call_t *c, int nk, int mt, const float *lo, c
   const uint16_t *Kb = (const uint16_t *)w->Kc;
   vf alpha[NV];
   for (int jr = 0; jr < nk; jr += TR) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, c->c2);
-  const vf *al = softmax_tile(w->S, nk, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
+  const vf *al = softmax_tile(w->S, nk, 1.0f, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
   pack_tile_pairs(w->Pp, w->S, nk);
   for (int dr = 0; dr < D; dr += TR)
     gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, al);
+}
+#endif
+
+#ifdef DA_AMX
+/* The same on AMX tiles: S^T = K Q^T over the padded keys, the softmax with the scale, P rounded
+ * to bf16 pairs over keys (zero past nk), then O^T = O^T * alpha + V^T P^T. */
+static void fwd_micro_amx(const fwd_call_t *c, int nk, int mt, const float *lo, const float *hi, fwd_scratch_t *w) {
+  const int Dp = c->Dp, nkp = (nk + KA - 1) / KA * KA;
+  const uint32_t *Qt = (const uint32_t *)(w->Qt + (size_t)mt * Dp * QT);
+  float *Ot = w->Ot + (size_t)mt * Dp * QT;
+  vf alpha[NV];
+  amx_gemm(nkp, QT, Dp, (const uint16_t *)w->Kc, Dp, Qt, QT, w->S, QT, 0);
+  if (softmax_tile(w->S, nk, c->c2, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha)) scale_lanes(Ot, Dp, alpha);
+  pack_tile_pairs_pad(w->Pp, w->S, nk, nkp);
+  amx_gemm(Dp, QT, nkp, (const uint16_t *)w->Vc, nkp, w->Pp, QT, Ot, QT, 1);
 }
 #endif
 
@@ -555,6 +673,12 @@ static void fwd_kv_tile(const fwd_call_t *c, const fwd_tiles_t *t, int64_t j0, i
     if (partial) lane_ranges(mask, t->pos[i], t->n[i], ks, w->lo, w->hi);
     const float *lo = partial ? w->lo : NULL, *hi = partial ? w->hi : NULL;
     for (int hq = 0; hq < rep; hq++) {
+#ifdef DA_AMX
+      if (AMXDP((int)c->p->dtype)) {
+        fwd_micro_amx(c, nk, hq * t->ntl + i, lo, hi, w);
+        continue;
+      }
+#endif
 #ifdef DA_HAVE_BF16DP
       if (BFDP((int)c->p->dtype)) {
         fwd_micro_bf(c, nk, hq * t->ntl + i, lo, hi, w);
@@ -581,7 +705,13 @@ static void fwd_task(const fwd_call_t *c, int g, int64_t r0, int nrows, int ntl,
                      w->L + mt * QT);
     }
   const int bk = kv_tile(c->p);
+#ifdef DA_AMX
+  if (AMXDP((int)c->p->dtype)) amx_on();
+#endif
   for (int64_t j0 = 0; j0 < c->kpos.count; j0 += bk) fwd_kv_tile(c, &t, j0, (int)lmin(bk, c->kpos.count - j0), w);
+#ifdef DA_AMX
+  if (AMXDP((int)c->p->dtype)) amx_off();
+#endif
   for (int hq = 0; hq < rep; hq++)
     for (int i = 0; i < ntl; i++) {
       const int mt = hq * ntl + i;
@@ -827,10 +957,20 @@ static void bwd_pack_q(const bwd_call_t *c, const bwd_chunk_t *ch, int64_t ht) {
 }
 
 /* KV tile [j0, j0 + nk) of KV head g: K and V rows (padded to whole register tiles); on the bf16
- * pair path bf16 rows, plus K as pairs over keys for dQ. */
+ * pair path bf16 rows, plus K as pairs over keys for dQ; on the AMX level bf16 rows and K^T
+ * [Dp][nkp] (in Kp) for dQ, padded with zeros to nkp = whole KA keys. */
 static void bwd_pack_kv(const bwd_call_t *c, int g, int64_t j0, int nk, bwd_scratch_t *w) {
   const int D = c->p->D, dt = (int)c->p->dtype, Dp = c->Dp, nkr = (nk + TR - 1) / TR * TR;
   const char *ksrc = head_row(c->p, c->k, c->ldk, j0, g), *vsrc = head_row(c->p, c->v, c->ldv, j0, g);
+#ifdef DA_AMX
+  if (AMXDP(dt)) {
+    const int nkp = (nk + KA - 1) / KA * KA;
+    pack_rows_bf((uint16_t *)w->Kc, Dp, nkp, (const uint16_t *)ksrc, c->ldk, nk, D);
+    pack_rows_bf((uint16_t *)w->Vc, Dp, nkp, (const uint16_t *)vsrc, c->ldv, nk, D);
+    pack_rows_t_bf((uint16_t *)w->Kp, Dp, nkp, (const uint16_t *)ksrc, c->ldk, nk, D);
+    return;
+  }
+#endif
 #ifdef DA_HAVE_BF16DP
   if (BFDP(dt)) {
     pack_rows_bf((uint16_t *)w->Kc, Dp, nkr, (const uint16_t *)ksrc, c->ldk, nk, D);
@@ -843,10 +983,12 @@ static void bwd_pack_kv(const bwd_call_t *c, int g, int64_t j0, int nk, bwd_scra
   pack_rows(w->Vc, Dp, nkr, vsrc, c->ldv, dt, nk, D, 1.0f);
 }
 
-/* P = exp2(S - lse2) (0 where masked), dS = P (dP - delta), in place of S and dP over the tile's
- * nkr rows (rows nk..nkr-1 zero). LS, DL [QT] of the micro-tile; lo, hi: lane ranges (partial). */
-static void bwd_softmax_grad(float *restrict S, float *restrict dP, int nk, int nkr, const float *LS, const float *DL,
-                             const float *lo, const float *hi, int partial) {
+/* P = exp2(cs S - lse2) (0 where masked), dS = P (dP - delta), in place of S and dP over the
+ * tile's nkr rows (rows nk..nkr-1 zero). LS, DL [QT] of the micro-tile; lo, hi: lane ranges
+ * (partial). */
+static void bwd_softmax_grad(float *restrict S, float *restrict dP, int nk, int nkr, float cs, const float *LS,
+                             const float *DL, const float *lo, const float *hi, int partial) {
+  const vf vcs = vset1(cs);
   vf vl[NV], vd[NV], vlo[NV], vhi[NV];
   for (int u = 0; u < NV; u++) {
     vl[u] = vload(LS + u * W), vd[u] = vload(DL + u * W);
@@ -855,7 +997,7 @@ static void bwd_softmax_grad(float *restrict S, float *restrict dP, int nk, int 
   for (int j = 0; j < nkr; j++) {
     const vf jf = vset1((float)j);
     for (int u = 0; u < NV; u++) {
-      vf s = vload(S + j * QT + u * W);
+      vf s = vmul(vload(S + j * QT + u * W), vcs);
       if (partial) s = vkeep_range(s, jf, vlo[u], vhi[u]);
       vf pj = j < nk ? vexp2(vsub(s, vl[u])) : vzero();
       vf ds = vmul(pj, vsub(vload(dP + j * QT + u * W), vd[u]));
@@ -897,7 +1039,7 @@ static void bwd_micro_f32(const bwd_call_t *c, size_t x, int nk, int partial, bw
     gemm_a(D, w->Kc + (size_t)jr * Dp, Dp, Q->Qt + x * c->qtile, w->S + jr * QT, 1.0f);
     gemm_a(D, w->Vc + (size_t)jr * Dp, Dp, Q->dOt + x * c->qtile, w->dP + jr * QT, 1.0f);
   }
-  bwd_softmax_grad(w->S, w->dP, nk, nkr, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
+  bwd_softmax_grad(w->S, w->dP, nk, nkr, 1.0f, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
   bwd_dkv_f32(c, x, nkr, w);
   for (int dr = 0; dr < D; dr += TR) gemm_b(nk, w->Kc + dr, Dp, w->dP, w->dQt + x * c->qtile + (size_t)dr * QT, NULL);
 }
@@ -914,7 +1056,7 @@ static void bwd_micro_bf(const bwd_call_t *c, size_t x, int nk, int partial, bwd
     gemm_a_bf((D + 1) / 2, (const uint16_t *)w->Vc + (size_t)jr * Dp, Dp, (const uint32_t *)(Q->dOt + x * c->qtile),
               w->dP + jr * QT, 1.0f);
   }
-  bwd_softmax_grad(w->S, w->dP, nk, nkr, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
+  bwd_softmax_grad(w->S, w->dP, nk, nkr, 1.0f, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
   pack_tile_bf(w->Sb, w->S, nkr);
   pack_tile_bf(w->dSb, w->dP, nkr);
   pack_tile_pairs(w->dSp, w->dP, nk);
@@ -925,6 +1067,26 @@ static void bwd_micro_bf(const bwd_call_t *c, size_t x, int nk, int partial, bwd
     }
   for (int dr = 0; dr < D; dr += TR)
     gemm_b_bf((nk + 1) / 2, w->Kp + dr, Dp, w->dSp, w->dQt + x * c->qtile + (size_t)dr * QT, NULL);
+}
+#endif
+
+#ifdef DA_AMX
+/* The same on AMX tiles, over the keys padded to nkp: S^T = K Q^T and dP^T = V dO^T, P and dS
+ * (the scale applied there), then dV += P^T dO, dK += dS^T Q and dQ^T += K^T dS^T. */
+static void bwd_micro_amx(const bwd_call_t *c, size_t x, int nk, int partial, bwd_scratch_t *w) {
+  const int Dp = c->Dp, nkp = (nk + KA - 1) / KA * KA;
+  const bwd_q_t *Q = &c->Q;
+  const uint32_t *Qt = (const uint32_t *)(Q->Qt + x * c->qtile), *dOt = (const uint32_t *)(Q->dOt + x * c->qtile);
+  const uint32_t *Qr = (const uint32_t *)(Q->Qr + x * c->qtile), *dOr = (const uint32_t *)(Q->dOr + x * c->qtile);
+  amx_gemm(nkp, QT, Dp, (const uint16_t *)w->Kc, Dp, Qt, QT, w->S, QT, 0);
+  amx_gemm(nkp, QT, Dp, (const uint16_t *)w->Vc, Dp, dOt, QT, w->dP, QT, 0);
+  bwd_softmax_grad(w->S, w->dP, nk, nkp, c->c2, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
+  pack_tile_bf(w->Sb, w->S, nkp);
+  pack_tile_bf(w->dSb, w->dP, nkp);
+  pack_tile_pairs_pad(w->dSp, w->dP, nk, nkp);
+  amx_gemm(nkp, Dp, QT, w->Sb, QT, dOr, Dp, w->dVt, Dp, 1);
+  amx_gemm(nkp, Dp, QT, w->dSb, QT, Qr, Dp, w->dKt, Dp, 1);
+  amx_gemm(Dp, QT, nkp, (const uint16_t *)w->Kp, nkp, w->dSp, QT, w->dQt + x * c->qtile, QT, 1);
 }
 #endif
 
@@ -952,6 +1114,9 @@ static void bwd_task(const bwd_call_t *c, const bwd_chunk_t *ch, int g, int64_t 
     return;
   bwd_pack_kv(c, g, j0, nk, w);
   memset(w->dKt, 0, (size_t)2 * c->bk * c->Dp * sizeof(float)); /* dKt and dVt */
+#ifdef DA_AMX
+  if (AMXDP((int)c->p->dtype)) amx_on();
+#endif
   int touched = 0;
   for (int t = 0; t < ch->nct; t++) {
     const int n = (int)lmin(QT, ch->rows - (int64_t)t * QT);
@@ -963,6 +1128,12 @@ static void bwd_task(const bwd_call_t *c, const bwd_chunk_t *ch, int g, int64_t 
     if (partial) lane_ranges(mask, ts, n, ks, w->lo, w->hi);
     for (int hq = 0; hq < rep; hq++) {
       const size_t x = (size_t)(g * rep + hq) * c->ntc + t;
+#ifdef DA_AMX
+      if (AMXDP((int)c->p->dtype)) {
+        bwd_micro_amx(c, x, nk, partial, w);
+        continue;
+      }
+#endif
 #ifdef DA_HAVE_BF16DP
       if (BFDP((int)c->p->dtype)) {
         bwd_micro_bf(c, x, nk, partial, w);
@@ -972,6 +1143,9 @@ static void bwd_task(const bwd_call_t *c, const bwd_chunk_t *ch, int g, int64_t 
       bwd_micro_f32(c, x, nk, partial, w);
     }
   }
+#ifdef DA_AMX
+  if (AMXDP((int)c->p->dtype)) amx_off();
+#endif
   if (touched) bwd_store_dkv(c, g, j0, nk, w);
 }
 

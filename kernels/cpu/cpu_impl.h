@@ -7,6 +7,7 @@
 #include "kernels.h"
 
 /* Each level exports a full kernel table (supports = NULL: cpu.c owns the capability checks). */
+extern const da_kernels_t da_cpu_impl_amx;         /* AVX-512 + AMX tiles for bf16 storage */
 extern const da_kernels_t da_cpu_impl_avx512bf16;  /* AVX-512 + vdpbf16ps for bf16 storage */
 extern const da_kernels_t da_cpu_impl_avx512;
 extern const da_kernels_t da_cpu_impl_avx2bf16emu; /* AVX2 running the bf16 pair path (tests) */
