@@ -359,14 +359,10 @@ static void amx_gemm(int M, int N, int K, const uint16_t *A, int lda, const uint
 /* bf16 rows as stored, transposed: dst[d][j] = src[j][d] for j < n, d < D; zero for j in
  * [n, nkp) and d in [D, Dp). Row stride of dst: nkp. */
 static void pack_rows_t_bf(uint16_t *restrict dst, int Dp, int nkp, const uint16_t *src, int64_t ld, int n, int D) {
-  for (int d = 0; d < Dp; d++) {
-    uint16_t *o = dst + (size_t)d * nkp;
-    if (d >= D) {
-      memset(o, 0, (size_t)nkp * 2);
-      continue;
-    }
-    for (int j = 0; j < n; j++) o[j] = src[(size_t)j * (size_t)ld + d];
-    memset(o + n, 0, (size_t)(nkp - n) * 2);
+  if (n < nkp || D < Dp) memset(dst, 0, (size_t)Dp * nkp * 2);
+  for (int j = 0; j < n; j++) { /* source rows read in order; the destination (<= 128 KB) stays in L2 */
+    const uint16_t *r = src + (size_t)j * (size_t)ld;
+    for (int d = 0; d < D; d++) dst[(size_t)d * nkp + j] = r[d];
   }
 }
 
@@ -389,17 +385,21 @@ static void scale_lanes(float *restrict Ot, int Dp, const vf *alpha) {
 
 /* ---- forward -------------------------------------------------------------------------------- */
 
-/* Online softmax over one tile of nk keys: S [nk][QT] times cs (log2 units) becomes P = exp2(S - m) in
- * place, with m the lane's reference in M; L (per lane) is updated. The reference moves only when
- * the tile's max passes it by more than RESCALE_TAU (FlashAttention-4's lazy rescale): P then
- * stays below 2^RESCALE_TAU, and most tiles leave the output unscaled. Exact either way: O and L
- * are sums relative to the same reference m, and fwd_finish takes lse = m + log2 L. Returns 1
- * when some lane's reference moved: alpha = exp2(m_old - m_new) then rescales the output; 0
- * when none did (alpha = 1, not written). */
+/* Online softmax over one tile of nk keys: S [nk][QT] times cs > 0 (log2 units) becomes
+ * P = exp2(cs S - m), with m the lane's reference in M; L (per lane) is updated. P goes in place
+ * of S, or where Pp is not NULL (levels with pair products only) into Pp as bf16 pairs over keys
+ * [nk/2][QT] (a missing odd key zero), the layout of the PV product, S then keeping the masked
+ * scores. The reference moves only when the tile's max passes it by more than RESCALE_TAU
+ * (FlashAttention-4's lazy rescale): P then stays below 2^RESCALE_TAU, and most tiles leave the
+ * output unscaled. Exact either way: O and L are sums relative to the same reference m, and
+ * fwd_finish takes lse = m + log2 L. Returns 1 when some lane's reference moved: alpha =
+ * exp2(m_old - m_new) then rescales the output; 0 when none did (alpha = 1, not written). The
+ * scale is folded into the exponent's FMA, and the max is taken over the unscaled scores (cs > 0
+ * keeps the order). */
 #define RESCALE_TAU 8.0f
 static int softmax_tile(float *restrict S, int nk, float cs, const float *lo, const float *hi, float *restrict M,
-                        float *restrict L, vf *alpha) {
-  vf mt[NV], use[NV], ls[NV];
+                        float *restrict L, vf *alpha, uint32_t *restrict Pp) {
+  vf mt[NV], nuse[NV], ls[NV];
   const vf vcs = vset1(cs);
   for (int v = 0; v < NV; v++) mt[v] = vset1(-INFINITY);
   if (lo) {
@@ -408,18 +408,11 @@ static int softmax_tile(float *restrict S, int nk, float cs, const float *lo, co
     for (int j = 0; j < nk; j++) {
       vf jf = vset1((float)j);
       for (int v = 0; v < NV; v++) {
-        vf s = vkeep_range(vmul(vload(S + j * QT + v * W), vcs), jf, vlo[v], vhi[v]);
+        vf s = vkeep_range(vload(S + j * QT + v * W), jf, vlo[v], vhi[v]);
         vstore(S + j * QT + v * W, s);
         mt[v] = vmax(mt[v], s);
       }
     }
-  } else if (cs != 1.0f) {
-    for (int j = 0; j < nk; j++)
-      for (int v = 0; v < NV; v++) {
-        const vf s = vmul(vload(S + j * QT + v * W), vcs);
-        vstore(S + j * QT + v * W, s);
-        mt[v] = vmax(mt[v], s);
-      }
   } else {
     for (int j = 0; j < nk; j++)
       for (int v = 0; v < NV; v++) mt[v] = vmax(mt[v], vload(S + j * QT + v * W));
@@ -429,7 +422,7 @@ static int softmax_tile(float *restrict S, int nk, float cs, const float *lo, co
    * RESCALE_TAU (a NaN tile max never moves it: its P are NaN whatever the reference) */
   float tmax[QT], mold[QT];
   int moved = 0;
-  for (int v = 0; v < NV; v++) vstore(tmax + v * W, mt[v]);
+  for (int v = 0; v < NV; v++) vstore(tmax + v * W, vmul(mt[v], vcs));
   memcpy(mold, M, sizeof mold);
   for (int i = 0; i < QT; i++)
     if (mold[i] == -INFINITY || tmax[i] > mold[i] + RESCALE_TAU) {
@@ -438,17 +431,31 @@ static int softmax_tile(float *restrict S, int nk, float cs, const float *lo, co
       M[i] = mn;
     }
   for (int v = 0; v < NV; v++) {
-    vf mn = vload(M + v * W);
-    use[v] = vreplace_eq(mn, -INFINITY, 0.0f); /* a row that has seen nothing yet: exp2(-inf) = 0 */
-    if (moved) alpha[v] = vexp2(vsub(vload(mold + v * W), use[v]));
+    /* a row that has seen nothing yet uses 0: exp2(-inf) = 0 */
+    const vf use = vreplace_eq(vload(M + v * W), -INFINITY, 0.0f);
+    if (moved) alpha[v] = vexp2(vsub(vload(mold + v * W), use));
+    nuse[v] = vsub(vzero(), use);
     ls[v] = vzero();
   }
-  for (int j = 0; j < nk; j++)
-    for (int v = 0; v < NV; v++) {
-      vf pj = vexp2(vsub(vload(S + j * QT + v * W), use[v]));
-      vstore(S + j * QT + v * W, pj);
-      ls[v] = vadd(ls[v], pj);
-    }
+#ifdef DA_HAVE_BF16DP
+  if (Pp) {
+    for (int j = 0; j < nk; j += 2)
+      for (int v = 0; v < NV; v++) {
+        const vf p0 = vexp2(vfma(vload(S + j * QT + v * W), vcs, nuse[v]));
+        const vf p1 = j + 1 < nk ? vexp2(vfma(vload(S + (j + 1) * QT + v * W), vcs, nuse[v])) : vzero();
+        vbstore(Pp + (j / 2) * QT + v * W, vpack_bf2(p0, p1));
+        ls[v] = vadd(ls[v], vadd(p0, p1));
+      }
+  } else
+#endif
+  {
+    for (int j = 0; j < nk; j++)
+      for (int v = 0; v < NV; v++) {
+        vf pj = vexp2(vfma(vload(S + j * QT + v * W), vcs, nuse[v]));
+        vstore(S + j * QT + v * W, pj);
+        ls[v] = vadd(ls[v], pj);
+      }
+  }
   for (int v = 0; v < NV; v++)
     vstore(L + v * W, moved ? vfma(vload(L + v * W), alpha[v], ls[v]) : vadd(vload(L + v * W), ls[v]));
   return moved;
@@ -604,13 +611,13 @@ static void fwd_micro_f32(const fwd_call_t *c, int nk, int mt, const float *lo, 
   float *Ot = w->Ot + (size_t)mt * Dp * QT;
   vf alpha[NV];
   for (int jr = 0; jr < nk; jr += TR) gemm_a(D, w->K + (size_t)jr * w->ldk, (int)w->ldk, Qt, w->S + jr * QT, 1.0f);
-  const vf *al = softmax_tile(w->S, nk, 1.0f, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
+  const vf *al = softmax_tile(w->S, nk, 1.0f, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha, NULL) ? alpha : NULL;
   for (int dr = 0; dr < D; dr += TR) gemm_b(nk, w->V + dr, (int)w->ldv, w->S, Ot + (size_t)dr * QT, al);
 }
 
 #ifdef DA_HAVE_BF16DP
 /* The same over bf16 pairs: the scale applied to the fp32 scores, P rounded to bf16 pairs over
- * keys for its product with V. */
+ * keys (by the softmax) for its product with V. */
 static void fwd_micro_bf(const fwd_call_t *c, int nk, int mt, const float *lo, const float *hi, fwd_scratch_t *w) {
   const int D = c->p->D, Dp = c->Dp;
   const uint32_t *Qt = (const uint32_t *)(w->Qt + (size_t)mt * Dp * QT);
@@ -618,8 +625,7 @@ static void fwd_micro_bf(const fwd_call_t *c, int nk, int mt, const float *lo, c
   const uint16_t *Kb = (const uint16_t *)w->Kc;
   vf alpha[NV];
   for (int jr = 0; jr < nk; jr += TR) gemm_a_bf((D + 1) / 2, Kb + (size_t)jr * Dp, Dp, Qt, w->S + jr * QT, c->c2);
-  const vf *al = softmax_tile(w->S, nk, 1.0f, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha) ? alpha : NULL;
-  pack_tile_pairs(w->Pp, w->S, nk);
+  const vf *al = softmax_tile(w->S, nk, 1.0f, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha, w->Pp) ? alpha : NULL;
   for (int dr = 0; dr < D; dr += TR)
     gemm_b_bf((nk + 1) / 2, (const uint32_t *)w->Vc + dr, Dp, w->Pp, Ot + (size_t)dr * QT, al);
 }
@@ -634,8 +640,9 @@ static void fwd_micro_amx(const fwd_call_t *c, int nk, int mt, const float *lo, 
   float *Ot = w->Ot + (size_t)mt * Dp * QT;
   vf alpha[NV];
   amx_gemm(nkp, QT, Dp, (const uint16_t *)w->Kc, Dp, Qt, QT, w->S, QT, 0);
-  if (softmax_tile(w->S, nk, c->c2, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha)) scale_lanes(Ot, Dp, alpha);
-  pack_tile_pairs_pad(w->Pp, w->S, nk, nkp);
+  if (softmax_tile(w->S, nk, c->c2, lo, hi, w->M + mt * QT, w->L + mt * QT, alpha, w->Pp)) scale_lanes(Ot, Dp, alpha);
+  const int done = (nk + 1) / 2; /* zero pairs of keys up to nkp */
+  memset(w->Pp + (size_t)done * QT, 0, (size_t)(nkp / 2 - done) * QT * 4);
   amx_gemm(Dp, QT, nkp, (const uint16_t *)w->Vc, nkp, w->Pp, QT, Ot, QT, 1);
 }
 #endif
