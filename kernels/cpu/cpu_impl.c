@@ -356,14 +356,44 @@ static void amx_gemm(int M, int N, int K, const uint16_t *A, int lda, const uint
     }
 }
 
-/* bf16 rows as stored, transposed: dst[d][j] = src[j][d] for j < n, d < D; zero for j in
- * [n, nkp) and d in [D, Dp). Row stride of dst: nkp. */
-static void pack_rows_t_bf(uint16_t *restrict dst, int Dp, int nkp, const uint16_t *src, int64_t ld, int n, int D) {
-  if (n < nkp || D < Dp) memset(dst, 0, (size_t)Dp * nkp * 2);
-  for (int j = 0; j < n; j++) { /* source rows read in order; the destination (<= 128 KB) stays in L2 */
-    const uint16_t *r = src + (size_t)j * (size_t)ld;
-    for (int d = 0; d < D; d++) dst[(size_t)d * nkp + j] = r[d];
+/* 16 x 16 32-bit transpose in registers: r[i] lane k becomes r[k] lane i (32-bit interleaves,
+ * then 64-bit, then two rounds of 128-bit lane shuffles). */
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  for (int g = 0; g < 16; g += 4) {
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]), u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]), u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
   }
+  /* u[4g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c */
+  for (int c = 0; c < 4; c++) {
+    const __m512i x = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), y = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), y2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(x, x2, 0x88), r[8 + c] = _mm512_shuffle_i32x4(x, x2, 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(y, y2, 0x88), r[12 + c] = _mm512_shuffle_i32x4(y, y2, 0xdd);
+  }
+}
+
+/* bf16 rows as stored, transposed: dst[d][j] = src[j][d] for j < n, d < D; zero for j in
+ * [n, nkp) and d in [D, Dp). Row stride of dst: nkp. Built as pairs of rows (j, j+1) per d (32
+ * bits: dst's two neighbours), then 16 x 16 transposes of those pairs. */
+static void pack_rows_t_bf(uint16_t *restrict dst, int Dp, int nkp, const uint16_t *src, int64_t ld, int n, int D) {
+  uint32_t *o = (uint32_t *)dst;
+  const int ldo = nkp / 2;
+  for (int jp = 0; jp < nkp / 2; jp += 16)
+    for (int d0 = 0; d0 < Dp; d0 += 16) {
+      const __mmask16 m = d0 >= D ? 0 : D - d0 >= 16 ? 0xffff : (__mmask16)((1u << (D - d0)) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; i++) {
+        const int j = 2 * (jp + i);
+        const __m256i a = j < n ? _mm256_maskz_loadu_epi16(m, src + (size_t)j * (size_t)ld + d0) : _mm256_setzero_si256();
+        const __m256i b =
+            j + 1 < n ? _mm256_maskz_loadu_epi16(m, src + (size_t)(j + 1) * (size_t)ld + d0) : _mm256_setzero_si256();
+        r[i] = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+      }
+      transpose16(r);
+      for (int k = 0; k < 16; k++) _mm512_storeu_si512(o + (size_t)(d0 + k) * ldo + jp, r[k]);
+    }
 }
 
 /* pack_tile_pairs, then zero pair rows up to nkp / 2 (the padding of the reduction over keys). */
