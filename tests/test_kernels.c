@@ -1215,26 +1215,29 @@ END_TEST
  * later tiles pass the earlier ones by less than the threshold and by more (scores stay below
  * about 100 units: larger ones would lose the fp32 tolerance to the rounding of the scores
  * themselves, whatever the rescale), over key splits so the reference also moves between calls
- * and with small KV tiles (many moves). fp32 at every level the CPU has, against float64 of the
- * same scaled inputs. A reference that never moved would overflow exp2; a move without the
+ * and with small KV tiles (many moves). fp32 at every level the CPU has, and bf16 at the pair and
+ * AMX levels (whose PV product may run over a whole KV tile after a move inside it: cpu_impl.c
+ * fwd_micro_amx), against float64 of the same scaled inputs. A reference that never moved would overflow exp2; a move without the
  * rescale would leave the earlier keys' weights wrong by the factor skipped. */
 START_TEST(test_growing_scores) {
-  static const char *isa[3] = {"generic", "avx2", "avx512"};
-  if (!use_isa(isa[_i], DA_FLOAT32)) return;
+  static const char *isa[6] = {"generic", "avx2", "avx512", "amx", "avx512bf16", "avx2bf16emu"};
+  const da_dtype_t dt = _i < 3 ? DA_FLOAT32 : DA_BFLOAT16;
+  if (!use_isa(isa[_i], dt)) return;
   for (int t = 0; t < 4; t++) {
     uint64_t rs = tu_seed(9700 + (uint64_t)(_i * 10 + t));
     const int D = (int[]){64, 128, 40, 64}[t];
     const int64_t S = (int64_t[]){400, 257, 333, 300}[t];
     const int step = (int[]){32, 16, 48, 24}[t];
     kc_t c;
-    kc_init(&c, 4, t % 2 ? 1 : 2, D, DA_FLOAT32, da_span(0, 1, S), da_span(0, 1, S), S, t, &rs, tu_seed(rs));
+    kc_init(&c, 4, t % 2 ? 1 : 2, D, dt, da_span(0, 1, S), da_span(0, 1, S), S, t, &rs, tu_seed(rs));
     c.p.block_k = (int[]){0, 16, 40, 8}[t];
-    for (int64_t j = 0; j < S; j++) /* powers of two: the scaled float is exact, rk stays its copy */
+    for (int64_t j = 0; j < S; j++) /* powers of two: the scaled value is exact, rk stays its copy */
       for (int g = 0; g < c.p.G; g++)
         for (int d = 0; d < D; d++) {
-          float *kr = (float *)c.k + j * c.ldk + (int64_t)g * D;
-          kr[d] = ldexpf(kr[d], (int)(j / step < 4 ? j / step : 4));
-          c.rk[(j * c.p.G + g) * D + d] = kr[d];
+          char *kr = (char *)c.k + (size_t)(j * c.ldk + (int64_t)g * D) * esize(dt);
+          const float x = ldexpf(da_load_f32(kr, dt, d), (int)(j / step < 4 ? j / step : 4));
+          da_store_f32(kr, dt, d, x);
+          c.rk[(j * c.p.G + g) * D + d] = x;
         }
     kc_describe(&c);
     snprintf(c.desc + strlen(c.desc), sizeof c.desc - strlen(c.desc), " k rows x 2^min(j/%d,4) isa %s", step, isa[_i]);
@@ -1243,9 +1246,9 @@ START_TEST(test_growing_scores) {
     piece_t qp[16], kp[16];
     int nqp = split(S, SPLIT_STRIPED, &rs, qp, 8), nkp = split(S, SPLIT_CHUNKS, &rs, kp, 8);
     run_fwd(&c, &c.p, qp, nqp, kp, nkp, o, l);
-    CHECK_FWD(&c, o, l, tu_tol(DA_FLOAT32), "fwd split");
+    CHECK_FWD(&c, o, l, tu_tol(dt), "fwd split");
     run_fwd_whole(&c, &c.p, o, l);
-    CHECK_FWD(&c, o, l, tu_tol(DA_FLOAT32), "fwd whole");
+    CHECK_FWD(&c, o, l, tu_tol(dt), "fwd whole");
     tb_free(o), tb_free(l);
     kc_free(&c);
   }
@@ -1372,7 +1375,7 @@ static Suite *kernels_suite(void) {
   tcase_add_loop_test(tc, test_isa_levels, 0, 6);
   tcase_add_loop_test(tc, test_bf16_levels, 0, 5 * TU_NMASKS);
   tcase_add_loop_test(tc, test_decode_groups, 0, 2 * 24);
-  tcase_add_loop_test(tc, test_growing_scores, 0, 3);
+  tcase_add_loop_test(tc, test_growing_scores, 0, 6);
 #endif
   suite_add_tcase(s, tc);
   return s;
