@@ -178,6 +178,26 @@ DEF_GEMM_C(gemm_c, float, float, F32, TR)
 DEF_GEMM_C(gemm_c_wide, float, float, F32, TRC)
 #endif
 
+#if defined(DA_SIMD_AVX512)
+/* 16 x 16 32-bit transpose in registers: r[i] lane k becomes r[k] lane i (32-bit interleaves,
+ * then 64-bit, then two rounds of 128-bit lane shuffles). */
+static inline void transpose16(__m512i r[16]) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  for (int g = 0; g < 16; g += 4) {
+    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]), u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
+    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]), u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
+  }
+  /* u[4g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c */
+  for (int c = 0; c < 4; c++) {
+    const __m512i x = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), y = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
+    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), y2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    r[c] = _mm512_shuffle_i32x4(x, x2, 0x88), r[8 + c] = _mm512_shuffle_i32x4(x, x2, 0xdd);
+    r[4 + c] = _mm512_shuffle_i32x4(y, y2, 0x88), r[12 + c] = _mm512_shuffle_i32x4(y, y2, 0xdd);
+  }
+}
+#endif
+
 /* ---- packing -------------------------------------------------------------------------------- */
 
 /* n rows of D elements (dtype dt, row stride ld elements) -> fp32 rows of Dp, times c; rows
@@ -360,24 +380,6 @@ static void amx_gemm(int M, int N, int K, const uint16_t *A, int lda, const uint
       _tile_stored(2, c + (size_t)16 * ldc, sc);
       _tile_stored(3, c + (size_t)16 * ldc + 16, sc);
     }
-}
-
-/* 16 x 16 32-bit transpose in registers: r[i] lane k becomes r[k] lane i (32-bit interleaves,
- * then 64-bit, then two rounds of 128-bit lane shuffles). */
-static inline void transpose16(__m512i r[16]) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  for (int g = 0; g < 16; g += 4) {
-    u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]), u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
-    u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]), u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
-  }
-  /* u[4g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c */
-  for (int c = 0; c < 4; c++) {
-    const __m512i x = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), y = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
-    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), y2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
-    r[c] = _mm512_shuffle_i32x4(x, x2, 0x88), r[8 + c] = _mm512_shuffle_i32x4(x, x2, 0xdd);
-    r[4 + c] = _mm512_shuffle_i32x4(y, y2, 0x88), r[12 + c] = _mm512_shuffle_i32x4(y, y2, 0xdd);
-  }
 }
 
 /* bf16 rows as stored, transposed: dst[d][j] = src[j][d] for j < n, d < D; zero for j in
@@ -575,20 +577,41 @@ static void fwd_pack_q(const fwd_call_t *c, int h, int64_t row, int n, float *Qt
 }
 
 /* The running state of n rows of head h from row `row` into a micro-tile: O^T [Dp][QT], M, L
- * [QT]; lanes >= n hold an empty state. */
+ * [QT]; lanes >= n hold an empty state. A row with m = -inf and l = 0 has folded no allowed key
+ * yet (da_fwd_state_init's state, or one whose keys so far were all masked): its o is not read
+ * and starts at zero. (o could differ from zero only by a NaN or inf of a masked key's V times
+ * its zero weight, which the float64 reference never sees.) On AVX-512 the rows are transposed
+ * 16 x 16 in registers. */
 static void fwd_state_load(const fwd_call_t *c, int h, int64_t row, int n, float *Ot, float *M, float *L) {
   const int H = c->p->H, D = c->p->D;
-  memset(Ot, 0, (size_t)c->Dp * QT * sizeof(float));
+  int fresh[QT], all = 1;
   for (int i = 0; i < QT; i++) {
-    if (i < n) {
-      const int64_t sr = (row + i) * H + h;
-      const float *o = c->st->o + sr * D;
-      for (int d = 0; d < D; d++) Ot[d * QT + i] = o[d];
-      M[i] = c->st->m[sr], L[i] = c->st->l[sr];
-    } else {
-      M[i] = -INFINITY, L[i] = 0.0f;
-    }
+    const int64_t sr = (row + i) * H + h;
+    M[i] = i < n ? c->st->m[sr] : -INFINITY, L[i] = i < n ? c->st->l[sr] : 0.0f;
+    fresh[i] = M[i] == -INFINITY && L[i] == 0.0f;
+    all &= fresh[i];
   }
+  memset(Ot, 0, (size_t)c->Dp * QT * sizeof(float));
+  if (all) return;
+#if defined(DA_SIMD_AVX512)
+  _Static_assert(QT % 16 == 0, "16-lane blocks");
+  for (int i0 = 0; i0 < QT; i0 += 16)
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 m = D - d0 >= 16 ? 0xffff : (__mmask16)((1u << (D - d0)) - 1);
+      __m512i r[16];
+      for (int i = 0; i < 16; i++)
+        r[i] = fresh[i0 + i] ? _mm512_setzero_si512()
+                             : _mm512_maskz_loadu_epi32(m, c->st->o + ((row + i0 + i) * H + h) * D + d0);
+      transpose16(r);
+      for (int k = 0; k < 16 && d0 + k < D; k++) _mm512_storeu_si512(Ot + (size_t)(d0 + k) * QT + i0, r[k]);
+    }
+#else
+  for (int i = 0; i < n; i++) {
+    if (fresh[i]) continue;
+    const float *o = c->st->o + ((row + i) * H + h) * D;
+    for (int d = 0; d < D; d++) Ot[d * QT + i] = o[d];
+  }
+#endif
 }
 
 /* The inverse: a micro-tile's n valid lanes back into the running state. */
@@ -597,10 +620,24 @@ static void fwd_state_store(const fwd_call_t *c, int h, int64_t row, int n, cons
   const int H = c->p->H, D = c->p->D;
   for (int i = 0; i < n; i++) {
     const int64_t sr = (row + i) * H + h;
-    float *o = c->st->o + sr * D;
-    for (int d = 0; d < D; d++) o[d] = Ot[d * QT + i];
     c->st->m[sr] = M[i], c->st->l[sr] = L[i];
   }
+#if defined(DA_SIMD_AVX512)
+  for (int i0 = 0; i0 < n; i0 += 16)
+    for (int d0 = 0; d0 < D; d0 += 16) {
+      const __mmask16 m = D - d0 >= 16 ? 0xffff : (__mmask16)((1u << (D - d0)) - 1);
+      __m512i r[16];
+      for (int k = 0; k < 16; k++) r[k] = _mm512_loadu_si512(Ot + (size_t)(d0 + k) * QT + i0);
+      transpose16(r);
+      for (int i = 0; i < 16 && i0 + i < n; i++)
+        _mm512_mask_storeu_epi32(c->st->o + ((row + i0 + i) * H + h) * D + d0, m, r[i]);
+    }
+#else
+  for (int i = 0; i < n; i++) {
+    float *o = c->st->o + ((row + i) * H + h) * D;
+    for (int d = 0; d < D; d++) o[d] = Ot[d * QT + i];
+  }
+#endif
 }
 
 /* KV tile [j0, j0 + nk) of KV head g into the scratch: fp32 rows Kc, Vc (K padded to whole
