@@ -209,6 +209,14 @@ static inline void vstore_dt(void *p, int dt, vf x, int n) {
     _mm256_mask_storeu_epi16(p, k, _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
     return;
   }
+  if (dt == 1) { /* da_f32_to_bf16 in lanes: round to nearest even, a NaN stays a quiet NaN */
+    const __m512i u = _mm512_castps_si512(x);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), 16);
+    r = _mm512_mask_or_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(r));
+    return;
+  }
 #elif defined(DA_SIMD_AVX2)
   if (n >= W && dt == 0) {
     _mm256_storeu_ps((float *)p, x);
