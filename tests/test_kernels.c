@@ -1207,6 +1207,48 @@ START_TEST(test_bf16_levels) {
 }
 END_TEST
 
+/* ---- fwd_finish's 16-bit outputs, bit for bit, at every ISA level -----------------------------
+ * A hand-made state (o, m, l) is finished into bf16 and fp16: every output must be the scalar
+ * conversion of the same fp32 product o * (1 / l) (core/dtype.h: round to nearest even, a NaN
+ * stays a quiet NaN), including ties, NaN, inf and values far below one. D 40: whole vectors and
+ * a partial one at every level. */
+START_TEST(test_finish_rounding) {
+  static const char *isa[6] = {"generic", "avx2", "avx512", "avx512bf16", "amx", "avx2bf16emu"};
+  if (!use_isa(isa[_i], DA_FLOAT32)) return;
+  const int H = 3, D = 40, nq = 37;
+  uint64_t rs = tu_seed(9900 + (uint64_t)_i);
+  da_kparams_t p = {.H = H, .G = H, .D = D, .scale = 0.125f, .dtype = DA_BFLOAT16};
+  da_fwd_state_t st = {.o = malloc(sizeof(float) * nq * H * D), .m = malloc(sizeof(float) * nq * H),
+                       .l = malloc(sizeof(float) * nq * H), .nq = nq};
+  uint16_t *out = malloc(2 * (size_t)nq * H * D);
+  float *lse = malloc(sizeof(float) * nq * H);
+  ck_assert(st.o && st.m && st.l && out && lse);
+  for (int64_t r = 0; r < nq * H; r++) {
+    st.m[r] = 0.5f, st.l[r] = r % 7 == 0 ? 1.0f : (float)tu_rand(&rs, 1, 1000) / 64.0f;
+    for (int d = 0; d < D; d++) {
+      uint32_t u = (uint32_t)tu_rand(&rs, 0, 0x7fffffff) ^ (uint32_t)(d & 1) << 31;
+      if (d % 5 == 0) u = (u & 0xffff0000u) | 0x8000u; /* a tie: the even neighbour wins */
+      if (d == 7) u = 0x7fc00001u ^ (uint32_t)(r & 1) << 31; /* NaN */
+      if (d == 9) u = 0x7f800000u;                          /* inf */
+      float x;
+      memcpy(&x, &u, 4);
+      st.o[r * D + d] = isfinite(x) && fabsf(x) > 1e30f ? x * 1e-20f : x;
+    }
+  }
+  for (int dt = 1; dt <= 2; dt++) {
+    ck_assert_int_eq(backend()->fwd_finish(&p, &st, out, (da_dtype_t)dt, (int64_t)H * D, lse, NULL), DA_SUCCESS);
+    for (int64_t r = 0; r < nq * H; r++)
+      for (int d = 0; d < D; d++) {
+        const float y = st.o[r * D + d] * (1.0f / st.l[r]);
+        const uint16_t want = dt == 1 ? da_f32_to_bf16(y) : da_f32_to_f16(y), got = out[r * D + d];
+        ck_assert_msg(got == want, "isa %s %s row %lld d %d: %#06x, the scalar conversion of %a gives %#06x", isa[_i],
+                      dt == 1 ? "bf16" : "fp16", (long long)r, d, got, (double)y, want);
+      }
+  }
+  free(st.o), free(st.m), free(st.l), free(out), free(lse);
+}
+END_TEST
+
 /* ---- the forward's lazy rescale: scores that grow along the keys ----------------------------
  * The CPU forward moves a row's reference max only when a tile's max passes it by more than 8
  * (log2 units) and rescales the output only then (cpu_impl.c softmax_tile). Random inputs
@@ -1376,6 +1418,7 @@ static Suite *kernels_suite(void) {
   tcase_add_loop_test(tc, test_bf16_levels, 0, 5 * TU_NMASKS);
   tcase_add_loop_test(tc, test_decode_groups, 0, 2 * 24);
   tcase_add_loop_test(tc, test_growing_scores, 0, 6);
+  tcase_add_loop_test(tc, test_finish_rounding, 0, 6);
 #endif
   suite_add_tcase(s, tc);
   return s;
