@@ -15,8 +15,9 @@ with the same threads; median >= 0.8.
 
 Speed is reported, never asserted by a test: this is a benchmark (not in `make test`). Exit 0 when
 every criterion passes, 1 when one fails, 2 when a run failed (a wrong distattn value stops it),
-3 without torch. The bf16 criteria are about the AVX512-BF16 level (vdpbf16ps): on a CPU without
-it the bf16 kernels widen to fp32 and the table says which ISA level ran.
+3 without torch. The bf16 criteria are about the levels with bf16 products (amx: AMX tiles,
+avx512bf16: vdpbf16ps): on a CPU without them the bf16 kernels widen to fp32; the table says which
+ISA level ran.
 
 Usage (the torch venv's python):
   bench/cpu_acceptance.py [--distattn build/distattn] [--reps 3] [--iters 3] [--json FILE]

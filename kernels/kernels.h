@@ -113,8 +113,8 @@ typedef struct da_kernels {
 /* Backends. da_kernels_get returns NULL and records an error when the backend is not built. */
 const da_kernels_t *da_kernels_get(da_device_t dev);
 extern const da_kernels_t da_kernels_cpu;
-/* The ISA level the CPU kernels run at in this process ("cpu-avx512bf16", "cpu-avx512", "cpu-avx2",
- * "cpu-generic"; "cpu-avx2bf16emu" only when DISTATTN_CPU_ISA asks for it). */
+/* The ISA level the CPU kernels run at in this process ("cpu-amx", "cpu-avx512bf16", "cpu-avx512",
+ * "cpu-avx2", "cpu-generic"; "cpu-avx2bf16emu" only when DISTATTN_CPU_ISA asks for it). */
 const char *da_cpu_isa_name(void);
 
 /* Common argument checks every backend's supports() starts with (H % G, D, scale, mask). */

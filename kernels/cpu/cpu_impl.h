@@ -1,4 +1,4 @@
-/* cpu_impl.h: the CPU kernels compiled once per ISA level (cpu_impl.c built three times with
+/* cpu_impl.h: the CPU kernels compiled once per ISA level (cpu_impl.c built once per level with
  * different flags) and the table each build exports. cpu.c picks one at run time from what the
  * CPU supports; nothing else includes this. */
 #ifndef DA_CPU_IMPL_H
