@@ -19,14 +19,15 @@
 
 static const da_kernels_t *impl;
 
-/* AMX with bf16 tiles: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and 22) and
- * Linux grants this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for
- * XFEATURE_XTILEDATA; without it the first tile instruction faults). Asked once, by pick(). */
+/* AMX with bf16 tiles: 1 when the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7: EDX bits 24 and
+ * 22) and Linux grants this process the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM for
+ * XFEATURE_XTILEDATA; without it the first tile instruction faults); -1 when the CPU has them but
+ * the grant was refused; 0 without them. Asked once, by pick(). */
 static int amx_usable(void) {
 #if defined(__linux__) && defined(__x86_64__)
   unsigned a, b, c, d;
   if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d >> 24 & 1) || !(d >> 22 & 1)) return 0;
-  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0 ? 1 : -1;
 #else
   return 0;
 #endif
@@ -40,7 +41,8 @@ static const da_kernels_t *pick(void) {
   has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
   hasbf16 = has512 && __builtin_cpu_supports("avx512bf16");
-  hasamx = hasbf16 && amx_usable();
+  const int amx = hasbf16 ? amx_usable() : 0;
+  hasamx = amx == 1;
   has2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 #ifdef DA_CPU_HAVE_X86
@@ -69,6 +71,13 @@ static const da_kernels_t *pick(void) {
   if (want && !strcmp(want, "generic")) return &da_cpu_impl_generic;
 #ifdef DA_CPU_HAVE_X86
   if (hasamx) return &da_cpu_impl_amx;
+  /* A CPU with AMX runs vdpbf16ps at half its fp32 FMA rate (Sapphire Rapids, measured: the
+   * avx512bf16 level's bf16 at 0.7x of widening to fp32), so without the tiles it widens. */
+  if (amx == -1) {
+    DA_WARN(DA_SUB_KERNEL, "cpu kernels: the CPU has AMX but Linux refused the tile state (arch_prctl "
+                           "ARCH_REQ_XCOMP_PERM): bf16 is widened to fp32 (avx512)");
+    return &da_cpu_impl_avx512;
+  }
   if (hasbf16) return &da_cpu_impl_avx512bf16;
   if (has512) return &da_cpu_impl_avx512;
   if (has2) return &da_cpu_impl_avx2;
