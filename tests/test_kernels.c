@@ -1259,8 +1259,9 @@ END_TEST
  * themselves, whatever the rescale), over key splits so the reference also moves between calls
  * and with small KV tiles (many moves). fp32 at every level the CPU has, and bf16 at the pair and
  * AMX levels (whose PV product may run over a whole KV tile after a move inside it: cpu_impl.c
- * fwd_micro_amx), against float64 of the same scaled inputs. A reference that never moved would overflow exp2; a move without the
- * rescale would leave the earlier keys' weights wrong by the factor skipped. */
+ * fwd_micro_amx), against float64 of the same scaled inputs. A reference that never moved would
+ * overflow exp2; a move without the rescale would leave the earlier keys' weights wrong by the
+ * factor skipped. */
 START_TEST(test_growing_scores) {
   static const char *isa[6] = {"generic", "avx2", "avx512", "amx", "avx512bf16", "avx2bf16emu"};
   const da_dtype_t dt = _i < 3 ? DA_FLOAT32 : DA_BFLOAT16;

@@ -183,7 +183,8 @@ DEF_GEMM_C(gemm_c_wide, float, float, F32, TRC)
  * then 64-bit, then two rounds of 128-bit lane shuffles). */
 static inline void transpose16(__m512i r[16]) {
   __m512i t[16], u[16];
-  for (int i = 0; i < 16; i += 2) t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  for (int i = 0; i < 16; i += 2)
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]), t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
   for (int g = 0; g < 16; g += 4) {
     u[g] = _mm512_unpacklo_epi64(t[g], t[g + 2]), u[g + 1] = _mm512_unpackhi_epi64(t[g], t[g + 2]);
     u[g + 2] = _mm512_unpacklo_epi64(t[g + 1], t[g + 3]), u[g + 3] = _mm512_unpackhi_epi64(t[g + 1], t[g + 3]);
@@ -191,7 +192,8 @@ static inline void transpose16(__m512i r[16]) {
   /* u[4g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c */
   for (int c = 0; c < 4; c++) {
     const __m512i x = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x88), y = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xdd);
-    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88), y2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
+    const __m512i x2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512i y2 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xdd);
     r[c] = _mm512_shuffle_i32x4(x, x2, 0x88), r[8 + c] = _mm512_shuffle_i32x4(x, x2, 0xdd);
     r[4 + c] = _mm512_shuffle_i32x4(y, y2, 0x88), r[12 + c] = _mm512_shuffle_i32x4(y, y2, 0xdd);
   }
@@ -394,9 +396,9 @@ static void pack_rows_t_bf(uint16_t *restrict dst, int Dp, int nkp, const uint16
       __m512i r[16];
       for (int i = 0; i < 16; i++) {
         const int j = 2 * (jp + i);
-        const __m256i a = j < n ? _mm256_maskz_loadu_epi16(m, src + (size_t)j * (size_t)ld + d0) : _mm256_setzero_si256();
-        const __m256i b =
-            j + 1 < n ? _mm256_maskz_loadu_epi16(m, src + (size_t)(j + 1) * (size_t)ld + d0) : _mm256_setzero_si256();
+        const uint16_t *ra = src + (size_t)j * (size_t)ld + d0, *rb = ra + ld;
+        const __m256i a = j < n ? _mm256_maskz_loadu_epi16(m, ra) : _mm256_setzero_si256();
+        const __m256i b = j + 1 < n ? _mm256_maskz_loadu_epi16(m, rb) : _mm256_setzero_si256();
         r[i] = _mm512_or_si512(_mm512_cvtepu16_epi32(a), _mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
       }
       transpose16(r);
