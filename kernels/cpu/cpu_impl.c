@@ -642,6 +642,17 @@ static void fwd_state_store(const fwd_call_t *c, int h, int64_t row, int n, cons
 #endif
 }
 
+/* fp32 K and V rows read in place, or copied per KV tile: in place on AVX2 (Zen 3, where the copy
+ * cost more than it saved: docs/decisions.md, "Lazy rescale"); copied on AVX-512, where the
+ * contiguous copy measured faster than source rows H * D * 4 bytes apart (Sapphire Rapids class,
+ * 4K x 4 heads, 2 threads, 3 interleaved runs: D 128 none 254 -> 272 GFLOP/s, causal +7%; D 64
+ * none +5%, causal +1%). */
+#if defined(DA_SIMD_AVX512)
+#define FWD_KV_INPLACE 0
+#else
+#define FWD_KV_INPLACE 1
+#endif
+
 /* KV tile [j0, j0 + nk) of KV head g into the scratch: fp32 rows Kc, Vc (K padded to whole
  * register tiles); on the bf16 pair path K as bf16 rows and V as pairs over keys; on the AMX
  * level K as bf16 rows and V^T [Dp][nkp], both padded with zeros to nkp = whole KA keys. */
@@ -663,9 +674,10 @@ static void fwd_pack_kv(const fwd_call_t *c, int g, int64_t j0, int nk, fwd_scra
     return;
   }
 #endif
-  /* fp32 rows are read in place where the products stay inside them: gemm_b reads V columns
-   * [dr, dr + TR) for dr < D, gemm_a reads K rows [jr, jr + TR) for jr < nk */
-  const int inplace = dt == 0 && D % TR == 0;
+  /* fp32 rows are read in place where the products stay inside them (gemm_b reads V columns
+   * [dr, dr + TR) for dr < D, gemm_a reads K rows [jr, jr + TR) for jr < nk), on the levels where
+   * that measured faster (FWD_KV_INPLACE) */
+  const int inplace = FWD_KV_INPLACE && dt == 0 && D % TR == 0;
   w->K = w->Kc, w->V = w->Vc, w->ldk = w->ldv = Dp;
   if (inplace && nk % TR == 0)
     w->K = (const float *)ksrc, w->ldk = c->ldk;
