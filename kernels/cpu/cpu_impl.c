@@ -406,9 +406,9 @@ static void pack_rows_t_bf(uint16_t *restrict dst, int Dp, int nkp, const uint16
     }
 }
 
-/* pack_tile_pairs, then zero pair rows up to nkp / 2 (the padding of the reduction over keys). */
-static void pack_tile_pairs_pad(uint32_t *restrict dst, const float *S, int nk, int nkp) {
-  pack_tile_pairs(dst, S, nk);
+/* Zero the pair rows of keys [nk, nkp) of a [nkp/2][QT] pairs tile whose first nk keys are
+ * written (the padding of the reduction over keys). */
+static void zero_pairs_past(uint32_t *restrict dst, int nk, int nkp) {
   const int done = (nk + 1) / 2;
   memset(dst + (size_t)done * QT, 0, (size_t)(nkp / 2 - done) * QT * 4);
 }
@@ -754,8 +754,7 @@ static void fwd_micro_amx(const fwd_call_t *c, const fwd_tiles_t *t, int i, int6
       scale_lanes(Ot, Dp, alpha);
       done = s0;
     }
-    const int filled = (ns + 1) / 2; /* zero pairs of keys up to the sub-tile's padded end */
-    memset(pp + (size_t)filled * QT, 0, (size_t)(nsp / 2 - filled) * QT * 4);
+    zero_pairs_past(pp, ns, nsp);
     end = s0 + nsp;
   }
   if (end > done) amx_gemm(Dp, QT, end - done, Vt + done, nkp, w->Pp + (size_t)(done / 2) * QT, QT, Ot, QT, 1);
@@ -1107,21 +1106,21 @@ static void bwd_pack_kv(const bwd_call_t *c, int g, int64_t j0, int nk, bwd_scra
 
 /* P = exp2(cs S - lse2) (0 where masked), dS = P (dP - delta), in place of S and dP over the
  * tile's nkr rows (rows nk..nkr-1 zero). LS, DL [QT] of the micro-tile; lo, hi: lane ranges
- * (partial). */
+ * (partial). The scale is folded into the exponent's FMA (cs = 1 where the products scaled). */
 static void bwd_softmax_grad(float *restrict S, float *restrict dP, int nk, int nkr, float cs, const float *LS,
                              const float *DL, const float *lo, const float *hi, int partial) {
   const vf vcs = vset1(cs);
-  vf vl[NV], vd[NV], vlo[NV], vhi[NV];
+  vf nl[NV], vd[NV], vlo[NV], vhi[NV];
   for (int u = 0; u < NV; u++) {
-    vl[u] = vload(LS + u * W), vd[u] = vload(DL + u * W);
+    nl[u] = vsub(vzero(), vload(LS + u * W)), vd[u] = vload(DL + u * W);
     vlo[u] = vload(lo + u * W), vhi[u] = vload(hi + u * W); /* used when partial */
   }
   for (int j = 0; j < nkr; j++) {
     const vf jf = vset1((float)j);
     for (int u = 0; u < NV; u++) {
-      vf s = vmul(vload(S + j * QT + u * W), vcs);
+      vf s = vload(S + j * QT + u * W);
       if (partial) s = vkeep_range(s, jf, vlo[u], vhi[u]);
-      vf pj = j < nk ? vexp2(vsub(s, vl[u])) : vzero();
+      vf pj = j < nk ? vexp2(vfma(s, vcs, nl[u])) : vzero();
       vf ds = vmul(pj, vsub(vload(dP + j * QT + u * W), vd[u]));
       vstore(S + j * QT + u * W, pj);
       vstore(dP + j * QT + u * W, j < nk ? ds : vzero());
@@ -1205,7 +1204,8 @@ static void bwd_micro_amx(const bwd_call_t *c, size_t x, int nk, int partial, bw
   bwd_softmax_grad(w->S, w->dP, nk, nkp, c->c2, Q->LS + x * QT, Q->DL + x * QT, w->lo, w->hi, partial);
   pack_tile_bf(w->Sb, w->S, nkp);
   pack_tile_bf(w->dSb, w->dP, nkp);
-  pack_tile_pairs_pad(w->dSp, w->dP, nk, nkp);
+  pack_tile_pairs(w->dSp, w->dP, nk);
+  zero_pairs_past(w->dSp, nk, nkp);
   amx_gemm(nkp, Dp, QT, w->Sb, QT, dOr, Dp, w->dVt, Dp, 1);
   amx_gemm(nkp, Dp, QT, w->dSb, QT, Qr, Dp, w->dKt, Dp, 1);
   amx_gemm(Dp, QT, nkp, (const uint16_t *)w->Kp, nkp, w->dSp, QT, w->dQt + x * c->qtile, QT, 1);
