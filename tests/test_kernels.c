@@ -1301,22 +1301,24 @@ END_TEST
 /* ---- decode: GQA group sizes through the grouped kernels --------------------------------------
  * The CPU decode runs the query heads of a group in register blocks of 1 to 4 heads (a group of
  * 5 is a block of 4 and one of 1, 12 is three of 4), reads rows of whole vectors in place in
- * their dtype and converts the others (D 33, 72 at W 8); fp32 groups of a multiple of W heads
- * (8 and 16 at W 8; 4, 8, 12 and 16 at the generic level's W 4) run heads-in-lanes instead, two
- * KV heads of 8 for the chunks' offsets. Loop index: level (avx2, generic) x
- * group size (1, 2, 3, 4, 5, 8, 12, 16) x dtype; two problems each (D 128, and one of 33, 256,
- * 72, 8), odd cache lengths in pages of random sizes (own buffers, or the striped pages read in
- * place), 1 to 3 query rows, every mask; within the dtype's tolerance of float64, outputs
- * poisoned before the call. */
+ * their dtype and converts the others (D 33, 72 at W 8; also 96 at W 16); fp32 groups of a
+ * multiple of W heads (8 and 16 at W 8; 16 and 32 at W 16; 4, 8, 12 and 16 at the generic
+ * level's W 4) run heads-in-lanes instead, two KV heads of 8 for the chunks' offsets; at the amx
+ * level, bf16 groups of 8 to 16 heads or a multiple of 16 with a head dim of a multiple of 32
+ * (128, 256, 96) run on the tiles (32: two chunks of 16). Loop index: level (amx, avx512, avx2,
+ * generic) x group size (1, 2, 3, 4, 5, 8, 12, 16, 32) x dtype; two problems each (D 128, and
+ * one of 33, 256, 72, 8, 96), odd cache lengths in pages of random sizes (own buffers, or the
+ * striped pages read in place), 1 to 3 query rows, every mask; within the dtype's tolerance of
+ * float64, outputs poisoned before the call. */
 START_TEST(test_decode_groups) {
-  static const char *isa[2] = {"avx2", "generic"};
-  static const int reps[8] = {1, 2, 3, 4, 5, 8, 12, 16};
-  const int lv = _i / 24, rep = reps[(_i % 24) / 3];
+  static const char *isa[4] = {"amx", "avx512", "avx2", "generic"};
+  static const int reps[9] = {1, 2, 3, 4, 5, 8, 12, 16, 32};
+  const int lv = _i / 27, rep = reps[(_i % 27) / 3];
   const da_dtype_t dt = dtypes[_i % 3];
   if (!use_isa(isa[lv], DA_FLOAT32)) return;
   for (int t = 0; t < 2; t++) {
     uint64_t rs = tu_seed(9900 + (uint64_t)(_i * 2 + t));
-    const int D = t == 0 ? 128 : (int[]){33, 256, 72, 8}[(_i / 3 + lv) % 4];
+    const int D = t == 0 ? 128 : (int[]){33, 256, 72, 8, 96}[(_i / 3 + lv) % 5];
     const int G = rep > 8 ? 1 : 2, H = G * rep, mkind = (_i + t) % TU_NMASKS;
     const int64_t S = tu_rand(&rs, 200, 700) | 1, T = tu_rand(&rs, 1, 3);
     kc_t c;
@@ -1417,7 +1419,7 @@ static Suite *kernels_suite(void) {
 #ifdef TB_CPU
   tcase_add_loop_test(tc, test_isa_levels, 0, 6);
   tcase_add_loop_test(tc, test_bf16_levels, 0, 5 * TU_NMASKS);
-  tcase_add_loop_test(tc, test_decode_groups, 0, 2 * 24);
+  tcase_add_loop_test(tc, test_decode_groups, 0, 4 * 27);
   tcase_add_loop_test(tc, test_growing_scores, 0, 6);
   tcase_add_loop_test(tc, test_finish_rounding, 0, 6);
 #endif

@@ -1424,7 +1424,7 @@ static void dec_pf_next_row(dec_pf_t *f) {
 
 static inline void dec_pf_steps(dec_pf_t *f, int n) {
   for (f->acc += n * f->rate; f->acc >= 256 && f->w < 2; f->acc -= 256) {
-    __builtin_prefetch(f->p);
+    __builtin_prefetch(f->p, 0, 2);
     if ((f->p += 64) >= f->end) dec_pf_next_row(f);
   }
 }
@@ -1548,7 +1548,7 @@ static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
 #define DEC_KB1 4
 #define DEC_KB2 4
 #define DEC_KB3 2
-#define DEC_XV1 16
+#define DEC_XV1 (128 / W)
 #define DEC_XV2 4
 #define DEC_XV3 2
 #define DEC_FNS(S, T, LD, K4)                                                                                    \
@@ -1776,6 +1776,193 @@ static void decl_group(int Dv, int rep, const float *qt, const float *K, int64_t
   }
 }
 
+/* ---- decode, bf16 groups on AMX (the level built with DA_AMX) --------------------------------
+ * A bf16 cache read by a group of 8 to 16 query heads, or a multiple of 16, with a head dim of a
+ * multiple of 32 (deca_rows): the tiles do both products, so the group's arithmetic no longer
+ * competes with the read of the cache (the grouped FMA kernels cost 8:1 bf16 0.45-0.5 of a
+ * same-run stream on the AMX host; bench/results/acceptance-spr.md).
+ *   scores  S^T [keys][16 heads] = K [keys][D] . Q^T: K is the A operand, loaded from the cache
+ *           rows in place (tileloadd with the cache's row stride; a block's last rows past the
+ *           page through a zero-padded copy), Q^T the B operand in pair layout (deca_qt, built
+ *           once per call from the unscaled bf16 queries; heads past the group's hr are zero);
+ *   softmax heads-in-lanes down the keys (decl_softmax), after scaling by scale * log2(e);
+ *   outputs O [hr heads][D] += P [hr][32 keys] . V: P the A operand (S^T transposed and rounded to
+ *           bf16, as the prefill's AMX path rounds it), V the B operand, its key rows interleaved
+ *           in pairs (deca_vpairs: two vpermt2w per 32 dims of a pair of rows, the only reshuffle
+ *           of the cache's bytes). Keys outside the visible range get P = 0 and V = 0.
+ * Tiles (amx_on_rows; hr rows for 5, 6 and 7): 0, 1 S^T of keys 0-15, 16-31; 2, 3 their K; 4 Q^T,
+ * then V pairs; 5 P; 6, 7 O. The online softmax, the running state and all sums stay fp32. */
+#if defined(DA_AMX)
+_Static_assert(DEC_BK == 32, "deca_group takes a block as two tiles of 16 keys and one reduction of 32");
+
+/* Groups of fewer heads stay on the grouped FMA kernels, which read a 256K cache from DRAM
+ * faster at 4:1 (AMX host, one thread: 0.66 of the stream against 0.58); from 8:1 on the tiles
+ * win (8:1 two threads 0.49 -> 0.56, 16:1 0.27 -> 0.57; bench/results/decode-spr.md). */
+#define DECA_MIN_REP 8
+
+/* Rows of the output tiles (query heads per chunk) when decode runs p on AMX, else 0. */
+static int deca_rows(const da_kparams_t *p) {
+  const int rep = p->H / p->G;
+  if (!AMXDP((int)p->dtype) || p->D % 32 != 0 || rep < DECA_MIN_REP) return 0;
+  return rep <= 16 ? rep : rep % 16 == 0 ? 16 : 0;
+}
+
+/* Floats of a chunk's Q^T tiles: D / 32 tiles of 16 pair rows x 16 heads. */
+static size_t deca_qt_floats(int D) { return (size_t)D / 32 * 256; }
+
+/* Q^T in pair layout for every chunk of hr heads of the nq query rows (bf16, row stride ldq, heads
+ * of D packed): chunk x / hr (x = row * H + first head) at qt + (x / hr) * deca_qt_floats(D), tile c
+ * element [r][h] = (q[h][32c + 2r], q[h][32c + 2r + 1]); heads h >= hr zero. */
+static void deca_qt(const uint16_t *q, int64_t ldq, int64_t nq, int H, int D, int hr, uint32_t *qt) {
+  for (int64_t x = 0; x < nq * H; x += hr) {
+    uint32_t *t = qt + (size_t)(x / hr) * deca_qt_floats(D);
+    for (int c = 0; c < D / 32; c++)
+      for (int r = 0; r < 16; r++)
+        for (int h = 0; h < 16; h++) {
+          const uint16_t *qr = q + (x / H) * ldq + (x % H + h) * D + 32 * c + 2 * r;
+          t[(c * 16 + r) * 16 + h] = h < hr ? (uint32_t)qr[0] | (uint32_t)qr[1] << 16 : 0;
+        }
+  }
+}
+
+/* The B operands of P . V for a block: key rows 2r and 2r + 1 (r < 16) interleaved, dims in
+ * tiles of 16: vp[(d / 16) * 256 + r * 16 + d % 16] = (V[2r][d], V[2r + 1][d]); keys outside
+ * [lo, hi] read as 0. Each pair advances the prefetch pf by a step. */
+static void deca_vpairs(int D, const uint16_t *V, int64_t ldv, int64_t lo, int64_t hi, uint32_t *vp, dec_pf_t *pf) {
+  const __m512i lo16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                        37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+  const __m512i hi16 = _mm512_add_epi16(lo16, _mm512_set1_epi16(16));
+  for (int r = 0; r < 16; r++) {
+    const int64_t ja = 2 * r, jb = ja + 1;
+    const int va = ja >= lo && ja <= hi, vb = jb >= lo && jb <= hi;
+    dec_pf_steps(pf, 1);
+    for (int c = 0; c < D / 32; c++) {
+      const __m512i x = va ? _mm512_loadu_si512(V + ja * ldv + 32 * c) : _mm512_setzero_si512();
+      const __m512i y = vb ? _mm512_loadu_si512(V + jb * ldv + 32 * c) : _mm512_setzero_si512();
+      _mm512_store_si512(vp + (size_t)(2 * c) * 256 + r * 16, _mm512_permutex2var_epi16(x, lo16, y));
+      _mm512_store_si512(vp + (size_t)(2 * c + 1) * 256 + r * 16, _mm512_permutex2var_epi16(x, hi16, y));
+    }
+  }
+}
+
+/* The online softmax of 16 heads (lanes) over the raw scores ST [32 keys][16] of a block, keys
+ * [lo, hi] visible, scaled by c2 into log2 units: updates the heads' max m[16] and sum l[16], as
+ * decl_softmax does, returns the factors alpha that rescale the heads' outputs, and writes the
+ * weights 2^(s - max) transposed and rounded to bf16: P [16 heads][32 keys], 0 for keys outside
+ * [lo, hi]. One pass over the scores in registers. */
+static vf deca_softmax(const float *ST, int64_t lo, int64_t hi, float c2, float *m, float *l, uint16_t *P) {
+  const vf vc2 = vset1(c2), ninf = vset1(-INFINITY);
+  vf x[32], mx = ninf, chk = vzero();
+  for (int j = 0; j < 32; j++) {
+    x[j] = j >= lo && j <= hi ? vmul(vload(ST + j * 16), vc2) : ninf;
+    if (j >= lo && j <= hi) mx = vmax(mx, x[j]), chk = vadd(chk, x[j]);
+  }
+  /* a NaN score makes the head's max NaN (vmax may drop it) */
+  mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(chk, chk, _CMP_UNORD_Q), chk);
+  const vf mo = vload(m);
+  const __mmask16 up = _mm512_cmp_ps_mask(mx, mo, _CMP_GT_OQ) | _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
+  const vf mn = _mm512_mask_mov_ps(mo, up, mx);
+  vstore(m, mn);
+  const vf use = vreplace_eq(mn, -INFINITY, 0.0f), alpha = vexp2(vsub(mo, use));
+  vf sum = vzero();
+  __m512i r[2][16];
+  for (int j = 0; j < 32; j++) {
+    const vf e = vexp2(vsub(x[j], use));
+    sum = vadd(sum, e);
+    r[j / 16][j % 16] = _mm512_castps_si512(e);
+  }
+  vstore(l, vfma(vload(l), alpha, sum));
+  transpose16(r[0]);
+  transpose16(r[1]);
+  for (int h = 0; h < 16; h++)
+    _mm512_store_si512(P + h * 32,
+                       (__m512i)_mm512_cvtne2ps_pbh(_mm512_castsi512_ps(r[1][h]), _mm512_castsi512_ps(r[0][h])));
+  return alpha;
+}
+
+/* The rep query heads of one group (one query row) against bf16 keys [lo, hi] of a block of nb
+ * rows (K, V, row strides ldk, ldv elements), in chunks of hr heads: qt the group's Q^T tiles
+ * (deca_qt), o [rep][ldo] unnormalized outputs, m, l [rep]; c2 = scale * log2(e); scr the
+ * split's scratch (deca_scratch_bytes). Its inner steps advance the prefetch pf (deca_steps). */
+static void deca_group(int D, int rep, int hr, const uint32_t *qt, const uint16_t *K, int64_t ldk, const uint16_t *V,
+                       int64_t ldv, int nb, int64_t lo, int64_t hi, float c2, float *o, int64_t ldo, float *m,
+                       float *l, char *scr, dec_pf_t *pfp) {
+  uint32_t *vp = (uint32_t *)scr;                   /* [D / 16][16][16] */
+  uint16_t *kt = (uint16_t *)(vp + (size_t)D * 16); /* [16][D] */
+  float *ST = (float *)(kt + (size_t)16 * D);       /* [32][16] */
+  uint16_t *P = (uint16_t *)(ST + 32 * 16);         /* [16][32] */
+  dec_pf_t f = *pfp; /* in registers */
+  deca_vpairs(D, V, ldv, lo, hi, vp, &f);
+  /* the tiles of 16 keys that hold [lo, hi]; one past the block's rows reads a zero-padded copy */
+  const int t0 = (int)(lo / 16), t1 = (int)(hi / 16);
+  const uint16_t *ks[2] = {K, K + 16 * ldk};
+  int64_t ksb[2] = {ldk * 2, ldk * 2};
+  if (16 * t1 + 16 > nb) {
+    memset(kt, 0, (size_t)16 * D * 2);
+    for (int j = 16 * t1; j < nb; j++) memcpy(kt + (size_t)(j - 16 * t1) * D, K + j * ldk, (size_t)D * 2);
+    ks[t1] = kt, ksb[t1] = (int64_t)D * 2;
+  }
+  const __mmask16 mr = (__mmask16)((1u << hr) - 1);
+  for (int h0 = 0; h0 < rep; h0 += hr) {
+    const uint32_t *q = qt + (size_t)(h0 / hr) * deca_qt_floats(D);
+    /* S^T: both key tiles per reduction step (tile 0 from K tile 2, tile 1 from K tile 3) */
+    _tile_zero(0);
+    _tile_zero(1);
+    for (int c = 0; c < D / 32; c++) {
+      dec_pf_steps(&f, 1);
+      _tile_loadd(4, q + c * 256, 64);
+      if (t0 == 0) {
+        _tile_loadd(2, ks[0] + 32 * c, ksb[0]);
+        _tile_dpbf16ps(0, 2, 4);
+      }
+      if (t1 == 1) {
+        _tile_loadd(3, ks[1] + 32 * c, ksb[1]);
+        _tile_dpbf16ps(1, 3, 4);
+      }
+    }
+    if (t0 == 0) _tile_stored(0, ST, 64);
+    if (t1 == 1) _tile_stored(1, ST + 16 * 16, 64);
+    float mh[16], lh[16];
+    _mm512_storeu_ps(mh, _mm512_mask_loadu_ps(vset1(-INFINITY), mr, m + h0));
+    _mm512_storeu_ps(lh, _mm512_maskz_loadu_ps(mr, l + h0));
+    dec_pf_steps(&f, 1);
+    const vf alpha = deca_softmax(ST, lo, hi, c2, mh, lh, P);
+    _mm512_mask_storeu_ps(m + h0, mr, vload(mh));
+    _mm512_mask_storeu_ps(l + h0, mr, vload(lh));
+    float *oc = o + h0 * ldo;
+    if (_mm512_mask_cmp_ps_mask(mr, alpha, vset1(1.0f), _CMP_NEQ_UQ)) {
+      float a[16];
+      vstore(a, alpha);
+      for (int h = 0; h < hr; h++)
+        for (int d = 0; d < D; d += 16) vstore(oc + h * ldo + d, vmul(vload(oc + h * ldo + d), vset1(a[h])));
+    }
+    /* O += P . V, two output tiles in flight (6, 7) */
+    _tile_loadd(5, P, 64);
+    for (int c = 0; c < D / 16; c += 2) {
+      dec_pf_steps(&f, 1);
+      _tile_loadd(6, oc + 16 * c, ldo * 4);
+      _tile_loadd(4, vp + (size_t)c * 256, 64);
+      _tile_dpbf16ps(6, 5, 4);
+      _tile_loadd(7, oc + 16 * c + 16, ldo * 4);
+      _tile_loadd(4, vp + (size_t)(c + 1) * 256, 64);
+      _tile_dpbf16ps(7, 5, 4);
+      _tile_stored(6, oc + 16 * c, ldo * 4);
+      _tile_stored(7, oc + 16 * c + 16, ldo * 4);
+    }
+  }
+  *pfp = f;
+}
+
+/* The inner steps of deca_group over a block for a group of rep heads in chunks of hr: one per
+ * pair of keys, and per chunk one per reduction step of the scores, one for the softmax and one
+ * per two output tiles. */
+static int64_t deca_steps(int D, int rep, int hr) { return 16 + rep / hr * (D / 32 + 1 + D / 32); }
+
+/* Bytes of deca_group's scratch: V pairs [D / 16][16][16] and K rows [16][D] (both bf16 pairs or
+ * elements), scores [32][16] fp32, P [16][32] bf16. */
+static size_t deca_scratch_bytes(int D) { return (size_t)D * 64 + (size_t)D * 32 + 32 * 16 * 4 + 16 * 32 * 2; }
+#endif /* DA_AMX */
+
 /* The keys of a block (span ks, nb keys) that query position qp sees: indices [*lo, *hi] into
  * the block, *lo > *hi when none. */
 static void dec_row_range(const da_mask_t *m, int64_t qp, da_span_t ks, int nb, int64_t *lo, int64_t *hi) {
@@ -1808,14 +1995,18 @@ static size_t dec_scratch_floats(int Dv, int rep) {
   return (2 * (size_t)DEC_BK * Dv + (size_t)rep * (DEC_BK + 1) + 15) / 16 * 16;
 }
 
+
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
  * qs, o [nq][H][Dv] (queries scaled, outputs unnormalized; rows padded to Dv = nvec * W; laid out
  * as dec_at says: heads-in-lanes when dec_lanes), m, l [nq][H]; scr: dec_scratch_floats(Dv, H / G).
  * Per block of keys, query row and KV head, the rep query heads of the group share every K and V
  * row (dec_group, or decl_group heads-in-lanes). */
-static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_span_t qpos, const da_kvpage_t *pg,
-                         int64_t a, int64_t b, float *o, float *m, float *l, float *scr) {
+static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t *qt, int nvec, da_span_t qpos,
+                         const da_kvpage_t *pg, int64_t a, int64_t b, float *o, float *m, float *l, float *scr) {
   const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype, Dv = nvec * W;
+#if defined(DA_AMX)
+  const int hr = deca_rows(p); /* AMX groups: heads per output tile */
+#endif
   /* Rows are read in place, in their dtype, when the head dim is whole vectors; otherwise the
    * last vector would run past the row (into the next head, or past the page), so the visible
    * rows of a block are converted to zero-padded fp32 once for the whole group. */
@@ -1860,11 +2051,20 @@ static void decode_range(const da_kparams_t *p, const float *qs, int nvec, da_sp
         for (int ii = 0; ii < ni; ii++) {
           if (rlo[ii] > rhi[ii]) continue;
           if (first && nrows > 0 && i0 == 0 && rep > 1) {
-            dec_pf_start(&pf, lanes ? decl_steps(Dv, rep, rhi[ii] - rlo[ii] + 1)
-                                    : dec_steps(f, nvec, rep, rhi[ii] - rlo[ii] + 1),
-                         kn, pg->ldk * (int64_t)es, vn, pg->ldv * (int64_t)es, D * (int)es, nrows);
+            const int64_t nk = rhi[ii] - rlo[ii] + 1;
+            int64_t steps = lanes ? decl_steps(Dv, rep, nk) : dec_steps(f, nvec, rep, nk);
+#if defined(DA_AMX)
+            if (hr) steps = deca_steps(D, rep, hr);
+#endif
+            dec_pf_start(&pf, steps, kn, pg->ldk * (int64_t)es, vn, pg->ldv * (int64_t)es, D * (int)es, nrows);
           }
           const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
+#if defined(DA_AMX)
+          if (hr)
+            deca_group(D, rep, hr, qt + (size_t)(x / hr) * deca_qt_floats(D), kb, ldk, vb, ldv, nb, rlo[ii], rhi[ii],
+                       p->scale * LOG2E, o + x * Dv, Dv, m + x, l + x, (char *)scr, &pf);
+          else
+#endif
           if (lanes)
             decl_group(Dv, rep, qs + x * Dv, kb, ldk, vb, ldv, rlo[ii], rhi[ii], o + x * Dv, m + x, l + x, S, &pf);
           else
@@ -1892,10 +2092,22 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
   if (nsplit < 1) nsplit = 1;
   /* Per split: o [nq][H][Dp] + m, l [nq][H]; plus the queries scaled into log2 units. */
   const size_t per = ((size_t)rows * (Dp + 2) + 15) / 16 * 16;
-  const size_t scr = dec_scratch_floats(Dp, H / p->G);
-  float *buf = da_malloc((per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)nsplit) * sizeof(float), 64);
+  size_t scr = dec_scratch_floats(Dp, H / p->G), nqt = 0;
+#if defined(DA_AMX)
+  /* AMX groups (deca_rows): their own scratch, and the queries as Q^T tiles after the splits' */
+  const int hr = deca_rows(p);
+  if (hr) {
+    const size_t sa = (deca_scratch_bytes(D) / 4 + 15) / 16 * 16;
+    scr = scr > sa ? scr : sa, nqt = (size_t)(rows / hr) * deca_qt_floats(D);
+  }
+#endif
+  float *buf = da_malloc((per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)nsplit + nqt) * sizeof(float), 64);
   if (!buf) return DA_ERR(DA_ERR_OUT_OF_MEMORY, "cpu decode: %lld splits", (long long)nsplit);
   float *qs = buf + per * (size_t)nsplit;
+  uint32_t *qt = (uint32_t *)(buf + per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)nsplit);
+#if defined(DA_AMX)
+  if (hr) deca_qt(q, ldq, nq, H, D, hr, qt);
+#endif
   const float c2 = p->scale * LOG2E;
   const int lanes = dec_lanes(p); /* qs and the splits' outputs heads-in-lanes (dec_at) */
   for (int64_t r = 0; r < rows; r++)
@@ -1906,6 +2118,9 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
   for (int64_t sp = 0; sp < nsplit; sp++) {
     float *so = buf + per * (size_t)sp, *sm = so + rows * Dp, *sl = sm + rows;
     float *ss = buf + per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)sp;
+#if defined(DA_AMX)
+    if (hr) amx_on_rows((const uint8_t[8]){16, 16, 16, 16, 16, (uint8_t)hr, (uint8_t)hr, (uint8_t)hr});
+#endif
     memset(so, 0, (size_t)rows * Dp * sizeof(float));
     for (int64_t r = 0; r < rows; r++) sm[r] = -INFINITY, sl[r] = 0.0f;
     /* This split's keys: [total * sp / nsplit, total * (sp + 1) / nsplit) of the concatenation. */
@@ -1914,9 +2129,12 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
     for (int pi = 0; pi < npages && base < b; pi++) {
       const int64_t n = pages[pi].pos.count > 0 ? pages[pi].pos.count : 0;
       const int64_t x = a > base ? a - base : 0, y = b - base < n ? b - base : n;
-      if (x < y) decode_range(p, qs, nvec, qpos, &pages[pi], x, y, so, sm, sl, ss);
+      if (x < y) decode_range(p, qs, qt, nvec, qpos, &pages[pi], x, y, so, sm, sl, ss);
       base += n;
     }
+#if defined(DA_AMX)
+    if (hr) amx_off();
+#endif
   }
   /* Combine the splits: o = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s. */
   for (int64_t r = 0; r < rows; r++) {

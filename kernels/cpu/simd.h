@@ -290,10 +290,11 @@ static inline void vstore_bf(uint16_t *p, vf x) {
 #endif /* DA_BF16DP */
 
 /* ---- AMX tiles (the level built with DA_AMX) -------------------------------------------------
- * Every tile of this level is 16 rows of 64 bytes: an fp32 accumulator of 16 x 16, a bf16
- * operand of 16 rows x 32 elements, or a pair-layout operand of 16 pair rows x 16 columns (the
- * layout of the pair products above: tdpbf16ps reads B as pairs over the reduction, as vdpbf16ps
- * does). amx_on loads that configuration into the calling thread; amx_off releases the tiles.
+ * Every tile of this level is 64 bytes wide, and 16 rows high but for decode's tiles of a group
+ * of fewer than 16 heads (amx_on_rows): an fp32 accumulator of 16 x 16, a bf16 operand of 16
+ * rows x 32 elements, or a pair-layout operand of 16 pair rows x 16 columns (the layout of the
+ * pair products above: tdpbf16ps reads B as pairs over the reduction, as vdpbf16ps does). amx_on
+ * loads the all-16-row configuration into the calling thread; amx_off releases the tiles.
  * Linux grants the tile state per process (cpu.c asks for it before picking this level). */
 #if defined(DA_AMX)
 #if !defined(__AMX_TILE__) || !defined(__AMX_BF16__) || !defined(DA_SIMD_AVX512)
@@ -304,13 +305,15 @@ typedef struct {
   uint16_t colsb[16];
   uint8_t rows[16];
 } amx_cfg_t;
-static inline void amx_on(void) {
+/* Tiles 0..7 of rows[t] rows (1..16) of 64 bytes each. */
+static inline void amx_on_rows(const uint8_t rows[8]) {
   amx_cfg_t c;
   memset(&c, 0, sizeof c);
   c.palette = 1;
-  for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = 16;
+  for (int t = 0; t < 8; t++) c.colsb[t] = 64, c.rows[t] = rows[t];
   _tile_loadconfig(&c);
 }
+static inline void amx_on(void) { amx_on_rows((const uint8_t[8]){16, 16, 16, 16, 16, 16, 16, 16}); }
 static inline void amx_off(void) { _tile_release(); }
 #endif /* DA_AMX */
 
