@@ -1020,7 +1020,7 @@ START_TEST(test_nan_propagation) {
   const da_dtype_t dt = _i / 3 % 2 ? DA_BFLOAT16 : dtypes[0];
   for (int mkind = 0; mkind < TU_NMASKS; mkind++) {
     uint64_t rs = tu_seed(9000 + (uint64_t)(_i * 10 + mkind));
-    /* GQA 2, and 8 (the decode's heads-in-lanes path) */
+    /* GQA 2, and 8 (the decode's heads-in-lanes path at W 8, its AMX tiles for bf16) */
     const int H = _i < 6 ? 4 : 8, G = _i < 6 ? 2 : 1, D = 64, rep = H / G;
     const int64_t S = 150;
     kc_t c;

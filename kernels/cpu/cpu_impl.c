@@ -1394,7 +1394,10 @@ _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vector
  * the row is read, which groups did until 2026-12-07, filled the L1 miss buffers (every software
  * prefetch takes one on Zen 3) and stalled the arithmetic behind them: the grouped decode cost
  * the sum of its arithmetic and its reads (Zen 3, 256K keys, one thread, medians: 4:1 fp32 29.5
- * -> 25.7 ms, 8:1 37.2 -> 29.4 ms; bench/results/decode-zen3.md).
+ * -> 25.7 ms, 8:1 37.2 -> 29.4 ms; bench/results/decode-zen3.md). The pacer's requests go to L2
+ * (prefetcht1): on the AMX host, where L1 requests (prefetcht0) stalled in the miss buffers,
+ * 4:1 fp32 read the 256K cache at 0.77 -> 0.85 of the stream, 8:1 0.64 -> 0.70, one thread
+ * (bench/results/decode-spr.md); Zen 3 treats the hints alike.
  *
  * One head has little arithmetic to pace against and keeps the burst (the pacer made bf16 1:1
  * 8-14% slower): as its kernels read a row, they prefetch the first pfb bytes koff (K) or voff
@@ -1544,7 +1547,10 @@ static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
  * the stack), since walking the V rows in two column passes measured 5-10% slower on Zen 3 (the
  * rows are no longer read in address order), and for 16-bit rows, without the stack traffic,
  * no better (2026-12-07: medians moved both ways by 0.1 of the stream between runs); 8 keys per
- * QK step did not pay either (bench/results/decode-zen3.md). */
+ * QK step did not pay either (bench/results/decode-zen3.md). At AVX-512's W 16 a D-128 row is 8
+ * vectors (DEC_XV1 = 128 / W, one pass per row); 16 there left the one-head PV 8 passes of one
+ * vector over the rows: 1:1 fp32 0.75 -> 0.86 of the stream, bf16 0.63 -> 0.84 (AMX host, one
+ * thread, bench/results/decode-spr.md). */
 #define DEC_KB1 4
 #define DEC_KB2 4
 #define DEC_KB3 2
