@@ -28,6 +28,8 @@ const da_env_var_t da_env_vars[] = {
      "carrier-pigeon"},
     {"DISTATTN_CPU_ISA", DA_ENV_WORD, NOLIMIT, "amx|avx512bf16|avx512|avx2|avx2bf16emu|generic|auto", 0, 0, "library",
      "the CPU kernel variant (default auto: the best this CPU runs)", "avx9000"},
+    {"DISTATTN_HUGEPAGES", DA_ENV_BOOL, NOLIMIT, NULL, 0, 0, "library",
+     "0: blocks of 4 MiB and more stay on 4 KiB pages (default 1: advised onto transparent huge pages)", "on"},
     {"DISTATTN_DEBUG", DA_ENV_WORD, NOLIMIT, "VERSION|WARN|INFO|TRACE", 1, 0, "library",
      "log level (default: nothing)", "LOUD"},
     {"DISTATTN_DEBUG_SUBSYS", DA_ENV_WORDS, NOLIMIT, "INIT|KERNEL|COMM|PLAN|ENV|IO|ALLOC|ALL", 1, 0, "library",

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include "core.h"
 #include "env.h"
@@ -54,6 +55,28 @@ static size_t mem_cur, mem_peak;
 
 typedef struct { void *base; size_t bytes; } da_hdr_t;
 
+/* Blocks of at least two huge pages are advised onto transparent huge pages (MADV_HUGEPAGE, the
+ * 2 MiB-aligned part of the block; DISTATTN_HUGEPAGES=0: never). A KV cache that decode reads in
+ * 4 KiB pages takes a DTLB miss every 4 KiB of each of its K and V streams: on the AMX host the
+ * decode of a 256K-key cache took 4-8% less time on 2 MiB pages at every group size and dtype
+ * (bench/results/decode-spr.md). The advice may be refused (a kernel without THP): a TRACE line
+ * says so and the block stays on 4 KiB pages. Where the kernel compacts memory for advised blocks
+ * at fault time (THP defrag "madvise"), a fragmented machine may stall the first touch of a block:
+ * DISTATTN_HUGEPAGES=0 turns the advice off. */
+#define DA_HUGE_PAGE ((size_t)2 << 20)
+DA_PARAM(Hugepages, "HUGEPAGES", 1)
+
+static void advise_huge(uintptr_t p, size_t bytes) {
+  if (bytes < 2 * DA_HUGE_PAGE || !da_param_Hugepages()) return;
+#ifdef MADV_HUGEPAGE
+  const uintptr_t a = (p + DA_HUGE_PAGE - 1) & ~(uintptr_t)(DA_HUGE_PAGE - 1);
+  const uintptr_t e = (p + bytes) & ~(uintptr_t)(DA_HUGE_PAGE - 1);
+  if (e > a && madvise((void *)a, e - a, MADV_HUGEPAGE) != 0)
+    DA_TRACE(DA_SUB_ALLOC, "huge pages refused for %zu bytes at %p: %s", (size_t)(e - a), (void *)a,
+             strerror(errno));
+#endif
+}
+
 void *da_malloc(size_t bytes, size_t align) {
   if (align & (align - 1)) return NULL; /* a power of two (0 = default) */
   if (align < 64) align = 64;
@@ -65,6 +88,7 @@ void *da_malloc(size_t bytes, size_t align) {
   da_hdr_t *h = (da_hdr_t *)(p - sizeof(da_hdr_t));
   h->base = base;
   h->bytes = bytes;
+  advise_huge(p, bytes);
   size_t cur = __atomic_add_fetch(&mem_cur, bytes, __ATOMIC_RELAXED);
   size_t peak = __atomic_load_n(&mem_peak, __ATOMIC_RELAXED);
   while (cur > peak &&

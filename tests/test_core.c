@@ -534,6 +534,51 @@ START_TEST(test_malloc_accounting) {
 }
 END_TEST
 
+/* The VmFlags of the mapping of /proc/self/smaps that holds address a, into flags; 0 if none. */
+static int vma_flags(uintptr_t a, char *flags, size_t n) {
+  FILE *f = fopen("/proc/self/smaps", "r");
+  if (!f) return 0;
+  char line[512];
+  int in = 0, found = 0;
+  while (!found && fgets(line, sizeof line, f)) {
+    unsigned long lo, hi;
+    if (sscanf(line, "%lx-%lx ", &lo, &hi) == 2 && strchr(line, '-') < strchr(line, ' ')) in = a >= lo && a < hi;
+    else if (in && !strncmp(line, "VmFlags:", 8)) snprintf(flags, n, "%s", line + 8), found = 1;
+  }
+  fclose(f);
+  return found;
+}
+
+/* Blocks of 4 MiB and more are advised onto transparent huge pages (the mapping's VmFlags say
+ * "hg"), smaller ones and all with DISTATTN_HUGEPAGES=0 are not. _i 0: default, 1: =0. Each test
+ * runs in its own process, so the parameter is read afresh. Only where the kernel has THP. */
+START_TEST(test_malloc_hugepages) {
+  if (access("/sys/kernel/mm/transparent_hugepage/enabled", R_OK) != 0) {
+    printf("# no transparent huge pages in this kernel: not checked\n");
+    return;
+  }
+  if (_i == 1) setenv("DISTATTN_HUGEPAGES", "0", 1);
+  else unsetenv("DISTATTN_HUGEPAGES");
+  const size_t big = (9u << 20) + 4096;
+  char *p = da_malloc(big, 64), *q = da_malloc(1u << 20, 64);
+  ck_assert(p && q);
+  memset(p, 1, big), memset(q, 1, 1u << 20);
+  const uintptr_t mid = ((uintptr_t)p + (4u << 20)) & ~(uintptr_t)((2u << 20) - 1); /* inside the advised part */
+  char flags[512];
+  ck_assert_msg(vma_flags(mid, flags, sizeof flags), "no mapping holds %p", (void *)mid);
+  const int hg = strstr(flags, " hg") != NULL;
+  ck_assert_msg(hg == (_i == 0), "9 MiB block, DISTATTN_HUGEPAGES %s: VmFlags%s", _i ? "0" : "unset", flags);
+  /* the advice covers the 2 MiB-aligned part of the big block only (madvise splits the mapping there) */
+  const uintptr_t a = ((uintptr_t)p + (2u << 20) - 1) & ~(uintptr_t)((2u << 20) - 1);
+  const uintptr_t e = ((uintptr_t)p + big) & ~(uintptr_t)((2u << 20) - 1);
+  if ((uintptr_t)q + (1u << 20) <= a || (uintptr_t)q >= e) {
+    ck_assert_msg(vma_flags((uintptr_t)q, flags, sizeof flags), "no mapping holds %p", (void *)q);
+    ck_assert_msg(strstr(flags, " hg") == NULL, "a 1 MiB block was advised: VmFlags%s", flags);
+  }
+  da_free(p), da_free(q);
+}
+END_TEST
+
 /* ---- env parameters, threads ------------------------------------------------------------------ */
 
 START_TEST(test_params) {
@@ -682,6 +727,7 @@ static Suite *core_suite(void) {
   tcase_add_test(tc, test_status_strings);
   tcase_add_test(tc, test_error_message);
   tcase_add_test(tc, test_malloc_accounting);
+  tcase_add_loop_test(tc, test_malloc_hugepages, 0, 2);
   tcase_add_test(tc, test_params);
   tcase_add_test(tc, test_default_nthreads_affinity);
   suite_add_tcase(s, tc);
