@@ -1797,7 +1797,11 @@ static void decl_group(int Dv, int rep, const float *qt, const float *K, int64_t
  *           in pairs (deca_vpairs: two vpermt2w per 32 dims of a pair of rows, the only reshuffle
  *           of the cache's bytes). Keys outside the visible range get P = 0 and V = 0.
  * Tiles (amx_on_rows; hr rows for 5, 6 and 7): 0, 1 S^T of keys 0-15, 16-31; 2, 3 their K; 4 Q^T,
- * then V pairs; 5 P; 6, 7 O. The online softmax, the running state and all sums stay fp32. */
+ * then V pairs; 5 P; 6, 7 O. Chunks of up to 8 heads pack the block's scores into tile 0 instead
+ * (keys 0-15 in columns 0-7, keys 16-31 in columns 8-15, through a second Q^T set in tile 1), so
+ * their softmax takes 16 rows of exp2 and one transpose (deca_softmax_packed: 8:1 bf16 7% less
+ * time per key in L2, 0.57 -> 0.59 of the stream from DRAM). The online softmax, the running
+ * state and all sums stay fp32. */
 #if defined(DA_AMX)
 _Static_assert(DEC_BK == 32, "deca_group takes a block as two tiles of 16 keys and one reduction of 32");
 
@@ -1813,21 +1817,25 @@ static int deca_rows(const da_kparams_t *p) {
   return rep <= 16 ? rep : rep % 16 == 0 ? 16 : 0;
 }
 
-/* Floats of a chunk's Q^T tiles: D / 32 tiles of 16 pair rows x 16 heads. */
-static size_t deca_qt_floats(int D) { return (size_t)D / 32 * 256; }
+/* Floats of a chunk's Q^T tiles: D / 32 tiles of 16 pair rows x 16 heads; twice that for chunks of
+ * up to 8 heads, whose second set has the heads in columns 8-15 (deca_group's packed scores). */
+static size_t deca_qt_floats(int D, int hr) { return (size_t)D / 32 * 256 * (hr <= 8 ? 2 : 1); }
 
 /* Q^T in pair layout for every chunk of hr heads of the nq query rows (bf16, row stride ldq, heads
- * of D packed): chunk x / hr (x = row * H + first head) at qt + (x / hr) * deca_qt_floats(D), tile c
+ * of D packed): chunk x / hr (x = row * H + first head) at qt + (x / hr) * deca_qt_floats(D, hr), tile c
  * element [r][h] = (q[h][32c + 2r], q[h][32c + 2r + 1]); heads h >= hr zero. */
 static void deca_qt(const uint16_t *q, int64_t ldq, int64_t nq, int H, int D, int hr, uint32_t *qt) {
+  const int sets = hr <= 8 ? 2 : 1;
   for (int64_t x = 0; x < nq * H; x += hr) {
-    uint32_t *t = qt + (size_t)(x / hr) * deca_qt_floats(D);
-    for (int c = 0; c < D / 32; c++)
-      for (int r = 0; r < 16; r++)
-        for (int h = 0; h < 16; h++) {
-          const uint16_t *qr = q + (x / H) * ldq + (x % H + h) * D + 32 * c + 2 * r;
-          t[(c * 16 + r) * 16 + h] = h < hr ? (uint32_t)qr[0] | (uint32_t)qr[1] << 16 : 0;
-        }
+    uint32_t *t = qt + (size_t)(x / hr) * deca_qt_floats(D, hr);
+    for (int st = 0; st < sets; st++)
+      for (int c = 0; c < D / 32; c++)
+        for (int r = 0; r < 16; r++)
+          for (int col = 0; col < 16; col++) {
+            const int h = col - 8 * st; /* set 1: head h in column h + 8 */
+            const uint16_t *qr = q + (x / H) * ldq + (x % H + h) * D + 32 * c + 2 * r;
+            t[((st * (D / 32) + c) * 16 + r) * 16 + col] = h >= 0 && h < hr ? (uint32_t)qr[0] | (uint32_t)qr[1] << 16 : 0;
+          }
   }
 }
 
@@ -1886,6 +1894,42 @@ static vf deca_softmax(const float *ST, int64_t lo, int64_t hi, float c2, float 
   return alpha;
 }
 
+/* deca_softmax for chunks of up to 8 heads, whose scores come packed: ST [16 rows][16], row k
+ * lanes h < 8 key k, lanes 8 + h key 16 + k (head h either way). Half the rows of exp2 and one
+ * transpose; the state m, l [16] holds head h in lanes h and h + 8 alike. */
+static vf deca_softmax_packed(const float *ST, int64_t lo, int64_t hi, float c2, float *m, float *l, uint16_t *P) {
+  const vf vc2 = vset1(c2), ninf = vset1(-INFINITY);
+  vf x[16], mx = ninf, chk = vzero();
+  for (int k = 0; k < 16; k++) {
+    const __mmask16 vis = (__mmask16)((k >= lo && k <= hi ? 0x00ff : 0) | (16 + k >= lo && 16 + k <= hi ? 0xff00 : 0));
+    x[k] = _mm512_mask_mul_ps(ninf, vis, vload(ST + k * 16), vc2);
+    mx = vmax(mx, x[k]), chk = _mm512_mask_add_ps(chk, vis, chk, x[k]);
+  }
+  /* both key halves of a head: lanes h and h + 8 */
+  mx = vmax(mx, _mm512_shuffle_f32x4(mx, mx, 0x4e));
+  chk = vadd(chk, _mm512_shuffle_f32x4(chk, chk, 0x4e));
+  mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(chk, chk, _CMP_UNORD_Q), chk);
+  const vf mo = vload(m);
+  const __mmask16 up = _mm512_cmp_ps_mask(mx, mo, _CMP_GT_OQ) | _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
+  const vf mn = _mm512_mask_mov_ps(mo, up, mx);
+  vstore(m, mn);
+  const vf use = vreplace_eq(mn, -INFINITY, 0.0f), alpha = vexp2(vsub(mo, use));
+  vf sum = vzero();
+  __m512i r[16];
+  for (int k = 0; k < 16; k++) {
+    const vf e = vexp2(vsub(x[k], use));
+    sum = vadd(sum, e);
+    r[k] = _mm512_castps_si512(e);
+  }
+  sum = vadd(sum, _mm512_shuffle_f32x4(sum, sum, 0x4e));
+  vstore(l, vfma(vload(l), alpha, sum));
+  transpose16(r); /* r[h]: head h, keys 0-15; r[8 + h]: head h, keys 16-31 */
+  for (int h = 0; h < 8; h++)
+    _mm512_store_si512(P + h * 32,
+                       (__m512i)_mm512_cvtne2ps_pbh(_mm512_castsi512_ps(r[8 + h]), _mm512_castsi512_ps(r[h])));
+  return alpha;
+}
+
 /* The rep query heads of one group (one query row) against bf16 keys [lo, hi] of a block of nb
  * rows (K, V, row strides ldk, ldv elements), in chunks of hr heads: qt the group's Q^T tiles
  * (deca_qt), o [rep][ldo] unnormalized outputs, m, l [rep]; c2 = scale * log2(e); scr the
@@ -1909,8 +1953,37 @@ static void deca_group(int D, int rep, int hr, const uint32_t *qt, const uint16_
     ks[t1] = kt, ksb[t1] = (int64_t)D * 2;
   }
   const __mmask16 mr = (__mmask16)((1u << hr) - 1);
+  const int packed = hr <= 8;
   for (int h0 = 0; h0 < rep; h0 += hr) {
-    const uint32_t *q = qt + (size_t)(h0 / hr) * deca_qt_floats(D);
+    const uint32_t *q = qt + (size_t)(h0 / hr) * deca_qt_floats(D, hr);
+    float mh[16], lh[16];
+    vf alpha;
+    if (packed) {
+      /* S^T packed into tile 0: keys 0-15 against Q^T set 0 (heads in columns 0-7, tile 4), keys
+       * 16-31 against set 1 (columns 8-15, tile 1) */
+      _tile_zero(0);
+      for (int c = 0; c < D / 32; c++) {
+        dec_pf_steps(&f, 1);
+        if (t0 == 0) {
+          _tile_loadd(4, q + c * 256, 64);
+          _tile_loadd(2, ks[0] + 32 * c, ksb[0]);
+          _tile_dpbf16ps(0, 2, 4);
+        }
+        if (t1 == 1) {
+          _tile_loadd(1, q + (D / 32 + c) * 256, 64);
+          _tile_loadd(3, ks[1] + 32 * c, ksb[1]);
+          _tile_dpbf16ps(0, 3, 1);
+        }
+      }
+      _tile_stored(0, ST, 64);
+      const vf m8 = _mm512_mask_loadu_ps(vset1(-INFINITY), mr, m + h0), l8 = _mm512_maskz_loadu_ps(mr, l + h0);
+      _mm512_storeu_ps(mh, _mm512_shuffle_f32x4(m8, m8, 0x44));
+      _mm512_storeu_ps(lh, _mm512_shuffle_f32x4(l8, l8, 0x44));
+      dec_pf_steps(&f, 1);
+      alpha = deca_softmax_packed(ST, lo, hi, c2, mh, lh, P);
+      _mm512_mask_storeu_ps(m + h0, mr, vload(mh));
+      _mm512_mask_storeu_ps(l + h0, mr, vload(lh));
+    } else {
     /* S^T: both key tiles per reduction step (tile 0 from K tile 2, tile 1 from K tile 3) */
     _tile_zero(0);
     _tile_zero(1);
@@ -1928,13 +2001,13 @@ static void deca_group(int D, int rep, int hr, const uint32_t *qt, const uint16_
     }
     if (t0 == 0) _tile_stored(0, ST, 64);
     if (t1 == 1) _tile_stored(1, ST + 16 * 16, 64);
-    float mh[16], lh[16];
     _mm512_storeu_ps(mh, _mm512_mask_loadu_ps(vset1(-INFINITY), mr, m + h0));
     _mm512_storeu_ps(lh, _mm512_maskz_loadu_ps(mr, l + h0));
     dec_pf_steps(&f, 1);
-    const vf alpha = deca_softmax(ST, lo, hi, c2, mh, lh, P);
+    alpha = deca_softmax(ST, lo, hi, c2, mh, lh, P);
     _mm512_mask_storeu_ps(m + h0, mr, vload(mh));
     _mm512_mask_storeu_ps(l + h0, mr, vload(lh));
+    }
     float *oc = o + h0 * ldo;
     if (_mm512_mask_cmp_ps_mask(mr, alpha, vset1(1.0f), _CMP_NEQ_UQ)) {
       float a[16];
@@ -2067,7 +2140,7 @@ static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t 
           const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
 #if defined(DA_AMX)
           if (hr)
-            deca_group(D, rep, hr, qt + (size_t)(x / hr) * deca_qt_floats(D), kb, ldk, vb, ldv, nb, rlo[ii], rhi[ii],
+            deca_group(D, rep, hr, qt + (size_t)(x / hr) * deca_qt_floats(D, hr), kb, ldk, vb, ldv, nb, rlo[ii], rhi[ii],
                        p->scale * LOG2E, o + x * Dv, Dv, m + x, l + x, (char *)scr, &pf);
           else
 #endif
@@ -2104,7 +2177,7 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
   const int hr = deca_rows(p);
   if (hr) {
     const size_t sa = (deca_scratch_bytes(D) / 4 + 15) / 16 * 16;
-    scr = scr > sa ? scr : sa, nqt = (size_t)(rows / hr) * deca_qt_floats(D);
+    scr = scr > sa ? scr : sa, nqt = (size_t)(rows / hr) * deca_qt_floats(D, hr);
   }
 #endif
   float *buf = da_malloc((per * (size_t)nsplit + (size_t)rows * Dp + scr * (size_t)nsplit + nqt) * sizeof(float), 64);
