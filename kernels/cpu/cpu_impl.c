@@ -1859,6 +1859,19 @@ static void deca_vpairs(int D, const uint16_t *V, int64_t ldv, int64_t lo, int64
   }
 }
 
+/* The heads' new max from a block's lane max mx and score sum chk (a NaN score, which vmax may
+ * drop, makes the max NaN): updates m[16], sets *use to the reference the weights take (0 for a
+ * head that has seen nothing yet) and returns alpha, the factor of the old output and sum. */
+static vf deca_new_max(vf mx, vf chk, float *m, vf *use) {
+  mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(chk, chk, _CMP_UNORD_Q), chk);
+  const vf mo = vload(m);
+  const __mmask16 up = _mm512_cmp_ps_mask(mx, mo, _CMP_GT_OQ) | _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
+  const vf mn = _mm512_mask_mov_ps(mo, up, mx);
+  vstore(m, mn);
+  *use = vreplace_eq(mn, -INFINITY, 0.0f);
+  return vexp2(vsub(mo, *use));
+}
+
 /* The online softmax of 16 heads (lanes) over the raw scores ST [32 keys][16] of a block, keys
  * [lo, hi] visible, scaled by c2 into log2 units: updates the heads' max m[16] and sum l[16], as
  * decl_softmax does, returns the factors alpha that rescale the heads' outputs, and writes the
@@ -1871,13 +1884,8 @@ static vf deca_softmax(const float *ST, int64_t lo, int64_t hi, float c2, float 
     x[j] = j >= lo && j <= hi ? vmul(vload(ST + j * 16), vc2) : ninf;
     if (j >= lo && j <= hi) mx = vmax(mx, x[j]), chk = vadd(chk, x[j]);
   }
-  /* a NaN score makes the head's max NaN (vmax may drop it) */
-  mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(chk, chk, _CMP_UNORD_Q), chk);
-  const vf mo = vload(m);
-  const __mmask16 up = _mm512_cmp_ps_mask(mx, mo, _CMP_GT_OQ) | _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
-  const vf mn = _mm512_mask_mov_ps(mo, up, mx);
-  vstore(m, mn);
-  const vf use = vreplace_eq(mn, -INFINITY, 0.0f), alpha = vexp2(vsub(mo, use));
+  vf use;
+  const vf alpha = deca_new_max(mx, chk, m, &use);
   vf sum = vzero();
   __m512i r[2][16];
   for (int j = 0; j < 32; j++) {
@@ -1908,12 +1916,8 @@ static vf deca_softmax_packed(const float *ST, int64_t lo, int64_t hi, float c2,
   /* both key halves of a head: lanes h and h + 8 */
   mx = vmax(mx, _mm512_shuffle_f32x4(mx, mx, 0x4e));
   chk = vadd(chk, _mm512_shuffle_f32x4(chk, chk, 0x4e));
-  mx = _mm512_mask_mov_ps(mx, _mm512_cmp_ps_mask(chk, chk, _CMP_UNORD_Q), chk);
-  const vf mo = vload(m);
-  const __mmask16 up = _mm512_cmp_ps_mask(mx, mo, _CMP_GT_OQ) | _mm512_cmp_ps_mask(mx, mx, _CMP_UNORD_Q);
-  const vf mn = _mm512_mask_mov_ps(mo, up, mx);
-  vstore(m, mn);
-  const vf use = vreplace_eq(mn, -INFINITY, 0.0f), alpha = vexp2(vsub(mo, use));
+  vf use;
+  const vf alpha = deca_new_max(mx, chk, m, &use);
   vf sum = vzero();
   __m512i r[16];
   for (int k = 0; k < 16; k++) {
