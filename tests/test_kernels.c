@@ -1301,7 +1301,8 @@ END_TEST
 /* ---- decode: GQA group sizes through the grouped kernels --------------------------------------
  * The CPU decode runs the query heads of a group in register blocks of 1 to 4 heads (a group of
  * 5 is a block of 4 and one of 1, 12 is three of 4), reads rows of whole vectors in place in
- * their dtype and converts the others (D 33, 72 at W 8; also 96 at W 16); fp32 groups of a
+ * their dtype and converts the others (D 33 at every width, 72 at W 16; 96 is whole vectors and,
+ * a multiple of 32, also takes the tiles below); fp32 groups of a
  * multiple of W heads (8 and 16 at W 8; 16 and 32 at W 16; 4, 8, 12 and 16 at the generic
  * level's W 4) run heads-in-lanes instead, two KV heads of 8 for the chunks' offsets; at the amx
  * level, bf16 groups of 8 to 16 heads or a multiple of 16 with a head dim of a multiple of 32

@@ -1,11 +1,10 @@
 /* cpu.c: the CPU backend table: capability checks and the choice, once per process, of the ISA
  * level the kernels run at (AVX-512 with AMX tiles for bf16, AVX-512 with BF16 dot products,
- * AVX-512, AVX2+FMA, or portable C),
- * from what the CPU reports, never from the build machine. DISTATTN_CPU_ISA=<level> forces a
- * level (tests and benchmarks compare them); asking for one the CPU lacks is an error, not a
- * silent fallback. avx2bf16emu (the bf16 pair-product path of avx512bf16 with its dot products
- * done in AVX2 FMAs) is never picked by itself: it exists so that CPUs without AVX512-BF16 test
- * that path's tiling and packing. */
+ * AVX-512, AVX2+FMA, or portable C), from what the CPU reports, never from the build machine.
+ * DISTATTN_CPU_ISA=<level> forces a level (tests and benchmarks compare them); asking for one the
+ * CPU lacks is an error, not a silent fallback. avx2bf16emu (the bf16 pair-product path of
+ * avx512bf16 with its dot products done in AVX2 FMAs) is never picked by itself: it exists so that
+ * CPUs without AVX512-BF16 test that path's tiling and packing. */
 #include <string.h>
 #if defined(__x86_64__)
 #include <cpuid.h>

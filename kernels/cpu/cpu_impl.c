@@ -1791,7 +1791,7 @@ static void decl_group(int Dv, int rep, const float *qt, const float *K, int64_t
  *           rows in place (tileloadd with the cache's row stride; a block's last rows past the
  *           page through a zero-padded copy), Q^T the B operand in pair layout (deca_qt, built
  *           once per call from the unscaled bf16 queries; heads past the group's hr are zero);
- *   softmax heads-in-lanes down the keys (decl_softmax), after scaling by scale * log2(e);
+ *   softmax heads-in-lanes down the keys, scaled by scale * log2(e) (deca_softmax);
  *   outputs O [hr heads][D] += P [hr][32 keys] . V: P the A operand (S^T transposed and rounded to
  *           bf16, as the prefill's AMX path rounds it), V the B operand, its key rows interleaved
  *           in pairs (deca_vpairs: two vpermt2w per 32 dims of a pair of rows, the only reshuffle
@@ -1822,8 +1822,9 @@ static int deca_rows(const da_kparams_t *p) {
 static size_t deca_qt_floats(int D, int hr) { return (size_t)D / 32 * 256 * (hr <= 8 ? 2 : 1); }
 
 /* Q^T in pair layout for every chunk of hr heads of the nq query rows (bf16, row stride ldq, heads
- * of D packed): chunk x / hr (x = row * H + first head) at qt + (x / hr) * deca_qt_floats(D, hr), tile c
- * element [r][h] = (q[h][32c + 2r], q[h][32c + 2r + 1]); heads h >= hr zero. */
+ * of D packed): chunk x / hr (x = row * H + first head) at qt + (x / hr) * deca_qt_floats(D, hr),
+ * tile c element [r][h] = (q[h][32c + 2r], q[h][32c + 2r + 1]); heads h >= hr zero (set 1: the
+ * same with head h in column h + 8). */
 static void deca_qt(const uint16_t *q, int64_t ldq, int64_t nq, int H, int D, int hr, uint32_t *qt) {
   const int sets = hr <= 8 ? 2 : 1;
   for (int64_t x = 0; x < nq * H; x += hr) {
@@ -1833,8 +1834,12 @@ static void deca_qt(const uint16_t *q, int64_t ldq, int64_t nq, int H, int D, in
         for (int r = 0; r < 16; r++)
           for (int col = 0; col < 16; col++) {
             const int h = col - 8 * st; /* set 1: head h in column h + 8 */
-            const uint16_t *qr = q + (x / H) * ldq + (x % H + h) * D + 32 * c + 2 * r;
-            t[((st * (D / 32) + c) * 16 + r) * 16 + col] = h >= 0 && h < hr ? (uint32_t)qr[0] | (uint32_t)qr[1] << 16 : 0;
+            uint32_t pair = 0;
+            if (h >= 0 && h < hr) {
+              const uint16_t *qr = q + (x / H) * ldq + (x % H + h) * D + 32 * c + 2 * r;
+              pair = (uint32_t)qr[0] | (uint32_t)qr[1] << 16;
+            }
+            t[((st * (D / 32) + c) * 16 + r) * 16 + col] = pair;
           }
   }
 }
@@ -1934,6 +1939,48 @@ static vf deca_softmax_packed(const float *ST, int64_t lo, int64_t hi, float c2,
   return alpha;
 }
 
+/* The scores and the online softmax of one chunk of hr heads against keys [lo, hi] of a block (in
+ * the key tiles t0..t1 of ks, row strides ksb bytes), for deca_group: P [16][32] and the chunk's
+ * m, l [hr] updated, ST [32][16] scratch; returns alpha. Chunks of up to 8 heads take the packed
+ * scores (Q^T set 0 against keys 0-15 in tile 4, set 1 against keys 16-31 in tile 1, both into
+ * tile 0), the others two score tiles (0, 1) against one Q^T tile. */
+static vf deca_chunk_softmax(int D, int hr, const uint32_t *q, const uint16_t *const ks[2], const int64_t ksb[2],
+                             int t0, int t1, int64_t lo, int64_t hi, float c2, float *m, float *l, float *ST,
+                             uint16_t *P, dec_pf_t *f) {
+  const int packed = hr <= 8;
+  _tile_zero(0);
+  _tile_zero(1);
+  for (int c = 0; c < D / 32; c++) {
+    dec_pf_steps(f, 1);
+    _tile_loadd(4, q + c * 256, 64);
+    if (t0 == 0) {
+      _tile_loadd(2, ks[0] + 32 * c, ksb[0]);
+      _tile_dpbf16ps(0, 2, 4);
+    }
+    if (t1 == 1 && packed) {
+      _tile_loadd(1, q + (D / 32 + c) * 256, 64);
+      _tile_loadd(3, ks[1] + 32 * c, ksb[1]);
+      _tile_dpbf16ps(0, 3, 1);
+    } else if (t1 == 1) {
+      _tile_loadd(3, ks[1] + 32 * c, ksb[1]);
+      _tile_dpbf16ps(1, 3, 4);
+    }
+  }
+  _tile_stored(0, ST, 64);
+  if (!packed) _tile_stored(1, ST + 16 * 16, 64);
+  /* the state in lanes (packed: head h in lanes h and h + 8) */
+  const __mmask16 mr = (__mmask16)((1u << hr) - 1);
+  vf mv = _mm512_mask_loadu_ps(vset1(-INFINITY), mr, m), lv = _mm512_maskz_loadu_ps(mr, l);
+  if (packed) mv = _mm512_shuffle_f32x4(mv, mv, 0x44), lv = _mm512_shuffle_f32x4(lv, lv, 0x44);
+  float mh[16], lh[16];
+  vstore(mh, mv), vstore(lh, lv);
+  dec_pf_steps(f, 1);
+  const vf alpha = packed ? deca_softmax_packed(ST, lo, hi, c2, mh, lh, P) : deca_softmax(ST, lo, hi, c2, mh, lh, P);
+  _mm512_mask_storeu_ps(m, mr, vload(mh));
+  _mm512_mask_storeu_ps(l, mr, vload(lh));
+  return alpha;
+}
+
 /* The rep query heads of one group (one query row) against bf16 keys [lo, hi] of a block of nb
  * rows (K, V, row strides ldk, ldv elements), in chunks of hr heads: qt the group's Q^T tiles
  * (deca_qt), o [rep][ldo] unnormalized outputs, m, l [rep]; c2 = scale * log2(e); scr the
@@ -1957,61 +2004,9 @@ static void deca_group(int D, int rep, int hr, const uint32_t *qt, const uint16_
     ks[t1] = kt, ksb[t1] = (int64_t)D * 2;
   }
   const __mmask16 mr = (__mmask16)((1u << hr) - 1);
-  const int packed = hr <= 8;
   for (int h0 = 0; h0 < rep; h0 += hr) {
-    const uint32_t *q = qt + (size_t)(h0 / hr) * deca_qt_floats(D, hr);
-    float mh[16], lh[16];
-    vf alpha;
-    if (packed) {
-      /* S^T packed into tile 0: keys 0-15 against Q^T set 0 (heads in columns 0-7, tile 4), keys
-       * 16-31 against set 1 (columns 8-15, tile 1) */
-      _tile_zero(0);
-      for (int c = 0; c < D / 32; c++) {
-        dec_pf_steps(&f, 1);
-        if (t0 == 0) {
-          _tile_loadd(4, q + c * 256, 64);
-          _tile_loadd(2, ks[0] + 32 * c, ksb[0]);
-          _tile_dpbf16ps(0, 2, 4);
-        }
-        if (t1 == 1) {
-          _tile_loadd(1, q + (D / 32 + c) * 256, 64);
-          _tile_loadd(3, ks[1] + 32 * c, ksb[1]);
-          _tile_dpbf16ps(0, 3, 1);
-        }
-      }
-      _tile_stored(0, ST, 64);
-      const vf m8 = _mm512_mask_loadu_ps(vset1(-INFINITY), mr, m + h0), l8 = _mm512_maskz_loadu_ps(mr, l + h0);
-      _mm512_storeu_ps(mh, _mm512_shuffle_f32x4(m8, m8, 0x44));
-      _mm512_storeu_ps(lh, _mm512_shuffle_f32x4(l8, l8, 0x44));
-      dec_pf_steps(&f, 1);
-      alpha = deca_softmax_packed(ST, lo, hi, c2, mh, lh, P);
-      _mm512_mask_storeu_ps(m + h0, mr, vload(mh));
-      _mm512_mask_storeu_ps(l + h0, mr, vload(lh));
-    } else {
-    /* S^T: both key tiles per reduction step (tile 0 from K tile 2, tile 1 from K tile 3) */
-    _tile_zero(0);
-    _tile_zero(1);
-    for (int c = 0; c < D / 32; c++) {
-      dec_pf_steps(&f, 1);
-      _tile_loadd(4, q + c * 256, 64);
-      if (t0 == 0) {
-        _tile_loadd(2, ks[0] + 32 * c, ksb[0]);
-        _tile_dpbf16ps(0, 2, 4);
-      }
-      if (t1 == 1) {
-        _tile_loadd(3, ks[1] + 32 * c, ksb[1]);
-        _tile_dpbf16ps(1, 3, 4);
-      }
-    }
-    if (t0 == 0) _tile_stored(0, ST, 64);
-    if (t1 == 1) _tile_stored(1, ST + 16 * 16, 64);
-    _mm512_storeu_ps(mh, _mm512_mask_loadu_ps(vset1(-INFINITY), mr, m + h0));
-    _mm512_storeu_ps(lh, _mm512_maskz_loadu_ps(mr, l + h0));
-    dec_pf_steps(&f, 1);
-    alpha = deca_softmax(ST, lo, hi, c2, mh, lh, P);
-    _mm512_mask_storeu_ps(m + h0, mr, vload(mh));
-    _mm512_mask_storeu_ps(l + h0, mr, vload(lh));
-    }
+    const vf alpha = deca_chunk_softmax(D, hr, qt + (size_t)(h0 / hr) * deca_qt_floats(D, hr), ks, ksb, t0, t1, lo,
+                                        hi, c2, m + h0, l + h0, ST, P, &f);
     float *oc = o + h0 * ldo;
     if (_mm512_mask_cmp_ps_mask(mr, alpha, vset1(1.0f), _CMP_NEQ_UQ)) {
       float a[16];
@@ -2078,7 +2073,6 @@ static size_t dec_scratch_floats(int Dv, int rep) {
   return (2 * (size_t)DEC_BK * Dv + (size_t)rep * (DEC_BK + 1) + 15) / 16 * 16;
 }
 
-
 /* Fold keys [a, b) of page pg into the (o, m, l) state of nq query rows, all heads, log2 units.
  * qs, o [nq][H][Dv] (queries scaled, outputs unnormalized; rows padded to Dv = nvec * W; laid out
  * as dec_at says: heads-in-lanes when dec_lanes), m, l [nq][H]; scr: dec_scratch_floats(Dv, H / G).
@@ -2144,8 +2138,8 @@ static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t 
           const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
 #if defined(DA_AMX)
           if (hr)
-            deca_group(D, rep, hr, qt + (size_t)(x / hr) * deca_qt_floats(D, hr), kb, ldk, vb, ldv, nb, rlo[ii], rhi[ii],
-                       p->scale * LOG2E, o + x * Dv, Dv, m + x, l + x, (char *)scr, &pf);
+            deca_group(D, rep, hr, qt + (size_t)(x / hr) * deca_qt_floats(D, hr), kb, ldk, vb, ldv, nb, rlo[ii],
+                       rhi[ii], p->scale * LOG2E, o + x * Dv, Dv, m + x, l + x, (char *)scr, &pf);
           else
 #endif
           if (lanes)

@@ -42,7 +42,6 @@ static inline vf vreplace_eq(vf x, float bad, float repl) {
   __mmask16 k = _mm512_cmp_ps_mask(x, _mm512_set1_ps(bad), _CMP_EQ_OQ);
   return _mm512_mask_blend_ps(k, x, _mm512_set1_ps(repl));
 }
-/* 2^x; exactly 0 for x <= -150 (and -inf); NaN stays NaN. */
 /* 2^x. Below -126 (and -inf) 0, computed from -126 under a zero mask: results in the subnormal
  * range cost a microcode assist on Intel cores, about 260 cycles per vector against 8 (Sapphire
  * Rapids, measured), which every masked score of a partial tile used to pay. */
