@@ -22,7 +22,21 @@ SMALL="--algo zigzag --seq 1K --heads 2 --kv-heads 1 --dim 32 --mask causal --ve
 cat > "$WORK/case.sh" <<CASE
 set -uo pipefail
 cd "$WORK/submit"
-fail() { echo "FAIL: \$*"; for f in distattn-*.out; do echo "== \$f"; cat "\$f"; done; exit 1; }
+# diag: the cluster's view, for a job that failed or did not end (to stderr: callers capture ids)
+diag() {
+  { echo "== squeue"; squeue -a -o '%i %T %r %M %N' 2>&1
+    echo "== scontrol show job"; scontrol show job 2>&1 | grep -E 'JobId|JobState|Reason|NodeList|ExitCode|StdOut' | head -40
+    echo "== sinfo"; sinfo -N 2>&1
+    for f in distattn-*.out distattn-out/*/*.txt; do echo "== \$f"; cat "\$f"; done
+    for f in "$WORK"/cluster/slurmctld.log "$WORK"/cluster/slurmd-node*.log; do echo "== \$f (last 25 lines)"; tail -25 "\$f"; done
+  } >&2 2>/dev/null
+}
+fail() { echo "FAIL: \$*"; diag; exit 1; }
+# submit ARGS...: sbatch --parsable --wait with a deadline inside ctest's (110 s), so a job that
+# does not start or does not end reaches fail (and its diag) rather than being killed silently
+submit() { timeout 75 sbatch --parsable --wait "\$@" || { echo "sbatch --wait \$*: exit \$? (124: no end in 75 s)" >&2; return 1; }; }
+# a rank waiting on a lost peer gives up and says so well inside the job's deadline (default 300 s)
+export DISTATTN_TIMEOUT=30
 # jsonl FILE: every line a whole JSON object; prints the number of records
 jsonl() { python3 -c 'import json,sys; n=0
 for l in open(sys.argv[1]): json.loads(l); n+=1
@@ -30,7 +44,7 @@ print(n)' "\$1" || fail "\$1 holds a line that is not a whole JSON record"; }
 field() { python3 -c 'import json,sys; r=[json.loads(l) for l in open(sys.argv[1])][int(sys.argv[2])]; print(r.get(sys.argv[3], ""))' "\$@"; }
 case "$CASE" in
 one_node)
-  id=\$(DA_ARGS="$SMALL --backward" sbatch --parsable --wait "$SRC/slurm/one-node.sbatch") || fail "job failed"
+  id=\$(DA_ARGS="$SMALL --backward" submit "$SRC/slurm/one-node.sbatch") || fail "job failed"
   out=distattn-out/\$id
   grep -q "# PASS" \$out/run.txt || fail "no PASS"
   grep -q "SLURM_LOCALID=1 agrees" \$out/run.txt || fail "local rank cross-check"
@@ -39,7 +53,7 @@ one_node)
   [ "\$(field \$out/run.jsonl 0 wrong)" = 0 ] || fail "wrong"
   ;;
 multi_node)
-  id=\$(DA_ARGS="$SMALL --measure-overlap" sbatch --parsable --wait --gpus-per-task=1 "$SRC/slurm/multi-node.sbatch") || fail "job failed"
+  id=\$(DA_ARGS="$SMALL --measure-overlap" submit --gpus-per-task=1 "$SRC/slurm/multi-node.sbatch") || fail "job failed"
   out=distattn-out/\$id
   grep -q "# PASS" \$out/run.txt || fail "no PASS"
   grep -q "/node1 .*gpu 0 (bus id not in the topology)" \$out/run.txt || fail "rank on node1 with its fake GPU"
@@ -49,14 +63,14 @@ multi_node)
   ;;
 mpirun)
   id=\$(LAUNCHER=mpirun DA_MPIRUN_ARGS="--oversubscribe --bind-to none" DA_ARGS="$SMALL" \
-        sbatch --parsable --wait -N 2 --ntasks-per-node=1 "$SRC/slurm/one-node.sbatch") || fail "job failed"
+        submit -N 2 --ntasks-per-node=1 "$SRC/slurm/one-node.sbatch") || fail "job failed"
   out=distattn-out/\$id
   grep -q "# PASS" \$out/run.txt || fail "no PASS"
   grep -q "OMPI_COMM_WORLD_LOCAL_RANK=0 agrees" \$out/run.txt || fail "mpirun local rank"
   ;;
 sweep)
   # a complete sweep ends with "done"; one told it is near its time limit ends with "stopped"
-  id=\$(DA_NPS="1 2" DA_SEQS="512" DA_ARGS="$SMALL" sbatch --parsable --wait "$SRC/slurm/sweep.sbatch") || fail "sweep failed"
+  id=\$(DA_NPS="1 2" DA_SEQS="512" DA_ARGS="$SMALL" submit "$SRC/slurm/sweep.sbatch") || fail "sweep failed"
   j=distattn-out/\$id/sweep.jsonl
   [ "\$(jsonl \$j)" = 3 ] || fail "2 records + done"
   [ "\$(field \$j 2 event)" = done ] || fail "done event"
@@ -76,7 +90,7 @@ sweep)
 hetjob)
   "$BUILD/distattn" decode --offload --help 2>&1 | grep -q -- '--role' || { echo "skipped: distattn decode has no --role"; exit 77; }
   id=\$(DA_ARGS="--context 4K --heads 2 --kv-heads 1 --dim 32 --steps 2 --verify 2" \
-        sbatch --parsable --wait "$SRC/slurm/offload-hetjob.sbatch") || fail "hetjob failed"
+        submit "$SRC/slurm/offload-hetjob.sbatch") || fail "hetjob failed"
   grep -q "# PASS" distattn-out/\$id/offload.txt || fail "no PASS"
   ;;
 *) echo "unknown case $CASE"; exit 2 ;;
