@@ -1383,7 +1383,13 @@ _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vector
 /* The prefetch of the next unit's K and V rows. A unit is one block of keys of one KV head, and
  * decode_range runs the KV heads of a block before the next block: the unit after (block, head g)
  * is head g + 1 of the same block (its rows sit right after head g's in each key row of the
- * cache), or head 0 of the next block. Prefetching a head's next block instead, G units ahead,
+ * cache), or head 0 of the next block, which after a page's last block is the first block of the
+ * next page. Until 2026-12-08 a page's last block prefetched nothing, so with the default pages
+ * of 256 keys one block in eight came from DRAM unrequested; prefetching across the page
+ * boundary lifted the AMX host's 256K-key decode (medians of three interleaved runs, fraction of
+ * the stream, one / two threads) 4:1 fp32 0.78 / 0.79 -> 0.85 / 0.87, 8:1 fp32 0.72 / 0.70 ->
+ * 0.77 / 0.76, 4:1 bf16 0.67 / 0.69 -> 0.72 / 0.74, 1:1 bf16 0.86 / 0.83 -> 0.92 / 0.86
+ * (bench/results/decode-spr.md, "Across pages"). Prefetching a head's next block instead, G units ahead,
  * left the fp32 groups of a cache of 8 KV heads 0.1-0.17 of the stream slower (Zen 3, 256K keys,
  * 4:1 and 8:1; bench/results/decode-zen3.md, "Caches of 8 KV heads").
  *
@@ -2077,9 +2083,11 @@ static size_t dec_scratch_floats(int Dv, int rep) {
  * qs, o [nq][H][Dv] (queries scaled, outputs unnormalized; rows padded to Dv = nvec * W; laid out
  * as dec_at says: heads-in-lanes when dec_lanes), m, l [nq][H]; scr: dec_scratch_floats(Dv, H / G).
  * Per block of keys, query row and KV head, the rep query heads of the group share every K and V
- * row (dec_group, or decl_group heads-in-lanes). */
+ * row (dec_group, or decl_group heads-in-lanes). npg: the page whose keys [0, nnext) the caller
+ * folds next (NULL: none), so that the range's last block prefetches its first. */
 static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t *qt, int nvec, da_span_t qpos,
-                         const da_kvpage_t *pg, int64_t a, int64_t b, float *o, float *m, float *l, float *scr) {
+                         const da_kvpage_t *pg, int64_t a, int64_t b, const da_kvpage_t *npg, int64_t nnext,
+                         float *o, float *m, float *l, float *scr) {
   const int H = p->H, G = p->G, D = p->D, rep = H / G, dt = (int)p->dtype, Dv = nvec * W;
 #if defined(DA_AMX)
   const int hr = deca_rows(p); /* AMX groups: heads per output tile */
@@ -2107,11 +2115,15 @@ static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t 
       if (ulo > uhi) continue;
       for (int g = 0; g < G; g++) {
         const char *k0 = head_row(p, pg->k, pg->ldk, j0, g), *v0 = head_row(p, pg->v, pg->ldv, j0, g);
-        /* the next unit (dec_pf_t): head g + 1 of this block, or head 0 of the next block (nn rows) */
-        const int ng = g + 1 < G ? g + 1 : 0;
-        const int64_t nj = g + 1 < G ? j0 : j0 + DEC_BK, nrows = g + 1 < G ? nb : nn;
-        const char *kn = nrows > 0 ? head_row(p, pg->k, pg->ldk, nj, ng) : k0;
-        const char *vn = nrows > 0 ? head_row(p, pg->v, pg->ldv, nj, ng) : v0;
+        /* the next unit (dec_pf_t): head g + 1 of this block, or head 0 of the next block (nn rows),
+         * or past the range's end head 0 of the next page's first block */
+        const da_kvpage_t *up = pg;
+        int ng = 0;
+        int64_t nj = j0 + DEC_BK, nrows = nn;
+        if (g + 1 < G) ng = g + 1, nj = j0, nrows = nb;
+        else if (nn <= 0 && npg) up = npg, nj = 0, nrows = lmin(DEC_BK, nnext);
+        const char *kn = nrows > 0 ? head_row(p, up->k, up->ldk, nj, ng) : k0;
+        const char *vn = nrows > 0 ? head_row(p, up->v, up->ldv, nj, ng) : v0;
         const void *kb = k0, *vb = v0;
         int64_t ldk = pg->ldk, ldv = pg->ldv;
         if (!direct) {
@@ -2123,7 +2135,8 @@ static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t 
          * row's twin in the next unit, as the first visible query row reads it, when the next unit
          * has every row this one reads */
         dec_pf_t pf = {.w = 2};
-        if (rep == 1 && direct && nrows >= nb && i0 == 0) pf.koff = kn - k0, pf.voff = vn - v0, pf.pfb = D * (int)es;
+        if (rep == 1 && direct && nrows >= nb && i0 == 0 && up->ldk == pg->ldk && up->ldv == pg->ldv)
+          pf.koff = kn - k0, pf.voff = vn - v0, pf.pfb = D * (int)es;
         int first = 1;
         for (int ii = 0; ii < ni; ii++) {
           if (rlo[ii] > rhi[ii]) continue;
@@ -2133,7 +2146,7 @@ static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t 
 #if defined(DA_AMX)
             if (hr) steps = deca_steps(D, rep, hr);
 #endif
-            dec_pf_start(&pf, steps, kn, pg->ldk * (int64_t)es, vn, pg->ldv * (int64_t)es, D * (int)es, nrows);
+            dec_pf_start(&pf, steps, kn, up->ldk * (int64_t)es, vn, up->ldv * (int64_t)es, D * (int)es, nrows);
           }
           const int64_t x = (i0 + ii) * H + (int64_t)g * rep; /* first (row, head) of the group */
 #if defined(DA_AMX)
@@ -2206,7 +2219,12 @@ static da_status_t decode(const da_kparams_t *p, const void *q, int64_t ldq, da_
     for (int pi = 0; pi < npages && base < b; pi++) {
       const int64_t n = pages[pi].pos.count > 0 ? pages[pi].pos.count : 0;
       const int64_t x = a > base ? a - base : 0, y = b - base < n ? b - base : n;
-      if (x < y) decode_range(p, qs, qt, nvec, qpos, &pages[pi], x, y, so, sm, sl, ss);
+      if (x < y) {
+        int qi = pi + 1; /* the next page with keys: the split reads it from its first key */
+        while (qi < npages && pages[qi].pos.count <= 0) qi++;
+        const int64_t nnext = qi < npages ? lmin(b - (base + n), pages[qi].pos.count) : 0;
+        decode_range(p, qs, qt, nvec, qpos, &pages[pi], x, y, nnext > 0 ? &pages[qi] : NULL, nnext, so, sm, sl, ss);
+      }
       base += n;
     }
 #if defined(DA_AMX)
