@@ -1405,9 +1405,13 @@ _Static_assert(DEC_BK % W == 0 && DEC_BK >= W, "a score row must be whole vector
  * 4:1 fp32 read the 256K cache at 0.77 -> 0.85 of the stream, 8:1 0.64 -> 0.70, one thread
  * (bench/results/decode-spr.md); Zen 3 treats the hints alike.
  *
- * One head has little arithmetic to pace against and keeps the burst (the pacer made bf16 1:1
- * 8-14% slower): as its kernels read a row, they prefetch the first pfb bytes koff (K) or voff
- * (V) bytes further, the same row of the next unit (pfb = 0: none). */
+ * One head has little arithmetic to pace against and keeps the burst (Zen 3: the pacer made bf16
+ * 1:1 8-14% slower): as its kernels read a row, they prefetch the first pfb bytes koff (K) or voff
+ * (V) bytes further, the same row of the next unit (pfb = 0: none). Except fp32 rows on the
+ * AVX-512 levels (DEC_PACE_ONE), which the pacer reads faster on the AMX host: 1:1 fp32 at one /
+ * two threads 0.82 / 0.84 -> 0.87 / 0.88 of the stream, where bf16 lost 0.895 / 0.84 -> 0.78 /
+ * 0.79 (three interleaved runs each; bench/results/decode-spr.md, "One head"). */
+#define DEC_PACE_ONE (W == 16)
 typedef struct {
   const char *p, *end;  /* the next line; the end of the current row */
   const char *base[2];  /* K and V rows of the next unit */
@@ -1563,6 +1567,10 @@ static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
 #define DEC_XV1 (128 / W)
 #define DEC_XV2 4
 #define DEC_XV3 2
+/* bf16 chunks of four heads at AVX-512 take 4 keys or vectors per step (32 registers hold the 16
+ * accumulators; AMX host, 4:1 bf16, 256K keys: 0.73 / 0.77 -> 0.77 / 0.77 of the stream at one
+ * / two threads); fp32 stays at 3 (4 lost 8:1 fp32 0.79 / 0.78 -> 0.74 / 0.71). */
+#define DEC_K4B (W == 16 ? 4 : 2)
 #define DEC_FNS(S, T, LD, K4)                                                                                    \
   DEC_QK(dec_qk1_##S, 1, DEC_KB1, T, LD)                                                                         \
   DEC_QK(dec_qk2_##S, 2, DEC_KB2, T, LD)                                                                         \
@@ -1577,7 +1585,7 @@ static inline vf dec_ld_f16(const uint16_t *p) { return vload_dt(p, 2, W); }
                                         {DEC_KB1, DEC_KB2, DEC_KB3, K4},                                         \
                                         {DEC_XV1, DEC_XV2, DEC_XV3, K4}};
 DEC_FNS(f32, float, vload, 3)
-DEC_FNS(bf16, uint16_t, dec_ld_bf, 2)
+DEC_FNS(bf16, uint16_t, dec_ld_bf, DEC_K4B)
 DEC_FNS(f16, uint16_t, dec_ld_f16, 2)
 _Static_assert(DEC_NH == 4, "dec_fns lists one kernel per chunk size");
 /* Indexed by the storage dtype (da_dtype_t: fp32, bf16, fp16). */
@@ -1594,13 +1602,19 @@ static int64_t dec_steps(const dec_fns_t *f, int nvec, int rep, int64_t nkeys) {
 }
 
 /* A cursor over nrows rows of rb bytes at k and v (row strides ldk, ldv bytes; none: nrows 0),
- * paced for the given number of inner steps of the current block (dec_steps, decl_steps), with
- * 1/8 to spare, so that the last request leaves before the block's arithmetic ends. */
+ * paced for the given number of inner steps of the current block (dec_steps, decl_steps,
+ * deca_steps): the rows' lines (whole lines per row, as 64-byte aligned rows have) spread evenly
+ * over all the steps. Until 2026-12-08 the pace counted a line more per row and finished with 1/8
+ * of the steps to spare, so the requests came 1.3-1.4x denser: on the AMX host, 256K keys,
+ * medians of three interleaved runs, fraction of the stream at one / two threads, the even pace
+ * read 8:1 bf16 at 0.59 / 0.61 -> 0.69-0.71 / 0.70-0.72, 4:1 bf16 0.72 / 0.73 -> 0.76-0.79 /
+ * 0.77, 8:1 fp32 0.76 / 0.77 -> 0.78-0.80 / 0.84, and the rest no slower (bench/results/
+ * decode-spr.md, "Pace"). */
 static void dec_pf_start(dec_pf_t *pf, int64_t steps, const char *k, int64_t ldk, const char *v, int64_t ldv, int rb,
                          int64_t nrows) {
   *pf = (dec_pf_t){.base = {k, v}, .ld = {ldk, ldv}, .rb = rb, .nrows = (int)nrows, .w = nrows > 0 ? 0 : 2};
-  const int64_t lines = 2 * nrows * ((rb + 63) / 64 + 1);
-  pf->rate = (int)lmin(1 << 24, lines * 256 * 9 / 8 / (steps > 0 ? steps : 1) + 1);
+  const int64_t lines = 2 * nrows * ((rb + 63) / 64);
+  pf->rate = (int)lmin(1 << 24, lines * 256 / (steps > 0 ? steps : 1) + 1);
   dec_pf_row(pf);
 }
 
@@ -2135,12 +2149,13 @@ static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t 
          * row's twin in the next unit, as the first visible query row reads it, when the next unit
          * has every row this one reads */
         dec_pf_t pf = {.w = 2};
-        if (rep == 1 && direct && nrows >= nb && i0 == 0 && up->ldk == pg->ldk && up->ldv == pg->ldv)
+        const int paced = rep > 1 || (DEC_PACE_ONE && dt == DA_FLOAT32);
+        if (rep == 1 && !paced && direct && nrows >= nb && i0 == 0 && up->ldk == pg->ldk && up->ldv == pg->ldv)
           pf.koff = kn - k0, pf.voff = vn - v0, pf.pfb = D * (int)es;
         int first = 1;
         for (int ii = 0; ii < ni; ii++) {
           if (rlo[ii] > rhi[ii]) continue;
-          if (first && nrows > 0 && i0 == 0 && rep > 1) {
+          if (first && nrows > 0 && i0 == 0 && paced) {
             const int64_t nk = rhi[ii] - rlo[ii] + 1;
             int64_t steps = lanes ? decl_steps(Dv, rep, nk) : dec_steps(f, nvec, rep, nk);
 #if defined(DA_AMX)
