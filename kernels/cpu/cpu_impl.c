@@ -1866,15 +1866,15 @@ static void deca_qt(const uint16_t *q, int64_t ldq, int64_t nq, int H, int D, in
 
 /* The B operands of P . V for a block: key rows 2r and 2r + 1 (r < 16) interleaved, dims in
  * tiles of 16: vp[(d / 16) * 256 + r * 16 + d % 16] = (V[2r][d], V[2r + 1][d]); keys outside
- * [lo, hi] read as 0. Each pair advances the prefetch pf by a step. */
-static void deca_vpairs(int D, const uint16_t *V, int64_t ldv, int64_t lo, int64_t hi, uint32_t *vp, dec_pf_t *pf) {
+ * [lo, hi] read as 0. No prefetch requests here: the pacer's share of this burst of loads,
+ * permutes and stores cost the tiles' decode its overlap (deca_steps). */
+static void deca_vpairs(int D, const uint16_t *V, int64_t ldv, int64_t lo, int64_t hi, uint32_t *vp) {
   const __m512i lo16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
                                         37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
   const __m512i hi16 = _mm512_add_epi16(lo16, _mm512_set1_epi16(16));
   for (int r = 0; r < 16; r++) {
     const int64_t ja = 2 * r, jb = ja + 1;
     const int va = ja >= lo && ja <= hi, vb = jb >= lo && jb <= hi;
-    dec_pf_steps(pf, 1);
     for (int c = 0; c < D / 32; c++) {
       const __m512i x = va ? _mm512_loadu_si512(V + ja * ldv + 32 * c) : _mm512_setzero_si512();
       const __m512i y = vb ? _mm512_loadu_si512(V + jb * ldv + 32 * c) : _mm512_setzero_si512();
@@ -2013,7 +2013,7 @@ static void deca_group(int D, int rep, int hr, const uint32_t *qt, const uint16_
   float *ST = (float *)(kt + (size_t)16 * D);       /* [32][16] */
   uint16_t *P = (uint16_t *)(ST + 32 * 16);         /* [16][32] */
   dec_pf_t f = *pfp; /* in registers */
-  deca_vpairs(D, V, ldv, lo, hi, vp, &f);
+  deca_vpairs(D, V, ldv, lo, hi, vp);
   /* the tiles of 16 keys that hold [lo, hi]; one past the block's rows reads a zero-padded copy */
   const int t0 = (int)(lo / 16), t1 = (int)(hi / 16);
   const uint16_t *ks[2] = {K, K + 16 * ldk};
@@ -2051,10 +2051,14 @@ static void deca_group(int D, int rep, int hr, const uint32_t *qt, const uint16_
   *pfp = f;
 }
 
-/* The inner steps of deca_group over a block for a group of rep heads in chunks of hr: one per
- * pair of keys, and per chunk one per reduction step of the scores, one for the softmax and one
- * per two output tiles. */
-static int64_t deca_steps(int D, int rep, int hr) { return 16 + rep / hr * (D / 32 + 1 + D / 32); }
+/* The inner steps of deca_group over a block for a group of rep heads in chunks of hr, the tile
+ * phase's only: per chunk one per reduction step of the scores, one for the softmax and one per
+ * two output tiles. The V pairs (deca_vpairs) take none: with a step per pair of keys as well,
+ * 64% of the requests fell in that short burst of vector loads and stores, and the decode read
+ * the 256K-key cache at 8:1 bf16 at 0.70 / 0.72 of the stream (AMX host, one / two threads), 16:1
+ * at 0.67 / 0.69; with the requests over the tile phase alone, 0.87 / 0.86 and 0.80 / 0.81
+ * (bench/results/decode-spr.md, "The tiles' pace"). */
+static int64_t deca_steps(int D, int rep, int hr) { return rep / hr * (D / 32 + 1 + D / 32); }
 
 /* Bytes of deca_group's scratch: V pairs [D / 16][16][16] and K rows [16][D] (both bf16 pairs or
  * elements), scores [32][16] fp32, P [16][32] bf16. */
