@@ -1803,7 +1803,7 @@ static void decl_group(int Dv, int rep, const float *qt, const float *K, int64_t
 }
 
 /* ---- decode, bf16 groups on AMX (the level built with DA_AMX) --------------------------------
- * A bf16 cache read by a group of 8 to 16 query heads, or a multiple of 16, with a head dim of a
+ * A bf16 cache read by a group of 3 to 16 query heads, or a multiple of 16, with a head dim of a
  * multiple of 32 (deca_rows): the tiles do both products, so the group's arithmetic no longer
  * competes with the read of the cache (the grouped FMA kernels cost 8:1 bf16 0.45-0.5 of a
  * same-run stream on the AMX host; bench/results/acceptance-spr.md).
@@ -1825,10 +1825,12 @@ static void decl_group(int Dv, int rep, const float *qt, const float *K, int64_t
 #if defined(DA_AMX)
 _Static_assert(DEC_BK == 32, "deca_group takes a block as two tiles of 16 keys and one reduction of 32");
 
-/* Groups of fewer heads stay on the grouped FMA kernels, which read a 256K cache from DRAM
- * faster at 4:1 (AMX host, one thread: 0.66 of the stream against 0.58); from 8:1 on the tiles
- * win (8:1 two threads 0.49 -> 0.56, 16:1 0.27 -> 0.57; bench/results/decode-spr.md). */
-#define DECA_MIN_REP 8
+/* Groups of 1 or 2 heads stay on the grouped FMA kernels, which read a 256K cache from DRAM
+ * faster there (AMX host, 2:1 one / two threads: 0.86 / 0.86 of the stream against 0.81 / 0.80
+ * on the tiles); from 3:1 on the tiles win (3:1 0.77 -> 0.82, 4:1 0.77 / 0.79 -> 0.81 / 0.83, 6:1
+ * 0.66 -> 0.82; bench/results/decode-spr.md, "The tiles' pace"). Before the tiles' pace left out
+ * the V pairs (deca_steps) the floor was 8: 4:1 was then 0.69 on the tiles. */
+#define DECA_MIN_REP 3
 
 /* Rows of the output tiles (query heads per chunk) when decode runs p on AMX, else 0. */
 static int deca_rows(const da_kparams_t *p) {
