@@ -2117,6 +2117,8 @@ static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t 
    * rows of a block are converted to zero-padded fp32 once for the whole group. */
   const int lanes = dec_lanes(p), direct = D == Dv;
   const dec_fns_t *f = dec_fns[direct ? dt : 0];
+  /* groups (and one fp32 head on the AVX-512 levels) take the pacer, one head the per-row burst */
+  const int paced = rep > 1 || (DEC_PACE_ONE && dt == DA_FLOAT32);
   const size_t es = da_dtype_size(p->dtype);
   float *kf = scr, *vf_ = kf + (size_t)DEC_BK * Dv, *S = vf_ + (size_t)DEC_BK * Dv, *alpha = S + (size_t)rep * DEC_BK;
   const int64_t nq = qpos.count;
@@ -2155,7 +2157,6 @@ static void decode_range(const da_kparams_t *p, const float *qs, const uint32_t 
          * row's twin in the next unit, as the first visible query row reads it, when the next unit
          * has every row this one reads */
         dec_pf_t pf = {.w = 2};
-        const int paced = rep > 1 || (DEC_PACE_ONE && dt == DA_FLOAT32);
         if (rep == 1 && !paced && direct && nrows >= nb && i0 == 0 && up->ldk == pg->ldk && up->ldv == pg->ldv)
           pf.koff = kn - k0, pf.voff = vn - v0, pf.pfb = D * (int)es;
         int first = 1;
